@@ -1,0 +1,282 @@
+//! The byte layout of an image, written and read strictly front to back so the same bytes can
+//! go to a file or over a socket.
+//!
+//! ```text
+//! image   := MAGIC "TELEFORK" | version u32 | HEADER | PROCESS | PAGES* | TRAILER
+//! record  := kind u32 | len u32 | payload[len] | crc32 u32      (little endian;
+//!                                                                crc over kind, len, payload)
+//! HEADER  := postcard(Header)          PROCESS := postcard(ProcessImage)
+//! PAGES   := addr u64 | raw bytes      TRAILER := postcard(Trailer)
+//! ```
+//!
+//! Every length is bounded before anything is allocated, every record is checksummed, and a
+//! missing or inconsistent trailer means the image was cut short. The reader never panics on
+//! any input (see `fuzz/`).
+
+use std::io::{Read, Write};
+
+use crate::model::{Header, ProcessImage, Trailer};
+
+pub const MAGIC: [u8; 8] = *b"TELEFORK";
+/// Bumped on any incompatible change of the model or the layout.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Largest metadata record (header, process, trailer).
+pub const MAX_META_RECORD: u32 = 64 << 20;
+/// Largest page payload in one record; writers split bigger runs.
+pub const MAX_PAGE_CHUNK: usize = 8 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+enum Kind {
+    Header = 1,
+    Process = 2,
+    Pages = 3,
+    Trailer = 4,
+}
+
+impl Kind {
+    fn from_u32(v: u32) -> Option<Kind> {
+        Some(match v {
+            1 => Kind::Header,
+            2 => Kind::Process,
+            3 => Kind::Pages,
+            4 => Kind::Trailer,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("I/O error on the image: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("not a telefork image (bad magic)")]
+    BadMagic,
+    #[error("image format version {found} is not supported (this build reads version {FORMAT_VERSION})")]
+    Version { found: u32 },
+    #[error("image is truncated: it ends before {0}")]
+    Truncated(&'static str),
+    #[error("image is corrupt: checksum mismatch in a {0} record")]
+    Checksum(&'static str),
+    #[error("image is corrupt: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T> = std::result::Result<T, ImageError>;
+
+fn kind_name(k: Kind) -> &'static str {
+    match k {
+        Kind::Header => "header",
+        Kind::Process => "process",
+        Kind::Pages => "pages",
+        Kind::Trailer => "trailer",
+    }
+}
+
+/// Writes one image front to back.
+pub struct ImageWriter<W: Write> {
+    out: W,
+    page_records: u64,
+    page_bytes: u64,
+}
+
+impl<W: Write> ImageWriter<W> {
+    /// Writes the magic, the version and the header record.
+    pub fn new(mut out: W, header: &Header) -> Result<Self> {
+        out.write_all(&MAGIC)?;
+        out.write_all(&FORMAT_VERSION.to_le_bytes())?;
+        let mut w = ImageWriter { out, page_records: 0, page_bytes: 0 };
+        w.meta_record(Kind::Header, header)?;
+        Ok(w)
+    }
+
+    pub fn write_process(&mut self, p: &ProcessImage) -> Result<()> {
+        self.meta_record(Kind::Process, p)
+    }
+
+    /// Writes the contents of `[addr, addr + data.len())`, split into bounded records.
+    pub fn write_pages(&mut self, addr: u64, data: &[u8]) -> Result<()> {
+        let mut off = 0usize;
+        while off < data.len() {
+            let n = (data.len() - off).min(MAX_PAGE_CHUNK);
+            let chunk = &data[off..off + n];
+            let a = (addr + off as u64).to_le_bytes();
+            let len = (8 + n) as u32;
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(&(Kind::Pages as u32).to_le_bytes());
+            crc.update(&len.to_le_bytes());
+            crc.update(&a);
+            crc.update(chunk);
+            self.out.write_all(&(Kind::Pages as u32).to_le_bytes())?;
+            self.out.write_all(&len.to_le_bytes())?;
+            self.out.write_all(&a)?;
+            self.out.write_all(chunk)?;
+            self.out.write_all(&crc.finalize().to_le_bytes())?;
+            self.page_records += 1;
+            self.page_bytes += n as u64;
+            off += n;
+        }
+        Ok(())
+    }
+
+    /// Writes the trailer and returns the sink (flushed).
+    pub fn finish(mut self) -> Result<W> {
+        let t = Trailer { page_records: self.page_records, page_bytes: self.page_bytes };
+        self.meta_record(Kind::Trailer, &t)?;
+        self.out.flush()?;
+        Ok(self.out)
+    }
+
+    fn meta_record<T: serde::Serialize>(&mut self, kind: Kind, v: &T) -> Result<()> {
+        let payload = postcard::to_stdvec(v)
+            .map_err(|e| ImageError::Corrupt(format!("cannot encode {}: {e}", kind_name(kind))))?;
+        if payload.len() > MAX_META_RECORD as usize {
+            return Err(ImageError::Corrupt(format!("{} record too large", kind_name(kind))));
+        }
+        let len = payload.len() as u32;
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&(kind as u32).to_le_bytes());
+        crc.update(&len.to_le_bytes());
+        crc.update(&payload);
+        self.out.write_all(&(kind as u32).to_le_bytes())?;
+        self.out.write_all(&len.to_le_bytes())?;
+        self.out.write_all(&payload)?;
+        self.out.write_all(&crc.finalize().to_le_bytes())?;
+        Ok(())
+    }
+}
+
+/// One run of memory read from the image.
+pub struct PageRun<'a> {
+    pub addr: u64,
+    pub data: &'a [u8],
+}
+
+/// Reads one image front to back: `new` (magic + header), `process`, then `next_pages` until
+/// it returns `None` (which means the trailer was read and matched).
+pub struct ImageReader<R: Read> {
+    input: R,
+    buf: Vec<u8>,
+    page_records: u64,
+    page_bytes: u64,
+    done: bool,
+}
+
+impl<R: Read> ImageReader<R> {
+    pub fn new(mut input: R) -> Result<(Self, Header)> {
+        let mut magic = [0u8; 12];
+        read_exact(&mut input, &mut magic, "the magic number")?;
+        if magic[..8] != MAGIC {
+            return Err(ImageError::BadMagic);
+        }
+        let found = u32::from_le_bytes([magic[8], magic[9], magic[10], magic[11]]);
+        if found != FORMAT_VERSION {
+            return Err(ImageError::Version { found });
+        }
+        let mut r = ImageReader { input, buf: Vec::new(), page_records: 0, page_bytes: 0, done: false };
+        r.record(Kind::Header)?;
+        let h: Header = decode(&r.buf, "header")?;
+        Ok((r, h))
+    }
+
+    pub fn process(&mut self) -> Result<ProcessImage> {
+        self.record(Kind::Process)?;
+        decode(&self.buf, "process")
+    }
+
+    /// The next run of memory, or `None` once the trailer has been read and verified.
+    pub fn next_pages(&mut self) -> Result<Option<PageRun<'_>>> {
+        if self.done {
+            return Ok(None);
+        }
+        let kind = self.record_any(&[Kind::Pages, Kind::Trailer])?;
+        if kind == Kind::Trailer {
+            let t: Trailer = decode(&self.buf, "trailer")?;
+            if t.page_records != self.page_records || t.page_bytes != self.page_bytes {
+                return Err(ImageError::Corrupt(format!(
+                    "trailer promises {} page records / {} bytes, image had {} / {}",
+                    t.page_records, t.page_bytes, self.page_records, self.page_bytes
+                )));
+            }
+            self.done = true;
+            return Ok(None);
+        }
+        if self.buf.len() < 8 {
+            return Err(ImageError::Corrupt("pages record shorter than its address".into()));
+        }
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&self.buf[..8]);
+        let addr = u64::from_le_bytes(a);
+        let n = (self.buf.len() - 8) as u64;
+        if addr.checked_add(n).is_none() {
+            return Err(ImageError::Corrupt(format!("pages record at {addr:#x} wraps the address space")));
+        }
+        self.page_records += 1;
+        self.page_bytes += n;
+        Ok(Some(PageRun { addr, data: &self.buf[8..] }))
+    }
+
+    fn record(&mut self, want: Kind) -> Result<()> {
+        self.record_any(&[want]).map(|_| ())
+    }
+
+    /// Reads one record of one of the wanted kinds into `self.buf`, checking its checksum.
+    fn record_any(&mut self, want: &[Kind]) -> Result<Kind> {
+        let what = kind_name(want[0]);
+        let mut head = [0u8; 8];
+        read_exact(&mut self.input, &mut head, what)?;
+        let kind_raw = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+        let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+        let kind = Kind::from_u32(kind_raw)
+            .filter(|k| want.contains(k))
+            .ok_or_else(|| ImageError::Corrupt(format!("expected a {what} record, found record kind {kind_raw}")))?;
+        let max = if kind == Kind::Pages { (MAX_PAGE_CHUNK + 8) as u32 } else { MAX_META_RECORD };
+        if len > max {
+            return Err(ImageError::Corrupt(format!("{} record of {len} bytes exceeds the limit of {max}", kind_name(kind))));
+        }
+        self.buf.clear();
+        self.buf.resize(len as usize, 0);
+        read_exact(&mut self.input, &mut self.buf, kind_name(kind))?;
+        let mut crc_bytes = [0u8; 4];
+        read_exact(&mut self.input, &mut crc_bytes, kind_name(kind))?;
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&head);
+        crc.update(&self.buf);
+        if crc.finalize() != u32::from_le_bytes(crc_bytes) {
+            return Err(ImageError::Checksum(kind_name(kind)));
+        }
+        Ok(kind)
+    }
+}
+
+fn read_exact<R: Read>(r: &mut R, buf: &mut [u8], what: &'static str) -> Result<()> {
+    r.read_exact(buf).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            ImageError::Truncated(what)
+        } else {
+            ImageError::Io(e)
+        }
+    })
+}
+
+fn decode<'a, T: serde::Deserialize<'a>>(buf: &'a [u8], what: &str) -> Result<T> {
+    let (v, rest) = postcard::take_from_bytes(buf)
+        .map_err(|e| ImageError::Corrupt(format!("cannot decode the {what} record: {e}")))?;
+    if !rest.is_empty() {
+        return Err(ImageError::Corrupt(format!("{} stray bytes after the {what} record", rest.len())));
+    }
+    Ok(v)
+}
+
+/// Decodes a whole image held in memory, checking everything; used by the fuzzer and by
+/// `telefork check-image`. Returns the header, the process and the number of page bytes.
+pub fn verify_image(bytes: &[u8]) -> Result<(Header, ProcessImage, u64)> {
+    let (mut r, h) = ImageReader::new(bytes)?;
+    let p = r.process()?;
+    let mut total = 0u64;
+    while let Some(run) = r.next_pages()? {
+        total += run.data.len() as u64;
+    }
+    Ok((h, p, total))
+}

@@ -1,0 +1,240 @@
+//! The data model of a process image: every piece of state that makes a Linux process that
+//! process, as plain data. Capture fills these structs from a frozen process; restore reads
+//! them back to rebuild it. Nothing here makes a system call, so the same types travel to a
+//! file, over a socket, or through the fuzzer.
+//!
+//! Memory contents are *not* in this model: they follow the [`ProcessImage`] record as a
+//! stream of page records (see `format`), so a large process never has to sit in memory twice.
+
+use serde::{Deserialize, Serialize};
+
+/// What the machine that made the image was; checked before anything is restored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    pub arch: Arch,
+    pub page_size: u64,
+    /// `uname -r` of the capturing kernel. The vDSO is only reused on the same release.
+    pub kernel_release: String,
+    /// XSAVE feature bits (XCR0 bits) the saved CPU state uses; restore refuses an image
+    /// whose bits the restoring CPU does not enable.
+    pub xfeatures: u64,
+    /// Seconds since the epoch when the image was made (informational).
+    pub created_unix: u64,
+    /// Host name of the machine that made the image (informational).
+    pub hostname: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Arch {
+    X86_64,
+    Aarch64,
+}
+
+/// Everything about one process but its memory contents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessImage {
+    pub pid: i32,
+    pub comm: String,
+    pub creds: Creds,
+    pub misc: Misc,
+    pub mm: MmFields,
+    pub vmas: Vec<Vma>,
+    /// The threads; the first is the thread-group leader (pid == tid).
+    pub threads: Vec<ThreadState>,
+    /// Dispositions of signals 1..=64 (index 0 is signal 1). SIGKILL/SIGSTOP are kept as
+    /// default and never restored.
+    pub sigactions: Vec<SigAction>,
+    /// Signals pending for the whole process (shared queue), raw `siginfo_t`s.
+    pub shared_pending: Vec<SigInfo>,
+    pub fds: Vec<Fd>,
+}
+
+/// User and group identity of the process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Creds {
+    /// real, effective, saved, filesystem
+    pub uid: [u32; 4],
+    pub gid: [u32; 4],
+    pub groups: Vec<u32>,
+}
+
+/// Small per-process state that has no better home.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Misc {
+    pub cwd: String,
+    pub umask: u32,
+    pub nice: i32,
+    pub personality: u64,
+    pub rlimits: Vec<Rlimit>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimit {
+    /// RLIMIT_* number.
+    pub resource: u32,
+    /// `u64::MAX` means unlimited.
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// The mm fields settable with PR_SET_MM_MAP, plus the auxiliary vector and the exe link.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmFields {
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    pub brk: u64,
+    pub start_stack: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+    /// Raw auxv words (pairs of key, value, ending with AT_NULL).
+    pub auxv: Vec<u64>,
+    /// Path of /proc/PID/exe at capture.
+    pub exe: String,
+    pub exe_id: Option<FileId>,
+}
+
+/// One mapping of /proc/PID/maps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vma {
+    pub start: u64,
+    pub end: u64,
+    /// PROT_READ | PROT_WRITE | PROT_EXEC bits as in mmap(2).
+    pub prot: u32,
+    /// MAP_SHARED (true) or MAP_PRIVATE (false).
+    pub shared: bool,
+    /// Offset in the file, in bytes (file mappings only).
+    pub offset: u64,
+    pub kind: VmaKind,
+    /// VM_GROWSDOWN (the main [stack]): the mapping still grows down after restore.
+    pub growsdown: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmaKind {
+    /// Anonymous memory (also [heap] and [stack]: which one is named by the mm fields).
+    Anon,
+    /// Memory backed by a file on disk.
+    File(FileId),
+    /// A special kernel mapping: [vdso], [vvar], [vvar_vclock], [vsyscall].
+    Special(SpecialMap),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SpecialMap {
+    Vdso,
+    Vvar,
+    VvarVclock,
+    Vsyscall,
+}
+
+/// Which file a mapping or fd refers to, so restore can refuse a file that changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileId {
+    pub path: String,
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_sec: i64,
+    pub mtime_nsec: i64,
+}
+
+/// Per-thread state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadState {
+    pub tid: i32,
+    pub cpu: CpuState,
+    /// Blocked signal mask (bit n-1 = signal n).
+    pub sigmask: u64,
+    /// Signals pending for this thread only, raw `siginfo_t`s.
+    pub pending: Vec<SigInfo>,
+    pub altstack: AltStack,
+    pub rseq: Option<Rseq>,
+    /// set_tid_address(2) value (PR_GET_TID_ADDRESS).
+    pub clear_child_tid: u64,
+    /// set_robust_list(2) head and length.
+    pub robust_list: u64,
+    pub robust_list_len: u64,
+    /// Where glibc caches this thread's tid (fs_base + offset), if found at capture; restore
+    /// rewrites it when the thread gets a different tid.
+    pub tid_cache_addr: Option<u64>,
+}
+
+/// CPU state of one thread, per architecture.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CpuState {
+    X86_64(X86_64Cpu),
+}
+
+/// x86-64: `struct user_regs_struct` (27 words, kernel order) and the XSAVE area as returned
+/// by PTRACE_GETREGSET NT_X86_XSTATE.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct X86_64Cpu {
+    pub gpregs: Vec<u64>,
+    pub xsave: Vec<u8>,
+}
+
+/// A raw `siginfo_t` (128 bytes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SigInfo(pub Vec<u8>);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SigAction {
+    /// Handler address, or 0 = SIG_DFL, 1 = SIG_IGN.
+    pub handler: u64,
+    pub flags: u64,
+    pub restorer: u64,
+    pub mask: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AltStack {
+    pub sp: u64,
+    pub flags: i32,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rseq {
+    pub abi_pointer: u64,
+    pub abi_size: u32,
+    pub flags: u32,
+    pub signature: u32,
+}
+
+/// One open file descriptor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fd {
+    pub fd: i32,
+    pub cloexec: bool,
+    /// Fds with the same `open_file` index share one open file description (dup'd or
+    /// inherited): restore opens it once and duplicates it.
+    pub open_file: u32,
+    pub kind: FdKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FdKind {
+    /// A regular file or directory, reopened by path.
+    Path {
+        id: FileId,
+        /// open(2) flags as in fdinfo (access mode, O_APPEND, O_NONBLOCK, …; no O_CLOEXEC).
+        flags: u32,
+        pos: u64,
+        directory: bool,
+    },
+    /// A terminal or pipe on fd 0/1/2 at capture: bound to the restoring command's own fd of
+    /// the same number.
+    InheritedStdio,
+}
+
+/// Trailer of an image: what the reader must have seen, so truncation is detected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trailer {
+    pub page_records: u64,
+    pub page_bytes: u64,
+}
