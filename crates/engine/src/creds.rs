@@ -1,0 +1,133 @@
+//! Credentials: real, effective, saved and filesystem user and group ids, and the
+//! supplementary groups.
+//!
+//! Capture reads them from the `Uid:`, `Gid:` and `Groups:` lines of /proc/PID/status (no
+//! system call in the target is needed). Restore runs *last* of all the per-process steps,
+//! because it drops the restored process from the restorer's identity (root) to the image's:
+//! setgroups, setresgid, setfsgid, setresuid, setfsuid, injected into the process itself. We
+//! only ever set the ids recorded in the image, so the restored process never gets more than
+//! its owner had. Capabilities are not carried: dropping from uid 0 to another uid clears them
+//! as usual; an image that was itself uid 0 keeps the restorer's.
+
+use anyhow::{bail, Context, Result};
+use nix::unistd::Pid;
+
+use crate::inject::Injector;
+use telefork_image::Creds;
+
+pub fn capture(pid: Pid) -> Result<Creds> {
+    let path = format!("/proc/{pid}/status");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    parse_status(&text).with_context(|| format!("parsing {path}"))
+}
+
+/// Parses the credential lines of a /proc/PID/status text.
+pub fn parse_status(text: &str) -> Result<Creds> {
+    let mut uid = None;
+    let mut gid = None;
+    let mut groups = None;
+    for line in text.lines() {
+        let Some((key, rest)) = line.split_once(':') else { continue };
+        match key {
+            "Uid" => uid = Some(four_ids(rest).context("bad Uid line")?),
+            "Gid" => gid = Some(four_ids(rest).context("bad Gid line")?),
+            "Groups" => {
+                let g = rest
+                    .split_whitespace()
+                    .map(|w| w.parse::<u32>().with_context(|| format!("bad group id {w:?}")))
+                    .collect::<Result<Vec<_>>>()?;
+                groups = Some(g);
+            }
+            _ => {}
+        }
+    }
+    match (uid, gid, groups) {
+        (Some(uid), Some(gid), Some(groups)) => Ok(Creds { uid, gid, groups }),
+        _ => bail!("Uid, Gid or Groups line missing"),
+    }
+}
+
+fn four_ids(s: &str) -> Result<[u32; 4]> {
+    let v = s
+        .split_whitespace()
+        .map(|w| w.parse::<u32>().with_context(|| format!("bad id {w:?}")))
+        .collect::<Result<Vec<_>>>()?;
+    match v.as_slice() {
+        [a, b, c, d] => Ok([*a, *b, *c, *d]),
+        _ => bail!("expected 4 ids (real, effective, saved, fs), found {}", v.len()),
+    }
+}
+
+/// Runs last: drops the process to the image's identity.
+pub fn restore(inj: &mut Injector, c: &Creds) -> Result<()> {
+    inj.reset_scratch();
+    let [ruid, euid, suid, fsuid] = c.uid;
+    let [rgid, egid, sgid, fsgid] = c.gid;
+
+    // Groups first, while the process still has CAP_SETGID.
+    let bytes: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
+    let list = if bytes.is_empty() { 0 } else { inj.stage(&bytes)? };
+    inj.syscall(libc::SYS_setgroups, &[c.groups.len() as u64, list], format!("restoring supplementary groups {:?}: setgroups", c.groups))?;
+
+    inj.syscall(
+        libc::SYS_setresgid,
+        &[rgid as u64, egid as u64, sgid as u64],
+        format!("restoring gids {rgid}/{egid}/{sgid}: setresgid"),
+    )?;
+    // setresgid set fsgid = egid; a different fsgid must be set while we are still
+    // privileged. setfsgid returns the previous value and never fails, so read it back.
+    if fsgid != egid {
+        inj.syscall(libc::SYS_setfsgid, &[fsgid as u64], "restoring fsgid: setfsgid")?;
+        let now = inj.syscall(libc::SYS_setfsgid, &[u32::MAX as u64], "reading fsgid: setfsgid")? as u32;
+        if now != fsgid {
+            bail!("restoring fsgid {fsgid}: the kernel kept {now}");
+        }
+    }
+
+    inj.syscall(
+        libc::SYS_setresuid,
+        &[ruid as u64, euid as u64, suid as u64],
+        format!("restoring uids {ruid}/{euid}/{suid}: setresuid"),
+    )?;
+    if fsuid != euid {
+        // Allowed without privilege when fsuid is one of the real/effective/saved uids,
+        // which is the only way the original could have had it unless it was privileged.
+        inj.syscall(libc::SYS_setfsuid, &[fsuid as u64], "restoring fsuid: setfsuid")?;
+        let now = inj.syscall(libc::SYS_setfsuid, &[u32::MAX as u64], "reading fsuid: setfsuid")? as u32;
+        if now != fsuid {
+            bail!("restoring fsuid {fsuid}: the kernel kept {now}");
+        }
+    }
+
+    // Changing the euid made the process non-dumpable, which makes its /proc files
+    // root-owned and forbids its owner to ptrace it; an ordinary process is dumpable.
+    inj.syscall(libc::SYS_prctl, &[libc::PR_SET_DUMPABLE as u64, 1], "prctl(PR_SET_DUMPABLE, 1)")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_status() {
+        let text = "Name:\tcat\nUmask:\t0022\nState:\tR (running)\nUid:\t1000\t1001\t1002\t1003\nGid:\t100\t101\t102\t103\nFDSize:\t64\nGroups:\t4 24 27 \n";
+        let c = parse_status(text).unwrap();
+        assert_eq!(c.uid, [1000, 1001, 1002, 1003]);
+        assert_eq!(c.gid, [100, 101, 102, 103]);
+        assert_eq!(c.groups, vec![4, 24, 27]);
+    }
+
+    #[test]
+    fn empty_groups() {
+        let c = parse_status("Uid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nGroups:\t\n").unwrap();
+        assert!(c.groups.is_empty());
+    }
+
+    #[test]
+    fn rejects_bad() {
+        assert!(parse_status("Uid:\t0\t0\t0\nGid:\t0\t0\t0\t0\nGroups:\n").is_err());
+        assert!(parse_status("Uid:\tx\t0\t0\t0\nGid:\t0\t0\t0\t0\nGroups:\n").is_err());
+        assert!(parse_status("Gid:\t0\t0\t0\t0\nGroups:\n").is_err());
+    }
+}

@@ -1,0 +1,280 @@
+//! File descriptors: which numbers are open, on what, with which flags and offsets, and which
+//! of them share one open file description.
+//!
+//! Capture reads /proc/PID/fd (the link says what the fd is), stat()s through the link (the
+//! object's type and identity) and /proc/PID/fdinfo/N (offset, open flags, close-on-exec);
+//! fds that share an open file description (dup'd, or inherited) are found with
+//! kcmp(KCMP_FILE) and get the same `open_file` index. Each kind has its own file:
+//! `path` (regular files, directories and a few harmless character devices, reopened by
+//! path) and `stdio` (a terminal or pipe on 0/1/2, bound on restore to the restoring
+//! command's own). Anything else fails the capture with a message naming the fd and what it
+//! is, before the target has been changed in any way.
+//!
+//! Restore closes what the restore stub inherited, then recreates each open file description
+//! once inside the new process (injected openat + lseek) and duplicates it onto every fd
+//! number that shared it.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Context, Result};
+use nix::unistd::Pid;
+
+use crate::inject::Injector;
+use telefork_image::{Fd, FdKind};
+
+pub mod path;
+pub mod stdio;
+
+/// The close-on-exec bit as fdinfo shows it in `flags`.
+pub const FDINFO_O_CLOEXEC: u32 = 0o2000000;
+
+/// What /proc says about one fd of the target.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    pub fd: i32,
+    /// readlink of /proc/PID/fd/N.
+    pub link: String,
+    /// stat() through the link: the object itself.
+    pub mode: u32,
+    pub rdev: u64,
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_sec: i64,
+    pub mtime_nsec: i64,
+    pub info: FdInfo,
+}
+
+/// The fields of /proc/PID/fdinfo/N we use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FdInfo {
+    pub pos: u64,
+    /// Open flags without O_CLOEXEC.
+    pub flags: u32,
+    pub cloexec: bool,
+}
+
+/// Parses /proc/PID/fdinfo/N (`pos:` decimal, `flags:` octal).
+pub fn parse_fdinfo(text: &str) -> Result<FdInfo> {
+    let mut pos = None;
+    let mut flags = None;
+    for line in text.lines() {
+        let Some((k, v)) = line.split_once(':') else { continue };
+        let v = v.trim();
+        match k {
+            "pos" => pos = Some(v.parse::<u64>().with_context(|| format!("bad pos {v:?}"))?),
+            "flags" => flags = Some(u32::from_str_radix(v, 8).with_context(|| format!("bad flags {v:?}"))?),
+            _ => {}
+        }
+    }
+    let (Some(pos), Some(flags)) = (pos, flags) else { bail!("pos or flags line missing") };
+    Ok(FdInfo { pos, flags: flags & !FDINFO_O_CLOEXEC, cloexec: flags & FDINFO_O_CLOEXEC != 0 })
+}
+
+fn probe(pid: Pid, fd: i32) -> Result<Probe> {
+    let link_path = format!("/proc/{pid}/fd/{fd}");
+    let link = std::fs::read_link(&link_path).with_context(|| format!("fd {fd}: reading {link_path}"))?;
+    let link = link.to_string_lossy().into_owned();
+    let st = nix::sys::stat::stat(link_path.as_str()).with_context(|| format!("fd {fd} ({link}): stat"))?;
+    let info_path = format!("/proc/{pid}/fdinfo/{fd}");
+    let text = std::fs::read_to_string(&info_path).with_context(|| format!("fd {fd}: reading {info_path}"))?;
+    let info = parse_fdinfo(&text).with_context(|| format!("fd {fd}: parsing {info_path}"))?;
+    Ok(Probe {
+        fd,
+        link,
+        mode: st.st_mode,
+        rdev: st.st_rdev,
+        dev: st.st_dev,
+        ino: st.st_ino,
+        size: st.st_size as u64,
+        mtime_sec: st.st_mtime,
+        mtime_nsec: st.st_mtime_nsec,
+        info,
+    })
+}
+
+/// A name for what an fd refers to, for "not supported" messages.
+pub fn describe_kind(p: &Probe) -> &'static str {
+    let l = p.link.as_str();
+    if l.starts_with("/memfd:") {
+        return "memfd";
+    }
+    if l.starts_with("pipe:") {
+        return "pipe";
+    }
+    if l.starts_with("socket:") {
+        return "socket";
+    }
+    if let Some(rest) = l.strip_prefix("anon_inode:") {
+        let rest = rest.trim_start_matches('[').trim_end_matches(']');
+        return match rest {
+            "eventfd" => "eventfd",
+            "eventpoll" => "epoll instance",
+            "signalfd" => "signalfd",
+            "timerfd" => "timerfd",
+            "inotify" => "inotify instance",
+            "fanotify" => "fanotify instance",
+            "pidfd" => "pidfd",
+            "io_uring" => "io_uring instance",
+            "userfaultfd" => "userfaultfd",
+            "perf_event" => "perf event",
+            "bpf-map" | "bpf-prog" | "bpf_link" => "BPF object",
+            _ => "anonymous-inode file",
+        };
+    }
+    if l.starts_with("pidfd:") {
+        return "pidfd";
+    }
+    match p.mode & libc::S_IFMT {
+        libc::S_IFCHR if stdio::is_terminal(p) => "terminal",
+        libc::S_IFCHR => "character device",
+        libc::S_IFBLK => "block device",
+        libc::S_IFIFO => "pipe",
+        libc::S_IFSOCK => "socket",
+        libc::S_IFREG => "regular file",
+        libc::S_IFDIR => "directory",
+        _ => "file of unknown type",
+    }
+}
+
+pub fn capture(pid: Pid) -> Result<Vec<Fd>> {
+    let dir = format!("/proc/{pid}/fd");
+    let mut nums = Vec::new();
+    for e in std::fs::read_dir(&dir).with_context(|| format!("listing {dir}"))? {
+        let e = e.with_context(|| format!("listing {dir}"))?;
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        let n: i32 = name.parse().with_context(|| format!("unexpected entry {name:?} in {dir}"))?;
+        nums.push(n);
+    }
+    nums.sort_unstable();
+
+    let mut out = Vec::with_capacity(nums.len());
+    // Representative fd of each open file description found so far.
+    let mut reps: Vec<i32> = Vec::new();
+    let mut kcmp_ok = true;
+    for fd in nums {
+        let p = match probe(pid, fd) {
+            Ok(p) => p,
+            // Closed between listing and reading: it is gone, and the target is frozen, so
+            // this can only be a race with an fd another thread closed right before the stop.
+            Err(e) if is_enoent(&e) => continue,
+            Err(e) => return Err(e),
+        };
+        let kind = if stdio::is_inherited_stdio(&p) {
+            FdKind::InheritedStdio
+        } else if let Some(k) = path::capture(&p)? {
+            k
+        } else {
+            bail!("fd {fd} is a {} ({}): not supported yet", describe_kind(&p), p.link);
+        };
+
+        let mut open_file = None;
+        if kcmp_ok {
+            for (i, &r) in reps.iter().enumerate() {
+                match same_file(pid, r, fd) {
+                    Ok(true) => {
+                        open_file = Some(i as u32);
+                        break;
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        eprintln!("telefork: warning: cannot tell shared open files apart ({e:#}); fds are restored as independent opens");
+                        kcmp_ok = false;
+                        break;
+                    }
+                }
+            }
+        }
+        let open_file = match open_file {
+            Some(i) => i,
+            None => {
+                reps.push(fd);
+                (reps.len() - 1) as u32
+            }
+        };
+        out.push(Fd { fd, cloexec: p.info.cloexec, open_file, kind });
+    }
+    Ok(out)
+}
+
+fn is_enoent(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(|io| io.raw_os_error() == Some(libc::ENOENT))
+            || c.downcast_ref::<nix::Error>().is_some_and(|n| *n == nix::Error::ENOENT)
+    })
+}
+
+/// kcmp(KCMP_FILE): do `a` and `b` of `pid` refer to the same open file description?
+fn same_file(pid: Pid, a: i32, b: i32) -> Result<bool> {
+    const KCMP_FILE: libc::c_int = 0;
+    // SAFETY: kcmp takes only integers and touches no memory of ours.
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid.as_raw(), pid.as_raw(), KCMP_FILE, a as libc::c_ulong, b as libc::c_ulong) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("kcmp(KCMP_FILE) on fds {a} and {b}"));
+    }
+    Ok(r == 0)
+}
+
+/// Closes every fd the restore stub inherited (but 0/1/2 that are `InheritedStdio`) and
+/// recreates the image's fds.
+pub fn restore(inj: &mut Injector, fds: &[Fd]) -> Result<()> {
+    inj.reset_scratch();
+
+    // Sanity of the image: fd numbers unique and non-negative, InheritedStdio only on 0..=2.
+    let mut seen = std::collections::BTreeSet::new();
+    for f in fds {
+        if f.fd < 0 || !seen.insert(f.fd) {
+            bail!("image lists fd {} twice or with a negative number", f.fd);
+        }
+        if matches!(f.kind, FdKind::InheritedStdio) && f.fd > 2 {
+            bail!("image has fd {} as inherited stdio: only 0, 1 and 2 can be", f.fd);
+        }
+    }
+
+    inj.syscall(libc::SYS_close_range, &[3, u32::MAX as u64, 0], "closing the restorer's fds: close_range(3, ~0)")?;
+    for n in 0..=2 {
+        if !seen.contains(&n) {
+            // Not open in the image: close ours (EBADF if the stub has none is fine).
+            let r = inj.syscall_raw(libc::SYS_close, &[n as u64])?;
+            if r < 0 && r != -(libc::EBADF as i64) {
+                bail!("closing fd {n}: {}", std::io::Error::from_raw_os_error(-r as i32));
+            }
+        }
+    }
+
+    // Group by open file description; the group's first fd carries the kind.
+    let mut groups: BTreeMap<u32, Vec<&Fd>> = BTreeMap::new();
+    for f in fds {
+        groups.entry(f.open_file).or_default().push(f);
+    }
+    for members in groups.values() {
+        let first = members[0];
+        for m in &members[1..] {
+            if m.kind != first.kind {
+                bail!("image: fds {} and {} share an open file but differ in kind", first.fd, m.fd);
+            }
+        }
+        match &first.kind {
+            FdKind::InheritedStdio => stdio::restore(inj, members)?,
+            FdKind::Path { .. } => path::restore(inj, members)?,
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_fdinfo() {
+        let i = parse_fdinfo("pos:\t4096\nflags:\t02100002\nmnt_id:\t25\nino:\t1234\n").unwrap();
+        assert_eq!(i, FdInfo { pos: 4096, flags: 0o100002, cloexec: true });
+        let i = parse_fdinfo("pos:\t0\nflags:\t0100000\nmnt_id:\t25\n").unwrap();
+        assert_eq!(i, FdInfo { pos: 0, flags: 0o100000, cloexec: false });
+        assert!(parse_fdinfo("pos:\t0\n").is_err());
+        assert!(parse_fdinfo("pos:\tx\nflags:\t0\n").is_err());
+        assert!(parse_fdinfo("pos:\t1\nflags:\t9\n").is_err());
+    }
+}

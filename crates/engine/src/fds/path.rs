@@ -1,0 +1,128 @@
+//! Fds reopened by path: regular files, directories, and a few stateless character devices
+//! (/dev/null, /dev/zero, /dev/full, /dev/random, /dev/urandom).
+//!
+//! Captured: the path, the object's identity (dev, inode, size, mtime — informational for
+//! fds: a file that grew since is still the same file for an fd), the open flags and the
+//! offset. Restored by injecting openat(path, flags) into the new process, checking that the
+//! path still names the same kind of object, seeking to the offset, and duplicating the new
+//! open file description onto every fd number that shared it.
+
+use anyhow::{bail, Result};
+
+use super::Probe;
+use crate::inject::Injector;
+use telefork_image::{Fd, FdKind, FileId};
+
+/// Character devices that carry no state and can simply be reopened.
+pub const ALLOWED_CHAR_DEVICES: [&str; 5] = ["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"];
+
+/// `Some` if this fd is reopened by path; `None` if it is some other kind; an error for a
+/// file that cannot be reopened (deleted).
+pub fn capture(p: &Probe) -> Result<Option<FdKind>> {
+    let fmt = p.mode & libc::S_IFMT;
+    let directory = fmt == libc::S_IFDIR;
+    match fmt {
+        libc::S_IFREG | libc::S_IFDIR => {
+            // memfds and anonymous-inode files are S_IFREG too, but have no path.
+            if !p.link.starts_with('/') || p.link.starts_with("/memfd:") {
+                return Ok(None);
+            }
+            if p.link.ends_with(" (deleted)") {
+                bail!("fd {} ({}): the file has been deleted and cannot be reopened: not supported yet", p.fd, p.link);
+            }
+        }
+        libc::S_IFCHR if ALLOWED_CHAR_DEVICES.contains(&p.link.as_str()) => {}
+        _ => return Ok(None),
+    }
+    Ok(Some(FdKind::Path {
+        id: FileId {
+            path: p.link.clone(),
+            dev: p.dev,
+            ino: p.ino,
+            size: p.size,
+            mtime_sec: p.mtime_sec,
+            mtime_nsec: p.mtime_nsec,
+        },
+        flags: p.info.flags,
+        pos: p.info.pos,
+        directory,
+    }))
+}
+
+/// Kind of object a path of the image must still name.
+fn expected_type(id: &FileId, directory: bool) -> (u32, &'static str) {
+    if directory {
+        (libc::S_IFDIR, "a directory")
+    } else if ALLOWED_CHAR_DEVICES.contains(&id.path.as_str()) {
+        (libc::S_IFCHR, "a character device")
+    } else {
+        (libc::S_IFREG, "a regular file")
+    }
+}
+
+fn type_name(fmt: u32) -> &'static str {
+    match fmt {
+        libc::S_IFDIR => "a directory",
+        libc::S_IFCHR => "a character device",
+        libc::S_IFREG => "a regular file",
+        libc::S_IFBLK => "a block device",
+        libc::S_IFIFO => "a FIFO",
+        libc::S_IFSOCK => "a socket",
+        libc::S_IFLNK => "a symbolic link",
+        _ => "an object of unknown type",
+    }
+}
+
+/// Recreates one open file description and puts it on every fd of `members`.
+///
+/// The temporary fd from openat is the lowest free number. It can never be an fd already
+/// placed (those are open), and it is closed again before the next group is opened, so it
+/// cannot clobber or be clobbered by another group's fds; if it happens to be one of this
+/// group's own numbers, it simply stays.
+pub fn restore(inj: &mut Injector, members: &[&Fd]) -> Result<()> {
+    let first = members[0];
+    let FdKind::Path { id, flags, pos, directory } = &first.kind else {
+        bail!("internal error: path::restore on a non-path fd {}", first.fd);
+    };
+    let what = format!("restoring fd {} ({})", first.fd, id.path);
+
+    let open_flags = (*flags as i32 & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL)) | libc::O_CLOEXEC;
+    let path = inj.stage_cstr(&id.path)?;
+    let tmp = inj.syscall(
+        libc::SYS_openat,
+        &[libc::AT_FDCWD as i64 as u64, path, open_flags as u32 as u64, 0],
+        format!("{what}: open"),
+    )?;
+
+    // The same kind of object as at capture (a regular file may have changed size or mtime).
+    let st = inj.alloc_zeroed(144)?;
+    inj.syscall(libc::SYS_fstat, &[tmp, st], format!("{what}: fstat"))?;
+    let mut mode = [0u8; 4];
+    inj.read_mem(st + 24, &mut mode)?; // st_mode in the x86-64 struct stat
+    let fmt = u32::from_ne_bytes(mode) & libc::S_IFMT;
+    let (want, want_name) = expected_type(id, *directory);
+    if fmt != want {
+        bail!("{what}: the path is now {}, it was {want_name}", type_name(fmt));
+    }
+
+    if *pos != 0 && *flags as i32 & libc::O_PATH == 0 {
+        let off = i64::try_from(*pos).map_err(|_| anyhow::anyhow!("{what}: offset {pos} too large"))?;
+        inj.syscall(libc::SYS_lseek, &[tmp, off as u64, libc::SEEK_SET as u64], format!("{what}: lseek to {pos}"))?;
+    }
+
+    let mut keep_tmp = false;
+    for m in members {
+        if m.fd as u64 == tmp {
+            keep_tmp = true;
+            let fl = if m.cloexec { libc::FD_CLOEXEC } else { 0 };
+            inj.syscall(libc::SYS_fcntl, &[tmp, libc::F_SETFD as u64, fl as u64], format!("restoring fd {} ({}): fcntl(F_SETFD)", m.fd, id.path))?;
+        } else {
+            let fl = if m.cloexec { libc::O_CLOEXEC } else { 0 };
+            inj.syscall(libc::SYS_dup3, &[tmp, m.fd as u64, fl as u64], format!("restoring fd {} ({}): dup3 (is RLIMIT_NOFILE above it?)", m.fd, id.path))?;
+        }
+    }
+    if !keep_tmp {
+        inj.syscall(libc::SYS_close, &[tmp], format!("{what}: closing the temporary fd {tmp}"))?;
+    }
+    Ok(())
+}

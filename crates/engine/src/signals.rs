@@ -1,0 +1,118 @@
+//! Process-wide signal state: the dispositions of signals 1..=64 and the shared pending queue.
+//! (The blocked mask, the per-thread queue and the alternate stack are per thread: see
+//! `threads` and the orchestration.)
+//!
+//! Capture injects rt_sigaction(sig, NULL, &old) for every signal (there is no /proc or
+//! ptrace view of a handler's flags, restorer and mask) and peeks the shared queue with
+//! PTRACE_PEEKSIGINFO, which leaves the signals queued in the target. Restore injects
+//! rt_sigaction(sig, &act, NULL) and re-queues each pending signal with rt_sigqueueinfo
+//! *from inside the restored process*: the kernel lets a process queue a siginfo that claims
+//! to come from kill() (si_code 0 or more) only to itself. All signals are blocked during restore, so the
+//! queued signals wait until the orchestration installs the real mask.
+
+use anyhow::{Context, Result};
+
+use crate::inject::Injector;
+use telefork_image::{ProcessImage, SigAction, SigInfo};
+
+/// Size of the kernel's `struct sigaction` on x86-64: handler, flags, restorer, mask.
+const KSIGACTION_LEN: usize = 32;
+/// The kernel's sigset_t size (rt_sigaction's last argument).
+const SIGSET_LEN: u64 = 8;
+
+fn is_unchangeable(sig: i32) -> bool {
+    sig == libc::SIGKILL || sig == libc::SIGSTOP
+}
+
+fn default_action() -> SigAction {
+    SigAction { handler: 0, flags: 0, restorer: 0, mask: 0 }
+}
+
+/// Dispositions of signals 1..=64 and the process-wide pending queue.
+pub fn capture_process(inj: &mut Injector) -> Result<(Vec<SigAction>, Vec<SigInfo>)> {
+    inj.reset_scratch();
+    let old = inj.alloc_zeroed(KSIGACTION_LEN as u64)?;
+    let mut actions = Vec::with_capacity(64);
+    for sig in 1..=64i32 {
+        if is_unchangeable(sig) {
+            actions.push(default_action());
+            continue;
+        }
+        inj.syscall(libc::SYS_rt_sigaction, &[sig as u64, 0, old, SIGSET_LEN], format!("reading the action of signal {sig}: rt_sigaction"))?;
+        let mut b = [0u8; KSIGACTION_LEN];
+        inj.read_mem(old, &mut b)?;
+        let w = |i: usize| u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        actions.push(SigAction { handler: w(0), flags: w(1), restorer: w(2), mask: w(3) });
+    }
+    let pending = crate::ptrace::peek_siginfos(inj.pid(), true)
+        .context("reading the process-wide pending signals")?
+        .into_iter()
+        .map(|s| SigInfo(s.to_vec()))
+        .collect();
+    Ok((actions, pending))
+}
+
+/// Restores dispositions and queues the shared pending signals (all signals blocked).
+pub fn restore_process(inj: &mut Injector, img: &ProcessImage) -> Result<()> {
+    inj.reset_scratch();
+    if img.sigactions.len() > 64 {
+        anyhow::bail!("image has {} signal actions, at most 64 expected", img.sigactions.len());
+    }
+    let act = inj.alloc_zeroed(KSIGACTION_LEN as u64)?;
+    for (i, a) in img.sigactions.iter().enumerate() {
+        let sig = i as i32 + 1;
+        if is_unchangeable(sig) {
+            continue;
+        }
+        let mut b = [0u8; KSIGACTION_LEN];
+        for (j, w) in [a.handler, a.flags, a.restorer, a.mask].iter().enumerate() {
+            b[j * 8..j * 8 + 8].copy_from_slice(&w.to_ne_bytes());
+        }
+        inj.write_mem(act, &b)?;
+        inj.syscall(
+            libc::SYS_rt_sigaction,
+            &[sig as u64, act, 0, SIGSET_LEN],
+            format!("restoring the action of signal {sig} (handler {:#x}): rt_sigaction", a.handler),
+        )?;
+    }
+
+    let pid = inj.pid().as_raw();
+    let info = inj.alloc_zeroed(128)?;
+    for si in &img.shared_pending {
+        let sig = siginfo_signo(si)?;
+        inj.write_mem(info, &si.0)?;
+        inj.syscall(
+            libc::SYS_rt_sigqueueinfo,
+            &[pid as u64, sig as u64, info],
+            format!("re-queueing pending signal {sig}: rt_sigqueueinfo"),
+        )?;
+    }
+    Ok(())
+}
+
+/// The signal number of a raw siginfo (its first int), checked.
+pub fn siginfo_signo(si: &SigInfo) -> Result<i32> {
+    if si.0.len() != 128 {
+        anyhow::bail!("a pending signal's siginfo has {} bytes, 128 expected", si.0.len());
+    }
+    let sig = i32::from_ne_bytes(si.0[..4].try_into().expect("4 bytes"));
+    if !(1..=64).contains(&sig) {
+        anyhow::bail!("a pending signal has invalid number {sig}");
+    }
+    Ok(sig)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signo() {
+        let mut b = vec![0u8; 128];
+        b[0] = 10;
+        assert_eq!(siginfo_signo(&SigInfo(b.clone())).unwrap(), 10);
+        b[0] = 65;
+        assert!(siginfo_signo(&SigInfo(b)).is_err());
+        assert!(siginfo_signo(&SigInfo(vec![1; 12])).is_err());
+    }
+}
