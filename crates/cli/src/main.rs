@@ -1,1 +1,161 @@
-fn main() {}
+//! The `telefork` command: one binary for every role.
+//!
+//!     telefork dump --pid PID --out FILE [--leave-running]
+//!     telefork restore FILE [--detach]
+//!     telefork check-image FILE
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+
+#[derive(Parser)]
+#[command(name = "telefork", version, about = "fork(), except the child appears on another machine: checkpoint, restore and move Linux processes")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Capture a running process into an image file.
+    ///
+    /// The process is stopped while it is read. Once the complete image is safely on disk
+    /// (written to a temporary file, synced, renamed into place) the process is killed,
+    /// unless --leave-running is given. On any error the process continues untouched and no
+    /// image file is left behind.
+    Dump {
+        /// The process to capture (single-threaded so far).
+        #[arg(long)]
+        pid: i32,
+        /// Where to write the image.
+        #[arg(long)]
+        out: PathBuf,
+        /// Let the process run on after the image is written.
+        #[arg(long)]
+        leave_running: bool,
+    },
+    /// Bring a process back to life from an image file.
+    ///
+    /// Without --detach, waits for the restored process and exits with its exit status
+    /// (128+N if it was killed by signal N). With --detach, prints the restored PID alone on
+    /// the last line of stdout and returns at once. Standard input/output/error that were a
+    /// terminal or a pipe at capture are bound to this command's own.
+    Restore {
+        /// The image to restore.
+        image: PathBuf,
+        /// Do not wait for the restored process.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Verify an image (checksums, structure) and print a summary, without restoring it.
+    CheckImage {
+        image: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Dump { pid, out, leave_running } => dump(pid, &out, leave_running).map(|_| ExitCode::SUCCESS),
+        Cmd::Restore { image, detach } => restore(&image, detach),
+        Cmd::CheckImage { image } => check_image(&image).map(|_| ExitCode::SUCCESS),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("telefork: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn dump(pid: i32, out: &Path, leave_running: bool) -> Result<()> {
+    let start = Instant::now();
+    let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = out.file_name().context("--out must name a file")?.to_string_lossy().into_owned();
+    let tmp = dir.join(format!(".{name}.partial.{}", std::process::id()));
+    let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let opts = telefork_engine::DumpOptions { leave_running };
+    let commit = |w: BufWriter<File>| -> Result<()> {
+        let f = w.into_inner().map_err(|e| e.into_error()).context("writing the image")?;
+        f.sync_all().context("syncing the image to disk")?;
+        std::fs::rename(&tmp, out).with_context(|| format!("renaming the image to {}", out.display()))?;
+        Ok(())
+    };
+    let result = telefork_engine::dump(Pid::from_raw(pid), BufWriter::with_capacity(1 << 20, file), &opts, commit);
+    match result {
+        Ok(s) => {
+            let size = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
+            eprintln!(
+                "telefork: dumped process {} ({} mappings, {} fds, {} of memory) to {} ({}) in {:.1} ms{}",
+                s.pid,
+                s.vmas,
+                s.fds,
+                human(s.page_bytes),
+                out.display(),
+                human(size),
+                start.elapsed().as_secs_f64() * 1e3,
+                if leave_running { "; left running" } else { "; process killed" }
+            );
+            Ok(())
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e).with_context(|| format!("dumping process {pid} failed; it was left running"))
+        }
+    }
+}
+
+fn restore(image: &Path, detach: bool) -> Result<ExitCode> {
+    let start = Instant::now();
+    let f = File::open(image).with_context(|| format!("opening image {}", image.display()))?;
+    let r = telefork_engine::restore(BufReader::with_capacity(1 << 20, f), &telefork_engine::RestoreOptions::default())
+        .with_context(|| format!("restoring {} failed; nothing was left running", image.display()))?;
+    eprintln!(
+        "telefork: restored process {} ({}, {} of memory) in {:.1} ms",
+        r.pid,
+        if r.same_pid { "same PID" } else { "new PID: the original PID is taken" },
+        human(r.page_bytes),
+        start.elapsed().as_secs_f64() * 1e3
+    );
+    if detach {
+        println!("{}", r.pid);
+        std::io::stdout().flush().ok();
+        return Ok(ExitCode::SUCCESS);
+    }
+    loop {
+        match waitpid(r.pid, None) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(ExitCode::from(code as u8)),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(ExitCode::from(128 + sig as u8)),
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e).context("waiting for the restored process"),
+        }
+    }
+}
+
+fn check_image(image: &Path) -> Result<()> {
+    let bytes = std::fs::read(image).with_context(|| format!("reading {}", image.display()))?;
+    let (h, p, page_bytes) = telefork_image::verify_image(&bytes)?;
+    println!("image {}: format v{}, {:?}, kernel {}, made on {:?}", image.display(), telefork_image::FORMAT_VERSION, h.arch, h.kernel_release, h.hostname);
+    println!("process {} ({}), {} threads, {} mappings, {} fds, {} of memory", p.pid, p.comm, p.threads.len(), p.vmas.len(), p.fds.len(), human(page_bytes));
+    Ok(())
+}
+
+fn human(b: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 { format!("{b} B") } else { format!("{v:.1} {}", U[i]) }
+}

@@ -1,1 +1,25 @@
-//! placeholder
+//! telefork's engine: freeze a Linux process, write down everything that makes it that
+//! process (`capture`), and rebuild it so it cannot tell the difference (`restore`).
+//!
+//! One file per kind of state, its capture and its restore side by side:
+//! memory layout and contents (`mem`), mm fields (`mm`), CPU state (`arch`), signals
+//! (`signals`), thread identity (`threads`), credentials (`creds`), small per-process state
+//! (`misc`), file descriptors (`fds`). `inject` runs system calls inside a stopped process;
+//! `ptrace` and `procfs` are the doors to the kernel.
+
+pub mod arch;
+pub mod capture;
+pub mod creds;
+pub mod fds;
+pub mod inject;
+pub mod mem;
+pub mod misc;
+pub mod mm;
+pub mod procfs;
+pub mod ptrace;
+pub mod restore;
+pub mod signals;
+pub mod threads;
+
+pub use capture::{dump, DumpOptions, DumpSummary};
+pub use restore::{restore, RestoreOptions, Restored};

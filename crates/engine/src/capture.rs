@@ -1,0 +1,179 @@
+//! Capturing a process, top to bottom.
+//!
+//! 1. Freeze: PTRACE_SEIZE + PTRACE_INTERRUPT stop the (single) thread where it is; its
+//!    signals are blocked so that nothing runs in it while we look.
+//! 2. Look from outside: registers and XSAVE area (ptrace), maps, pagemap, stat, status,
+//!    fds (/proc).
+//! 3. Look from inside: what only the process can tell about itself (signal dispositions, its
+//!    alternate stack, its set_tid_address, its brk) is asked by injecting system calls
+//!    into it (`inject`), using a scratch page mapped for the purpose and removed after.
+//! 4. Write the image front to back: header, process record, then the pages that exist.
+//! 5. Hand the finished image to the caller (which makes it durable), and only then kill the
+//!    process — or let it run on, exactly as it was, with `leave_running`. On any failure the
+//!    process is let go unchanged.
+
+use std::io::Write;
+
+use anyhow::{bail, Context, Result};
+use nix::sys::ptrace as nix_ptrace;
+use nix::unistd::Pid;
+use telefork_image::{Header, ImageWriter, ProcessImage};
+
+use crate::arch::native as arch;
+use crate::inject::Injector;
+use crate::{creds, fds, mem, misc, mm, procfs, ptrace, signals, threads};
+
+#[derive(Debug, Clone, Default)]
+pub struct DumpOptions {
+    /// Let the process run on after the image is written, instead of killing it.
+    pub leave_running: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct DumpSummary {
+    pub pid: i32,
+    pub vmas: usize,
+    pub fds: usize,
+    /// Bytes of memory contents in the image.
+    pub page_bytes: u64,
+}
+
+const SCRATCH_LEN: u64 = 64 << 10;
+/// Every signal but SIGKILL (9) and SIGSTOP (19), which cannot be blocked anyway.
+pub const ALL_SIGNALS_BLOCKED: u64 = !((1 << 8) | (1 << 18));
+
+/// Captures process `pid` into `out`. `commit` receives the writer once the whole image is in
+/// it and must make it durable; only if it succeeds is the process killed (or, with
+/// `leave_running`, resumed).
+pub fn dump<W: Write>(pid: Pid, out: W, opts: &DumpOptions, commit: impl FnOnce(W) -> Result<()>) -> Result<DumpSummary> {
+    let tids = procfs::list_threads(pid).with_context(|| format!("process {pid} does not exist or cannot be read"))?;
+    if tids.len() != 1 {
+        bail!("process {pid} has {} threads; only single-threaded processes can be captured so far", tids.len());
+    }
+    ptrace::seize_and_stop(pid)?;
+    let regs = ptrace::getregs(pid)?;
+    let sigmask = match ptrace::get_sigmask(pid) {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = nix_ptrace::detach(pid, None);
+            return Err(e);
+        }
+    };
+    let frozen = Frozen { pid, regs, sigmask };
+    let result = ptrace::set_sigmask(pid, ALL_SIGNALS_BLOCKED).and_then(|_| capture_frozen(&frozen, out));
+    match result {
+        Ok((w, summary)) => {
+            if let Err(e) = commit(w) {
+                frozen.release();
+                return Err(e);
+            }
+            if opts.leave_running {
+                frozen.release();
+            } else {
+                ptrace::kill_quietly(pid);
+            }
+            Ok(summary)
+        }
+        Err(e) => {
+            frozen.release();
+            Err(e)
+        }
+    }
+}
+
+/// A stopped process and what it looked like when stopped.
+struct Frozen {
+    pid: Pid,
+    regs: ptrace::Regs,
+    sigmask: u64,
+}
+
+impl Frozen {
+    /// Puts back the registers and mask and lets the process go, as if nothing happened.
+    fn release(&self) {
+        let _ = ptrace::setregs(self.pid, self.regs);
+        let _ = ptrace::set_sigmask(self.pid, self.sigmask);
+        let _ = nix_ptrace::detach(self.pid, None);
+    }
+}
+
+fn capture_frozen<W: Write>(f: &Frozen, out: W) -> Result<(W, DumpSummary)> {
+    let pid = f.pid;
+    let cpu = arch::capture(pid, &f.regs)?;
+
+    // Look from inside.
+    let maps = procfs::read_maps(pid)?;
+    let syscall_ip = find_syscall_insn(pid, &maps)?;
+    let mut inj = Injector::new(pid, syscall_ip)?;
+    let scratch = inj.syscall(
+        libc::SYS_mmap,
+        &[0, SCRATCH_LEN, (libc::PROT_READ | libc::PROT_WRITE) as u64, (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64, u64::MAX, 0],
+        "mapping scratch memory in the target",
+    )?;
+    inj.set_scratch(scratch, SCRATCH_LEN);
+    let inside = (|| -> Result<_> {
+        let mm = mm::capture(pid, &mut inj)?;
+        let (sigactions, shared_pending) = signals::capture_process(&mut inj)?;
+        let thread = threads::capture(&mut inj, pid, f.sigmask, cpu)?;
+        Ok((mm, sigactions, shared_pending, thread))
+    })();
+    inj.syscall(libc::SYS_munmap, &[scratch, SCRATCH_LEN], "unmapping scratch memory in the target")?;
+    ptrace::setregs(pid, f.regs)?;
+    let (mm, sigactions, shared_pending, thread) = inside?;
+
+    // Look from outside (after the scratch page is gone again).
+    let maps = procfs::read_maps(pid)?;
+    let vmas = mem::capture_vmas(pid, &maps)?;
+    let stat = procfs::read_stat(pid)?;
+    let image = ProcessImage {
+        pid: pid.as_raw(),
+        comm: stat.comm.clone(),
+        creds: creds::capture(pid)?,
+        misc: misc::capture(pid)?,
+        mm,
+        vmas,
+        threads: vec![thread],
+        sigactions,
+        shared_pending,
+        fds: fds::capture(pid)?,
+    };
+    let header = Header {
+        arch: arch::ARCH,
+        page_size: mem::PAGE,
+        kernel_release: kernel_release(),
+        xfeatures: arch::xfeatures(&image.threads[0].cpu),
+        created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        hostname: nix::sys::utsname::uname().map(|u| u.nodename().to_string_lossy().into_owned()).unwrap_or_default(),
+    };
+
+    let mut w = ImageWriter::new(out, &header).context("writing the image header")?;
+    w.write_process(&image).context("writing the process record")?;
+    let page_bytes = mem::write_pages(pid, &image.vmas, &mut w)?;
+    let out = w.finish().context("finishing the image")?;
+    let summary = DumpSummary { pid: pid.as_raw(), vmas: image.vmas.len(), fds: image.fds.len(), page_bytes };
+    Ok((out, summary))
+}
+
+/// Finds a `syscall` instruction the target can run: in its [vdso] (always there, never
+/// written), else in any executable mapping.
+fn find_syscall_insn(pid: Pid, maps: &[procfs::MapsEntry]) -> Result<u64> {
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).with_context(|| format!("opening /proc/{pid}/mem"))?;
+    let mut candidates: Vec<&procfs::MapsEntry> = maps.iter().filter(|m| m.name == "[vdso]").collect();
+    candidates.extend(maps.iter().filter(|m| m.exec && m.read && m.name != "[vdso]" && m.name != "[vsyscall]"));
+    for m in candidates {
+        let len = (m.end - m.start).min(1 << 20) as usize;
+        let mut buf = vec![0u8; len];
+        use std::os::unix::fs::FileExt;
+        if mem.read_exact_at(&mut buf, m.start).is_err() {
+            continue;
+        }
+        if let Some(i) = buf.windows(2).position(|w| w == arch::SYSCALL_INSN) {
+            return Ok(m.start + i as u64);
+        }
+    }
+    bail!("no syscall instruction found in process {pid}'s executable mappings")
+}
+
+pub fn kernel_release() -> String {
+    nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default()
+}

@@ -1,0 +1,158 @@
+//! Running a system call inside a stopped process: the one place where the engine makes
+//! another process act on itself (read its signal dispositions, map memory into it, open its
+//! files, set its credentials, …).
+//!
+//! How: point the thread's instruction pointer at a `syscall` instruction that already exists
+//! in its address space, load the number and arguments into registers, and let it run with
+//! PTRACE_SYSCALL to the syscall-entry stop and again to the syscall-exit stop, where the
+//! result is in rax. Nothing after the `syscall` instruction ever executes, so no breakpoint
+//! has to be written and no single-stepping is needed (the original telefork single-stepped,
+//! which this kernel refuses), and even a call that unmaps the page holding the instruction
+//! returns cleanly to us.
+//!
+//! Arguments that are pointers refer to a *scratch* area inside the tracee, filled through
+//! /proc/PID/mem. The caller blocks all signals of the tracee (PTRACE_SETSIGMASK) while
+//! injecting, so no signal handler runs in between.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+
+use anyhow::{bail, Context, Result};
+use nix::unistd::Pid;
+
+use crate::ptrace::{self, Regs};
+
+pub struct Injector {
+    pid: Pid,
+    /// Address of a `syscall` (0f 05) instruction in the tracee.
+    syscall_ip: u64,
+    /// Registers the injected calls start from (the tracee's own at attach time).
+    base: Regs,
+    mem: File,
+    scratch: u64,
+    scratch_len: u64,
+    scratch_used: u64,
+}
+
+impl Injector {
+    /// Takes over a ptrace-stopped thread `pid` that has a `syscall` instruction at
+    /// `syscall_ip`.
+    pub fn new(pid: Pid, syscall_ip: u64) -> Result<Self> {
+        let base = ptrace::getregs(pid)?;
+        let mem = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/{pid}/mem"))
+            .with_context(|| format!("opening /proc/{pid}/mem"))?;
+        Ok(Injector { pid, syscall_ip, base, mem, scratch: 0, scratch_len: 0, scratch_used: 0 })
+    }
+
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// The registers the tracee had when the injector took over.
+    pub fn original_regs(&self) -> Regs {
+        self.base
+    }
+
+    pub fn set_syscall_ip(&mut self, ip: u64) {
+        self.syscall_ip = ip;
+    }
+
+    /// Runs one system call in the tracee and returns the raw result (negative errno on
+    /// failure).
+    pub fn syscall_raw(&mut self, nr: libc::c_long, args: &[u64]) -> Result<i64> {
+        debug_assert!(args.len() <= 6);
+        let mut a = [0u64; 6];
+        a[..args.len()].copy_from_slice(args);
+        let mut r = self.base;
+        r.rip = self.syscall_ip;
+        r.rax = nr as u64;
+        // No syscall in progress: the kernel must not try to restart anything.
+        r.orig_rax = u64::MAX;
+        r.rdi = a[0];
+        r.rsi = a[1];
+        r.rdx = a[2];
+        r.r10 = a[3];
+        r.r8 = a[4];
+        r.r9 = a[5];
+        ptrace::setregs(self.pid, r)?;
+        ptrace::run_to_syscall_stop(self.pid)?; // entry
+        ptrace::run_to_syscall_stop(self.pid)?; // exit
+        Ok(ptrace::getregs(self.pid)?.rax as i64)
+    }
+
+    /// Runs one system call; a failure becomes an error that says `what` failed and why.
+    pub fn syscall(&mut self, nr: libc::c_long, args: &[u64], what: impl std::fmt::Display) -> Result<u64> {
+        let ret = self.syscall_raw(nr, args)?;
+        if (-4095..0).contains(&ret) {
+            let err = std::io::Error::from_raw_os_error(-ret as i32);
+            bail!("{what}: {err}");
+        }
+        Ok(ret as u64)
+    }
+
+    pub fn read_mem(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
+        self.mem
+            .read_exact_at(buf, addr)
+            .with_context(|| format!("reading {} bytes at {addr:#x} of process {}", buf.len(), self.pid))
+    }
+
+    pub fn write_mem(&self, addr: u64, data: &[u8]) -> Result<()> {
+        self.mem
+            .write_all_at(data, addr)
+            .with_context(|| format!("writing {} bytes at {addr:#x} of process {}", data.len(), self.pid))
+    }
+
+    /// The file handle on /proc/PID/mem (for bulk page transfer).
+    pub fn mem_file(&self) -> &File {
+        &self.mem
+    }
+
+    /// Declares `[addr, addr + len)` of the tracee as writable scratch memory.
+    pub fn set_scratch(&mut self, addr: u64, len: u64) {
+        self.scratch = addr;
+        self.scratch_len = len;
+        self.scratch_used = 0;
+    }
+
+    /// Forgets what was staged, making the whole scratch area available again.
+    pub fn reset_scratch(&mut self) {
+        self.scratch_used = 0;
+    }
+
+    /// Copies `data` into the scratch area and returns its address in the tracee.
+    pub fn stage(&mut self, data: &[u8]) -> Result<u64> {
+        let addr = self.alloc(data.len() as u64)?;
+        self.write_mem(addr, data)?;
+        Ok(addr)
+    }
+
+    /// Stages a NUL-terminated copy of `s`.
+    pub fn stage_cstr(&mut self, s: &str) -> Result<u64> {
+        if s.as_bytes().contains(&0) {
+            bail!("path {s:?} contains a NUL byte");
+        }
+        let mut v = s.as_bytes().to_vec();
+        v.push(0);
+        self.stage(&v)
+    }
+
+    /// Reserves `len` zeroed bytes of scratch (for a system call to write into).
+    pub fn alloc_zeroed(&mut self, len: u64) -> Result<u64> {
+        self.stage(&vec![0u8; len as usize])
+    }
+
+    fn alloc(&mut self, len: u64) -> Result<u64> {
+        if self.scratch_len == 0 {
+            bail!("internal error: no scratch memory set up in process {}", self.pid);
+        }
+        let start = (self.scratch_used + 15) & !15;
+        if start + len > self.scratch_len {
+            bail!("internal error: scratch memory of process {} exhausted ({len} bytes wanted)", self.pid);
+        }
+        self.scratch_used = start + len;
+        Ok(self.scratch + start)
+    }
+}

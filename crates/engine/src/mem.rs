@@ -1,0 +1,262 @@
+//! The address space: which mappings exist (`Vma`s, from /proc/PID/maps) and what is in them
+//! (page records, from /proc/PID/pagemap and /proc/PID/mem).
+//!
+//! Only pages that exist travel: pagemap tells which pages are present or swapped, so a
+//! process that reserved 64 GiB and touched 10 MiB makes a 10 MiB image. Private file
+//! mappings travel as a reference to their file plus only the pages that became anonymous
+//! (written by the process); shared file mappings travel as a reference only (the file holds
+//! their contents). Special kernel mappings ([vdso], [vvar], …) travel as addresses only —
+//! `restore` moves the new process's own ones there.
+//!
+//! On restore, every mapping is created at its address, writable first so its pages can be
+//! written in, and given its final protection once all pages are in (`finish`).
+
+use std::collections::HashMap;
+use std::os::unix::fs::{FileExt, MetadataExt};
+
+use anyhow::{bail, Context, Result};
+use nix::unistd::Pid;
+use telefork_image::{FileId, ImageWriter, SpecialMap, Vma, VmaKind};
+
+use crate::inject::Injector;
+use crate::procfs::MapsEntry;
+
+pub const PAGE: u64 = 4096;
+
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAPPED: u64 = 1 << 62;
+const PM_FILE: u64 = 1 << 61;
+
+/// Turns the maps of a stopped process into `Vma`s, with file identities. Refuses what
+/// cannot be restored faithfully.
+pub fn capture_vmas(pid: Pid, maps: &[MapsEntry]) -> Result<Vec<Vma>> {
+    let mut vmas = Vec::with_capacity(maps.len());
+    for m in maps {
+        let prot = (m.read as u32 * libc::PROT_READ as u32)
+            | (m.write as u32 * libc::PROT_WRITE as u32)
+            | (m.exec as u32 * libc::PROT_EXEC as u32);
+        let kind = match m.name.as_str() {
+            "[vdso]" => VmaKind::Special(SpecialMap::Vdso),
+            "[vvar]" => VmaKind::Special(SpecialMap::Vvar),
+            "[vvar_vclock]" => VmaKind::Special(SpecialMap::VvarVclock),
+            "[vsyscall]" => VmaKind::Special(SpecialMap::Vsyscall),
+            "" | "[heap]" | "[stack]" => VmaKind::Anon,
+            // A shared anonymous mapping is a hidden shmem file the kernel names this way.
+            n if m.shared && n.starts_with("/dev/zero") => VmaKind::Anon,
+            n if n.starts_with('[') => bail!("mapping {:#x}-{:#x} is the special mapping {n}, which is not supported", m.start, m.end),
+            n if n.ends_with(" (deleted)") => {
+                bail!("mapping {:#x}-{:#x} is backed by the deleted file {n:?}, which cannot be mapped again", m.start, m.end)
+            }
+            n if n.starts_with("/SYSV") || n.starts_with("/memfd:") => {
+                bail!("mapping {:#x}-{:#x} is backed by {n}: SysV shared memory and memfd are not supported yet", m.start, m.end)
+            }
+            n => VmaKind::File(file_id_of_mapping(pid, m, n)?),
+        };
+        let growsdown = m.name == "[stack]";
+        vmas.push(Vma { start: m.start, end: m.end, prot, shared: m.shared, offset: m.offset, kind, growsdown });
+    }
+    Ok(vmas)
+}
+
+fn file_id_of_mapping(pid: Pid, m: &MapsEntry, path: &str) -> Result<FileId> {
+    // map_files/ names the very file mapped, even if `path` was replaced since.
+    let link = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+    let st = std::fs::metadata(&link).with_context(|| format!("identifying the file of mapping {:#x}-{:#x} ({path})", m.start, m.end))?;
+    Ok(FileId {
+        path: path.to_string(),
+        dev: st.dev(),
+        ino: st.ino(),
+        size: st.size(),
+        mtime_sec: st.mtime(),
+        mtime_nsec: st.mtime_nsec(),
+    })
+}
+
+/// Whether a page of this mapping must travel, given its pagemap entry.
+fn page_travels(vma: &Vma, pm: u64) -> bool {
+    if pm & (PM_PRESENT | PM_SWAPPED) == 0 {
+        return false;
+    }
+    match vma.kind {
+        VmaKind::Anon => true,
+        // Private file pages travel only once the process wrote them (they became anonymous).
+        VmaKind::File(_) if !vma.shared => pm & PM_FILE == 0,
+        VmaKind::File(_) | VmaKind::Special(_) => false,
+    }
+}
+
+fn carries_pages(vma: &Vma) -> bool {
+    match vma.kind {
+        VmaKind::Anon => true,
+        VmaKind::File(_) => !vma.shared,
+        VmaKind::Special(_) => false,
+    }
+}
+
+/// Writes the contents of every page that must travel, in address order, as page records.
+/// Returns the number of bytes written.
+pub fn write_pages<W: std::io::Write>(pid: Pid, vmas: &[Vma], out: &mut ImageWriter<W>) -> Result<u64> {
+    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).with_context(|| format!("opening /proc/{pid}/pagemap"))?;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).with_context(|| format!("opening /proc/{pid}/mem"))?;
+    const BATCH_PAGES: u64 = 2048; // 8 MiB of memory per pagemap read and per record
+    let mut pm_buf = vec![0u8; (BATCH_PAGES * 8) as usize];
+    let mut data = vec![0u8; (BATCH_PAGES * PAGE) as usize];
+    let mut total = 0u64;
+    for vma in vmas.iter().filter(|v| carries_pages(v)) {
+        let mut addr = vma.start;
+        while addr < vma.end {
+            let n = ((vma.end - addr) / PAGE).min(BATCH_PAGES);
+            let pm = &mut pm_buf[..(n * 8) as usize];
+            pagemap
+                .read_exact_at(pm, addr / PAGE * 8)
+                .with_context(|| format!("reading the pagemap of {addr:#x}-{:#x}", addr + n * PAGE))?;
+            // Coalesce runs of travelling pages inside this batch.
+            let mut i = 0u64;
+            while i < n {
+                let entry = |k: u64| u64::from_le_bytes(pm[(k * 8) as usize..(k * 8 + 8) as usize].try_into().unwrap_or([0; 8]));
+                if !page_travels(vma, entry(i)) {
+                    i += 1;
+                    continue;
+                }
+                let first = i;
+                while i < n && page_travels(vma, entry(i)) {
+                    i += 1;
+                }
+                let run_addr = addr + first * PAGE;
+                let len = ((i - first) * PAGE) as usize;
+                mem.read_exact_at(&mut data[..len], run_addr)
+                    .with_context(|| format!("reading memory {run_addr:#x}-{:#x} of process {pid}", run_addr + len as u64))?;
+                out.write_pages(run_addr, &data[..len]).context("writing the image")?;
+                total += len as u64;
+            }
+            addr += n * PAGE;
+        }
+    }
+    Ok(total)
+}
+
+/// Checks that a file mapped by the image is still the same file (size and modification
+/// time): a changed file would be mapped wrong, silently.
+pub fn check_file(id: &FileId, what: &str) -> Result<()> {
+    let st = std::fs::metadata(&id.path).with_context(|| format!("{what} {:?} is missing on this machine", id.path))?;
+    if st.size() != id.size || st.mtime() != id.mtime_sec || st.mtime_nsec() != id.mtime_nsec {
+        bail!(
+            "{what} {:?} changed since the image was made (size {} → {}, mtime {}.{:09} → {}.{:09}); refusing to map it",
+            id.path,
+            id.size,
+            st.size(),
+            id.mtime_sec,
+            id.mtime_nsec,
+            st.mtime(),
+            st.mtime_nsec()
+        );
+    }
+    Ok(())
+}
+
+/// Refuses an image whose mappings overlap, are unaligned, or leave user space.
+pub fn validate_layout(vmas: &[Vma]) -> Result<()> {
+    const TASK_SIZE: u64 = 0x7fff_ffff_f000;
+    let mut prev_end = 0u64;
+    for v in vmas {
+        let special = matches!(v.kind, VmaKind::Special(SpecialMap::Vsyscall));
+        if v.start % PAGE != 0 || v.end % PAGE != 0 || v.end <= v.start || v.start < prev_end || (!special && v.end > TASK_SIZE) {
+            bail!("image is corrupt: mapping {:#x}-{:#x} is unaligned, empty, overlapping or outside user space", v.start, v.end);
+        }
+        if v.prot & !((libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u32) != 0 {
+            bail!("image is corrupt: mapping {:#x}-{:#x} has protection bits {:#x}", v.start, v.end, v.prot);
+        }
+        prev_end = v.end;
+    }
+    Ok(())
+}
+
+/// Creates every non-special mapping of the image in the (emptied) restore process, writable
+/// so pages can be written in. Files are opened inside the process and closed again.
+pub fn create_mappings(inj: &mut Injector, vmas: &[Vma]) -> Result<()> {
+    let mut files: HashMap<(String, bool), u64> = HashMap::new();
+    for v in vmas {
+        let len = v.end - v.start;
+        let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+        let (prot, flags, fd) = match &v.kind {
+            VmaKind::Special(_) => continue,
+            VmaKind::Anon => {
+                let share = if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+                let grows = if v.growsdown { libc::MAP_GROWSDOWN } else { 0 };
+                (rw, (share | libc::MAP_ANONYMOUS | grows) as u64, u64::MAX)
+            }
+            VmaKind::File(id) => {
+                check_file(id, "mapped file")?;
+                let key = (id.path.clone(), v.shared);
+                let fd = match files.get(&key) {
+                    Some(fd) => *fd,
+                    None => {
+                        inj.reset_scratch();
+                        let path = inj.stage_cstr(&id.path)?;
+                        // Shared mappings need a writable file to be writable (now or after
+                        // a later mprotect); fall back to read-only for read-only files.
+                        let mut fd = -1;
+                        if v.shared {
+                            fd = inj.syscall_raw(libc::SYS_openat, &[libc::AT_FDCWD as u64, path, (libc::O_RDWR | libc::O_CLOEXEC) as u64])?;
+                        }
+                        if fd < 0 {
+                            fd = inj.syscall(
+                                libc::SYS_openat,
+                                &[libc::AT_FDCWD as u64, path, (libc::O_RDONLY | libc::O_CLOEXEC) as u64],
+                                format_args!("opening mapped file {:?}", id.path),
+                            )? as i64;
+                        }
+                        files.insert(key, fd as u64);
+                        fd as u64
+                    }
+                };
+                if v.shared {
+                    (v.prot as u64, libc::MAP_SHARED as u64, fd)
+                } else {
+                    (rw | v.prot as u64, libc::MAP_PRIVATE as u64, fd)
+                }
+            }
+        };
+        let got = inj.syscall(
+            libc::SYS_mmap,
+            &[v.start, len, prot, flags | libc::MAP_FIXED as u64, fd, v.offset],
+            format_args!("mapping {:#x}-{:#x}", v.start, v.end),
+        )?;
+        if got != v.start {
+            bail!("mapping {:#x}-{:#x} landed at {got:#x}", v.start, v.end);
+        }
+    }
+    for fd in files.into_values() {
+        inj.syscall(libc::SYS_close, &[fd], "closing a mapped file")?;
+    }
+    Ok(())
+}
+
+/// Checks that a page record from the image falls inside a mapping that carries pages.
+pub fn check_page_run(vmas: &[Vma], addr: u64, len: u64) -> Result<()> {
+    let end = addr.checked_add(len).unwrap_or(u64::MAX);
+    let ok = vmas.iter().any(|v| carries_pages(v) && v.start <= addr && end <= v.end);
+    if !ok || addr % PAGE != 0 {
+        bail!("image is corrupt: page data at {addr:#x}-{end:#x} lies outside the mappings that hold pages");
+    }
+    Ok(())
+}
+
+/// Gives every mapping its final protection once its pages are in.
+pub fn finish(inj: &mut Injector, vmas: &[Vma]) -> Result<()> {
+    for v in vmas {
+        let created_rw = match v.kind {
+            VmaKind::Special(_) => false,
+            VmaKind::Anon => true,
+            VmaKind::File(_) => !v.shared,
+        };
+        if created_rw && v.prot != (libc::PROT_READ | libc::PROT_WRITE) as u32 {
+            inj.syscall(
+                libc::SYS_mprotect,
+                &[v.start, v.end - v.start, v.prot as u64],
+                format_args!("setting the protection of {:#x}-{:#x}", v.start, v.end),
+            )?;
+        }
+    }
+    Ok(())
+}

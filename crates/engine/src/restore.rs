@@ -1,0 +1,308 @@
+//! Restoring a process, top to bottom.
+//!
+//! 1. Check the image against this machine before anything is created: architecture, page
+//!    size, CPU features, kernel build (for the vDSO), every mapped file still the same.
+//! 2. Make the new process: a fork of this command (clone3, with the image's PID when that PID
+//!    is free), which stops itself under our ptrace at once. It never runs a line of its
+//!    own code again: from here on we drive it by injecting system calls (`inject`).
+//! 3. Empty it: a small control area (a `syscall` instruction and scratch memory) is mapped
+//!    where the image has nothing, the kernel's [vdso]/[vvar] pages are set aside, and every
+//!    other mapping of the fork is unmapped.
+//! 4. Shape it: the image's mappings are created, its pages streamed in through
+//!    /proc/PID/mem, protections set; the [vdso]/[vvar] pages moved to the image's addresses;
+//!    mm fields, cwd/umask/limits, fds, signals and thread state set, credentials last.
+//! 5. Let it go: the control area is unmapped (the last injected call), the registers, XSAVE
+//!    area and blocked mask are set, and ptrace detaches. The process continues where it was
+//!    captured.
+//!
+//! Any failure before step 5 kills the half-made process (PTRACE_O_EXITKILL covers our own
+//! death too): nothing half-restored ever runs.
+
+use std::io::Read;
+
+use anyhow::{bail, Context, Result};
+use nix::sys::ptrace as nix_ptrace;
+use nix::sys::signal::Signal;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use telefork_image::{Header, ImageReader, ProcessImage, SpecialMap, Vma, VmaKind};
+
+use crate::arch::native as arch;
+use crate::capture::ALL_SIGNALS_BLOCKED;
+use crate::inject::Injector;
+use crate::mem::PAGE;
+use crate::{creds, fds, mem, misc, mm, procfs, ptrace, signals, threads};
+
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {}
+
+#[derive(Debug, Clone)]
+pub struct Restored {
+    /// PID of the restored process (a child of the calling process).
+    pub pid: Pid,
+    /// Whether it got the PID it had at capture.
+    pub same_pid: bool,
+    pub page_bytes: u64,
+}
+
+/// Size of the control area: one page of code, the rest scratch.
+const CONTROL_LEN: u64 = 128 << 10;
+
+pub fn restore<R: Read>(input: R, _opts: &RestoreOptions) -> Result<Restored> {
+    let (mut reader, header) = ImageReader::new(input)?;
+    check_header(&header)?;
+    let img = reader.process()?;
+    check_process(&img, &header)?;
+
+    let (pid, same_pid) = spawn_stub(img.pid)?;
+    match shape(pid, &img, &mut reader) {
+        Ok(page_bytes) => Ok(Restored { pid, same_pid, page_bytes }),
+        Err(e) => {
+            ptrace::kill_quietly(pid);
+            Err(e)
+        }
+    }
+}
+
+fn check_header(h: &Header) -> Result<()> {
+    if h.arch != arch::ARCH {
+        bail!("image is for {:?}, this machine is {:?}", h.arch, arch::ARCH);
+    }
+    if h.page_size != PAGE {
+        bail!("image uses {}-byte pages, this machine {PAGE}", h.page_size);
+    }
+    arch::check_cpu(h.xfeatures)
+}
+
+fn check_process(img: &ProcessImage, h: &Header) -> Result<()> {
+    if img.threads.len() != 1 {
+        bail!("image has {} threads; only single-threaded images can be restored so far", img.threads.len());
+    }
+    mem::validate_layout(&img.vmas)?;
+    let has_vdso = img.vmas.iter().any(|v| matches!(v.kind, VmaKind::Special(SpecialMap::Vdso)));
+    let here = crate::capture::kernel_release();
+    if has_vdso && h.kernel_release != here {
+        bail!(
+            "image was made on kernel {} and this is kernel {here}: its [vdso] cannot be reused (relocating the vDSO across kernels is not supported yet)",
+            h.kernel_release
+        );
+    }
+    for v in &img.vmas {
+        if let VmaKind::File(id) = &v.kind {
+            mem::check_file(id, "mapped file")?;
+        }
+    }
+    Ok(())
+}
+
+/// Forks this command into a child that stops under our ptrace before running anything else.
+/// With the image's PID if free (clone3 set_tid needs CAP_CHECKPOINT_RESTORE), else any.
+fn spawn_stub(want_pid: i32) -> Result<(Pid, bool)> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct CloneArgs {
+        flags: u64,
+        pidfd: u64,
+        child_tid: u64,
+        parent_tid: u64,
+        exit_signal: u64,
+        stack: u64,
+        stack_size: u64,
+        tls: u64,
+        set_tid: u64,
+        set_tid_size: u64,
+        cgroup: u64,
+    }
+    let tid = [want_pid as libc::pid_t];
+    let mut args = CloneArgs { exit_signal: libc::SIGCHLD as u64, ..Default::default() };
+    let mut same = true;
+    if want_pid > 0 {
+        args.set_tid = tid.as_ptr() as u64;
+        args.set_tid_size = 1;
+    }
+    // SAFETY: clone3 without CLONE_VM behaves like fork(): the child gets a copy of our
+    // memory. `args` and `tid` live across the call. This program is single-threaded here.
+    let mut r = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>()) };
+    if r < 0 && want_pid > 0 {
+        // PID taken (EEXIST) or not permitted: fork semantics, a new PID.
+        same = false;
+        args.set_tid = 0;
+        args.set_tid_size = 0;
+        // SAFETY: as above.
+        r = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>()) };
+    }
+    if r < 0 {
+        return Err(std::io::Error::last_os_error()).context("creating the process to restore into (clone3)");
+    }
+    if r == 0 {
+        // The child: only raw system calls from here (we are a fork of a process that may
+        // hold locks). It stops; the parent takes over and rebuilds it from outside.
+        // SAFETY: plain system calls without memory arguments.
+        unsafe {
+            libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0);
+            libc::raise(libc::SIGSTOP);
+            libc::_exit(127);
+        }
+    }
+    let pid = Pid::from_raw(r as i32);
+    match waitpid(pid, Some(WaitPidFlag::__WALL)) {
+        Ok(WaitStatus::Stopped(_, Signal::SIGSTOP)) => {}
+        other => {
+            ptrace::kill_quietly(pid);
+            bail!("the process to restore into did not stop as expected: {other:?}");
+        }
+    }
+    let opts = nix_ptrace::Options::PTRACE_O_TRACESYSGOOD | nix_ptrace::Options::PTRACE_O_EXITKILL;
+    if let Err(e) = nix_ptrace::setoptions(pid, opts) {
+        ptrace::kill_quietly(pid);
+        return Err(e).context("PTRACE_SETOPTIONS on the process to restore into");
+    }
+    Ok((pid, same && want_pid > 0))
+}
+
+fn shape<R: Read>(pid: Pid, img: &ProcessImage, reader: &mut ImageReader<R>) -> Result<u64> {
+    ptrace::set_sigmask(pid, ALL_SIGNALS_BLOCKED)?;
+    let mut inj = Injector::new(pid, arch::own_syscall_insn())?;
+
+    // The fork inherited this command's rseq registration; its area is about to vanish.
+    if let Some(r) = ptrace::rseq_config(pid)? {
+        const RSEQ_FLAG_UNREGISTER: u64 = 1;
+        inj.syscall(
+            libc::SYS_rseq,
+            &[r.abi_pointer, r.abi_size as u64, RSEQ_FLAG_UNREGISTER, r.signature as u64],
+            "unregistering the inherited rseq area",
+        )?;
+    }
+
+    // 3. Empty it.
+    let stub_maps = procfs::read_maps(pid)?;
+    let specials = stub_specials(&stub_maps);
+    let special_total: u64 = specials.iter().map(|(_, s, e)| e - s).sum();
+    let control = free_area(&img.vmas, &stub_maps, &[], CONTROL_LEN)?;
+    let parking = free_area(&img.vmas, &stub_maps, &[(control, control + CONTROL_LEN)], special_total.max(PAGE))?;
+    inj.syscall(
+        libc::SYS_mmap,
+        &[
+            control,
+            CONTROL_LEN,
+            (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64,
+            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64,
+            u64::MAX,
+            0,
+        ],
+        "mapping the control area",
+    )?;
+    inj.write_mem(control, &arch::SYSCALL_INSN)?;
+    inj.set_syscall_ip(control);
+    inj.set_scratch(control + PAGE, CONTROL_LEN - PAGE);
+
+    // Park the kernel's special pages, then unmap everything else of the fork.
+    let mut parked = Vec::new();
+    let mut at = parking;
+    for (kind, s, e) in &specials {
+        move_mapping(&mut inj, *s, e - s, at)?;
+        parked.push((*kind, at, e - s));
+        at += e - s;
+    }
+    for m in procfs::read_maps(pid)? {
+        let ours = (m.start >= control && m.end <= control + CONTROL_LEN) || (m.start >= parking && m.end <= at);
+        if ours || m.name == "[vsyscall]" {
+            continue;
+        }
+        inj.syscall(libc::SYS_munmap, &[m.start, m.end - m.start], format_args!("unmapping {:#x}-{:#x} of the fork", m.start, m.end))?;
+    }
+
+    // 4. Shape it.
+    for (kind, at, len) in &parked {
+        match img.vmas.iter().find(|v| v.kind == VmaKind::Special(*kind)) {
+            Some(v) if v.end - v.start == *len => move_mapping(&mut inj, *at, *len, v.start)?,
+            Some(v) => bail!(
+                "the image's {kind:?} is {} bytes, this kernel's is {len}: not the same kernel build",
+                v.end - v.start
+            ),
+            None => {
+                inj.syscall(libc::SYS_munmap, &[*at, *len], "unmapping an unused kernel special mapping")?;
+            }
+        }
+    }
+    for v in &img.vmas {
+        if let VmaKind::Special(k) = v.kind {
+            if k != SpecialMap::Vsyscall && !parked.iter().any(|(pk, _, _)| *pk == k) {
+                bail!("the image uses {k:?}, which this kernel does not provide");
+            }
+        }
+    }
+    mem::create_mappings(&mut inj, &img.vmas)?;
+    let mut page_bytes = 0u64;
+    while let Some(run) = reader.next_pages()? {
+        mem::check_page_run(&img.vmas, run.addr, run.data.len() as u64)?;
+        inj.write_mem(run.addr, run.data)?;
+        page_bytes += run.data.len() as u64;
+    }
+    mem::finish(&mut inj, &img.vmas)?;
+    mm::restore(&mut inj, &img.mm)?;
+    misc::restore(&mut inj, &img.misc, &img.comm)?;
+    fds::restore(&mut inj, &img.fds)?;
+    signals::restore_process(&mut inj, img)?;
+    let thread = &img.threads[0];
+    threads::restore(&mut inj, thread, pid)?;
+    creds::restore(&mut inj, &img.creds)?;
+
+    // 5. Let it go. The munmap of the control area is the last injected call: it returns to
+    // the syscall-exit stop, where the image's registers replace ours.
+    inj.syscall(libc::SYS_munmap, &[control, CONTROL_LEN], "unmapping the control area")?;
+    arch::restore(pid, &thread.cpu)?;
+    ptrace::set_sigmask(pid, thread.sigmask)?;
+    nix_ptrace::detach(pid, None).context("detaching from the restored process")?;
+    Ok(page_bytes)
+}
+
+/// The fork's [vdso], [vvar], [vvar_vclock] mappings.
+fn stub_specials(maps: &[procfs::MapsEntry]) -> Vec<(SpecialMap, u64, u64)> {
+    maps.iter()
+        .filter_map(|m| {
+            let k = match m.name.as_str() {
+                "[vdso]" => SpecialMap::Vdso,
+                "[vvar]" => SpecialMap::Vvar,
+                "[vvar_vclock]" => SpecialMap::VvarVclock,
+                _ => return None,
+            };
+            Some((k, m.start, m.end))
+        })
+        .collect()
+}
+
+fn move_mapping(inj: &mut Injector, from: u64, len: u64, to: u64) -> Result<()> {
+    if from == to {
+        return Ok(());
+    }
+    let got = inj.syscall(
+        libc::SYS_mremap,
+        &[from, len, len, (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64, to],
+        format_args!("moving {from:#x}-{:#x} to {to:#x}", from + len),
+    )?;
+    if got != to {
+        bail!("moving {from:#x} landed at {got:#x} instead of {to:#x}");
+    }
+    Ok(())
+}
+
+/// An address range of `len` bytes free in the image, in the fork, and apart from `taken`.
+fn free_area(vmas: &[Vma], stub: &[procfs::MapsEntry], taken: &[(u64, u64)], len: u64) -> Result<u64> {
+    let busy: Vec<(u64, u64)> = vmas
+        .iter()
+        .map(|v| (v.start, v.end))
+        .chain(stub.iter().map(|m| (m.start, m.end)))
+        .chain(taken.iter().copied())
+        .collect();
+    let guard = 1 << 20; // keep away from neighbours (stack guard gaps)
+    let mut cand = 1u64 << 32;
+    while cand + len < 0x7f00_0000_0000 {
+        let end = cand + len;
+        if busy.iter().all(|(s, e)| end + guard <= *s || cand >= e + guard) {
+            return Ok(cand);
+        }
+        cand += 1 << 30;
+    }
+    bail!("no free address range of {len} bytes for the restore's control area")
+}
