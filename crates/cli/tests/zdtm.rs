@@ -1,0 +1,890 @@
+//! zdtm-style tests: each target program in `tests/zdtm/` owns one kind of state. The runner
+//! starts it, waits for `READY`, runs `telefork dump` (which kills it), starts
+//! `telefork restore`, creates the go file, and asserts the restored process printed `PASS`
+//! and exited 0 (see `tests/zdtm/README.md`). One `#[test]` per target.
+//!
+//! Every process a test starts is killed by PID on every exit path (a `Guard` also kills any
+//! process whose environment carries this run's unique `ZDTM_GO`, which is how a restored
+//! target is recognised). Images live in temporary directories that are removed.
+
+use std::ffi::OsString;
+use std::fs;
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+const TELEFORK: &str = env!("CARGO_BIN_EXE_telefork");
+
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+const DUMP_TIMEOUT: Duration = Duration::from_secs(120);
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(120);
+const BIG_TIMEOUT: Duration = Duration::from_secs(400);
+
+/// Tests that move a lot of memory run one at a time.
+static HEAVY: Mutex<()> = Mutex::new(());
+
+// ---------------------------------------------------------------------------------------------
+// paths, temp dirs, building targets
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+fn zdtm_src() -> PathBuf {
+    repo_root().join("tests/zdtm")
+}
+
+fn build_dir() -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("zdtm");
+    fs::create_dir_all(&d).unwrap();
+    d
+}
+
+static UNIQUE: AtomicU64 = AtomicU64::new(0);
+
+fn unique(name: &str) -> String {
+    let n = UNIQUE.fetch_add(1, Ordering::SeqCst);
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!("{name}-{}-{n}-{}", std::process::id(), t % 1_000_000_000)
+}
+
+/// A directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let p = build_dir().join(format!("run-{}", unique(name)));
+        fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Compiles `tests/zdtm/<src>` with gcc into `<build>/<out>` (a name per test, so a test's
+/// processes are recognisable by their executable).
+fn compile_c(src: &str, out: &str, extra: &[&str]) -> PathBuf {
+    let dst = build_dir().join(out);
+    let tmp = build_dir().join(format!(".{}", unique(out)));
+    let res = Command::new("gcc")
+        .args(["-O1", "-g", "-Wall", "-Wextra", "-Wno-format-truncation", "-pthread"])
+        .args(extra)
+        .arg("-o")
+        .arg(&tmp)
+        .arg(zdtm_src().join(src))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run gcc ({e}); run scripts/setup.sh"));
+    assert!(
+        res.status.success(),
+        "gcc failed on {src}:\n{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    fs::rename(&tmp, &dst).unwrap();
+    dst
+}
+
+fn build_rust_target() -> PathBuf {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let tdir = build_dir().join("rust-target");
+    let res = Command::new(cargo)
+        .args(["build", "--release", "--quiet", "--manifest-path"])
+        .arg(zdtm_src().join("rust-target/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&tdir)
+        .env_remove("RUSTFLAGS")
+        .output()
+        .expect("cannot run cargo");
+    assert!(
+        res.status.success(),
+        "building tests/zdtm/rust-target failed:\n{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    tdir.join("release/zdtm-rust-target")
+}
+
+fn warn_if_not_root() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "zdtm: NOTE: not running as root; telefork needs ptrace and prctl(PR_SET_MM) \
+             (root, or CAP_SYS_PTRACE + CAP_CHECKPOINT_RESTORE): failures below may be that"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// processes
+
+fn proc_starttime(pid: i32) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    // fields from 3 on; starttime is field 22
+    rest.split(' ').nth(22 - 3)?.parse().ok()
+}
+
+fn proc_state(pid: i32) -> Option<char> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s[s.rfind(')')? + 2..].chars().next()
+}
+
+fn proc_ppid(pid: i32) -> Option<i32> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s[s.rfind(')')? + 2..].split(' ').nth(1)?.parse().ok()
+}
+
+fn tracer_pid(pid: i32) -> Option<i32> {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find_map(|l| l.strip_prefix("TracerPid:")).and_then(|v| v.trim().parse().ok())
+}
+
+fn all_pids() -> Vec<i32> {
+    fs::read_dir("/proc")
+        .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// All live descendants of `pid` (children first found, then theirs).
+fn descendants(pid: i32) -> Vec<i32> {
+    let pairs: Vec<(i32, i32)> = all_pids().into_iter().filter_map(|p| Some((p, proc_ppid(p)?))).collect();
+    let mut out = vec![];
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        for &(c, pp) in &pairs {
+            if pp == p && !out.contains(&c) {
+                out.push(c);
+                todo.push(c);
+            }
+        }
+    }
+    out
+}
+
+/// PIDs of processes whose environment holds `marker` (this run's `ZDTM_GO=...`).
+fn pids_with_env(marker: &[u8]) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    all_pids()
+        .into_iter()
+        .filter(|&p| p != me)
+        .filter(|&p| {
+            fs::read(format!("/proc/{p}/environ"))
+                .map(|e| e.split(|&b| b == 0).any(|kv| kv == marker))
+                .unwrap_or(false)
+        })
+        .filter(|&p| proc_state(p) != Some('Z'))
+        .collect()
+}
+
+fn kill_pid(pid: i32) {
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+}
+
+/// Kills, on drop, every process this test started that is still there: tracked PIDs (only if
+/// still the same process, by start time), their descendants, and any process whose environment
+/// carries the run's `ZDTM_GO` marker (the target and its restored self).
+struct Guard {
+    tracked: Mutex<Vec<(i32, u64)>>,
+    marker: Vec<u8>,
+}
+
+impl Guard {
+    fn new(marker: Vec<u8>) -> Guard {
+        Guard { tracked: Mutex::new(vec![]), marker }
+    }
+    fn track(&self, pid: i32) {
+        if let Some(st) = proc_starttime(pid) {
+            self.tracked.lock().unwrap().push((pid, st));
+        }
+    }
+    fn kill_all(&self) {
+        for _ in 0..3 {
+            let mut victims = vec![];
+            for &(pid, st) in self.tracked.lock().unwrap().iter() {
+                if proc_starttime(pid) == Some(st) && proc_state(pid) != Some('Z') {
+                    victims.extend(descendants(pid));
+                    victims.push(pid);
+                }
+            }
+            victims.extend(pids_with_env(&self.marker));
+            if victims.is_empty() {
+                return;
+            }
+            for p in victims {
+                kill_pid(p);
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
+}
+
+/// A child with its stdout read line by line and its stderr collected, in threads.
+struct Proc {
+    child: Child,
+    pid: i32,
+    lines: Receiver<String>,
+    stdout: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<String>>,
+    status: Option<ExitStatus>,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command, guard: &Guard) -> Proc {
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let pid = child.id() as i32;
+        guard.track(pid);
+        let out = child.stdout.take().unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let (tx, rx) = channel();
+        let stdout = Arc::new(Mutex::new(vec![]));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let so = stdout.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                so.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        let se = stderr.clone();
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                se.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Proc { child, pid, lines: rx, stdout, stderr, status: None }
+    }
+
+    /// Waits for a stdout line satisfying `pred`; None on timeout or end of output.
+    fn wait_line(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+        let end = Instant::now() + timeout;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if pred(&l) => return Some(l),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+
+    fn try_wait(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().unwrap();
+        }
+        self.status
+    }
+
+    /// Waits for exit; on timeout kills it (and its descendants) and returns None.
+    fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Some(s) = self.try_wait() {
+                return Some(s);
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        self.kill();
+        None
+    }
+
+    fn kill(&mut self) {
+        if self.try_wait().is_none() {
+            for d in descendants(self.pid) {
+                kill_pid(d);
+            }
+            let _ = self.child.kill();
+            self.status = self.child.wait().ok();
+        }
+    }
+
+    fn stdout_lines(&self) -> Vec<String> {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    /// Output so far, for messages; waits a moment for the reader threads to drain.
+    fn report(&self) -> String {
+        thread::sleep(Duration::from_millis(100));
+        format!(
+            "--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.stdout_lines().join("\n"),
+            self.stderr.lock().unwrap()
+        )
+    }
+}
+
+/// Runs a command to completion with a timeout; returns (status, stdout, stderr).
+fn run_cmd(args: &[&str], timeout: Duration, guard: &Guard) -> (ExitStatus, String, String) {
+    let mut cmd = Command::new(args[0]);
+    cmd.args(&args[1..]);
+    let mut p = Proc::spawn(cmd, guard);
+    let st = p.wait_timeout(timeout);
+    let (out, err) = drain(&p);
+    match st {
+        Some(st) => (st, out, err),
+        None => panic!("{args:?} did not finish within {timeout:?} (killed)\nstdout:\n{out}\nstderr:\n{err}"),
+    }
+}
+
+/// Stdout and stderr of an exited process, once its reader threads are done (bounded wait).
+fn drain(p: &Proc) -> (String, String) {
+    let end = Instant::now() + Duration::from_secs(2);
+    let busy = || Arc::strong_count(&p.stdout) > 1 || Arc::strong_count(&p.stderr) > 1;
+    while busy() && Instant::now() < end {
+        thread::sleep(Duration::from_millis(5));
+    }
+    (p.stdout_lines().join("\n"), p.stderr.lock().unwrap().clone())
+}
+
+fn describe(st: &ExitStatus) -> String {
+    match (st.code(), st.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (_, Some(s)) => format!("killed by signal {s}"),
+        _ => format!("{st:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// one zdtm run
+
+struct Run {
+    name: String,
+    dir: TempDir,
+    go: PathBuf,
+    img: PathBuf,
+    guard: Guard,
+    target: Option<Proc>,
+    exe: PathBuf,
+}
+
+impl Run {
+    fn new(name: &str, exe: PathBuf) -> Run {
+        warn_if_not_root();
+        let dir = TempDir::new(name);
+        let go = dir.path().join("go");
+        let img = dir.path().join("image.img");
+        let mut marker = b"ZDTM_GO=".to_vec();
+        marker.extend_from_slice(go.as_os_str().as_encoded_bytes());
+        Run { name: name.into(), dir, go, img, guard: Guard::new(marker), target: None, exe }
+    }
+
+    /// Starts the target (`argv` after the executable) and waits for READY. Returns false if
+    /// the target said `SKIP: ...` (printed to stderr by the caller's test as a clear message).
+    fn start(&mut self, args: &[OsString]) -> bool {
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(args)
+            .env("ZDTM_GO", &self.go)
+            .env("ZDTM_TMP", self.dir.path())
+            .current_dir(self.dir.path());
+        let mut t = Proc::spawn(cmd, &self.guard);
+        let first = t.wait_line(READY_TIMEOUT, |l| l == "READY" || l.starts_with("SKIP") || l.starts_with("FAIL"));
+        match first.as_deref() {
+            Some("READY") => {
+                self.target = Some(t);
+                true
+            }
+            Some(l) if l.starts_with("SKIP") => {
+                eprintln!("zdtm {}: SKIPPED — the target says: {l}", self.name);
+                t.wait_timeout(Duration::from_secs(5));
+                false
+            }
+            _ => {
+                t.kill();
+                panic!("{}: target did not print READY within {READY_TIMEOUT:?}\n{}", self.name, t.report());
+            }
+        }
+    }
+
+    fn target(&mut self) -> &mut Proc {
+        self.target.as_mut().expect("target not started")
+    }
+
+    fn target_pid(&self) -> i32 {
+        self.target.as_ref().unwrap().pid
+    }
+
+    /// `telefork dump` (extra args appended); returns (status, stderr).
+    fn dump_raw(&mut self, extra: &[&str], timeout: Duration) -> (ExitStatus, String) {
+        let pid = self.target_pid().to_string();
+        let img = self.img.to_str().unwrap().to_string();
+        let mut args = vec![TELEFORK, "dump", "--pid", &pid, "--out", &img];
+        args.extend_from_slice(extra);
+        let t0 = Instant::now();
+        let (st, _out, err) = run_cmd(&args, timeout, &self.guard);
+        eprintln!(
+            "zdtm {}: dump took {:.3} s, image {} bytes",
+            self.name,
+            t0.elapsed().as_secs_f64(),
+            fs::metadata(&self.img).map(|m| m.len()).unwrap_or(0)
+        );
+        (st, err)
+    }
+
+    /// Dumps and checks the contract: success, and the target is gone (reaped, so its PID is
+    /// free for the restore).
+    fn dump(&mut self, timeout: Duration) {
+        let (st, err) = self.dump_raw(&[], timeout);
+        if !st.success() {
+            let rep = self.target().report();
+            panic!("{}: telefork dump failed ({}):\n{err}\ntarget output:\n{rep}", self.name, describe(&st));
+        }
+        let name = self.name.clone();
+        let t = self.target();
+        match t.wait_timeout(Duration::from_secs(10)) {
+            Some(_) => {}
+            None => panic!("{name}: `telefork dump` without --leave-running left the target running (killed it)"),
+        }
+    }
+
+    /// Starts `telefork restore IMG [extra]`, then creates the go file.
+    fn start_restore(&mut self, extra: &[&str]) -> Proc {
+        let mut cmd = Command::new(TELEFORK);
+        cmd.arg("restore").arg(&self.img).args(extra);
+        let p = Proc::spawn(cmd, &self.guard);
+        fs::write(&self.go, b"go").unwrap();
+        p
+    }
+
+    /// Restores (without --detach), waits with a timeout, and asserts PASS + exit 0.
+    fn restore_and_check(&mut self, timeout: Duration) -> Vec<String> {
+        let t0 = Instant::now();
+        let mut r = self.start_restore(&[]);
+        let st = r.wait_timeout(timeout);
+        let (out, err) = drain(&r);
+        let Some(st) = st else {
+            panic!("{}: telefork restore hung for {timeout:?} (killed)\nstdout:\n{out}\nstderr:\n{err}", self.name)
+        };
+        eprintln!("zdtm {}: restore + check took {:.3} s", self.name, t0.elapsed().as_secs_f64());
+        let lines = r.stdout_lines();
+        let fail = lines.iter().find(|l| l.starts_with("FAIL"));
+        if let Some(f) = fail {
+            panic!("{}: the restored target says: {f}\n({})\nstderr:\n{err}", self.name, describe(&st));
+        }
+        assert!(
+            lines.iter().any(|l| l == "PASS") && st.success(),
+            "{}: restored target did not PASS ({}).\nstdout:\n{out}\nstderr:\n{err}",
+            self.name,
+            describe(&st)
+        );
+        lines
+    }
+
+    /// Asserts nothing of this run is left: no process carries its ZDTM_GO.
+    fn assert_nothing_left(&self, what: &str) {
+        thread::sleep(Duration::from_millis(200));
+        let left = pids_with_env(&self.guard.marker);
+        assert!(left.is_empty(), "{}: {what}: processes left behind: {left:?}", self.name);
+    }
+
+    fn image_len(&self) -> u64 {
+        fs::metadata(&self.img).map(|m| m.len()).unwrap_or(0)
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        // kill before the temp dir goes away
+        self.guard.kill_all();
+        if let Some(t) = self.target.as_mut() {
+            t.kill();
+        }
+    }
+}
+
+/// The standard test: build, start, dump, restore, PASS.
+fn zdtm(name: &str, exe: PathBuf, args: &[&str]) {
+    zdtm_with(name, exe, args, DUMP_TIMEOUT, RESTORE_TIMEOUT, |_| {});
+}
+
+fn zdtm_with(
+    name: &str,
+    exe: PathBuf,
+    args: &[&str],
+    dump_timeout: Duration,
+    restore_timeout: Duration,
+    after_dump: impl FnOnce(&Run),
+) {
+    let mut run = Run::new(name, exe);
+    let args: Vec<OsString> = args.iter().map(|a| a.into()).collect();
+    if !run.start(&args) {
+        return;
+    }
+    run.dump(dump_timeout);
+    after_dump(&run);
+    run.restore_and_check(restore_timeout);
+}
+
+fn c_test(name: &str) {
+    let exe = compile_c(&format!("{name}.c"), name, &[]);
+    zdtm(name, exe, &[]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// state targets
+
+#[test]
+fn anon_memory() {
+    c_test("anon_memory");
+}
+
+#[test]
+fn file_mappings() {
+    c_test("file_mappings");
+}
+
+#[test]
+fn heap_brk() {
+    c_test("heap_brk");
+}
+
+#[test]
+fn stack() {
+    c_test("stack");
+}
+
+#[test]
+fn vdso() {
+    c_test("vdso");
+}
+
+#[test]
+fn sparse() {
+    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let exe = compile_c("sparse.c", "sparse", &[]);
+    zdtm_with("sparse", exe, &[], DUMP_TIMEOUT, RESTORE_TIMEOUT, |run| {
+        let len = run.image_len();
+        assert!(len < 20 << 20, "sparse: image is {len} bytes for 10 MiB touched in 64 GiB (limit 20 MiB)");
+    });
+}
+
+#[test]
+fn fpu_xstate() {
+    let exe = compile_c("fpu_xstate.c", "fpu_xstate", &["-mavx512f", "-mavx512bw"]);
+    zdtm("fpu_xstate", exe, &[]);
+}
+
+#[test]
+fn mm_fields() {
+    let exe = compile_c("mm_fields.c", "mm_fields", &[]);
+    zdtm("mm_fields", exe, &["first-arg", "second arg with spaces", "", "último"]);
+}
+
+#[test]
+fn signals() {
+    c_test("signals");
+}
+
+#[test]
+fn identity() {
+    c_test("identity");
+}
+
+#[test]
+fn misc() {
+    c_test("misc");
+}
+
+#[test]
+fn fds() {
+    c_test("fds");
+}
+
+#[test]
+fn big_1g() {
+    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let exe = compile_c("big_1g.c", "big_1g", &[]);
+    zdtm_with("big_1g", exe, &[], BIG_TIMEOUT, BIG_TIMEOUT, |run| {
+        let len = run.image_len();
+        assert!(len >= 1 << 30, "big_1g: image is {len} bytes, less than the 1 GiB written");
+    });
+}
+
+#[test]
+fn rust_target() {
+    let exe = build_rust_target();
+    zdtm("rust_target", exe, &[]);
+}
+
+fn count_of(line: &str) -> Option<u64> {
+    line.strip_prefix("COUNT ")?.split(' ').next()?.parse().ok()
+}
+
+#[test]
+fn python3() {
+    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let py = match Command::new("python3").arg("-c").arg("import sys; print(sys.executable)").output() {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        _ => panic!("python3: python3 is not installed; run scripts/setup.sh"),
+    };
+    let mut run = Run::new("python3", PathBuf::from(&py));
+    let script = zdtm_src().join("python_target.py");
+    if !run.start(&[script.into_os_string()]) {
+        return;
+    }
+    // capture in the middle of counting
+    let t = run.target();
+    assert!(
+        t.wait_line(READY_TIMEOUT, |l| count_of(l).is_some_and(|n| n >= 30)).is_some(),
+        "python3: the target did not count to 30\n{}",
+        t.report()
+    );
+    run.dump(DUMP_TIMEOUT);
+    let before: Vec<u64> = run.target().stdout_lines().iter().filter_map(|l| count_of(l)).collect();
+    let last_before = *before.last().unwrap();
+
+    // Here the go file is created only once the restored process has printed a COUNT line, so
+    // the test sees it carrying on.
+    let mut cmd = Command::new(TELEFORK);
+    cmd.arg("restore").arg(&run.img);
+    let mut r = Proc::spawn(cmd, &run.guard);
+    let first = r.wait_line(RESTORE_TIMEOUT, |l| count_of(l).is_some() || l.starts_with("FAIL"));
+    fs::write(&run.go, b"go").unwrap();
+    let st = r.wait_timeout(RESTORE_TIMEOUT);
+    let (out, err) = drain(&r);
+    let st = st.unwrap_or_else(|| panic!("python3: telefork restore hung (killed)\n{out}\n{err}"));
+    let first = first.unwrap_or_else(|| panic!("python3: restored process printed no COUNT\n{out}\n{err}"));
+    let first_n = count_of(&first).unwrap_or_else(|| panic!("python3: {first}"));
+    assert!(
+        first_n > last_before,
+        "python3: counting restarted: last COUNT before capture {last_before}, first after restore {first_n}"
+    );
+    let lines = r.stdout_lines();
+    if let Some(f) = lines.iter().find(|l| l.starts_with("FAIL")) {
+        panic!("python3: the restored target says: {f}\nstderr:\n{err}");
+    }
+    assert!(
+        lines.iter().any(|l| l == "PASS") && st.success(),
+        "python3: restored target did not PASS ({})\nstdout:\n{out}\nstderr:\n{err}",
+        describe(&st)
+    );
+    eprintln!("zdtm python3: counted to {last_before} before capture, continued at {first_n}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// refusals
+
+/// True if `s` names the number `n` as a number of its own (not inside a larger number).
+fn names_number(s: &str, n: u32) -> bool {
+    let n = n.to_string();
+    s.match_indices(&n).any(|(i, _)| {
+        let before = s[..i].chars().next_back();
+        let after = s[i + n.len()..].chars().next();
+        !before.is_some_and(|c| c.is_ascii_digit()) && !after.is_some_and(|c| c.is_ascii_digit())
+    })
+}
+
+fn refuse_fd(kind: &str) {
+    let name = format!("refuse_{kind}");
+    let exe = compile_c("refuse_fd.c", &name, &[]);
+    let mut run = Run::new(&name, exe);
+    assert!(run.start(&[kind.into()]));
+    let (st, err) = run.dump_raw(&[], DUMP_TIMEOUT);
+    assert!(!st.success(), "{name}: telefork dump accepted a process holding a {kind} on fd 5");
+    let low = err.to_lowercase();
+    assert!(
+        low.contains(kind) && names_number(&low, 5),
+        "{name}: the error must name fd 5 and its kind ({kind}); it was:\n{err}"
+    );
+    // the target must be alive, running, and no longer traced
+    let pid = run.target_pid();
+    thread::sleep(Duration::from_millis(100));
+    let t = run.target();
+    if let Some(s) = t.try_wait() {
+        panic!("{name}: the refused dump killed the target ({})", describe(&s));
+    }
+    let state = proc_state(pid);
+    assert!(
+        matches!(state, Some('S') | Some('R')),
+        "{name}: after the refused dump the target is in state {state:?} (stopped or traced?)"
+    );
+    assert_eq!(tracer_pid(pid), Some(0), "{name}: the target is still traced after the refused dump");
+    // it carries on: go, and it checks its fds and passes
+    fs::write(&run.go, b"go").unwrap();
+    let t = run.target();
+    let st = t.wait_timeout(Duration::from_secs(30));
+    let rep = t.report();
+    assert!(
+        st.is_some_and(|s| s.success()) && t.stdout_lines().iter().any(|l| l == "PASS"),
+        "{name}: the target did not carry on after the refused dump\n{rep}"
+    );
+}
+
+#[test]
+fn refuse_pipe() {
+    refuse_fd("pipe");
+}
+
+#[test]
+fn refuse_socket() {
+    refuse_fd("socket");
+}
+
+/// Starts `simple` under a test-specific name and dumps it.
+fn simple_dumped(name: &str) -> Run {
+    let exe = compile_c("simple.c", name, &[]);
+    let mut run = Run::new(name, exe);
+    assert!(run.start(&[]));
+    run.dump(DUMP_TIMEOUT);
+    run
+}
+
+/// Restore must fail; its stderr is returned. Also checks nothing is left behind.
+fn restore_must_fail(run: &mut Run, what: &str) -> String {
+    let mut r = run.start_restore(&[]);
+    let st = r.wait_timeout(RESTORE_TIMEOUT);
+    let (out, err) = drain(&r);
+    let st = st.unwrap_or_else(|| panic!("{}: restore of {what} hung (killed)\n{out}\n{err}", run.name));
+    assert!(
+        !st.success() && !out.lines().any(|l| l == "PASS"),
+        "{}: telefork restore accepted {what} ({})\nstdout:\n{out}\nstderr:\n{err}",
+        run.name,
+        describe(&st)
+    );
+    assert!(!err.trim().is_empty(), "{}: restore of {what} failed without a message", run.name);
+    run.assert_nothing_left(&format!("after the failed restore of {what}"));
+    err
+}
+
+#[test]
+fn refuse_changed_file() {
+    let exe = compile_c("file_mappings.c", "refuse_changed_file", &[]);
+    let mut run = Run::new("refuse_changed_file", exe);
+    assert!(run.start(&[]));
+    run.dump(DUMP_TIMEOUT);
+    // rewrite the privately mapped file: same size, other contents, a later mtime
+    let f = run.dir.path().join("private.bin");
+    let mut data = fs::read(&f).unwrap();
+    for b in data.iter_mut() {
+        *b = !*b;
+    }
+    thread::sleep(Duration::from_millis(20));
+    fs::write(&f, &data).unwrap();
+    let err = restore_must_fail(&mut run, "an image whose privately mapped file changed");
+    assert!(
+        err.contains("private.bin"),
+        "refuse_changed_file: the error must name the changed file ({}); it was:\n{err}",
+        f.display()
+    );
+}
+
+#[test]
+fn refuse_truncated_image() {
+    let mut run = simple_dumped("refuse_truncated_image");
+    let len = run.image_len();
+    fs::OpenOptions::new().write(true).open(&run.img).unwrap().set_len(len / 2).unwrap();
+    let err = restore_must_fail(&mut run, "a truncated image");
+    assert!(err.to_lowercase().contains("truncat"), "refuse_truncated_image: message does not say truncated:\n{err}");
+}
+
+#[test]
+fn refuse_corrupt_image() {
+    let mut run = simple_dumped("refuse_corrupt_image");
+    let mut data = fs::read(&run.img).unwrap();
+    let mid = data.len() / 2;
+    data[mid] ^= 0x40;
+    fs::write(&run.img, &data).unwrap();
+    let err = restore_must_fail(&mut run, "a corrupted image");
+    let low = err.to_lowercase();
+    assert!(
+        low.contains("corrupt") || low.contains("checksum"),
+        "refuse_corrupt_image: message does not say corrupt/checksum:\n{err}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// CLI modes
+
+#[test]
+fn leave_running() {
+    let exe = compile_c("simple.c", "leave_running", &[]);
+    let mut run = Run::new("leave_running", exe);
+    assert!(run.start(&[]));
+    let (st, err) = run.dump_raw(&["--leave-running"], DUMP_TIMEOUT);
+    assert!(st.success(), "leave_running: telefork dump --leave-running failed ({}):\n{err}", describe(&st));
+    let pid = run.target_pid();
+    thread::sleep(Duration::from_millis(100));
+    if let Some(s) = run.target().try_wait() {
+        panic!("leave_running: dump --leave-running ended the target ({})", describe(&s));
+    }
+    let state = proc_state(pid);
+    assert!(matches!(state, Some('S') | Some('R')), "leave_running: original is in state {state:?} after the dump");
+    assert_eq!(tracer_pid(pid), Some(0), "leave_running: original still traced after the dump");
+    // The original carries on and passes its own check ...
+    fs::write(&run.go, b"go").unwrap();
+    let t = run.target();
+    let st = t.wait_timeout(Duration::from_secs(30));
+    let rep = t.report();
+    assert!(
+        st.is_some_and(|s| s.success()) && t.stdout_lines().iter().any(|l| l == "PASS"),
+        "leave_running: the original did not carry on after the dump\n{rep}"
+    );
+    // ... and, its PID free again, the image restores and passes too (go already exists).
+    fs::remove_file(&run.go).unwrap();
+    run.restore_and_check(RESTORE_TIMEOUT);
+}
+
+#[test]
+fn restore_detach() {
+    let run = simple_dumped("restore_detach");
+    let mut cmd = Command::new(TELEFORK);
+    cmd.arg("restore").arg(&run.img).arg("--detach");
+    let mut r = Proc::spawn(cmd, &run.guard);
+    let st = r.wait_timeout(RESTORE_TIMEOUT);
+    let st = st.unwrap_or_else(|| panic!("restore_detach: restore --detach did not return\n{}", r.report()));
+    assert!(st.success(), "restore_detach: restore --detach failed ({})\n{}", describe(&st), r.report());
+    // The restored process keeps restore's stdout open, so read what is there, not to EOF.
+    let end = Instant::now() + Duration::from_secs(5);
+    while r.stdout_lines().is_empty() && Instant::now() < end {
+        thread::sleep(Duration::from_millis(10));
+    }
+    thread::sleep(Duration::from_millis(200));
+    let lines = r.stdout_lines();
+    let last = lines.last().cloned().unwrap_or_default();
+    let pid: i32 = last
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("restore_detach: last stdout line is not a PID: {last:?}\n{}", r.report()));
+    run.guard.track(pid);
+    assert!(Path::new(&format!("/proc/{pid}")).exists(), "restore_detach: PID {pid} does not exist");
+    let exe = fs::read_link(format!("/proc/{pid}/exe")).ok();
+    assert_eq!(exe.as_deref(), Some(run.exe.as_path()), "restore_detach: PID {pid} is not the restored target");
+    fs::write(&run.go, b"go").unwrap();
+    let got = r.wait_line(RESTORE_TIMEOUT, |l| l == "PASS" || l.starts_with("FAIL"));
+    assert_eq!(got.as_deref(), Some("PASS"), "restore_detach: the detached process did not PASS\n{}", r.report());
+    let end = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < end && !matches!(proc_state(pid), None | Some('Z')) {
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert!(matches!(proc_state(pid), None | Some('Z')), "restore_detach: PID {pid} did not exit after PASS");
+}
+
+#[test]
+fn names_number_works() {
+    assert!(names_number("fd 5 is a pipe", 5));
+    assert!(names_number("fd=5", 5));
+    assert!(!names_number("fd 15", 5));
+    assert!(!names_number("fd 51", 5));
+}
