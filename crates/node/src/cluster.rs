@@ -1,0 +1,1 @@
+//! Cluster CA and node certificates (to be written).

@@ -1,0 +1,1 @@
+//! The node configuration file (to be written).

@@ -1,0 +1,1 @@
+//! The telefork library (to be written).
