@@ -10,7 +10,7 @@
 use std::ffi::OsString;
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -249,6 +249,15 @@ struct Proc {
 impl Proc {
     fn spawn(mut cmd: Command, guard: &Guard) -> Proc {
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        // Only fds 0-2 go through exec: whatever the test harness inherited (a jobserver pipe,
+        // a terminal's extra fds) is not the target's state. CLOSE_RANGE_CLOEXEC keeps std's
+        // own exec-error pipe working.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+                Ok(())
+            });
+        }
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
         let pid = child.id() as i32;
         guard.track(pid);
@@ -479,8 +488,9 @@ impl Run {
         };
         eprintln!("zdtm {}: restore + check took {:.3} s", self.name, t0.elapsed().as_secs_f64());
         let lines = r.stdout_lines();
-        let fail = lines.iter().find(|l| l.starts_with("FAIL"));
-        if let Some(f) = fail {
+        if let Some(i) = lines.iter().position(|l| l.starts_with("FAIL")) {
+            // a FAIL message may go on over several lines
+            let f = lines[i..].join("\n");
             panic!("{}: the restored target says: {f}\n({})\nstderr:\n{err}", self.name, describe(&st));
         }
         assert!(
