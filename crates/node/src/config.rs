@@ -1,1 +1,160 @@
-//! The node configuration file (to be written).
+//! The node configuration: one TOML file per node (`/etc/telefork/node.toml` by default).
+//!
+//! ```toml
+//! node = "node1"                          # this node's name (= its certificate's name)
+//! listen = "10.77.0.1:7077"               # where other nodes connect (mutual TLS)
+//! socket = "/run/telefork/daemon.sock"    # where local programs connect
+//! state_dir = "/var/lib/telefork"         # scratch for images in flight
+//!
+//! [tls]
+//! ca = "/etc/telefork/ca.pem"
+//! cert = "/etc/telefork/node1.pem"
+//! key = "/etc/telefork/node1.key"
+//!
+//! [limits]
+//! max_image_bytes = 17179869184           # largest image accepted (default 16 GiB)
+//! max_restores_per_user = 16              # concurrent restored children per user
+//! allow_root = false                      # run children of uid 0 here?
+//!
+//! [[peers]]
+//! name = "node2"
+//! addr = "10.77.0.2:7077"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_CONFIG: &str = "/etc/telefork/node.toml";
+pub const DEFAULT_SOCKET: &str = "/run/telefork/daemon.sock";
+/// Environment variable a program can set to reach its node's daemon elsewhere.
+pub const SOCKET_ENV: &str = "TELEFORK_SOCKET";
+pub const DEFAULT_PORT: u16 = 7077;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node: String,
+    pub listen: SocketAddr,
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    pub tls: TlsFiles,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub peers: Vec<Peer>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_image_bytes: u64,
+    pub max_restores_per_user: u32,
+    pub allow_root: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_image_bytes: 16 << 30, max_restores_per_user: 16, allow_root: false }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    pub name: String,
+    pub addr: SocketAddr,
+}
+
+fn default_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_SOCKET)
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/telefork")
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        let c: Config = toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+        c.validate().with_context(|| format!("in config {}", path.display()))?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if !valid_node_name(&self.node) {
+            bail!("node name {:?} must be 1-63 letters, digits or '-'", self.node);
+        }
+        for p in &self.peers {
+            if !valid_node_name(&p.name) {
+                bail!("peer name {:?} must be 1-63 letters, digits or '-'", p.name);
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves a destination: a peer's name, or host:port (whose certificate must then carry
+    /// the host as its name).
+    pub fn resolve(&self, dest: &str) -> Result<(String, SocketAddr)> {
+        if let Some(p) = self.peers.iter().find(|p| p.name == dest) {
+            return Ok((p.name.clone(), p.addr));
+        }
+        if dest == self.node {
+            return Ok((self.node.clone(), self.listen));
+        }
+        if let Ok(addr) = dest.parse::<SocketAddr>() {
+            let name = self.peers.iter().find(|p| p.addr == addr).map(|p| p.name.clone()).unwrap_or_else(|| addr.ip().to_string());
+            return Ok((name, addr));
+        }
+        bail!("unknown destination {dest:?}: not a node of this cluster's config and not an address host:port")
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+pub fn valid_node_name(n: &str) -> bool {
+    !n.is_empty() && n.len() <= 63 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_and_resolve() {
+        let c: Config = toml::from_str(
+            r#"node = "node1"
+listen = "10.0.0.1:7077"
+[tls]
+ca = "/c"
+cert = "/n"
+key = "/k"
+[[peers]]
+name = "node2"
+addr = "10.0.0.2:7077"
+"#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.limits.max_restores_per_user, 16);
+        assert_eq!(c.resolve("node2").unwrap().1.port(), 7077);
+        assert_eq!(c.resolve("10.0.0.2:7077").unwrap().0, "node2");
+        assert!(c.resolve("nowhere").is_err());
+        assert!(toml::from_str::<Config>("node = \"x\"\nbogus = 1").is_err());
+    }
+}
