@@ -243,6 +243,25 @@ pub fn restore(inj: &mut Injector, fds: &[Fd]) -> Result<()> {
         }
     }
 
+    // The image's RLIMIT_NOFILE is already in place (misc runs first), and a process may
+    // have lowered its soft limit below fds it already had open: lift the soft limit while
+    // placing the fds, and put it back after.
+    let max_fd = fds.iter().map(|f| f.fd as u64).max().unwrap_or(0);
+    let lim = inj.alloc_zeroed(16)?;
+    inj.syscall(libc::SYS_prlimit64, &[0, libc::RLIMIT_NOFILE as u64, 0, lim], "reading RLIMIT_NOFILE: prlimit64")?;
+    let mut b = [0u8; 16];
+    inj.read_mem(lim, &mut b)?;
+    let soft = u64::from_ne_bytes(b[..8].try_into().expect("8 bytes"));
+    let hard = u64::from_ne_bytes(b[8..].try_into().expect("8 bytes"));
+    if max_fd >= hard {
+        bail!("restoring fd {max_fd}: the restored process's hard RLIMIT_NOFILE is {hard}, below the fd number");
+    }
+    let lifted = max_fd >= soft;
+    if lifted {
+        inj.write_mem(lim, &[(max_fd + 1).to_ne_bytes(), hard.to_ne_bytes()].concat())?;
+        inj.syscall(libc::SYS_prlimit64, &[0, libc::RLIMIT_NOFILE as u64, lim, 0], "raising the soft RLIMIT_NOFILE for the fds: prlimit64")?;
+    }
+
     // Group by open file description; the group's first fd carries the kind.
     let mut groups: BTreeMap<u32, Vec<&Fd>> = BTreeMap::new();
     for f in fds {
@@ -255,10 +274,15 @@ pub fn restore(inj: &mut Injector, fds: &[Fd]) -> Result<()> {
                 bail!("image: fds {} and {} share an open file but differ in kind", first.fd, m.fd);
             }
         }
+        inj.reset_scratch(); // each group stages its own path: keep the scratch use bounded
         match &first.kind {
             FdKind::InheritedStdio => stdio::restore(inj, members)?,
             FdKind::Path { .. } => path::restore(inj, members)?,
         }
+    }
+    if lifted {
+        let lim = inj.stage(&[soft.to_ne_bytes(), hard.to_ne_bytes()].concat())?;
+        inj.syscall(libc::SYS_prlimit64, &[0, libc::RLIMIT_NOFILE as u64, lim, 0], "putting back the soft RLIMIT_NOFILE: prlimit64")?;
     }
     Ok(())
 }

@@ -118,7 +118,7 @@ pub fn restore(inj: &mut Injector, members: &[&Fd]) -> Result<()> {
             inj.syscall(libc::SYS_fcntl, &[tmp, libc::F_SETFD as u64, fl as u64], format!("restoring fd {} ({}): fcntl(F_SETFD)", m.fd, id.path))?;
         } else {
             let fl = if m.cloexec { libc::O_CLOEXEC } else { 0 };
-            inj.syscall(libc::SYS_dup3, &[tmp, m.fd as u64, fl as u64], format!("restoring fd {} ({}): dup3 (is RLIMIT_NOFILE above it?)", m.fd, id.path))?;
+            inj.syscall(libc::SYS_dup3, &[tmp, m.fd as u64, fl as u64], format!("restoring fd {} ({}): dup3", m.fd, id.path))?;
         }
     }
     if !keep_tmp {
