@@ -137,6 +137,15 @@ pub fn describe_kind(p: &Probe) -> &'static str {
     }
 }
 
+/// "a" or "an" before one of `describe_kind`'s names.
+fn article(kind: &str) -> &'static str {
+    match kind.as_bytes().first() {
+        Some(b'a' | b'e' | b'i' | b'o') => "an",
+        Some(b'u') if kind.starts_with("unknown") => "an",
+        _ => "a",
+    }
+}
+
 pub fn capture(pid: Pid) -> Result<Vec<Fd>> {
     let dir = format!("/proc/{pid}/fd");
     let mut nums = Vec::new();
@@ -166,7 +175,8 @@ pub fn capture(pid: Pid) -> Result<Vec<Fd>> {
         } else if let Some(k) = path::capture(&p)? {
             k
         } else {
-            bail!("fd {fd} is a {} ({}): not supported yet", describe_kind(&p), p.link);
+            let kind = describe_kind(&p);
+            bail!("fd {fd} is {} {kind} ({}): not supported yet", article(kind), p.link);
         };
 
         let mut open_file = None;
@@ -300,5 +310,64 @@ mod tests {
         assert!(parse_fdinfo("pos:\t0\n").is_err());
         assert!(parse_fdinfo("pos:\tx\nflags:\t0\n").is_err());
         assert!(parse_fdinfo("pos:\t1\nflags:\t9\n").is_err());
+    }
+}
+
+#[cfg(test)]
+mod classify_tests {
+    use super::*;
+
+    fn probe(fd: i32, link: &str, mode: u32, rdev: u64) -> Probe {
+        Probe {
+            fd,
+            link: link.into(),
+            mode,
+            rdev,
+            dev: 1,
+            ino: 2,
+            size: 3,
+            mtime_sec: 4,
+            mtime_nsec: 5,
+            info: FdInfo { pos: 7, flags: 0o100002, cloexec: false },
+        }
+    }
+    const PTS0: u64 = 136 << 8;
+
+    #[test]
+    fn stdio() {
+        assert!(stdio::is_inherited_stdio(&probe(1, "/dev/pts/0", libc::S_IFCHR | 0o620, PTS0)));
+        assert!(stdio::is_inherited_stdio(&probe(0, "pipe:[1]", libc::S_IFIFO | 0o600, 0)));
+        assert!(stdio::is_inherited_stdio(&probe(2, "/dev/tty", libc::S_IFCHR, 5 << 8)));
+        assert!(!stdio::is_inherited_stdio(&probe(3, "/dev/pts/0", libc::S_IFCHR, PTS0)));
+        assert!(!stdio::is_inherited_stdio(&probe(0, "/dev/null", libc::S_IFCHR, (1 << 8) | 3)));
+        assert!(!stdio::is_inherited_stdio(&probe(1, "/tmp/x", libc::S_IFREG, 0)));
+    }
+
+    #[test]
+    fn paths() {
+        let k = path::capture(&probe(3, "/tmp/x", libc::S_IFREG | 0o644, 0)).unwrap().unwrap();
+        let FdKind::Path { id, flags, pos, directory } = k else { panic!("not a path") };
+        assert_eq!((id.path.as_str(), id.ino, flags, pos, directory), ("/tmp/x", 2, 0o100002, 7, false));
+        let k = path::capture(&probe(3, "/tmp", libc::S_IFDIR | 0o755, 0)).unwrap().unwrap();
+        assert!(matches!(k, FdKind::Path { directory: true, .. }));
+        assert!(path::capture(&probe(0, "/dev/null", libc::S_IFCHR, (1 << 8) | 3)).unwrap().is_some());
+        assert!(path::capture(&probe(4, "/dev/sda", libc::S_IFBLK, 8 << 8)).unwrap().is_none());
+        assert!(path::capture(&probe(4, "/dev/ttyS0", libc::S_IFCHR, 4 << 8)).unwrap().is_none());
+        assert!(path::capture(&probe(4, "/memfd:x (deleted)", libc::S_IFREG, 0)).unwrap().is_none());
+        assert!(path::capture(&probe(4, "anon_inode:[eventfd]", libc::S_IFREG, 0)).unwrap().is_none());
+        assert!(path::capture(&probe(4, "/tmp/gone (deleted)", libc::S_IFREG, 0)).is_err());
+    }
+
+    #[test]
+    fn kinds() {
+        assert_eq!(describe_kind(&probe(5, "pipe:[9]", libc::S_IFIFO, 0)), "pipe");
+        assert_eq!(describe_kind(&probe(5, "socket:[9]", libc::S_IFSOCK, 0)), "socket");
+        assert_eq!(describe_kind(&probe(5, "anon_inode:[eventpoll]", 0, 0)), "epoll instance");
+        assert_eq!(describe_kind(&probe(5, "anon_inode:inotify", 0, 0)), "inotify instance");
+        assert_eq!(describe_kind(&probe(5, "/memfd:a (deleted)", libc::S_IFREG, 0)), "memfd");
+        assert_eq!(describe_kind(&probe(5, "/dev/pts/3", libc::S_IFCHR, PTS0 + 3)), "terminal");
+        assert_eq!(article("eventfd"), "an");
+        assert_eq!(article("socket"), "a");
+        assert_eq!(article("userfaultfd"), "a");
     }
 }
