@@ -27,6 +27,9 @@ use crate::{creds, fds, mem, misc, mm, procfs, ptrace, signals, threads};
 pub struct DumpOptions {
     /// Let the process run on after the image is written, instead of killing it.
     pub leave_running: bool,
+    /// Record fds 0/1/2 as inherited from whoever restores (telefork's relayed stdio),
+    /// whatever they are now.
+    pub inherit_stdio: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -60,7 +63,7 @@ pub fn dump<W: Write>(pid: Pid, out: W, opts: &DumpOptions, commit: impl FnOnce(
         }
     };
     let frozen = Frozen { pid, regs, sigmask };
-    let result = ptrace::set_sigmask(pid, ALL_SIGNALS_BLOCKED).and_then(|_| capture_frozen(&frozen, out));
+    let result = ptrace::set_sigmask(pid, ALL_SIGNALS_BLOCKED).and_then(|_| capture_frozen(&frozen, out, opts));
     match result {
         Ok((w, summary)) => {
             if let Err(e) = commit(w) {
@@ -97,7 +100,7 @@ impl Frozen {
     }
 }
 
-fn capture_frozen<W: Write>(f: &Frozen, out: W) -> Result<(W, DumpSummary)> {
+fn capture_frozen<W: Write>(f: &Frozen, out: W, opts: &DumpOptions) -> Result<(W, DumpSummary)> {
     let pid = f.pid;
     let cpu = arch::capture(pid, &f.regs)?;
 
@@ -135,7 +138,7 @@ fn capture_frozen<W: Write>(f: &Frozen, out: W) -> Result<(W, DumpSummary)> {
         threads: vec![thread],
         sigactions,
         shared_pending,
-        fds: fds::capture(pid)?,
+        fds: fds::capture(pid, opts.inherit_stdio)?,
     };
     let header = Header {
         arch: arch::ARCH,

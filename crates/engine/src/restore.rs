@@ -34,7 +34,14 @@ use crate::mem::PAGE;
 use crate::{creds, fds, mem, misc, mm, procfs, ptrace, signals, threads};
 
 #[derive(Debug, Clone, Default)]
-pub struct RestoreOptions {}
+pub struct RestoreOptions {
+    /// Fds to become the restored process's 0/1/2 where the image says "inherited"; by
+    /// default the caller's own 0/1/2.
+    pub stdio: Option<[std::os::fd::RawFd; 3]>,
+    /// Refuse the image unless it belongs to this (uid, gid): the owner an authenticated
+    /// sender vouched for.
+    pub expect_owner: Option<(u32, u32)>,
+}
 
 #[derive(Debug, Clone)]
 pub struct Restored {
@@ -48,13 +55,19 @@ pub struct Restored {
 /// Size of the control area: one page of code, the rest scratch.
 const CONTROL_LEN: u64 = 128 << 10;
 
-pub fn restore<R: Read>(input: R, _opts: &RestoreOptions) -> Result<Restored> {
+pub fn restore<R: Read>(input: R, opts: &RestoreOptions) -> Result<Restored> {
     let (mut reader, header) = ImageReader::new(input)?;
     check_header(&header)?;
     let img = reader.process()?;
     check_process(&img, &header)?;
+    if let Some((uid, gid)) = opts.expect_owner {
+        let c = &img.creds;
+        if c.uid.iter().any(|u| *u != uid) || c.gid.iter().any(|g| *g != gid) {
+            bail!("the image's credentials (uids {:?}, gids {:?}) are not those of its sender's user ({uid}:{gid}); refusing", c.uid, c.gid);
+        }
+    }
 
-    let (pid, same_pid) = spawn_stub(img.pid)?;
+    let (pid, same_pid) = spawn_stub(img.pid, opts.stdio)?;
     match shape(pid, &img, &mut reader) {
         Ok(page_bytes) => Ok(Restored { pid, same_pid, page_bytes }),
         Err(e) => {
@@ -97,7 +110,7 @@ fn check_process(img: &ProcessImage, h: &Header) -> Result<()> {
 
 /// Forks this command into a child that stops under our ptrace before running anything else.
 /// With the image's PID if free (clone3 set_tid needs CAP_CHECKPOINT_RESTORE), else any.
-fn spawn_stub(want_pid: i32) -> Result<(Pid, bool)> {
+fn spawn_stub(want_pid: i32, stdio: Option<[std::os::fd::RawFd; 3]>) -> Result<(Pid, bool)> {
     #[repr(C)]
     #[derive(Default)]
     struct CloneArgs {
@@ -139,6 +152,13 @@ fn spawn_stub(want_pid: i32) -> Result<(Pid, bool)> {
         // hold locks). It stops; the parent takes over and rebuilds it from outside.
         // SAFETY: plain system calls without memory arguments.
         unsafe {
+            if let Some(fds) = stdio {
+                for (target, fd) in fds.iter().enumerate() {
+                    if libc::dup2(*fd, target as i32) < 0 {
+                        libc::_exit(126);
+                    }
+                }
+            }
             libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0);
             libc::raise(libc::SIGSTOP);
             libc::_exit(127);

@@ -146,7 +146,9 @@ fn article(kind: &str) -> &'static str {
     }
 }
 
-pub fn capture(pid: Pid) -> Result<Vec<Fd>> {
+/// Captures the fds of `pid`. With `inherit_stdio`, fds 0/1/2 are recorded as
+/// `InheritedStdio` whatever they are (telefork: the child's stdio is its parent's, relayed).
+pub fn capture(pid: Pid, inherit_stdio: bool) -> Result<Vec<Fd>> {
     let dir = format!("/proc/{pid}/fd");
     let mut nums = Vec::new();
     for e in std::fs::read_dir(&dir).with_context(|| format!("listing {dir}"))? {
@@ -170,7 +172,7 @@ pub fn capture(pid: Pid) -> Result<Vec<Fd>> {
             Err(e) if is_enoent(&e) => continue,
             Err(e) => return Err(e),
         };
-        let kind = if stdio::is_inherited_stdio(&p) {
+        let kind = if stdio::is_inherited_stdio(&p) || (inherit_stdio && (0..=2).contains(&fd)) {
             FdKind::InheritedStdio
         } else if let Some(k) = path::capture(&p)? {
             k

@@ -1,0 +1,157 @@
+//! The node daemon: one per node. It owns two listeners — TCP for other nodes (mutual TLS),
+//! a Unix socket for local programs — and forks one *session process* per connection, like
+//! sshd. A session process lives as long as its process: it restores an incoming process
+//! as its child and relays its output and fate home (`dest`), or sends a local program's
+//! child away and relays what comes back (`origin`). Because sessions are separate
+//! processes, restarting or upgrading the daemon does not take running children down.
+//!
+//! The main loop never creates a thread, so forking from it is safe; sessions are free to
+//! use threads.
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::wait::{waitpid, WaitPidFlag};
+use nix::unistd::{fork, ForkResult};
+
+use crate::config::Config;
+
+/// What every session needs, loaded once at start.
+pub struct Shared {
+    pub cfg: Config,
+    pub server_tls: Arc<rustls::ServerConfig>,
+    pub client_tls: Arc<rustls::ClientConfig>,
+}
+
+impl Shared {
+    pub fn sessions_dir(&self) -> PathBuf {
+        self.cfg.state_dir.join("sessions")
+    }
+    pub fn results_dir(&self) -> PathBuf {
+        self.cfg.state_dir.join("results")
+    }
+}
+
+pub fn run(cfg: Config) -> Result<()> {
+    let shared = Shared {
+        server_tls: crate::tls::server_config(&cfg.tls)?,
+        client_tls: crate::tls::client_config(&cfg.tls)?,
+        cfg,
+    };
+    for d in [shared.sessions_dir(), shared.results_dir()] {
+        std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).ok();
+    }
+    let tcp = TcpListener::bind(shared.cfg.listen).with_context(|| format!("listening on {}", shared.cfg.listen))?;
+    let unix = bind_unix(&shared.cfg.socket)?;
+    log(&format!(
+        "node {} listening on {} (nodes, mutual TLS) and {} (local programs)",
+        shared.cfg.node,
+        shared.cfg.listen,
+        shared.cfg.socket.display()
+    ));
+    loop {
+        reap_sessions();
+        let mut fds = [PollFd::new(tcp.as_fd(), PollFlags::POLLIN), PollFd::new(unix.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(1000u16)) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e).context("waiting for connections"),
+            Ok(_) => {}
+        }
+        let tcp_ready = fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLIN));
+        let unix_ready = fds[1].revents().is_some_and(|r| r.contains(PollFlags::POLLIN));
+        if tcp_ready {
+            if let Ok((sock, peer)) = tcp.accept() {
+                spawn_session(&[tcp.as_raw_fd(), unix.as_raw_fd()], || crate::dest::serve(&shared, sock, peer));
+            }
+        }
+        if unix_ready {
+            if let Ok((sock, _)) = unix.accept() {
+                spawn_session(&[tcp.as_raw_fd(), unix.as_raw_fd()], || crate::origin::serve(&shared, sock));
+            }
+        }
+    }
+}
+
+fn bind_unix(path: &Path) -> Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // A socket left by a previous daemon: remove it if nobody answers on it.
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            anyhow::bail!("another daemon is already listening on {}", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    let l = UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))?;
+    // Anyone may connect: the daemon identifies each program by SO_PEERCRED.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).ok();
+    Ok(l)
+}
+
+/// Runs `session` in a forked process; the listeners are closed there.
+fn spawn_session(listeners: &[i32], session: impl FnOnce() -> Result<()>) {
+    // SAFETY: the daemon's main loop is single-threaded (no thread was ever started in it),
+    // so the child may run arbitrary code.
+    match unsafe { fork() } {
+        Ok(ForkResult::Child) => {
+            for fd in listeners {
+                // SAFETY: these fds belong to listeners this process will never use.
+                unsafe { libc::close(*fd) };
+            }
+            let code = match session() {
+                Ok(()) => 0,
+                Err(e) => {
+                    log(&format!("session {}: {e:#}", std::process::id()));
+                    1
+                }
+            };
+            std::io::stderr().flush().ok();
+            // SAFETY: _exit skips destructors of state copied from the parent on purpose.
+            unsafe { libc::_exit(code) };
+        }
+        Ok(ForkResult::Parent { .. }) => {}
+        Err(e) => log(&format!("cannot fork a session: {e}")),
+    }
+}
+
+fn reap_sessions() {
+    while let Ok(st) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+        if st == nix::sys::wait::WaitStatus::StillAlive {
+            break;
+        }
+    }
+}
+
+pub fn log(msg: &str) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    eprintln!("[{now:.3}] telefork-daemon[{}]: {msg}", std::process::id());
+}
+
+/// Counts live sessions of `uid` (files `sessions/<uid>.<session pid>`), removing stale ones.
+pub fn live_sessions(shared: &Shared, uid: u32) -> u32 {
+    let mut n = 0;
+    if let Ok(rd) = std::fs::read_dir(shared.sessions_dir()) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some((u, p)) = name.split_once('.') else { continue };
+            let (Ok(u), Ok(p)) = (u.parse::<u32>(), p.parse::<i32>()) else { continue };
+            if Path::new(&format!("/proc/{p}")).exists() {
+                if u == uid {
+                    n += 1;
+                }
+            } else {
+                std::fs::remove_file(e.path()).ok();
+            }
+        }
+    }
+    n
+}

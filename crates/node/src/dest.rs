@@ -1,0 +1,211 @@
+//! The destination side of a telefork, one session process per incoming process:
+//! authenticate the sending node (the TLS handshake verifies its certificate before a single
+//! image byte is read), check the offer against this node's limits, restore the image as a
+//! child of this session running as its owner, then relay its stdout/stderr and finally its
+//! exit status (and a `remote` result) back to the origin, while obeying kill requests.
+//!
+//! If the origin goes away, the child is killed: nobody could wait for it any more.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use nix::sys::wait::{waitpid, WaitStatus};
+
+use crate::channel::{check_peer_name, TlsChannel};
+use crate::daemon::{live_sessions, log, Shared};
+use crate::proto::{ExitInfo, FromDest, ToDest};
+
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
+    let ch = match TlsChannel::server(shared.server_tls.clone(), sock, HANDSHAKE_TIMEOUT) {
+        Ok(ch) => ch,
+        Err(e) => {
+            log(&format!("rejected connection from {peer}: {e:#}"));
+            return Ok(());
+        }
+    };
+    let origin = check_peer_name(&ch, None)?;
+    let offer: ToDest = ch.expect("an offer")?;
+    let ToDest::Offer { user, origin: claimed, image_bytes, pass_stdin } = offer else {
+        bail!("node {origin} sent something other than an offer");
+    };
+    if claimed != origin {
+        bail!("node {origin} claims to be {claimed:?}");
+    }
+    let limits = &shared.cfg.limits;
+    let refusal = if user.uid == 0 && !limits.allow_root {
+        Some(format!("node {} does not run processes of root (allow_root = false)", shared.cfg.node))
+    } else if image_bytes > limits.max_image_bytes {
+        Some(format!("image of {image_bytes} bytes exceeds node {}'s limit of {} bytes", shared.cfg.node, limits.max_image_bytes))
+    } else if live_sessions(shared, user.uid) >= limits.max_restores_per_user {
+        Some(format!("user {} already has {} processes restored on node {} (the limit)", user.uid, limits.max_restores_per_user, shared.cfg.node))
+    } else {
+        None
+    };
+    if let Some(reason) = refusal {
+        log(&format!("refused a process from {origin}: {reason}"));
+        ch.send(&FromDest::Refused { reason })?;
+        return Ok(());
+    }
+    let marker = shared.sessions_dir().join(format!("{}.{}", user.uid, std::process::id()));
+    File::create(&marker).with_context(|| format!("creating {}", marker.display()))?;
+    let _cleanup = RemoveOnDrop(marker);
+    ch.send(&FromDest::Accept)?;
+
+    let (stdin_r, stdin_w) = pipe()?;
+    let (stdout_r, stdout_w) = pipe()?;
+    let (stderr_r, stderr_w) = pipe()?;
+    let opts = telefork_engine::RestoreOptions {
+        stdio: Some([stdin_r.as_raw_fd(), stdout_w.as_raw_fd(), stderr_w.as_raw_fd()]),
+        expect_owner: Some((user.uid, user.gid)),
+    };
+    ch.set_recv_timeout(Some(Duration::from_secs(30)));
+    let limited = LimitedReader { inner: &ch, left: limits.max_image_bytes.saturating_add(1 << 20) };
+    let restored = match telefork_engine::restore(std::io::BufReader::with_capacity(1 << 20, limited), &opts) {
+        Ok(r) => r,
+        Err(e) => {
+            log(&format!("restoring a process from {origin} failed: {e:#}"));
+            ch.send(&FromDest::Failed { error: format!("{e:#}") }).ok();
+            return Ok(());
+        }
+    };
+    drop((stdin_r, stdout_w, stderr_w));
+    let pid = restored.pid;
+    log(&format!("restored process {pid} of user {} from {origin}", user.uid));
+    ch.set_recv_timeout(None);
+    ch.send(&FromDest::Started { pid: pid.as_raw() })?;
+    let pidfd = pidfd_open(pid.as_raw())?;
+    let ch = Arc::new(ch);
+    let exited = Arc::new(AtomicBool::new(false));
+
+    // Commands from the origin: kill, stdin. Losing the origin kills the child.
+    let stdin_w = if pass_stdin { Some(File::from(stdin_w)) } else { None };
+    {
+        let (ch, exited) = (ch.clone(), exited.clone());
+        let pidfd = pidfd.as_raw_fd();
+        std::thread::spawn(move || {
+            let mut stdin_w = stdin_w;
+            loop {
+                match ch.recv::<ToDest>() {
+                    Ok(Some(ToDest::Kill { signal })) => {
+                        pidfd_send_signal(pidfd, signal);
+                    }
+                    Ok(Some(ToDest::Stdin { data })) => {
+                        if let Some(w) = stdin_w.as_mut() {
+                            let _ = w.write_all(&data);
+                        }
+                    }
+                    Ok(Some(ToDest::StdinEof)) => stdin_w = None,
+                    Ok(Some(ToDest::Offer { .. })) => {}
+                    Ok(None) | Err(_) => {
+                        if !exited.load(Ordering::SeqCst) {
+                            log(&format!("origin {origin} is gone: killing process {pid}"));
+                            pidfd_send_signal(pidfd, libc::SIGKILL);
+                        }
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    let pumps = [(stdout_r, true), (stderr_r, false)].map(|(fd, is_out)| {
+        let ch = ch.clone();
+        std::thread::spawn(move || {
+            let mut f = File::from(fd);
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                match f.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        let data = buf[..n].to_vec();
+                        let msg = if is_out { FromDest::Stdout { data } } else { FromDest::Stderr { data } };
+                        if ch.send(&msg).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        })
+    });
+
+    let status = loop {
+        match waitpid(pid, None) {
+            Ok(WaitStatus::Exited(_, code)) => break ExitInfo::Code(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => break ExitInfo::Signal(sig as i32),
+            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e).context("waiting for the restored process"),
+        }
+    };
+    exited.store(true, Ordering::SeqCst);
+    // Let the pumps drain what the child wrote last (a grandchild may keep a pipe open:
+    // don't wait for it forever).
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    for p in pumps {
+        while !p.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let result_file = shared.results_dir().join(pid.as_raw().to_string());
+    if let Ok(value) = std::fs::read(&result_file) {
+        std::fs::remove_file(&result_file).ok();
+        ch.send(&FromDest::Result { value })?;
+    }
+    ch.send(&FromDest::Exited(status))?;
+    log(&format!("process {pid} ended: {status:?}"));
+    ch.close();
+    Ok(())
+}
+
+/// Counts image bytes so a peer cannot send more than the node's limit.
+struct LimitedReader<'a> {
+    inner: &'a TlsChannel,
+    left: u64,
+}
+
+impl Read for LimitedReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            return Err(std::io::Error::other("the image exceeds this node's size limit"));
+        }
+        let max = buf.len().min(self.left.min(usize::MAX as u64) as usize);
+        let mut r = self.inner;
+        let n = r.read(&mut buf[..max])?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        std::fs::remove_file(&self.0).ok();
+    }
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating a pipe")
+}
+
+fn pidfd_open(pid: i32) -> Result<OwnedFd> {
+    // SAFETY: pidfd_open takes plain integers and returns a new fd (or -1).
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("pidfd_open");
+    }
+    // SAFETY: `fd` is a fresh descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Signals the process behind `pidfd` (never a recycled PID).
+fn pidfd_send_signal(pidfd: i32, signal: i32) {
+    // SAFETY: plain integers; a NULL siginfo means "as kill(2) would".
+    unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd, signal, std::ptr::null::<libc::siginfo_t>(), 0) };
+}

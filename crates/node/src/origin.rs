@@ -1,0 +1,231 @@
+//! The origin side, one session process per local program connection.
+//!
+//! A program that calls `telefork` has forked a child that stopped itself (SIGSTOP). It
+//! hands this daemon the child's PID and its own stdout/stderr (SCM_RIGHTS); the daemon checks
+//! with SO_PEERCRED that the child really is the caller's own, stopped child, offers the
+//! process to the destination, streams the capture straight into the TLS connection, and only
+//! once the destination reports the restored PID kills the local copy. From then on it
+//! writes the remote child's output to the program's stdout/stderr and passes kill requests
+//! and the exit status between program and destination.
+//!
+//! The same socket serves the other local requests: `WhoAmI` and a restored process's
+//! `Report` of its `remote` result.
+
+use std::fs::File;
+use std::io::{IoSliceMut, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use nix::sys::socket::{getsockopt, recvmsg, sockopt::PeerCredentials, ControlMessageOwned, MsgFlags};
+use nix::unistd::Pid;
+
+use crate::channel::{check_peer_name, connect, TlsChannel};
+use crate::daemon::{log, Shared};
+use crate::proto::{self, FromDaemon, FromDest, LocalCommand, LocalRequest, ToDest, User};
+
+pub fn serve(shared: &Shared, mut sock: UnixStream) -> Result<()> {
+    let cred = getsockopt(&sock, PeerCredentials).context("SO_PEERCRED")?;
+    let (req, fds) = recv_first(&sock)?;
+    match req {
+        LocalRequest::WhoAmI => proto::write_frame(&mut sock, &FromDaemon::Node { name: shared.cfg.node.clone() }),
+        LocalRequest::Report { value } => {
+            let r = store_report(shared, Some(cred.pid()), &value);
+            let reply = match &r {
+                Ok(()) => FromDaemon::Ok,
+                Err(e) => FromDaemon::Failed { error: format!("{e:#}") },
+            };
+            proto::write_frame(&mut sock, &reply)
+        }
+        LocalRequest::Telefork { dest, child_pid, pass_stdin } => {
+            let user = User { uid: cred.uid(), gid: cred.gid() };
+            match send_away(shared, Some(cred.pid()), &user, child_pid, &dest, pass_stdin) {
+                Ok((ch, node, pid)) => {
+                    proto::write_frame(&mut sock, &FromDaemon::Started { node: node.clone(), pid })?;
+                    relay(ch, sock, fds, pass_stdin)
+                }
+                Err(e) => {
+                    log(&format!("telefork of process {child_pid} to {dest} failed: {e:#}"));
+                    proto::write_frame(&mut sock, &FromDaemon::Failed { error: format!("{e:#}") })
+                }
+            }
+        }
+    }
+}
+
+/// Reads the first request and the fds passed with it.
+fn recv_first(sock: &UnixStream) -> Result<(LocalRequest, Vec<OwnedFd>)> {
+    sock.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let mut len = [0u8; 4];
+    let mut cmsg = nix::cmsg_space!([RawFd; 3]);
+    let mut fds = Vec::new();
+    let got = {
+        let mut iov = [IoSliceMut::new(&mut len)];
+        let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC).context("reading a request")?;
+        for c in msg.cmsgs().context("reading passed fds")? {
+            if let ControlMessageOwned::ScmRights(list) = c {
+                // SAFETY: the kernel just installed these fds in this process for us.
+                fds.extend(list.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+            }
+        }
+        msg.bytes
+    };
+    if got == 0 {
+        bail!("program disconnected before sending a request");
+    }
+    let mut r = &*sock;
+    r.read_exact(&mut len[got..]).context("reading a request")?;
+    let n = u32::from_le_bytes(len);
+    if n > proto::MAX_FRAME {
+        bail!("request of {n} bytes is too large");
+    }
+    let mut body = vec![0u8; n as usize];
+    r.read_exact(&mut body).context("reading a request")?;
+    sock.set_read_timeout(None).ok();
+    Ok((postcard::from_bytes(&body).context("decoding a request")?, fds))
+}
+
+/// A restored process reports its `remote` result; only children of this node's sessions may.
+fn store_report(shared: &Shared, pid: Option<i32>, value: &[u8]) -> Result<()> {
+    let pid = pid.context("caller has no PID")?;
+    let ppid = status_field(pid, "PPid")?;
+    let uid = status_field(pid, "Uid")?;
+    let marker = shared.sessions_dir().join(format!("{uid}.{ppid}"));
+    if !marker.exists() {
+        bail!("process {pid} is not a process this node restored");
+    }
+    let dir = shared.results_dir();
+    let tmp = dir.join(format!(".{pid}.tmp"));
+    std::fs::write(&tmp, value).context("storing the result")?;
+    std::fs::rename(&tmp, dir.join(pid.to_string())).context("storing the result")?;
+    Ok(())
+}
+
+fn status_field(pid: i32, key: &str) -> Result<i64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("process {pid} is gone"))?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(':')))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no {key} in /proc/{pid}/status"))
+}
+
+/// Checks the child, offers it to `dest`, streams it, and returns once it runs there.
+fn send_away(shared: &Shared, caller: Option<i32>, user: &User, child: i32, dest: &str, pass_stdin: bool) -> Result<(TlsChannel, String, i32)> {
+    let caller = caller.context("caller has no PID")?;
+    if child <= 0 || status_field(child, "PPid")? != caller as i64 {
+        bail!("process {child} is not a child of the calling process {caller}");
+    }
+    if status_field(child, "Uid")? != user.uid as i64 {
+        bail!("process {child} does not belong to the calling user {}", user.uid);
+    }
+    let (name, addr) = shared.cfg.resolve(dest)?;
+    let sock = connect(addr, Duration::from_secs(5))?;
+    let server_name = crate::tls::server_name(&name)?;
+    let ch = TlsChannel::client(shared.client_tls.clone(), server_name, sock, crate::dest::HANDSHAKE_TIMEOUT)
+        .with_context(|| format!("connecting to node {name} at {addr}"))?;
+    check_peer_name(&ch, Some(&name))?;
+    let image_bytes = status_field(child, "VmRSS").unwrap_or(0).max(0) as u64 * 1024;
+    ch.send(&ToDest::Offer { user: user.clone(), origin: shared.cfg.node.clone(), image_bytes, pass_stdin })?;
+    match ch.expect::<FromDest>("the destination's answer")? {
+        FromDest::Accept => {}
+        FromDest::Refused { reason } => bail!("node {name} refused: {reason}"),
+        other => bail!("node {name} answered {other:?} to an offer"),
+    }
+    ch.set_recv_timeout(Some(Duration::from_secs(60)));
+    let opts = telefork_engine::DumpOptions { leave_running: false, inherit_stdio: true };
+    let mut started = None;
+    // The capture streams into the connection; the local copy dies only after the
+    // destination says the process runs there.
+    telefork_engine::dump(Pid::from_raw(child), std::io::BufWriter::with_capacity(1 << 20, &ch), &opts, |mut w| {
+        w.flush().context("sending the image")?;
+        match ch.expect::<FromDest>("the destination's restore result")? {
+            FromDest::Started { pid } => {
+                started = Some(pid);
+                Ok(())
+            }
+            FromDest::Failed { error } => bail!("node {name} could not restore the process: {error}"),
+            other => bail!("node {name} answered {other:?} after the image"),
+        }
+    })
+    .with_context(|| format!("sending process {child} to node {name}"))?;
+    ch.set_recv_timeout(None);
+    let pid = started.context("destination gave no PID")?;
+    log(&format!("process {child} of user {} now runs on {name} as {pid}", user.uid));
+    Ok((ch, name, pid))
+}
+
+/// Relays between the program and the remote child until the child's fate is known.
+fn relay(ch: TlsChannel, sock: UnixStream, fds: Vec<OwnedFd>, pass_stdin: bool) -> Result<()> {
+    let ch = Arc::new(ch);
+    let mut fds = fds.into_iter();
+    let mut stdout = fds.next().map(File::from);
+    let mut stderr = fds.next().map(File::from);
+    let stdin = if pass_stdin { fds.next().map(File::from) } else { None };
+
+    // Program → destination: kill requests. A program that goes away leaves its child be.
+    {
+        let ch = ch.clone();
+        let mut rd = sock.try_clone().context("cloning the program socket")?;
+        std::thread::spawn(move || {
+            while let Ok(Some(LocalCommand::Kill { signal })) = proto::read_frame::<_, LocalCommand>(&mut rd) {
+                if ch.send(&ToDest::Kill { signal }).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    if let Some(mut input) = stdin {
+        let ch = ch.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                match input.read(&mut buf) {
+                    Ok(0) | Err(_) => {
+                        let _ = ch.send(&ToDest::StdinEof);
+                        return;
+                    }
+                    Ok(n) => {
+                        if ch.send(&ToDest::Stdin { data: buf[..n].to_vec() }).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    // Destination → program: output, result, exit.
+    let mut to_program = sock;
+    loop {
+        match ch.recv::<FromDest>() {
+            Ok(Some(FromDest::Stdout { data })) => {
+                if let Some(f) = stdout.as_mut() {
+                    let _ = f.write_all(&data);
+                }
+            }
+            Ok(Some(FromDest::Stderr { data })) => {
+                if let Some(f) = stderr.as_mut() {
+                    let _ = f.write_all(&data);
+                }
+            }
+            Ok(Some(FromDest::Result { value })) => {
+                let _ = proto::write_frame(&mut to_program, &FromDaemon::Result { value });
+            }
+            Ok(Some(FromDest::Exited(info))) => {
+                let _ = proto::write_frame(&mut to_program, &FromDaemon::Exited(info));
+                return Ok(());
+            }
+            Ok(Some(other)) => log(&format!("unexpected message from the destination: {other:?}")),
+            Ok(None) => {
+                let _ = proto::write_frame(&mut to_program, &FromDaemon::Lost { error: "the destination closed the connection".into() });
+                return Ok(());
+            }
+            Err(e) => {
+                let _ = proto::write_frame(&mut to_program, &FromDaemon::Lost { error: format!("{e:#}") });
+                return Ok(());
+            }
+        }
+    }
+}

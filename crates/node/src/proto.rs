@@ -1,0 +1,143 @@
+//! The wire protocol: between a local program and its node's daemon (Unix socket), and
+//! between two daemons (mutual TLS). Every message is a frame: a u32 length (little endian)
+//! and the postcard encoding of one enum value, at most `MAX_FRAME` bytes, so a hostile peer
+//! can make us allocate no more than that. A process image is not framed: it follows an
+//! accepted `Offer` as raw bytes, self-delimited by its own trailer (see `telefork_image`).
+//!
+//! ```text
+//!  program ──LocalRequest──► origin daemon ──ToDest::Offer──► destination daemon
+//!          ◄──FromDaemon───                ◄──Accept/Refused──
+//!                                          ──image bytes────►   (restore)
+//!                                          ◄──Started{pid}───
+//!          ──LocalCommand──►               ──Kill/Stdin─────►
+//!          ◄──Exited───────                ◄──Stdout/Stderr/Result/Exited──
+//! ```
+
+use std::io::{Read, Write};
+
+use anyhow::{bail, Context, Result};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+pub const MAX_FRAME: u32 = 4 << 20;
+
+/// Who a process belongs to, as established by the origin daemon (SO_PEERCRED).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExitInfo {
+    Code(i32),
+    Signal(i32),
+}
+
+/// First message of a program to its daemon.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum LocalRequest {
+    /// Send my stopped child `child_pid` to `dest`. Passed along with SCM_RIGHTS: the
+    /// child's stdout, stderr and (if `pass_stdin`) stdin.
+    Telefork { dest: String, child_pid: i32, pass_stdin: bool },
+    /// The calling (restored) process reports the value of a `remote` closure.
+    Report { value: Vec<u8> },
+    /// Which node is this?
+    WhoAmI,
+}
+
+/// Later messages of a program about its remote child.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum LocalCommand {
+    Kill { signal: i32 },
+}
+
+/// Messages of a daemon to a local program.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum FromDaemon {
+    Started { node: String, pid: i32 },
+    Failed { error: String },
+    /// The value reported by the child (`remote`), sent just before `Exited`.
+    Result { value: Vec<u8> },
+    Exited(ExitInfo),
+    /// The connection to the child's node was lost; its fate is unknown.
+    Lost { error: String },
+    Ok,
+    Node { name: String },
+}
+
+/// Messages of an origin daemon to a destination daemon.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ToDest {
+    Offer { user: User, origin: String, image_bytes: u64, pass_stdin: bool },
+    Kill { signal: i32 },
+    Stdin { data: Vec<u8> },
+    StdinEof,
+}
+
+/// Messages of a destination daemon to an origin daemon.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum FromDest {
+    Accept,
+    Refused { reason: String },
+    Started { pid: i32 },
+    Failed { error: String },
+    Stdout { data: Vec<u8> },
+    Stderr { data: Vec<u8> },
+    Result { value: Vec<u8> },
+    Exited(ExitInfo),
+}
+
+pub fn write_frame<W: Write + ?Sized, T: Serialize>(w: &mut W, msg: &T) -> Result<()> {
+    let body = postcard::to_stdvec(msg).context("encoding a message")?;
+    if body.len() > MAX_FRAME as usize {
+        bail!("message of {} bytes exceeds the frame limit", body.len());
+    }
+    let mut buf = Vec::with_capacity(4 + body.len());
+    buf.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    buf.extend_from_slice(&body);
+    w.write_all(&buf)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Reads one frame; `Ok(None)` on a clean end of stream before the frame.
+pub fn read_frame<R: Read + ?Sized, T: DeserializeOwned>(r: &mut R) -> Result<Option<T>> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e).context("reading a message"),
+    }
+    let len = u32::from_le_bytes(len);
+    if len > MAX_FRAME {
+        bail!("peer sent a frame of {len} bytes (limit {MAX_FRAME})");
+    }
+    let mut body = vec![0u8; len as usize];
+    r.read_exact(&mut body).context("reading a message body")?;
+    let v = postcard::from_bytes(&body).context("decoding a message")?;
+    Ok(Some(v))
+}
+
+/// Like `read_frame`, but the end of the stream is an error naming what was expected.
+pub fn expect_frame<R: Read + ?Sized, T: DeserializeOwned>(r: &mut R, what: &str) -> Result<T> {
+    read_frame(r)?.with_context(|| format!("connection closed while waiting for {what}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_limits() {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &ToDest::Kill { signal: 9 }).unwrap();
+        let m: ToDest = read_frame(&mut &buf[..]).unwrap().unwrap();
+        assert!(matches!(m, ToDest::Kill { signal: 9 }));
+        assert!(read_frame::<_, ToDest>(&mut &buf[..0]).unwrap().is_none());
+        let mut huge = (MAX_FRAME + 1).to_le_bytes().to_vec();
+        huge.extend_from_slice(&[0; 16]);
+        assert!(read_frame::<_, ToDest>(&mut &huge[..]).is_err());
+        assert!(read_frame::<_, ToDest>(&mut &[3, 0, 0, 0, 0xff, 0xff, 0xff][..]).is_err());
+    }
+}
