@@ -11,10 +11,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
+use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
-use rustls::client::WebPkiServerVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::config::{valid_node_name, TlsFiles};
@@ -117,4 +117,209 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
     rustls_pemfile::private_key(&mut pem.as_slice())
         .with_context(|| format!("reading private key {}", path.display()))?
         .ok_or_else(|| anyhow!("no private key in {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+    use super::*;
+    use crate::cluster;
+
+    fn files(dir: &Path, node: &str) -> TlsFiles {
+        let (cert, key) = cluster::node_files(dir, node);
+        TlsFiles { ca: dir.join(cluster::CA_CERT), cert, key }
+    }
+
+    fn cluster_dir(nodes: &[&str]) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        cluster::init(d.path(), &nodes.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        d
+    }
+
+    /// What the server side saw: the peer's node name and the bytes it read.
+    type ServerSaw = io::Result<(Option<String>, Vec<u8>)>;
+
+    /// One connection over loopback: the server accepts, reads 5 bytes and echoes them; the
+    /// client connects expecting `name`, sends "hello" and reads the echo. Returns the server's
+    /// outcome and the client's (the server's node name as the client saw it).
+    async fn exchange(server: Arc<ServerConfig>, client: Arc<ClientConfig>, name: &str) -> (ServerSaw, io::Result<Option<String>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server_side = async move {
+            let (tcp, _) = listener.accept().await?;
+            let mut tls = TlsAcceptor::from(server).accept(tcp).await?;
+            let peer = peer_node_name(tls.get_ref().1.peer_certificates().unwrap_or(&[]));
+            let mut buf = [0u8; 5];
+            tls.read_exact(&mut buf).await?;
+            tls.write_all(&buf).await?;
+            tls.flush().await?;
+            tls.shutdown().await?;
+            Ok((peer, buf.to_vec()))
+        };
+        let sni = server_name(name).unwrap();
+        let client_side = async move {
+            let tcp = TcpStream::connect(addr).await?;
+            let mut tls = TlsConnector::from(client).connect(sni, tcp).await?;
+            let peer = peer_node_name(tls.get_ref().1.peer_certificates().unwrap_or(&[]));
+            tls.write_all(b"hello").await?;
+            tls.flush().await?;
+            let mut buf = [0u8; 5];
+            tls.read_exact(&mut buf).await?;
+            assert_eq!(&buf, b"hello");
+            Ok(peer)
+        };
+        let t = Duration::from_secs(20);
+        let (s, c) = tokio::join!(tokio::time::timeout(t, server_side), tokio::time::timeout(t, client_side));
+        (s.expect("server side timed out"), c.expect("client side timed out"))
+    }
+
+    /// A client that trusts the cluster CA of `ca` but presents no certificate.
+    fn anonymous_client(ca: &Path) -> Arc<ClientConfig> {
+        let c = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(VERSIONS)
+            .unwrap()
+            .with_root_certificates(load_roots(ca).unwrap())
+            .with_no_client_auth();
+        Arc::new(c)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn mutual_tls_between_nodes() {
+        let d = cluster_dir(&["node1", "node2"]);
+        let server = server_config(&files(d.path(), "node1")).unwrap();
+        let client = client_config(&files(d.path(), "node2")).unwrap();
+        let (s, c) = exchange(server, client, "node1").await;
+        let (peer, data) = s.expect("server handshake");
+        assert_eq!(peer.as_deref(), Some("node2"));
+        assert_eq!(data, b"hello");
+        assert_eq!(c.expect("client").as_deref(), Some("node1"));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn client_without_certificate_rejected() {
+        let d = cluster_dir(&["node1"]);
+        let server = server_config(&files(d.path(), "node1")).unwrap();
+        let client = anonymous_client(&d.path().join(cluster::CA_CERT));
+        let (s, c) = exchange(server, client, "node1").await;
+        // The server's accept fails: it never gets to read an application byte.
+        let e = s.expect_err("server accepted a client without certificate");
+        assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
+        // In TLS 1.3 the client learns of it only when it reads.
+        c.expect_err("client without certificate got an answer");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn other_cluster_rejected_both_ways() {
+        let a = cluster_dir(&["node1", "node2"]);
+        let b = cluster_dir(&["node1", "node2"]);
+        // A node2 of cluster b dialling node1 of cluster a: b's client does not trust a's server.
+        let server = server_config(&files(a.path(), "node1")).unwrap();
+        let client = client_config(&files(b.path(), "node2")).unwrap();
+        let (s, c) = exchange(server, client, "node1").await;
+        s.expect_err("server accepted a foreign client");
+        c.expect_err("client trusted a foreign server");
+
+        // A client trusting cluster a's CA but holding cluster b's certificate: the server
+        // (cluster a) must reject the certificate itself.
+        let mixed = TlsFiles { ca: a.path().join(cluster::CA_CERT), ..files(b.path(), "node2") };
+        let server = server_config(&files(a.path(), "node1")).unwrap();
+        let client = client_config(&mixed).unwrap();
+        let (s, c) = exchange(server, client, "node1").await;
+        // Both CAs are named "telefork cluster CA", so webpki finds the issuer by name and it is
+        // the signature check that fails (BadSignature rather than UnknownIssuer).
+        let e = s.expect_err("server accepted a client certificate of another CA");
+        assert!(e.to_string().contains("invalid peer certificate"), "{e}");
+        c.expect_err("client with foreign certificate got an answer");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn wrong_server_name_rejected() {
+        let d = cluster_dir(&["node1", "node2", "node3"]);
+        let server = server_config(&files(d.path(), "node1")).unwrap();
+        let client = client_config(&files(d.path(), "node2")).unwrap();
+        let (s, c) = exchange(server, client, "node3").await;
+        let e = c.expect_err("client accepted node1 as node3");
+        assert!(e.to_string().to_lowercase().contains("not valid for name") || e.to_string().contains("NotValidForName"), "{e}");
+        s.expect_err("server handshake should fail on the client's alert");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn node_added_later_is_accepted() {
+        let d = cluster_dir(&["node1", "node2"]);
+        cluster::add_node(d.path(), "node3").unwrap();
+        // node3 as client of node1.
+        let server = server_config(&files(d.path(), "node1")).unwrap();
+        let client = client_config(&files(d.path(), "node3")).unwrap();
+        let (s, c) = exchange(server, client, "node1").await;
+        assert_eq!(s.expect("server handshake").0.as_deref(), Some("node3"));
+        assert_eq!(c.expect("client").as_deref(), Some("node1"));
+        // node3 as server of node2.
+        let server = server_config(&files(d.path(), "node3")).unwrap();
+        let client = client_config(&files(d.path(), "node2")).unwrap();
+        let (s, c) = exchange(server, client, "node3").await;
+        assert_eq!(s.expect("server handshake").0.as_deref(), Some("node2"));
+        assert_eq!(c.expect("client").as_deref(), Some("node3"));
+    }
+
+    #[test]
+    fn errors_name_the_file() {
+        let d = cluster_dir(&["node1", "node2"]);
+        let good = files(d.path(), "node1");
+        let err = |f: &TlsFiles| {
+            let s = format!("{:#}", server_config(f).unwrap_err());
+            let c = format!("{:#}", client_config(f).unwrap_err());
+            assert_eq!(s.split(':').next(), c.split(':').next());
+            s
+        };
+
+        let missing = TlsFiles { ca: d.path().join("nope.pem"), ..good.clone() };
+        let e = err(&missing);
+        assert!(e.starts_with(&format!("reading CA certificate {}: ", missing.ca.display())), "{e}");
+
+        let empty = d.path().join("empty");
+        fs::write(&empty, "").unwrap();
+        let e = err(&TlsFiles { key: empty.clone(), ..good.clone() });
+        assert_eq!(e, format!("no private key in {}", empty.display()));
+        let e = err(&TlsFiles { cert: empty.clone(), ..good.clone() });
+        assert!(e.starts_with(&format!("no certificate in {}", empty.display())), "{e}");
+        let e = err(&TlsFiles { ca: empty.clone(), ..good.clone() });
+        assert!(e.starts_with(&format!("no certificate in {}", empty.display())), "{e}");
+
+        let bad = d.path().join("bad.pem");
+        fs::write(&bad, "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n").unwrap();
+        let e = err(&TlsFiles { cert: bad.clone(), ..good.clone() });
+        assert!(e.contains(&bad.display().to_string()), "{e}");
+        // Well-formed PEM whose content is not a certificate.
+        fs::write(&bad, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").unwrap();
+        let e = err(&TlsFiles { ca: bad.clone(), ..good.clone() });
+        assert!(e.contains(&bad.display().to_string()), "{e}");
+        let e = err(&TlsFiles { key: bad.clone(), ..good.clone() });
+        assert!(e.contains(&bad.display().to_string()), "{e}");
+
+        // node1's certificate with node2's key.
+        let e = err(&TlsFiles { key: files(d.path(), "node2").key, ..good.clone() });
+        assert!(e.contains("node1.pem") && e.contains("node2.key"), "{e}");
+    }
+
+    #[test]
+    fn names() {
+        assert!(server_name("node3").is_ok());
+        for bad in ["", "10.0.0.2", "::1", "a.b", "-x", "1234", "node1:7077"] {
+            assert!(server_name(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(peer_node_name(&[]), None);
+        assert_eq!(peer_node_name(&[CertificateDer::from(vec![0x30, 0x03, 1, 2, 3])]), None);
+        let d = cluster_dir(&["node7"]);
+        let certs = load_certs(&d.path().join("node7.pem"), "x").unwrap();
+        assert_eq!(peer_node_name(&certs).as_deref(), Some("node7"));
+        // The CA certificate has no DNS name.
+        let ca = load_certs(&d.path().join(cluster::CA_CERT), "x").unwrap();
+        assert_eq!(peer_node_name(&ca), None);
+    }
 }
