@@ -58,6 +58,73 @@ enum Cmd {
     CheckImage {
         image: PathBuf,
     },
+    /// Run this node's daemon: receives processes from other nodes (mutual TLS), sends local
+    /// programs' children away, relays their output and exit status.
+    Daemon {
+        /// The node configuration (TOML; see crates/node/src/config.rs for every key).
+        #[arg(long, default_value = telefork_node::config::DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Manage the cluster's certificates.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// N isolated nodes on this one machine (network, UTS and mount namespaces), each with a
+    /// running daemon: for tests and the demo.
+    #[command(subcommand)]
+    Testbed(TestbedCmd),
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Create a cluster CA and a certificate for every node (DIR/ca.pem, DIR/NODE.pem, keys).
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Node names, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<String>,
+        /// Replace an existing CA.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Sign a certificate for one more node with the existing CA in DIR.
+    AddNode {
+        #[arg(long)]
+        dir: PathBuf,
+        node: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TestbedCmd {
+    /// Create the nodes (removing leftovers of an earlier run first) and start their daemons.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long, default_value = telefork_testbed::DEFAULT_DIR)]
+        dir: PathBuf,
+    },
+    /// Run a command on a node, as a program of that node would run.
+    Exec {
+        node: String,
+        /// Run as this user (created if it does not exist) instead of root.
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long, default_value = telefork_testbed::DEFAULT_DIR)]
+        dir: PathBuf,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Remove every node, namespace, link and daemon of the testbed.
+    Down {
+        #[arg(long, default_value = telefork_testbed::DEFAULT_DIR)]
+        dir: PathBuf,
+    },
+    /// Show the nodes.
+    Status {
+        #[arg(long, default_value = telefork_testbed::DEFAULT_DIR)]
+        dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -66,6 +133,17 @@ fn main() -> ExitCode {
         Cmd::Dump { pid, out, leave_running } => dump(pid, &out, leave_running).map(|_| ExitCode::SUCCESS),
         Cmd::Restore { image, detach } => restore(&image, detach),
         Cmd::CheckImage { image } => check_image(&image).map(|_| ExitCode::SUCCESS),
+        Cmd::Daemon { config } => telefork_node::config::Config::load(&config)
+            .and_then(telefork_node::daemon::run)
+            .map(|_| ExitCode::SUCCESS),
+        Cmd::Cluster(ClusterCmd::Init { dir, nodes, force }) => {
+            telefork_node::cluster::init_with(&dir, &nodes, force).map(|_| {
+                println!("cluster CA and certificates for {} written to {}", nodes.join(", "), dir.display());
+                ExitCode::SUCCESS
+            })
+        }
+        Cmd::Cluster(ClusterCmd::AddNode { dir, node }) => telefork_node::cluster::add_node(&dir, &node).map(|_| ExitCode::SUCCESS),
+        Cmd::Testbed(t) => testbed(t),
     };
     match result {
         Ok(code) => code,
@@ -138,6 +216,41 @@ fn restore(image: &Path, detach: bool) -> Result<ExitCode> {
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(e).context("waiting for the restored process"),
         }
+    }
+}
+
+fn testbed(cmd: TestbedCmd) -> Result<ExitCode> {
+    match cmd {
+        TestbedCmd::Up { nodes, dir } => {
+            let opts = telefork_testbed::TestbedOptions {
+                nodes,
+                dir,
+                telefork_bin: std::env::current_exe().context("locating the telefork binary")?,
+                ..Default::default()
+            };
+            let tb = telefork_testbed::up(&opts)?;
+            print_testbed(&tb);
+            Ok(ExitCode::SUCCESS)
+        }
+        TestbedCmd::Exec { node, user, dir, cmd } => {
+            let st = telefork_testbed::exec(&dir, &node, user.as_deref(), &cmd)?;
+            Ok(match (st.code(), std::os::unix::process::ExitStatusExt::signal(&st)) {
+                (Some(c), _) => ExitCode::from(c as u8),
+                (None, Some(s)) => ExitCode::from(128 + s as u8),
+                _ => ExitCode::from(1),
+            })
+        }
+        TestbedCmd::Down { dir } => telefork_testbed::down(&dir).map(|_| ExitCode::SUCCESS),
+        TestbedCmd::Status { dir } => {
+            print_testbed(&telefork_testbed::load(&dir)?);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn print_testbed(tb: &telefork_testbed::Testbed) {
+    for n in &tb.nodes {
+        println!("{:<8} {:<12} daemon pid {}", n.name, n.addr, n.daemon_pid);
     }
 }
 

@@ -152,8 +152,21 @@ pub fn rseq_config(pid: Pid) -> Result<Option<telefork_image::Rseq>> {
 /// Resumes a stopped tracee until its next syscall stop (entry or exit); any other stop is an
 /// error naming what happened (the tracee is left stopped there).
 pub fn run_to_syscall_stop(pid: Pid) -> Result<()> {
-    ptrace::syscall(pid, None).with_context(|| format!("PTRACE_SYSCALL on {pid}"))?;
-    match waitpid(pid, Some(WaitPidFlag::__WALL)).with_context(|| format!("waiting for {pid}"))? {
+    // A stop left over from freezing (PTRACE_EVENT_STOP: our interrupt, or the re-trap of a
+    // process that was already in a job-control stop when seized) may come first: resume
+    // past it. Bounded, so a tracee that keeps stopping is an error, not a hang.
+    for _ in 0..8 {
+        ptrace::syscall(pid, None).with_context(|| format!("PTRACE_SYSCALL on {pid}"))?;
+        match waitpid(pid, Some(WaitPidFlag::__WALL)).with_context(|| format!("waiting for {pid}"))? {
+            WaitStatus::PtraceEvent(_, _, ev) if ev == libc::PTRACE_EVENT_STOP => continue,
+            other => return syscall_stop_result(pid, other),
+        }
+    }
+    bail!("process {pid} keeps stopping instead of running an injected system call")
+}
+
+fn syscall_stop_result(pid: Pid, st: WaitStatus) -> Result<()> {
+    match st {
         WaitStatus::PtraceSyscall(_) => Ok(()),
         WaitStatus::Stopped(_, sig) => {
             let rip = getregs(pid).map(|r| r.rip).unwrap_or(0);

@@ -1,1 +1,318 @@
-//! The telefork library (to be written).
+//! telefork: fork(), except the child appears on another machine of the cluster.
+//!
+//! ```no_run
+//! match telefork::telefork("node2")? {
+//!     telefork::Fork::Child => { println!("hello from node2"); std::process::exit(0) }
+//!     telefork::Fork::Parent(mut child) => { let status = child.wait()?; println!("{status}") }
+//! }
+//! # Ok::<(), telefork::Error>(())
+//! ```
+//!
+//! How: the calling thread forks a local child that stops itself at once (SIGSTOP) — that
+//! stopped child *is* the snapshot, copy-on-write, so the parent goes on immediately. The
+//! node's daemon (reached through a Unix socket, so the program needs no credentials) checks
+//! that the child is the caller's, streams it to the destination's daemon over mutual TLS,
+//! and kills the local copy once the destination runs it. The copy there returns from the
+//! same `telefork` call with `Fork::Child`. The child's stdout/stderr are relayed to the
+//! parent's, and its exit status comes back to `RemoteChild::wait`.
+//!
+//! State the library owns: only the connection to the local daemon, held by `RemoteChild`.
+
+use std::io::{IoSlice, Write};
+use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{fork, ForkResult, Pid};
+use serde::{de::DeserializeOwned, Serialize};
+use telefork_node::proto::{self, ExitInfo, FromDaemon, LocalCommand, LocalRequest};
+
+pub use telefork_node::config::{DEFAULT_SOCKET, SOCKET_ENV};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot reach the local telefork daemon at {path}: {source} (is `telefork daemon` running? set {SOCKET_ENV} to use another socket)")]
+    NoDaemon { path: PathBuf, source: std::io::Error },
+    #[error("telefork failed: {0}")]
+    Failed(String),
+    #[error("lost track of the remote child: {0}")]
+    Lost(String),
+    #[error("the remote closure ended without a result ({0})")]
+    NoResult(ExitStatus),
+    #[error("telefork: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("telefork: {0}")]
+    Other(String),
+}
+
+/// Where `telefork` returns: in the parent with a handle, or in the child on the other node.
+pub enum Fork {
+    Parent(RemoteChild),
+    Child,
+}
+
+/// A child running on another node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteId {
+    pub node: String,
+    pub pid: i32,
+}
+
+impl std::fmt::Display for RemoteId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.node, self.pid)
+    }
+}
+
+/// The parent's handle on a remote child, like `std::process::Child`.
+pub struct RemoteChild {
+    id: RemoteId,
+    conn: UnixStream,
+    status: Option<ExitStatus>,
+    result: Option<Vec<u8>>,
+}
+
+/// Options of a telefork.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Pass this process's stdin to the child (default: the child reads end-of-file).
+    pub pass_stdin: bool,
+}
+
+/// The daemon socket this program uses: `$TELEFORK_SOCKET`, else the default path.
+pub fn daemon_socket() -> PathBuf {
+    std::env::var_os(SOCKET_ENV).map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+}
+
+fn connect_daemon() -> Result<UnixStream, Error> {
+    let path = daemon_socket();
+    UnixStream::connect(&path).map_err(|source| Error::NoDaemon { path, source })
+}
+
+/// Forks the calling thread onto node `dest` (a node name from the cluster config, or
+/// host:port). Returns `Fork::Parent` here and `Fork::Child` there.
+pub fn telefork(dest: &str) -> Result<Fork, Error> {
+    telefork_with(dest, &Options::default())
+}
+
+pub fn telefork_with(dest: &str, opts: &Options) -> Result<Fork, Error> {
+    let conn = connect_daemon()?;
+    // Output buffered now would otherwise be printed twice, by both processes.
+    std::io::stdout().flush().ok();
+    std::io::stderr().flush().ok();
+    // SAFETY: the child only makes async-signal-safe system calls (close, kill) before it is
+    // captured; when it runs again it is a whole new single-threaded process on `dest`.
+    match unsafe { fork() }.map_err(|e| Error::Other(format!("fork: {e}")))? {
+        ForkResult::Child => {
+            // SAFETY: closing our copy of the daemon connection (the snapshot must hold no
+            // socket); then stop until captured. What runs after `kill` returns runs on `dest`.
+            let fd = conn.into_raw_fd();
+            unsafe {
+                libc::close(fd);
+                libc::kill(libc::getpid(), libc::SIGSTOP);
+            }
+            Ok(Fork::Child)
+        }
+        ForkResult::Parent { child } => match hand_over(conn, child, dest, opts) {
+            Ok(rc) => Ok(Fork::Parent(rc)),
+            Err(e) => {
+                let _ = kill(child, Signal::SIGKILL);
+                let _ = waitpid(child, None);
+                Err(e)
+            }
+        },
+    }
+}
+
+fn hand_over(conn: UnixStream, child: Pid, dest: &str, opts: &Options) -> Result<RemoteChild, Error> {
+    // Wait until the child has stopped: only then is it a complete snapshot.
+    match waitpid(child, Some(WaitPidFlag::WUNTRACED)).map_err(|e| Error::Other(format!("waitpid: {e}")))? {
+        WaitStatus::Stopped(_, _) => {}
+        other => return Err(Error::Failed(format!("the forked child did not stop: {other:?}"))),
+    }
+    let req = LocalRequest::Telefork { dest: dest.to_string(), child_pid: child.as_raw(), pass_stdin: opts.pass_stdin };
+    let mut fds: Vec<RawFd> = vec![1, 2];
+    if opts.pass_stdin {
+        fds.push(0);
+    }
+    send_with_fds(&conn, &req, &fds)?;
+    // The daemon bounds every step with its own timeouts; this only guards against a hung
+    // daemon.
+    conn.set_read_timeout(Some(Duration::from_secs(600))).ok();
+    let mut r = &conn;
+    let reply: FromDaemon = proto::expect_frame(&mut r, "the daemon's answer").map_err(|e| Error::Failed(format!("{e:#}")))?;
+    conn.set_read_timeout(None).ok();
+    match reply {
+        FromDaemon::Started { node, pid } => {
+            // The local copy was killed by the daemon after the hand-over: reap it.
+            let _ = waitpid(child, None);
+            Ok(RemoteChild { id: RemoteId { node, pid }, conn, status: None, result: None })
+        }
+        FromDaemon::Failed { error } => Err(Error::Failed(error)),
+        other => Err(Error::Failed(format!("unexpected answer from the daemon: {other:?}"))),
+    }
+}
+
+fn send_with_fds(conn: &UnixStream, req: &LocalRequest, fds: &[RawFd]) -> Result<(), Error> {
+    let body = postcard::to_stdvec(req).map_err(|e| Error::Other(e.to_string()))?;
+    let mut frame = (body.len() as u32).to_le_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    let cmsg = [ControlMessage::ScmRights(fds)];
+    let iov = [IoSlice::new(&frame)];
+    let n = sendmsg::<()>(conn.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None).map_err(|e| Error::Io(e.into()))?;
+    if n < frame.len() {
+        (&*conn).write_all(&frame[n..])?;
+    }
+    Ok(())
+}
+
+impl RemoteChild {
+    pub fn id(&self) -> RemoteId {
+        self.id.clone()
+    }
+
+    /// Waits for the child to end, like `std::process::Child::wait`.
+    pub fn wait(&mut self) -> Result<ExitStatus, Error> {
+        while self.status.is_none() {
+            self.read_event()?;
+        }
+        Ok(self.status.unwrap_or_else(|| ExitStatus::from_raw(0)))
+    }
+
+    /// Returns the exit status if the child has ended, without blocking.
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>, Error> {
+        while self.status.is_none() {
+            let mut fds = [libc::pollfd { fd: self.conn.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+            // SAFETY: one valid pollfd, zero timeout.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
+            if n <= 0 {
+                return Ok(None);
+            }
+            self.read_event()?;
+        }
+        Ok(self.status)
+    }
+
+    /// Sends `signal` to the remote child.
+    pub fn kill(&mut self, signal: i32) -> Result<(), Error> {
+        if self.status.is_some() {
+            return Ok(());
+        }
+        proto::write_frame(&mut self.conn, &LocalCommand::Kill { signal }).map_err(|e| Error::Lost(format!("{e:#}")))
+    }
+
+    fn read_event(&mut self) -> Result<(), Error> {
+        let mut r = &self.conn;
+        let ev: FromDaemon = proto::expect_frame(&mut r, "the child's exit status").map_err(|e| Error::Lost(format!("{e:#}")))?;
+        match ev {
+            FromDaemon::Result { value } => self.result = Some(value),
+            FromDaemon::Exited(ExitInfo::Code(c)) => self.status = Some(ExitStatus::from_raw((c & 0xff) << 8)),
+            FromDaemon::Exited(ExitInfo::Signal(s)) => self.status = Some(ExitStatus::from_raw(s & 0x7f)),
+            FromDaemon::Lost { error } => return Err(Error::Lost(error)),
+            other => return Err(Error::Lost(format!("unexpected message {other:?}"))),
+        }
+        Ok(())
+    }
+}
+
+/// Runs `f` on node `dest` and returns its value.
+pub fn remote<T, F>(dest: &str, f: F) -> Result<T, Error>
+where
+    F: FnOnce() -> T,
+    T: Serialize + DeserializeOwned,
+{
+    match telefork(dest)? {
+        Fork::Child => {
+            let value = f();
+            let code = match report(&value) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("telefork: remote: cannot send the result home: {e}");
+                    1
+                }
+            };
+            exit_now(code)
+        }
+        Fork::Parent(mut child) => {
+            let status = child.wait()?;
+            let value = child.result.take().ok_or(Error::NoResult(status))?;
+            postcard::from_bytes(&value).map_err(|e| Error::Other(format!("decoding the remote result: {e}")))
+        }
+    }
+}
+
+fn report<T: Serialize>(value: &T) -> Result<(), Error> {
+    let value = postcard::to_stdvec(value).map_err(|e| Error::Other(e.to_string()))?;
+    let mut conn = connect_daemon()?;
+    proto::write_frame(&mut conn, &LocalRequest::Report { value }).map_err(|e| Error::Other(format!("{e:#}")))?;
+    match proto::expect_frame::<_, FromDaemon>(&mut conn, "the daemon's answer").map_err(|e| Error::Other(format!("{e:#}")))? {
+        FromDaemon::Ok => Ok(()),
+        FromDaemon::Failed { error } => Err(Error::Failed(error)),
+        other => Err(Error::Other(format!("unexpected answer {other:?}"))),
+    }
+}
+
+/// The name of the node this process runs on (asks the local daemon).
+pub fn current_node() -> Result<String, Error> {
+    let mut conn = connect_daemon()?;
+    proto::write_frame(&mut conn, &LocalRequest::WhoAmI).map_err(|e| Error::Other(format!("{e:#}")))?;
+    match proto::expect_frame::<_, FromDaemon>(&mut conn, "the daemon's answer").map_err(|e| Error::Other(format!("{e:#}")))? {
+        FromDaemon::Node { name } => Ok(name),
+        other => Err(Error::Other(format!("unexpected answer {other:?}"))),
+    }
+}
+
+/// Goes to `dest`, runs `f` there, and comes back with the whole process state: `yoyo`
+/// returns on the original node, in a process that has everything `f` did to its memory.
+/// The original process waits meanwhile and exits with the status of the one that returns.
+pub fn yoyo<F: FnOnce()>(dest: &str, f: F) -> Result<(), Error> {
+    let home = current_node()?;
+    match telefork(dest)? {
+        Fork::Parent(mut child) => {
+            let status = child.wait()?;
+            exit_like(status)
+        }
+        Fork::Child => {
+            f();
+            match telefork(&home) {
+                Ok(Fork::Child) => Ok(()),
+                Ok(Fork::Parent(mut back)) => match back.wait() {
+                    Ok(status) => exit_like(status),
+                    Err(e) => {
+                        eprintln!("telefork: yoyo: {e}");
+                        exit_now(1)
+                    }
+                },
+                Err(e) => {
+                    eprintln!("telefork: yoyo: cannot come back to {home}: {e}");
+                    exit_now(1)
+                }
+            }
+        }
+    }
+}
+
+fn exit_now(code: i32) -> ! {
+    std::io::stdout().flush().ok();
+    std::io::stderr().flush().ok();
+    std::process::exit(code)
+}
+
+/// Ends this process the way `status` says another one ended.
+fn exit_like(status: ExitStatus) -> ! {
+    if let Some(sig) = status.signal() {
+        std::io::stdout().flush().ok();
+        // SAFETY: default disposition, then the same signal: we die of it like the child did.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+            libc::raise(sig);
+        }
+    }
+    exit_now(status.code().unwrap_or(1))
+}

@@ -17,6 +17,7 @@ mod state;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
@@ -180,6 +181,15 @@ pub fn up(opts: &TestbedOptions) -> Result<Testbed> {
     let mut st = State { prefix: opts.prefix.clone(), subnet: opts.subnet, daemon_cmd, nodes: vec![] };
     // Saved before anything exists, so that `down(dir)` knows the prefix whatever happens next.
     st.save(dir)?;
+    build(opts, &mut st).with_context(|| {
+        format!("testbed up failed; what was created stays for inspection (logs in {}/nodeK/), `down` removes it", dir.display())
+    })?;
+    to_testbed(dir, &st)
+}
+
+/// The body of `up` once the state file exists.
+fn build(opts: &TestbedOptions, st: &mut State) -> Result<()> {
+    let dir = &opts.dir;
 
     let names: Vec<String> = (1..=opts.nodes).map(node_name).collect();
     telefork_node::cluster::init(&dir.join("pki"), &names).context("creating the testbed's cluster certificates")?;
@@ -197,7 +207,7 @@ pub fn up(opts: &TestbedOptions) -> Result<Testbed> {
         let holder = procs::start_holder(&net::netns_name(&opts.prefix, k), &name, &nd)?;
         st.nodes[k - 1].holder = Some(holder);
         st.save(dir)?;
-        let argv = daemon_argv(&st, dir, &st.nodes[k - 1]);
+        let argv = daemon_argv(st, dir, &st.nodes[k - 1]);
         let daemon = procs::start_daemon(holder, &argv, &nd, &daemon_log(dir, &name), &format!("daemon of {name}"))?;
         st.nodes[k - 1].daemon = Some(daemon);
         st.save(dir)?;
@@ -207,7 +217,7 @@ pub fn up(opts: &TestbedOptions) -> Result<Testbed> {
         let (h, d) = (n.holder.unwrap(), n.daemon.unwrap());
         procs::wait_ready(h, d, Path::new(DEFAULT_SOCKET), &daemon_log(dir, &n.name), &format!("daemon of {}", n.name), deadline)?;
     }
-    to_testbed(dir, &st)
+    Ok(())
 }
 
 /// The testbed described by DIR's state file (PIDs of processes that have gone read as 0).
@@ -306,6 +316,17 @@ pub fn command(dir: &Path, node: &str, user: Option<&str>, cmd: &[String]) -> Re
         c.env("USER", u).env("LOGNAME", u).env("HOME", &pw.dir);
     }
     c.args(cmd);
+    // A program of the node starts with stdio only: fds leaked by whatever started us (the
+    // shell, a test harness) must not follow it into the node.
+    // SAFETY: close_range is async-signal-safe; marking fds close-on-exec (rather than
+    // closing them) keeps std's own exec-error pipe working until exec.
+    unsafe {
+        c.pre_exec(|| {
+            const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+            libc::syscall(libc::SYS_close_range, 3 as libc::c_uint, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC);
+            Ok(())
+        });
+    }
     Ok(c)
 }
 
@@ -338,6 +359,36 @@ pub fn restart_daemon(dir: &Path, node: &str) -> Result<()> {
     st.node_mut(node)?.daemon = Some(d);
     st.save(dir)?;
     procs::wait_ready(holder, d, Path::new(DEFAULT_SOCKET), &log, &what, Instant::now() + Duration::from_secs(10))
+}
+
+/// Held while a testbed of some prefix is in use; dropping it releases the lock.
+pub struct TestbedLock {
+    _file: std::fs::File,
+}
+
+/// Waits for exclusive use of the testbed names with `prefix` (an `flock` on
+/// /run/lock/telefork-testbed-PREFIX.lock), across threads and processes. Namespace and link
+/// names are global to the host: tests that bring a testbed up hold this for their whole
+/// duration so that parallel tests take turns. (`up`/`down` themselves do not take it.)
+pub fn lock(prefix: &str) -> Result<TestbedLock> {
+    use std::os::fd::AsRawFd;
+    if !valid_prefix(prefix) {
+        bail!("testbed prefix {prefix:?} must be 1-8 characters of [a-z0-9-]");
+    }
+    let dir = Path::new("/run/lock");
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(format!("telefork-testbed-{prefix}.lock"));
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+    loop {
+        // SAFETY: flock on a file descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+            return Ok(TestbedLock { _file: file });
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e).with_context(|| format!("locking {}", path.display()));
+        }
+    }
 }
 
 /// Makes sure a system user NAME exists (creating it with useradd --system, no home, nologin
