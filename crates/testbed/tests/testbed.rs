@@ -5,7 +5,7 @@
 //! hostname; `sleep` if python3 is missing). Checks hostnames, node-to-node TCP, user exec,
 //! daemon kill/restart, re-`up` over leftovers, and that `down` leaves nothing behind.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use telefork_testbed as tb;
@@ -33,7 +33,7 @@ fn strings(a: &[&str]) -> Vec<String> {
 }
 
 /// Runs CMD on NODE, returns (success, trimmed stdout).
-fn run(dir: &PathBuf, node: &str, user: Option<&str>, cmd: &[&str]) -> (bool, String) {
+fn run(dir: &Path, node: &str, user: Option<&str>, cmd: &[&str]) -> (bool, String) {
     let out = tb::command(dir, node, user, &strings(cmd)).unwrap().stdin(Stdio::null()).output().unwrap();
     if !out.status.success() {
         eprintln!("{cmd:?} on {node}: {}: {}", out.status, String::from_utf8_lossy(&out.stderr));
@@ -57,12 +57,22 @@ impl Drop for Guard {
     }
 }
 
+
+fn can_run() -> bool {
+    let ok = nix::unistd::Uid::effective().is_root() && Command::new("ip").arg("-V").output().is_ok();
+    if !ok {
+        eprintln!("skipped: needs root and iproute2");
+    }
+    ok
+}
+
 #[test]
 fn three_nodes() {
-    if !nix::unistd::Uid::effective().is_root() || Command::new("ip").arg("-V").output().is_err() {
-        eprintln!("skipped: needs root and iproute2");
+    if !can_run() {
         return;
     }
+    // The tests share the prefix and subnet: one at a time, also across processes.
+    let _serial = tb::lock(PREFIX).unwrap();
     let dir = PathBuf::from(format!("/run/telefork-testbed-test-{}", std::process::id()));
     let _guard = Guard(dir.clone());
     let py = python3();
@@ -124,11 +134,12 @@ fn three_nodes() {
     }
 
     // A program left running on a node, then `up` again over everything (as after a crash).
-    let bg = tb::command(&dir, "node3", None, &strings(&["sleep", "1000"])).unwrap().spawn().unwrap();
+    let mut bg = tb::command(&dir, "node3", None, &strings(&["sleep", "1000"])).unwrap().spawn().unwrap();
     let opts2 = tb::TestbedOptions { nodes: 2, ..opts.clone() };
     let t2 = tb::up(&opts2).unwrap_or_else(|e| panic!("second up: {e:#}"));
     // (`down` reaps the killed process, which is our child here.)
     assert!(!std::path::Path::new(&format!("/proc/{}", bg.id())).exists(), "program on the old node3 survived a re-up");
+    let _ = bg.wait();
     assert_eq!(t2.nodes.len(), 2);
     assert!(ours_left().iter().all(|l| !l.contains("tfx-node3") && !l.contains("tfx-v3")), "{:?}", ours_left());
     assert_eq!(run(&dir, "node2", None, &["hostname"]), (true, "node2".into()));
@@ -139,4 +150,32 @@ fn three_nodes() {
     assert!(!t2.nodes.iter().any(|n| std::path::Path::new(&format!("/proc/{}", n.holder_pid)).exists()));
     // down of nothing is fine.
     tb::down_prefixed(&dir, PREFIX).unwrap();
+}
+
+/// A daemon that fails to start: `up` fails pointing at its log, and `down` cleans up the
+/// half-built testbed.
+#[test]
+fn failing_daemon() {
+    if !can_run() {
+        return;
+    }
+    // The tests share the prefix and subnet: one at a time, also across processes.
+    let _serial = tb::lock(PREFIX).unwrap();
+    let dir = PathBuf::from(format!("/run/telefork-testbed-test-fail-{}", std::process::id()));
+    let _guard = Guard(dir.clone());
+    let opts = tb::TestbedOptions {
+        nodes: 2,
+        dir: dir.clone(),
+        prefix: PREFIX.into(),
+        subnet: "10.78.0.0".parse().unwrap(),
+        daemon_cmd_override: Some(strings(&["sh", "-c", "echo stand-in daemon gives up on {node} >&2; exit 3"])),
+        ..Default::default()
+    };
+    let e = format!("{:#}", tb::up(&opts).unwrap_err());
+    assert!(e.contains("daemon.log") && e.contains("stand-in daemon gives up on node"), "{e}");
+    assert!(dir.join("testbed.state").exists());
+    assert!(!ours_left().is_empty());
+    tb::down(&dir).unwrap();
+    assert_eq!(ours_left(), Vec::<String>::new());
+    assert!(!dir.exists());
 }
