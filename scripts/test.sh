@@ -11,7 +11,9 @@ echo "== build (release)"
 cargo build --release --workspace
 
 echo "== tests"
-cargo test --workspace --release -- --test-threads=1
+# --no-fail-fast: every test binary runs and reports, even after one fails
+status=0
+cargo test --workspace --release --no-fail-fast -- --test-threads=1 || status=$?
 
 fuzz_seconds="${FUZZ_SECONDS:-60}"
 if [ "$fuzz_seconds" -gt 0 ]; then
@@ -29,5 +31,9 @@ if [ "$fuzz_seconds" -gt 0 ]; then
         ls -l fuzz/artifacts/image_decode >&2
         exit 1
     fi
+fi
+if [ "$status" -ne 0 ]; then
+    echo "== tests FAILED (cargo test exit status $status)" >&2
+    exit "$status"
 fi
 echo "== all tests passed"
