@@ -30,6 +30,7 @@ const PM_FILE: u64 = 1 << 61;
 /// Turns the maps of a stopped process into `Vma`s, with file identities. Refuses what
 /// cannot be restored faithfully.
 pub fn capture_vmas(pid: Pid, maps: &[MapsEntry]) -> Result<Vec<Vma>> {
+    let vmflags = crate::procfs::read_vmflags(pid)?;
     let mut vmas = Vec::with_capacity(maps.len());
     for m in maps {
         let prot = (m.read as u32 * libc::PROT_READ as u32)
@@ -52,8 +53,24 @@ pub fn capture_vmas(pid: Pid, maps: &[MapsEntry]) -> Result<Vec<Vma>> {
             }
             n => VmaKind::File(file_id_of_mapping(pid, m, n)?),
         };
-        let growsdown = m.name == "[stack]";
-        vmas.push(Vma { start: m.start, end: m.end, prot, shared: m.shared, offset: m.offset, kind, growsdown });
+        let flags = vmflags.get(&m.start).map(Vec::as_slice).unwrap_or(&[]);
+        let has = |f: &str| flags.iter().any(|x| x == f);
+        let advice = [("hg", libc::MADV_HUGEPAGE), ("nh", libc::MADV_NOHUGEPAGE), ("dc", libc::MADV_DONTFORK), ("dd", libc::MADV_DONTDUMP), ("wf", libc::MADV_WIPEONFORK)]
+            .iter()
+            .filter(|(f, _)| has(f))
+            .map(|(_, a)| *a)
+            .collect();
+        vmas.push(Vma {
+            start: m.start,
+            end: m.end,
+            prot,
+            shared: m.shared,
+            offset: m.offset,
+            kind,
+            growsdown: has("gd") || m.name == "[stack]",
+            accounted: has("ac"),
+            advice,
+        });
     }
     Ok(vmas)
 }
@@ -173,17 +190,34 @@ pub fn validate_layout(vmas: &[Vma]) -> Result<()> {
 
 /// Creates every non-special mapping of the image in the (emptied) restore process, writable
 /// so pages can be written in. Files are opened inside the process and closed again.
+/// The protection a mapping is created with: writable (so its pages can be written in) when
+/// that matches its history — it is charged (VM_ACCOUNT, i.e. it was writable) or anonymous,
+/// where MAP_NORESERVE keeps an unaccounted one uncharged — and its final protection
+/// otherwise (read-only file text: any changed page is written in through /proc/PID/mem,
+/// which may write to private read-only memory, as a debugger's breakpoints do).
+fn initial_prot(v: &Vma) -> u32 {
+    let rw = (libc::PROT_READ | libc::PROT_WRITE) as u32;
+    match v.kind {
+        VmaKind::Special(_) => v.prot,
+        VmaKind::Anon => rw,
+        VmaKind::File(_) if v.shared => v.prot,
+        VmaKind::File(_) if v.accounted || v.prot & libc::PROT_WRITE as u32 != 0 => rw | v.prot,
+        VmaKind::File(_) => v.prot,
+    }
+}
+
 pub fn create_mappings(inj: &mut Injector, vmas: &[Vma]) -> Result<()> {
     let mut files: HashMap<(String, bool), u64> = HashMap::new();
     for v in vmas {
         let len = v.end - v.start;
-        let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
-        let (prot, flags, fd) = match &v.kind {
+        let prot = initial_prot(v) as u64;
+        let noreserve = if v.accounted || v.shared { 0 } else { libc::MAP_NORESERVE };
+        let (flags, fd) = match &v.kind {
             VmaKind::Special(_) => continue,
             VmaKind::Anon => {
                 let share = if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
                 let grows = if v.growsdown { libc::MAP_GROWSDOWN } else { 0 };
-                (rw, (share | libc::MAP_ANONYMOUS | grows) as u64, u64::MAX)
+                ((share | libc::MAP_ANONYMOUS | grows | noreserve) as u64, u64::MAX)
             }
             VmaKind::File(id) => {
                 check_file(id, "mapped file")?;
@@ -211,9 +245,9 @@ pub fn create_mappings(inj: &mut Injector, vmas: &[Vma]) -> Result<()> {
                     }
                 };
                 if v.shared {
-                    (v.prot as u64, libc::MAP_SHARED as u64, fd)
+                    (libc::MAP_SHARED as u64, fd)
                 } else {
-                    (rw | v.prot as u64, libc::MAP_PRIVATE as u64, fd)
+                    ((libc::MAP_PRIVATE | noreserve) as u64, fd)
                 }
             }
         };
@@ -224,6 +258,9 @@ pub fn create_mappings(inj: &mut Injector, vmas: &[Vma]) -> Result<()> {
         )?;
         if got != v.start {
             bail!("mapping {:#x}-{:#x} landed at {got:#x}", v.start, v.end);
+        }
+        for advice in &v.advice {
+            inj.syscall(libc::SYS_madvise, &[v.start, len, *advice as u64], format_args!("madvise({advice}) on {:#x}-{:#x}", v.start, v.end))?;
         }
     }
     for fd in files.into_values() {
@@ -245,12 +282,7 @@ pub fn check_page_run(vmas: &[Vma], addr: u64, len: u64) -> Result<()> {
 /// Gives every mapping its final protection once its pages are in.
 pub fn finish(inj: &mut Injector, vmas: &[Vma]) -> Result<()> {
     for v in vmas {
-        let created_rw = match v.kind {
-            VmaKind::Special(_) => false,
-            VmaKind::Anon => true,
-            VmaKind::File(_) => !v.shared,
-        };
-        if created_rw && v.prot != (libc::PROT_READ | libc::PROT_WRITE) as u32 {
+        if initial_prot(v) != v.prot {
             inj.syscall(
                 libc::SYS_mprotect,
                 &[v.start, v.end - v.start, v.prot as u64],

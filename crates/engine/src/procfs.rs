@@ -70,6 +70,32 @@ fn parse_maps_line(line: &str) -> Result<MapsEntry> {
     })
 }
 
+/// The VmFlags line of every mapping in /proc/PID/smaps, by start address.
+pub fn read_vmflags(pid: Pid) -> Result<std::collections::HashMap<u64, Vec<String>>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).with_context(|| format!("reading /proc/{pid}/smaps"))?;
+    Ok(parse_vmflags(&text))
+}
+
+pub fn parse_vmflags(text: &str) -> std::collections::HashMap<u64, Vec<String>> {
+    let mut out = std::collections::HashMap::new();
+    let mut current = None;
+    for line in text.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if let Some(start) = current.take() {
+                out.insert(start, flags.split_whitespace().map(str::to_string).collect());
+            }
+        } else if let Some((range, _)) = line.split_once(' ') {
+            // A mapping's header line starts with "start-end"; field lines with "Name:".
+            if let Some((s, _)) = range.split_once('-') {
+                if let Ok(start) = u64::from_str_radix(s, 16) {
+                    current = Some(start);
+                }
+            }
+        }
+    }
+    out
+}
+
 /// The fields of /proc/PID/stat, 1-based as in proc(5); field 2 (comm) is returned apart.
 pub struct Stat {
     pub comm: String,
@@ -135,6 +161,13 @@ mod tests {
         assert!(m[2].shared && m[2].offset == 0x1000 && m[2].inode == 77);
         assert!(parse_maps("zz-10 rw-p 0 0 0\n").is_err());
         assert!(parse_maps("10-5 rw-p 0 0:0 0\n").is_err());
+    }
+
+    #[test]
+    fn vmflags() {
+        let f = parse_vmflags("7f00-7f10 rw-p 00000000 00:00 0\nRss:  4 kB\nVmFlags: rd wr mr mw me ac sd \n7f20-7f30 ---p 0 00:00 0\nVmFlags: mr mw me\n");
+        assert_eq!(f[&0x7f00], ["rd", "wr", "mr", "mw", "me", "ac", "sd"]);
+        assert_eq!(f[&0x7f20], ["mr", "mw", "me"]);
     }
 
     #[test]

@@ -42,10 +42,10 @@ fn main() {
             exe_id: Some(file.clone()),
         },
         vmas: vec![
-            Vma { start: 0x40_0000, end: 0x40_1000, prot: 5, shared: false, offset: 0, kind: VmaKind::File(file.clone()), growsdown: false },
-            Vma { start: 0x70_0000, end: 0x70_2000, prot: 3, shared: false, offset: 0, kind: VmaKind::Anon, growsdown: false },
-            Vma { start: 0x7ffe_0000, end: 0x7fff_2000, prot: 3, shared: false, offset: 0, kind: VmaKind::Anon, growsdown: true },
-            Vma { start: 0x7fff_f000, end: 0x8000_1000, prot: 5, shared: false, offset: 0, kind: VmaKind::Special(SpecialMap::Vdso), growsdown: false },
+            Vma { start: 0x40_0000, end: 0x40_1000, prot: 5, shared: false, offset: 0, kind: VmaKind::File(file.clone()), growsdown: false, accounted: false, advice: vec![] },
+            Vma { start: 0x70_0000, end: 0x70_2000, prot: 3, shared: false, offset: 0, kind: VmaKind::Anon, growsdown: false, accounted: false, advice: vec![] },
+            Vma { start: 0x7ffe_0000, end: 0x7fff_2000, prot: 3, shared: false, offset: 0, kind: VmaKind::Anon, growsdown: true, accounted: true, advice: vec![] },
+            Vma { start: 0x7fff_f000, end: 0x8000_1000, prot: 5, shared: false, offset: 0, kind: VmaKind::Special(SpecialMap::Vdso), growsdown: false, accounted: false, advice: vec![] },
         ],
         threads: vec![ThreadState {
             tid: 4242,

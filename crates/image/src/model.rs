@@ -112,6 +112,13 @@ pub struct Vma {
     pub kind: VmaKind,
     /// VM_GROWSDOWN (the main [stack]): the mapping still grows down after restore.
     pub growsdown: bool,
+    /// VM_ACCOUNT: the mapping is charged against the commit limit (it was writable, without
+    /// MAP_NORESERVE). Kept so restore neither over-commits a 64 GiB MAP_NORESERVE
+    /// reservation nor merges mappings the kernel kept apart.
+    pub accounted: bool,
+    /// madvise(2) advice in effect (MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_DONTFORK,
+    /// MADV_DONTDUMP, MADV_WIPEONFORK), applied again on restore.
+    pub advice: Vec<i32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
