@@ -233,6 +233,9 @@ fn testbed(cmd: TestbedCmd) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         TestbedCmd::Exec { node, user, dir, cmd } => {
+            if let Some(u) = &user {
+                telefork_testbed::ensure_test_user(u)?;
+            }
             let st = telefork_testbed::exec(&dir, &node, user.as_deref(), &cmd)?;
             Ok(match (st.code(), std::os::unix::process::ExitStatusExt::signal(&st)) {
                 (Some(c), _) => ExitCode::from(c as u8),

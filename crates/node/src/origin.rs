@@ -28,7 +28,9 @@ use crate::proto::{self, FromDaemon, FromDest, LocalCommand, LocalRequest, ToDes
 
 pub fn serve(shared: &Shared, mut sock: UnixStream) -> Result<()> {
     let cred = getsockopt(&sock, PeerCredentials).context("SO_PEERCRED")?;
-    let (req, fds) = recv_first(&sock)?;
+    let Some((req, fds)) = recv_first(&sock)? else {
+        return Ok(()); // connected and left (a liveness probe): nothing to do
+    };
     match req {
         LocalRequest::WhoAmI => proto::write_frame(&mut sock, &FromDaemon::Node { name: shared.cfg.node.clone() }),
         LocalRequest::Report { value } => {
@@ -56,7 +58,7 @@ pub fn serve(shared: &Shared, mut sock: UnixStream) -> Result<()> {
 }
 
 /// Reads the first request and the fds passed with it.
-fn recv_first(sock: &UnixStream) -> Result<(LocalRequest, Vec<OwnedFd>)> {
+fn recv_first(sock: &UnixStream) -> Result<Option<(LocalRequest, Vec<OwnedFd>)>> {
     sock.set_read_timeout(Some(Duration::from_secs(10))).ok();
     let mut len = [0u8; 4];
     let mut cmsg = nix::cmsg_space!([RawFd; 3]);
@@ -73,7 +75,7 @@ fn recv_first(sock: &UnixStream) -> Result<(LocalRequest, Vec<OwnedFd>)> {
         msg.bytes
     };
     if got == 0 {
-        bail!("program disconnected before sending a request");
+        return Ok(None);
     }
     let mut r = &*sock;
     r.read_exact(&mut len[got..]).context("reading a request")?;
@@ -84,7 +86,7 @@ fn recv_first(sock: &UnixStream) -> Result<(LocalRequest, Vec<OwnedFd>)> {
     let mut body = vec![0u8; n as usize];
     r.read_exact(&mut body).context("reading a request")?;
     sock.set_read_timeout(None).ok();
-    Ok((postcard::from_bytes(&body).context("decoding a request")?, fds))
+    Ok(Some((postcard::from_bytes(&body).context("decoding a request")?, fds)))
 }
 
 /// A restored process reports its `remote` result; only children of this node's sessions may.
