@@ -43,7 +43,11 @@ pub fn serve(shared: &Shared, mut sock: UnixStream) -> Result<()> {
         }
         LocalRequest::Telefork { dest, child_pid, pass_stdin } => {
             let user = User { uid: cred.uid(), gid: cred.gid() };
-            match send_away(shared, Some(cred.pid()), &user, child_pid, &dest, pass_stdin) {
+            let mut to_program = sock.try_clone().context("cloning the program socket")?;
+            let accepted = |node: &str| {
+                let _ = proto::write_frame(&mut to_program, &FromDaemon::Accepted { node: node.to_string() });
+            };
+            match send_away(shared, Some(cred.pid()), &user, child_pid, &dest, pass_stdin, accepted) {
                 Ok((ch, node, pid)) => {
                     proto::write_frame(&mut sock, &FromDaemon::Started { node: node.clone(), pid })?;
                     relay(ch, sock, fds, pass_stdin)
@@ -115,7 +119,15 @@ fn status_field(pid: i32, key: &str) -> Result<i64> {
 }
 
 /// Checks the child, offers it to `dest`, streams it, and returns once it runs there.
-fn send_away(shared: &Shared, caller: Option<i32>, user: &User, child: i32, dest: &str, pass_stdin: bool) -> Result<(TlsChannel, String, i32)> {
+fn send_away(
+    shared: &Shared,
+    caller: Option<i32>,
+    user: &User,
+    child: i32,
+    dest: &str,
+    pass_stdin: bool,
+    accepted: impl FnOnce(&str),
+) -> Result<(TlsChannel, String, i32)> {
     let caller = caller.context("caller has no PID")?;
     if child <= 0 || status_field(child, "PPid")? != caller as i64 {
         bail!("process {child} is not a child of the calling process {caller}");
@@ -132,7 +144,7 @@ fn send_away(shared: &Shared, caller: Option<i32>, user: &User, child: i32, dest
     let image_bytes = status_field(child, "VmRSS").unwrap_or(0).max(0) as u64 * 1024;
     ch.send(&ToDest::Offer { user: user.clone(), origin: shared.cfg.node.clone(), image_bytes, pass_stdin })?;
     match ch.expect::<FromDest>("the destination's answer")? {
-        FromDest::Accept => {}
+        FromDest::Accept => accepted(&name),
         FromDest::Refused { reason } => bail!("node {name} refused: {reason}"),
         other => bail!("node {name} answered {other:?} to an offer"),
     }

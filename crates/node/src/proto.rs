@@ -55,6 +55,8 @@ pub enum LocalCommand {
 /// Messages of a daemon to a local program.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum FromDaemon {
+    /// The destination accepted the offer; the capture is streaming to it.
+    Accepted { node: String },
     Started { node: String, pid: i32 },
     Failed { error: String },
     /// The value reported by the child (`remote`), sent just before `Exited`.

@@ -72,7 +72,11 @@ impl std::fmt::Display for RemoteId {
 
 /// The parent's handle on a remote child, like `std::process::Child`.
 pub struct RemoteChild {
-    id: RemoteId,
+    node: String,
+    /// The PID on `node`; None while a background transfer is still under way.
+    pid: Option<i32>,
+    /// The stopped local copy, reaped once the destination runs the child.
+    local: Option<Pid>,
     conn: UnixStream,
     status: Option<ExitStatus>,
     result: Option<Vec<u8>>,
@@ -83,6 +87,10 @@ pub struct RemoteChild {
 pub struct Options {
     /// Pass this process's stdin to the child (default: the child reads end-of-file).
     pub pass_stdin: bool,
+    /// Return as soon as the destination has accepted the child, while its memory is still
+    /// streaming (the parent is held about as long as by a local fork()). A failure of the
+    /// transfer is then reported by `wait`/`id` instead of by `telefork`.
+    pub background: bool,
 }
 
 /// The daemon socket this program uses: `$TELEFORK_SOCKET`, else the default path.
@@ -145,18 +153,27 @@ fn hand_over(conn: UnixStream, child: Pid, dest: &str, opts: &Options) -> Result
     // The daemon bounds every step with its own timeouts; this only guards against a hung
     // daemon.
     conn.set_read_timeout(Some(Duration::from_secs(600))).ok();
-    let mut r = &conn;
-    let reply: FromDaemon = proto::expect_frame(&mut r, "the daemon's answer").map_err(|e| Error::Failed(format!("{e:#}")))?;
-    conn.set_read_timeout(None).ok();
-    match reply {
-        FromDaemon::Started { node, pid } => {
-            // The local copy was killed by the daemon after the hand-over: reap it.
-            let _ = waitpid(child, None);
-            Ok(RemoteChild { id: RemoteId { node, pid }, conn, status: None, result: None })
+    let mut rc = RemoteChild { node: String::new(), pid: None, local: Some(child), conn, status: None, result: None };
+    loop {
+        let mut r = &rc.conn;
+        let reply: FromDaemon = proto::expect_frame(&mut r, "the daemon's answer").map_err(|e| Error::Failed(format!("{e:#}")))?;
+        match reply {
+            FromDaemon::Accepted { node } => {
+                rc.node = node;
+                if opts.background {
+                    break;
+                }
+            }
+            FromDaemon::Started { node, pid } => {
+                rc.on_started(node, pid);
+                break;
+            }
+            FromDaemon::Failed { error } => return Err(Error::Failed(error)),
+            other => return Err(Error::Failed(format!("unexpected answer from the daemon: {other:?}"))),
         }
-        FromDaemon::Failed { error } => Err(Error::Failed(error)),
-        other => Err(Error::Failed(format!("unexpected answer from the daemon: {other:?}"))),
     }
+    rc.conn.set_read_timeout(None).ok();
+    Ok(rc)
 }
 
 fn send_with_fds(conn: &UnixStream, req: &LocalRequest, fds: &[RawFd]) -> Result<(), Error> {
@@ -173,8 +190,27 @@ fn send_with_fds(conn: &UnixStream, req: &LocalRequest, fds: &[RawFd]) -> Result
 }
 
 impl RemoteChild {
+    /// Node and PID of the child. During a background transfer (`Options::background`) the
+    /// PID is 0 until the child runs; `started` waits for that.
     pub fn id(&self) -> RemoteId {
-        self.id.clone()
+        RemoteId { node: self.node.clone(), pid: self.pid.unwrap_or(0) }
+    }
+
+    /// Waits until the child runs on its node (returns at once unless `background`).
+    pub fn started(&mut self) -> Result<RemoteId, Error> {
+        while self.pid.is_none() && self.status.is_none() {
+            self.read_event()?;
+        }
+        Ok(self.id())
+    }
+
+    /// The destination runs the child: the local copy was killed by the daemon; reap it.
+    fn on_started(&mut self, node: String, pid: i32) {
+        self.node = node;
+        self.pid = Some(pid);
+        if let Some(local) = self.local.take() {
+            let _ = waitpid(local, None);
+        }
     }
 
     /// Waits for the child to end, like `std::process::Child::wait`.
@@ -211,6 +247,15 @@ impl RemoteChild {
         let mut r = &self.conn;
         let ev: FromDaemon = proto::expect_frame(&mut r, "the child's exit status").map_err(|e| Error::Lost(format!("{e:#}")))?;
         match ev {
+            FromDaemon::Started { node, pid } => self.on_started(node, pid),
+            FromDaemon::Failed { error } => {
+                // A background transfer failed: the local copy is still stopped; end it.
+                if let Some(local) = self.local.take() {
+                    let _ = kill(local, Signal::SIGKILL);
+                    let _ = waitpid(local, None);
+                }
+                return Err(Error::Failed(error));
+            }
             FromDaemon::Result { value } => self.result = Some(value),
             FromDaemon::Exited(ExitInfo::Code(c)) => self.status = Some(ExitStatus::from_raw((c & 0xff) << 8)),
             FromDaemon::Exited(ExitInfo::Signal(s)) => self.status = Some(ExitStatus::from_raw(s & 0x7f)),
