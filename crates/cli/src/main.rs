@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
+mod bench;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use nix::sys::wait::{waitpid, WaitStatus};
@@ -72,6 +74,25 @@ enum Cmd {
     /// running daemon: for tests and the demo.
     #[command(subcommand)]
     Testbed(TestbedCmd),
+    /// Benchmark telefork against its baselines on a 2-node testbed of its own (needs root,
+    /// `cargo build --release --examples` for the benchprog example).
+    Bench {
+        /// Print one JSON object on stdout instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Runs per measurement (medians are reported; 4 GiB uses at most 3).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Process sizes in MiB for throughput and dump/restore.
+        #[arg(long, value_delimiter = ',', default_values_t = [256u64, 1024, 4096])]
+        sizes_mib: Vec<u64>,
+        /// Fast sanity check: sizes 64,256 and 3 runs.
+        #[arg(long)]
+        quick: bool,
+        /// Also dump and restore with criu (if it is on PATH and `criu check` passes).
+        #[arg(long)]
+        against_criu: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -144,6 +165,9 @@ fn main() -> ExitCode {
         }
         Cmd::Cluster(ClusterCmd::AddNode { dir, node }) => telefork_node::cluster::add_node(&dir, &node).map(|_| ExitCode::SUCCESS),
         Cmd::Testbed(t) => testbed(t),
+        Cmd::Bench { json, runs, sizes_mib, quick, against_criu } => {
+            bench::run(bench::BenchArgs { json, runs, sizes_mib, quick, against_criu })
+        }
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,789 @@
+//! `telefork bench`: telefork against the physical limits, every number beside its baseline
+//! measured in the same run (issue 4). A benchmark, not a test: it brings up its own 2-node
+//! testbed (prefix `tfb-`, 10.80.0.0/24, /run/telefork-bench), runs the `benchprog` example
+//! there as the non-root user `tfbench`, and for dump/restore runs it on the host as root.
+//! The testbed is always torn down (also on error, and best effort on SIGINT/SIGTERM/SIGHUP).
+//! Any measurement that fails stops the bench with a non-zero exit and the reason.
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+const PREFIX: &str = "tfb-";
+const SUBNET: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 80, 0, 0);
+const DIR: &str = "/run/telefork-bench";
+const USER: &str = "tfbench";
+const IMG_DIR: &str = "/tmp/telefork-bench-images";
+const TCP_PORT: u16 = 7101;
+const TLS_PORT: u16 = 7102;
+
+pub struct BenchArgs {
+    pub json: bool,
+    pub runs: usize,
+    pub sizes_mib: Vec<u64>,
+    pub quick: bool,
+    pub against_criu: bool,
+}
+
+/// One line of the result: a measurement (median) beside its baseline (median).
+struct Row {
+    group: &'static str,
+    name: String,
+    unit: &'static str, // "ms", "GB/s" or "MiB"
+    value: f64,
+    baseline_name: String,
+    baseline: f64,
+    runs: usize,
+    samples: Vec<f64>,
+    baseline_samples: Vec<f64>,
+    note: String,
+}
+
+impl Row {
+    /// measurement / baseline (for GB/s: the share of the baseline reached).
+    fn ratio(&self) -> f64 {
+        self.value / self.baseline
+    }
+}
+
+/// PIDs of processes this bench started and has not reaped (killed on SIGINT).
+static CHILDREN: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+
+fn track(pid: u32) {
+    CHILDREN.lock().unwrap_or_else(|e| e.into_inner()).push(pid as i32);
+}
+
+fn untrack(pid: u32) {
+    CHILDREN.lock().unwrap_or_else(|e| e.into_inner()).retain(|&p| p != pid as i32);
+}
+
+fn progress(msg: &str) {
+    eprintln!("bench: {msg}");
+}
+
+pub fn run(mut a: BenchArgs) -> Result<ExitCode> {
+    if a.quick {
+        a.sizes_mib = vec![64, 256];
+        a.runs = 3;
+    }
+    if a.runs == 0 || a.sizes_mib.is_empty() || a.sizes_mib.contains(&0) {
+        bail!("bench needs --runs >= 1 and non-zero --sizes-mib");
+    }
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!("telefork bench needs root (it brings up a testbed and dumps processes)");
+    }
+    let telefork_bin = std::env::current_exe().context("locating the telefork binary")?;
+    let prog = telefork_bin.parent().map(|d| d.join("examples/benchprog")).context("locating benchprog")?;
+    if !prog.is_file() {
+        bail!("{} is missing: build it with `cargo build --release --examples`", prog.display());
+    }
+    telefork_testbed::ensure_test_user(USER)?;
+    let _lock = telefork_testbed::lock(PREFIX)?;
+    install_signal_handler();
+
+    let machine = machine();
+    progress(&format!("machine: {machine}"));
+    let mut rows = vec![];
+    let testbed_result = (|| -> Result<()> {
+        let tb = {
+            progress(&format!("bringing up a 2-node testbed (prefix {PREFIX}, {SUBNET}/24, {DIR})"));
+            let opts = telefork_testbed::TestbedOptions {
+                nodes: 2,
+                dir: PathBuf::from(DIR),
+                telefork_bin: telefork_bin.clone(),
+                prefix: PREFIX.into(),
+                subnet: SUBNET,
+                ..Default::default()
+            };
+            telefork_testbed::up(&opts)?
+        };
+        // A copy every user can run, visible from both nodes.
+        let node_prog = Path::new(DIR).join("benchprog");
+        std::fs::copy(&prog, &node_prog).with_context(|| format!("copying benchprog to {}", node_prog.display()))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&node_prog, std::fs::Permissions::from_mode(0o755))?;
+        let daemon1 = tb.nodes[0].daemon_pid;
+        testbed_measurements(&a, &node_prog, daemon1, &tb.nodes[1].addr.to_string(), &mut rows)
+    })();
+    progress("tearing the testbed down");
+    let down = telefork_testbed::down_prefixed(Path::new(DIR), PREFIX);
+    testbed_result?;
+    down.context("tearing the testbed down")?;
+
+    file_measurements(&a, &prog, &telefork_bin, &mut rows)?;
+    if a.against_criu {
+        criu_measurements(&a, &prog, &mut rows)?;
+    }
+
+    if a.json {
+        println!("{}", to_json(&a, &machine, &rows));
+    } else {
+        print_table(&a, &machine, &rows);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, rows: &mut Vec<Row>) -> Result<()> {
+    let p = prog.display().to_string();
+    let runs = a.runs;
+
+    // Latency of a small program.
+    progress(&format!("latency: small program, {runs} runs"));
+    let out = run_prog("latency", node_cmd("node1", Some(USER), &[&p, "latency", &runs.to_string(), "node2"])?, None)?;
+    let rss = out.one("rss_bytes")? / (1 << 20) as f64;
+    rows.push(row_ms("latency", format!("call → child's first instruction on node2 ({rss:.1} MiB resident)"), out.ms("first_instr_ns")?, "local fork+exit+waitpid", out.ms("fork_rt_ns")?, ""));
+    rows.push(row_ms("latency", "round trip: telefork + exit(0) + wait".into(), out.ms("tf_rt_ns")?, "local fork+exit+waitpid", out.ms("fork_rt_ns")?, ""));
+    rows.push(row_ms("parent pause", format!("small ({rss:.1} MiB): telefork() returns in the parent"), out.ms("tf_pause_ns")?, "local fork() returns", out.ms("fork_pause_ns")?, ""));
+
+    // Sparse.
+    progress(&format!("sparse: 10 MiB plain, {runs} runs"));
+    let plain = run_prog("sparse baseline", node_cmd("node1", Some(USER), &[&p, "tfork", "10", "0", &runs.to_string(), "node2", "1"])?, None)?;
+    progress(&format!("sparse: 64 GiB reserved, 10 MiB touched, {runs} runs"));
+    let sparse = run_prog("sparse", node_cmd("node1", Some(USER), &[&p, "tfork", "10", "64", &runs.to_string(), "node2", "1"])?, None)?;
+    rows.push(row_ms("sparse", "64 GiB reserved, 10 MiB touched: telefork round trip".into(), sparse.ms("tf_rt_ns")?, "10 MiB process telefork round trip", plain.ms("tf_rt_ns")?, ""));
+
+    // Throughput baselines: sinks on node2 (root: the TLS sink reads node2's key).
+    let pki = Path::new(DIR).join("pki").display().to_string();
+    let mut sinks = vec![];
+    let res = (|| -> Result<()> {
+        sinks.push(start_sink("tcp-sink", node_cmd("node2", None, &[&p, "tcp-sink", &TCP_PORT.to_string()])?)?);
+        sinks.push(start_sink("tls-sink", node_cmd("node2", None, &[&p, "tls-sink", &TLS_PORT.to_string(), &pki])?)?);
+        for &mib in &a.sizes_mib {
+            let runs = if mib >= 4096 { runs.min(3) } else { runs };
+            let bytes = mib << 20;
+            let note = if runs < a.runs { format!("{runs} runs") } else { String::new() };
+            progress(&format!("throughput {mib} MiB: telefork, {runs} runs (sampling origin memory every 5 ms)"));
+            let pid = Arc::new(AtomicI32::new(0));
+            let sampler = Sampler::start(daemon1, pid.clone());
+            let verify = if mib <= 1024 { "1" } else { "0" };
+            let tf = run_prog(&format!("telefork {mib} MiB"), node_cmd("node1", Some(USER), &[&p, "tfork", &mib.to_string(), "0", &runs.to_string(), "node2", verify])?, Some(&pid));
+            let mem = sampler.stop();
+            let tf = tf?;
+            progress(&format!("throughput {mib} MiB: raw TCP, {runs} runs"));
+            let tcp = run_prog("raw TCP", node_cmd("node1", None, &[&p, "tcp-send", &format!("{node2}:{TCP_PORT}"), &bytes.to_string(), &runs.to_string()])?, None)?;
+            progress(&format!("throughput {mib} MiB: raw TLS, {runs} runs"));
+            let tls = run_prog("raw TLS", node_cmd("node1", None, &[&p, "tls-send", &format!("{node2}:{TLS_PORT}"), &bytes.to_string(), &runs.to_string(), &pki])?, None)?;
+            let gbps = |ns: &[f64]| ns.iter().map(|&n| bytes as f64 / n).collect::<Vec<_>>();
+            let tf_rt = gbps(tf.all("tf_rt_ns")?);
+            let tls_s = gbps(tls.all("tls_ns")?);
+            let tcp_s = gbps(tcp.all("tcp_ns")?);
+            rows.push(Row {
+                group: "throughput",
+                name: format!("{mib} MiB telefork+exit+wait (TLS)"),
+                unit: "GB/s",
+                value: median(&tf_rt),
+                baseline_name: "raw TLS (same rustls channel)".into(),
+                baseline: median(&tls_s),
+                runs,
+                samples: tf_rt.clone(),
+                baseline_samples: tls_s,
+                note: note.clone(),
+            });
+            rows.push(Row {
+                group: "throughput",
+                name: format!("{mib} MiB telefork+exit+wait (TLS)"),
+                unit: "GB/s",
+                value: median(&tf_rt),
+                baseline_name: "raw TCP plaintext".into(),
+                baseline: median(&tcp_s),
+                runs,
+                samples: tf_rt,
+                baseline_samples: tcp_s,
+                note: note.clone(),
+            });
+            rows.push(row_ms("parent pause", format!("{mib} MiB: telefork() returns in the parent"), tf.ms("tf_pause_ns")?, "local fork() returns", tf.ms("fork_pause_ns")?, &note));
+            let size = tf.one("rss_bytes")? / (1 << 20) as f64;
+            if mem.samples < 3 {
+                bail!("origin memory: only {} samples were taken during the {mib} MiB teleforks", mem.samples);
+            }
+            rows.push(Row {
+                group: "origin memory",
+                name: format!("{mib} MiB: peak RSS of node1's origin session(s)"),
+                unit: "MiB",
+                value: mem.sessions_peak_kb as f64 / 1024.0,
+                baseline_name: "the process (parent VmRSS)".into(),
+                baseline: size,
+                runs,
+                samples: vec![],
+                baseline_samples: vec![],
+                note: format!(
+                    "parent peak {:.0} MiB, frozen fork peak {:.0} MiB (copy-on-write, shared with the parent), node1 daemon {:.1} MiB; {} samples",
+                    mem.parent_peak_kb as f64 / 1024.0,
+                    mem.frozen_peak_kb as f64 / 1024.0,
+                    mem.daemon_kb as f64 / 1024.0,
+                    mem.samples
+                ),
+            });
+        }
+        Ok(())
+    })();
+    for mut s in sinks {
+        let _ = s.kill();
+        let _ = s.wait();
+        untrack(s.id());
+    }
+    res
+}
+
+/// dump / restore through a file on the host, beside reading the image once (cache warm).
+fn file_measurements(a: &BenchArgs, prog: &Path, telefork_bin: &Path, rows: &mut Vec<Row>) -> Result<()> {
+    std::fs::create_dir_all(IMG_DIR).with_context(|| format!("creating {IMG_DIR}"))?;
+    let res = (|| -> Result<()> {
+        for &mib in &a.sizes_mib {
+            let runs = if mib >= 4096 { a.runs.min(3) } else { a.runs };
+            let note = if runs < a.runs { format!("{runs} runs") } else { String::new() };
+            let img = Path::new(IMG_DIR).join(format!("{mib}.img"));
+            let go = Path::new(IMG_DIR).join(format!("{mib}.go"));
+            let (mut dump_ms, mut read_ms, mut restore_ms) = (vec![], vec![], vec![]);
+            for k in 1..=runs {
+                progress(&format!("dump/restore {mib} MiB: run {k}/{runs}"));
+                let _ = std::fs::remove_file(&go);
+                let _ = std::fs::remove_file(&img);
+                // The process to dump.
+                // (stdout/stderr to a file: the engine does not capture pipes other than a
+                // relayed stdio yet.)
+                let log = Path::new(IMG_DIR).join(format!("{mib}.out"));
+                let mut hold = Command::new(prog);
+                hold.args(["hold", &mib.to_string(), &go.display().to_string()])
+                    .stdin(Stdio::null())
+                    .stdout(std::fs::File::create(&log)?)
+                    .stderr(std::fs::File::create(Path::new(IMG_DIR).join(format!("{mib}.err")))?);
+                stdio_only(&mut hold);
+                let mut child = hold
+                    .spawn()
+                    .context("starting benchprog hold")?;
+                track(child.id());
+                wait_file_line(&log, "READY", &mut child)?;
+                let t0 = Instant::now();
+                let st = Command::new(telefork_bin)
+                    .args(["dump", "--pid", &child.id().to_string(), "--out", &img.display().to_string()])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .output()
+                    .context("running telefork dump")?;
+                let dt = t0.elapsed();
+                let _ = child.kill();
+                let _ = child.wait();
+                untrack(child.id());
+                if !st.status.success() {
+                    bail!("telefork dump of {mib} MiB failed: {}", String::from_utf8_lossy(&st.stderr).trim());
+                }
+                dump_ms.push(dt.as_secs_f64() * 1e3);
+                // Baseline: read the image once, page cache warm.
+                read_file(&img)?;
+                let t0 = Instant::now();
+                let n = read_file(&img)?;
+                read_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+                if n < mib << 20 {
+                    bail!("image of {mib} MiB is only {n} bytes");
+                }
+                // Restore: until the restored process runs (the CLI reports it), then let it
+                // verify its memory and exit.
+                let t0 = Instant::now();
+                let mut r = Command::new(telefork_bin)
+                    .args(["restore", &img.display().to_string()])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .context("running telefork restore")?;
+                track(r.id());
+                let mut err = BufReader::new(r.stderr.take().context("no stderr")?);
+                let mut seen = String::new();
+                let mut line = String::new();
+                let mut restored = false;
+                while err.read_line(&mut line).unwrap_or(0) > 0 {
+                    seen.push_str(&line);
+                    if line.contains("restored process") {
+                        restored = true;
+                        break;
+                    }
+                    line.clear();
+                }
+                let dt = t0.elapsed();
+                std::fs::write(&go, b"go")?;
+                let mut rest = String::new();
+                let _ = err.read_to_string(&mut rest);
+                let st = r.wait()?;
+                untrack(r.id());
+                if !restored || !st.success() || !std::fs::read_to_string(&log).unwrap_or_default().contains("OK") {
+                    bail!(
+                        "telefork restore of {mib} MiB failed ({st}; the restored process verifies its memory): {}{} {}",
+                        seen.trim(),
+                        rest.trim(),
+                        std::fs::read_to_string(Path::new(IMG_DIR).join(format!("{mib}.err"))).unwrap_or_default().trim()
+                    );
+                }
+                restore_ms.push(dt.as_secs_f64() * 1e3);
+            }
+            let _ = std::fs::remove_file(&img);
+            let _ = std::fs::remove_file(&go);
+            rows.push(row_from_ms("dump/restore", format!("{mib} MiB dump to file (incl. fsync)"), dump_ms, "read the image once (cache warm)", read_ms.clone(), &note));
+            rows.push(row_from_ms("dump/restore", format!("{mib} MiB restore from file (until it runs)"), restore_ms, "read the image once (cache warm)", read_ms, &note));
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(IMG_DIR);
+    res
+}
+
+fn criu_measurements(a: &BenchArgs, prog: &Path, rows: &mut Vec<Row>) -> Result<()> {
+    let works = Command::new("criu").arg("check").stdout(Stdio::null()).stderr(Stdio::null()).status().map(|s| s.success()).unwrap_or(false);
+    if !works {
+        println!("criu not available");
+        progress("criu not available (not on PATH, or `criu check` fails)");
+        return Ok(());
+    }
+    // Not exercised here (no working criu on the machine it was written on).
+    let dir = Path::new(IMG_DIR).join("criu");
+    let res = (|| -> Result<()> {
+        for &mib in &a.sizes_mib {
+            let runs = if mib >= 4096 { a.runs.min(3) } else { a.runs };
+            let (mut d, mut r) = (vec![], vec![]);
+            for k in 1..=runs {
+                progress(&format!("criu dump/restore {mib} MiB: run {k}/{runs}"));
+                let _ = std::fs::remove_dir_all(&dir);
+                std::fs::create_dir_all(&dir)?;
+                let go = dir.join("go");
+                let log = dir.join("hold.out");
+                let out = std::fs::File::create(&log)?;
+                let mut hold = Command::new(prog);
+                hold.args(["hold", &mib.to_string(), &go.display().to_string()]).stdin(Stdio::null()).stdout(out).stderr(Stdio::null()).process_group(0);
+                stdio_only(&mut hold);
+                let mut child = hold.spawn()?;
+                track(child.id());
+                let t = Instant::now();
+                while !std::fs::read_to_string(&log).unwrap_or_default().contains("READY") {
+                    if t.elapsed() > Duration::from_secs(120) {
+                        bail!("benchprog hold did not get ready");
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                let imgs = dir.join("img");
+                std::fs::create_dir_all(&imgs)?;
+                let t0 = Instant::now();
+                let st = Command::new("criu").args(["dump", "-t", &child.id().to_string(), "-D", &imgs.display().to_string()]).output()?;
+                let dt = t0.elapsed();
+                let _ = child.wait();
+                untrack(child.id());
+                if !st.status.success() {
+                    bail!("criu dump failed: {}", String::from_utf8_lossy(&st.stderr).trim());
+                }
+                d.push(dt.as_secs_f64() * 1e3);
+                let t0 = Instant::now();
+                let st = Command::new("criu").args(["restore", "-d", "-D", &imgs.display().to_string()]).output()?;
+                let dt = t0.elapsed();
+                if !st.status.success() {
+                    bail!("criu restore failed: {}", String::from_utf8_lossy(&st.stderr).trim());
+                }
+                std::fs::write(&go, b"go")?;
+                let t = Instant::now();
+                while !std::fs::read_to_string(&log).unwrap_or_default().contains("OK") {
+                    if t.elapsed() > Duration::from_secs(60) {
+                        bail!("the process criu restored did not verify its memory");
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                r.push(dt.as_secs_f64() * 1e3);
+            }
+            rows.push(row_from_ms("criu", format!("{mib} MiB criu dump"), d.clone(), "criu dump", d, ""));
+            rows.push(row_from_ms("criu", format!("{mib} MiB criu restore"), r.clone(), "criu restore", r, ""));
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    res
+}
+
+/// The program starts with stdio only: fds leaked by whatever started the bench (a shell, a
+/// job runner) would otherwise be part of the process to dump.
+fn stdio_only(c: &mut Command) {
+    // SAFETY: close_range is async-signal-safe; CLOEXEC keeps std's exec-error pipe working.
+    unsafe {
+        c.pre_exec(|| {
+            const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+            libc::syscall(libc::SYS_close_range, 3 as libc::c_uint, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC);
+            Ok(())
+        });
+    }
+}
+
+fn read_file(p: &Path) -> Result<u64> {
+    let mut f = std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
+    let mut buf = vec![0u8; 8 << 20];
+    let mut n = 0u64;
+    loop {
+        match f.read(&mut buf)? {
+            0 => return Ok(n),
+            k => n += k as u64,
+        }
+    }
+}
+
+fn node_cmd(node: &str, user: Option<&str>, argv: &[&str]) -> Result<Command> {
+    let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+    telefork_testbed::command(Path::new(DIR), node, user, &argv)
+}
+
+fn start_sink(what: &str, mut c: Command) -> Result<Child> {
+    c.stdout(Stdio::piped()).stdin(Stdio::null());
+    let mut child = c.spawn().with_context(|| format!("starting {what}"))?;
+    track(child.id());
+    let mut lines = BufReader::new(child.stdout.take().context("no stdout")?).lines();
+    if let Err(e) = wait_line(&mut lines, "READY", what) {
+        let _ = child.kill();
+        let _ = child.wait();
+        untrack(child.id());
+        return Err(e);
+    }
+    Ok(child)
+}
+
+/// Waits until the file `log` (a child's stdout) holds the line `want`.
+fn wait_file_line(log: &Path, want: &str, child: &mut Child) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        if std::fs::read_to_string(log).unwrap_or_default().lines().any(|l| l == want) {
+            return Ok(());
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            bail!("benchprog hold ended ({st}) before printing {want}");
+        }
+        if t.elapsed() > Duration::from_secs(300) {
+            bail!("benchprog hold did not print {want} within 300 s");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn wait_line(lines: &mut impl Iterator<Item = std::io::Result<String>>, want: &str, what: &str) -> Result<()> {
+    for l in lines {
+        if l? == want {
+            return Ok(());
+        }
+    }
+    bail!("{what} ended before printing {want}")
+}
+
+/// What one benchprog run printed: `R KEY VALUE` lines.
+struct ProgOut {
+    what: String,
+    cache: std::collections::HashMap<String, Vec<f64>>,
+}
+
+impl ProgOut {
+    fn all(&self, key: &str) -> Result<&[f64]> {
+        self.cache.get(key).map(Vec::as_slice).filter(|v| !v.is_empty()).with_context(|| format!("{}: benchprog reported no {key}", self.what))
+    }
+    fn one(&self, key: &str) -> Result<f64> {
+        Ok(self.all(key)?[0])
+    }
+    /// All samples of a nanosecond key, in ms.
+    fn ms(&self, key: &str) -> Result<Vec<f64>> {
+        Ok(self.all(key)?.iter().map(|n| n / 1e6).collect())
+    }
+}
+
+/// Runs a benchprog command to its end; its `PID` goes to `pid_out` (for the sampler). Fails
+/// on a non-zero exit. Progress (`run k/n`) follows the first key printed per run.
+fn run_prog(what: &str, mut c: Command, pid_out: Option<&Arc<AtomicI32>>) -> Result<ProgOut> {
+    c.stdout(Stdio::piped()).stdin(Stdio::null());
+    let mut child = c.spawn().with_context(|| format!("starting {what}"))?;
+    track(child.id());
+    let mut vals = vec![];
+    let mut first_key: Option<String> = None;
+    let mut k = 0;
+    for line in BufReader::new(child.stdout.take().context("no stdout")?).lines() {
+        let line = line.unwrap_or_default();
+        let mut it = line.split_whitespace();
+        match (it.next(), it.next(), it.next()) {
+            (Some("PID"), Some(p), None) => {
+                if let (Some(o), Ok(p)) = (pid_out, p.parse()) {
+                    o.store(p, Ordering::SeqCst);
+                }
+            }
+            (Some("R"), Some(key), Some(v)) => {
+                let v: f64 = v.parse().with_context(|| format!("{what}: bad value in {line:?}"))?;
+                if key != "rss_bytes" && key != "verified" {
+                    if first_key.is_none() {
+                        first_key = Some(key.to_string());
+                    }
+                    if first_key.as_deref() == Some(key) {
+                        k += 1;
+                        progress(&format!("  {what}: run {k} done"));
+                    }
+                }
+                vals.push((key.to_string(), v));
+            }
+            _ => {}
+        }
+    }
+    let st = child.wait()?;
+    untrack(child.id());
+    if !st.success() {
+        bail!("{what} failed ({st}); its error is above");
+    }
+    let mut cache: std::collections::HashMap<String, Vec<f64>> = Default::default();
+    for (k, v) in &vals {
+        cache.entry(k.clone()).or_default().push(*v);
+    }
+    Ok(ProgOut { what: what.into(), cache })
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    match s.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
+}
+
+fn row_ms(group: &'static str, name: String, samples: Vec<f64>, bname: &str, bsamples: Vec<f64>, note: &str) -> Row {
+    row_from_ms(group, name, samples, bname, bsamples, note)
+}
+
+fn row_from_ms(group: &'static str, name: String, samples: Vec<f64>, bname: &str, bsamples: Vec<f64>, note: &str) -> Row {
+    Row {
+        group,
+        name,
+        unit: "ms",
+        value: median(&samples),
+        baseline_name: bname.into(),
+        baseline: median(&bsamples),
+        runs: samples.len(),
+        samples,
+        baseline_samples: bsamples,
+        note: note.into(),
+    }
+}
+
+/// Samples VmRSS every ~5 ms: node1's origin sessions (the daemon's children and their
+/// descendants), the teleforking program (the parent) and its children (the frozen fork).
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<MemPeak>,
+}
+
+#[derive(Default)]
+struct MemPeak {
+    sessions_peak_kb: u64,
+    parent_peak_kb: u64,
+    frozen_peak_kb: u64,
+    daemon_kb: u64,
+    samples: u64,
+}
+
+impl Sampler {
+    fn start(daemon: i32, parent: Arc<AtomicI32>) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut m = MemPeak::default();
+            while !s.load(Ordering::SeqCst) {
+                m.daemon_kb = m.daemon_kb.max(vm_rss_kb(daemon));
+                let sessions: u64 = descendants(daemon).into_iter().map(vm_rss_kb).sum();
+                m.sessions_peak_kb = m.sessions_peak_kb.max(sessions);
+                let p = parent.load(Ordering::SeqCst);
+                if p > 0 {
+                    m.parent_peak_kb = m.parent_peak_kb.max(vm_rss_kb(p));
+                    let frozen: u64 = children(p).into_iter().map(vm_rss_kb).sum();
+                    m.frozen_peak_kb = m.frozen_peak_kb.max(frozen);
+                }
+                if sessions > 0 {
+                    m.samples += 1;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            m
+        });
+        Sampler { stop, handle }
+    }
+
+    fn stop(self) -> MemPeak {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle.join().unwrap_or_default()
+    }
+}
+
+fn children(pid: i32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+fn descendants(pid: i32) -> Vec<i32> {
+    let mut out = vec![];
+    let mut todo = children(pid);
+    while let Some(p) = todo.pop() {
+        out.push(p);
+        todo.extend(children(p));
+    }
+    out
+}
+
+fn vm_rss_kb(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.split_whitespace().next()?.parse().ok())))
+        .unwrap_or(0)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())))
+        .unwrap_or_else(|| "?".into());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("MemTotal:").and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())))
+        .unwrap_or(0);
+    let kernel = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    format!("{cores} cores {cpu}, {:.1} GiB RAM, Linux {kernel}", mem as f64 / (1 << 20) as f64)
+}
+
+fn fmt_val(v: f64, unit: &str) -> String {
+    match unit {
+        "ms" if v < 10.0 => format!("{v:.2} ms"),
+        "ms" => format!("{v:.1} ms"),
+        "GB/s" => format!("{v:.2} GB/s"),
+        _ => format!("{v:.1} {unit}"),
+    }
+}
+
+fn fmt_ratio(r: &Row) -> String {
+    if r.unit == "GB/s" {
+        format!("{:.0} %", r.ratio() * 100.0)
+    } else {
+        format!("{:.2}×", r.ratio())
+    }
+}
+
+fn print_table(a: &BenchArgs, machine: &str, rows: &[Row]) {
+    println!("telefork bench — {machine}");
+    println!("medians of {} runs (4 GiB: at most 3); testbed nodes: network/UTS/mount namespaces on one host, veth+bridge; images in {IMG_DIR} ({})", a.runs, fs_of(IMG_DIR));
+    println!();
+    let w0 = rows.iter().map(|r| r.name.chars().count()).max().unwrap_or(10).max(11);
+    let w2 = rows.iter().map(|r| r.baseline_name.chars().count()).max().unwrap_or(8).max(8);
+    println!("{:<14} {:<w0$} {:>12}   {:<w2$} {:>12} {:>8}  note", "", "measurement", "value", "baseline", "value", "ratio");
+    let mut last = "";
+    for r in rows {
+        let g = if r.group != last { r.group } else { "" };
+        last = r.group;
+        println!(
+            "{:<14} {:<w0$} {:>12}   {:<w2$} {:>12} {:>8}  {}",
+            g,
+            r.name,
+            fmt_val(r.value, r.unit),
+            r.baseline_name,
+            fmt_val(r.baseline, r.unit),
+            fmt_ratio(r),
+            r.note
+        );
+    }
+    println!();
+    println!("ratio: time or memory = measurement / baseline (lower is better); GB/s = share of the baseline's throughput reached.");
+    println!("origin memory: VmRSS of node1's origin session process(es) (children of its daemon), peak over 5 ms samples, against the process's own VmRSS;");
+    println!("  the frozen fork's RSS is copy-on-write pages shared with the parent and is not extra (shown in the note).");
+}
+
+fn fs_of(path: &str) -> String {
+    // The filesystem of the image directory (its parent; the directory is gone by now).
+    let p = Path::new(path).parent().unwrap_or(Path::new("/"));
+    let names: [(i64, &str); 4] = [(0xEF53, "ext2/3/4"), (0x0102_1994, "tmpfs"), (0x5846_5342, "xfs"), (0x9123_683E, "btrfs")];
+    match nix::sys::statfs::statfs(p) {
+        Ok(s) => {
+            let t = s.filesystem_type().0 as i64;
+            names.iter().find(|(m, _)| *m == t).map_or_else(|| format!("fs type {t:#x}"), |(_, n)| format!("{n} on {}", p.display()))
+        }
+        Err(_) => "?".into(),
+    }
+}
+
+fn json_str(s: &str) -> String {
+    let mut o = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+fn json_num(v: f64) -> String {
+    if v.is_finite() { format!("{v}") } else { "null".into() }
+}
+
+fn json_arr(v: &[f64]) -> String {
+    format!("[{}]", v.iter().map(|x| json_num(*x)).collect::<Vec<_>>().join(","))
+}
+
+fn to_json(a: &BenchArgs, machine: &str, rows: &[Row]) -> String {
+    let rows: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{{\"group\":{},\"name\":{},\"unit\":{},\"value\":{},\"baseline_name\":{},\"baseline\":{},\"ratio\":{},\"runs\":{},\"samples\":{},\"baseline_samples\":{},\"note\":{}}}",
+                json_str(r.group),
+                json_str(&r.name),
+                json_str(r.unit),
+                json_num(r.value),
+                json_str(&r.baseline_name),
+                json_num(r.baseline),
+                json_num(r.ratio()),
+                r.runs,
+                json_arr(&r.samples),
+                json_arr(&r.baseline_samples),
+                json_str(&r.note)
+            )
+        })
+        .collect();
+    format!(
+        "{{\"machine\":{},\"runs\":{},\"sizes_mib\":[{}],\"image_dir\":{},\"measurements\":[{}]}}",
+        json_str(machine),
+        a.runs,
+        a.sizes_mib.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(","),
+        json_str(IMG_DIR),
+        rows.join(",")
+    )
+}
+
+/// SIGINT/SIGTERM/SIGHUP: kill what we started, tear the testbed down, exit 130. The signals
+/// are blocked in every thread and taken by one thread with sigwait (children get a clean
+/// mask from std's spawn).
+fn install_signal_handler() {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        set.add(s);
+    }
+    if set.thread_block().is_err() {
+        return;
+    }
+    std::thread::spawn(move || {
+        if let Ok(sig) = set.wait() {
+            eprintln!("bench: {sig:?}: stopping, tearing the testbed down");
+            let pids = CHILDREN.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            for p in pids {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), Signal::SIGKILL);
+            }
+            let _ = telefork_testbed::down_prefixed(Path::new(DIR), PREFIX);
+            let _ = std::fs::remove_dir_all(IMG_DIR);
+            std::process::exit(130);
+        }
+    });
+}

@@ -1,0 +1,325 @@
+//! The program `telefork bench` runs on the testbed nodes (and on the host for dump/restore).
+//! Every measurement is printed on stdout as one line `R KEY VALUE` (VALUE in nanoseconds or
+//! bytes); `PID N` and `READY` lines let the bench follow along. Any failure exits non-zero
+//! with a message on stderr.
+//!
+//! Modes:
+//!
+//! * `latency RUNS DEST` — a small program: per run `remote(DEST, now_ns)` minus the call
+//!   time (`first_instr_ns`), a telefork whose child exits at once: time until telefork
+//!   returns in the parent (`tf_pause_ns`) and until wait returns (`tf_rt_ns`), and the same
+//!   for a local fork()+_exit(0)+waitpid (`fork_pause_ns`, `fork_rt_ns`).
+//! * `tfork MIB RESERVE_GIB RUNS DEST VERIFY` — MIB MiB of written anonymous memory (inside a
+//!   MAP_NORESERVE reservation of RESERVE_GIB GiB if that is not 0), then per run the same
+//!   telefork and local fork pairs as `latency`. With VERIFY=1 one more, untimed, telefork
+//!   whose child checks every byte it brought.
+//! * `hold MIB GOFILE` — MIB MiB written, `READY`, then waits until GOFILE exists, verifies
+//!   the memory and exits 0 (3 if the memory is wrong).
+//! * `tcp-sink PORT` / `tcp-send ADDR BYTES RUNS` — raw TCP: the sender sends BYTES from a
+//!   pre-touched 64 MiB buffer, half-closes, and waits for the sink's 8-byte count
+//!   (`tcp_ns`, from connected to acknowledged).
+//! * `tls-sink PORT PKI` / `tls-send ADDR BYTES RUNS PKI` — the same through the nodes' own
+//!   TLS channel (`telefork_node::channel::TlsChannel`, the cluster configs from
+//!   `telefork_node::tls`, node2's certificate on the sink, node1's on the sender), 1 MiB
+//!   writes as the origin's BufWriter does (`tls_ns`, from handshake done to acknowledged).
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::exit;
+use std::time::{Duration, Instant};
+
+use telefork::Fork;
+
+const PATTERN: u64 = 0x9E37_79B9_7F4A_7C15;
+
+fn now_ns() -> i64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+    ts.tv_sec as i64 * 1_000_000_000 + ts.tv_nsec as i64
+}
+
+fn die(msg: impl std::fmt::Display) -> ! {
+    eprintln!("benchprog: {msg}");
+    std::io::stdout().flush().ok();
+    exit(2)
+}
+
+fn out(key: &str, v: impl std::fmt::Display) {
+    println!("R {key} {v}");
+    std::io::stdout().flush().ok();
+}
+
+fn arg<T: std::str::FromStr>(args: &[String], i: usize, what: &str) -> T {
+    args.get(i).and_then(|s| s.parse().ok()).unwrap_or_else(|| die(format!("missing or bad argument {i} ({what}); see the source for usage")))
+}
+
+/// A private anonymous mapping of `reserve` bytes (MAP_NORESERVE), of which the first `len`
+/// are written with the pattern.
+struct Region {
+    ptr: *mut u64,
+    words: usize,
+}
+
+impl Region {
+    fn new(len: usize, reserve: usize) -> Region {
+        let size = reserve.max(len).max(4096);
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | if reserve > len { libc::MAP_NORESERVE } else { 0 };
+        // SAFETY: a fresh anonymous mapping.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), size, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
+        if p == libc::MAP_FAILED {
+            die(format!("mmap of {size} bytes: {}", std::io::Error::last_os_error()));
+        }
+        let r = Region { ptr: p as *mut u64, words: len / 8 };
+        for i in 0..r.words {
+            // SAFETY: i < words, inside the mapping.
+            unsafe { r.ptr.add(i).write((i as u64).wrapping_mul(PATTERN) ^ 0x5a5a) };
+        }
+        r
+    }
+
+    fn verify(&self) -> bool {
+        (0..self.words).all(|i| unsafe { self.ptr.add(i).read() } == (i as u64).wrapping_mul(PATTERN) ^ 0x5a5a)
+    }
+}
+
+fn fast_exit(code: i32) -> ! {
+    // SAFETY: leave at once, as a child that "exits at once" should.
+    unsafe { libc::_exit(code) }
+}
+
+/// One telefork whose child exits at once (or verifies first): (pause, round trip) in ns.
+fn one_telefork(dest: &str, check: Option<&Region>) -> (u128, u128) {
+    let t0 = Instant::now();
+    match telefork::telefork(dest) {
+        Ok(Fork::Child) => fast_exit(match check {
+            Some(r) if !r.verify() => 3,
+            _ => 0,
+        }),
+        Ok(Fork::Parent(mut c)) => {
+            let pause = t0.elapsed().as_nanos();
+            let st = c.wait().unwrap_or_else(|e| die(format!("waiting for the remote child: {e}")));
+            let rt = t0.elapsed().as_nanos();
+            if !st.success() {
+                die(format!("the remote child ended with {st}{}", if check.is_some() { " (memory check failed?)" } else { "" }));
+            }
+            (pause, rt)
+        }
+        Err(e) => die(format!("telefork to {dest} failed: {e}")),
+    }
+}
+
+/// One local fork()+_exit(0)+waitpid: (pause, round trip) in ns.
+fn one_fork() -> (u128, u128) {
+    let t0 = Instant::now();
+    // SAFETY: the child only calls _exit.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        fast_exit(0);
+    }
+    let pause = t0.elapsed().as_nanos();
+    if pid < 0 {
+        die(format!("fork: {}", std::io::Error::last_os_error()));
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    if unsafe { libc::waitpid(pid, &mut status, 0) } != pid || status != 0 {
+        die(format!("local child: waitpid failed or status {status}"));
+    }
+    (pause, t0.elapsed().as_nanos())
+}
+
+fn rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.split_whitespace().next()?.parse().ok())))
+        .unwrap_or(0)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let mode = args.get(1).map(String::as_str).unwrap_or("");
+    match mode {
+        "latency" => {
+            let runs: usize = arg(&args, 2, "RUNS");
+            let dest: String = arg(&args, 3, "DEST");
+            println!("PID {}", std::process::id());
+            out("rss_bytes", rss_kb() * 1024);
+            for _ in 0..runs {
+                let t0 = now_ns();
+                let there = telefork::remote(&dest, now_ns).unwrap_or_else(|e| die(format!("remote on {dest} failed: {e}")));
+                out("first_instr_ns", there - t0);
+                let (p, rt) = one_telefork(&dest, None);
+                out("tf_pause_ns", p);
+                out("tf_rt_ns", rt);
+                let (p, rt) = one_fork();
+                out("fork_pause_ns", p);
+                out("fork_rt_ns", rt);
+            }
+        }
+        "tfork" => {
+            let mib: usize = arg(&args, 2, "MIB");
+            let reserve_gib: usize = arg(&args, 3, "RESERVE_GIB");
+            let runs: usize = arg(&args, 4, "RUNS");
+            let dest: String = arg(&args, 5, "DEST");
+            let verify: u32 = arg(&args, 6, "VERIFY");
+            let region = Region::new(mib << 20, reserve_gib << 30);
+            println!("PID {}", std::process::id());
+            out("rss_bytes", rss_kb() * 1024);
+            println!("READY");
+            std::io::stdout().flush().ok();
+            for _ in 0..runs {
+                let (p, rt) = one_telefork(&dest, None);
+                out("tf_pause_ns", p);
+                out("tf_rt_ns", rt);
+                let (p, rt) = one_fork();
+                out("fork_pause_ns", p);
+                out("fork_rt_ns", rt);
+            }
+            if verify != 0 {
+                one_telefork(&dest, Some(&region));
+                out("verified", 1);
+            }
+        }
+        "hold" => {
+            let mib: usize = arg(&args, 2, "MIB");
+            let go: PathBuf = arg(&args, 3, "GOFILE");
+            let region = Region::new(mib << 20, 0);
+            println!("PID {}", std::process::id());
+            println!("READY");
+            std::io::stdout().flush().ok();
+            while !go.exists() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if !region.verify() {
+                eprintln!("benchprog hold: memory is WRONG after restore");
+                exit(3);
+            }
+            println!("OK");
+            std::io::stdout().flush().ok();
+        }
+        "tcp-sink" => {
+            let port: u16 = arg(&args, 2, "PORT");
+            let l = TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| die(format!("listening on {port}: {e}")));
+            println!("READY");
+            std::io::stdout().flush().ok();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let (mut s, _) = l.accept().unwrap_or_else(|e| die(format!("accept: {e}")));
+                let mut n = 0u64;
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(k) => n += k as u64,
+                        Err(e) => die(format!("tcp-sink read: {e}")),
+                    }
+                }
+                let _ = s.write_all(&n.to_le_bytes());
+            }
+        }
+        "tcp-send" => {
+            let addr: String = arg(&args, 2, "ADDR");
+            let bytes: u64 = arg(&args, 3, "BYTES");
+            let runs: usize = arg(&args, 4, "RUNS");
+            let buf = vec![0x5au8; 64 << 20];
+            for _ in 0..runs {
+                let mut s = TcpStream::connect(&addr).unwrap_or_else(|e| die(format!("connecting to {addr}: {e}")));
+                let t0 = Instant::now();
+                let mut left = bytes;
+                while left > 0 {
+                    let k = left.min(buf.len() as u64) as usize;
+                    s.write_all(&buf[..k]).unwrap_or_else(|e| die(format!("tcp-send: {e}")));
+                    left -= k as u64;
+                }
+                s.shutdown(Shutdown::Write).ok();
+                let mut ack = [0u8; 8];
+                s.read_exact(&mut ack).unwrap_or_else(|e| die(format!("tcp-send: no acknowledgement: {e}")));
+                let ns = t0.elapsed().as_nanos();
+                if u64::from_le_bytes(ack) != bytes {
+                    die(format!("tcp-sink received {} bytes, not {bytes}", u64::from_le_bytes(ack)));
+                }
+                out("tcp_ns", ns);
+            }
+        }
+        "tls-sink" => {
+            let port: u16 = arg(&args, 2, "PORT");
+            let pki: PathBuf = arg(&args, 3, "PKI");
+            let cfg = telefork_node::tls::server_config(&files(&pki, "node2")).unwrap_or_else(|e| die(format!("{e:#}")));
+            let l = TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| die(format!("listening on {port}: {e}")));
+            println!("READY");
+            std::io::stdout().flush().ok();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let (s, _) = l.accept().unwrap_or_else(|e| die(format!("accept: {e}")));
+                let ch = telefork_node::channel::TlsChannel::server(cfg.clone(), s, Duration::from_secs(10)).unwrap_or_else(|e| die(format!("tls-sink: {e:#}")));
+                ch.set_recv_timeout(Some(Duration::from_secs(120)));
+                let mut r = &ch;
+                let mut len = [0u8; 8];
+                r.read_exact(&mut len).unwrap_or_else(|e| die(format!("tls-sink: {e}")));
+                let mut left = u64::from_le_bytes(len);
+                let mut n = 0u64;
+                while left > 0 {
+                    let want = left.min(buf.len() as u64) as usize;
+                    match r.read(&mut buf[..want]) {
+                        Ok(0) => break,
+                        Ok(k) => {
+                            n += k as u64;
+                            left -= k as u64;
+                        }
+                        Err(e) => die(format!("tls-sink read: {e}")),
+                    }
+                }
+                let mut w = &ch;
+                let _ = w.write_all(&n.to_le_bytes());
+                let _ = w.flush();
+                ch.close();
+            }
+        }
+        "tls-send" => {
+            let addr: String = arg(&args, 2, "ADDR");
+            let bytes: u64 = arg(&args, 3, "BYTES");
+            let runs: usize = arg(&args, 4, "RUNS");
+            let pki: PathBuf = arg(&args, 5, "PKI");
+            let cfg = telefork_node::tls::client_config(&files(&pki, "node1")).unwrap_or_else(|e| die(format!("{e:#}")));
+            let buf = vec![0x5au8; 64 << 20];
+            for _ in 0..runs {
+                let s = TcpStream::connect(&addr).unwrap_or_else(|e| die(format!("connecting to {addr}: {e}")));
+                let name = telefork_node::tls::server_name("node2").unwrap_or_else(|e| die(format!("{e:#}")));
+                let ch = telefork_node::channel::TlsChannel::client(cfg.clone(), name, s, Duration::from_secs(10)).unwrap_or_else(|e| die(format!("tls-send: {e:#}")));
+                ch.set_recv_timeout(Some(Duration::from_secs(120)));
+                let t0 = Instant::now();
+                let mut w = &ch;
+                w.write_all(&bytes.to_le_bytes()).unwrap_or_else(|e| die(format!("tls-send: {e}")));
+                let mut left = bytes;
+                let mut off = 0usize;
+                while left > 0 {
+                    // 1 MiB writes, like the origin's BufWriter into the channel.
+                    let k = left.min(1 << 20) as usize;
+                    if off + k > buf.len() {
+                        off = 0;
+                    }
+                    w.write_all(&buf[off..off + k]).unwrap_or_else(|e| die(format!("tls-send: {e}")));
+                    off += k;
+                    left -= k as u64;
+                }
+                w.flush().unwrap_or_else(|e| die(format!("tls-send: {e}")));
+                let mut ack = [0u8; 8];
+                let mut r = &ch;
+                r.read_exact(&mut ack).unwrap_or_else(|e| die(format!("tls-send: no acknowledgement: {e}")));
+                let ns = t0.elapsed().as_nanos();
+                if u64::from_le_bytes(ack) != bytes {
+                    die(format!("tls-sink received {} bytes, not {bytes}", u64::from_le_bytes(ack)));
+                }
+                out("tls_ns", ns);
+                ch.close();
+            }
+        }
+        _ => die("usage: benchprog latency|tfork|hold|tcp-sink|tcp-send|tls-sink|tls-send ... (see the source)"),
+    }
+}
+
+fn files(pki: &Path, node: &str) -> telefork_node::config::TlsFiles {
+    let (cert, key) = telefork_node::cluster::node_files(pki, node);
+    telefork_node::config::TlsFiles { ca: pki.join(telefork_node::cluster::CA_CERT), cert, key }
+}
