@@ -86,7 +86,13 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
     let exited = Arc::new(AtomicBool::new(false));
 
     // Commands from the origin: kill, stdin. Losing the origin kills the child.
-    let stdin_w = if pass_stdin { Some(File::from(stdin_w)) } else { None };
+    // Without pass_stdin the write end must close now, or the child's reads never see EOF.
+    let stdin_w = if pass_stdin {
+        Some(File::from(stdin_w))
+    } else {
+        drop(stdin_w);
+        None
+    };
     {
         let (ch, exited) = (ch.clone(), exited.clone());
         let pidfd = pidfd.as_raw_fd();
