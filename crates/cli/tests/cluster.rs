@@ -1,0 +1,740 @@
+//! Integration tests of issue 3, "telefork across machines": a 3-node testbed (prefix `tft-`,
+//! 10.79.0.0/24, state in /run/telefork-testbed-ci, so it cannot collide with a developer's
+//! testbed), real node daemons (`telefork daemon`), and the probe program
+//! (crates/telefork/examples/probe.rs, built by `cargo build --release --examples`) run on
+//! the nodes as the non-root user `tftest`. Everything is checked from the outside: what the
+//! probe prints, exit statuses, daemon logs, and the processes left on each node.
+//!
+//! One #[test] brings the testbed up once and runs every scenario in turn; a failing
+//! scenario is reported (with the probe's output) and the others still run; the testbed is
+//! taken down at the end, also on failure. Needs root and iproute2 (skipped otherwise).
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use telefork_testbed as tb;
+
+const PREFIX: &str = "tft-";
+const DIR: &str = "/run/telefork-testbed-ci";
+const SUBNET: &str = "10.79.0.0";
+const USER: &str = "tftest";
+
+struct Ctx {
+    dir: PathBuf,
+    probe: PathBuf,
+    uid: u32,
+    gid: u32,
+}
+
+/// Takes the testbed down when the test ends, however it ends.
+struct Down(PathBuf);
+impl Drop for Down {
+    fn drop(&mut self) {
+        if let Err(e) = tb::down_prefixed(&self.0, PREFIX) {
+            eprintln!("cleanup: testbed down: {e:#}");
+        }
+    }
+}
+
+fn s(a: &[&str]) -> Vec<String> {
+    a.iter().map(|x| x.to_string()).collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Running programs on nodes.
+
+/// A finished program: status and output lines.
+struct Run {
+    status: ExitStatus,
+    stdout: Vec<String>,
+    stderr: Vec<String>,
+    elapsed: Duration,
+}
+
+impl std::fmt::Display for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "status {} after {:?}", self.status, self.elapsed)?;
+        writeln!(f, "--- stdout:")?;
+        for l in &self.stdout {
+            writeln!(f, "{l}")?;
+        }
+        writeln!(f, "--- stderr:")?;
+        for l in &self.stderr {
+            writeln!(f, "{l}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Run {
+    /// The rest of the first stdout line starting with `key ` (or equal to `key`).
+    fn get(&self, key: &str) -> Option<&str> {
+        get(&self.stdout, key)
+    }
+    fn has(&self, line: &str) -> bool {
+        self.stdout.iter().any(|l| l == line)
+    }
+    fn want(&self, key: &str) -> &str {
+        self.get(key).unwrap_or_else(|| panic!("no {key:?} line in the output:\n{self}"))
+    }
+}
+
+fn get<'a>(lines: &'a [String], key: &str) -> Option<&'a str> {
+    lines.iter().find_map(|l| if l == key { Some("") } else { l.strip_prefix(key).and_then(|r| r.strip_prefix(' ')) })
+}
+
+/// A program running on a node, its stdout/stderr read line by line as they come.
+struct Running {
+    child: Child,
+    what: String,
+    started: Instant,
+    lines: Receiver<(Instant, String)>,
+    stdout: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<Vec<String>>>,
+    readers: Vec<JoinHandle<()>>,
+    stdin: Option<std::process::ChildStdin>,
+}
+
+fn reader(r: impl std::io::Read + Send + 'static, sink: Arc<Mutex<Vec<String>>>, tx: Option<std::sync::mpsc::Sender<(Instant, String)>>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { return };
+            sink.lock().unwrap().push(line.clone());
+            if let Some(tx) = &tx {
+                let _ = tx.send((Instant::now(), line));
+            }
+        }
+    })
+}
+
+/// Where a program's stdout/stderr go: pipes read by the test, or files.
+enum Out {
+    Pipes,
+    Files(File, File),
+}
+
+impl Ctx {
+    fn probe_cmd(&self, args: &[&str]) -> Vec<String> {
+        let mut v = vec![self.probe.display().to_string()];
+        v.extend(s(args));
+        v
+    }
+
+    /// Starts the probe on NODE (as the test user unless `as_root`).
+    fn spawn_probe(&self, node: &str, as_root: bool, args: &[&str], stdin: Stdio, out: Out) -> Running {
+        let cmd = self.probe_cmd(args);
+        self.spawn(node, if as_root { None } else { Some(USER) }, &cmd, stdin, out)
+    }
+
+    fn spawn(&self, node: &str, user: Option<&str>, cmd: &[String], stdin: Stdio, out: Out) -> Running {
+        let mut c = tb::command(&self.dir, node, user, cmd).unwrap_or_else(|e| panic!("command on {node}: {e:#}"));
+        c.stdin(stdin);
+        let piped = matches!(out, Out::Pipes);
+        match out {
+            Out::Pipes => {
+                c.stdout(Stdio::piped()).stderr(Stdio::piped());
+            }
+            Out::Files(o, e) => {
+                c.stdout(o).stderr(e);
+            }
+        }
+        let what = format!("{cmd:?} on {node} as {}", user.unwrap_or("root"));
+        let mut child = c.spawn().unwrap_or_else(|e| panic!("spawning {what}: {e}"));
+        let (tx, rx) = channel();
+        let stdout = Arc::new(Mutex::new(vec![]));
+        let stderr = Arc::new(Mutex::new(vec![]));
+        let mut readers = vec![];
+        if piped {
+            readers.push(reader(child.stdout.take().unwrap(), stdout.clone(), Some(tx)));
+            readers.push(reader(child.stderr.take().unwrap(), stderr.clone(), None));
+        }
+        let stdin = child.stdin.take();
+        Running { child, what, started: Instant::now(), lines: rx, stdout, stderr, readers, stdin }
+    }
+
+    /// Runs the probe to completion (bounded by `timeout`).
+    fn probe(&self, node: &str, args: &[&str], timeout: Duration) -> Run {
+        self.spawn_probe(node, false, args, Stdio::null(), Out::Pipes).finish(timeout)
+    }
+
+    /// Runs a shell command on NODE (as root) to completion.
+    fn sh(&self, node: &str, user: Option<&str>, script: &str, timeout: Duration) -> Run {
+        self.spawn(node, user, &s(&["sh", "-c", script]), Stdio::null(), Out::Pipes).finish(timeout)
+    }
+}
+
+impl Running {
+    fn snapshot(&self) -> String {
+        format!("{}\n--- stdout so far:\n{}\n--- stderr so far:\n{}", self.what, self.stdout.lock().unwrap().join("\n"), self.stderr.lock().unwrap().join("\n"))
+    }
+
+    /// Waits for a stdout line starting with `prefix`; returns it and when it arrived.
+    fn wait_line(&mut self, prefix: &str, timeout: Duration) -> (Instant, String) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok((t, l)) if l.starts_with(prefix) => return (t, l),
+                Ok(_) => continue,
+                Err(_) => {
+                    self.kill();
+                    panic!("no line starting with {prefix:?} within {timeout:?}: {}", self.snapshot());
+                }
+            }
+        }
+    }
+
+    fn kill(&mut self) {
+        // The process we started (nsenter/setpriv exec the program: same PID).
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the program to exit (killing it after `timeout`) and for its output.
+    fn finish(mut self, timeout: Duration) -> Run {
+        drop(self.stdin.take());
+        let deadline = self.started + timeout;
+        let status = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                panic!("did not finish within {timeout:?}: {}", self.snapshot());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let elapsed = self.started.elapsed();
+        for r in self.readers.drain(..) {
+            // A grandchild holding the pipes open must not hang the test.
+            let t = Instant::now();
+            while !r.is_finished() && t.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let stdout = self.stdout.lock().unwrap().clone();
+        let stderr = self.stderr.lock().unwrap().clone();
+        Run { status, stdout, stderr, elapsed }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Looking at nodes from the outside.
+
+fn proc_status_field(pid: i32, key: &str) -> Option<String> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(':')).map(|v| v.trim().to_string()))
+}
+
+fn all_pids() -> Vec<i32> {
+    std::fs::read_dir("/proc").unwrap().flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect()
+}
+
+fn ppid(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..].split_whitespace().nth(1)?.parse().ok()
+}
+
+fn children(pid: i32) -> Vec<i32> {
+    all_pids().into_iter().filter(|&p| ppid(p) == Some(pid)).collect()
+}
+
+fn netns_of(pid: i32) -> Option<PathBuf> {
+    std::fs::read_link(format!("/proc/{pid}/ns/net")).ok()
+}
+
+fn describe(pid: i32) -> String {
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).map(|c| String::from_utf8_lossy(&c).replace('\0', " ")).unwrap_or_default();
+    let state = proc_status_field(pid, "State").unwrap_or_default();
+    format!("{pid} [{state}] {cmd}")
+}
+
+impl Ctx {
+    fn node(&self, name: &str) -> tb::NodeInfo {
+        tb::load(&self.dir).unwrap().nodes.into_iter().find(|n| n.name == name).unwrap()
+    }
+
+    /// Processes of the test user in NODE's network namespace.
+    fn user_procs(&self, node: &str) -> Vec<i32> {
+        let holder = self.node(node).holder_pid;
+        let ns = netns_of(holder).unwrap_or_else(|| panic!("{node}'s holder {holder} is gone"));
+        all_pids()
+            .into_iter()
+            .filter(|&p| {
+                proc_status_field(p, "Uid").and_then(|u| u.split_whitespace().next().map(|u| u == self.uid.to_string())).unwrap_or(false)
+                    && netns_of(p).as_ref() == Some(&ns)
+            })
+            .collect()
+    }
+
+    /// Waits (bounded) until the test user has no process left on NODE.
+    fn assert_no_user_procs(&self, node: &str, timeout: Duration, when: &str) {
+        let t = Instant::now();
+        loop {
+            let left = self.user_procs(node);
+            if left.is_empty() {
+                return;
+            }
+            if t.elapsed() > timeout {
+                let d: Vec<String> = left.iter().map(|&p| describe(p)).collect();
+                panic!("{when}: processes of {USER} still on {node} after {timeout:?}:\n{}", d.join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log(&self, node: &str) -> String {
+        std::fs::read_to_string(self.dir.join(node).join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Kills (by PID) what a failed scenario left of the test user's processes on the nodes,
+    /// so that the next scenario starts clean.
+    fn kill_leftovers(&self) {
+        for n in ["node1", "node2", "node3"] {
+            for p in self.user_procs(n) {
+                eprintln!("(killing leftover on {n}: {})", describe(p));
+                sigkill(p);
+            }
+        }
+    }
+
+    /// All daemons running (a failed scenario may have left one stopped).
+    fn ensure_daemons(&self) {
+        for n in tb::load(&self.dir).unwrap().nodes {
+            if n.daemon_pid == 0 {
+                eprintln!("(restarting the daemon of {} left stopped)", n.name);
+                tb::restart_daemon(&self.dir, &n.name).unwrap_or_else(|e| panic!("restarting {}: {e:#}", n.name));
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The scenarios.
+
+/// 1. A child on another node: runs there, with the memory it brought; exit code comes back.
+fn fork_to_node(c: &Ctx) {
+    let r = c.probe("node1", &["fork", "node2", "--big-mb", "64", "--exit", "7"], Duration::from_secs(60));
+    assert!(r.status.success(), "probe failed:\n{r}");
+    assert_eq!(r.want("parent host"), "node1", "{r}");
+    assert_eq!(r.want("host"), "node2", "the child must run on node2:\n{r}");
+    assert_eq!(r.want("child sum"), r.want("sum"), "the memory the child brought differs:\n{r}");
+    let id = r.want("id");
+    let pid = r.want("pid");
+    assert_eq!(id, format!("node2:{pid}"), "RemoteId must name node2 and the child's PID there:\n{r}");
+    assert_eq!(r.want("exit code"), "7", "{r}");
+    assert!(r.has("parent ok"), "{r}");
+    c.assert_no_user_procs("node2", Duration::from_secs(5), "after the child exited");
+    c.assert_no_user_procs("node1", Duration::from_secs(5), "after the parent exited");
+}
+
+fn check_lines(n: usize, stdout: &[String], stderr: &[String], ctx: &str) {
+    let got_out: Vec<&str> = stdout.iter().filter(|l| l.starts_with("line ")).map(String::as_str).collect();
+    let got_err: Vec<&str> = stderr.iter().filter(|l| l.starts_with("line ")).map(String::as_str).collect();
+    let want_out: Vec<String> = (0..n).filter(|i| i % 2 == 0).map(|i| format!("line {i}")).collect();
+    let want_err: Vec<String> = (0..n).filter(|i| i % 2 == 1).map(|i| format!("line {i}")).collect();
+    assert_eq!(got_out, want_out, "{ctx}: stdout lines (all, in order)");
+    assert_eq!(got_err, want_err, "{ctx}: stderr lines (all, in order)");
+}
+
+/// 2. The child's stdout/stderr arrive at the parent's, complete and in order: pipes, files.
+fn output(c: &Ctx) {
+    const N: usize = 400;
+    let n = N.to_string();
+    let r = c.probe("node1", &["fork", "node2", "--lines", &n], Duration::from_secs(60));
+    assert!(r.status.success() && r.has("parent ok"), "{r}");
+    assert_eq!(r.want("exit code"), "0", "{r}");
+    check_lines(N, &r.stdout, &r.stderr, &format!("pipes\n{r}"));
+
+    let tmp = PathBuf::from(format!("/tmp/tft-cluster-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let (po, pe) = (tmp.join("out"), tmp.join("err"));
+    let run = c.spawn_probe(
+        "node1",
+        false,
+        &["fork", "node2", "--lines", &n, "--interval-ms", "1"],
+        Stdio::null(),
+        Out::Files(File::create(&po).unwrap(), File::create(&pe).unwrap()),
+    );
+    let r = run.finish(Duration::from_secs(60));
+    let out: Vec<String> = std::fs::read_to_string(&po).unwrap().lines().map(String::from).collect();
+    let err: Vec<String> = std::fs::read_to_string(&pe).unwrap().lines().map(String::from).collect();
+    std::fs::remove_dir_all(&tmp).ok();
+    let ctx = format!("files: status {}\n--- out file:\n{}\n--- err file:\n{}", r.status, out.join("\n"), err.join("\n"));
+    assert!(r.status.success(), "{ctx}");
+    assert_eq!(get(&out, "exit code"), Some("0"), "{ctx}");
+    assert!(out.iter().any(|l| l == "parent ok"), "{ctx}");
+    check_lines(N, &out, &err, &ctx);
+}
+
+/// 3. The child's stdin: end-of-file at once by default, even if the parent's stdin stays
+/// open with data waiting; with `pass_stdin` it gets the parent's stdin.
+fn stdin(c: &Ctx) {
+    let mut run = c.spawn_probe("node1", false, &["fork", "node2", "--read-stdin"], Stdio::piped(), Out::Pipes);
+    run.stdin.as_mut().unwrap().write_all(b"not for the child\n").unwrap();
+    // The parent's stdin stays open until the child has answered.
+    let (_, l) = run.wait_line("stdin:", Duration::from_secs(30));
+    assert_eq!(l, "stdin: eof", "{}", run.snapshot());
+    let r = run.finish(Duration::from_secs(30));
+    assert_eq!(r.want("exit code"), "0", "{r}");
+
+    let mut run = c.spawn_probe("node1", false, &["fork", "node2", "--read-stdin", "--pass-stdin"], Stdio::piped(), Out::Pipes);
+    run.stdin.as_mut().unwrap().write_all(b"hello child\n").unwrap();
+    let r = run.finish(Duration::from_secs(30));
+    assert_eq!(r.want("stdin:"), "12 bytes", "pass_stdin: the child must read the parent's stdin:\n{r}");
+    assert_eq!(r.want("exit code"), "0", "{r}");
+}
+
+/// 4. Kill: by the parent (SIGTERM) and by someone on the destination node (kill -9).
+fn kill(c: &Ctx) {
+    let r = c.probe("node1", &["fork", "node2", "--sleep-ms", "30000", "--kill-after-ms", "500", "--kill-signal", "15"], Duration::from_secs(25));
+    assert!(r.has("sent signal 15"), "{r}");
+    assert_eq!(r.want("exit signal"), "15", "wait must report SIGTERM:\n{r}");
+    assert!(r.has("parent ok") && r.status.success(), "{r}");
+
+    let mut run = c.spawn_probe("node1", false, &["fork", "node2", "--sleep-ms", "30000"], Stdio::null(), Out::Pipes);
+    let (_, id) = run.wait_line("id ", Duration::from_secs(30));
+    let pid: i32 = id.strip_prefix("id node2:").and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("bad id line {id:?}: {}", run.snapshot()));
+    // It is the test user's process, and it lives on node2.
+    assert_eq!(proc_status_field(pid, "Uid").and_then(|u| u.split_whitespace().next().map(String::from)), Some(c.uid.to_string()), "{}", describe(pid));
+    assert!(c.user_procs("node2").contains(&pid), "pid {pid} is not in node2: {}", describe(pid));
+    let k = c.sh("node2", None, &format!("kill -9 {pid}"), Duration::from_secs(10));
+    assert!(k.status.success(), "kill -9 on node2:\n{k}");
+    let r = run.finish(Duration::from_secs(20));
+    assert_eq!(r.want("exit signal"), "9", "wait must report SIGKILL:\n{r}");
+    assert!(r.has("parent ok") && r.status.success(), "{r}");
+    c.assert_no_user_procs("node2", Duration::from_secs(5), "after the kills");
+}
+
+/// 5. The child runs as the parent's user; root's telefork is refused, the parent goes on.
+fn user(c: &Ctx) {
+    let r = c.probe("node1", &["fork", "node2", "--print-uid"], Duration::from_secs(30));
+    let parent = r.want("parent ids").to_string();
+    let child = r.want("child ids").to_string();
+    assert_eq!(child, parent, "the child's credentials differ from the parent's:\n{r}");
+    assert!(parent.starts_with(&format!("uid={} gid={} ", c.uid, c.gid)), "the probe must run as {USER}:\n{r}");
+    assert_eq!(r.want("exit code"), "0", "{r}");
+
+    let restored_before = c.log("node2").matches("restored process").count();
+    let r = c.spawn_probe("node1", true, &["fork", "node2"], Stdio::null(), Out::Pipes).finish(Duration::from_secs(30));
+    let err = r.want("error").to_string();
+    assert!(err.contains("root") && err.contains("node2"), "the refusal must say root is not allowed on node2:\n{r}");
+    assert!(r.get("host").is_none(), "a child ran anyway:\n{r}");
+    let last = r.stdout.last().map(String::as_str);
+    assert_eq!(last, Some("parent ok"), "{r}");
+    assert!(r.status.success(), "{r}");
+    assert_eq!(c.log("node2").matches("restored process").count(), restored_before, "node2 restored a process of root");
+    // The refused child does not linger on node1 (as root: look at all root processes whose
+    // parent is gone is too broad; the probe is gone, so any stopped probe would be an orphan).
+    let stopped: Vec<String> = all_pids()
+        .into_iter()
+        .filter(|&p| proc_status_field(p, "State").is_some_and(|s| s.starts_with('T')))
+        .filter(|&p| std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e == c.probe))
+        .map(describe)
+        .collect();
+    assert!(stopped.is_empty(), "stopped probe processes left: {stopped:?}");
+}
+
+/// 6. remote() returns a value computed there; yoyo() comes back with state changed there.
+fn remote_and_yoyo(c: &Ctx) {
+    let r = c.probe("node1", &["remote", "node3"], Duration::from_secs(60));
+    let line = r.want("remote").to_string();
+    let f: Vec<&str> = line.split(' ').collect();
+    assert_eq!(f.first().copied(), Some("host=node3"), "{r}");
+    let sum = f.iter().find_map(|x| x.strip_prefix("sum=")).unwrap_or_else(|| panic!("{r}"));
+    let expected = f.iter().find_map(|x| x.strip_prefix("expected=")).unwrap_or_else(|| panic!("{r}"));
+    assert_eq!(sum, expected, "{r}");
+    assert_eq!(sum, "500000500000", "{r}");
+    assert!(r.status.success() && r.has("parent ok"), "{r}");
+
+    let r = c.probe("node1", &["yoyo", "node2"], Duration::from_secs(60));
+    assert_eq!(
+        r.want("yoyo"),
+        "visited=node2 counter=42 host=node1 expected_home=node1 same_pid=false",
+        "yoyo must come back to node1 with what it did on node2:\n{r}"
+    );
+    assert!(r.status.success() && r.has("parent ok"), "{r}");
+    c.assert_no_user_procs("node2", Duration::from_secs(5), "after yoyo");
+    c.assert_no_user_procs("node1", Duration::from_secs(5), "after yoyo");
+}
+
+/// 7. A peer without a certificate: TLS without client cert, and plain garbage, are dropped.
+fn peer_without_cert(c: &Ctx) {
+    let node2 = c.node("node2");
+    let addr = node2.addr;
+    let before = c.log("node2");
+    let rejected_before = before.matches("rejected connection").count();
+    let restored_before = before.matches("restored process").count();
+
+    let have_openssl = c.sh("node1", None, "command -v openssl", Duration::from_secs(10)).status.success();
+    let mut expected = 1;
+    if have_openssl {
+        let r = c.sh(
+            "node1",
+            Some(USER),
+            &format!("timeout 20 openssl s_client -connect {addr}:7077 -servername node2 </dev/null; echo rc $?"),
+            Duration::from_secs(30),
+        );
+        let rc = r.want("rc");
+        assert_ne!(rc, "124", "openssl s_client was not disconnected within 20 s:\n{r}");
+        expected += 1;
+    } else {
+        eprintln!("(openssl missing: only the garbage peer is tried)");
+    }
+    // Plain TCP, garbage: the daemon must close the connection (cat sees EOF or a reset).
+    // (/dev/tcp is a bash feature.)
+    let script = format!("exec 3<>/dev/tcp/{addr}/7077 || exit 3; printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3; timeout 20 cat <&3 >/dev/null; echo rc $?");
+    let r = c.spawn("node1", Some(USER), &s(&["bash", "-c", &script]), Stdio::null(), Out::Pipes).finish(Duration::from_secs(30));
+    let rc = r.want("rc");
+    assert_ne!(rc, "124", "the daemon kept a garbage connection open for 20 s:\n{r}");
+
+    let t = Instant::now();
+    let log = loop {
+        let log = c.log("node2");
+        if log.matches("rejected connection").count() >= rejected_before + expected || t.elapsed() > Duration::from_secs(5) {
+            break log;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let new = &log[before.len().min(log.len())..];
+    assert_eq!(log.matches("rejected connection").count(), rejected_before + expected, "node2's log must say 'rejected connection' for each peer; new log:\n{new}");
+    assert_eq!(log.matches("restored process").count(), restored_before, "node2 restored something:\n{new}");
+    assert!(c.user_procs("node2").is_empty(), "processes of {USER} on node2");
+    // The daemon is still alive and serves real nodes.
+    let r = c.probe("node1", &["fork", "node2"], Duration::from_secs(30));
+    assert_eq!(r.want("exit code"), "0", "node2 no longer works after the bad peers:\n{r}");
+}
+
+/// SIGKILL to pid.
+fn sigkill(pid: i32) {
+    // SAFETY: plain kill(2) of a PID we identified as the daemon or one of its sessions.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+}
+
+/// 8. The destination daemon and its sessions killed mid-transfer of a 1 GiB process:
+/// telefork fails in bounded time, the parent goes on, nothing is left on either node. Done
+/// twice: a plain telefork (the error comes from `telefork`), and `Options::background`
+/// (telefork returns once accepted; the error comes from `started`).
+fn dest_killed_mid_transfer(c: &Ctx) {
+    kill_dest_mid_transfer(c, false);
+    kill_dest_mid_transfer(c, true);
+}
+
+fn kill_dest_mid_transfer(c: &Ctx, background: bool) {
+    let mode = if background { "background" } else { "plain" };
+    let daemon = c.node("node2").daemon_pid;
+    assert!(daemon > 0);
+    let sessions_before: HashSet<i32> = children(daemon).into_iter().collect();
+    let mut args = vec!["fork", "node2", "--big-mb", "1024", "--sleep-ms", "2000"];
+    if background {
+        args.push("--background");
+    }
+    let mut run = c.spawn_probe("node1", false, &args, Stdio::null(), Out::Pipes);
+    let (t0, _) = run.wait_line("teleforking", Duration::from_secs(60));
+    // Wait for the destination session of this transfer, then kill ~150 ms in; if the
+    // session has not yet made the process it restores into, wait (bounded) for that, so
+    // that a half-restored process exists when the session dies.
+    let mut session: Vec<i32>;
+    loop {
+        session = children(daemon).into_iter().filter(|p| !sessions_before.contains(p)).collect();
+        let restoring = session.iter().any(|&s| !children(s).is_empty());
+        if (restoring && t0.elapsed() >= Duration::from_millis(150)) || (!session.is_empty() && t0.elapsed() > Duration::from_secs(3)) {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(10) {
+            run.kill();
+            panic!("{mode}: no session process appeared under node2's daemon {daemon} within 10 s: {}", run.snapshot());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let sessions = children(daemon);
+    let restorees: Vec<String> = session.iter().flat_map(|&s| children(s)).map(describe).collect();
+    sigkill(daemon);
+    for &s in &sessions {
+        sigkill(s);
+    }
+    let killed_at = Instant::now();
+    eprintln!("{mode}: killed node2's daemon {daemon} and sessions {sessions:?} (this transfer's: {session:?}) {:?} after 'teleforking'; being restored then: {restorees:?}", killed_at - t0);
+    let r = run.finish(Duration::from_secs(90));
+    assert!(r.stdout.last().map(String::as_str) == Some("parent ok"), "{mode}: the parent did not go on:\n{r}");
+    assert!(r.get("host").is_none() && r.get("id").is_none(), "{mode}: the transfer cannot have succeeded:\n{r}");
+    let elapsed_ms: u64 = r.want("elapsed_ms").parse().unwrap();
+    if background {
+        assert_eq!(r.want("accepted"), "node2", "{mode}: telefork must return once node2 accepted:\n{r}");
+        assert!(r.get("error started:").is_some(), "{mode}: started() must fail when the destination dies mid-transfer:\n{r}");
+    } else {
+        assert!(r.get("error").is_some(), "{mode}: telefork must fail when the destination dies mid-transfer:\n{r}");
+        assert!(elapsed_ms < 30_000, "{mode}: telefork took {elapsed_ms} ms to fail:\n{r}");
+    }
+    let after_kill = killed_at.elapsed();
+    assert!(after_kill < Duration::from_secs(30), "{mode}: the parent needed {after_kill:?} after the kill:\n{r}");
+    assert!(r.status.success(), "{r}");
+    eprintln!("{mode}: telefork returned after {elapsed_ms} ms; probe done {after_kill:?} after the kill");
+    c.assert_no_user_procs("node2", Duration::from_secs(10), &format!("{mode}: after the destination died mid-transfer"));
+    c.assert_no_user_procs("node1", Duration::from_secs(10), &format!("{mode}: after the failed telefork (the stopped local child)"));
+    tb::kill_daemon(&c.dir, "node2").unwrap();
+    tb::restart_daemon(&c.dir, "node2").unwrap_or_else(|e| panic!("restarting node2: {e:#}"));
+    let r = c.probe("node1", &["fork", "node2"], Duration::from_secs(30));
+    assert_eq!(r.want("exit code"), "0", "node2 after its restart:\n{r}");
+}
+
+/// 9. Destination down: an error, quickly, naming the node.
+fn dest_down(c: &Ctx) {
+    tb::kill_daemon(&c.dir, "node3").unwrap();
+    let r = c.probe("node1", &["fork", "node3"], Duration::from_secs(30));
+    let restart = tb::restart_daemon(&c.dir, "node3");
+    let err = r.want("error").to_string();
+    let names_node = err.contains("node3") || err.contains(&format!("{}:7077", c.node("node3").addr));
+    assert!(names_node && err.contains("connect"), "the error must name node3 (or its address) and the connection:\n{r}");
+    assert!(r.elapsed < Duration::from_secs(10), "took {:?}:\n{r}", r.elapsed);
+    assert!(r.has("parent ok") && r.status.success(), "{r}");
+    c.assert_no_user_procs("node1", Duration::from_secs(5), "after the failed telefork");
+    restart.unwrap_or_else(|e| panic!("restarting node3: {e:#}"));
+    let r = c.probe("node1", &["fork", "node3"], Duration::from_secs(30));
+    assert_eq!(r.want("exit code"), "0", "node3 after its restart:\n{r}");
+}
+
+/// 10. Restarting the destination's daemon leaves its running children (and their relays) be.
+fn daemon_restart_keeps_children(c: &Ctx) {
+    let old = c.node("node2").daemon_pid;
+    let mut run = c.spawn_probe("node1", false, &["fork", "node2", "--lines", "30", "--interval-ms", "100"], Stdio::null(), Out::Pipes);
+    run.wait_line("line 2", Duration::from_secs(30));
+    tb::restart_daemon(&c.dir, "node2").unwrap_or_else(|e| panic!("restarting node2: {e:#}"));
+    let new = c.node("node2").daemon_pid;
+    assert!(new > 0 && new != old, "node2's daemon was not restarted ({old} -> {new})");
+    let r = run.finish(Duration::from_secs(30));
+    assert!(r.get("line 28").is_some(), "the child's output stopped with the daemon:\n{r}");
+    check_lines(30, &r.stdout, &r.stderr, &format!("{r}"));
+    assert_eq!(r.want("exit code"), "0", "{r}");
+}
+
+/// Restores a node's config (and restarts its daemon) when dropped.
+struct RestoreConfig<'a> {
+    c: &'a Ctx,
+    node: &'static str,
+    text: String,
+}
+impl Drop for RestoreConfig<'_> {
+    fn drop(&mut self) {
+        std::fs::write(self.c.dir.join(self.node).join("node.toml"), &self.text).ok();
+        if let Err(e) = tb::restart_daemon(&self.c.dir, self.node) {
+            eprintln!("restoring {}'s config: {e:#}", self.node);
+        }
+    }
+}
+
+/// 11. max_restores_per_user = 1: a second concurrent telefork to the node is refused.
+fn limits(c: &Ctx) {
+    let path = c.dir.join("node3").join("node.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let _restore = RestoreConfig { c, node: "node3", text };
+    let mut cfg = telefork_node::config::Config::load(&path).unwrap();
+    cfg.limits.max_restores_per_user = 1;
+    std::fs::write(&path, cfg.to_toml()).unwrap();
+    tb::restart_daemon(&c.dir, "node3").unwrap_or_else(|e| panic!("restarting node3: {e:#}"));
+
+    let mut first = c.spawn_probe("node1", false, &["fork", "node3", "--sleep-ms", "4000"], Stdio::null(), Out::Pipes);
+    first.wait_line("id node3:", Duration::from_secs(30));
+    let r = c.probe("node2", &["fork", "node3"], Duration::from_secs(30));
+    let err = r.want("error").to_string();
+    assert!(err.contains("limit") && err.contains("node3"), "the refusal must name the limit:\n{r}");
+    assert!(r.get("host").is_none() && r.has("parent ok") && r.status.success(), "{r}");
+    let r1 = first.finish(Duration::from_secs(30));
+    assert_eq!(r1.want("exit code"), "0", "the first child:\n{r1}");
+    // Once the first is gone, there is room again.
+    let r = c.probe("node2", &["fork", "node3"], Duration::from_secs(30));
+    assert_eq!(r.want("exit code"), "0", "after the first child ended:\n{r}");
+}
+
+// ---------------------------------------------------------------------------------------
+
+fn can_run() -> bool {
+    let ok = nix::unistd::Uid::effective().is_root() && std::process::Command::new("ip").arg("-V").output().is_ok();
+    if !ok {
+        eprintln!("skipped: needs root and iproute2");
+    }
+    ok
+}
+
+#[test]
+fn telefork_across_machines() {
+    if !can_run() {
+        return;
+    }
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_telefork"));
+    let probe = bin.parent().unwrap().join("examples").join("probe");
+    assert!(probe.exists(), "{} is missing: run `cargo build --release --examples` (or without --release for a debug test build) first", probe.display());
+    let _serial = tb::lock(PREFIX).unwrap();
+    let (uid, gid) = tb::ensure_test_user(USER).unwrap();
+    let dir = PathBuf::from(DIR);
+    let _down = Down(dir.clone());
+    let opts = tb::TestbedOptions {
+        nodes: 3,
+        dir: dir.clone(),
+        telefork_bin: bin,
+        prefix: PREFIX.into(),
+        subnet: SUBNET.parse().unwrap(),
+        ..Default::default()
+    };
+    tb::up(&opts).unwrap_or_else(|e| panic!("testbed up: {e:#}"));
+    let c = Ctx { dir, probe, uid, gid };
+    check_access(&c);
+
+    let scenarios: &[(&str, fn(&Ctx))] = &[
+        ("1 telefork to another node", fork_to_node),
+        ("2 output: pipes and files", output),
+        ("3 stdin", stdin),
+        ("4 kill", kill),
+        ("5 user and root", user),
+        ("6 remote and yoyo", remote_and_yoyo),
+        ("7 peer without certificate", peer_without_cert),
+        ("8 destination killed mid-transfer", dest_killed_mid_transfer),
+        ("9 destination down", dest_down),
+        ("10 daemon restart keeps children", daemon_restart_keeps_children),
+        ("11 limits", limits),
+    ];
+    let only = std::env::var("CLUSTER_ONLY").ok();
+    let mut failed = vec![];
+    for (name, f) in scenarios {
+        if only.as_deref().is_some_and(|o| !o.split(',').any(|o| name.split(' ').next() == Some(o))) {
+            continue;
+        }
+        eprintln!("== scenario {name}");
+        let t = Instant::now();
+        let res = catch_unwind(AssertUnwindSafe(|| {
+            c.ensure_daemons();
+            f(&c)
+        }));
+        match res {
+            Ok(()) => eprintln!("== scenario {name}: ok ({:?})", t.elapsed()),
+            Err(e) => {
+                let msg = e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+                eprintln!("== scenario {name}: FAILED ({:?})", t.elapsed());
+                for n in ["node1", "node2", "node3"] {
+                    let log = c.log(n);
+                    let lines: Vec<&str> = log.lines().collect();
+                    eprintln!("--- {n}/daemon.log (last lines):\n{}", lines[lines.len().saturating_sub(12)..].join("\n"));
+                }
+                c.kill_leftovers();
+                failed.push(format!("scenario {name}: {}", msg.lines().next().unwrap_or("")));
+            }
+        }
+    }
+    assert!(failed.is_empty(), "{} scenario(s) failed:\n{}", failed.len(), failed.join("\n"));
+}
+
+/// The test user must be able to run the probe (target/ readable and searchable).
+fn check_access(c: &Ctx) {
+    let r = c.sh("node1", Some(USER), &format!("test -x {} && id -u", c.probe.display()), Duration::from_secs(10));
+    assert!(r.status.success() && r.stdout.first().map(String::as_str) == Some(&c.uid.to_string()), "{USER} cannot run {}:\n{r}", c.probe.display());
+    let _ = Path::new(DIR);
+}

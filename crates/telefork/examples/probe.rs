@@ -1,0 +1,230 @@
+//! A probe for the cluster integration tests (crates/cli/tests/cluster.rs): small commands
+//! that telefork, run remote closures and yo-yo, printing one machine-checkable line per
+//! fact, `key value...`. Run on a testbed node, e.g.
+//!
+//!     telefork testbed exec node1 --user tfdemo -- target/release/examples/probe fork node2 --exit 7
+//!
+//! Commands:
+//!
+//! * `probe fork DEST [options]` — telefork to DEST. The parent prints `teleforking`, then
+//!   `id NODE:PID` and `exit code N` / `exit signal S` (or `error MESSAGE` if telefork or
+//!   wait fails), `elapsed_ms N` (time telefork took), and last `parent ok`; it exits 0.
+//!   The child prints `host NAME`, `pid PID`, and what the options ask for, then exits.
+//!   Options:
+//!   - `--exit N`          the child's exit code (default 0)
+//!   - `--big-mb N`        bring N MiB of patterned memory; parent prints `sum X` before,
+//!                         the child `child sum X` after recomputing it there
+//!   - `--print-uid`       both print `ids uid=U gid=G groups=G1,G2` (parent: `parent ids`,
+//!                         child: `child ids`)
+//!   - `--read-stdin`      the child reads its stdin: `stdin: eof` or `stdin: N bytes`
+//!   - `--pass-stdin`      telefork with `Options { pass_stdin: true }`
+//!   - `--background`      telefork with `Options { background: true }`: the parent prints
+//!                         `accepted NODE` when telefork returns, then waits until the child
+//!                         runs (`id ...`, or `error started: MESSAGE`)
+//!   - `--lines N`         the child writes `line I` for I in 0..N, even I to stdout, odd
+//!                         I to stderr
+//!   - `--interval-ms N`   pause between those lines
+//!   - `--sleep-ms N`      the child sleeps before exiting
+//!   - `--kill-after-ms N` the parent sends `--kill-signal` (default 15) to the child after
+//!                         N ms
+//! * `probe remote DEST` — `remote host=NAME sum=X expected=Y` (a sum computed there over
+//!   memory from here).
+//! * `probe yoyo DEST` — goes to DEST, modifies state there, comes back: prints
+//!   `yoyo visited=NAME counter=N host=HOME expected_home=HOME`.
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+fn hostname() -> String {
+    nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "?".into())
+}
+
+fn ids() -> String {
+    let groups = nix::unistd::getgroups().unwrap_or_default();
+    let mut g: Vec<u32> = groups.iter().map(|g| g.as_raw()).collect();
+    g.sort_unstable();
+    let g: Vec<String> = g.iter().map(|g| g.to_string()).collect();
+    format!("uid={} gid={} groups={}", nix::unistd::getuid(), nix::unistd::getgid(), g.join(","))
+}
+
+/// N MiB of memory with a pattern that depends on position (no zero pages).
+fn big(mb: usize) -> Vec<u64> {
+    let n = mb << 17;
+    (0..n as u64).map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5555).collect()
+}
+
+fn checksum(v: &[u64]) -> u64 {
+    v.iter().fold(0u64, |a, &x| a.rotate_left(5) ^ x)
+}
+
+fn out(line: &str) {
+    let mut o = std::io::stdout().lock();
+    let _ = writeln!(o, "{line}");
+    let _ = o.flush();
+}
+
+#[derive(Default)]
+struct ForkOpts {
+    exit: i32,
+    big_mb: usize,
+    print_uid: bool,
+    read_stdin: bool,
+    pass_stdin: bool,
+    background: bool,
+    lines: usize,
+    interval_ms: u64,
+    sleep_ms: u64,
+    kill_after_ms: Option<u64>,
+    kill_signal: i32,
+}
+
+fn usage() -> ! {
+    eprintln!("usage: probe fork DEST [--exit N] [--big-mb N] [--print-uid] [--read-stdin] [--pass-stdin] [--background] [--lines N] [--interval-ms N] [--sleep-ms N] [--kill-after-ms N] [--kill-signal S] | probe remote DEST | probe yoyo DEST");
+    std::process::exit(2)
+}
+
+fn parse_fork(args: &[String]) -> ForkOpts {
+    let mut o = ForkOpts { kill_signal: 15, ..Default::default() };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut num = || -> u64 { it.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage()) };
+        match a.as_str() {
+            "--exit" => o.exit = num() as i32,
+            "--big-mb" => o.big_mb = num() as usize,
+            "--print-uid" => o.print_uid = true,
+            "--read-stdin" => o.read_stdin = true,
+            "--pass-stdin" => o.pass_stdin = true,
+            "--background" => o.background = true,
+            "--lines" => o.lines = num() as usize,
+            "--interval-ms" => o.interval_ms = num(),
+            "--sleep-ms" => o.sleep_ms = num(),
+            "--kill-after-ms" => o.kill_after_ms = Some(num()),
+            "--kill-signal" => o.kill_signal = num() as i32,
+            _ => usage(),
+        }
+    }
+    o
+}
+
+fn fork(dest: &str, o: &ForkOpts) {
+    let mem = big(o.big_mb);
+    if o.big_mb > 0 {
+        out(&format!("sum {}", checksum(&mem)));
+    }
+    if o.print_uid {
+        out(&format!("parent ids {}", ids()));
+    }
+    out(&format!("parent host {}", hostname()));
+    out("teleforking");
+    let t = Instant::now();
+    let r = telefork::telefork_with(dest, &telefork::Options { pass_stdin: o.pass_stdin, background: o.background, ..Default::default() });
+    match r {
+        Ok(telefork::Fork::Child) => {
+            out(&format!("host {}", hostname()));
+            out(&format!("pid {}", std::process::id()));
+            if o.big_mb > 0 {
+                out(&format!("child sum {}", checksum(&mem)));
+            }
+            if o.print_uid {
+                out(&format!("child ids {}", ids()));
+            }
+            if o.read_stdin {
+                let mut buf = Vec::new();
+                match std::io::stdin().read_to_end(&mut buf) {
+                    Ok(0) => out("stdin: eof"),
+                    Ok(n) => out(&format!("stdin: {n} bytes")),
+                    Err(e) => out(&format!("stdin: error {e}")),
+                }
+            }
+            for i in 0..o.lines {
+                if i % 2 == 0 {
+                    out(&format!("line {i}"));
+                } else {
+                    let _ = writeln!(std::io::stderr(), "line {i}");
+                }
+                if o.interval_ms > 0 {
+                    std::thread::sleep(Duration::from_millis(o.interval_ms));
+                }
+            }
+            if o.sleep_ms > 0 {
+                std::thread::sleep(Duration::from_millis(o.sleep_ms));
+            }
+            std::process::exit(o.exit);
+        }
+        Ok(telefork::Fork::Parent(mut child)) => {
+            out(&format!("elapsed_ms {}", t.elapsed().as_millis()));
+            if o.background {
+                out(&format!("accepted {}", child.id().node));
+                if let Err(e) = child.started() {
+                    out(&format!("error started: {}", e.to_string().replace('\n', " ")));
+                    out("parent ok");
+                    return;
+                }
+            }
+            out(&format!("id {}", child.id()));
+            if let Some(ms) = o.kill_after_ms {
+                std::thread::sleep(Duration::from_millis(ms));
+                match child.kill(o.kill_signal) {
+                    Ok(()) => out(&format!("sent signal {}", o.kill_signal)),
+                    Err(e) => out(&format!("error kill: {e}")),
+                }
+            }
+            match child.wait() {
+                Ok(st) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    match (st.code(), st.signal()) {
+                        (Some(c), _) => out(&format!("exit code {c}")),
+                        (None, Some(s)) => out(&format!("exit signal {s}")),
+                        _ => out(&format!("exit other {st}")),
+                    }
+                }
+                Err(e) => out(&format!("error wait: {e}")),
+            }
+        }
+        Err(e) => {
+            out(&format!("elapsed_ms {}", t.elapsed().as_millis()));
+            out(&format!("error {}", e.to_string().replace('\n', " ")));
+        }
+    }
+    out("parent ok");
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.len() < 2 {
+        usage();
+    }
+    let dest = args[1].as_str();
+    match args[0].as_str() {
+        "fork" => fork(dest, &parse_fork(&args[2..])),
+        "remote" => {
+            let numbers: Vec<u64> = (1..=1_000_000u64).collect();
+            let expected: u64 = numbers.iter().sum();
+            match telefork::remote(dest, || (hostname(), numbers.iter().sum::<u64>())) {
+                Ok((host, sum)) => out(&format!("remote host={host} sum={sum} expected={expected}")),
+                Err(e) => out(&format!("error {e}")),
+            }
+            out("parent ok");
+        }
+        "yoyo" => {
+            let home = hostname();
+            let mut visited = String::from("nowhere");
+            let mut counter: u64 = 41;
+            let before = std::process::id();
+            let r = telefork::yoyo(dest, || {
+                visited = hostname();
+                counter += 1;
+            });
+            match r {
+                Ok(()) => out(&format!(
+                    "yoyo visited={visited} counter={counter} host={} expected_home={home} same_pid={}",
+                    hostname(),
+                    std::process::id() == before
+                )),
+                Err(e) => out(&format!("error {e}")),
+            }
+            out("parent ok");
+        }
+        _ => usage(),
+    }
+}
