@@ -9,6 +9,8 @@ bash scripts/setup.sh
 
 echo "== build (release)"
 cargo build --release --workspace
+# the examples too: tests run them on testbed nodes (crates/cli/tests/cluster.rs: probe)
+cargo build --release --workspace --examples
 
 echo "== tests"
 # --no-fail-fast: every test binary runs and reports, even after one fails
