@@ -12,9 +12,8 @@
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::process::ExitStatusExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, ExitStatus, Stdio};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
@@ -736,5 +735,4 @@ fn telefork_across_machines() {
 fn check_access(c: &Ctx) {
     let r = c.sh("node1", Some(USER), &format!("test -x {} && id -u", c.probe.display()), Duration::from_secs(10));
     assert!(r.status.success() && r.stdout.first().map(String::as_str) == Some(&c.uid.to_string()), "{USER} cannot run {}:\n{r}", c.probe.display());
-    let _ = Path::new(DIR);
 }
