@@ -136,7 +136,7 @@ fn send_away(
         bail!("process {child} does not belong to the calling user {}", user.uid);
     }
     let (name, addr) = shared.cfg.resolve(dest)?;
-    let sock = connect(addr, Duration::from_secs(5))?;
+    let sock = connect(addr, Duration::from_secs(5)).with_context(|| format!("cannot reach node {name}"))?;
     let server_name = crate::tls::server_name(&name)?;
     let ch = TlsChannel::client(shared.client_tls.clone(), server_name, sock, crate::dest::HANDSHAKE_TIMEOUT)
         .with_context(|| format!("connecting to node {name} at {addr}"))?;
