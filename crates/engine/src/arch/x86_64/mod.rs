@@ -66,3 +66,18 @@ pub fn own_syscall_insn() -> u64 {
 
 /// The bytes of a `syscall` instruction.
 pub const SYSCALL_INSN: [u8; 2] = [0x0f, 0x05];
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_feature_this_cpu_lacks_is_named() {
+        let local = super::xstate::local_xcr0();
+        super::check_cpu(local).unwrap();
+        // Find a bit this CPU does not enable (AMX tile data is bit 18; fall back to 63).
+        let missing = [18u32, 17, 63].into_iter().find(|b| local & (1 << b) == 0).unwrap();
+        let err = super::check_cpu(local | (1 << missing)).unwrap_err().to_string();
+        assert!(err.contains("lacks"), "{err}");
+        let name = super::xstate::feature_names(1 << missing)[0].clone();
+        assert!(err.contains(&name), "{err} should name {name}");
+    }
+}
