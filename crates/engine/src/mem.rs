@@ -110,46 +110,142 @@ fn carries_pages(vma: &Vma) -> bool {
     }
 }
 
-/// Writes the contents of every page that must travel, in address order, as page records.
-/// Returns the number of bytes written.
-pub fn write_pages<W: std::io::Write>(pid: Pid, vmas: &[Vma], out: &mut ImageWriter<W>) -> Result<u64> {
+/// Bytes of memory per page record (and per read of the process's memory).
+const CHUNK: u64 = 8 << 20;
+/// Buffers in flight between the thread that reads memory and the one that writes records.
+const BUFFERS: usize = 3;
+
+/// The runs of pages that must travel, in address order, each at most `CHUNK` long.
+fn travelling_runs(pid: Pid, vmas: &[Vma]) -> Result<Vec<(u64, u64)>> {
     let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).with_context(|| format!("opening /proc/{pid}/pagemap"))?;
-    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).with_context(|| format!("opening /proc/{pid}/mem"))?;
-    const BATCH_PAGES: u64 = 2048; // 8 MiB of memory per pagemap read and per record
-    let mut pm_buf = vec![0u8; (BATCH_PAGES * 8) as usize];
-    let mut data = vec![0u8; (BATCH_PAGES * PAGE) as usize];
-    let mut total = 0u64;
+    const BATCH_PAGES: u64 = 16384; // one pagemap read covers 64 MiB
+    let mut pm = vec![0u8; (BATCH_PAGES * 8) as usize];
+    let mut runs: Vec<(u64, u64)> = Vec::new();
     for vma in vmas.iter().filter(|v| carries_pages(v)) {
         let mut addr = vma.start;
         while addr < vma.end {
             let n = ((vma.end - addr) / PAGE).min(BATCH_PAGES);
-            let pm = &mut pm_buf[..(n * 8) as usize];
+            let pm = &mut pm[..(n * 8) as usize];
             pagemap
                 .read_exact_at(pm, addr / PAGE * 8)
                 .with_context(|| format!("reading the pagemap of {addr:#x}-{:#x}", addr + n * PAGE))?;
-            // Coalesce runs of travelling pages inside this batch.
-            let mut i = 0u64;
-            while i < n {
-                let entry = |k: u64| u64::from_le_bytes(pm[(k * 8) as usize..(k * 8 + 8) as usize].try_into().unwrap_or([0; 8]));
-                if !page_travels(vma, entry(i)) {
-                    i += 1;
+            for (i, e) in pm.chunks_exact(8).enumerate() {
+                let entry = u64::from_le_bytes(e.try_into().unwrap_or([0; 8]));
+                if !page_travels(vma, entry) {
                     continue;
                 }
-                let first = i;
-                while i < n && page_travels(vma, entry(i)) {
-                    i += 1;
+                let page = addr + i as u64 * PAGE;
+                match runs.last_mut() {
+                    Some((start, len)) if *start + *len == page && *len < CHUNK => *len += PAGE,
+                    _ => runs.push((page, PAGE)),
                 }
-                let run_addr = addr + first * PAGE;
-                let len = ((i - first) * PAGE) as usize;
-                mem.read_exact_at(&mut data[..len], run_addr)
-                    .with_context(|| format!("reading memory {run_addr:#x}-{:#x} of process {pid}", run_addr + len as u64))?;
-                out.write_pages(run_addr, &data[..len]).context("writing the image")?;
-                total += len as u64;
             }
             addr += n * PAGE;
         }
     }
-    Ok(total)
+    Ok(runs)
+}
+
+/// Reads `len` bytes at `addr` of a stopped process into `buf`: process_vm_readv (pins pages
+/// in batches), else /proc/PID/mem (which may also read PROT_NONE memory).
+fn read_remote(pid: Pid, mem: &std::fs::File, addr: u64, buf: &mut [u8]) -> Result<()> {
+    let len = buf.len();
+    let remote = [nix::sys::uio::RemoteIoVec { base: addr as usize, len }];
+    if let Ok(n) = nix::sys::uio::process_vm_readv(pid, &mut [std::io::IoSliceMut::new(buf)], &remote) {
+        if n == len {
+            return Ok(());
+        }
+    }
+    mem.read_exact_at(buf, addr).with_context(|| format!("reading memory {addr:#x}-{:#x} of process {pid}", addr + len as u64))
+}
+
+/// Writes the contents of every page that must travel, in address order, as page records.
+/// A second thread reads the process's memory while this one writes (encrypts, sends) the
+/// previous chunk. Returns the number of bytes written.
+pub fn write_pages<W: std::io::Write>(pid: Pid, vmas: &[Vma], out: &mut ImageWriter<W>) -> Result<u64> {
+    let runs = travelling_runs(pid, vmas)?;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).with_context(|| format!("opening /proc/{pid}/mem"))?;
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<(u64, Vec<u8>)>>(BUFFERS);
+    let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    for _ in 0..BUFFERS {
+        let _ = empty_tx.send(Vec::with_capacity(CHUNK as usize));
+    }
+    std::thread::scope(|scope| {
+        let mem = &mem;
+        let runs = &runs;
+        scope.spawn(move || {
+            for &(addr, len) in runs {
+                let Ok(mut buf) = empty_rx.recv() else { return };
+                buf.resize(len as usize, 0);
+                let r = read_remote(pid, mem, addr, &mut buf).map(|_| (addr, buf));
+                let failed = r.is_err();
+                if full_tx.send(r).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        let mut total = 0u64;
+        for _ in 0..runs.len() {
+            let (addr, buf) = full_rx.recv().context("the memory reader stopped")??;
+            out.write_pages(addr, &buf).context("writing the image")?;
+            total += buf.len() as u64;
+            let _ = empty_tx.send(buf);
+        }
+        drop(empty_tx);
+        Ok(total)
+    })
+}
+
+/// Streams the image's page records into the restored process. A second thread reads and
+/// verifies records while this one (the tracer) writes the previous one in: the target range
+/// is first populated in bulk (an injected MADV_POPULATE_WRITE, far cheaper than faulting
+/// page by page), then copied with process_vm_writev (or /proc/PID/mem where the mapping is
+/// not writable). Returns the number of bytes written.
+pub fn fill_pages<R: std::io::Read + Send>(inj: &mut Injector, vmas: &[Vma], reader: &mut telefork_image::ImageReader<R>) -> Result<u64> {
+    let pid = inj.pid();
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<Option<(u64, Vec<u8>)>>>(BUFFERS);
+    let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    for _ in 0..BUFFERS {
+        let _ = empty_tx.send(Vec::new());
+    }
+    std::thread::scope(|scope| {
+        scope.spawn(move || loop {
+            let Ok(spare) = empty_rx.recv() else { return };
+            let r = reader.next_pages_owned(spare).map_err(anyhow::Error::from);
+            let stop = !matches!(r, Ok(Some(_)));
+            if full_tx.send(r).is_err() || stop {
+                return;
+            }
+        });
+        let mut total = 0u64;
+        loop {
+            let Some((addr, buf)) = full_rx.recv().context("the image reader stopped")?? else { break };
+            let data = &buf[8..];
+            let vma = check_page_run(vmas, addr, data.len() as u64)?;
+            if initial_prot(vma) & libc::PROT_WRITE as u32 != 0 {
+                // Best effort: an old kernel without MADV_POPULATE_WRITE just faults later.
+                let _ = inj.syscall_raw(libc::SYS_madvise, &[addr, data.len() as u64, MADV_POPULATE_WRITE]);
+            }
+            write_remote(inj, pid, addr, data)?;
+            total += data.len() as u64;
+            let _ = empty_tx.send(buf);
+        }
+        drop(empty_tx);
+        Ok(total)
+    })
+}
+
+const MADV_POPULATE_WRITE: u64 = 23;
+
+fn write_remote(inj: &Injector, pid: Pid, addr: u64, data: &[u8]) -> Result<()> {
+    let local = [std::io::IoSlice::new(data)];
+    let remote = [nix::sys::uio::RemoteIoVec { base: addr as usize, len: data.len() }];
+    if let Ok(n) = nix::sys::uio::process_vm_writev(pid, &local, &remote) {
+        if n == data.len() {
+            return Ok(());
+        }
+    }
+    inj.write_mem(addr, data)
 }
 
 /// Checks that a file mapped by the image is still the same file (size and modification
@@ -269,14 +365,14 @@ pub fn create_mappings(inj: &mut Injector, vmas: &[Vma]) -> Result<()> {
     Ok(())
 }
 
-/// Checks that a page record from the image falls inside a mapping that carries pages.
-pub fn check_page_run(vmas: &[Vma], addr: u64, len: u64) -> Result<()> {
+/// Checks that a page record from the image falls inside a mapping that carries pages, and
+/// returns that mapping.
+pub fn check_page_run(vmas: &[Vma], addr: u64, len: u64) -> Result<&Vma> {
     let end = addr.checked_add(len).unwrap_or(u64::MAX);
-    let ok = vmas.iter().any(|v| carries_pages(v) && v.start <= addr && end <= v.end);
-    if !ok || addr % PAGE != 0 {
-        bail!("image is corrupt: page data at {addr:#x}-{end:#x} lies outside the mappings that hold pages");
+    match vmas.iter().find(|v| carries_pages(v) && v.start <= addr && end <= v.end) {
+        Some(v) if addr % PAGE == 0 => Ok(v),
+        _ => bail!("image is corrupt: page data at {addr:#x}-{end:#x} lies outside the mappings that hold pages"),
     }
-    Ok(())
 }
 
 /// Gives every mapping its final protection once its pages are in.

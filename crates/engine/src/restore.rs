@@ -55,7 +55,7 @@ pub struct Restored {
 /// Size of the control area: one page of code, the rest scratch.
 const CONTROL_LEN: u64 = 128 << 10;
 
-pub fn restore<R: Read>(input: R, opts: &RestoreOptions) -> Result<Restored> {
+pub fn restore<R: Read + Send>(input: R, opts: &RestoreOptions) -> Result<Restored> {
     let (mut reader, header) = ImageReader::new(input)?;
     check_header(&header)?;
     let img = reader.process()?;
@@ -180,7 +180,7 @@ fn spawn_stub(want_pid: i32, stdio: Option<[std::os::fd::RawFd; 3]>) -> Result<(
     Ok((pid, same && want_pid > 0))
 }
 
-fn shape<R: Read>(pid: Pid, img: &ProcessImage, reader: &mut ImageReader<R>) -> Result<u64> {
+fn shape<R: Read + Send>(pid: Pid, img: &ProcessImage, reader: &mut ImageReader<R>) -> Result<u64> {
     ptrace::set_sigmask(pid, ALL_SIGNALS_BLOCKED)?;
     let mut inj = Injector::new(pid, arch::own_syscall_insn())?;
 
@@ -253,12 +253,7 @@ fn shape<R: Read>(pid: Pid, img: &ProcessImage, reader: &mut ImageReader<R>) -> 
         }
     }
     mem::create_mappings(&mut inj, &img.vmas)?;
-    let mut page_bytes = 0u64;
-    while let Some(run) = reader.next_pages()? {
-        mem::check_page_run(&img.vmas, run.addr, run.data.len() as u64)?;
-        inj.write_mem(run.addr, run.data)?;
-        page_bytes += run.data.len() as u64;
-    }
+    let page_bytes = mem::fill_pages(&mut inj, &img.vmas, reader)?;
     mem::finish(&mut inj, &img.vmas)?;
     mm::restore(&mut inj, &img.mm)?;
     misc::restore(&mut inj, &img.misc, &img.comm)?;

@@ -217,6 +217,18 @@ impl<R: Read> ImageReader<R> {
         Ok(Some(PageRun { addr, data: &self.buf[8..] }))
     }
 
+    /// Like `next_pages`, but hands over the record's buffer instead of lending it, taking
+    /// `spare` in exchange (so a reader thread and a writer can pass buffers back and forth
+    /// without copying). The run's bytes are `buf[8..]` (the first 8 hold its address).
+    pub fn next_pages_owned(&mut self, spare: Vec<u8>) -> Result<Option<(u64, Vec<u8>)>> {
+        let addr = match self.next_pages()? {
+            Some(run) => run.addr,
+            None => return Ok(None),
+        };
+        let buf = std::mem::replace(&mut self.buf, spare);
+        Ok(Some((addr, buf)))
+    }
+
     fn record(&mut self, want: Kind) -> Result<()> {
         self.record_any(&[want]).map(|_| ())
     }

@@ -135,6 +135,7 @@ fn send_away(
     if status_field(child, "Uid")? != user.uid as i64 {
         bail!("process {child} does not belong to the calling user {}", user.uid);
     }
+    wait_self_stopped(child)?;
     let (name, addr) = shared.cfg.resolve(dest)?;
     let sock = connect(addr, Duration::from_secs(5)).with_context(|| format!("cannot reach node {name}"))?;
     let server_name = crate::tls::server_name(&name)?;
@@ -169,6 +170,23 @@ fn send_away(
     let pid = started.context("destination gave no PID")?;
     log(&format!("process {child} of user {} now runs on {name} as {pid}", user.uid));
     Ok((ch, name, pid))
+}
+
+/// Waits until the child has stopped itself (its SIGSTOP right after fork): capturing it
+/// any earlier would catch it before the stop, which it would then perform on the
+/// destination.
+fn wait_self_stopped(child: i32) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).with_context(|| format!("process {child} is gone"))?;
+        let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).unwrap_or("");
+        match state {
+            "T" | "t" => return Ok(()),
+            "Z" | "X" => bail!("process {child} exited before it could be sent"),
+            _ if std::time::Instant::now() > deadline => bail!("process {child} did not stop within 10 s"),
+            _ => std::thread::sleep(Duration::from_micros(50)),
+        }
+    }
 }
 
 /// Relays between the program and the remote child until the child's fate is known.

@@ -87,9 +87,9 @@ pub struct RemoteChild {
 pub struct Options {
     /// Pass this process's stdin to the child (default: the child reads end-of-file).
     pub pass_stdin: bool,
-    /// Return as soon as the destination has accepted the child, while its memory is still
-    /// streaming (the parent is held about as long as by a local fork()). A failure of the
-    /// transfer is then reported by `wait`/`id` instead of by `telefork`.
+    /// Return right after the fork, as a local fork() would, while the daemon sends the
+    /// child away. Every failure (destination down, refusal, transfer) is then reported by
+    /// `wait`/`started` instead of by `telefork`, and the local copy is ended then.
     pub background: bool,
 }
 
@@ -139,10 +139,14 @@ pub fn telefork_with(dest: &str, opts: &Options) -> Result<Fork, Error> {
 }
 
 fn hand_over(conn: UnixStream, child: Pid, dest: &str, opts: &Options) -> Result<RemoteChild, Error> {
-    // Wait until the child has stopped: only then is it a complete snapshot.
-    match waitpid(child, Some(WaitPidFlag::WUNTRACED)).map_err(|e| Error::Other(format!("waitpid: {e}")))? {
-        WaitStatus::Stopped(_, _) => {}
-        other => return Err(Error::Failed(format!("the forked child did not stop: {other:?}"))),
+    // Wait until the child has stopped: only then is it a complete snapshot. In background
+    // mode the daemon waits for that instead, and the parent goes on at once (the child is a
+    // copy-on-write snapshot from the moment fork() returned).
+    if !opts.background {
+        match waitpid(child, Some(WaitPidFlag::WUNTRACED)).map_err(|e| Error::Other(format!("waitpid: {e}")))? {
+            WaitStatus::Stopped(_, _) => {}
+            other => return Err(Error::Failed(format!("the forked child did not stop: {other:?}"))),
+        }
     }
     let req = LocalRequest::Telefork { dest: dest.to_string(), child_pid: child.as_raw(), pass_stdin: opts.pass_stdin };
     let mut fds: Vec<RawFd> = vec![1, 2];
@@ -153,7 +157,10 @@ fn hand_over(conn: UnixStream, child: Pid, dest: &str, opts: &Options) -> Result
     // The daemon bounds every step with its own timeouts; this only guards against a hung
     // daemon.
     conn.set_read_timeout(Some(Duration::from_secs(600))).ok();
-    let mut rc = RemoteChild { node: String::new(), pid: None, local: Some(child), conn, status: None, result: None };
+    let mut rc = RemoteChild { node: dest.to_string(), pid: None, local: Some(child), conn, status: None, result: None };
+    if opts.background {
+        return Ok(rc);
+    }
     loop {
         let mut r = &rc.conn;
         let reply: FromDaemon = proto::expect_frame(&mut r, "the daemon's answer").map_err(|e| Error::Failed(format!("{e:#}")))?;
@@ -256,6 +263,7 @@ impl RemoteChild {
                 }
                 return Err(Error::Failed(error));
             }
+            FromDaemon::Accepted { node } => self.node = node,
             FromDaemon::Result { value } => self.result = Some(value),
             FromDaemon::Exited(ExitInfo::Code(c)) => self.status = Some(ExitStatus::from_raw((c & 0xff) << 8)),
             FromDaemon::Exited(ExitInfo::Signal(s)) => self.status = Some(ExitStatus::from_raw(s & 0x7f)),
