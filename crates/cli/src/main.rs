@@ -169,6 +169,9 @@ fn main() -> ExitCode {
             bench::run(bench::BenchArgs { json, runs, sizes_mib, quick, against_criu })
         }
     };
+    if std::env::var_os("TELEFORK_DEBUG").is_some() {
+        eprintln!("telefork: {} system calls injected", telefork_engine::inject::INJECTED.load(std::sync::atomic::Ordering::Relaxed));
+    }
     match result {
         Ok(code) => code,
         Err(e) => {

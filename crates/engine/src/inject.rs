@@ -22,6 +22,9 @@ use nix::unistd::Pid;
 
 use crate::ptrace::{self, Regs};
 
+/// How many system calls were injected by this process (for `TELEFORK_DEBUG` statistics).
+pub static INJECTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 pub struct Injector {
     pid: Pid,
     /// Address of a `syscall` (0f 05) instruction in the tracee.
@@ -63,6 +66,7 @@ impl Injector {
     /// Runs one system call in the tracee and returns the raw result (negative errno on
     /// failure).
     pub fn syscall_raw(&mut self, nr: libc::c_long, args: &[u64]) -> Result<i64> {
+        INJECTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         debug_assert!(args.len() <= 6);
         let mut a = [0u64; 6];
         a[..args.len()].copy_from_slice(args);

@@ -122,6 +122,8 @@ fn travelling_runs(pid: Pid, vmas: &[Vma]) -> Result<Vec<(u64, u64)>> {
     let mut pm = vec![0u8; (BATCH_PAGES * 8) as usize];
     let mut runs: Vec<(u64, u64)> = Vec::new();
     for vma in vmas.iter().filter(|v| carries_pages(v)) {
+        // Runs never span two mappings (restore checks each run against one).
+        let first_run_of_vma = runs.len();
         let mut addr = vma.start;
         while addr < vma.end {
             let n = ((vma.end - addr) / PAGE).min(BATCH_PAGES);
@@ -135,8 +137,9 @@ fn travelling_runs(pid: Pid, vmas: &[Vma]) -> Result<Vec<(u64, u64)>> {
                     continue;
                 }
                 let page = addr + i as u64 * PAGE;
+                let extends_last = runs.len() > first_run_of_vma;
                 match runs.last_mut() {
-                    Some((start, len)) if *start + *len == page && *len < CHUNK => *len += PAGE,
+                    Some((start, len)) if extends_last && *start + *len == page && *len < CHUNK => *len += PAGE,
                     _ => runs.push((page, PAGE)),
                 }
             }
