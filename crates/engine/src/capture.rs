@@ -108,12 +108,20 @@ fn capture_frozen<W: Write>(f: &Frozen, out: W, opts: &DumpOptions) -> Result<(W
     let maps = procfs::read_maps(pid)?;
     let syscall_ip = find_syscall_insn(pid, &maps)?;
     let mut inj = Injector::new(pid, syscall_ip)?;
-    let scratch = inj.syscall(
-        libc::SYS_mmap,
-        &[0, SCRATCH_LEN, (libc::PROT_READ | libc::PROT_WRITE) as u64, (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64, u64::MAX, 0],
-        "mapping scratch memory in the target",
-    )?;
-    inj.set_scratch(scratch, SCRATCH_LEN);
+    // Scratch memory, executable if the system allows, so the batch runner can live in its
+    // first page (else every call is injected on its own).
+    let anon = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+    let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+    let (scratch, executable) = match inj.syscall_raw(libc::SYS_mmap, &[0, SCRATCH_LEN, rw | libc::PROT_EXEC as u64, anon, u64::MAX, 0])? {
+        a if a > 0 => (a as u64, true),
+        _ => (inj.syscall(libc::SYS_mmap, &[0, SCRATCH_LEN, rw, anon, u64::MAX, 0], "mapping scratch memory in the target")?, false),
+    };
+    if executable {
+        inj.set_batch_code_area(scratch)?;
+        inj.set_scratch(scratch + mem::PAGE, SCRATCH_LEN - mem::PAGE);
+    } else {
+        inj.set_scratch(scratch, SCRATCH_LEN);
+    }
     let inside = (|| -> Result<_> {
         let mm = mm::capture(pid, &mut inj)?;
         let (sigactions, shared_pending) = signals::capture_process(&mut inj)?;

@@ -25,8 +25,29 @@ use crate::ptrace::{self, Regs};
 /// How many system calls were injected by this process (for `TELEFORK_DEBUG` statistics).
 pub static INJECTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// Room the batch runner's code needs.
+pub const BATCH_CODE_MAX: usize = 256;
+
+/// One system call for `Injector::run_batch`.
+pub struct Call {
+    pub nr: libc::c_long,
+    pub args: [u64; 6],
+    /// What it does, for the error if it fails.
+    pub what: String,
+}
+
+impl Call {
+    pub fn new(nr: libc::c_long, args: &[u64], what: impl Into<String>) -> Call {
+        let mut a = [0u64; 6];
+        a[..args.len().min(6)].copy_from_slice(&args[..args.len().min(6)]);
+        Call { nr, args: a, what: what.into() }
+    }
+}
+
 pub struct Injector {
     pid: Pid,
+    /// Where the batch runner's code sits in the tracee, once set up.
+    batch_code: Option<u64>,
     /// Address of a `syscall` (0f 05) instruction in the tracee.
     syscall_ip: u64,
     /// Registers the injected calls start from (the tracee's own at attach time).
@@ -47,7 +68,7 @@ impl Injector {
             .write(true)
             .open(format!("/proc/{pid}/mem"))
             .with_context(|| format!("opening /proc/{pid}/mem"))?;
-        Ok(Injector { pid, syscall_ip, base, mem, scratch: 0, scratch_len: 0, scratch_used: 0 })
+        Ok(Injector { pid, batch_code: None, syscall_ip, base, mem, scratch: 0, scratch_len: 0, scratch_used: 0 })
     }
 
     pub fn pid(&self) -> Pid {
@@ -95,6 +116,59 @@ impl Injector {
             bail!("{what}: {err}");
         }
         Ok(ret as u64)
+    }
+
+    /// Where the batch runner's code lives in the tracee (see `run_batch`): an executable
+    /// area of at least `BATCH_CODE_MAX` bytes the caller mapped for us.
+    pub fn set_batch_code_area(&mut self, addr: u64) -> Result<()> {
+        let code = crate::arch::native::batch_runner_code();
+        if code.len() > BATCH_CODE_MAX {
+            bail!("internal error: batch runner of {} bytes", code.len());
+        }
+        self.write_mem(addr, code)?;
+        self.batch_code = Some(addr);
+        Ok(())
+    }
+
+    /// Runs `calls` in order inside the tracee with one ptrace round trip, stopping at the
+    /// first failure, which becomes an error naming that call. Falls back to one call at a
+    /// time where no batch code area was set up.
+    pub fn run_batch(&mut self, calls: &[Call]) -> Result<Vec<u64>> {
+        let Some(code) = self.batch_code else {
+            return calls.iter().map(|c| self.syscall(c.nr, &c.args, &c.what)).collect();
+        };
+        let mut results = Vec::with_capacity(calls.len());
+        // As many entries per round as fit in the scratch area left.
+        for chunk in calls.chunks(256) {
+            let mut table = Vec::with_capacity(chunk.len() * 64);
+            for c in chunk {
+                table.extend_from_slice(&(c.nr as u64).to_ne_bytes());
+                for a in c.args {
+                    table.extend_from_slice(&a.to_ne_bytes());
+                }
+                table.extend_from_slice(&u64::MAX.to_ne_bytes()); // "not run"
+            }
+            let mark = self.scratch_used;
+            let table_addr = self.stage(&table)?;
+            INJECTED.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            let pid = self.pid.as_raw();
+            let regs = crate::arch::native::batch_regs(&self.base, code, table_addr, chunk.len() as u64, pid, pid);
+            ptrace::setregs(self.pid, regs)?;
+            ptrace::run_to_self_stop(self.pid)?;
+            let mut out = vec![0u8; table.len()];
+            self.read_mem(table_addr, &mut out)?;
+            self.scratch_used = mark;
+            for (i, c) in chunk.iter().enumerate() {
+                let off = i * 64 + 56;
+                let ret = i64::from_ne_bytes(out[off..off + 8].try_into().unwrap_or([0; 8]));
+                if (-4095..0).contains(&ret) {
+                    let err = std::io::Error::from_raw_os_error(-ret as i32);
+                    bail!("{}: {err}", c.what);
+                }
+                results.push(ret as u64);
+            }
+        }
+        Ok(results)
     }
 
     pub fn read_mem(&self, addr: u64, buf: &mut [u8]) -> Result<()> {

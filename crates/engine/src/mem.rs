@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use nix::unistd::Pid;
 use telefork_image::{FileId, ImageWriter, SpecialMap, Vma, VmaKind};
 
-use crate::inject::Injector;
+use crate::inject::{Call, Injector};
 use crate::procfs::MapsEntry;
 
 pub const PAGE: u64 = 4096;
@@ -225,7 +225,8 @@ pub fn fill_pages<R: std::io::Read + Send>(inj: &mut Injector, vmas: &[Vma], rea
             let Some((addr, buf)) = full_rx.recv().context("the image reader stopped")?? else { break };
             let data = &buf[8..];
             let vma = check_page_run(vmas, addr, data.len() as u64)?;
-            if initial_prot(vma) & libc::PROT_WRITE as u32 != 0 {
+            // Populating costs one injected call: worth it for big runs only.
+            if data.len() >= POPULATE_MIN && initial_prot(vma) & libc::PROT_WRITE as u32 != 0 {
                 // Best effort: an old kernel without MADV_POPULATE_WRITE just faults later.
                 let _ = inj.syscall_raw(libc::SYS_madvise, &[addr, data.len() as u64, MADV_POPULATE_WRITE]);
             }
@@ -239,6 +240,7 @@ pub fn fill_pages<R: std::io::Read + Send>(inj: &mut Injector, vmas: &[Vma], rea
 }
 
 const MADV_POPULATE_WRITE: u64 = 23;
+const POPULATE_MIN: usize = 1 << 20;
 
 fn write_remote(inj: &Injector, pid: Pid, addr: u64, data: &[u8]) -> Result<()> {
     let local = [std::io::IoSlice::new(data)];
@@ -307,6 +309,7 @@ fn initial_prot(v: &Vma) -> u32 {
 
 pub fn create_mappings(inj: &mut Injector, vmas: &[Vma]) -> Result<()> {
     let mut files: HashMap<(String, bool), u64> = HashMap::new();
+    let mut calls = Vec::with_capacity(vmas.len() + 8);
     for v in vmas {
         let len = v.end - v.start;
         let prot = initial_prot(v) as u64;
@@ -350,20 +353,25 @@ pub fn create_mappings(inj: &mut Injector, vmas: &[Vma]) -> Result<()> {
                 }
             }
         };
-        let got = inj.syscall(
+        // MAP_FIXED_NOREPLACE: the address space was emptied, so nothing may be there; an
+        // image whose mappings collide gets an error instead of a silent overwrite.
+        calls.push(Call::new(
             libc::SYS_mmap,
-            &[v.start, len, prot, flags | libc::MAP_FIXED as u64, fd, v.offset],
-            format_args!("mapping {:#x}-{:#x}", v.start, v.end),
-        )?;
-        if got != v.start {
-            bail!("mapping {:#x}-{:#x} landed at {got:#x}", v.start, v.end);
-        }
+            &[v.start, len, prot, flags | libc::MAP_FIXED_NOREPLACE as u64, fd, v.offset],
+            format!("mapping {:#x}-{:#x}", v.start, v.end),
+        ));
         for advice in &v.advice {
-            inj.syscall(libc::SYS_madvise, &[v.start, len, *advice as u64], format_args!("madvise({advice}) on {:#x}-{:#x}", v.start, v.end))?;
+            calls.push(Call::new(libc::SYS_madvise, &[v.start, len, *advice as u64], format!("madvise({advice}) on {:#x}-{:#x}", v.start, v.end)));
         }
     }
     for fd in files.into_values() {
-        inj.syscall(libc::SYS_close, &[fd], "closing a mapped file")?;
+        calls.push(Call::new(libc::SYS_close, &[fd], "closing a mapped file"));
+    }
+    let results = inj.run_batch(&calls)?;
+    for (c, r) in calls.iter().zip(results) {
+        if c.nr == libc::SYS_mmap && r != c.args[0] {
+            bail!("mapping at {:#x} landed at {r:#x}", c.args[0]);
+        }
     }
     Ok(())
 }
@@ -380,14 +388,10 @@ pub fn check_page_run(vmas: &[Vma], addr: u64, len: u64) -> Result<&Vma> {
 
 /// Gives every mapping its final protection once its pages are in.
 pub fn finish(inj: &mut Injector, vmas: &[Vma]) -> Result<()> {
-    for v in vmas {
-        if initial_prot(v) != v.prot {
-            inj.syscall(
-                libc::SYS_mprotect,
-                &[v.start, v.end - v.start, v.prot as u64],
-                format_args!("setting the protection of {:#x}-{:#x}", v.start, v.end),
-            )?;
-        }
-    }
-    Ok(())
+    let calls: Vec<Call> = vmas
+        .iter()
+        .filter(|v| initial_prot(v) != v.prot)
+        .map(|v| Call::new(libc::SYS_mprotect, &[v.start, v.end - v.start, v.prot as u64], format!("setting the protection of {:#x}-{:#x}", v.start, v.end)))
+        .collect();
+    inj.run_batch(&calls).map(|_| ())
 }

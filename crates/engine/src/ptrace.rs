@@ -165,6 +165,22 @@ pub fn run_to_syscall_stop(pid: Pid) -> Result<()> {
     bail!("process {pid} keeps stopping instead of running an injected system call")
 }
 
+/// Resumes a stopped tracee until it stops itself with SIGSTOP (the end of a batch of
+/// injected calls); the SIGSTOP is suppressed by the next resume.
+pub fn run_to_self_stop(pid: Pid) -> Result<()> {
+    let mut sig = None;
+    for _ in 0..8 {
+        ptrace::cont(pid, sig).with_context(|| format!("PTRACE_CONT on {pid}"))?;
+        sig = None;
+        match waitpid(pid, Some(WaitPidFlag::__WALL)).with_context(|| format!("waiting for {pid}"))? {
+            WaitStatus::Stopped(_, Signal::SIGSTOP) => return Ok(()),
+            WaitStatus::PtraceEvent(_, _, ev) if ev == libc::PTRACE_EVENT_STOP => continue,
+            other => return syscall_stop_result(pid, other),
+        }
+    }
+    bail!("process {pid} keeps stopping instead of running injected system calls")
+}
+
 fn syscall_stop_result(pid: Pid, st: WaitStatus) -> Result<()> {
     match st {
         WaitStatus::PtraceSyscall(_) => Ok(()),

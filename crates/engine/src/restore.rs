@@ -29,7 +29,7 @@ use telefork_image::{Header, ImageReader, ProcessImage, SpecialMap, Vma, VmaKind
 
 use crate::arch::native as arch;
 use crate::capture::ALL_SIGNALS_BLOCKED;
-use crate::inject::Injector;
+use crate::inject::{Call, Injector};
 use crate::mem::PAGE;
 use crate::{creds, fds, mem, misc, mm, procfs, ptrace, signals, threads};
 
@@ -67,8 +67,12 @@ pub fn restore<R: Read + Send>(input: R, opts: &RestoreOptions) -> Result<Restor
         }
     }
 
+    let mut tl = Timeline::new();
     let (pid, same_pid) = spawn_stub(img.pid, opts.stdio)?;
-    match shape(pid, &img, &mut reader) {
+    tl.mark("spawn stub");
+    let r = shape(pid, &img, &mut reader, &mut tl);
+    tl.report("restore");
+    match r {
         Ok(page_bytes) => Ok(Restored { pid, same_pid, page_bytes }),
         Err(e) => {
             ptrace::kill_quietly(pid);
@@ -180,7 +184,7 @@ fn spawn_stub(want_pid: i32, stdio: Option<[std::os::fd::RawFd; 3]>) -> Result<(
     Ok((pid, same && want_pid > 0))
 }
 
-fn shape<R: Read + Send>(pid: Pid, img: &ProcessImage, reader: &mut ImageReader<R>) -> Result<u64> {
+fn shape<R: Read + Send>(pid: Pid, img: &ProcessImage, reader: &mut ImageReader<R>, tl: &mut Timeline) -> Result<u64> {
     ptrace::set_sigmask(pid, ALL_SIGNALS_BLOCKED)?;
     let mut inj = Injector::new(pid, arch::own_syscall_insn())?;
 
@@ -214,6 +218,7 @@ fn shape<R: Read + Send>(pid: Pid, img: &ProcessImage, reader: &mut ImageReader<
     )?;
     inj.write_mem(control, &arch::SYSCALL_INSN)?;
     inj.set_syscall_ip(control);
+    inj.set_batch_code_area(control + 64)?;
     inj.set_scratch(control + PAGE, CONTROL_LEN - PAGE);
 
     // Park the kernel's special pages, then unmap everything else of the fork.
@@ -224,13 +229,15 @@ fn shape<R: Read + Send>(pid: Pid, img: &ProcessImage, reader: &mut ImageReader<
         parked.push((*kind, at, e - s));
         at += e - s;
     }
-    for m in procfs::read_maps(pid)? {
-        let ours = (m.start >= control && m.end <= control + CONTROL_LEN) || (m.start >= parking && m.end <= at);
-        if ours || m.name == "[vsyscall]" {
-            continue;
-        }
-        inj.syscall(libc::SYS_munmap, &[m.start, m.end - m.start], format_args!("unmapping {:#x}-{:#x} of the fork", m.start, m.end))?;
-    }
+    let unmaps: Vec<Call> = procfs::read_maps(pid)?
+        .into_iter()
+        .filter(|m| {
+            let ours = (m.start >= control && m.end <= control + CONTROL_LEN) || (m.start >= parking && m.end <= at);
+            !ours && m.name != "[vsyscall]"
+        })
+        .map(|m| Call::new(libc::SYS_munmap, &[m.start, m.end - m.start], format!("unmapping {:#x}-{:#x} of the fork", m.start, m.end)))
+        .collect();
+    inj.run_batch(&unmaps)?;
 
     // 4. Shape it.
     for (kind, at, len) in &parked {
@@ -252,16 +259,22 @@ fn shape<R: Read + Send>(pid: Pid, img: &ProcessImage, reader: &mut ImageReader<
             }
         }
     }
+    tl.mark("empty the fork");
     mem::create_mappings(&mut inj, &img.vmas)?;
+    tl.mark("mappings");
     let page_bytes = mem::fill_pages(&mut inj, &img.vmas, reader)?;
+    tl.mark("pages");
     mem::finish(&mut inj, &img.vmas)?;
     mm::restore(&mut inj, &img.mm)?;
+    tl.mark("protections, mm");
     misc::restore(&mut inj, &img.misc, &img.comm)?;
     fds::restore(&mut inj, &img.fds)?;
+    tl.mark("misc, fds");
     signals::restore_process(&mut inj, img)?;
     let thread = &img.threads[0];
     threads::restore(&mut inj, thread, pid)?;
     creds::restore(&mut inj, &img.creds)?;
+    tl.mark("signals, thread, creds");
 
     // 5. Let it go. The munmap of the control area is the last injected call: it returns to
     // the syscall-exit stop, where the image's registers replace ours.
@@ -269,6 +282,7 @@ fn shape<R: Read + Send>(pid: Pid, img: &ProcessImage, reader: &mut ImageReader<
     arch::restore(pid, &thread.cpu)?;
     ptrace::set_sigmask(pid, thread.sigmask)?;
     nix_ptrace::detach(pid, None).context("detaching from the restored process")?;
+    tl.mark("let go");
     Ok(page_bytes)
 }
 
@@ -320,4 +334,37 @@ fn free_area(vmas: &[Vma], stub: &[procfs::MapsEntry], taken: &[(u64, u64)], len
         cand += 1 << 30;
     }
     bail!("no free address range of {len} bytes for the restore's control area")
+}
+
+/// Phase times, printed to stderr when TELEFORK_DEBUG is set (for finding where time goes).
+pub struct Timeline {
+    start: std::time::Instant,
+    last: std::time::Instant,
+    phases: Vec<(&'static str, f64)>,
+}
+
+impl Timeline {
+    pub fn new() -> Self {
+        let now = std::time::Instant::now();
+        Timeline { start: now, last: now, phases: Vec::new() }
+    }
+
+    pub fn mark(&mut self, phase: &'static str) {
+        let now = std::time::Instant::now();
+        self.phases.push((phase, (now - self.last).as_secs_f64() * 1e3));
+        self.last = now;
+    }
+
+    pub fn report(&self, what: &str) {
+        if std::env::var_os("TELEFORK_DEBUG").is_some() {
+            let parts: Vec<String> = self.phases.iter().map(|(p, ms)| format!("{p} {ms:.2}")).collect();
+            eprintln!("telefork: {what} {:.2} ms: {}", (self.last - self.start).as_secs_f64() * 1e3, parts.join(", "));
+        }
+    }
+}
+
+impl Default for Timeline {
+    fn default() -> Self {
+        Self::new()
+    }
 }

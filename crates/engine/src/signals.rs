@@ -12,7 +12,7 @@
 
 use anyhow::{Context, Result};
 
-use crate::inject::Injector;
+use crate::inject::{Call, Injector};
 use telefork_image::{ProcessImage, SigAction, SigInfo};
 
 /// Size of the kernel's `struct sigaction` on x86-64: handler, flags, restorer, mask.
@@ -31,17 +31,24 @@ fn default_action() -> SigAction {
 /// Dispositions of signals 1..=64 and the process-wide pending queue.
 pub fn capture_process(inj: &mut Injector) -> Result<(Vec<SigAction>, Vec<SigInfo>)> {
     inj.reset_scratch();
-    let old = inj.alloc_zeroed(KSIGACTION_LEN as u64)?;
+    // All 64 reads in one batch, each into its own slot of one scratch array.
+    let olds = inj.alloc_zeroed(64 * KSIGACTION_LEN as u64)?;
+    let slot = |sig: i32| olds + (sig as u64 - 1) * KSIGACTION_LEN as u64;
+    let calls: Vec<Call> = (1..=64i32)
+        .filter(|s| !is_unchangeable(*s))
+        .map(|sig| Call::new(libc::SYS_rt_sigaction, &[sig as u64, 0, slot(sig), SIGSET_LEN], format!("reading the action of signal {sig}: rt_sigaction")))
+        .collect();
+    inj.run_batch(&calls)?;
+    let mut all = vec![0u8; 64 * KSIGACTION_LEN];
+    inj.read_mem(olds, &mut all)?;
     let mut actions = Vec::with_capacity(64);
     for sig in 1..=64i32 {
         if is_unchangeable(sig) {
             actions.push(default_action());
             continue;
         }
-        inj.syscall(libc::SYS_rt_sigaction, &[sig as u64, 0, old, SIGSET_LEN], format!("reading the action of signal {sig}: rt_sigaction"))?;
-        let mut b = [0u8; KSIGACTION_LEN];
-        inj.read_mem(old, &mut b)?;
-        let w = |i: usize| u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        let b = &all[(sig as usize - 1) * KSIGACTION_LEN..sig as usize * KSIGACTION_LEN];
+        let w = |i: usize| u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
         actions.push(SigAction { handler: w(0), flags: w(1), restorer: w(2), mask: w(3) });
     }
     let pending = crate::ptrace::peek_siginfos(inj.pid(), true)
@@ -58,23 +65,30 @@ pub fn restore_process(inj: &mut Injector, img: &ProcessImage) -> Result<()> {
     if img.sigactions.len() > 64 {
         anyhow::bail!("image has {} signal actions, at most 64 expected", img.sigactions.len());
     }
-    let act = inj.alloc_zeroed(KSIGACTION_LEN as u64)?;
+    // All actions staged side by side, then set in one batch.
+    let mut all = vec![0u8; img.sigactions.len() * KSIGACTION_LEN];
     for (i, a) in img.sigactions.iter().enumerate() {
-        let sig = i as i32 + 1;
-        if is_unchangeable(sig) {
-            continue;
-        }
-        let mut b = [0u8; KSIGACTION_LEN];
         for (j, w) in [a.handler, a.flags, a.restorer, a.mask].iter().enumerate() {
-            b[j * 8..j * 8 + 8].copy_from_slice(&w.to_ne_bytes());
+            let off = i * KSIGACTION_LEN + j * 8;
+            all[off..off + 8].copy_from_slice(&w.to_ne_bytes());
         }
-        inj.write_mem(act, &b)?;
-        inj.syscall(
-            libc::SYS_rt_sigaction,
-            &[sig as u64, act, 0, SIGSET_LEN],
-            format!("restoring the action of signal {sig} (handler {:#x}): rt_sigaction", a.handler),
-        )?;
     }
+    let acts = inj.stage(&all)?;
+    let calls: Vec<Call> = img
+        .sigactions
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !is_unchangeable(*i as i32 + 1))
+        .map(|(i, a)| {
+            let sig = i as i32 + 1;
+            Call::new(
+                libc::SYS_rt_sigaction,
+                &[sig as u64, acts + (i * KSIGACTION_LEN) as u64, 0, SIGSET_LEN],
+                format!("restoring the action of signal {sig} (handler {:#x}): rt_sigaction", a.handler),
+            )
+        })
+        .collect();
+    inj.run_batch(&calls)?;
 
     let pid = inj.pid().as_raw();
     let info = inj.alloc_zeroed(128)?;

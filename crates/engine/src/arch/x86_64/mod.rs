@@ -67,6 +67,76 @@ pub fn own_syscall_insn() -> u64 {
 /// The bytes of a `syscall` instruction.
 pub const SYSCALL_INSN: [u8; 2] = [0x0f, 0x05];
 
+// The batch runner: position-independent code copied into the stopped process to run a
+// table of system calls in one go (one ptrace round trip instead of two per call).
+//   r12 = table of entries {nr, a0..a5, result} (64 bytes each), r13 = entry count,
+//   r14 = pid, r15 = tid.
+// It runs the entries in order, stores each result, stops at the first error, and then
+// sends itself SIGSTOP (tgkill), which the tracer sees as a signal-delivery stop and
+// suppresses. SIGSTOP is used because it can be neither blocked nor handled: a trap
+// instruction would raise a *forced* signal, which the kernel unblocks and resets to its
+// default action when blocked — clobbering the process's own SIGTRAP/SIGILL handler.
+std::arch::global_asm!(
+    ".pushsection .text.telefork_batch,\"ax\",@progbits",
+    ".globl telefork_batch_start",
+    ".globl telefork_batch_end",
+    "telefork_batch_start:",
+    "2:",
+    "test r13, r13",
+    "jz 3f",
+    "mov rax, qword ptr [r12]",
+    "mov rdi, qword ptr [r12 + 8]",
+    "mov rsi, qword ptr [r12 + 16]",
+    "mov rdx, qword ptr [r12 + 24]",
+    "mov r10, qword ptr [r12 + 32]",
+    "mov r8, qword ptr [r12 + 40]",
+    "mov r9, qword ptr [r12 + 48]",
+    "syscall",
+    "mov qword ptr [r12 + 56], rax",
+    "cmp rax, -4095",
+    "jae 3f",
+    "add r12, 64",
+    "dec r13",
+    "jmp 2b",
+    "3:",
+    "mov eax, 234", // tgkill
+    "mov rdi, r14",
+    "mov rsi, r15",
+    "mov edx, 19", // SIGSTOP
+    "syscall",
+    "ud2",
+    "telefork_batch_end:",
+    ".popsection",
+);
+
+extern "C" {
+    static telefork_batch_start: u8;
+    static telefork_batch_end: u8;
+}
+
+/// The machine code of the batch runner.
+pub fn batch_runner_code() -> &'static [u8] {
+    // SAFETY: both symbols are labels in our own read-only text section, `end` after
+    // `start` (same section, assembled in order); the bytes between them are the code above.
+    unsafe {
+        let start = std::ptr::addr_of!(telefork_batch_start);
+        let end = std::ptr::addr_of!(telefork_batch_end);
+        std::slice::from_raw_parts(start, end as usize - start as usize)
+    }
+}
+
+/// Registers that start the batch runner at `code` over `count` entries at `table`.
+pub fn batch_regs(base: &crate::ptrace::Regs, code: u64, table: u64, count: u64, pid: i32, tid: i32) -> crate::ptrace::Regs {
+    let mut r = *base;
+    r.rip = code;
+    r.orig_rax = u64::MAX;
+    r.r12 = table;
+    r.r13 = count;
+    r.r14 = pid as u64;
+    r.r15 = tid as u64;
+    r
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
