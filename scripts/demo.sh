@@ -9,14 +9,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 echo "== building telefork (release)"
-cargo build --release --quiet --workspace --examples
+cargo build --release --quiet --workspace --bins --examples
 tf="$PWD/target/release/telefork"
 trap '"$tf" testbed down >/dev/null 2>&1 || true' EXIT
 
 echo "== telefork testbed up --nodes 3"
 "$tf" testbed up --nodes 3
+# The demo runs as an ordinary user, who may not be able to reach into this checkout: run
+# a copy from the testbed's own directory.
+install -m 0755 target/release/examples/demo /run/telefork-testbed/demo
 echo "== on node1, as user tfdemo (nodes run nobody's processes as root): demo node2 node3"
-"$tf" testbed exec node1 --user tfdemo -- "$PWD/target/release/examples/demo" node2 node3
+"$tf" testbed exec node1 --user tfdemo -- /run/telefork-testbed/demo node2 node3
 echo "== telefork testbed down"
 "$tf" testbed down
 trap - EXIT

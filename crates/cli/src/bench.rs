@@ -139,7 +139,8 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
     let rss = out.one("rss_bytes")? / (1 << 20) as f64;
     rows.push(row_ms("latency", format!("call → child's first instruction on node2 ({rss:.1} MiB resident)"), out.ms("first_instr_ns")?, "local fork+exit+waitpid", out.ms("fork_rt_ns")?, ""));
     rows.push(row_ms("latency", "round trip: telefork + exit(0) + wait".into(), out.ms("tf_rt_ns")?, "local fork+exit+waitpid", out.ms("fork_rt_ns")?, ""));
-    rows.push(row_ms("parent pause", format!("small ({rss:.1} MiB): telefork() returns in the parent"), out.ms("tf_pause_ns")?, "local fork() returns", out.ms("fork_pause_ns")?, ""));
+    rows.push(row_ms("parent pause", format!("small ({rss:.1} MiB): telefork() returns in the parent"), out.ms("tf_pause_ns")?, "local fork() returns", out.ms("fork_pause_ns")?, "default: returns once the child runs there"));
+    rows.push(row_ms("", format!("small ({rss:.1} MiB): telefork(background) returns"), out.ms("tf_bg_pause_ns")?, "local fork() returns", out.ms("fork_pause_ns")?, "Options::background"));
 
     // Sparse.
     progress(&format!("sparse: 10 MiB plain, {runs} runs"));
@@ -198,6 +199,7 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
                 note: note.clone(),
             });
             rows.push(row_ms("parent pause", format!("{mib} MiB: telefork() returns in the parent"), tf.ms("tf_pause_ns")?, "local fork() returns", tf.ms("fork_pause_ns")?, &note));
+            rows.push(row_ms("", format!("{mib} MiB: telefork(background) returns"), tf.ms("tf_bg_pause_ns")?, "local fork() returns", tf.ms("fork_pause_ns")?, "Options::background"));
             let size = tf.one("rss_bytes")? / (1 << 20) as f64;
             if mem.samples < 3 {
                 bail!("origin memory: only {} samples were taken during the {mib} MiB teleforks", mem.samples);

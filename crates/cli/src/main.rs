@@ -122,6 +122,9 @@ enum TestbedCmd {
     Up {
         #[arg(long, default_value_t = 3)]
         nodes: usize,
+        /// How process images travel between the nodes: tls (default) or plain.
+        #[arg(long, default_value = "tls", value_parser = ["tls", "plain"])]
+        image_transport: String,
         #[arg(long, default_value = telefork_testbed::DEFAULT_DIR)]
         dir: PathBuf,
     },
@@ -248,14 +251,20 @@ fn restore(image: &Path, detach: bool) -> Result<ExitCode> {
 
 fn testbed(cmd: TestbedCmd) -> Result<ExitCode> {
     match cmd {
-        TestbedCmd::Up { nodes, dir } => {
+        TestbedCmd::Up { nodes, dir, image_transport } => {
             let opts = telefork_testbed::TestbedOptions {
                 nodes,
                 dir,
                 telefork_bin: std::env::current_exe().context("locating the telefork binary")?,
                 ..Default::default()
             };
-            let tb = telefork_testbed::up(&opts)?;
+            let mut tb = telefork_testbed::up(&opts)?;
+            if image_transport == "plain" {
+                for n in &tb.nodes {
+                    telefork_testbed::reconfigure(&tb.dir, &n.name, |c| c.transport.image = telefork_node::config::ImageTransport::Plain)?;
+                }
+                tb = telefork_testbed::load(&tb.dir)?;
+            }
             print_testbed(&tb);
             Ok(ExitCode::SUCCESS)
         }

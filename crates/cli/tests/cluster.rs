@@ -654,6 +654,36 @@ fn limits(c: &Ctx) {
     assert_eq!(r.want("exit code"), "0", "after the first child ended:\n{r}");
 }
 
+/// 12. transport.image = "plain" on node1 and node2: the memory travels unencrypted (and is
+/// received by the new process itself) and arrives intact; node3, still "tls", refuses it.
+fn plain_transport(c: &Ctx) {
+    let plain = |n: &str| tb::reconfigure(&c.dir, n, |cfg| cfg.transport.image = telefork_node::config::ImageTransport::Plain);
+    let tls = |n: &str| tb::reconfigure(&c.dir, n, |cfg| cfg.transport.image = telefork_node::config::ImageTransport::Tls);
+    struct Back<'a>(&'a dyn Fn(&str) -> anyhow::Result<()>);
+    impl Drop for Back<'_> {
+        fn drop(&mut self) {
+            for n in ["node1", "node2"] {
+                if let Err(e) = (self.0)(n) {
+                    eprintln!("putting {n} back on tls: {e:#}");
+                }
+            }
+        }
+    }
+    let _back = Back(&tls);
+    plain("node1").unwrap_or_else(|e| panic!("{e:#}"));
+    plain("node2").unwrap_or_else(|e| panic!("{e:#}"));
+    let r = c.probe("node1", &["fork", "node2", "--big-mb", "256", "--exit", "5"], Duration::from_secs(120));
+    assert_eq!(r.want("host"), "node2", "{r}");
+    assert_eq!(r.want("child sum"), r.want("sum"), "memory sent in plain differs:
+{r}");
+    assert_eq!(r.want("exit code"), "5", "{r}");
+    let r = c.probe("node1", &["fork", "node3"], Duration::from_secs(60));
+    let err = r.want("error").to_string();
+    assert!(err.contains("encrypted") && err.contains("node3"), "node3 (tls) must refuse a plain image:
+{r}");
+    assert!(r.has("parent ok"), "{r}");
+}
+
 // ---------------------------------------------------------------------------------------
 
 fn can_run() -> bool {
@@ -685,6 +715,11 @@ fn telefork_across_machines() {
         ..Default::default()
     };
     tb::up(&opts).unwrap_or_else(|e| panic!("testbed up: {e:#}"));
+    // The test user must be able to run the probe, wherever this checkout lives (a CI clone
+    // may sit in a private temporary directory): run a copy kept in the testbed's directory.
+    let staged = dir.join("probe");
+    std::fs::copy(&probe, &staged).unwrap_or_else(|e| panic!("copying {} to {}: {e}", probe.display(), staged.display()));
+    let probe = staged;
     let c = Ctx { dir, probe, uid, gid };
     check_access(&c);
 
@@ -700,6 +735,7 @@ fn telefork_across_machines() {
         ("9 destination down", dest_down),
         ("10 daemon restart keeps children", daemon_restart_keeps_children),
         ("11 limits", limits),
+        ("12 plain image transport", plain_transport),
     ];
     let only = std::env::var("CLUSTER_ONLY").ok();
     let mut failed = vec![];

@@ -239,6 +239,53 @@ pub fn fill_pages<R: std::io::Read + Send>(inj: &mut Injector, vmas: &[Vma], rea
     })
 }
 
+/// Direct mode of `fill_pages` for an image arriving unencrypted on a socket: the restored
+/// process itself receives each run's bytes straight into its memory (an injected
+/// recvfrom(MSG_WAITALL) on its inherited copy of the socket, `sock`), so they are copied
+/// once, by the kernel, and never pass through this process. Only the record headers are
+/// read here; `reader` must not buffer. Runs into memory that is not writable yet go the
+/// ordinary way. At most `max_bytes` of pages are accepted.
+pub fn fill_pages_direct<R: std::io::Read>(
+    inj: &mut Injector,
+    vmas: &[Vma],
+    reader: &mut telefork_image::ImageReader<R>,
+    sock: std::os::fd::RawFd,
+    max_bytes: u64,
+) -> Result<u64> {
+    let pid = inj.pid();
+    let mut total = 0u64;
+    while let Some((addr, len)) = reader.next_pages_header()? {
+        let vma = check_page_run(vmas, addr, len)?;
+        total += len;
+        if total > max_bytes {
+            bail!("the image's pages exceed the limit of {max_bytes} bytes");
+        }
+        if initial_prot(vma) & libc::PROT_WRITE as u32 != 0 {
+            if len as usize >= POPULATE_MIN {
+                let _ = inj.syscall_raw(libc::SYS_madvise, &[addr, len, MADV_POPULATE_WRITE]);
+            }
+            let mut done = 0u64;
+            while done < len {
+                let n = inj.syscall(
+                    libc::SYS_recvfrom,
+                    &[sock as u64, addr + done, len - done, libc::MSG_WAITALL as u64, 0, 0],
+                    format_args!("receiving memory {:#x}-{:#x} into the process", addr + done, addr + len),
+                )?;
+                if n == 0 {
+                    bail!("image is truncated: the connection ended inside the pages at {addr:#x}");
+                }
+                done += n;
+            }
+        } else {
+            let mut buf = vec![0u8; len as usize];
+            reader.input_mut().read_exact(&mut buf).context("reading pages")?;
+            write_remote(inj, pid, addr, &buf)?;
+        }
+        reader.end_direct_pages()?;
+    }
+    Ok(total)
+}
+
 const MADV_POPULATE_WRITE: u64 = 23;
 const POPULATE_MIN: usize = 1 << 20;
 

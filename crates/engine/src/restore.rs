@@ -41,6 +41,12 @@ pub struct RestoreOptions {
     /// Refuse the image unless it belongs to this (uid, gid): the owner an authenticated
     /// sender vouched for.
     pub expect_owner: Option<(u32, u32)>,
+    /// The image's page bytes arrive unencrypted on this socket (which the input also reads,
+    /// without buffering): let the new process receive them straight into its memory.
+    pub direct_socket: Option<std::os::fd::RawFd>,
+    /// Most page bytes accepted in direct mode (the caller's limit; the input reader cannot
+    /// count bytes it never sees).
+    pub max_page_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -70,7 +76,7 @@ pub fn restore<R: Read + Send>(input: R, opts: &RestoreOptions) -> Result<Restor
     let mut tl = Timeline::new();
     let (pid, same_pid) = spawn_stub(img.pid, opts.stdio)?;
     tl.mark("spawn stub");
-    let r = shape(pid, &img, &mut reader, &mut tl);
+    let r = shape(pid, &img, &mut reader, opts, &mut tl);
     tl.report("restore");
     match r {
         Ok(page_bytes) => Ok(Restored { pid, same_pid, page_bytes }),
@@ -184,7 +190,7 @@ fn spawn_stub(want_pid: i32, stdio: Option<[std::os::fd::RawFd; 3]>) -> Result<(
     Ok((pid, same && want_pid > 0))
 }
 
-fn shape<R: Read + Send>(pid: Pid, img: &ProcessImage, reader: &mut ImageReader<R>, tl: &mut Timeline) -> Result<u64> {
+fn shape<R: Read + Send>(pid: Pid, img: &ProcessImage, reader: &mut ImageReader<R>, opts: &RestoreOptions, tl: &mut Timeline) -> Result<u64> {
     ptrace::set_sigmask(pid, ALL_SIGNALS_BLOCKED)?;
     let mut inj = Injector::new(pid, arch::own_syscall_insn())?;
 
@@ -262,7 +268,10 @@ fn shape<R: Read + Send>(pid: Pid, img: &ProcessImage, reader: &mut ImageReader<
     tl.mark("empty the fork");
     mem::create_mappings(&mut inj, &img.vmas)?;
     tl.mark("mappings");
-    let page_bytes = mem::fill_pages(&mut inj, &img.vmas, reader)?;
+    let page_bytes = match opts.direct_socket {
+        Some(sock) => mem::fill_pages_direct(&mut inj, &img.vmas, reader, sock, opts.max_page_bytes)?,
+        None => mem::fill_pages(&mut inj, &img.vmas, reader)?,
+    };
     tl.mark("pages");
     mem::finish(&mut inj, &img.vmas)?;
     mm::restore(&mut inj, &img.mm)?;

@@ -192,14 +192,7 @@ impl<R: Read> ImageReader<R> {
         }
         let kind = self.record_any(&[Kind::Pages, Kind::Trailer])?;
         if kind == Kind::Trailer {
-            let t: Trailer = decode(&self.buf, "trailer")?;
-            if t.page_records != self.page_records || t.page_bytes != self.page_bytes {
-                return Err(ImageError::Corrupt(format!(
-                    "trailer promises {} page records / {} bytes, image had {} / {}",
-                    t.page_records, t.page_bytes, self.page_records, self.page_bytes
-                )));
-            }
-            self.done = true;
+            self.check_trailer()?;
             return Ok(None);
         }
         if self.buf.len() < 8 {
@@ -229,6 +222,69 @@ impl<R: Read> ImageReader<R> {
         Ok(Some((addr, buf)))
     }
 
+    /// Direct mode, for a stream read without buffering whose page bytes someone else
+    /// consumes (telefork's restore reads them from the socket straight into the new
+    /// process): returns the next run's address and length *without reading its bytes*. The
+    /// caller must consume exactly that many bytes from the underlying stream and then call
+    /// `end_direct_pages`. `None` once the trailer has been read and verified. The page
+    /// bytes' checksum cannot be verified this way (they never pass through here); the
+    /// record's header, address, order and count still are.
+    pub fn next_pages_header(&mut self) -> Result<Option<(u64, u64)>> {
+        if self.done {
+            return Ok(None);
+        }
+        let mut head = [0u8; 8];
+        read_exact(&mut self.input, &mut head, "pages")?;
+        let kind_raw = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+        let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+        match Kind::from_u32(kind_raw) {
+            Some(Kind::Trailer) => {
+                self.record_body(Kind::Trailer, head, len)?;
+                self.check_trailer()?;
+                Ok(None)
+            }
+            Some(Kind::Pages) => {
+                if len < 8 || len as usize > MAX_PAGE_CHUNK + 8 {
+                    return Err(ImageError::Corrupt(format!("pages record of {len} bytes")));
+                }
+                let mut a = [0u8; 8];
+                read_exact(&mut self.input, &mut a, "pages")?;
+                let addr = u64::from_le_bytes(a);
+                let n = (len - 8) as u64;
+                if addr.checked_add(n).is_none() {
+                    return Err(ImageError::Corrupt(format!("pages record at {addr:#x} wraps the address space")));
+                }
+                self.page_records += 1;
+                self.page_bytes += n;
+                Ok(Some((addr, n)))
+            }
+            _ => Err(ImageError::Corrupt(format!("expected a pages record, found record kind {kind_raw}"))),
+        }
+    }
+
+    /// Finishes a run returned by `next_pages_header` (reads its checksum field).
+    pub fn end_direct_pages(&mut self) -> Result<()> {
+        let mut crc = [0u8; 4];
+        read_exact(&mut self.input, &mut crc, "pages")
+    }
+
+    /// The underlying stream (direct mode).
+    pub fn input_mut(&mut self) -> &mut R {
+        &mut self.input
+    }
+
+    fn check_trailer(&mut self) -> Result<()> {
+        let t: Trailer = decode(&self.buf, "trailer")?;
+        if t.page_records != self.page_records || t.page_bytes != self.page_bytes {
+            return Err(ImageError::Corrupt(format!(
+                "trailer promises {} page records / {} bytes, image had {} / {}",
+                t.page_records, t.page_bytes, self.page_records, self.page_bytes
+            )));
+        }
+        self.done = true;
+        Ok(())
+    }
+
     fn record(&mut self, want: Kind) -> Result<()> {
         self.record_any(&[want]).map(|_| ())
     }
@@ -243,6 +299,12 @@ impl<R: Read> ImageReader<R> {
         let kind = Kind::from_u32(kind_raw)
             .filter(|k| want.contains(k))
             .ok_or_else(|| ImageError::Corrupt(format!("expected a {what} record, found record kind {kind_raw}")))?;
+        self.record_body(kind, head, len)?;
+        Ok(kind)
+    }
+
+    /// Reads the payload and checksum of a record whose header was read.
+    fn record_body(&mut self, kind: Kind, head: [u8; 8], len: u32) -> Result<()> {
         let max = if kind == Kind::Pages { (MAX_PAGE_CHUNK + 8) as u32 } else { MAX_META_RECORD };
         if len > max {
             return Err(ImageError::Corrupt(format!("{} record of {len} bytes exceeds the limit of {max}", kind_name(kind))));
@@ -258,7 +320,7 @@ impl<R: Read> ImageReader<R> {
         if crc.finalize() != u32::from_le_bytes(crc_bytes) {
             return Err(ImageError::Checksum(kind_name(kind)));
         }
-        Ok(kind)
+        Ok(())
     }
 }
 

@@ -79,6 +79,44 @@ mod tests {
     }
 
     #[test]
+    fn direct_mode_reads_headers_and_leaves_bytes_to_the_caller() {
+        use std::io::Read;
+        let bytes = encode(&[(0x1000, vec![1; 4096]), (0x3000, vec![2; 8192])]);
+        let (mut r, _) = ImageReader::new(&bytes[..]).unwrap();
+        r.process().unwrap();
+        let mut seen = Vec::new();
+        while let Some((addr, len)) = r.next_pages_header().unwrap() {
+            let mut data = vec![0u8; len as usize];
+            r.input_mut().read_exact(&mut data).unwrap();
+            r.end_direct_pages().unwrap();
+            seen.push((addr, data[0], len));
+        }
+        assert_eq!(seen, [(0x1000, 1, 4096), (0x3000, 2, 8192)]);
+        // Cut inside the last record: an error, never a silent end.
+        let (mut r, _) = ImageReader::new(&bytes[..bytes.len() - 10]).unwrap();
+        r.process().unwrap();
+        let mut res = Ok(());
+        loop {
+            match r.next_pages_header() {
+                Ok(Some((_, len))) => {
+                    let mut data = vec![0u8; len as usize];
+                    r.input_mut().read_exact(&mut data).unwrap();
+                    if let Err(e) = r.end_direct_pages() {
+                        res = Err(e);
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    res = Err(e);
+                    break;
+                }
+            }
+        }
+        assert!(res.is_err());
+    }
+
+    #[test]
     fn huge_length_is_refused_without_allocating() {
         let mut bytes = encode(&[]);
         // The header record's length field sits right after magic + version + kind.

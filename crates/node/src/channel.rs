@@ -181,6 +181,12 @@ impl TlsChannel {
     pub fn raw_fd(&self) -> i32 {
         self.sock.as_raw_fd()
     }
+
+    /// The TCP socket under the TLS session, for bytes that travel unencrypted between two
+    /// TLS records (`ImageTransport::Plain`). Only while neither side has TLS data in flight.
+    pub fn raw_socket(&self) -> &TcpStream {
+        &self.sock
+    }
 }
 
 /// Connects to `addr` within `timeout`.

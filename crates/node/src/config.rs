@@ -16,6 +16,14 @@
 //! max_restores_per_user = 16              # concurrent restored children per user
 //! allow_root = false                      # run children of uid 0 here?
 //!
+//! [transport]
+//! image = "tls"                           # "tls": every byte encrypted (default).
+//!                                         # "plain": on trusted networks, a process's
+//!                                         # memory travels unencrypted (the connection is
+//!                                         # still mutually authenticated and every control
+//!                                         # message encrypted); a node accepts plain
+//!                                         # images only if it is set to "plain" too
+//!
 //! [[peers]]
 //! name = "node2"
 //! addr = "10.77.0.2:7077"
@@ -46,6 +54,8 @@ pub struct Config {
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
+    pub transport: Transport,
+    #[serde(default)]
     pub peers: Vec<Peer>,
 }
 
@@ -69,6 +79,24 @@ impl Default for Limits {
     fn default() -> Self {
         Limits { max_image_bytes: 16 << 30, max_restores_per_user: 16, allow_root: false }
     }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Transport {
+    pub image: ImageTransport,
+}
+
+/// How a process image travels between nodes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageTransport {
+    /// Inside the mutual-TLS connection, like everything else.
+    #[default]
+    Tls,
+    /// Unencrypted on the same (authenticated) connection, received by the new process
+    /// straight into its memory: for trusted networks.
+    Plain,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

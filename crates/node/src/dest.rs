@@ -33,7 +33,7 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
     };
     let origin = check_peer_name(&ch, None)?;
     let offer: ToDest = ch.expect("an offer")?;
-    let ToDest::Offer { user, origin: claimed, image_bytes, pass_stdin } = offer else {
+    let ToDest::Offer { user, origin: claimed, image_bytes, pass_stdin, plain_image } = offer else {
         bail!("node {origin} sent something other than an offer");
     };
     if claimed != origin {
@@ -44,6 +44,8 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
         Some(format!("node {} does not run processes of root (allow_root = false)", shared.cfg.node))
     } else if image_bytes > limits.max_image_bytes {
         Some(format!("image of {image_bytes} bytes exceeds node {}'s limit of {} bytes", shared.cfg.node, limits.max_image_bytes))
+    } else if plain_image && shared.cfg.transport.image != crate::config::ImageTransport::Plain {
+        Some(format!("node {} accepts only encrypted images (its transport.image is \"tls\")", shared.cfg.node))
     } else if live_sessions(shared, user.uid) >= limits.max_restores_per_user {
         Some(format!("user {} already has {} processes restored on node {} (the limit)", user.uid, limits.max_restores_per_user, shared.cfg.node))
     } else {
@@ -62,13 +64,26 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
     let (stdin_r, stdin_w) = pipe()?;
     let (stdout_r, stdout_w) = pipe()?;
     let (stderr_r, stderr_w) = pipe()?;
+    let max = limits.max_image_bytes.saturating_add(1 << 20);
     let opts = telefork_engine::RestoreOptions {
         stdio: Some([stdin_r.as_raw_fd(), stdout_w.as_raw_fd(), stderr_w.as_raw_fd()]),
         expect_owner: Some((user.uid, user.gid)),
+        direct_socket: plain_image.then(|| ch.raw_fd()),
+        max_page_bytes: max,
     };
     ch.set_recv_timeout(Some(Duration::from_secs(30)));
-    let limited = LimitedReader { inner: &ch, left: limits.max_image_bytes.saturating_add(1 << 20) };
-    let restored = match telefork_engine::restore(std::io::BufReader::with_capacity(1 << 20, limited), &opts) {
+    let restored = if plain_image {
+        // Unbuffered: the new process receives the page bytes from this socket itself.
+        let raw = ch.raw_socket();
+        raw.set_read_timeout(Some(Duration::from_secs(30))).ok();
+        let r = telefork_engine::restore(LimitedReader { inner: raw, left: max }, &opts);
+        raw.set_read_timeout(None).ok();
+        r
+    } else {
+        let limited = LimitedReader { inner: &ch, left: max };
+        telefork_engine::restore(std::io::BufReader::with_capacity(1 << 20, limited), &opts)
+    };
+    let restored = match restored {
         Ok(r) => r,
         Err(e) => {
             log(&format!("restoring a process from {origin} failed: {e:#}"));
@@ -170,19 +185,18 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
 }
 
 /// Counts image bytes so a peer cannot send more than the node's limit.
-struct LimitedReader<'a> {
-    inner: &'a TlsChannel,
+struct LimitedReader<R> {
+    inner: R,
     left: u64,
 }
 
-impl Read for LimitedReader<'_> {
+impl<R: Read> Read for LimitedReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         if self.left == 0 {
             return Err(std::io::Error::other("the image exceeds this node's size limit"));
         }
         let max = buf.len().min(self.left.min(usize::MAX as u64) as usize);
-        let mut r = self.inner;
-        let n = r.read(&mut buf[..max])?;
+        let n = self.inner.read(&mut buf[..max])?;
         self.left -= n as u64;
         Ok(n)
     }

@@ -128,6 +128,8 @@ fn send_away(
     pass_stdin: bool,
     accepted: impl FnOnce(&str),
 ) -> Result<(TlsChannel, String, i32)> {
+    let t0 = std::time::Instant::now();
+    let ms = |t: std::time::Instant| t.duration_since(t0).as_secs_f64() * 1e3;
     let caller = caller.context("caller has no PID")?;
     if child <= 0 || status_field(child, "PPid")? != caller as i64 {
         bail!("process {child} is not a child of the calling process {caller}");
@@ -136,26 +138,34 @@ fn send_away(
         bail!("process {child} does not belong to the calling user {}", user.uid);
     }
     wait_self_stopped(child)?;
+    let t_stopped = std::time::Instant::now();
     let (name, addr) = shared.cfg.resolve(dest)?;
     let sock = connect(addr, Duration::from_secs(5)).with_context(|| format!("cannot reach node {name}"))?;
     let server_name = crate::tls::server_name(&name)?;
     let ch = TlsChannel::client(shared.client_tls.clone(), server_name, sock, crate::dest::HANDSHAKE_TIMEOUT)
         .with_context(|| format!("connecting to node {name} at {addr}"))?;
     check_peer_name(&ch, Some(&name))?;
+    let t_tls = std::time::Instant::now();
     let image_bytes = status_field(child, "VmRSS").unwrap_or(0).max(0) as u64 * 1024;
-    ch.send(&ToDest::Offer { user: user.clone(), origin: shared.cfg.node.clone(), image_bytes, pass_stdin })?;
+    let plain_image = shared.cfg.transport.image == crate::config::ImageTransport::Plain;
+    ch.send(&ToDest::Offer { user: user.clone(), origin: shared.cfg.node.clone(), image_bytes, pass_stdin, plain_image })?;
     match ch.expect::<FromDest>("the destination's answer")? {
         FromDest::Accept => accepted(&name),
         FromDest::Refused { reason } => bail!("node {name} refused: {reason}"),
         other => bail!("node {name} answered {other:?} to an offer"),
     }
     ch.set_recv_timeout(Some(Duration::from_secs(60)));
+    let t_accepted = std::time::Instant::now();
     let opts = telefork_engine::DumpOptions { leave_running: false, inherit_stdio: true };
     let mut started = None;
+    let mut t_sent = t_accepted;
     // The capture streams into the connection; the local copy dies only after the
     // destination says the process runs there.
-    telefork_engine::dump(Pid::from_raw(child), std::io::BufWriter::with_capacity(1 << 20, &ch), &opts, |mut w| {
+    // The image goes inside TLS, or (plain) straight onto the TCP socket beneath it.
+    let sink: Box<dyn Write + '_> = if plain_image { Box::new(ch.raw_socket()) } else { Box::new(&ch) };
+    telefork_engine::dump(Pid::from_raw(child), std::io::BufWriter::with_capacity(1 << 20, sink), &opts, |mut w| {
         w.flush().context("sending the image")?;
+        t_sent = std::time::Instant::now();
         match ch.expect::<FromDest>("the destination's restore result")? {
             FromDest::Started { pid } => {
                 started = Some(pid);
@@ -168,7 +178,16 @@ fn send_away(
     .with_context(|| format!("sending process {child} to node {name}"))?;
     ch.set_recv_timeout(None);
     let pid = started.context("destination gave no PID")?;
-    log(&format!("process {child} of user {} now runs on {name} as {pid}", user.uid));
+    let t_end = std::time::Instant::now();
+    log(&format!(
+        "process {child} of user {} now runs on {name} as {pid} (ms since request: stopped {:.2}, connected+TLS {:.2}, accepted {:.2}, image sent {:.2}, running {:.2})",
+        user.uid,
+        ms(t_stopped),
+        ms(t_tls),
+        ms(t_accepted),
+        ms(t_sent),
+        ms(t_end)
+    ));
     Ok((ch, name, pid))
 }
 

@@ -71,7 +71,9 @@ pub enum FromDaemon {
 /// Messages of an origin daemon to a destination daemon.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ToDest {
-    Offer { user: User, origin: String, image_bytes: u64, pass_stdin: bool },
+    /// `plain_image`: the image will follow unencrypted, right after `Accept`, on the same
+    /// TCP connection (between TLS records: neither side has TLS data in flight then).
+    Offer { user: User, origin: String, image_bytes: u64, pass_stdin: bool, plain_image: bool },
     Kill { signal: i32 },
     Stdin { data: Vec<u8> },
     StdinEof,

@@ -110,6 +110,24 @@ fn one_telefork(dest: &str, check: Option<&Region>) -> (u128, u128) {
     }
 }
 
+/// One telefork with `Options::background` (returns right after the fork): its pause in ns.
+fn one_background_telefork(dest: &str) -> u128 {
+    let t0 = Instant::now();
+    let opts = telefork::Options { background: true, ..Default::default() };
+    match telefork::telefork_with(dest, &opts) {
+        Ok(Fork::Child) => fast_exit(0),
+        Ok(Fork::Parent(mut c)) => {
+            let pause = t0.elapsed().as_nanos();
+            let st = c.wait().unwrap_or_else(|e| die(format!("waiting for the remote child (background): {e}")));
+            if !st.success() {
+                die(format!("the remote child (background) ended with {st}"));
+            }
+            pause
+        }
+        Err(e) => die(format!("background telefork to {dest} failed: {e}")),
+    }
+}
+
 /// One local fork()+_exit(0)+waitpid: (pause, round trip) in ns.
 fn one_fork() -> (u128, u128) {
     let t0 = Instant::now();
@@ -153,6 +171,7 @@ fn main() {
                 let (p, rt) = one_telefork(&dest, None);
                 out("tf_pause_ns", p);
                 out("tf_rt_ns", rt);
+                out("tf_bg_pause_ns", one_background_telefork(&dest));
                 let (p, rt) = one_fork();
                 out("fork_pause_ns", p);
                 out("fork_rt_ns", rt);
@@ -173,6 +192,7 @@ fn main() {
                 let (p, rt) = one_telefork(&dest, None);
                 out("tf_pause_ns", p);
                 out("tf_rt_ns", rt);
+                out("tf_bg_pause_ns", one_background_telefork(&dest));
                 let (p, rt) = one_fork();
                 out("fork_pause_ns", p);
                 out("fork_rt_ns", rt);

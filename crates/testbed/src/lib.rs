@@ -141,6 +141,7 @@ fn node_config(dir: &Path, subnet: Ipv4Addr, n: usize, k: usize) -> Config {
         state_dir: node_dir(dir, &name).join("state"),
         tls: TlsFiles { ca: pki.join(telefork_node::cluster::CA_CERT), cert, key },
         limits: Limits::default(),
+        transport: Default::default(),
         peers: (1..=n)
             .filter(|&j| j != k)
             .map(|j| Peer { name: node_name(j), addr: SocketAddr::new(net::host_addr(subnet, j).into(), DEFAULT_PORT) })
@@ -328,6 +329,15 @@ pub fn command(dir: &Path, node: &str, user: Option<&str>, cmd: &[String]) -> Re
         });
     }
     Ok(c)
+}
+
+/// Rewrites NODE's configuration (DIR/NODE/node.toml) with `change` and restarts its daemon.
+pub fn reconfigure(dir: &Path, node: &str, change: impl FnOnce(&mut telefork_node::config::Config)) -> Result<()> {
+    let path = dir.join(node).join("node.toml");
+    let mut cfg = telefork_node::config::Config::load(&path)?;
+    change(&mut cfg);
+    std::fs::write(&path, cfg.to_toml()).with_context(|| format!("writing {}", path.display()))?;
+    restart_daemon(dir, node)
 }
 
 /// Stops NODE's daemon (SIGTERM, SIGKILL after 2 s). The node stays up: `exec` still works
