@@ -223,7 +223,43 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
                 ),
             });
         }
-        Ok(())
+        // The same teleforks with the plain image transport (memory unencrypted, received by
+        // the new process straight into its memory), beside raw TCP.
+        for n in ["node1", "node2"] {
+            telefork_testbed::reconfigure(Path::new(DIR), n, |c| c.transport.image = telefork_node::config::ImageTransport::Plain)?;
+        }
+        let plain_res = (|| -> Result<()> {
+            for &mib in &a.sizes_mib {
+                let runs = if mib >= 4096 { runs.min(3) } else { runs };
+                let bytes = mib << 20;
+                let note = if runs < a.runs { format!("{runs} runs") } else { String::new() };
+                progress(&format!("throughput {mib} MiB: telefork with plain image transport, {runs} runs"));
+                let verify = if mib <= 1024 { "1" } else { "0" };
+                let tf = run_prog(&format!("plain telefork {mib} MiB"), node_cmd("node1", Some(USER), &[&p, "tfork", &mib.to_string(), "0", &runs.to_string(), "node2", verify])?, None)?;
+                progress(&format!("throughput {mib} MiB: raw TCP, {runs} runs"));
+                let tcp = run_prog("raw TCP", node_cmd("node1", None, &[&p, "tcp-send", &format!("{node2}:{TCP_PORT}"), &bytes.to_string(), &runs.to_string()])?, None)?;
+                let gbps = |ns: &[f64]| ns.iter().map(|&n| bytes as f64 / n).collect::<Vec<_>>();
+                let tf_rt = gbps(tf.all("tf_rt_ns")?);
+                let tcp_s = gbps(tcp.all("tcp_ns")?);
+                rows.push(Row {
+                    group: "throughput",
+                    name: format!("{mib} MiB telefork+exit+wait (plain)"),
+                    unit: "GB/s",
+                    value: median(&tf_rt),
+                    baseline_name: "raw TCP plaintext".into(),
+                    baseline: median(&tcp_s),
+                    runs,
+                    samples: tf_rt,
+                    baseline_samples: tcp_s,
+                    note: note.clone(),
+                });
+            }
+            Ok(())
+        })();
+        for n in ["node1", "node2"] {
+            telefork_testbed::reconfigure(Path::new(DIR), n, |c| c.transport.image = telefork_node::config::ImageTransport::Tls)?;
+        }
+        plain_res
     })();
     for mut s in sinks {
         let _ = s.kill();
