@@ -41,6 +41,9 @@ pub struct RestoreOptions {
     /// Refuse the image unless it belongs to this (uid, gid): the owner an authenticated
     /// sender vouched for.
     pub expect_owner: Option<(u32, u32)>,
+    /// Refuse the image if its supplementary groups are not all in this list (the groups
+    /// the owner has on this machine).
+    pub allowed_groups: Option<Vec<u32>>,
     /// The image's page bytes arrive unencrypted on this socket (which the input also reads,
     /// without buffering): let the new process receive them straight into its memory.
     pub direct_socket: Option<std::os::fd::RawFd>,
@@ -66,12 +69,7 @@ pub fn restore<R: Read + Send>(input: R, opts: &RestoreOptions) -> Result<Restor
     check_header(&header)?;
     let img = reader.process()?;
     check_process(&img, &header)?;
-    if let Some((uid, gid)) = opts.expect_owner {
-        let c = &img.creds;
-        if c.uid.iter().any(|u| *u != uid) || c.gid.iter().any(|g| *g != gid) {
-            bail!("the image's credentials (uids {:?}, gids {:?}) are not those of its sender's user ({uid}:{gid}); refusing", c.uid, c.gid);
-        }
-    }
+    check_owner(&img, opts)?;
 
     let mut tl = Timeline::new();
     let (pid, same_pid) = spawn_stub(img.pid, opts.stdio)?;
@@ -85,6 +83,24 @@ pub fn restore<R: Read + Send>(input: R, opts: &RestoreOptions) -> Result<Restor
             Err(e)
         }
     }
+}
+
+/// The image must belong to the user its sender vouched for, with no group that user does
+/// not have here.
+fn check_owner(img: &ProcessImage, opts: &RestoreOptions) -> Result<()> {
+    if let Some((uid, gid)) = opts.expect_owner {
+        let c = &img.creds;
+        if c.uid.iter().any(|u| *u != uid) || c.gid.iter().any(|g| *g != gid) {
+            bail!("the image's credentials (uids {:?}, gids {:?}) are not those of its sender's user ({uid}:{gid}); refusing", c.uid, c.gid);
+        }
+    }
+    if let Some(allowed) = &opts.allowed_groups {
+        let extra: Vec<u32> = img.creds.groups.iter().copied().filter(|g| !allowed.contains(g)).collect();
+        if !extra.is_empty() {
+            bail!("the image's supplementary groups {extra:?} are not groups of its owner on this machine; refusing");
+        }
+    }
+    Ok(())
 }
 
 fn check_header(h: &Header) -> Result<()> {
@@ -375,5 +391,43 @@ impl Timeline {
 impl Default for Timeline {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use telefork_image::{Creds, Misc, MmFields};
+
+    fn image(uid: u32, gid: u32, groups: Vec<u32>) -> ProcessImage {
+        ProcessImage {
+            pid: 1,
+            comm: "t".into(),
+            creds: Creds { uid: [uid; 4], gid: [gid; 4], groups },
+            misc: Misc { cwd: "/".into(), umask: 0, nice: 0, personality: 0, rlimits: vec![] },
+            mm: MmFields {
+                start_code: 0, end_code: 0, start_data: 0, end_data: 0, start_brk: 0, brk: 0, start_stack: 0,
+                arg_start: 0, arg_end: 0, env_start: 0, env_end: 0, auxv: vec![], exe: String::new(), exe_id: None,
+            },
+            vmas: vec![],
+            threads: vec![],
+            sigactions: vec![],
+            shared_pending: vec![],
+            fds: vec![],
+        }
+    }
+
+    #[test]
+    fn owner_and_groups_are_checked() {
+        let opts = RestoreOptions { expect_owner: Some((1000, 1000)), allowed_groups: Some(vec![1000, 27]), ..Default::default() };
+        check_owner(&image(1000, 1000, vec![27]), &opts).unwrap();
+        let e = check_owner(&image(0, 0, vec![]), &opts).unwrap_err().to_string();
+        assert!(e.contains("not those of its sender"), "{e}");
+        let mut img = image(1000, 1000, vec![]);
+        img.creds.uid[1] = 0; // effective uid root: refused too
+        assert!(check_owner(&img, &opts).is_err());
+        let e = check_owner(&image(1000, 1000, vec![27, 0]), &opts).unwrap_err().to_string();
+        assert!(e.contains("[0]"), "{e}");
+        check_owner(&image(0, 0, vec![0]), &RestoreOptions::default()).unwrap();
     }
 }

@@ -68,6 +68,7 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
     let opts = telefork_engine::RestoreOptions {
         stdio: Some([stdin_r.as_raw_fd(), stdout_w.as_raw_fd(), stderr_w.as_raw_fd()]),
         expect_owner: Some((user.uid, user.gid)),
+        allowed_groups: Some(groups_of(user.uid, user.gid)),
         direct_socket: plain_image.then(|| ch.raw_fd()),
         max_page_bytes: max,
     };
@@ -182,6 +183,23 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
     log(&format!("process {pid} ended: {status:?}"));
     ch.close();
     Ok(())
+}
+
+/// The groups `uid` has on this node (its primary group and the supplementary groups of
+/// its name here); just the primary group for a user this node does not know.
+fn groups_of(uid: u32, gid: u32) -> Vec<u32> {
+    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).ok().flatten();
+    let mut groups = match user {
+        Some(u) => match std::ffi::CString::new(u.name) {
+            Ok(name) => nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(gid))
+                .map(|g| g.into_iter().map(|g| g.as_raw()).collect())
+                .unwrap_or_default(),
+            Err(_) => vec![],
+        },
+        None => vec![],
+    };
+    groups.push(gid);
+    groups
 }
 
 /// Counts image bytes so a peer cannot send more than the node's limit.
