@@ -253,16 +253,14 @@ fn travelling_runs(pid: Pid, vmas: &[Vma]) -> Result<Vec<(u64, u64)>> {
     Ok(runs)
 }
 
-/// Reads `len` bytes at `addr` of a stopped process into `buf`: process_vm_readv (pins pages
-/// in batches), else /proc/PID/mem (which may also read PROT_NONE memory).
+/// Reads `len` bytes at `addr` of a stopped process into `buf`, through /proc/PID/mem.
+///
+/// Not process_vm_readv: it *pins* the pages, and pinning an anonymous page that is shared
+/// copy-on-write (every page of a frozen fork is shared with its parent) makes the kernel
+/// unshare it first — it copies every page, doubling the memory of a telefork and halving
+/// its speed. /proc/PID/mem only takes references: no copies.
 fn read_remote(pid: Pid, mem: &std::fs::File, addr: u64, buf: &mut [u8]) -> Result<()> {
     let len = buf.len();
-    let remote = [nix::sys::uio::RemoteIoVec { base: addr as usize, len }];
-    if let Ok(n) = nix::sys::uio::process_vm_readv(pid, &mut [std::io::IoSliceMut::new(buf)], &remote) {
-        if n == len {
-            return Ok(());
-        }
-    }
     mem.read_exact_at(buf, addr).with_context(|| format!("reading memory {addr:#x}-{:#x} of process {pid}", addr + len as u64))
 }
 

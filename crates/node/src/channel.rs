@@ -47,6 +47,7 @@ impl TlsChannel {
 
     fn handshake(mut conn: rustls::Connection, sock: TcpStream, timeout: Duration) -> Result<Self> {
         sock.set_nodelay(true).ok();
+        deep_buffers(&sock);
         sock.set_read_timeout(Some(timeout)).ok();
         sock.set_write_timeout(Some(timeout)).ok();
         let mut s = sock.try_clone().context("cloning the socket")?;
@@ -186,6 +187,26 @@ impl TlsChannel {
     /// TLS records (`ImageTransport::Plain`). Only while neither side has TLS data in flight.
     pub fn raw_socket(&self) -> &TcpStream {
         &self.sock
+    }
+}
+
+/// Gives the socket deep kernel buffers (32 MiB each way; the daemon runs as root, so
+/// SO_*BUFFORCE may exceed net.core.[rw]mem_max): while the receiving process is busy
+/// faulting in the memory for one chunk of an image, the sender keeps streaming the next
+/// into the buffer instead of stalling. Best effort.
+fn deep_buffers(sock: &TcpStream) {
+    let size: libc::c_int = 32 << 20;
+    for opt in [libc::SO_SNDBUFFORCE, libc::SO_RCVBUFFORCE] {
+        // SAFETY: setsockopt reads one c_int from `size`, which outlives the call.
+        unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                &size as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
     }
 }
 
