@@ -29,6 +29,57 @@ pub struct TlsChannel {
 struct Inner {
     conn: rustls::Connection,
     sock: TcpStream,
+    /// Bytes received from the socket, not yet handed to rustls: one big non-blocking
+    /// recv feeds many TLS records (rustls itself reads at most one record's worth per
+    /// call, which would cost two system calls per 16 KiB of a large transfer).
+    staged: Staged,
+}
+
+struct Staged {
+    buf: Vec<u8>,
+    pos: usize,
+    len: usize,
+}
+
+const STAGE_BYTES: usize = 256 << 10;
+
+impl Staged {
+    fn new() -> Self {
+        Staged { buf: vec![0; STAGE_BYTES], pos: 0, len: 0 }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pos == self.len
+    }
+}
+
+/// What rustls reads TLS bytes from: the staged bytes, refilled by a non-blocking recv
+/// (MSG_DONTWAIT, so the socket itself stays blocking for anyone else using it).
+struct StagedSocket<'a> {
+    fd: i32,
+    staged: &'a mut Staged,
+}
+
+impl Read for StagedSocket<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let st = &mut *self.staged;
+        if st.is_empty() {
+            // SAFETY: recv writes at most buf.len() bytes into `st.buf`, which we own.
+            let n = unsafe { libc::recv(self.fd, st.buf.as_mut_ptr().cast(), st.buf.len(), libc::MSG_DONTWAIT) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            st.pos = 0;
+            st.len = n as usize;
+            if n == 0 {
+                return Ok(0);
+            }
+        }
+        let n = out.len().min(st.len - st.pos);
+        out[..n].copy_from_slice(&st.buf[st.pos..st.pos + n]);
+        st.pos += n;
+        Ok(n)
+    }
 }
 
 impl TlsChannel {
@@ -56,7 +107,7 @@ impl TlsChannel {
         }
         sock.set_read_timeout(None).ok();
         let reader_sock = sock.try_clone().context("cloning the socket")?;
-        Ok(TlsChannel { inner: Mutex::new(Inner { conn, sock }), sock: reader_sock, timeout: Mutex::new(Some(timeout)) })
+        Ok(TlsChannel { inner: Mutex::new(Inner { conn, sock, staged: Staged::new() }), sock: reader_sock, timeout: Mutex::new(Some(timeout)) })
     }
 
     /// The peer's certificate chain (verified during the handshake).
@@ -90,7 +141,7 @@ impl TlsChannel {
     pub fn close(&self) {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         g.conn.send_close_notify();
-        let Inner { conn, sock } = &mut *g;
+        let Inner { conn, sock, .. } = &mut *g;
         while conn.wants_write() {
             if conn.write_tls(sock).is_err() {
                 break;
@@ -128,31 +179,39 @@ impl Read for &TlsChannel {
             return Ok(0);
         }
         let deadline = self.timeout.lock().unwrap_or_else(|e| e.into_inner()).map(|t| Instant::now() + t);
+        let fd = self.sock.as_raw_fd();
         loop {
             {
                 let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-                match g.conn.reader().read(buf) {
+                let Inner { conn, sock, staged } = &mut *g;
+                match conn.reader().read(buf) {
                     Ok(n) => return Ok(n),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Err(e),
                 }
-            }
-            self.wait_readable(deadline)?;
-            let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-            let Inner { conn, sock } = &mut *g;
-            let n = conn.read_tls(sock)?;
-            conn.process_new_packets().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-            while conn.wants_write() {
-                conn.write_tls(sock)?;
-            }
-            if n == 0 {
-                // The peer closed TCP; whatever plaintext is left is still readable above.
-                match conn.reader().read(buf) {
-                    Ok(n) => return Ok(n),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
+                // More TLS bytes, without blocking (the lock is never held while waiting).
+                match conn.read_tls(&mut StagedSocket { fd, staged }) {
+                    Ok(n) => {
+                        conn.process_new_packets().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                        while conn.wants_write() {
+                            conn.write_tls(sock)?;
+                        }
+                        if n == 0 {
+                            // The peer closed TCP; what plaintext is left is still readable.
+                            return match conn.reader().read(buf) {
+                                Ok(n) => Ok(n),
+                                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+                                Err(e) => Err(e),
+                            };
+                        }
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => return Err(e),
                 }
             }
+            self.wait_readable(deadline)?;
         }
     }
 }
@@ -160,7 +219,7 @@ impl Read for &TlsChannel {
 impl Write for &TlsChannel {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let Inner { conn, sock } = &mut *g;
+        let Inner { conn, sock, .. } = &mut *g;
         let n = conn.writer().write(buf)?;
         while conn.wants_write() {
             conn.write_tls(sock)?;
@@ -170,7 +229,7 @@ impl Write for &TlsChannel {
 
     fn flush(&mut self) -> io::Result<()> {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let Inner { conn, sock } = &mut *g;
+        let Inner { conn, sock, .. } = &mut *g;
         while conn.wants_write() {
             conn.write_tls(sock)?;
         }
@@ -184,9 +243,14 @@ impl TlsChannel {
     }
 
     /// The TCP socket under the TLS session, for bytes that travel unencrypted between two
-    /// TLS records (`ImageTransport::Plain`). Only while neither side has TLS data in flight.
-    pub fn raw_socket(&self) -> &TcpStream {
-        &self.sock
+    /// TLS records (`ImageTransport::Plain`). Only while neither side has TLS data in flight:
+    /// an error if bytes beyond the last TLS record were already received.
+    pub fn raw_socket(&self) -> io::Result<&TcpStream> {
+        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if !g.staged.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "the peer sent data before its turn"));
+        }
+        Ok(&self.sock)
     }
 }
 

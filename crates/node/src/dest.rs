@@ -75,7 +75,7 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
     ch.set_recv_timeout(Some(Duration::from_secs(30)));
     let restored = if plain_image {
         // Unbuffered: the new process receives the page bytes from this socket itself.
-        let raw = ch.raw_socket();
+        let raw = ch.raw_socket()?;
         raw.set_read_timeout(Some(Duration::from_secs(30))).ok();
         let r = telefork_engine::restore(LimitedReader { inner: raw, left: max }, &opts);
         raw.set_read_timeout(None).ok();

@@ -162,7 +162,7 @@ fn send_away(
     // The capture streams into the connection; the local copy dies only after the
     // destination says the process runs there.
     // The image goes inside TLS, or (plain) straight onto the TCP socket beneath it.
-    let sink: Box<dyn Write + '_> = if plain_image { Box::new(ch.raw_socket()) } else { Box::new(&ch) };
+    let sink: Box<dyn Write + '_> = if plain_image { Box::new(ch.raw_socket()?) } else { Box::new(&ch) };
     telefork_engine::dump(Pid::from_raw(child), std::io::BufWriter::with_capacity(1 << 20, sink), &opts, |mut w| {
         w.flush().context("sending the image")?;
         t_sent = std::time::Instant::now();
