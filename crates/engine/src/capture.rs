@@ -102,7 +102,9 @@ impl Frozen {
 
 fn capture_frozen<W: Write>(f: &Frozen, out: W, opts: &DumpOptions) -> Result<(W, DumpSummary)> {
     let pid = f.pid;
+    let mut tl = crate::restore::Timeline::new();
     let cpu = arch::capture(pid, &f.regs)?;
+    tl.mark("cpu");
 
     // Look from inside.
     let maps = procfs::read_maps(pid)?;
@@ -122,6 +124,7 @@ fn capture_frozen<W: Write>(f: &Frozen, out: W, opts: &DumpOptions) -> Result<(W
     } else {
         inj.set_scratch(scratch, SCRATCH_LEN);
     }
+    tl.mark("scratch");
     let inside = (|| -> Result<_> {
         let mm = mm::capture(pid, &mut inj)?;
         let (sigactions, shared_pending) = signals::capture_process(&mut inj)?;
@@ -131,10 +134,12 @@ fn capture_frozen<W: Write>(f: &Frozen, out: W, opts: &DumpOptions) -> Result<(W
     inj.syscall(libc::SYS_munmap, &[scratch, SCRATCH_LEN], "unmapping scratch memory in the target")?;
     ptrace::setregs(pid, f.regs)?;
     let (mm, sigactions, shared_pending, thread) = inside?;
+    tl.mark("from inside");
 
     // Look from outside (after the scratch page is gone again).
     let maps = procfs::read_maps(pid)?;
     let vmas = mem::capture_vmas(pid, &maps)?;
+    tl.mark("maps");
     let stat = procfs::read_stat(pid)?;
     let image = ProcessImage {
         pid: pid.as_raw(),
@@ -157,10 +162,13 @@ fn capture_frozen<W: Write>(f: &Frozen, out: W, opts: &DumpOptions) -> Result<(W
         hostname: nix::sys::utsname::uname().map(|u| u.nodename().to_string_lossy().into_owned()).unwrap_or_default(),
     };
 
+    tl.mark("creds, misc, fds");
     let mut w = ImageWriter::new(out, &header).context("writing the image header")?;
     w.write_process(&image).context("writing the process record")?;
     let page_bytes = mem::write_pages(pid, &image.vmas, &mut w)?;
     let out = w.finish().context("finishing the image")?;
+    tl.mark("pages");
+    tl.report("capture");
     let summary = DumpSummary { pid: pid.as_raw(), vmas: image.vmas.len(), fds: image.fds.len(), page_bytes };
     Ok((out, summary))
 }
