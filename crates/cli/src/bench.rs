@@ -174,30 +174,9 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
             let tf_rt = gbps(tf.all("tf_rt_ns")?);
             let tls_s = gbps(tls.all("tls_ns")?);
             let tcp_s = gbps(tcp.all("tcp_ns")?);
-            rows.push(Row {
-                group: "throughput",
-                name: format!("{mib} MiB telefork+exit+wait (TLS)"),
-                unit: "GB/s",
-                value: median(&tf_rt),
-                baseline_name: "raw TLS (same rustls channel)".into(),
-                baseline: median(&tls_s),
-                runs,
-                samples: tf_rt.clone(),
-                baseline_samples: tls_s,
-                note: note.clone(),
-            });
-            rows.push(Row {
-                group: "throughput",
-                name: format!("{mib} MiB telefork+exit+wait (TLS)"),
-                unit: "GB/s",
-                value: median(&tf_rt),
-                baseline_name: "raw TCP plaintext".into(),
-                baseline: median(&tcp_s),
-                runs,
-                samples: tf_rt,
-                baseline_samples: tcp_s,
-                note: note.clone(),
-            });
+            let name = format!("{mib} MiB telefork+exit+wait (TLS)");
+            rows.push(throughput_row(name.clone(), tf_rt.clone(), "raw TLS (same rustls channel)", tls_s, runs, &note));
+            rows.push(throughput_row(name, tf_rt, "raw TCP plaintext", tcp_s, runs, &note));
             rows.push(row_ms("parent pause", format!("{mib} MiB: telefork() returns in the parent"), tf.ms("tf_pause_ns")?, "local fork() returns", tf.ms("fork_pause_ns")?, &note));
             rows.push(row_ms("", format!("{mib} MiB: telefork(background) returns"), tf.ms("tf_bg_pause_ns")?, "local fork() returns", tf.ms("fork_pause_ns")?, "Options::background"));
             let size = tf.one("rss_bytes")? / (1 << 20) as f64;
@@ -243,18 +222,7 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
                 let gbps = |ns: &[f64]| ns.iter().map(|&n| bytes as f64 / n).collect::<Vec<_>>();
                 let tf_rt = gbps(tf.all("tf_rt_ns")?);
                 let tcp_s = gbps(tcp.all("tcp_ns")?);
-                rows.push(Row {
-                    group: "throughput",
-                    name: format!("{mib} MiB telefork+exit+wait (plain)"),
-                    unit: "GB/s",
-                    value: median(&tf_rt),
-                    baseline_name: "raw TCP plaintext".into(),
-                    baseline: median(&tcp_s),
-                    runs,
-                    samples: tf_rt,
-                    baseline_samples: tcp_s,
-                    note: note.clone(),
-                });
+                rows.push(throughput_row(format!("{mib} MiB telefork+exit+wait (plain)"), tf_rt, "raw TCP plaintext", tcp_s, runs, &note));
             }
             Ok(())
         })();
@@ -607,6 +575,22 @@ fn row_from_ms(group: &'static str, name: String, samples: Vec<f64>, bname: &str
 
 /// Samples VmRSS every ~5 ms: node1's origin sessions (the daemon's children and their
 /// descendants), the teleforking program (the parent) and its children (the frozen fork).
+/// A GB/s row: samples of the measurement and of its baseline, medians compared.
+fn throughput_row(name: String, samples: Vec<f64>, baseline_name: &str, baseline_samples: Vec<f64>, runs: usize, note: &str) -> Row {
+    Row {
+        group: "throughput",
+        name,
+        unit: "GB/s",
+        value: median(&samples),
+        baseline_name: baseline_name.into(),
+        baseline: median(&baseline_samples),
+        runs,
+        samples,
+        baseline_samples,
+        note: note.to_string(),
+    }
+}
+
 struct Sampler {
     stop: Arc<AtomicBool>,
     handle: std::thread::JoinHandle<MemPeak>,
