@@ -114,6 +114,8 @@ fn carries_pages(vma: &Vma) -> bool {
 const CHUNK: u64 = 8 << 20;
 /// Buffers in flight between the thread that reads memory and the one that writes records.
 const BUFFERS: usize = 3;
+/// Up to this many bytes of pages, capture reads and writes them in one thread.
+const INLINE_MAX: u64 = 16 << 20;
 
 /// Splits `[start, end)` into runs of at most `CHUNK` bytes.
 fn push_runs(runs: &mut Vec<(u64, u64)>, start: u64, end: u64) {
@@ -270,6 +272,17 @@ fn read_remote(pid: Pid, mem: &std::fs::File, addr: u64, buf: &mut [u8]) -> Resu
 pub fn write_pages<W: std::io::Write>(pid: Pid, vmas: &[Vma], out: &mut ImageWriter<W>) -> Result<u64> {
     let runs = travelling_runs(pid, vmas)?;
     let mem = std::fs::File::open(format!("/proc/{pid}/mem")).with_context(|| format!("opening /proc/{pid}/mem"))?;
+    let total: u64 = runs.iter().map(|(_, len)| len).sum();
+    if total <= INLINE_MAX {
+        // Small: one thread, one buffer (a second thread costs more than it saves here).
+        let mut buf = Vec::new();
+        for &(addr, len) in &runs {
+            buf.resize(len as usize, 0);
+            read_remote(pid, &mem, addr, &mut buf)?;
+            out.write_pages(addr, &buf).context("writing the image")?;
+        }
+        return Ok(total);
+    }
     let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<(u64, Vec<u8>)>>(BUFFERS);
     let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
     for _ in 0..BUFFERS {
