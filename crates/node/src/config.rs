@@ -15,6 +15,7 @@
 //! max_image_bytes = 17179869184           # largest image accepted (default 16 GiB)
 //! max_restores_per_user = 16              # concurrent restored children per user
 //! allow_root = false                      # run children of uid 0 here?
+//! max_sessions = 256                      # connections served at once (each a process)
 //!
 //! [transport]
 //! image = "tls"                           # "tls": every byte encrypted (default).
@@ -73,11 +74,14 @@ pub struct Limits {
     pub max_image_bytes: u64,
     pub max_restores_per_user: u32,
     pub allow_root: bool,
+    /// Connections served at once; each is a session process, and a session lives as long
+    /// as its child. Beyond it, connections are closed at once.
+    pub max_sessions: u32,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_image_bytes: 16 << 30, max_restores_per_user: 16, allow_root: false }
+        Limits { max_image_bytes: 16 << 30, max_restores_per_user: 16, allow_root: false, max_sessions: 256 }
     }
 }
 

@@ -57,8 +57,9 @@ pub fn run(cfg: Config) -> Result<()> {
         shared.cfg.listen,
         shared.cfg.socket.display()
     ));
+    let mut sessions = 0usize;
     loop {
-        reap_sessions();
+        sessions = sessions.saturating_sub(reap_sessions());
         let mut fds = [PollFd::new(tcp.as_fd(), PollFlags::POLLIN), PollFd::new(unix.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, PollTimeout::from(1000u16)) {
             Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
@@ -67,14 +68,25 @@ pub fn run(cfg: Config) -> Result<()> {
         }
         let tcp_ready = fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLIN));
         let unix_ready = fds[1].revents().is_some_and(|r| r.contains(PollFlags::POLLIN));
+        // Beyond the session limit, a connection is accepted and closed at once (a flood of
+        // connections must not become a flood of processes).
+        let max = shared.cfg.limits.max_sessions as usize;
         if tcp_ready {
             if let Ok((sock, peer)) = tcp.accept() {
-                spawn_session(&[tcp.as_raw_fd(), unix.as_raw_fd()], || crate::dest::serve(&shared, sock, peer));
+                if sessions >= max {
+                    log(&format!("refused a connection from {peer}: {sessions} sessions running (limits.max_sessions)"));
+                } else if spawn_session(&[tcp.as_raw_fd(), unix.as_raw_fd()], || crate::dest::serve(&shared, sock, peer)) {
+                    sessions += 1;
+                }
             }
         }
         if unix_ready {
             if let Ok((sock, _)) = unix.accept() {
-                spawn_session(&[tcp.as_raw_fd(), unix.as_raw_fd()], || crate::origin::serve(&shared, sock));
+                if sessions >= max {
+                    log(&format!("refused a local connection: {sessions} sessions running (limits.max_sessions)"));
+                } else if spawn_session(&[tcp.as_raw_fd(), unix.as_raw_fd()], || crate::origin::serve(&shared, sock)) {
+                    sessions += 1;
+                }
             }
         }
     }
@@ -97,8 +109,8 @@ fn bind_unix(path: &Path) -> Result<UnixListener> {
     Ok(l)
 }
 
-/// Runs `session` in a forked process; the listeners are closed there.
-fn spawn_session(listeners: &[i32], session: impl FnOnce() -> Result<()>) {
+/// Runs `session` in a forked process; the listeners are closed there. True if it started.
+fn spawn_session(listeners: &[i32], session: impl FnOnce() -> Result<()>) -> bool {
     // SAFETY: the daemon's main loop is single-threaded (no thread was ever started in it),
     // so the child may run arbitrary code.
     match unsafe { fork() } {
@@ -118,17 +130,24 @@ fn spawn_session(listeners: &[i32], session: impl FnOnce() -> Result<()>) {
             // SAFETY: _exit skips destructors of state copied from the parent on purpose.
             unsafe { libc::_exit(code) };
         }
-        Ok(ForkResult::Parent { .. }) => {}
-        Err(e) => log(&format!("cannot fork a session: {e}")),
+        Ok(ForkResult::Parent { .. }) => true,
+        Err(e) => {
+            log(&format!("cannot fork a session: {e}"));
+            false
+        }
     }
 }
 
-fn reap_sessions() {
+/// Reaps ended sessions; returns how many.
+fn reap_sessions() -> usize {
+    let mut n = 0;
     while let Ok(st) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
         if st == nix::sys::wait::WaitStatus::StillAlive {
             break;
         }
+        n += 1;
     }
+    n
 }
 
 pub fn log(msg: &str) {
