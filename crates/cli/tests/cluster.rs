@@ -652,6 +652,16 @@ fn limits(c: &Ctx) {
     // Once the first is gone, there is room again.
     let r = c.probe("node2", &["fork", "node3"], Duration::from_secs(30));
     assert_eq!(r.want("exit code"), "0", "after the first child ended:\n{r}");
+
+    // The largest image: 16 MiB on node3; a process of 64 MiB is refused before it is sent.
+    let mut cfg = telefork_node::config::Config::load(&path).unwrap();
+    cfg.limits.max_image_bytes = 16 << 20;
+    std::fs::write(&path, cfg.to_toml()).unwrap();
+    tb::restart_daemon(&c.dir, "node3").unwrap_or_else(|e| panic!("restarting node3: {e:#}"));
+    let r = c.probe("node1", &["fork", "node3", "--big-mb", "64"], Duration::from_secs(30));
+    let err = r.want("error").to_string();
+    assert!(err.contains("exceeds") && err.contains("limit") && err.contains("node3"), "the refusal must name the size limit:\n{r}");
+    assert!(r.get("host").is_none() && r.has("parent ok") && r.status.success(), "{r}");
 }
 
 /// 12. transport.image = "plain" on node1 and node2: the memory travels unencrypted (and is
