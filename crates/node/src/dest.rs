@@ -137,9 +137,14 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
             }
         });
     }
-    let pumps = [(stdout_r, true), (stderr_r, false)].map(|(fd, is_out)| {
+    // Each pump says when its pipe is drained (end of file), so the exit status can follow
+    // the last output at once.
+    let (drained_tx, drained_rx) = std::sync::mpsc::channel::<()>();
+    for (fd, is_out) in [(stdout_r, true), (stderr_r, false)] {
         let ch = ch.clone();
+        let drained = drained_tx.clone();
         std::thread::spawn(move || {
+            let _drained = DropSignal(drained);
             let mut f = File::from(fd);
             let mut buf = vec![0u8; 64 << 10];
             loop {
@@ -154,8 +159,9 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
                     }
                 }
             }
-        })
-    });
+        });
+    }
+    drop(drained_tx);
 
     let status = loop {
         match waitpid(pid, None) {
@@ -169,9 +175,10 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
     // Let the pumps drain what the child wrote last (a grandchild may keep a pipe open:
     // don't wait for it forever).
     let deadline = std::time::Instant::now() + Duration::from_secs(2);
-    for p in pumps {
-        while !p.is_finished() && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
+    for _ in 0..2 {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if drained_rx.recv_timeout(left).is_err() {
+            break;
         }
     }
     let result_file = shared.results_dir().join(pid.as_raw().to_string());
@@ -217,6 +224,15 @@ impl<R: Read> Read for LimitedReader<R> {
         let n = self.inner.read(&mut buf[..max])?;
         self.left -= n as u64;
         Ok(n)
+    }
+}
+
+/// Sends `()` when dropped (a thread's "I am done", however it ends).
+struct DropSignal(std::sync::mpsc::Sender<()>);
+
+impl Drop for DropSignal {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
     }
 }
 
