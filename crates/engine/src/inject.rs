@@ -10,6 +10,11 @@
 //! which this kernel refuses), and even a call that unmaps the page holding the instruction
 //! returns cleanly to us.
 //!
+//! Many independent calls at once (`run_batch`): a small runner (arch code, copied into an
+//! executable area of the tracee) walks a table of calls, stores each result, stops at the
+//! first failure and then stops itself with SIGSTOP — one ptrace round trip for the lot
+//! instead of two per call.
+//!
 //! Arguments that are pointers refer to a *scratch* area inside the tracee, filled through
 //! /proc/PID/mem. The caller blocks all signals of the tracee (PTRACE_SETSIGMASK) while
 //! injecting, so no signal handler runs in between.
