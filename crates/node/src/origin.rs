@@ -63,13 +63,19 @@ pub fn serve(shared: &Shared, mut sock: UnixStream) -> Result<()> {
 
 /// Reads the first request and the fds passed with it.
 fn recv_first(sock: &UnixStream) -> Result<Option<(LocalRequest, Vec<OwnedFd>)>> {
-    sock.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    // A program may connect ahead of time (the library keeps one spare connection): wait a
+    // while for its request, then close quietly.
+    sock.set_read_timeout(Some(Duration::from_secs(30))).ok();
     let mut len = [0u8; 4];
     let mut cmsg = nix::cmsg_space!([RawFd; 3]);
     let mut fds = Vec::new();
     let got = {
         let mut iov = [IoSliceMut::new(&mut len)];
-        let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC).context("reading a request")?;
+        let msg = match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
+            Ok(m) => m,
+            Err(nix::errno::Errno::EAGAIN) => return Ok(None),
+            Err(e) => return Err(e).context("reading a request"),
+        };
         for c in msg.cmsgs().context("reading passed fds")? {
             if let ControlMessageOwned::ScmRights(list) = c {
                 // SAFETY: the kernel just installed these fds in this process for us.

@@ -19,7 +19,8 @@
 //! State the library owns: only the connection to the local daemon, held by `RemoteChild`.
 
 use std::io::{IoSlice, Write};
-use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
@@ -103,6 +104,41 @@ fn connect_daemon() -> Result<UnixStream, Error> {
     UnixStream::connect(&path).map_err(|source| Error::NoDaemon { path, source })
 }
 
+/// A connection to the daemon made ahead of time (while waiting on a child), so the next
+/// `telefork` does not pay for connecting while its caller is held. An fd in an atomic,
+/// not a mutex: the forked child must drop it without taking any lock.
+static SPARE_CONNECTION: AtomicI32 = AtomicI32::new(-1);
+
+/// A connection for one telefork: the spare one if the daemon has not closed it meanwhile
+/// (an idle connection is closed after a while), else a new one.
+fn take_connection() -> Result<UnixStream, Error> {
+    let fd = SPARE_CONNECTION.swap(-1, Ordering::SeqCst);
+    if fd >= 0 {
+        // SAFETY: the fd was stored by `make_spare_connection` and is owned by nobody else
+        // (swap took it).
+        let s = unsafe { UnixStream::from_raw_fd(fd) };
+        let mut p = [libc::pollfd { fd, events: libc::POLLIN, revents: 0 }];
+        // SAFETY: one valid pollfd, zero timeout. Nothing to read means still open.
+        if unsafe { libc::poll(p.as_mut_ptr(), 1, 0) } == 0 {
+            return Ok(s);
+        }
+    }
+    connect_daemon()
+}
+
+fn make_spare_connection() {
+    if SPARE_CONNECTION.load(Ordering::SeqCst) >= 0 {
+        return;
+    }
+    if let Ok(s) = connect_daemon() {
+        let fd = s.into_raw_fd();
+        if SPARE_CONNECTION.compare_exchange(-1, fd, Ordering::SeqCst, Ordering::SeqCst).is_err() {
+            // SAFETY: another thread stored one first; this fd is ours alone.
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
 /// Forks the calling thread onto node `dest` (a node name from the cluster config, or
 /// host:port). Returns `Fork::Parent` here and `Fork::Child` there.
 pub fn telefork(dest: &str) -> Result<Fork, Error> {
@@ -110,7 +146,7 @@ pub fn telefork(dest: &str) -> Result<Fork, Error> {
 }
 
 pub fn telefork_with(dest: &str, opts: &Options) -> Result<Fork, Error> {
-    let conn = connect_daemon()?;
+    let conn = take_connection()?;
     // Output buffered now would otherwise be printed twice, by both processes.
     std::io::stdout().flush().ok();
     std::io::stderr().flush().ok();
@@ -121,8 +157,12 @@ pub fn telefork_with(dest: &str, opts: &Options) -> Result<Fork, Error> {
             // SAFETY: closing our copy of the daemon connection (the snapshot must hold no
             // socket); then stop until captured. What runs after `kill` returns runs on `dest`.
             let fd = conn.into_raw_fd();
+            let spare = SPARE_CONNECTION.swap(-1, Ordering::SeqCst);
             unsafe {
                 libc::close(fd);
+                if spare >= 0 {
+                    libc::close(spare);
+                }
                 libc::kill(libc::getpid(), libc::SIGSTOP);
             }
             Ok(Fork::Child)
@@ -222,6 +262,7 @@ impl RemoteChild {
 
     /// Waits for the child to end, like `std::process::Child::wait`.
     pub fn wait(&mut self) -> Result<ExitStatus, Error> {
+        make_spare_connection();
         while self.status.is_none() {
             self.read_event()?;
         }
