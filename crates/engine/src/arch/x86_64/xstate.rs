@@ -52,6 +52,9 @@ pub fn local_xcr0() -> u64 {
     }
 }
 
+/// # Safety
+/// The CPU must support XSAVE with OSXSAVE enabled (the caller checks CPUID first).
+// SAFETY: see above; the only caller checks CPUID.1:ECX.OSXSAVE before calling.
 #[target_feature(enable = "xsave")]
 unsafe fn xgetbv0() -> u64 {
     std::arch::x86_64::_xgetbv(0)
