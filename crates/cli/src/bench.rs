@@ -747,7 +747,7 @@ fn fs_of(path: &str) -> String {
     let names: [(i64, &str); 4] = [(0xEF53, "ext2/3/4"), (0x0102_1994, "tmpfs"), (0x5846_5342, "xfs"), (0x9123_683E, "btrfs")];
     match nix::sys::statfs::statfs(p) {
         Ok(s) => {
-            let t = s.filesystem_type().0 as i64;
+            let t = s.filesystem_type().0;
             names.iter().find(|(m, _)| *m == t).map_or_else(|| format!("fs type {t:#x}"), |(_, n)| format!("{n} on {}", p.display()))
         }
         Err(_) => "?".into(),

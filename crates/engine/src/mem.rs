@@ -541,9 +541,9 @@ pub fn create_mappings(inj: &mut Injector, vmas: &[Vma]) -> Result<()> {
 /// Checks that a page record from the image falls inside a mapping that carries pages, and
 /// returns that mapping.
 pub fn check_page_run(vmas: &[Vma], addr: u64, len: u64) -> Result<&Vma> {
-    let end = addr.checked_add(len).unwrap_or(u64::MAX);
+    let end = addr.saturating_add(len);
     match vmas.iter().find(|v| carries_pages(v) && v.start <= addr && end <= v.end) {
-        Some(v) if addr % PAGE == 0 => Ok(v),
+        Some(v) if addr.is_multiple_of(PAGE) => Ok(v),
         _ => bail!("image is corrupt: page data at {addr:#x}-{end:#x} lies outside the mappings that hold pages"),
     }
 }

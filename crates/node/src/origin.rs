@@ -87,7 +87,7 @@ fn recv_first(sock: &UnixStream) -> Result<Option<(LocalRequest, Vec<OwnedFd>)>>
     if got == 0 {
         return Ok(None);
     }
-    let mut r = &*sock;
+    let mut r = sock;
     r.read_exact(&mut len[got..]).context("reading a request")?;
     let n = u32::from_le_bytes(len);
     if n > proto::MAX_FRAME {
