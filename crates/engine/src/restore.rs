@@ -153,6 +153,7 @@ fn spawn_stub(want_pid: i32, stdio: Option<[std::os::fd::RawFd; 3]>) -> Result<(
         cgroup: u64,
     }
     let tid = [want_pid as libc::pid_t];
+    let restorer = nix::unistd::getpid().as_raw();
     let mut args = CloneArgs { exit_signal: libc::SIGCHLD as u64, ..Default::default() };
     let mut same = true;
     if want_pid > 0 {
@@ -178,6 +179,13 @@ fn spawn_stub(want_pid: i32, stdio: Option<[std::os::fd::RawFd; 3]>) -> Result<(
         // hold locks). It stops; the parent takes over and rebuilds it from outside.
         // SAFETY: plain system calls without memory arguments.
         unsafe {
+            // Should the restorer die before it holds us under ptrace (EXITKILL covers us
+            // only from then on), die too: never a stopped orphan holding its sockets. The
+            // restore clears this again (`clear_parent_death_signal`).
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+            if libc::getppid() != restorer {
+                libc::_exit(125);
+            }
             if let Some(fds) = stdio {
                 for (target, fd) in fds.iter().enumerate() {
                     if libc::dup2(*fd, target as i32) < 0 {
@@ -299,6 +307,9 @@ fn shape<R: Read + Send>(pid: Pid, img: &ProcessImage, reader: &mut ImageReader<
     let thread = &img.threads[0];
     threads::restore(&mut inj, thread, pid)?;
     creds::restore(&mut inj, &img.creds)?;
+    // The parent-death signal the stub set for itself (an image never has one: it is not
+    // captured, and a restored process must outlive a `restore --detach`).
+    inj.syscall(libc::SYS_prctl, &[libc::PR_SET_PDEATHSIG as u64, 0, 0, 0, 0], "clearing the parent-death signal")?;
     tl.mark("signals, thread, creds");
 
     // 5. Let it go. The munmap of the control area is the last injected call: it returns to
