@@ -800,6 +800,43 @@ fn refuse_changed_file() {
     );
 }
 
+/// An image may only reach files its owner can open: the image of a root process whose
+/// executable lives in a root-only (0700) directory, given to another owner (nobody), must
+/// be refused — the restorer (root) could open that file, the owner cannot.
+#[test]
+fn refuse_file_the_owner_cannot_open() {
+    use std::os::unix::fs::PermissionsExt;
+    let exe = compile_c("simple.c", "refuse_file_the_owner_cannot_open", &[]);
+    let mut run = Run::new("refuse_file_the_owner_cannot_open", exe.clone());
+    let private = run.dir.path().join("root-only");
+    fs::create_dir_all(&private).unwrap();
+    fs::set_permissions(&private, fs::Permissions::from_mode(0o700)).unwrap();
+    let copy = private.join("simple");
+    fs::copy(&exe, &copy).unwrap();
+    run.exe = copy.clone();
+    assert!(run.start(&[]));
+    run.dump(DUMP_TIMEOUT);
+    // The same image, owned by nobody (65534).
+    let bytes = fs::read(&run.img).unwrap();
+    let (mut r, header) = telefork_image::ImageReader::new(&bytes[..]).unwrap();
+    let mut process = r.process().unwrap();
+    process.creds.uid = [65534; 4];
+    process.creds.gid = [65534; 4];
+    process.creds.groups = vec![];
+    let mut w = telefork_image::ImageWriter::new(Vec::new(), &header).unwrap();
+    w.write_process(&process).unwrap();
+    while let Some(run) = r.next_pages().unwrap() {
+        w.write_pages(run.addr, run.data).unwrap();
+    }
+    fs::write(&run.img, w.finish().unwrap()).unwrap();
+    let err = restore_must_fail(&mut run, "an image owned by nobody that maps a root-only file");
+    assert!(
+        err.contains("Permission denied") && err.contains(&copy.display().to_string()),
+        "refuse_file_the_owner_cannot_open: the error must name {} and say permission denied:\n{err}",
+        copy.display()
+    );
+}
+
 #[test]
 fn refuse_truncated_image() {
     let mut run = simple_dumped("refuse_truncated_image");

@@ -290,6 +290,10 @@ fn shape<R: Read + Send>(pid: Pid, img: &ProcessImage, reader: &mut ImageReader<
         }
     }
     tl.mark("empty the fork");
+    // Every file the image names (mapped files, the executable, the cwd, fds) is opened as
+    // the image's owner, not as the restorer: an image must not reach a file its owner could
+    // not. (The full identity is set last, `creds::restore`; these are its file-access parts.)
+    act_as_owner_for_files(&mut inj, &img.creds)?;
     mem::create_mappings(&mut inj, &img.vmas)?;
     tl.mark("mappings");
     let page_bytes = match opts.direct_socket {
@@ -320,6 +324,28 @@ fn shape<R: Read + Send>(pid: Pid, img: &ProcessImage, reader: &mut ImageReader<
     nix_ptrace::detach(pid, None).context("detaching from the restored process")?;
     tl.mark("let go");
     Ok(page_bytes)
+}
+
+/// Gives the process the owner's supplementary groups and filesystem uid/gid (a privileged
+/// restorer keeps its other capabilities for the mm fields and the final credentials).
+fn act_as_owner_for_files(inj: &mut Injector, c: &telefork_image::Creds) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(()); // an unprivileged restorer opens files with its own rights anyway
+    }
+    if c.groups.len() > 65536 {
+        bail!("image is corrupt: {} supplementary groups", c.groups.len());
+    }
+    let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
+    let addr = if groups.is_empty() { 0 } else { inj.stage(&groups)? };
+    let (fsuid, fsgid) = (c.uid[3] as u64, c.gid[3] as u64);
+    let calls = [
+        Call::new(libc::SYS_setgroups, &[c.groups.len() as u64, addr], "taking the owner's groups to open files"),
+        Call::new(libc::SYS_setfsgid, &[fsgid], "taking the owner's filesystem gid to open files"),
+        Call::new(libc::SYS_setfsuid, &[fsuid], "taking the owner's filesystem uid to open files"),
+    ];
+    inj.run_batch(&calls)?;
+    inj.reset_scratch();
+    Ok(())
 }
 
 /// The fork's [vdso], [vvar], [vvar_vclock] mappings.
