@@ -102,7 +102,7 @@ impl Frozen {
 
 fn capture_frozen<W: Write>(f: &Frozen, out: W, opts: &DumpOptions) -> Result<(W, DumpSummary)> {
     let pid = f.pid;
-    let mut tl = crate::restore::Timeline::new();
+    let mut tl = crate::timeline::Timeline::new();
     let cpu = arch::capture(pid, &f.regs)?;
     tl.mark("cpu");
 

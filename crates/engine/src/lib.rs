@@ -20,6 +20,7 @@ pub mod ptrace;
 pub mod restore;
 pub mod signals;
 pub mod threads;
+pub mod timeline;
 
 pub use capture::{dump, DumpOptions, DumpSummary};
 pub use restore::{restore, RestoreOptions, Restored};

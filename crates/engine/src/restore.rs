@@ -31,6 +31,7 @@ use crate::arch::native as arch;
 use crate::capture::ALL_SIGNALS_BLOCKED;
 use crate::inject::{Call, Injector};
 use crate::mem::PAGE;
+use crate::timeline::Timeline;
 use crate::{creds, fds, mem, misc, mm, procfs, ptrace, signals, threads};
 
 #[derive(Debug, Clone, Default)]
@@ -396,39 +397,6 @@ fn free_area(vmas: &[Vma], stub: &[procfs::MapsEntry], taken: &[(u64, u64)], len
         cand += 1 << 30;
     }
     bail!("no free address range of {len} bytes for the restore's control area")
-}
-
-/// Phase times, printed to stderr when TELEFORK_DEBUG is set (for finding where time goes).
-pub struct Timeline {
-    start: std::time::Instant,
-    last: std::time::Instant,
-    phases: Vec<(&'static str, f64)>,
-}
-
-impl Timeline {
-    pub fn new() -> Self {
-        let now = std::time::Instant::now();
-        Timeline { start: now, last: now, phases: Vec::new() }
-    }
-
-    pub fn mark(&mut self, phase: &'static str) {
-        let now = std::time::Instant::now();
-        self.phases.push((phase, (now - self.last).as_secs_f64() * 1e3));
-        self.last = now;
-    }
-
-    pub fn report(&self, what: &str) {
-        if std::env::var_os("TELEFORK_DEBUG").is_some() {
-            let parts: Vec<String> = self.phases.iter().map(|(p, ms)| format!("{p} {ms:.2}")).collect();
-            eprintln!("telefork: {what} {:.2} ms: {}", (self.last - self.start).as_secs_f64() * 1e3, parts.join(", "));
-        }
-    }
-}
-
-impl Default for Timeline {
-    fn default() -> Self {
-        Self::new()
-    }
 }
 
 #[cfg(test)]

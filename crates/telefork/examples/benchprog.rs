@@ -128,6 +128,17 @@ fn one_background_telefork(dest: &str) -> u128 {
     }
 }
 
+/// One round of the telefork measurements beside their local-fork baselines.
+fn measure_round(dest: &str) {
+    let (p, rt) = one_telefork(dest, None);
+    out("tf_pause_ns", p);
+    out("tf_rt_ns", rt);
+    out("tf_bg_pause_ns", one_background_telefork(dest));
+    let (p, rt) = one_fork();
+    out("fork_pause_ns", p);
+    out("fork_rt_ns", rt);
+}
+
 /// One local fork()+_exit(0)+waitpid: (pause, round trip) in ns.
 fn one_fork() -> (u128, u128) {
     let t0 = Instant::now();
@@ -168,13 +179,7 @@ fn main() {
                 let t0 = now_ns();
                 let there = telefork::remote(&dest, now_ns).unwrap_or_else(|e| die(format!("remote on {dest} failed: {e}")));
                 out("first_instr_ns", there - t0);
-                let (p, rt) = one_telefork(&dest, None);
-                out("tf_pause_ns", p);
-                out("tf_rt_ns", rt);
-                out("tf_bg_pause_ns", one_background_telefork(&dest));
-                let (p, rt) = one_fork();
-                out("fork_pause_ns", p);
-                out("fork_rt_ns", rt);
+                measure_round(&dest);
             }
         }
         "tfork" => {
@@ -189,13 +194,7 @@ fn main() {
             println!("READY");
             std::io::stdout().flush().ok();
             for _ in 0..runs {
-                let (p, rt) = one_telefork(&dest, None);
-                out("tf_pause_ns", p);
-                out("tf_rt_ns", rt);
-                out("tf_bg_pause_ns", one_background_telefork(&dest));
-                let (p, rt) = one_fork();
-                out("fork_pause_ns", p);
-                out("fork_rt_ns", rt);
+                measure_round(&dest);
             }
             if verify != 0 {
                 one_telefork(&dest, Some(&region));
