@@ -387,6 +387,8 @@ struct Run {
     guard: Guard,
     target: Option<Proc>,
     exe: PathBuf,
+    /// Environment of `telefork restore` (beyond the test's own).
+    restore_env: Vec<(&'static str, &'static str)>,
 }
 
 impl Run {
@@ -397,7 +399,7 @@ impl Run {
         let img = dir.path().join("image.img");
         let mut marker = b"ZDTM_GO=".to_vec();
         marker.extend_from_slice(go.as_os_str().as_encoded_bytes());
-        Run { name: name.into(), dir, go, img, guard: Guard::new(marker), target: None, exe }
+        Run { name: name.into(), dir, go, img, guard: Guard::new(marker), target: None, exe, restore_env: Vec::new() }
     }
 
     /// Starts the target (`argv` after the executable) and waits for READY. Returns false if
@@ -471,7 +473,7 @@ impl Run {
     /// Starts `telefork restore IMG [extra]`, then creates the go file.
     fn start_restore(&mut self, extra: &[&str]) -> Proc {
         let mut cmd = Command::new(TELEFORK);
-        cmd.arg("restore").arg(&self.img).args(extra);
+        cmd.arg("restore").arg(&self.img).args(extra).envs(self.restore_env.iter().copied());
         let p = Proc::spawn(cmd, &self.guard);
         fs::write(&self.go, b"go").unwrap();
         p
@@ -588,6 +590,44 @@ fn sparse() {
         let len = run.image_len();
         assert!(len < 20 << 20, "sparse: image is {len} bytes for 10 MiB touched in 64 GiB (limit 20 MiB)");
     });
+}
+
+/// Memory is placed through the new process's userfaultfd when the kernel allows, by
+/// populate + write otherwise: both ways must give the same memory (anon_memory: patterns,
+/// guard and read-only pages, shared memory; sparse: untouched pages read as zero afterwards,
+/// so nothing is left registered), and the debug report says which way ran.
+#[test]
+fn memory_with_and_without_userfaultfd() {
+    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    for (name, file) in [("anon_memory", "anon_memory.c"), ("sparse", "sparse.c")] {
+        for (way, env) in [("userfaultfd", None), ("writes", Some(("TELEFORK_NO_USERFAULTFD", "1")))] {
+            let exe = compile_c(file, name, &[]);
+            let mut run = Run::new(&format!("{name}_{way}"), exe);
+            if !run.start(&[]) {
+                return;
+            }
+            run.dump(DUMP_TIMEOUT);
+            run.restore_env.push(("TELEFORK_DEBUG", "1"));
+            run.restore_env.extend(env);
+            let mut r = run.start_restore(&[]);
+            let st = r.wait_timeout(RESTORE_TIMEOUT);
+            let (out, err) = drain(&r);
+            let st = st.unwrap_or_else(|| panic!("{name} ({way}): restore hung\nstdout:\n{out}\nstderr:\n{err}"));
+            assert!(out.lines().any(|l| l == "PASS") && st.success(), "{name} ({way}): no PASS ({})\nstdout:\n{out}\nstderr:\n{err}", describe(&st));
+            let placed = err
+                .lines()
+                .find_map(|l| l.split_once("restore: ").and_then(|(_, n)| n.strip_suffix(" page bytes placed through userfaultfd")))
+                .unwrap_or_else(|| panic!("{name} ({way}): no userfaultfd report in\n{err}"));
+            let (by_uffd, total) = placed.split_once(" of ").unwrap_or_else(|| panic!("bad report {placed:?}"));
+            let (by_uffd, total): (u64, u64) = (by_uffd.parse().unwrap(), total.parse().unwrap());
+            assert!(total > 0, "{name}: no pages");
+            match way {
+                // (The rest: shared memory and written pages of private file mappings.)
+                "userfaultfd" => assert!(by_uffd * 2 >= total, "{name}: only {by_uffd} of {total} bytes through userfaultfd"),
+                _ => assert_eq!(by_uffd, 0, "{name}: userfaultfd used although disabled"),
+            }
+        }
+    }
 }
 
 #[test]

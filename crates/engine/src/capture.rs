@@ -30,6 +30,9 @@ pub struct DumpOptions {
     /// Record fds 0/1/2 as inherited from whoever restores (telefork's relayed stdio),
     /// whatever they are now.
     pub inherit_stdio: bool,
+    /// Page records without CRCs, for a connection that protects or is trusted to carry
+    /// every byte intact (see `ImageWriter::without_page_checksums`); never for a file.
+    pub skip_page_checksums: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -164,6 +167,9 @@ fn capture_frozen<W: Write>(f: &Frozen, out: W, opts: &DumpOptions) -> Result<(W
 
     tl.mark("creds, misc, fds");
     let mut w = ImageWriter::new(out, &header).context("writing the image header")?;
+    if opts.skip_page_checksums {
+        w = w.without_page_checksums();
+    }
     w.write_process(&image).context("writing the process record")?;
     let page_bytes = mem::write_pages(pid, &image.vmas, &mut w)?;
     let out = w.finish().context("finishing the image")?;

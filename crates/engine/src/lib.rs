@@ -21,6 +21,7 @@ pub mod restore;
 pub mod signals;
 pub mod threads;
 pub mod timeline;
+pub mod uffd;
 
 pub use capture::{dump, DumpOptions, DumpSummary};
 pub use restore::{restore, RestoreOptions, Restored};

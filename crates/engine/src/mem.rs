@@ -20,6 +20,7 @@ use telefork_image::{FileId, ImageWriter, SpecialMap, Vma, VmaKind};
 
 use crate::inject::{Call, Injector};
 use crate::procfs::MapsEntry;
+use crate::uffd::RemoteUffd;
 
 pub const PAGE: u64 = 4096;
 
@@ -315,18 +316,22 @@ pub fn write_pages<W: std::io::Write>(pid: Pid, vmas: &[Vma], out: &mut ImageWri
 }
 
 /// Streams the image's page records into the restored process. A second thread reads and
-/// verifies records while this one (the tracer) writes the previous one in: the target range
-/// is first populated in bulk (an injected MADV_POPULATE_WRITE, far cheaper than faulting
-/// page by page), then copied with process_vm_writev (or /proc/PID/mem where the mapping is
-/// not writable). Returns the number of bytes written.
-pub fn fill_pages<R: std::io::Read + Send>(inj: &mut Injector, vmas: &[Vma], reader: &mut telefork_image::ImageReader<R>) -> Result<u64> {
+/// verifies records while this one (the tracer) places the previous one: into private
+/// anonymous memory with UFFDIO_COPY through the process's userfaultfd (`uffd`: fresh pages
+/// allocated and filled in one pass), elsewhere — or where the kernel has no userfaultfd —
+/// by populating the range in bulk (an injected MADV_POPULATE_WRITE, far cheaper than
+/// faulting page by page) and copying with process_vm_writev (or /proc/PID/mem where the
+/// mapping is not writable). Returns the number of bytes written, and how many of them went
+/// through userfaultfd.
+pub fn fill_pages<R: std::io::Read + Send>(inj: &mut Injector, vmas: &[Vma], reader: &mut telefork_image::ImageReader<R>) -> Result<(u64, u64)> {
     let pid = inj.pid();
+    let uffd = RemoteUffd::open(inj, &uffd_ranges(vmas))?;
     let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<Option<(u64, Vec<u8>)>>>(BUFFERS);
     let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
     for _ in 0..BUFFERS {
         let _ = empty_tx.send(Vec::new());
     }
-    std::thread::scope(|scope| {
+    let (total, by_uffd) = std::thread::scope(|scope| {
         scope.spawn(move || loop {
             let Ok(spare) = empty_rx.recv() else { return };
             let r = reader.next_pages_owned(spare).map_err(anyhow::Error::from);
@@ -335,70 +340,41 @@ pub fn fill_pages<R: std::io::Read + Send>(inj: &mut Injector, vmas: &[Vma], rea
                 return;
             }
         });
-        let mut total = 0u64;
+        let (mut total, mut by_uffd) = (0u64, 0u64);
         loop {
             let Some((addr, buf)) = full_rx.recv().context("the image reader stopped")?? else { break };
             let data = &buf[8..];
             let vma = check_page_run(vmas, addr, data.len() as u64)?;
-            // Populating costs one injected call: worth it for big runs only.
-            if data.len() >= POPULATE_MIN && initial_prot(vma) & libc::PROT_WRITE as u32 != 0 {
-                // Best effort: an old kernel without MADV_POPULATE_WRITE just faults later.
-                let _ = inj.syscall_raw(libc::SYS_madvise, &[addr, data.len() as u64, MADV_POPULATE_WRITE]);
+            match &uffd {
+                Some(u) if u.covers(addr, data.len() as u64) => {
+                    u.copy(addr, data)?;
+                    by_uffd += data.len() as u64;
+                }
+                _ => {
+                    // Populating costs one injected call: worth it for big runs only.
+                    if data.len() >= POPULATE_MIN && initial_prot(vma) & libc::PROT_WRITE as u32 != 0 {
+                        // Best effort: an old kernel without MADV_POPULATE_WRITE just faults later.
+                        let _ = inj.syscall_raw(libc::SYS_madvise, &[addr, data.len() as u64, MADV_POPULATE_WRITE]);
+                    }
+                    write_remote(inj, pid, addr, data)?;
+                }
             }
-            write_remote(inj, pid, addr, data)?;
             total += data.len() as u64;
             let _ = empty_tx.send(buf);
         }
         drop(empty_tx);
-        Ok(total)
-    })
+        Ok::<_, anyhow::Error>((total, by_uffd))
+    })?;
+    if let Some(u) = uffd {
+        u.release()?;
+    }
+    Ok((total, by_uffd))
 }
 
-/// Direct mode of `fill_pages` for an image arriving unencrypted on a socket: the restored
-/// process itself receives each run's bytes straight into its memory (an injected
-/// recvfrom(MSG_WAITALL) on its inherited copy of the socket, `sock`), so they are copied
-/// once, by the kernel, and never pass through this process. Only the record headers are
-/// read here; `reader` must not buffer. Runs into memory that is not writable yet go the
-/// ordinary way. At most `max_bytes` of pages are accepted.
-pub fn fill_pages_direct<R: std::io::Read>(
-    inj: &mut Injector,
-    vmas: &[Vma],
-    reader: &mut telefork_image::ImageReader<R>,
-    sock: std::os::fd::RawFd,
-    max_bytes: u64,
-) -> Result<u64> {
-    let pid = inj.pid();
-    let mut total = 0u64;
-    while let Some((addr, len)) = reader.next_pages_header()? {
-        let vma = check_page_run(vmas, addr, len)?;
-        total += len;
-        if total > max_bytes {
-            bail!("the image's pages exceed the limit of {max_bytes} bytes");
-        }
-        if initial_prot(vma) & libc::PROT_WRITE as u32 != 0 {
-            if len as usize >= POPULATE_MIN {
-                let _ = inj.syscall_raw(libc::SYS_madvise, &[addr, len, MADV_POPULATE_WRITE]);
-            }
-            let mut done = 0u64;
-            while done < len {
-                let n = inj.syscall(
-                    libc::SYS_recvfrom,
-                    &[sock as u64, addr + done, len - done, libc::MSG_WAITALL as u64, 0, 0],
-                    format_args!("receiving memory {:#x}-{:#x} into the process", addr + done, addr + len),
-                )?;
-                if n == 0 {
-                    bail!("image is truncated: the connection ended inside the pages at {addr:#x}");
-                }
-                done += n;
-            }
-        } else {
-            let mut buf = vec![0u8; len as usize];
-            reader.input_mut().read_exact(&mut buf).context("reading pages")?;
-            write_remote(inj, pid, addr, &buf)?;
-        }
-        reader.end_direct_pages()?;
-    }
-    Ok(total)
+/// The mappings whose pages are placed through userfaultfd: private anonymous memory (the
+/// kernel supports MISSING registration there; private file mappings keep the file's pages).
+fn uffd_ranges(vmas: &[Vma]) -> Vec<(u64, u64)> {
+    vmas.iter().filter(|v| v.kind == VmaKind::Anon && !v.shared).map(|v| (v.start, v.end - v.start)).collect()
 }
 
 const MADV_POPULATE_WRITE: u64 = 23;

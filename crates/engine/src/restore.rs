@@ -45,12 +45,9 @@ pub struct RestoreOptions {
     /// Refuse the image if its supplementary groups are not all in this list (the groups
     /// the owner has on this machine).
     pub allowed_groups: Option<Vec<u32>>,
-    /// The image's page bytes arrive unencrypted on this socket (which the input also reads,
-    /// without buffering): let the new process receive them straight into its memory.
-    pub direct_socket: Option<std::os::fd::RawFd>,
-    /// Most page bytes accepted in direct mode (the caller's limit; the input reader cannot
-    /// count bytes it never sees).
-    pub max_page_bytes: u64,
+    /// Accept page records without CRCs: the image arrives on a connection that
+    /// authenticates every byte (TLS) or is trusted by configuration.
+    pub skip_page_checksums: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -67,6 +64,9 @@ const CONTROL_LEN: u64 = 128 << 10;
 
 pub fn restore<R: Read + Send>(input: R, opts: &RestoreOptions) -> Result<Restored> {
     let (mut reader, header) = ImageReader::new(input)?;
+    if opts.skip_page_checksums {
+        reader.skip_page_checksums();
+    }
     check_header(&header)?;
     let img = reader.process()?;
     check_process(&img, &header)?;
@@ -75,7 +75,7 @@ pub fn restore<R: Read + Send>(input: R, opts: &RestoreOptions) -> Result<Restor
     let mut tl = Timeline::new();
     let (pid, same_pid) = spawn_stub(img.pid, opts.stdio)?;
     tl.mark("spawn stub");
-    let r = shape(pid, &img, &mut reader, opts, &mut tl);
+    let r = shape(pid, &img, &mut reader, &mut tl);
     tl.report("restore");
     match r {
         Ok(page_bytes) => Ok(Restored { pid, same_pid, page_bytes }),
@@ -215,7 +215,7 @@ fn spawn_stub(want_pid: i32, stdio: Option<[std::os::fd::RawFd; 3]>) -> Result<(
     Ok((pid, same && want_pid > 0))
 }
 
-fn shape<R: Read + Send>(pid: Pid, img: &ProcessImage, reader: &mut ImageReader<R>, opts: &RestoreOptions, tl: &mut Timeline) -> Result<u64> {
+fn shape<R: Read + Send>(pid: Pid, img: &ProcessImage, reader: &mut ImageReader<R>, tl: &mut Timeline) -> Result<u64> {
     ptrace::set_sigmask(pid, ALL_SIGNALS_BLOCKED)?;
     let mut inj = Injector::new(pid, arch::own_syscall_insn())?;
 
@@ -297,10 +297,8 @@ fn shape<R: Read + Send>(pid: Pid, img: &ProcessImage, reader: &mut ImageReader<
     act_as_owner_for_files(&mut inj, &img.creds)?;
     mem::create_mappings(&mut inj, &img.vmas)?;
     tl.mark("mappings");
-    let page_bytes = match opts.direct_socket {
-        Some(sock) => mem::fill_pages_direct(&mut inj, &img.vmas, reader, sock, opts.max_page_bytes)?,
-        None => mem::fill_pages(&mut inj, &img.vmas, reader)?,
-    };
+    let (page_bytes, by_uffd) = mem::fill_pages(&mut inj, &img.vmas, reader)?;
+    tl.note(format!("{by_uffd} of {page_bytes} page bytes placed through userfaultfd"));
     tl.mark("pages");
     mem::finish(&mut inj, &img.vmas)?;
     mm::restore(&mut inj, &img.mm)?;

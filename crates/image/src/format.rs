@@ -79,6 +79,7 @@ pub struct ImageWriter<W: Write> {
     out: W,
     page_records: u64,
     page_bytes: u64,
+    page_checksums: bool,
 }
 
 impl<W: Write> ImageWriter<W> {
@@ -86,9 +87,18 @@ impl<W: Write> ImageWriter<W> {
     pub fn new(mut out: W, header: &Header) -> Result<Self> {
         out.write_all(&MAGIC)?;
         out.write_all(&FORMAT_VERSION.to_le_bytes())?;
-        let mut w = ImageWriter { out, page_records: 0, page_bytes: 0 };
+        let mut w = ImageWriter { out, page_records: 0, page_bytes: 0, page_checksums: true };
         w.meta_record(Kind::Header, header)?;
         Ok(w)
+    }
+
+    /// Page records get 0 instead of a CRC: for an image on a connection that protects every
+    /// byte itself (TLS authenticates each record) or is trusted by configuration, where
+    /// checksumming the memory would only cost a pass over it on each side. Only a reader
+    /// told `skip_page_checksums` accepts such an image; metadata records keep their CRCs.
+    pub fn without_page_checksums(mut self) -> Self {
+        self.page_checksums = false;
+        self
     }
 
     pub fn write_process(&mut self, p: &ProcessImage) -> Result<()> {
@@ -103,16 +113,21 @@ impl<W: Write> ImageWriter<W> {
             let chunk = &data[off..off + n];
             let a = (addr + off as u64).to_le_bytes();
             let len = (8 + n) as u32;
-            let mut crc = crc32fast::Hasher::new();
-            crc.update(&(Kind::Pages as u32).to_le_bytes());
-            crc.update(&len.to_le_bytes());
-            crc.update(&a);
-            crc.update(chunk);
+            let crc = if self.page_checksums {
+                let mut crc = crc32fast::Hasher::new();
+                crc.update(&(Kind::Pages as u32).to_le_bytes());
+                crc.update(&len.to_le_bytes());
+                crc.update(&a);
+                crc.update(chunk);
+                crc.finalize()
+            } else {
+                0
+            };
             self.out.write_all(&(Kind::Pages as u32).to_le_bytes())?;
             self.out.write_all(&len.to_le_bytes())?;
             self.out.write_all(&a)?;
             self.out.write_all(chunk)?;
-            self.out.write_all(&crc.finalize().to_le_bytes())?;
+            self.out.write_all(&crc.to_le_bytes())?;
             self.page_records += 1;
             self.page_bytes += n as u64;
             off += n;
@@ -161,6 +176,7 @@ pub struct ImageReader<R: Read> {
     page_records: u64,
     page_bytes: u64,
     done: bool,
+    check_page_checksums: bool,
 }
 
 impl<R: Read> ImageReader<R> {
@@ -174,10 +190,16 @@ impl<R: Read> ImageReader<R> {
         if found != FORMAT_VERSION {
             return Err(ImageError::Version { found });
         }
-        let mut r = ImageReader { input, buf: Vec::new(), page_records: 0, page_bytes: 0, done: false };
+        let mut r = ImageReader { input, buf: Vec::new(), page_records: 0, page_bytes: 0, done: false, check_page_checksums: true };
         r.record(Kind::Header)?;
         let h: Header = decode(&r.buf, "header")?;
         Ok((r, h))
+    }
+
+    /// Accepts page records without verifying their CRCs (an image written
+    /// `without_page_checksums`, arriving on a connection that authenticates or is trusted).
+    pub fn skip_page_checksums(&mut self) {
+        self.check_page_checksums = false;
     }
 
     pub fn process(&mut self) -> Result<ProcessImage> {
@@ -222,57 +244,6 @@ impl<R: Read> ImageReader<R> {
         Ok(Some((addr, buf)))
     }
 
-    /// Direct mode, for a stream read without buffering whose page bytes someone else
-    /// consumes (telefork's restore reads them from the socket straight into the new
-    /// process): returns the next run's address and length *without reading its bytes*. The
-    /// caller must consume exactly that many bytes from the underlying stream and then call
-    /// `end_direct_pages`. `None` once the trailer has been read and verified. The page
-    /// bytes' checksum cannot be verified this way (they never pass through here); the
-    /// record's header, address, order and count still are.
-    pub fn next_pages_header(&mut self) -> Result<Option<(u64, u64)>> {
-        if self.done {
-            return Ok(None);
-        }
-        let mut head = [0u8; 8];
-        read_exact(&mut self.input, &mut head, "pages")?;
-        let kind_raw = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
-        let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-        match Kind::from_u32(kind_raw) {
-            Some(Kind::Trailer) => {
-                self.record_body(Kind::Trailer, head, len)?;
-                self.check_trailer()?;
-                Ok(None)
-            }
-            Some(Kind::Pages) => {
-                if len < 8 || len as usize > MAX_PAGE_CHUNK + 8 {
-                    return Err(ImageError::Corrupt(format!("pages record of {len} bytes")));
-                }
-                let mut a = [0u8; 8];
-                read_exact(&mut self.input, &mut a, "pages")?;
-                let addr = u64::from_le_bytes(a);
-                let n = (len - 8) as u64;
-                if addr.checked_add(n).is_none() {
-                    return Err(ImageError::Corrupt(format!("pages record at {addr:#x} wraps the address space")));
-                }
-                self.page_records += 1;
-                self.page_bytes += n;
-                Ok(Some((addr, n)))
-            }
-            _ => Err(ImageError::Corrupt(format!("expected a pages record, found record kind {kind_raw}"))),
-        }
-    }
-
-    /// Finishes a run returned by `next_pages_header` (reads its checksum field).
-    pub fn end_direct_pages(&mut self) -> Result<()> {
-        let mut crc = [0u8; 4];
-        read_exact(&mut self.input, &mut crc, "pages")
-    }
-
-    /// The underlying stream (direct mode).
-    pub fn input_mut(&mut self) -> &mut R {
-        &mut self.input
-    }
-
     fn check_trailer(&mut self) -> Result<()> {
         let t: Trailer = decode(&self.buf, "trailer")?;
         if t.page_records != self.page_records || t.page_bytes != self.page_bytes {
@@ -309,11 +280,14 @@ impl<R: Read> ImageReader<R> {
         if len > max {
             return Err(ImageError::Corrupt(format!("{} record of {len} bytes exceeds the limit of {max}", kind_name(kind))));
         }
-        self.buf.clear();
+        // (Only new bytes are zeroed: the buffer is reused, and read_exact overwrites it all.)
         self.buf.resize(len as usize, 0);
         read_exact(&mut self.input, &mut self.buf, kind_name(kind))?;
         let mut crc_bytes = [0u8; 4];
         read_exact(&mut self.input, &mut crc_bytes, kind_name(kind))?;
+        if kind == Kind::Pages && !self.check_page_checksums {
+            return Ok(());
+        }
         let mut crc = crc32fast::Hasher::new();
         crc.update(&head);
         crc.update(&self.buf);

@@ -79,41 +79,27 @@ mod tests {
     }
 
     #[test]
-    fn direct_mode_reads_headers_and_leaves_bytes_to_the_caller() {
-        use std::io::Read;
-        let bytes = encode(&[(0x1000, vec![1; 4096]), (0x3000, vec![2; 8192])]);
+    fn page_checksums_are_skipped_only_when_the_reader_is_told() {
+        let (h, p) = sample();
+        let mut w = ImageWriter::new(Vec::new(), &h).unwrap().without_page_checksums();
+        w.write_process(&p).unwrap();
+        w.write_pages(0x1000, &[3; 4096]).unwrap();
+        let bytes = w.finish().unwrap();
+        // An ordinary reader (a file's) refuses the zero CRC.
+        assert!(verify_image(&bytes).is_err());
         let (mut r, _) = ImageReader::new(&bytes[..]).unwrap();
+        r.skip_page_checksums();
         r.process().unwrap();
-        let mut seen = Vec::new();
-        while let Some((addr, len)) = r.next_pages_header().unwrap() {
-            let mut data = vec![0u8; len as usize];
-            r.input_mut().read_exact(&mut data).unwrap();
-            r.end_direct_pages().unwrap();
-            seen.push((addr, data[0], len));
-        }
-        assert_eq!(seen, [(0x1000, 1, 4096), (0x3000, 2, 8192)]);
-        // Cut inside the last record: an error, never a silent end.
-        let (mut r, _) = ImageReader::new(&bytes[..bytes.len() - 10]).unwrap();
-        r.process().unwrap();
-        let mut res = Ok(());
-        loop {
-            match r.next_pages_header() {
-                Ok(Some((_, len))) => {
-                    let mut data = vec![0u8; len as usize];
-                    r.input_mut().read_exact(&mut data).unwrap();
-                    if let Err(e) = r.end_direct_pages() {
-                        res = Err(e);
-                        break;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    res = Err(e);
-                    break;
-                }
-            }
-        }
-        assert!(res.is_err());
+        let run = r.next_pages().unwrap().unwrap();
+        assert_eq!((run.addr, run.data.len(), run.data[0]), (0x1000, 4096, 3));
+        assert!(r.next_pages().unwrap().is_none());
+        // Metadata records keep their CRCs: a flipped bit in the process record is caught.
+        let mut bad = bytes.clone();
+        let at = bytes.windows(9).position(|w| w == b"/bin/true").unwrap();
+        bad[at] ^= 1;
+        let (mut r, _) = ImageReader::new(&bad[..]).unwrap();
+        r.skip_page_checksums();
+        assert!(r.process().is_err());
     }
 
     #[test]

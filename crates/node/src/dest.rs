@@ -69,15 +69,24 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
         stdio: Some([stdin_r.as_raw_fd(), stdout_w.as_raw_fd(), stderr_w.as_raw_fd()]),
         expect_owner: Some((user.uid, user.gid)),
         allowed_groups: Some(groups_of(user.uid, user.gid)),
-        direct_socket: plain_image.then(|| ch.raw_fd()),
-        max_page_bytes: max,
+        // TLS authenticates every record; the plain transport is trusted by configuration.
+        skip_page_checksums: true,
     };
     ch.set_recv_timeout(Some(Duration::from_secs(30)));
     let restored = if plain_image {
-        // Unbuffered: the new process receives the page bytes from this socket itself.
+        // The image arrives on the TCP socket beneath TLS. The origin sends nothing after it
+        // until we answer, so nothing the buffer reads ahead can belong to TLS.
         let raw = ch.raw_socket()?;
         raw.set_read_timeout(Some(Duration::from_secs(30))).ok();
-        let r = telefork_engine::restore(LimitedReader { inner: raw, left: max }, &opts);
+        let mut input = std::io::BufReader::with_capacity(1 << 20, LimitedReader { inner: raw, left: max });
+        let r = telefork_engine::restore(&mut input, &opts).and_then(|r| {
+            if input.buffer().is_empty() {
+                Ok(r)
+            } else {
+                let _ = nix::sys::signal::kill(r.pid, nix::sys::signal::Signal::SIGKILL);
+                bail!("the origin sent {} bytes past the end of the image", input.buffer().len())
+            }
+        });
         raw.set_read_timeout(None).ok();
         r
     } else {
