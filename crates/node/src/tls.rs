@@ -41,6 +41,11 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>> {
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
         .with_context(|| format!("using certificate {} with key {}", files.cert.display(), files.key.display()))?;
+    let mut config = config;
+    // channel.rs seals and opens records itself with the traffic keys rustls hands over;
+    // sessions are never resumed, so no tickets.
+    config.enable_secret_extraction = true;
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
@@ -59,6 +64,8 @@ pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>> {
         .with_webpki_verifier(verifier)
         .with_client_auth_cert(certs, key)
         .with_context(|| format!("using certificate {} with key {}", files.cert.display(), files.key.display()))?;
+    let mut config = config;
+    config.enable_secret_extraction = true; // (see server_config)
     Ok(Arc::new(config))
 }
 
