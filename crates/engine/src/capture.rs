@@ -33,6 +33,10 @@ pub struct DumpOptions {
     /// Page records without CRCs, for a connection that protects or is trusted to carry
     /// every byte intact (see `ImageWriter::without_page_checksums`); never for a file.
     pub skip_page_checksums: bool,
+    /// The image goes unencrypted onto this socket (`out` ends there too): let the process
+    /// write its own big runs of memory into it (see `self_send`). Needs
+    /// `skip_page_checksums`.
+    pub self_send_socket: Option<std::os::fd::RawFd>,
 }
 
 #[derive(Debug, Clone)]
@@ -171,7 +175,8 @@ fn capture_frozen<W: Write>(f: &Frozen, out: W, opts: &DumpOptions) -> Result<(W
         w = w.without_page_checksums();
     }
     w.write_process(&image).context("writing the process record")?;
-    let page_bytes = mem::write_pages(pid, &image.vmas, &mut w)?;
+    let self_send = opts.self_send_socket.filter(|_| opts.skip_page_checksums).map(|sock| (&mut inj, sock));
+    let page_bytes = mem::write_pages(pid, &image.vmas, &mut w, self_send)?;
     let out = w.finish().context("finishing the image")?;
     tl.mark("pages");
     tl.report("capture");

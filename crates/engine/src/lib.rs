@@ -18,6 +18,7 @@ pub mod mm;
 pub mod procfs;
 pub mod ptrace;
 pub mod restore;
+pub mod self_send;
 pub mod signals;
 pub mod threads;
 pub mod timeline;

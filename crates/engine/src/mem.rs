@@ -20,6 +20,7 @@ use telefork_image::{FileId, ImageWriter, SpecialMap, Vma, VmaKind};
 
 use crate::inject::{Call, Injector};
 use crate::procfs::MapsEntry;
+use crate::self_send::SelfSender;
 use crate::uffd::RemoteUffd;
 
 pub const PAGE: u64 = 4096;
@@ -270,10 +271,19 @@ fn read_remote(pid: Pid, mem: &std::fs::File, addr: u64, buf: &mut [u8]) -> Resu
 /// Writes the contents of every page that must travel, in address order, as page records.
 /// A second thread reads the process's memory while this one writes (encrypts, sends) the
 /// previous chunk. Returns the number of bytes written.
-pub fn write_pages<W: std::io::Write>(pid: Pid, vmas: &[Vma], out: &mut ImageWriter<W>) -> Result<u64> {
+///
+/// With `self_send` (the injector of the stopped process and the socket the image goes to,
+/// unencrypted), a big image's large runs are written by the process itself (`self_send`
+/// module): each byte is copied once, from its pages into the socket.
+pub fn write_pages<W: std::io::Write>(pid: Pid, vmas: &[Vma], out: &mut ImageWriter<W>, self_send: Option<(&mut Injector, std::os::fd::RawFd)>) -> Result<u64> {
     let runs = travelling_runs(pid, vmas)?;
     let mem = std::fs::File::open(format!("/proc/{pid}/mem")).with_context(|| format!("opening /proc/{pid}/mem"))?;
     let total: u64 = runs.iter().map(|(_, len)| len).sum();
+    if let Some((inj, sock)) = self_send {
+        if total > INLINE_MAX {
+            return write_pages_self_sent(pid, &mem, &runs, out, inj, sock).map(|()| total);
+        }
+    }
     if total <= INLINE_MAX {
         // Small: one thread, one buffer (a second thread costs more than it saves here).
         let mut buf = Vec::new();
@@ -313,6 +323,48 @@ pub fn write_pages<W: std::io::Write>(pid: Pid, vmas: &[Vma], out: &mut ImageWri
         drop(empty_tx);
         Ok(total)
     })
+}
+
+/// Runs at least this long are sent by the process itself (each costs an injected call).
+const SELF_SEND_MIN: u64 = 1 << 20;
+
+fn write_pages_self_sent<W: std::io::Write>(
+    pid: Pid,
+    mem: &std::fs::File,
+    runs: &[(u64, u64)],
+    out: &mut ImageWriter<W>,
+    inj: &mut Injector,
+    sock: std::os::fd::RawFd,
+) -> Result<()> {
+    let sender = SelfSender::open(inj, sock)?;
+    let sent = (|| -> Result<()> {
+        let mut buf = Vec::new();
+        for &(addr, len) in runs {
+            if len >= SELF_SEND_MIN {
+                let mut failure = None;
+                let r = out.write_pages_sent_by(addr, len as usize, |w| {
+                    w.flush()?;
+                    sender.send(inj, addr, len).map_err(|e| {
+                        let io = std::io::Error::other(format!("{e:#}"));
+                        failure = Some(e);
+                        io
+                    })
+                });
+                if let Some(e) = failure {
+                    return Err(e);
+                }
+                r.context("writing the image")?;
+            } else {
+                buf.resize(len as usize, 0);
+                read_remote(pid, mem, addr, &mut buf)?;
+                out.write_pages(addr, &buf).context("writing the image")?;
+            }
+        }
+        Ok(())
+    })();
+    let closed = sender.close(inj);
+    sent?;
+    closed
 }
 
 /// Streams the image's page records into the restored process. A second thread reads and

@@ -135,6 +135,28 @@ impl<W: Write> ImageWriter<W> {
         Ok(())
     }
 
+    /// Writes a page record of `len` bytes at `addr` whose bytes someone else puts on the
+    /// stream: `send` gets the sink after the record's header and must have exactly `len`
+    /// bytes reach the stream, in order (e.g. flush, then let the captured process write its
+    /// own memory to the same socket). Only without page checksums: those bytes never pass
+    /// through here.
+    pub fn write_pages_sent_by(&mut self, addr: u64, len: usize, send: impl FnOnce(&mut W) -> std::io::Result<()>) -> Result<()> {
+        if self.page_checksums {
+            return Err(ImageError::Corrupt("pages written by another party need an image without page checksums".into()));
+        }
+        if len == 0 || len > MAX_PAGE_CHUNK {
+            return Err(ImageError::Corrupt(format!("pages record of {len} bytes")));
+        }
+        self.out.write_all(&(Kind::Pages as u32).to_le_bytes())?;
+        self.out.write_all(&((8 + len) as u32).to_le_bytes())?;
+        self.out.write_all(&addr.to_le_bytes())?;
+        send(&mut self.out)?;
+        self.out.write_all(&0u32.to_le_bytes())?;
+        self.page_records += 1;
+        self.page_bytes += len as u64;
+        Ok(())
+    }
+
     /// Writes the trailer and returns the sink (flushed).
     pub fn finish(mut self) -> Result<W> {
         let t = Trailer { page_records: self.page_records, page_bytes: self.page_bytes };

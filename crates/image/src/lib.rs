@@ -102,6 +102,28 @@ mod tests {
         assert!(r.process().is_err());
     }
 
+    /// A record whose bytes another party writes reads back like any other.
+    #[test]
+    fn pages_sent_by_another_writer() {
+        use std::io::Write;
+        let (h, p) = sample();
+        let mut w = ImageWriter::new(Vec::new(), &h).unwrap();
+        assert!(w.write_pages_sent_by(0x1000, 4096, |_| Ok(())).is_err(), "accepted with checksums on");
+        let mut w = w.without_page_checksums();
+        w.write_process(&p).unwrap();
+        w.write_pages_sent_by(0x2000, 4096, |out| out.write_all(&[9; 4096])).unwrap();
+        w.write_pages(0x4000, &[8; 4096]).unwrap();
+        let bytes = w.finish().unwrap();
+        let (mut r, _) = ImageReader::new(&bytes[..]).unwrap();
+        r.skip_page_checksums();
+        r.process().unwrap();
+        let a = r.next_pages().unwrap().map(|run| (run.addr, run.data.to_vec())).unwrap();
+        assert_eq!((a.0, a.1.len(), a.1[4095]), (0x2000, 4096, 9));
+        let b = r.next_pages().unwrap().map(|run| (run.addr, run.data[0])).unwrap();
+        assert_eq!(b, (0x4000, 8));
+        assert!(r.next_pages().unwrap().is_none());
+    }
+
     #[test]
     fn huge_length_is_refused_without_allocating() {
         let mut bytes = encode(&[]);

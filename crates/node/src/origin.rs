@@ -162,7 +162,14 @@ fn send_away(
     }
     ch.set_recv_timeout(Some(Duration::from_secs(60)));
     let t_accepted = std::time::Instant::now();
-    let opts = telefork_engine::DumpOptions { leave_running: false, inherit_stdio: true, skip_page_checksums: true };
+    let opts = telefork_engine::DumpOptions {
+        leave_running: false,
+        inherit_stdio: true,
+        // TLS authenticates every byte; the plain transport is trusted by configuration.
+        skip_page_checksums: true,
+        // Plain: the frozen process writes its own memory onto the socket.
+        self_send_socket: plain_image.then(|| ch.raw_fd()),
+    };
     let mut started = None;
     let mut t_sent = t_accepted;
     // The capture streams into the connection; the local copy dies only after the
