@@ -113,7 +113,7 @@ fn carries_pages(vma: &Vma) -> bool {
 }
 
 /// Bytes of memory per page record (and per read of the process's memory).
-const CHUNK: u64 = 8 << 20;
+const CHUNK: u64 = 1 << 20;
 /// Buffers in flight between the thread that reads memory and the one that writes records.
 const BUFFERS: usize = 3;
 /// Up to this many bytes of pages, capture reads and writes them in one thread.
