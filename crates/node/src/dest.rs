@@ -90,8 +90,8 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
         raw.set_read_timeout(None).ok();
         r
     } else {
-        let limited = LimitedReader { inner: &ch, left: max };
-        telefork_engine::restore(std::io::BufReader::with_capacity(1 << 20, limited), &opts)
+        // (No buffer in between: the channel keeps the opened records itself.)
+        telefork_engine::restore(LimitedReader { inner: &ch, left: max }, &opts)
     };
     let restored = match restored {
         Ok(r) => r,
