@@ -21,10 +21,11 @@ use telefork_image::{Header, ImageWriter, ProcessImage};
 
 use crate::arch::native as arch;
 use crate::inject::Injector;
+use crate::self_send::PageRoute;
 use crate::{creds, fds, mem, misc, mm, procfs, ptrace, signals, threads};
 
-#[derive(Debug, Clone, Default)]
-pub struct DumpOptions {
+#[derive(Default)]
+pub struct DumpOptions<'a> {
     /// Let the process run on after the image is written, instead of killing it.
     pub leave_running: bool,
     /// Record fds 0/1/2 as inherited from whoever restores (telefork's relayed stdio),
@@ -33,10 +34,9 @@ pub struct DumpOptions {
     /// Page records without CRCs, for a connection that protects or is trusted to carry
     /// every byte intact (see `ImageWriter::without_page_checksums`); never for a file.
     pub skip_page_checksums: bool,
-    /// The image goes unencrypted onto this socket (`out` ends there too): let the process
-    /// write its own big runs of memory into it (see `self_send`). Needs
-    /// `skip_page_checksums`.
-    pub self_send_socket: Option<std::os::fd::RawFd>,
+    /// Let the process hand over its own big runs of memory this way (see `self_send`).
+    /// Needs `skip_page_checksums` (the bytes never pass through here).
+    pub page_route: Option<PageRoute<'a>>,
 }
 
 #[derive(Debug, Clone)]
@@ -55,7 +55,7 @@ pub const ALL_SIGNALS_BLOCKED: u64 = !((1 << 8) | (1 << 18));
 /// Captures process `pid` into `out`. `commit` receives the writer once the whole image is in
 /// it and must make it durable; only if it succeeds is the process killed (or, with
 /// `leave_running`, resumed).
-pub fn dump<W: Write>(pid: Pid, out: W, opts: &DumpOptions, commit: impl FnOnce(W) -> Result<()>) -> Result<DumpSummary> {
+pub fn dump<W: Write + Send>(pid: Pid, out: W, opts: &DumpOptions, commit: impl FnOnce(W) -> Result<()>) -> Result<DumpSummary> {
     let tids = procfs::list_threads(pid).with_context(|| format!("process {pid} does not exist or cannot be read"))?;
     if tids.len() != 1 {
         bail!("process {pid} has {} threads; only single-threaded processes can be captured so far", tids.len());
@@ -107,7 +107,7 @@ impl Frozen {
     }
 }
 
-fn capture_frozen<W: Write>(f: &Frozen, out: W, opts: &DumpOptions) -> Result<(W, DumpSummary)> {
+fn capture_frozen<W: Write + Send>(f: &Frozen, out: W, opts: &DumpOptions) -> Result<(W, DumpSummary)> {
     let pid = f.pid;
     let mut tl = crate::timeline::Timeline::new();
     let cpu = arch::capture(pid, &f.regs)?;
@@ -175,8 +175,8 @@ fn capture_frozen<W: Write>(f: &Frozen, out: W, opts: &DumpOptions) -> Result<(W
         w = w.without_page_checksums();
     }
     w.write_process(&image).context("writing the process record")?;
-    let self_send = opts.self_send_socket.filter(|_| opts.skip_page_checksums).map(|sock| (&mut inj, sock));
-    let page_bytes = mem::write_pages(pid, &image.vmas, &mut w, self_send)?;
+    let route = opts.page_route.as_ref().filter(|_| opts.skip_page_checksums).map(|r| (&mut inj, r));
+    let page_bytes = mem::write_pages(pid, &image.vmas, &mut w, route)?;
     let out = w.finish().context("finishing the image")?;
     tl.mark("pages");
     tl.report("capture");

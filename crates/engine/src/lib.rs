@@ -25,4 +25,5 @@ pub mod timeline;
 pub mod uffd;
 
 pub use capture::{dump, DumpOptions, DumpSummary};
+pub use self_send::PageRoute;
 pub use restore::{restore, RestoreOptions, Restored};

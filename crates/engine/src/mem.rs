@@ -20,7 +20,7 @@ use telefork_image::{FileId, ImageWriter, SpecialMap, Vma, VmaKind};
 
 use crate::inject::{Call, Injector};
 use crate::procfs::MapsEntry;
-use crate::self_send::SelfSender;
+use crate::self_send::{PageRoute, SelfSender};
 use crate::uffd::RemoteUffd;
 
 pub const PAGE: u64 = 4096;
@@ -272,16 +272,19 @@ fn read_remote(pid: Pid, mem: &std::fs::File, addr: u64, buf: &mut [u8]) -> Resu
 /// A second thread reads the process's memory while this one writes (encrypts, sends) the
 /// previous chunk. Returns the number of bytes written.
 ///
-/// With `self_send` (the injector of the stopped process and the socket the image goes to,
-/// unencrypted), a big image's large runs are written by the process itself (`self_send`
-/// module): each byte is copied once, from its pages into the socket.
-pub fn write_pages<W: std::io::Write>(pid: Pid, vmas: &[Vma], out: &mut ImageWriter<W>, self_send: Option<(&mut Injector, std::os::fd::RawFd)>) -> Result<u64> {
+/// With a `route` (and the injector of the stopped process), a big image's large runs are
+/// handed over by the process itself (`self_send` module) instead of being read here.
+pub fn write_pages<W: std::io::Write + Send>(pid: Pid, vmas: &[Vma], out: &mut ImageWriter<W>, route: Option<(&mut Injector, &PageRoute)>) -> Result<u64> {
     let runs = travelling_runs(pid, vmas)?;
     let mem = std::fs::File::open(format!("/proc/{pid}/mem")).with_context(|| format!("opening /proc/{pid}/mem"))?;
     let total: u64 = runs.iter().map(|(_, len)| len).sum();
-    if let Some((inj, sock)) = self_send {
+    if let Some((inj, route)) = route {
         if total > INLINE_MAX {
-            return write_pages_self_sent(pid, &mem, &runs, out, inj, sock).map(|()| total);
+            return match route {
+                PageRoute::Socket(sock) => write_pages_self_sent(pid, &mem, &runs, out, inj, *sock),
+                PageRoute::Pipe(forward) => write_pages_spliced(pid, &mem, &runs, out, inj, *forward),
+            }
+            .map(|()| total);
         }
     }
     if total <= INLINE_MAX {
@@ -336,7 +339,7 @@ fn write_pages_self_sent<W: std::io::Write>(
     inj: &mut Injector,
     sock: std::os::fd::RawFd,
 ) -> Result<()> {
-    let sender = SelfSender::open(inj, sock)?;
+    let sender = SelfSender::open_socket(inj, sock)?;
     let sent = (|| -> Result<()> {
         let mut buf = Vec::new();
         for &(addr, len) in runs {
@@ -365,6 +368,82 @@ fn write_pages_self_sent<W: std::io::Write>(
     let closed = sender.close(inj);
     sent?;
     closed
+}
+
+/// Runs handed over per injected vmsplice.
+const SPLICE_BATCH: usize = 64;
+
+/// A page record for the writer thread of `write_pages_spliced`.
+enum Record {
+    /// `len` bytes at `addr`, coming through the pipe.
+    Spliced(u64, u64),
+    /// Bytes read here (small runs).
+    Read(u64, Vec<u8>),
+}
+
+/// The pipe route: this (tracer) thread has the process vmsplice its big runs into a pipe,
+/// in order, and reads the small ones itself; a writer thread writes the records, taking each
+/// big run's bytes from the pipe with `forward`.
+fn write_pages_spliced<W: std::io::Write + Send>(
+    pid: Pid,
+    mem: &std::fs::File,
+    runs: &[(u64, u64)],
+    out: &mut ImageWriter<W>,
+    inj: &mut Injector,
+    forward: &(dyn Fn(std::os::fd::RawFd, usize) -> std::io::Result<()> + Sync),
+) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let (sender, pipe) = SelfSender::open_pipe(inj)?;
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Record>(256);
+        let writer = scope.spawn(move || -> Result<()> {
+            // (Dropping the read end on failure makes the process's vmsplice fail: EPIPE.)
+            let pipe = pipe;
+            for rec in rx {
+                match rec {
+                    Record::Spliced(addr, len) => out
+                        .write_pages_sent_by(addr, len as usize, |w| {
+                            w.flush()?;
+                            forward(pipe.as_raw_fd(), len as usize)
+                        })
+                        .with_context(|| format!("sending memory {addr:#x}-{:#x}", addr + len))?,
+                    Record::Read(addr, buf) => out.write_pages(addr, &buf).context("writing the image")?,
+                }
+            }
+            Ok(())
+        });
+        let handed = (|| -> Result<()> {
+            // Big runs go in batches: one injected vmsplice each.
+            let mut batch: Vec<(u64, u64)> = Vec::with_capacity(SPLICE_BATCH);
+            for (i, &(addr, len)) in runs.iter().enumerate() {
+                if len >= SELF_SEND_MIN {
+                    if tx.send(Record::Spliced(addr, len)).is_err() {
+                        return Ok(()); // the writer stopped: its error says why
+                    }
+                    batch.push((addr, len));
+                    let next_is_big = runs.get(i + 1).is_some_and(|&(_, l)| l >= SELF_SEND_MIN);
+                    if batch.len() == SPLICE_BATCH || !next_is_big {
+                        sender.send_runs(inj, &batch)?;
+                        batch.clear();
+                    }
+                } else {
+                    let mut buf = vec![0u8; len as usize];
+                    read_remote(pid, mem, addr, &mut buf)?;
+                    if tx.send(Record::Read(addr, buf)).is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            Ok(())
+        })();
+        drop(tx);
+        // The process closes its end now: a writer still waiting for bytes sees the end.
+        let closed = sender.close(inj);
+        let written = writer.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the page writer panicked")));
+        written?;
+        handed?;
+        closed
+    })
 }
 
 /// Streams the image's page records into the restored process. A second thread reads and

@@ -1,22 +1,31 @@
-//! The captured process sends its own memory: for an image that travels unencrypted on a
-//! socket, the stopped process is handed a copy of that socket and made to write its big
-//! runs of pages into it itself (injected sendto). The kernel then copies each byte once,
-//! from the process's pages into the socket — where reading them through /proc/PID/mem first
-//! would copy every byte once more, in this process. Owns only the passed fd and a page of
-//! scratch memory in the process, both gone again when the transfer ends.
+//! The captured process hands over its own memory: it is given one end of a channel and
+//! made to put its big runs of pages into it itself, so no byte is read through
+//! /proc/PID/mem first (which copies it once more, in this process, page by page).
+//!
+//! Two routes (`PageRoute`):
+//! * `Socket` — the image travels unencrypted on a socket: the process gets a copy of it and
+//!   writes its runs with injected sendto; the kernel copies each byte once, from its pages
+//!   into the socket.
+//! * `Pipe` — the image is encrypted here: the process vmsplices its runs into a pipe (the
+//!   pipe takes references to its pages, no copy), and a forwarder reads them out straight
+//!   into TLS records (`forward`). Its pages are shared copy-on-write with the parent that
+//!   forked it; references taken by vmsplice do not unshare them (pinning would).
+//!
+//! Owns only the passed fd and a page of scratch memory in the process, both gone again when
+//! the transfer ends.
 //!
 //! How the fd gets in: this process listens on a fresh abstract Unix socket; the stopped
 //! process is made to connect to it (we accept only a peer whose SO_PEERCRED is that very
-//! process), and receives the socket with SCM_RIGHTS through an injected recvmsg.
+//! process), and receives the fd with SCM_RIGHTS through an injected recvmsg.
 //!
 //! While it holds the fd, the process's owner could take a copy of it (pidfd_getfd on their
-//! own process) and write into the image stream — an image of their own making, which the
-//! destination checks like any other (owner, files opened with the owner's rights), on a
-//! transport the configuration already trusts. The TLS records around the image stay
-//! unforgeable.
+//! own process): with a socket, write into the unencrypted image stream — an image of their
+//! own making, which the destination checks like any other (owner, files opened with the
+//! owner's rights), on a transport the configuration already trusts; with a pipe, feed their
+//! own bytes to be encrypted as their own image. The TLS records stay unforgeable.
 
 use std::io::IoSlice;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener};
 use std::time::{Duration, Instant};
@@ -28,49 +37,133 @@ use crate::inject::Injector;
 
 const SCRATCH: u64 = 4096;
 
-/// A copy of the socket inside the stopped process, ready to send its pages.
+/// How a process's pages leave it (see the module text).
+pub enum PageRoute<'a> {
+    /// The process writes them onto this socket, which carries the (unencrypted) image.
+    Socket(RawFd),
+    /// The process splices them into a pipe; `forward(pipe, len)` must take exactly `len`
+    /// bytes from the pipe into the image stream (e.g. sealing them into TLS records).
+    Pipe(&'a (dyn Fn(RawFd, usize) -> std::io::Result<()> + Sync)),
+}
+
+/// A channel end inside the stopped process, ready for its pages.
 pub struct SelfSender {
     scratch: u64,
     fd: u64,
+    pipe: bool,
 }
+
+/// Bytes a pipe from the process holds (a root daemon may exceed pipe-max-size).
+const PIPE_BYTES: i32 = 4 << 20;
 
 impl SelfSender {
     /// Passes `sock` into the process `inj` controls.
-    pub fn open(inj: &mut Injector, sock: RawFd) -> Result<SelfSender> {
+    pub fn open_socket(inj: &mut Injector, sock: RawFd) -> Result<SelfSender> {
+        Self::open(inj, sock, false)
+    }
+
+    /// Makes a pipe and passes its write end into the process; returns the read end.
+    pub fn open_pipe(inj: &mut Injector) -> Result<(SelfSender, OwnedFd)> {
+        let mut ends = [0i32; 2];
+        // SAFETY: pipe2 writes two fds into `ends`; we own them from here on.
+        if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+            return Err(std::io::Error::last_os_error()).context("creating a pipe for the process's pages");
+        }
+        // SAFETY: both fds were just created and are owned by nothing else.
+        let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
+        // Bigger is better (fewer wake-ups per byte): 4 MiB, or what the system allows
+        // (fs.pipe-max-size, 1 MiB by default, unless we have CAP_SYS_RESOURCE).
+        let max = std::fs::read_to_string("/proc/sys/fs/pipe-max-size").ok().and_then(|s| s.trim().parse::<i32>().ok()).unwrap_or(1 << 20);
+        for size in [PIPE_BYTES, max.min(PIPE_BYTES)] {
+            // SAFETY: fcntl on a pipe fd we own.
+            if unsafe { libc::fcntl(write_end.as_raw_fd(), libc::F_SETPIPE_SZ, size) } >= 0 {
+                break;
+            }
+        }
+        let sender = Self::open(inj, write_end.as_raw_fd(), true)?;
+        drop(write_end); // only the process writes: when it closes its end, the reader sees the end
+        Ok((sender, read_end))
+    }
+
+    fn open(inj: &mut Injector, fd: RawFd, pipe: bool) -> Result<SelfSender> {
         let anon = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
         let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
-        let scratch = inj.syscall(libc::SYS_mmap, &[0, SCRATCH, rw, anon, u64::MAX, 0], "mapping scratch memory to pass the socket")?;
+        let scratch = inj.syscall(libc::SYS_mmap, &[0, SCRATCH, rw, anon, u64::MAX, 0], "mapping scratch memory to pass an fd")?;
         inj.set_scratch(scratch, SCRATCH);
-        let fd = match pass_fd(inj, sock) {
+        let fd = match pass_fd(inj, fd) {
             Ok(fd) => fd,
             Err(e) => {
                 let _ = inj.syscall_raw(libc::SYS_munmap, &[scratch, SCRATCH]);
                 return Err(e);
             }
         };
-        Ok(SelfSender { scratch, fd })
+        Ok(SelfSender { scratch, fd, pipe })
     }
 
-    /// Has the process send `[addr, addr + len)` of its memory, all of it.
-    pub fn send(&self, inj: &mut Injector, addr: u64, len: u64) -> Result<()> {
-        let mut done = 0u64;
-        while done < len {
-            let n = inj.syscall(
-                libc::SYS_sendto,
-                &[self.fd, addr + done, len - done, libc::MSG_NOSIGNAL as u64, 0, 0],
-                format_args!("process sending its memory {:#x}-{:#x}", addr + done, addr + len),
-            )?;
-            if n == 0 {
-                bail!("process sending its memory at {:#x}: the connection accepts nothing more", addr + done);
+    /// Has the process hand over several runs of its memory (into a pipe: one vmsplice for
+    /// all of them, so one injected call moves many megabytes), all of them, in order.
+    pub fn send_runs(&self, inj: &mut Injector, runs: &[(u64, u64)]) -> Result<()> {
+        if !self.pipe {
+            for &(a, n) in runs {
+                self.send(inj, a, n)?;
             }
-            done += n;
+            return Ok(());
+        }
+        let mut runs = runs.to_vec();
+        let mut first = 0usize;
+        while first < runs.len() {
+            inj.reset_scratch();
+            let iov: Vec<u8> = runs[first..].iter().flat_map(|&(a, n)| a.to_ne_bytes().into_iter().chain(n.to_ne_bytes())).collect();
+            let iov = inj.stage(&iov)?;
+            let (a, _) = runs[first];
+            let mut sent = inj.syscall(
+                libc::SYS_vmsplice,
+                &[self.fd, iov, (runs.len() - first) as u64, 0],
+                format_args!("process handing over its memory from {a:#x}"),
+            )?;
+            if sent == 0 {
+                bail!("process handing over its memory at {a:#x}: the pipe accepts nothing more");
+            }
+            while sent > 0 {
+                let r = &mut runs[first];
+                let k = sent.min(r.1);
+                r.0 += k;
+                r.1 -= k;
+                sent -= k;
+                if r.1 == 0 {
+                    first += 1;
+                }
+            }
         }
         Ok(())
     }
 
-    /// Closes the process's copy of the socket and unmaps the scratch page.
+    /// Has the process hand over `[addr, addr + len)` of its memory, all of it.
+    pub fn send(&self, inj: &mut Injector, addr: u64, len: u64) -> Result<()> {
+        let mut done = 0u64;
+        while done < len {
+            let (a, n) = (addr + done, len - done);
+            let what = format_args!("process handing over its memory {a:#x}-{:#x}", addr + len);
+            let sent = if self.pipe {
+                inj.reset_scratch();
+                let mut iov = a.to_ne_bytes().to_vec();
+                iov.extend_from_slice(&n.to_ne_bytes());
+                let iov = inj.stage(&iov)?;
+                inj.syscall(libc::SYS_vmsplice, &[self.fd, iov, 1, 0], what)?
+            } else {
+                inj.syscall(libc::SYS_sendto, &[self.fd, a, n, libc::MSG_NOSIGNAL as u64, 0, 0], what)?
+            };
+            if sent == 0 {
+                bail!("process handing over its memory at {a:#x}: the channel accepts nothing more");
+            }
+            done += sent;
+        }
+        Ok(())
+    }
+
+    /// Closes the process's end and unmaps the scratch page.
     pub fn close(self, inj: &mut Injector) -> Result<()> {
-        inj.syscall(libc::SYS_close, &[self.fd], "closing the process's copy of the socket")?;
+        inj.syscall(libc::SYS_close, &[self.fd], "closing the process's end of the page channel")?;
         inj.syscall(libc::SYS_munmap, &[self.scratch, SCRATCH], "unmapping scratch memory")?;
         Ok(())
     }

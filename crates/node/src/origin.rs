@@ -162,20 +162,22 @@ fn send_away(
     }
     ch.set_recv_timeout(Some(Duration::from_secs(60)));
     let t_accepted = std::time::Instant::now();
+    let forward = |pipe: std::os::fd::RawFd, len: usize| ch.send_from(pipe, len);
     let opts = telefork_engine::DumpOptions {
         leave_running: false,
         inherit_stdio: true,
         // TLS authenticates every byte; the plain transport is trusted by configuration.
         skip_page_checksums: true,
-        // Plain: the frozen process writes its own memory onto the socket.
-        self_send_socket: plain_image.then(|| ch.raw_fd()),
+        // The frozen process hands over its own memory: onto the socket (plain), or into a
+        // pipe whose bytes are read straight into TLS records.
+        page_route: Some(if plain_image { telefork_engine::PageRoute::Socket(ch.raw_fd()) } else { telefork_engine::PageRoute::Pipe(&forward) }),
     };
     let mut started = None;
     let mut t_sent = t_accepted;
     // The capture streams into the connection; the local copy dies only after the
     // destination says the process runs there.
     // The image goes inside TLS, or (plain) straight onto the TCP socket beneath it.
-    let sink: Box<dyn Write + '_> = if plain_image { Box::new(ch.raw_socket()?) } else { Box::new(&ch) };
+    let sink: Box<dyn Write + Send + '_> = if plain_image { Box::new(ch.raw_socket()?) } else { Box::new(&ch) };
     telefork_engine::dump(Pid::from_raw(child), std::io::BufWriter::with_capacity(1 << 20, sink), &opts, |mut w| {
         w.flush().context("sending the image")?;
         t_sent = std::time::Instant::now();
