@@ -269,12 +269,22 @@ impl Handshake for UnbufferedServerConnection {
     }
 }
 
-/// Length of the first whole record in `buf` (0 if it is not all there yet).
+/// Length of the first whole record in `buf` (0 if it is not all there yet). Bytes that
+/// cannot start a TLS record are all handed over at once, for rustls to refuse at once.
 fn first_record(buf: &[u8]) -> usize {
+    if let Some(&t) = buf.first() {
+        if !(20..=23).contains(&t) || buf.get(1).is_some_and(|&v| v != 3) {
+            return buf.len();
+        }
+    }
     if buf.len() < HEADER {
         return 0;
     }
-    let end = HEADER + u16::from_be_bytes([buf[3], buf[4]]) as usize;
+    let len = u16::from_be_bytes([buf[3], buf[4]]) as usize;
+    if len > MAX_CIPHER + 2048 {
+        return buf.len();
+    }
+    let end = HEADER + len;
     if buf.len() >= end {
         end
     } else {
