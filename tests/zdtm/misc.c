@@ -1,5 +1,5 @@
-/* Misc per-process state: cwd, umask, a lowered RLIMIT_NOFILE soft limit, the comm name and
- * the nice value are the same after restore. */
+/* Misc per-process state: cwd, umask, a lowered RLIMIT_NOFILE soft limit, the comm name, the
+ * nice value and no_new_privs are the same after restore. */
 #include "zdtm.h"
 #include <limits.h>
 #include <sys/prctl.h>
@@ -27,6 +27,7 @@ int main(void)
 	CHECK(setpriority(PRIO_PROCESS, 0, nice_before + 5) == 0, "setpriority: %s", strerror(errno));
 	nice_before += 5;
 	CHECK(getcwd(cwd_before, sizeof cwd_before), "getcwd");
+	CHECK(prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0, "PR_SET_NO_NEW_PRIVS: %s", strerror(errno));
 	zdtm_ready();
 	zdtm_wait_go();
 
@@ -45,5 +46,6 @@ int main(void)
 	errno = 0;
 	nice_now = getpriority(PRIO_PROCESS, 0);
 	CHECK(errno == 0 && nice_now == nice_before, "nice is %d, was %d", nice_now, nice_before);
+	CHECK(prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) == 1, "no_new_privs was lost");
 	zdtm_pass();
 }

@@ -772,7 +772,13 @@ fn refuse_fd(kind: &str) {
     );
     assert_eq!(tracer_pid(pid), Some(0), "{name}: the target is still traced after the refused dump");
     // it carries on: go, and it checks its fds and passes
+    carries_on(&mut run);
+}
+
+/// After a refused dump: go, and the target finishes its own checks with PASS.
+fn carries_on(run: &mut Run) {
     fs::write(&run.go, b"go").unwrap();
+    let name = run.name.clone();
     let t = run.target();
     let st = t.wait_timeout(Duration::from_secs(30));
     let rep = t.report();
@@ -780,6 +786,22 @@ fn refuse_fd(kind: &str) {
         st.is_some_and(|s| s.success()) && t.stdout_lines().iter().any(|l| l == "PASS"),
         "{name}: the target did not carry on after the refused dump\n{rep}"
     );
+}
+
+/// A process under seccomp is refused (restoring it without its filters would lift its
+/// sandbox), and carries on untouched.
+#[test]
+fn refuse_seccomp() {
+    let exe = compile_c("seccomp.c", "refuse_seccomp", &[]);
+    let mut run = Run::new("refuse_seccomp", exe);
+    assert!(run.start(&[]));
+    let (st, err) = run.dump_raw(&[], DUMP_TIMEOUT);
+    assert!(!st.success(), "refuse_seccomp: telefork dump accepted a process under seccomp");
+    assert!(err.contains("seccomp"), "refuse_seccomp: the error must name seccomp; it was:\n{err}");
+    let pid = run.target_pid();
+    thread::sleep(Duration::from_millis(100));
+    assert_eq!(tracer_pid(pid), Some(0), "refuse_seccomp: the target is still traced after the refused dump");
+    carries_on(&mut run);
 }
 
 #[test]

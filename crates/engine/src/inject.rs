@@ -135,45 +135,71 @@ impl Injector {
         Ok(())
     }
 
+    /// Like `run_batch`, but a failing call is not an error: `Ok(Err((index, errno)))` says
+    /// which call failed and why (the calls before it ran, the ones after did not).
+    pub fn try_batch(&mut self, calls: &[Call]) -> Result<std::result::Result<Vec<u64>, (usize, i32)>> {
+        let mut results = Vec::with_capacity(calls.len());
+        if self.batch_code.is_none() {
+            for (i, c) in calls.iter().enumerate() {
+                let r = self.syscall_raw(c.nr, &c.args)?;
+                if (-4095..0).contains(&r) {
+                    return Ok(Err((i, -r as i32)));
+                }
+                results.push(r as u64);
+            }
+            return Ok(Ok(results));
+        }
+        // As many entries per round as fit in the scratch area left.
+        for (k, chunk) in calls.chunks(256).enumerate() {
+            match self.batch_round(chunk)? {
+                Ok(r) => results.extend(r),
+                Err((i, errno)) => return Ok(Err((k * 256 + i, errno))),
+            }
+        }
+        Ok(Ok(results))
+    }
+
     /// Runs `calls` in order inside the tracee with one ptrace round trip, stopping at the
     /// first failure, which becomes an error naming that call. Falls back to one call at a
     /// time where no batch code area was set up.
     pub fn run_batch(&mut self, calls: &[Call]) -> Result<Vec<u64>> {
-        let Some(code) = self.batch_code else {
-            return calls.iter().map(|c| self.syscall(c.nr, &c.args, &c.what)).collect();
-        };
-        let mut results = Vec::with_capacity(calls.len());
-        // As many entries per round as fit in the scratch area left.
-        for chunk in calls.chunks(256) {
-            let mut table = Vec::with_capacity(chunk.len() * 64);
-            for c in chunk {
-                table.extend_from_slice(&(c.nr as u64).to_ne_bytes());
-                for a in c.args {
-                    table.extend_from_slice(&a.to_ne_bytes());
-                }
-                table.extend_from_slice(&u64::MAX.to_ne_bytes()); // "not run"
-            }
-            let mark = self.scratch_used;
-            let table_addr = self.stage(&table)?;
-            INJECTED.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            let pid = self.pid.as_raw();
-            let regs = crate::arch::native::batch_regs(&self.base, code, table_addr, chunk.len() as u64, pid, pid);
-            ptrace::setregs(self.pid, regs)?;
-            ptrace::run_to_self_stop(self.pid)?;
-            let mut out = vec![0u8; table.len()];
-            self.read_mem(table_addr, &mut out)?;
-            self.scratch_used = mark;
-            for (i, c) in chunk.iter().enumerate() {
-                let off = i * 64 + 56;
-                let ret = i64::from_ne_bytes(out[off..off + 8].try_into().unwrap_or([0; 8]));
-                if (-4095..0).contains(&ret) {
-                    let err = std::io::Error::from_raw_os_error(-ret as i32);
-                    bail!("{}: {err}", c.what);
-                }
-                results.push(ret as u64);
-            }
+        match self.try_batch(calls)? {
+            Ok(results) => Ok(results),
+            Err((i, errno)) => bail!("{}: {}", calls[i].what, std::io::Error::from_raw_os_error(errno)),
         }
-        Ok(results)
+    }
+
+    /// One round of the batch runner over at most 256 calls.
+    fn batch_round(&mut self, chunk: &[Call]) -> Result<std::result::Result<Vec<u64>, (usize, i32)>> {
+        let code = self.batch_code.context("internal error: no batch code area")?;
+        let mut table = Vec::with_capacity(chunk.len() * 64);
+        for c in chunk {
+            table.extend_from_slice(&(c.nr as u64).to_ne_bytes());
+            for a in c.args {
+                table.extend_from_slice(&a.to_ne_bytes());
+            }
+            table.extend_from_slice(&u64::MAX.to_ne_bytes()); // "not run"
+        }
+        let mark = self.scratch_used;
+        let table_addr = self.stage(&table)?;
+        INJECTED.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let pid = self.pid.as_raw();
+        let regs = crate::arch::native::batch_regs(&self.base, code, table_addr, chunk.len() as u64, pid, pid);
+        ptrace::setregs(self.pid, regs)?;
+        ptrace::run_to_self_stop(self.pid)?;
+        let mut out = vec![0u8; table.len()];
+        self.read_mem(table_addr, &mut out)?;
+        self.scratch_used = mark;
+        let mut results = Vec::with_capacity(chunk.len());
+        for i in 0..chunk.len() {
+            let off = i * 64 + 56;
+            let ret = i64::from_ne_bytes(out[off..off + 8].try_into().unwrap_or([0; 8]));
+            if (-4095..0).contains(&ret) {
+                return Ok(Err((i, -ret as i32)));
+            }
+            results.push(ret as u64);
+        }
+        Ok(Ok(results))
     }
 
     pub fn read_mem(&self, addr: u64, buf: &mut [u8]) -> Result<()> {

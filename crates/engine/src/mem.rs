@@ -279,12 +279,21 @@ pub fn write_pages<W: std::io::Write + Send>(pid: Pid, vmas: &[Vma], out: &mut I
     let mem = std::fs::File::open(format!("/proc/{pid}/mem")).with_context(|| format!("opening /proc/{pid}/mem"))?;
     let total: u64 = runs.iter().map(|(_, len)| len).sum();
     if let Some((inj, route)) = route {
+        // (If the process cannot take the channel — a seccomp filter, its fd limit — its
+        // memory is read here as usual.)
         if total > INLINE_MAX {
-            return match route {
-                PageRoute::Socket(sock) => write_pages_self_sent(pid, &mem, &runs, out, inj, *sock),
-                PageRoute::Pipe(forward) => write_pages_spliced(pid, &mem, &runs, out, inj, *forward),
+            match route {
+                PageRoute::Socket(sock) => {
+                    if let Ok(sender) = SelfSender::open_socket(inj, *sock) {
+                        return write_pages_self_sent(pid, &mem, &runs, out, inj, sender).map(|()| total);
+                    }
+                }
+                PageRoute::Pipe(forward) => {
+                    if let Ok((sender, pipe)) = SelfSender::open_pipe(inj) {
+                        return write_pages_spliced(pid, &mem, &runs, out, inj, sender, pipe, *forward).map(|()| total);
+                    }
+                }
             }
-            .map(|()| total);
         }
     }
     if total <= INLINE_MAX {
@@ -337,9 +346,8 @@ fn write_pages_self_sent<W: std::io::Write>(
     runs: &[(u64, u64)],
     out: &mut ImageWriter<W>,
     inj: &mut Injector,
-    sock: std::os::fd::RawFd,
+    sender: SelfSender,
 ) -> Result<()> {
-    let sender = SelfSender::open_socket(inj, sock)?;
     let sent = (|| -> Result<()> {
         let mut buf = Vec::new();
         for &(addr, len) in runs {
@@ -384,16 +392,18 @@ enum Record {
 /// The pipe route: this (tracer) thread has the process vmsplice its big runs into a pipe,
 /// in order, and reads the small ones itself; a writer thread writes the records, taking each
 /// big run's bytes from the pipe with `forward`.
+#[allow(clippy::too_many_arguments)]
 fn write_pages_spliced<W: std::io::Write + Send>(
     pid: Pid,
     mem: &std::fs::File,
     runs: &[(u64, u64)],
     out: &mut ImageWriter<W>,
     inj: &mut Injector,
+    sender: SelfSender,
+    pipe: std::os::fd::OwnedFd,
     forward: &(dyn Fn(std::os::fd::RawFd, usize) -> std::io::Result<()> + Sync),
 ) -> Result<()> {
     use std::os::fd::AsRawFd;
-    let (sender, pipe) = SelfSender::open_pipe(inj)?;
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Record>(256);
         let writer = scope.spawn(move || -> Result<()> {

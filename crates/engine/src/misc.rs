@@ -11,7 +11,7 @@
 use anyhow::{bail, Context, Result};
 use nix::unistd::Pid;
 
-use crate::inject::Injector;
+use crate::inject::{Call, Injector};
 use telefork_image::{Misc, Rlimit};
 
 /// Names of the RLIMIT_* resources as /proc/PID/limits prints them, indexed by number.
@@ -76,13 +76,27 @@ pub fn capture(pid: Pid) -> Result<Misc> {
         bail!("the working directory {cwd:?} is not reachable from our root");
     }
 
-    let umask = parse_umask(&read_proc(pid, "status")?).with_context(|| format!("parsing /proc/{pid}/status"))?;
+    let status = read_proc(pid, "status")?;
+    // A seccomp filter cannot be captured yet; restoring the process without it would lift
+    // its sandbox, so it is refused.
+    match status_number(&status, "Seccomp:") {
+        Some(0) => {}
+        Some(mode) => bail!("process {pid} runs under seccomp (mode {mode}); its filters cannot be captured yet, and restoring it without them would lift its sandbox"),
+        None => bail!("no Seccomp line in /proc/{pid}/status"),
+    }
+    let no_new_privs = status_number(&status, "NoNewPrivs:").with_context(|| format!("no NoNewPrivs line in /proc/{pid}/status"))? != 0;
+    let umask = parse_umask(&status).with_context(|| format!("parsing /proc/{pid}/status"))?;
     let nice = parse_stat_nice(&read_proc(pid, "stat")?).with_context(|| format!("parsing /proc/{pid}/stat"))?;
     let pers = read_proc(pid, "personality")?;
     let personality = u64::from_str_radix(pers.trim(), 16)
         .with_context(|| format!("parsing /proc/{pid}/personality {:?}", pers.trim()))?;
     let rlimits = parse_limits(&read_proc(pid, "limits")?).with_context(|| format!("parsing /proc/{pid}/limits"))?;
-    Ok(Misc { cwd, umask, nice, personality, rlimits })
+    Ok(Misc { cwd, umask, nice, personality, rlimits, no_new_privs })
+}
+
+/// A numeric `Key:` line of /proc/PID/status.
+fn status_number(status: &str, key: &str) -> Option<u64> {
+    status.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse().ok())
 }
 
 /// The `Umask:` line of /proc/PID/status (octal).
@@ -142,32 +156,49 @@ fn parse_limit_value(w: Option<&str>, line: &str) -> Result<u64> {
 
 pub fn restore(inj: &mut Injector, m: &Misc, comm: &str) -> Result<()> {
     inj.reset_scratch();
-    let cwd = inj.stage_cstr(&m.cwd)?;
-    inj.syscall(libc::SYS_chdir, &[cwd], format!("restoring the working directory {}: chdir", m.cwd))?;
-    inj.syscall(libc::SYS_umask, &[(m.umask & 0o777) as u64], "restoring the umask")?;
     let pers = u32::try_from(m.personality).context("personality does not fit 32 bits")?;
     if pers == u32::MAX {
         bail!("personality 0xffffffff is not a valid value");
     }
-    inj.syscall(libc::SYS_personality, &[pers as u64], format!("restoring personality {pers:#x}"))?;
-    inj.syscall(
-        libc::SYS_setpriority,
-        &[libc::PRIO_PROCESS as u64, 0, m.nice as i64 as u64],
-        format!("restoring nice value {}: setpriority", m.nice),
-    )?;
-
+    for l in &m.rlimits {
+        if l.soft > l.hard {
+            bail!("{}: soft limit {} above hard limit {} in the image", rlimit_name(l.resource), l.soft, l.hard);
+        }
+    }
+    let cwd = inj.stage_cstr(&m.cwd)?;
     // The kernel keeps 15 bytes of name plus NUL.
     let mut name = [0u8; 16];
     let b = comm.as_bytes();
     let n = b.len().min(15);
     name[..n].copy_from_slice(&b[..n]);
     let name_addr = inj.stage(&name)?;
-    inj.syscall(libc::SYS_prctl, &[libc::PR_SET_NAME as u64, name_addr], format!("restoring the command name {comm:?}"))?;
-
-    for l in &m.rlimits {
-        restore_rlimit(inj, l)?;
+    // One batch (one ptrace round trip) for all of it.
+    let mut calls = vec![
+        Call::new(libc::SYS_chdir, &[cwd], format!("restoring the working directory {}: chdir", m.cwd)),
+        Call::new(libc::SYS_umask, &[(m.umask & 0o777) as u64], "restoring the umask"),
+        Call::new(libc::SYS_personality, &[pers as u64], format!("restoring personality {pers:#x}")),
+        Call::new(libc::SYS_setpriority, &[libc::PRIO_PROCESS as u64, 0, m.nice as i64 as u64], format!("restoring nice value {}: setpriority", m.nice)),
+        Call::new(libc::SYS_prctl, &[libc::PR_SET_NAME as u64, name_addr], format!("restoring the command name {comm:?}")),
+    ];
+    if m.no_new_privs {
+        calls.push(Call::new(libc::SYS_prctl, &[libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0], "restoring no_new_privs"));
     }
-    Ok(())
+    let fixed = calls.len();
+    for l in &m.rlimits {
+        let newp = inj.stage(&rlimit_bytes(l.soft, l.hard))?;
+        calls.push(Call::new(libc::SYS_prlimit64, &[0, l.resource as u64, newp, 0], format!("restoring {}: prlimit64", rlimit_name(l.resource))));
+    }
+    match inj.try_batch(&calls)? {
+        Ok(_) => Ok(()),
+        // Raising a hard limit needs CAP_SYS_RESOURCE: those limits one by one, the careful way.
+        Err((i, errno)) if i >= fixed && errno == libc::EPERM => {
+            for l in &m.rlimits[i - fixed..] {
+                restore_rlimit(inj, l)?;
+            }
+            Ok(())
+        }
+        Err((i, errno)) => bail!("{}: {}", calls[i].what, std::io::Error::from_raw_os_error(errno)),
+    }
 }
 
 fn restore_rlimit(inj: &mut Injector, l: &Rlimit) -> Result<()> {

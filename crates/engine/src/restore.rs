@@ -407,7 +407,7 @@ mod tests {
             pid: 1,
             comm: "t".into(),
             creds: Creds { uid: [uid; 4], gid: [gid; 4], groups },
-            misc: Misc { cwd: "/".into(), umask: 0, nice: 0, personality: 0, rlimits: vec![] },
+            misc: Misc { cwd: "/".into(), umask: 0, nice: 0, personality: 0, rlimits: vec![], no_new_privs: false },
             mm: MmFields {
                 start_code: 0, end_code: 0, start_data: 0, end_data: 0, start_brk: 0, brk: 0, start_stack: 0,
                 arg_start: 0, arg_end: 0, env_start: 0, env_end: 0, auxv: vec![], exe: String::new(), exe_id: None,

@@ -24,6 +24,7 @@ fn main() {
             nice: 0,
             personality: 0,
             rlimits: vec![Rlimit { resource: 7, soft: 1024, hard: 4096 }],
+            no_new_privs: false,
         },
         mm: MmFields {
             start_code: 0x40_0000,

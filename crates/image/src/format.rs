@@ -19,7 +19,7 @@ use crate::model::{Header, ProcessImage, Trailer};
 
 pub const MAGIC: [u8; 8] = *b"TELEFORK";
 /// Bumped on any incompatible change of the model or the layout.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Largest metadata record (header, process, trailer).
 pub const MAX_META_RECORD: u32 = 64 << 20;

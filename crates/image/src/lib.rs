@@ -24,7 +24,7 @@ mod tests {
             pid: 42,
             comm: "t".into(),
             creds: Creds { uid: [0; 4], gid: [0; 4], groups: vec![] },
-            misc: Misc { cwd: "/".into(), umask: 0o22, nice: 0, personality: 0, rlimits: vec![] },
+            misc: Misc { cwd: "/".into(), umask: 0o22, nice: 0, personality: 0, rlimits: vec![], no_new_privs: false },
             mm: MmFields {
                 start_code: 0, end_code: 0, start_data: 0, end_data: 0, start_brk: 0, brk: 0,
                 start_stack: 0, arg_start: 0, arg_end: 0, env_start: 0, env_end: 0,

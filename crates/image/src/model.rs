@@ -66,6 +66,8 @@ pub struct Misc {
     pub nice: i32,
     pub personality: u64,
     pub rlimits: Vec<Rlimit>,
+    /// PR_SET_NO_NEW_PRIVS was set (it can be set, never cleared).
+    pub no_new_privs: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
