@@ -1,7 +1,10 @@
 /* Misc per-process state: cwd, umask, a lowered RLIMIT_NOFILE soft limit, the comm name, the
- * nice value and no_new_privs are the same after restore. */
+ * nice value and no_new_privs are the same after restore, and the process may run on as many
+ * CPUs as before (the restorer pins itself and the process-to-be together while it works). */
+#define _GNU_SOURCE
 #include "zdtm.h"
 #include <limits.h>
+#include <sched.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -28,6 +31,8 @@ int main(void)
 	nice_before += 5;
 	CHECK(getcwd(cwd_before, sizeof cwd_before), "getcwd");
 	CHECK(prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0, "PR_SET_NO_NEW_PRIVS: %s", strerror(errno));
+	cpu_set_t cpus_before, cpus_now;
+	CHECK(sched_getaffinity(0, sizeof cpus_before, &cpus_before) == 0, "sched_getaffinity: %s", strerror(errno));
 	zdtm_ready();
 	zdtm_wait_go();
 
@@ -47,5 +52,8 @@ int main(void)
 	nice_now = getpriority(PRIO_PROCESS, 0);
 	CHECK(errno == 0 && nice_now == nice_before, "nice is %d, was %d", nice_now, nice_before);
 	CHECK(prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) == 1, "no_new_privs was lost");
+	CHECK(sched_getaffinity(0, sizeof cpus_now, &cpus_now) == 0, "sched_getaffinity: %s", strerror(errno));
+	CHECK(CPU_COUNT(&cpus_now) == CPU_COUNT(&cpus_before), "runs on %d CPUs, did on %d", CPU_COUNT(&cpus_now),
+	      CPU_COUNT(&cpus_before));
 	zdtm_pass();
 }
