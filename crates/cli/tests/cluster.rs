@@ -320,13 +320,15 @@ impl Ctx {
 // ---------------------------------------------------------------------------------------
 // The scenarios.
 
-/// 1. A child on another node: runs there, with the memory it brought; exit code comes back.
+/// 1. A child on another node: runs there, with the memory it brought (also memory nobody may
+/// read: PROT_NONE, which the process cannot hand over itself); exit code comes back.
 fn fork_to_node(c: &Ctx) {
-    let r = c.probe("node1", &["fork", "node2", "--big-mb", "64", "--exit", "7"], Duration::from_secs(60));
+    let r = c.probe("node1", &["fork", "node2", "--big-mb", "64", "--guarded-mb", "3", "--exit", "7"], Duration::from_secs(60));
     assert!(r.status.success(), "probe failed:\n{r}");
     assert_eq!(r.want("parent host"), "node1", "{r}");
     assert_eq!(r.want("host"), "node2", "the child must run on node2:\n{r}");
     assert_eq!(r.want("child sum"), r.want("sum"), "the memory the child brought differs:\n{r}");
+    assert_eq!(r.want("child guarded sum"), r.want("guarded sum"), "the PROT_NONE memory the child brought differs:\n{r}");
     let id = r.want("id");
     let pid = r.want("pid");
     assert_eq!(id, format!("node2:{pid}"), "RemoteId must name node2 and the child's PID there:\n{r}");
@@ -682,9 +684,11 @@ fn plain_transport(c: &Ctx) {
     let _back = Back(&tls);
     plain("node1").unwrap_or_else(|e| panic!("{e:#}"));
     plain("node2").unwrap_or_else(|e| panic!("{e:#}"));
-    let r = c.probe("node1", &["fork", "node2", "--big-mb", "256", "--exit", "5"], Duration::from_secs(120));
+    let r = c.probe("node1", &["fork", "node2", "--big-mb", "256", "--guarded-mb", "3", "--exit", "5"], Duration::from_secs(120));
     assert_eq!(r.want("host"), "node2", "{r}");
     assert_eq!(r.want("child sum"), r.want("sum"), "memory sent in plain differs:
+{r}");
+    assert_eq!(r.want("child guarded sum"), r.want("guarded sum"), "PROT_NONE memory sent in plain differs:
 {r}");
     assert_eq!(r.want("exit code"), "5", "{r}");
     let r = c.probe("node1", &["fork", "node3"], Duration::from_secs(60));

@@ -285,12 +285,12 @@ pub fn write_pages<W: std::io::Write + Send>(pid: Pid, vmas: &[Vma], out: &mut I
             match route {
                 PageRoute::Socket(sock) => {
                     if let Ok(sender) = SelfSender::open_socket(inj, *sock) {
-                        return write_pages_self_sent(pid, &mem, &runs, out, inj, sender).map(|()| total);
+                        return write_pages_self_sent(pid, &mem, vmas, &runs, out, inj, sender).map(|()| total);
                     }
                 }
                 PageRoute::Pipe(forward) => {
                     if let Ok((sender, pipe)) = SelfSender::open_pipe(inj) {
-                        return write_pages_spliced(pid, &mem, &runs, out, inj, sender, pipe, *forward).map(|()| total);
+                        return write_pages_spliced(pid, &mem, vmas, &runs, out, inj, sender, pipe, *forward).map(|()| total);
                     }
                 }
             }
@@ -340,9 +340,18 @@ pub fn write_pages<W: std::io::Write + Send>(pid: Pid, vmas: &[Vma], out: &mut I
 /// Runs at least this long are sent by the process itself (each costs an injected call).
 const SELF_SEND_MIN: u64 = 1 << 20;
 
+/// Whether the process itself can read `[addr, addr + len)` (its mapping is readable: a
+/// PROT_NONE mapping's pages still travel, but only /proc/PID/mem can read them) and the run
+/// is worth an injected call.
+fn self_sendable(vmas: &[Vma], addr: u64, len: u64) -> bool {
+    len >= SELF_SEND_MIN && vmas.iter().any(|v| v.start <= addr && addr + len <= v.end && v.prot & libc::PROT_READ as u32 != 0)
+}
+
+#[allow(clippy::too_many_arguments)]
 fn write_pages_self_sent<W: std::io::Write>(
     pid: Pid,
     mem: &std::fs::File,
+    vmas: &[Vma],
     runs: &[(u64, u64)],
     out: &mut ImageWriter<W>,
     inj: &mut Injector,
@@ -351,7 +360,7 @@ fn write_pages_self_sent<W: std::io::Write>(
     let sent = (|| -> Result<()> {
         let mut buf = Vec::new();
         for &(addr, len) in runs {
-            if len >= SELF_SEND_MIN {
+            if self_sendable(vmas, addr, len) {
                 let mut failure = None;
                 let r = out.write_pages_sent_by(addr, len as usize, |w| {
                     w.flush()?;
@@ -396,6 +405,7 @@ enum Record {
 fn write_pages_spliced<W: std::io::Write + Send>(
     pid: Pid,
     mem: &std::fs::File,
+    vmas: &[Vma],
     runs: &[(u64, u64)],
     out: &mut ImageWriter<W>,
     inj: &mut Injector,
@@ -420,18 +430,24 @@ fn write_pages_spliced<W: std::io::Write + Send>(
                     Record::Read(addr, buf) => out.write_pages(addr, &buf).context("writing the image")?,
                 }
             }
+            // Exactly the process's memory came through: more would be someone else's bytes.
+            let mut extra: libc::c_int = 0;
+            // SAFETY: FIONREAD writes one c_int.
+            if unsafe { libc::ioctl(pipe.as_raw_fd(), libc::FIONREAD, &mut extra) } == 0 && extra > 0 {
+                bail!("the process's pipe held {extra} bytes beyond its memory (written by someone else)");
+            }
             Ok(())
         });
         let handed = (|| -> Result<()> {
             // Big runs go in batches: one injected vmsplice each.
             let mut batch: Vec<(u64, u64)> = Vec::with_capacity(SPLICE_BATCH);
             for (i, &(addr, len)) in runs.iter().enumerate() {
-                if len >= SELF_SEND_MIN {
+                if self_sendable(vmas, addr, len) {
                     if tx.send(Record::Spliced(addr, len)).is_err() {
                         return Ok(()); // the writer stopped: its error says why
                     }
                     batch.push((addr, len));
-                    let next_is_big = runs.get(i + 1).is_some_and(|&(_, l)| l >= SELF_SEND_MIN);
+                    let next_is_big = runs.get(i + 1).is_some_and(|&(a, l)| self_sendable(vmas, a, l));
                     if batch.len() == SPLICE_BATCH || !next_is_big {
                         sender.send_runs(inj, &batch)?;
                         batch.clear();
@@ -450,9 +466,14 @@ fn write_pages_spliced<W: std::io::Write + Send>(
         // The process closes its end now: a writer still waiting for bytes sees the end.
         let closed = sender.close(inj);
         let written = writer.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the page writer panicked")));
-        written?;
-        handed?;
-        closed
+        match (written, handed) {
+            // The process could not hand over (its error is the cause; the writer then saw
+            // its pipe end early).
+            (Err(w), Err(h)) if format!("{w:#}").contains("ended early") => Err(h),
+            (Err(w), _) => Err(w),
+            (Ok(()), Err(h)) => Err(h),
+            (Ok(()), Ok(())) => closed,
+        }
     })
 }
 

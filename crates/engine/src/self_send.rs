@@ -12,7 +12,10 @@
 //!   forked it; references taken by vmsplice do not unshare them (pinning would).
 //!
 //! Owns only the passed fd and a page of scratch memory in the process, both gone again when
-//! the transfer ends.
+//! the transfer ends. Runs in mappings the process cannot read (PROT_NONE) are read through
+//! /proc/PID/mem as before. If the pipe's reader fails, vmsplice fails with EPIPE and leaves
+//! a SIGPIPE pending (blocked) in the process; telefork discards a process whose transfer
+//! failed, so it is not consumed.
 //!
 //! How the fd gets in: this process listens on a fresh abstract Unix socket; the stopped
 //! process is made to connect to it (we accept only a peer whose SO_PEERCRED is that very
@@ -80,6 +83,10 @@ impl SelfSender {
                 break;
             }
         }
+        // Our end never blocks: the reader polls it with a timeout, so a process that stops
+        // handing over (or an owner holding a copy of the write end) cannot hang us.
+        // SAFETY: fcntl on a pipe fd we own; only its status flags change.
+        unsafe { libc::fcntl(read_end.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
         let sender = Self::open(inj, write_end.as_raw_fd(), true)?;
         drop(write_end); // only the process writes: when it closes its end, the reader sees the end
         Ok((sender, read_end))
@@ -171,7 +178,7 @@ impl SelfSender {
 
 /// Hands `sock` to the process through an abstract Unix socket; returns its fd number there.
 fn pass_fd(inj: &mut Injector, sock: RawFd) -> Result<u64> {
-    let name = format!("telefork-pass-{}-{:x}", std::process::id(), nonce());
+    let name = format!("telefork-pass-{:x}", nonce());
     let listener = UnixListener::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes())?).context("listening to pass the socket")?;
     listener.set_nonblocking(true)?;
 
@@ -180,7 +187,14 @@ fn pass_fd(inj: &mut Injector, sock: RawFd) -> Result<u64> {
     sun.push(0);
     sun.extend_from_slice(name.as_bytes());
     let sun_addr = inj.stage(&sun)?;
-    let s = inj.syscall(libc::SYS_socket, &[libc::AF_UNIX as u64, (libc::SOCK_STREAM | libc::SOCK_CLOEXEC) as u64, 0], "creating a socket in the process")?;
+    // Non-blocking: a listener whose backlog a stranger filled makes connect fail (EAGAIN)
+    // instead of sleeping with all signals blocked; the fd message is queued before recvmsg
+    // runs, so recvmsg never needs to wait either.
+    let s = inj.syscall(
+        libc::SYS_socket,
+        &[libc::AF_UNIX as u64, (libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK) as u64, 0],
+        "creating a socket in the process",
+    )?;
     let result = (|| {
         inj.syscall(libc::SYS_connect, &[s, sun_addr, sun.len() as u64], "connecting the process to us")?;
         let conn = accept_from(&listener, inj.pid().as_raw())?;
@@ -234,7 +248,7 @@ fn receive_fd(inj: &mut Injector, s: u64) -> Result<u64> {
     msg.extend_from_slice(&CONTROL.to_ne_bytes()); // msg_controllen
     msg.extend_from_slice(&0u64.to_ne_bytes()); // msg_flags + padding
     let msg = inj.stage(&msg)?;
-    let n = inj.syscall(libc::SYS_recvmsg, &[s, msg, libc::MSG_CMSG_CLOEXEC as u64], "receiving the socket in the process")?;
+    let n = inj.syscall(libc::SYS_recvmsg, &[s, msg, (libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT) as u64], "receiving the fd in the process")?;
     let mut cmsg = [0u8; CONTROL as usize];
     inj.read_mem(control, &mut cmsg)?;
     let word = |i: usize| u64::from_ne_bytes(cmsg[i..i + 8].try_into().unwrap_or([0; 8]));
@@ -251,8 +265,16 @@ fn receive_fd(inj: &mut Injector, s: u64) -> Result<u64> {
     Ok(fd as u64)
 }
 
-/// Varies the listening name between transfers (collisions only fail a bind: the peer check,
-/// not the name, is what keeps strangers out).
+/// A random listening name (the name is visible in /proc/net/unix; the peer check, not the
+/// name, keeps strangers out — a guessed name could only fill the backlog, which fails the
+/// transfer instead of hanging it).
 fn nonce() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom writes at most b.len() bytes into b.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != 8 {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+        return t ^ (std::process::id() as u64).rotate_left(32);
+    }
+    u64::from_ne_bytes(b)
 }

@@ -295,7 +295,9 @@ fn first_record(buf: &[u8]) -> usize {
 /// Drives the handshake to completion. rustls is given one record at a time, so the records
 /// that follow the handshake stay ours. Returns the bytes received past the handshake (the
 /// start of the record stream) and any application data rustls decrypted anyway.
-fn drive<C: Handshake>(conn: &mut C, sock: &TcpStream) -> Result<(Vec<u8>, Vec<u8>)> {
+fn drive<C: Handshake>(conn: &mut C, sock: &TcpStream, timeout: Duration) -> Result<(Vec<u8>, Vec<u8>)> {
+    // The whole handshake within `timeout` (a peer trickling bytes must not hold us).
+    let deadline = Instant::now() + timeout;
     let mut incoming = vec![0u8; 32 << 10];
     let mut filled = 0usize;
     let mut outgoing = vec![0u8; 16 << 10];
@@ -352,6 +354,11 @@ fn drive<C: Handshake>(conn: &mut C, sock: &TcpStream) -> Result<(Vec<u8>, Vec<u
                 }
                 incoming.resize(incoming.len() * 2, 0);
             }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!("TLS handshake failed: not done within {timeout:?}");
+            }
+            sock.set_read_timeout(Some(left)).ok();
             let n = (&*sock).read(&mut incoming[filled..]).context("TLS handshake failed: receiving")?;
             if n == 0 {
                 bail!("the peer closed the connection during the TLS handshake");
@@ -366,7 +373,7 @@ impl TlsChannel {
     pub fn client(cfg: Arc<rustls::ClientConfig>, name: ServerName<'static>, sock: TcpStream, timeout: Duration) -> Result<Self> {
         prepare(&sock, timeout);
         let mut conn = UnbufferedClientConnection::new(cfg, name).context("starting TLS")?;
-        let (rest, early) = drive(&mut conn, &sock)?;
+        let (rest, early) = drive(&mut conn, &sock, timeout)?;
         let peer = conn.peer_certs();
         let (secrets, kc) = conn.dangerous_into_kernel_connection().map_err(|e| anyhow!("TLS: taking the traffic keys: {e}"))?;
         let limit = limit_of(kc.negotiated_cipher_suite());
@@ -378,7 +385,7 @@ impl TlsChannel {
     pub fn server(cfg: Arc<rustls::ServerConfig>, sock: TcpStream, timeout: Duration) -> Result<Self> {
         prepare(&sock, timeout);
         let mut conn = UnbufferedServerConnection::new(cfg).context("starting TLS")?;
-        let (rest, early) = drive(&mut conn, &sock)?;
+        let (rest, early) = drive(&mut conn, &sock, timeout)?;
         let peer = conn.peer_certs();
         let (secrets, kc) = conn.dangerous_into_kernel_connection().map_err(|e| anyhow!("TLS: taking the traffic keys: {e}"))?;
         let limit = limit_of(kc.negotiated_cipher_suite());
@@ -507,9 +514,11 @@ impl TlsChannel {
                     left -= n;
                 }
                 // Fill every payload from the pipe.
+                let base = area.as_mut_ptr();
                 let mut iov: Vec<libc::iovec> = records
                     .iter()
-                    .map(|&(at, n)| libc::iovec { iov_base: area[at + HEADER..].as_mut_ptr().cast(), iov_len: n })
+                    // SAFETY: at + HEADER + n <= end <= area.len(): inside `area`.
+                    .map(|&(at, n)| libc::iovec { iov_base: unsafe { base.add(at + HEADER) }.cast(), iov_len: n })
                     .collect();
                 let mut first = 0usize;
                 while first < iov.len() {
@@ -518,10 +527,14 @@ impl TlsChannel {
                     let got = unsafe { libc::readv(fd, iov[first..].as_ptr(), (iov.len() - first) as libc::c_int) };
                     if got < 0 {
                         let e = io::Error::last_os_error();
-                        if e.kind() == io::ErrorKind::Interrupted {
-                            continue;
+                        match e.kind() {
+                            io::ErrorKind::Interrupted => continue,
+                            io::ErrorKind::WouldBlock => {
+                                wait_for_pipe(fd)?;
+                                continue;
+                            }
+                            _ => return Err(e),
                         }
-                        return Err(e);
                     }
                     if got == 0 {
                         return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the process's memory ended early"));
@@ -563,19 +576,34 @@ impl TlsChannel {
     /// Handles a post-handshake message: KeyUpdate switches the receiving keys (and, if the
     /// peer asks, ours); a NewSessionTicket is ignored (we never resume); anything else is an
     /// error.
-    fn on_handshake(&self, rx: &mut Rx, msg: &[u8]) -> io::Result<()> {
-        match msg {
-            [HANDSHAKE_KEY_UPDATE, 0, 0, 1, request] if *request <= 1 => {
-                let next = self.keys.lock().unwrap_or_else(|e| e.into_inner()).next_rx().map_err(|e| io::Error::other(format!("TLS: {e}")))?;
-                rx.dir = Direction::new(next, rx.dir.limit)?;
-                if *request == 1 {
-                    self.update_requested.store(true, Ordering::SeqCst);
-                }
-                Ok(())
+    /// (A record may hold several messages; a message split across records is refused —
+    /// neither we nor rustls send one.)
+    fn on_handshake(&self, rx: &mut Rx, record: &[u8]) -> io::Result<()> {
+        let mut rest = record;
+        while !rest.is_empty() {
+            if rest.len() < 4 {
+                return Err(invalid("TLS: truncated post-handshake message".into()));
             }
-            [HANDSHAKE_NEW_SESSION_TICKET, ..] => Ok(()),
-            _ => Err(invalid("TLS: unexpected post-handshake message".into())),
+            let len = u32::from_be_bytes([0, rest[1], rest[2], rest[3]]) as usize;
+            if rest.len() < 4 + len {
+                return Err(invalid("TLS: post-handshake message split across records (not supported)".into()));
+            }
+            let (msg, tail) = rest.split_at(4 + len);
+            rest = tail;
+            match msg {
+                // KeyUpdate ends its record (RFC 8446 §5.1): what follows is under new keys.
+                [HANDSHAKE_KEY_UPDATE, 0, 0, 1, request] if *request <= 1 && rest.is_empty() => {
+                    let next = self.keys.lock().unwrap_or_else(|e| e.into_inner()).next_rx().map_err(|e| io::Error::other(format!("TLS: {e}")))?;
+                    rx.dir = Direction::new(next, rx.dir.limit)?;
+                    if *request == 1 {
+                        self.update_requested.store(true, Ordering::SeqCst);
+                    }
+                }
+                [HANDSHAKE_NEW_SESSION_TICKET, ..] => {} // we never resume sessions
+                _ => return Err(invalid("TLS: unexpected post-handshake message".into())),
+            }
         }
+        Ok(())
     }
 
     fn wait_readable(&self, deadline: Option<Instant>) -> io::Result<()> {
@@ -606,7 +634,8 @@ impl TlsChannel {
 
     /// The TCP socket under the TLS session, for bytes that travel unencrypted between two
     /// TLS records (`ImageTransport::Plain`). Only while neither side has TLS data in flight:
-    /// an error if bytes beyond the last TLS record were already received.
+    /// an error if bytes beyond the last TLS record were already received. The caller must
+    /// be the only user of the channel meanwhile (no other thread reading or sending).
     pub fn raw_socket(&self) -> io::Result<&TcpStream> {
         let rx = self.rx.lock().unwrap_or_else(|e| e.into_inner());
         if rx.head != rx.tail || rx.plain.0 != rx.plain.1 || !rx.early.is_empty() {
@@ -688,6 +717,24 @@ impl Write for &TlsChannel {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// Waits (30 s at most) until the pipe `send_from` reads has bytes (or its writer is gone).
+fn wait_for_pipe(fd: std::os::fd::RawFd) -> io::Result<()> {
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    loop {
+        // SAFETY: poll reads and writes the one pollfd we pass.
+        match unsafe { libc::poll(&mut p, 1, 30_000) } {
+            0 => return Err(io::Error::new(io::ErrorKind::TimedOut, "the process stopped handing over its memory (30 s)")),
+            n if n > 0 => return Ok(()),
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
     }
 }
 

@@ -14,6 +14,10 @@
 //!   - `--exit N`          the child's exit code (default 0)
 //!   - `--big-mb N`        bring N MiB of patterned memory; parent prints `sum X` before,
 //!                         the child `child sum X` after recomputing it there
+//!   - `--guarded-mb N`    also N MiB of patterned memory made PROT_NONE before the
+//!                         telefork (present pages nobody may read); parent prints
+//!                         `guarded sum X`, the child makes it readable and prints
+//!                         `child guarded sum X`
 //!   - `--print-uid`       both print `ids uid=U gid=G groups=G1,G2` (parent: `parent ids`,
 //!                         child: `child ids`)
 //!   - `--read-stdin`      the child reads its stdin: `stdin: eof` or `stdin: N bytes`
@@ -67,6 +71,7 @@ fn out(line: &str) {
 struct ForkOpts {
     exit: i32,
     big_mb: usize,
+    guarded_mb: usize,
     print_uid: bool,
     read_stdin: bool,
     pass_stdin: bool,
@@ -79,7 +84,7 @@ struct ForkOpts {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: probe fork DEST [--exit N] [--big-mb N] [--print-uid] [--read-stdin] [--pass-stdin] [--background] [--lines N] [--interval-ms N] [--sleep-ms N] [--kill-after-ms N] [--kill-signal S] | probe remote DEST | probe yoyo DEST");
+    eprintln!("usage: probe fork DEST [--exit N] [--big-mb N] [--guarded-mb N] [--print-uid] [--read-stdin] [--pass-stdin] [--background] [--lines N] [--interval-ms N] [--sleep-ms N] [--kill-after-ms N] [--kill-signal S] | probe remote DEST | probe yoyo DEST");
     std::process::exit(2)
 }
 
@@ -91,6 +96,7 @@ fn parse_fork(args: &[String]) -> ForkOpts {
         match a.as_str() {
             "--exit" => o.exit = num() as i32,
             "--big-mb" => o.big_mb = num() as usize,
+            "--guarded-mb" => o.guarded_mb = num() as usize,
             "--print-uid" => o.print_uid = true,
             "--read-stdin" => o.read_stdin = true,
             "--pass-stdin" => o.pass_stdin = true,
@@ -106,10 +112,44 @@ fn parse_fork(args: &[String]) -> ForkOpts {
     o
 }
 
+/// `mb` MiB of patterned memory in a mapping of its own, then made PROT_NONE.
+fn guarded(mb: usize) -> (*mut u64, usize, u64) {
+    let words = mb << 17;
+    let len = words * 8;
+    // SAFETY: a fresh private anonymous mapping of `len` bytes, written only within it.
+    unsafe {
+        let p = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
+        if p == libc::MAP_FAILED {
+            out("error guarded mmap");
+            std::process::exit(1);
+        }
+        let p = p as *mut u64;
+        let v = std::slice::from_raw_parts_mut(p, words);
+        for (i, w) in v.iter_mut().enumerate() {
+            *w = (i as u64).wrapping_mul(0xD1B5_4A32_D192_ED03) ^ 0x77;
+        }
+        let sum = checksum(v);
+        libc::mprotect(p.cast(), len, libc::PROT_NONE);
+        (p, len, sum)
+    }
+}
+
+fn guarded_sum(p: *mut u64, len: usize) -> u64 {
+    // SAFETY: the mapping `guarded` made, readable again.
+    unsafe {
+        libc::mprotect(p.cast(), len, libc::PROT_READ);
+        checksum(std::slice::from_raw_parts(p, len / 8))
+    }
+}
+
 fn fork(dest: &str, o: &ForkOpts) {
     let mem = big(o.big_mb);
     if o.big_mb > 0 {
         out(&format!("sum {}", checksum(&mem)));
+    }
+    let guard = (o.guarded_mb > 0).then(|| guarded(o.guarded_mb));
+    if let Some((_, _, sum)) = guard {
+        out(&format!("guarded sum {sum}"));
     }
     if o.print_uid {
         out(&format!("parent ids {}", ids()));
@@ -124,6 +164,9 @@ fn fork(dest: &str, o: &ForkOpts) {
             out(&format!("pid {}", std::process::id()));
             if o.big_mb > 0 {
                 out(&format!("child sum {}", checksum(&mem)));
+            }
+            if let Some((p, len, _)) = guard {
+                out(&format!("child guarded sum {}", guarded_sum(p, len)));
             }
             if o.print_uid {
                 out(&format!("child ids {}", ids()));
