@@ -180,11 +180,15 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
             // in the note.
             let tf_run = gbps(tf.all("tf_pause_ns")?);
             let rt_note = round_trip_note(&gbps(tf.all("tf_rt_ns")?), &note);
+            progress(&format!("throughput {mib} MiB: fresh memory on node2, {runs} runs"));
+            let pop = run_prog("populate", node_cmd("node2", None, &[&p, "populate", &mib.to_string(), &runs.to_string()])?, None)?;
             let tls_s = gbps(tls.all("tls_ns")?);
             let tcp_s = gbps(tcp.all("tcp_ns")?);
+            let pop_s = gbps(pop.all("populate_ns")?);
             let name = format!("{mib} MiB telefork until it runs on node2 (TLS)");
             rows.push(throughput_row(name.clone(), tf_run.clone(), "raw TLS (same TLS channel)", tls_s, runs, &rt_note));
-            rows.push(throughput_row(name, tf_run, "raw TCP plaintext", tcp_s, runs, &rt_note));
+            rows.push(throughput_row(name.clone(), tf_run.clone(), "raw TCP plaintext", tcp_s, runs, &rt_note));
+            rows.push(throughput_row(name, tf_run, "fresh memory populated on node2", pop_s, runs, "the destination must at least place the memory (with as much again resident, as the parent's is)"));
             rows.push(row_ms("parent pause", format!("{mib} MiB: telefork() returns in the parent"), tf.ms("tf_pause_ns")?, "local fork() returns", tf.ms("fork_pause_ns")?, &note));
             rows.push(row_ms("", format!("{mib} MiB: telefork(background) returns"), tf.ms("tf_bg_pause_ns")?, "local fork() returns", tf.ms("fork_pause_ns")?, "Options::background"));
             let size = tf.one("rss_bytes")? / (1 << 20) as f64;

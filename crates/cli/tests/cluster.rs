@@ -667,7 +667,8 @@ fn limits(c: &Ctx) {
 }
 
 /// 12. transport.image = "plain" on node1 and node2: the memory travels unencrypted (and is
-/// received by the new process itself) and arrives intact; node3, still "tls", refuses it.
+/// written onto the socket by the frozen process itself) and arrives intact, PROT_NONE memory
+/// too (read by the daemon instead); node3, still "tls", refuses it.
 fn plain_transport(c: &Ctx) {
     let plain = |n: &str| tb::reconfigure(&c.dir, n, |cfg| cfg.transport.image = telefork_node::config::ImageTransport::Plain);
     let tls = |n: &str| tb::reconfigure(&c.dir, n, |cfg| cfg.transport.image = telefork_node::config::ImageTransport::Tls);

@@ -98,8 +98,8 @@ pub enum ImageTransport {
     /// Inside the mutual-TLS connection, like everything else.
     #[default]
     Tls,
-    /// Unencrypted on the same (authenticated) connection, received by the new process
-    /// straight into its memory: for trusted networks.
+    /// Unencrypted on the same (authenticated) connection, written onto the socket by the
+    /// frozen process itself: for trusted networks.
     Plain,
 }
 

@@ -13,6 +13,9 @@
 //!   MAP_NORESERVE reservation of RESERVE_GIB GiB if that is not 0), then per run the same
 //!   telefork and local fork pairs as `latency`. With VERIFY=1 one more, untimed, telefork
 //!   whose child checks every byte it brought.
+//! * `populate MIB RUNS` — with MIB MiB written and kept (as a teleforked parent keeps its
+//!   memory), per run MIB MiB more of fresh anonymous memory populated in bulk
+//!   (MADV_POPULATE_WRITE): `populate_ns`, the destination's share of the physical limit.
 //! * `hold MIB GOFILE` — MIB MiB written, `READY`, then waits until GOFILE exists, verifies
 //!   the memory and exits 0 (3 if the memory is wrong).
 //! * `tcp-sink PORT` / `tcp-send ADDR BYTES RUNS` — raw TCP: the sender sends BYTES from a
@@ -199,6 +202,30 @@ fn main() {
             if verify != 0 {
                 one_telefork(&dest, Some(&region));
                 out("verified", 1);
+            }
+        }
+        "populate" => {
+            // The destination's share of the physical limit: fresh memory placed in bulk.
+            let mib: usize = arg(&args, 2, "MIB");
+            let runs: usize = arg(&args, 3, "RUNS");
+            // As during a telefork, the parent's MIB stay resident meanwhile (memory is one
+            // pool for all nodes of the testbed).
+            let _parent = Region::new(mib << 20, 0);
+            for _ in 0..runs {
+                let len = mib << 20;
+                // SAFETY: a fresh private anonymous mapping, unmapped below.
+                let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+                if p == libc::MAP_FAILED {
+                    die(format!("mmap of {len} bytes: {}", std::io::Error::last_os_error()));
+                }
+                let t0 = Instant::now();
+                // SAFETY: madvise on the mapping just made.
+                if unsafe { libc::madvise(p, len, 23 /* MADV_POPULATE_WRITE */) } != 0 {
+                    die(format!("MADV_POPULATE_WRITE: {}", std::io::Error::last_os_error()));
+                }
+                out("populate_ns", t0.elapsed().as_nanos());
+                // SAFETY: unmapping what we mapped.
+                unsafe { libc::munmap(p, len) };
             }
         }
         "hold" => {
