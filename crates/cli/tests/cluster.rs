@@ -699,6 +699,37 @@ fn plain_transport(c: &Ctx) {
     assert!(r.has("parent ok"), "{r}");
 }
 
+/// 13. While a parent waits on its child, its daemon connects to that child's node ahead of
+/// the next telefork: the second of two teleforks uses that connection; and when the
+/// destination has dropped it meanwhile (its idle session killed here), the telefork
+/// connects anew and still works.
+fn prepared_connections(c: &Ctx) {
+    let count = |log: &str, what: &str| log.lines().filter(|l| l.contains("now runs on node2") && l.contains(what)).count();
+    let before = count(&c.log("node1"), "(prepared connection;");
+    let r = c.probe("node1", &["twice", "node2", "300"], Duration::from_secs(60));
+    assert_eq!(r.want("first exit"), "11", "{r}");
+    assert_eq!(r.want("second exit"), "12", "{r}");
+    assert!(r.has("parent ok") && r.get("error").is_none(), "{r}");
+    let used = count(&c.log("node1"), "(prepared connection;") - before;
+    assert!(used >= 1, "the second telefork did not use the prepared connection; node1's log:\n{}", c.log("node1"));
+
+    // The prepared connection gone: kill node2's idle sessions during the pause.
+    let gone_before = c.log("node1").matches("; connecting anew").count();
+    let daemon = c.node("node2").daemon_pid;
+    let mut run = c.spawn_probe("node1", false, &["twice", "node2", "1500"], Stdio::null(), Out::Pipes);
+    run.wait_line("paused", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(500)); // (the spare connection and its preparation)
+    let idle: Vec<i32> = children(daemon).into_iter().filter(|&s| children(s).is_empty()).collect();
+    assert!(!idle.is_empty(), "no idle session on node2 to kill (was the connection prepared?)");
+    for s in &idle {
+        sigkill(*s);
+    }
+    let (_, second) = run.wait_line("second exit", Duration::from_secs(60));
+    assert_eq!(second, "second exit 12", "{}", run.snapshot());
+    let gone = c.log("node1").matches("; connecting anew").count() - gone_before;
+    assert!(gone >= 1, "node1 did not notice the prepared connection was gone:\n{}", c.log("node1"));
+}
+
 // ---------------------------------------------------------------------------------------
 
 fn can_run() -> bool {
@@ -751,6 +782,7 @@ fn telefork_across_machines() {
         ("10 daemon restart keeps children", daemon_restart_keeps_children),
         ("11 limits", limits),
         ("12 plain image transport", plain_transport),
+        ("13 connections made ahead of time", prepared_connections),
     ];
     let only = std::env::var("CLUSTER_ONLY").ok();
     let mut failed = vec![];

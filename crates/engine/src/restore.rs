@@ -317,15 +317,26 @@ fn shape<R: Read + Send>(pid: Pid, img: &ProcessImage, reader: &mut ImageReader<
         parked.push((*kind, at, e - s));
         at += e - s;
     }
-    let unmaps: Vec<Call> = procfs::read_maps(pid)?
-        .into_iter()
-        .filter(|m| {
-            let ours = (m.start >= control && m.end <= control + CONTROL_LEN) || (m.start >= parking && m.end <= at);
-            !ours && m.name != "[vsyscall]"
-        })
-        .map(|m| Call::new(libc::SYS_munmap, &[m.start, m.end - m.start], format!("unmapping {:#x}-{:#x} of the fork", m.start, m.end)))
-        .collect();
+    // Everything but the control and parking areas, in as few calls as there are gaps
+    // between them (munmap takes holes and many mappings in one range).
+    const TASK_SIZE: u64 = 0x7fff_ffff_f000;
+    let mut keep = [(control, control + CONTROL_LEN), (parking, at.max(parking + PAGE))];
+    keep.sort_unstable();
+    let mut unmaps = Vec::new();
+    let mut from = 0u64;
+    for (s, e) in keep.into_iter().chain([(TASK_SIZE, TASK_SIZE)]) {
+        if s > from {
+            unmaps.push(Call::new(libc::SYS_munmap, &[from, s - from], format!("unmapping {from:#x}-{s:#x} of the fork")));
+        }
+        from = from.max(e);
+    }
     inj.run_batch(&unmaps)?;
+    if let Some(m) = procfs::read_maps(pid)?.into_iter().find(|m| {
+        let ours = (m.start >= control && m.end <= control + CONTROL_LEN) || (m.start >= parking && m.end <= at);
+        !ours && m.name != "[vsyscall]"
+    }) {
+        bail!("mapping {:#x}-{:#x} ({}) of the fork survived emptying it", m.start, m.end, m.name);
+    }
 
     // 4. Shape it.
     for (kind, at, len) in &parked {

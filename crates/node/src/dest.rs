@@ -32,7 +32,14 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
         }
     };
     let origin = check_peer_name(&ch, None)?;
-    let offer: ToDest = ch.expect("an offer")?;
+    // An origin may connect ahead of its telefork (a prepared connection): wait a while for
+    // the offer, and leave quietly if it never comes.
+    ch.set_recv_timeout(Some(Duration::from_secs(40)));
+    let offer: ToDest = match ch.recv() {
+        Ok(Some(o)) => o,
+        Ok(None) | Err(_) => return Ok(()),
+    };
+    ch.set_recv_timeout(Some(HANDSHAKE_TIMEOUT));
     let ToDest::Offer { user, origin: claimed, image_bytes, pass_stdin, plain_image } = offer else {
         bail!("node {origin} sent something other than an offer");
     };

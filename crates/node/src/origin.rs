@@ -28,11 +28,21 @@ use crate::proto::{self, FromDaemon, FromDest, LocalCommand, LocalRequest, ToDes
 
 pub fn serve(shared: &Shared, mut sock: UnixStream) -> Result<()> {
     let cred = getsockopt(&sock, PeerCredentials).context("SO_PEERCRED")?;
-    let Some((req, fds)) = recv_first(&sock)? else {
+    let Some((mut req, mut fds)) = recv_first(&sock)? else {
         return Ok(()); // connected and left (a liveness probe): nothing to do
     };
+    // A spare connection says where the next telefork will likely go: connect there now.
+    let mut prepared = None;
+    if let LocalRequest::Prepare { dest } = &req {
+        prepared = prepare(shared, dest);
+        let Some(next) = recv_first(&sock)? else {
+            return Ok(()); // not used after all (the prepared connection just closes)
+        };
+        (req, fds) = next;
+    }
     match req {
         LocalRequest::WhoAmI => proto::write_frame(&mut sock, &FromDaemon::Node { name: shared.cfg.node.clone() }),
+        LocalRequest::Prepare { .. } => Ok(()), // (only first; a second one ends the session)
         LocalRequest::Report { value } => {
             let r = store_report(shared, Some(cred.pid()), &value);
             let reply = match &r {
@@ -47,7 +57,7 @@ pub fn serve(shared: &Shared, mut sock: UnixStream) -> Result<()> {
             let accepted = |node: &str| {
                 let _ = proto::write_frame(&mut to_program, &FromDaemon::Accepted { node: node.to_string() });
             };
-            match send_away(shared, Some(cred.pid()), &user, child_pid, &dest, pass_stdin, accepted) {
+            match send_away(shared, Some(cred.pid()), &user, child_pid, &dest, pass_stdin, prepared, accepted) {
                 Ok((ch, node, pid)) => {
                     proto::write_frame(&mut sock, &FromDaemon::Started { node: node.clone(), pid })?;
                     relay(ch, sock, fds, pass_stdin)
@@ -124,7 +134,42 @@ fn status_field(pid: i32, key: &str) -> Result<i64> {
         .with_context(|| format!("no {key} in /proc/{pid}/status"))
 }
 
+/// A connection made ahead of time: (node name, channel).
+type Prepared = (String, TlsChannel);
+
+/// Connects to `dest` and completes the TLS handshake now, for a telefork that may follow.
+fn prepare(shared: &Shared, dest: &str) -> Option<Prepared> {
+    let (name, addr) = shared.cfg.resolve(dest).ok()?;
+    let sock = connect(addr, Duration::from_secs(5)).ok()?;
+    let ch = TlsChannel::client(shared.client_tls.clone(), crate::tls::server_name(&name).ok()?, sock, crate::dest::HANDSHAKE_TIMEOUT).ok()?;
+    check_peer_name(&ch, Some(&name)).ok()?;
+    Some((name, ch))
+}
+
+/// Offers the process on `ch`; true if accepted (an error if refused).
+fn offer(ch: &TlsChannel, name: &str, offer: &ToDest) -> Result<()> {
+    ch.send(offer)?;
+    match ch.expect::<FromDest>("the destination's answer")? {
+        FromDest::Accept => Ok(()),
+        FromDest::Refused { reason } => Err(Refused(format!("node {name} refused: {reason}")).into()),
+        other => bail!("node {name} answered {other:?} to an offer"),
+    }
+}
+
+/// A destination's refusal (not worth a retry on a fresh connection).
+#[derive(Debug)]
+struct Refused(String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
 /// Checks the child, offers it to `dest`, streams it, and returns once it runs there.
+#[allow(clippy::too_many_arguments)]
 fn send_away(
     shared: &Shared,
     caller: Option<i32>,
@@ -132,6 +177,7 @@ fn send_away(
     child: i32,
     dest: &str,
     pass_stdin: bool,
+    prepared: Option<Prepared>,
     accepted: impl FnOnce(&str),
 ) -> Result<(TlsChannel, String, i32)> {
     let t0 = std::time::Instant::now();
@@ -146,20 +192,37 @@ fn send_away(
     wait_self_stopped(child)?;
     let t_stopped = std::time::Instant::now();
     let (name, addr) = shared.cfg.resolve(dest)?;
-    let sock = connect(addr, Duration::from_secs(5)).with_context(|| format!("cannot reach node {name}"))?;
-    let server_name = crate::tls::server_name(&name)?;
-    let ch = TlsChannel::client(shared.client_tls.clone(), server_name, sock, crate::dest::HANDSHAKE_TIMEOUT)
-        .with_context(|| format!("connecting to node {name} at {addr}"))?;
-    check_peer_name(&ch, Some(&name))?;
-    let t_tls = std::time::Instant::now();
     let image_bytes = status_field(child, "VmRSS").unwrap_or(0).max(0) as u64 * 1024;
     let plain_image = shared.cfg.transport.image == crate::config::ImageTransport::Plain;
-    ch.send(&ToDest::Offer { user: user.clone(), origin: shared.cfg.node.clone(), image_bytes, pass_stdin, plain_image })?;
-    match ch.expect::<FromDest>("the destination's answer")? {
-        FromDest::Accept => accepted(&name),
-        FromDest::Refused { reason } => bail!("node {name} refused: {reason}"),
-        other => bail!("node {name} answered {other:?} to an offer"),
+    let the_offer = ToDest::Offer { user: user.clone(), origin: shared.cfg.node.clone(), image_bytes, pass_stdin, plain_image };
+    // The connection made ahead of time, if it goes there and is still there (a destination
+    // drops one left unused for a while; then connect anew — nothing was sent yet).
+    let mut ch = None;
+    let mut how = "connected";
+    if let Some((pname, pch)) = prepared.filter(|(n, _)| *n == name) {
+        match offer(&pch, &pname, &the_offer) {
+            Ok(()) => {
+                ch = Some(pch);
+                how = "prepared connection";
+            }
+            Err(e) if e.downcast_ref::<Refused>().is_some() => return Err(e),
+            Err(e) => log(&format!("the connection prepared to {pname} is gone ({e:#}); connecting anew")),
+        }
     }
+    let t_tls = std::time::Instant::now();
+    let ch = match ch {
+        Some(ch) => ch,
+        None => {
+            let sock = connect(addr, Duration::from_secs(5)).with_context(|| format!("cannot reach node {name}"))?;
+            let server_name = crate::tls::server_name(&name)?;
+            let ch = TlsChannel::client(shared.client_tls.clone(), server_name, sock, crate::dest::HANDSHAKE_TIMEOUT)
+                .with_context(|| format!("connecting to node {name} at {addr}"))?;
+            check_peer_name(&ch, Some(&name))?;
+            offer(&ch, &name, &the_offer)?;
+            ch
+        }
+    };
+    accepted(&name);
     ch.set_recv_timeout(Some(Duration::from_secs(60)));
     let t_accepted = std::time::Instant::now();
     let forward = |pipe: std::os::fd::RawFd, len: usize| ch.send_from(pipe, len);
@@ -195,7 +258,7 @@ fn send_away(
     let pid = started.context("destination gave no PID")?;
     let t_end = std::time::Instant::now();
     log(&format!(
-        "process {child} of user {} now runs on {name} as {pid} (ms since request: stopped {:.2}, connected+TLS {:.2}, accepted {:.2}, image sent {:.2}, running {:.2})",
+        "process {child} of user {} now runs on {name} as {pid} ({how}; ms since request: stopped {:.2}, connected+TLS {:.2}, accepted {:.2}, image sent {:.2}, running {:.2})",
         user.uid,
         ms(t_stopped),
         ms(t_tls),

@@ -44,6 +44,10 @@ pub enum LocalRequest {
     Report { value: Vec<u8> },
     /// Which node is this?
     WhoAmI,
+    /// A telefork to `dest` is likely next on this connection (the library's spare one):
+    /// connect to it now, so that telefork does not wait for a TLS handshake. No reply; the
+    /// next request follows on the same connection.
+    Prepare { dest: String },
 }
 
 /// Later messages of a program about its remote child.

@@ -31,6 +31,9 @@
 //!   - `--sleep-ms N`      the child sleeps before exiting
 //!   - `--kill-after-ms N` the parent sends `--kill-signal` (default 15) to the child after
 //!                         N ms
+//! * `probe twice DEST PAUSE_MS` — two teleforks in a row (the second can use the connection
+//!   the daemon made ahead of time while the parent waited): `first exit N`, then `paused`,
+//!   a pause, `second exit N` (children exit 11 and 12), or `error ...`; last `parent ok`.
 //! * `probe remote DEST` — `remote host=NAME sum=X expected=Y` (a sum computed there over
 //!   memory from here).
 //! * `probe yoyo DEST` — goes to DEST, modifies state there, comes back: prints
@@ -84,7 +87,7 @@ struct ForkOpts {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: probe fork DEST [--exit N] [--big-mb N] [--guarded-mb N] [--print-uid] [--read-stdin] [--pass-stdin] [--background] [--lines N] [--interval-ms N] [--sleep-ms N] [--kill-after-ms N] [--kill-signal S] | probe remote DEST | probe yoyo DEST");
+    eprintln!("usage: probe fork DEST [--exit N] [--big-mb N] [--guarded-mb N] [--print-uid] [--read-stdin] [--pass-stdin] [--background] [--lines N] [--interval-ms N] [--sleep-ms N] [--kill-after-ms N] [--kill-signal S] | probe twice DEST PAUSE_MS | probe remote DEST | probe yoyo DEST");
     std::process::exit(2)
 }
 
@@ -246,6 +249,24 @@ fn main() {
             match telefork::remote(dest, || (hostname(), numbers.iter().sum::<u64>())) {
                 Ok((host, sum)) => out(&format!("remote host={host} sum={sum} expected={expected}")),
                 Err(e) => out(&format!("error {e}")),
+            }
+            out("parent ok");
+        }
+        "twice" => {
+            let pause: u64 = args.get(2).and_then(|v| v.parse().ok()).unwrap_or_else(|| usage());
+            for (i, what) in [(11, "first"), (12, "second")] {
+                match telefork::telefork(dest) {
+                    Ok(telefork::Fork::Child) => std::process::exit(i),
+                    Ok(telefork::Fork::Parent(mut child)) => match child.wait() {
+                        Ok(st) => out(&format!("{what} exit {}", st.code().unwrap_or(-1))),
+                        Err(e) => out(&format!("error {what}: {e}")),
+                    },
+                    Err(e) => out(&format!("error {what}: {}", e.to_string().replace('\n', " "))),
+                }
+                if i == 11 {
+                    out("paused");
+                    std::thread::sleep(Duration::from_millis(pause));
+                }
             }
             out("parent ok");
         }

@@ -126,11 +126,20 @@ fn take_connection() -> Result<UnixStream, Error> {
     connect_daemon()
 }
 
+/// Where the last telefork went: the spare connection asks the daemon to connect there ahead
+/// of time (`LocalRequest::Prepare`). Only the parent touches it, never while forking.
+static LAST_DEST: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
 fn make_spare_connection() {
     if SPARE_CONNECTION.load(Ordering::SeqCst) >= 0 {
         return;
     }
-    if let Ok(s) = connect_daemon() {
+    if let Ok(mut s) = connect_daemon() {
+        let dest = LAST_DEST.try_lock().ok().and_then(|d| d.clone());
+        if let Some(dest) = dest {
+            // Best effort: a daemon that cannot prepare just connects later.
+            let _ = proto::write_frame(&mut s, &LocalRequest::Prepare { dest });
+        }
         let fd = s.into_raw_fd();
         if SPARE_CONNECTION.compare_exchange(-1, fd, Ordering::SeqCst, Ordering::SeqCst).is_err() {
             // SAFETY: another thread stored one first; this fd is ours alone.
@@ -187,6 +196,9 @@ fn hand_over(conn: UnixStream, child: Pid, dest: &str, opts: &Options) -> Result
             WaitStatus::Stopped(_, _) => {}
             other => return Err(Error::Failed(format!("the forked child did not stop: {other:?}"))),
         }
+    }
+    if let Ok(mut last) = LAST_DEST.try_lock() {
+        *last = Some(dest.to_string());
     }
     let req = LocalRequest::Telefork { dest: dest.to_string(), child_pid: child.as_raw(), pass_stdin: opts.pass_stdin };
     let mut fds: Vec<RawFd> = vec![1, 2];
