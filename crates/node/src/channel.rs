@@ -45,9 +45,10 @@ const MAX_PLAIN: usize = 1 << 14;
 const MAX_CIPHER: usize = MAX_PLAIN + 256;
 const HEADER: usize = 5;
 const TAG: usize = 16;
-/// Records sealed per send(2): 256 KiB, small enough to stay in cache between sealing and
-/// sending.
-const RECORDS_PER_SEND: usize = 16;
+/// Records sealed per send(2): 1 MiB. Against 16 records (256 KiB) a 1 GiB telefork took
+/// 610 instead of 750 ms (fewer sends, and fewer wake-ups of a process splicing into a pipe
+/// we drain); 128 was no better.
+const RECORDS_PER_SEND: usize = 64;
 /// Received bytes buffered (and opened in place) at most.
 const RX_BUFFER: usize = 1 << 20;
 
