@@ -818,6 +818,16 @@ mod tests {
         TlsFiles { ca: dir.join(cluster::CA_CERT), cert, key }
     }
 
+    /// A cluster of node1 (server) and node2 (client), and a listener on loopback.
+    fn setup() -> (tempfile::TempDir, Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>, TcpListener, std::net::SocketAddr) {
+        let d = cluster_dir();
+        let server_cfg = crate::tls::server_config(&files(d.path(), "node1")).unwrap();
+        let client_cfg = crate::tls::client_config(&files(d.path(), "node2")).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        (d, server_cfg, client_cfg, listener, addr)
+    }
+
     /// A pseudo-random pattern (xorshift), so misplaced bytes are caught.
     fn pattern(len: usize, seed: u64) -> Vec<u8> {
         let mut x = seed | 1;
@@ -835,11 +845,7 @@ mod tests {
     /// (KeyUpdate both ways, ~10 times), then close_notify ends the stream.
     #[test]
     fn both_ways_with_key_updates() {
-        let d = cluster_dir();
-        let server_cfg = crate::tls::server_config(&files(d.path(), "node1")).unwrap();
-        let client_cfg = crate::tls::client_config(&files(d.path(), "node2")).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
+        let (_d, server_cfg, client_cfg, listener, addr) = setup();
         let up = pattern(3 << 20, 1);
         let down = pattern(3 << 20, 2);
         let (up2, down2) = (up.clone(), down.clone());
@@ -879,11 +885,7 @@ mod tests {
     /// client follows.
     #[test]
     fn a_standard_tls_peer_reads_our_records() {
-        let d = cluster_dir();
-        let server_cfg = crate::tls::server_config(&files(d.path(), "node1")).unwrap();
-        let client_cfg = crate::tls::client_config(&files(d.path(), "node2")).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
+        let (_d, server_cfg, client_cfg, listener, addr) = setup();
         let data = pattern(1 << 20, 3);
         let len = data.len();
         let server = std::thread::spawn(move || {
@@ -912,11 +914,7 @@ mod tests {
     /// between ordinary writes, across key updates; a pipe that ends early is an error.
     #[test]
     fn send_from_a_pipe() {
-        let d = cluster_dir();
-        let server_cfg = crate::tls::server_config(&files(d.path(), "node1")).unwrap();
-        let client_cfg = crate::tls::client_config(&files(d.path(), "node2")).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
+        let (_d, server_cfg, client_cfg, listener, addr) = setup();
         let data = pattern((2 << 20) + 12345, 4);
         let expect = [b"head".to_vec(), data.clone(), b"tail".to_vec()].concat();
         let server = std::thread::spawn(move || {
@@ -946,11 +944,7 @@ mod tests {
     /// A forged or damaged record is refused, naming why.
     #[test]
     fn a_forged_record_is_refused() {
-        let d = cluster_dir();
-        let server_cfg = crate::tls::server_config(&files(d.path(), "node1")).unwrap();
-        let client_cfg = crate::tls::client_config(&files(d.path(), "node2")).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
+        let (_d, server_cfg, client_cfg, listener, addr) = setup();
         let server = std::thread::spawn(move || {
             let (s, _) = listener.accept().unwrap();
             let ch = TlsChannel::server(server_cfg, s, T).unwrap();
