@@ -56,7 +56,8 @@ pub struct SelfSender {
     pipe: bool,
 }
 
-/// Bytes a pipe from the process holds (a root daemon may exceed pipe-max-size).
+/// Bytes a pipe from the process holds, if allowed (beyond fs.pipe-max-size only with
+/// CAP_SYS_RESOURCE).
 const PIPE_BYTES: i32 = 4 << 20;
 
 impl SelfSender {
