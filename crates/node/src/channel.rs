@@ -941,6 +941,54 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
     }
 
+    /// Hostile bytes after the handshake — random headers and lengths, truncated records,
+    /// valid-looking headers with garbage bodies — are errors or the end of the stream for
+    /// the reader, never a panic or a hang (a deterministic xorshift generator).
+    #[test]
+    fn hostile_records_are_errors_not_panics() {
+        let (_d, server_cfg, client_cfg, listener, addr) = setup();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut cases: Vec<Vec<u8>> = Vec::new();
+        for i in 0..60 {
+            let mut next = || {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed
+            };
+            let len = (next() % 40_000) as usize;
+            let mut v: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if i % 3 == 0 && v.len() >= 5 {
+                // a plausible header: application data, TLS 1.2 version, some length
+                let l = (next() % 17_000) as u16;
+                v[..5].copy_from_slice(&[TYPE_APPLICATION_DATA, 3, 3, (l >> 8) as u8, l as u8]);
+            }
+            cases.push(v);
+        }
+        let n = cases.len();
+        let server = std::thread::spawn(move || {
+            let mut outcomes = Vec::new();
+            for _ in 0..n {
+                let (s, _) = listener.accept().unwrap();
+                let ch = TlsChannel::server(server_cfg.clone(), s, T).unwrap();
+                ch.set_recv_timeout(Some(Duration::from_secs(5)));
+                let mut buf = vec![0u8; 1 << 16];
+                let r = (&ch).read(&mut buf);
+                outcomes.push(matches!(r, Err(_) | Ok(0)));
+            }
+            outcomes
+        });
+        for case in &cases {
+            let ch = TlsChannel::client(client_cfg.clone(), crate::tls::server_name("node1").unwrap(), TcpStream::connect(addr).unwrap(), T).unwrap();
+            let raw = ch.raw_socket().unwrap();
+            let _ = (&*raw).write_all(case);
+            let _ = raw.shutdown(std::net::Shutdown::Write);
+            drop(ch);
+        }
+        let outcomes = server.join().expect("the reader panicked");
+        assert!(outcomes.iter().all(|&ok| ok), "some hostile input was read as data: {outcomes:?}");
+    }
+
     /// A forged or damaged record is refused, naming why.
     #[test]
     fn a_forged_record_is_refused() {
