@@ -22,6 +22,9 @@ use std::time::{Duration, Instant};
 
 use telefork_testbed as tb;
 
+/// A scenario: its name and the function that runs it.
+type Scenario = (&'static str, fn(&Ctx));
+
 const PREFIX: &str = "tft-";
 const DIR: &str = "/run/telefork-testbed-ci";
 const SUBNET: &str = "10.79.0.0";
@@ -321,7 +324,7 @@ impl Ctx {
 // The scenarios.
 
 /// 1. A child on another node: runs there, with the memory it brought (also memory nobody may
-/// read: PROT_NONE, which the process cannot hand over itself); exit code comes back.
+///    read: PROT_NONE, which the process cannot hand over itself); exit code comes back.
 fn fork_to_node(c: &Ctx) {
     let r = c.probe("node1", &["fork", "node2", "--big-mb", "64", "--guarded-mb", "3", "--exit", "7"], Duration::from_secs(60));
     assert!(r.status.success(), "probe failed:\n{r}");
@@ -378,7 +381,7 @@ fn output(c: &Ctx) {
 }
 
 /// 3. The child's stdin: end-of-file at once by default, even if the parent's stdin stays
-/// open with data waiting; with `pass_stdin` it gets the parent's stdin.
+///    open with data waiting; with `pass_stdin` it gets the parent's stdin.
 fn stdin(c: &Ctx) {
     let mut run = c.spawn_probe("node1", false, &["fork", "node2", "--read-stdin"], Stdio::piped(), Out::Pipes);
     run.stdin.as_mut().unwrap().write_all(b"not for the child\n").unwrap();
@@ -522,9 +525,9 @@ fn sigkill(pid: i32) {
 }
 
 /// 8. The destination daemon and its sessions killed mid-transfer of a 1 GiB process:
-/// telefork fails in bounded time, the parent goes on, nothing is left on either node. Done
-/// twice: a plain telefork (the error comes from `telefork`), and `Options::background`
-/// (telefork returns once accepted; the error comes from `started`).
+///    telefork fails in bounded time, the parent goes on, nothing is left on either node. Done
+///    twice: a plain telefork (the error comes from `telefork`), and `Options::background`
+///    (telefork returns once accepted; the error comes from `started`).
 fn dest_killed_mid_transfer(c: &Ctx) {
     kill_dest_mid_transfer(c, false);
     kill_dest_mid_transfer(c, true);
@@ -667,8 +670,8 @@ fn limits(c: &Ctx) {
 }
 
 /// 12. transport.image = "plain" on node1 and node2: the memory travels unencrypted (and is
-/// written onto the socket by the frozen process itself) and arrives intact, PROT_NONE memory
-/// too (read by the daemon instead); node3, still "tls", refuses it.
+///     written onto the socket by the frozen process itself) and arrives intact, PROT_NONE memory
+///     too (read by the daemon instead); node3, still "tls", refuses it.
 fn plain_transport(c: &Ctx) {
     let plain = |n: &str| tb::reconfigure(&c.dir, n, |cfg| cfg.transport.image = telefork_node::config::ImageTransport::Plain);
     let tls = |n: &str| tb::reconfigure(&c.dir, n, |cfg| cfg.transport.image = telefork_node::config::ImageTransport::Tls);
@@ -700,9 +703,9 @@ fn plain_transport(c: &Ctx) {
 }
 
 /// 13. While a parent waits on its child, its daemon connects to that child's node ahead of
-/// the next telefork: the second of two teleforks uses that connection; and when the
-/// destination has dropped it meanwhile (its idle session killed here), the telefork
-/// connects anew and still works.
+///     the next telefork: the second of two teleforks uses that connection; and when the
+///     destination has dropped it meanwhile (its idle session killed here), the telefork
+///     connects anew and still works.
 fn prepared_connections(c: &Ctx) {
     let count = |log: &str, what: &str| log.lines().filter(|l| l.contains("now runs on node2") && l.contains(what)).count();
     let before = count(&c.log("node1"), "(prepared connection;");
@@ -769,7 +772,7 @@ fn telefork_across_machines() {
     let c = Ctx { dir, probe, uid, gid };
     check_access(&c);
 
-    let scenarios: &[(&str, fn(&Ctx))] = &[
+    let scenarios: &[Scenario] = &[
         ("1 telefork to another node", fork_to_node),
         ("2 output: pipes and files", output),
         ("3 stdin", stdin),

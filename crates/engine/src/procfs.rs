@@ -174,7 +174,7 @@ mod tests {
     fn stat_with_parens_in_comm() {
         let s = parse_stat("42 (a) b) S 1 42 42 0 -1 4194560 100 0 0 0 0 0 0 0 20 -5").unwrap();
         assert_eq!(s.comm, "a) b");
-        assert_eq!(s.num(3).is_err(), true); // "S" is not a number
+        assert!(s.num(3).is_err()); // "S" is not a number
         assert_eq!(s.num(4).unwrap(), 1);
         assert_eq!(s.num(19).unwrap() as i64, -5);
         assert!(s.num(99).is_err());

@@ -16,7 +16,7 @@ fn main() -> Result<(), telefork::Error> {
     // Memory the child brings with it: 64 MiB of numbers.
     let numbers: Vec<u64> = (0..8u64 << 20).collect();
     let expected: u64 = numbers.iter().sum();
-    println!("[{}] parent: {} MiB of numbers, sum {expected}; teleforking to {there}", hostname(), numbers.len() * 8 >> 20);
+    println!("[{}] parent: {} MiB of numbers, sum {expected}; teleforking to {there}", hostname(), (numbers.len() * 8) >> 20);
 
     match telefork::telefork(there)? {
         telefork::Fork::Child => {

@@ -13,24 +13,24 @@
 //!   Options:
 //!   - `--exit N`          the child's exit code (default 0)
 //!   - `--big-mb N`        bring N MiB of patterned memory; parent prints `sum X` before,
-//!                         the child `child sum X` after recomputing it there
+//!     the child `child sum X` after recomputing it there
 //!   - `--guarded-mb N`    also N MiB of patterned memory made PROT_NONE before the
-//!                         telefork (present pages nobody may read); parent prints
-//!                         `guarded sum X`, the child makes it readable and prints
-//!                         `child guarded sum X`
+//!     telefork (present pages nobody may read); parent prints
+//!     `guarded sum X`, the child makes it readable and prints
+//!     `child guarded sum X`
 //!   - `--print-uid`       both print `ids uid=U gid=G groups=G1,G2` (parent: `parent ids`,
-//!                         child: `child ids`)
+//!     child: `child ids`)
 //!   - `--read-stdin`      the child reads its stdin: `stdin: eof` or `stdin: N bytes`
 //!   - `--pass-stdin`      telefork with `Options { pass_stdin: true }`
 //!   - `--background`      telefork with `Options { background: true }`: the parent prints
-//!                         `accepted NODE` when telefork returns, then waits until the child
-//!                         runs (`id ...`, or `error started: MESSAGE`)
+//!     `accepted NODE` when telefork returns, then waits until the child
+//!     runs (`id ...`, or `error started: MESSAGE`)
 //!   - `--lines N`         the child writes `line I` for I in 0..N, even I to stdout, odd
-//!                         I to stderr
+//!     I to stderr
 //!   - `--interval-ms N`   pause between those lines
 //!   - `--sleep-ms N`      the child sleeps before exiting
 //!   - `--kill-after-ms N` the parent sends `--kill-signal` (default 15) to the child after
-//!                         N ms
+//!     N ms
 //! * `probe twice DEST PAUSE_MS` — two teleforks in a row (the second can use the connection
 //!   the daemon made ahead of time while the parent waited): `first exit N`, then `paused`,
 //!   a pause, `second exit N` (children exit 11 and 12), or `error ...`; last `parent ok`.
@@ -160,7 +160,7 @@ fn fork(dest: &str, o: &ForkOpts) {
     out(&format!("parent host {}", hostname()));
     out("teleforking");
     let t = Instant::now();
-    let r = telefork::telefork_with(dest, &telefork::Options { pass_stdin: o.pass_stdin, background: o.background, ..Default::default() });
+    let r = telefork::telefork_with(dest, &telefork::Options { pass_stdin: o.pass_stdin, background: o.background });
     match r {
         Ok(telefork::Fork::Child) => {
             out(&format!("host {}", hostname()));
