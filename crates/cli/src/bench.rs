@@ -151,17 +151,24 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
 
     // Throughput baselines: sinks on node2 (root: the TLS sink reads node2's key).
     let pki = Path::new(DIR).join("pki").display().to_string();
+    // A benchprog `tfork` run (verifying the memory once, up to 1 GiB) and a raw TCP run.
+    let tfork = |what: &str, mib: u64, runs: usize| {
+        let verify = if mib <= 1024 { "1" } else { "0" };
+        run_prog(what, node_cmd("node1", Some(USER), &[&p, "tfork", &mib.to_string(), "0", &runs.to_string(), "node2", verify])?, None)
+    };
+    let raw_tcp = |mib: u64, runs: usize| {
+        progress(&format!("throughput {mib} MiB: raw TCP, {runs} runs"));
+        run_prog("raw TCP", node_cmd("node1", None, &[&p, "tcp-send", &format!("{node2}:{TCP_PORT}"), &(mib << 20).to_string(), &runs.to_string()])?, None)
+    };
     let mut sinks = vec![];
     let res = (|| -> Result<()> {
         sinks.push(start_sink("tcp-sink", node_cmd("node2", None, &[&p, "tcp-sink", &TCP_PORT.to_string()])?)?);
         sinks.push(start_sink("tls-sink", node_cmd("node2", None, &[&p, "tls-sink", &TLS_PORT.to_string(), &pki])?)?);
         for &mib in &a.sizes_mib {
-            let runs = if mib >= 4096 { runs.min(3) } else { runs };
+            let (runs, note) = runs_for(mib, runs);
             let bytes = mib << 20;
-            let note = if runs < a.runs { format!("{runs} runs") } else { String::new() };
             progress(&format!("throughput {mib} MiB: telefork, {runs} runs"));
-            let verify = if mib <= 1024 { "1" } else { "0" };
-            let tf = run_prog(&format!("telefork {mib} MiB"), node_cmd("node1", Some(USER), &[&p, "tfork", &mib.to_string(), "0", &runs.to_string(), "node2", verify])?, None)?;
+            let tf = tfork(&format!("telefork {mib} MiB"), mib, runs)?;
             // Origin memory in a run of its own: sampling reads /proc/PID/smaps_rollup, which
             // walks the page tables of gigabytes and would slow the timed runs.
             progress(&format!("origin memory {mib} MiB: one more telefork, sampling every 5 ms"));
@@ -170,21 +177,15 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
             let sampled = run_prog(&format!("telefork {mib} MiB (sampled)"), node_cmd("node1", Some(USER), &[&p, "tfork", &mib.to_string(), "0", "1", "node2", "0"])?, Some(&pid));
             let mem = sampler.stop();
             sampled?;
-            progress(&format!("throughput {mib} MiB: raw TCP, {runs} runs"));
-            let tcp = run_prog("raw TCP", node_cmd("node1", None, &[&p, "tcp-send", &format!("{node2}:{TCP_PORT}"), &bytes.to_string(), &runs.to_string()])?, None)?;
+            let tcp = raw_tcp(mib, runs)?;
             progress(&format!("throughput {mib} MiB: raw TLS, {runs} runs"));
             let tls = run_prog("raw TLS", node_cmd("node1", None, &[&p, "tls-send", &format!("{node2}:{TLS_PORT}"), &bytes.to_string(), &runs.to_string(), &pki])?, None)?;
-            let gbps = |ns: &[f64]| ns.iter().map(|&n| bytes as f64 / n).collect::<Vec<_>>();
-            // Telefork's time is until the child runs on node2 (what the raw transfers time:
-            // until the receiver has every byte); the round trip with the child's exit is
-            // in the note.
-            let tf_run = gbps(tf.all("tf_pause_ns")?);
-            let rt_note = round_trip_note(&gbps(tf.all("tf_rt_ns")?), &note);
+            let (tf_run, rt_note) = telefork_gbps(bytes, &tf, &note)?;
             progress(&format!("throughput {mib} MiB: fresh memory on node2, {runs} runs"));
             let pop = run_prog("populate", node_cmd("node2", None, &[&p, "populate", &mib.to_string(), &runs.to_string()])?, None)?;
-            let tls_s = gbps(tls.all("tls_ns")?);
-            let tcp_s = gbps(tcp.all("tcp_ns")?);
-            let pop_s = gbps(pop.all("populate_ns")?);
+            let tls_s = gbps(bytes, tls.all("tls_ns")?);
+            let tcp_s = gbps(bytes, tcp.all("tcp_ns")?);
+            let pop_s = gbps(bytes, pop.all("populate_ns")?);
             let name = format!("{mib} MiB telefork until it runs on node2 (TLS)");
             rows.push(throughput_row(name.clone(), tf_run.clone(), "raw TLS (same TLS channel)", tls_s, runs, &rt_note));
             rows.push(throughput_row(name.clone(), tf_run.clone(), "raw TCP plaintext", tcp_s, runs, &rt_note));
@@ -223,18 +224,13 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
         }
         let plain_res = (|| -> Result<()> {
             for &mib in &a.sizes_mib {
-                let runs = if mib >= 4096 { runs.min(3) } else { runs };
+                let (runs, note) = runs_for(mib, runs);
                 let bytes = mib << 20;
-                let note = if runs < a.runs { format!("{runs} runs") } else { String::new() };
                 progress(&format!("throughput {mib} MiB: telefork with plain image transport, {runs} runs"));
-                let verify = if mib <= 1024 { "1" } else { "0" };
-                let tf = run_prog(&format!("plain telefork {mib} MiB"), node_cmd("node1", Some(USER), &[&p, "tfork", &mib.to_string(), "0", &runs.to_string(), "node2", verify])?, None)?;
-                progress(&format!("throughput {mib} MiB: raw TCP, {runs} runs"));
-                let tcp = run_prog("raw TCP", node_cmd("node1", None, &[&p, "tcp-send", &format!("{node2}:{TCP_PORT}"), &bytes.to_string(), &runs.to_string()])?, None)?;
-                let gbps = |ns: &[f64]| ns.iter().map(|&n| bytes as f64 / n).collect::<Vec<_>>();
-                let tf_run = gbps(tf.all("tf_pause_ns")?);
-                let rt_note = round_trip_note(&gbps(tf.all("tf_rt_ns")?), &note);
-                let tcp_s = gbps(tcp.all("tcp_ns")?);
+                let tf = tfork(&format!("plain telefork {mib} MiB"), mib, runs)?;
+                let tcp = raw_tcp(mib, runs)?;
+                let (tf_run, rt_note) = telefork_gbps(bytes, &tf, &note)?;
+                let tcp_s = gbps(bytes, tcp.all("tcp_ns")?);
                 rows.push(throughput_row(format!("{mib} MiB telefork until it runs on node2 (plain)"), tf_run, "raw TCP plaintext", tcp_s, runs, &rt_note));
             }
             Ok(())
@@ -257,8 +253,7 @@ fn file_measurements(a: &BenchArgs, prog: &Path, telefork_bin: &Path, rows: &mut
     std::fs::create_dir_all(IMG_DIR).with_context(|| format!("creating {IMG_DIR}"))?;
     let res = (|| -> Result<()> {
         for &mib in &a.sizes_mib {
-            let runs = if mib >= 4096 { a.runs.min(3) } else { a.runs };
-            let note = if runs < a.runs { format!("{runs} runs") } else { String::new() };
+            let (runs, note) = runs_for(mib, a.runs);
             let img = Path::new(IMG_DIR).join(format!("{mib}.img"));
             let go = Path::new(IMG_DIR).join(format!("{mib}.go"));
             let (mut dump_ms, mut read_ms, mut restore_ms) = (vec![], vec![], vec![]);
@@ -365,7 +360,7 @@ fn criu_measurements(a: &BenchArgs, prog: &Path, rows: &mut Vec<Row>) -> Result<
     let dir = Path::new(IMG_DIR).join("criu");
     let res = (|| -> Result<()> {
         for &mib in &a.sizes_mib {
-            let runs = if mib >= 4096 { a.runs.min(3) } else { a.runs };
+            let (runs, _) = runs_for(mib, a.runs);
             let (mut d, mut r) = (vec![], vec![]);
             for k in 1..=runs {
                 progress(&format!("criu dump/restore {mib} MiB: run {k}/{runs}"));
@@ -589,6 +584,26 @@ fn row_from_ms(group: &'static str, name: String, samples: Vec<f64>, bname: &str
 /// Samples VmRSS every ~5 ms: node1's origin sessions (the daemon's children and their
 /// descendants), the teleforking program (the parent) and its children (the frozen fork).
 /// A GB/s row: samples of the measurement and of its baseline, medians compared.
+/// Runs for a size (4 GiB and more: at most 3), and the note saying so when fewer than
+/// asked.
+fn runs_for(mib: u64, asked: usize) -> (usize, String) {
+    let runs = if mib >= 4096 { asked.min(3) } else { asked };
+    let note = if runs < asked { format!("{runs} runs") } else { String::new() };
+    (runs, note)
+}
+
+/// GB/s per run of moving `bytes`, from nanoseconds per run.
+fn gbps(bytes: u64, ns: &[f64]) -> Vec<f64> {
+    ns.iter().map(|&n| bytes as f64 / n).collect()
+}
+
+/// Telefork's GB/s per run, timed until the child runs on node2 (what the raw transfers
+/// time: until the receiver has every byte), and the note with the round trip (the child's
+/// exit and wait included).
+fn telefork_gbps(bytes: u64, tf: &ProgOut, note: &str) -> Result<(Vec<f64>, String)> {
+    Ok((gbps(bytes, tf.all("tf_pause_ns")?), round_trip_note(&gbps(bytes, tf.all("tf_rt_ns")?), note)))
+}
+
 /// The note of a throughput row: the round trip (telefork + the child's exit + wait) too.
 fn round_trip_note(rt_gbps: &[f64], note: &str) -> String {
     let rt = format!("round trip incl. exit+wait {:.2} GB/s", median(rt_gbps));

@@ -735,17 +735,9 @@ fn prepared_connections(c: &Ctx) {
 
 // ---------------------------------------------------------------------------------------
 
-fn can_run() -> bool {
-    let ok = nix::unistd::Uid::effective().is_root() && std::process::Command::new("ip").arg("-V").output().is_ok();
-    if !ok {
-        eprintln!("skipped: needs root and iproute2");
-    }
-    ok
-}
-
 #[test]
 fn telefork_across_machines() {
-    if !can_run() {
+    if !tb::can_run() {
         return;
     }
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_telefork"));

@@ -364,7 +364,7 @@ fn write_pages_self_sent<W: std::io::Write>(
                 let mut failure = None;
                 let r = out.write_pages_sent_by(addr, len as usize, |w| {
                     w.flush()?;
-                    sender.send(inj, addr, len).map_err(|e| {
+                    sender.send_runs(inj, &[(addr, len)]).map_err(|e| {
                         let io = std::io::Error::other(format!("{e:#}"));
                         failure = Some(e);
                         io

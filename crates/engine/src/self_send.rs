@@ -108,29 +108,25 @@ impl SelfSender {
         Ok(SelfSender { scratch, fd, pipe })
     }
 
-    /// Has the process hand over several runs of its memory (into a pipe: one vmsplice for
-    /// all of them, so one injected call moves many megabytes), all of them, in order.
+    /// Has the process hand over runs of its memory, all of them, in order: into a pipe
+    /// with one vmsplice for many runs (one injected call moves many megabytes), onto a
+    /// socket with a sendto per run.
     pub fn send_runs(&self, inj: &mut Injector, runs: &[(u64, u64)]) -> Result<()> {
-        if !self.pipe {
-            for &(a, n) in runs {
-                self.send(inj, a, n)?;
-            }
-            return Ok(());
-        }
         let mut runs = runs.to_vec();
         let mut first = 0usize;
         while first < runs.len() {
-            inj.reset_scratch();
-            let iov: Vec<u8> = runs[first..].iter().flat_map(|&(a, n)| a.to_ne_bytes().into_iter().chain(n.to_ne_bytes())).collect();
-            let iov = inj.stage(&iov)?;
-            let (a, _) = runs[first];
-            let mut sent = inj.syscall(
-                libc::SYS_vmsplice,
-                &[self.fd, iov, (runs.len() - first) as u64, 0],
-                format_args!("process handing over its memory from {a:#x}"),
-            )?;
+            let (a, n) = runs[first];
+            let what = format_args!("process handing over its memory from {a:#x}");
+            let mut sent = if self.pipe {
+                inj.reset_scratch();
+                let iov: Vec<u8> = runs[first..].iter().flat_map(|&(a, n)| a.to_ne_bytes().into_iter().chain(n.to_ne_bytes())).collect();
+                let iov = inj.stage(&iov)?;
+                inj.syscall(libc::SYS_vmsplice, &[self.fd, iov, (runs.len() - first) as u64, 0], what)?
+            } else {
+                inj.syscall(libc::SYS_sendto, &[self.fd, a, n, libc::MSG_NOSIGNAL as u64, 0, 0], what)?
+            };
             if sent == 0 {
-                bail!("process handing over its memory at {a:#x}: the pipe accepts nothing more");
+                bail!("process handing over its memory at {a:#x}: the channel accepts nothing more");
             }
             while sent > 0 {
                 let r = &mut runs[first];
@@ -142,29 +138,6 @@ impl SelfSender {
                     first += 1;
                 }
             }
-        }
-        Ok(())
-    }
-
-    /// Has the process hand over `[addr, addr + len)` of its memory, all of it.
-    pub fn send(&self, inj: &mut Injector, addr: u64, len: u64) -> Result<()> {
-        let mut done = 0u64;
-        while done < len {
-            let (a, n) = (addr + done, len - done);
-            let what = format_args!("process handing over its memory {a:#x}-{:#x}", addr + len);
-            let sent = if self.pipe {
-                inj.reset_scratch();
-                let mut iov = a.to_ne_bytes().to_vec();
-                iov.extend_from_slice(&n.to_ne_bytes());
-                let iov = inj.stage(&iov)?;
-                inj.syscall(libc::SYS_vmsplice, &[self.fd, iov, 1, 0], what)?
-            } else {
-                inj.syscall(libc::SYS_sendto, &[self.fd, a, n, libc::MSG_NOSIGNAL as u64, 0, 0], what)?
-            };
-            if sent == 0 {
-                bail!("process handing over its memory at {a:#x}: the channel accepts nothing more");
-            }
-            done += sent;
         }
         Ok(())
     }

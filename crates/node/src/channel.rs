@@ -99,12 +99,10 @@ struct Direction {
     key: LessSafeKey,
     iv: [u8; 12],
     seq: u64,
-    /// Records after which the keys must change (the cipher's confidentiality limit).
-    limit: u64,
 }
 
 impl Direction {
-    fn new((seq, secrets): (u64, ConnectionTrafficSecrets), limit: u64) -> io::Result<Direction> {
+    fn new((seq, secrets): (u64, ConnectionTrafficSecrets)) -> io::Result<Direction> {
         let (alg, key, iv) = match &secrets {
             ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&ring::aead::AES_128_GCM, key, iv),
             ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&ring::aead::AES_256_GCM, key, iv),
@@ -113,7 +111,7 @@ impl Direction {
         };
         let key = UnboundKey::new(alg, key.as_ref()).map_err(|_| io::Error::other("TLS: bad traffic key"))?;
         let iv: [u8; 12] = iv.as_ref().try_into().map_err(|_| io::Error::other("TLS: bad IV length"))?;
-        Ok(Direction { key: LessSafeKey::new(key), iv, seq, limit })
+        Ok(Direction { key: LessSafeKey::new(key), iv, seq })
     }
 
     /// The per-record nonce (RFC 8446 §5.3: the IV xor the sequence number), and the next
@@ -130,6 +128,8 @@ impl Direction {
 
 struct Tx {
     dir: Direction,
+    /// Records after which the keys must change (the cipher's confidentiality limit).
+    limit: u64,
     buf: Vec<u8>,
     /// Record slots `send_from` reads into and seals in place.
     area: Vec<u8>,
@@ -413,8 +413,8 @@ impl TlsChannel {
         }
         let mut buf = vec![0u8; RX_BUFFER].into_boxed_slice();
         buf[..rest.len()].copy_from_slice(&rest);
-        let rx = Rx { dir: Direction::new(secrets.rx, limit)?, buf, head: 0, tail: rest.len(), plain: (0, 0), early, eof: false };
-        let tx = Tx { dir: Direction::new(secrets.tx, limit)?, buf: Vec::with_capacity(RECORDS_PER_SEND * (HEADER + MAX_PLAIN + 1 + TAG)), area: Vec::new() };
+        let rx = Rx { dir: Direction::new(secrets.rx)?, buf, head: 0, tail: rest.len(), plain: (0, 0), early, eof: false };
+        let tx = Tx { dir: Direction::new(secrets.tx)?, limit, buf: Vec::with_capacity(RECORDS_PER_SEND * (HEADER + MAX_PLAIN + 1 + TAG)), area: Vec::new() };
         Ok(TlsChannel {
             sock,
             peer_certs,
@@ -426,11 +426,10 @@ impl TlsChannel {
         })
     }
 
-    /// For tests: change keys after this many records each way (normally the cipher's limit).
+    /// For tests: change sending keys after this many records (normally the cipher's limit).
     #[cfg(test)]
     fn set_key_limit(&self, records: u64) {
-        self.tx.lock().unwrap().dir.limit = records;
-        self.rx.lock().unwrap().dir.limit = records;
+        self.tx.lock().unwrap().limit = records;
     }
 
     /// The peer's certificate chain (verified during the handshake).
@@ -474,11 +473,11 @@ impl TlsChannel {
             tx.buf.clear();
             for _ in 0..RECORDS_PER_SEND {
                 let Some(piece) = pieces.next() else { break };
-                if tx.dir.seq >= tx.dir.limit || self.update_requested.swap(false, Ordering::SeqCst) {
+                if tx.dir.seq >= tx.limit || self.update_requested.swap(false, Ordering::SeqCst) {
                     // KeyUpdate (RFC 8446 §4.6.3), update_not_requested, under the old keys.
                     tx.seal(TYPE_HANDSHAKE, &[HANDSHAKE_KEY_UPDATE, 0, 0, 1, 0])?;
                     let next = self.keys.lock().unwrap_or_else(|e| e.into_inner()).next_tx().map_err(|e| io::Error::other(format!("TLS: {e}")))?;
-                    tx.dir = Direction::new(next, tx.dir.limit)?;
+                    tx.dir = Direction::new(next)?;
                 }
                 tx.seal(content_type, piece)?;
             }
@@ -501,12 +500,12 @@ impl TlsChannel {
             let mut left = len;
             while left > 0 {
                 // Keys change between batches, with margin (the limit has 1024 records of it).
-                if tx.dir.seq + RECORDS_PER_PIPE_SEND as u64 >= tx.dir.limit || self.update_requested.swap(false, Ordering::SeqCst) {
+                if tx.dir.seq + RECORDS_PER_PIPE_SEND as u64 >= tx.limit || self.update_requested.swap(false, Ordering::SeqCst) {
                     tx.buf.clear();
                     tx.seal(TYPE_HANDSHAKE, &[HANDSHAKE_KEY_UPDATE, 0, 0, 1, 0])?;
                     (&self.sock).write_all(&tx.buf)?;
                     let next = self.keys.lock().unwrap_or_else(|e| e.into_inner()).next_tx().map_err(|e| io::Error::other(format!("TLS: {e}")))?;
-                    tx.dir = Direction::new(next, tx.dir.limit)?;
+                    tx.dir = Direction::new(next)?;
                 }
                 // Lay out the batch's records back to back: header, payload, type, tag.
                 let mut records = Vec::with_capacity(RECORDS_PER_PIPE_SEND);
@@ -598,7 +597,7 @@ impl TlsChannel {
                 // KeyUpdate ends its record (RFC 8446 §5.1): what follows is under new keys.
                 [HANDSHAKE_KEY_UPDATE, 0, 0, 1, request] if *request <= 1 && rest.is_empty() => {
                     let next = self.keys.lock().unwrap_or_else(|e| e.into_inner()).next_rx().map_err(|e| io::Error::other(format!("TLS: {e}")))?;
-                    rx.dir = Direction::new(next, rx.dir.limit)?;
+                    rx.dir = Direction::new(next)?;
                     if *request == 1 {
                         self.update_requested.store(true, Ordering::SeqCst);
                     }

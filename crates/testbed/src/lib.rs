@@ -157,6 +157,16 @@ fn daemon_argv(st: &State, dir: &Path, node: &NodeState) -> Vec<String> {
 /// Brings up a testbed of `opts.nodes` nodes, first removing what a previous (possibly
 /// crashed) testbed with the same `dir` and `prefix` left. On failure everything created so
 /// far stays for inspection (logs in DIR/nodeK/); `down(dir)` removes it.
+/// Whether a testbed can be made here (root, iproute2); says why not on stderr. For tests
+/// that skip themselves elsewhere.
+pub fn can_run() -> bool {
+    let ok = nix::unistd::Uid::effective().is_root() && Command::new("ip").arg("-V").output().is_ok();
+    if !ok {
+        eprintln!("skipped: needs root and iproute2");
+    }
+    ok
+}
+
 pub fn up(opts: &TestbedOptions) -> Result<Testbed> {
     if !(1..=MAX_NODES).contains(&opts.nodes) {
         bail!("testbed needs 1 to {MAX_NODES} nodes, not {}", opts.nodes);

@@ -58,17 +58,9 @@ impl Drop for Guard {
 }
 
 
-fn can_run() -> bool {
-    let ok = nix::unistd::Uid::effective().is_root() && Command::new("ip").arg("-V").output().is_ok();
-    if !ok {
-        eprintln!("skipped: needs root and iproute2");
-    }
-    ok
-}
-
 #[test]
 fn three_nodes() {
-    if !can_run() {
+    if !tb::can_run() {
         return;
     }
     // The tests share the prefix and subnet: one at a time, also across processes.
@@ -156,7 +148,7 @@ fn three_nodes() {
 /// half-built testbed.
 #[test]
 fn failing_daemon() {
-    if !can_run() {
+    if !tb::can_run() {
         return;
     }
     // The tests share the prefix and subnet: one at a time, also across processes.
