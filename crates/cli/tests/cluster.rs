@@ -722,11 +722,25 @@ fn prepared_connections(c: &Ctx) {
     let mut run = c.spawn_probe("node1", false, &["twice", "node2", "1500"], Stdio::null(), Out::Pipes);
     run.wait_line("paused", Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(500)); // (the spare connection and its preparation)
-    let idle: Vec<i32> = children(daemon).into_iter().filter(|&s| children(s).is_empty()).collect();
+    // An idle session holds only the process it prepared to restore into (stopped under
+    // its ptrace); a busy one, a restored process that runs.
+    let traced = |p: i32| proc_status_field(p, "State").is_some_and(|s| s.starts_with('t'));
+    let idle: Vec<i32> = children(daemon).into_iter().filter(|&s| children(s).into_iter().all(traced)).collect();
     assert!(!idle.is_empty(), "no idle session on node2 to kill (was the connection prepared?)");
+    let stubs: Vec<i32> = idle.iter().flat_map(|&s| children(s)).collect();
+    assert!(!stubs.is_empty(), "the idle sessions on node2 prepared no process to restore into");
     for s in &idle {
         sigkill(*s);
     }
+    // Their prepared processes die with them (PTRACE_O_EXITKILL): nothing left behind.
+    // (A dead one may stay a zombie of whoever inherited it.)
+    let alive = |p: &i32| proc_status_field(*p, "State").is_some_and(|s| !s.starts_with('Z') && !s.starts_with('X'));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stubs.iter().any(alive) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let left: Vec<String> = stubs.iter().filter(|p| alive(p)).map(|&p| describe(p)).collect();
+    assert!(left.is_empty(), "prepared processes outlived their killed sessions: {left:?}");
     let (_, second) = run.wait_line("second exit", Duration::from_secs(60));
     assert_eq!(second, "second exit 12", "{}", run.snapshot());
     let gone = c.log("node1").matches("; connecting anew").count() - gone_before;

@@ -110,6 +110,9 @@ impl Frozen {
 fn capture_frozen<W: Write + Send>(f: &Frozen, out: W, opts: &DumpOptions) -> Result<(W, DumpSummary)> {
     let pid = f.pid;
     let mut tl = crate::timeline::Timeline::new();
+    // Tracer and tracee on one CPU while calls are injected (see `pin`); the page transfer
+    // below wants both CPUs again.
+    let pin = crate::pin::CpuPin::with_tracee(pid.as_raw());
     let cpu = arch::capture(pid, &f.regs)?;
     tl.mark("cpu");
 
@@ -143,8 +146,8 @@ fn capture_frozen<W: Write + Send>(f: &Frozen, out: W, opts: &DumpOptions) -> Re
     let (mm, sigactions, shared_pending, thread) = inside?;
     tl.mark("from inside");
 
-    // Look from outside (after the scratch page is gone again).
-    let maps = procfs::read_maps(pid)?;
+    // Look from outside. (The scratch area is gone again: the maps read before it was
+    // made are the process's.)
     let vmas = mem::capture_vmas(pid, &maps)?;
     tl.mark("maps");
     let stat = procfs::read_stat(pid)?;
@@ -169,6 +172,7 @@ fn capture_frozen<W: Write + Send>(f: &Frozen, out: W, opts: &DumpOptions) -> Re
         hostname: nix::sys::utsname::uname().map(|u| u.nodename().to_string_lossy().into_owned()).unwrap_or_default(),
     };
 
+    pin.release();
     tl.mark("creds, misc, fds");
     let mut w = ImageWriter::new(out, &header).context("writing the image header")?;
     if opts.skip_page_checksums {

@@ -29,6 +29,9 @@ use crate::ptrace::{self, Regs};
 
 /// How many system calls were injected by this process (for `TELEFORK_DEBUG` statistics).
 pub static INJECTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// How many times this process let a tracee run and waited for it to stop again (one per
+/// single injected call, one per batch round).
+pub static ROUND_TRIPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Room the batch runner's code needs.
 pub const BATCH_CODE_MAX: usize = 256;
@@ -93,6 +96,7 @@ impl Injector {
     /// failure).
     pub fn syscall_raw(&mut self, nr: libc::c_long, args: &[u64]) -> Result<i64> {
         INJECTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ROUND_TRIPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         debug_assert!(args.len() <= 6);
         let mut a = [0u64; 6];
         a[..args.len()].copy_from_slice(args);
@@ -183,6 +187,7 @@ impl Injector {
         let mark = self.scratch_used;
         let table_addr = self.stage(&table)?;
         INJECTED.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        ROUND_TRIPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let pid = self.pid.as_raw();
         let regs = crate::arch::native::batch_regs(&self.base, code, table_addr, chunk.len() as u64, pid, pid);
         ptrace::setregs(self.pid, regs)?;

@@ -34,6 +34,9 @@ const PM_FILE: u64 = 1 << 61;
 pub fn capture_vmas(pid: Pid, maps: &[MapsEntry]) -> Result<Vec<Vma>> {
     let vmflags = crate::procfs::read_vmflags(pid)?;
     let mut vmas = Vec::with_capacity(maps.len());
+    // A library is mapped four or five times: stat it once (by the device and inode maps
+    // names, and the path).
+    let mut files: Vec<(&str, u64, &str, FileId)> = Vec::new();
     for m in maps {
         let prot = (m.read as u32 * libc::PROT_READ as u32)
             | (m.write as u32 * libc::PROT_WRITE as u32)
@@ -53,7 +56,14 @@ pub fn capture_vmas(pid: Pid, maps: &[MapsEntry]) -> Result<Vec<Vma>> {
             n if n.starts_with("/SYSV") || n.starts_with("/memfd:") => {
                 bail!("mapping {:#x}-{:#x} is backed by {n}: SysV shared memory and memfd are not supported yet", m.start, m.end)
             }
-            n => VmaKind::File(file_id_of_mapping(pid, m, n)?),
+            n => match files.iter().find(|(dev, ino, path, _)| *dev == m.dev && *ino == m.inode && *path == n) {
+                Some((_, _, _, id)) => VmaKind::File(id.clone()),
+                None => {
+                    let id = file_id_of_mapping(pid, m, n)?;
+                    files.push((&m.dev, m.inode, n, id.clone()));
+                    VmaKind::File(id)
+                }
+            },
         };
         let flags = vmflags.get(&m.start).map(Vec::as_slice).unwrap_or(&[]);
         let has = |f: &str| flags.iter().any(|x| x == f);

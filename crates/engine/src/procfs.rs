@@ -17,6 +17,8 @@ pub struct MapsEntry {
     pub exec: bool,
     pub shared: bool,
     pub offset: u64,
+    /// The file's device as maps prints it ("fe:00"; "00:00" for anonymous memory).
+    pub dev: String,
     pub inode: u64,
     /// File path, "[heap]", "[stack]", "[vdso]", … or empty for anonymous memory.
     pub name: String,
@@ -44,7 +46,7 @@ fn parse_maps_line(line: &str) -> Result<MapsEntry> {
     let range = field().ok_or_else(bad)?;
     let perms = field().ok_or_else(bad)?;
     let offset = field().ok_or_else(bad)?;
-    let _dev = field().ok_or_else(bad)?;
+    let dev = field().ok_or_else(bad)?.to_string();
     let inode = field().ok_or_else(bad)?;
     let name = rest.trim_start().to_string();
     let (s, e) = range.split_once('-').ok_or_else(bad)?;
@@ -65,6 +67,7 @@ fn parse_maps_line(line: &str) -> Result<MapsEntry> {
         exec: p[2] == b'x',
         shared: p[3] == b's',
         offset: u64::from_str_radix(offset, 16).map_err(|_| bad())?,
+        dev,
         inode: inode.parse().map_err(|_| bad())?,
         name,
     })

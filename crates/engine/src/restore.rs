@@ -31,6 +31,7 @@ use crate::arch::native as arch;
 use crate::capture::ALL_SIGNALS_BLOCKED;
 use crate::inject::{Call, Injector};
 use crate::mem::PAGE;
+use crate::pin::CpuPin;
 use crate::timeline::Timeline;
 use crate::{creds, fds, mem, misc, mm, procfs, ptrace, signals, threads};
 
@@ -62,7 +63,18 @@ pub struct Restored {
 /// Size of the control area: one page of code, the rest scratch.
 const CONTROL_LEN: u64 = 128 << 10;
 
+/// Distance kept between the control/parking areas and the image's mappings (stack guard
+/// gaps).
+const GUARD_GAP: u64 = 1 << 20;
+
 pub fn restore<R: Read + Send>(input: R, opts: &RestoreOptions) -> Result<Restored> {
+    restore_into(None, input, opts)
+}
+
+/// Restores the image from `input` into `stub` if one was made ahead of time (`Stub::prepare`,
+/// while the image was still on its way), else into a new one. A prepared stub whose control
+/// area happens to lie where the image has memory is set aside for a new one.
+pub fn restore_into<R: Read + Send>(stub: Option<Stub>, input: R, opts: &RestoreOptions) -> Result<Restored> {
     let (mut reader, header) = ImageReader::new(input)?;
     if opts.skip_page_checksums {
         reader.skip_page_checksums();
@@ -73,73 +85,93 @@ pub fn restore<R: Read + Send>(input: R, opts: &RestoreOptions) -> Result<Restor
     check_owner(&img, opts)?;
 
     let mut tl = Timeline::new();
-    // Tracer and stub share one CPU while the stub is rebuilt: every injected call is a
-    // stop and a wake-up, and on one CPU that is a plain context switch instead of a
-    // cross-CPU wake-up (an interrupt between processors, costly in a VM: small restores
-    // took 2-6 ms, now 2). The stub gets our original CPU set back before it runs
-    // (`shape`), and so do we.
-    let cpus = CpuPin::here();
-    let r = spawn_stub(img.pid, opts.stdio).and_then(|(pid, same_pid)| {
-        tl.mark("spawn stub");
-        let r = shape(pid, &img, &mut reader, &mut tl, &cpus);
-        if r.is_err() {
-            ptrace::kill_quietly(pid);
+    let mut stub = match stub {
+        Some(s) if !s.collides_with(&img.vmas) => {
+            tl.note("into a stub prepared ahead of time".to_string());
+            s
         }
-        r.map(|page_bytes| Restored { pid, same_pid, page_bytes })
+        _ => {
+            let s = Stub::spawn(img.pid, opts.stdio, &img.vmas)?;
+            tl.mark("spawn and empty the stub");
+            s
+        }
+    };
+    let r = shape(&mut stub, &img, &mut reader, &mut tl);
+    let restored = r.map(|page_bytes| {
+        stub.done = true; // it runs on its own now
+        Restored { pid: stub.pid, same_pid: stub.same_pid, page_bytes }
     });
-    cpus.release();
+    drop(stub); // (kills it unless done, gives us our CPUs back)
     tl.report("restore");
-    r
+    restored
 }
 
-/// This thread's CPU set, narrowed to the CPU it runs on until `release`.
-struct CpuPin {
-    original: Option<libc::cpu_set_t>,
+/// A process ready to become an image's process: forked from us, stopped under our ptrace,
+/// emptied down to a control area (a `syscall` instruction, the batch runner, scratch
+/// memory) and the kernel's special pages set aside in a parking area. Making one takes
+/// about half of a small restore, so a destination makes it while the image is on its way.
+/// Dropped unused, the process is killed.
+pub struct Stub {
+    pid: Pid,
+    same_pid: bool,
+    inj: Injector,
+    control: u64,
+    /// Where the kernel's [vdso]/[vvar] pages wait: (kind, address, length).
+    parked: Vec<(SpecialMap, u64, u64)>,
+    parking: (u64, u64),
+    /// Tracer and stub share one CPU while the stub is rebuilt: every injected call is a
+    /// stop and a wake-up, and on one CPU that is a plain context switch instead of a
+    /// cross-CPU wake-up (an interrupt between processors, costly in a VM: small restores
+    /// took 2-6 ms, now 2). The stub gets our original CPU set back before it runs
+    /// (`shape`), and so do we when the stub is dropped.
+    cpus: Option<CpuPin>,
+    /// Restored and let go: not to be killed.
+    done: bool,
 }
 
-impl CpuPin {
-    fn here() -> CpuPin {
-        // SAFETY: cpu_set_t is plain data; sched_getaffinity reads exactly its size into it.
-        let original = unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-                return CpuPin { original: None };
-            }
-            set
-        };
-        let pin = CpuPin { original: Some(original) };
-        pin.widen(false);
-        pin
+impl Stub {
+    /// A stub for an image not seen yet (so with a PID of its own, as a forked child has).
+    /// `stdio` becomes its 0/1/2 where the image says "inherited".
+    pub fn prepare(stdio: Option<[std::os::fd::RawFd; 3]>) -> Result<Stub> {
+        Stub::spawn(0, stdio, &[])
     }
 
-    /// Lets this thread run anywhere it could again (for a big memory transfer, whose reader
-    /// thread inherits our set), or pins it to the CPU it runs on now.
-    fn widen(&self, wide: bool) {
-        let Some(original) = &self.original else { return };
-        // SAFETY: sched_setaffinity reads exactly size_of::<cpu_set_t>() bytes of a set we own.
-        unsafe {
-            if wide {
-                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), original);
-            } else {
-                let cpu = libc::sched_getcpu();
-                if cpu >= 0 {
-                    let mut one: libc::cpu_set_t = std::mem::zeroed();
-                    libc::CPU_SET(cpu as usize, &mut one);
-                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &one);
-                }
+    /// Forks and empties a stub whose control and parking areas avoid `vmas`, with PID
+    /// `want_pid` if that is free (and not 0).
+    fn spawn(want_pid: i32, stdio: Option<[std::os::fd::RawFd; 3]>, vmas: &[Vma]) -> Result<Stub> {
+        let cpus = CpuPin::here();
+        let (pid, same_pid) = match spawn_stub(want_pid, stdio) {
+            Ok(p) => p,
+            Err(e) => {
+                cpus.release();
+                return Err(e);
+            }
+        };
+        match empty(pid, vmas) {
+            Ok(e) => Ok(Stub { pid, same_pid, inj: e.inj, control: e.control, parked: e.parked, parking: e.parking, cpus: Some(cpus), done: false }),
+            Err(e) => {
+                ptrace::kill_quietly(pid);
+                cpus.release();
+                Err(e)
             }
         }
     }
 
-    /// The original CPU set's bytes, for the restored process.
-    fn original_bytes(&self) -> Option<Vec<u8>> {
-        let o = self.original.as_ref()?;
-        // SAFETY: reading the bytes of a plain-data struct we own.
-        Some(unsafe { std::slice::from_raw_parts((o as *const libc::cpu_set_t).cast::<u8>(), std::mem::size_of::<libc::cpu_set_t>()) }.to_vec())
+    /// Whether the control or parking area lies where `vmas` need room.
+    fn collides_with(&self, vmas: &[Vma]) -> bool {
+        let ours = [(self.control, self.control + CONTROL_LEN), self.parking];
+        vmas.iter().any(|v| ours.iter().any(|(s, e)| v.start < e + GUARD_GAP && v.end + GUARD_GAP > *s))
     }
+}
 
-    fn release(self) {
-        self.widen(true);
+impl Drop for Stub {
+    fn drop(&mut self) {
+        if !self.done {
+            ptrace::kill_quietly(self.pid);
+        }
+        if let Some(c) = self.cpus.take() {
+            c.release();
+        }
     }
 }
 
@@ -272,7 +304,16 @@ fn spawn_stub(want_pid: i32, stdio: Option<[std::os::fd::RawFd; 3]>) -> Result<(
     Ok((pid, same && want_pid > 0))
 }
 
-fn shape<R: Read + Send>(pid: Pid, img: &ProcessImage, reader: &mut ImageReader<R>, tl: &mut Timeline, cpus: &CpuPin) -> Result<u64> {
+/// What `empty` leaves of a stub.
+struct Emptied {
+    inj: Injector,
+    control: u64,
+    parked: Vec<(SpecialMap, u64, u64)>,
+    parking: (u64, u64),
+}
+
+/// Step 3: empties a freshly spawned stub (see `Stub`), keeping clear of `vmas`.
+fn empty(pid: Pid, vmas: &[Vma]) -> Result<Emptied> {
     ptrace::set_sigmask(pid, ALL_SIGNALS_BLOCKED)?;
     let mut inj = Injector::new(pid, arch::own_syscall_insn())?;
 
@@ -286,12 +327,11 @@ fn shape<R: Read + Send>(pid: Pid, img: &ProcessImage, reader: &mut ImageReader<
         )?;
     }
 
-    // 3. Empty it.
     let stub_maps = procfs::read_maps(pid)?;
     let specials = stub_specials(&stub_maps);
     let special_total: u64 = specials.iter().map(|(_, s, e)| e - s).sum();
-    let control = free_area(&img.vmas, &stub_maps, &[], CONTROL_LEN)?;
-    let parking = free_area(&img.vmas, &stub_maps, &[(control, control + CONTROL_LEN)], special_total.max(PAGE))?;
+    let control = free_area(vmas, &stub_maps, &[], CONTROL_LEN)?;
+    let parking = free_area(vmas, &stub_maps, &[(control, control + CONTROL_LEN)], special_total.max(PAGE))?;
     inj.syscall(
         libc::SYS_mmap,
         &[
@@ -320,7 +360,8 @@ fn shape<R: Read + Send>(pid: Pid, img: &ProcessImage, reader: &mut ImageReader<
     // Everything but the control and parking areas, in as few calls as there are gaps
     // between them (munmap takes holes and many mappings in one range).
     const TASK_SIZE: u64 = 0x7fff_ffff_f000;
-    let mut keep = [(control, control + CONTROL_LEN), (parking, at.max(parking + PAGE))];
+    let parking_end = at.max(parking + PAGE);
+    let mut keep = [(control, control + CONTROL_LEN), (parking, parking_end)];
     keep.sort_unstable();
     let mut unmaps = Vec::new();
     let mut from = 0u64;
@@ -332,11 +373,19 @@ fn shape<R: Read + Send>(pid: Pid, img: &ProcessImage, reader: &mut ImageReader<
     }
     // (Anything left would make create_mappings' MAP_FIXED_NOREPLACE fail, loudly.)
     inj.run_batch(&unmaps)?;
+    Ok(Emptied { inj, control, parked, parking: (parking, parking_end) })
+}
 
+/// Steps 4 and 5: turns an emptied stub into the image's process and lets it go.
+fn shape<R: Read + Send>(stub: &mut Stub, img: &ProcessImage, reader: &mut ImageReader<R>, tl: &mut Timeline) -> Result<u64> {
+    let (pid, control) = (stub.pid, stub.control);
+    let cpus = stub.cpus.as_ref().context("internal error: a stub without its CPU pin")?;
+    let inj = &mut stub.inj;
+    let parked = &stub.parked;
     // 4. Shape it.
-    for (kind, at, len) in &parked {
+    for (kind, at, len) in parked {
         match img.vmas.iter().find(|v| v.kind == VmaKind::Special(*kind)) {
-            Some(v) if v.end - v.start == *len => move_mapping(&mut inj, *at, *len, v.start)?,
+            Some(v) if v.end - v.start == *len => move_mapping(inj, *at, *len, v.start)?,
             Some(v) => bail!(
                 "the image's {kind:?} is {} bytes, this kernel's is {len}: not the same kernel build",
                 v.end - v.start
@@ -353,31 +402,31 @@ fn shape<R: Read + Send>(pid: Pid, img: &ProcessImage, reader: &mut ImageReader<
             }
         }
     }
-    tl.mark("empty the fork");
+    tl.mark("kernel pages");
     // Every file the image names (mapped files, the executable, the cwd, fds) is opened as
     // the image's owner, not as the restorer: an image must not reach a file its owner could
     // not. (The full identity is set last, `creds::restore`; these are its file-access parts.)
-    act_as_owner_for_files(&mut inj, &img.creds)?;
-    mem::create_mappings(&mut inj, &img.vmas)?;
+    act_as_owner_for_files(inj, &img.creds)?;
+    mem::create_mappings(inj, &img.vmas)?;
     tl.mark("mappings");
     // A big transfer wants both CPUs (a reader thread verifies records while we place them).
     let big = img.vmas.iter().filter(|v| v.kind == VmaKind::Anon).map(|v| v.end - v.start).sum::<u64>() > 64 << 20;
     cpus.widen(big);
-    let filled = mem::fill_pages(&mut inj, &img.vmas, reader);
+    let filled = mem::fill_pages(inj, &img.vmas, reader);
     cpus.widen(false);
     let (page_bytes, by_uffd) = filled?;
     tl.note(format!("{by_uffd} of {page_bytes} page bytes placed through userfaultfd"));
     tl.mark("pages");
-    mem::finish(&mut inj, &img.vmas)?;
-    mm::restore(&mut inj, &img.mm)?;
+    mem::finish(inj, &img.vmas)?;
+    mm::restore(inj, &img.mm)?;
     tl.mark("protections, mm");
-    misc::restore(&mut inj, &img.misc, &img.comm)?;
-    fds::restore(&mut inj, &img.fds)?;
+    misc::restore(inj, &img.misc, &img.comm)?;
+    fds::restore(inj, &img.fds)?;
     tl.mark("misc, fds");
-    signals::restore_process(&mut inj, img)?;
+    signals::restore_process(inj, img)?;
     let thread = &img.threads[0];
-    threads::restore(&mut inj, thread, pid)?;
-    creds::restore(&mut inj, &img.creds)?;
+    threads::restore(inj, thread, pid)?;
+    creds::restore(inj, &img.creds)?;
     // The parent-death signal the stub set for itself (an image never has one: it is not
     // captured, and a restored process must outlive a `restore --detach`).
     inj.syscall(libc::SYS_prctl, &[libc::PR_SET_PDEATHSIG as u64, 0, 0, 0, 0], "clearing the parent-death signal")?;
@@ -460,7 +509,7 @@ fn free_area(vmas: &[Vma], stub: &[procfs::MapsEntry], taken: &[(u64, u64)], len
         .chain(stub.iter().map(|m| (m.start, m.end)))
         .chain(taken.iter().copied())
         .collect();
-    let guard = 1 << 20; // keep away from neighbours (stack guard gaps)
+    let guard = GUARD_GAP;
     let mut cand = 1u64 << 32;
     while cand + len < 0x7f00_0000_0000 {
         let end = cand + len;

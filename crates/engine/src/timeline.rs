@@ -5,20 +5,32 @@
 pub struct Timeline {
     start: std::time::Instant,
     last: std::time::Instant,
-    phases: Vec<(&'static str, f64)>,
+    /// Name, milliseconds, ptrace round trips.
+    phases: Vec<(&'static str, f64, u64)>,
     notes: Vec<String>,
+    /// `inject::INJECTED` and `inject::ROUND_TRIPS` when the timeline began.
+    injected_at_start: (u64, u64),
+    trips_at_last: u64,
+}
+
+fn injected_so_far() -> (u64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    (crate::inject::INJECTED.load(Relaxed), crate::inject::ROUND_TRIPS.load(Relaxed))
 }
 
 impl Timeline {
     pub fn new() -> Self {
         let now = std::time::Instant::now();
-        Timeline { start: now, last: now, phases: Vec::new(), notes: Vec::new() }
+        let injected = injected_so_far();
+        Timeline { start: now, last: now, phases: Vec::new(), notes: Vec::new(), injected_at_start: injected, trips_at_last: injected.1 }
     }
 
     pub fn mark(&mut self, phase: &'static str) {
         let now = std::time::Instant::now();
-        self.phases.push((phase, (now - self.last).as_secs_f64() * 1e3));
+        let trips = injected_so_far().1;
+        self.phases.push((phase, (now - self.last).as_secs_f64() * 1e3, trips - self.trips_at_last));
         self.last = now;
+        self.trips_at_last = trips;
     }
 
     /// Something worth printing with the times (how a phase did its work).
@@ -28,8 +40,16 @@ impl Timeline {
 
     pub fn report(&self, what: &str) {
         if std::env::var_os("TELEFORK_DEBUG").is_some() {
-            let parts: Vec<String> = self.phases.iter().map(|(p, ms)| format!("{p} {ms:.2}")).collect();
-            eprintln!("telefork: {what} {:.2} ms: {}", (self.last - self.start).as_secs_f64() * 1e3, parts.join(", "));
+            // (phase milliseconds, then its ptrace round trips after a slash)
+            let parts: Vec<String> = self.phases.iter().map(|(p, ms, trips)| format!("{p} {ms:.2}/{trips}")).collect();
+            let (calls, trips) = injected_so_far();
+            eprintln!(
+                "telefork: {what} {:.2} ms: {} ({} calls injected in {} round trips)",
+                (self.last - self.start).as_secs_f64() * 1e3,
+                parts.join(", "),
+                calls - self.injected_at_start.0,
+                trips - self.injected_at_start.1
+            );
             for n in &self.notes {
                 eprintln!("telefork: {what}: {n}");
             }

@@ -32,6 +32,20 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
         }
     };
     let origin = check_peer_name(&ch, None)?;
+    // The process to restore into is made now, while the offer and the image are on their
+    // way (the origin captures meanwhile): half of a small restore's work, off its path.
+    // It is killed unused if no process comes.
+    let (stdin_r, stdin_w) = pipe()?;
+    let (stdout_r, stdout_w) = pipe()?;
+    let (stderr_r, stderr_w) = pipe()?;
+    let stdio = [stdin_r.as_raw_fd(), stdout_w.as_raw_fd(), stderr_w.as_raw_fd()];
+    let stub = match telefork_engine::restore::Stub::prepare(Some(stdio)) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            log(&format!("could not prepare a process to restore into ({e:#}); making it when the image arrives"));
+            None
+        }
+    };
     // An origin may connect ahead of its telefork (a prepared connection): wait a while for
     // the offer, and leave quietly if it never comes.
     ch.set_recv_timeout(Some(Duration::from_secs(40)));
@@ -68,12 +82,9 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
     let _cleanup = RemoveOnDrop(marker);
     ch.send(&FromDest::Accept)?;
 
-    let (stdin_r, stdin_w) = pipe()?;
-    let (stdout_r, stdout_w) = pipe()?;
-    let (stderr_r, stderr_w) = pipe()?;
     let max = limits.max_image_bytes.saturating_add(1 << 20);
     let opts = telefork_engine::RestoreOptions {
-        stdio: Some([stdin_r.as_raw_fd(), stdout_w.as_raw_fd(), stderr_w.as_raw_fd()]),
+        stdio: Some(stdio),
         expect_owner: Some((user.uid, user.gid)),
         allowed_groups: Some(groups_of(user.uid, user.gid)),
         // TLS authenticates every record; the plain transport is trusted by configuration.
@@ -86,7 +97,7 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
         let raw = ch.raw_socket()?;
         raw.set_read_timeout(Some(Duration::from_secs(30))).ok();
         let mut input = std::io::BufReader::with_capacity(1 << 20, LimitedReader { inner: raw, left: max });
-        let r = telefork_engine::restore(&mut input, &opts).and_then(|r| {
+        let r = telefork_engine::restore::restore_into(stub, &mut input, &opts).and_then(|r| {
             if input.buffer().is_empty() {
                 Ok(r)
             } else {
@@ -98,7 +109,7 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
         r
     } else {
         // (No buffer in between: the channel keeps the opened records itself.)
-        telefork_engine::restore(LimitedReader { inner: &ch, left: max }, &opts)
+        telefork_engine::restore::restore_into(stub, LimitedReader { inner: &ch, left: max }, &opts)
     };
     let restored = match restored {
         Ok(r) => r,

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::sys::wait::waitpid;
 use nix::unistd::{fork, ForkResult, Pid};
 use serde::{de::DeserializeOwned, Serialize};
 use telefork_node::proto::{self, ExitInfo, FromDaemon, LocalCommand, LocalRequest};
@@ -188,15 +188,12 @@ pub fn telefork_with(dest: &str, opts: &Options) -> Result<Fork, Error> {
 }
 
 fn hand_over(conn: UnixStream, child: Pid, dest: &str, opts: &Options) -> Result<RemoteChild, Error> {
-    // Wait until the child has stopped: only then is it a complete snapshot. In background
-    // mode the daemon waits for that instead, and the parent goes on at once (the child is a
-    // copy-on-write snapshot from the moment fork() returned).
-    if !opts.background {
-        match waitpid(child, Some(WaitPidFlag::WUNTRACED)).map_err(|e| Error::Other(format!("waitpid: {e}")))? {
-            WaitStatus::Stopped(_, _) => {}
-            other => return Err(Error::Failed(format!("the forked child did not stop: {other:?}"))),
-        }
-    }
+    let t0 = std::time::Instant::now();
+    let mut steps: Vec<(&str, f64)> = Vec::new();
+    let mut step = |what| steps.push((what, t0.elapsed().as_secs_f64() * 1e3));
+    // The daemon waits until the child has stopped itself (only then is it a complete
+    // snapshot), so the request goes out at once, while the child is still on its way to
+    // the stop.
     if let Ok(mut last) = LAST_DEST.try_lock() {
         *last = Some(dest.to_string());
     }
@@ -206,6 +203,7 @@ fn hand_over(conn: UnixStream, child: Pid, dest: &str, opts: &Options) -> Result
         fds.push(0);
     }
     send_with_fds(&conn, &req, &fds)?;
+    step("request sent");
     // The daemon bounds every step with its own timeouts; this only guards against a hung
     // daemon.
     conn.set_read_timeout(Some(Duration::from_secs(600))).ok();
@@ -218,13 +216,16 @@ fn hand_over(conn: UnixStream, child: Pid, dest: &str, opts: &Options) -> Result
         let reply: FromDaemon = proto::expect_frame(&mut r, "the daemon's answer").map_err(|e| Error::Failed(format!("{e:#}")))?;
         match reply {
             FromDaemon::Accepted { node } => {
+                step("accepted");
                 rc.node = node;
                 if opts.background {
                     break;
                 }
             }
             FromDaemon::Started { node, pid } => {
+                step("started");
                 rc.on_started(node, pid);
+                step("local copy reaped");
                 break;
             }
             FromDaemon::Failed { error } => return Err(Error::Failed(error)),
@@ -232,6 +233,10 @@ fn hand_over(conn: UnixStream, child: Pid, dest: &str, opts: &Options) -> Result
         }
     }
     rc.conn.set_read_timeout(None).ok();
+    if std::env::var_os("TELEFORK_DEBUG").is_some() {
+        let parts: Vec<String> = steps.iter().map(|(w, ms)| format!("{w} {ms:.2}")).collect();
+        eprintln!("telefork: ms after fork: {}", parts.join(", "));
+    }
     Ok(rc)
 }
 

@@ -1,0 +1,93 @@
+//! Keeping a tracer and its tracee on one CPU while they take turns. Owns no process state:
+//! it narrows CPU sets for the duration of a capture or restore and gives the original
+//! ones back.
+//!
+//! Every injected system call is a stop of the tracee and a wake-up of the tracer, and back.
+//! On one CPU that is a plain context switch; across two it is an interrupt between
+//! processors each way, which costs far more in a VM (small restores took 2-6 ms, pinned 2).
+
+/// This thread's CPU set, narrowed to the CPU it runs on until released (or dropped), and
+/// optionally a tracee's, narrowed to the same CPU.
+pub struct CpuPin {
+    original: Option<libc::cpu_set_t>,
+    /// The tracee pinned with us and its own original set.
+    tracee: Option<(libc::pid_t, libc::cpu_set_t)>,
+}
+
+fn get_affinity(tid: libc::pid_t) -> Option<libc::cpu_set_t> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most its size into it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        (libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0).then_some(set)
+    }
+}
+
+fn set_affinity(tid: libc::pid_t, set: &libc::cpu_set_t) -> bool {
+    // SAFETY: sched_setaffinity reads exactly size_of::<cpu_set_t>() bytes of a set we own.
+    unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), set) == 0 }
+}
+
+/// The set holding only the CPU this thread runs on now.
+fn this_cpu() -> Option<libc::cpu_set_t> {
+    // SAFETY: sched_getcpu takes nothing; CPU_SET writes inside the set we own.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        if cpu < 0 {
+            return None;
+        }
+        let mut one: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut one);
+        Some(one)
+    }
+}
+
+impl CpuPin {
+    /// Pins this thread (best effort: where affinity cannot be read or set, nothing changes).
+    pub fn here() -> CpuPin {
+        let pin = CpuPin { original: get_affinity(0), tracee: None };
+        pin.widen(false);
+        pin
+    }
+
+    /// Pins this thread and the (stopped) tracee `pid` to one CPU. Best effort: a tracee we
+    /// may not change is left alone.
+    pub fn with_tracee(pid: libc::pid_t) -> CpuPin {
+        let mut pin = CpuPin::here();
+        if let (Some(orig), Some(one)) = (get_affinity(pid), this_cpu()) {
+            if set_affinity(pid, &one) {
+                pin.tracee = Some((pid, orig));
+            }
+        }
+        pin
+    }
+
+    /// Lets this thread run anywhere it could again (for a big memory transfer, whose reader
+    /// thread inherits our set), or pins it to the CPU it runs on now.
+    pub fn widen(&self, wide: bool) {
+        let Some(original) = &self.original else { return };
+        if wide {
+            set_affinity(0, original);
+        } else if let Some(one) = this_cpu() {
+            set_affinity(0, &one);
+        }
+    }
+
+    /// The original CPU set's bytes, for the restored process.
+    pub fn original_bytes(&self) -> Option<Vec<u8>> {
+        let o = self.original.as_ref()?;
+        // SAFETY: reading the bytes of a plain-data struct we own.
+        Some(unsafe { std::slice::from_raw_parts((o as *const libc::cpu_set_t).cast::<u8>(), std::mem::size_of::<libc::cpu_set_t>()) }.to_vec())
+    }
+
+    /// Gives this thread, and the tracee, their original sets back (as dropping does).
+    pub fn release(self) {}
+}
+
+impl Drop for CpuPin {
+    fn drop(&mut self) {
+        self.widen(true);
+        if let Some((pid, orig)) = &self.tracee {
+            set_affinity(*pid, orig);
+        }
+    }
+}
