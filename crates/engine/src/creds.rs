@@ -17,7 +17,7 @@ use telefork_image::Creds;
 
 pub fn capture(pid: Pid) -> Result<Creds> {
     let path = format!("/proc/{pid}/status");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let text = crate::procfs::read_text(&path).with_context(|| format!("reading {path}"))?;
     parse_status(&text).with_context(|| format!("parsing {path}"))
 }
 

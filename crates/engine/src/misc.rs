@@ -59,7 +59,7 @@ pub fn rlimit_name(res: u32) -> &'static str {
 
 fn read_proc(pid: Pid, what: &str) -> Result<String> {
     let path = format!("/proc/{pid}/{what}");
-    std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))
+    crate::procfs::read_text(&path).with_context(|| format!("reading {path}"))
 }
 
 pub fn capture(pid: Pid) -> Result<Misc> {

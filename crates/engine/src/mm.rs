@@ -17,7 +17,7 @@ use crate::inject::Injector;
 pub fn capture(pid: Pid, inj: &mut Injector) -> Result<MmFields> {
     let stat = crate::procfs::read_stat(pid)?;
     let brk = inj.syscall(libc::SYS_brk, &[0], "reading the program break (brk(0))")?;
-    let auxv_bytes = std::fs::read(format!("/proc/{pid}/auxv")).with_context(|| format!("reading /proc/{pid}/auxv"))?;
+    let auxv_bytes = crate::procfs::read_file(&format!("/proc/{pid}/auxv")).with_context(|| format!("reading /proc/{pid}/auxv"))?;
     let auxv = auxv_bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect();
     let exe_link = format!("/proc/{pid}/exe");
     let exe = std::fs::read_link(&exe_link).with_context(|| format!("reading {exe_link}"))?.to_string_lossy().into_owned();

@@ -24,8 +24,36 @@ pub struct MapsEntry {
     pub name: String,
 }
 
+/// Reads a /proc file whole. /proc files report size 0, so `std::fs::read` starts small
+/// and grows its buffer one read(2) at a time (a dozen calls for /proc/PID/smaps, each
+/// regenerating text); this reads into 16 KiB and more from the first call.
+pub fn read_file(path: &str) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 16 << 10];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+        match f.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(len);
+    Ok(buf)
+}
+
+/// `read_file` as text (what /proc prints is text; anything else becomes an error).
+pub fn read_text(path: &str) -> std::io::Result<String> {
+    String::from_utf8(read_file(path)?).map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{path} is not text")))
+}
+
 pub fn read_maps(pid: Pid) -> Result<Vec<MapsEntry>> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).with_context(|| format!("reading /proc/{pid}/maps"))?;
+    let text = read_text(&format!("/proc/{pid}/maps")).with_context(|| format!("reading /proc/{pid}/maps"))?;
     parse_maps(&text)
 }
 
@@ -75,7 +103,7 @@ fn parse_maps_line(line: &str) -> Result<MapsEntry> {
 
 /// The VmFlags line of every mapping in /proc/PID/smaps, by start address.
 pub fn read_vmflags(pid: Pid) -> Result<std::collections::HashMap<u64, Vec<String>>> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).with_context(|| format!("reading /proc/{pid}/smaps"))?;
+    let text = read_text(&format!("/proc/{pid}/smaps")).with_context(|| format!("reading /proc/{pid}/smaps"))?;
     Ok(parse_vmflags(&text))
 }
 
@@ -117,7 +145,7 @@ impl Stat {
 }
 
 pub fn read_stat(pid: Pid) -> Result<Stat> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("reading /proc/{pid}/stat"))?;
+    let text = read_text(&format!("/proc/{pid}/stat")).with_context(|| format!("reading /proc/{pid}/stat"))?;
     parse_stat(&text)
 }
 

@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +19,8 @@ use nix::sys::wait::{waitpid, WaitStatus};
 
 use crate::channel::{check_peer_name, TlsChannel};
 use crate::daemon::{live_sessions, log, Shared};
-use crate::proto::{ExitInfo, FromDest, ToDest};
+use crate::proto::{ExitInfo, FromDest, ToDest, User};
+use telefork_engine::restore::{restore_into, Stub};
 
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -32,92 +33,12 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
         }
     };
     let origin = check_peer_name(&ch, None)?;
-    // The process to restore into is made now, while the offer and the image are on their
-    // way (the origin captures meanwhile): half of a small restore's work, off its path.
-    // It is killed unused if no process comes.
     let (stdin_r, stdin_w) = pipe()?;
     let (stdout_r, stdout_w) = pipe()?;
     let (stderr_r, stderr_w) = pipe()?;
     let stdio = [stdin_r.as_raw_fd(), stdout_w.as_raw_fd(), stderr_w.as_raw_fd()];
-    let stub = match telefork_engine::restore::Stub::prepare(Some(stdio)) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            log(&format!("could not prepare a process to restore into ({e:#}); making it when the image arrives"));
-            None
-        }
-    };
-    // An origin may connect ahead of its telefork (a prepared connection): wait a while for
-    // the offer, and leave quietly if it never comes.
-    ch.set_recv_timeout(Some(Duration::from_secs(40)));
-    let offer: ToDest = match ch.recv() {
-        Ok(Some(o)) => o,
-        Ok(None) | Err(_) => return Ok(()),
-    };
-    ch.set_recv_timeout(Some(HANDSHAKE_TIMEOUT));
-    let ToDest::Offer { user, origin: claimed, image_bytes, pass_stdin, plain_image } = offer else {
-        bail!("node {origin} sent something other than an offer");
-    };
-    if claimed != origin {
-        bail!("node {origin} claims to be {claimed:?}");
-    }
-    let limits = &shared.cfg.limits;
-    let refusal = if user.uid == 0 && !limits.allow_root {
-        Some(format!("node {} does not run processes of root (allow_root = false)", shared.cfg.node))
-    } else if image_bytes > limits.max_image_bytes {
-        Some(format!("image of {image_bytes} bytes exceeds node {}'s limit of {} bytes", shared.cfg.node, limits.max_image_bytes))
-    } else if plain_image && shared.cfg.transport.image != crate::config::ImageTransport::Plain {
-        Some(format!("node {} accepts only encrypted images (its transport.image is \"tls\")", shared.cfg.node))
-    } else if live_sessions(shared, user.uid) >= limits.max_restores_per_user {
-        Some(format!("user {} already has {} processes restored on node {} (the limit)", user.uid, limits.max_restores_per_user, shared.cfg.node))
-    } else {
-        None
-    };
-    if let Some(reason) = refusal {
-        log(&format!("refused a process from {origin}: {reason}"));
-        ch.send(&FromDest::Refused { reason })?;
-        return Ok(());
-    }
-    let marker = shared.sessions_dir().join(format!("{}.{}", user.uid, std::process::id()));
-    File::create(&marker).with_context(|| format!("creating {}", marker.display()))?;
-    let _cleanup = RemoveOnDrop(marker);
-    ch.send(&FromDest::Accept)?;
-
-    let max = limits.max_image_bytes.saturating_add(1 << 20);
-    let opts = telefork_engine::RestoreOptions {
-        stdio: Some(stdio),
-        expect_owner: Some((user.uid, user.gid)),
-        allowed_groups: Some(groups_of(user.uid, user.gid)),
-        // TLS authenticates every record; the plain transport is trusted by configuration.
-        skip_page_checksums: true,
-    };
-    ch.set_recv_timeout(Some(Duration::from_secs(30)));
-    let restored = if plain_image {
-        // The image arrives on the TCP socket beneath TLS. The origin sends nothing after it
-        // until we answer, so nothing the buffer reads ahead can belong to TLS.
-        let raw = ch.raw_socket()?;
-        raw.set_read_timeout(Some(Duration::from_secs(30))).ok();
-        let mut input = std::io::BufReader::with_capacity(1 << 20, LimitedReader { inner: raw, left: max });
-        let r = telefork_engine::restore::restore_into(stub, &mut input, &opts).and_then(|r| {
-            if input.buffer().is_empty() {
-                Ok(r)
-            } else {
-                let _ = nix::sys::signal::kill(r.pid, nix::sys::signal::Signal::SIGKILL);
-                bail!("the origin sent {} bytes past the end of the image", input.buffer().len())
-            }
-        });
-        raw.set_read_timeout(None).ok();
-        r
-    } else {
-        // (No buffer in between: the channel keeps the opened records itself.)
-        telefork_engine::restore::restore_into(stub, LimitedReader { inner: &ch, left: max }, &opts)
-    };
-    let restored = match restored {
-        Ok(r) => r,
-        Err(e) => {
-            log(&format!("restoring a process from {origin} failed: {e:#}"));
-            ch.send(&FromDest::Failed { error: format!("{e:#}") }).ok();
-            return Ok(());
-        }
+    let Some(Received { restored, user, pass_stdin, _counted }) = receive(shared, &ch, &origin, stdio)? else {
+        return Ok(()); // no process came, or it was refused or failed (and the origin told)
     };
     drop((stdin_r, stdout_w, stderr_w));
     let pid = restored.pid;
@@ -217,6 +138,147 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
     log(&format!("process {pid} ended: {status:?}"));
     ch.close();
     Ok(())
+}
+
+/// A process restored here for an origin.
+struct Received {
+    restored: telefork_engine::Restored,
+    user: User,
+    pass_stdin: bool,
+    /// Counts this session among its owner's (`limits.max_restores_per_user`) while it lives.
+    _counted: RemoveOnDrop,
+}
+
+/// A restore job, handed to the thread that prepared the process to restore into.
+type RestoreJob<'a> = Box<dyn FnOnce(Option<Stub>) -> Result<telefork_engine::Restored> + Send + 'a>;
+
+/// Takes the offer, answers it, and restores the image that follows; `None` if no offer
+/// came or it was refused or failed (the origin was told).
+///
+/// The process to restore into is made as soon as the connection is up, by a thread of its
+/// own (ptrace binds it to the thread that will restore), while the offer is answered and
+/// the image is on its way: half of a small restore's work, off its path. It is killed
+/// unused if no process comes.
+fn receive(shared: &Shared, ch: &TlsChannel, origin: &str, stdio: [RawFd; 3]) -> Result<Option<Received>> {
+    std::thread::scope(|scope| {
+        let (job_tx, job_rx) = std::sync::mpsc::channel::<RestoreJob<'_>>();
+        let restorer = scope.spawn(move || {
+            let stub = match Stub::prepare(Some(stdio)) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    log(&format!("could not prepare a process to restore into ({e:#}); making it when the image arrives"));
+                    None
+                }
+            };
+            job_rx.recv().ok().map(|job| job(stub))
+        });
+        let Some((user, pass_stdin, plain_image, counted)) = answer_offer(shared, ch, origin)? else {
+            return Ok(None); // (dropping job_tx ends the restorer, killing its stub)
+        };
+        let limits = &shared.cfg.limits;
+        let max = limits.max_image_bytes.saturating_add(1 << 20);
+        let opts = telefork_engine::RestoreOptions {
+            stdio: Some(stdio),
+            expect_owner: Some((user.uid, user.gid)),
+            allowed_groups: Some(groups_of(user.uid, user.gid)),
+            // TLS authenticates every record; the plain transport is trusted by configuration.
+            skip_page_checksums: true,
+        };
+        ch.set_recv_timeout(Some(Duration::from_secs(30)));
+        let job: RestoreJob<'_> = Box::new(move |stub| {
+            if plain_image {
+                // The image arrives on the TCP socket beneath TLS. The origin sends nothing
+                // after it until we answer, so nothing the buffer reads ahead can belong to TLS.
+                let raw = ch.raw_socket()?;
+                raw.set_read_timeout(Some(Duration::from_secs(30))).ok();
+                let mut input = std::io::BufReader::with_capacity(1 << 20, LimitedReader { inner: raw, left: max });
+                let r = restore_into(stub, &mut input, &opts).and_then(|r| {
+                    if input.buffer().is_empty() {
+                        Ok(r)
+                    } else {
+                        let _ = nix::sys::signal::kill(r.pid, nix::sys::signal::Signal::SIGKILL);
+                        bail!("the origin sent {} bytes past the end of the image", input.buffer().len())
+                    }
+                });
+                raw.set_read_timeout(None).ok();
+                r
+            } else {
+                // (No buffer in between: the channel keeps the opened records itself.)
+                restore_into(stub, LimitedReader { inner: ch, left: max }, &opts)
+            }
+        });
+        let restored = match job_tx.send(job) {
+            Ok(()) => restorer.join().unwrap_or_else(|_| Some(Err(anyhow::anyhow!("the restoring thread panicked")))),
+            Err(_) => None,
+        }
+        .unwrap_or_else(|| Err(anyhow::anyhow!("the restoring thread is gone")));
+        match restored {
+            Ok(r) => Ok(Some(Received { restored: r, user, pass_stdin, _counted: counted })),
+            Err(e) => {
+                log(&format!("restoring a process from {origin} failed: {e:#}"));
+                ch.send(&FromDest::Failed { error: format!("{e:#}") }).ok();
+                Ok(None)
+            }
+        }
+    })
+}
+
+/// Waits for the offer (an origin may connect ahead of its telefork — a prepared
+/// connection — so a while, leaving quietly if it never comes), checks it against this
+/// node's limits and accepts it: (owner, pass_stdin, plain_image, the file that counts
+/// this session among the owner's), or `None` if refused.
+fn answer_offer(shared: &Shared, ch: &TlsChannel, origin: &str) -> Result<Option<(User, bool, bool, RemoveOnDrop)>> {
+    ch.set_recv_timeout(Some(Duration::from_secs(40)));
+    let offer: ToDest = match ch.recv() {
+        Ok(Some(o)) => o,
+        Ok(None) | Err(_) => return Ok(None),
+    };
+    ch.set_recv_timeout(Some(HANDSHAKE_TIMEOUT));
+    let ToDest::Offer { user, origin: claimed, image_bytes, pass_stdin, plain_image, image_follows } = offer else {
+        bail!("node {origin} sent something other than an offer");
+    };
+    if claimed != origin {
+        bail!("node {origin} claims to be {claimed:?}");
+    }
+    let limits = &shared.cfg.limits;
+    let refusal = if user.uid == 0 && !limits.allow_root {
+        Some(format!("node {} does not run processes of root (allow_root = false)", shared.cfg.node))
+    } else if image_bytes > limits.max_image_bytes {
+        Some(format!("image of {image_bytes} bytes exceeds node {}'s limit of {} bytes", shared.cfg.node, limits.max_image_bytes))
+    } else if plain_image && shared.cfg.transport.image != crate::config::ImageTransport::Plain {
+        Some(format!("node {} accepts only encrypted images (its transport.image is \"tls\")", shared.cfg.node))
+    } else if live_sessions(shared, user.uid) >= limits.max_restores_per_user {
+        Some(format!("user {} already has {} processes restored on node {} (the limit)", user.uid, limits.max_restores_per_user, shared.cfg.node))
+    } else {
+        None
+    };
+    if let Some(reason) = refusal {
+        log(&format!("refused a process from {origin}: {reason}"));
+        ch.send(&FromDest::Refused { reason })?;
+        if image_follows {
+            drop_image(ch, image_bytes);
+        }
+        return Ok(None);
+    }
+    let marker = shared.sessions_dir().join(format!("{}.{}", user.uid, std::process::id()));
+    File::create(&marker).with_context(|| format!("creating {}", marker.display()))?;
+    let counted = RemoveOnDrop(marker);
+    ch.send(&FromDest::Accept)?;
+    Ok(Some((user, pass_stdin, plain_image, counted)))
+}
+
+/// Reads and drops an image sent with its (refused) offer, until the origin, having read
+/// the refusal, closes the connection; at most its announced size and 1 MiB more (within
+/// the channel's receive timeout), so the origin is not cut off mid-send.
+fn drop_image(mut ch: &TlsChannel, image_bytes: u64) {
+    let mut left = image_bytes.min(64 << 20) + (1 << 20);
+    let mut buf = vec![0u8; 64 << 10];
+    while left > 0 {
+        match ch.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => left = left.saturating_sub(n as u64),
+        }
+    }
 }
 
 /// The groups `uid` has on this node (its primary group and the supplementary groups of

@@ -54,14 +54,11 @@ pub fn serve(shared: &Shared, mut sock: UnixStream) -> Result<()> {
         LocalRequest::Telefork { dest, child_pid, pass_stdin } => {
             let user = User { uid: cred.uid(), gid: cred.gid() };
             let mut to_program = sock.try_clone().context("cloning the program socket")?;
-            let accepted = |node: &str| {
-                let _ = proto::write_frame(&mut to_program, &FromDaemon::Accepted { node: node.to_string() });
-            };
-            match send_away(shared, Some(cred.pid()), &user, child_pid, &dest, pass_stdin, prepared, accepted) {
-                Ok((ch, node, pid)) => {
-                    proto::write_frame(&mut sock, &FromDaemon::Started { node: node.clone(), pid })?;
-                    relay(ch, sock, fds, pass_stdin)
-                }
+            // (Accepted, then Started as soon as the destination says so, before the local
+            // copy is killed: the program is not held for that.)
+            let tell = |msg: FromDaemon| proto::write_frame(&mut to_program, &msg);
+            match send_away(shared, Some(cred.pid()), &user, child_pid, &dest, pass_stdin, prepared, tell) {
+                Ok((ch, _node, _pid)) => relay(ch, sock, fds, pass_stdin),
                 Err(e) => {
                     log(&format!("telefork of process {child_pid} to {dest} failed: {e:#}"));
                     proto::write_frame(&mut sock, &FromDaemon::Failed { error: format!("{e:#}") })
@@ -126,7 +123,7 @@ fn store_report(shared: &Shared, pid: Option<i32>, value: &[u8]) -> Result<()> {
 }
 
 fn status_field(pid: i32, key: &str) -> Result<i64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("process {pid} is gone"))?;
+    let s = telefork_engine::procfs::read_text(&format!("/proc/{pid}/status")).with_context(|| format!("process {pid} is gone"))?;
     s.lines()
         .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(':')))
         .and_then(|v| v.split_whitespace().next())
@@ -156,6 +153,17 @@ fn offer(ch: &TlsChannel, name: &str, offer: &ToDest) -> Result<()> {
     }
 }
 
+/// Images up to this size follow their offer without waiting for the answer.
+const FOLLOWS_OFFER_MAX: u64 = 16 << 20;
+
+/// Whether a connection made ahead of time is still open: nothing may have arrived on it,
+/// so anything readable is its end (the destination dropped it).
+fn still_open(ch: &TlsChannel) -> bool {
+    let mut p = [libc::pollfd { fd: ch.raw_fd(), events: libc::POLLIN, revents: 0 }];
+    // SAFETY: one valid pollfd, zero timeout.
+    unsafe { libc::poll(p.as_mut_ptr(), 1, 0) == 0 }
+}
+
 /// A destination's refusal (not worth a retry on a fresh connection).
 #[derive(Debug)]
 struct Refused(String);
@@ -178,7 +186,7 @@ fn send_away(
     dest: &str,
     pass_stdin: bool,
     prepared: Option<Prepared>,
-    accepted: impl FnOnce(&str),
+    mut tell: impl FnMut(FromDaemon) -> Result<()>,
 ) -> Result<(TlsChannel, String, i32)> {
     let t0 = std::time::Instant::now();
     let ms = |t: std::time::Instant| t.duration_since(t0).as_secs_f64() * 1e3;
@@ -194,13 +202,24 @@ fn send_away(
     let (name, addr) = shared.cfg.resolve(dest)?;
     let image_bytes = status_field(child, "VmRSS").unwrap_or(0).max(0) as u64 * 1024;
     let plain_image = shared.cfg.transport.image == crate::config::ImageTransport::Plain;
-    let the_offer = ToDest::Offer { user: user.clone(), origin: shared.cfg.node.clone(), image_bytes, pass_stdin, plain_image };
+    // A small encrypted image follows its offer at once: one round trip less. A big one waits
+    // for the answer (a refused one would be sent for nothing), and so does a plain one (its
+    // raw bytes must not reach the destination while it still reads TLS records ahead).
+    let image_follows = !plain_image && image_bytes <= FOLLOWS_OFFER_MAX;
+    let the_offer = ToDest::Offer { user: user.clone(), origin: shared.cfg.node.clone(), image_bytes, pass_stdin, plain_image, image_follows };
     // The connection made ahead of time, if it goes there and is still there (a destination
     // drops one left unused for a while; then connect anew — nothing was sent yet).
     let mut ch = None;
     let mut how = "connected";
     if let Some((pname, pch)) = prepared.filter(|(n, _)| *n == name) {
-        match offer(&pch, &pname, &the_offer) {
+        let sent = if !image_follows {
+            offer(&pch, &pname, &the_offer)
+        } else if still_open(&pch) {
+            pch.send(&the_offer)
+        } else {
+            Err(anyhow::anyhow!("closed by the destination"))
+        };
+        match sent {
             Ok(()) => {
                 ch = Some(pch);
                 how = "prepared connection";
@@ -218,13 +237,20 @@ fn send_away(
             let ch = TlsChannel::client(shared.client_tls.clone(), server_name, sock, crate::dest::HANDSHAKE_TIMEOUT)
                 .with_context(|| format!("connecting to node {name} at {addr}"))?;
             check_peer_name(&ch, Some(&name))?;
-            offer(&ch, &name, &the_offer)?;
+            if image_follows {
+                ch.send(&the_offer)?;
+            } else {
+                offer(&ch, &name, &the_offer)?;
+            }
             ch
         }
     };
-    accepted(&name);
+    if !image_follows {
+        // (A program that went away meanwhile is noticed by the relay.)
+        let _ = tell(FromDaemon::Accepted { node: name.clone() });
+    }
     ch.set_recv_timeout(Some(Duration::from_secs(60)));
-    let t_accepted = std::time::Instant::now();
+    let t_offered = std::time::Instant::now();
     let forward = |pipe: std::os::fd::RawFd, len: usize| ch.send_from(pipe, len);
     let opts = telefork_engine::DumpOptions {
         leave_running: false,
@@ -236,7 +262,7 @@ fn send_away(
         page_route: Some(if plain_image { telefork_engine::PageRoute::Socket(ch.raw_fd()) } else { telefork_engine::PageRoute::Pipe(&forward) }),
     };
     let mut started = None;
-    let mut t_sent = t_accepted;
+    let mut t_sent = t_offered;
     // The capture streams into the connection; the local copy dies only after the
     // destination says the process runs there.
     // The image goes inside TLS, or (plain) straight onto the TCP socket beneath it.
@@ -244,9 +270,20 @@ fn send_away(
     telefork_engine::dump(Pid::from_raw(child), std::io::BufWriter::with_capacity(1 << 20, sink), &opts, |mut w| {
         w.flush().context("sending the image")?;
         t_sent = std::time::Instant::now();
+        if image_follows {
+            // The answer to the offer, sent while the image was on its way.
+            match ch.expect::<FromDest>("the destination's answer")? {
+                FromDest::Accept => {
+                    let _ = tell(FromDaemon::Accepted { node: name.clone() });
+                }
+                FromDest::Refused { reason } => return Err(Refused(format!("node {name} refused: {reason}")).into()),
+                other => bail!("node {name} answered {other:?} to an offer"),
+            }
+        }
         match ch.expect::<FromDest>("the destination's restore result")? {
             FromDest::Started { pid } => {
                 started = Some(pid);
+                let _ = tell(FromDaemon::Started { node: name.clone(), pid });
                 Ok(())
             }
             FromDest::Failed { error } => bail!("node {name} could not restore the process: {error}"),
@@ -258,11 +295,11 @@ fn send_away(
     let pid = started.context("destination gave no PID")?;
     let t_end = std::time::Instant::now();
     log(&format!(
-        "process {child} of user {} now runs on {name} as {pid} ({how}; ms since request: stopped {:.2}, connected+TLS {:.2}, accepted {:.2}, image sent {:.2}, running {:.2})",
+        "process {child} of user {} now runs on {name} as {pid} ({how}; ms since request: stopped {:.2}, connected+TLS {:.2}, offered {:.2}, image sent {:.2}, running {:.2})",
         user.uid,
         ms(t_stopped),
         ms(t_tls),
-        ms(t_accepted),
+        ms(t_offered),
         ms(t_sent),
         ms(t_end)
     ));
@@ -275,7 +312,7 @@ fn send_away(
 fn wait_self_stopped(child: i32) -> Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).with_context(|| format!("process {child} is gone"))?;
+        let stat = telefork_engine::procfs::read_text(&format!("/proc/{child}/stat")).with_context(|| format!("process {child} is gone"))?;
         let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).unwrap_or("");
         match state {
             "T" | "t" => return Ok(()),

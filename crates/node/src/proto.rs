@@ -8,6 +8,7 @@
 //!  program ──LocalRequest──► origin daemon ──ToDest::Offer──► destination daemon
 //!          ◄──FromDaemon───                ◄──Accept/Refused──
 //!                                          ──image bytes────►   (restore)
+//!                      (a small encrypted image follows the Offer at once, before Accept)
 //!                                          ◄──Started{pid}───
 //!          ──LocalCommand──►               ──Kill/Stdin─────►
 //!          ◄──Exited───────                ◄──Stdout/Stderr/Result/Exited──
@@ -77,7 +78,10 @@ pub enum FromDaemon {
 pub enum ToDest {
     /// `plain_image`: the image will follow unencrypted, right after `Accept`, on the same
     /// TCP connection (between TLS records: neither side has TLS data in flight then).
-    Offer { user: User, origin: String, image_bytes: u64, pass_stdin: bool, plain_image: bool },
+    /// `image_follows`: the (encrypted, small) image follows the offer at once, without
+    /// waiting for `Accept` (one round trip less); a refusing destination then reads it to
+    /// its end and drops it.
+    Offer { user: User, origin: String, image_bytes: u64, pass_stdin: bool, plain_image: bool, image_follows: bool },
     Kill { signal: i32 },
     Stdin { data: Vec<u8> },
     StdinEof,
@@ -149,7 +153,7 @@ mod tests {
         };
         let mut valid = Vec::new();
         for m in [
-            ToDest::Offer { user: User { uid: 1000, gid: 1000 }, origin: "node1".into(), image_bytes: 1 << 30, pass_stdin: true, plain_image: false },
+            ToDest::Offer { user: User { uid: 1000, gid: 1000 }, origin: "node1".into(), image_bytes: 1 << 30, pass_stdin: true, plain_image: false, image_follows: false },
             ToDest::Stdin { data: vec![1, 2, 3] },
         ] {
             let mut b = Vec::new();

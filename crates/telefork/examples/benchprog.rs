@@ -132,11 +132,14 @@ fn one_background_telefork(dest: &str) -> u128 {
 }
 
 /// One round of the telefork measurements beside their local-fork baselines.
-fn measure_round(dest: &str) {
+fn measure_round(dest: &str, settle: Duration) {
+    std::thread::sleep(settle);
     let (p, rt) = one_telefork(dest, None);
     out("tf_pause_ns", p);
     out("tf_rt_ns", rt);
+    std::thread::sleep(settle);
     out("tf_bg_pause_ns", one_background_telefork(dest));
+    std::thread::sleep(settle);
     let (p, rt) = one_fork();
     out("fork_pause_ns", p);
     out("fork_rt_ns", rt);
@@ -176,13 +179,15 @@ fn main() {
         "latency" => {
             let runs: usize = arg(&args, 2, "RUNS");
             let dest: String = arg(&args, 3, "DEST");
+            let settle = Duration::from_millis(if args.len() > 4 { arg(&args, 4, "SETTLE_MS") } else { 0 });
             println!("PID {}", std::process::id());
             out("rss_bytes", rss_kb() * 1024);
             for _ in 0..runs {
+                std::thread::sleep(settle);
                 let t0 = now_ns();
                 let there = telefork::remote(&dest, now_ns).unwrap_or_else(|e| die(format!("remote on {dest} failed: {e}")));
                 out("first_instr_ns", there - t0);
-                measure_round(&dest);
+                measure_round(&dest, settle);
             }
         }
         "tfork" => {
@@ -197,7 +202,7 @@ fn main() {
             println!("READY");
             std::io::stdout().flush().ok();
             for _ in 0..runs {
-                measure_round(&dest);
+                measure_round(&dest, Duration::ZERO);
             }
             if verify != 0 {
                 one_telefork(&dest, Some(&region));

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-use nix::sys::wait::waitpid;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 use serde::{de::DeserializeOwned, Serialize};
 use telefork_node::proto::{self, ExitInfo, FromDaemon, LocalCommand, LocalRequest};
@@ -76,8 +76,11 @@ pub struct RemoteChild {
     node: String,
     /// The PID on `node`; None while a background transfer is still under way.
     pid: Option<i32>,
-    /// The stopped local copy, reaped once the destination runs the child.
+    /// The stopped local copy, until the destination runs the child.
     local: Option<Pid>,
+    /// The local copy once ended (the daemon kills it as the child runs there): reaped
+    /// without blocking when it can be, else by `wait` or on drop.
+    dying: Option<Pid>,
     conn: UnixStream,
     status: Option<ExitStatus>,
     result: Option<Vec<u8>>,
@@ -207,7 +210,7 @@ fn hand_over(conn: UnixStream, child: Pid, dest: &str, opts: &Options) -> Result
     // The daemon bounds every step with its own timeouts; this only guards against a hung
     // daemon.
     conn.set_read_timeout(Some(Duration::from_secs(600))).ok();
-    let mut rc = RemoteChild { node: dest.to_string(), pid: None, local: Some(child), conn, status: None, result: None };
+    let mut rc = RemoteChild { node: dest.to_string(), pid: None, local: Some(child), dying: None, conn, status: None, result: None };
     if opts.background {
         return Ok(rc);
     }
@@ -268,11 +271,23 @@ impl RemoteChild {
         Ok(self.id())
     }
 
-    /// The destination runs the child: the local copy was killed by the daemon; reap it.
+    /// The destination runs the child: the daemon kills the local copy (and so do we, in
+    /// case it has not yet); reap it if it is gone already, else later — the caller is not
+    /// held for its teardown.
     fn on_started(&mut self, node: String, pid: i32) {
         self.node = node;
         self.pid = Some(pid);
         if let Some(local) = self.local.take() {
+            let _ = kill(local, Signal::SIGKILL);
+            if !matches!(waitpid(local, Some(WaitPidFlag::WNOHANG)), Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) | Err(_)) {
+                self.dying = Some(local);
+            }
+        }
+    }
+
+    /// Reaps the killed local copy (blocking: it is dead or about to be).
+    fn reap_local_copy(&mut self) {
+        if let Some(local) = self.dying.take() {
             let _ = waitpid(local, None);
         }
     }
@@ -283,6 +298,7 @@ impl RemoteChild {
         while self.status.is_none() {
             self.read_event()?;
         }
+        self.reap_local_copy();
         Ok(self.status.unwrap_or_else(|| ExitStatus::from_raw(0)))
     }
 
@@ -297,6 +313,7 @@ impl RemoteChild {
             }
             self.read_event()?;
         }
+        self.reap_local_copy();
         Ok(self.status)
     }
 
@@ -329,6 +346,12 @@ impl RemoteChild {
             other => return Err(Error::Lost(format!("unexpected message {other:?}"))),
         }
         Ok(())
+    }
+}
+
+impl Drop for RemoteChild {
+    fn drop(&mut self) {
+        self.reap_local_copy();
     }
 }
 

@@ -77,7 +77,7 @@ fn probe(pid: Pid, fd: i32) -> Result<Probe> {
     let link = link.to_string_lossy().into_owned();
     let st = nix::sys::stat::stat(link_path.as_str()).with_context(|| format!("fd {fd} ({link}): stat"))?;
     let info_path = format!("/proc/{pid}/fdinfo/{fd}");
-    let text = std::fs::read_to_string(&info_path).with_context(|| format!("fd {fd}: reading {info_path}"))?;
+    let text = crate::procfs::read_text(&info_path).with_context(|| format!("fd {fd}: reading {info_path}"))?;
     let info = parse_fdinfo(&text).with_context(|| format!("fd {fd}: parsing {info_path}"))?;
     Ok(Probe {
         fd,
