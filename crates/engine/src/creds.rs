@@ -12,7 +12,7 @@
 use anyhow::{bail, Context, Result};
 use nix::unistd::Pid;
 
-use crate::inject::Injector;
+use crate::inject::{Call, Injector};
 use telefork_image::Creds;
 
 pub fn capture(pid: Pid) -> Result<Creds> {
@@ -59,49 +59,46 @@ fn four_ids(s: &str) -> Result<[u32; 4]> {
 }
 
 /// Runs last: drops the process to the image's identity.
-pub fn restore(inj: &mut Injector, c: &Creds) -> Result<()> {
-    inj.reset_scratch();
+/// Sets the image's credentials, after `first` (calls that need the restorer's privilege
+/// or are simply due), all in one batch: groups, gids, uids — in that order, as each step
+/// gives up some privilege the next needs — and dumpable again.
+pub fn restore(inj: &mut Injector, c: &Creds, first: Vec<Call>) -> Result<()> {
     let [ruid, euid, suid, fsuid] = c.uid;
     let [rgid, egid, sgid, fsgid] = c.gid;
+    let mut calls = first;
 
     // Groups first, while the process still has CAP_SETGID.
     let bytes: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
     let list = if bytes.is_empty() { 0 } else { inj.stage(&bytes)? };
-    inj.syscall(libc::SYS_setgroups, &[c.groups.len() as u64, list], format!("restoring supplementary groups {:?}: setgroups", c.groups))?;
-
-    inj.syscall(
-        libc::SYS_setresgid,
-        &[rgid as u64, egid as u64, sgid as u64],
-        format!("restoring gids {rgid}/{egid}/{sgid}: setresgid"),
-    )?;
+    calls.push(Call::new(libc::SYS_setgroups, &[c.groups.len() as u64, list], format!("restoring supplementary groups {:?}: setgroups", c.groups)));
+    calls.push(Call::new(libc::SYS_setresgid, &[rgid as u64, egid as u64, sgid as u64], format!("restoring gids {rgid}/{egid}/{sgid}: setresgid")));
     // setresgid set fsgid = egid; a different fsgid must be set while we are still
-    // privileged. setfsgid returns the previous value and never fails, so read it back.
+    // privileged. setfsgid returns the previous value and never fails, so it is read back
+    // (a second call with an invalid id changes nothing) and checked after the batch.
+    let mut read_back = Vec::new();
     if fsgid != egid {
-        inj.syscall(libc::SYS_setfsgid, &[fsgid as u64], "restoring fsgid: setfsgid")?;
-        let now = inj.syscall(libc::SYS_setfsgid, &[u32::MAX as u64], "reading fsgid: setfsgid")? as u32;
-        if now != fsgid {
-            bail!("restoring fsgid {fsgid}: the kernel kept {now}");
-        }
+        calls.push(Call::new(libc::SYS_setfsgid, &[fsgid as u64], "restoring fsgid: setfsgid"));
+        calls.push(Call::new(libc::SYS_setfsgid, &[u32::MAX as u64], "reading fsgid: setfsgid"));
+        read_back.push((calls.len() - 1, fsgid, "fsgid"));
     }
-
-    inj.syscall(
-        libc::SYS_setresuid,
-        &[ruid as u64, euid as u64, suid as u64],
-        format!("restoring uids {ruid}/{euid}/{suid}: setresuid"),
-    )?;
+    calls.push(Call::new(libc::SYS_setresuid, &[ruid as u64, euid as u64, suid as u64], format!("restoring uids {ruid}/{euid}/{suid}: setresuid")));
     if fsuid != euid {
         // Allowed without privilege when fsuid is one of the real/effective/saved uids,
         // which is the only way the original could have had it unless it was privileged.
-        inj.syscall(libc::SYS_setfsuid, &[fsuid as u64], "restoring fsuid: setfsuid")?;
-        let now = inj.syscall(libc::SYS_setfsuid, &[u32::MAX as u64], "reading fsuid: setfsuid")? as u32;
-        if now != fsuid {
-            bail!("restoring fsuid {fsuid}: the kernel kept {now}");
-        }
+        calls.push(Call::new(libc::SYS_setfsuid, &[fsuid as u64], "restoring fsuid: setfsuid"));
+        calls.push(Call::new(libc::SYS_setfsuid, &[u32::MAX as u64], "reading fsuid: setfsuid"));
+        read_back.push((calls.len() - 1, fsuid, "fsuid"));
     }
-
     // Changing the euid made the process non-dumpable, which makes its /proc files
     // root-owned and forbids its owner to ptrace it; an ordinary process is dumpable.
-    inj.syscall(libc::SYS_prctl, &[libc::PR_SET_DUMPABLE as u64, 1], "prctl(PR_SET_DUMPABLE, 1)")?;
+    calls.push(Call::new(libc::SYS_prctl, &[libc::PR_SET_DUMPABLE as u64, 1], "prctl(PR_SET_DUMPABLE, 1)"));
+    let results = inj.run_batch(&calls)?;
+    for (i, want, what) in read_back {
+        let now = results.get(i).copied().unwrap_or(u64::MAX) as u32;
+        if now != want {
+            bail!("restoring {what} {want}: the kernel kept {now}");
+        }
+    }
     Ok(())
 }
 

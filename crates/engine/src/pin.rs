@@ -41,6 +41,13 @@ fn this_cpu() -> Option<libc::cpu_set_t> {
     }
 }
 
+/// Moves thread `pid` to the CPU this thread runs on now, for good (best effort).
+pub fn move_here(pid: libc::pid_t) {
+    if let Some(one) = this_cpu() {
+        set_affinity(pid, &one);
+    }
+}
+
 impl CpuPin {
     /// Pins this thread (best effort: where affinity cannot be read or set, nothing changes).
     pub fn here() -> CpuPin {

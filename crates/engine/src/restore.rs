@@ -101,7 +101,7 @@ pub fn restore_into<R: Read + Send>(stub: Option<Stub>, input: R, opts: &Restore
         stub.done = true; // it runs on its own now
         Restored { pid: stub.pid, same_pid: stub.same_pid, page_bytes }
     });
-    drop(stub); // (kills it unless done, gives us our CPUs back)
+    drop(stub); // (kills it unless done)
     tl.report("restore");
     restored
 }
@@ -119,12 +119,6 @@ pub struct Stub {
     /// Where the kernel's [vdso]/[vvar] pages wait: (kind, address, length).
     parked: Vec<(SpecialMap, u64, u64)>,
     parking: (u64, u64),
-    /// Tracer and stub share one CPU while the stub is rebuilt: every injected call is a
-    /// stop and a wake-up, and on one CPU that is a plain context switch instead of a
-    /// cross-CPU wake-up (an interrupt between processors, costly in a VM: small restores
-    /// took 2-6 ms, now 2). The stub gets our original CPU set back before it runs
-    /// (`shape`), and so do we when the stub is dropped.
-    cpus: Option<CpuPin>,
     /// Restored and let go: not to be killed.
     done: bool,
 }
@@ -139,23 +133,18 @@ impl Stub {
     /// Forks and empties a stub whose control and parking areas avoid `vmas`, with PID
     /// `want_pid` if that is free (and not 0).
     fn spawn(want_pid: i32, stdio: Option<[std::os::fd::RawFd; 3]>, vmas: &[Vma]) -> Result<Stub> {
-        let cpus = CpuPin::here();
-        let (pid, same_pid) = match spawn_stub(want_pid, stdio) {
-            Ok(p) => p,
-            Err(e) => {
-                cpus.release();
-                return Err(e);
-            }
-        };
+        // (Pinned with the stub while we empty it, see `pin`; dropping the pin unpins us.)
+        let _pin = CpuPin::here();
+        let (pid, same_pid) = spawn_stub(want_pid, stdio)?;
         match empty(pid, vmas) {
-            Ok(e) => Ok(Stub { pid, same_pid, inj: e.inj, control: e.control, parked: e.parked, parking: e.parking, cpus: Some(cpus), done: false }),
+            Ok(e) => Ok(Stub { pid, same_pid, inj: e.inj, control: e.control, parked: e.parked, parking: e.parking, done: false }),
             Err(e) => {
                 ptrace::kill_quietly(pid);
-                cpus.release();
                 Err(e)
             }
         }
     }
+
 
     /// Whether the control or parking area lies where `vmas` need room.
     fn collides_with(&self, vmas: &[Vma]) -> bool {
@@ -168,9 +157,6 @@ impl Drop for Stub {
     fn drop(&mut self) {
         if !self.done {
             ptrace::kill_quietly(self.pid);
-        }
-        if let Some(c) = self.cpus.take() {
-            c.release();
         }
     }
 }
@@ -379,20 +365,36 @@ fn empty(pid: Pid, vmas: &[Vma]) -> Result<Emptied> {
 /// Steps 4 and 5: turns an emptied stub into the image's process and lets it go.
 fn shape<R: Read + Send>(stub: &mut Stub, img: &ProcessImage, reader: &mut ImageReader<R>, tl: &mut Timeline) -> Result<u64> {
     let (pid, control) = (stub.pid, stub.control);
-    let cpus = stub.cpus.as_ref().context("internal error: a stub without its CPU pin")?;
+    // Tracer and stub on one CPU while the stub is rebuilt (see `pin`): the CPU this thread
+    // runs on now (a prepared stub was made wherever we ran then). The stub gets our
+    // original CPU set back at the end.
+    let cpus = CpuPin::here();
+    crate::pin::move_here(pid.as_raw());
     let inj = &mut stub.inj;
     let parked = &stub.parked;
-    // 4. Shape it.
+    // 4. Shape it. The kernel's special pages to the image's addresses.
+    let mut moves = Vec::new();
     for (kind, at, len) in parked {
         match img.vmas.iter().find(|v| v.kind == VmaKind::Special(*kind)) {
-            Some(v) if v.end - v.start == *len => move_mapping(inj, *at, *len, v.start)?,
+            Some(v) if v.end - v.start == *len => {
+                if *at != v.start {
+                    moves.push(Call::new(
+                        libc::SYS_mremap,
+                        &[*at, *len, *len, (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64, v.start],
+                        format!("moving the kernel's {kind:?} to {:#x}", v.start),
+                    ));
+                }
+            }
             Some(v) => bail!(
                 "the image's {kind:?} is {} bytes, this kernel's is {len}: not the same kernel build",
                 v.end - v.start
             ),
-            None => {
-                inj.syscall(libc::SYS_munmap, &[*at, *len], "unmapping an unused kernel special mapping")?;
-            }
+            None => moves.push(Call::new(libc::SYS_munmap, &[*at, *len], "unmapping an unused kernel special mapping")),
+        }
+    }
+    for (c, r) in moves.iter().zip(inj.run_batch(&moves)?) {
+        if c.nr == libc::SYS_mremap && r != c.args[4] {
+            bail!("moving {:#x} landed at {r:#x} instead of {:#x}", c.args[0], c.args[4]);
         }
     }
     for v in &img.vmas {
@@ -409,6 +411,13 @@ fn shape<R: Read + Send>(stub: &mut Stub, img: &ProcessImage, reader: &mut Image
     act_as_owner_for_files(inj, &img.creds)?;
     mem::create_mappings(inj, &img.vmas)?;
     tl.mark("mappings");
+    // What needs only the process record, done while the pages are still on their way (none
+    // of it touches the image's memory).
+    mm::restore(inj, &img.mm)?;
+    misc::restore(inj, &img.misc, &img.comm)?;
+    fds::restore(inj, &img.fds)?;
+    signals::restore_process(inj, img)?;
+    tl.mark("mm, misc, fds, signals");
     // A big transfer wants both CPUs (a reader thread verifies records while we place them).
     let big = img.vmas.iter().filter(|v| v.kind == VmaKind::Anon).map(|v| v.end - v.start).sum::<u64>() > 64 << 20;
     cpus.widen(big);
@@ -417,27 +426,25 @@ fn shape<R: Read + Send>(stub: &mut Stub, img: &ProcessImage, reader: &mut Image
     let (page_bytes, by_uffd) = filled?;
     tl.note(format!("{by_uffd} of {page_bytes} page bytes placed through userfaultfd"));
     tl.mark("pages");
+    // After the pages: the protections (a read-only page is filled first), the thread's
+    // rseq area (the kernel writes into it) and the credentials, last, in one batch with
+    // the rest.
     mem::finish(inj, &img.vmas)?;
-    mm::restore(inj, &img.mm)?;
-    tl.mark("protections, mm");
-    misc::restore(inj, &img.misc, &img.comm)?;
-    fds::restore(inj, &img.fds)?;
-    tl.mark("misc, fds");
-    signals::restore_process(inj, img)?;
     let thread = &img.threads[0];
-    threads::restore(inj, thread, pid)?;
-    creds::restore(inj, &img.creds)?;
+    inj.reset_scratch();
+    let mut last = threads::restore_calls(inj, thread, pid)?;
     // The parent-death signal the stub set for itself (an image never has one: it is not
     // captured, and a restored process must outlive a `restore --detach`).
-    inj.syscall(libc::SYS_prctl, &[libc::PR_SET_PDEATHSIG as u64, 0, 0, 0, 0], "clearing the parent-death signal")?;
+    last.push(Call::new(libc::SYS_prctl, &[libc::PR_SET_PDEATHSIG as u64, 0, 0, 0, 0], "clearing the parent-death signal"));
     // The CPU set the stub inherited while pinned next to us: the restorer's own, as a
     // process it started would have had.
     if let Some(set) = cpus.original_bytes() {
-        inj.reset_scratch();
         let addr = inj.stage(&set)?;
-        inj.syscall(libc::SYS_sched_setaffinity, &[0, set.len() as u64, addr], "giving the process its CPU set")?;
+        last.push(Call::new(libc::SYS_sched_setaffinity, &[0, set.len() as u64, addr], "giving the process its CPU set"));
     }
-    tl.mark("signals, thread, creds");
+    creds::restore(inj, &img.creds, last)?;
+    threads::restore_after(inj, thread, pid)?;
+    tl.mark("protections, thread, creds");
 
     // 5. Let it go. The munmap of the control area is the last injected call: it returns to
     // the syscall-exit stop, where the image's registers replace ours.

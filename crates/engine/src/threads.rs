@@ -12,7 +12,7 @@
 use anyhow::{bail, Context, Result};
 use nix::unistd::Pid;
 
-use crate::inject::Injector;
+use crate::inject::{Call, Injector};
 use telefork_image::{AltStack, CpuState, Rseq, SigInfo, ThreadState};
 
 /// Index of fs_base in `struct user_regs_struct` (27 words, kernel order).
@@ -145,11 +145,12 @@ fn read_prefix(inj: &Injector, addr: u64, len: usize) -> Vec<u8> {
     out
 }
 
-/// Restores everything of `t` but the CPU state and the blocked mask, in the thread the
-/// injector drives, whose tid is now `new_tid`.
-pub fn restore(inj: &mut Injector, t: &ThreadState, new_tid: Pid) -> Result<()> {
-    inj.reset_scratch();
+/// The system calls that restore everything of `t` but the CPU state and the blocked mask,
+/// in the thread the injector drives, whose tid is now `new_tid`; to be run in one batch
+/// (their memory is staged in the scratch area), then `restore_after`.
+pub fn restore_calls(inj: &mut Injector, t: &ThreadState, new_tid: Pid) -> Result<Vec<Call>> {
     let tid = t.tid;
+    let mut calls = Vec::new();
 
     // Alternate stack. SS_ONSTACK is a report (the thread was running on it), not a setting.
     let flags = t.altstack.flags & !libc::SS_ONSTACK;
@@ -158,70 +159,70 @@ pub fn restore(inj: &mut Injector, t: &ThreadState, new_tid: Pid) -> Result<()> 
     ss[8..12].copy_from_slice(&flags.to_ne_bytes());
     ss[16..24].copy_from_slice(&t.altstack.size.to_ne_bytes());
     let ssp = inj.stage(&ss)?;
-    inj.syscall(
+    calls.push(Call::new(
         libc::SYS_sigaltstack,
         &[ssp, 0],
         format!("restoring the alternate signal stack ({:#x}, {} bytes) of thread {tid}", t.altstack.sp, t.altstack.size),
-    )?;
+    ));
 
-    restore_rseq(inj, t.rseq.as_ref(), new_tid).with_context(|| format!("restoring the rseq registration of thread {tid}"))?;
+    // The rseq area. A restore stub that registered its own area (glibc does for every
+    // thread) is unregistered first: the kernel allows one registration per thread.
+    let want = t.rseq.as_ref();
+    let cur = crate::ptrace::rseq_config(new_tid).with_context(|| format!("reading the rseq registration of thread {tid}"))?;
+    let same = |c: &Rseq| want.is_some_and(|w| w.abi_pointer == c.abi_pointer && w.abi_size == c.abi_size && w.signature == c.signature);
+    match &cur {
+        Some(c) if same(c) => {}
+        other => {
+            if let Some(c) = other {
+                calls.push(Call::new(
+                    SYS_RSEQ,
+                    &[c.abi_pointer, c.abi_size as u64, RSEQ_FLAG_UNREGISTER, c.signature as u64],
+                    format!("unregistering the restorer's rseq area at {:#x}", c.abi_pointer),
+                ));
+            }
+            if let Some(w) = want {
+                calls.push(Call::new(
+                    SYS_RSEQ,
+                    &[w.abi_pointer, w.abi_size as u64, 0, w.signature as u64],
+                    format!("restoring the rseq registration of thread {tid}: rseq({:#x}, {}, 0, {:#x})", w.abi_pointer, w.abi_size, w.signature),
+                ));
+            }
+        }
+    }
 
-    inj.syscall(
+    calls.push(Call::new(
         libc::SYS_set_tid_address,
         &[t.clear_child_tid],
         format!("restoring the clear_child_tid address of thread {tid}: set_tid_address"),
-    )?;
-
+    ));
     let len = if t.robust_list_len == 0 { ROBUST_LIST_HEAD_LEN } else { t.robust_list_len };
-    inj.syscall(
+    calls.push(Call::new(
         libc::SYS_set_robust_list,
         &[t.robust_list, len],
         format!("restoring the robust futex list of thread {tid}: set_robust_list"),
-    )?;
-
-    if !t.pending.is_empty() {
-        let tgid = inj.syscall(libc::SYS_getpid, &[], "getpid")?;
-        let info = inj.alloc_zeroed(128)?;
-        for si in &t.pending {
-            let sig = crate::signals::siginfo_signo(si)?;
-            inj.write_mem(info, &si.0)?;
-            inj.syscall(
-                libc::SYS_rt_tgsigqueueinfo,
-                &[tgid, new_tid.as_raw() as u64, sig as u64, info],
-                format!("re-queueing signal {sig} pending for thread {tid}: rt_tgsigqueueinfo"),
-            )?;
-        }
+    ));
+    // Signals pending for this thread, each siginfo staged on its own.
+    for si in &t.pending {
+        let sig = crate::signals::siginfo_signo(si)?;
+        let info = inj.stage(&si.0)?;
+        calls.push(Call::new(
+            libc::SYS_rt_tgsigqueueinfo,
+            &[new_tid.as_raw() as u64, new_tid.as_raw() as u64, sig as u64, info],
+            format!("re-queueing signal {sig} pending for thread {tid}: rt_tgsigqueueinfo"),
+        ));
     }
+    Ok(calls)
+}
 
-    if new_tid.as_raw() != tid {
+/// What must follow the batch of `restore_calls`: glibc's cached tid, rewritten where the
+/// thread got a new one.
+pub fn restore_after(inj: &mut Injector, t: &ThreadState, new_tid: Pid) -> Result<()> {
+    if new_tid.as_raw() != t.tid {
         if let Some(addr) = t.tid_cache_addr {
             inj.write_mem(addr, &new_tid.as_raw().to_ne_bytes())
-                .with_context(|| format!("rewriting glibc's cached tid of thread {tid} (now {new_tid})"))?;
+                .with_context(|| format!("rewriting glibc's cached tid of thread {} (now {new_tid})", t.tid))?;
         }
     }
     Ok(())
 }
 
-/// Registers the image's rseq area. A restore stub that registered its own area (glibc does
-/// for every thread) is unregistered first: the kernel allows one registration per thread.
-fn restore_rseq(inj: &mut Injector, want: Option<&Rseq>, new_tid: Pid) -> Result<()> {
-    let cur = crate::ptrace::rseq_config(new_tid)?;
-    if let Some(c) = &cur {
-        if want.is_some_and(|w| w.abi_pointer == c.abi_pointer && w.abi_size == c.abi_size && w.signature == c.signature) {
-            return Ok(());
-        }
-        inj.syscall(
-            SYS_RSEQ,
-            &[c.abi_pointer, c.abi_size as u64, RSEQ_FLAG_UNREGISTER, c.signature as u64],
-            format!("unregistering the restorer's rseq area at {:#x}", c.abi_pointer),
-        )?;
-    }
-    if let Some(w) = want {
-        inj.syscall(
-            SYS_RSEQ,
-            &[w.abi_pointer, w.abi_size as u64, 0, w.signature as u64],
-            format!("rseq({:#x}, {}, 0, {:#x})", w.abi_pointer, w.abi_size, w.signature),
-        )?;
-    }
-    Ok(())
-}

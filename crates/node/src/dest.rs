@@ -160,6 +160,7 @@ type RestoreJob<'a> = Box<dyn FnOnce(Option<Stub>) -> Result<telefork_engine::Re
 /// the image is on its way: half of a small restore's work, off its path. It is killed
 /// unused if no process comes.
 fn receive(shared: &Shared, ch: &TlsChannel, origin: &str, stdio: [RawFd; 3]) -> Result<Option<Received>> {
+    let t_started = std::sync::OnceLock::new(); // (when the restore began, for TELEFORK_DEBUG)
     std::thread::scope(|scope| {
         let (job_tx, job_rx) = std::sync::mpsc::channel::<RestoreJob<'_>>();
         let restorer = scope.spawn(move || {
@@ -175,6 +176,7 @@ fn receive(shared: &Shared, ch: &TlsChannel, origin: &str, stdio: [RawFd; 3]) ->
         let Some((user, pass_stdin, plain_image, counted)) = answer_offer(shared, ch, origin)? else {
             return Ok(None); // (dropping job_tx ends the restorer, killing its stub)
         };
+        let t_accepted = std::time::Instant::now();
         let limits = &shared.cfg.limits;
         let max = limits.max_image_bytes.saturating_add(1 << 20);
         let opts = telefork_engine::RestoreOptions {
@@ -185,7 +187,9 @@ fn receive(shared: &Shared, ch: &TlsChannel, origin: &str, stdio: [RawFd; 3]) ->
             skip_page_checksums: true,
         };
         ch.set_recv_timeout(Some(Duration::from_secs(30)));
+        let t_started_ref = &t_started;
         let job: RestoreJob<'_> = Box::new(move |stub| {
+            let _ = t_started_ref.set(std::time::Instant::now());
             if plain_image {
                 // The image arrives on the TCP socket beneath TLS. The origin sends nothing
                 // after it until we answer, so nothing the buffer reads ahead can belong to TLS.
@@ -212,6 +216,11 @@ fn receive(shared: &Shared, ch: &TlsChannel, origin: &str, stdio: [RawFd; 3]) ->
             Err(_) => None,
         }
         .unwrap_or_else(|| Err(anyhow::anyhow!("the restoring thread is gone")));
+        if std::env::var_os("TELEFORK_DEBUG").is_some() {
+            let ms = |t: std::time::Instant| t.duration_since(t_accepted).as_secs_f64() * 1e3;
+            let begun = t_started.get().map(|t| ms(*t)).unwrap_or(f64::NAN);
+            log(&format!("ms after accepting: restore begun {begun:.2}, done {:.2}", ms(std::time::Instant::now())));
+        }
         match restored {
             Ok(r) => Ok(Some(Received { restored: r, user, pass_stdin, _counted: counted })),
             Err(e) => {
