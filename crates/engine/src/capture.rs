@@ -116,10 +116,88 @@ fn capture_frozen<W: Write + Send>(f: &Frozen, out: W, opts: &DumpOptions) -> Re
     let cpu = arch::capture(pid, &f.regs)?;
     tl.mark("cpu");
 
-    // Look from inside.
+    // Look from inside (injected calls) and, at the same time in a second thread, from
+    // outside (/proc only): on one CPU each, instead of one after the other.
     let maps = procfs::read_maps(pid)?;
     let syscall_ip = find_syscall_insn(pid, &maps)?;
     let mut inj = Injector::new(pid, syscall_ip)?;
+    let (inside, outside) = std::thread::scope(|scope| {
+        let outside = scope.spawn(|| {
+            pin.elsewhere(); // (not on the CPU we share with the target)
+            look_from_outside(pid, &maps, opts.inherit_stdio)
+        });
+        let inside = look_from_inside(&mut inj, f, cpu);
+        (inside, outside.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the thread reading /proc/{pid} panicked"))))
+    });
+    let (mm, sigactions, shared_pending, thread) = inside?;
+    tl.mark("from inside and outside");
+    let outside = match outside {
+        // The scratch area merged with a neighbour while smaps was read: again, now that it
+        // is gone (the mappings are the process's own again, those of `maps`).
+        Err(e) if e.downcast_ref::<mem::MappingsChanged>().is_some() => look_from_outside(pid, &maps, opts.inherit_stdio)?,
+        other => other?,
+    };
+    let image = ProcessImage {
+        pid: pid.as_raw(),
+        comm: outside.comm,
+        creds: outside.creds,
+        misc: outside.misc,
+        mm,
+        vmas: outside.vmas,
+        threads: vec![thread],
+        sigactions,
+        shared_pending,
+        fds: outside.fds,
+    };
+    let header = Header {
+        arch: arch::ARCH,
+        page_size: mem::PAGE,
+        kernel_release: kernel_release(),
+        xfeatures: arch::xfeatures(&image.threads[0].cpu),
+        created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        hostname: nix::sys::utsname::uname().map(|u| u.nodename().to_string_lossy().into_owned()).unwrap_or_default(),
+    };
+
+    pin.release();
+    let mut w = ImageWriter::new(out, &header).context("writing the image header")?;
+    if opts.skip_page_checksums {
+        w = w.without_page_checksums();
+    }
+    w.write_process(&image).context("writing the process record")?;
+    let route = opts.page_route.as_ref().filter(|_| opts.skip_page_checksums).map(|r| (&mut inj, r));
+    let page_bytes = mem::write_pages(pid, &image.vmas, &mut w, route)?;
+    let out = w.finish().context("finishing the image")?;
+    tl.mark("pages");
+    tl.report("capture");
+    let summary = DumpSummary { pid: pid.as_raw(), vmas: image.vmas.len(), fds: image.fds.len(), page_bytes };
+    Ok((out, summary))
+}
+
+/// What /proc tells about a stopped process.
+struct Outside {
+    comm: String,
+    vmas: Vec<telefork_image::Vma>,
+    creds: telefork_image::Creds,
+    misc: telefork_image::Misc,
+    fds: Vec<telefork_image::Fd>,
+}
+
+fn look_from_outside(pid: Pid, maps: &[procfs::MapsEntry], inherit_stdio: bool) -> Result<Outside> {
+    Ok(Outside {
+        vmas: mem::capture_vmas(pid, maps)?,
+        comm: procfs::read_stat(pid)?.comm,
+        creds: creds::capture(pid)?,
+        misc: misc::capture(pid)?,
+        fds: fds::capture(pid, inherit_stdio)?,
+    })
+}
+
+type Inside = (telefork_image::MmFields, Vec<telefork_image::SigAction>, Vec<telefork_image::SigInfo>, telefork_image::ThreadState);
+
+/// What only the process itself can tell (injected calls into a scratch area mapped for
+/// the while): mm fields, signal dispositions and pending signals, thread state.
+fn look_from_inside(inj: &mut Injector, f: &Frozen, cpu: telefork_image::CpuState) -> Result<Inside> {
+    let pid = f.pid;
     // Scratch memory, executable if the system allows, so the batch runner can live in its
     // first page (else every call is injected on its own).
     let anon = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
@@ -134,58 +212,15 @@ fn capture_frozen<W: Write + Send>(f: &Frozen, out: W, opts: &DumpOptions) -> Re
     } else {
         inj.set_scratch(scratch, SCRATCH_LEN);
     }
-    tl.mark("scratch");
     let inside = (|| -> Result<_> {
-        let mm = mm::capture(pid, &mut inj)?;
-        let (sigactions, shared_pending) = signals::capture_process(&mut inj)?;
-        let thread = threads::capture(&mut inj, pid, f.sigmask, cpu)?;
+        let mm = mm::capture(pid, inj)?;
+        let (sigactions, shared_pending) = signals::capture_process(inj)?;
+        let thread = threads::capture(inj, pid, f.sigmask, cpu)?;
         Ok((mm, sigactions, shared_pending, thread))
     })();
     inj.syscall(libc::SYS_munmap, &[scratch, SCRATCH_LEN], "unmapping scratch memory in the target")?;
     ptrace::setregs(pid, f.regs)?;
-    let (mm, sigactions, shared_pending, thread) = inside?;
-    tl.mark("from inside");
-
-    // Look from outside. (The scratch area is gone again: the maps read before it was
-    // made are the process's.)
-    let vmas = mem::capture_vmas(pid, &maps)?;
-    tl.mark("maps");
-    let stat = procfs::read_stat(pid)?;
-    let image = ProcessImage {
-        pid: pid.as_raw(),
-        comm: stat.comm.clone(),
-        creds: creds::capture(pid)?,
-        misc: misc::capture(pid)?,
-        mm,
-        vmas,
-        threads: vec![thread],
-        sigactions,
-        shared_pending,
-        fds: fds::capture(pid, opts.inherit_stdio)?,
-    };
-    let header = Header {
-        arch: arch::ARCH,
-        page_size: mem::PAGE,
-        kernel_release: kernel_release(),
-        xfeatures: arch::xfeatures(&image.threads[0].cpu),
-        created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-        hostname: nix::sys::utsname::uname().map(|u| u.nodename().to_string_lossy().into_owned()).unwrap_or_default(),
-    };
-
-    pin.release();
-    tl.mark("creds, misc, fds");
-    let mut w = ImageWriter::new(out, &header).context("writing the image header")?;
-    if opts.skip_page_checksums {
-        w = w.without_page_checksums();
-    }
-    w.write_process(&image).context("writing the process record")?;
-    let route = opts.page_route.as_ref().filter(|_| opts.skip_page_checksums).map(|r| (&mut inj, r));
-    let page_bytes = mem::write_pages(pid, &image.vmas, &mut w, route)?;
-    let out = w.finish().context("finishing the image")?;
-    tl.mark("pages");
-    tl.report("capture");
-    let summary = DumpSummary { pid: pid.as_raw(), vmas: image.vmas.len(), fds: image.fds.len(), page_bytes };
-    Ok((out, summary))
+    inside
 }
 
 /// Finds a `syscall` instruction the target can run: in its [vdso] (always there, never

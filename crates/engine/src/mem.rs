@@ -33,6 +33,11 @@ const PM_FILE: u64 = 1 << 61;
 /// cannot be restored faithfully.
 pub fn capture_vmas(pid: Pid, maps: &[MapsEntry]) -> Result<Vec<Vma>> {
     let vmflags = crate::procfs::read_vmflags(pid)?;
+    // smaps must show the very mappings `maps` did (it may be read while a scratch area is
+    // mapped: one merged with a neighbour would hide that neighbour's flags).
+    if let Some(m) = maps.iter().find(|m| !vmflags.contains_key(&(m.start, m.end))) {
+        bail!(MappingsChanged(format!("mapping {:#x}-{:#x} is not in /proc/{pid}/smaps as in maps", m.start, m.end)));
+    }
     let mut vmas = Vec::with_capacity(maps.len());
     // A library is mapped four or five times: stat it once (by the device and inode maps
     // names, and the path).
@@ -65,7 +70,7 @@ pub fn capture_vmas(pid: Pid, maps: &[MapsEntry]) -> Result<Vec<Vma>> {
                 }
             },
         };
-        let flags = vmflags.get(&m.start).map(Vec::as_slice).unwrap_or(&[]);
+        let flags = vmflags.get(&(m.start, m.end)).map(Vec::as_slice).unwrap_or(&[]);
         let has = |f: &str| flags.iter().any(|x| x == f);
         let advice = [("hg", libc::MADV_HUGEPAGE), ("nh", libc::MADV_NOHUGEPAGE), ("dc", libc::MADV_DONTFORK), ("dd", libc::MADV_DONTDUMP), ("wf", libc::MADV_WIPEONFORK)]
             .iter()
@@ -86,6 +91,18 @@ pub fn capture_vmas(pid: Pid, maps: &[MapsEntry]) -> Result<Vec<Vma>> {
     }
     Ok(vmas)
 }
+
+/// The mappings changed between reading /proc/PID/maps and /proc/PID/smaps.
+#[derive(Debug)]
+pub struct MappingsChanged(pub String);
+
+impl std::fmt::Display for MappingsChanged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for MappingsChanged {}
 
 fn file_id_of_mapping(pid: Pid, m: &MapsEntry, path: &str) -> Result<FileId> {
     // map_files/ names the very file mapped, even if `path` was replaced since.
@@ -704,4 +721,26 @@ pub fn finish(inj: &mut Injector, vmas: &[Vma]) -> Result<()> {
         .map(|v| Call::new(libc::SYS_mprotect, &[v.start, v.end - v.start, v.prot as u64], format!("setting the protection of {:#x}-{:#x}", v.start, v.end)))
         .collect();
     inj.run_batch(&calls).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A mapping that smaps does not show as maps did (a scratch area merged with it while
+    /// smaps was read) is reported as such, for the capture to read again.
+    #[test]
+    fn smaps_that_disagrees_with_maps_is_noticed() {
+        let me = nix::unistd::getpid();
+        // (Other test threads may map memory meanwhile: a few tries for a quiet moment.)
+        let maps = (0..20)
+            .map(|_| crate::procfs::read_maps(me).unwrap())
+            .find(|maps| capture_vmas(me, maps).is_ok())
+            .expect("maps and smaps never agreed");
+        let mut changed = maps.clone();
+        let last = changed.iter_mut().rev().find(|m| m.name.is_empty()).expect("an anonymous mapping");
+        last.end += PAGE; // as if merged with a page above it
+        let e = capture_vmas(me, &changed).unwrap_err();
+        assert!(e.downcast_ref::<MappingsChanged>().is_some(), "{e:#}");
+    }
 }

@@ -101,13 +101,13 @@ fn parse_maps_line(line: &str) -> Result<MapsEntry> {
     })
 }
 
-/// The VmFlags line of every mapping in /proc/PID/smaps, by start address.
-pub fn read_vmflags(pid: Pid) -> Result<std::collections::HashMap<u64, Vec<String>>> {
+/// The VmFlags of every mapping in /proc/PID/smaps, by (start, end).
+pub fn read_vmflags(pid: Pid) -> Result<std::collections::HashMap<(u64, u64), Vec<String>>> {
     let text = read_text(&format!("/proc/{pid}/smaps")).with_context(|| format!("reading /proc/{pid}/smaps"))?;
     Ok(parse_vmflags(&text))
 }
 
-pub fn parse_vmflags(text: &str) -> std::collections::HashMap<u64, Vec<String>> {
+pub fn parse_vmflags(text: &str) -> std::collections::HashMap<(u64, u64), Vec<String>> {
     let mut out = std::collections::HashMap::new();
     let mut current = None;
     for line in text.lines() {
@@ -117,9 +117,9 @@ pub fn parse_vmflags(text: &str) -> std::collections::HashMap<u64, Vec<String>> 
             }
         } else if let Some((range, _)) = line.split_once(' ') {
             // A mapping's header line starts with "start-end"; field lines with "Name:".
-            if let Some((s, _)) = range.split_once('-') {
-                if let Ok(start) = u64::from_str_radix(s, 16) {
-                    current = Some(start);
+            if let Some((s, e)) = range.split_once('-') {
+                if let (Ok(start), Ok(end)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) {
+                    current = Some((start, end));
                 }
             }
         }
@@ -197,8 +197,8 @@ mod tests {
     #[test]
     fn vmflags() {
         let f = parse_vmflags("7f00-7f10 rw-p 00000000 00:00 0\nRss:  4 kB\nVmFlags: rd wr mr mw me ac sd \n7f20-7f30 ---p 0 00:00 0\nVmFlags: mr mw me\n");
-        assert_eq!(f[&0x7f00], ["rd", "wr", "mr", "mw", "me", "ac", "sd"]);
-        assert_eq!(f[&0x7f20], ["mr", "mw", "me"]);
+        assert_eq!(f[&(0x7f00, 0x7f10)], ["rd", "wr", "mr", "mw", "me", "ac", "sd"]);
+        assert_eq!(f[&(0x7f20, 0x7f30)], ["mr", "mw", "me"]);
     }
 
     #[test]
