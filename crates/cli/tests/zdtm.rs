@@ -955,6 +955,26 @@ fn leave_running() {
     run.restore_and_check(RESTORE_TIMEOUT);
 }
 
+/// Fd 2 was inherited stdio (a pipe) at capture; the restoring command is started with its
+/// fd 2 closed (Rust's runtime puts /dev/null there, which the process then inherits): the
+/// restore goes on and the process passes.
+#[test]
+fn restore_without_an_inherited_stdio_fd() {
+    let run = simple_dumped("restore_without_stderr");
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg("exec \"$0\" restore \"$1\" 2>&-").arg(TELEFORK).arg(&run.img);
+    let mut r = Proc::spawn(cmd, &run.guard);
+    fs::write(&run.go, b"go").unwrap();
+    let st = r.wait_timeout(RESTORE_TIMEOUT);
+    let rep = r.report();
+    let st = st.unwrap_or_else(|| panic!("restore_without_stderr: the restore hung\n{rep}"));
+    assert!(
+        st.success() && r.stdout_lines().iter().any(|l| l == "PASS"),
+        "restore_without_stderr: the restored target did not PASS ({})\n{rep}",
+        describe(&st)
+    );
+}
+
 #[test]
 fn restore_detach() {
     let run = simple_dumped("restore_detach");

@@ -635,7 +635,7 @@ fn initial_prot(v: &Vma) -> u32 {
 }
 
 pub fn create_mappings(inj: &mut Injector, vmas: &[Vma]) -> Result<()> {
-    let mut files: HashMap<(String, bool), u64> = HashMap::new();
+    let files = open_mapped_files(inj, vmas)?;
     let mut calls = Vec::with_capacity(vmas.len() + 8);
     for v in vmas {
         let len = v.end - v.start;
@@ -649,30 +649,7 @@ pub fn create_mappings(inj: &mut Injector, vmas: &[Vma]) -> Result<()> {
                 ((share | libc::MAP_ANONYMOUS | grows | noreserve) as u64, u64::MAX)
             }
             VmaKind::File(id) => {
-                // (Its identity was checked before anything was created: restore's check_process.)
-                let key = (id.path.clone(), v.shared);
-                let fd = match files.get(&key) {
-                    Some(fd) => *fd,
-                    None => {
-                        inj.reset_scratch();
-                        let path = inj.stage_cstr(&id.path)?;
-                        // Shared mappings need a writable file to be writable (now or after
-                        // a later mprotect); fall back to read-only for read-only files.
-                        let mut fd = -1;
-                        if v.shared {
-                            fd = inj.syscall_raw(libc::SYS_openat, &[libc::AT_FDCWD as u64, path, (libc::O_RDWR | libc::O_CLOEXEC) as u64])?;
-                        }
-                        if fd < 0 {
-                            fd = inj.syscall(
-                                libc::SYS_openat,
-                                &[libc::AT_FDCWD as u64, path, (libc::O_RDONLY | libc::O_CLOEXEC) as u64],
-                                format_args!("opening mapped file {:?}", id.path),
-                            )? as i64;
-                        }
-                        files.insert(key, fd as u64);
-                        fd as u64
-                    }
-                };
+                let fd = files.get(&(id.path.clone(), v.shared)).copied().context("internal error: a mapped file was not opened")?;
                 if v.shared {
                     (libc::MAP_SHARED as u64, fd)
                 } else {
@@ -701,6 +678,63 @@ pub fn create_mappings(inj: &mut Injector, vmas: &[Vma]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Opens every file the mappings map, in the process: (path, shared) → fd. Files mapped
+/// privately are opened read-only, all in one batch; files mapped shared read-write if
+/// they can be (a shared mapping needs a writable file to be writable, now or after a later
+/// mprotect), else read-only, one at a time (they are rare). (Each file's identity was
+/// checked before anything was created: restore's check_process.)
+fn open_mapped_files(inj: &mut Injector, vmas: &[Vma]) -> Result<HashMap<(String, bool), u64>> {
+    let mut files: HashMap<(String, bool), u64> = HashMap::new();
+    let mut private: Vec<&str> = Vec::new();
+    for v in vmas {
+        let VmaKind::File(id) = &v.kind else { continue };
+        if !v.shared {
+            if !private.contains(&id.path.as_str()) {
+                private.push(&id.path);
+            }
+            continue;
+        }
+        if files.contains_key(&(id.path.clone(), true)) {
+            continue;
+        }
+        inj.reset_scratch();
+        let path = inj.stage_cstr(&id.path)?;
+        let open = |flags: i32| [libc::AT_FDCWD as u64, path, (flags | libc::O_CLOEXEC) as u64];
+        let mut fd = inj.syscall_raw(libc::SYS_openat, &open(libc::O_RDWR))?;
+        if fd < 0 {
+            fd = inj.syscall(libc::SYS_openat, &open(libc::O_RDONLY), format_args!("opening mapped file {:?}", id.path))? as i64;
+        }
+        files.insert((id.path.clone(), true), fd as u64);
+    }
+    // One batch per 64 KiB of paths, so the paths staged for it fit the scratch area.
+    let mut rest = &private[..];
+    while !rest.is_empty() {
+        let mut bytes = 0;
+        let n = rest.iter().take_while(|p| {
+            bytes += p.len() + 32;
+            bytes <= 64 << 10
+        });
+        let n = n.count().max(1);
+        let (chunk, later) = rest.split_at(n);
+        rest = later;
+        inj.reset_scratch();
+        let mut calls = Vec::with_capacity(chunk.len());
+        for path in chunk {
+            let at = inj.stage_cstr(path)?;
+            calls.push(Call::new(
+                libc::SYS_openat,
+                &[libc::AT_FDCWD as u64, at, (libc::O_RDONLY | libc::O_CLOEXEC) as u64],
+                format!("opening mapped file {path:?}"),
+            ));
+        }
+        for (path, fd) in chunk.iter().zip(inj.run_batch(&calls)?) {
+            files.insert((path.to_string(), false), fd);
+        }
+    }
+    inj.reset_scratch();
+    Ok(files)
 }
 
 /// Checks that a page record from the image falls inside a mapping that carries pages, and

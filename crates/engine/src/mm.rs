@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use nix::unistd::Pid;
 use telefork_image::{FileId, MmFields};
 
-use crate::inject::Injector;
+use crate::inject::{Call, Injector};
 
 pub fn capture(pid: Pid, inj: &mut Injector) -> Result<MmFields> {
     let stat = crate::procfs::read_stat(pid)?;
@@ -110,13 +110,14 @@ pub fn restore(inj: &mut Injector, mm: &MmFields) -> Result<()> {
     // it as bytes for the copy into the process is sound.
     let bytes = unsafe { std::slice::from_raw_parts(&map as *const PrctlMmMap as *const u8, std::mem::size_of::<PrctlMmMap>()) };
     let addr = inj.stage(bytes)?;
-    let r = inj.syscall(
+    let mut calls = vec![Call::new(
         libc::SYS_prctl,
         &[libc::PR_SET_MM as u64, libc::PR_SET_MM_MAP as u64, addr, bytes.len() as u64, 0],
         "setting the mm fields (prctl PR_SET_MM_MAP)",
-    );
+    )];
     if exe_fd != u32::MAX as u64 {
-        inj.syscall(libc::SYS_close, &[exe_fd], "closing the executable")?;
+        // (If the prctl fails the fd stays open: the half-made process is killed anyway.)
+        calls.push(Call::new(libc::SYS_close, &[exe_fd], "closing the executable"));
     }
-    r.map(|_| ())
+    inj.run_batch(&calls).map(|_| ())
 }

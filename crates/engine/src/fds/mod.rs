@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Context, Result};
 use nix::unistd::Pid;
 
-use crate::inject::Injector;
+use crate::inject::{Call, Injector};
 use telefork_image::{Fd, FdKind};
 
 pub mod path;
@@ -244,7 +244,24 @@ pub fn restore(inj: &mut Injector, fds: &[Fd]) -> Result<()> {
         }
     }
 
-    inj.syscall(libc::SYS_close_range, &[3, u32::MAX as u64, 0], "closing the restorer's fds: close_range(3, ~0)")?;
+    // The restorer's fds closed, RLIMIT_NOFILE read, the inherited stdio fds' close-on-exec
+    // flags set: one batch.
+    let lim = inj.alloc_zeroed(16)?;
+    let mut calls = vec![
+        Call::new(libc::SYS_close_range, &[3, u32::MAX as u64, 0], "closing the restorer's fds: close_range(3, ~0)"),
+        Call::new(libc::SYS_prlimit64, &[0, libc::RLIMIT_NOFILE as u64, 0, lim], "reading RLIMIT_NOFILE: prlimit64"),
+    ];
+    let inherited: Vec<&Fd> = fds.iter().filter(|f| matches!(f.kind, FdKind::InheritedStdio)).collect();
+    calls.extend(inherited.iter().map(|m| stdio::set_cloexec_call(m)));
+    let mut from = 0;
+    while let Err((i, errno)) = inj.try_batch(&calls[from..])? {
+        let i = from + i;
+        match inherited.get(i.wrapping_sub(2)) {
+            Some(m) if errno == libc::EBADF => stdio::warn_missing(m),
+            _ => bail!("{}: {}", calls[i].what, std::io::Error::from_raw_os_error(errno)),
+        }
+        from = i + 1;
+    }
     for n in 0..=2 {
         if !seen.contains(&n) {
             // Not open in the image: close ours (EBADF if the stub has none is fine).
@@ -259,8 +276,6 @@ pub fn restore(inj: &mut Injector, fds: &[Fd]) -> Result<()> {
     // have lowered its soft limit below fds it already had open: lift the soft limit while
     // placing the fds, and put it back after.
     let max_fd = fds.iter().map(|f| f.fd as u64).max().unwrap_or(0);
-    let lim = inj.alloc_zeroed(16)?;
-    inj.syscall(libc::SYS_prlimit64, &[0, libc::RLIMIT_NOFILE as u64, 0, lim], "reading RLIMIT_NOFILE: prlimit64")?;
     let mut b = [0u8; 16];
     inj.read_mem(lim, &mut b)?;
     let soft = u64::from_ne_bytes(b[..8].try_into().expect("8 bytes"));
@@ -288,7 +303,7 @@ pub fn restore(inj: &mut Injector, fds: &[Fd]) -> Result<()> {
         }
         inj.reset_scratch(); // each group stages its own path: keep the scratch use bounded
         match &first.kind {
-            FdKind::InheritedStdio => stdio::restore(inj, members)?,
+            FdKind::InheritedStdio => {} // (their flags were set above)
             FdKind::Path { .. } => path::restore(inj, members)?,
         }
     }

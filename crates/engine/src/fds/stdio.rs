@@ -3,10 +3,8 @@
 //! command's own fd of the same number (the restore stub inherited it); only its
 //! close-on-exec flag is taken from the image.
 
-use anyhow::Result;
-
 use super::Probe;
-use crate::inject::Injector;
+use crate::inject::Call;
 use telefork_image::Fd;
 
 /// Major numbers of terminal devices: 4 (virtual consoles, serial), 5 (/dev/tty,
@@ -28,15 +26,16 @@ pub fn is_inherited_stdio(p: &Probe) -> bool {
     (0..=2).contains(&p.fd) && (is_terminal(p) || p.mode & libc::S_IFMT == libc::S_IFIFO)
 }
 
-/// Leaves the inherited fds as they are, but for their close-on-exec flag.
-pub fn restore(inj: &mut Injector, members: &[&Fd]) -> Result<()> {
-    for m in members {
-        let r = inj.syscall_raw(libc::SYS_fcntl, &[m.fd as u64, libc::F_SETFD as u64, if m.cloexec { 1 } else { 0 }])?;
-        if r == -(libc::EBADF as i64) {
-            eprintln!("telefork: warning: fd {} was inherited stdio at capture, but the restoring command has no fd {}: it stays closed", m.fd, m.fd);
-        } else if r < 0 {
-            anyhow::bail!("restoring fd {} (inherited stdio): fcntl(F_SETFD): {}", m.fd, std::io::Error::from_raw_os_error(-r as i32));
-        }
-    }
-    Ok(())
+/// The call that leaves an inherited fd as it is, but for its close-on-exec flag.
+pub fn set_cloexec_call(m: &Fd) -> Call {
+    Call::new(
+        libc::SYS_fcntl,
+        &[m.fd as u64, libc::F_SETFD as u64, if m.cloexec { 1 } else { 0 }],
+        format!("restoring fd {} (inherited stdio): fcntl(F_SETFD)", m.fd),
+    )
+}
+
+/// An fd that was inherited stdio at capture has no counterpart here: it stays closed.
+pub fn warn_missing(m: &Fd) {
+    eprintln!("telefork: warning: fd {} was inherited stdio at capture, but the restoring command has no fd {}: it stays closed", m.fd, m.fd);
 }
