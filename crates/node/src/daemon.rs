@@ -49,6 +49,10 @@ pub fn run(cfg: Config) -> Result<()> {
         std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).ok();
     }
+    // Load the name service modules (passwd/group lookups) once here: every destination
+    // session asks for its process owner's groups, and a session forked before they were
+    // loaded would load them itself, each time (about 5 % of a small telefork's page faults).
+    let _ = crate::dest::groups_of(0, 0);
     let tcp = TcpListener::bind(shared.cfg.listen).with_context(|| format!("listening on {}", shared.cfg.listen))?;
     let unix = bind_unix(&shared.cfg.socket)?;
     log(&format!(

@@ -292,7 +292,7 @@ fn drop_image(mut ch: &TlsChannel, image_bytes: u64) {
 
 /// The groups `uid` has on this node (its primary group and the supplementary groups of
 /// its name here); just the primary group for a user this node does not know.
-fn groups_of(uid: u32, gid: u32) -> Vec<u32> {
+pub(crate) fn groups_of(uid: u32, gid: u32) -> Vec<u32> {
     let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).ok().flatten();
     let mut groups = match user {
         Some(u) => match std::ffi::CString::new(u.name) {
