@@ -26,5 +26,12 @@ pub mod timeline;
 pub mod uffd;
 
 pub use capture::{dump, DumpOptions, DumpSummary};
+
+/// Learns what this CPU offers, once per process. CPUID and XGETBV trap to the hypervisor
+/// in a VM (microseconds each): a daemon calls this before it forks its sessions, which
+/// inherit the answers instead of asking again each time.
+pub fn learn_cpu() {
+    arch::native::learn_cpu();
+}
 pub use self_send::PageRoute;
 pub use restore::{restore, RestoreOptions, Restored};

@@ -53,6 +53,10 @@ pub fn run(cfg: Config) -> Result<()> {
     // session asks for its process owner's groups, and a session forked before they were
     // loaded would load them itself, each time (about 5 % of a small telefork's page faults).
     let _ = crate::dest::groups_of(0, 0);
+    // Likewise what the CPU offers (the engine's and std's caches: CPUID traps in a VM) and
+    // ring's CPU features (its first use in each session would detect them again).
+    telefork_engine::learn_cpu();
+    let _ = ring::digest::digest(&ring::digest::SHA256, b"telefork");
     let tcp = TcpListener::bind(shared.cfg.listen).with_context(|| format!("listening on {}", shared.cfg.listen))?;
     let unix = bind_unix(&shared.cfg.socket)?;
     log(&format!(

@@ -24,6 +24,13 @@ pub fn restore(tid: Pid, cpu: &CpuState) -> Result<()> {
 }
 
 /// XSAVE feature bits used by a captured state (for the image header).
+/// Asks the CPU, once, what this process will want to know (see `crate::learn_cpu`).
+pub fn learn_cpu() {
+    let _ = xstate::local_xcr0();
+    // (std's own feature cache, which crc32fast and others consult.)
+    let _ = std::arch::is_x86_feature_detected!("avx2");
+}
+
 pub fn xfeatures(cpu: &CpuState) -> u64 {
     let CpuState::X86_64(c) = cpu;
     xstate::used_features(&c.xsave)
