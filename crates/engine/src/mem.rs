@@ -515,49 +515,68 @@ fn write_pages_spliced<W: std::io::Write + Send>(
 pub fn fill_pages<R: std::io::Read + Send>(inj: &mut Injector, vmas: &[Vma], reader: &mut telefork_image::ImageReader<R>) -> Result<(u64, u64)> {
     let pid = inj.pid();
     let uffd = RemoteUffd::open(inj, &uffd_ranges(vmas))?;
-    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<Option<(u64, Vec<u8>)>>>(BUFFERS);
-    let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
-    for _ in 0..BUFFERS {
-        let _ = empty_tx.send(Vec::new());
-    }
-    let (total, by_uffd) = std::thread::scope(|scope| {
-        scope.spawn(move || loop {
-            let Ok(spare) = empty_rx.recv() else { return };
-            let r = reader.next_pages_owned(spare).map_err(anyhow::Error::from);
-            let stop = !matches!(r, Ok(Some(_)));
-            if full_tx.send(r).is_err() || stop {
-                return;
+    let (mut total, mut by_uffd) = (0u64, 0u64);
+    let mut place = |inj: &mut Injector, addr: u64, data: &[u8]| -> Result<()> {
+        let vma = check_page_run(vmas, addr, data.len() as u64)?;
+        match &uffd {
+            Some(u) if u.covers(addr, data.len() as u64) => {
+                u.copy(addr, data)?;
+                by_uffd += data.len() as u64;
             }
-        });
-        let (mut total, mut by_uffd) = (0u64, 0u64);
-        loop {
-            let Some((addr, buf)) = full_rx.recv().context("the image reader stopped")?? else { break };
-            let data = &buf[8..];
-            let vma = check_page_run(vmas, addr, data.len() as u64)?;
-            match &uffd {
-                Some(u) if u.covers(addr, data.len() as u64) => {
-                    u.copy(addr, data)?;
-                    by_uffd += data.len() as u64;
+            _ => {
+                // Populating costs one injected call: worth it for big runs only.
+                if data.len() >= POPULATE_MIN && initial_prot(vma) & libc::PROT_WRITE as u32 != 0 {
+                    // Best effort: an old kernel without MADV_POPULATE_WRITE just faults later.
+                    let _ = inj.syscall_raw(libc::SYS_madvise, &[addr, data.len() as u64, MADV_POPULATE_WRITE]);
                 }
-                _ => {
-                    // Populating costs one injected call: worth it for big runs only.
-                    if data.len() >= POPULATE_MIN && initial_prot(vma) & libc::PROT_WRITE as u32 != 0 {
-                        // Best effort: an old kernel without MADV_POPULATE_WRITE just faults later.
-                        let _ = inj.syscall_raw(libc::SYS_madvise, &[addr, data.len() as u64, MADV_POPULATE_WRITE]);
-                    }
-                    write_remote(inj, pid, addr, data)?;
-                }
+                write_remote(inj, pid, addr, data)?;
             }
-            total += data.len() as u64;
-            let _ = empty_tx.send(buf);
         }
-        drop(empty_tx);
-        Ok::<_, anyhow::Error>((total, by_uffd))
-    })?;
+        total += data.len() as u64;
+        Ok(())
+    };
+    if !is_big(vmas) {
+        // Small: read and place in turn (a reader thread costs more than it saves here).
+        let mut buf = Vec::new();
+        while let Some((addr, b)) = reader.next_pages_owned(buf)? {
+            place(inj, addr, &b[8..])?;
+            buf = b;
+        }
+    } else {
+        // Big: a reader thread reads (and checks) the next records while we place these.
+        let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<Option<(u64, Vec<u8>)>>>(BUFFERS);
+        let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        for _ in 0..BUFFERS {
+            let _ = empty_tx.send(Vec::new());
+        }
+        std::thread::scope(|scope| {
+            scope.spawn(move || loop {
+                let Ok(spare) = empty_rx.recv() else { return };
+                let r = reader.next_pages_owned(spare).map_err(anyhow::Error::from);
+                let stop = !matches!(r, Ok(Some(_)));
+                if full_tx.send(r).is_err() || stop {
+                    return;
+                }
+            });
+            loop {
+                let Some((addr, buf)) = full_rx.recv().context("the image reader stopped")?? else { break };
+                place(inj, addr, &buf[8..])?;
+                let _ = empty_tx.send(buf);
+            }
+            drop(empty_tx);
+            Ok::<_, anyhow::Error>(())
+        })?;
+    }
     if let Some(u) = uffd {
         u.release()?;
     }
     Ok((total, by_uffd))
+}
+
+/// Whether the image's private memory is big enough to want both CPUs and a reader thread
+/// while it is placed (more than 64 MiB of anonymous mappings).
+pub fn is_big(vmas: &[Vma]) -> bool {
+    vmas.iter().filter(|v| v.kind == VmaKind::Anon).map(|v| v.end - v.start).sum::<u64>() > 64 << 20
 }
 
 /// The mappings whose pages are placed through userfaultfd: private anonymous memory (the

@@ -419,7 +419,7 @@ fn shape<R: Read + Send>(stub: &mut Stub, img: &ProcessImage, reader: &mut Image
     signals::restore_process(inj, img)?;
     tl.mark("mm, misc, fds, signals");
     // A big transfer wants both CPUs (a reader thread verifies records while we place them).
-    let big = img.vmas.iter().filter(|v| v.kind == VmaKind::Anon).map(|v| v.end - v.start).sum::<u64>() > 64 << 20;
+    let big = mem::is_big(&img.vmas);
     cpus.widen(big);
     let filled = mem::fill_pages(inj, &img.vmas, reader);
     cpus.widen(false);
