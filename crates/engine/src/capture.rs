@@ -164,6 +164,9 @@ fn capture_frozen<W: Write + Send>(f: &Frozen, out: W, opts: &DumpOptions) -> Re
         w = w.without_page_checksums();
     }
     w.write_process(&image).context("writing the process record")?;
+    // On its way now: a restorer at the other end of a connection creates the mappings and
+    // sets up everything else while we read the pages.
+    w.flush().context("sending the process record")?;
     let route = opts.page_route.as_ref().filter(|_| opts.skip_page_checksums).map(|r| (&mut inj, r));
     let page_bytes = mem::write_pages(pid, &image.vmas, &mut w, route)?;
     let out = w.finish().context("finishing the image")?;

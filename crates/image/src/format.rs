@@ -157,6 +157,13 @@ impl<W: Write> ImageWriter<W> {
         Ok(())
     }
 
+    /// Sends what was written so far on its way (flushes the sink): a reader at the other end
+    /// of a stream can start on the process record while the pages are still being read.
+    pub fn flush(&mut self) -> Result<()> {
+        self.out.flush()?;
+        Ok(())
+    }
+
     /// Writes the trailer and returns the sink (flushed).
     pub fn finish(mut self) -> Result<W> {
         let t = Trailer { page_records: self.page_records, page_bytes: self.page_bytes };
