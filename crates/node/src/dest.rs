@@ -42,9 +42,9 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
     };
     drop((stdin_r, stdout_w, stderr_w));
     let pid = restored.pid;
-    log(&format!("restored process {pid} of user {} from {origin}", user.uid));
     ch.set_recv_timeout(None);
     ch.send(&FromDest::Started { pid: pid.as_raw() })?;
+    log(&format!("restored process {pid} of user {} from {origin}", user.uid));
     let pidfd = pidfd_open(pid.as_raw())?;
     let ch = Arc::new(ch);
     let exited = Arc::new(AtomicBool::new(false));

@@ -124,11 +124,16 @@ fn store_report(shared: &Shared, pid: Option<i32>, value: &[u8]) -> Result<()> {
 
 fn status_field(pid: i32, key: &str) -> Result<i64> {
     let s = telefork_engine::procfs::read_text(&format!("/proc/{pid}/status")).with_context(|| format!("process {pid} is gone"))?;
-    s.lines()
+    status_value(&s, key).with_context(|| format!("no {key} in /proc/{pid}/status"))
+}
+
+/// The (first) number of line `key:` of a /proc/PID/status text.
+fn status_value(status: &str, key: &str) -> Option<i64> {
+    status
+        .lines()
         .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(':')))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .with_context(|| format!("no {key} in /proc/{pid}/status"))
 }
 
 /// A connection made ahead of time: (node name, channel).
@@ -191,10 +196,12 @@ fn send_away(
     let t0 = std::time::Instant::now();
     let ms = |t: std::time::Instant| t.duration_since(t0).as_secs_f64() * 1e3;
     let caller = caller.context("caller has no PID")?;
-    if child <= 0 || status_field(child, "PPid")? != caller as i64 {
+    let status = if child > 0 { telefork_engine::procfs::read_text(&format!("/proc/{child}/status")).ok() } else { None };
+    let field = |key: &str| status.as_deref().and_then(|s| status_value(s, key));
+    if field("PPid") != Some(caller as i64) {
         bail!("process {child} is not a child of the calling process {caller}");
     }
-    if status_field(child, "Uid")? != user.uid as i64 {
+    if field("Uid") != Some(user.uid as i64) {
         bail!("process {child} does not belong to the calling user {}", user.uid);
     }
     wait_self_stopped(child)?;
@@ -311,6 +318,7 @@ fn send_away(
 /// destination.
 fn wait_self_stopped(child: i32) -> Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut spins = 0;
     loop {
         let stat = telefork_engine::procfs::read_text(&format!("/proc/{child}/stat")).with_context(|| format!("process {child} is gone"))?;
         let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).unwrap_or("");
@@ -318,6 +326,12 @@ fn wait_self_stopped(child: i32) -> Result<()> {
             "T" | "t" => return Ok(()),
             "Z" | "X" => bail!("process {child} exited before it could be sent"),
             _ if std::time::Instant::now() > deadline => bail!("process {child} did not stop within 10 s"),
+            // (The program asks right after its fork: the child is usually a few system
+            // calls away from its stop. Give it the CPU a few times before sleeping.)
+            _ if spins < 20 => {
+                spins += 1;
+                std::thread::yield_now();
+            }
             _ => std::thread::sleep(Duration::from_micros(50)),
         }
     }
