@@ -169,8 +169,9 @@ fn capture_frozen<W: Write + Send>(f: &Frozen, out: W, opts: &DumpOptions) -> Re
     w.flush().context("sending the process record")?;
     let route = opts.page_route.as_ref().filter(|_| opts.skip_page_checksums).map(|r| (&mut inj, r));
     let page_bytes = mem::write_pages(pid, &image.vmas, &mut w, route)?;
-    let out = w.finish().context("finishing the image")?;
     tl.mark("pages");
+    let out = w.finish().context("finishing the image")?;
+    tl.mark("sent");
     tl.report("capture");
     let summary = DumpSummary { pid: pid.as_raw(), vmas: image.vmas.len(), fds: image.fds.len(), page_bytes };
     Ok((out, summary))
