@@ -862,6 +862,24 @@ fn refuse_changed_file() {
     );
 }
 
+/// A file the process had open has become a FIFO by restore time: the restore must fail,
+/// naming it, not wait forever for a writer.
+#[test]
+fn refuse_file_that_became_a_fifo() {
+    let exe = compile_c("fds.c", "refuse_fifo", &[]);
+    let mut run = Run::new("refuse_fifo", exe);
+    assert!(run.start(&[]));
+    run.dump(DUMP_TIMEOUT);
+    // (high.txt is open read-only: a blocking open of a FIFO that way waits for a writer)
+    let f = run.dir.path().join("high.txt");
+    fs::remove_file(&f).unwrap();
+    let path = std::ffi::CString::new(f.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o644) }, 0, "mkfifo {}", f.display());
+    let err = restore_must_fail(&mut run, "an image whose open file became a FIFO");
+    assert!(err.contains("high.txt") && err.contains("FIFO"), "refuse_fifo: the error must name the file and say what it is now; it was:\n{err}");
+}
+
 /// An image may only reach files its owner can open: the image of a root process whose
 /// executable lives in a root-only (0700) directory, given to another owner (nobody), must
 /// be refused — the restorer (root) could open that file, the owner cannot.

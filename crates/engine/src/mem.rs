@@ -512,9 +512,15 @@ fn write_pages_spliced<W: std::io::Write + Send>(
 /// faulting page by page) and copying with process_vm_writev (or /proc/PID/mem where the
 /// mapping is not writable). Returns the number of bytes written, and how many of them went
 /// through userfaultfd.
-pub fn fill_pages<R: std::io::Read + Send>(inj: &mut Injector, vmas: &[Vma], reader: &mut telefork_image::ImageReader<R>) -> Result<(u64, u64)> {
+/// The new process's userfaultfd with its private anonymous mappings registered, for
+/// `fill_pages` (None where userfaultfd is absent, forbidden or turned off). Opened before the
+/// image's limits are in place (a low RLIMIT_NOFILE would refuse it).
+pub fn open_uffd(inj: &mut Injector, vmas: &[Vma]) -> Result<Option<RemoteUffd>> {
+    RemoteUffd::open(inj, &uffd_ranges(vmas))
+}
+
+pub fn fill_pages<R: std::io::Read + Send>(inj: &mut Injector, vmas: &[Vma], reader: &mut telefork_image::ImageReader<R>, uffd: Option<RemoteUffd>) -> Result<(u64, u64)> {
     let pid = inj.pid();
-    let uffd = RemoteUffd::open(inj, &uffd_ranges(vmas))?;
     let (mut total, mut by_uffd) = (0u64, 0u64);
     let mut place = |inj: &mut Injector, addr: u64, data: &[u8]| -> Result<()> {
         let vma = check_page_run(vmas, addr, data.len() as u64)?;

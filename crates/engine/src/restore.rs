@@ -90,7 +90,8 @@ pub fn restore_into<R: Read + Send>(stub: Option<Stub>, input: R, opts: &Restore
             tl.note("into a stub prepared ahead of time".to_string());
             s
         }
-        _ => {
+        other => {
+            drop(other); // (a prepared stub in the way: gone before its replacement is made)
             let s = Stub::spawn(img.pid, opts.stdio, &img.vmas)?;
             tl.mark("spawn and empty the stub");
             s
@@ -237,7 +238,8 @@ fn spawn_stub(want_pid: i32, stdio: Option<[std::os::fd::RawFd; 3]>) -> Result<(
         args.set_tid_size = 1;
     }
     // SAFETY: clone3 without CLONE_VM behaves like fork(): the child gets a copy of our
-    // memory. `args` and `tid` live across the call. This program is single-threaded here.
+    // memory. `args` and `tid` live across the call. Other threads may exist (a daemon
+    // session's), so the child makes only async-signal-safe system calls before it stops.
     let mut r = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>()) };
     if r < 0 && want_pid > 0 {
         // PID taken (EEXIST) or not permitted: fork semantics, a new PID.
@@ -410,6 +412,7 @@ fn shape<R: Read + Send>(stub: &mut Stub, img: &ProcessImage, reader: &mut Image
     // not. (The full identity is set last, `creds::restore`; these are its file-access parts.)
     act_as_owner_for_files(inj, &img.creds)?;
     mem::create_mappings(inj, &img.vmas)?;
+    let uffd = mem::open_uffd(inj, &img.vmas)?;
     tl.mark("mappings");
     // What needs only the process record, done while the pages are still on their way (none
     // of it touches the image's memory).
@@ -421,7 +424,7 @@ fn shape<R: Read + Send>(stub: &mut Stub, img: &ProcessImage, reader: &mut Image
     // A big transfer wants both CPUs (a reader thread verifies records while we place them).
     let big = mem::is_big(&img.vmas);
     cpus.widen(big);
-    let filled = mem::fill_pages(inj, &img.vmas, reader);
+    let filled = mem::fill_pages(inj, &img.vmas, reader, uffd);
     cpus.widen(false);
     let (page_bytes, by_uffd) = filled?;
     tl.note(format!("{by_uffd} of {page_bytes} page bytes placed through userfaultfd"));
@@ -431,6 +434,7 @@ fn shape<R: Read + Send>(stub: &mut Stub, img: &ProcessImage, reader: &mut Image
     // the rest.
     mem::finish(inj, &img.vmas)?;
     let thread = &img.threads[0];
+    threads::restore_pending(inj, thread, pid)?;
     inj.reset_scratch();
     let mut last = threads::restore_calls(inj, thread, pid)?;
     // The parent-death signal the stub set for itself (an image never has one: it is not

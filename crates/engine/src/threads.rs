@@ -145,9 +145,10 @@ fn read_prefix(inj: &Injector, addr: u64, len: usize) -> Vec<u8> {
     out
 }
 
-/// The system calls that restore everything of `t` but the CPU state and the blocked mask,
-/// in the thread the injector drives, whose tid is now `new_tid`; to be run in one batch
-/// (their memory is staged in the scratch area), then `restore_after`.
+/// The system calls that restore everything of `t` but the CPU state, the blocked mask and
+/// the pending signals (`restore_pending`), in the thread the injector drives, whose tid is
+/// now `new_tid`; to be run in one batch (their memory is staged in the scratch area), then
+/// `restore_after`.
 pub fn restore_calls(inj: &mut Injector, t: &ThreadState, new_tid: Pid) -> Result<Vec<Call>> {
     let tid = t.tid;
     let mut calls = Vec::new();
@@ -201,17 +202,27 @@ pub fn restore_calls(inj: &mut Injector, t: &ThreadState, new_tid: Pid) -> Resul
         &[t.robust_list, len],
         format!("restoring the robust futex list of thread {tid}: set_robust_list"),
     ));
-    // Signals pending for this thread, each siginfo staged on its own.
-    for si in &t.pending {
-        let sig = crate::signals::siginfo_signo(si)?;
-        let info = inj.stage(&si.0)?;
-        calls.push(Call::new(
-            libc::SYS_rt_tgsigqueueinfo,
-            &[new_tid.as_raw() as u64, new_tid.as_raw() as u64, sig as u64, info],
-            format!("re-queueing signal {sig} pending for thread {tid}: rt_tgsigqueueinfo"),
-        ));
-    }
     Ok(calls)
+}
+
+/// Queues the signals pending for thread `t` again (they stay blocked until the process is
+/// let go), in batches of 256, each siginfo staged on its own.
+pub fn restore_pending(inj: &mut Injector, t: &ThreadState, new_tid: Pid) -> Result<()> {
+    for chunk in t.pending.chunks(256) {
+        inj.reset_scratch();
+        let mut calls = Vec::with_capacity(chunk.len());
+        for si in chunk {
+            let sig = crate::signals::siginfo_signo(si)?;
+            let info = inj.stage(&si.0)?;
+            calls.push(Call::new(
+                libc::SYS_rt_tgsigqueueinfo,
+                &[new_tid.as_raw() as u64, new_tid.as_raw() as u64, sig as u64, info],
+                format!("re-queueing signal {sig} pending for thread {}: rt_tgsigqueueinfo", t.tid),
+            ));
+        }
+        inj.run_batch(&calls)?;
+    }
+    Ok(())
 }
 
 /// What must follow the batch of `restore_calls`: glibc's cached tid, rewritten where the

@@ -53,6 +53,12 @@ pub fn run(cfg: Config) -> Result<()> {
     // session asks for its process owner's groups, and a session forked before they were
     // loaded would load them itself, each time (about 5 % of a small telefork's page faults).
     let _ = crate::dest::groups_of(0, 0);
+    // (Closing what the lookups may have left open, so no session shares it.)
+    // SAFETY: plain libc calls without arguments; no other thread exists yet.
+    unsafe {
+        libc::endpwent();
+        libc::endgrent();
+    }
     // Likewise what the CPU offers (the engine's and std's caches: CPUID traps in a VM) and
     // ring's CPU features (its first use in each session would detect them again).
     telefork_engine::learn_cpu();

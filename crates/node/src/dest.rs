@@ -24,6 +24,9 @@ use telefork_engine::restore::{restore_into, Stub};
 
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a connection may wait for its offer (a connection made ahead of time).
+pub const OFFER_WAIT: Duration = Duration::from_secs(40);
+
 pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
     let ch = match TlsChannel::server(shared.server_tls.clone(), sock, HANDSHAKE_TIMEOUT) {
         Ok(ch) => ch,
@@ -43,7 +46,12 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
     drop((stdin_r, stdout_w, stderr_w));
     let pid = restored.pid;
     ch.set_recv_timeout(None);
-    ch.send(&FromDest::Started { pid: pid.as_raw() })?;
+    if let Err(e) = ch.send(&FromDest::Started { pid: pid.as_raw() }) {
+        // Nobody would hear of it again: it must not run on.
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = waitpid(pid, None);
+        return Err(e).context(format!("telling {origin} that process {pid} runs (it was killed)"));
+    }
     log(&format!("restored process {pid} of user {} from {origin}", user.uid));
     let pidfd = pidfd_open(pid.as_raw())?;
     let ch = Arc::new(ch);
@@ -237,7 +245,7 @@ fn receive(shared: &Shared, ch: &TlsChannel, origin: &str, stdio: [RawFd; 3]) ->
 /// node's limits and accepts it: (owner, pass_stdin, plain_image, the file that counts
 /// this session among the owner's), or `None` if refused.
 fn answer_offer(shared: &Shared, ch: &TlsChannel, origin: &str) -> Result<Option<(User, bool, bool, RemoveOnDrop)>> {
-    ch.set_recv_timeout(Some(Duration::from_secs(40)));
+    ch.set_recv_timeout(Some(OFFER_WAIT));
     let offer: ToDest = match ch.recv() {
         Ok(Some(o)) => o,
         Ok(None) | Err(_) => return Ok(None),
@@ -265,7 +273,7 @@ fn answer_offer(shared: &Shared, ch: &TlsChannel, origin: &str) -> Result<Option
         log(&format!("refused a process from {origin}: {reason}"));
         ch.send(&FromDest::Refused { reason })?;
         if image_follows {
-            drop_image(ch, image_bytes);
+            drop_image(ch);
         }
         return Ok(None);
     }
@@ -276,16 +284,16 @@ fn answer_offer(shared: &Shared, ch: &TlsChannel, origin: &str) -> Result<Option
     Ok(Some((user, pass_stdin, plain_image, counted)))
 }
 
-/// Reads and drops an image sent with its (refused) offer, until the origin, having read
-/// the refusal, closes the connection; at most its announced size and 1 MiB more (within
-/// the channel's receive timeout), so the origin is not cut off mid-send.
-fn drop_image(mut ch: &TlsChannel, image_bytes: u64) {
-    let mut left = image_bytes.min(64 << 20) + (1 << 20);
+/// Reads and drops an image sent with its (refused) offer until the origin, having read the
+/// refusal, closes the connection (so it is not cut off mid-send and gets the reason); for
+/// at most 30 s.
+fn drop_image(mut ch: &TlsChannel) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let mut buf = vec![0u8; 64 << 10];
-    while left > 0 {
+    while std::time::Instant::now() < deadline {
         match ch.read(&mut buf) {
             Ok(0) | Err(_) => return,
-            Ok(n) => left = left.saturating_sub(n as u64),
+            Ok(_) => {}
         }
     }
 }

@@ -136,8 +136,13 @@ fn status_value(status: &str, key: &str) -> Option<i64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// A connection made ahead of time: (node name, channel).
-type Prepared = (String, TlsChannel);
+/// A connection made ahead of time: (node name, channel, when it was made).
+type Prepared = (String, TlsChannel, std::time::Instant);
+
+/// A destination drops a prepared connection left unused for `dest::OFFER_WAIT` (40 s); one
+/// older than this is not trusted to be there for an image sent without waiting for the
+/// answer.
+const PREPARED_FRESH: Duration = Duration::from_secs(30);
 
 /// Connects to `dest` and completes the TLS handshake now, for a telefork that may follow.
 fn prepare(shared: &Shared, dest: &str) -> Option<Prepared> {
@@ -145,7 +150,7 @@ fn prepare(shared: &Shared, dest: &str) -> Option<Prepared> {
     let sock = connect(addr, Duration::from_secs(5)).ok()?;
     let ch = TlsChannel::client(shared.client_tls.clone(), crate::tls::server_name(&name).ok()?, sock, crate::dest::HANDSHAKE_TIMEOUT).ok()?;
     check_peer_name(&ch, Some(&name)).ok()?;
-    Some((name, ch))
+    Some((name, ch, std::time::Instant::now()))
 }
 
 /// Offers the process on `ch`; true if accepted (an error if refused).
@@ -207,18 +212,24 @@ fn send_away(
     wait_self_stopped(child)?;
     let t_stopped = std::time::Instant::now();
     let (name, addr) = shared.cfg.resolve(dest)?;
-    let image_bytes = status_field(child, "VmRSS").unwrap_or(0).max(0) as u64 * 1024;
+    // (Resident and swapped out: swapped pages travel too.)
+    let image_bytes = (status_field(child, "VmRSS").unwrap_or(0).max(0) + status_field(child, "VmSwap").unwrap_or(0).max(0)) as u64 * 1024;
     let plain_image = shared.cfg.transport.image == crate::config::ImageTransport::Plain;
     // A small encrypted image follows its offer at once: one round trip less. A big one waits
     // for the answer (a refused one would be sent for nothing), and so does a plain one (its
     // raw bytes must not reach the destination while it still reads TLS records ahead).
-    let image_follows = !plain_image && image_bytes <= FOLLOWS_OFFER_MAX;
+    let prepared = prepared.filter(|(n, _, _)| *n == name);
+    // (A prepared connection near its destination's idle limit gets the offer alone first
+    // and its answer awaited: if it has just been dropped, that shows before any image byte
+    // is sent, and we connect anew.)
+    let stale = prepared.as_ref().is_some_and(|(_, _, made)| made.elapsed() >= PREPARED_FRESH);
+    let image_follows = !plain_image && image_bytes <= FOLLOWS_OFFER_MAX && !stale;
     let the_offer = ToDest::Offer { user: user.clone(), origin: shared.cfg.node.clone(), image_bytes, pass_stdin, plain_image, image_follows };
     // The connection made ahead of time, if it goes there and is still there (a destination
     // drops one left unused for a while; then connect anew — nothing was sent yet).
     let mut ch = None;
     let mut how = "connected";
-    if let Some((pname, pch)) = prepared.filter(|(n, _)| *n == name) {
+    if let Some((pname, pch, _)) = prepared {
         let sent = if !image_follows {
             offer(&pch, &pname, &the_offer)
         } else if still_open(&pch) {

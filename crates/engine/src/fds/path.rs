@@ -88,9 +88,12 @@ pub fn restore(inj: &mut Injector, members: &[&Fd]) -> Result<()> {
 
     let open_flags = (*flags as i32 & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL)) | libc::O_CLOEXEC;
     let path = inj.stage_cstr(&id.path)?;
+    // Opened non-blocking: had the path become a FIFO, a blocking open would wait for a
+    // writer forever (and the restore with it). The type is checked next, and the flag put
+    // back after.
     let tmp = inj.syscall(
         libc::SYS_openat,
-        &[libc::AT_FDCWD as i64 as u64, path, open_flags as u32 as u64, 0],
+        &[libc::AT_FDCWD as i64 as u64, path, (open_flags | libc::O_NONBLOCK) as u32 as u64, 0],
         format!("{what}: open"),
     )?;
 
@@ -103,6 +106,11 @@ pub fn restore(inj: &mut Injector, members: &[&Fd]) -> Result<()> {
     let (want, want_name) = expected_type(id, *directory);
     if fmt != want {
         bail!("{what}: the path is now {}, it was {want_name}", type_name(fmt));
+    }
+
+    if *flags as i32 & (libc::O_NONBLOCK | libc::O_PATH) == 0 {
+        // (F_SETFL takes the status flags only; the access mode and creation flags are ignored.)
+        inj.syscall(libc::SYS_fcntl, &[tmp, libc::F_SETFL as u64, open_flags as u32 as u64], format!("{what}: fcntl(F_SETFL)"))?;
     }
 
     if *pos != 0 && *flags as i32 & libc::O_PATH == 0 {
