@@ -44,14 +44,7 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
         return Ok(()); // no process came, or it was refused or failed (and the origin told)
     };
     drop((stdin_r, stdout_w, stderr_w));
-    let pid = restored.pid;
-    ch.set_recv_timeout(None);
-    if let Err(e) = ch.send(&FromDest::Started { pid: pid.as_raw() }) {
-        // Nobody would hear of it again: it must not run on.
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        let _ = waitpid(pid, None);
-        return Err(e).context(format!("telling {origin} that process {pid} runs (it was killed)"));
-    }
+    let pid = restored.pid; // (the origin was told it runs: `receive`)
     log(&format!("restored process {pid} of user {} from {origin}", user.uid));
     let pidfd = pidfd_open(pid.as_raw())?;
     let ch = Arc::new(ch);
@@ -160,7 +153,8 @@ struct Received {
 /// A restore job, handed to the thread that prepared the process to restore into.
 type RestoreJob<'a> = Box<dyn FnOnce(Option<Stub>) -> Result<telefork_engine::Restored> + Send + 'a>;
 
-/// Takes the offer, answers it, and restores the image that follows; `None` if no offer
+/// Takes the offer, answers it, restores the image that follows and tells the origin it
+/// runs (from the restoring thread, at once); `None` if no offer
 /// came or it was refused or failed (the origin was told).
 ///
 /// The process to restore into is made as soon as the connection is up, by a thread of its
@@ -198,7 +192,7 @@ fn receive(shared: &Shared, ch: &TlsChannel, origin: &str, stdio: [RawFd; 3]) ->
         let t_started_ref = &t_started;
         let job: RestoreJob<'_> = Box::new(move |stub| {
             let _ = t_started_ref.set(std::time::Instant::now());
-            if plain_image {
+            let restored = if plain_image {
                 // The image arrives on the TCP socket beneath TLS. The origin sends nothing
                 // after it until we answer, so nothing the buffer reads ahead can belong to TLS.
                 let raw = ch.raw_socket()?;
@@ -209,6 +203,7 @@ fn receive(shared: &Shared, ch: &TlsChannel, origin: &str, stdio: [RawFd; 3]) ->
                         Ok(r)
                     } else {
                         let _ = nix::sys::signal::kill(r.pid, nix::sys::signal::Signal::SIGKILL);
+                        let _ = waitpid(r.pid, None);
                         bail!("the origin sent {} bytes past the end of the image", input.buffer().len())
                     }
                 });
@@ -217,7 +212,17 @@ fn receive(shared: &Shared, ch: &TlsChannel, origin: &str, stdio: [RawFd; 3]) ->
             } else {
                 // (No buffer in between: the channel keeps the opened records itself.)
                 restore_into(stub, LimitedReader { inner: ch, left: max }, &opts)
+            }?;
+            // Told from here, as soon as it runs (not after this thread has ended).
+            let pid = restored.pid;
+            ch.set_recv_timeout(None);
+            if let Err(e) = ch.send(&FromDest::Started { pid: pid.as_raw() }) {
+                // Nobody would hear of it again: it must not run on.
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                let _ = waitpid(pid, None);
+                return Err(e).context(format!("telling the origin that process {pid} runs (it was killed)"));
             }
+            Ok(restored)
         });
         let restored = match job_tx.send(job) {
             Ok(()) => restorer.join().unwrap_or_else(|_| Some(Err(anyhow::anyhow!("the restoring thread panicked")))),
