@@ -86,32 +86,60 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
             }
         });
     }
-    // Each pump says when its pipe is drained (end of file), so the exit status can follow
-    // the last output at once.
-    let (drained_tx, drained_rx) = std::sync::mpsc::channel::<()>();
-    for (fd, is_out) in [(stdout_r, true), (stderr_r, false)] {
-        let ch = ch.clone();
-        let drained = drained_tx.clone();
-        std::thread::spawn(move || {
-            let _drained = DropSignal(drained);
-            let mut f = File::from(fd);
-            let mut buf = vec![0u8; 64 << 10];
-            loop {
-                match f.read(&mut buf) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => {
-                        let data = buf[..n].to_vec();
-                        let msg = if is_out { FromDest::Stdout { data } } else { FromDest::Stderr { data } };
-                        if ch.send(&msg).is_err() {
-                            return;
-                        }
+    // The child's output and its end, in this thread: one poll over its two output pipes and
+    // its pidfd (no pump threads to wake and join before the exit status can go). Output goes
+    // to the origin as it comes; the exit status only after what the child wrote last.
+    let mut pipes = [Some((File::from(stdout_r), true)), Some((File::from(stderr_r), false))];
+    let mut buf = vec![0u8; 64 << 10];
+    let mut child_ended = false;
+    // (After the child's end, a grandchild may keep a pipe open: don't wait for it forever.)
+    let mut drain_until = None;
+    loop {
+        let mut fds: Vec<libc::pollfd> = pipes.iter().flatten().map(|(f, _)| libc::pollfd { fd: f.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+        if !child_ended {
+            fds.push(libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+        }
+        if fds.is_empty() {
+            break; // both pipes at their end and the child gone
+        }
+        let timeout = match drain_until {
+            Some(t) => {
+                let left = std::time::Instant::saturating_duration_since(&t, std::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                left.as_millis().clamp(1, i32::MAX as u128) as i32
+            }
+            None => -1,
+        };
+        // SAFETY: `fds` is a valid array of pollfd for the length given.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if n < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(std::io::Error::last_os_error()).context("waiting for the restored process's output");
+        }
+        for p in fds.iter().filter(|p| p.revents != 0) {
+            if p.fd == pidfd.as_raw_fd() {
+                child_ended = true;
+                drain_until = Some(std::time::Instant::now() + Duration::from_secs(2));
+                continue;
+            }
+            let Some(slot) = pipes.iter_mut().find(|s| s.as_ref().is_some_and(|(f, _)| f.as_raw_fd() == p.fd)) else { continue };
+            let Some((f, is_out)) = slot.as_mut() else { continue };
+            match f.read(&mut buf) {
+                Ok(0) | Err(_) => *slot = None, // its end
+                Ok(n) => {
+                    let data = buf[..n].to_vec();
+                    let msg = if *is_out { FromDest::Stdout { data } } else { FromDest::Stderr { data } };
+                    if ch.send(&msg).is_err() {
+                        *slot = None; // the origin is gone (the command thread kills the child)
                     }
                 }
             }
-        });
+        }
     }
-    drop(drained_tx);
-
     let status = loop {
         match waitpid(pid, None) {
             Ok(WaitStatus::Exited(_, code)) => break ExitInfo::Code(code),
@@ -121,15 +149,6 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
         }
     };
     exited.store(true, Ordering::SeqCst);
-    // Let the pumps drain what the child wrote last (a grandchild may keep a pipe open:
-    // don't wait for it forever).
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
-    for _ in 0..2 {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if drained_rx.recv_timeout(left).is_err() {
-            break;
-        }
-    }
     let result_file = shared.results_dir().join(pid.as_raw().to_string());
     if let Ok(value) = std::fs::read(&result_file) {
         std::fs::remove_file(&result_file).ok();
@@ -335,15 +354,6 @@ impl<R: Read> Read for LimitedReader<R> {
         let n = self.inner.read(&mut buf[..max])?;
         self.left -= n as u64;
         Ok(n)
-    }
-}
-
-/// Sends `()` when dropped (a thread's "I am done", however it ends).
-struct DropSignal(std::sync::mpsc::Sender<()>);
-
-impl Drop for DropSignal {
-    fn drop(&mut self) {
-        let _ = self.0.send(());
     }
 }
 
