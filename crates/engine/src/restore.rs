@@ -305,16 +305,6 @@ fn empty(pid: Pid, vmas: &[Vma]) -> Result<Emptied> {
     ptrace::set_sigmask(pid, ALL_SIGNALS_BLOCKED)?;
     let mut inj = Injector::new(pid, arch::own_syscall_insn())?;
 
-    // The fork inherited this command's rseq registration; its area is about to vanish.
-    if let Some(r) = ptrace::rseq_config(pid)? {
-        const RSEQ_FLAG_UNREGISTER: u64 = 1;
-        inj.syscall(
-            libc::SYS_rseq,
-            &[r.abi_pointer, r.abi_size as u64, RSEQ_FLAG_UNREGISTER, r.signature as u64],
-            "unregistering the inherited rseq area",
-        )?;
-    }
-
     let stub_maps = procfs::read_maps(pid)?;
     let specials = stub_specials(&stub_maps);
     let special_total: u64 = specials.iter().map(|(_, s, e)| e - s).sum();
@@ -337,11 +327,26 @@ fn empty(pid: Pid, vmas: &[Vma]) -> Result<Emptied> {
     inj.set_batch_code_area(control + 64)?;
     inj.set_scratch(control + PAGE, CONTROL_LEN - PAGE);
 
-    // Park the kernel's special pages, then unmap everything else of the fork.
+    // One batch: the inherited rseq registration dropped (its area is about to vanish, and
+    // the kernel writes into it on every return to user mode), the kernel's special pages
+    // parked, everything else of the fork unmapped.
+    let mut calls = Vec::new();
+    if let Some(r) = ptrace::rseq_config(pid)? {
+        const RSEQ_FLAG_UNREGISTER: u64 = 1;
+        calls.push(Call::new(
+            libc::SYS_rseq,
+            &[r.abi_pointer, r.abi_size as u64, RSEQ_FLAG_UNREGISTER, r.signature as u64],
+            "unregistering the inherited rseq area",
+        ));
+    }
     let mut parked = Vec::new();
     let mut at = parking;
     for (kind, s, e) in &specials {
-        move_mapping(&mut inj, *s, e - s, at)?;
+        calls.push(Call::new(
+            libc::SYS_mremap,
+            &[*s, e - s, e - s, (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64, at],
+            format!("parking the kernel's {kind:?} at {at:#x}"),
+        ));
         parked.push((*kind, at, e - s));
         at += e - s;
     }
@@ -351,16 +356,19 @@ fn empty(pid: Pid, vmas: &[Vma]) -> Result<Emptied> {
     let parking_end = at.max(parking + PAGE);
     let mut keep = [(control, control + CONTROL_LEN), (parking, parking_end)];
     keep.sort_unstable();
-    let mut unmaps = Vec::new();
     let mut from = 0u64;
     for (s, e) in keep.into_iter().chain([(TASK_SIZE, TASK_SIZE)]) {
         if s > from {
-            unmaps.push(Call::new(libc::SYS_munmap, &[from, s - from], format!("unmapping {from:#x}-{s:#x} of the fork")));
+            calls.push(Call::new(libc::SYS_munmap, &[from, s - from], format!("unmapping {from:#x}-{s:#x} of the fork")));
         }
         from = from.max(e);
     }
     // (Anything left would make create_mappings' MAP_FIXED_NOREPLACE fail, loudly.)
-    inj.run_batch(&unmaps)?;
+    for (c, r) in calls.iter().zip(inj.run_batch(&calls)?) {
+        if c.nr == libc::SYS_mremap && r != c.args[4] {
+            bail!("parking {:#x} landed at {r:#x} instead of {:#x}", c.args[0], c.args[4]);
+        }
+    }
     Ok(Emptied { inj, control, parked, parking: (parking, parking_end) })
 }
 
@@ -495,21 +503,6 @@ fn stub_specials(maps: &[procfs::MapsEntry]) -> Vec<(SpecialMap, u64, u64)> {
             Some((k, m.start, m.end))
         })
         .collect()
-}
-
-fn move_mapping(inj: &mut Injector, from: u64, len: u64, to: u64) -> Result<()> {
-    if from == to {
-        return Ok(());
-    }
-    let got = inj.syscall(
-        libc::SYS_mremap,
-        &[from, len, len, (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64, to],
-        format_args!("moving {from:#x}-{:#x} to {to:#x}", from + len),
-    )?;
-    if got != to {
-        bail!("moving {from:#x} landed at {got:#x} instead of {to:#x}");
-    }
-    Ok(())
 }
 
 /// An address range of `len` bytes free in the image, in the fork, and apart from `taken`.
