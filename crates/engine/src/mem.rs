@@ -324,12 +324,19 @@ pub fn write_pages<W: std::io::Write + Send>(pid: Pid, vmas: &[Vma], out: &mut I
         }
     }
     if total <= INLINE_MAX {
-        // Small: one thread, one buffer (a second thread costs more than it saves here).
+        // Small: one thread, one buffer (a second thread costs more than it saves here),
+        // sent on every 64 KiB so the other end places pages while we read the next.
         let mut buf = Vec::new();
+        let mut unsent = 0u64;
         for &(addr, len) in &runs {
             buf.resize(len as usize, 0);
             read_remote(pid, &mem, addr, &mut buf)?;
             out.write_pages(addr, &buf).context("writing the image")?;
+            unsent += len;
+            if unsent >= 64 << 10 {
+                out.flush().context("sending the image")?;
+                unsent = 0;
+            }
         }
         return Ok(total);
     }
