@@ -77,7 +77,7 @@ pub struct RemoteChild {
     /// The PID on `node`; None while a background transfer is still under way.
     pid: Option<i32>,
     /// The stopped local copy, until the destination runs the child.
-    local: Option<Pid>,
+    local: Option<LocalCopy>,
     /// The local copy once ended (the daemon kills it as the child runs there): reaped
     /// without blocking when it can be, else by `wait` or on drop.
     dying: Option<Pid>,
@@ -210,7 +210,8 @@ fn hand_over(conn: UnixStream, child: Pid, dest: &str, opts: &Options) -> Result
     // The daemon bounds every step with its own timeouts; this only guards against a hung
     // daemon.
     conn.set_read_timeout(Some(Duration::from_secs(600))).ok();
-    let mut rc = RemoteChild { node: dest.to_string(), pid: None, local: Some(child), dying: None, conn, status: None, result: None };
+    let local = LocalCopy::new(child);
+    let mut rc = RemoteChild { node: dest.to_string(), pid: None, local: Some(local), dying: None, conn, status: None, result: None };
     if opts.background {
         return Ok(rc);
     }
@@ -278,9 +279,9 @@ impl RemoteChild {
         self.node = node;
         self.pid = Some(pid);
         if let Some(local) = self.local.take() {
-            let _ = kill(local, Signal::SIGKILL);
-            if !matches!(waitpid(local, Some(WaitPidFlag::WNOHANG)), Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) | Err(_)) {
-                self.dying = Some(local);
+            local.kill();
+            if !matches!(waitpid(local.pid, Some(WaitPidFlag::WNOHANG)), Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) | Err(_)) {
+                self.dying = Some(local.pid);
             }
         }
     }
@@ -333,8 +334,8 @@ impl RemoteChild {
             FromDaemon::Failed { error } => {
                 // A background transfer failed: the local copy is still stopped; end it.
                 if let Some(local) = self.local.take() {
-                    let _ = kill(local, Signal::SIGKILL);
-                    let _ = waitpid(local, None);
+                    local.kill();
+                    let _ = waitpid(local.pid, None);
                 }
                 return Err(Error::Failed(error));
             }
@@ -346,6 +347,37 @@ impl RemoteChild {
             other => return Err(Error::Lost(format!("unexpected message {other:?}"))),
         }
         Ok(())
+    }
+}
+
+/// The stopped local copy of a telefork, and a pidfd on it: killed through the pidfd, never
+/// by a number that could name another process by then (a program's own SIGCHLD handler may
+/// reap children with waitpid(-1)).
+struct LocalCopy {
+    pid: Pid,
+    pidfd: Option<std::os::fd::OwnedFd>,
+}
+
+impl LocalCopy {
+    fn new(pid: Pid) -> LocalCopy {
+        // SAFETY: pidfd_open takes plain integers and returns a new fd or -1. The child is
+        // ours and not reaped, so the PID is still its own.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+        // SAFETY: a fresh fd owned by nobody else.
+        let pidfd = (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) });
+        LocalCopy { pid, pidfd }
+    }
+
+    fn kill(&self) {
+        match &self.pidfd {
+            // SAFETY: plain integers; a NULL siginfo means "as kill(2) would".
+            Some(fd) => unsafe {
+                libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0);
+            },
+            None => {
+                let _ = kill(self.pid, Signal::SIGKILL); // (no pidfds: a kernel before 5.3)
+            }
+        }
     }
 }
 
