@@ -816,7 +816,12 @@ fn refuse_socket() {
 
 /// Starts `simple` under a test-specific name and dumps it.
 fn simple_dumped(name: &str) -> Run {
-    let exe = compile_c("simple.c", name, &[]);
+    c_dumped("simple.c", name)
+}
+
+/// Target `source` (a C file of tests/zdtm) built, started and dumped, as run `name`.
+fn c_dumped(source: &str, name: &str) -> Run {
+    let exe = compile_c(source, name, &[]);
     let mut run = Run::new(name, exe);
     assert!(run.start(&[]));
     run.dump(DUMP_TIMEOUT);
@@ -842,10 +847,7 @@ fn restore_must_fail(run: &mut Run, what: &str) -> String {
 
 #[test]
 fn refuse_changed_file() {
-    let exe = compile_c("file_mappings.c", "refuse_changed_file", &[]);
-    let mut run = Run::new("refuse_changed_file", exe);
-    assert!(run.start(&[]));
-    run.dump(DUMP_TIMEOUT);
+    let mut run = c_dumped("file_mappings.c", "refuse_changed_file");
     // rewrite the privately mapped file: same size, other contents, a later mtime
     let f = run.dir.path().join("private.bin");
     let mut data = fs::read(&f).unwrap();
@@ -866,10 +868,7 @@ fn refuse_changed_file() {
 /// naming it, not wait forever for a writer.
 #[test]
 fn refuse_file_that_became_a_fifo() {
-    let exe = compile_c("fds.c", "refuse_fifo", &[]);
-    let mut run = Run::new("refuse_fifo", exe);
-    assert!(run.start(&[]));
-    run.dump(DUMP_TIMEOUT);
+    let mut run = c_dumped("fds.c", "refuse_fifo");
     // (high.txt is open read-only: a blocking open of a FIFO that way waits for a writer)
     let f = run.dir.path().join("high.txt");
     fs::remove_file(&f).unwrap();

@@ -14,6 +14,7 @@ pub mod fds;
 pub mod inject;
 pub mod mem;
 pub mod misc;
+pub mod pidfd;
 pub mod pin;
 pub mod mm;
 pub mod procfs;

@@ -10,8 +10,6 @@
 /// optionally a tracee's, narrowed to the same CPU.
 pub struct CpuPin {
     original: Option<libc::cpu_set_t>,
-    /// The CPU we are pinned to while pinned, else `NOT_PINNED`.
-    cpu: AtomicUsize,
     /// The tracee pinned with us and its own original set.
     tracee: Option<(libc::pid_t, libc::cpu_set_t)>,
 }
@@ -29,30 +27,16 @@ fn set_affinity(tid: libc::pid_t, set: &libc::cpu_set_t) -> bool {
     unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), set) == 0 }
 }
 
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-
-const NOT_PINNED: usize = usize::MAX;
-
-/// The CPU this thread runs on now.
-fn current_cpu() -> Option<usize> {
-    // SAFETY: sched_getcpu takes nothing.
-    let cpu = unsafe { libc::sched_getcpu() };
-    usize::try_from(cpu).ok()
-}
-
-/// The set holding only `cpu`.
-fn only(cpu: usize) -> libc::cpu_set_t {
-    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes inside the set we own.
-    unsafe {
-        let mut one: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut one);
-        one
-    }
-}
-
 /// The set holding only the CPU this thread runs on now.
 fn this_cpu() -> Option<libc::cpu_set_t> {
-    current_cpu().map(only)
+    // SAFETY: sched_getcpu takes nothing; a zeroed cpu_set_t is the empty set; CPU_SET
+    // writes inside the set we own.
+    unsafe {
+        let cpu = usize::try_from(libc::sched_getcpu()).ok()?;
+        let mut one: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut one);
+        Some(one)
+    }
 }
 
 /// Moves thread `pid` to the CPU this thread runs on now, for good (best effort).
@@ -65,7 +49,7 @@ pub fn move_here(pid: libc::pid_t) {
 impl CpuPin {
     /// Pins this thread (best effort: where affinity cannot be read or set, nothing changes).
     pub fn here() -> CpuPin {
-        let pin = CpuPin { original: get_affinity(0), cpu: AtomicUsize::new(NOT_PINNED), tracee: None };
+        let pin = CpuPin { original: get_affinity(0), tracee: None };
         pin.widen(false);
         pin
     }
@@ -88,10 +72,8 @@ impl CpuPin {
         let Some(original) = &self.original else { return };
         if wide {
             set_affinity(0, original);
-            self.cpu.store(NOT_PINNED, Relaxed);
-        } else if let Some(cpu) = current_cpu() {
-            set_affinity(0, &only(cpu));
-            self.cpu.store(cpu, Relaxed);
+        } else if let Some(one) = this_cpu() {
+            set_affinity(0, &one);
         }
     }
 
@@ -99,12 +81,16 @@ impl CpuPin {
     /// one CPU) to the other CPUs of our original set, if there are any: work beside ours,
     /// not in turns with it.
     pub fn elsewhere(&self) {
-        let cpu = self.cpu.load(Relaxed);
-        let Some(original) = self.original.as_ref().filter(|_| cpu != NOT_PINNED) else { return };
+        // (The CPU we are pinned to is the set this thread inherited.)
+        let (Some(original), Some(inherited)) = (&self.original, get_affinity(0)) else { return };
         let mut others = *original;
-        // SAFETY: CPU_CLR and CPU_COUNT work inside the set we own.
+        // SAFETY: CPU_ISSET, CPU_CLR and CPU_COUNT work inside sets we own.
         let any = unsafe {
-            libc::CPU_CLR(cpu, &mut others);
+            for cpu in 0..libc::CPU_SETSIZE as usize {
+                if libc::CPU_ISSET(cpu, &inherited) {
+                    libc::CPU_CLR(cpu, &mut others);
+                }
+            }
             libc::CPU_COUNT(&others) > 0
         };
         set_affinity(0, if any { &others } else { original });

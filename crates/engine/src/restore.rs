@@ -2,15 +2,17 @@
 //!
 //! 1. Check the image against this machine before anything is created: architecture, page
 //!    size, CPU features, kernel build (for the vDSO), every mapped file still the same.
-//! 2. Make the new process: a fork of this command (clone3, with the image's PID when that PID
-//!    is free), which stops itself under our ptrace at once. It never runs a line of its
-//!    own code again: from here on we drive it by injecting system calls (`inject`).
-//! 3. Empty it: a small control area (a `syscall` instruction and scratch memory) is mapped
-//!    where the image has nothing, the kernel's [vdso]/[vvar] pages are set aside, and every
-//!    other mapping of the fork is unmapped.
-//! 4. Shape it: the image's mappings are created, its pages streamed in through
-//!    /proc/PID/mem, protections set; the [vdso]/[vvar] pages moved to the image's addresses;
-//!    mm fields, cwd/umask/limits, fds, signals and thread state set, credentials last.
+//! 2. Make the new process (a `Stub`, made ahead of time while the image is on its way, or
+//!    now): a fork of this command (clone3, with the image's PID when that PID is free), which
+//!    stops itself under our ptrace at once. It never runs a line of its own code again: from
+//!    here on we drive it by injecting system calls (`inject`), mostly in batches.
+//! 3. Empty it: a small control area (a `syscall` instruction, the batch runner and scratch
+//!    memory) is mapped where the image has nothing, the kernel's [vdso]/[vvar] pages are set
+//!    aside, and every other mapping of the fork is unmapped.
+//! 4. Shape it: the [vdso]/[vvar] pages moved to the image's addresses, the image's mappings
+//!    created; mm fields, cwd/umask/limits, fds and signal actions set while the pages are
+//!    still coming; the pages placed (through the process's userfaultfd where it can be had),
+//!    protections set; thread state and credentials last, in one batch.
 //! 5. Let it go: the control area is unmapped (the last injected call), the registers, XSAVE
 //!    area and blocked mask are set, and ptrace detaches. The process continues where it was
 //!    captured.
@@ -342,11 +344,7 @@ fn empty(pid: Pid, vmas: &[Vma]) -> Result<Emptied> {
     let mut parked = Vec::new();
     let mut at = parking;
     for (kind, s, e) in &specials {
-        calls.push(Call::new(
-            libc::SYS_mremap,
-            &[*s, e - s, e - s, (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64, at],
-            format!("parking the kernel's {kind:?} at {at:#x}"),
-        ));
+        calls.push(move_call(*s, e - s, at, format!("parking the kernel's {kind:?} at {at:#x}")));
         parked.push((*kind, at, e - s));
         at += e - s;
     }
@@ -364,11 +362,7 @@ fn empty(pid: Pid, vmas: &[Vma]) -> Result<Emptied> {
         from = from.max(e);
     }
     // (Anything left would make create_mappings' MAP_FIXED_NOREPLACE fail, loudly.)
-    for (c, r) in calls.iter().zip(inj.run_batch(&calls)?) {
-        if c.nr == libc::SYS_mremap && r != c.args[4] {
-            bail!("parking {:#x} landed at {r:#x} instead of {:#x}", c.args[0], c.args[4]);
-        }
-    }
+    run_checking_moves(&mut inj, &calls)?;
     Ok(Emptied { inj, control, parked, parking: (parking, parking_end) })
 }
 
@@ -388,11 +382,7 @@ fn shape<R: Read + Send>(stub: &mut Stub, img: &ProcessImage, reader: &mut Image
         match img.vmas.iter().find(|v| v.kind == VmaKind::Special(*kind)) {
             Some(v) if v.end - v.start == *len => {
                 if *at != v.start {
-                    moves.push(Call::new(
-                        libc::SYS_mremap,
-                        &[*at, *len, *len, (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64, v.start],
-                        format!("moving the kernel's {kind:?} to {:#x}", v.start),
-                    ));
+                    moves.push(move_call(*at, *len, v.start, format!("moving the kernel's {kind:?} to {:#x}", v.start)));
                 }
             }
             Some(v) => bail!(
@@ -402,11 +392,7 @@ fn shape<R: Read + Send>(stub: &mut Stub, img: &ProcessImage, reader: &mut Image
             None => moves.push(Call::new(libc::SYS_munmap, &[*at, *len], "unmapping an unused kernel special mapping")),
         }
     }
-    for (c, r) in moves.iter().zip(inj.run_batch(&moves)?) {
-        if c.nr == libc::SYS_mremap && r != c.args[4] {
-            bail!("moving {:#x} landed at {r:#x} instead of {:#x}", c.args[0], c.args[4]);
-        }
-    }
+    run_checking_moves(inj, &moves)?;
     for v in &img.vmas {
         if let VmaKind::Special(k) = v.kind {
             if k != SpecialMap::Vsyscall && !parked.iter().any(|(pk, _, _)| *pk == k) {
@@ -503,6 +489,22 @@ fn stub_specials(maps: &[procfs::MapsEntry]) -> Vec<(SpecialMap, u64, u64)> {
             Some((k, m.start, m.end))
         })
         .collect()
+}
+
+/// A call that moves the `len` bytes mapped at `from` to `to` (mremap, fixed); checked by
+/// `run_checking_moves`.
+fn move_call(from: u64, len: u64, to: u64, what: String) -> Call {
+    Call::new(libc::SYS_mremap, &[from, len, len, (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64, to], what)
+}
+
+/// Runs `calls` in one batch and checks that every move of `move_call` landed where asked.
+fn run_checking_moves(inj: &mut Injector, calls: &[Call]) -> Result<()> {
+    for (c, r) in calls.iter().zip(inj.run_batch(calls)?) {
+        if c.nr == libc::SYS_mremap && r != c.args[4] {
+            bail!("{}: landed at {r:#x} instead of {:#x}", c.what, c.args[4]);
+        }
+    }
+    Ok(())
 }
 
 /// An address range of `len` bytes free in the image, in the fork, and apart from `taken`.

@@ -15,7 +15,7 @@
 //! Written by hand: the `userfaultfd` crate generates its bindings with bindgen at build time
 //! (libclang, absent on our machines) and only creates fds for its own process.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use anyhow::{Context, Result};
 
@@ -154,14 +154,6 @@ impl RemoteUffd {
 
 /// A copy of fd `target_fd` of process `pid` (pidfd_getfd; we trace it, so we may).
 fn take_fd(pid: i32, target_fd: i32) -> Option<OwnedFd> {
-    // SAFETY: plain system calls on integers; each fd returned is new and ours to own.
-    unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
-        if pidfd < 0 {
-            return None;
-        }
-        let pidfd = OwnedFd::from_raw_fd(pidfd as i32);
-        let fd = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target_fd, 0);
-        (fd >= 0).then(|| OwnedFd::from_raw_fd(fd as i32))
-    }
+    let pidfd = crate::pidfd::open(pid).ok()?;
+    crate::pidfd::get_fd(pidfd.as_fd(), target_fd).ok()
 }

@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,7 +46,7 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
     drop((stdin_r, stdout_w, stderr_w));
     let pid = restored.pid; // (the origin was told it runs: `receive`)
     log(&format!("restored process {pid} of user {} from {origin}", user.uid));
-    let pidfd = pidfd_open(pid.as_raw())?;
+    let pidfd = telefork_engine::pidfd::open(pid.as_raw()).context("pidfd_open")?;
     let ch = Arc::new(ch);
     let exited = Arc::new(AtomicBool::new(false));
 
@@ -60,13 +60,13 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
     };
     {
         let (ch, exited) = (ch.clone(), exited.clone());
-        let pidfd = pidfd.as_raw_fd();
+        let pidfd = pidfd.try_clone().context("duplicating the pidfd")?;
         std::thread::spawn(move || {
             let mut stdin_w = stdin_w;
             loop {
                 match ch.recv::<ToDest>() {
                     Ok(Some(ToDest::Kill { signal })) => {
-                        pidfd_send_signal(pidfd, signal);
+                        let _ = telefork_engine::pidfd::send_signal(pidfd.as_fd(), signal);
                     }
                     Ok(Some(ToDest::Stdin { data })) => {
                         if let Some(w) = stdin_w.as_mut() {
@@ -78,7 +78,7 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
                     Ok(None) | Err(_) => {
                         if !exited.load(Ordering::SeqCst) {
                             log(&format!("origin {origin} is gone: killing process {pid}"));
-                            pidfd_send_signal(pidfd, libc::SIGKILL);
+                            let _ = telefork_engine::pidfd::send_signal(pidfd.as_fd(), libc::SIGKILL);
                         }
                         return;
                     }
@@ -173,8 +173,8 @@ struct Received {
 type RestoreJob<'a> = Box<dyn FnOnce(Option<Stub>) -> Result<telefork_engine::Restored> + Send + 'a>;
 
 /// Takes the offer, answers it, restores the image that follows and tells the origin it
-/// runs (from the restoring thread, at once); `None` if no offer
-/// came or it was refused or failed (the origin was told).
+/// runs (from the restoring thread, at once); `None` if no offer came or it was refused or
+/// failed (the origin was told).
 ///
 /// The process to restore into is made as soon as the connection is up, by a thread of its
 /// own (ptrace binds it to the thread that will restore), while the offer is answered and
@@ -221,8 +221,7 @@ fn receive(shared: &Shared, ch: &TlsChannel, origin: &str, stdio: [RawFd; 3]) ->
                     if input.buffer().is_empty() {
                         Ok(r)
                     } else {
-                        let _ = nix::sys::signal::kill(r.pid, nix::sys::signal::Signal::SIGKILL);
-                        let _ = waitpid(r.pid, None);
+                        kill_restored(r.pid);
                         bail!("the origin sent {} bytes past the end of the image", input.buffer().len())
                     }
                 });
@@ -237,8 +236,7 @@ fn receive(shared: &Shared, ch: &TlsChannel, origin: &str, stdio: [RawFd; 3]) ->
             ch.set_recv_timeout(None);
             if let Err(e) = ch.send(&FromDest::Started { pid: pid.as_raw() }) {
                 // Nobody would hear of it again: it must not run on.
-                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-                let _ = waitpid(pid, None);
+                kill_restored(pid);
                 return Err(e).context(format!("telling the origin that process {pid} runs (it was killed)"));
             }
             Ok(restored)
@@ -369,18 +367,8 @@ fn pipe() -> Result<(OwnedFd, OwnedFd)> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating a pipe")
 }
 
-fn pidfd_open(pid: i32) -> Result<OwnedFd> {
-    // SAFETY: pidfd_open takes plain integers and returns a new fd (or -1).
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("pidfd_open");
-    }
-    // SAFETY: `fd` is a fresh descriptor owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// Signals the process behind `pidfd` (never a recycled PID).
-fn pidfd_send_signal(pidfd: i32, signal: i32) {
-    // SAFETY: plain integers; a NULL siginfo means "as kill(2) would".
-    unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd, signal, std::ptr::null::<libc::siginfo_t>(), 0) };
+/// Kills a restored process that must not run on, and reaps it.
+fn kill_restored(pid: nix::unistd::Pid) {
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    let _ = waitpid(pid, None);
 }

@@ -212,8 +212,10 @@ fn send_away(
     wait_self_stopped(child)?;
     let t_stopped = std::time::Instant::now();
     let (name, addr) = shared.cfg.resolve(dest)?;
-    // (Resident and swapped out: swapped pages travel too.)
-    let image_bytes = (status_field(child, "VmRSS").unwrap_or(0).max(0) + status_field(child, "VmSwap").unwrap_or(0).max(0)) as u64 * 1024;
+    // (Resident and swapped out: swapped pages travel too. Read once the child is stopped.)
+    let stopped_status = telefork_engine::procfs::read_text(&format!("/proc/{child}/status")).unwrap_or_default();
+    let kib = |key: &str| status_value(&stopped_status, key).unwrap_or(0).max(0) as u64;
+    let image_bytes = (kib("VmRSS") + kib("VmSwap")) * 1024;
     let plain_image = shared.cfg.transport.image == crate::config::ImageTransport::Plain;
     // A small encrypted image follows its offer at once: one round trip less. A big one waits
     // for the answer (a refused one would be sent for nothing), and so does a plain one (its

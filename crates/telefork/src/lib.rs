@@ -19,7 +19,7 @@
 //! State the library owns: only the connection to the local daemon, held by `RemoteChild`.
 
 use std::io::{IoSlice, Write};
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
@@ -32,6 +32,8 @@ use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 use serde::{de::DeserializeOwned, Serialize};
+use telefork_engine::pidfd;
+use telefork_engine::timeline::Timeline;
 use telefork_node::proto::{self, ExitInfo, FromDaemon, LocalCommand, LocalRequest};
 
 pub use telefork_node::config::{DEFAULT_SOCKET, SOCKET_ENV};
@@ -191,9 +193,8 @@ pub fn telefork_with(dest: &str, opts: &Options) -> Result<Fork, Error> {
 }
 
 fn hand_over(conn: UnixStream, child: Pid, dest: &str, opts: &Options) -> Result<RemoteChild, Error> {
-    let t0 = std::time::Instant::now();
-    let mut steps: Vec<(&str, f64)> = Vec::new();
-    let mut step = |what| steps.push((what, t0.elapsed().as_secs_f64() * 1e3));
+    let mut tl = Timeline::new();
+    let local = LocalCopy::new(child);
     // The daemon waits until the child has stopped itself (only then is it a complete
     // snapshot), so the request goes out at once, while the child is still on its way to
     // the stop.
@@ -206,11 +207,10 @@ fn hand_over(conn: UnixStream, child: Pid, dest: &str, opts: &Options) -> Result
         fds.push(0);
     }
     send_with_fds(&conn, &req, &fds)?;
-    step("request sent");
+    tl.mark("request sent");
     // The daemon bounds every step with its own timeouts; this only guards against a hung
     // daemon.
     conn.set_read_timeout(Some(Duration::from_secs(600))).ok();
-    let local = LocalCopy::new(child);
     let mut rc = RemoteChild { node: dest.to_string(), pid: None, local: Some(local), dying: None, conn, status: None, result: None };
     if opts.background {
         return Ok(rc);
@@ -220,16 +220,16 @@ fn hand_over(conn: UnixStream, child: Pid, dest: &str, opts: &Options) -> Result
         let reply: FromDaemon = proto::expect_frame(&mut r, "the daemon's answer").map_err(|e| Error::Failed(format!("{e:#}")))?;
         match reply {
             FromDaemon::Accepted { node } => {
-                step("accepted");
+                tl.mark("accepted");
                 rc.node = node;
                 if opts.background {
                     break;
                 }
             }
             FromDaemon::Started { node, pid } => {
-                step("started");
+                tl.mark("started");
                 rc.on_started(node, pid);
-                step("local copy reaped");
+                tl.mark("local copy killed");
                 break;
             }
             FromDaemon::Failed { error } => return Err(Error::Failed(error)),
@@ -237,10 +237,7 @@ fn hand_over(conn: UnixStream, child: Pid, dest: &str, opts: &Options) -> Result
         }
     }
     rc.conn.set_read_timeout(None).ok();
-    if std::env::var_os("TELEFORK_DEBUG").is_some() {
-        let parts: Vec<String> = steps.iter().map(|(w, ms)| format!("{w} {ms:.2}")).collect();
-        eprintln!("telefork: ms after fork: {}", parts.join(", "));
-    }
+    tl.report("telefork, in the program after its fork");
     Ok(rc)
 }
 
@@ -360,22 +357,18 @@ struct LocalCopy {
 
 impl LocalCopy {
     fn new(pid: Pid) -> LocalCopy {
-        // SAFETY: pidfd_open takes plain integers and returns a new fd or -1. The child is
-        // ours and not reaped, so the PID is still its own.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
-        // SAFETY: a fresh fd owned by nobody else.
-        let pidfd = (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) });
-        LocalCopy { pid, pidfd }
+        // (The child is ours and not reaped, so the PID is still its own. Without pidfds — a
+        // kernel before 5.3 — it is killed by PID.)
+        LocalCopy { pid, pidfd: pidfd::open(pid.as_raw()).ok() }
     }
 
     fn kill(&self) {
         match &self.pidfd {
-            // SAFETY: plain integers; a NULL siginfo means "as kill(2) would".
-            Some(fd) => unsafe {
-                libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0);
-            },
+            Some(fd) => {
+                let _ = pidfd::send_signal(fd.as_fd(), libc::SIGKILL);
+            }
             None => {
-                let _ = kill(self.pid, Signal::SIGKILL); // (no pidfds: a kernel before 5.3)
+                let _ = kill(self.pid, Signal::SIGKILL);
             }
         }
     }
