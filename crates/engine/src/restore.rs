@@ -78,6 +78,7 @@ pub fn restore<R: Read + Send>(input: R, opts: &RestoreOptions) -> Result<Restor
 /// area happens to lie where the image has memory is set aside for a new one.
 pub fn restore_into<R: Read + Send>(stub: Option<Stub>, input: R, opts: &RestoreOptions) -> Result<Restored> {
     let (mut reader, header) = ImageReader::new(input)?;
+    crate::timeline::stamp("restore header read");
     if opts.skip_page_checksums {
         reader.skip_page_checksums();
     }
@@ -85,6 +86,7 @@ pub fn restore_into<R: Read + Send>(stub: Option<Stub>, input: R, opts: &Restore
     let img = reader.process()?;
     check_process(&img, &header)?;
     check_owner(&img, opts)?;
+    crate::timeline::stamp("restore record read");
 
     let mut tl = Timeline::new();
     let mut stub = match stub {

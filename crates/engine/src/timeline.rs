@@ -26,6 +26,7 @@ impl Timeline {
     }
 
     pub fn mark(&mut self, phase: &'static str) {
+        stamp(phase);
         let now = std::time::Instant::now();
         let trips = injected_so_far().1;
         self.phases.push((phase, (now - self.last).as_secs_f64() * 1e3, trips - self.trips_at_last));
@@ -39,7 +40,7 @@ impl Timeline {
     }
 
     pub fn report(&self, what: &str) {
-        if std::env::var_os("TELEFORK_DEBUG").is_some() {
+        if debugging() {
             // (phase milliseconds, then its ptrace round trips after a slash)
             let parts: Vec<String> = self.phases.iter().map(|(p, ms, trips)| format!("{p} {ms:.2}/{trips}")).collect();
             let (calls, trips) = injected_so_far();
@@ -60,5 +61,24 @@ impl Timeline {
 impl Default for Timeline {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Whether TELEFORK_DEBUG is set (read once per process).
+fn debugging() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("TELEFORK_DEBUG").is_some())
+}
+
+/// With TELEFORK_DEBUG, prints `XT <µs since boot> <pid> <what>` to stderr: a step on the
+/// one clock every process of this machine shares, so that the stamps of the program, its
+/// daemon's session and the destination's (testbed nodes share the machine) merge into one
+/// timeline of a telefork (`scripts/timeline.py`).
+pub fn stamp(what: &str) {
+    if debugging() {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes one timespec we own.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        eprintln!("XT {} {} {what}", ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000, std::process::id());
     }
 }

@@ -36,6 +36,7 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
         }
     };
     let origin = check_peer_name(&ch, None)?;
+    telefork_engine::timeline::stamp("dest handshake done");
     let (stdin_r, stdin_w) = pipe()?;
     let (stdout_r, stdout_w) = pipe()?;
     let (stderr_r, stderr_w) = pipe()?;
@@ -185,6 +186,7 @@ fn receive(shared: &Shared, ch: &TlsChannel, origin: &str, stdio: [RawFd; 3]) ->
     std::thread::scope(|scope| {
         let (job_tx, job_rx) = std::sync::mpsc::channel::<RestoreJob<'_>>();
         let restorer = scope.spawn(move || {
+            telefork_engine::timeline::stamp("dest stub begin");
             let stub = match Stub::prepare(Some(stdio)) {
                 Ok(s) => Some(s),
                 Err(e) => {
@@ -192,12 +194,14 @@ fn receive(shared: &Shared, ch: &TlsChannel, origin: &str, stdio: [RawFd; 3]) ->
                     None
                 }
             };
+            telefork_engine::timeline::stamp("dest stub end");
             job_rx.recv().ok().map(|job| job(stub))
         });
         let Some((user, pass_stdin, plain_image, counted)) = answer_offer(shared, ch, origin)? else {
             return Ok(None); // (dropping job_tx ends the restorer, killing its stub)
         };
         let t_accepted = std::time::Instant::now();
+        telefork_engine::timeline::stamp("dest offer answered");
         let limits = &shared.cfg.limits;
         let max = limits.max_image_bytes.saturating_add(1 << 20);
         let opts = telefork_engine::RestoreOptions {
@@ -211,6 +215,7 @@ fn receive(shared: &Shared, ch: &TlsChannel, origin: &str, stdio: [RawFd; 3]) ->
         let t_started_ref = &t_started;
         let job: RestoreJob<'_> = Box::new(move |stub| {
             let _ = t_started_ref.set(std::time::Instant::now());
+            telefork_engine::timeline::stamp("dest job begins");
             let restored = if plain_image {
                 // The image arrives on the TCP socket beneath TLS. The origin sends nothing
                 // after it until we answer, so nothing the buffer reads ahead can belong to TLS.
@@ -234,7 +239,10 @@ fn receive(shared: &Shared, ch: &TlsChannel, origin: &str, stdio: [RawFd; 3]) ->
             // Told from here, as soon as it runs (not after this thread has ended).
             let pid = restored.pid;
             ch.set_recv_timeout(None);
-            if let Err(e) = ch.send(&FromDest::Started { pid: pid.as_raw() }) {
+            telefork_engine::timeline::stamp("dest restored");
+            let r = ch.send(&FromDest::Started { pid: pid.as_raw() });
+            telefork_engine::timeline::stamp("dest sent Started");
+            if let Err(e) = r {
                 // Nobody would hear of it again: it must not run on.
                 kill_restored(pid);
                 return Err(e).context(format!("telling the origin that process {pid} runs (it was killed)"));

@@ -160,6 +160,7 @@ pub fn telefork(dest: &str) -> Result<Fork, Error> {
 }
 
 pub fn telefork_with(dest: &str, opts: &Options) -> Result<Fork, Error> {
+    telefork_engine::timeline::stamp("lib call");
     let conn = take_connection()?;
     // Output buffered now would otherwise be printed twice, by both processes.
     std::io::stdout().flush().ok();
