@@ -190,7 +190,7 @@ fn dump(pid: i32, out: &Path, leave_running: bool) -> Result<()> {
     let name = out.file_name().context("--out must name a file")?.to_string_lossy().into_owned();
     let tmp = dir.join(format!(".{name}.partial.{}", std::process::id()));
     let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let opts = telefork_engine::DumpOptions { leave_running, inherit_stdio: false, skip_page_checksums: false, page_route: None };
+    let opts = telefork_engine::DumpOptions { leave_running, inherit_stdio: false, skip_page_checksums: false, page_route: None, outside_reader: None };
     let commit = |w: BufWriter<File>| -> Result<()> {
         let f = w.into_inner().map_err(|e| e.into_error()).context("writing the image")?;
         f.sync_all().context("syncing the image to disk")?;

@@ -22,7 +22,7 @@ fn get_affinity(tid: libc::pid_t) -> Option<libc::cpu_set_t> {
     }
 }
 
-fn set_affinity(tid: libc::pid_t, set: &libc::cpu_set_t) -> bool {
+pub(crate) fn set_affinity(tid: libc::pid_t, set: &libc::cpu_set_t) -> bool {
     // SAFETY: sched_setaffinity reads exactly size_of::<cpu_set_t>() bytes of a set we own.
     unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), set) == 0 }
 }
@@ -77,23 +77,22 @@ impl CpuPin {
         }
     }
 
-    /// Moves the calling thread (a helper started while we were pinned, which inherited our
-    /// one CPU) to the other CPUs of our original set, if there are any: work beside ours,
-    /// not in turns with it.
-    pub fn elsewhere(&self) {
-        // (The CPU we are pinned to is the set this thread inherited.)
-        let (Some(original), Some(inherited)) = (&self.original, get_affinity(0)) else { return };
+    /// The CPUs of our original set other than the one we are pinned to (all of the
+    /// original set if there is no other): where a helper thread works beside us, not in
+    /// turns with us.
+    pub fn others(&self) -> Option<libc::cpu_set_t> {
+        let (original, pinned) = (self.original.as_ref()?, this_cpu()?);
         let mut others = *original;
         // SAFETY: CPU_ISSET, CPU_CLR and CPU_COUNT work inside sets we own.
         let any = unsafe {
             for cpu in 0..libc::CPU_SETSIZE as usize {
-                if libc::CPU_ISSET(cpu, &inherited) {
+                if libc::CPU_ISSET(cpu, &pinned) {
                     libc::CPU_CLR(cpu, &mut others);
                 }
             }
             libc::CPU_COUNT(&others) > 0
         };
-        set_affinity(0, if any { &others } else { original });
+        Some(if any { others } else { *original })
     }
 
     /// The original CPU set's bytes, for the restored process.

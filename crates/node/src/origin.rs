@@ -8,6 +8,12 @@
 //! writes the remote child's output to the program's stdout/stderr and passes kill requests
 //! and the exit status between program and destination.
 //!
+//! The connection to the destination is made ahead of time when the program's spare
+//! connection names it (`Prepare`), else by a thread while the child is captured: a small
+//! image's offer and process record need it only once the capture has looked at the child.
+//! The thread that reads the child's /proc files during the capture is started as soon as
+//! the session knows a capture will come.
+//!
 //! The same socket serves the other local requests: `WhoAmI` and a restored process's
 //! `Report` of its `remote` result.
 
@@ -21,6 +27,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use nix::sys::socket::{getsockopt, recvmsg, sockopt::PeerCredentials, ControlMessageOwned, MsgFlags};
 use nix::unistd::Pid;
+use telefork_engine::OutsideReader;
 
 use crate::channel::{check_peer_name, connect, TlsChannel};
 use crate::daemon::{log, Shared};
@@ -31,14 +38,17 @@ pub fn serve(shared: &Shared, mut sock: UnixStream) -> Result<()> {
     let Some((mut req, mut fds)) = recv_first(&sock)? else {
         return Ok(()); // connected and left (a liveness probe): nothing to do
     };
+    // A capture will follow: its /proc reader thread is started now, not on its path.
+    let reader = matches!(req, LocalRequest::Prepare { .. } | LocalRequest::Telefork { .. }).then(OutsideReader::start).and_then(Result::ok);
     // A spare connection says where the next telefork will likely go: connect there now.
     let mut prepared = None;
     if let LocalRequest::Prepare { dest } = &req {
-        prepared = prepare(shared, dest);
+        prepared = Connecting::ahead(shared, dest).ok();
         let Some(next) = recv_first(&sock)? else {
             return Ok(()); // not used after all (the prepared connection just closes)
         };
         (req, fds) = next;
+        telefork_engine::timeline::stamp("origin next request");
     }
     match req {
         LocalRequest::WhoAmI => proto::write_frame(&mut sock, &FromDaemon::Node { name: shared.cfg.node.clone() }),
@@ -57,7 +67,7 @@ pub fn serve(shared: &Shared, mut sock: UnixStream) -> Result<()> {
             // (Accepted, then Started as soon as the destination says so, before the local
             // copy is killed: the program is not held for that.)
             let tell = |msg: FromDaemon| proto::write_frame(&mut to_program, &msg);
-            match send_away(shared, Some(cred.pid()), &user, child_pid, &dest, pass_stdin, prepared, tell) {
+            match send_away(shared, Some(cred.pid()), &user, child_pid, &dest, pass_stdin, prepared, reader.as_ref(), tell) {
                 Ok((ch, _node, _pid)) => relay(ch, sock, fds, pass_stdin),
                 Err(e) => {
                     log(&format!("telefork of process {child_pid} to {dest} failed: {e:#}"));
@@ -136,21 +146,129 @@ fn status_value(status: &str, key: &str) -> Option<i64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// A connection made ahead of time: (node name, channel, when it was made).
-type Prepared = (String, TlsChannel, std::time::Instant);
+/// A connection to a destination (TCP connect, TLS handshake, the peer's name checked):
+/// made ahead of time for a telefork that may follow, or being made by a thread of its own
+/// for a telefork whose capture begins meanwhile.
+struct Connecting {
+    name: String,
+    addr: std::net::SocketAddr,
+    /// Made ahead of time (a spare connection's `Prepare`), not for this telefork.
+    ahead: bool,
+    began: std::time::Instant,
+    made: Made,
+}
+
+enum Made {
+    Done(Box<Result<TlsChannel>>),
+    /// (A thread costs ~0.1-0.3 ms of CPU here: worth it only on a telefork's path.)
+    InThread(std::thread::JoinHandle<Result<TlsChannel>>),
+}
 
 /// A destination drops a prepared connection left unused for `dest::OFFER_WAIT` (40 s); one
 /// older than this is not trusted to be there for an image sent without waiting for the
 /// answer.
 const PREPARED_FRESH: Duration = Duration::from_secs(30);
 
-/// Connects to `dest` and completes the TLS handshake now, for a telefork that may follow.
-fn prepare(shared: &Shared, dest: &str) -> Option<Prepared> {
-    let (name, addr) = shared.cfg.resolve(dest).ok()?;
-    let sock = connect(addr, Duration::from_secs(5)).ok()?;
-    let ch = TlsChannel::client(shared.client_tls.clone(), crate::tls::server_name(&name).ok()?, sock, crate::dest::HANDSHAKE_TIMEOUT).ok()?;
-    check_peer_name(&ch, Some(&name)).ok()?;
-    Some((name, ch, std::time::Instant::now()))
+impl Connecting {
+    /// Connects now (a failure shows when the connection is used: then it connects anew).
+    fn ahead(shared: &Shared, dest: &str) -> Result<Connecting> {
+        let (name, addr) = shared.cfg.resolve(dest)?;
+        let began = std::time::Instant::now();
+        let made = Made::Done(Box::new(connect_tls(shared.client_tls.clone(), &name, addr)));
+        Ok(Connecting { name, addr, ahead: true, began, made })
+    }
+
+    /// Starts connecting in a thread of its own.
+    fn start(shared: &Shared, dest: &str) -> Result<Connecting> {
+        let (name, addr) = shared.cfg.resolve(dest)?;
+        let (tls, node) = (shared.client_tls.clone(), name.clone());
+        let thread = std::thread::Builder::new()
+            .name("connecting".into())
+            .spawn(move || connect_tls(tls, &node, addr))
+            .context("starting a thread to connect")?;
+        Ok(Connecting { name, addr, ahead: false, began: std::time::Instant::now(), made: Made::InThread(thread) })
+    }
+
+    fn finish(self) -> Result<TlsChannel> {
+        match self.made {
+            Made::Done(r) => *r,
+            Made::InThread(t) => t.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the thread connecting to {} panicked", self.name))),
+        }
+    }
+}
+
+/// Connects to node `name` at `addr` and authenticates it.
+fn connect_tls(tls: Arc<rustls::ClientConfig>, name: &str, addr: std::net::SocketAddr) -> Result<TlsChannel> {
+    let sock = connect(addr, Duration::from_secs(5)).with_context(|| format!("cannot reach node {name}"))?;
+    let ch = TlsChannel::client(tls, crate::tls::server_name(name)?, sock, crate::dest::HANDSHAKE_TIMEOUT)
+        .with_context(|| format!("connecting to node {name} at {addr}"))?;
+    check_peer_name(&ch, Some(name))?;
+    Ok(ch)
+}
+
+/// The connection an image goes out on, with its offer sent first, opened when first
+/// needed: a small encrypted image's capture begins while the connection is still being made
+/// and needs it only when the process record goes out (about a millisecond later).
+struct Link<'a> {
+    tls: &'a Arc<rustls::ClientConfig>,
+    offer: &'a ToDest,
+    /// Wait for the answer to the offer before anything else is sent.
+    await_answer: bool,
+    connecting: std::sync::Mutex<Option<Connecting>>,
+    ch: std::sync::OnceLock<TlsChannel>,
+    /// (How it was opened and when, for the log.)
+    opened: std::sync::OnceLock<(&'static str, std::time::Instant)>,
+}
+
+impl Link<'_> {
+    /// The connection, opened now if it is not yet (once: after a failure, only errors).
+    fn channel(&self) -> Result<&TlsChannel> {
+        if let Some(ch) = self.ch.get() {
+            return Ok(ch);
+        }
+        let connecting = self.connecting.lock().map_err(|_| anyhow::anyhow!("connection state poisoned"))?.take();
+        let connecting = connecting.context("the connection to the destination failed")?;
+        let ch = self.open(connecting)?;
+        Ok(self.ch.get_or_init(|| ch))
+    }
+
+    fn open(&self, connecting: Connecting) -> Result<TlsChannel> {
+        let (name, addr, ahead) = (connecting.name.clone(), connecting.addr, connecting.ahead);
+        let offered = |ch: TlsChannel| -> Result<TlsChannel> {
+            if self.await_answer {
+                offer(&ch, &name, self.offer)?;
+            } else {
+                ch.send(self.offer)?;
+            }
+            Ok(ch)
+        };
+        // (A destination drops a connection made ahead of time and left unused for a while:
+        // then connect anew — nothing was sent yet.)
+        let ch = match connecting.finish().and_then(|ch| if still_open(&ch) { Ok(ch) } else { bail!("closed by the destination") }).and_then(offered) {
+            Ok(ch) => {
+                let _ = self.opened.set((if ahead { "prepared connection" } else { "connected" }, std::time::Instant::now()));
+                return Ok(ch);
+            }
+            Err(e) if ahead && e.downcast_ref::<Refused>().is_none() => {
+                log(&format!("the connection prepared to {name} is gone ({e:#}); connecting anew"));
+                connect_tls(self.tls.clone(), &name, addr).and_then(offered)?
+            }
+            Err(e) => return Err(e),
+        };
+        let _ = self.opened.set(("connected anew", std::time::Instant::now()));
+        Ok(ch)
+    }
+}
+
+impl Write for &Link<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut ch = self.channel().map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+        ch.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Offers the process on `ch`; true if accepted (an error if refused).
@@ -195,10 +313,12 @@ fn send_away(
     child: i32,
     dest: &str,
     pass_stdin: bool,
-    prepared: Option<Prepared>,
+    prepared: Option<Connecting>,
+    reader: Option<&OutsideReader>,
     mut tell: impl FnMut(FromDaemon) -> Result<()>,
 ) -> Result<(TlsChannel, String, i32)> {
     let t0 = std::time::Instant::now();
+    telefork_engine::timeline::stamp("origin request");
     let ms = |t: std::time::Instant| t.duration_since(t0).as_secs_f64() * 1e3;
     let caller = caller.context("caller has no PID")?;
     let status = if child > 0 { telefork_engine::procfs::read_text(&format!("/proc/{child}/status")).ok() } else { None };
@@ -209,87 +329,76 @@ fn send_away(
     if field("Uid") != Some(user.uid as i64) {
         bail!("process {child} does not belong to the calling user {}", user.uid);
     }
+    // The connection: the one made ahead of time if it goes there, else one made now by a
+    // thread of its own while the child is checked and captured.
+    let connecting = match prepared.filter(|c| shared.cfg.resolve(dest).is_ok_and(|(n, _)| n == c.name)) {
+        Some(c) => c,
+        None => Connecting::start(shared, dest)?,
+    };
+    let name = connecting.name.clone();
     wait_self_stopped(child)?;
     let t_stopped = std::time::Instant::now();
-    let (name, addr) = shared.cfg.resolve(dest)?;
+    telefork_engine::timeline::stamp("origin stopped");
     // (Resident and swapped out: swapped pages travel too. Read once the child is stopped.)
     let stopped_status = telefork_engine::procfs::read_text(&format!("/proc/{child}/status")).unwrap_or_default();
     let kib = |key: &str| status_value(&stopped_status, key).unwrap_or(0).max(0) as u64;
     let image_bytes = (kib("VmRSS") + kib("VmSwap")) * 1024;
     let plain_image = shared.cfg.transport.image == crate::config::ImageTransport::Plain;
-    // A small encrypted image follows its offer at once: one round trip less. A big one waits
-    // for the answer (a refused one would be sent for nothing), and so does a plain one (its
-    // raw bytes must not reach the destination while it still reads TLS records ahead).
-    let prepared = prepared.filter(|(n, _, _)| *n == name);
-    // (A prepared connection near its destination's idle limit gets the offer alone first
-    // and its answer awaited: if it has just been dropped, that shows before any image byte
-    // is sent, and we connect anew.)
-    let stale = prepared.as_ref().is_some_and(|(_, _, made)| made.elapsed() >= PREPARED_FRESH);
+    // A small encrypted image follows its offer at once: one round trip less, and the capture
+    // begins while the connection is still being made. A big one waits for the answer (a
+    // refused one would be sent for nothing), and so does a plain one (its raw bytes must not
+    // reach the destination while it still reads TLS records ahead). So does one on a
+    // prepared connection near its destination's idle limit: if it has just been dropped,
+    // that shows before any image byte is sent, and we connect anew.
+    let stale = connecting.ahead && connecting.began.elapsed() >= PREPARED_FRESH;
     let image_follows = !plain_image && image_bytes <= FOLLOWS_OFFER_MAX && !stale;
     let the_offer = ToDest::Offer { user: user.clone(), origin: shared.cfg.node.clone(), image_bytes, pass_stdin, plain_image, image_follows };
-    // The connection made ahead of time, if it goes there and is still there (a destination
-    // drops one left unused for a while; then connect anew — nothing was sent yet).
-    let mut ch = None;
-    let mut how = "connected";
-    if let Some((pname, pch, _)) = prepared {
-        let sent = if !image_follows {
-            offer(&pch, &pname, &the_offer)
-        } else if still_open(&pch) {
-            pch.send(&the_offer)
-        } else {
-            Err(anyhow::anyhow!("closed by the destination"))
-        };
-        match sent {
-            Ok(()) => {
-                ch = Some(pch);
-                how = "prepared connection";
-            }
-            Err(e) if e.downcast_ref::<Refused>().is_some() => return Err(e),
-            Err(e) => log(&format!("the connection prepared to {pname} is gone ({e:#}); connecting anew")),
-        }
-    }
-    let t_tls = std::time::Instant::now();
-    let ch = match ch {
-        Some(ch) => ch,
-        None => {
-            let sock = connect(addr, Duration::from_secs(5)).with_context(|| format!("cannot reach node {name}"))?;
-            let server_name = crate::tls::server_name(&name)?;
-            let ch = TlsChannel::client(shared.client_tls.clone(), server_name, sock, crate::dest::HANDSHAKE_TIMEOUT)
-                .with_context(|| format!("connecting to node {name} at {addr}"))?;
-            check_peer_name(&ch, Some(&name))?;
-            if image_follows {
-                ch.send(&the_offer)?;
-            } else {
-                offer(&ch, &name, &the_offer)?;
-            }
-            ch
-        }
+    let link = Link {
+        tls: &shared.client_tls,
+        offer: &the_offer,
+        await_answer: !image_follows,
+        connecting: std::sync::Mutex::new(Some(connecting)),
+        ch: std::sync::OnceLock::new(),
+        opened: std::sync::OnceLock::new(),
     };
     if !image_follows {
+        link.channel()?;
         // (A program that went away meanwhile is noticed by the relay.)
         let _ = tell(FromDaemon::Accepted { node: name.clone() });
     }
-    ch.set_recv_timeout(Some(Duration::from_secs(60)));
-    let t_offered = std::time::Instant::now();
-    let forward = |pipe: std::os::fd::RawFd, len: usize| ch.send_from(pipe, len);
+    // Where the frozen process hands over its own memory (big images only, so on a
+    // connection opened by then): onto the socket (plain), or into a pipe whose bytes are
+    // read straight into TLS records.
+    let forward = |pipe: std::os::fd::RawFd, len: usize| link.channel().map_err(|e| std::io::Error::other(format!("{e:#}")))?.send_from(pipe, len);
+    let page_route = match (plain_image, link.ch.get()) {
+        (true, Some(ch)) => Some(telefork_engine::PageRoute::Socket(ch.raw_fd())),
+        (true, None) => None,
+        (false, _) => Some(telefork_engine::PageRoute::Pipe(&forward)),
+    };
     let opts = telefork_engine::DumpOptions {
         leave_running: false,
         inherit_stdio: true,
         // TLS authenticates every byte; the plain transport is trusted by configuration.
         skip_page_checksums: true,
-        // The frozen process hands over its own memory: onto the socket (plain), or into a
-        // pipe whose bytes are read straight into TLS records.
-        page_route: Some(if plain_image { telefork_engine::PageRoute::Socket(ch.raw_fd()) } else { telefork_engine::PageRoute::Pipe(&forward) }),
+        page_route,
+        outside_reader: reader,
     };
     let mut started = None;
-    let mut t_sent = t_offered;
+    let mut t_sent = t_stopped;
     // The capture streams into the connection; the local copy dies only after the
     // destination says the process runs there.
     // The image goes inside TLS, or (plain) straight onto the TCP socket beneath it.
-    let sink: Box<dyn Write + Send + '_> = if plain_image { Box::new(ch.raw_socket()?) } else { Box::new(&ch) };
+    let sink: Box<dyn Write + Send + '_> = match (plain_image, link.ch.get()) {
+        (true, Some(ch)) => Box::new(ch.raw_socket()?),
+        (true, None) => bail!("a plain image needs its connection opened first"),
+        (false, _) => Box::new(&link),
+    };
     telefork_engine::dump(Pid::from_raw(child), std::io::BufWriter::with_capacity(1 << 20, sink), &opts, |mut w| {
         w.flush().context("sending the image")?;
         t_sent = std::time::Instant::now();
+        telefork_engine::timeline::stamp("origin image flushed");
+        let ch = link.channel()?;
+        ch.set_recv_timeout(Some(Duration::from_secs(60)));
         if image_follows {
             // The answer to the offer, sent while the image was on its way.
             match ch.expect::<FromDest>("the destination's answer")? {
@@ -303,7 +412,9 @@ fn send_away(
         match ch.expect::<FromDest>("the destination's restore result")? {
             FromDest::Started { pid } => {
                 started = Some(pid);
+                telefork_engine::timeline::stamp("origin got Started");
                 let _ = tell(FromDaemon::Started { node: name.clone(), pid });
+                telefork_engine::timeline::stamp("origin told Started");
                 Ok(())
             }
             FromDest::Failed { error } => bail!("node {name} could not restore the process: {error}"),
@@ -311,14 +422,15 @@ fn send_away(
         }
     })
     .with_context(|| format!("sending process {child} to node {name}"))?;
-    ch.set_recv_timeout(None);
     let pid = started.context("destination gave no PID")?;
     let t_end = std::time::Instant::now();
+    let (how, t_offered) = link.opened.get().copied().unwrap_or(("connected", t_end));
+    let ch = link.ch.into_inner().context("no connection to the destination")?;
+    ch.set_recv_timeout(None);
     log(&format!(
-        "process {child} of user {} now runs on {name} as {pid} ({how}; ms since request: stopped {:.2}, connected+TLS {:.2}, offered {:.2}, image sent {:.2}, running {:.2})",
+        "process {child} of user {} now runs on {name} as {pid} ({how}; ms since request: stopped {:.2}, offered {:.2}, image sent {:.2}, running {:.2})",
         user.uid,
         ms(t_stopped),
-        ms(t_tls),
         ms(t_offered),
         ms(t_sent),
         ms(t_end)
