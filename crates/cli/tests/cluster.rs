@@ -747,6 +747,23 @@ fn prepared_connections(c: &Ctx) {
     assert!(gone >= 1, "node1 did not notice the prepared connection was gone:\n{}", c.log("node1"));
 }
 
+/// 14. Fan-out: one program starts a child on each of several nodes before it waits for any
+///     (default and background teleforks). Each later child leaves the earlier handles'
+///     daemon connections and pidfds behind (the capture would refuse them); each child
+///     checks the memory it brought.
+fn fan_out(c: &Ctx) {
+    for mode in [None, Some("--background")] {
+        let mut args = vec!["fanout", "node2,node3,node2,node3"];
+        args.extend(mode);
+        let r = c.probe("node1", &args, Duration::from_secs(60));
+        for i in 0..4 {
+            assert_eq!(r.want(&format!("child {i} exit")), (20 + i).to_string(), "mode {mode:?}:\n{r}");
+        }
+        assert!(r.has("parent ok") && r.get("error").is_none() && r.status.success(), "mode {mode:?}:\n{r}");
+        c.assert_no_user_procs("node1", Duration::from_secs(5), "after the fan-out");
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 
 #[test]
@@ -792,6 +809,7 @@ fn telefork_across_machines() {
         ("11 limits", limits),
         ("12 plain image transport", plain_transport),
         ("13 connections made ahead of time", prepared_connections),
+        ("14 fan-out to several nodes", fan_out),
     ];
     let only = std::env::var("CLUSTER_ONLY").ok();
     let mut failed = vec![];

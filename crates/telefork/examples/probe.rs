@@ -87,7 +87,7 @@ struct ForkOpts {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: probe fork DEST [--exit N] [--big-mb N] [--guarded-mb N] [--print-uid] [--read-stdin] [--pass-stdin] [--background] [--lines N] [--interval-ms N] [--sleep-ms N] [--kill-after-ms N] [--kill-signal S] | probe twice DEST PAUSE_MS | probe remote DEST | probe yoyo DEST");
+    eprintln!("usage: probe fork DEST [--exit N] [--big-mb N] [--guarded-mb N] [--print-uid] [--read-stdin] [--pass-stdin] [--background] [--lines N] [--interval-ms N] [--sleep-ms N] [--kill-after-ms N] [--kill-signal S] | probe twice DEST PAUSE_MS | probe fanout NODE,NODE,... [--background] | probe remote DEST | probe yoyo DEST");
     std::process::exit(2)
 }
 
@@ -266,6 +266,29 @@ fn main() {
                 if i == 11 {
                     out("paused");
                     std::thread::sleep(Duration::from_millis(pause));
+                }
+            }
+            out("parent ok");
+        }
+        "fanout" => {
+            // DEST is a comma-separated list: one child on each, all started before any is
+            // waited for; each checks the memory it brought and exits with 20 + its index.
+            let background = args.get(2).is_some_and(|a| a == "--background");
+            let numbers: Vec<u64> = (1..=100_000u64).collect();
+            let expected: u64 = numbers.iter().sum();
+            let mut children = Vec::new();
+            for (i, node) in dest.split(',').enumerate() {
+                let opts = telefork::Options { background, ..Default::default() };
+                match telefork::telefork_with(node, &opts) {
+                    Ok(telefork::Fork::Child) => std::process::exit(if numbers.iter().sum::<u64>() == expected { 20 + i as i32 } else { 3 }),
+                    Ok(telefork::Fork::Parent(child)) => children.push((i, child)),
+                    Err(e) => out(&format!("error child {i}: {}", e.to_string().replace('\n', " "))),
+                }
+            }
+            for (i, mut child) in children {
+                match child.wait() {
+                    Ok(st) => out(&format!("child {i} exit {}", st.code().unwrap_or(-1))),
+                    Err(e) => out(&format!("error waiting for child {i}: {}", e.to_string().replace('\n', " "))),
                 }
             }
             out("parent ok");

@@ -16,7 +16,8 @@
 //! same `telefork` call with `Fork::Child`. The child's stdout/stderr are relayed to the
 //! parent's, and its exit status comes back to `RemoteChild::wait`.
 //!
-//! State the library owns: only the connection to the local daemon, held by `RemoteChild`.
+//! State the library owns: the connection to the local daemon, held by `RemoteChild` (and
+//! listed in `HELD_FDS`, so that a later telefork's child leaves it behind).
 
 use std::io::{IoSlice, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, RawFd};
@@ -83,7 +84,7 @@ pub struct RemoteChild {
     /// The local copy once ended (the daemon kills it as the child runs there): reaped
     /// without blocking when it can be, else by `wait` or on drop.
     dying: Option<Pid>,
-    conn: UnixStream,
+    conn: Held<UnixStream>,
     status: Option<ExitStatus>,
     result: Option<Vec<u8>>,
 }
@@ -131,6 +132,62 @@ fn take_connection() -> Result<UnixStream, Error> {
     connect_daemon()
 }
 
+/// The fds this program's live telefork handles hold: their daemon connections and the
+/// pidfds of their local copies. A later telefork's child must not take them along (the
+/// capture refuses sockets and pidfds, and they are the parent's), so it closes them before
+/// it stops. Atomic slots, not a locked list: the child of a fork reads them without taking
+/// a lock. Handles beyond the slots keep working, but a later child would carry their fds,
+/// and its capture refuses them, naming the fd.
+const HELD_FD_SLOTS: usize = 1024;
+static HELD_FDS: [AtomicI32; HELD_FD_SLOTS] = [const { AtomicI32::new(-1) }; HELD_FD_SLOTS];
+
+/// An fd-owning value listed in `HELD_FDS` while it lives (taken off before it is closed,
+/// so a number reused meanwhile is never closed in a child by mistake).
+struct Held<T: AsRawFd>(T);
+
+impl<T: AsRawFd> Held<T> {
+    fn new(inner: T) -> Held<T> {
+        let fd = inner.as_raw_fd();
+        let _ = HELD_FDS.iter().find(|slot| slot.compare_exchange(-1, fd, Ordering::SeqCst, Ordering::SeqCst).is_ok());
+        Held(inner)
+    }
+}
+
+impl<T: AsRawFd> Drop for Held<T> {
+    fn drop(&mut self) {
+        let fd = self.0.as_raw_fd();
+        if let Some(slot) = HELD_FDS.iter().find(|slot| slot.load(Ordering::SeqCst) == fd) {
+            slot.store(-1, Ordering::SeqCst);
+        }
+        // (`self.0` is closed after this, when its own drop runs.)
+    }
+}
+
+impl<T: AsRawFd> std::ops::Deref for Held<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T: AsRawFd> std::ops::DerefMut for Held<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.0
+    }
+}
+
+/// In the child of a telefork's fork: closes the fds of the parent's other telefork handles.
+fn close_held_fds_in_child() {
+    for slot in &HELD_FDS {
+        let fd = slot.load(Ordering::Relaxed);
+        if fd >= 0 {
+            // SAFETY: close is async-signal-safe; the fd is this process's copy of one the
+            // parent's handles hold, which nothing in the child uses.
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
 /// Where the last telefork went: the spare connection asks the daemon to connect there ahead
 /// of time (`LocalRequest::Prepare`). Only the parent touches it, never while forking.
 static LAST_DEST: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
@@ -173,6 +230,7 @@ pub fn telefork_with(dest: &str, opts: &Options) -> Result<Fork, Error> {
             // socket); then stop until captured. What runs after `kill` returns runs on `dest`.
             let fd = conn.into_raw_fd();
             let spare = SPARE_CONNECTION.swap(-1, Ordering::SeqCst);
+            close_held_fds_in_child();
             unsafe {
                 libc::close(fd);
                 if spare >= 0 {
@@ -212,12 +270,12 @@ fn hand_over(conn: UnixStream, child: Pid, dest: &str, opts: &Options) -> Result
     // The daemon bounds every step with its own timeouts; this only guards against a hung
     // daemon.
     conn.set_read_timeout(Some(Duration::from_secs(600))).ok();
-    let mut rc = RemoteChild { node: dest.to_string(), pid: None, local: Some(local), dying: None, conn, status: None, result: None };
+    let mut rc = RemoteChild { node: dest.to_string(), pid: None, local: Some(local), dying: None, conn: Held::new(conn), status: None, result: None };
     if opts.background {
         return Ok(rc);
     }
     loop {
-        let mut r = &rc.conn;
+        let mut r = &*rc.conn;
         let reply: FromDaemon = proto::expect_frame(&mut r, "the daemon's answer").map_err(|e| Error::Failed(format!("{e:#}")))?;
         match reply {
             FromDaemon::Accepted { node } => {
@@ -321,11 +379,11 @@ impl RemoteChild {
         if self.status.is_some() {
             return Ok(());
         }
-        proto::write_frame(&mut self.conn, &LocalCommand::Kill { signal }).map_err(|e| Error::Lost(format!("{e:#}")))
+        proto::write_frame(&mut *self.conn, &LocalCommand::Kill { signal }).map_err(|e| Error::Lost(format!("{e:#}")))
     }
 
     fn read_event(&mut self) -> Result<(), Error> {
-        let mut r = &self.conn;
+        let mut r = &*self.conn;
         let ev: FromDaemon = proto::expect_frame(&mut r, "the child's exit status").map_err(|e| Error::Lost(format!("{e:#}")))?;
         match ev {
             FromDaemon::Started { node, pid } => self.on_started(node, pid),
@@ -353,14 +411,14 @@ impl RemoteChild {
 /// reap children with waitpid(-1)).
 struct LocalCopy {
     pid: Pid,
-    pidfd: Option<std::os::fd::OwnedFd>,
+    pidfd: Option<Held<std::os::fd::OwnedFd>>,
 }
 
 impl LocalCopy {
     fn new(pid: Pid) -> LocalCopy {
         // (The child is ours and not reaped, so the PID is still its own. Without pidfds — a
         // kernel before 5.3 — it is killed by PID.)
-        LocalCopy { pid, pidfd: pidfd::open(pid.as_raw()).ok() }
+        LocalCopy { pid, pidfd: pidfd::open(pid.as_raw()).ok().map(Held::new) }
     }
 
     fn kill(&self) {
