@@ -9,7 +9,9 @@ TELEFORK_DEBUG=1 in its environment, run the program with it too (stderr to a fi
 
 prints, for each step, its median time after the program's `telefork` call over all the
 teleforks of the run (the n-th occurrence of a step within one telefork is `step#n`), and
-with --each, every telefork's steps in order.
+with --each, every telefork's steps in order. Each stamp is counted to the program's last
+`telefork` call before it: runs with one telefork at a time only (not fan-outs, background
+teleforks or several programs at once).
 """
 import statistics
 import sys

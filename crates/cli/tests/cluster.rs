@@ -750,7 +750,8 @@ fn prepared_connections(c: &Ctx) {
 /// 14. Fan-out: one program starts a child on each of several nodes before it waits for any
 ///     (default and background teleforks). Each later child leaves the earlier handles'
 ///     daemon connections and pidfds behind (the capture would refuse them); each child
-///     checks the memory it brought.
+///     checks the memory it brought, that its copies of the earlier handles refuse to act,
+///     and that dropping them does not close a file of its own that took their fd number.
 fn fan_out(c: &Ctx) {
     for mode in [None, Some("--background")] {
         let mut args = vec!["fanout", "node2,node3,node2,node3"];

@@ -70,10 +70,11 @@ fn debugging() -> bool {
     *ON.get_or_init(|| std::env::var_os("TELEFORK_DEBUG").is_some())
 }
 
-/// With TELEFORK_DEBUG, prints `XT <µs since boot> <pid> <what>` to stderr: a step on the
-/// one clock every process of this machine shares, so that the stamps of the program, its
-/// daemon's session and the destination's (testbed nodes share the machine) merge into one
-/// timeline of a telefork (`scripts/timeline.py`).
+/// With TELEFORK_DEBUG, prints `XT <µs of CLOCK_MONOTONIC> <pid> <what>` to stderr: a step
+/// on the clock all processes of a machine share (outside time namespaces, which the
+/// testbed does not use), so that the stamps of the program, its daemon's session and the
+/// destination's (testbed nodes share the machine) merge into one timeline of a telefork
+/// (`scripts/timeline.py`).
 pub fn stamp(what: &str) {
     if debugging() {
         let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };

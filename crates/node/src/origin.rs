@@ -67,7 +67,9 @@ pub fn serve(shared: &Shared, mut sock: UnixStream) -> Result<()> {
             // (Accepted, then Started as soon as the destination says so, before the local
             // copy is killed: the program is not held for that.)
             let tell = |msg: FromDaemon| proto::write_frame(&mut to_program, &msg);
-            match send_away(shared, Some(cred.pid()), &user, child_pid, &dest, pass_stdin, prepared, reader.as_ref(), tell) {
+            let sent = send_away(shared, Some(cred.pid()), &user, child_pid, &dest, pass_stdin, prepared, reader.as_ref(), tell);
+            drop(reader); // (not needed while relaying)
+            match sent {
                 Ok((ch, _node, _pid)) => relay(ch, sock, fds, pass_stdin),
                 Err(e) => {
                     log(&format!("telefork of process {child_pid} to {dest} failed: {e:#}"));
@@ -222,6 +224,8 @@ struct Link<'a> {
 
 impl Link<'_> {
     /// The connection, opened now if it is not yet (once: after a failure, only errors).
+    /// Only the capture's thread opens it; a caller from another thread while it opens
+    /// would get an error, not wait.
     fn channel(&self) -> Result<&TlsChannel> {
         if let Some(ch) = self.ch.get() {
             return Ok(ch);
@@ -366,9 +370,10 @@ fn send_away(
         // (A program that went away meanwhile is noticed by the relay.)
         let _ = tell(FromDaemon::Accepted { node: name.clone() });
     }
-    // Where the frozen process hands over its own memory (big images only, so on a
-    // connection opened by then): onto the socket (plain), or into a pipe whose bytes are
-    // read straight into TLS records.
+    // Where the frozen process hands over its own memory (images over the engine's inline
+    // size; used only after the process record went out, so on a connection opened by
+    // then): onto the socket (plain), or into a pipe whose bytes are read straight into TLS
+    // records.
     let forward = |pipe: std::os::fd::RawFd, len: usize| link.channel().map_err(|e| std::io::Error::other(format!("{e:#}")))?.send_from(pipe, len);
     let page_route = match (plain_image, link.ch.get()) {
         (true, Some(ch)) => Some(telefork_engine::PageRoute::Socket(ch.raw_fd())),

@@ -272,7 +272,9 @@ fn main() {
         }
         "fanout" => {
             // DEST is a comma-separated list: one child on each, all started before any is
-            // waited for; each checks the memory it brought and exits with 20 + its index.
+            // waited for; each checks the memory it brought and the copies of the earlier
+            // children's handles, and exits with 20 + its index (3: memory, 4: a copied
+            // handle acted, 5: dropping the copies closed a file of the child's).
             let background = args.get(2).is_some_and(|a| a == "--background");
             let numbers: Vec<u64> = (1..=100_000u64).collect();
             let expected: u64 = numbers.iter().sum();
@@ -280,7 +282,23 @@ fn main() {
             for (i, node) in dest.split(',').enumerate() {
                 let opts = telefork::Options { background, ..Default::default() };
                 match telefork::telefork_with(node, &opts) {
-                    Ok(telefork::Fork::Child) => std::process::exit(if numbers.iter().sum::<u64>() == expected { 20 + i as i32 } else { 3 }),
+                    Ok(telefork::Fork::Child) => {
+                        // The earlier children's handles are the parent's: here they must
+                        // refuse to act, and dropping them must not close a file of ours
+                        // that took one of their old fd numbers.
+                        let ours = std::fs::File::open("/proc/self/stat");
+                        let inert = children.iter_mut().all(|(_, c): &mut (usize, telefork::RemoteChild)| {
+                            matches!(c.wait(), Err(e) if e.to_string().contains("belongs to the process that made it"))
+                        });
+                        drop(std::mem::take(&mut children));
+                        let still_open = ours.is_ok_and(|f| f.metadata().is_ok());
+                        std::process::exit(match (numbers.iter().sum::<u64>() == expected, inert, still_open) {
+                            (true, true, true) => 20 + i as i32,
+                            (false, _, _) => 3,
+                            (_, false, _) => 4,
+                            (_, _, false) => 5,
+                        })
+                    }
                     Ok(telefork::Fork::Parent(child)) => children.push((i, child)),
                     Err(e) => out(&format!("error child {i}: {}", e.to_string().replace('\n', " "))),
                 }

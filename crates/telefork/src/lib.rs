@@ -21,7 +21,7 @@
 
 use std::io::{IoSlice, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, RawFd};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
@@ -137,55 +137,80 @@ fn take_connection() -> Result<UnixStream, Error> {
 /// capture refuses sockets and pidfds, and they are the parent's), so it closes them before
 /// it stops. Atomic slots, not a locked list: the child of a fork reads them without taking
 /// a lock. Handles beyond the slots keep working, but a later child would carry their fds,
-/// and its capture refuses them, naming the fd.
+/// and its capture refuses them, naming the fd; so would a child forked by another thread in
+/// the instant a handle is being made or dropped.
 const HELD_FD_SLOTS: usize = 1024;
 static HELD_FDS: [AtomicI32; HELD_FD_SLOTS] = [const { AtomicI32::new(-1) }; HELD_FD_SLOTS];
 
+/// How many telefork forks this process descends from (bumped in each child): a handle
+/// made in an earlier generation is a copy of the parent's, whose fd the child closed.
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
 /// An fd-owning value listed in `HELD_FDS` while it lives (taken off before it is closed,
-/// so a number reused meanwhile is never closed in a child by mistake).
-struct Held<T: AsRawFd>(T);
+/// so a number reused meanwhile is never closed in a child by mistake). In a later
+/// telefork's child it is an inert copy: its fd was closed at the fork and its number may
+/// name something else by now, so it is neither used nor closed there.
+struct Held<T: AsRawFd> {
+    inner: std::mem::ManuallyDrop<T>,
+    generation: u64,
+    listed: bool,
+}
 
 impl<T: AsRawFd> Held<T> {
     fn new(inner: T) -> Held<T> {
         let fd = inner.as_raw_fd();
-        let _ = HELD_FDS.iter().find(|slot| slot.compare_exchange(-1, fd, Ordering::SeqCst, Ordering::SeqCst).is_ok());
-        Held(inner)
+        let listed = HELD_FDS.iter().any(|slot| slot.compare_exchange(-1, fd, Ordering::SeqCst, Ordering::SeqCst).is_ok());
+        Held { inner: std::mem::ManuallyDrop::new(inner), generation: GENERATION.load(Ordering::SeqCst), listed }
     }
+
+    /// Whether this process made it (not a copy inherited through a telefork's fork).
+    fn is_ours(&self) -> bool {
+        self.generation == GENERATION.load(Ordering::SeqCst)
+    }
+
+    fn get(&self) -> Result<&T, Error> {
+        self.is_ours().then_some(&*self.inner).ok_or_else(not_ours)
+    }
+
+    fn get_mut(&mut self) -> Result<&mut T, Error> {
+        if self.is_ours() {
+            Ok(&mut self.inner)
+        } else {
+            Err(not_ours())
+        }
+    }
+}
+
+fn not_ours() -> Error {
+    Error::Other("this handle belongs to the process that made it (here is a copy, made by a later telefork)".into())
 }
 
 impl<T: AsRawFd> Drop for Held<T> {
     fn drop(&mut self) {
-        let fd = self.0.as_raw_fd();
+        if !self.is_ours() {
+            return; // (an inert copy: its fd was closed at the fork)
+        }
+        let fd = self.inner.as_raw_fd();
         if let Some(slot) = HELD_FDS.iter().find(|slot| slot.load(Ordering::SeqCst) == fd) {
             slot.store(-1, Ordering::SeqCst);
         }
-        // (`self.0` is closed after this, when its own drop runs.)
+        // SAFETY: dropped once, here, and never used again.
+        unsafe { std::mem::ManuallyDrop::drop(&mut self.inner) };
     }
 }
 
-impl<T: AsRawFd> std::ops::Deref for Held<T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        &self.0
-    }
-}
-
-impl<T: AsRawFd> std::ops::DerefMut for Held<T> {
-    fn deref_mut(&mut self) -> &mut T {
-        &mut self.0
-    }
-}
-
-/// In the child of a telefork's fork: closes the fds of the parent's other telefork handles.
+/// In the child of a telefork's fork: closes the fds of the parent's telefork handles and
+/// makes the copies of those handles inert.
 fn close_held_fds_in_child() {
     for slot in &HELD_FDS {
-        let fd = slot.load(Ordering::Relaxed);
+        let fd = slot.swap(-1, Ordering::SeqCst);
         if fd >= 0 {
-            // SAFETY: close is async-signal-safe; the fd is this process's copy of one the
-            // parent's handles hold, which nothing in the child uses.
+            // SAFETY: close is async-signal-safe; the fd is this process's copy of one a
+            // handle of the parent holds; the copies of the handles here go inert below.
             unsafe { libc::close(fd) };
         }
     }
+    GENERATION.fetch_add(1, Ordering::SeqCst);
 }
 
 /// Where the last telefork went: the spare connection asks the daemon to connect there ahead
@@ -218,7 +243,8 @@ pub fn telefork(dest: &str) -> Result<Fork, Error> {
 
 pub fn telefork_with(dest: &str, opts: &Options) -> Result<Fork, Error> {
     telefork_engine::timeline::stamp("lib call");
-    let conn = take_connection()?;
+    // (Listed at once, so that a child forked meanwhile by another thread leaves it behind.)
+    let conn = Held::new(take_connection()?);
     // Output buffered now would otherwise be printed twice, by both processes.
     std::io::stdout().flush().ok();
     std::io::stderr().flush().ok();
@@ -228,11 +254,13 @@ pub fn telefork_with(dest: &str, opts: &Options) -> Result<Fork, Error> {
         ForkResult::Child => {
             // SAFETY: closing our copy of the daemon connection (the snapshot must hold no
             // socket); then stop until captured. What runs after `kill` returns runs on `dest`.
-            let fd = conn.into_raw_fd();
+            let (fd, listed) = (conn.inner.as_raw_fd(), conn.listed);
             let spare = SPARE_CONNECTION.swap(-1, Ordering::SeqCst);
-            close_held_fds_in_child();
+            close_held_fds_in_child(); // (`conn` among them, if it found a slot)
             unsafe {
-                libc::close(fd);
+                if !listed {
+                    libc::close(fd);
+                }
                 if spare >= 0 {
                     libc::close(spare);
                 }
@@ -251,7 +279,7 @@ pub fn telefork_with(dest: &str, opts: &Options) -> Result<Fork, Error> {
     }
 }
 
-fn hand_over(conn: UnixStream, child: Pid, dest: &str, opts: &Options) -> Result<RemoteChild, Error> {
+fn hand_over(conn: Held<UnixStream>, child: Pid, dest: &str, opts: &Options) -> Result<RemoteChild, Error> {
     let mut tl = Timeline::new();
     let local = LocalCopy::new(child);
     // The daemon waits until the child has stopped itself (only then is it a complete
@@ -265,17 +293,17 @@ fn hand_over(conn: UnixStream, child: Pid, dest: &str, opts: &Options) -> Result
     if opts.pass_stdin {
         fds.push(0);
     }
-    send_with_fds(&conn, &req, &fds)?;
+    send_with_fds(conn.get()?, &req, &fds)?;
     tl.mark("request sent");
     // The daemon bounds every step with its own timeouts; this only guards against a hung
     // daemon.
-    conn.set_read_timeout(Some(Duration::from_secs(600))).ok();
-    let mut rc = RemoteChild { node: dest.to_string(), pid: None, local: Some(local), dying: None, conn: Held::new(conn), status: None, result: None };
+    conn.get()?.set_read_timeout(Some(Duration::from_secs(600))).ok();
+    let mut rc = RemoteChild { node: dest.to_string(), pid: None, local: Some(local), dying: None, conn, status: None, result: None };
     if opts.background {
         return Ok(rc);
     }
     loop {
-        let mut r = &*rc.conn;
+        let mut r = rc.conn.get()?;
         let reply: FromDaemon = proto::expect_frame(&mut r, "the daemon's answer").map_err(|e| Error::Failed(format!("{e:#}")))?;
         match reply {
             FromDaemon::Accepted { node } => {
@@ -295,7 +323,7 @@ fn hand_over(conn: UnixStream, child: Pid, dest: &str, opts: &Options) -> Result
             other => return Err(Error::Failed(format!("unexpected answer from the daemon: {other:?}"))),
         }
     }
-    rc.conn.set_read_timeout(None).ok();
+    rc.conn.get()?.set_read_timeout(None).ok();
     tl.report("telefork, in the program after its fork");
     Ok(rc)
 }
@@ -351,6 +379,9 @@ impl RemoteChild {
 
     /// Waits for the child to end, like `std::process::Child::wait`.
     pub fn wait(&mut self) -> Result<ExitStatus, Error> {
+        if self.status.is_none() {
+            self.conn.get()?;
+        }
         make_spare_connection();
         while self.status.is_none() {
             self.read_event()?;
@@ -362,7 +393,7 @@ impl RemoteChild {
     /// Returns the exit status if the child has ended, without blocking.
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>, Error> {
         while self.status.is_none() {
-            let mut fds = [libc::pollfd { fd: self.conn.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+            let mut fds = [libc::pollfd { fd: self.conn.get()?.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
             // SAFETY: one valid pollfd, zero timeout.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
             if n <= 0 {
@@ -379,11 +410,11 @@ impl RemoteChild {
         if self.status.is_some() {
             return Ok(());
         }
-        proto::write_frame(&mut *self.conn, &LocalCommand::Kill { signal }).map_err(|e| Error::Lost(format!("{e:#}")))
+        proto::write_frame(self.conn.get_mut()?, &LocalCommand::Kill { signal }).map_err(|e| Error::Lost(format!("{e:#}")))
     }
 
     fn read_event(&mut self) -> Result<(), Error> {
-        let mut r = &*self.conn;
+        let mut r = self.conn.get()?;
         let ev: FromDaemon = proto::expect_frame(&mut r, "the child's exit status").map_err(|e| Error::Lost(format!("{e:#}")))?;
         match ev {
             FromDaemon::Started { node, pid } => self.on_started(node, pid),
@@ -424,7 +455,9 @@ impl LocalCopy {
     fn kill(&self) {
         match &self.pidfd {
             Some(fd) => {
-                let _ = pidfd::send_signal(fd.as_fd(), libc::SIGKILL);
+                if let Ok(fd) = fd.get() {
+                    let _ = pidfd::send_signal(fd.as_fd(), libc::SIGKILL);
+                }
             }
             None => {
                 let _ = kill(self.pid, Signal::SIGKILL);
@@ -435,7 +468,10 @@ impl LocalCopy {
 
 impl Drop for RemoteChild {
     fn drop(&mut self) {
-        self.reap_local_copy();
+        // (A copy in a later telefork's child: the local copy is the parent's to reap.)
+        if self.conn.is_ours() {
+            self.reap_local_copy();
+        }
     }
 }
 
