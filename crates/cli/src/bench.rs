@@ -133,12 +133,35 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
     let p = prog.display().to_string();
     let runs = a.runs;
 
-    // Latency of a small program.
-    progress(&format!("latency: small program, {runs} runs"));
-    let out = run_prog("latency", node_cmd("node1", Some(USER), &[&p, "latency", &runs.to_string(), "node2"])?, None)?;
+    // Latency of a small program: teleforks back to back (3 per round: remote, default,
+    // background), with the CPU they cost both nodes together (this machine's, from
+    // /proc/stat: the testbed's nodes share it).
+    // (More rounds than elsewhere: they are short, and the CPU count has 10 ms ticks.)
+    let latency_runs = (runs * 8).max(40);
+    progress(&format!("latency: small program, {latency_runs} runs"));
+    let (cpu_before, wall_before) = (busy_cpu_ms()?, std::time::Instant::now());
+    let out = run_prog("latency", node_cmd("node1", Some(USER), &[&p, "latency", &latency_runs.to_string(), "node2"])?, None)?;
+    let teleforks = (3 * latency_runs) as f64;
+    let cpu_per_telefork = (busy_cpu_ms()? - cpu_before) / teleforks;
+    let wall_per_telefork = wall_before.elapsed().as_secs_f64() * 1e3 / teleforks;
     let rss = out.one("rss_bytes")? / (1 << 20) as f64;
     rows.push(row_ms("latency", format!("call → child's first instruction on node2 ({rss:.1} MiB resident)"), out.ms("first_instr_ns")?, "local fork+exit+waitpid", out.ms("fork_rt_ns")?, ""));
     rows.push(row_ms("latency", "round trip: telefork + exit(0) + wait".into(), out.ms("tf_rt_ns")?, "local fork+exit+waitpid", out.ms("fork_rt_ns")?, ""));
+    rows.push(row_ms(
+        "",
+        "CPU per telefork, both nodes (back to back)".into(),
+        vec![cpu_per_telefork],
+        "wall time per telefork",
+        vec![wall_per_telefork],
+        "one value for the whole run; ratio = cores busy on average",
+    ));
+    // The same with 30 ms between teleforks: what a single telefork sees on an idle machine
+    // (the CPUs halt in between and are woken on the way).
+    let idle_runs = latency_runs.min(20);
+    progress(&format!("latency: small program, 30 ms apart, {idle_runs} runs"));
+    let idle = run_prog("latency (idle)", node_cmd("node1", Some(USER), &[&p, "latency", &idle_runs.to_string(), "node2", "30"])?, None)?;
+    rows.push(row_ms("", "call → first instruction, teleforks 30 ms apart".into(), idle.ms("first_instr_ns")?, "local fork+exit+waitpid (idem)", idle.ms("fork_rt_ns")?, ""));
+    rows.push(row_ms("", "round trip, teleforks 30 ms apart".into(), idle.ms("tf_rt_ns")?, "local fork+exit+waitpid (idem)", idle.ms("fork_rt_ns")?, ""));
     rows.push(row_ms("parent pause", format!("small ({rss:.1} MiB): telefork() returns in the parent"), out.ms("tf_pause_ns")?, "local fork() returns", out.ms("fork_pause_ns")?, "default: returns once the child runs there"));
     rows.push(row_ms("", format!("small ({rss:.1} MiB): telefork(background) returns"), out.ms("tf_bg_pause_ns")?, "local fork() returns", out.ms("fork_pause_ns")?, "Options::background"));
 
@@ -560,6 +583,22 @@ fn median(v: &[f64]) -> f64 {
         n if n % 2 == 1 => s[n / 2],
         n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
     }
+}
+
+/// Milliseconds this machine's CPUs have been busy (not idle, not waiting for I/O) since boot.
+fn busy_cpu_ms() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = stat.lines().find(|l| l.starts_with("cpu ")).context("no cpu line in /proc/stat")?;
+    let ticks: Vec<u64> = line.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    if ticks.len() < 8 {
+        bail!("unexpected cpu line in /proc/stat: {line}");
+    }
+    // user nice system idle iowait irq softirq steal: ours are user, nice, system, irq,
+    // softirq (not idle, iowait, nor steal — the hypervisor running someone else).
+    let busy: u64 = [0, 1, 2, 5, 6].iter().map(|&i| ticks[i]).sum();
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok(busy as f64 * 1e3 / hz)
 }
 
 fn row_ms(group: &'static str, name: String, samples: Vec<f64>, bname: &str, bsamples: Vec<f64>, note: &str) -> Row {

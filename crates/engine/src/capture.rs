@@ -189,7 +189,6 @@ pub struct OutsideReader {
     jobs: Option<std::sync::mpsc::Sender<OutsideJob>>,
     /// Its thread ID, once it runs (0 before: nobody waits for it to start).
     tid: std::sync::Arc<std::sync::atomic::AtomicI32>,
-    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 struct OutsideJob {
@@ -206,7 +205,7 @@ impl OutsideReader {
         let (jobs, next_job) = std::sync::mpsc::channel::<OutsideJob>();
         let tid = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
         let its_tid = tid.clone();
-        let thread = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("proc-reader".into())
             .spawn(move || {
                 its_tid.store(nix::unistd::gettid().as_raw(), std::sync::atomic::Ordering::SeqCst);
@@ -218,7 +217,7 @@ impl OutsideReader {
                 }
             })
             .context("starting the thread that reads /proc")?;
-        Ok(OutsideReader { jobs: Some(jobs), tid, thread: Some(thread) })
+        Ok(OutsideReader { jobs: Some(jobs), tid })
     }
 
     /// Starts reading /proc/`pid` (the mappings of `maps`) on the CPUs `cpus`; the answer
@@ -242,10 +241,9 @@ impl OutsideReader {
 
 impl Drop for OutsideReader {
     fn drop(&mut self) {
-        drop(self.jobs.take()); // (its loop ends)
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        // Its loop ends when the channel closes; not joined (waiting for an idle thread to be
+        // scheduled just to end cost a busy session 0.1-0.3 ms before it could relay).
+        drop(self.jobs.take());
     }
 }
 

@@ -67,8 +67,9 @@ pub fn serve(shared: &Shared, mut sock: UnixStream) -> Result<()> {
             // (Accepted, then Started as soon as the destination says so, before the local
             // copy is killed: the program is not held for that.)
             let tell = |msg: FromDaemon| proto::write_frame(&mut to_program, &msg);
+            // (The reader stays, idle, until the session ends: ending it now would compete
+            // with relaying the child's first output and its end.)
             let sent = send_away(shared, Some(cred.pid()), &user, child_pid, &dest, pass_stdin, prepared, reader.as_ref(), tell);
-            drop(reader); // (not needed while relaying)
             match sent {
                 Ok((ch, _node, _pid)) => relay(ch, sock, fds, pass_stdin),
                 Err(e) => {

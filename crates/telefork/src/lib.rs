@@ -203,6 +203,10 @@ impl<T: AsRawFd> Drop for Held<T> {
 /// makes the copies of those handles inert.
 fn close_held_fds_in_child() {
     for slot in &HELD_FDS {
+        // (Read first: writing an empty slot would copy its page from the parent for nothing.)
+        if slot.load(Ordering::Relaxed) < 0 {
+            continue;
+        }
         let fd = slot.swap(-1, Ordering::SeqCst);
         if fd >= 0 {
             // SAFETY: close is async-signal-safe; the fd is this process's copy of one a
