@@ -765,6 +765,34 @@ fn fan_out(c: &Ctx) {
     }
 }
 
+/// 15. One origin session serves a program's teleforks one after another: once a child has
+///     ended, the program hands its connection back and the same session process serves the
+///     next telefork; when the program ends, so does the session (nothing left behind).
+fn session_reuse(c: &Ctx) {
+    let runs_on = |log: &str| -> Vec<String> {
+        log.lines()
+            .filter(|l| l.contains("now runs on node2"))
+            .filter_map(|l| l.split("telefork-daemon[").nth(1).and_then(|r| r.split(']').next()).map(str::to_string))
+            .collect()
+    };
+    let before = runs_on(&c.log("node1")).len();
+    let r = c.probe("node1", &["twice", "node2", "100"], Duration::from_secs(60));
+    assert_eq!(r.want("first exit"), "11", "{r}");
+    assert_eq!(r.want("second exit"), "12", "{r}");
+    assert!(r.has("parent ok") && r.get("error").is_none(), "{r}");
+    let sessions: Vec<String> = runs_on(&c.log("node1")).into_iter().skip(before).collect();
+    assert_eq!(sessions.len(), 2, "two teleforks to node2 expected in node1's log:\n{}", c.log("node1"));
+    assert_eq!(sessions[0], sessions[1], "the second telefork was not served by the first one's session; node1's log:\n{}", c.log("node1"));
+    // The program is gone: its session ends too (it does not wait for another request).
+    let daemon = c.node("node1").daemon_pid;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !children(daemon).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let left: Vec<String> = children(daemon).into_iter().map(describe).collect();
+    assert!(left.is_empty(), "sessions outlived their program on node1: {left:?}");
+}
+
 // ---------------------------------------------------------------------------------------
 
 #[test]
@@ -811,6 +839,7 @@ fn telefork_across_machines() {
         ("12 plain image transport", plain_transport),
         ("13 connections made ahead of time", prepared_connections),
         ("14 fan-out to several nodes", fan_out),
+        ("15 a session serves teleforks one after another", session_reuse),
     ];
     let only = std::env::var("CLUSTER_ONLY").ok();
     let mut failed = vec![];

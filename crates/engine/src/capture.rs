@@ -186,9 +186,15 @@ fn capture_frozen<W: Write + Send>(f: &Frozen, out: W, opts: &DumpOptions) -> Re
 /// Started ahead of time where a capture is expected: starting a thread in a freshly forked
 /// daemon session took 0.1-0.5 ms on the machines measured, as long as the reading itself.
 pub struct OutsideReader {
-    jobs: Option<std::sync::mpsc::Sender<OutsideJob>>,
+    jobs: Option<std::sync::mpsc::Sender<Job>>,
     /// Its thread ID, once it runs (0 before: nobody waits for it to start).
     tid: std::sync::Arc<std::sync::atomic::AtomicI32>,
+}
+
+enum Job {
+    Outside(OutsideJob),
+    /// Other work for the idle thread, in turn (see `OutsideReader::run`).
+    Other(Box<dyn FnOnce() + Send>),
 }
 
 struct OutsideJob {
@@ -202,7 +208,7 @@ struct OutsideJob {
 
 impl OutsideReader {
     pub fn start() -> Result<OutsideReader> {
-        let (jobs, next_job) = std::sync::mpsc::channel::<OutsideJob>();
+        let (jobs, next_job) = std::sync::mpsc::channel::<Job>();
         let tid = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
         let its_tid = tid.clone();
         std::thread::Builder::new()
@@ -210,6 +216,13 @@ impl OutsideReader {
             .spawn(move || {
                 its_tid.store(nix::unistd::gettid().as_raw(), std::sync::atomic::Ordering::SeqCst);
                 for job in next_job {
+                    let job = match job {
+                        Job::Outside(job) => job,
+                        Job::Other(work) => {
+                            work();
+                            continue;
+                        }
+                    };
                     if let Some(cpus) = &job.cpus {
                         crate::pin::set_affinity(0, cpus);
                     }
@@ -234,8 +247,15 @@ impl OutsideReader {
         let cpus = cpus.filter(|cpus| tid == 0 || !crate::pin::set_affinity(tid, cpus));
         let (answer, answered) = std::sync::mpsc::sync_channel(1);
         let jobs = self.jobs.as_ref().context("the /proc reader is stopped")?;
-        jobs.send(OutsideJob { pid, maps, inherit_stdio, cpus, answer }).map_err(|_| anyhow::anyhow!("the thread reading /proc is gone"))?;
+        jobs.send(Job::Outside(OutsideJob { pid, maps, inherit_stdio, cpus, answer })).map_err(|_| anyhow::anyhow!("the thread reading /proc is gone"))?;
         Ok(answered)
+    }
+
+    /// Runs `work` on this thread while it has nothing to read (a thread started anew costs
+    /// 0.1-0.5 ms on a busy machine before it runs): a capture asked for meanwhile waits
+    /// until `work` is done. Returns false if the thread is gone (then `work` did not run).
+    pub fn run(&self, work: Box<dyn FnOnce() + Send>) -> bool {
+        self.jobs.as_ref().is_some_and(|jobs| jobs.send(Job::Other(work)).is_ok())
     }
 }
 

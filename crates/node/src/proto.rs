@@ -55,6 +55,9 @@ pub enum LocalRequest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum LocalCommand {
     Kill { signal: i32 },
+    /// After the child's end (`FromDaemon::Exited`): this connection carries the program's
+    /// next request (the session serves it, instead of a new session for a new connection).
+    Again,
 }
 
 /// Messages of a daemon to a local program.

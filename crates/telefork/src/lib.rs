@@ -85,6 +85,9 @@ pub struct RemoteChild {
     /// without blocking when it can be, else by `wait` or on drop.
     dying: Option<Pid>,
     conn: Held<UnixStream>,
+    /// Its connection may serve the next telefork once the child has ended (not when the
+    /// daemon relays this program's stdin: that is read to its end).
+    reusable: bool,
     status: Option<ExitStatus>,
     result: Option<Vec<u8>>,
 }
@@ -302,7 +305,7 @@ fn hand_over(conn: Held<UnixStream>, child: Pid, dest: &str, opts: &Options) -> 
     // The daemon bounds every step with its own timeouts; this only guards against a hung
     // daemon.
     conn.get()?.set_read_timeout(Some(Duration::from_secs(600))).ok();
-    let mut rc = RemoteChild { node: dest.to_string(), pid: None, local: Some(local), dying: None, conn, status: None, result: None };
+    let mut rc = RemoteChild { node: dest.to_string(), pid: None, local: Some(local), dying: None, conn, reusable: !opts.pass_stdin, status: None, result: None };
     if opts.background {
         return Ok(rc);
     }
@@ -374,6 +377,26 @@ impl RemoteChild {
         }
     }
 
+    /// The child has ended: its daemon session can serve the next telefork on this connection
+    /// (no new session process), so it becomes the spare connection — unless there is one.
+    fn hand_back_connection(&mut self) {
+        let Ok(conn) = self.conn.get() else { return };
+        if !self.reusable || SPARE_CONNECTION.load(Ordering::SeqCst) >= 0 {
+            return;
+        }
+        let mut w = conn;
+        if proto::write_frame(&mut w, &LocalCommand::Again).is_err() {
+            return;
+        }
+        // (A second fd on the same connection: this handle keeps its own until dropped.)
+        let Ok(spare) = conn.try_clone() else { return };
+        let fd = spare.into_raw_fd();
+        if SPARE_CONNECTION.compare_exchange(-1, fd, Ordering::SeqCst, Ordering::SeqCst).is_err() {
+            // SAFETY: another thread stored a spare first; this fd is ours alone.
+            unsafe { libc::close(fd) };
+        }
+    }
+
     /// Reaps the killed local copy (blocking: it is dead or about to be).
     fn reap_local_copy(&mut self) {
         if let Some(local) = self.dying.take() {
@@ -386,7 +409,10 @@ impl RemoteChild {
         if self.status.is_none() {
             self.conn.get()?;
         }
-        make_spare_connection();
+        if !self.reusable {
+            // (A reusable connection becomes the spare itself when the child ends.)
+            make_spare_connection();
+        }
         while self.status.is_none() {
             self.read_event()?;
         }
@@ -432,8 +458,13 @@ impl RemoteChild {
             }
             FromDaemon::Accepted { node } => self.node = node,
             FromDaemon::Result { value } => self.result = Some(value),
-            FromDaemon::Exited(ExitInfo::Code(c)) => self.status = Some(ExitStatus::from_raw((c & 0xff) << 8)),
-            FromDaemon::Exited(ExitInfo::Signal(s)) => self.status = Some(ExitStatus::from_raw(s & 0x7f)),
+            FromDaemon::Exited(info) => {
+                self.status = Some(match info {
+                    ExitInfo::Code(c) => ExitStatus::from_raw((c & 0xff) << 8),
+                    ExitInfo::Signal(s) => ExitStatus::from_raw(s & 0x7f),
+                });
+                self.hand_back_connection();
+            }
             FromDaemon::Lost { error } => return Err(Error::Lost(error)),
             other => return Err(Error::Lost(format!("unexpected message {other:?}"))),
         }
