@@ -124,7 +124,9 @@ fn capture_frozen<W: Write + Send>(f: &Frozen, out: W, opts: &DumpOptions) -> Re
     let syscall_ip = find_syscall_insn(pid, &maps)?;
     let mut inj = Injector::new(pid, syscall_ip)?;
     let started_here;
-    let reader = match opts.outside_reader {
+    // (One busy with other work — the origin connecting to its next destination — is not
+    // waited for: a reader of this capture's own does it.)
+    let reader = match opts.outside_reader.filter(|r| !r.busy()) {
         Some(r) => r,
         None => {
             started_here = OutsideReader::start()?;
@@ -189,6 +191,8 @@ pub struct OutsideReader {
     jobs: Option<std::sync::mpsc::Sender<Job>>,
     /// Its thread ID, once it runs (0 before: nobody waits for it to start).
     tid: std::sync::Arc<std::sync::atomic::AtomicI32>,
+    /// Work given with `run` is queued or under way: a capture does not wait behind it.
+    others_pending: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 enum Job {
@@ -211,6 +215,8 @@ impl OutsideReader {
         let (jobs, next_job) = std::sync::mpsc::channel::<Job>();
         let tid = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
         let its_tid = tid.clone();
+        let others_pending = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let its_others = others_pending.clone();
         std::thread::Builder::new()
             .name("proc-reader".into())
             .spawn(move || {
@@ -220,6 +226,7 @@ impl OutsideReader {
                         Job::Outside(job) => job,
                         Job::Other(work) => {
                             work();
+                            its_others.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                             continue;
                         }
                     };
@@ -230,7 +237,7 @@ impl OutsideReader {
                 }
             })
             .context("starting the thread that reads /proc")?;
-        Ok(OutsideReader { jobs: Some(jobs), tid })
+        Ok(OutsideReader { jobs: Some(jobs), tid, others_pending })
     }
 
     /// Starts reading /proc/`pid` (the mappings of `maps`) on the CPUs `cpus`; the answer
@@ -252,10 +259,21 @@ impl OutsideReader {
     }
 
     /// Runs `work` on this thread while it has nothing to read (a thread started anew costs
-    /// 0.1-0.5 ms on a busy machine before it runs): a capture asked for meanwhile waits
-    /// until `work` is done. Returns false if the thread is gone (then `work` did not run).
+    /// 0.1-0.5 ms on a busy machine before it runs); a capture that comes meanwhile starts a
+    /// reader of its own instead of waiting. Returns false if the thread is gone (then `work`
+    /// did not run).
     pub fn run(&self, work: Box<dyn FnOnce() + Send>) -> bool {
-        self.jobs.as_ref().is_some_and(|jobs| jobs.send(Job::Other(work)).is_ok())
+        self.others_pending.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let sent = self.jobs.as_ref().is_some_and(|jobs| jobs.send(Job::Other(work)).is_ok());
+        if !sent {
+            self.others_pending.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        sent
+    }
+
+    /// Whether work given with `run` is queued or under way.
+    fn busy(&self) -> bool {
+        self.others_pending.load(std::sync::atomic::Ordering::SeqCst) > 0
     }
 }
 

@@ -63,7 +63,8 @@ pub fn serve(shared: &Shared, mut sock: UnixStream) -> Result<()> {
         }
         match req {
             LocalRequest::WhoAmI => return proto::write_frame(&mut sock, &FromDaemon::Node { name: shared.cfg.node.clone() }),
-            LocalRequest::Prepare { .. } => return Ok(()), // (only first; a second one ends the session)
+            // (Only right after connecting or being handed back; a second one ends the session.)
+            LocalRequest::Prepare { .. } => return Ok(()),
             LocalRequest::Report { value } => {
                 let r = store_report(shared, Some(cred.pid()), &value);
                 let reply = match &r {
@@ -78,14 +79,18 @@ pub fn serve(shared: &Shared, mut sock: UnixStream) -> Result<()> {
                 // (Accepted, then Started as soon as the destination says so, before the local
                 // copy is killed: the program is not held for that.)
                 let tell = |msg: FromDaemon| proto::write_frame(&mut to_program, &msg);
+                // A background telefork's program says at once that it will wait (it goes on
+                // meanwhile): then the next connection is made beside this transfer.
+                let early = (!pass_stdin && waiting_said(&sock)).then(|| Connecting::start(shared, &dest, true).ok()).flatten();
                 let sent = send_away(shared, Some(cred.pid()), &user, child_pid, &dest, pass_stdin, prepared.take(), reader.as_ref(), tell);
                 match sent {
                     Ok((ch, node, _pid)) => {
-                        // The next telefork likely goes there too: connect while the child
-                        // runs (as the library's spare connection did), in a thread.
-                        let next = if pass_stdin { None } else { Connecting::by_reader(reader.as_ref(), shared, &node).ok() };
-                        match relay(ch, &sock, std::mem::take(&mut fds), pass_stdin)? {
-                            AfterRelay::Again => prepared = next,
+                        // The next telefork likely goes there too: connect once the program
+                        // waits for this child (as its spare connection did), on the idle
+                        // /proc reader thread.
+                        let prepare_next = || Connecting::by_reader(reader.as_ref(), shared, &node).ok();
+                        match relay(ch, &sock, std::mem::take(&mut fds), pass_stdin, &prepare_next)? {
+                            AfterRelay::Again(next) => prepared = next.or(early),
                             AfterRelay::End => return Ok(()),
                         }
                     }
@@ -102,6 +107,20 @@ pub fn serve(shared: &Shared, mut sock: UnixStream) -> Result<()> {
             }
         }
     }
+}
+
+/// Whether the program's `LocalCommand::Waiting` is already there (read if so; anything
+/// else is left for the relay).
+fn waiting_said(sock: &UnixStream) -> bool {
+    let Ok(frame) = postcard::to_stdvec(&LocalCommand::Waiting).map(|body| [(body.len() as u32).to_le_bytes().to_vec(), body].concat()) else {
+        return false;
+    };
+    let mut peek = vec![0u8; frame.len()];
+    let peeked = nix::sys::socket::recv(sock.as_raw_fd(), &mut peek, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT);
+    if peeked.ok() != Some(frame.len()) || peek != frame {
+        return false;
+    }
+    nix::sys::socket::recv(sock.as_raw_fd(), &mut peek, MsgFlags::MSG_DONTWAIT).ok() == Some(frame.len())
 }
 
 /// Reads the first request and the fds passed with it.
@@ -510,119 +529,133 @@ fn wait_self_stopped(child: i32) -> Result<()> {
 
 /// What the program does with its connection once its child's fate is known.
 enum AfterRelay {
-    /// It sent `LocalCommand::Again`: its next request comes on this connection.
-    Again,
-    /// It closed the connection, or said nothing within `AGAIN_WAIT`.
+    /// It sent `LocalCommand::Again`: its next request comes on this connection (and the
+    /// connection to the next destination, if it asked for one while it waited).
+    Again(Option<Connecting>),
+    /// It said `Done`, closed the connection or said nothing within `AGAIN_WAIT`; or the
+    /// child's fate could not be told, or the program's stdin was relayed (read to its end).
     End,
 }
 
 /// How long a session waits, after the child's end, for its program to hand the connection
-/// back (the library does so at once when it reads the end).
+/// back (the library answers at once when it reads the end).
 const AGAIN_WAIT: Duration = Duration::from_secs(30);
 
 /// Relays between the program and the remote child until the child's fate is known; then
 /// learns whether the program hands the connection back for another telefork.
-fn relay(ch: TlsChannel, sock: &UnixStream, fds: Vec<OwnedFd>, pass_stdin: bool) -> Result<AfterRelay> {
+/// `prepare_next` connects to the next destination when the program says it waits for this
+/// child (`LocalCommand::Waiting`): the connection it will likely need next.
+fn relay(ch: TlsChannel, sock: &UnixStream, fds: Vec<OwnedFd>, pass_stdin: bool, prepare_next: &(dyn Fn() -> Option<Connecting> + Sync)) -> Result<AfterRelay> {
     let ch = Arc::new(ch);
     let mut fds = fds.into_iter();
     let mut stdout = fds.next().map(File::from);
     let mut stderr = fds.next().map(File::from);
     let stdin = if pass_stdin { fds.next().map(File::from) } else { None };
-
-    // Program → destination: kill requests (a program that goes away leaves its child be);
-    // after the child's end (told through `ended`), the program's `Again` or its leaving.
     let (ended_r, ended_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating a pipe")?;
-    let commands = {
-        let ch = ch.clone();
-        let mut rd = sock.try_clone().context("cloning the program socket")?;
-        std::thread::spawn(move || -> AfterRelay {
-            let mut deadline = None;
-            loop {
-                let mut fds = [
-                    libc::pollfd { fd: rd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-                    libc::pollfd { fd: ended_r.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-                ];
-                let watched = if deadline.is_some() { 1 } else { 2 };
-                let timeout = deadline.map_or(-1, |d: std::time::Instant| d.saturating_duration_since(std::time::Instant::now()).as_millis().clamp(1, i32::MAX as u128) as i32);
-                // SAFETY: `fds` holds `watched` valid pollfds.
-                let n = unsafe { libc::poll(fds.as_mut_ptr(), watched as libc::nfds_t, timeout) };
-                if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                if n <= 0 {
-                    return AfterRelay::End; // (no answer after the end, or poll failed)
-                }
-                if watched == 2 && fds[1].revents != 0 {
-                    deadline = Some(std::time::Instant::now() + AGAIN_WAIT);
-                    continue;
-                }
-                match proto::read_frame::<_, LocalCommand>(&mut rd) {
-                    Ok(Some(LocalCommand::Kill { signal })) => {
-                        // (After the end there is nobody left to kill.)
-                        if deadline.is_none() && ch.send(&ToDest::Kill { signal }).is_err() {
-                            deadline = Some(std::time::Instant::now() + AGAIN_WAIT);
+    std::thread::scope(|scope| {
+        // Program → destination: kill requests (a program that goes away leaves its child
+        // be); after the child's end (a byte on `ended`: 1, or 2 to give up at once), the
+        // program's `Again` or `Done`.
+        let commands = {
+            let ch = ch.clone();
+            let rd = sock;
+            scope.spawn(move || -> AfterRelay {
+                let mut deadline = None;
+                let mut next = None;
+                loop {
+                    let mut fds = [
+                        libc::pollfd { fd: rd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                        libc::pollfd { fd: ended_r.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                    ];
+                    let watched = if deadline.is_some() { 1 } else { 2 };
+                    let timeout = deadline.map_or(-1, |d: std::time::Instant| d.saturating_duration_since(std::time::Instant::now()).as_millis().clamp(1, i32::MAX as u128) as i32);
+                    // SAFETY: `fds` holds `watched` valid pollfds.
+                    let n = unsafe { libc::poll(fds.as_mut_ptr(), watched as libc::nfds_t, timeout) };
+                    if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    if n <= 0 {
+                        return AfterRelay::End; // (no answer after the end, or poll failed)
+                    }
+                    if watched == 2 && fds[1].revents != 0 {
+                        let mut byte = [0u8];
+                        if !matches!(nix::unistd::read(ended_r.as_raw_fd(), &mut byte), Ok(1)) || byte[0] != 1 || pass_stdin {
+                            return AfterRelay::End;
                         }
+                        deadline = Some(std::time::Instant::now() + AGAIN_WAIT);
+                        continue;
                     }
-                    // Only after the end: the library sends it once it has read the end.
-                    Ok(Some(LocalCommand::Again)) if !pass_stdin => return AfterRelay::Again,
-                    Ok(Some(LocalCommand::Again)) | Ok(None) | Err(_) => return AfterRelay::End,
+                    let mut r = rd;
+                    match proto::read_frame::<_, LocalCommand>(&mut r) {
+                        Ok(Some(LocalCommand::Kill { signal })) => {
+                            if deadline.is_none() {
+                                let _ = ch.send(&ToDest::Kill { signal }); // (a dead link shows in the relay)
+                            }
+                        }
+                        Ok(Some(LocalCommand::Waiting)) => {
+                            if next.is_none() && !pass_stdin {
+                                next = prepare_next();
+                            }
+                        }
+                        // (The library sends it once it has read the child's end.)
+                        Ok(Some(LocalCommand::Again)) if !pass_stdin => return AfterRelay::Again(next),
+                        Ok(Some(LocalCommand::Again | LocalCommand::Done)) | Ok(None) | Err(_) => return AfterRelay::End,
+                    }
                 }
-            }
-        })
-    };
-    if let Some(mut input) = stdin {
-        let ch = ch.clone();
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 64 << 10];
-            loop {
-                match input.read(&mut buf) {
-                    Ok(0) | Err(_) => {
-                        let _ = ch.send(&ToDest::StdinEof);
-                        return;
-                    }
-                    Ok(n) => {
-                        if ch.send(&ToDest::Stdin { data: buf[..n].to_vec() }).is_err() {
+            })
+        };
+        if let Some(mut input) = stdin {
+            let ch = ch.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    match input.read(&mut buf) {
+                        Ok(0) | Err(_) => {
+                            let _ = ch.send(&ToDest::StdinEof);
                             return;
                         }
+                        Ok(n) => {
+                            if ch.send(&ToDest::Stdin { data: buf[..n].to_vec() }).is_err() {
+                                return;
+                            }
+                        }
                     }
                 }
-            }
-        });
-    }
-    // Destination → program: output, result, exit.
-    let mut to_program = sock;
-    let ended = loop {
-        match ch.recv::<FromDest>() {
-            Ok(Some(FromDest::Stdout { data })) => {
-                if let Some(f) = stdout.as_mut() {
-                    let _ = f.write_all(&data);
-                }
-            }
-            Ok(Some(FromDest::Stderr { data })) => {
-                if let Some(f) = stderr.as_mut() {
-                    let _ = f.write_all(&data);
-                }
-            }
-            Ok(Some(FromDest::Result { value })) => {
-                let _ = proto::write_frame(&mut to_program, &FromDaemon::Result { value });
-            }
-            Ok(Some(FromDest::Exited(info))) => break proto::write_frame(&mut to_program, &FromDaemon::Exited(info)).is_ok(),
-            Ok(Some(other)) => log(&format!("unexpected message from the destination: {other:?}")),
-            Ok(None) => {
-                let _ = proto::write_frame(&mut to_program, &FromDaemon::Lost { error: "the destination closed the connection".into() });
-                break false;
-            }
-            Err(e) => {
-                let _ = proto::write_frame(&mut to_program, &FromDaemon::Lost { error: format!("{e:#}") });
-                break false;
-            }
+            });
         }
-    };
-    if !ended {
-        return Ok(AfterRelay::End); // (the program hears of it; nothing more to serve)
-    }
-    // The child's end went to the program: its answer decides (the destination's session
-    // ends on its own; this connection to it is not reused).
-    let _ = nix::unistd::write(&ended_w, &[1]);
-    Ok(commands.join().unwrap_or(AfterRelay::End))
+        // Destination → program: output, result, exit.
+        let mut to_program = sock;
+        let ended = loop {
+            match ch.recv::<FromDest>() {
+                Ok(Some(FromDest::Stdout { data })) => {
+                    if let Some(f) = stdout.as_mut() {
+                        let _ = f.write_all(&data);
+                    }
+                }
+                Ok(Some(FromDest::Stderr { data })) => {
+                    if let Some(f) = stderr.as_mut() {
+                        let _ = f.write_all(&data);
+                    }
+                }
+                Ok(Some(FromDest::Result { value })) => {
+                    let _ = proto::write_frame(&mut to_program, &FromDaemon::Result { value });
+                }
+                Ok(Some(FromDest::Exited(info))) => break proto::write_frame(&mut to_program, &FromDaemon::Exited(info)).is_ok(),
+                Ok(Some(other)) => log(&format!("unexpected message from the destination: {other:?}")),
+                Ok(None) => {
+                    let _ = proto::write_frame(&mut to_program, &FromDaemon::Lost { error: "the destination closed the connection".into() });
+                    break false;
+                }
+                Err(e) => {
+                    let _ = proto::write_frame(&mut to_program, &FromDaemon::Lost { error: format!("{e:#}") });
+                    break false;
+                }
+            }
+        };
+        // The child's end went to the program: its answer decides (the destination's session
+        // ends on its own; this connection to it is not reused). Else give up at once: the
+        // program heard why (or is gone).
+        let _ = nix::unistd::write(&ended_w, &[if ended && !pass_stdin { 1 } else { 2 }]);
+        Ok(commands.join().unwrap_or(AfterRelay::End))
+    })
 }

@@ -35,7 +35,8 @@ pub enum ExitInfo {
     Signal(i32),
 }
 
-/// First message of a program to its daemon.
+/// A program's request to its daemon: the first message on a connection, or the first after
+/// the connection was handed back (`LocalCommand::Again`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum LocalRequest {
     /// Send my stopped child `child_pid` to `dest`. Passed along with SCM_RIGHTS: the
@@ -57,7 +58,13 @@ pub enum LocalCommand {
     Kill { signal: i32 },
     /// After the child's end (`FromDaemon::Exited`): this connection carries the program's
     /// next request (the session serves it, instead of a new session for a new connection).
+    /// (The local protocol is not versioned: a library and a daemon of one release.)
     Again,
+    /// The program waits for this child and will likely hand the connection back: connect to
+    /// the destination of a next telefork now.
+    Waiting,
+    /// After the child's end: no further request on this connection.
+    Done,
 }
 
 /// Messages of a daemon to a local program.

@@ -88,6 +88,8 @@ pub struct RemoteChild {
     /// Its connection may serve the next telefork once the child has ended (not when the
     /// daemon relays this program's stdin: that is read to its end).
     reusable: bool,
+    /// `LocalCommand::Waiting` was sent.
+    said_waiting: bool,
     status: Option<ExitStatus>,
     result: Option<Vec<u8>>,
 }
@@ -113,9 +115,10 @@ fn connect_daemon() -> Result<UnixStream, Error> {
     UnixStream::connect(&path).map_err(|source| Error::NoDaemon { path, source })
 }
 
-/// A connection to the daemon made ahead of time (while waiting on a child), so the next
-/// `telefork` does not pay for connecting while its caller is held. An fd in an atomic,
-/// not a mutex: the forked child must drop it without taking any lock.
+/// A connection to the daemon ready for the next `telefork`, so that it does not pay for
+/// connecting (and a session starting) while its caller is held: one handed back when a
+/// child ended (its session serves the next request), or one made ahead of time. An fd in
+/// an atomic, not a mutex: the forked child must drop it without taking any lock.
 static SPARE_CONNECTION: AtomicI32 = AtomicI32::new(-1);
 
 /// A connection for one telefork: the spare one if the daemon has not closed it meanwhile
@@ -123,8 +126,8 @@ static SPARE_CONNECTION: AtomicI32 = AtomicI32::new(-1);
 fn take_connection() -> Result<UnixStream, Error> {
     let fd = SPARE_CONNECTION.swap(-1, Ordering::SeqCst);
     if fd >= 0 {
-        // SAFETY: the fd was stored by `make_spare_connection` and is owned by nobody else
-        // (swap took it).
+        // SAFETY: the fd was stored by `make_spare_connection` or `hand_back_connection` and
+        // is owned by nobody else (swap took it).
         let s = unsafe { UnixStream::from_raw_fd(fd) };
         let mut p = [libc::pollfd { fd, events: libc::POLLIN, revents: 0 }];
         // SAFETY: one valid pollfd, zero timeout. Nothing to read means still open.
@@ -173,14 +176,6 @@ impl<T: AsRawFd> Held<T> {
 
     fn get(&self) -> Result<&T, Error> {
         self.is_ours().then_some(&*self.inner).ok_or_else(not_ours)
-    }
-
-    fn get_mut(&mut self) -> Result<&mut T, Error> {
-        if self.is_ours() {
-            Ok(&mut self.inner)
-        } else {
-            Err(not_ours())
-        }
     }
 }
 
@@ -305,7 +300,10 @@ fn hand_over(conn: Held<UnixStream>, child: Pid, dest: &str, opts: &Options) -> 
     // The daemon bounds every step with its own timeouts; this only guards against a hung
     // daemon.
     conn.get()?.set_read_timeout(Some(Duration::from_secs(600))).ok();
-    let mut rc = RemoteChild { node: dest.to_string(), pid: None, local: Some(local), dying: None, conn, reusable: !opts.pass_stdin, status: None, result: None };
+    // A background caller goes on now and will wait later: its session may make the next
+    // connection beside this transfer (as a spare connection made now would).
+    let said_waiting = opts.background && !opts.pass_stdin && SPARE_CONNECTION.load(Ordering::SeqCst) < 0 && send_command(conn.get()?, &LocalCommand::Waiting).is_ok();
+    let mut rc = RemoteChild { node: dest.to_string(), pid: None, local: Some(local), dying: None, conn, reusable: !opts.pass_stdin, said_waiting, status: None, result: None };
     if opts.background {
         return Ok(rc);
     }
@@ -333,6 +331,23 @@ fn hand_over(conn: Held<UnixStream>, child: Pid, dest: &str, opts: &Options) -> 
     rc.conn.get()?.set_read_timeout(None).ok();
     tl.report("telefork, in the program after its fork");
     Ok(rc)
+}
+
+/// Sends a command on a daemon connection without SIGPIPE if the session is gone (a program
+/// may have restored SIGPIPE's default, which would end it).
+fn send_command(conn: &UnixStream, cmd: &LocalCommand) -> std::io::Result<()> {
+    let body = postcard::to_stdvec(cmd).map_err(std::io::Error::other)?;
+    let mut frame = (body.len() as u32).to_le_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    let mut sent = 0;
+    while sent < frame.len() {
+        match nix::sys::socket::send(conn.as_raw_fd(), &frame[sent..], MsgFlags::MSG_NOSIGNAL) {
+            Ok(n) => sent += n,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 fn send_with_fds(conn: &UnixStream, req: &LocalRequest, fds: &[RawFd]) -> Result<(), Error> {
@@ -379,20 +394,26 @@ impl RemoteChild {
 
     /// The child has ended: its daemon session can serve the next telefork on this connection
     /// (no new session process), so it becomes the spare connection — unless there is one.
+    /// (Else the session is told `Done` and ends now.)
     fn hand_back_connection(&mut self) {
         let Ok(conn) = self.conn.get() else { return };
-        if !self.reusable || SPARE_CONNECTION.load(Ordering::SeqCst) >= 0 {
-            return;
+        if !self.reusable {
+            return; // (the session ends by itself)
         }
-        let mut w = conn;
-        if proto::write_frame(&mut w, &LocalCommand::Again).is_err() {
+        if SPARE_CONNECTION.load(Ordering::SeqCst) >= 0 {
+            let _ = send_command(conn, &LocalCommand::Done);
             return;
         }
         // (A second fd on the same connection: this handle keeps its own until dropped.)
         let Ok(spare) = conn.try_clone() else { return };
+        if send_command(conn, &LocalCommand::Again).is_err() {
+            return;
+        }
         let fd = spare.into_raw_fd();
         if SPARE_CONNECTION.compare_exchange(-1, fd, Ordering::SeqCst, Ordering::SeqCst).is_err() {
-            // SAFETY: another thread stored a spare first; this fd is ours alone.
+            // Another thread stored a spare first (the session waits for a request that
+            // will not come, until its idle limit).
+            // SAFETY: this fd is ours alone.
             unsafe { libc::close(fd) };
         }
     }
@@ -410,8 +431,12 @@ impl RemoteChild {
             self.conn.get()?;
         }
         if !self.reusable {
-            // (A reusable connection becomes the spare itself when the child ends.)
             make_spare_connection();
+        } else if self.status.is_none() && !self.said_waiting && SPARE_CONNECTION.load(Ordering::SeqCst) < 0 {
+            // This connection will likely be the spare when the child ends: its session
+            // connects to the next destination meanwhile.
+            self.said_waiting = true;
+            let _ = send_command(self.conn.get()?, &LocalCommand::Waiting);
         }
         while self.status.is_none() {
             self.read_event()?;
@@ -440,7 +465,7 @@ impl RemoteChild {
         if self.status.is_some() {
             return Ok(());
         }
-        proto::write_frame(self.conn.get_mut()?, &LocalCommand::Kill { signal }).map_err(|e| Error::Lost(format!("{e:#}")))
+        send_command(self.conn.get()?, &LocalCommand::Kill { signal }).map_err(|e| Error::Lost(e.to_string()))
     }
 
     fn read_event(&mut self) -> Result<(), Error> {
