@@ -73,15 +73,14 @@ pub fn serve(shared: &Shared, mut sock: UnixStream) -> Result<()> {
                 };
                 return proto::write_frame(&mut sock, &reply);
             }
-            LocalRequest::Telefork { dest, child_pid, pass_stdin } => {
+            LocalRequest::Telefork { dest, child_pid, pass_stdin, prepare_next } => {
                 let user = User { uid: cred.uid(), gid: cred.gid() };
                 let mut to_program = sock.try_clone().context("cloning the program socket")?;
                 // (Accepted, then Started as soon as the destination says so, before the local
                 // copy is killed: the program is not held for that.)
                 let tell = |msg: FromDaemon| proto::write_frame(&mut to_program, &msg);
-                // A background telefork's program says at once that it will wait (it goes on
-                // meanwhile): then the next connection is made beside this transfer.
-                let early = (!pass_stdin && waiting_said(&sock)).then(|| Connecting::start(shared, &dest, true).ok()).flatten();
+                // (A background telefork: the next connection is made beside this transfer.)
+                let early = (prepare_next && !pass_stdin).then(|| Connecting::start(shared, &dest, true).ok()).flatten();
                 let sent = send_away(shared, Some(cred.pid()), &user, child_pid, &dest, pass_stdin, prepared.take(), reader.as_ref(), tell);
                 match sent {
                     Ok((ch, node, _pid)) => {
@@ -107,20 +106,6 @@ pub fn serve(shared: &Shared, mut sock: UnixStream) -> Result<()> {
             }
         }
     }
-}
-
-/// Whether the program's `LocalCommand::Waiting` is already there (read if so; anything
-/// else is left for the relay).
-fn waiting_said(sock: &UnixStream) -> bool {
-    let Ok(frame) = postcard::to_stdvec(&LocalCommand::Waiting).map(|body| [(body.len() as u32).to_le_bytes().to_vec(), body].concat()) else {
-        return false;
-    };
-    let mut peek = vec![0u8; frame.len()];
-    let peeked = nix::sys::socket::recv(sock.as_raw_fd(), &mut peek, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT);
-    if peeked.ok() != Some(frame.len()) || peek != frame {
-        return false;
-    }
-    nix::sys::socket::recv(sock.as_raw_fd(), &mut peek, MsgFlags::MSG_DONTWAIT).ok() == Some(frame.len())
 }
 
 /// Reads the first request and the fds passed with it.

@@ -41,7 +41,10 @@ pub enum ExitInfo {
 pub enum LocalRequest {
     /// Send my stopped child `child_pid` to `dest`. Passed along with SCM_RIGHTS: the
     /// child's stdout, stderr and (if `pass_stdin`) stdin.
-    Telefork { dest: String, child_pid: i32, pass_stdin: bool },
+    /// `prepare_next`: the program goes on now and will wait for this child later (a
+    /// background telefork): connect to the destination of its next telefork beside this
+    /// transfer, as a spare connection made now would.
+    Telefork { dest: String, child_pid: i32, pass_stdin: bool, prepare_next: bool },
     /// The calling (restored) process reports the value of a `remote` closure.
     Report { value: Vec<u8> },
     /// Which node is this?
@@ -171,7 +174,7 @@ mod tests {
             valid.push(b);
         }
         let mut b = Vec::new();
-        write_frame(&mut b, &LocalRequest::Telefork { dest: "node2".into(), child_pid: 42, pass_stdin: false }).unwrap();
+        write_frame(&mut b, &LocalRequest::Telefork { dest: "node2".into(), child_pid: 42, pass_stdin: false, prepare_next: false }).unwrap();
         valid.push(b);
         for i in 0..200_000u64 {
             let mut frame = if i % 2 == 0 {

@@ -290,7 +290,10 @@ fn hand_over(conn: Held<UnixStream>, child: Pid, dest: &str, opts: &Options) -> 
     if let Ok(mut last) = LAST_DEST.try_lock() {
         *last = Some(dest.to_string());
     }
-    let req = LocalRequest::Telefork { dest: dest.to_string(), child_pid: child.as_raw(), pass_stdin: opts.pass_stdin };
+    // A background caller goes on now and will wait later: its session may make the next
+    // connection beside this transfer (as a spare connection made now would).
+    let prepare_next = opts.background && !opts.pass_stdin && SPARE_CONNECTION.load(Ordering::SeqCst) < 0;
+    let req = LocalRequest::Telefork { dest: dest.to_string(), child_pid: child.as_raw(), pass_stdin: opts.pass_stdin, prepare_next };
     let mut fds: Vec<RawFd> = vec![1, 2];
     if opts.pass_stdin {
         fds.push(0);
@@ -300,10 +303,7 @@ fn hand_over(conn: Held<UnixStream>, child: Pid, dest: &str, opts: &Options) -> 
     // The daemon bounds every step with its own timeouts; this only guards against a hung
     // daemon.
     conn.get()?.set_read_timeout(Some(Duration::from_secs(600))).ok();
-    // A background caller goes on now and will wait later: its session may make the next
-    // connection beside this transfer (as a spare connection made now would).
-    let said_waiting = opts.background && !opts.pass_stdin && SPARE_CONNECTION.load(Ordering::SeqCst) < 0 && send_command(conn.get()?, &LocalCommand::Waiting).is_ok();
-    let mut rc = RemoteChild { node: dest.to_string(), pid: None, local: Some(local), dying: None, conn, reusable: !opts.pass_stdin, said_waiting, status: None, result: None };
+    let mut rc = RemoteChild { node: dest.to_string(), pid: None, local: Some(local), dying: None, conn, reusable: !opts.pass_stdin, said_waiting: prepare_next, status: None, result: None };
     if opts.background {
         return Ok(rc);
     }
