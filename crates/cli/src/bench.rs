@@ -620,9 +620,6 @@ fn row_from_ms(group: &'static str, name: String, samples: Vec<f64>, bname: &str
     }
 }
 
-/// Samples VmRSS every ~5 ms: node1's origin sessions (the daemon's children and their
-/// descendants), the teleforking program (the parent) and its children (the frozen fork).
-/// A GB/s row: samples of the measurement and of its baseline, medians compared.
 /// Runs for a size (4 GiB and more: at most 3), and the note saying so when fewer than
 /// asked.
 fn runs_for(mib: u64, asked: usize) -> (usize, String) {
@@ -653,6 +650,7 @@ fn round_trip_note(rt_gbps: &[f64], note: &str) -> String {
     }
 }
 
+/// A GB/s row: samples of the measurement and of its baseline, medians compared.
 fn throughput_row(name: String, samples: Vec<f64>, baseline_name: &str, baseline_samples: Vec<f64>, runs: usize, note: &str) -> Row {
     Row {
         group: "throughput",
@@ -668,6 +666,8 @@ fn throughput_row(name: String, samples: Vec<f64>, baseline_name: &str, baseline
     }
 }
 
+/// Samples VmRSS every ~5 ms: node1's origin sessions (the daemon's children and their
+/// descendants), the teleforking program (the parent) and its children (the frozen fork).
 struct Sampler {
     stop: Arc<AtomicBool>,
     handle: std::thread::JoinHandle<MemPeak>,

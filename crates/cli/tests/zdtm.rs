@@ -974,13 +974,26 @@ fn leave_running() {
 
 /// Fd 2 was inherited stdio (a pipe) at capture; the restoring command is started with its
 /// fd 2 closed (Rust's runtime puts /dev/null there, which the process then inherits): the
-/// restore goes on and the process passes.
+/// restore goes on, the restored process's fd 2 is that /dev/null, and the process passes.
 #[test]
 fn restore_without_an_inherited_stdio_fd() {
     let run = simple_dumped("restore_without_stderr");
     let mut cmd = Command::new("sh");
     cmd.arg("-c").arg("exec \"$0\" restore \"$1\" 2>&-").arg(TELEFORK).arg(&run.img);
     let mut r = Proc::spawn(cmd, &run.guard);
+    // The restored process, once it runs on its own (no tracer: the restore is done).
+    let untraced = |p: i32| fs::read_to_string(format!("/proc/{p}/status")).is_ok_and(|s| s.lines().any(|l| l == "TracerPid:\t0"));
+    let deadline = Instant::now() + RESTORE_TIMEOUT;
+    let restored = loop {
+        let found = descendants(r.pid).into_iter().find(|&p| fs::read_link(format!("/proc/{p}/exe")).ok().as_deref() == Some(run.exe.as_path()) && untraced(p));
+        match found {
+            Some(p) => break p,
+            None if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
+            None => panic!("restore_without_stderr: no restored process appeared\n{}", r.report()),
+        }
+    };
+    let fd2 = fs::read_link(format!("/proc/{restored}/fd/2")).ok();
+    assert_eq!(fd2.as_deref(), Some(Path::new("/dev/null")), "restore_without_stderr: the restored process's fd 2\n{}", r.report());
     fs::write(&run.go, b"go").unwrap();
     let st = r.wait_timeout(RESTORE_TIMEOUT);
     let rep = r.report();

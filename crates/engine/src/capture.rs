@@ -295,12 +295,16 @@ struct Outside {
 }
 
 fn look_from_outside(pid: Pid, maps: &[procfs::MapsEntry], inherit_stdio: bool) -> Result<Outside> {
+    // (stat and status read once, for all that is in them.)
+    let stat = procfs::read_stat(pid)?;
+    let status_path = format!("/proc/{pid}/status");
+    let status = procfs::read_text(&status_path).with_context(|| format!("reading {status_path}"))?;
     Ok(Outside {
         vmas: mem::capture_vmas(pid, maps)?,
-        comm: procfs::read_stat(pid)?.comm,
-        creds: creds::capture(pid)?,
-        misc: misc::capture(pid)?,
+        creds: creds::parse_status(&status).with_context(|| format!("parsing {status_path}"))?,
+        misc: misc::capture(pid, &stat, &status)?,
         fds: fds::capture(pid, inherit_stdio)?,
+        comm: stat.comm,
     })
 }
 

@@ -10,16 +10,9 @@
 //! as usual; an image that was itself uid 0 keeps the restorer's.
 
 use anyhow::{bail, Context, Result};
-use nix::unistd::Pid;
 
 use crate::inject::{Call, Injector};
 use telefork_image::Creds;
-
-pub fn capture(pid: Pid) -> Result<Creds> {
-    let path = format!("/proc/{pid}/status");
-    let text = crate::procfs::read_text(&path).with_context(|| format!("reading {path}"))?;
-    parse_status(&text).with_context(|| format!("parsing {path}"))
-}
 
 /// Parses the credential lines of a /proc/PID/status text.
 pub fn parse_status(text: &str) -> Result<Creds> {

@@ -62,7 +62,8 @@ fn read_proc(pid: Pid, what: &str) -> Result<String> {
     crate::procfs::read_text(&path).with_context(|| format!("reading {path}"))
 }
 
-pub fn capture(pid: Pid) -> Result<Misc> {
+/// Misc state of process `pid`, whose /proc stat and status the caller read.
+pub fn capture(pid: Pid, stat: &crate::procfs::Stat, status: &str) -> Result<Misc> {
     let cwd_link = format!("/proc/{pid}/cwd");
     let cwd = std::fs::read_link(&cwd_link).with_context(|| format!("reading {cwd_link}"))?;
     let cwd = cwd
@@ -76,17 +77,16 @@ pub fn capture(pid: Pid) -> Result<Misc> {
         bail!("the working directory {cwd:?} is not reachable from our root");
     }
 
-    let status = read_proc(pid, "status")?;
     // A seccomp filter cannot be captured yet; restoring the process without it would lift
     // its sandbox, so it is refused.
-    match status_number(&status, "Seccomp:") {
+    match status_number(status, "Seccomp:") {
         Some(0) => {}
         Some(mode) => bail!("process {pid} runs under seccomp (mode {mode}); its filters cannot be captured yet, and restoring it without them would lift its sandbox"),
         None => bail!("no Seccomp line in /proc/{pid}/status"),
     }
-    let no_new_privs = status_number(&status, "NoNewPrivs:").with_context(|| format!("no NoNewPrivs line in /proc/{pid}/status"))? != 0;
-    let umask = parse_umask(&status).with_context(|| format!("parsing /proc/{pid}/status"))?;
-    let nice = parse_stat_nice(&read_proc(pid, "stat")?).with_context(|| format!("parsing /proc/{pid}/stat"))?;
+    let no_new_privs = status_number(status, "NoNewPrivs:").with_context(|| format!("no NoNewPrivs line in /proc/{pid}/status"))? != 0;
+    let umask = parse_umask(status).with_context(|| format!("parsing /proc/{pid}/status"))?;
+    let nice = stat_nice(stat).with_context(|| format!("parsing /proc/{pid}/stat"))?;
     let pers = read_proc(pid, "personality")?;
     let personality = u64::from_str_radix(pers.trim(), 16)
         .with_context(|| format!("parsing /proc/{pid}/personality {:?}", pers.trim()))?;
@@ -109,13 +109,10 @@ pub fn parse_umask(status: &str) -> Result<u32> {
     bail!("no Umask line")
 }
 
-/// Field 19 (nice) of /proc/PID/stat. The comm (field 2) is in parentheses and may itself
-/// contain spaces and parentheses, so the fields are counted from after the *last* ')'.
-pub fn parse_stat_nice(stat: &str) -> Result<i32> {
-    let rest = stat.rfind(')').map(|i| &stat[i + 1..]).context("no ')' after the command name")?;
-    // After ')' comes field 3 (state); field 19 is the 17th from there.
-    let f = rest.split_whitespace().nth(19 - 3).context("too few fields")?;
-    f.parse::<i32>().with_context(|| format!("bad nice value {f:?}"))
+/// Field 19 (nice) of /proc/PID/stat.
+fn stat_nice(stat: &crate::procfs::Stat) -> Result<i32> {
+    let nice = stat.num(19)? as i64;
+    i32::try_from(nice).with_context(|| format!("bad nice value {nice}"))
 }
 
 /// All 16 limits of /proc/PID/limits. The kernel prints the raw rlimit values (the Units
@@ -305,12 +302,13 @@ Max realtime timeout      unlimited            unlimited            us        \n
 
     #[test]
     fn parses_nice() {
+        let nice = |text: &str| crate::procfs::parse_stat(text).and_then(|s| stat_nice(&s));
         let stat = "1234 (a) b) c) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 -5 1 0 12345 1000 100 18446744073709551615";
-        assert_eq!(parse_stat_nice(stat).unwrap(), -5);
+        assert_eq!(nice(stat).unwrap(), -5);
         let stat = "1 (init) S 0 1 1 0 -1 4194560 100 0 0 0 1 2 0 0 39 19 1 0 12345";
-        assert_eq!(parse_stat_nice(stat).unwrap(), 19);
-        assert!(parse_stat_nice("1 (x S 0").is_err());
-        assert!(parse_stat_nice("1 (x) S 0 1").is_err());
+        assert_eq!(nice(stat).unwrap(), 19);
+        assert!(nice("1 (x S 0").is_err());
+        assert!(nice("1 (x) S 0 1").is_err());
     }
 
     #[test]

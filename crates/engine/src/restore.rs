@@ -154,7 +154,7 @@ impl Stub {
     /// Whether the control or parking area lies where `vmas` need room.
     fn collides_with(&self, vmas: &[Vma]) -> bool {
         let ours = [(self.control, self.control + CONTROL_LEN), self.parking];
-        vmas.iter().any(|v| ours.iter().any(|(s, e)| v.start < e + GUARD_GAP && v.end + GUARD_GAP > *s))
+        vmas.iter().any(|v| ours.iter().any(|&area| !clear_of(area, (v.start, v.end))))
     }
 }
 
@@ -432,7 +432,7 @@ fn shape<R: Read + Send>(stub: &mut Stub, img: &ProcessImage, reader: &mut Image
     let thread = &img.threads[0];
     threads::restore_pending(inj, thread, pid)?;
     inj.reset_scratch();
-    let mut last = threads::restore_calls(inj, thread, pid)?;
+    let mut last = threads::restore_calls(inj, thread)?;
     // The parent-death signal the stub set for itself (an image never has one: it is not
     // captured, and a restored process must outlive a `restore --detach`).
     last.push(Call::new(libc::SYS_prctl, &[libc::PR_SET_PDEATHSIG as u64, 0, 0, 0, 0], "clearing the parent-death signal"));
@@ -509,6 +509,11 @@ fn run_checking_moves(inj: &mut Injector, calls: &[Call]) -> Result<()> {
     Ok(())
 }
 
+/// Whether ranges `a` and `b` are at least `GUARD_GAP` apart.
+fn clear_of(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.1 + GUARD_GAP <= b.0 || a.0 >= b.1 + GUARD_GAP
+}
+
 /// An address range of `len` bytes free in the image, in the fork, and apart from `taken`.
 fn free_area(vmas: &[Vma], stub: &[procfs::MapsEntry], taken: &[(u64, u64)], len: u64) -> Result<u64> {
     let busy: Vec<(u64, u64)> = vmas
@@ -517,11 +522,9 @@ fn free_area(vmas: &[Vma], stub: &[procfs::MapsEntry], taken: &[(u64, u64)], len
         .chain(stub.iter().map(|m| (m.start, m.end)))
         .chain(taken.iter().copied())
         .collect();
-    let guard = GUARD_GAP;
     let mut cand = 1u64 << 32;
     while cand + len < 0x7f00_0000_0000 {
-        let end = cand + len;
-        if busy.iter().all(|(s, e)| end + guard <= *s || cand >= e + guard) {
+        if busy.iter().all(|&b| clear_of((cand, cand + len), b)) {
             return Ok(cand);
         }
         cand += 1 << 30;

@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use nix::unistd::Pid;
 
 use crate::inject::{Call, Injector};
-use telefork_image::{AltStack, CpuState, Rseq, SigInfo, ThreadState};
+use telefork_image::{AltStack, CpuState, SigInfo, ThreadState};
 
 /// Index of fs_base in `struct user_regs_struct` (27 words, kernel order).
 const FS_BASE_INDEX: usize = 21;
@@ -24,7 +24,6 @@ const TCB_SCAN_LEN: usize = 0x1000;
 /// `struct robust_list_head` size: what set_robust_list insists on.
 const ROBUST_LIST_HEAD_LEN: u64 = 24;
 const SYS_RSEQ: libc::c_long = 334;
-const RSEQ_FLAG_UNREGISTER: u64 = 1;
 
 /// Captures one stopped thread. `sigmask` is its blocked mask as it was before the engine
 /// blocked everything; `cpu` its CPU state (already captured).
@@ -146,10 +145,9 @@ fn read_prefix(inj: &Injector, addr: u64, len: usize) -> Vec<u8> {
 }
 
 /// The system calls that restore everything of `t` but the CPU state, the blocked mask and
-/// the pending signals (`restore_pending`), in the thread the injector drives, whose tid is
-/// now `new_tid`; to be run in one batch (their memory is staged in the scratch area), then
-/// `restore_after`.
-pub fn restore_calls(inj: &mut Injector, t: &ThreadState, new_tid: Pid) -> Result<Vec<Call>> {
+/// the pending signals (`restore_pending`), in the thread the injector drives; to be run in
+/// one batch (their memory is staged in the scratch area), then `restore_after`.
+pub fn restore_calls(inj: &mut Injector, t: &ThreadState) -> Result<Vec<Call>> {
     let tid = t.tid;
     let mut calls = Vec::new();
 
@@ -166,29 +164,15 @@ pub fn restore_calls(inj: &mut Injector, t: &ThreadState, new_tid: Pid) -> Resul
         format!("restoring the alternate signal stack ({:#x}, {} bytes) of thread {tid}", t.altstack.sp, t.altstack.size),
     ));
 
-    // The rseq area. A restore stub that registered its own area (glibc does for every
-    // thread) is unregistered first: the kernel allows one registration per thread.
-    let want = t.rseq.as_ref();
-    let cur = crate::ptrace::rseq_config(new_tid).with_context(|| format!("reading the rseq registration of thread {tid}"))?;
-    let same = |c: &Rseq| want.is_some_and(|w| w.abi_pointer == c.abi_pointer && w.abi_size == c.abi_size && w.signature == c.signature);
-    match &cur {
-        Some(c) if same(c) => {}
-        other => {
-            if let Some(c) = other {
-                calls.push(Call::new(
-                    SYS_RSEQ,
-                    &[c.abi_pointer, c.abi_size as u64, RSEQ_FLAG_UNREGISTER, c.signature as u64],
-                    format!("unregistering the restorer's rseq area at {:#x}", c.abi_pointer),
-                ));
-            }
-            if let Some(w) = want {
-                calls.push(Call::new(
-                    SYS_RSEQ,
-                    &[w.abi_pointer, w.abi_size as u64, 0, w.signature as u64],
-                    format!("restoring the rseq registration of thread {tid}: rseq({:#x}, {}, 0, {:#x})", w.abi_pointer, w.abi_size, w.signature),
-                ));
-            }
-        }
+    // The rseq area. The thread has none registered here: the stub's inherited one is
+    // dropped when it is emptied, and threads the restore creates with a raw clone never
+    // register one (a registration found anyway fails the batch: EBUSY, named).
+    if let Some(w) = t.rseq.as_ref() {
+        calls.push(Call::new(
+            SYS_RSEQ,
+            &[w.abi_pointer, w.abi_size as u64, 0, w.signature as u64],
+            format!("restoring the rseq registration of thread {tid}: rseq({:#x}, {}, 0, {:#x})", w.abi_pointer, w.abi_size, w.signature),
+        ));
     }
 
     calls.push(Call::new(

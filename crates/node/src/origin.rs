@@ -79,15 +79,16 @@ pub fn serve(shared: &Shared, mut sock: UnixStream) -> Result<()> {
                 // (Accepted, then Started as soon as the destination says so, before the local
                 // copy is killed: the program is not held for that.)
                 let tell = |msg: FromDaemon| proto::write_frame(&mut to_program, &msg);
-                // (A background telefork: the next connection is made beside this transfer.)
-                let early = (prepare_next && !pass_stdin).then(|| Connecting::start(shared, &dest, true).ok()).flatten();
+                // (A background telefork: the next connection is made beside this transfer, by
+                // a thread of its own: the reader is about to serve the capture.)
+                let early = (prepare_next && !pass_stdin).then(|| Connecting::start(shared, &dest, true, None).ok()).flatten();
                 let sent = send_away(shared, Some(cred.pid()), &user, child_pid, &dest, pass_stdin, prepared.take(), reader.as_ref(), tell);
                 match sent {
                     Ok((ch, node, _pid)) => {
                         // The next telefork likely goes there too: connect once the program
                         // waits for this child (as its spare connection did), on the idle
                         // /proc reader thread.
-                        let prepare_next = || Connecting::by_reader(reader.as_ref(), shared, &node).ok();
+                        let prepare_next = || Connecting::start(shared, &node, true, reader.as_ref()).ok();
                         match relay(ch, &sock, std::mem::take(&mut fds), pass_stdin, &prepare_next)? {
                             AfterRelay::Again(next) => prepared = next.or(early),
                             AfterRelay::End => return Ok(()),
@@ -190,10 +191,9 @@ struct Connecting {
 
 enum Made {
     Done(Box<Result<TlsChannel>>),
-    /// (A thread costs ~0.1-0.3 ms of CPU here: worth it only on a telefork's path.)
-    InThread(std::thread::JoinHandle<Result<TlsChannel>>),
-    /// By the session's idle /proc reader thread; the result comes on the channel.
-    ByReader(std::sync::mpsc::Receiver<Result<TlsChannel>>),
+    /// Being made by another thread (one of its own, or the session's idle /proc reader);
+    /// the result comes on the channel.
+    Pending(std::sync::mpsc::Receiver<Result<TlsChannel>>),
 }
 
 /// A destination drops a prepared connection left unused for `dest::OFFER_WAIT` (40 s); one
@@ -210,36 +210,29 @@ impl Connecting {
         Ok(Connecting { name, addr, ahead: true, began, made })
     }
 
-    /// Starts connecting in a thread of its own (`ahead`: for a telefork that may come).
-    fn start(shared: &Shared, dest: &str, ahead: bool) -> Result<Connecting> {
-        let (name, addr) = shared.cfg.resolve(dest)?;
-        let (tls, node) = (shared.client_tls.clone(), name.clone());
-        let thread = std::thread::Builder::new()
-            .name("connecting".into())
-            .spawn(move || connect_tls(tls, &node, addr))
-            .context("starting a thread to connect")?;
-        Ok(Connecting { name, addr, ahead, began: std::time::Instant::now(), made: Made::InThread(thread) })
-    }
-
-    /// Connects (ahead of time) on the session's idle /proc reader thread, else on a new one.
-    fn by_reader(reader: Option<&OutsideReader>, shared: &Shared, dest: &str) -> Result<Connecting> {
-        let Some(reader) = reader else { return Connecting::start(shared, dest, true) };
+    /// Starts connecting in another thread (`ahead`: for a telefork that may come): the
+    /// session's idle /proc reader if given (a thread started anew costs ~0.1-0.3 ms of
+    /// CPU here), else one of its own.
+    fn start(shared: &Shared, dest: &str, ahead: bool, reader: Option<&OutsideReader>) -> Result<Connecting> {
         let (name, addr) = shared.cfg.resolve(dest)?;
         let (tls, node) = (shared.client_tls.clone(), name.clone());
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        if !reader.run(Box::new(move || {
+        let work = move || {
             let _ = tx.send(connect_tls(tls, &node, addr));
-        })) {
-            return Connecting::start(shared, dest, true);
+        };
+        match reader {
+            Some(r) if r.run(Box::new(work.clone())) => {}
+            _ => {
+                std::thread::Builder::new().name("connecting".into()).spawn(work).context("starting a thread to connect")?;
+            }
         }
-        Ok(Connecting { name, addr, ahead: true, began: std::time::Instant::now(), made: Made::ByReader(rx) })
+        Ok(Connecting { name, addr, ahead, began: std::time::Instant::now(), made: Made::Pending(rx) })
     }
 
     fn finish(self) -> Result<TlsChannel> {
         match self.made {
             Made::Done(r) => *r,
-            Made::ByReader(rx) => rx.recv().unwrap_or_else(|_| Err(anyhow::anyhow!("the thread connecting to {} is gone", self.name))),
-            Made::InThread(t) => t.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the thread connecting to {} panicked", self.name))),
+            Made::Pending(rx) => rx.recv().unwrap_or_else(|_| Err(anyhow::anyhow!("the thread connecting to {} is gone", self.name))),
         }
     }
 }
@@ -380,11 +373,11 @@ fn send_away(
     }
     // The connection: the one made ahead of time if it goes there, else one made now by a
     // thread of its own while the child is checked and captured.
-    let connecting = match prepared.filter(|c| shared.cfg.resolve(dest).is_ok_and(|(n, _)| n == c.name)) {
+    let (name, _) = shared.cfg.resolve(dest)?;
+    let connecting = match prepared.filter(|c| c.name == name) {
         Some(c) => c,
-        None => Connecting::start(shared, dest, false)?,
+        None => Connecting::start(shared, dest, false, None)?,
     };
-    let name = connecting.name.clone();
     wait_self_stopped(child)?;
     let t_stopped = std::time::Instant::now();
     telefork_engine::timeline::stamp("origin stopped");
@@ -415,16 +408,18 @@ fn send_away(
         // (A program that went away meanwhile is noticed by the relay.)
         let _ = tell(FromDaemon::Accepted { node: name.clone() });
     }
+    // A plain image goes straight onto the TCP socket beneath TLS (its connection is open:
+    // a plain image never follows its offer).
+    let plain_socket = if plain_image { Some(link.channel()?) } else { None };
     // Where the frozen process hands over its own memory (images over the engine's inline
     // size; used only after the process record went out, so on a connection opened by
     // then): onto the socket (plain), or into a pipe whose bytes are read straight into TLS
     // records.
     let forward = |pipe: std::os::fd::RawFd, len: usize| link.channel().map_err(|e| std::io::Error::other(format!("{e:#}")))?.send_from(pipe, len);
-    let page_route = match (plain_image, link.ch.get()) {
-        (true, Some(ch)) => Some(telefork_engine::PageRoute::Socket(ch.raw_fd())),
-        (true, None) => None,
-        (false, _) => Some(telefork_engine::PageRoute::Pipe(&forward)),
-    };
+    let page_route = Some(match plain_socket {
+        Some(ch) => telefork_engine::PageRoute::Socket(ch.raw_fd()),
+        None => telefork_engine::PageRoute::Pipe(&forward),
+    });
     let opts = telefork_engine::DumpOptions {
         leave_running: false,
         inherit_stdio: true,
@@ -437,11 +432,9 @@ fn send_away(
     let mut t_sent = t_stopped;
     // The capture streams into the connection; the local copy dies only after the
     // destination says the process runs there.
-    // The image goes inside TLS, or (plain) straight onto the TCP socket beneath it.
-    let sink: Box<dyn Write + Send + '_> = match (plain_image, link.ch.get()) {
-        (true, Some(ch)) => Box::new(ch.raw_socket()?),
-        (true, None) => bail!("a plain image needs its connection opened first"),
-        (false, _) => Box::new(&link),
+    let sink: Box<dyn Write + Send + '_> = match plain_socket {
+        Some(ch) => Box::new(ch.raw_socket()?),
+        None => Box::new(&link),
     };
     telefork_engine::dump(Pid::from_raw(child), std::io::BufWriter::with_capacity(1 << 20, sink), &opts, |mut w| {
         w.flush().context("sending the image")?;
@@ -512,6 +505,55 @@ fn wait_self_stopped(child: i32) -> Result<()> {
     }
 }
 
+/// What the program says on `sock` while its child runs and once it has ended: kill requests
+/// go to the destination (a program that goes away leaves its child be); `Waiting` makes the
+/// session connect to the next destination (`prepare_next`). The child's end is a byte on
+/// `ended` — 1: wait up to `AGAIN_WAIT` for `Again` or `Done`; 2: give up at once.
+fn program_commands(sock: &UnixStream, ended: &OwnedFd, ch: &TlsChannel, pass_stdin: bool, prepare_next: &(dyn Fn() -> Option<Connecting> + Sync)) -> AfterRelay {
+    let mut deadline = None;
+    let mut next = None;
+    loop {
+        let mut fds = [
+            libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: ended.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        let watched = if deadline.is_some() { 1 } else { 2 };
+        let timeout = deadline.map_or(-1, |d: std::time::Instant| d.saturating_duration_since(std::time::Instant::now()).as_millis().clamp(1, i32::MAX as u128) as i32);
+        // SAFETY: `fds` holds `watched` valid pollfds.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), watched as libc::nfds_t, timeout) };
+        if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        if n <= 0 {
+            return AfterRelay::End; // (no answer after the end, or poll failed)
+        }
+        if watched == 2 && fds[1].revents != 0 {
+            let mut byte = [0u8];
+            if !matches!(nix::unistd::read(ended.as_raw_fd(), &mut byte), Ok(1)) || byte[0] != 1 {
+                return AfterRelay::End;
+            }
+            deadline = Some(std::time::Instant::now() + AGAIN_WAIT);
+            continue;
+        }
+        let mut r = sock;
+        match proto::read_frame::<_, LocalCommand>(&mut r) {
+            Ok(Some(LocalCommand::Kill { signal })) => {
+                if deadline.is_none() {
+                    let _ = ch.send(&ToDest::Kill { signal }); // (a dead link shows in the relay)
+                }
+            }
+            Ok(Some(LocalCommand::Waiting)) => {
+                if next.is_none() && !pass_stdin {
+                    next = prepare_next();
+                }
+            }
+            // (The library sends it once it has read the child's end.)
+            Ok(Some(LocalCommand::Again)) if !pass_stdin => return AfterRelay::Again(next),
+            Ok(Some(LocalCommand::Again | LocalCommand::Done)) | Ok(None) | Err(_) => return AfterRelay::End,
+        }
+    }
+}
+
 /// What the program does with its connection once its child's fate is known.
 enum AfterRelay {
     /// It sent `LocalCommand::Again`: its next request comes on this connection (and the
@@ -538,57 +580,8 @@ fn relay(ch: TlsChannel, sock: &UnixStream, fds: Vec<OwnedFd>, pass_stdin: bool,
     let stdin = if pass_stdin { fds.next().map(File::from) } else { None };
     let (ended_r, ended_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating a pipe")?;
     std::thread::scope(|scope| {
-        // Program → destination: kill requests (a program that goes away leaves its child
-        // be); after the child's end (a byte on `ended`: 1, or 2 to give up at once), the
-        // program's `Again` or `Done`.
-        let commands = {
-            let ch = ch.clone();
-            let rd = sock;
-            scope.spawn(move || -> AfterRelay {
-                let mut deadline = None;
-                let mut next = None;
-                loop {
-                    let mut fds = [
-                        libc::pollfd { fd: rd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-                        libc::pollfd { fd: ended_r.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-                    ];
-                    let watched = if deadline.is_some() { 1 } else { 2 };
-                    let timeout = deadline.map_or(-1, |d: std::time::Instant| d.saturating_duration_since(std::time::Instant::now()).as_millis().clamp(1, i32::MAX as u128) as i32);
-                    // SAFETY: `fds` holds `watched` valid pollfds.
-                    let n = unsafe { libc::poll(fds.as_mut_ptr(), watched as libc::nfds_t, timeout) };
-                    if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    if n <= 0 {
-                        return AfterRelay::End; // (no answer after the end, or poll failed)
-                    }
-                    if watched == 2 && fds[1].revents != 0 {
-                        let mut byte = [0u8];
-                        if !matches!(nix::unistd::read(ended_r.as_raw_fd(), &mut byte), Ok(1)) || byte[0] != 1 || pass_stdin {
-                            return AfterRelay::End;
-                        }
-                        deadline = Some(std::time::Instant::now() + AGAIN_WAIT);
-                        continue;
-                    }
-                    let mut r = rd;
-                    match proto::read_frame::<_, LocalCommand>(&mut r) {
-                        Ok(Some(LocalCommand::Kill { signal })) => {
-                            if deadline.is_none() {
-                                let _ = ch.send(&ToDest::Kill { signal }); // (a dead link shows in the relay)
-                            }
-                        }
-                        Ok(Some(LocalCommand::Waiting)) => {
-                            if next.is_none() && !pass_stdin {
-                                next = prepare_next();
-                            }
-                        }
-                        // (The library sends it once it has read the child's end.)
-                        Ok(Some(LocalCommand::Again)) if !pass_stdin => return AfterRelay::Again(next),
-                        Ok(Some(LocalCommand::Again | LocalCommand::Done)) | Ok(None) | Err(_) => return AfterRelay::End,
-                    }
-                }
-            })
-        };
+        // Program → destination: kill requests; after the child's end, the program's answer.
+        let commands = scope.spawn(|| program_commands(sock, &ended_r, &ch, pass_stdin, prepare_next));
         if let Some(mut input) = stdin {
             let ch = ch.clone();
             std::thread::spawn(move || {

@@ -113,7 +113,8 @@ pub enum FromDest {
     Exited(ExitInfo),
 }
 
-pub fn write_frame<W: Write + ?Sized, T: Serialize>(w: &mut W, msg: &T) -> Result<()> {
+/// A message as one frame: its length (u32, little-endian), then its postcard encoding.
+pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>> {
     let body = postcard::to_stdvec(msg).context("encoding a message")?;
     if body.len() > MAX_FRAME as usize {
         bail!("message of {} bytes exceeds the frame limit", body.len());
@@ -121,7 +122,11 @@ pub fn write_frame<W: Write + ?Sized, T: Serialize>(w: &mut W, msg: &T) -> Resul
     let mut buf = Vec::with_capacity(4 + body.len());
     buf.extend_from_slice(&(body.len() as u32).to_le_bytes());
     buf.extend_from_slice(&body);
-    w.write_all(&buf)?;
+    Ok(buf)
+}
+
+pub fn write_frame<W: Write + ?Sized, T: Serialize>(w: &mut W, msg: &T) -> Result<()> {
+    w.write_all(&encode_frame(msg)?)?;
     w.flush()?;
     Ok(())
 }

@@ -159,14 +159,15 @@ static GENERATION: AtomicU64 = AtomicU64::new(0);
 struct Held<T: AsRawFd> {
     inner: std::mem::ManuallyDrop<T>,
     generation: u64,
-    listed: bool,
+    /// Its slot in `HELD_FDS` (none if all were taken).
+    slot: Option<usize>,
 }
 
 impl<T: AsRawFd> Held<T> {
     fn new(inner: T) -> Held<T> {
         let fd = inner.as_raw_fd();
-        let listed = HELD_FDS.iter().any(|slot| slot.compare_exchange(-1, fd, Ordering::SeqCst, Ordering::SeqCst).is_ok());
-        Held { inner: std::mem::ManuallyDrop::new(inner), generation: GENERATION.load(Ordering::SeqCst), listed }
+        let slot = HELD_FDS.iter().position(|slot| slot.compare_exchange(-1, fd, Ordering::SeqCst, Ordering::SeqCst).is_ok());
+        Held { inner: std::mem::ManuallyDrop::new(inner), generation: GENERATION.load(Ordering::SeqCst), slot }
     }
 
     /// Whether this process made it (not a copy inherited through a telefork's fork).
@@ -188,9 +189,8 @@ impl<T: AsRawFd> Drop for Held<T> {
         if !self.is_ours() {
             return; // (an inert copy: its fd was closed at the fork)
         }
-        let fd = self.inner.as_raw_fd();
-        if let Some(slot) = HELD_FDS.iter().find(|slot| slot.load(Ordering::SeqCst) == fd) {
-            slot.store(-1, Ordering::SeqCst);
+        if let Some(i) = self.slot {
+            HELD_FDS[i].store(-1, Ordering::SeqCst);
         }
         // SAFETY: dropped once, here, and never used again.
         unsafe { std::mem::ManuallyDrop::drop(&mut self.inner) };
@@ -223,11 +223,11 @@ fn make_spare_connection() {
     if SPARE_CONNECTION.load(Ordering::SeqCst) >= 0 {
         return;
     }
-    if let Ok(mut s) = connect_daemon() {
+    if let Ok(s) = connect_daemon() {
         let dest = LAST_DEST.try_lock().ok().and_then(|d| d.clone());
         if let Some(dest) = dest {
             // Best effort: a daemon that cannot prepare just connects later.
-            let _ = proto::write_frame(&mut s, &LocalRequest::Prepare { dest });
+            let _ = send_frame(&s, &LocalRequest::Prepare { dest });
         }
         let fd = s.into_raw_fd();
         if SPARE_CONNECTION.compare_exchange(-1, fd, Ordering::SeqCst, Ordering::SeqCst).is_err() {
@@ -256,7 +256,7 @@ pub fn telefork_with(dest: &str, opts: &Options) -> Result<Fork, Error> {
         ForkResult::Child => {
             // SAFETY: closing our copy of the daemon connection (the snapshot must hold no
             // socket); then stop until captured. What runs after `kill` returns runs on `dest`.
-            let (fd, listed) = (conn.inner.as_raw_fd(), conn.listed);
+            let (fd, listed) = (conn.inner.as_raw_fd(), conn.slot.is_some());
             let spare = SPARE_CONNECTION.swap(-1, Ordering::SeqCst);
             close_held_fds_in_child(); // (`conn` among them, if it found a slot)
             unsafe {
@@ -333,12 +333,14 @@ fn hand_over(conn: Held<UnixStream>, child: Pid, dest: &str, opts: &Options) -> 
     Ok(rc)
 }
 
-/// Sends a command on a daemon connection without SIGPIPE if the session is gone (a program
+/// Sends a message on a daemon connection without SIGPIPE if the session is gone (a program
 /// may have restored SIGPIPE's default, which would end it).
-fn send_command(conn: &UnixStream, cmd: &LocalCommand) -> std::io::Result<()> {
-    let body = postcard::to_stdvec(cmd).map_err(std::io::Error::other)?;
-    let mut frame = (body.len() as u32).to_le_bytes().to_vec();
-    frame.extend_from_slice(&body);
+fn send_frame<T: serde::Serialize>(conn: &UnixStream, msg: &T) -> std::io::Result<()> {
+    let frame = proto::encode_frame(msg).map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+    send_all(conn, &frame)
+}
+
+fn send_all(conn: &UnixStream, frame: &[u8]) -> std::io::Result<()> {
     let mut sent = 0;
     while sent < frame.len() {
         match nix::sys::socket::send(conn.as_raw_fd(), &frame[sent..], MsgFlags::MSG_NOSIGNAL) {
@@ -351,14 +353,12 @@ fn send_command(conn: &UnixStream, cmd: &LocalCommand) -> std::io::Result<()> {
 }
 
 fn send_with_fds(conn: &UnixStream, req: &LocalRequest, fds: &[RawFd]) -> Result<(), Error> {
-    let body = postcard::to_stdvec(req).map_err(|e| Error::Other(e.to_string()))?;
-    let mut frame = (body.len() as u32).to_le_bytes().to_vec();
-    frame.extend_from_slice(&body);
+    let frame = proto::encode_frame(req).map_err(|e| Error::Other(format!("{e:#}")))?;
     let cmsg = [ControlMessage::ScmRights(fds)];
     let iov = [IoSlice::new(&frame)];
-    let n = sendmsg::<()>(conn.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None).map_err(|e| Error::Io(e.into()))?;
+    let n = sendmsg::<()>(conn.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None).map_err(|e| Error::Io(e.into()))?;
     if n < frame.len() {
-        (&*conn).write_all(&frame[n..])?;
+        send_all(conn, &frame[n..])?;
     }
     Ok(())
 }
@@ -401,12 +401,12 @@ impl RemoteChild {
             return; // (the session ends by itself)
         }
         if SPARE_CONNECTION.load(Ordering::SeqCst) >= 0 {
-            let _ = send_command(conn, &LocalCommand::Done);
+            let _ = send_frame(conn, &LocalCommand::Done);
             return;
         }
         // (A second fd on the same connection: this handle keeps its own until dropped.)
         let Ok(spare) = conn.try_clone() else { return };
-        if send_command(conn, &LocalCommand::Again).is_err() {
+        if send_frame(conn, &LocalCommand::Again).is_err() {
             return;
         }
         let fd = spare.into_raw_fd();
@@ -436,7 +436,7 @@ impl RemoteChild {
             // This connection will likely be the spare when the child ends: its session
             // connects to the next destination meanwhile.
             self.said_waiting = true;
-            let _ = send_command(self.conn.get()?, &LocalCommand::Waiting);
+            let _ = send_frame(self.conn.get()?, &LocalCommand::Waiting);
         }
         while self.status.is_none() {
             self.read_event()?;
@@ -465,7 +465,7 @@ impl RemoteChild {
         if self.status.is_some() {
             return Ok(());
         }
-        send_command(self.conn.get()?, &LocalCommand::Kill { signal }).map_err(|e| Error::Lost(e.to_string()))
+        send_frame(self.conn.get()?, &LocalCommand::Kill { signal }).map_err(|e| Error::Lost(e.to_string()))
     }
 
     fn read_event(&mut self) -> Result<(), Error> {

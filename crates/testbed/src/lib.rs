@@ -154,9 +154,6 @@ fn daemon_argv(st: &State, dir: &Path, node: &NodeState) -> Vec<String> {
     st.daemon_cmd.iter().map(|a| a.replace("{config}", &cfg).replace("{node}", &node.name).replace("{addr}", &node.addr.to_string())).collect()
 }
 
-/// Brings up a testbed of `opts.nodes` nodes, first removing what a previous (possibly
-/// crashed) testbed with the same `dir` and `prefix` left. On failure everything created so
-/// far stays for inspection (logs in DIR/nodeK/); `down(dir)` removes it.
 /// Whether a testbed can be made here (root, iproute2); says why not on stderr. For tests
 /// that skip themselves elsewhere.
 pub fn can_run() -> bool {
@@ -167,6 +164,9 @@ pub fn can_run() -> bool {
     ok
 }
 
+/// Brings up a testbed of `opts.nodes` nodes, first removing what a previous (possibly
+/// crashed) testbed with the same `dir` and `prefix` left. On failure everything created so
+/// far stays for inspection (logs in DIR/nodeK/); `down(dir)` removes it.
 pub fn up(opts: &TestbedOptions) -> Result<Testbed> {
     if !(1..=MAX_NODES).contains(&opts.nodes) {
         bail!("testbed needs 1 to {MAX_NODES} nodes, not {}", opts.nodes);

@@ -10,7 +10,7 @@
 use anyhow::{bail, Result};
 
 use super::Probe;
-use crate::inject::Injector;
+use crate::inject::{Call, Injector};
 use telefork_image::{Fd, FdKind, FileId};
 
 /// Character devices that carry no state and can simply be reopened.
@@ -108,29 +108,30 @@ pub fn restore(inj: &mut Injector, members: &[&Fd]) -> Result<()> {
         bail!("{what}: the path is now {}, it was {want_name}", type_name(fmt));
     }
 
+    // The rest needs no result: one batch (status flags, offset, the fd numbers, cloexec).
+    let mut calls = Vec::new();
     if *flags as i32 & (libc::O_NONBLOCK | libc::O_PATH) == 0 {
         // (F_SETFL takes the status flags only; the access mode and creation flags are ignored.)
-        inj.syscall(libc::SYS_fcntl, &[tmp, libc::F_SETFL as u64, open_flags as u32 as u64], format!("{what}: fcntl(F_SETFL)"))?;
+        calls.push(Call::new(libc::SYS_fcntl, &[tmp, libc::F_SETFL as u64, open_flags as u32 as u64], format!("{what}: fcntl(F_SETFL)")));
     }
-
     if *pos != 0 && *flags as i32 & libc::O_PATH == 0 {
         let off = i64::try_from(*pos).map_err(|_| anyhow::anyhow!("{what}: offset {pos} too large"))?;
-        inj.syscall(libc::SYS_lseek, &[tmp, off as u64, libc::SEEK_SET as u64], format!("{what}: lseek to {pos}"))?;
+        calls.push(Call::new(libc::SYS_lseek, &[tmp, off as u64, libc::SEEK_SET as u64], format!("{what}: lseek to {pos}")));
     }
-
     let mut keep_tmp = false;
     for m in members {
         if m.fd as u64 == tmp {
             keep_tmp = true;
             let fl = if m.cloexec { libc::FD_CLOEXEC } else { 0 };
-            inj.syscall(libc::SYS_fcntl, &[tmp, libc::F_SETFD as u64, fl as u64], format!("restoring fd {} ({}): fcntl(F_SETFD)", m.fd, id.path))?;
+            calls.push(Call::new(libc::SYS_fcntl, &[tmp, libc::F_SETFD as u64, fl as u64], format!("restoring fd {} ({}): fcntl(F_SETFD)", m.fd, id.path)));
         } else {
             let fl = if m.cloexec { libc::O_CLOEXEC } else { 0 };
-            inj.syscall(libc::SYS_dup3, &[tmp, m.fd as u64, fl as u64], format!("restoring fd {} ({}): dup3", m.fd, id.path))?;
+            calls.push(Call::new(libc::SYS_dup3, &[tmp, m.fd as u64, fl as u64], format!("restoring fd {} ({}): dup3", m.fd, id.path)));
         }
     }
     if !keep_tmp {
-        inj.syscall(libc::SYS_close, &[tmp], format!("{what}: closing the temporary fd {tmp}"))?;
+        calls.push(Call::new(libc::SYS_close, &[tmp], format!("{what}: closing the temporary fd {tmp}")));
     }
+    inj.run_batch(&calls)?;
     Ok(())
 }
