@@ -702,10 +702,10 @@ fn plain_transport(c: &Ctx) {
     assert!(r.has("parent ok"), "{r}");
 }
 
-/// 13. While a parent waits on its child, its daemon connects to that child's node ahead of
-///     the next telefork: the second of two teleforks uses that connection; and when the
-///     destination has dropped it meanwhile (its idle session killed here), the telefork
-///     connects anew and still works.
+/// 13. Once a child has ended, its daemon keeps the connection to that child's node for the
+///     next telefork: the second of two teleforks uses it; and when the destination has
+///     dropped it meanwhile (its idle session killed here), the telefork connects anew and
+///     still works.
 fn prepared_connections(c: &Ctx) {
     let count = |log: &str, what: &str| log.lines().filter(|l| l.contains("now runs on node2") && l.contains(what)).count();
     let before = count(&c.log("node1"), "(prepared connection;");
@@ -765,32 +765,41 @@ fn fan_out(c: &Ctx) {
     }
 }
 
-/// 15. One origin session serves a program's teleforks one after another: once a child has
-///     ended, the program hands its connection back and the same session process serves the
-///     next telefork; when the program ends, so does the session (nothing left behind).
+/// 15. One session on each side serves a program's teleforks one after another: once a child
+///     has ended, the program hands its connection back and the same origin session serves
+///     the next telefork, over the same connection to the same destination session (which
+///     restores both children); when the program ends, so do both sessions (nothing left
+///     behind on either node).
 fn session_reuse(c: &Ctx) {
-    let runs_on = |log: &str| -> Vec<String> {
+    // The session PIDs of the log lines that contain `what`.
+    let sessions_of = |log: &str, what: &str| -> Vec<String> {
         log.lines()
-            .filter(|l| l.contains("now runs on node2"))
+            .filter(|l| l.contains(what))
             .filter_map(|l| l.split("telefork-daemon[").nth(1).and_then(|r| r.split(']').next()).map(str::to_string))
             .collect()
     };
-    let before = runs_on(&c.log("node1")).len();
+    let (sent, restored) = ("now runs on node2", "from node1");
+    let before = (sessions_of(&c.log("node1"), sent).len(), sessions_of(&c.log("node2"), restored).len());
     let r = c.probe("node1", &["twice", "node2", "100"], Duration::from_secs(60));
     assert_eq!(r.want("first exit"), "11", "{r}");
     assert_eq!(r.want("second exit"), "12", "{r}");
     assert!(r.has("parent ok") && r.get("error").is_none(), "{r}");
-    let sessions: Vec<String> = runs_on(&c.log("node1")).into_iter().skip(before).collect();
-    assert_eq!(sessions.len(), 2, "two teleforks to node2 expected in node1's log:\n{}", c.log("node1"));
-    assert_eq!(sessions[0], sessions[1], "the second telefork was not served by the first one's session; node1's log:\n{}", c.log("node1"));
-    // The program is gone: its session ends too (it does not wait for another request).
-    let daemon = c.node("node1").daemon_pid;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !children(daemon).is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
+    for (node, what, skip, side) in [("node1", sent, before.0, "origin"), ("node2", restored, before.1, "destination")] {
+        let log = c.log(node);
+        let sessions: Vec<String> = sessions_of(&log, what).into_iter().skip(skip).collect();
+        assert_eq!(sessions.len(), 2, "two teleforks expected in {node}'s log:\n{log}");
+        assert_eq!(sessions[0], sessions[1], "the second telefork was not served by the first one's {side} session; {node}'s log:\n{log}");
     }
-    let left: Vec<String> = children(daemon).into_iter().map(describe).collect();
-    assert!(left.is_empty(), "sessions outlived their program on node1: {left:?}");
+    // The program is gone: its sessions end too (neither waits for another request).
+    for node in ["node1", "node2"] {
+        let daemon = c.node(node).daemon_pid;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !children(daemon).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let left: Vec<String> = children(daemon).into_iter().map(describe).collect();
+        assert!(left.is_empty(), "sessions outlived their program on {node}: {left:?}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -839,7 +848,7 @@ fn telefork_across_machines() {
         ("12 plain image transport", plain_transport),
         ("13 connections made ahead of time", prepared_connections),
         ("14 fan-out to several nodes", fan_out),
-        ("15 a session serves teleforks one after another", session_reuse),
+        ("15 sessions on both sides serve teleforks one after another", session_reuse),
     ];
     let only = std::env::var("CLUSTER_ONLY").ok();
     let mut failed = vec![];

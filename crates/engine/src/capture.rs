@@ -124,9 +124,7 @@ fn capture_frozen<W: Write + Send>(f: &Frozen, out: W, opts: &DumpOptions) -> Re
     let syscall_ip = find_syscall_insn(pid, &maps)?;
     let mut inj = Injector::new(pid, syscall_ip)?;
     let started_here;
-    // (One busy with other work — the origin connecting to its next destination — is not
-    // waited for: a reader of this capture's own does it.)
-    let reader = match opts.outside_reader.filter(|r| !r.busy()) {
+    let reader = match opts.outside_reader {
         Some(r) => r,
         None => {
             started_here = OutsideReader::start()?;
@@ -188,17 +186,9 @@ fn capture_frozen<W: Write + Send>(f: &Frozen, out: W, opts: &DumpOptions) -> Re
 /// Started ahead of time where a capture is expected: starting a thread in a freshly forked
 /// daemon session took 0.1-0.5 ms on the machines measured, as long as the reading itself.
 pub struct OutsideReader {
-    jobs: Option<std::sync::mpsc::Sender<Job>>,
+    jobs: Option<std::sync::mpsc::Sender<OutsideJob>>,
     /// Its thread ID, once it runs (0 before: nobody waits for it to start).
     tid: std::sync::Arc<std::sync::atomic::AtomicI32>,
-    /// Work given with `run` is queued or under way: a capture does not wait behind it.
-    others_pending: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-}
-
-enum Job {
-    Outside(OutsideJob),
-    /// Other work for the idle thread, in turn (see `OutsideReader::run`).
-    Other(Box<dyn FnOnce() + Send>),
 }
 
 struct OutsideJob {
@@ -212,24 +202,14 @@ struct OutsideJob {
 
 impl OutsideReader {
     pub fn start() -> Result<OutsideReader> {
-        let (jobs, next_job) = std::sync::mpsc::channel::<Job>();
+        let (jobs, next_job) = std::sync::mpsc::channel::<OutsideJob>();
         let tid = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
         let its_tid = tid.clone();
-        let others_pending = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let its_others = others_pending.clone();
         std::thread::Builder::new()
             .name("proc-reader".into())
             .spawn(move || {
                 its_tid.store(nix::unistd::gettid().as_raw(), std::sync::atomic::Ordering::SeqCst);
                 for job in next_job {
-                    let job = match job {
-                        Job::Outside(job) => job,
-                        Job::Other(work) => {
-                            work();
-                            its_others.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-                            continue;
-                        }
-                    };
                     if let Some(cpus) = &job.cpus {
                         crate::pin::set_affinity(0, cpus);
                     }
@@ -237,7 +217,7 @@ impl OutsideReader {
                 }
             })
             .context("starting the thread that reads /proc")?;
-        Ok(OutsideReader { jobs: Some(jobs), tid, others_pending })
+        Ok(OutsideReader { jobs: Some(jobs), tid })
     }
 
     /// Starts reading /proc/`pid` (the mappings of `maps`) on the CPUs `cpus`; the answer
@@ -254,26 +234,8 @@ impl OutsideReader {
         let cpus = cpus.filter(|cpus| tid == 0 || !crate::pin::set_affinity(tid, cpus));
         let (answer, answered) = std::sync::mpsc::sync_channel(1);
         let jobs = self.jobs.as_ref().context("the /proc reader is stopped")?;
-        jobs.send(Job::Outside(OutsideJob { pid, maps, inherit_stdio, cpus, answer })).map_err(|_| anyhow::anyhow!("the thread reading /proc is gone"))?;
+        jobs.send(OutsideJob { pid, maps, inherit_stdio, cpus, answer }).map_err(|_| anyhow::anyhow!("the thread reading /proc is gone"))?;
         Ok(answered)
-    }
-
-    /// Runs `work` on this thread while it has nothing to read (a thread started anew costs
-    /// 0.1-0.5 ms on a busy machine before it runs); a capture that comes meanwhile starts a
-    /// reader of its own instead of waiting. Returns false if the thread is gone (then `work`
-    /// did not run).
-    pub fn run(&self, work: Box<dyn FnOnce() + Send>) -> bool {
-        self.others_pending.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let sent = self.jobs.as_ref().is_some_and(|jobs| jobs.send(Job::Other(work)).is_ok());
-        if !sent {
-            self.others_pending.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-        }
-        sent
-    }
-
-    /// Whether work given with `run` is queued or under way.
-    fn busy(&self) -> bool {
-        self.others_pending.load(std::sync::atomic::Ordering::SeqCst) > 0
     }
 }
 

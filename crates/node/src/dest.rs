@@ -37,21 +37,43 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
     };
     let origin = check_peer_name(&ch, None)?;
     telefork_engine::timeline::stamp("dest handshake done");
+    let ch = Arc::new(ch);
+    // One process after another: once a child has ended, its origin may keep the connection
+    // for its program's next telefork (`ToDest::Again`), and this session serves that one
+    // too — no session process and no TLS handshake per telefork.
+    while let AfterChild::Again = serve_one(shared, &ch, &origin)? {
+        telefork_engine::timeline::stamp("dest again");
+    }
+    ch.close();
+    Ok(())
+}
+
+/// What the origin does with the connection once a child's end was sent.
+enum AfterChild {
+    /// It sent `ToDest::Again`: its next offer comes on this connection.
+    Again,
+    /// It closed the connection, said nothing for `OFFER_WAIT`, or no child came.
+    End,
+}
+
+/// Receives one process, relays its output and fate, and learns whether the origin keeps
+/// the connection for another.
+fn serve_one(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str) -> Result<AfterChild> {
     let (stdin_r, stdin_w) = pipe()?;
     let (stdout_r, stdout_w) = pipe()?;
     let (stderr_r, stderr_w) = pipe()?;
     let stdio = [stdin_r.as_raw_fd(), stdout_w.as_raw_fd(), stderr_w.as_raw_fd()];
-    let Some(Received { restored, user, pass_stdin, _counted }) = receive(shared, &ch, &origin, stdio)? else {
-        return Ok(()); // no process came, or it was refused or failed (and the origin told)
+    let Some(received) = receive(shared, ch, origin, stdio)? else {
+        return Ok(AfterChild::End); // no process came, or it was refused or failed (and the origin told)
     };
     drop((stdin_r, stdout_w, stderr_w));
-    let pid = restored.pid; // (the origin was told it runs: `receive`)
-    log(&format!("restored process {pid} of user {} from {origin}", user.uid));
+    let (pid, uid, pass_stdin) = (received.restored.pid, received.user.uid, received.pass_stdin); // (the origin was told it runs: `receive`)
+    log(&format!("restored process {pid} of user {uid} from {origin}"));
     let pidfd = telefork_engine::pidfd::open(pid.as_raw()).context("pidfd_open")?;
-    let ch = Arc::new(ch);
     let exited = Arc::new(AtomicBool::new(false));
 
-    // Commands from the origin: kill, stdin. Losing the origin kills the child.
+    // Commands from the origin: kill, stdin; after the child's end, `Again` or the end of the
+    // connection. Losing the origin kills the child.
     // Without pass_stdin the write end must close now, or the child's reads never see EOF.
     let stdin_w = if pass_stdin {
         Some(File::from(stdin_w))
@@ -59,38 +81,71 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
         drop(stdin_w);
         None
     };
+    let (verdict_tx, verdict) = std::sync::mpsc::sync_channel(1);
     {
-        let (ch, exited) = (ch.clone(), exited.clone());
+        let (ch, exited, origin) = (ch.clone(), exited.clone(), origin.to_string());
         let pidfd = pidfd.try_clone().context("duplicating the pidfd")?;
         std::thread::spawn(move || {
-            let mut stdin_w = stdin_w;
-            loop {
-                match ch.recv::<ToDest>() {
-                    Ok(Some(ToDest::Kill { signal })) => {
-                        let _ = telefork_engine::pidfd::send_signal(pidfd.as_fd(), signal);
-                    }
-                    Ok(Some(ToDest::Stdin { data })) => {
-                        if let Some(w) = stdin_w.as_mut() {
-                            let _ = w.write_all(&data);
-                        }
-                    }
-                    Ok(Some(ToDest::StdinEof)) => stdin_w = None,
-                    Ok(Some(ToDest::Offer { .. })) => {}
-                    Ok(None) | Err(_) => {
-                        if !exited.load(Ordering::SeqCst) {
-                            log(&format!("origin {origin} is gone: killing process {pid}"));
-                            let _ = telefork_engine::pidfd::send_signal(pidfd.as_fd(), libc::SIGKILL);
-                        }
-                        return;
-                    }
-                }
-            }
+            let after = origin_commands(&ch, &origin, pid, &pidfd, &exited, stdin_w);
+            let _ = verdict_tx.send(after);
         });
     }
-    // The child's output and its end, in this thread: one poll over its two output pipes and
-    // its pidfd (no pump threads to wake and join before the exit status can go). Output goes
-    // to the origin as it comes; the exit status only after what the child wrote last.
-    let mut pipes = [Some((File::from(stdout_r), true)), Some((File::from(stderr_r), false))];
+    let status = relay_output(ch, pid, &pidfd, File::from(stdout_r), File::from(stderr_r))?;
+    exited.store(true, Ordering::SeqCst);
+    // (No longer among its owner's restored processes: `limits.max_restores_per_user`.)
+    drop(received);
+    let result_file = shared.results_dir().join(pid.as_raw().to_string());
+    if let Ok(value) = std::fs::read(&result_file) {
+        std::fs::remove_file(&result_file).ok();
+        ch.send(&FromDest::Result { value })?;
+    }
+    ch.send(&FromDest::Exited(status))?;
+    log(&format!("process {pid} ended: {status:?}"));
+    // The origin answers once its program has heard of the end (`AGAIN_WAIT` there); if it
+    // does not, the connection is closed, which ends the command thread.
+    Ok(verdict.recv_timeout(OFFER_WAIT).unwrap_or(AfterChild::End))
+}
+
+/// Reads the origin's commands about process `pid` until the connection ends (the child is
+/// killed if it still runs: nobody could wait for it any more) or, after the child's end,
+/// the origin says `Again` (its next offer follows: this thread must not read it).
+fn origin_commands(ch: &TlsChannel, origin: &str, pid: nix::unistd::Pid, pidfd: &OwnedFd, exited: &AtomicBool, mut stdin_w: Option<File>) -> AfterChild {
+    loop {
+        match ch.recv::<ToDest>() {
+            Ok(Some(ToDest::Kill { signal })) => {
+                let _ = telefork_engine::pidfd::send_signal(pidfd.as_fd(), signal);
+            }
+            Ok(Some(ToDest::Stdin { data })) => {
+                if let Some(w) = stdin_w.as_mut() {
+                    let _ = w.write_all(&data);
+                }
+            }
+            Ok(Some(ToDest::StdinEof)) => stdin_w = None,
+            // (Only ever sent after the child's end was: anything else breaks the protocol.)
+            Ok(Some(ToDest::Again)) if exited.load(Ordering::SeqCst) => return AfterChild::Again,
+            Ok(Some(other @ (ToDest::Again | ToDest::Offer { .. }))) => {
+                log(&format!("origin {origin} sent {} while process {pid} runs: killing it", if matches!(other, ToDest::Again) { "Again" } else { "an offer" }));
+                let _ = telefork_engine::pidfd::send_signal(pidfd.as_fd(), libc::SIGKILL);
+                ch.close();
+                return AfterChild::End;
+            }
+            Ok(None) | Err(_) => {
+                if !exited.load(Ordering::SeqCst) {
+                    log(&format!("origin {origin} is gone: killing process {pid}"));
+                    let _ = telefork_engine::pidfd::send_signal(pidfd.as_fd(), libc::SIGKILL);
+                }
+                return AfterChild::End;
+            }
+        }
+    }
+}
+
+/// The child's output and its end, in the calling thread: one poll over its two output
+/// pipes and its pidfd (no pump threads to wake and join before the exit status can go).
+/// Output goes to the origin as it comes; returns the child's exit status once what it wrote
+/// last has gone too.
+fn relay_output(ch: &TlsChannel, pid: nix::unistd::Pid, pidfd: &OwnedFd, stdout: File, stderr: File) -> Result<ExitInfo> {
+    let mut pipes = [Some((stdout, true)), Some((stderr, false))];
     let mut buf = vec![0u8; 64 << 10];
     let mut child_ended = false;
     // (After the child's end, a grandchild may keep a pipe open: don't wait for it forever.)
@@ -141,24 +196,14 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
             }
         }
     }
-    let status = loop {
+    loop {
         match waitpid(pid, None) {
-            Ok(WaitStatus::Exited(_, code)) => break ExitInfo::Code(code),
-            Ok(WaitStatus::Signaled(_, sig, _)) => break ExitInfo::Signal(sig as i32),
+            Ok(WaitStatus::Exited(_, code)) => return Ok(ExitInfo::Code(code)),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(ExitInfo::Signal(sig as i32)),
             Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(e).context("waiting for the restored process"),
         }
-    };
-    exited.store(true, Ordering::SeqCst);
-    let result_file = shared.results_dir().join(pid.as_raw().to_string());
-    if let Ok(value) = std::fs::read(&result_file) {
-        std::fs::remove_file(&result_file).ok();
-        ch.send(&FromDest::Result { value })?;
     }
-    ch.send(&FromDest::Exited(status))?;
-    log(&format!("process {pid} ended: {status:?}"));
-    ch.close();
-    Ok(())
 }
 
 /// A process restored here for an origin.

@@ -10,9 +10,10 @@
 //!
 //! When the child has ended and the program hands its connection back (`Again`), the same
 //! session serves the program's next request: no new session process, /proc reader thread
-//! and daemon connection per telefork (a telefork costs ~10 % less CPU on the two nodes).
-//! The connection to the next destination (the last one's) is made while the child runs, by
-//! the idle /proc reader thread.
+//! and daemon connection per telefork. It hands its connection to the destination back the
+//! same way (`ToDest::Again`): the destination's session serves the next offer, so a
+//! telefork to the same node again needs no new connection, TLS handshake or destination
+//! session either.
 //!
 //! The connection to the destination is made ahead of time when the program's spare
 //! connection names it (`Prepare`), else by a thread while the child is captured: a small
@@ -73,27 +74,20 @@ pub fn serve(shared: &Shared, mut sock: UnixStream) -> Result<()> {
                 };
                 return proto::write_frame(&mut sock, &reply);
             }
-            LocalRequest::Telefork { dest, child_pid, pass_stdin, prepare_next } => {
+            LocalRequest::Telefork { dest, child_pid, pass_stdin } => {
                 let user = User { uid: cred.uid(), gid: cred.gid() };
                 let mut to_program = sock.try_clone().context("cloning the program socket")?;
                 // (Accepted, then Started as soon as the destination says so, before the local
                 // copy is killed: the program is not held for that.)
                 let tell = |msg: FromDaemon| proto::write_frame(&mut to_program, &msg);
-                // (A background telefork: the next connection is made beside this transfer, by
-                // a thread of its own: the reader is about to serve the capture.)
-                let early = (prepare_next && !pass_stdin).then(|| Connecting::start(shared, &dest, true, None).ok()).flatten();
                 let sent = send_away(shared, Some(cred.pid()), &user, child_pid, &dest, pass_stdin, prepared.take(), reader.as_ref(), tell);
                 match sent {
-                    Ok((ch, node, _pid)) => {
-                        // The next telefork likely goes there too: connect once the program
-                        // waits for this child (as its spare connection did), on the idle
-                        // /proc reader thread.
-                        let prepare_next = || Connecting::start(shared, &node, true, reader.as_ref()).ok();
-                        match relay(ch, &sock, std::mem::take(&mut fds), pass_stdin, &prepare_next)? {
-                            AfterRelay::Again(next) => prepared = next.or(early),
-                            AfterRelay::End => return Ok(()),
-                        }
-                    }
+                    Ok((ch, node, _pid)) => match relay(ch, &sock, std::mem::take(&mut fds), pass_stdin)? {
+                        // The next telefork likely goes there too: the destination's session
+                        // serves it on this connection.
+                        AfterRelay::Again(ch) => prepared = Connecting::kept(shared, &node, ch).ok(),
+                        AfterRelay::End => return Ok(()),
+                    },
                     Err(e) => {
                         log(&format!("telefork of process {child_pid} to {dest} failed: {e:#}"));
                         return proto::write_frame(&mut sock, &FromDaemon::Failed { error: format!("{e:#}") });
@@ -191,8 +185,7 @@ struct Connecting {
 
 enum Made {
     Done(Box<Result<TlsChannel>>),
-    /// Being made by another thread (one of its own, or the session's idle /proc reader);
-    /// the result comes on the channel.
+    /// Being made by a thread of its own; the result comes on the channel.
     Pending(std::sync::mpsc::Receiver<Result<TlsChannel>>),
 }
 
@@ -210,23 +203,26 @@ impl Connecting {
         Ok(Connecting { name, addr, ahead: true, began, made })
     }
 
-    /// Starts connecting in another thread (`ahead`: for a telefork that may come): the
-    /// session's idle /proc reader if given (a thread started anew costs ~0.1-0.3 ms of
-    /// CPU here), else one of its own.
-    fn start(shared: &Shared, dest: &str, ahead: bool, reader: Option<&OutsideReader>) -> Result<Connecting> {
+    /// A connection whose last child has ended, handed back to the destination's session
+    /// (`ToDest::Again`) for the next offer.
+    fn kept(shared: &Shared, dest: &str, ch: TlsChannel) -> Result<Connecting> {
+        let (name, addr) = shared.cfg.resolve(dest)?;
+        ch.send(&ToDest::Again)?;
+        Ok(Connecting { name, addr, ahead: true, began: std::time::Instant::now(), made: Made::Done(Box::new(Ok(ch))) })
+    }
+
+    /// Starts connecting in a thread of its own, for a telefork whose capture begins meanwhile.
+    fn start(shared: &Shared, dest: &str) -> Result<Connecting> {
         let (name, addr) = shared.cfg.resolve(dest)?;
         let (tls, node) = (shared.client_tls.clone(), name.clone());
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let work = move || {
-            let _ = tx.send(connect_tls(tls, &node, addr));
-        };
-        match reader {
-            Some(r) if r.run(Box::new(work.clone())) => {}
-            _ => {
-                std::thread::Builder::new().name("connecting".into()).spawn(work).context("starting a thread to connect")?;
-            }
-        }
-        Ok(Connecting { name, addr, ahead, began: std::time::Instant::now(), made: Made::Pending(rx) })
+        std::thread::Builder::new()
+            .name("connecting".into())
+            .spawn(move || {
+                let _ = tx.send(connect_tls(tls, &node, addr));
+            })
+            .context("starting a thread to connect")?;
+        Ok(Connecting { name, addr, ahead: false, began: std::time::Instant::now(), made: Made::Pending(rx) })
     }
 
     fn finish(self) -> Result<TlsChannel> {
@@ -376,7 +372,7 @@ fn send_away(
     let (name, _) = shared.cfg.resolve(dest)?;
     let connecting = match prepared.filter(|c| c.name == name) {
         Some(c) => c,
-        None => Connecting::start(shared, dest, false, None)?,
+        None => Connecting::start(shared, dest)?,
     };
     wait_self_stopped(child)?;
     let t_stopped = std::time::Instant::now();
@@ -506,12 +502,11 @@ fn wait_self_stopped(child: i32) -> Result<()> {
 }
 
 /// What the program says on `sock` while its child runs and once it has ended: kill requests
-/// go to the destination (a program that goes away leaves its child be); `Waiting` makes the
-/// session connect to the next destination (`prepare_next`). The child's end is a byte on
-/// `ended` — 1: wait up to `AGAIN_WAIT` for `Again` or `Done`; 2: give up at once.
-fn program_commands(sock: &UnixStream, ended: &OwnedFd, ch: &TlsChannel, pass_stdin: bool, prepare_next: &(dyn Fn() -> Option<Connecting> + Sync)) -> AfterRelay {
+/// go to the destination (a program that goes away leaves its child be). The child's end is
+/// a byte on `ended` — 1: wait up to `AGAIN_WAIT` for `Again` or `Done`; 2: give up at once.
+/// True if the program handed the connection back (`Again`).
+fn program_commands(sock: &UnixStream, ended: &OwnedFd, ch: &TlsChannel, pass_stdin: bool) -> bool {
     let mut deadline = None;
-    let mut next = None;
     loop {
         let mut fds = [
             libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLIN, revents: 0 },
@@ -525,12 +520,12 @@ fn program_commands(sock: &UnixStream, ended: &OwnedFd, ch: &TlsChannel, pass_st
             continue;
         }
         if n <= 0 {
-            return AfterRelay::End; // (no answer after the end, or poll failed)
+            return false; // (no answer after the end, or poll failed)
         }
         if watched == 2 && fds[1].revents != 0 {
             let mut byte = [0u8];
             if !matches!(nix::unistd::read(ended.as_raw_fd(), &mut byte), Ok(1)) || byte[0] != 1 {
-                return AfterRelay::End;
+                return false;
             }
             deadline = Some(std::time::Instant::now() + AGAIN_WAIT);
             continue;
@@ -542,23 +537,18 @@ fn program_commands(sock: &UnixStream, ended: &OwnedFd, ch: &TlsChannel, pass_st
                     let _ = ch.send(&ToDest::Kill { signal }); // (a dead link shows in the relay)
                 }
             }
-            Ok(Some(LocalCommand::Waiting)) => {
-                if next.is_none() && !pass_stdin {
-                    next = prepare_next();
-                }
-            }
             // (The library sends it once it has read the child's end.)
-            Ok(Some(LocalCommand::Again)) if !pass_stdin => return AfterRelay::Again(next),
-            Ok(Some(LocalCommand::Again | LocalCommand::Done)) | Ok(None) | Err(_) => return AfterRelay::End,
+            Ok(Some(LocalCommand::Again)) if !pass_stdin => return true,
+            Ok(Some(LocalCommand::Again | LocalCommand::Done)) | Ok(None) | Err(_) => return false,
         }
     }
 }
 
 /// What the program does with its connection once its child's fate is known.
 enum AfterRelay {
-    /// It sent `LocalCommand::Again`: its next request comes on this connection (and the
-    /// connection to the next destination, if it asked for one while it waited).
-    Again(Option<Connecting>),
+    /// It sent `LocalCommand::Again`: its next request comes on this connection. With the
+    /// connection to the destination, whose session can serve the next offer.
+    Again(TlsChannel),
     /// It said `Done`, closed the connection or said nothing within `AGAIN_WAIT`; or the
     /// child's fate could not be told, or the program's stdin was relayed (read to its end).
     End,
@@ -570,18 +560,16 @@ const AGAIN_WAIT: Duration = Duration::from_secs(30);
 
 /// Relays between the program and the remote child until the child's fate is known; then
 /// learns whether the program hands the connection back for another telefork.
-/// `prepare_next` connects to the next destination when the program says it waits for this
-/// child (`LocalCommand::Waiting`): the connection it will likely need next.
-fn relay(ch: TlsChannel, sock: &UnixStream, fds: Vec<OwnedFd>, pass_stdin: bool, prepare_next: &(dyn Fn() -> Option<Connecting> + Sync)) -> Result<AfterRelay> {
+fn relay(ch: TlsChannel, sock: &UnixStream, fds: Vec<OwnedFd>, pass_stdin: bool) -> Result<AfterRelay> {
     let ch = Arc::new(ch);
     let mut fds = fds.into_iter();
     let mut stdout = fds.next().map(File::from);
     let mut stderr = fds.next().map(File::from);
     let stdin = if pass_stdin { fds.next().map(File::from) } else { None };
     let (ended_r, ended_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating a pipe")?;
-    std::thread::scope(|scope| {
+    let again = std::thread::scope(|scope| -> Result<bool> {
         // Program → destination: kill requests; after the child's end, the program's answer.
-        let commands = scope.spawn(|| program_commands(sock, &ended_r, &ch, pass_stdin, prepare_next));
+        let commands = scope.spawn(|| program_commands(sock, &ended_r, &ch, pass_stdin));
         if let Some(mut input) = stdin {
             let ch = ch.clone();
             std::thread::spawn(move || {
@@ -630,10 +618,15 @@ fn relay(ch: TlsChannel, sock: &UnixStream, fds: Vec<OwnedFd>, pass_stdin: bool,
                 }
             }
         };
-        // The child's end went to the program: its answer decides (the destination's session
-        // ends on its own; this connection to it is not reused). Else give up at once: the
+        // The child's end went to the program: its answer decides. Else give up at once: the
         // program heard why (or is gone).
         let _ = nix::unistd::write(&ended_w, &[if ended && !pass_stdin { 1 } else { 2 }]);
-        Ok(commands.join().unwrap_or(AfterRelay::End))
+        // (An `Again` read before the end was told counts only if the end was told.)
+        Ok(commands.join().unwrap_or(false) && ended)
+    })?;
+    // (Only this function held the connection then: no stdin was relayed.)
+    Ok(match Arc::try_unwrap(ch) {
+        Ok(ch) if again => AfterRelay::Again(ch),
+        _ => AfterRelay::End,
     })
 }

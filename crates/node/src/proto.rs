@@ -12,7 +12,13 @@
 //!                                          ◄──Started{pid}───
 //!          ──LocalCommand──►               ──Kill/Stdin─────►
 //!          ◄──Exited───────                ◄──Stdout/Stderr/Result/Exited──
+//!          ──Again─────────►               ──Again──────────►
+//!          ──LocalRequest──►               ──ToDest::Offer──►   (the next telefork)
 //! ```
+//!
+//! Both connections serve one program's teleforks one after another: once a child has
+//! ended, `Again` hands each back for the next request (no session process, no daemon
+//! connection, no TLS handshake per telefork).
 
 use std::io::{Read, Write};
 
@@ -41,10 +47,7 @@ pub enum ExitInfo {
 pub enum LocalRequest {
     /// Send my stopped child `child_pid` to `dest`. Passed along with SCM_RIGHTS: the
     /// child's stdout, stderr and (if `pass_stdin`) stdin.
-    /// `prepare_next`: the program goes on now and will wait for this child later (a
-    /// background telefork): connect to the destination of its next telefork beside this
-    /// transfer, as a spare connection made now would.
-    Telefork { dest: String, child_pid: i32, pass_stdin: bool, prepare_next: bool },
+    Telefork { dest: String, child_pid: i32, pass_stdin: bool },
     /// The calling (restored) process reports the value of a `remote` closure.
     Report { value: Vec<u8> },
     /// Which node is this?
@@ -63,9 +66,6 @@ pub enum LocalCommand {
     /// next request (the session serves it, instead of a new session for a new connection).
     /// (The local protocol is not versioned: a library and a daemon of one release.)
     Again,
-    /// The program waits for this child and will likely hand the connection back: connect to
-    /// the destination of a next telefork now.
-    Waiting,
     /// After the child's end: no further request on this connection.
     Done,
 }
@@ -98,6 +98,9 @@ pub enum ToDest {
     Kill { signal: i32 },
     Stdin { data: Vec<u8> },
     StdinEof,
+    /// After the child's `Exited`: keep this connection (and the session serving it) for the
+    /// next `Offer` of the same program, instead of a new connection and session per telefork.
+    Again,
 }
 
 /// Messages of a destination daemon to an origin daemon.
@@ -179,7 +182,7 @@ mod tests {
             valid.push(b);
         }
         let mut b = Vec::new();
-        write_frame(&mut b, &LocalRequest::Telefork { dest: "node2".into(), child_pid: 42, pass_stdin: false, prepare_next: false }).unwrap();
+        write_frame(&mut b, &LocalRequest::Telefork { dest: "node2".into(), child_pid: 42, pass_stdin: false }).unwrap();
         valid.push(b);
         for i in 0..200_000u64 {
             let mut frame = if i % 2 == 0 {

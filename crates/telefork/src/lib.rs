@@ -88,8 +88,6 @@ pub struct RemoteChild {
     /// Its connection may serve the next telefork once the child has ended (not when the
     /// daemon relays this program's stdin: that is read to its end).
     reusable: bool,
-    /// `LocalCommand::Waiting` was sent.
-    said_waiting: bool,
     status: Option<ExitStatus>,
     result: Option<Vec<u8>>,
 }
@@ -290,10 +288,7 @@ fn hand_over(conn: Held<UnixStream>, child: Pid, dest: &str, opts: &Options) -> 
     if let Ok(mut last) = LAST_DEST.try_lock() {
         *last = Some(dest.to_string());
     }
-    // A background caller goes on now and will wait later: its session may make the next
-    // connection beside this transfer (as a spare connection made now would).
-    let prepare_next = opts.background && !opts.pass_stdin && SPARE_CONNECTION.load(Ordering::SeqCst) < 0;
-    let req = LocalRequest::Telefork { dest: dest.to_string(), child_pid: child.as_raw(), pass_stdin: opts.pass_stdin, prepare_next };
+    let req = LocalRequest::Telefork { dest: dest.to_string(), child_pid: child.as_raw(), pass_stdin: opts.pass_stdin };
     let mut fds: Vec<RawFd> = vec![1, 2];
     if opts.pass_stdin {
         fds.push(0);
@@ -303,7 +298,7 @@ fn hand_over(conn: Held<UnixStream>, child: Pid, dest: &str, opts: &Options) -> 
     // The daemon bounds every step with its own timeouts; this only guards against a hung
     // daemon.
     conn.get()?.set_read_timeout(Some(Duration::from_secs(600))).ok();
-    let mut rc = RemoteChild { node: dest.to_string(), pid: None, local: Some(local), dying: None, conn, reusable: !opts.pass_stdin, said_waiting: prepare_next, status: None, result: None };
+    let mut rc = RemoteChild { node: dest.to_string(), pid: None, local: Some(local), dying: None, conn, reusable: !opts.pass_stdin, status: None, result: None };
     if opts.background {
         return Ok(rc);
     }
@@ -430,13 +425,10 @@ impl RemoteChild {
         if self.status.is_none() {
             self.conn.get()?;
         }
+        // (A reusable connection becomes the spare when the child ends, its session and its
+        // connection to the destination ready for the next telefork.)
         if !self.reusable {
             make_spare_connection();
-        } else if self.status.is_none() && !self.said_waiting && SPARE_CONNECTION.load(Ordering::SeqCst) < 0 {
-            // This connection will likely be the spare when the child ends: its session
-            // connects to the next destination meanwhile.
-            self.said_waiting = true;
-            let _ = send_frame(self.conn.get()?, &LocalCommand::Waiting);
         }
         while self.status.is_none() {
             self.read_event()?;
