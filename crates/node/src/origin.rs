@@ -85,7 +85,7 @@ pub fn serve(shared: &Shared, mut sock: UnixStream) -> Result<()> {
                     Ok((ch, node, _pid)) => match relay(ch, &sock, std::mem::take(&mut fds), pass_stdin)? {
                         // The next telefork likely goes there too: the destination's session
                         // serves it on this connection.
-                        AfterRelay::Again(ch) => prepared = Connecting::kept(shared, &node, ch).ok(),
+                        AfterRelay::Again(ch) => prepared = Connecting::kept(shared, &node, *ch).ok(),
                         AfterRelay::End => return Ok(()),
                     },
                     Err(e) => {
@@ -548,7 +548,7 @@ fn program_commands(sock: &UnixStream, ended: &OwnedFd, ch: &TlsChannel, pass_st
 enum AfterRelay {
     /// It sent `LocalCommand::Again`: its next request comes on this connection. With the
     /// connection to the destination, whose session can serve the next offer.
-    Again(TlsChannel),
+    Again(Box<TlsChannel>),
     /// It said `Done`, closed the connection or said nothing within `AGAIN_WAIT`; or the
     /// child's fate could not be told, or the program's stdin was relayed (read to its end).
     End,
@@ -626,7 +626,7 @@ fn relay(ch: TlsChannel, sock: &UnixStream, fds: Vec<OwnedFd>, pass_stdin: bool)
     })?;
     // (Only this function held the connection then: no stdin was relayed.)
     Ok(match Arc::try_unwrap(ch) {
-        Ok(ch) if again => AfterRelay::Again(ch),
+        Ok(ch) if again => AfterRelay::Again(Box::new(ch)),
         _ => AfterRelay::End,
     })
 }
