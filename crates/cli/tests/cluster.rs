@@ -721,7 +721,7 @@ fn prepared_connections(c: &Ctx) {
     let daemon = c.node("node2").daemon_pid;
     let mut run = c.spawn_probe("node1", false, &["twice", "node2", "1500"], Stdio::null(), Out::Pipes);
     run.wait_line("paused", Duration::from_secs(60));
-    std::thread::sleep(Duration::from_millis(500)); // (the spare connection and its preparation)
+    std::thread::sleep(Duration::from_millis(500)); // (the kept connection, its next stub made)
     // An idle session holds only the process it prepared to restore into (stopped under
     // its ptrace); a busy one, a restored process that runs.
     let traced = |p: i32| proc_status_field(p, "State").is_some_and(|s| s.starts_with('t'));
@@ -846,7 +846,7 @@ fn telefork_across_machines() {
         ("10 daemon restart keeps children", daemon_restart_keeps_children),
         ("11 limits", limits),
         ("12 plain image transport", plain_transport),
-        ("13 connections made ahead of time", prepared_connections),
+        ("13 a connection kept for the next telefork", prepared_connections),
         ("14 fan-out to several nodes", fan_out),
         ("15 sessions on both sides serve teleforks one after another", session_reuse),
     ];

@@ -275,6 +275,10 @@ fn spawn_stub(want_pid: i32, stdio: Option<[std::os::fd::RawFd; 3]>) -> Result<(
                     }
                 }
             }
+            // None of the restorer's other fds (a stub made while another restored process
+            // runs must not hold, say, the write end of that one's stdin pipe). The restore
+            // closes them again, for a kernel without close_range.
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
             libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0);
             libc::raise(libc::SIGSTOP);
             libc::_exit(127);

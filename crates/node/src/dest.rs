@@ -1,8 +1,13 @@
-//! The destination side of a telefork, one session process per incoming process:
+//! The destination side of a telefork, one session process per connection from an origin:
 //! authenticate the sending node (the TLS handshake verifies its certificate before a single
 //! image byte is read), check the offer against this node's limits, restore the image as a
 //! child of this session running as its owner, then relay its stdout/stderr and finally its
 //! exit status (and a `remote` result) back to the origin, while obeying kill requests.
+//! Once a child has ended, the origin may keep the connection for its program's next
+//! telefork (`ToDest::Again`): the session then serves the next offer the same way.
+//!
+//! The session's restorer thread makes the process to restore into ahead of time: for a
+//! first process as soon as the connection is up, for a next one while the last one runs.
 //!
 //! If the origin goes away, the child is killed: nobody could wait for it any more.
 
@@ -24,7 +29,8 @@ use telefork_engine::restore::{restore_into, Stub};
 
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long a connection may wait for its offer (a connection made ahead of time).
+/// How long a connection may wait for its offer (one made ahead of time, or kept after a
+/// child's end), and for the origin's word after a child's end.
 pub const OFFER_WAIT: Duration = Duration::from_secs(40);
 
 pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
@@ -38,37 +44,147 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
     let origin = check_peer_name(&ch, None)?;
     telefork_engine::timeline::stamp("dest handshake done");
     let ch = Arc::new(ch);
+    // The process to restore into is made at once, while the offer and image are on their
+    // way; it is killed unused if no process comes.
+    let restorer = Restorer::start()?;
+    let mut next = restorer.prepare()?;
     // One process after another: once a child has ended, its origin may keep the connection
     // for its program's next telefork (`ToDest::Again`), and this session serves that one
     // too — no session process and no TLS handshake per telefork.
-    while let AfterChild::Again = serve_one(shared, &ch, &origin)? {
+    let mut last_user = None;
+    while let AfterChild::Again(user, prepared) = serve_one(shared, &ch, &origin, &restorer, next, last_user.take())? {
         telefork_engine::timeline::stamp("dest again");
+        (next, last_user) = (prepared, Some(user));
     }
     ch.close();
     Ok(())
 }
 
+/// The thread that restores this session's processes, one after another, each into a
+/// process it made ahead of time (ptrace binds a traced process to the thread that traces
+/// it): half of a small restore's work, done while the offer is answered and the image is on
+/// its way — or, after a first process, while that one runs.
+struct Restorer {
+    orders: std::sync::mpsc::Sender<Order>,
+    results: std::sync::mpsc::Receiver<Result<telefork_engine::Restored>>,
+}
+
+enum Order {
+    /// Make the next process to restore into, with these as its fds 0, 1, 2.
+    Prepare([RawFd; 3]),
+    Restore(RestoreJob),
+}
+
+/// A restore job, run by the restorer thread with the process it prepared (if it could).
+type RestoreJob = Box<dyn FnOnce(Option<Stub>) -> Result<telefork_engine::Restored> + Send>;
+
+impl Restorer {
+    fn start() -> Result<Restorer> {
+        let (orders, next_order) = std::sync::mpsc::channel::<Order>();
+        let (done, results) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("restorer".into())
+            .spawn(move || {
+                let mut stub = None;
+                // (Ends when the session drops its `Restorer`; a stub left unused is killed.)
+                for order in next_order {
+                    match order {
+                        Order::Prepare(stdio) => {
+                            telefork_engine::timeline::stamp("dest stub begin");
+                            stub = Stub::prepare(Some(stdio))
+                                .map_err(|e| log(&format!("could not prepare a process to restore into ({e:#}); making it when the image arrives")))
+                                .ok();
+                            telefork_engine::timeline::stamp("dest stub end");
+                        }
+                        Order::Restore(job) => {
+                            let _ = done.send(job(stub.take()));
+                        }
+                    }
+                }
+            })
+            .context("starting the restoring thread")?;
+        Ok(Restorer { orders, results })
+    }
+
+    /// Has the next process to restore into made, with new pipes for its stdio.
+    fn prepare(&self) -> Result<Pipes> {
+        let pipes = Pipes::new()?;
+        self.orders.send(Order::Prepare(pipes.child_ends())).map_err(|_| anyhow::anyhow!("the restoring thread is gone"))?;
+        Ok(pipes)
+    }
+
+    fn restore(&self, job: RestoreJob) -> Result<telefork_engine::Restored> {
+        self.orders.send(Order::Restore(job)).map_err(|_| anyhow::anyhow!("the restoring thread is gone"))?;
+        self.results.recv().unwrap_or_else(|_| Err(anyhow::anyhow!("the restoring thread is gone")))
+    }
+}
+
+/// The pipes of a restored process's stdin, stdout and stderr.
+struct Pipes {
+    stdin: (OwnedFd, OwnedFd),
+    stdout: (OwnedFd, OwnedFd),
+    stderr: (OwnedFd, OwnedFd),
+}
+
+impl Pipes {
+    fn new() -> Result<Pipes> {
+        Ok(Pipes { stdin: pipe()?, stdout: pipe()?, stderr: pipe()? })
+    }
+
+    /// The ends the child gets as its fds 0, 1, 2.
+    fn child_ends(&self) -> [RawFd; 3] {
+        [self.stdin.0.as_raw_fd(), self.stdout.1.as_raw_fd(), self.stderr.1.as_raw_fd()]
+    }
+}
+
 /// What the origin does with the connection once a child's end was sent.
 enum AfterChild {
-    /// It sent `ToDest::Again`: its next offer comes on this connection.
-    Again,
+    /// It sent `ToDest::Again`: its next offer comes on this connection (likely for the
+    /// same user as the last one), to be restored with these pipes.
+    Again(User, Pipes),
     /// It closed the connection, said nothing for `OFFER_WAIT`, or no child came.
     End,
 }
 
-/// Receives one process, relays its output and fate, and learns whether the origin keeps
-/// the connection for another.
-fn serve_one(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str) -> Result<AfterChild> {
-    let (stdin_r, stdin_w) = pipe()?;
-    let (stdout_r, stdout_w) = pipe()?;
-    let (stderr_r, stderr_w) = pipe()?;
-    let stdio = [stdin_r.as_raw_fd(), stdout_w.as_raw_fd(), stderr_w.as_raw_fd()];
-    let Some(received) = receive(shared, ch, origin, stdio)? else {
+/// Receives one process (likely of `last_user`, the owner of the last one) into the process
+/// `restorer` prepared with `pipes`, relays its output and fate, and learns whether the
+/// origin keeps the connection for another.
+fn serve_one(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str, restorer: &Restorer, pipes: Pipes, last_user: Option<User>) -> Result<AfterChild> {
+    let Some(received) = receive(shared, ch, origin, restorer, pipes.child_ends(), last_user)? else {
         return Ok(AfterChild::End); // no process came, or it was refused or failed (and the origin told)
     };
-    drop((stdin_r, stdout_w, stderr_w));
-    let (pid, uid, pass_stdin) = (received.restored.pid, received.user.uid, received.pass_stdin); // (the origin was told it runs: `receive`)
-    log(&format!("restored process {pid} of user {uid} from {origin}"));
+    let (pid, user, pass_stdin) = (received.restored.pid, received.user.clone(), received.pass_stdin); // (the origin was told it runs: `receive`)
+    log(&format!("restored process {pid} of user {} from {origin}", user.uid));
+    // (Should anything fail before its end is known, the child is killed: nobody would be
+    // told of it any more.)
+    let supervised = supervise(ch, origin, restorer, pipes, pid, pass_stdin);
+    let (status, verdict, next) = supervised.inspect_err(|_| kill_restored(pid))?;
+    // (No longer among its owner's restored processes: `limits.max_restores_per_user`.)
+    drop(received);
+    let result_file = shared.results_dir().join(pid.as_raw().to_string());
+    if let Ok(value) = std::fs::read(&result_file) {
+        std::fs::remove_file(&result_file).ok();
+        ch.send(&FromDest::Result { value })?;
+    }
+    ch.send(&FromDest::Exited(status))?;
+    log(&format!("process {pid} ended: {status:?}"));
+    // The origin answers once its program has heard of the end (`AGAIN_WAIT` there); if it
+    // does not, the connection is closed, which ends the command thread.
+    Ok(match verdict.recv_timeout(OFFER_WAIT) {
+        Ok(true) => AfterChild::Again(user, next),
+        Ok(false) | Err(_) => AfterChild::End,
+    })
+}
+
+/// Watches restored process `pid` until it ends: its output goes to the origin, the
+/// origin's commands to it (a thread of its own, which says on the receiver returned whether
+/// the origin keeps the connection for another process once the end was sent). Meanwhile
+/// `restorer` prepares the next process to restore into, with the pipes returned.
+fn supervise(ch: &Arc<TlsChannel>, origin: &str, restorer: &Restorer, pipes: Pipes, pid: nix::unistd::Pid, pass_stdin: bool) -> Result<(ExitInfo, std::sync::mpsc::Receiver<bool>, Pipes)> {
+    let Pipes { stdin: (stdin_r, stdin_w), stdout: (stdout_r, stdout_w), stderr: (stderr_r, stderr_w) } = pipes;
+    drop((stdin_r, stdout_w, stderr_w)); // (the child's ends: its own copies are all that is left)
+    // The next one's process is made while this one runs.
+    let next = restorer.prepare()?;
     let pidfd = telefork_engine::pidfd::open(pid.as_raw()).context("pidfd_open")?;
     let exited = Arc::new(AtomicBool::new(false));
 
@@ -86,30 +202,20 @@ fn serve_one(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str) -> Result<Afte
         let (ch, exited, origin) = (ch.clone(), exited.clone(), origin.to_string());
         let pidfd = pidfd.try_clone().context("duplicating the pidfd")?;
         std::thread::spawn(move || {
-            let after = origin_commands(&ch, &origin, pid, &pidfd, &exited, stdin_w);
-            let _ = verdict_tx.send(after);
+            let again = origin_commands(&ch, &origin, pid, &pidfd, &exited, stdin_w);
+            let _ = verdict_tx.send(again);
         });
     }
     let status = relay_output(ch, pid, &pidfd, File::from(stdout_r), File::from(stderr_r))?;
     exited.store(true, Ordering::SeqCst);
-    // (No longer among its owner's restored processes: `limits.max_restores_per_user`.)
-    drop(received);
-    let result_file = shared.results_dir().join(pid.as_raw().to_string());
-    if let Ok(value) = std::fs::read(&result_file) {
-        std::fs::remove_file(&result_file).ok();
-        ch.send(&FromDest::Result { value })?;
-    }
-    ch.send(&FromDest::Exited(status))?;
-    log(&format!("process {pid} ended: {status:?}"));
-    // The origin answers once its program has heard of the end (`AGAIN_WAIT` there); if it
-    // does not, the connection is closed, which ends the command thread.
-    Ok(verdict.recv_timeout(OFFER_WAIT).unwrap_or(AfterChild::End))
+    Ok((status, verdict, next))
 }
 
 /// Reads the origin's commands about process `pid` until the connection ends (the child is
 /// killed if it still runs: nobody could wait for it any more) or, after the child's end,
-/// the origin says `Again` (its next offer follows: this thread must not read it).
-fn origin_commands(ch: &TlsChannel, origin: &str, pid: nix::unistd::Pid, pidfd: &OwnedFd, exited: &AtomicBool, mut stdin_w: Option<File>) -> AfterChild {
+/// the origin says `Again` (its next offer follows: this thread must not read it). True on
+/// `Again`.
+fn origin_commands(ch: &TlsChannel, origin: &str, pid: nix::unistd::Pid, pidfd: &OwnedFd, exited: &AtomicBool, mut stdin_w: Option<File>) -> bool {
     loop {
         match ch.recv::<ToDest>() {
             Ok(Some(ToDest::Kill { signal })) => {
@@ -122,19 +228,19 @@ fn origin_commands(ch: &TlsChannel, origin: &str, pid: nix::unistd::Pid, pidfd: 
             }
             Ok(Some(ToDest::StdinEof)) => stdin_w = None,
             // (Only ever sent after the child's end was: anything else breaks the protocol.)
-            Ok(Some(ToDest::Again)) if exited.load(Ordering::SeqCst) => return AfterChild::Again,
+            Ok(Some(ToDest::Again)) if exited.load(Ordering::SeqCst) => return true,
             Ok(Some(other @ (ToDest::Again | ToDest::Offer { .. }))) => {
                 log(&format!("origin {origin} sent {} while process {pid} runs: killing it", if matches!(other, ToDest::Again) { "Again" } else { "an offer" }));
                 let _ = telefork_engine::pidfd::send_signal(pidfd.as_fd(), libc::SIGKILL);
                 ch.close();
-                return AfterChild::End;
+                return false;
             }
             Ok(None) | Err(_) => {
                 if !exited.load(Ordering::SeqCst) {
                     log(&format!("origin {origin} is gone: killing process {pid}"));
                     let _ = telefork_engine::pidfd::send_signal(pidfd.as_fd(), libc::SIGKILL);
                 }
-                return AfterChild::End;
+                return false;
             }
         }
     }
@@ -215,108 +321,83 @@ struct Received {
     _counted: RemoveOnDrop,
 }
 
-/// A restore job, handed to the thread that prepared the process to restore into.
-type RestoreJob<'a> = Box<dyn FnOnce(Option<Stub>) -> Result<telefork_engine::Restored> + Send + 'a>;
-
-/// Takes the offer, answers it, restores the image that follows and tells the origin it
-/// runs (from the restoring thread, at once); `None` if no offer came or it was refused or
-/// failed (the origin was told).
-///
-/// The process to restore into is made as soon as the connection is up, by a thread of its
-/// own (ptrace binds it to the thread that will restore), while the offer is answered and
-/// the image is on its way: half of a small restore's work, off its path. It is killed
-/// unused if no process comes.
-fn receive(shared: &Shared, ch: &TlsChannel, origin: &str, stdio: [RawFd; 3]) -> Result<Option<Received>> {
-    let t_started = std::sync::OnceLock::new(); // (when the restore began, for TELEFORK_DEBUG)
-    std::thread::scope(|scope| {
-        let (job_tx, job_rx) = std::sync::mpsc::channel::<RestoreJob<'_>>();
-        let restorer = scope.spawn(move || {
-            telefork_engine::timeline::stamp("dest stub begin");
-            let stub = match Stub::prepare(Some(stdio)) {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    log(&format!("could not prepare a process to restore into ({e:#}); making it when the image arrives"));
-                    None
+/// Takes the offer, answers it, has `restorer` restore the image that follows (into the
+/// process it prepared, with `stdio`) and tell the origin it runs, at once; `None` if no
+/// offer came or it was refused or failed (the origin was told).
+fn receive(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str, restorer: &Restorer, stdio: [RawFd; 3], likely_user: Option<User>) -> Result<Option<Received>> {
+    // The groups of the likely owner are looked up while the offer is on its way (a lookup
+    // took ~0.1 ms here), not after it.
+    let likely = likely_user.map(|u| (groups_of(u.uid, u.gid), u));
+    let Some((user, pass_stdin, plain_image, counted)) = answer_offer(shared, ch, origin)? else {
+        return Ok(None);
+    };
+    let t_accepted = std::time::Instant::now();
+    telefork_engine::timeline::stamp("dest offer answered");
+    let max = shared.cfg.limits.max_image_bytes.saturating_add(1 << 20);
+    let opts = telefork_engine::RestoreOptions {
+        stdio: Some(stdio),
+        expect_owner: Some((user.uid, user.gid)),
+        allowed_groups: Some(match likely {
+            Some((groups, u)) if u == user => groups,
+            _ => groups_of(user.uid, user.gid),
+        }),
+        // TLS authenticates every record; the plain transport is trusted by configuration.
+        skip_page_checksums: true,
+    };
+    ch.set_recv_timeout(Some(Duration::from_secs(30)));
+    let ch_for_job = ch.clone();
+    let job: RestoreJob = Box::new(move |stub| {
+        let ch = &*ch_for_job;
+        telefork_engine::timeline::stamp("dest job begins");
+        let restored = if plain_image {
+            // The image arrives on the TCP socket beneath TLS. The origin sends nothing after
+            // it until we answer, so nothing the buffer reads ahead can belong to TLS.
+            let raw = ch.raw_socket()?;
+            raw.set_read_timeout(Some(Duration::from_secs(30))).ok();
+            let mut input = std::io::BufReader::with_capacity(1 << 20, LimitedReader { inner: raw, left: max });
+            let r = restore_into(stub, &mut input, &opts).and_then(|r| {
+                if input.buffer().is_empty() {
+                    Ok(r)
+                } else {
+                    kill_restored(r.pid);
+                    bail!("the origin sent {} bytes past the end of the image", input.buffer().len())
                 }
-            };
-            telefork_engine::timeline::stamp("dest stub end");
-            job_rx.recv().ok().map(|job| job(stub))
-        });
-        let Some((user, pass_stdin, plain_image, counted)) = answer_offer(shared, ch, origin)? else {
-            return Ok(None); // (dropping job_tx ends the restorer, killing its stub)
-        };
-        let t_accepted = std::time::Instant::now();
-        telefork_engine::timeline::stamp("dest offer answered");
-        let limits = &shared.cfg.limits;
-        let max = limits.max_image_bytes.saturating_add(1 << 20);
-        let opts = telefork_engine::RestoreOptions {
-            stdio: Some(stdio),
-            expect_owner: Some((user.uid, user.gid)),
-            allowed_groups: Some(groups_of(user.uid, user.gid)),
-            // TLS authenticates every record; the plain transport is trusted by configuration.
-            skip_page_checksums: true,
-        };
-        ch.set_recv_timeout(Some(Duration::from_secs(30)));
-        let t_started_ref = &t_started;
-        let job: RestoreJob<'_> = Box::new(move |stub| {
-            let _ = t_started_ref.set(std::time::Instant::now());
-            telefork_engine::timeline::stamp("dest job begins");
-            let restored = if plain_image {
-                // The image arrives on the TCP socket beneath TLS. The origin sends nothing
-                // after it until we answer, so nothing the buffer reads ahead can belong to TLS.
-                let raw = ch.raw_socket()?;
-                raw.set_read_timeout(Some(Duration::from_secs(30))).ok();
-                let mut input = std::io::BufReader::with_capacity(1 << 20, LimitedReader { inner: raw, left: max });
-                let r = restore_into(stub, &mut input, &opts).and_then(|r| {
-                    if input.buffer().is_empty() {
-                        Ok(r)
-                    } else {
-                        kill_restored(r.pid);
-                        bail!("the origin sent {} bytes past the end of the image", input.buffer().len())
-                    }
-                });
-                raw.set_read_timeout(None).ok();
-                r
-            } else {
-                // (No buffer in between: the channel keeps the opened records itself.)
-                restore_into(stub, LimitedReader { inner: ch, left: max }, &opts)
-            }?;
-            // Told from here, as soon as it runs (not after this thread has ended).
-            let pid = restored.pid;
-            ch.set_recv_timeout(None);
-            telefork_engine::timeline::stamp("dest restored");
-            let r = ch.send(&FromDest::Started { pid: pid.as_raw() });
-            telefork_engine::timeline::stamp("dest sent Started");
-            if let Err(e) = r {
-                // Nobody would hear of it again: it must not run on.
-                kill_restored(pid);
-                return Err(e).context(format!("telling the origin that process {pid} runs (it was killed)"));
-            }
-            Ok(restored)
-        });
-        let restored = match job_tx.send(job) {
-            Ok(()) => restorer.join().unwrap_or_else(|_| Some(Err(anyhow::anyhow!("the restoring thread panicked")))),
-            Err(_) => None,
+            });
+            raw.set_read_timeout(None).ok();
+            r
+        } else {
+            // (No buffer in between: the channel keeps the opened records itself.)
+            restore_into(stub, LimitedReader { inner: ch, left: max }, &opts)
+        }?;
+        // Told from here, as soon as it runs (not after this job's result is read).
+        let pid = restored.pid;
+        ch.set_recv_timeout(None);
+        telefork_engine::timeline::stamp("dest restored");
+        let r = ch.send(&FromDest::Started { pid: pid.as_raw() });
+        telefork_engine::timeline::stamp("dest sent Started");
+        if let Err(e) = r {
+            // Nobody would hear of it again: it must not run on.
+            kill_restored(pid);
+            return Err(e).context(format!("telling the origin that process {pid} runs (it was killed)"));
         }
-        .unwrap_or_else(|| Err(anyhow::anyhow!("the restoring thread is gone")));
-        if std::env::var_os("TELEFORK_DEBUG").is_some() {
-            let ms = |t: std::time::Instant| t.duration_since(t_accepted).as_secs_f64() * 1e3;
-            let begun = t_started.get().map(|t| ms(*t)).unwrap_or(f64::NAN);
-            log(&format!("ms after accepting: restore begun {begun:.2}, done {:.2}", ms(std::time::Instant::now())));
+        Ok(restored)
+    });
+    let restored = restorer.restore(job);
+    if std::env::var_os("TELEFORK_DEBUG").is_some() {
+        log(&format!("restore done {:.2} ms after accepting", t_accepted.elapsed().as_secs_f64() * 1e3));
+    }
+    match restored {
+        Ok(r) => Ok(Some(Received { restored: r, user, pass_stdin, _counted: counted })),
+        Err(e) => {
+            log(&format!("restoring a process from {origin} failed: {e:#}"));
+            ch.send(&FromDest::Failed { error: format!("{e:#}") }).ok();
+            Ok(None)
         }
-        match restored {
-            Ok(r) => Ok(Some(Received { restored: r, user, pass_stdin, _counted: counted })),
-            Err(e) => {
-                log(&format!("restoring a process from {origin} failed: {e:#}"));
-                ch.send(&FromDest::Failed { error: format!("{e:#}") }).ok();
-                Ok(None)
-            }
-        }
-    })
+    }
 }
 
-/// Waits for the offer (an origin may connect ahead of its telefork — a prepared
-/// connection — so a while, leaving quietly if it never comes), checks it against this
+/// Waits for the offer (an origin may connect ahead of its telefork, or keep the connection
+/// after a child's end — so a while, leaving quietly if it never comes), checks it against this
 /// node's limits and accepts it: (owner, pass_stdin, plain_image, the file that counts
 /// this session among the owner's), or `None` if refused.
 fn answer_offer(shared: &Shared, ch: &TlsChannel, origin: &str) -> Result<Option<(User, bool, bool, RemoveOnDrop)>> {
@@ -325,6 +406,7 @@ fn answer_offer(shared: &Shared, ch: &TlsChannel, origin: &str) -> Result<Option
         Ok(Some(o)) => o,
         Ok(None) | Err(_) => return Ok(None),
     };
+    telefork_engine::timeline::stamp("dest offer read");
     ch.set_recv_timeout(Some(HANDSHAKE_TIMEOUT));
     let ToDest::Offer { user, origin: claimed, image_bytes, pass_stdin, plain_image, image_follows } = offer else {
         bail!("node {origin} sent something other than an offer");

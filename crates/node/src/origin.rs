@@ -82,10 +82,10 @@ pub fn serve(shared: &Shared, mut sock: UnixStream) -> Result<()> {
                 let tell = |msg: FromDaemon| proto::write_frame(&mut to_program, &msg);
                 let sent = send_away(shared, Some(cred.pid()), &user, child_pid, &dest, pass_stdin, prepared.take(), reader.as_ref(), tell);
                 match sent {
-                    Ok((ch, node, _pid)) => match relay(ch, &sock, std::mem::take(&mut fds), pass_stdin)? {
+                    Ok((ch, name, addr)) => match relay(ch, &sock, std::mem::take(&mut fds), pass_stdin)? {
                         // The next telefork likely goes there too: the destination's session
                         // serves it on this connection.
-                        AfterRelay::Again(ch) => prepared = Connecting::kept(shared, &node, *ch).ok(),
+                        AfterRelay::Again(ch) => prepared = Connecting::kept(name, addr, *ch).ok(),
                         AfterRelay::End => return Ok(()),
                     },
                     Err(e) => {
@@ -203,10 +203,11 @@ impl Connecting {
         Ok(Connecting { name, addr, ahead: true, began, made })
     }
 
-    /// A connection whose last child has ended, handed back to the destination's session
-    /// (`ToDest::Again`) for the next offer.
-    fn kept(shared: &Shared, dest: &str, ch: TlsChannel) -> Result<Connecting> {
-        let (name, addr) = shared.cfg.resolve(dest)?;
+    /// The connection to node `name` at `addr` whose last child has ended, handed back to
+    /// the destination's session (`ToDest::Again`) for the next offer.
+    fn kept(name: String, addr: std::net::SocketAddr, ch: TlsChannel) -> Result<Connecting> {
+        // (An answer awaited on it is bounded as on a new connection.)
+        ch.set_recv_timeout(Some(crate::dest::HANDSHAKE_TIMEOUT));
         ch.send(&ToDest::Again)?;
         Ok(Connecting { name, addr, ahead: true, began: std::time::Instant::now(), made: Made::Done(Box::new(Ok(ch))) })
     }
@@ -322,8 +323,9 @@ fn offer(ch: &TlsChannel, name: &str, offer: &ToDest) -> Result<()> {
 /// Images up to this size follow their offer without waiting for the answer.
 const FOLLOWS_OFFER_MAX: u64 = 16 << 20;
 
-/// Whether a connection made ahead of time is still open: nothing may have arrived on it,
-/// so anything readable is its end (the destination dropped it).
+/// Whether a connection made ahead of time or kept from the last child is still open:
+/// nothing may have arrived on it since, so anything readable is its end (the destination
+/// dropped it).
 fn still_open(ch: &TlsChannel) -> bool {
     let mut p = [libc::pollfd { fd: ch.raw_fd(), events: libc::POLLIN, revents: 0 }];
     // SAFETY: one valid pollfd, zero timeout.
@@ -354,7 +356,7 @@ fn send_away(
     prepared: Option<Connecting>,
     reader: Option<&OutsideReader>,
     mut tell: impl FnMut(FromDaemon) -> Result<()>,
-) -> Result<(TlsChannel, String, i32)> {
+) -> Result<(TlsChannel, String, std::net::SocketAddr)> {
     let t0 = std::time::Instant::now();
     telefork_engine::timeline::stamp("origin request");
     let ms = |t: std::time::Instant| t.duration_since(t0).as_secs_f64() * 1e3;
@@ -369,7 +371,7 @@ fn send_away(
     }
     // The connection: the one made ahead of time if it goes there, else one made now by a
     // thread of its own while the child is checked and captured.
-    let (name, _) = shared.cfg.resolve(dest)?;
+    let (name, addr) = shared.cfg.resolve(dest)?;
     let connecting = match prepared.filter(|c| c.name == name) {
         Some(c) => c,
         None => Connecting::start(shared, dest)?,
@@ -474,7 +476,7 @@ fn send_away(
         ms(t_sent),
         ms(t_end)
     ));
-    Ok((ch, name, pid))
+    Ok((ch, name, addr))
 }
 
 /// Waits until the child has stopped itself (its SIGSTOP right after fork): capturing it
@@ -537,6 +539,7 @@ fn program_commands(sock: &UnixStream, ended: &OwnedFd, ch: &TlsChannel, pass_st
                     let _ = ch.send(&ToDest::Kill { signal }); // (a dead link shows in the relay)
                 }
             }
+            Ok(Some(LocalCommand::Waiting)) => {}
             // (The library sends it once it has read the child's end.)
             Ok(Some(LocalCommand::Again)) if !pass_stdin => return true,
             Ok(Some(LocalCommand::Again | LocalCommand::Done)) | Ok(None) | Err(_) => return false,

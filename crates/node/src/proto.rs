@@ -66,6 +66,9 @@ pub enum LocalCommand {
     /// next request (the session serves it, instead of a new session for a new connection).
     /// (The local protocol is not versioned: a library and a daemon of one release.)
     Again,
+    /// Said by libraries of earlier releases while waiting; ignored (kept so that the
+    /// variants after it keep their numbers for a program started before an upgrade).
+    Waiting,
     /// After the child's end: no further request on this connection.
     Done,
 }

@@ -32,7 +32,7 @@
 //!   - `--kill-after-ms N` the parent sends `--kill-signal` (default 15) to the child after
 //!     N ms
 //! * `probe twice DEST PAUSE_MS` — two teleforks in a row (the second can use the connection
-//!   the daemon made ahead of time while the parent waited): `first exit N`, then `paused`,
+//!   and the sessions the first one's kept): `first exit N`, then `paused`,
 //!   a pause, `second exit N` (children exit 11 and 12), or `error ...`; last `parent ok`.
 //! * `probe remote DEST` — `remote host=NAME sum=X expected=Y` (a sum computed there over
 //!   memory from here).

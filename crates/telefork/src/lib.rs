@@ -406,8 +406,9 @@ impl RemoteChild {
         }
         let fd = spare.into_raw_fd();
         if SPARE_CONNECTION.compare_exchange(-1, fd, Ordering::SeqCst, Ordering::SeqCst).is_err() {
-            // Another thread stored a spare first (the session waits for a request that
-            // will not come, until its idle limit).
+            // Another thread stored a spare first (the session, and its destination's with
+            // a process prepared to restore into, wait for a request that will not come,
+            // until their idle limits).
             // SAFETY: this fd is ours alone.
             unsafe { libc::close(fd) };
         }
