@@ -276,9 +276,10 @@ fn spawn_stub(want_pid: i32, stdio: Option<[std::os::fd::RawFd; 3]>) -> Result<(
                 }
             }
             // None of the restorer's other fds (a stub made while another restored process
-            // runs must not hold, say, the write end of that one's stdin pipe). The restore
-            // closes them again, for a kernel without close_range.
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            // runs must not hold, say, the write end of that one's stdin pipe).
+            if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) != 0 {
+                libc::_exit(124);
+            }
             libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0);
             libc::raise(libc::SIGSTOP);
             libc::_exit(127);
@@ -287,6 +288,15 @@ fn spawn_stub(want_pid: i32, stdio: Option<[std::os::fd::RawFd; 3]>) -> Result<(
     let pid = Pid::from_raw(r as i32);
     match waitpid(pid, Some(WaitPidFlag::__WALL)) {
         Ok(WaitStatus::Stopped(_, Signal::SIGSTOP)) => {}
+        Ok(WaitStatus::Exited(_, code)) => {
+            let why = match code {
+                124 => "closing the restorer's fds (close_range, Linux 5.9+) failed",
+                125 => "its restorer went away",
+                126 => "giving it its stdio (dup2) failed",
+                _ => "it exited",
+            };
+            bail!("the process to restore into ended before it stopped: {why} (status {code})");
+        }
         other => {
             ptrace::kill_quietly(pid);
             bail!("the process to restore into did not stop as expected: {other:?}");

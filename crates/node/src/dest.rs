@@ -54,7 +54,11 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
     let mut last_user = None;
     while let AfterChild::Again(user, prepared) = serve_one(shared, &ch, &origin, &restorer, next, last_user.take())? {
         telefork_engine::timeline::stamp("dest again");
-        (next, last_user) = (prepared, Some(user));
+        next = match prepared {
+            Some(p) => p,
+            None => restorer.prepare()?, // (it could not be made while the last one ran)
+        };
+        last_user = Some(user);
     }
     ch.close();
     Ok(())
@@ -70,13 +74,15 @@ struct Restorer {
 }
 
 enum Order {
-    /// Make the next process to restore into, with these as its fds 0, 1, 2.
-    Prepare([RawFd; 3]),
+    /// Make the next process to restore into, with these as its fds 0, 1, 2 (the child's
+    /// ends of its pipes: this thread keeps them until that process is restored).
+    Prepare([OwnedFd; 3]),
     Restore(RestoreJob),
 }
 
-/// A restore job, run by the restorer thread with the process it prepared (if it could).
-type RestoreJob = Box<dyn FnOnce(Option<Stub>) -> Result<telefork_engine::Restored> + Send>;
+/// A restore job, run by the restorer thread with the process it prepared (if it could) and
+/// the fds that process has (or a process made now must get) as its 0, 1, 2.
+type RestoreJob = Box<dyn FnOnce(Option<Stub>, [RawFd; 3]) -> Result<telefork_engine::Restored> + Send>;
 
 impl Restorer {
     fn start() -> Result<Restorer> {
@@ -85,19 +91,27 @@ impl Restorer {
         std::thread::Builder::new()
             .name("restorer".into())
             .spawn(move || {
-                let mut stub = None;
+                let mut next: Option<(Option<Stub>, [OwnedFd; 3])> = None;
                 // (Ends when the session drops its `Restorer`; a stub left unused is killed.)
                 for order in next_order {
                     match order {
                         Order::Prepare(stdio) => {
                             telefork_engine::timeline::stamp("dest stub begin");
-                            stub = Stub::prepare(Some(stdio))
+                            let raw = stdio.each_ref().map(|fd| fd.as_raw_fd());
+                            let stub = Stub::prepare(Some(raw))
                                 .map_err(|e| log(&format!("could not prepare a process to restore into ({e:#}); making it when the image arrives")))
                                 .ok();
                             telefork_engine::timeline::stamp("dest stub end");
+                            next = Some((stub, stdio));
                         }
                         Order::Restore(job) => {
-                            let _ = done.send(job(stub.take()));
+                            let result = match next.take() {
+                                // (The child's ends of its pipes close here: the restored
+                                // process holds its own.)
+                                Some((stub, stdio)) => job(stub, stdio.each_ref().map(|fd| fd.as_raw_fd())),
+                                None => Err(anyhow::anyhow!("no pipes were made for the process to restore")),
+                            };
+                            let _ = done.send(result);
                         }
                     }
                 }
@@ -106,11 +120,12 @@ impl Restorer {
         Ok(Restorer { orders, results })
     }
 
-    /// Has the next process to restore into made, with new pipes for its stdio.
+    /// Has the next process to restore into made, with new pipes for its stdio; returns the
+    /// session's ends of them.
     fn prepare(&self) -> Result<Pipes> {
-        let pipes = Pipes::new()?;
-        self.orders.send(Order::Prepare(pipes.child_ends())).map_err(|_| anyhow::anyhow!("the restoring thread is gone"))?;
-        Ok(pipes)
+        let ((stdin_r, stdin_w), (stdout_r, stdout_w), (stderr_r, stderr_w)) = (pipe()?, pipe()?, pipe()?);
+        self.orders.send(Order::Prepare([stdin_r, stdout_w, stderr_w])).map_err(|_| anyhow::anyhow!("the restoring thread is gone"))?;
+        Ok(Pipes { stdin: stdin_w, stdout: stdout_r, stderr: stderr_r })
     }
 
     fn restore(&self, job: RestoreJob) -> Result<telefork_engine::Restored> {
@@ -119,46 +134,44 @@ impl Restorer {
     }
 }
 
-/// The pipes of a restored process's stdin, stdout and stderr.
+/// The session's ends of a restored process's stdin, stdout and stderr pipes.
 struct Pipes {
-    stdin: (OwnedFd, OwnedFd),
-    stdout: (OwnedFd, OwnedFd),
-    stderr: (OwnedFd, OwnedFd),
-}
-
-impl Pipes {
-    fn new() -> Result<Pipes> {
-        Ok(Pipes { stdin: pipe()?, stdout: pipe()?, stderr: pipe()? })
-    }
-
-    /// The ends the child gets as its fds 0, 1, 2.
-    fn child_ends(&self) -> [RawFd; 3] {
-        [self.stdin.0.as_raw_fd(), self.stdout.1.as_raw_fd(), self.stderr.1.as_raw_fd()]
-    }
+    stdin: OwnedFd,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
 }
 
 /// What the origin does with the connection once a child's end was sent.
 enum AfterChild {
     /// It sent `ToDest::Again`: its next offer comes on this connection (likely for the
-    /// same user as the last one), to be restored with these pipes.
-    Again(User, Pipes),
+    /// same user as the last one: here with their groups), to be restored with these pipes
+    /// if they could be made.
+    Again(Likely, Option<Pipes>),
     /// It closed the connection, said nothing for `OFFER_WAIT`, or no child came.
     End,
 }
 
+/// The owner of the last process and their groups here, looked up once that process has
+/// ended (a lookup took ~0.1 ms here): the next offer is likely theirs too.
+type Likely = (User, Vec<u32>);
+
 /// Receives one process (likely of `last_user`, the owner of the last one) into the process
 /// `restorer` prepared with `pipes`, relays its output and fate, and learns whether the
 /// origin keeps the connection for another.
-fn serve_one(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str, restorer: &Restorer, pipes: Pipes, last_user: Option<User>) -> Result<AfterChild> {
-    let Some(received) = receive(shared, ch, origin, restorer, pipes.child_ends(), last_user)? else {
+fn serve_one(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str, restorer: &Restorer, pipes: Pipes, last_user: Option<Likely>) -> Result<AfterChild> {
+    let Some(received) = receive(shared, ch, origin, restorer, last_user)? else {
         return Ok(AfterChild::End); // no process came, or it was refused or failed (and the origin told)
     };
     let (pid, user, pass_stdin) = (received.restored.pid, received.user.clone(), received.pass_stdin); // (the origin was told it runs: `receive`)
     log(&format!("restored process {pid} of user {} from {origin}", user.uid));
     // (Should anything fail before its end is known, the child is killed: nobody would be
     // told of it any more.)
-    let supervised = supervise(ch, origin, restorer, pipes, pid, pass_stdin);
-    let (status, verdict, next) = supervised.inspect_err(|_| kill_restored(pid))?;
+    let pidfd = telefork_engine::pidfd::open(pid.as_raw()).context("pidfd_open").inspect_err(|_| kill_restored(pid))?;
+    let supervised = supervise(ch, origin, restorer, pipes, pid, &pidfd, pass_stdin);
+    let (status, verdict, next) = supervised.inspect_err(|_| {
+        // (By its pidfd: the child may have been reaped already.)
+        let _ = telefork_engine::pidfd::send_signal(pidfd.as_fd(), libc::SIGKILL);
+    })?;
     // (No longer among its owner's restored processes: `limits.max_restores_per_user`.)
     drop(received);
     let result_file = shared.results_dir().join(pid.as_raw().to_string());
@@ -168,28 +181,32 @@ fn serve_one(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str, restorer: &Res
     }
     ch.send(&FromDest::Exited(status))?;
     log(&format!("process {pid} ended: {status:?}"));
+    // (While the origin tells its program: not later, while the program goes on.)
+    let groups = groups_of(user.uid, user.gid);
     // The origin answers once its program has heard of the end (`AGAIN_WAIT` there); if it
     // does not, the connection is closed, which ends the command thread.
     Ok(match verdict.recv_timeout(OFFER_WAIT) {
-        Ok(true) => AfterChild::Again(user, next),
+        Ok(true) => AfterChild::Again((user, groups), next),
         Ok(false) | Err(_) => AfterChild::End,
     })
 }
 
-/// Watches restored process `pid` until it ends: its output goes to the origin, the
-/// origin's commands to it (a thread of its own, which says on the receiver returned whether
-/// the origin keeps the connection for another process once the end was sent). Meanwhile
-/// `restorer` prepares the next process to restore into, with the pipes returned.
-fn supervise(ch: &Arc<TlsChannel>, origin: &str, restorer: &Restorer, pipes: Pipes, pid: nix::unistd::Pid, pass_stdin: bool) -> Result<(ExitInfo, std::sync::mpsc::Receiver<bool>, Pipes)> {
-    let Pipes { stdin: (stdin_r, stdin_w), stdout: (stdout_r, stdout_w), stderr: (stderr_r, stderr_w) } = pipes;
-    drop((stdin_r, stdout_w, stderr_w)); // (the child's ends: its own copies are all that is left)
-    // The next one's process is made while this one runs.
-    let next = restorer.prepare()?;
-    let pidfd = telefork_engine::pidfd::open(pid.as_raw()).context("pidfd_open")?;
-    let exited = Arc::new(AtomicBool::new(false));
-
-    // Commands from the origin: kill, stdin; after the child's end, `Again` or the end of the
-    // connection. Losing the origin kills the child.
+/// Watches restored process `pid` (`pidfd`) until it ends: its output (`pipes`) goes to the
+/// origin, the origin's commands to it (a thread of its own, which says on the receiver
+/// returned whether the origin keeps the connection for another process once the end was
+/// sent). Meanwhile `restorer` prepares the next process to restore into, with the pipes
+/// returned (none when the origin cannot keep the connection: its program's stdin is relayed).
+#[allow(clippy::type_complexity)]
+fn supervise(
+    ch: &Arc<TlsChannel>,
+    origin: &str,
+    restorer: &Restorer,
+    pipes: Pipes,
+    pid: nix::unistd::Pid,
+    pidfd: &OwnedFd,
+    pass_stdin: bool,
+) -> Result<(ExitInfo, std::sync::mpsc::Receiver<bool>, Option<Pipes>)> {
+    let Pipes { stdin: stdin_w, stdout: stdout_r, stderr: stderr_r } = pipes;
     // Without pass_stdin the write end must close now, or the child's reads never see EOF.
     let stdin_w = if pass_stdin {
         Some(File::from(stdin_w))
@@ -197,16 +214,25 @@ fn supervise(ch: &Arc<TlsChannel>, origin: &str, restorer: &Restorer, pipes: Pip
         drop(stdin_w);
         None
     };
+    // The next one's process is made while this one runs (if it fails, after it).
+    let next = if pass_stdin { None } else { restorer.prepare().inspect_err(|e| log(&format!("preparing the next process to restore into: {e:#}"))).ok() };
+    let exited = Arc::new(AtomicBool::new(false));
+
+    // Commands from the origin: kill, stdin; after the child's end, `Again` or the end of the
+    // connection. Losing the origin kills the child.
     let (verdict_tx, verdict) = std::sync::mpsc::sync_channel(1);
     {
         let (ch, exited, origin) = (ch.clone(), exited.clone(), origin.to_string());
         let pidfd = pidfd.try_clone().context("duplicating the pidfd")?;
-        std::thread::spawn(move || {
-            let again = origin_commands(&ch, &origin, pid, &pidfd, &exited, stdin_w);
-            let _ = verdict_tx.send(again);
-        });
+        std::thread::Builder::new()
+            .name("origin-commands".into())
+            .spawn(move || {
+                let again = origin_commands(&ch, &origin, pid, &pidfd, &exited, stdin_w);
+                let _ = verdict_tx.send(again);
+            })
+            .context("starting the thread that reads the origin's commands")?;
     }
-    let status = relay_output(ch, pid, &pidfd, File::from(stdout_r), File::from(stderr_r))?;
+    let status = relay_output(ch, pid, pidfd, File::from(stdout_r), File::from(stderr_r))?;
     exited.store(true, Ordering::SeqCst);
     Ok((status, verdict, next))
 }
@@ -322,32 +348,30 @@ struct Received {
 }
 
 /// Takes the offer, answers it, has `restorer` restore the image that follows (into the
-/// process it prepared, with `stdio`) and tell the origin it runs, at once; `None` if no
-/// offer came or it was refused or failed (the origin was told).
-fn receive(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str, restorer: &Restorer, stdio: [RawFd; 3], likely_user: Option<User>) -> Result<Option<Received>> {
-    // The groups of the likely owner are looked up while the offer is on its way (a lookup
-    // took ~0.1 ms here), not after it.
-    let likely = likely_user.map(|u| (groups_of(u.uid, u.gid), u));
+/// process it prepared, with the pipes it was given) and tell the origin it runs, at once;
+/// `None` if no offer came or it was refused or failed (the origin was told).
+fn receive(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str, restorer: &Restorer, likely: Option<Likely>) -> Result<Option<Received>> {
     let Some((user, pass_stdin, plain_image, counted)) = answer_offer(shared, ch, origin)? else {
         return Ok(None);
     };
     let t_accepted = std::time::Instant::now();
     telefork_engine::timeline::stamp("dest offer answered");
     let max = shared.cfg.limits.max_image_bytes.saturating_add(1 << 20);
-    let opts = telefork_engine::RestoreOptions {
-        stdio: Some(stdio),
-        expect_owner: Some((user.uid, user.gid)),
-        allowed_groups: Some(match likely {
-            Some((groups, u)) if u == user => groups,
-            _ => groups_of(user.uid, user.gid),
-        }),
-        // TLS authenticates every record; the plain transport is trusted by configuration.
-        skip_page_checksums: true,
+    let groups = match likely {
+        Some((u, groups)) if u == user => groups,
+        _ => groups_of(user.uid, user.gid),
     };
     ch.set_recv_timeout(Some(Duration::from_secs(30)));
     let ch_for_job = ch.clone();
-    let job: RestoreJob = Box::new(move |stub| {
+    let job: RestoreJob = Box::new(move |stub, stdio| {
         let ch = &*ch_for_job;
+        let opts = telefork_engine::RestoreOptions {
+            stdio: Some(stdio),
+            expect_owner: Some((user.uid, user.gid)),
+            allowed_groups: Some(groups),
+            // TLS authenticates every record; the plain transport is trusted by configuration.
+            skip_page_checksums: true,
+        };
         telefork_engine::timeline::stamp("dest job begins");
         let restored = if plain_image {
             // The image arrives on the TCP socket beneath TLS. The origin sends nothing after

@@ -64,10 +64,10 @@ pub enum LocalCommand {
     Kill { signal: i32 },
     /// After the child's end (`FromDaemon::Exited`): this connection carries the program's
     /// next request (the session serves it, instead of a new session for a new connection).
-    /// (The local protocol is not versioned: a library and a daemon of one release.)
     Again,
-    /// Said by libraries of earlier releases while waiting; ignored (kept so that the
-    /// variants after it keep their numbers for a program started before an upgrade).
+    /// Said by libraries of earlier releases while waiting; ignored. (The local protocol has
+    /// no version number: variants are only added at the end, never removed, so that a
+    /// program started before a daemon upgrade still speaks to the new daemon.)
     Waiting,
     /// After the child's end: no further request on this connection.
     Done,
