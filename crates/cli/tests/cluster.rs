@@ -723,7 +723,7 @@ fn prepared_connections(c: &Ctx) {
     run.wait_line("paused", Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(500)); // (the kept connection, its next stub made)
     // An idle session holds only the process it prepared to restore into (stopped under
-    // its ptrace); a busy one, a restored process that runs.
+    // its ptrace); a busy one, a restored process that runs (and the next prepared one).
     let traced = |p: i32| proc_status_field(p, "State").is_some_and(|s| s.starts_with('t'));
     let idle: Vec<i32> = children(daemon).into_iter().filter(|&s| children(s).into_iter().all(traced)).collect();
     assert!(!idle.is_empty(), "no idle session on node2 to kill (was the connection prepared?)");

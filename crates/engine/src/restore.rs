@@ -2,8 +2,8 @@
 //!
 //! 1. Check the image against this machine before anything is created: architecture, page
 //!    size, CPU features, kernel build (for the vDSO), every mapped file still the same.
-//! 2. Make the new process (a `Stub`, made ahead of time while the image is on its way, or
-//!    now): a fork of this command (clone3, with the image's PID when that PID is free), which
+//! 2. Make the new process (a `Stub`, made ahead of time — while the image is on its way, or
+//!    while the last restored process runs — or now): a fork of this command (clone3, with the image's PID when that PID is free), which
 //!    stops itself under our ptrace at once. It never runs a line of its own code again: from
 //!    here on we drive it by injecting system calls (`inject`), mostly in batches.
 //! 3. Empty it: a small control area (a `syscall` instruction, the batch runner and scratch
@@ -73,8 +73,8 @@ pub fn restore<R: Read + Send>(input: R, opts: &RestoreOptions) -> Result<Restor
     restore_into(None, input, opts)
 }
 
-/// Restores the image from `input` into `stub` if one was made ahead of time (`Stub::prepare`,
-/// while the image was still on its way), else into a new one. A prepared stub whose control
+/// Restores the image from `input` into `stub` if one was made ahead of time (`Stub::prepare`),
+/// else into a new one. A prepared stub whose control
 /// area happens to lie where the image has memory is set aside for a new one.
 pub fn restore_into<R: Read + Send>(stub: Option<Stub>, input: R, opts: &RestoreOptions) -> Result<Restored> {
     let (mut reader, header) = ImageReader::new(input)?;
@@ -114,7 +114,8 @@ pub fn restore_into<R: Read + Send>(stub: Option<Stub>, input: R, opts: &Restore
 /// A process ready to become an image's process: forked from us, stopped under our ptrace,
 /// emptied down to a control area (a `syscall` instruction, the batch runner, scratch
 /// memory) and the kernel's special pages set aside in a parking area. Making one takes
-/// about half of a small restore, so a destination makes it while the image is on its way.
+/// about half of a small restore, so a destination makes it ahead of time: while the image is
+/// on its way, or while the last process it restored runs.
 /// Dropped unused, the process is killed.
 pub struct Stub {
     pid: Pid,

@@ -1,8 +1,8 @@
 //! The node daemon: one per node. It owns two listeners — TCP for other nodes (mutual TLS),
 //! a Unix socket for local programs — and forks one *session process* per connection, like
-//! sshd. A session process lives as long as its connection: it restores an incoming process
-//! as its child and relays its output and fate home (`dest`), or sends a local program's
-//! child away and relays what comes back (`origin`). Once a child has ended, a program's
+//! sshd. A session process lives as long as its connection and its child: it restores an
+//! incoming process as its child and relays its output and fate home (`dest`), or sends a
+//! local program's child away and relays what comes back (`origin`). Once a child has ended, a program's
 //! connection, and with it both sessions and the connection between them, serves that
 //! program's next telefork. Because sessions are separate
 //! processes, restarting or upgrading the daemon does not take running children down.

@@ -15,8 +15,9 @@
 //! telefork to the same node again needs no new connection, TLS handshake or destination
 //! session either.
 //!
-//! The connection to the destination is made ahead of time when the program's spare
-//! connection names it (`Prepare`), else by a thread while the child is captured: a small
+//! The connection to the destination is the one kept from the last child if it goes to the
+//! same node, else one made ahead of time when the program's spare connection names it
+//! (`Prepare`), else one made by a thread while the child is captured: a small
 //! image's offer and process record need it only once the capture has looked at the child.
 //! The thread that reads the child's /proc files during the capture is started as soon as
 //! the session knows a capture will come.
@@ -172,12 +173,13 @@ fn status_value(status: &str, key: &str) -> Option<i64> {
 }
 
 /// A connection to a destination (TCP connect, TLS handshake, the peer's name checked):
-/// made ahead of time for a telefork that may follow, or being made by a thread of its own
-/// for a telefork whose capture begins meanwhile.
+/// kept from the last child or made ahead of time for a telefork that may follow, or being
+/// made by a thread of its own for a telefork whose capture begins meanwhile.
 struct Connecting {
     name: String,
     addr: std::net::SocketAddr,
-    /// Made ahead of time (a spare connection's `Prepare`), not for this telefork.
+    /// Made ahead of time (a spare connection's `Prepare`) or kept from the last child, not
+    /// for this telefork: it may have been dropped by the destination meanwhile.
     ahead: bool,
     began: std::time::Instant,
     made: Made,
