@@ -768,8 +768,9 @@ fn fan_out(c: &Ctx) {
 /// 15. One session on each side serves a program's teleforks one after another: once a child
 ///     has ended, the program hands its connection back and the same origin session serves
 ///     the next telefork, over the same connection to the same destination session (which
-///     restores both children); when the program ends, so do both sessions (nothing left
-///     behind on either node).
+///     restores both children; the second into a process forked from its template, whose
+///     memory and stdio the child checks); when the program ends, so do both sessions
+///     (nothing left behind on either node).
 fn session_reuse(c: &Ctx) {
     // The session PIDs of the log lines that contain `what`.
     let sessions_of = |log: &str, what: &str| -> Vec<String> {
@@ -784,6 +785,10 @@ fn session_reuse(c: &Ctx) {
     assert_eq!(r.want("first exit"), "11", "{r}");
     assert_eq!(r.want("second exit"), "12", "{r}");
     assert!(r.has("parent ok") && r.get("error").is_none(), "{r}");
+    for what in ["first", "second"] {
+        assert_eq!(r.want(&format!("{what} child:")), "memory ok stdin eof", "{r}");
+        assert!(r.stderr.iter().any(|l| l == &format!("{what} child on stderr")), "the {what} child's stderr did not come home:\n{r}");
+    }
     for (node, what, skip, side) in [("node1", sent, before.0, "origin"), ("node2", restored, before.1, "destination")] {
         let log = c.log(node);
         let sessions: Vec<String> = sessions_of(&log, what).into_iter().skip(skip).collect();

@@ -159,6 +159,69 @@ impl Stub {
     }
 }
 
+/// A stub kept to fork further stubs from (`Stub::fork_from`): emptied once and without
+/// fds, so that a fork of it has nothing to unmap and nothing of the restorer's to close —
+/// ~0.1 ms instead of ~0.5-0.8 ms for a stub forked from a destination session and emptied.
+/// Stopped under the ptrace of the thread that made it (only that thread may use it) until
+/// dropped, when it is killed.
+pub struct StubTemplate {
+    stub: Stub,
+}
+
+impl StubTemplate {
+    pub fn new() -> Result<StubTemplate> {
+        let mut stub = Stub::spawn(0, None, &[])?;
+        let code = arch::fork_child_code(nix::unistd::getpid().as_raw() as u32);
+        stub.inj.write_mem(stub.control + arch::SYSCALL_INSN.len() as u64, &code)?;
+        stub.inj.syscall(libc::SYS_close_range, &[0, u32::MAX as u64, 0], "closing the stub template's fds: close_range(0, ~0)")?;
+        Ok(StubTemplate { stub })
+    }
+}
+
+impl Stub {
+    /// A stub forked from `template`, with `stdio` (fds of this process) as its fds 0, 1, 2.
+    /// The fork is made a child of ours (CLONE_PARENT) and taken under our ptrace at once.
+    pub fn fork_from(template: &mut StubTemplate, stdio: [std::os::fd::RawFd; 3]) -> Result<Stub> {
+        let t = &mut template.stub;
+        let _pin = CpuPin::here();
+        crate::pin::move_here(t.pid.as_raw());
+        let child = t.inj.syscall(libc::SYS_clone, &[libc::CLONE_PARENT as u64, 0, 0, 0, 0], "forking the stub template: clone")?;
+        let pid = Pid::from_raw(child as i32);
+        let made = (|| -> Result<Stub> {
+            ptrace::seize_and_stop(pid)?;
+            nix_ptrace::setoptions(pid, nix_ptrace::Options::PTRACE_O_TRACESYSGOOD | nix_ptrace::Options::PTRACE_O_EXITKILL)
+                .context("PTRACE_SETOPTIONS on the process to restore into")?;
+            let mut inj = Injector::new(pid, t.control)?;
+            inj.set_batch_code_area(t.control + 64)?;
+            inj.set_scratch(t.control + PAGE, CONTROL_LEN - PAGE);
+            // Its stdio taken from us (pidfd_getfd: it has no fds, so the numbers are known:
+            // the pidfd is 0, the fds taken 1, 2, 3), the pidfd replaced by stdin.
+            let me = nix::unistd::getpid().as_raw() as u64;
+            let [stdin, stdout, stderr] = stdio.map(|fd| fd as u64);
+            let calls = [
+                Call::new(libc::SYS_pidfd_open, &[me, 0], "opening a pidfd of the restorer: pidfd_open"),
+                Call::new(libc::SYS_pidfd_getfd, &[0, stdout, 0], "taking stdout from the restorer: pidfd_getfd"),
+                Call::new(libc::SYS_pidfd_getfd, &[0, stderr, 0], "taking stderr from the restorer: pidfd_getfd"),
+                Call::new(libc::SYS_pidfd_getfd, &[0, stdin, 0], "taking stdin from the restorer: pidfd_getfd"),
+                Call::new(libc::SYS_dup3, &[3, 0, 0], "making it fd 0: dup3"),
+                Call::new(libc::SYS_close, &[3], "closing the spare copy"),
+                // (As dup2 leaves them in a stub forked from us.)
+                Call::new(libc::SYS_fcntl, &[1, libc::F_SETFD as u64, 0], "clearing close-on-exec of fd 1"),
+                Call::new(libc::SYS_fcntl, &[2, libc::F_SETFD as u64, 0], "clearing close-on-exec of fd 2"),
+            ];
+            let got = inj.run_batch(&calls)?;
+            if got[..4] != [0, 1, 2, 3] {
+                bail!("the forked stub's fds came out as {:?}, not 0-3", &got[..4]);
+            }
+            Ok(Stub { pid, same_pid: false, inj, control: t.control, parked: t.parked.clone(), parking: t.parking, done: false })
+        })();
+        if made.is_err() {
+            ptrace::kill_quietly(pid);
+        }
+        made
+    }
+}
+
 impl Drop for Stub {
     fn drop(&mut self) {
         if !self.done {

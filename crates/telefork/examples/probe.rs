@@ -32,8 +32,10 @@
 //!   - `--kill-after-ms N` the parent sends `--kill-signal` (default 15) to the child after
 //!     N ms
 //! * `probe twice DEST PAUSE_MS` — two teleforks in a row (the second can use the connection
-//!   and the sessions the first one's kept): `first exit N`, then `paused`,
-//!   a pause, `second exit N` (children exit 11 and 12), or `error ...`; last `parent ok`.
+//!   and the sessions the first one's kept): each child prints `first child: memory ok stdin
+//!   eof` (or `second child: …`) and a line on stderr; the parent prints `first exit N`, then
+//!   `paused`, a pause, `second exit N` (children exit 11 and 12, 3 if something they
+//!   checked was wrong), or `error ...`; last `parent ok`.
 //! * `probe remote DEST` — `remote host=NAME sum=X expected=Y` (a sum computed there over
 //!   memory from here).
 //! * `probe yoyo DEST` — goes to DEST, modifies state there, comes back: prints
@@ -254,9 +256,20 @@ fn main() {
         }
         "twice" => {
             let pause: u64 = args.get(2).and_then(|v| v.parse().ok()).unwrap_or_else(|| usage());
+            let numbers: Vec<u64> = (1..=100_000u64).collect();
+            let expected: u64 = numbers.iter().sum();
             for (i, what) in [(11, "first"), (12, "second")] {
                 match telefork::telefork(dest) {
-                    Ok(telefork::Fork::Child) => std::process::exit(i),
+                    Ok(telefork::Fork::Child) => {
+                        // What it brought, and its stdio: memory, stdin at its end, a line on
+                        // stdout and one on stderr (relayed home). Exit 3 if anything is off.
+                        let memory = numbers.iter().sum::<u64>() == expected;
+                        let mut byte = [0u8; 1];
+                        let eof = matches!(std::io::stdin().read(&mut byte), Ok(0));
+                        out(&format!("{what} child: memory {} stdin {}", if memory { "ok" } else { "WRONG" }, if eof { "eof" } else { "NOT at its end" }));
+                        eprintln!("{what} child on stderr");
+                        std::process::exit(if memory && eof { i } else { 3 })
+                    }
                     Ok(telefork::Fork::Parent(mut child)) => match child.wait() {
                         Ok(st) => out(&format!("{what} exit {}", st.code().unwrap_or(-1))),
                         Err(e) => out(&format!("error {what}: {e}")),

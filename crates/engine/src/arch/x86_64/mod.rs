@@ -74,6 +74,32 @@ pub fn own_syscall_insn() -> u64 {
 /// The bytes of a `syscall` instruction.
 pub const SYSCALL_INSN: [u8; 2] = [0x0f, 0x05];
 
+/// Machine code for a fork of a stub template (see `restore::StubTemplate`), which runs it
+/// from right after the `syscall` that made it until the restorer takes it under ptrace:
+/// ask for SIGKILL when its parent dies, exit (status 125) if that parent — the process
+/// `parent` — is gone already, else wait in pause() (all its signals are blocked: only the
+/// restorer's PTRACE_INTERRUPT or a kill ends the wait; it never spins on a CPU the restorer
+/// needs). Position-independent, 52 bytes.
+pub fn fork_child_code(parent: u32) -> Vec<u8> {
+    let mut c = Vec::with_capacity(48);
+    c.extend([0xb8, 0x9d, 0x00, 0x00, 0x00]); // mov eax, 157 (prctl)
+    c.extend([0xbf, 0x01, 0x00, 0x00, 0x00]); // mov edi, 1 (PR_SET_PDEATHSIG)
+    c.extend([0xbe, 0x09, 0x00, 0x00, 0x00]); // mov esi, 9 (SIGKILL)
+    c.extend(SYSCALL_INSN);
+    c.extend([0xb8, 0x6e, 0x00, 0x00, 0x00]); // mov eax, 110 (getppid)
+    c.extend(SYSCALL_INSN);
+    c.push(0x3d); // cmp eax, parent
+    c.extend(parent.to_le_bytes());
+    c.extend([0x75, 0x09]); // jne +9 (to the exit)
+    c.extend([0xb8, 0x22, 0x00, 0x00, 0x00]); // mov eax, 34 (pause)
+    c.extend(SYSCALL_INSN);
+    c.extend([0xeb, 0xf7]); // jmp -9 (pause again)
+    c.extend([0xbf, 0x7d, 0x00, 0x00, 0x00]); // mov edi, 125
+    c.extend([0xb8, 0x3c, 0x00, 0x00, 0x00]); // mov eax, 60 (exit)
+    c.extend(SYSCALL_INSN);
+    c
+}
+
 // The batch runner: position-independent code copied into the stopped process to run a
 // table of system calls in one go (one ptrace round trip instead of two per call).
 //   r12 = table of entries {nr, a0..a5, result} (64 bytes each), r13 = entry count,
