@@ -47,18 +47,16 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
     // The process to restore into is made at once, while the offer and image are on their
     // way; it is killed unused if no process comes.
     let restorer = Restorer::start()?;
-    let mut next = restorer.prepare()?;
+    let mut next = restorer.prepare(None)?;
     // One process after another: once a child has ended, its origin may keep the connection
     // for its program's next telefork (`ToDest::Again`), and this session serves that one
     // too — no session process and no TLS handshake per telefork.
-    let mut last_user = None;
-    while let AfterChild::Again(user, prepared) = serve_one(shared, &ch, &origin, &restorer, next, last_user.take())? {
+    while let AfterChild::Again(prepared) = serve_one(shared, &ch, &origin, &restorer, next)? {
         telefork_engine::timeline::stamp("dest again");
         next = match prepared {
             Some(p) => p,
-            None => restorer.prepare()?, // (it could not be made while the last one ran)
+            None => restorer.prepare(None)?, // (it could not be made while the last one ran)
         };
-        last_user = Some(user);
     }
     ch.close();
     Ok(())
@@ -78,14 +76,23 @@ struct Restorer {
 
 enum Order {
     /// Make the next process to restore into, with these as its fds 0, 1, 2 (the child's
-    /// ends of its pipes: this thread keeps them until that process is restored).
-    Prepare([OwnedFd; 3]),
+    /// ends of its pipes: this thread keeps them until that process is restored); then look
+    /// up the groups of the user it is likely for.
+    Prepare([OwnedFd; 3], Option<User>),
     Restore(RestoreJob),
 }
 
-/// A restore job, run by the restorer thread with the process it prepared (if it could) and
-/// the fds that process has (or a process made now must get) as its 0, 1, 2.
-type RestoreJob = Box<dyn FnOnce(Option<Stub>, [RawFd; 3]) -> Result<telefork_engine::Restored> + Send>;
+/// A restore job, run by the restorer thread with the process it prepared (if it could), the
+/// fds that process has (or a process made now must get) as its 0, 1, 2, and the groups it
+/// looked up for the likely owner.
+type RestoreJob = Box<dyn FnOnce(Option<Stub>, [RawFd; 3], Option<Likely>) -> Result<telefork_engine::Restored> + Send>;
+
+/// A user and their groups on this node, and when they were looked up (a lookup took
+/// ~0.1 ms here: not on a telefork's path, nor beside a program's next fork).
+type Likely = (User, Vec<u32>, std::time::Instant);
+
+/// How old a lookup of groups may be when a restore uses it (else it looks them up again).
+const GROUPS_FRESH: Duration = Duration::from_secs(1);
 
 impl Restorer {
     fn start() -> Result<Restorer> {
@@ -94,14 +101,14 @@ impl Restorer {
         std::thread::Builder::new()
             .name("restorer".into())
             .spawn(move || {
-                let mut next: Option<(Option<Stub>, [OwnedFd; 3])> = None;
+                let mut next: Option<(Option<Stub>, [OwnedFd; 3], Option<Likely>)> = None;
                 // (None until a second process is prepared; `Err` once making one failed.)
                 let mut template: Option<std::result::Result<StubTemplate, ()>> = None;
                 let mut prepared_before = false;
                 // (Ends when the session drops its `Restorer`; a stub left unused is killed.)
                 for order in next_order {
                     match order {
-                        Order::Prepare(stdio) => {
+                        Order::Prepare(stdio, user) => {
                             telefork_engine::timeline::stamp("dest stub begin");
                             let raw = stdio.each_ref().map(|fd| fd.as_raw_fd());
                             if prepared_before && template.is_none() {
@@ -118,13 +125,14 @@ impl Restorer {
                                     .ok()
                             });
                             telefork_engine::timeline::stamp("dest stub end");
-                            next = Some((stub, stdio));
+                            let likely = user.map(|u| (groups_of(u.uid, u.gid), u)).map(|(g, u)| (u, g, std::time::Instant::now()));
+                            next = Some((stub, stdio, likely));
                         }
                         Order::Restore(job) => {
                             let result = match next.take() {
                                 // (The child's ends of its pipes close here: the restored
                                 // process holds its own.)
-                                Some((stub, stdio)) => job(stub, stdio.each_ref().map(|fd| fd.as_raw_fd())),
+                                Some((stub, stdio, likely)) => job(stub, stdio.each_ref().map(|fd| fd.as_raw_fd()), likely),
                                 None => Err(anyhow::anyhow!("no pipes were made for the process to restore")),
                             };
                             let _ = done.send(result);
@@ -136,11 +144,11 @@ impl Restorer {
         Ok(Restorer { orders, results })
     }
 
-    /// Has the next process to restore into made, with new pipes for its stdio; returns the
-    /// session's ends of them.
-    fn prepare(&self) -> Result<Pipes> {
+    /// Has the next process to restore into made, with new pipes for its stdio (and the
+    /// groups of `likely_user` looked up); returns the session's ends of the pipes.
+    fn prepare(&self, likely_user: Option<User>) -> Result<Pipes> {
         let ((stdin_r, stdin_w), (stdout_r, stdout_w), (stderr_r, stderr_w)) = (pipe()?, pipe()?, pipe()?);
-        self.orders.send(Order::Prepare([stdin_r, stdout_w, stderr_w])).map_err(|_| anyhow::anyhow!("the restoring thread is gone"))?;
+        self.orders.send(Order::Prepare([stdin_r, stdout_w, stderr_w], likely_user)).map_err(|_| anyhow::anyhow!("the restoring thread is gone"))?;
         Ok(Pipes { stdin: stdin_w, stdout: stdout_r, stderr: stderr_r })
     }
 
@@ -159,23 +167,18 @@ struct Pipes {
 
 /// What the origin does with the connection once a child's end was sent.
 enum AfterChild {
-    /// It sent `ToDest::Again`: its next offer comes on this connection (likely for the
-    /// same user as the last one: here with their groups), to be restored with these pipes
-    /// if they could be made.
-    Again(Likely, Option<Pipes>),
+    /// It sent `ToDest::Again`: its next offer comes on this connection, to be restored with
+    /// these pipes if they could be made.
+    Again(Option<Pipes>),
     /// It closed the connection, said nothing for `OFFER_WAIT`, or no child came.
     End,
 }
 
-/// The owner of the last process and their groups here, looked up once that process has
-/// ended (a lookup took ~0.1 ms here): the next offer is likely theirs too.
-type Likely = (User, Vec<u32>);
-
-/// Receives one process (likely of `last_user`, the owner of the last one) into the process
+/// Receives one process into the process
 /// `restorer` prepared with `pipes`, relays its output and fate, and learns whether the
 /// origin keeps the connection for another.
-fn serve_one(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str, restorer: &Restorer, pipes: Pipes, last_user: Option<Likely>) -> Result<AfterChild> {
-    let Some(received) = receive(shared, ch, origin, restorer, last_user)? else {
+fn serve_one(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str, restorer: &Restorer, pipes: Pipes) -> Result<AfterChild> {
+    let Some(received) = receive(shared, ch, origin, restorer)? else {
         return Ok(AfterChild::End); // no process came, or it was refused or failed (and the origin told)
     };
     let (pid, user, pass_stdin) = (received.restored.pid, received.user.clone(), received.pass_stdin); // (the origin was told it runs: `receive`)
@@ -183,7 +186,7 @@ fn serve_one(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str, restorer: &Res
     // (Should anything fail before its end is known, the child is killed: nobody would be
     // told of it any more.)
     let pidfd = telefork_engine::pidfd::open(pid.as_raw()).context("pidfd_open").inspect_err(|_| kill_restored(pid))?;
-    let supervised = supervise(ch, origin, restorer, pipes, pid, &pidfd, pass_stdin);
+    let supervised = supervise(ch, origin, restorer, pipes, pid, &pidfd, &user, pass_stdin);
     let (status, verdict, next) = supervised.inspect_err(|_| {
         // (By its pidfd: the child may have been reaped already.)
         let _ = telefork_engine::pidfd::send_signal(pidfd.as_fd(), libc::SIGKILL);
@@ -198,11 +201,10 @@ fn serve_one(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str, restorer: &Res
     ch.send(&FromDest::Exited(status))?;
     log(&format!("process {pid} ended: {status:?}"));
     // (While the origin tells its program: not later, while the program goes on.)
-    let groups = groups_of(user.uid, user.gid);
     // The origin answers once its program has heard of the end (`AGAIN_WAIT` there); if it
     // does not, the connection is closed, which ends the command thread.
     Ok(match verdict.recv_timeout(OFFER_WAIT) {
-        Ok(true) => AfterChild::Again((user, groups), next),
+        Ok(true) => AfterChild::Again(next),
         Ok(false) | Err(_) => AfterChild::End,
     })
 }
@@ -220,6 +222,7 @@ fn supervise(
     pipes: Pipes,
     pid: nix::unistd::Pid,
     pidfd: &OwnedFd,
+    user: &User,
     pass_stdin: bool,
 ) -> Result<(ExitInfo, std::sync::mpsc::Receiver<bool>, Option<Pipes>)> {
     let Pipes { stdin: stdin_w, stdout: stdout_r, stderr: stderr_r } = pipes;
@@ -231,7 +234,7 @@ fn supervise(
         None
     };
     // The next one's process is made while this one runs (if it fails, after it).
-    let next = if pass_stdin { None } else { restorer.prepare().inspect_err(|e| log(&format!("preparing the next process to restore into: {e:#}"))).ok() };
+    let next = if pass_stdin { None } else { restorer.prepare(Some(user.clone())).inspect_err(|e| log(&format!("preparing the next process to restore into: {e:#}"))).ok() };
     let exited = Arc::new(AtomicBool::new(false));
 
     // Commands from the origin: kill, stdin; after the child's end, `Again` or the end of the
@@ -366,24 +369,25 @@ struct Received {
 /// Takes the offer, answers it, has `restorer` restore the image that follows (into the
 /// process it prepared, with the pipes it was given) and tell the origin it runs, at once;
 /// `None` if no offer came or it was refused or failed (the origin was told).
-fn receive(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str, restorer: &Restorer, likely: Option<Likely>) -> Result<Option<Received>> {
+fn receive(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str, restorer: &Restorer) -> Result<Option<Received>> {
     let Some((user, pass_stdin, plain_image, counted)) = answer_offer(shared, ch, origin)? else {
         return Ok(None);
     };
     let t_accepted = std::time::Instant::now();
     telefork_engine::timeline::stamp("dest offer answered");
     let max = shared.cfg.limits.max_image_bytes.saturating_add(1 << 20);
-    let groups = match likely {
-        Some((u, groups)) if u == user => groups,
-        _ => groups_of(user.uid, user.gid),
-    };
     ch.set_recv_timeout(Some(Duration::from_secs(30)));
     let ch_for_job = ch.clone();
-    let job: RestoreJob = Box::new(move |stub, stdio| {
+    let owner = user.clone();
+    let job: RestoreJob = Box::new(move |stub, stdio, likely| {
         let ch = &*ch_for_job;
+        let groups = match likely {
+            Some((u, groups, at)) if u == owner && at.elapsed() < GROUPS_FRESH => groups,
+            _ => groups_of(owner.uid, owner.gid),
+        };
         let opts = telefork_engine::RestoreOptions {
             stdio: Some(stdio),
-            expect_owner: Some((user.uid, user.gid)),
+            expect_owner: Some((owner.uid, owner.gid)),
             allowed_groups: Some(groups),
             // TLS authenticates every record; the plain transport is trusted by configuration.
             skip_page_checksums: true,
