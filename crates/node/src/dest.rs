@@ -174,19 +174,18 @@ enum AfterChild {
     End,
 }
 
-/// Receives one process into the process
-/// `restorer` prepared with `pipes`, relays its output and fate, and learns whether the
-/// origin keeps the connection for another.
+/// Receives one process into the process `restorer` prepared with `pipes`, relays its output
+/// and fate, and learns whether the origin keeps the connection for another.
 fn serve_one(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str, restorer: &Restorer, pipes: Pipes) -> Result<AfterChild> {
     let Some(received) = receive(shared, ch, origin, restorer)? else {
         return Ok(AfterChild::End); // no process came, or it was refused or failed (and the origin told)
     };
-    let (pid, user, pass_stdin) = (received.restored.pid, received.user.clone(), received.pass_stdin); // (the origin was told it runs: `receive`)
-    log(&format!("restored process {pid} of user {} from {origin}", user.uid));
+    let pid = received.restored.pid; // (the origin was told it runs: `receive`)
+    log(&format!("restored process {pid} of user {} from {origin}", received.user.uid));
     // (Should anything fail before its end is known, the child is killed: nobody would be
     // told of it any more.)
     let pidfd = telefork_engine::pidfd::open(pid.as_raw()).context("pidfd_open").inspect_err(|_| kill_restored(pid))?;
-    let supervised = supervise(ch, origin, restorer, pipes, pid, &pidfd, &user, pass_stdin);
+    let supervised = supervise(ch, origin, restorer, pipes, &received, &pidfd);
     let (status, verdict, next) = supervised.inspect_err(|_| {
         // (By its pidfd: the child may have been reaped already.)
         let _ = telefork_engine::pidfd::send_signal(pidfd.as_fd(), libc::SIGKILL);
@@ -200,7 +199,6 @@ fn serve_one(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str, restorer: &Res
     }
     ch.send(&FromDest::Exited(status))?;
     log(&format!("process {pid} ended: {status:?}"));
-    // (While the origin tells its program: not later, while the program goes on.)
     // The origin answers once its program has heard of the end (`AGAIN_WAIT` there); if it
     // does not, the connection is closed, which ends the command thread.
     Ok(match verdict.recv_timeout(OFFER_WAIT) {
@@ -209,7 +207,7 @@ fn serve_one(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str, restorer: &Res
     })
 }
 
-/// Watches restored process `pid` (`pidfd`) until it ends: its output (`pipes`) goes to the
+/// Watches restored process `child` (`pidfd`) until it ends: its output (`pipes`) goes to the
 /// origin, the origin's commands to it (a thread of its own, which says on the receiver
 /// returned whether the origin keeps the connection for another process once the end was
 /// sent). Meanwhile `restorer` prepares the next process to restore into, with the pipes
@@ -220,11 +218,10 @@ fn supervise(
     origin: &str,
     restorer: &Restorer,
     pipes: Pipes,
-    pid: nix::unistd::Pid,
+    child: &Received,
     pidfd: &OwnedFd,
-    user: &User,
-    pass_stdin: bool,
 ) -> Result<(ExitInfo, std::sync::mpsc::Receiver<bool>, Option<Pipes>)> {
+    let (pid, user, pass_stdin) = (child.restored.pid, &child.user, child.pass_stdin);
     let Pipes { stdin: stdin_w, stdout: stdout_r, stderr: stderr_r } = pipes;
     // Without pass_stdin the write end must close now, or the child's reads never see EOF.
     let stdin_w = if pass_stdin {
