@@ -709,7 +709,7 @@ fn plain_transport(c: &Ctx) {
 fn prepared_connections(c: &Ctx) {
     let count = |log: &str, what: &str| log.lines().filter(|l| l.contains("now runs on node2") && l.contains(what)).count();
     let before = count(&c.log("node1"), "(prepared connection;");
-    let r = c.probe("node1", &["twice", "node2", "300"], Duration::from_secs(60));
+    let r = c.probe("node1", &["series", "node2", "300", "2"], Duration::from_secs(60));
     assert_eq!(r.want("first exit"), "11", "{r}");
     assert_eq!(r.want("second exit"), "12", "{r}");
     assert!(r.has("parent ok") && r.get("error").is_none(), "{r}");
@@ -719,7 +719,7 @@ fn prepared_connections(c: &Ctx) {
     // The prepared connection gone: kill node2's idle sessions during the pause.
     let gone_before = c.log("node1").matches("; connecting anew").count();
     let daemon = c.node("node2").daemon_pid;
-    let mut run = c.spawn_probe("node1", false, &["twice", "node2", "1500"], Stdio::null(), Out::Pipes);
+    let mut run = c.spawn_probe("node1", false, &["series", "node2", "1500", "2"], Stdio::null(), Out::Pipes);
     run.wait_line("paused", Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(500)); // (the kept connection, its next stub made)
     // An idle session holds only the process it prepared to restore into (stopped under
@@ -768,9 +768,9 @@ fn fan_out(c: &Ctx) {
 /// 15. One session on each side serves a program's teleforks one after another: once a child
 ///     has ended, the program hands its connection back and the same origin session serves
 ///     the next telefork, over the same connection to the same destination session (which
-///     restores both children; the second into a process forked from its template, whose
-///     memory and stdio the child checks); when the program ends, so do both sessions
-///     (nothing left behind on either node).
+///     restores all three children; the third into a process forked from its template); each
+///     child checks its memory and stdio; when the program ends, so do both sessions (nothing
+///     left behind on either node).
 fn session_reuse(c: &Ctx) {
     // The session PIDs of the log lines that contain `what`.
     let sessions_of = |log: &str, what: &str| -> Vec<String> {
@@ -781,19 +781,20 @@ fn session_reuse(c: &Ctx) {
     };
     let (sent, restored) = ("now runs on node2", "from node1");
     let before = (sessions_of(&c.log("node1"), sent).len(), sessions_of(&c.log("node2"), restored).len());
-    let r = c.probe("node1", &["twice", "node2", "100"], Duration::from_secs(60));
+    let r = c.probe("node1", &["series", "node2", "100", "3"], Duration::from_secs(60));
     assert_eq!(r.want("first exit"), "11", "{r}");
     assert_eq!(r.want("second exit"), "12", "{r}");
+    assert_eq!(r.want("third exit"), "13", "{r}");
     assert!(r.has("parent ok") && r.get("error").is_none(), "{r}");
-    for what in ["first", "second"] {
+    for what in ["first", "second", "third"] {
         assert_eq!(r.want(&format!("{what} child:")), "memory ok stdin eof", "{r}");
         assert!(r.stderr.iter().any(|l| l == &format!("{what} child on stderr")), "the {what} child's stderr did not come home:\n{r}");
     }
     for (node, what, skip, side) in [("node1", sent, before.0, "origin"), ("node2", restored, before.1, "destination")] {
         let log = c.log(node);
         let sessions: Vec<String> = sessions_of(&log, what).into_iter().skip(skip).collect();
-        assert_eq!(sessions.len(), 2, "two teleforks expected in {node}'s log:\n{log}");
-        assert_eq!(sessions[0], sessions[1], "the second telefork was not served by the first one's {side} session; {node}'s log:\n{log}");
+        assert_eq!(sessions.len(), 3, "three teleforks expected in {node}'s log:\n{log}");
+        assert!(sessions.iter().all(|s| *s == sessions[0]), "the later teleforks were not served by the first one's {side} session; {node}'s log:\n{log}");
     }
     // The program is gone: its sessions end too (neither waits for another request).
     for node in ["node1", "node2"] {

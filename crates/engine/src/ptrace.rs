@@ -15,7 +15,12 @@ pub use libc::user_regs_struct as Regs;
 
 /// Seizes `pid` and stops it (PTRACE_SEIZE + PTRACE_INTERRUPT), with syscall stops marked.
 pub fn seize_and_stop(pid: Pid) -> Result<()> {
-    ptrace::seize(pid, ptrace::Options::PTRACE_O_TRACESYSGOOD)
+    seize_and_stop_with(pid, ptrace::Options::PTRACE_O_TRACESYSGOOD)
+}
+
+/// `seize_and_stop` with these ptrace options from the first moment.
+pub fn seize_and_stop_with(pid: Pid, options: ptrace::Options) -> Result<()> {
+    ptrace::seize(pid, options)
         .with_context(|| format!("cannot attach to process {pid} with ptrace (PTRACE_SEIZE)"))?;
     ptrace::interrupt(pid).with_context(|| format!("cannot stop process {pid} (PTRACE_INTERRUPT)"))?;
     loop {

@@ -188,9 +188,9 @@ impl Stub {
         let child = t.inj.syscall(libc::SYS_clone, &[libc::CLONE_PARENT as u64, 0, 0, 0, 0], "forking the stub template: clone")?;
         let pid = Pid::from_raw(child as i32);
         let made = (|| -> Result<Stub> {
-            ptrace::seize_and_stop(pid)?;
-            nix_ptrace::setoptions(pid, nix_ptrace::Options::PTRACE_O_TRACESYSGOOD | nix_ptrace::Options::PTRACE_O_EXITKILL)
-                .context("PTRACE_SETOPTIONS on the process to restore into")?;
+            // (Killed with us from the first moment: EXITKILL with the seize.)
+            ptrace::seize_and_stop_with(pid, nix_ptrace::Options::PTRACE_O_TRACESYSGOOD | nix_ptrace::Options::PTRACE_O_EXITKILL)
+                .context("taking the forked stub under ptrace (it exits with status 125 if its restorer is gone)")?;
             let mut inj = Injector::new(pid, t.control)?;
             inj.set_batch_code_area(t.control + 64)?;
             inj.set_scratch(t.control + PAGE, CONTROL_LEN - PAGE);
@@ -205,9 +205,7 @@ impl Stub {
                 Call::new(libc::SYS_pidfd_getfd, &[0, stdin, 0], "taking stdin from the restorer: pidfd_getfd"),
                 Call::new(libc::SYS_dup3, &[3, 0, 0], "making it fd 0: dup3"),
                 Call::new(libc::SYS_close, &[3], "closing the spare copy"),
-                // (As dup2 leaves them in a stub forked from us.)
-                Call::new(libc::SYS_fcntl, &[1, libc::F_SETFD as u64, 0], "clearing close-on-exec of fd 1"),
-                Call::new(libc::SYS_fcntl, &[2, libc::F_SETFD as u64, 0], "clearing close-on-exec of fd 2"),
+                // (Their close-on-exec flags are set from the image by `fds::restore`.)
             ];
             let got = inj.run_batch(&calls)?;
             if got[..4] != [0, 1, 2, 3] {

@@ -65,7 +65,7 @@ pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
 /// The thread that restores this session's processes, one after another, each into a
 /// process it made ahead of time (ptrace binds a traced process to the thread that traces
 /// it): half of a small restore's work, done while the offer is answered and the image is on
-/// its way — or, after a first process, while that one runs. From the second on they are
+/// its way — or, after a first process, while that one runs. From the third on they are
 /// forked from a template (`StubTemplate`, made once per session), which is cheap: made
 /// while a child runs, a process forked from the session and emptied took 0.5-0.8 ms and
 /// still disturbed a program that teleforked again at once.
@@ -102,21 +102,29 @@ impl Restorer {
             .name("restorer".into())
             .spawn(move || {
                 let mut next: Option<(Option<Stub>, [OwnedFd; 3], Option<Likely>)> = None;
-                // (None until a second process is prepared; `Err` once making one failed.)
+                // (None until a third process is prepared — a session that has served two
+                // likely serves more; `Err` once making or forking it failed.)
                 let mut template: Option<std::result::Result<StubTemplate, ()>> = None;
-                let mut prepared_before = false;
+                let mut prepared = 0;
                 // (Ends when the session drops its `Restorer`; a stub left unused is killed.)
                 for order in next_order {
                     match order {
                         Order::Prepare(stdio, user) => {
                             telefork_engine::timeline::stamp("dest stub begin");
                             let raw = stdio.each_ref().map(|fd| fd.as_raw_fd());
-                            if prepared_before && template.is_none() {
+                            if prepared >= 2 && template.is_none() {
                                 template = Some(StubTemplate::new().map_err(|e| log(&format!("could not make a stub template ({e:#}); forking each process from the session"))));
                             }
-                            prepared_before = true;
+                            prepared += 1;
                             let forked = match &mut template {
-                                Some(Ok(t)) => Stub::fork_from(t, raw).map_err(|e| log(&format!("forking the stub template failed ({e:#}); forking from the session"))).ok(),
+                                Some(Ok(t)) => match Stub::fork_from(t, raw) {
+                                    Ok(stub) => Some(stub),
+                                    Err(e) => {
+                                        log(&format!("forking the stub template failed ({e:#}); forking each process from the session from now on"));
+                                        template = Some(Err(()));
+                                        None
+                                    }
+                                },
                                 _ => None,
                             };
                             let stub = forked.or_else(|| {
@@ -344,6 +352,8 @@ fn relay_output(ch: &TlsChannel, pid: nix::unistd::Pid, pidfd: &OwnedFd, stdout:
             }
         }
     }
+    // (Without __WALL: a restored process ends with SIGCHLD — one forked from a stub
+    // template too, which gets its exit signal from the template, made with SIGCHLD.)
     loop {
         match waitpid(pid, None) {
             Ok(WaitStatus::Exited(_, code)) => return Ok(ExitInfo::Code(code)),

@@ -78,10 +78,10 @@ pub const SYSCALL_INSN: [u8; 2] = [0x0f, 0x05];
 /// from right after the `syscall` that made it until the restorer takes it under ptrace:
 /// ask for SIGKILL when its parent dies, exit (status 125) if that parent — the process
 /// `parent` — is gone already, else wait in pause() (all its signals are blocked: only the
-/// restorer's PTRACE_INTERRUPT or a kill ends the wait; it never spins on a CPU the restorer
-/// needs). Position-independent, 52 bytes.
+/// restorer's PTRACE_INTERRUPT, SIGKILL or SIGSTOP ends the wait; it never spins on a CPU
+/// the restorer needs). Position-independent, 52 bytes.
 pub fn fork_child_code(parent: u32) -> Vec<u8> {
-    let mut c = Vec::with_capacity(48);
+    let mut c = Vec::with_capacity(52);
     c.extend([0xb8, 0x9d, 0x00, 0x00, 0x00]); // mov eax, 157 (prctl)
     c.extend([0xbf, 0x01, 0x00, 0x00, 0x00]); // mov edi, 1 (PR_SET_PDEATHSIG)
     c.extend([0xbe, 0x09, 0x00, 0x00, 0x00]); // mov esi, 9 (SIGKILL)
