@@ -139,7 +139,7 @@ fn capture_frozen<W: Write + Send>(f: &Frozen, out: W, opts: &DumpOptions) -> Re
     let outside = match outside {
         // The scratch area merged with a neighbour while smaps was read: again, now that it
         // is gone (the mappings are the process's own again, those of `maps`).
-        Err(e) if e.downcast_ref::<mem::MappingsChanged>().is_some() => look_from_outside(pid, &maps, opts.inherit_stdio, None)?,
+        Err(e) if e.downcast_ref::<mem::MappingsChanged>().is_some() => look_from_outside(pid, &maps, opts.inherit_stdio)?,
         other => other?,
     };
     let image = ProcessImage {
@@ -186,15 +186,9 @@ fn capture_frozen<W: Write + Send>(f: &Frozen, out: W, opts: &DumpOptions) -> Re
 /// Started ahead of time where a capture is expected: starting a thread in a freshly forked
 /// daemon session took 0.1-0.5 ms on the machines measured, as long as the reading itself.
 pub struct OutsideReader {
-    jobs: Option<std::sync::mpsc::Sender<Job>>,
+    jobs: Option<std::sync::mpsc::Sender<OutsideJob>>,
     /// Its thread ID, once it runs (0 before: nobody waits for it to start).
     tid: std::sync::Arc<std::sync::atomic::AtomicI32>,
-}
-
-enum Job {
-    /// Read the mappings' flags of this process now (see `OutsideReader::read_mappings_early`).
-    MappingsEarly(Pid),
-    Outside(OutsideJob),
 }
 
 struct OutsideJob {
@@ -208,27 +202,18 @@ struct OutsideJob {
 
 impl OutsideReader {
     pub fn start() -> Result<OutsideReader> {
-        let (jobs, next_job) = std::sync::mpsc::channel::<Job>();
+        let (jobs, next_job) = std::sync::mpsc::channel::<OutsideJob>();
         let tid = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
         let its_tid = tid.clone();
         std::thread::Builder::new()
             .name("proc-reader".into())
             .spawn(move || {
                 its_tid.store(nix::unistd::gettid().as_raw(), std::sync::atomic::Ordering::SeqCst);
-                let mut early: Option<(Pid, procfs::VmFlags)> = None;
                 for job in next_job {
-                    let job = match job {
-                        Job::MappingsEarly(pid) => {
-                            early = procfs::read_vmflags(pid).ok().map(|f| (pid, f));
-                            continue;
-                        }
-                        Job::Outside(job) => job,
-                    };
                     if let Some(cpus) = &job.cpus {
                         crate::pin::set_affinity(0, cpus);
                     }
-                    let read_early = early.take().filter(|(pid, _)| *pid == job.pid).map(|(_, f)| f);
-                    let _ = job.answer.send(look_from_outside(job.pid, &job.maps, job.inherit_stdio, read_early));
+                    let _ = job.answer.send(look_from_outside(job.pid, &job.maps, job.inherit_stdio));
                 }
             })
             .context("starting the thread that reads /proc")?;
@@ -249,21 +234,8 @@ impl OutsideReader {
         let cpus = cpus.filter(|cpus| tid == 0 || !crate::pin::set_affinity(tid, cpus));
         let (answer, answered) = std::sync::mpsc::sync_channel(1);
         let jobs = self.jobs.as_ref().context("the /proc reader is stopped")?;
-        jobs.send(Job::Outside(OutsideJob { pid, maps, inherit_stdio, cpus, answer })).map_err(|_| anyhow::anyhow!("the thread reading /proc is gone"))?;
+        jobs.send(OutsideJob { pid, maps, inherit_stdio, cpus, answer }).map_err(|_| anyhow::anyhow!("the thread reading /proc is gone"))?;
         Ok(answered)
-    }
-}
-
-impl OutsideReader {
-    /// Reads the flags of process `pid`'s mappings (/proc/PID/smaps, the longest read of a
-    /// small capture) now, before it has stopped, for its capture to use if its mappings
-    /// are still the same ones then. Only for a process that does not change its mappings'
-    /// flags meanwhile (madvise) — the telefork library's child between its fork and its
-    /// stop, which only closes fds and stops itself.
-    pub fn read_mappings_early(&self, pid: Pid) {
-        if let Some(jobs) = &self.jobs {
-            let _ = jobs.send(Job::MappingsEarly(pid));
-        }
     }
 }
 
@@ -284,13 +256,13 @@ struct Outside {
     fds: Vec<telefork_image::Fd>,
 }
 
-fn look_from_outside(pid: Pid, maps: &[procfs::MapsEntry], inherit_stdio: bool, flags_read_early: Option<procfs::VmFlags>) -> Result<Outside> {
+fn look_from_outside(pid: Pid, maps: &[procfs::MapsEntry], inherit_stdio: bool) -> Result<Outside> {
     // (stat and status read once, for all that is in them.)
     let stat = procfs::read_stat(pid)?;
     let status_path = format!("/proc/{pid}/status");
     let status = procfs::read_text(&status_path).with_context(|| format!("reading {status_path}"))?;
     Ok(Outside {
-        vmas: mem::capture_vmas(pid, maps, flags_read_early)?,
+        vmas: mem::capture_vmas(pid, maps)?,
         creds: creds::parse_status(&status).with_context(|| format!("parsing {status_path}"))?,
         misc: misc::capture(pid, &stat, &status)?,
         fds: fds::capture(pid, inherit_stdio)?,

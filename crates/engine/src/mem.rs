@@ -30,14 +30,9 @@ const PM_SWAPPED: u64 = 1 << 62;
 const PM_FILE: u64 = 1 << 61;
 
 /// Turns the maps of a stopped process into `Vma`s, with file identities. Refuses what
-/// cannot be restored faithfully. `read_early`: its mappings' flags read before it stopped
-/// (used if they cover exactly `maps`' mappings, else read again).
-pub fn capture_vmas(pid: Pid, maps: &[MapsEntry], read_early: Option<crate::procfs::VmFlags>) -> Result<Vec<Vma>> {
-    let covers = |flags: &crate::procfs::VmFlags| maps.iter().all(|m| flags.contains_key(&(m.start, m.end)));
-    let vmflags = match read_early.filter(covers) {
-        Some(flags) => flags,
-        None => crate::procfs::read_vmflags(pid)?,
-    };
+/// cannot be restored faithfully.
+pub fn capture_vmas(pid: Pid, maps: &[MapsEntry]) -> Result<Vec<Vma>> {
+    let vmflags = crate::procfs::read_vmflags(pid)?;
     // smaps must show the very mappings `maps` did (it may be read while a scratch area is
     // mapped: one merged with a neighbour would hide that neighbour's flags).
     if let Some(m) = maps.iter().find(|m| !vmflags.contains_key(&(m.start, m.end))) {
@@ -806,38 +801,12 @@ mod tests {
         // (Other test threads may map memory meanwhile: a few tries for a quiet moment.)
         let maps = (0..20)
             .map(|_| crate::procfs::read_maps(me).unwrap())
-            .find(|maps| capture_vmas(me, maps, None).is_ok())
+            .find(|maps| capture_vmas(me, maps).is_ok())
             .expect("maps and smaps never agreed");
         let mut changed = maps.clone();
         let last = changed.iter_mut().rev().find(|m| m.name.is_empty()).expect("an anonymous mapping");
         last.end += PAGE; // as if merged with a page above it
-        let e = capture_vmas(me, &changed, None).unwrap_err();
+        let e = capture_vmas(me, &changed).unwrap_err();
         assert!(e.downcast_ref::<MappingsChanged>().is_some(), "{e:#}");
-    }
-
-    /// Flags read early are used when they cover every mapping, and read again when not.
-    #[test]
-    fn flags_read_early_are_used_only_when_they_cover_the_mappings() {
-        let me = nix::unistd::getpid();
-        let (maps, flags) = (0..20)
-            .map(|_| (crate::procfs::read_maps(me).unwrap(), crate::procfs::read_vmflags(me).unwrap()))
-            .find(|(maps, flags)| maps.iter().all(|m| flags.contains_key(&(m.start, m.end))))
-            .expect("maps and smaps never agreed");
-        let anon = maps.iter().rev().find(|m| m.name.is_empty()).expect("an anonymous mapping");
-        let key = (anon.start, anon.end);
-        // A flag this mapping does not have in smaps, given early: it must show.
-        let mut early = flags.clone();
-        early.get_mut(&key).unwrap().push("dd".into());
-        let dontdump = |vmas: &[Vma]| vmas.iter().find(|v| (v.start, v.end) == key).is_some_and(|v| v.advice.contains(&libc::MADV_DONTDUMP));
-        if flags[&key].iter().any(|f| f == "dd") {
-            return; // (the mapping has it anyway: nothing to tell apart)
-        }
-        assert!(dontdump(&capture_vmas(me, &maps, Some(early.clone())).unwrap()), "covering early flags were not used");
-        // Early flags that miss a mapping: smaps is read again (no made-up flag).
-        early.remove(&key);
-        early.insert((anon.start, anon.end + PAGE), vec!["dd".into()]);
-        if let Ok(vmas) = capture_vmas(me, &maps, Some(early)) {
-            assert!(!dontdump(&vmas), "early flags that did not cover the mappings were used");
-        }
     }
 }

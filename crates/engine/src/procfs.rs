@@ -102,10 +102,7 @@ fn parse_maps_line(line: &str) -> Result<MapsEntry> {
 }
 
 /// The VmFlags of every mapping in /proc/PID/smaps, by (start, end).
-/// The VmFlags of each mapping (by start and end), from /proc/PID/smaps.
-pub type VmFlags = std::collections::HashMap<(u64, u64), Vec<String>>;
-
-pub fn read_vmflags(pid: Pid) -> Result<VmFlags> {
+pub fn read_vmflags(pid: Pid) -> Result<std::collections::HashMap<(u64, u64), Vec<String>>> {
     let text = read_text(&format!("/proc/{pid}/smaps")).with_context(|| format!("reading /proc/{pid}/smaps"))?;
     Ok(parse_vmflags(&text))
 }

@@ -378,11 +378,6 @@ fn send_away(
         Some(c) => c,
         None => Connecting::start(shared, dest)?,
     };
-    // The child (the telefork library's, between its fork and its stop: it only closes fds
-    // and stops) keeps its mappings as they are: their flags are read now, not after it stops.
-    if let Some(r) = reader {
-        r.read_mappings_early(Pid::from_raw(child));
-    }
     wait_self_stopped(child)?;
     let t_stopped = std::time::Instant::now();
     telefork_engine::timeline::stamp("origin stopped");
