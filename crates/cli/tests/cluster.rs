@@ -705,7 +705,9 @@ fn plain_transport(c: &Ctx) {
 /// 13. Once a child has ended, its daemon keeps the connection to that child's node for the
 ///     next telefork: the second of two teleforks uses it; and when the destination has
 ///     dropped it meanwhile (its idle session killed here), the telefork connects anew and
-///     still works.
+///     still works. A child whose program's stdin is relayed gives no connection back: the
+///     next telefork goes through the spare connection, whose new session connected to
+///     that node ahead of time.
 fn prepared_connections(c: &Ctx) {
     let count = |log: &str, what: &str| log.lines().filter(|l| l.contains("now runs on node2") && l.contains(what)).count();
     let before = count(&c.log("node1"), "(prepared connection;");
@@ -715,6 +717,18 @@ fn prepared_connections(c: &Ctx) {
     assert!(r.has("parent ok") && r.get("error").is_none(), "{r}");
     let used = count(&c.log("node1"), "(prepared connection;") - before;
     assert!(used >= 1, "the second telefork did not use the prepared connection; node1's log:\n{}", c.log("node1"));
+
+    // With stdin relayed: two origin sessions, the second one's connection made ahead.
+    let runs_before = c.log("node1").lines().filter(|l| l.contains("now runs on node2")).count();
+    let r = c.probe("node1", &["series", "node2", "300", "2", "--pass-stdin"], Duration::from_secs(60));
+    assert_eq!(r.want("second exit"), "12", "{r}");
+    assert_eq!(r.want("second child:"), "memory ok stdin eof", "{r}");
+    let log = c.log("node1");
+    let runs: Vec<&str> = log.lines().filter(|l| l.contains("now runs on node2")).skip(runs_before).collect();
+    let session = |l: &str| l.split("telefork-daemon[").nth(1).and_then(|r| r.split(']').next()).map(str::to_string);
+    assert_eq!(runs.len(), 2, "two teleforks expected in node1's log:\n{log}");
+    assert_ne!(session(runs[0]), session(runs[1]), "a relayed-stdin connection was handed back; node1's log:\n{log}");
+    assert!(runs[1].contains("(prepared connection;"), "the spare connection's session did not connect ahead; node1's log:\n{log}");
 
     // The prepared connection gone: kill node2's idle sessions during the pause.
     let gone_before = c.log("node1").matches("; connecting anew").count();
@@ -768,9 +782,10 @@ fn fan_out(c: &Ctx) {
 /// 15. One session on each side serves a program's teleforks one after another: once a child
 ///     has ended, the program hands its connection back and the same origin session serves
 ///     the next telefork, over the same connection to the same destination session (which
-///     restores all three children; the third into a process forked from its template); each
-///     child checks its memory and stdio; when the program ends, so do both sessions (nothing
-///     left behind on either node).
+///     restores all three); each child checks its memory and stdio — the third is the first
+///     a destination session restores into a fork of its stub template, so a broken fork
+///     shows here (checked by breaking its stdio); when the program ends, so do both
+///     sessions (nothing left behind on either node).
 fn session_reuse(c: &Ctx) {
     // The session PIDs of the log lines that contain `what`.
     let sessions_of = |log: &str, what: &str| -> Vec<String> {

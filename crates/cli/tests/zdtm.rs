@@ -982,7 +982,7 @@ fn restore_without_an_inherited_stdio_fd() {
     cmd.arg("-c").arg("exec \"$0\" restore \"$1\" 2>&-").arg(TELEFORK).arg(&run.img);
     let mut r = Proc::spawn(cmd, &run.guard);
     // The restored process, once it runs on its own (no tracer: the restore is done).
-    let untraced = |p: i32| fs::read_to_string(format!("/proc/{p}/status")).is_ok_and(|s| s.lines().any(|l| l == "TracerPid:\t0"));
+    let untraced = |p: i32| tracer_pid(p) == Some(0);
     let deadline = Instant::now() + RESTORE_TIMEOUT;
     let restored = loop {
         let found = descendants(r.pid).into_iter().find(|&p| fs::read_link(format!("/proc/{p}/exe")).ok().as_deref() == Some(run.exe.as_path()) && untraced(p));

@@ -185,8 +185,10 @@ fn capture_frozen<W: Write + Send>(f: &Frozen, out: W, opts: &DumpOptions) -> Re
 /// A thread that reads a stopped process's /proc files while the capture injects its calls.
 /// Started ahead of time where a capture is expected: starting a thread in a freshly forked
 /// daemon session took 0.1-0.5 ms on the machines measured, as long as the reading itself.
+/// Dropping it ends the thread's loop; the thread is not joined (waiting for an idle thread
+/// to be scheduled just to end cost a busy session 0.1-0.3 ms before it could relay).
 pub struct OutsideReader {
-    jobs: Option<std::sync::mpsc::Sender<OutsideJob>>,
+    jobs: std::sync::mpsc::Sender<OutsideJob>,
     /// Its thread ID, once it runs (0 before: nobody waits for it to start).
     tid: std::sync::Arc<std::sync::atomic::AtomicI32>,
 }
@@ -217,7 +219,7 @@ impl OutsideReader {
                 }
             })
             .context("starting the thread that reads /proc")?;
-        Ok(OutsideReader { jobs: Some(jobs), tid })
+        Ok(OutsideReader { jobs, tid })
     }
 
     /// Starts reading /proc/`pid` (the mappings of `maps`) on the CPUs `cpus`; the answer
@@ -233,17 +235,8 @@ impl OutsideReader {
         let tid = self.tid.load(std::sync::atomic::Ordering::SeqCst);
         let cpus = cpus.filter(|cpus| tid == 0 || !crate::pin::set_affinity(tid, cpus));
         let (answer, answered) = std::sync::mpsc::sync_channel(1);
-        let jobs = self.jobs.as_ref().context("the /proc reader is stopped")?;
-        jobs.send(OutsideJob { pid, maps, inherit_stdio, cpus, answer }).map_err(|_| anyhow::anyhow!("the thread reading /proc is gone"))?;
+        self.jobs.send(OutsideJob { pid, maps, inherit_stdio, cpus, answer }).map_err(|_| anyhow::anyhow!("the thread reading /proc is gone"))?;
         Ok(answered)
-    }
-}
-
-impl Drop for OutsideReader {
-    fn drop(&mut self) {
-        // Its loop ends when the channel closes; not joined (waiting for an idle thread to be
-        // scheduled just to end cost a busy session 0.1-0.3 ms before it could relay).
-        drop(self.jobs.take());
     }
 }
 

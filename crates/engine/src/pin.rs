@@ -27,12 +27,17 @@ pub(crate) fn set_affinity(tid: libc::pid_t, set: &libc::cpu_set_t) -> bool {
     unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), set) == 0 }
 }
 
+/// The CPU this thread runs on now.
+fn current_cpu() -> Option<usize> {
+    // SAFETY: sched_getcpu takes nothing.
+    usize::try_from(unsafe { libc::sched_getcpu() }).ok()
+}
+
 /// The set holding only the CPU this thread runs on now.
 fn this_cpu() -> Option<libc::cpu_set_t> {
-    // SAFETY: sched_getcpu takes nothing; a zeroed cpu_set_t is the empty set; CPU_SET
-    // writes inside the set we own.
+    let cpu = current_cpu()?;
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes inside the set we own.
     unsafe {
-        let cpu = usize::try_from(libc::sched_getcpu()).ok()?;
         let mut one: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut one);
         Some(one)
@@ -81,15 +86,11 @@ impl CpuPin {
     /// original set if there is no other): where a helper thread works beside us, not in
     /// turns with us.
     pub fn others(&self) -> Option<libc::cpu_set_t> {
-        let (original, pinned) = (self.original.as_ref()?, this_cpu()?);
+        let (original, pinned) = (self.original.as_ref()?, current_cpu()?);
         let mut others = *original;
-        // SAFETY: CPU_ISSET, CPU_CLR and CPU_COUNT work inside sets we own.
+        // SAFETY: CPU_CLR and CPU_COUNT work inside the set we own.
         let any = unsafe {
-            for cpu in 0..libc::CPU_SETSIZE as usize {
-                if libc::CPU_ISSET(cpu, &pinned) {
-                    libc::CPU_CLR(cpu, &mut others);
-                }
-            }
+            libc::CPU_CLR(pinned, &mut others);
             libc::CPU_COUNT(&others) > 0
         };
         Some(if any { others } else { *original })

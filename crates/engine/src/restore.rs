@@ -3,8 +3,9 @@
 //! 1. Check the image against this machine before anything is created: architecture, page
 //!    size, CPU features, kernel build (for the vDSO), every mapped file still the same.
 //! 2. Make the new process (a `Stub`, made ahead of time — while the image is on its way, or
-//!    while the last restored process runs — or now): a fork of this command (clone3, with the image's PID when that PID is free), which
-//!    stops itself under our ptrace at once. It never runs a line of its own code again: from
+//!    while the last restored process runs — or now): a fork of this command (clone3, with
+//!    the image's PID when that PID is free), or of a `StubTemplate`, which stops under our
+//!    ptrace at once. It never runs a line of its own code again: from
 //!    here on we drive it by injecting system calls (`inject`), mostly in batches.
 //! 3. Empty it: a small control area (a `syscall` instruction, the batch runner and scratch
 //!    memory) is mapped where the image has nothing, the kernel's [vdso]/[vvar] pages are set
@@ -73,9 +74,9 @@ pub fn restore<R: Read + Send>(input: R, opts: &RestoreOptions) -> Result<Restor
     restore_into(None, input, opts)
 }
 
-/// Restores the image from `input` into `stub` if one was made ahead of time (`Stub::prepare`),
-/// else into a new one. A prepared stub whose control
-/// area happens to lie where the image has memory is set aside for a new one.
+/// Restores the image from `input` into `stub` if one was made ahead of time, else into a new
+/// one. A prepared stub whose control area happens to lie where the image has memory is set
+/// aside for a new one.
 pub fn restore_into<R: Read + Send>(stub: Option<Stub>, input: R, opts: &RestoreOptions) -> Result<Restored> {
     let (mut reader, header) = ImageReader::new(input)?;
     crate::timeline::stamp("restore header read");
@@ -152,33 +153,6 @@ impl Stub {
     }
 
 
-    /// Whether the control or parking area lies where `vmas` need room.
-    fn collides_with(&self, vmas: &[Vma]) -> bool {
-        let ours = [(self.control, self.control + CONTROL_LEN), self.parking];
-        vmas.iter().any(|v| ours.iter().any(|&area| !clear_of(area, (v.start, v.end))))
-    }
-}
-
-/// A stub kept to fork further stubs from (`Stub::fork_from`): emptied once and without
-/// fds, so that a fork of it has nothing to unmap and nothing of the restorer's to close —
-/// ~0.1 ms instead of ~0.5-0.8 ms for a stub forked from a destination session and emptied.
-/// Stopped under the ptrace of the thread that made it (only that thread may use it) until
-/// dropped, when it is killed.
-pub struct StubTemplate {
-    stub: Stub,
-}
-
-impl StubTemplate {
-    pub fn new() -> Result<StubTemplate> {
-        let mut stub = Stub::spawn(0, None, &[])?;
-        let code = arch::fork_child_code(nix::unistd::getpid().as_raw() as u32);
-        stub.inj.write_mem(stub.control + arch::SYSCALL_INSN.len() as u64, &code)?;
-        stub.inj.syscall(libc::SYS_close_range, &[0, u32::MAX as u64, 0], "closing the stub template's fds: close_range(0, ~0)")?;
-        Ok(StubTemplate { stub })
-    }
-}
-
-impl Stub {
     /// A stub forked from `template`, with `stdio` (fds of this process) as its fds 0, 1, 2.
     /// The fork is made a child of ours (CLONE_PARENT) and taken under our ptrace at once.
     pub fn fork_from(template: &mut StubTemplate, stdio: [std::os::fd::RawFd; 3]) -> Result<Stub> {
@@ -217,6 +191,31 @@ impl Stub {
             ptrace::kill_quietly(pid);
         }
         made
+    }
+
+    /// Whether the control or parking area lies where `vmas` need room.
+    fn collides_with(&self, vmas: &[Vma]) -> bool {
+        let ours = [(self.control, self.control + CONTROL_LEN), self.parking];
+        vmas.iter().any(|v| ours.iter().any(|&area| !clear_of(area, (v.start, v.end))))
+    }
+}
+
+/// A stub kept to fork further stubs from (`Stub::fork_from`): emptied once and without
+/// fds, so that a fork of it has nothing to unmap and nothing of the restorer's to close —
+/// ~0.1 ms instead of ~0.5-0.8 ms for a stub forked from a destination session and emptied.
+/// Stopped under the ptrace of the thread that made it (only that thread may use it) until
+/// dropped, when it is killed.
+pub struct StubTemplate {
+    stub: Stub,
+}
+
+impl StubTemplate {
+    pub fn new() -> Result<StubTemplate> {
+        let mut stub = Stub::spawn(0, None, &[])?;
+        let code = arch::fork_child_code(nix::unistd::getpid().as_raw() as u32);
+        stub.inj.write_mem(stub.control + arch::SYSCALL_INSN.len() as u64, &code)?;
+        stub.inj.syscall(libc::SYS_close_range, &[0, u32::MAX as u64, 0], "closing the stub template's fds: close_range(0, ~0)")?;
+        Ok(StubTemplate { stub })
     }
 }
 

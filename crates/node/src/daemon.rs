@@ -2,10 +2,11 @@
 //! a Unix socket for local programs — and forks one *session process* per connection, like
 //! sshd. A session process lives as long as its connection and its child: it restores an
 //! incoming process as its child and relays its output and fate home (`dest`), or sends a
-//! local program's child away and relays what comes back (`origin`). Once a child has ended, a program's
-//! connection, and with it both sessions and the connection between them, serves that
-//! program's next telefork. Because sessions are separate
-//! processes, restarting or upgrading the daemon does not take running children down.
+//! local program's child away and relays what comes back (`origin`). Once a child has
+//! ended, a program's connection, and with it both sessions and the connection between
+//! them, serves that program's next telefork to the same node. Because sessions are
+//! separate processes, restarting or upgrading the daemon does not take running children
+//! down.
 //!
 //! The main loop never creates a thread, so forking from it is safe; sessions are free to
 //! use threads.

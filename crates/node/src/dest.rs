@@ -102,38 +102,16 @@ impl Restorer {
             .name("restorer".into())
             .spawn(move || {
                 let mut next: Option<(Option<Stub>, [OwnedFd; 3], Option<Likely>)> = None;
-                // (None until a third process is prepared — a session that has served two
-                // likely serves more; `Err` once making or forking it failed.)
-                let mut template: Option<std::result::Result<StubTemplate, ()>> = None;
-                let mut prepared = 0;
+                let mut stubs = StubMaker::default();
                 // (Ends when the session drops its `Restorer`; a stub left unused is killed.)
                 for order in next_order {
                     match order {
                         Order::Prepare(stdio, user) => {
-                            telefork_engine::timeline::stamp("dest stub begin");
-                            let raw = stdio.each_ref().map(|fd| fd.as_raw_fd());
-                            if prepared >= 2 && template.is_none() {
-                                template = Some(StubTemplate::new().map_err(|e| log(&format!("could not make a stub template ({e:#}); forking each process from the session"))));
-                            }
-                            prepared += 1;
-                            let forked = match &mut template {
-                                Some(Ok(t)) => match Stub::fork_from(t, raw) {
-                                    Ok(stub) => Some(stub),
-                                    Err(e) => {
-                                        log(&format!("forking the stub template failed ({e:#}); forking each process from the session from now on"));
-                                        template = Some(Err(()));
-                                        None
-                                    }
-                                },
-                                _ => None,
-                            };
-                            let stub = forked.or_else(|| {
-                                Stub::prepare(Some(raw))
-                                    .map_err(|e| log(&format!("could not prepare a process to restore into ({e:#}); making it when the image arrives")))
-                                    .ok()
+                            let stub = stubs.make(stdio.each_ref().map(|fd| fd.as_raw_fd()));
+                            let likely = user.map(|u| {
+                                let groups = groups_of(u.uid, u.gid);
+                                (u, groups, std::time::Instant::now())
                             });
-                            telefork_engine::timeline::stamp("dest stub end");
-                            let likely = user.map(|u| (groups_of(u.uid, u.gid), u)).map(|(g, u)| (u, g, std::time::Instant::now()));
                             next = Some((stub, stdio, likely));
                         }
                         Order::Restore(job) => {
@@ -166,6 +144,57 @@ impl Restorer {
     }
 }
 
+/// Makes the restorer thread's processes to restore into: forked from the session and
+/// emptied for a session's first two, then forked from a template (made then: a session
+/// that has served two likely serves more), unless making or forking that failed once.
+#[derive(Default)]
+struct StubMaker {
+    made: usize,
+    template: Template,
+}
+
+#[derive(Default)]
+enum Template {
+    #[default]
+    NotYet,
+    Ready(Box<StubTemplate>),
+    Failed,
+}
+
+impl StubMaker {
+    /// A process to restore into with `stdio` as its fds 0, 1, 2; `None` if none could be
+    /// made now (the restore makes one then).
+    fn make(&mut self, stdio: [RawFd; 3]) -> Option<Stub> {
+        telefork_engine::timeline::stamp("dest stub begin");
+        self.made += 1;
+        if self.made >= 3 && matches!(self.template, Template::NotYet) {
+            self.template = match StubTemplate::new() {
+                Ok(t) => Template::Ready(Box::new(t)),
+                Err(e) => {
+                    log(&format!("could not make a stub template ({e:#}); forking each process from the session"));
+                    Template::Failed
+                }
+            };
+        }
+        let forked = match &mut self.template {
+            Template::Ready(t) => Stub::fork_from(t, stdio)
+                .inspect_err(|e| log(&format!("forking the stub template failed ({e:#}); forking each process from the session from now on")))
+                .ok(),
+            Template::NotYet | Template::Failed => None,
+        };
+        if forked.is_none() && matches!(self.template, Template::Ready(_)) {
+            self.template = Template::Failed;
+        }
+        let stub = forked.or_else(|| {
+            Stub::prepare(Some(stdio))
+                .inspect_err(|e| log(&format!("could not prepare a process to restore into ({e:#}); making it when the image arrives")))
+                .ok()
+        });
+        telefork_engine::timeline::stamp("dest stub end");
+        stub
+    }
+}
+
 /// The session's ends of a restored process's stdin, stdout and stderr pipes.
 struct Pipes {
     stdin: OwnedFd,
@@ -192,7 +221,7 @@ fn serve_one(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str, restorer: &Res
     log(&format!("restored process {pid} of user {} from {origin}", received.user.uid));
     // (Should anything fail before its end is known, the child is killed: nobody would be
     // told of it any more.)
-    let pidfd = telefork_engine::pidfd::open(pid.as_raw()).context("pidfd_open").inspect_err(|_| kill_restored(pid))?;
+    let pidfd = telefork_engine::pidfd::open(pid.as_raw()).context("pidfd_open").inspect_err(|_| telefork_engine::ptrace::kill_quietly(pid))?;
     let supervised = supervise(ch, origin, restorer, pipes, &received, &pidfd);
     let (status, verdict, next) = supervised.inspect_err(|_| {
         // (By its pidfd: the child may have been reaped already.)
@@ -410,7 +439,7 @@ fn receive(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str, restorer: &Resto
                 if input.buffer().is_empty() {
                     Ok(r)
                 } else {
-                    kill_restored(r.pid);
+                    telefork_engine::ptrace::kill_quietly(r.pid);
                     bail!("the origin sent {} bytes past the end of the image", input.buffer().len())
                 }
             });
@@ -428,7 +457,7 @@ fn receive(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str, restorer: &Resto
         telefork_engine::timeline::stamp("dest sent Started");
         if let Err(e) = r {
             // Nobody would hear of it again: it must not run on.
-            kill_restored(pid);
+            telefork_engine::ptrace::kill_quietly(pid);
             return Err(e).context(format!("telling the origin that process {pid} runs (it was killed)"));
         }
         Ok(restored)
@@ -553,8 +582,3 @@ fn pipe() -> Result<(OwnedFd, OwnedFd)> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating a pipe")
 }
 
-/// Kills a restored process that must not run on, and reaps it.
-fn kill_restored(pid: nix::unistd::Pid) {
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-    let _ = waitpid(pid, None);
-}

@@ -214,10 +214,10 @@ impl Connecting {
         Ok(Connecting { name, addr, ahead: true, began: std::time::Instant::now(), made: Made::Done(Box::new(Ok(ch))) })
     }
 
-    /// Starts connecting in a thread of its own, for a telefork whose capture begins meanwhile.
-    fn start(shared: &Shared, dest: &str) -> Result<Connecting> {
-        let (name, addr) = shared.cfg.resolve(dest)?;
-        let (tls, node) = (shared.client_tls.clone(), name.clone());
+    /// Starts connecting to node `name` at `addr` in a thread of its own, for a telefork whose
+    /// capture begins meanwhile.
+    fn start(shared: &Shared, name: &str, addr: std::net::SocketAddr) -> Result<Connecting> {
+        let (tls, node, name) = (shared.client_tls.clone(), name.to_string(), name.to_string());
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name("connecting".into())
@@ -376,7 +376,7 @@ fn send_away(
     let (name, addr) = shared.cfg.resolve(dest)?;
     let connecting = match prepared.filter(|c| c.name == name) {
         Some(c) => c,
-        None => Connecting::start(shared, dest)?,
+        None => Connecting::start(shared, &name, addr)?,
     };
     wait_self_stopped(child)?;
     let t_stopped = std::time::Instant::now();

@@ -31,8 +31,9 @@
 //!   - `--sleep-ms N`      the child sleeps before exiting
 //!   - `--kill-after-ms N` the parent sends `--kill-signal` (default 15) to the child after
 //!     N ms
-//! * `probe series DEST PAUSE_MS COUNT` — COUNT (2 to 5) teleforks in a row (each after the
-//!   first can use the connection and the sessions the last one kept): each child prints
+//! * `probe series DEST PAUSE_MS COUNT [--pass-stdin]` — COUNT (2 to 5) teleforks in a row
+//!   (each after the first can use the connection and the sessions the last one kept; with
+//!   `--pass-stdin` none is kept, and the next uses the spare connection): each child prints
 //!   `first child: memory ok stdin eof` (`second child: …`, …) and a line on stderr; the
 //!   parent prints `first exit N`, then `paused`, a pause, `second exit N`, … (children exit
 //!   11, 12, …, or 3 if something they checked was wrong), or `error ...`; last `parent ok`.
@@ -89,7 +90,7 @@ struct ForkOpts {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: probe fork DEST [--exit N] [--big-mb N] [--guarded-mb N] [--print-uid] [--read-stdin] [--pass-stdin] [--background] [--lines N] [--interval-ms N] [--sleep-ms N] [--kill-after-ms N] [--kill-signal S] | probe series DEST PAUSE_MS COUNT | probe fanout NODE,NODE,... [--background] | probe remote DEST | probe yoyo DEST");
+    eprintln!("usage: probe fork DEST [--exit N] [--big-mb N] [--guarded-mb N] [--print-uid] [--read-stdin] [--pass-stdin] [--background] [--lines N] [--interval-ms N] [--sleep-ms N] [--kill-after-ms N] [--kill-signal S] | probe series DEST PAUSE_MS COUNT [--pass-stdin] | probe fanout NODE,NODE,... [--background] | probe remote DEST | probe yoyo DEST");
     std::process::exit(2)
 }
 
@@ -257,10 +258,11 @@ fn main() {
         "series" => {
             let pause: u64 = args.get(2).and_then(|v| v.parse().ok()).unwrap_or_else(|| usage());
             let count: usize = args.get(3).and_then(|v| v.parse().ok()).filter(|n| (2..=5).contains(n)).unwrap_or_else(|| usage());
+            let opts = telefork::Options { pass_stdin: args.get(4).is_some_and(|a| a == "--pass-stdin"), ..Default::default() };
             let numbers: Vec<u64> = (1..=100_000u64).collect();
             let expected: u64 = numbers.iter().sum();
             for (i, what) in (11..).zip(["first", "second", "third", "fourth", "fifth"]).take(count) {
-                match telefork::telefork(dest) {
+                match telefork::telefork_with(dest, &opts) {
                     Ok(telefork::Fork::Child) => {
                         // What it brought, and its stdio: memory, stdin at its end, a line on
                         // stdout and one on stderr (relayed home). Exit 3 if anything is off.
