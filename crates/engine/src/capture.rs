@@ -17,7 +17,7 @@ use std::io::Write;
 use anyhow::{bail, Context, Result};
 use nix::sys::ptrace as nix_ptrace;
 use nix::unistd::Pid;
-use telefork_image::{Header, ImageWriter, ProcessImage};
+use telefork_image::{Header, ImageWriter, MmFields, ProcessImage};
 
 use crate::arch::native as arch;
 use crate::inject::Injector;
@@ -115,14 +115,10 @@ fn capture_frozen<W: Write + Send>(f: &Frozen, out: W, opts: &DumpOptions) -> Re
     // Tracer and tracee on one CPU while calls are injected (see `pin`); the page transfer
     // below wants both CPUs again.
     let pin = crate::pin::CpuPin::with_tracee(pid.as_raw());
-    let cpu = arch::capture(pid, &f.regs)?;
-    tl.mark("cpu");
 
-    // Look from inside (injected calls) and, at the same time in a second thread, from
-    // outside (/proc only): on one CPU each, instead of one after the other.
-    let maps = procfs::read_maps(pid)?;
-    let syscall_ip = find_syscall_insn(pid, &maps)?;
-    let mut inj = Injector::new(pid, syscall_ip)?;
+    // Look from outside (/proc) and from inside (injected calls): the reader thread starts on
+    // /proc at once, on the other CPU, while this thread reads the maps and injects its calls
+    // (see `OutsideLook`); then this thread takes what of the outside look is left.
     let started_here;
     let reader = match opts.outside_reader {
         Some(r) => r,
@@ -131,28 +127,44 @@ fn capture_frozen<W: Write + Send>(f: &Frozen, out: W, opts: &DumpOptions) -> Re
             &started_here
         }
     };
-    let outside = reader.read(pid, maps.clone(), opts.inherit_stdio, pin.others());
+    let (maps_tx, maps_rx) = std::sync::mpsc::sync_channel(1);
+    let look = std::sync::Arc::new(OutsideLook::new(pid, opts.inherit_stdio));
+    let reader_done = reader.read(&look, maps_rx, pin.others());
+    let maps = procfs::read_maps(pid)?;
+    let _ = maps_tx.send(maps.clone());
+    let cpu = arch::capture(pid, &f.regs)?;
+    tl.mark("cpu");
+    let syscall_ip = find_syscall_insn(pid, &maps)?;
+    let mut inj = Injector::new(pid, syscall_ip)?;
     let inside = look_from_inside(&mut inj, f, cpu);
-    let outside = outside.and_then(|answer| answer.recv().map_err(|_| anyhow::anyhow!("the thread reading /proc/{pid} is gone"))?);
-    let (mm, sigactions, shared_pending, thread) = inside?;
-    tl.mark("from inside and outside");
-    let outside = match outside {
+    crate::timeline::stamp("injected calls done");
+    // What the reader has not begun yet (all of it if it never started), here.
+    look.run(Some(&maps), OutsideLook::LAST_FIRST);
+    if let Ok(done) = reader_done {
+        let _ = done.recv(); // (its end; an error means it is gone, and its part was done here)
+    }
+    let (brk, sigactions, shared_pending, thread) = inside?;
+    let (comm, creds, misc) = look.proc_files.take()?;
+    let mm = MmFields { brk, ..look.mm.take()? };
+    let fds = look.fds.take()?;
+    let vmas = match look.vmas.take() {
         // The scratch area merged with a neighbour while smaps was read: again, now that it
         // is gone (the mappings are the process's own again, those of `maps`).
-        Err(e) if e.downcast_ref::<mem::MappingsChanged>().is_some() => look_from_outside(pid, &maps, opts.inherit_stdio)?,
+        Err(e) if e.downcast_ref::<mem::MappingsChanged>().is_some() => mem::capture_vmas(pid, &maps)?,
         other => other?,
     };
+    tl.mark("from inside and outside");
     let image = ProcessImage {
         pid: pid.as_raw(),
-        comm: outside.comm,
-        creds: outside.creds,
-        misc: outside.misc,
+        comm,
+        creds,
+        misc,
         mm,
-        vmas: outside.vmas,
+        vmas,
         threads: vec![thread],
         sigactions,
         shared_pending,
-        fds: outside.fds,
+        fds,
     };
     let header = Header {
         arch: arch::ARCH,
@@ -194,12 +206,12 @@ pub struct OutsideReader {
 }
 
 struct OutsideJob {
-    pid: Pid,
-    maps: Vec<procfs::MapsEntry>,
-    inherit_stdio: bool,
+    look: std::sync::Arc<OutsideLook>,
+    /// The mappings, once the capture has read them.
+    maps: std::sync::mpsc::Receiver<Vec<procfs::MapsEntry>>,
     /// CPUs to move to first (when they could not be set from outside).
     cpus: Option<libc::cpu_set_t>,
-    answer: std::sync::mpsc::SyncSender<Result<Outside>>,
+    done: std::sync::mpsc::SyncSender<()>,
 }
 
 impl OutsideReader {
@@ -215,58 +227,132 @@ impl OutsideReader {
                     if let Some(cpus) = &job.cpus {
                         crate::pin::set_affinity(0, cpus);
                     }
-                    let _ = job.answer.send(look_from_outside(job.pid, &job.maps, job.inherit_stdio));
+                    // /proc files first (no maps needed), then the mappings (by then read).
+                    job.look.run(None, OutsideLook::PROC_FILES_FIRST);
+                    let maps = job.maps.recv().ok();
+                    job.look.run(maps.as_deref(), OutsideLook::PROC_FILES_FIRST);
+                    let _ = job.done.send(());
                 }
             })
             .context("starting the thread that reads /proc")?;
         Ok(OutsideReader { jobs, tid })
     }
 
-    /// Starts reading /proc/`pid` (the mappings of `maps`) on the CPUs `cpus`; the answer
-    /// comes on the channel returned.
+    /// Has the thread work on `look` on the CPUs `cpus`, taking the mappings from `maps`;
+    /// the channel returned says when it has stopped.
     fn read(
         &self,
-        pid: Pid,
-        maps: Vec<procfs::MapsEntry>,
-        inherit_stdio: bool,
+        look: &std::sync::Arc<OutsideLook>,
+        maps: std::sync::mpsc::Receiver<Vec<procfs::MapsEntry>>,
         cpus: Option<libc::cpu_set_t>,
-    ) -> Result<std::sync::mpsc::Receiver<Result<Outside>>> {
+    ) -> Result<std::sync::mpsc::Receiver<()>> {
         // (Set while it sleeps, it wakes up there: no migration.)
         let tid = self.tid.load(std::sync::atomic::Ordering::SeqCst);
         let cpus = cpus.filter(|cpus| tid == 0 || !crate::pin::set_affinity(tid, cpus));
-        let (answer, answered) = std::sync::mpsc::sync_channel(1);
-        self.jobs.send(OutsideJob { pid, maps, inherit_stdio, cpus, answer }).map_err(|_| anyhow::anyhow!("the thread reading /proc is gone"))?;
-        Ok(answered)
+        let (done, stopped) = std::sync::mpsc::sync_channel(1);
+        let job = OutsideJob { look: look.clone(), maps, cpus, done };
+        self.jobs.send(job).map_err(|_| anyhow::anyhow!("the thread reading /proc is gone"))?;
+        Ok(stopped)
     }
 }
 
-/// What /proc tells about a stopped process.
-struct Outside {
-    comm: String,
-    vmas: Vec<telefork_image::Vma>,
-    creds: telefork_image::Creds,
-    misc: telefork_image::Misc,
-    fds: Vec<telefork_image::Fd>,
+/// What /proc tells about a stopped process, in four parts that two threads share: each
+/// part is taken by whichever thread comes to it first (the reader from the front, the
+/// capture's thread from the back once its injected calls are done), so neither waits
+/// while the other has work left, whatever the machine's load.
+struct OutsideLook {
+    pid: Pid,
+    inherit_stdio: bool,
+    /// Bit per part: taken by a thread.
+    taken: std::sync::atomic::AtomicU8,
+    proc_files: Part<(String, telefork_image::Creds, telefork_image::Misc)>,
+    mm: Part<MmFields>,
+    vmas: Part<Vec<telefork_image::Vma>>,
+    fds: Part<Vec<telefork_image::Fd>>,
 }
 
-fn look_from_outside(pid: Pid, maps: &[procfs::MapsEntry], inherit_stdio: bool) -> Result<Outside> {
-    // (stat and status read once, for all that is in them.)
+/// One part's result, once a thread has made it.
+struct Part<T>(std::sync::Mutex<Option<Result<T>>>);
+
+impl<T> Default for Part<T> {
+    fn default() -> Self {
+        Part(std::sync::Mutex::new(None))
+    }
+}
+
+impl<T> Part<T> {
+    fn put(&self, r: Result<T>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+    }
+
+    fn take(&self) -> Result<T> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take().context("internal error: a part of the look from outside was not made")?
+    }
+}
+
+impl OutsideLook {
+    const PROC_FILES: u8 = 0;
+    const VMAS: u8 = 1;
+    const MM: u8 = 2;
+    const FDS: u8 = 3;
+    /// The reader's order: stat and status need no maps, smaps (the longest) next.
+    const PROC_FILES_FIRST: [u8; 4] = [Self::PROC_FILES, Self::VMAS, Self::MM, Self::FDS];
+    /// The capture thread's order, from the other end.
+    const LAST_FIRST: [u8; 4] = [Self::FDS, Self::MM, Self::VMAS, Self::PROC_FILES];
+
+    fn new(pid: Pid, inherit_stdio: bool) -> OutsideLook {
+        OutsideLook { pid, inherit_stdio, taken: std::sync::atomic::AtomicU8::new(0), proc_files: Part::default(), mm: Part::default(), vmas: Part::default(), fds: Part::default() }
+    }
+
+    /// Makes every part in `order` no thread has taken yet, stopping before the mappings'
+    /// part without `maps` (the parts from there on are for later, or for the other thread).
+    fn run(&self, maps: Option<&[procfs::MapsEntry]>, order: [u8; 4]) {
+        for part in order {
+            if part == Self::VMAS && maps.is_none() {
+                return;
+            }
+            let bit = 1 << part;
+            if self.taken.fetch_or(bit, std::sync::atomic::Ordering::SeqCst) & bit != 0 {
+                continue;
+            }
+            let what = match (part, maps) {
+                (Self::PROC_FILES, _) => {
+                    self.proc_files.put(read_proc_files(self.pid));
+                    "/proc files read"
+                }
+                (Self::VMAS, Some(maps)) => {
+                    self.vmas.put(mem::capture_vmas(self.pid, maps));
+                    "mappings read"
+                }
+                (Self::MM, _) => {
+                    self.mm.put(mm::capture(self.pid));
+                    "mm fields read"
+                }
+                _ => {
+                    self.fds.put(fds::capture(self.pid, self.inherit_stdio));
+                    "fds read"
+                }
+            };
+            crate::timeline::stamp(what);
+        }
+    }
+}
+
+/// comm, credentials and the small per-process state, from /proc/PID/stat and status (each
+/// read once, for all that is in them) and a few more files.
+fn read_proc_files(pid: Pid) -> Result<(String, telefork_image::Creds, telefork_image::Misc)> {
     let stat = procfs::read_stat(pid)?;
     let status_path = format!("/proc/{pid}/status");
     let status = procfs::read_text(&status_path).with_context(|| format!("reading {status_path}"))?;
-    Ok(Outside {
-        vmas: mem::capture_vmas(pid, maps)?,
-        creds: creds::parse_status(&status).with_context(|| format!("parsing {status_path}"))?,
-        misc: misc::capture(pid, &stat, &status)?,
-        fds: fds::capture(pid, inherit_stdio)?,
-        comm: stat.comm,
-    })
+    let creds = creds::parse_status(&status).with_context(|| format!("parsing {status_path}"))?;
+    let misc = misc::capture(pid, &stat, &status)?;
+    Ok((stat.comm, creds, misc))
 }
 
-type Inside = (telefork_image::MmFields, Vec<telefork_image::SigAction>, Vec<telefork_image::SigInfo>, telefork_image::ThreadState);
+type Inside = (u64, Vec<telefork_image::SigAction>, Vec<telefork_image::SigInfo>, telefork_image::ThreadState);
 
 /// What only the process itself can tell (injected calls into a scratch area mapped for
-/// the while): mm fields, signal dispositions and pending signals, thread state.
+/// the while): its break, signal dispositions and pending signals, thread state.
 fn look_from_inside(inj: &mut Injector, f: &Frozen, cpu: telefork_image::CpuState) -> Result<Inside> {
     let pid = f.pid;
     // Scratch memory, executable if the system allows, so the batch runner can live in its
@@ -283,11 +369,19 @@ fn look_from_inside(inj: &mut Injector, f: &Frozen, cpu: telefork_image::CpuStat
     } else {
         inj.set_scratch(scratch, SCRATCH_LEN);
     }
+    // One batch: the break, the 62 dispositions, the alternate stack, the clear_child_tid
+    // pointer (their results in the scratch area, read after).
     let inside = (|| -> Result<_> {
-        let mm = mm::capture(pid, inj)?;
-        let (sigactions, shared_pending) = signals::capture_process(inj)?;
-        let thread = threads::capture(inj, pid, f.sigmask, cpu)?;
-        Ok((mm, sigactions, shared_pending, thread))
+        inj.reset_scratch();
+        let (mut calls, actions) = signals::capture_calls(inj)?;
+        let (thread_calls, thread_reads) = threads::capture_calls(inj)?;
+        calls.extend(thread_calls);
+        calls.push(mm::brk_call());
+        let results = inj.run_batch(&calls)?;
+        let brk = *results.last().context("internal error: no result of brk(0)")?;
+        let (sigactions, shared_pending) = signals::capture_process(inj, actions)?;
+        let thread = threads::capture(inj, pid, f.sigmask, cpu, thread_reads)?;
+        Ok((brk, sigactions, shared_pending, thread))
     })();
     inj.syscall(libc::SYS_munmap, &[scratch, SCRATCH_LEN], "unmapping scratch memory in the target")?;
     ptrace::setregs(pid, f.regs)?;

@@ -14,9 +14,15 @@ use telefork_image::{FileId, MmFields};
 
 use crate::inject::{Call, Injector};
 
-pub fn capture(pid: Pid, inj: &mut Injector) -> Result<MmFields> {
+/// The injected call whose result is the current break (brk(0)), for the capture's batch.
+pub fn brk_call() -> Call {
+    Call::new(libc::SYS_brk, &[0], "reading the program break (brk(0))")
+}
+
+/// The mm fields of stopped process `pid` that /proc shows: all but `brk`, left 0 for the
+/// caller to set from what `brk_call` returned.
+pub fn capture(pid: Pid) -> Result<MmFields> {
     let stat = crate::procfs::read_stat(pid)?;
-    let brk = inj.syscall(libc::SYS_brk, &[0], "reading the program break (brk(0))")?;
     let auxv_bytes = crate::procfs::read_file(&format!("/proc/{pid}/auxv")).with_context(|| format!("reading /proc/{pid}/auxv"))?;
     let auxv = auxv_bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect();
     let exe_link = format!("/proc/{pid}/exe");
@@ -32,7 +38,7 @@ pub fn capture(pid: Pid, inj: &mut Injector) -> Result<MmFields> {
         start_data: stat.num(45)?,
         end_data: stat.num(46)?,
         start_brk: stat.num(47)?,
-        brk,
+        brk: 0,
         arg_start: stat.num(48)?,
         arg_end: stat.num(49)?,
         env_start: stat.num(50)?,

@@ -28,19 +28,30 @@ fn default_action() -> SigAction {
     SigAction { handler: 0, flags: 0, restorer: 0, mask: 0 }
 }
 
-/// Dispositions of signals 1..=64 and the process-wide pending queue.
-pub fn capture_process(inj: &mut Injector) -> Result<(Vec<SigAction>, Vec<SigInfo>)> {
-    inj.reset_scratch();
-    // All 64 reads in one batch, each into its own slot of one scratch array.
-    let olds = inj.alloc_zeroed(64 * KSIGACTION_LEN as u64)?;
-    let slot = |sig: i32| olds + (sig as u64 - 1) * KSIGACTION_LEN as u64;
-    let calls: Vec<Call> = (1..=64i32)
+/// Where the capture's rt_sigaction calls leave the dispositions in the tracee's scratch
+/// memory (see `capture_calls`).
+pub struct ActionsRead {
+    slots: u64,
+}
+
+/// The calls that read the dispositions of signals 1..=64 (rt_sigaction(sig, NULL, &old)),
+/// each into its own slot of one scratch array; to be run in the capture's one batch, then
+/// `capture_process`.
+pub fn capture_calls(inj: &mut Injector) -> Result<(Vec<Call>, ActionsRead)> {
+    let slots = inj.alloc_zeroed(64 * KSIGACTION_LEN as u64)?;
+    let slot = |sig: i32| slots + (sig as u64 - 1) * KSIGACTION_LEN as u64;
+    let calls = (1..=64i32)
         .filter(|s| !is_unchangeable(*s))
         .map(|sig| Call::new(libc::SYS_rt_sigaction, &[sig as u64, 0, slot(sig), SIGSET_LEN], format!("reading the action of signal {sig}: rt_sigaction")))
         .collect();
-    inj.run_batch(&calls)?;
+    Ok((calls, ActionsRead { slots }))
+}
+
+/// Dispositions of signals 1..=64 (from the slots `capture_calls`' batch filled) and the
+/// process-wide pending queue.
+pub fn capture_process(inj: &Injector, read: ActionsRead) -> Result<(Vec<SigAction>, Vec<SigInfo>)> {
     let mut all = vec![0u8; 64 * KSIGACTION_LEN];
-    inj.read_mem(olds, &mut all)?;
+    inj.read_mem(read.slots, &mut all)?;
     let mut actions = Vec::with_capacity(64);
     for sig in 1..=64i32 {
         if is_unchangeable(sig) {

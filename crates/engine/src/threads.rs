@@ -25,25 +25,41 @@ const TCB_SCAN_LEN: usize = 0x1000;
 const ROBUST_LIST_HEAD_LEN: u64 = 24;
 const SYS_RSEQ: libc::c_long = 334;
 
-/// Captures one stopped thread. `sigmask` is its blocked mask as it was before the engine
-/// blocked everything; `cpu` its CPU state (already captured).
-pub fn capture(inj: &mut Injector, tid: Pid, sigmask: u64, cpu: CpuState) -> Result<ThreadState> {
+/// Where the capture's injected reads leave the thread's alternate stack and clear_child_tid
+/// pointer in the tracee's scratch memory (see `capture_calls`).
+pub struct ThreadReads {
+    altstack: u64,
+    tid_address: u64,
+}
+
+/// The injected reads of the thread's state (sigaltstack, prctl(PR_GET_TID_ADDRESS)), to be
+/// run in the capture's one batch in the thread `capture` captures, then `capture`.
+pub fn capture_calls(inj: &mut Injector) -> Result<(Vec<Call>, ThreadReads)> {
+    // stack_t: { void *ss_sp; int ss_flags; /* pad */ size_t ss_size; }
+    let altstack = inj.alloc_zeroed(24)?;
+    let tid_address = inj.alloc_zeroed(8)?;
+    let calls = vec![
+        Call::new(libc::SYS_sigaltstack, &[0, altstack], "reading the alternate signal stack: sigaltstack"),
+        Call::new(libc::SYS_prctl, &[libc::PR_GET_TID_ADDRESS as u64, tid_address], "reading the clear_child_tid address: prctl(PR_GET_TID_ADDRESS)"),
+    ];
+    Ok((calls, ThreadReads { altstack, tid_address }))
+}
+
+/// Captures one stopped thread, whose injected reads (`capture_calls`) have run. `sigmask` is
+/// its blocked mask as it was before the engine blocked everything; `cpu` its CPU state
+/// (already captured).
+pub fn capture(inj: &Injector, tid: Pid, sigmask: u64, cpu: CpuState, reads: ThreadReads) -> Result<ThreadState> {
     if inj.pid() != tid {
         bail!("internal error: capturing thread {tid} with an injector driving {}", inj.pid());
     }
-    inj.reset_scratch();
-
     let pending = crate::ptrace::peek_siginfos(tid, false)
         .with_context(|| format!("reading the pending signals of thread {tid}"))?
         .into_iter()
         .map(|s| SigInfo(s.to_vec()))
         .collect();
 
-    // stack_t: { void *ss_sp; int ss_flags; /* pad */ size_t ss_size; }
-    let ss = inj.alloc_zeroed(24)?;
-    inj.syscall(libc::SYS_sigaltstack, &[0, ss], format!("reading the alternate signal stack of thread {tid}"))?;
     let mut b = [0u8; 24];
-    inj.read_mem(ss, &mut b)?;
+    inj.read_mem(reads.altstack, &mut b)?;
     let altstack = AltStack {
         sp: u64::from_ne_bytes(b[0..8].try_into().expect("8 bytes")),
         flags: i32::from_ne_bytes(b[8..12].try_into().expect("4 bytes")),
@@ -52,14 +68,8 @@ pub fn capture(inj: &mut Injector, tid: Pid, sigmask: u64, cpu: CpuState) -> Res
 
     let rseq = crate::ptrace::rseq_config(tid)?;
 
-    let out = inj.alloc_zeroed(8)?;
-    inj.syscall(
-        libc::SYS_prctl,
-        &[libc::PR_GET_TID_ADDRESS as u64, out],
-        format!("reading the clear_child_tid address of thread {tid}: prctl(PR_GET_TID_ADDRESS)"),
-    )?;
     let mut b = [0u8; 8];
-    inj.read_mem(out, &mut b)?;
+    inj.read_mem(reads.tid_address, &mut b)?;
     let clear_child_tid = u64::from_ne_bytes(b);
 
     let (robust_list, robust_list_len) = get_robust_list(tid)?;
