@@ -592,15 +592,15 @@ fn sparse() {
     });
 }
 
-/// Memory is placed through the new process's userfaultfd when the kernel allows, by
-/// populate + write otherwise: both ways must give the same memory (anon_memory: patterns,
+/// Memory is placed through the new process's userfaultfd when the kernel allows (and the
+/// process is big enough, or always: forced here), by populate + write otherwise: both ways must give the same memory (anon_memory: patterns,
 /// guard and read-only pages, shared memory; sparse: untouched pages read as zero afterwards,
 /// so nothing is left registered), and the debug report says which way ran.
 #[test]
 fn memory_with_and_without_userfaultfd() {
     let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     for (name, file) in [("anon_memory", "anon_memory.c"), ("sparse", "sparse.c")] {
-        for (way, env) in [("userfaultfd", None), ("writes", Some(("TELEFORK_NO_USERFAULTFD", "1")))] {
+        for (way, env) in [("userfaultfd", ("TELEFORK_USERFAULTFD", "always")), ("writes", ("TELEFORK_USERFAULTFD", "never"))] {
             let exe = compile_c(file, name, &[]);
             let mut run = Run::new(&format!("{name}_{way}"), exe);
             if !run.start(&[]) {
@@ -608,7 +608,7 @@ fn memory_with_and_without_userfaultfd() {
             }
             run.dump(DUMP_TIMEOUT);
             run.restore_env.push(("TELEFORK_DEBUG", "1"));
-            run.restore_env.extend(env);
+            run.restore_env.push(env);
             let mut r = run.start_restore(&[]);
             let st = r.wait_timeout(RESTORE_TIMEOUT);
             let (out, err) = drain(&r);

@@ -86,12 +86,9 @@ fn ioctl<T>(fd: &OwnedFd, req: u64, arg: &mut T) -> std::io::Result<()> {
 impl RemoteUffd {
     /// Creates a userfaultfd in the stopped process and registers `ranges` (private anonymous
     /// mappings, nothing present yet). `None` if the kernel cannot (no userfaultfd, or it is
-    /// forbidden): the caller fills memory the older way.
-    /// (`TELEFORK_NO_USERFAULTFD` set: always `None`, to exercise that way.)
+    /// forbidden): the caller fills memory the older way. (Whether to use one at all is
+    /// `mem::open_uffd`'s choice.)
     pub fn open(inj: &mut Injector, ranges: &[(u64, u64)]) -> Result<Option<RemoteUffd>> {
-        if std::env::var_os("TELEFORK_NO_USERFAULTFD").is_some() {
-            return Ok(None);
-        }
         let remote_fd = inj.syscall_raw(libc::SYS_userfaultfd, &[(libc::O_CLOEXEC as u64) | UFFD_USER_MODE_ONLY])?;
         if remote_fd < 0 {
             return Ok(None);
