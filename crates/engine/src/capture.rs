@@ -129,21 +129,27 @@ fn capture_frozen<W: Write + Send>(f: &Frozen, out: W, opts: &DumpOptions) -> Re
     };
     let (maps_tx, maps_rx) = std::sync::mpsc::sync_channel(1);
     let look = std::sync::Arc::new(OutsideLook::new(pid, opts.inherit_stdio));
+    // (However this ends, the reader begins nothing more of it afterwards.)
+    let _finished = look.finish_on_drop();
     let reader_done = reader.read(&look, maps_rx, pin.others());
     let maps = procfs::read_maps(pid)?;
     let _ = maps_tx.send(maps.clone());
     let cpu = arch::capture(pid, &f.regs)?;
-    tl.mark("cpu");
+    tl.mark("maps, cpu");
     let syscall_ip = find_syscall_insn(pid, &maps)?;
     let mut inj = Injector::new(pid, syscall_ip)?;
-    let inside = look_from_inside(&mut inj, f, cpu);
+    let (brk, sigactions, shared_pending, thread) = look_from_inside(&mut inj, f, cpu)?;
     crate::timeline::stamp("injected calls done");
     // What the reader has not begun yet (all of it if it never started), here.
     look.run(Some(&maps), OutsideLook::LAST_FIRST);
-    if let Ok(done) = reader_done {
-        let _ = done.recv(); // (its end; an error means it is gone, and its part was done here)
+    match reader_done {
+        // (Its end. An error: it stopped without saying so — a part it had begun is missing,
+        // which `take` reports.)
+        Ok(done) => {
+            let _ = done.recv();
+        }
+        Err(_) => tl.note("the /proc reader thread is gone: all of /proc read by the capture's thread".into()),
     }
-    let (brk, sigactions, shared_pending, thread) = inside?;
     let (comm, creds, misc) = look.proc_files.take()?;
     let mm = MmFields { brk, ..look.mm.take()? };
     let fds = look.fds.take()?;
@@ -194,8 +200,8 @@ fn capture_frozen<W: Write + Send>(f: &Frozen, out: W, opts: &DumpOptions) -> Re
     Ok((out, summary))
 }
 
-/// A thread that reads a stopped process's /proc files while the capture injects its calls.
-/// Started ahead of time where a capture is expected: starting a thread in a freshly forked
+/// A thread that reads a stopped process's /proc files (`OutsideLook`) while the capture
+/// reads its maps and injects its calls. Started ahead of time where a capture is expected: starting a thread in a freshly forked
 /// daemon session took 0.1-0.5 ms on the machines measured, as long as the reading itself.
 /// Dropping it ends the thread's loop; the thread is not joined (waiting for an idle thread
 /// to be scheduled just to end cost a busy session 0.1-0.3 ms before it could relay).
@@ -286,7 +292,8 @@ impl<T> Part<T> {
     }
 
     fn take(&self) -> Result<T> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).take().context("internal error: a part of the look from outside was not made")?
+        let made = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        made.context("a part of the look at /proc was not made: the thread reading it stopped")?
     }
 }
 
@@ -299,6 +306,18 @@ impl OutsideLook {
     const PROC_FILES_FIRST: [u8; 4] = [Self::PROC_FILES, Self::VMAS, Self::MM, Self::FDS];
     /// The capture thread's order, from the other end.
     const LAST_FIRST: [u8; 4] = [Self::FDS, Self::MM, Self::VMAS, Self::PROC_FILES];
+
+    /// Marks every part taken when dropped, so that a thread that comes to one later (the
+    /// reader, after a capture that failed or ended without it) leaves it alone.
+    fn finish_on_drop(&self) -> impl Drop + '_ {
+        struct Finish<'a>(&'a OutsideLook);
+        impl Drop for Finish<'_> {
+            fn drop(&mut self) {
+                self.0.taken.fetch_or(u8::MAX, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        Finish(self)
+    }
 
     fn new(pid: Pid, inherit_stdio: bool) -> OutsideLook {
         OutsideLook { pid, inherit_stdio, taken: std::sync::atomic::AtomicU8::new(0), proc_files: Part::default(), mm: Part::default(), vmas: Part::default(), fds: Part::default() }

@@ -13,7 +13,8 @@
 //! Many independent calls at once (`run_batch`): a small runner (arch code, copied into an
 //! executable area of the tracee) walks a table of calls, stores each result, stops at the
 //! first failure and then stops itself with SIGSTOP — one ptrace round trip for the lot
-//! instead of two per call.
+//! instead of two per call. Calls whose results nothing waits for can be queued (`defer`)
+//! to run in front of the next batch: a restore's steps share round trips that way.
 //!
 //! Arguments that are pointers refer to a *scratch* area inside the tracee, filled through
 //! /proc/PID/mem. The caller blocks all signals of the tracee (PTRACE_SETSIGMASK) while
@@ -42,13 +43,28 @@ pub struct Call {
     pub args: [u64; 6],
     /// What it does, for the error if it fails.
     pub what: String,
+    /// The only result that counts as success (an address a mapping must land at).
+    pub expect: Option<u64>,
 }
 
 impl Call {
     pub fn new(nr: libc::c_long, args: &[u64], what: impl Into<String>) -> Call {
         let mut a = [0u64; 6];
         a[..args.len().min(6)].copy_from_slice(&args[..args.len().min(6)]);
-        Call { nr, args: a, what: what.into() }
+        Call { nr, args: a, what: what.into(), expect: None }
+    }
+
+    /// The same call, failing unless it returns `value`.
+    pub fn expecting(self, value: u64) -> Call {
+        Call { expect: Some(value), ..self }
+    }
+
+    /// An error if `result` is not the one expected.
+    fn check(&self, result: u64) -> Result<()> {
+        match self.expect {
+            Some(want) if want != result => bail!("{}: returned {result:#x} instead of {want:#x}", self.what),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -64,6 +80,12 @@ pub struct Injector {
     scratch: u64,
     scratch_len: u64,
     scratch_used: u64,
+    /// Calls queued by `defer`, to run in front of the next batch or call.
+    deferred: Vec<Call>,
+    /// Scratch memory the deferred calls use: kept when the scratch area is reset.
+    scratch_floor: u64,
+    /// How many deferred calls have run so far (see `flush_through`).
+    deferred_run: usize,
 }
 
 impl Injector {
@@ -76,7 +98,19 @@ impl Injector {
             .write(true)
             .open(format!("/proc/{pid}/mem"))
             .with_context(|| format!("opening /proc/{pid}/mem"))?;
-        Ok(Injector { pid, batch_code: None, syscall_ip, base, mem, scratch: 0, scratch_len: 0, scratch_used: 0 })
+        Ok(Injector {
+            pid,
+            batch_code: None,
+            syscall_ip,
+            base,
+            mem,
+            scratch: 0,
+            scratch_len: 0,
+            scratch_used: 0,
+            deferred: Vec::new(),
+            scratch_floor: 0,
+            deferred_run: 0,
+        })
     }
 
     pub fn pid(&self) -> Pid {
@@ -93,8 +127,14 @@ impl Injector {
     }
 
     /// Runs one system call in the tracee and returns the raw result (negative errno on
-    /// failure).
+    /// failure). Deferred calls run first.
     pub fn syscall_raw(&mut self, nr: libc::c_long, args: &[u64]) -> Result<i64> {
+        self.flush()?;
+        self.single(nr, args)
+    }
+
+    /// One system call through the syscall-entry and -exit stops.
+    fn single(&mut self, nr: libc::c_long, args: &[u64]) -> Result<i64> {
         INJECTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         ROUND_TRIPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         debug_assert!(args.len() <= 6);
@@ -139,13 +179,69 @@ impl Injector {
         Ok(())
     }
 
+    /// Queues `calls` to run in front of the next batch (or single call): for calls whose
+    /// results nothing waits for, which then cost no round trip of their own. The scratch
+    /// memory staged for them so far stays theirs until they ran (`reset_scratch` keeps it).
+    /// A failure (or a result other than the one expected) is an error of whatever runs them,
+    /// naming the deferred call.
+    pub fn defer(&mut self, calls: Vec<Call>) {
+        if calls.is_empty() {
+            return;
+        }
+        self.deferred.extend(calls);
+        self.scratch_floor = self.scratch_used;
+    }
+
+    /// Runs the deferred calls now, if any.
+    pub fn flush(&mut self) -> Result<()> {
+        self.try_batch(&[]).map(|_| ())
+    }
+
+    /// A mark that `flush_through` takes: the calls deferred up to now.
+    pub fn deferred_mark(&self) -> usize {
+        self.deferred_run + self.deferred.len()
+    }
+
+    /// Makes sure the calls deferred before `mark` have run (flushing if they have not).
+    pub fn flush_through(&mut self, mark: usize) -> Result<()> {
+        if self.deferred_run < mark {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
     /// Like `run_batch`, but a failing call is not an error: `Ok(Err((index, errno)))` says
-    /// which call failed and why (the calls before it ran, the ones after did not).
+    /// which call failed and why (the calls before it ran, the ones after did not). Deferred
+    /// calls run first; their failures are errors.
     pub fn try_batch(&mut self, calls: &[Call]) -> Result<std::result::Result<Vec<u64>, (usize, i32)>> {
+        let deferred = std::mem::take(&mut self.deferred);
+        let queued = deferred.len();
+        let all: Vec<&Call> = deferred.iter().chain(calls).collect();
+        let ran = self.run_in_order(&all);
+        // (Whatever happened, the deferred calls are gone: run, or failed with an error.)
+        self.deferred_run += queued;
+        self.scratch_floor = 0;
+        let (results, failed) = match ran? {
+            Ok(r) => (r, None),
+            Err((i, errno)) if i < queued => bail!("{}: {}", all[i].what, std::io::Error::from_raw_os_error(errno)),
+            Err((i, errno)) => (Vec::new(), Some((i - queued, errno))),
+        };
+        if let Some(failed) = failed {
+            return Ok(Err(failed));
+        }
+        for (c, r) in all.iter().zip(&results) {
+            c.check(*r)?;
+        }
+        Ok(Ok(results[queued..].to_vec()))
+    }
+
+    /// Runs `calls` in order (in batches of the runner where it is set up, else one by one),
+    /// stopping at the first failure: `Ok(Err((index, errno)))`.
+    fn run_in_order(&mut self, calls: &[&Call]) -> Result<std::result::Result<Vec<u64>, (usize, i32)>> {
         let mut results = Vec::with_capacity(calls.len());
         if self.batch_code.is_none() {
             for (i, c) in calls.iter().enumerate() {
-                let r = self.syscall_raw(c.nr, &c.args)?;
+                let r = self.single(c.nr, &c.args)?;
                 if (-4095..0).contains(&r) {
                     return Ok(Err((i, -r as i32)));
                 }
@@ -153,7 +249,6 @@ impl Injector {
             }
             return Ok(Ok(results));
         }
-        // As many entries per round as fit in the scratch area left.
         for (k, chunk) in calls.chunks(256).enumerate() {
             match self.batch_round(chunk)? {
                 Ok(r) => results.extend(r),
@@ -174,7 +269,7 @@ impl Injector {
     }
 
     /// One round of the batch runner over at most 256 calls.
-    fn batch_round(&mut self, chunk: &[Call]) -> Result<std::result::Result<Vec<u64>, (usize, i32)>> {
+    fn batch_round(&mut self, chunk: &[&Call]) -> Result<std::result::Result<Vec<u64>, (usize, i32)>> {
         let code = self.batch_code.context("internal error: no batch code area")?;
         let mut table = Vec::with_capacity(chunk.len() * 64);
         for c in chunk {
@@ -231,9 +326,10 @@ impl Injector {
         self.scratch_used = 0;
     }
 
-    /// Forgets what was staged, making the whole scratch area available again.
+    /// Forgets what was staged, making the scratch area available again (but what deferred
+    /// calls still need).
     pub fn reset_scratch(&mut self) {
-        self.scratch_used = 0;
+        self.scratch_used = self.scratch_floor;
     }
 
     /// Copies `data` into the scratch area and returns its address in the tracee.
@@ -268,5 +364,91 @@ impl Injector {
         }
         self.scratch_used = start + len;
         Ok(self.scratch + start)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stopped child of ours under ptrace, with a control area for the batch runner
+    /// (killed when the test ends).
+    fn traced_child() -> (Injector, Pid) {
+        // SAFETY: the child makes only raw system calls before it stops (the test harness
+        // has other threads).
+        let r = unsafe { libc::fork() };
+        assert!(r >= 0, "fork");
+        if r == 0 {
+            // SAFETY: plain system calls without memory arguments.
+            unsafe {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+                libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0);
+                libc::raise(libc::SIGSTOP);
+                libc::_exit(0);
+            }
+        }
+        let pid = Pid::from_raw(r);
+        nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::__WALL)).unwrap();
+        nix::sys::ptrace::setoptions(pid, nix::sys::ptrace::Options::PTRACE_O_TRACESYSGOOD | nix::sys::ptrace::Options::PTRACE_O_EXITKILL).unwrap();
+        let maps = crate::procfs::read_maps(pid).unwrap();
+        let vdso = maps.iter().find(|m| m.name == "[vdso]").expect("a [vdso]");
+        let mut code = vec![0u8; (vdso.end - vdso.start) as usize];
+        std::fs::File::open(format!("/proc/{pid}/mem")).unwrap().read_exact_at(&mut code, vdso.start).unwrap();
+        let ip = vdso.start + code.windows(2).position(|w| w == crate::arch::native::SYSCALL_INSN).unwrap() as u64;
+        let mut inj = Injector::new(pid, ip).unwrap();
+        let rwx = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
+        let area = inj.syscall(libc::SYS_mmap, &[0, 1 << 16, rwx, (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64, u64::MAX, 0], "mmap").unwrap();
+        inj.set_batch_code_area(area).unwrap();
+        inj.set_scratch(area + 4096, (1 << 16) - 4096);
+        (inj, pid)
+    }
+
+    /// Deferred calls run in front of the next batch, in order, keep their staged memory
+    /// across a scratch reset, and fail (or return the unexpected) in the error of whatever
+    /// runs them, by their own name.
+    #[test]
+    fn deferred_calls_run_with_the_next_batch() {
+        let (mut inj, pid) = traced_child();
+        let me = nix::unistd::getpid().as_raw() as u64;
+        let child = pid.as_raw() as u64;
+
+        // Its name set by a deferred call whose argument is staged, then the scratch reset
+        // and reused before the flush: the name must still be the one staged.
+        let name = inj.stage(b"deferred\0").unwrap();
+        inj.defer(vec![Call::new(libc::SYS_prctl, &[libc::PR_SET_NAME as u64, name], "naming it").expecting(0)]);
+        inj.reset_scratch();
+        let other = inj.stage(b"clobbered\0").unwrap();
+        assert_ne!(other, name, "the deferred call's memory was handed out again");
+        let rounds = ROUND_TRIPS.load(std::sync::atomic::Ordering::Relaxed);
+        let got = inj.run_batch(&[Call::new(libc::SYS_getppid, &[], "getppid"), Call::new(libc::SYS_getpid, &[], "getpid")]).unwrap();
+        assert_eq!(got, vec![me, child], "results of the batch's own calls only");
+        assert_eq!(ROUND_TRIPS.load(std::sync::atomic::Ordering::Relaxed), rounds + 1, "one round trip for deferred and own calls");
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+        assert_eq!(comm.trim(), "deferred");
+
+        // Nothing deferred: flushing costs nothing.
+        let rounds = ROUND_TRIPS.load(std::sync::atomic::Ordering::Relaxed);
+        inj.flush().unwrap();
+        assert_eq!(ROUND_TRIPS.load(std::sync::atomic::Ordering::Relaxed), rounds);
+
+        // A failing deferred call is the error of the batch that ran it, by its name; the
+        // batch's own calls did not run.
+        inj.defer(vec![Call::new(libc::SYS_close, &[9999], "closing fd 9999")]);
+        let e = inj.try_batch(&[Call::new(libc::SYS_getpid, &[], "getpid")]).unwrap_err().to_string();
+        assert!(e.contains("closing fd 9999") && e.contains("Bad file descriptor"), "{e}");
+
+        // An unexpected result is an error too, also before a single call.
+        inj.defer(vec![Call::new(libc::SYS_getpid, &[], "asking its pid").expecting(child + 1)]);
+        let e = inj.syscall(libc::SYS_getppid, &[], "getppid").unwrap_err().to_string();
+        assert!(e.contains("asking its pid") && e.contains("instead of"), "{e}");
+
+        // A mark is flushed through once, then costs nothing.
+        inj.defer(vec![Call::new(libc::SYS_getpid, &[], "getpid").expecting(child)]);
+        let mark = inj.deferred_mark();
+        inj.flush_through(mark).unwrap();
+        let rounds = ROUND_TRIPS.load(std::sync::atomic::Ordering::Relaxed);
+        inj.flush_through(mark).unwrap();
+        assert_eq!(ROUND_TRIPS.load(std::sync::atomic::Ordering::Relaxed), rounds);
+        ptrace::kill_quietly(pid);
     }
 }

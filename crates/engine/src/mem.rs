@@ -667,8 +667,6 @@ pub fn validate_layout(vmas: &[Vma]) -> Result<()> {
     Ok(())
 }
 
-/// Creates every non-special mapping of the image in the (emptied) restore process, writable
-/// so pages can be written in. Files are opened inside the process and closed again.
 /// The protection a mapping is created with: writable (so its pages can be written in) when
 /// that matches its history — it is charged (VM_ACCOUNT, i.e. it was writable) or anonymous,
 /// where MAP_NORESERVE keeps an unaccounted one uncharged — and its final protection
@@ -685,6 +683,9 @@ fn initial_prot(v: &Vma) -> u32 {
     }
 }
 
+/// Creates every non-special mapping of the image in the (emptied) restore process, writable
+/// so pages can be written in. Files are opened inside the process (one batch) and closed
+/// again; the mappings are deferred calls (`Injector::defer`), made with the next batch.
 pub fn create_mappings(inj: &mut Injector, vmas: &[Vma]) -> Result<()> {
     let files = open_mapped_files(inj, vmas)?;
     let mut calls = Vec::with_capacity(vmas.len() + 8);
@@ -710,11 +711,10 @@ pub fn create_mappings(inj: &mut Injector, vmas: &[Vma]) -> Result<()> {
         };
         // MAP_FIXED_NOREPLACE: the address space was emptied, so nothing may be there; an
         // image whose mappings collide gets an error instead of a silent overwrite.
-        calls.push(Call::new(
-            libc::SYS_mmap,
-            &[v.start, len, prot, flags | libc::MAP_FIXED_NOREPLACE as u64, fd, v.offset],
-            format!("mapping {:#x}-{:#x}", v.start, v.end),
-        ));
+        calls.push(
+            Call::new(libc::SYS_mmap, &[v.start, len, prot, flags | libc::MAP_FIXED_NOREPLACE as u64, fd, v.offset], format!("mapping {:#x}-{:#x}", v.start, v.end))
+                .expecting(v.start),
+        );
         for advice in &v.advice {
             calls.push(Call::new(libc::SYS_madvise, &[v.start, len, *advice as u64], format!("madvise({advice}) on {:#x}-{:#x}", v.start, v.end)));
         }
@@ -722,12 +722,8 @@ pub fn create_mappings(inj: &mut Injector, vmas: &[Vma]) -> Result<()> {
     for fd in files.into_values() {
         calls.push(Call::new(libc::SYS_close, &[fd], "closing a mapped file"));
     }
-    let results = inj.run_batch(&calls)?;
-    for (c, r) in calls.iter().zip(results) {
-        if c.nr == libc::SYS_mmap && r != c.args[0] {
-            bail!("mapping at {:#x} landed at {r:#x}", c.args[0]);
-        }
-    }
+    // (Nothing waits for them: they run with the next batch — see `Injector::defer`.)
+    inj.defer(calls);
     Ok(())
 }
 
@@ -798,14 +794,15 @@ pub fn check_page_run(vmas: &[Vma], addr: u64, len: u64) -> Result<&Vma> {
     }
 }
 
-/// Gives every mapping its final protection once its pages are in.
-pub fn finish(inj: &mut Injector, vmas: &[Vma]) -> Result<()> {
+/// Gives every mapping its final protection once its pages are in (deferred: they run with
+/// the next batch).
+pub fn finish(inj: &mut Injector, vmas: &[Vma]) {
     let calls: Vec<Call> = vmas
         .iter()
         .filter(|v| initial_prot(v) != v.prot)
         .map(|v| Call::new(libc::SYS_mprotect, &[v.start, v.end - v.start, v.prot as u64], format!("setting the protection of {:#x}-{:#x}", v.start, v.end)))
         .collect();
-    inj.run_batch(&calls).map(|_| ())
+    inj.defer(calls);
 }
 
 #[cfg(test)]

@@ -86,11 +86,13 @@ pub fn restore(inj: &mut Injector, mm: &MmFields) -> Result<()> {
         Some(id) => {
             crate::mem::check_file(id, "executable")?;
             let path = inj.stage_cstr(&id.path)?;
-            inj.syscall(
+            let open = Call::new(
                 libc::SYS_openat,
                 &[libc::AT_FDCWD as u64, path, (libc::O_RDONLY | libc::O_CLOEXEC) as u64],
-                format_args!("opening the executable {:?}", id.path),
-            )?
+                format!("opening the executable {:?}", id.path),
+            );
+            // (A batch of one: the calls deferred before run with it.)
+            inj.run_batch(&[open])?.first().copied().context("internal error: no result of opening the executable")?
         }
         None => u32::MAX as u64,
     };
@@ -125,5 +127,7 @@ pub fn restore(inj: &mut Injector, mm: &MmFields) -> Result<()> {
         // (If the prctl fails the fd stays open: the half-made process is killed anyway.)
         calls.push(Call::new(libc::SYS_close, &[exe_fd], "closing the executable"));
     }
-    inj.run_batch(&calls).map(|_| ())
+    // (Nothing waits for them: they run with the next batch.)
+    inj.defer(calls);
+    Ok(())
 }

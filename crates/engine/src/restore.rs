@@ -13,7 +13,9 @@
 //! 4. Shape it: the [vdso]/[vvar] pages moved to the image's addresses, the image's mappings
 //!    created; mm fields, cwd/umask/limits, fds and signal actions set while the pages are
 //!    still coming; the pages placed (through the process's userfaultfd where it can be had),
-//!    protections set; thread state and credentials last, in one batch.
+//!    protections set; thread state and credentials last, in one batch. Calls whose results
+//!    nothing waits for (moves, mappings, mm fields, signal actions, protections) are
+//!    deferred to run with the next batch: a small restore takes 6 ptrace round trips.
 //! 5. Let it go: the control area is unmapped (the last injected call), the registers, XSAVE
 //!    area and blocked mask are set, and ptrace detaches. The process continues where it was
 //!    captured.
@@ -439,7 +441,7 @@ fn empty(pid: Pid, vmas: &[Vma]) -> Result<Emptied> {
         from = from.max(e);
     }
     // (Anything left would make create_mappings' MAP_FIXED_NOREPLACE fail, loudly.)
-    run_checking_moves(&mut inj, &calls)?;
+    inj.run_batch(&calls)?;
     Ok(Emptied { inj, control, parked, parking: (parking, parking_end) })
 }
 
@@ -469,7 +471,8 @@ fn shape<R: Read + Send>(stub: &mut Stub, img: &ProcessImage, reader: &mut Image
             None => moves.push(Call::new(libc::SYS_munmap, &[*at, *len], "unmapping an unused kernel special mapping")),
         }
     }
-    run_checking_moves(inj, &moves)?;
+    // (Deferred, as is what follows up to the files' opening: they share its round trip.)
+    inj.defer(moves);
     for v in &img.vmas {
         if let VmaKind::Special(k) = v.kind {
             if k != SpecialMap::Vsyscall && !parked.iter().any(|(pk, _, _)| *pk == k) {
@@ -483,6 +486,7 @@ fn shape<R: Read + Send>(stub: &mut Stub, img: &ProcessImage, reader: &mut Image
     // not. (The full identity is set last, `creds::restore`; these are its file-access parts.)
     act_as_owner_for_files(inj, &img.creds)?;
     mem::create_mappings(inj, &img.vmas)?;
+    let mapped = inj.deferred_mark();
     let uffd = mem::open_uffd(inj, &img.vmas)?;
     tl.mark("mappings");
     // What needs only the process record, done while the pages are still on their way (none
@@ -495,6 +499,7 @@ fn shape<R: Read + Send>(stub: &mut Stub, img: &ProcessImage, reader: &mut Image
     // A big transfer wants both CPUs (a reader thread verifies records while we place them).
     let big = mem::is_big(&img.vmas);
     cpus.widen(big);
+    inj.flush_through(mapped)?; // (the mappings exist before their pages are written)
     let filled = mem::fill_pages(inj, &img.vmas, reader, uffd);
     cpus.widen(false);
     let (page_bytes, by_uffd) = filled?;
@@ -503,7 +508,7 @@ fn shape<R: Read + Send>(stub: &mut Stub, img: &ProcessImage, reader: &mut Image
     // After the pages: the protections (a read-only page is filled first), the thread's
     // rseq area (the kernel writes into it) and the credentials, last, in one batch with
     // the rest.
-    mem::finish(inj, &img.vmas)?;
+    mem::finish(inj, &img.vmas);
     let thread = &img.threads[0];
     threads::restore_pending(inj, thread, pid)?;
     inj.reset_scratch();
@@ -548,8 +553,7 @@ fn act_as_owner_for_files(inj: &mut Injector, c: &telefork_image::Creds) -> Resu
         Call::new(libc::SYS_setfsgid, &[fsgid], "taking the owner's filesystem gid to open files"),
         Call::new(libc::SYS_setfsuid, &[fsuid], "taking the owner's filesystem uid to open files"),
     ];
-    inj.run_batch(&calls)?;
-    inj.reset_scratch();
+    inj.defer(calls.into());
     Ok(())
 }
 
@@ -568,20 +572,10 @@ fn stub_specials(maps: &[procfs::MapsEntry]) -> Vec<(SpecialMap, u64, u64)> {
         .collect()
 }
 
-/// A call that moves the `len` bytes mapped at `from` to `to` (mremap, fixed); checked by
-/// `run_checking_moves`.
+/// A call that moves the `len` bytes mapped at `from` to `to` (mremap, fixed), failing
+/// unless it lands there.
 fn move_call(from: u64, len: u64, to: u64, what: String) -> Call {
-    Call::new(libc::SYS_mremap, &[from, len, len, (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64, to], what)
-}
-
-/// Runs `calls` in one batch and checks that every move of `move_call` landed where asked.
-fn run_checking_moves(inj: &mut Injector, calls: &[Call]) -> Result<()> {
-    for (c, r) in calls.iter().zip(inj.run_batch(calls)?) {
-        if c.nr == libc::SYS_mremap && r != c.args[4] {
-            bail!("{}: landed at {r:#x} instead of {:#x}", c.what, c.args[4]);
-        }
-    }
-    Ok(())
+    Call::new(libc::SYS_mremap, &[from, len, len, (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64, to], what).expecting(to)
 }
 
 /// Whether ranges `a` and `b` are at least `GUARD_GAP` apart.

@@ -99,7 +99,9 @@ pub fn restore_process(inj: &mut Injector, img: &ProcessImage) -> Result<()> {
             )
         })
         .collect();
-    inj.run_batch(&calls)?;
+    // (Nothing waits for them: they run with the next batch, or before the first
+    // rt_sigqueueinfo below.)
+    inj.defer(calls);
 
     let pid = inj.pid().as_raw();
     let info = inj.alloc_zeroed(128)?;

@@ -38,9 +38,14 @@ pub fn capture_calls(inj: &mut Injector) -> Result<(Vec<Call>, ThreadReads)> {
     // stack_t: { void *ss_sp; int ss_flags; /* pad */ size_t ss_size; }
     let altstack = inj.alloc_zeroed(24)?;
     let tid_address = inj.alloc_zeroed(8)?;
+    let tid = inj.pid();
     let calls = vec![
-        Call::new(libc::SYS_sigaltstack, &[0, altstack], "reading the alternate signal stack: sigaltstack"),
-        Call::new(libc::SYS_prctl, &[libc::PR_GET_TID_ADDRESS as u64, tid_address], "reading the clear_child_tid address: prctl(PR_GET_TID_ADDRESS)"),
+        Call::new(libc::SYS_sigaltstack, &[0, altstack], format!("reading the alternate signal stack of thread {tid}: sigaltstack")),
+        Call::new(
+            libc::SYS_prctl,
+            &[libc::PR_GET_TID_ADDRESS as u64, tid_address],
+            format!("reading the clear_child_tid address of thread {tid}: prctl(PR_GET_TID_ADDRESS)"),
+        ),
     ];
     Ok((calls, ThreadReads { altstack, tid_address }))
 }
