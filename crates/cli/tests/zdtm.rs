@@ -593,9 +593,10 @@ fn sparse() {
 }
 
 /// Memory is placed through the new process's userfaultfd when the kernel allows (and the
-/// process is big enough, or always: forced here), by populate + write otherwise: both ways must give the same memory (anon_memory: patterns,
-/// guard and read-only pages, shared memory; sparse: untouched pages read as zero afterwards,
-/// so nothing is left registered), and the debug report says which way ran.
+/// process is big enough, or always: forced here), by populate + write otherwise: both ways
+/// must give the same memory (anon_memory: patterns, guard and read-only pages, shared
+/// memory; sparse: untouched pages read as zero afterwards, so nothing is left registered),
+/// and the debug report says which way ran.
 #[test]
 fn memory_with_and_without_userfaultfd() {
     let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());

@@ -221,41 +221,41 @@ impl Injector {
         // (Whatever happened, the deferred calls are gone: run, or failed with an error.)
         self.deferred_run += queued;
         self.scratch_floor = 0;
-        let (results, failed) = match ran? {
-            Ok(r) => (r, None),
-            Err((i, errno)) if i < queued => bail!("{}: {}", all[i].what, std::io::Error::from_raw_os_error(errno)),
-            Err((i, errno)) => (Vec::new(), Some((i - queued, errno))),
-        };
-        if let Some(failed) = failed {
-            return Ok(Err(failed));
-        }
+        let (results, failed) = ran?;
+        // Every call that ran is checked, also those before a failure.
         for (c, r) in all.iter().zip(&results) {
             c.check(*r)?;
         }
-        Ok(Ok(results[queued..].to_vec()))
+        match failed {
+            None => Ok(Ok(results[queued..].to_vec())),
+            Some((i, errno)) if i < queued => bail!("{}: {}", all[i].what, std::io::Error::from_raw_os_error(errno)),
+            Some((i, errno)) => Ok(Err((i - queued, errno))),
+        }
     }
 
     /// Runs `calls` in order (in batches of the runner where it is set up, else one by one),
-    /// stopping at the first failure: `Ok(Err((index, errno)))`.
-    fn run_in_order(&mut self, calls: &[&Call]) -> Result<std::result::Result<Vec<u64>, (usize, i32)>> {
+    /// stopping at the first failure: the results of the calls that succeeded, and the
+    /// failure (index, errno), if any.
+    fn run_in_order(&mut self, calls: &[&Call]) -> Result<(Vec<u64>, Option<(usize, i32)>)> {
         let mut results = Vec::with_capacity(calls.len());
         if self.batch_code.is_none() {
             for (i, c) in calls.iter().enumerate() {
                 let r = self.single(c.nr, &c.args)?;
                 if (-4095..0).contains(&r) {
-                    return Ok(Err((i, -r as i32)));
+                    return Ok((results, Some((i, -r as i32))));
                 }
                 results.push(r as u64);
             }
-            return Ok(Ok(results));
+            return Ok((results, None));
         }
         for (k, chunk) in calls.chunks(256).enumerate() {
-            match self.batch_round(chunk)? {
-                Ok(r) => results.extend(r),
-                Err((i, errno)) => return Ok(Err((k * 256 + i, errno))),
+            let (done, failed) = self.batch_round(chunk)?;
+            results.extend(done);
+            if let Some((i, errno)) = failed {
+                return Ok((results, Some((k * 256 + i, errno))));
             }
         }
-        Ok(Ok(results))
+        Ok((results, None))
     }
 
     /// Runs `calls` in order inside the tracee with one ptrace round trip, stopping at the
@@ -269,7 +269,7 @@ impl Injector {
     }
 
     /// One round of the batch runner over at most 256 calls.
-    fn batch_round(&mut self, chunk: &[&Call]) -> Result<std::result::Result<Vec<u64>, (usize, i32)>> {
+    fn batch_round(&mut self, chunk: &[&Call]) -> Result<(Vec<u64>, Option<(usize, i32)>)> {
         let code = self.batch_code.context("internal error: no batch code area")?;
         let mut table = Vec::with_capacity(chunk.len() * 64);
         for c in chunk {
@@ -295,11 +295,11 @@ impl Injector {
             let off = i * 64 + 56;
             let ret = i64::from_ne_bytes(out[off..off + 8].try_into().unwrap_or([0; 8]));
             if (-4095..0).contains(&ret) {
-                return Ok(Err((i, -ret as i32)));
+                return Ok((results, Some((i, -ret as i32))));
             }
             results.push(ret as u64);
         }
-        Ok(Ok(results))
+        Ok((results, None))
     }
 
     pub fn read_mem(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
@@ -349,6 +349,16 @@ impl Injector {
         self.stage(&v)
     }
 
+    /// Bytes of scratch not staged yet.
+    pub fn scratch_left(&self) -> u64 {
+        self.scratch_len.saturating_sub(self.scratch_used)
+    }
+
+    /// How many calls are deferred (see `defer`).
+    pub fn deferred_len(&self) -> usize {
+        self.deferred.len()
+    }
+
     /// Reserves `len` zeroed bytes of scratch (for a system call to write into).
     pub fn alloc_zeroed(&mut self, len: u64) -> Result<u64> {
         self.stage(&vec![0u8; len as usize])
@@ -371,9 +381,17 @@ impl Injector {
 mod tests {
     use super::*;
 
-    /// A stopped child of ours under ptrace, with a control area for the batch runner
-    /// (killed when the test ends).
-    fn traced_child() -> (Injector, Pid) {
+    /// Kills the traced child however the test ends.
+    struct Killed(Pid);
+
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            ptrace::kill_quietly(self.0);
+        }
+    }
+
+    /// A stopped child of ours under ptrace, with a control area for the batch runner.
+    fn traced_child() -> (Injector, Killed) {
         // SAFETY: the child makes only raw system calls before it stops (the test harness
         // has other threads).
         let r = unsafe { libc::fork() };
@@ -400,7 +418,7 @@ mod tests {
         let area = inj.syscall(libc::SYS_mmap, &[0, 1 << 16, rwx, (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64, u64::MAX, 0], "mmap").unwrap();
         inj.set_batch_code_area(area).unwrap();
         inj.set_scratch(area + 4096, (1 << 16) - 4096);
-        (inj, pid)
+        (inj, Killed(pid))
     }
 
     /// Deferred calls run in front of the next batch, in order, keep their staged memory
@@ -408,7 +426,8 @@ mod tests {
     /// runs them, by their own name.
     #[test]
     fn deferred_calls_run_with_the_next_batch() {
-        let (mut inj, pid) = traced_child();
+        let (mut inj, child_guard) = traced_child();
+        let pid = child_guard.0;
         let me = nix::unistd::getpid().as_raw() as u64;
         let child = pid.as_raw() as u64;
 
@@ -442,6 +461,15 @@ mod tests {
         let e = inj.syscall(libc::SYS_getppid, &[], "getppid").unwrap_err().to_string();
         assert!(e.contains("asking its pid") && e.contains("instead of"), "{e}");
 
+        // A deferred call's result is checked also when the batch's own call then fails.
+        inj.defer(vec![Call::new(libc::SYS_getpid, &[], "asking its pid again").expecting(child + 1)]);
+        let e = inj.try_batch(&[Call::new(libc::SYS_close, &[9999], "closing fd 9999")]).unwrap_err().to_string();
+        assert!(e.contains("asking its pid again"), "{e}");
+        // The batch's own failure, after deferred calls that went well, is its to handle.
+        inj.defer(vec![Call::new(libc::SYS_getpid, &[], "getpid").expecting(child)]);
+        let r = inj.try_batch(&[Call::new(libc::SYS_getpid, &[], "getpid"), Call::new(libc::SYS_close, &[9999], "closing fd 9999")]).unwrap();
+        assert_eq!(r, Err((1, libc::EBADF)));
+
         // A mark is flushed through once, then costs nothing.
         inj.defer(vec![Call::new(libc::SYS_getpid, &[], "getpid").expecting(child)]);
         let mark = inj.deferred_mark();
@@ -449,6 +477,5 @@ mod tests {
         let rounds = ROUND_TRIPS.load(std::sync::atomic::Ordering::Relaxed);
         inj.flush_through(mark).unwrap();
         assert_eq!(ROUND_TRIPS.load(std::sync::atomic::Ordering::Relaxed), rounds);
-        ptrace::kill_quietly(pid);
     }
 }

@@ -511,14 +511,6 @@ fn write_pages_spliced<W: std::io::Write + Send>(
     })
 }
 
-/// Streams the image's page records into the restored process. A second thread reads and
-/// verifies records while this one (the tracer) places the previous one: into private
-/// anonymous memory with UFFDIO_COPY through the process's userfaultfd (`uffd`: fresh pages
-/// allocated and filled in one pass), elsewhere — or where the kernel has no userfaultfd —
-/// by populating the range in bulk (an injected MADV_POPULATE_WRITE, far cheaper than
-/// faulting page by page) and copying with process_vm_writev (or /proc/PID/mem where the
-/// mapping is not writable). Returns the number of bytes written, and how many of them went
-/// through userfaultfd.
 /// The new process's userfaultfd with its private anonymous mappings registered, for
 /// `fill_pages` (None where userfaultfd is absent, forbidden or turned off). Opened before the
 /// image's limits are in place (a low RLIMIT_NOFILE would refuse it).
@@ -533,7 +525,11 @@ pub fn open_uffd(inj: &mut Injector, vmas: &[Vma]) -> Result<Option<RemoteUffd>>
     let wanted = match std::env::var("TELEFORK_USERFAULTFD").as_deref() {
         Ok("never") => false,
         Ok("always") => true,
-        _ => span > UFFD_MIN,
+        Ok(other) => {
+            eprintln!("telefork: ignoring TELEFORK_USERFAULTFD={other:?} (never or always)");
+            span > UFFD_MIN
+        }
+        Err(_) => span > UFFD_MIN,
     };
     if !wanted {
         return Ok(None);
@@ -545,6 +541,14 @@ pub fn open_uffd(inj: &mut Injector, vmas: &[Vma]) -> Result<Option<RemoteUffd>>
 /// through userfaultfd (see `open_uffd`).
 const UFFD_MIN: u64 = 16 << 20;
 
+/// Streams the image's page records into the restored process. A second thread reads and
+/// verifies records while this one (the tracer) places the previous one: into private
+/// anonymous memory with UFFDIO_COPY through the process's userfaultfd (`uffd`: fresh pages
+/// allocated and filled in one pass), elsewhere — or where the kernel has no userfaultfd —
+/// by populating the range in bulk (an injected MADV_POPULATE_WRITE, far cheaper than
+/// faulting page by page) and copying with process_vm_writev (or /proc/PID/mem where the
+/// mapping is not writable). Returns the number of bytes written, and how many of them went
+/// through userfaultfd.
 pub fn fill_pages<R: std::io::Read + Send>(inj: &mut Injector, vmas: &[Vma], reader: &mut telefork_image::ImageReader<R>, uffd: Option<RemoteUffd>) -> Result<(u64, u64)> {
     let pid = inj.pid();
     let (mut total, mut by_uffd) = (0u64, 0u64);
@@ -556,8 +560,10 @@ pub fn fill_pages<R: std::io::Read + Send>(inj: &mut Injector, vmas: &[Vma], rea
                 by_uffd += data.len() as u64;
             }
             _ => {
-                // Populating costs one injected call: worth it for big runs only.
+                // Populating costs one injected call: worth it for big runs only. (Calls still
+                // deferred run first, and their failures count.)
                 if data.len() >= POPULATE_MIN && initial_prot(vma) & libc::PROT_WRITE as u32 != 0 {
+                    inj.flush()?;
                     // Best effort: an old kernel without MADV_POPULATE_WRITE just faults later.
                     let _ = inj.syscall_raw(libc::SYS_madvise, &[addr, data.len() as u64, MADV_POPULATE_WRITE]);
                 }
@@ -755,18 +761,20 @@ fn open_mapped_files(inj: &mut Injector, vmas: &[Vma]) -> Result<HashMap<(String
         }
         files.insert((id.path.clone(), true), fd as u64);
     }
-    // One batch per 64 KiB of paths, so the paths staged for it fit the scratch area.
+    // As many paths per batch as fit the scratch area with the batch's table (64 bytes a
+    // call, the deferred calls that run with it included).
     let mut rest = &private[..];
     while !rest.is_empty() {
-        let mut bytes = 0;
+        inj.reset_scratch();
+        let mut room = inj.scratch_left().saturating_sub(inj.deferred_len() as u64 * 64 + 64);
         let n = rest.iter().take_while(|p| {
-            bytes += p.len() + 32;
-            bytes <= 64 << 10
+            let need = (p.len() as u64 + 1).next_multiple_of(16) + 64;
+            room = room.saturating_sub(need);
+            room > 0
         });
         let n = n.count().max(1);
         let (chunk, later) = rest.split_at(n);
         rest = later;
-        inj.reset_scratch();
         let mut calls = Vec::with_capacity(chunk.len());
         for path in chunk {
             let at = inj.stage_cstr(path)?;

@@ -12,7 +12,7 @@
 //!    aside, and every other mapping of the fork is unmapped.
 //! 4. Shape it: the [vdso]/[vvar] pages moved to the image's addresses, the image's mappings
 //!    created; mm fields, cwd/umask/limits, fds and signal actions set while the pages are
-//!    still coming; the pages placed (through the process's userfaultfd where it can be had),
+//!    still coming; the pages placed (a big process's through its userfaultfd where it can be had),
 //!    protections set; thread state and credentials last, in one batch. Calls whose results
 //!    nothing waits for (moves, mappings, mm fields, signal actions, protections) are
 //!    deferred to run with the next batch: a small restore takes 6 ptrace round trips.

@@ -1,5 +1,5 @@
-//! A userfaultfd of the process being restored, held by the restorer: the way its anonymous
-//! memory is filled.
+//! A userfaultfd of the process being restored, held by the restorer: the way the anonymous
+//! memory of a big process is filled (`mem::open_uffd` decides).
 //!
 //! The fd is created inside the stopped process (an injected userfaultfd(2): it belongs to
 //! that process's address space) and copied out with pidfd_getfd. The restorer registers the
