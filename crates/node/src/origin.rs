@@ -228,19 +228,6 @@ impl Connecting {
         Ok(Connecting { name, addr, ahead: false, began: std::time::Instant::now(), made: Made::Pending(rx) })
     }
 
-    /// Whether the connection is made (or its making is over, with an error): `finish`
-    /// would not wait.
-    fn ready(&mut self) -> bool {
-        if let Made::Pending(rx) = &self.made {
-            match rx.try_recv() {
-                Ok(r) => self.made = Made::Done(Box::new(r)),
-                Err(std::sync::mpsc::TryRecvError::Empty) => return false,
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => return true,
-            }
-        }
-        true
-    }
-
     fn finish(self) -> Result<TlsChannel> {
         match self.made {
             Made::Done(r) => *r,
@@ -284,20 +271,6 @@ impl Link<'_> {
         let connecting = connecting.context("the connection to the destination failed")?;
         let ch = self.open(connecting)?;
         Ok(self.ch.get_or_init(|| ch))
-    }
-
-    /// Opens the connection and sends the offer now if that need not wait for a connection
-    /// still being made: the destination then checks and accepts the offer (and its session
-    /// is ready for the image) while the process is captured, not after.
-    fn offer_if_connected(&self) -> Result<()> {
-        let ready = match self.connecting.lock() {
-            Ok(mut c) => c.as_mut().is_some_and(Connecting::ready),
-            Err(_) => false,
-        };
-        if ready {
-            self.channel()?;
-        }
-        Ok(())
     }
 
     fn open(&self, connecting: Connecting) -> Result<TlsChannel> {
@@ -414,8 +387,7 @@ fn send_away(
     let image_bytes = (kib("VmRSS") + kib("VmSwap")) * 1024;
     let plain_image = shared.cfg.transport.image == crate::config::ImageTransport::Plain;
     // A small encrypted image follows its offer at once: one round trip less, and the capture
-    // begins while the connection is still being made — or, on a connection already open,
-    // the offer goes out now and is accepted while the process is captured. A big one waits for the answer (a
+    // begins while the connection is still being made. A big one waits for the answer (a
     // refused one would be sent for nothing), and so does a plain one (its raw bytes must not
     // reach the destination while it still reads TLS records ahead). So does one on a
     // prepared connection near its destination's idle limit: if it has just been dropped,
@@ -431,9 +403,7 @@ fn send_away(
         ch: std::sync::OnceLock::new(),
         opened: std::sync::OnceLock::new(),
     };
-    if image_follows {
-        link.offer_if_connected()?;
-    } else {
+    if !image_follows {
         link.channel()?;
         // (A program that went away meanwhile is noticed by the relay.)
         let _ = tell(FromDaemon::Accepted { node: name.clone() });
