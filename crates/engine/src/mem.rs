@@ -581,13 +581,19 @@ pub fn fill_pages<R: std::io::Read + Send>(inj: &mut Injector, vmas: &[Vma], rea
             buf = b;
         }
     } else {
-        // Big: a reader thread reads (and checks) the next records while we place these.
+        // Big: a reader thread reads (and checks) the next records, and two threads place
+        // them — we and a helper, on both CPUs: a VM places fresh memory several times
+        // faster from two vCPUs than from one (4 GiB: 4.2-5.8 GB/s against 1.0-2.9 GB/s,
+        // written by one thread or two). The helper writes without populating first (that is
+        // an injected call, ours) and through its own handle on /proc/PID/mem.
         let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<Option<(u64, Vec<u8>)>>>(BUFFERS);
         let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
         for _ in 0..BUFFERS {
             let _ = empty_tx.send(Vec::new());
         }
-        std::thread::scope(|scope| {
+        let records = Records { rx: std::sync::Mutex::new(full_rx), ended: std::sync::atomic::AtomicBool::new(false) };
+        let helper_mem = inj.mem_file().try_clone().context("duplicating the handle on the process's memory")?;
+        let helper_bytes = std::thread::scope(|scope| {
             scope.spawn(move || loop {
                 let Ok(spare) = empty_rx.recv() else { return };
                 let r = reader.next_pages_owned(spare).map_err(anyhow::Error::from);
@@ -596,19 +602,94 @@ pub fn fill_pages<R: std::io::Read + Send>(inj: &mut Injector, vmas: &[Vma], rea
                     return;
                 }
             });
-            loop {
-                let Some((addr, buf)) = full_rx.recv().context("the image reader stopped")?? else { break };
-                place(inj, addr, &buf[8..])?;
-                let _ = empty_tx.send(buf);
+            let helper = {
+                let (records, empty_tx, uffd) = (&records, empty_tx.clone(), uffd.as_ref());
+                scope.spawn(move || -> Result<(u64, u64)> {
+                    let (mut placed, mut through_uffd) = (0u64, 0u64);
+                    // (A failure here ends the records for us both.)
+                    let _end_on_failure = records.end_on_drop();
+                    while let Some((addr, buf)) = records.next()? {
+                        let data = &buf[8..];
+                        check_page_run(vmas, addr, data.len() as u64)?;
+                        match uffd {
+                            Some(u) if u.covers(addr, data.len() as u64) => {
+                                u.copy(addr, data)?;
+                                through_uffd += data.len() as u64;
+                            }
+                            _ => write_remote_with(&helper_mem, pid, addr, data)?,
+                        }
+                        placed += data.len() as u64;
+                        let _ = empty_tx.send(buf);
+                    }
+                    std::mem::forget(_end_on_failure);
+                    Ok((placed, through_uffd))
+                })
+            };
+            let ours = (|| -> Result<()> {
+                while let Some((addr, buf)) = records.next()? {
+                    place(inj, addr, &buf[8..])?;
+                    let _ = empty_tx.send(buf);
+                }
+                Ok(())
+            })();
+            if ours.is_err() {
+                records.ended.store(true, std::sync::atomic::Ordering::SeqCst);
             }
             drop(empty_tx);
-            Ok::<_, anyhow::Error>(())
+            let theirs = helper.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the thread placing pages panicked")));
+            ours?;
+            theirs
         })?;
+        total += helper_bytes.0;
+        by_uffd += helper_bytes.1;
     }
     if let Some(u) = uffd {
         u.release()?;
     }
     Ok((total, by_uffd))
+}
+
+/// The page records a reader thread passes to the threads that place them.
+struct Records {
+    rx: std::sync::Mutex<std::sync::mpsc::Receiver<Result<Option<(u64, Vec<u8>)>>>>,
+    /// The end was seen (or a placing thread failed): no more records for anyone.
+    ended: std::sync::atomic::AtomicBool,
+}
+
+impl Records {
+    /// Ends the records for every thread when dropped (on a placing thread's failure).
+    fn end_on_drop(&self) -> impl Drop + '_ {
+        struct End<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for End<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        End(&self.ended)
+    }
+
+    /// The next record, `None` at the image's end (for every thread that asks after it).
+    fn next(&self) -> Result<Option<(u64, Vec<u8>)>> {
+        if self.ended.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(None);
+        }
+        // (The lock held until `ended` is set: whoever comes next sees it.)
+        let rx = self.rx.lock().map_err(|_| anyhow::anyhow!("a thread placing pages failed"))?;
+        match rx.recv() {
+            Ok(Ok(Some(record))) => Ok(Some(record)),
+            Ok(Ok(None)) => {
+                self.ended.store(true, std::sync::atomic::Ordering::SeqCst);
+                Ok(None)
+            }
+            Ok(Err(e)) => {
+                self.ended.store(true, std::sync::atomic::Ordering::SeqCst);
+                Err(e)
+            }
+            // (The reader is gone: after the end another thread took, or after an error.)
+            Err(_) if self.ended.load(std::sync::atomic::Ordering::SeqCst) => Ok(None),
+            Err(_) => bail!("the image reader stopped"),
+        }
+    }
 }
 
 /// Whether the image's private memory is big enough to want both CPUs and a reader thread
@@ -627,6 +708,11 @@ const MADV_POPULATE_WRITE: u64 = 23;
 const POPULATE_MIN: usize = 1 << 20;
 
 fn write_remote(inj: &Injector, pid: Pid, addr: u64, data: &[u8]) -> Result<()> {
+    write_remote_with(inj.mem_file(), pid, addr, data)
+}
+
+/// process_vm_writev, or through `mem` (/proc/PID/mem: it may write to memory not writable yet).
+fn write_remote_with(mem: &std::fs::File, pid: Pid, addr: u64, data: &[u8]) -> Result<()> {
     let local = [std::io::IoSlice::new(data)];
     let remote = [nix::sys::uio::RemoteIoVec { base: addr as usize, len: data.len() }];
     if let Ok(n) = nix::sys::uio::process_vm_writev(pid, &local, &remote) {
@@ -634,7 +720,7 @@ fn write_remote(inj: &Injector, pid: Pid, addr: u64, data: &[u8]) -> Result<()> 
             return Ok(());
         }
     }
-    inj.write_mem(addr, data)
+    mem.write_all_at(data, addr).with_context(|| format!("writing {} bytes at {addr:#x} of process {pid}", data.len()))
 }
 
 /// Checks that a file mapped by the image is still the same file (size and modification
