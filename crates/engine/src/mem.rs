@@ -541,14 +541,15 @@ pub fn open_uffd(inj: &mut Injector, vmas: &[Vma]) -> Result<Option<RemoteUffd>>
 /// through userfaultfd (see `open_uffd`).
 const UFFD_MIN: u64 = 16 << 20;
 
-/// Streams the image's page records into the restored process. A second thread reads and
-/// verifies records while this one (the tracer) places the previous one: into private
-/// anonymous memory with UFFDIO_COPY through the process's userfaultfd (`uffd`: fresh pages
-/// allocated and filled in one pass), elsewhere — or where the kernel has no userfaultfd —
-/// by populating the range in bulk (an injected MADV_POPULATE_WRITE, far cheaper than
-/// faulting page by page) and copying with process_vm_writev (or /proc/PID/mem where the
-/// mapping is not writable). Returns the number of bytes written, and how many of them went
-/// through userfaultfd.
+/// Streams the image's page records into the restored process: into private anonymous
+/// memory with UFFDIO_COPY through the process's userfaultfd (`uffd`: fresh pages allocated
+/// and filled in one pass), elsewhere — or where userfaultfd is not used — by populating a
+/// big run in bulk (an injected MADV_POPULATE_WRITE, far cheaper than faulting page by page)
+/// and copying with process_vm_writev (or /proc/PID/mem where the mapping is not writable).
+/// A small image is read and placed by this thread (the tracer) alone; a big one is read
+/// and verified by a reader thread and, with userfaultfd, placed by this thread and a helper
+/// (which never populates: that is an injected call, the tracer's). Returns the number of
+/// bytes written, and how many of them went through userfaultfd.
 pub fn fill_pages<R: std::io::Read + Send>(inj: &mut Injector, vmas: &[Vma], reader: &mut telefork_image::ImageReader<R>, uffd: Option<RemoteUffd>) -> Result<(u64, u64)> {
     let pid = inj.pid();
     let (mut total, mut by_uffd) = (0u64, 0u64);
@@ -582,10 +583,12 @@ pub fn fill_pages<R: std::io::Read + Send>(inj: &mut Injector, vmas: &[Vma], rea
         }
     } else {
         // Big: a reader thread reads (and checks) the next records, and two threads place
-        // them — we and a helper, on both CPUs: a VM places fresh memory several times
-        // faster from two vCPUs than from one (4 GiB: 4.2-5.8 GB/s against 1.0-2.9 GB/s,
-        // written by one thread or two). The helper writes without populating first (that is
-        // an injected call, ours) and through its own handle on /proc/PID/mem.
+        // them — we and, with userfaultfd, a helper, on both CPUs: a VM places fresh memory
+        // several times faster from two vCPUs than from one (4 GiB written by two threads:
+        // 4.2-5.8 GB/s, by one: 1.0-2.9 GB/s). The helper writes what userfaultfd does not
+        // cover without populating first (an injected call, ours): with process_vm_writev,
+        // else through its own handle on /proc/PID/mem. Without userfaultfd (where most runs
+        // want populating) we place them all.
         let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<Option<(u64, Vec<u8>)>>>(BUFFERS);
         let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
         for _ in 0..BUFFERS {
@@ -602,8 +605,8 @@ pub fn fill_pages<R: std::io::Read + Send>(inj: &mut Injector, vmas: &[Vma], rea
                     return;
                 }
             });
-            let helper = {
-                let (records, empty_tx, uffd) = (&records, empty_tx.clone(), uffd.as_ref());
+            let helper = uffd.as_ref().map(|uffd| {
+                let (records, empty_tx) = (&records, empty_tx.clone());
                 scope.spawn(move || -> Result<(u64, u64)> {
                     let (mut placed, mut through_uffd) = (0u64, 0u64);
                     // (A failure here ends the records for us both.)
@@ -611,12 +614,11 @@ pub fn fill_pages<R: std::io::Read + Send>(inj: &mut Injector, vmas: &[Vma], rea
                     while let Some((addr, buf)) = records.next()? {
                         let data = &buf[8..];
                         check_page_run(vmas, addr, data.len() as u64)?;
-                        match uffd {
-                            Some(u) if u.covers(addr, data.len() as u64) => {
-                                u.copy(addr, data)?;
-                                through_uffd += data.len() as u64;
-                            }
-                            _ => write_remote_with(&helper_mem, pid, addr, data)?,
+                        if uffd.covers(addr, data.len() as u64) {
+                            uffd.copy(addr, data)?;
+                            through_uffd += data.len() as u64;
+                        } else {
+                            write_remote_with(&helper_mem, pid, addr, data)?;
                         }
                         placed += data.len() as u64;
                         let _ = empty_tx.send(buf);
@@ -624,19 +626,22 @@ pub fn fill_pages<R: std::io::Read + Send>(inj: &mut Injector, vmas: &[Vma], rea
                     std::mem::forget(_end_on_failure);
                     Ok((placed, through_uffd))
                 })
-            };
+            });
             let ours = (|| -> Result<()> {
+                // (A failure, or a panic, here ends the records for us both.)
+                let _end_on_failure = records.end_on_drop();
                 while let Some((addr, buf)) = records.next()? {
                     place(inj, addr, &buf[8..])?;
                     let _ = empty_tx.send(buf);
                 }
+                std::mem::forget(_end_on_failure);
                 Ok(())
             })();
-            if ours.is_err() {
-                records.ended.store(true, std::sync::atomic::Ordering::SeqCst);
-            }
             drop(empty_tx);
-            let theirs = helper.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the thread placing pages panicked")));
+            let theirs = match helper {
+                Some(h) => h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the thread placing pages panicked"))),
+                None => Ok((0, 0)),
+            };
             ours?;
             theirs
         })?;

@@ -496,7 +496,8 @@ fn shape<R: Read + Send>(stub: &mut Stub, img: &ProcessImage, reader: &mut Image
     fds::restore(inj, &img.fds)?;
     signals::restore_process(inj, img)?;
     tl.mark("mm, misc, fds, signals");
-    // A big transfer wants both CPUs (a reader thread verifies records while we place them).
+    // A big transfer wants both CPUs (a reader thread verifies records while we and a helper
+    // place them).
     let big = mem::is_big(&img.vmas);
     cpus.widen(big);
     inj.flush_through(mapped)?; // (the mappings exist before their pages are written)
