@@ -823,6 +823,27 @@ fn session_reuse(c: &Ctx) {
     }
 }
 
+/// 16. A handle dropped while its child runs lets its sessions end once the child has ended,
+///     even if the program keeps the handle whose connection it was given back: that handle
+///     let go of it (had it kept a copy, the origin session would not see the hang-up and
+///     would wait up to 30 s for a word after the child's end).
+fn dropped_handle_ends_its_session(c: &Ctx) {
+    let mut run = c.spawn_probe("node1", false, &["drop-next", "node2", "11000"], Stdio::null(), Out::Pipes);
+    run.wait_line("first exit 11", Duration::from_secs(30));
+    let (dropped, _) = run.wait_line("dropped", Duration::from_secs(30));
+    // The second child runs 1 s; its sessions then end, long before the program does.
+    let daemon = c.node("node1").daemon_pid;
+    let deadline = dropped + Duration::from_secs(8);
+    while !children(daemon).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left: Vec<String> = children(daemon).into_iter().map(describe).collect();
+    let ended_after = dropped.elapsed();
+    let r = run.finish(Duration::from_secs(40));
+    assert!(left.is_empty(), "the origin session outlived its dropped handle's child by {ended_after:?} while the program still held the first handle: {left:?}\n{r}");
+    assert!(r.has("parent ok") && r.get("error").is_none(), "{r}");
+}
+
 // ---------------------------------------------------------------------------------------
 
 #[test]
@@ -870,6 +891,7 @@ fn telefork_across_machines() {
         ("13 a connection kept for the next telefork", prepared_connections),
         ("14 fan-out to several nodes", fan_out),
         ("15 sessions on both sides serve teleforks one after another", session_reuse),
+        ("16 a dropped handle's sessions end with its child", dropped_handle_ends_its_session),
     ];
     let only = std::env::var("CLUSTER_ONLY").ok();
     let mut failed = vec![];

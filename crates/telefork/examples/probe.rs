@@ -37,6 +37,10 @@
 //!   `first child: memory ok stdin eof` (`second child: …`, …) and a line on stderr; the
 //!   parent prints `first exit N`, then `paused`, a pause, `second exit N`, … (children exit
 //!   11, 12, …, or 3 if something they checked was wrong), or `error ...`; last `parent ok`.
+//! * `probe drop-next DEST HOLD_MS` — a first telefork whose child exits 11 at once, waited
+//!   for (`first exit 11`: its connection goes back to be the spare); a second on that
+//!   connection whose child runs 1 s and exits 12, its handle dropped at once (`dropped`);
+//!   then the parent holds the first handle for HOLD_MS and prints `parent ok`.
 //! * `probe remote DEST` — `remote host=NAME sum=X expected=Y` (a sum computed there over
 //!   memory from here).
 //! * `probe yoyo DEST` — goes to DEST, modifies state there, comes back: prints
@@ -90,7 +94,7 @@ struct ForkOpts {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: probe fork DEST [--exit N] [--big-mb N] [--guarded-mb N] [--print-uid] [--read-stdin] [--pass-stdin] [--background] [--lines N] [--interval-ms N] [--sleep-ms N] [--kill-after-ms N] [--kill-signal S] | probe series DEST PAUSE_MS COUNT [--pass-stdin] | probe fanout NODE,NODE,... [--background] | probe remote DEST | probe yoyo DEST");
+    eprintln!("usage: probe fork DEST [--exit N] [--big-mb N] [--guarded-mb N] [--print-uid] [--read-stdin] [--pass-stdin] [--background] [--lines N] [--interval-ms N] [--sleep-ms N] [--kill-after-ms N] [--kill-signal S] | probe series DEST PAUSE_MS COUNT [--pass-stdin] | probe drop-next DEST HOLD_MS | probe fanout NODE,NODE,... [--background] | probe remote DEST | probe yoyo DEST");
     std::process::exit(2)
 }
 
@@ -284,6 +288,35 @@ fn main() {
                     std::thread::sleep(Duration::from_millis(pause));
                 }
             }
+            out("parent ok");
+        }
+        "drop-next" => {
+            let hold: u64 = args.get(2).and_then(|v| v.parse().ok()).unwrap_or_else(|| usage());
+            let first = match telefork::telefork(dest) {
+                Ok(telefork::Fork::Child) => std::process::exit(11),
+                Ok(telefork::Fork::Parent(mut child)) => {
+                    match child.wait() {
+                        Ok(st) => out(&format!("first exit {}", st.code().unwrap_or(-1))),
+                        Err(e) => out(&format!("error first: {e}")),
+                    }
+                    child
+                }
+                Err(e) => {
+                    out(&format!("error first: {e}"));
+                    std::process::exit(1)
+                }
+            };
+            match telefork::telefork(dest) {
+                Ok(telefork::Fork::Child) => {
+                    std::thread::sleep(Duration::from_millis(1000));
+                    std::process::exit(12)
+                }
+                Ok(telefork::Fork::Parent(child)) => drop(child),
+                Err(e) => out(&format!("error second: {e}")),
+            }
+            out("dropped");
+            std::thread::sleep(Duration::from_millis(hold));
+            drop(first);
             out("parent ok");
         }
         "fanout" => {

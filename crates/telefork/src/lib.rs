@@ -84,7 +84,11 @@ pub struct RemoteChild {
     /// The local copy once ended (the daemon kills it as the child runs there): reaped
     /// without blocking when it can be, else by `wait` or on drop.
     dying: Option<Pid>,
-    conn: Held<UnixStream>,
+    /// Its daemon connection; `None` once handed back for the next telefork (the child has
+    /// ended: nothing more comes on it for this handle).
+    conn: Option<Held<UnixStream>>,
+    /// `GENERATION` when it was made (see `Held`).
+    generation: u64,
     /// Its connection may serve the next telefork once the child has ended (not when the
     /// daemon relays this program's stdin: that is read to its end).
     reusable: bool,
@@ -175,6 +179,20 @@ impl<T: AsRawFd> Held<T> {
 
     fn get(&self) -> Result<&T, Error> {
         self.is_ours().then_some(&*self.inner).ok_or_else(not_ours)
+    }
+
+    /// Takes the value out, off the list (only in the process that made it: `is_ours`). A
+    /// child forked by another thread in this instant carries the fd, and its capture
+    /// refuses it, naming it (as for a handle being made or dropped).
+    fn into_inner(mut self) -> T {
+        if let Some(i) = self.slot.take() {
+            HELD_FDS[i].store(-1, Ordering::SeqCst);
+        }
+        // SAFETY: taken once, here; `self` is forgotten right after, so its Drop never
+        // touches the value again.
+        let inner = unsafe { std::mem::ManuallyDrop::take(&mut self.inner) };
+        std::mem::forget(self);
+        inner
     }
 }
 
@@ -298,12 +316,23 @@ fn hand_over(conn: Held<UnixStream>, child: Pid, dest: &str, opts: &Options) -> 
     // The daemon bounds every step with its own timeouts; this only guards against a hung
     // daemon.
     conn.get()?.set_read_timeout(Some(Duration::from_secs(600))).ok();
-    let mut rc = RemoteChild { node: dest.to_string(), pid: None, local: Some(local), dying: None, conn, reusable: !opts.pass_stdin, status: None, result: None };
+    let generation = conn.generation;
+    let mut rc = RemoteChild {
+        node: dest.to_string(),
+        pid: None,
+        local: Some(local),
+        dying: None,
+        conn: Some(conn),
+        generation,
+        reusable: !opts.pass_stdin,
+        status: None,
+        result: None,
+    };
     if opts.background {
         return Ok(rc);
     }
     loop {
-        let mut r = rc.conn.get()?;
+        let mut r = rc.conn()?;
         let reply: FromDaemon = proto::expect_frame(&mut r, "the daemon's answer").map_err(|e| Error::Failed(format!("{e:#}")))?;
         match reply {
             FromDaemon::Accepted { node } => {
@@ -323,7 +352,7 @@ fn hand_over(conn: Held<UnixStream>, child: Pid, dest: &str, opts: &Options) -> 
             other => return Err(Error::Failed(format!("unexpected answer from the daemon: {other:?}"))),
         }
     }
-    rc.conn.get()?.set_read_timeout(None).ok();
+    rc.conn()?.set_read_timeout(None).ok();
     tl.report("telefork, in the program after its fork");
     Ok(rc)
 }
@@ -387,24 +416,35 @@ impl RemoteChild {
         }
     }
 
+    /// Its daemon connection (an error in a copy made by a later telefork, or once handed
+    /// back).
+    fn conn(&self) -> Result<&UnixStream, Error> {
+        match &self.conn {
+            Some(c) => c.get(),
+            None => Err(Error::Other("this handle's connection serves the next telefork now (its child has ended)".into())),
+        }
+    }
+
     /// The child has ended: its daemon session can serve the next telefork on this connection
     /// (no new session process), so it becomes the spare connection — unless there is one.
-    /// (Else the session is told `Done` and ends now.)
+    /// (Else the session is told `Done` and ends now.) The connection leaves this handle: had
+    /// it kept a copy, the session would not see the next handle's hang-up (it waits up to
+    /// 30 s for a word after a child's end).
     fn hand_back_connection(&mut self) {
-        let Ok(conn) = self.conn.get() else { return };
-        if !self.reusable {
-            return; // (the session ends by itself)
+        if !self.reusable || !self.conn.as_ref().is_some_and(Held::is_ours) {
+            return; // (the session ends by itself; or a copy's, not ours to give)
         }
         if SPARE_CONNECTION.load(Ordering::SeqCst) >= 0 {
-            let _ = send_frame(conn, &LocalCommand::Done);
+            if let Ok(conn) = self.conn() {
+                let _ = send_frame(conn, &LocalCommand::Done);
+            }
             return;
         }
-        // (A second fd on the same connection: this handle keeps its own until dropped.)
-        let Ok(spare) = conn.try_clone() else { return };
-        if send_frame(conn, &LocalCommand::Again).is_err() {
+        let Some(conn) = self.conn.take().map(Held::into_inner) else { return };
+        if send_frame(&conn, &LocalCommand::Again).is_err() {
             return;
         }
-        let fd = spare.into_raw_fd();
+        let fd = conn.into_raw_fd();
         if SPARE_CONNECTION.compare_exchange(-1, fd, Ordering::SeqCst, Ordering::SeqCst).is_err() {
             // Another thread stored a spare first (the session, and its destination's with
             // a process prepared to restore into, wait for a request that will not come,
@@ -424,7 +464,7 @@ impl RemoteChild {
     /// Waits for the child to end, like `std::process::Child::wait`.
     pub fn wait(&mut self) -> Result<ExitStatus, Error> {
         if self.status.is_none() {
-            self.conn.get()?;
+            self.conn()?;
         }
         // (A reusable connection becomes the spare when the child ends, its session and its
         // connection to the destination ready for the next telefork.)
@@ -441,7 +481,7 @@ impl RemoteChild {
     /// Returns the exit status if the child has ended, without blocking.
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>, Error> {
         while self.status.is_none() {
-            let mut fds = [libc::pollfd { fd: self.conn.get()?.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+            let mut fds = [libc::pollfd { fd: self.conn()?.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
             // SAFETY: one valid pollfd, zero timeout.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
             if n <= 0 {
@@ -458,11 +498,11 @@ impl RemoteChild {
         if self.status.is_some() {
             return Ok(());
         }
-        send_frame(self.conn.get()?, &LocalCommand::Kill { signal }).map_err(|e| Error::Lost(e.to_string()))
+        send_frame(self.conn()?, &LocalCommand::Kill { signal }).map_err(|e| Error::Lost(e.to_string()))
     }
 
     fn read_event(&mut self) -> Result<(), Error> {
-        let mut r = self.conn.get()?;
+        let mut r = self.conn()?;
         let ev: FromDaemon = proto::expect_frame(&mut r, "the child's exit status").map_err(|e| Error::Lost(format!("{e:#}")))?;
         match ev {
             FromDaemon::Started { node, pid } => self.on_started(node, pid),
@@ -522,7 +562,7 @@ impl LocalCopy {
 impl Drop for RemoteChild {
     fn drop(&mut self) {
         // (A copy in a later telefork's child: the local copy is the parent's to reap.)
-        if self.conn.is_ours() {
+        if self.generation == GENERATION.load(Ordering::SeqCst) {
             self.reap_local_copy();
         }
     }
