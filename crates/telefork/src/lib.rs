@@ -314,8 +314,11 @@ fn hand_over(conn: Held<UnixStream>, child: Pid, dest: &str, opts: &Options) -> 
     send_with_fds(conn.get()?, &req, &fds)?;
     tl.mark("request sent");
     // The daemon bounds every step with its own timeouts; this only guards against a hung
-    // daemon.
-    conn.get()?.set_read_timeout(Some(Duration::from_secs(600))).ok();
+    // daemon while `telefork` waits (a background one returns now, and its later reads
+    // wait as long as the child runs).
+    if !opts.background {
+        conn.get()?.set_read_timeout(Some(Duration::from_secs(600))).ok();
+    }
     let generation = conn.generation;
     let mut rc = RemoteChild {
         node: dest.to_string(),
@@ -434,24 +437,25 @@ impl RemoteChild {
         if !self.reusable || !self.conn.as_ref().is_some_and(Held::is_ours) {
             return; // (the session ends by itself; or a copy's, not ours to give)
         }
+        let Some(held) = self.conn.take() else { return };
+        let Ok(conn) = held.get() else { return };
         if SPARE_CONNECTION.load(Ordering::SeqCst) >= 0 {
-            if let Ok(conn) = self.conn() {
-                let _ = send_frame(conn, &LocalCommand::Done);
-            }
+            let _ = send_frame(conn, &LocalCommand::Done);
+            return; // (closed as `held` goes: the session has ended)
+        }
+        if send_frame(conn, &LocalCommand::Again).is_err() {
             return;
         }
-        let Some(conn) = self.conn.take().map(Held::into_inner) else { return };
-        if send_frame(&conn, &LocalCommand::Again).is_err() {
-            return;
+        // Made the spare while still listed, then taken off the list: a child forked by
+        // another thread meanwhile finds the fd on one list or both (closing it twice there
+        // is harmless), never on neither.
+        let fd = conn.as_raw_fd();
+        if SPARE_CONNECTION.compare_exchange(-1, fd, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+            let _spare_owns_it = held.into_inner().into_raw_fd();
         }
-        let fd = conn.into_raw_fd();
-        if SPARE_CONNECTION.compare_exchange(-1, fd, Ordering::SeqCst, Ordering::SeqCst).is_err() {
-            // Another thread stored a spare first (the session, and its destination's with
-            // a process prepared to restore into, wait for a request that will not come,
-            // until their idle limits).
-            // SAFETY: this fd is ours alone.
-            unsafe { libc::close(fd) };
-        }
+        // (Else another thread stored a spare first, and `held` closes this one as it goes:
+        // the session, and its destination's with a process prepared to restore into, wait
+        // for a request that will not come, until their idle limits.)
     }
 
     /// Reaps the killed local copy (blocking: it is dead or about to be).
