@@ -9,6 +9,9 @@
 //! PAGES   := addr u64 | raw bytes      TRAILER := postcard(Trailer)
 //! ```
 //!
+//! Page records come in ascending address order and never overlap (a restorer may place
+//! them from several threads: overlapping records would leave which one wins to chance).
+//!
 //! Every length is bounded before anything is allocated, every record is checksummed, and a
 //! missing or inconsistent trailer means the image was cut short. The reader never panics on
 //! any input (see `fuzz/`).
@@ -204,6 +207,8 @@ pub struct ImageReader<R: Read> {
     buf: Vec<u8>,
     page_records: u64,
     page_bytes: u64,
+    /// Where the last page record ended: the next may not start before.
+    pages_end: u64,
     done: bool,
     check_page_checksums: bool,
 }
@@ -219,7 +224,7 @@ impl<R: Read> ImageReader<R> {
         if found != FORMAT_VERSION {
             return Err(ImageError::Version { found });
         }
-        let mut r = ImageReader { input, buf: Vec::new(), page_records: 0, page_bytes: 0, done: false, check_page_checksums: true };
+        let mut r = ImageReader { input, buf: Vec::new(), page_records: 0, page_bytes: 0, pages_end: 0, done: false, check_page_checksums: true };
         r.record(Kind::Header)?;
         let h: Header = decode(&r.buf, "header")?;
         Ok((r, h))
@@ -253,9 +258,13 @@ impl<R: Read> ImageReader<R> {
         a.copy_from_slice(&self.buf[..8]);
         let addr = u64::from_le_bytes(a);
         let n = (self.buf.len() - 8) as u64;
-        if addr.checked_add(n).is_none() {
+        let Some(end) = addr.checked_add(n) else {
             return Err(ImageError::Corrupt(format!("pages record at {addr:#x} wraps the address space")));
+        };
+        if addr < self.pages_end {
+            return Err(ImageError::Corrupt(format!("pages record at {addr:#x} overlaps or precedes the one before (which ended at {:#x})", self.pages_end)));
         }
+        self.pages_end = end;
         self.page_records += 1;
         self.page_bytes += n;
         Ok(Some(PageRun { addr, data: &self.buf[8..] }))

@@ -124,6 +124,17 @@ mod tests {
         assert!(r.next_pages().unwrap().is_none());
     }
 
+    /// Page records must come in ascending order without overlapping (a restorer may place
+    /// them from two threads); touching ones are fine.
+    #[test]
+    fn overlapping_or_backward_page_records_are_refused() {
+        verify_image(&encode(&[(0x1000, vec![1; 4096]), (0x2000, vec![2; 4096])])).unwrap();
+        for pages in [vec![(0x1000, vec![1; 8192]), (0x2000, vec![2; 4096])], vec![(0x3000, vec![1; 4096]), (0x1000, vec![2; 4096])]] {
+            let err = verify_image(&encode(&pages)).unwrap_err().to_string();
+            assert!(err.contains("overlaps or precedes"), "{err}");
+        }
+    }
+
     #[test]
     fn huge_length_is_refused_without_allocating() {
         let mut bytes = encode(&[]);
