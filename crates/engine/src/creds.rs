@@ -51,14 +51,14 @@ fn four_ids(s: &str) -> Result<[u32; 4]> {
     }
 }
 
-/// Runs last: drops the process to the image's identity.
-/// Sets the image's credentials, after `first` (calls that need the restorer's privilege
-/// or are simply due), all in one batch: groups, gids, uids — in that order, as each step
-/// gives up some privilege the next needs — and dumpable again.
-pub fn restore(inj: &mut Injector, c: &Creds, first: Vec<Call>) -> Result<()> {
+/// Runs last: drops the process to the image's identity. Sets the image's credentials in one
+/// batch (with the calls deferred before it, which may need the restorer's privilege):
+/// groups, gids, uids — in that order, as each step gives up some privilege the next
+/// needs — and dumpable again.
+pub fn restore(inj: &mut Injector, c: &Creds) -> Result<()> {
     let [ruid, euid, suid, fsuid] = c.uid;
     let [rgid, egid, sgid, fsgid] = c.gid;
-    let mut calls = first;
+    let mut calls = Vec::new();
 
     // Groups first, while the process still has CAP_SETGID.
     let bytes: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();

@@ -523,7 +523,9 @@ fn shape<R: Read + Send>(stub: &mut Stub, img: &ProcessImage, reader: &mut Image
         let addr = inj.stage(&set)?;
         last.push(Call::new(libc::SYS_sched_setaffinity, &[0, set.len() as u64, addr], "giving the process its CPU set"));
     }
-    creds::restore(inj, &img.creds, last)?;
+    // (They run with the credentials' batch, before the restorer's privilege is gone.)
+    inj.defer(last);
+    creds::restore(inj, &img.creds)?;
     threads::restore_after(inj, thread, pid)?;
     tl.mark("protections, thread, creds");
 
