@@ -145,8 +145,8 @@ impl Stub {
         // (Pinned with the stub while we empty it, see `pin`; dropping the pin unpins us.)
         let _pin = CpuPin::here();
         let (pid, same_pid) = spawn_stub(want_pid, stdio)?;
-        match empty(pid, vmas) {
-            Ok(e) => Ok(Stub { pid, same_pid, inj: e.inj, control: e.control, parked: e.parked, parking: e.parking, done: false }),
+        match empty(pid, same_pid, vmas) {
+            Ok(stub) => Ok(stub),
             Err(e) => {
                 ptrace::kill_quietly(pid);
                 Err(e)
@@ -373,16 +373,9 @@ fn spawn_stub(want_pid: i32, stdio: Option<[std::os::fd::RawFd; 3]>) -> Result<(
     Ok((pid, same && want_pid > 0))
 }
 
-/// What `empty` leaves of a stub.
-struct Emptied {
-    inj: Injector,
-    control: u64,
-    parked: Vec<(SpecialMap, u64, u64)>,
-    parking: (u64, u64),
-}
-
-/// Step 3: empties a freshly spawned stub (see `Stub`), keeping clear of `vmas`.
-fn empty(pid: Pid, vmas: &[Vma]) -> Result<Emptied> {
+/// Step 3: empties a freshly spawned stub (see `Stub`), keeping clear of `vmas`. (On an
+/// error the caller kills the process.)
+fn empty(pid: Pid, same_pid: bool, vmas: &[Vma]) -> Result<Stub> {
     ptrace::set_sigmask(pid, ALL_SIGNALS_BLOCKED)?;
     let mut inj = Injector::new(pid, arch::own_syscall_insn())?;
 
@@ -442,7 +435,7 @@ fn empty(pid: Pid, vmas: &[Vma]) -> Result<Emptied> {
     }
     // (Anything left would make create_mappings' MAP_FIXED_NOREPLACE fail, loudly.)
     inj.run_batch(&calls)?;
-    Ok(Emptied { inj, control, parked, parking: (parking, parking_end) })
+    Ok(Stub { pid, same_pid, inj, control, parked, parking: (parking, parking_end), done: false })
 }
 
 /// Steps 4 and 5: turns an emptied stub into the image's process and lets it go.
