@@ -150,8 +150,8 @@ fn capture_frozen<W: Write + Send>(f: &Frozen, out: W, opts: &DumpOptions) -> Re
         }
         Err(_) => tl.note("the /proc reader thread is gone: all of /proc read by the capture's thread".into()),
     }
-    let (comm, creds, misc) = look.proc_files.take()?;
-    let mm = MmFields { brk, ..look.mm.take()? };
+    let (comm, creds, misc, mm) = look.proc_files.take()?;
+    let mm = MmFields { brk, ..mm };
     let fds = look.fds.take()?;
     let vmas = match look.vmas.take() {
         // The scratch area merged with a neighbour while smaps was read: again, now that it
@@ -201,8 +201,9 @@ fn capture_frozen<W: Write + Send>(f: &Frozen, out: W, opts: &DumpOptions) -> Re
 }
 
 /// A thread that reads a stopped process's /proc files (`OutsideLook`) while the capture
-/// reads its maps and injects its calls. Started ahead of time where a capture is expected: starting a thread in a freshly forked
-/// daemon session took 0.1-0.5 ms on the machines measured, as long as the reading itself.
+/// reads its maps and injects its calls. Started ahead of time where a capture is expected:
+/// starting a thread in a freshly forked daemon session took 0.1-0.5 ms on the machines
+/// measured, as long as the reading itself.
 /// Dropping it ends the thread's loop; the thread is not joined (waiting for an idle thread
 /// to be scheduled just to end cost a busy session 0.1-0.3 ms before it could relay).
 pub struct OutsideReader {
@@ -262,7 +263,7 @@ impl OutsideReader {
     }
 }
 
-/// What /proc tells about a stopped process, in four parts that two threads share: each
+/// What /proc tells about a stopped process, in three parts that two threads share: each
 /// part is taken by whichever thread comes to it first (the reader from the front, the
 /// capture's thread from the back once its injected calls are done), so neither waits
 /// while the other has work left, whatever the machine's load.
@@ -271,8 +272,7 @@ struct OutsideLook {
     inherit_stdio: bool,
     /// Bit per part: taken by a thread.
     taken: std::sync::atomic::AtomicU8,
-    proc_files: Part<(String, telefork_image::Creds, telefork_image::Misc)>,
-    mm: Part<MmFields>,
+    proc_files: Part<ProcFiles>,
     vmas: Part<Vec<telefork_image::Vma>>,
     fds: Part<Vec<telefork_image::Fd>>,
 }
@@ -300,12 +300,11 @@ impl<T> Part<T> {
 impl OutsideLook {
     const PROC_FILES: u8 = 0;
     const VMAS: u8 = 1;
-    const MM: u8 = 2;
-    const FDS: u8 = 3;
-    /// The reader's order: stat and status need no maps, smaps (the longest) next.
-    const PROC_FILES_FIRST: [u8; 4] = [Self::PROC_FILES, Self::VMAS, Self::MM, Self::FDS];
+    const FDS: u8 = 2;
+    /// The reader's order: stat, status and the rest need no maps, smaps (the longest) next.
+    const PROC_FILES_FIRST: [u8; 3] = [Self::PROC_FILES, Self::VMAS, Self::FDS];
     /// The capture thread's order, from the other end.
-    const LAST_FIRST: [u8; 4] = [Self::FDS, Self::MM, Self::VMAS, Self::PROC_FILES];
+    const LAST_FIRST: [u8; 3] = [Self::FDS, Self::VMAS, Self::PROC_FILES];
 
     /// Marks every part taken when dropped, so that a thread that comes to one later (the
     /// reader, after a capture that failed or ended without it) leaves it alone.
@@ -320,12 +319,12 @@ impl OutsideLook {
     }
 
     fn new(pid: Pid, inherit_stdio: bool) -> OutsideLook {
-        OutsideLook { pid, inherit_stdio, taken: std::sync::atomic::AtomicU8::new(0), proc_files: Part::default(), mm: Part::default(), vmas: Part::default(), fds: Part::default() }
+        OutsideLook { pid, inherit_stdio, taken: std::sync::atomic::AtomicU8::new(0), proc_files: Part::default(), vmas: Part::default(), fds: Part::default() }
     }
 
     /// Makes every part in `order` no thread has taken yet, stopping before the mappings'
     /// part without `maps` (the parts from there on are for later, or for the other thread).
-    fn run(&self, maps: Option<&[procfs::MapsEntry]>, order: [u8; 4]) {
+    fn run(&self, maps: Option<&[procfs::MapsEntry]>, order: [u8; 3]) {
         for part in order {
             if part == Self::VMAS && maps.is_none() {
                 return;
@@ -343,10 +342,6 @@ impl OutsideLook {
                     self.vmas.put(mem::capture_vmas(self.pid, maps));
                     "mappings read"
                 }
-                (Self::MM, _) => {
-                    self.mm.put(mm::capture(self.pid));
-                    "mm fields read"
-                }
                 _ => {
                     self.fds.put(fds::capture(self.pid, self.inherit_stdio));
                     "fds read"
@@ -357,15 +352,19 @@ impl OutsideLook {
     }
 }
 
-/// comm, credentials and the small per-process state, from /proc/PID/stat and status (each
-/// read once, for all that is in them) and a few more files.
-fn read_proc_files(pid: Pid) -> Result<(String, telefork_image::Creds, telefork_image::Misc)> {
+/// comm, credentials, the small per-process state and the mm fields (but the break).
+type ProcFiles = (String, telefork_image::Creds, telefork_image::Misc, MmFields);
+
+/// What /proc/PID/stat and status tell (each read once, for all that is in them), with a
+/// few more files.
+fn read_proc_files(pid: Pid) -> Result<ProcFiles> {
     let stat = procfs::read_stat(pid)?;
     let status_path = format!("/proc/{pid}/status");
     let status = procfs::read_text(&status_path).with_context(|| format!("reading {status_path}"))?;
     let creds = creds::parse_status(&status).with_context(|| format!("parsing {status_path}"))?;
     let misc = misc::capture(pid, &stat, &status)?;
-    Ok((stat.comm, creds, misc))
+    let mm = mm::capture(pid, &stat)?;
+    Ok((stat.comm, creds, misc, mm))
 }
 
 type Inside = (u64, Vec<telefork_image::SigAction>, Vec<telefork_image::SigInfo>, telefork_image::ThreadState);

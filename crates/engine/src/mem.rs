@@ -555,21 +555,16 @@ pub fn fill_pages<R: std::io::Read + Send>(inj: &mut Injector, vmas: &[Vma], rea
     let (mut total, mut by_uffd) = (0u64, 0u64);
     let mut place = |inj: &mut Injector, addr: u64, data: &[u8]| -> Result<()> {
         let vma = check_page_run(vmas, addr, data.len() as u64)?;
-        match &uffd {
-            Some(u) if u.covers(addr, data.len() as u64) => {
-                u.copy(addr, data)?;
-                by_uffd += data.len() as u64;
-            }
-            _ => {
-                // Populating costs one injected call: worth it for big runs only. (Calls still
-                // deferred run first, and their failures count.)
-                if data.len() >= POPULATE_MIN && initial_prot(vma) & libc::PROT_WRITE as u32 != 0 {
-                    inj.flush()?;
-                    // Best effort: an old kernel without MADV_POPULATE_WRITE just faults later.
-                    let _ = inj.syscall_raw(libc::SYS_madvise, &[addr, data.len() as u64, MADV_POPULATE_WRITE]);
-                }
-                write_remote(inj, pid, addr, data)?;
-            }
+        let covered = uffd.as_ref().is_some_and(|u| u.covers(addr, data.len() as u64));
+        // Populating costs one injected call: worth it for big runs only. (Calls still
+        // deferred run first, and their failures count.)
+        if !covered && data.len() >= POPULATE_MIN && initial_prot(vma) & libc::PROT_WRITE as u32 != 0 {
+            inj.flush()?;
+            // Best effort: an old kernel without MADV_POPULATE_WRITE just faults later.
+            let _ = inj.syscall_raw(libc::SYS_madvise, &[addr, data.len() as u64, MADV_POPULATE_WRITE]);
+        }
+        if place_run(uffd.as_ref(), inj.mem_file(), pid, addr, data)? {
+            by_uffd += data.len() as u64;
         }
         total += data.len() as u64;
         Ok(())
@@ -609,32 +604,28 @@ pub fn fill_pages<R: std::io::Read + Send>(inj: &mut Injector, vmas: &[Vma], rea
                 let (records, empty_tx) = (&records, empty_tx.clone());
                 scope.spawn(move || -> Result<(u64, u64)> {
                     let (mut placed, mut through_uffd) = (0u64, 0u64);
-                    // (A failure here ends the records for us both.)
-                    let _end_on_failure = records.end_on_drop();
+                    // (However it stops — at the end, on a failure — the records end for us both.)
+                    let _end = records.end_on_drop();
                     while let Some((addr, buf)) = records.next()? {
                         let data = &buf[8..];
                         check_page_run(vmas, addr, data.len() as u64)?;
-                        if uffd.covers(addr, data.len() as u64) {
-                            uffd.copy(addr, data)?;
+                        if place_run(Some(uffd), &helper_mem, pid, addr, data)? {
                             through_uffd += data.len() as u64;
-                        } else {
-                            write_remote_with(&helper_mem, pid, addr, data)?;
                         }
                         placed += data.len() as u64;
                         let _ = empty_tx.send(buf);
                     }
-                    std::mem::forget(_end_on_failure);
                     Ok((placed, through_uffd))
                 })
             });
             let ours = (|| -> Result<()> {
-                // (A failure, or a panic, here ends the records for us both.)
-                let _end_on_failure = records.end_on_drop();
+                // (However it stops — at the end, on a failure, in a panic — the records end
+                // for us both.)
+                let _end = records.end_on_drop();
                 while let Some((addr, buf)) = records.next()? {
                     place(inj, addr, &buf[8..])?;
                     let _ = empty_tx.send(buf);
                 }
-                std::mem::forget(_end_on_failure);
                 Ok(())
             })();
             drop(empty_tx);
@@ -662,7 +653,7 @@ struct Records {
 }
 
 impl Records {
-    /// Ends the records for every thread when dropped (on a placing thread's failure).
+    /// Ends the records for every thread when dropped (a placing thread that stops, however).
     fn end_on_drop(&self) -> impl Drop + '_ {
         struct End<'a>(&'a std::sync::atomic::AtomicBool);
         impl Drop for End<'_> {
@@ -712,20 +703,23 @@ fn uffd_ranges(vmas: &[Vma]) -> Vec<(u64, u64)> {
 const MADV_POPULATE_WRITE: u64 = 23;
 const POPULATE_MIN: usize = 1 << 20;
 
-fn write_remote(inj: &Injector, pid: Pid, addr: u64, data: &[u8]) -> Result<()> {
-    write_remote_with(inj.mem_file(), pid, addr, data)
-}
-
-/// process_vm_writev, or through `mem` (/proc/PID/mem: it may write to memory not writable yet).
-fn write_remote_with(mem: &std::fs::File, pid: Pid, addr: u64, data: &[u8]) -> Result<()> {
+/// Places one run of pages at `addr` of process `pid`: through `uffd` where it covers the
+/// run (true), else with process_vm_writev, or through `mem` (/proc/PID/mem: it may write to
+/// memory not writable yet).
+fn place_run(uffd: Option<&RemoteUffd>, mem: &std::fs::File, pid: Pid, addr: u64, data: &[u8]) -> Result<bool> {
+    if let Some(u) = uffd.filter(|u| u.covers(addr, data.len() as u64)) {
+        u.copy(addr, data)?;
+        return Ok(true);
+    }
     let local = [std::io::IoSlice::new(data)];
     let remote = [nix::sys::uio::RemoteIoVec { base: addr as usize, len: data.len() }];
     if let Ok(n) = nix::sys::uio::process_vm_writev(pid, &local, &remote) {
         if n == data.len() {
-            return Ok(());
+            return Ok(false);
         }
     }
-    mem.write_all_at(data, addr).with_context(|| format!("writing {} bytes at {addr:#x} of process {pid}", data.len()))
+    mem.write_all_at(data, addr).with_context(|| format!("writing {} bytes at {addr:#x} of process {pid}", data.len()))?;
+    Ok(false)
 }
 
 /// Checks that a file mapped by the image is still the same file (size and modification

@@ -19,10 +19,9 @@ pub fn brk_call() -> Call {
     Call::new(libc::SYS_brk, &[0], "reading the program break (brk(0))")
 }
 
-/// The mm fields of stopped process `pid` that /proc shows: all but `brk`, left 0 for the
-/// caller to set from what `brk_call` returned.
-pub fn capture(pid: Pid) -> Result<MmFields> {
-    let stat = crate::procfs::read_stat(pid)?;
+/// The mm fields of stopped process `pid` that /proc shows (`stat`: its /proc/PID/stat, read
+/// by the caller): all but `brk`, left 0 for the caller to set from what `brk_call` returned.
+pub fn capture(pid: Pid, stat: &crate::procfs::Stat) -> Result<MmFields> {
     let auxv_bytes = crate::procfs::read_file(&format!("/proc/{pid}/auxv")).with_context(|| format!("reading /proc/{pid}/auxv"))?;
     let auxv = auxv_bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect();
     let exe_link = format!("/proc/{pid}/exe");

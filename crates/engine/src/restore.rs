@@ -154,7 +154,6 @@ impl Stub {
         }
     }
 
-
     /// A stub forked from `template`, with `stdio` (fds of this process) as its fds 0, 1, 2.
     /// The fork is made a child of ours (CLONE_PARENT) and taken under our ptrace at once.
     pub fn fork_from(template: &mut StubTemplate, stdio: [std::os::fd::RawFd; 3]) -> Result<Stub> {
