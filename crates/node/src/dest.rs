@@ -235,6 +235,7 @@ fn serve_one(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str, restorer: &Res
         ch.send(&FromDest::Result { value })?;
     }
     ch.send(&FromDest::Exited(status))?;
+    telefork_engine::timeline::stamp("dest sent Exited");
     log(&format!("process {pid} ended: {status:?}"));
     // The origin answers once its program has heard of the end (`AGAIN_WAIT` there); if it
     // does not, the connection is closed, which ends the command thread.
@@ -280,6 +281,7 @@ fn supervise(
         std::thread::Builder::new()
             .name("origin-commands".into())
             .spawn(move || {
+                telefork_engine::timeline::stamp("dest commands thread");
                 let again = origin_commands(&ch, &origin, pid, &pidfd, &exited, stdin_w);
                 let _ = verdict_tx.send(again);
             })
@@ -363,6 +365,7 @@ fn relay_output(ch: &TlsChannel, pid: nix::unistd::Pid, pidfd: &OwnedFd, stdout:
         }
         for p in fds.iter().filter(|p| p.revents != 0) {
             if p.fd == pidfd.as_raw_fd() {
+                telefork_engine::timeline::stamp("dest child ended");
                 child_ended = true;
                 drain_until = Some(std::time::Instant::now() + Duration::from_secs(2));
                 continue;

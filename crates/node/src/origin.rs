@@ -574,7 +574,10 @@ fn relay(ch: TlsChannel, sock: &UnixStream, fds: Vec<OwnedFd>, pass_stdin: bool)
     let (ended_r, ended_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating a pipe")?;
     let again = std::thread::scope(|scope| -> Result<bool> {
         // Program → destination: kill requests; after the child's end, the program's answer.
-        let commands = scope.spawn(|| program_commands(sock, &ended_r, &ch, pass_stdin));
+        let commands = scope.spawn(|| {
+            telefork_engine::timeline::stamp("origin commands thread");
+            program_commands(sock, &ended_r, &ch, pass_stdin)
+        });
         if let Some(mut input) = stdin {
             let ch = ch.clone();
             std::thread::spawn(move || {
@@ -611,7 +614,10 @@ fn relay(ch: TlsChannel, sock: &UnixStream, fds: Vec<OwnedFd>, pass_stdin: bool)
                 Ok(Some(FromDest::Result { value })) => {
                     let _ = proto::write_frame(&mut to_program, &FromDaemon::Result { value });
                 }
-                Ok(Some(FromDest::Exited(info))) => break proto::write_frame(&mut to_program, &FromDaemon::Exited(info)).is_ok(),
+                Ok(Some(FromDest::Exited(info))) => {
+                    telefork_engine::timeline::stamp("origin got Exited");
+                    break proto::write_frame(&mut to_program, &FromDaemon::Exited(info)).is_ok();
+                }
                 Ok(Some(other)) => log(&format!("unexpected message from the destination: {other:?}")),
                 Ok(None) => {
                     let _ = proto::write_frame(&mut to_program, &FromDaemon::Lost { error: "the destination closed the connection".into() });

@@ -284,6 +284,7 @@ pub fn telefork_with(dest: &str, opts: &Options) -> Result<Fork, Error> {
                 }
                 libc::kill(libc::getpid(), libc::SIGSTOP);
             }
+            telefork_engine::timeline::stamp("child runs");
             Ok(Fork::Child)
         }
         ForkResult::Parent { child } => match hand_over(conn, child, dest, opts) {
@@ -521,6 +522,7 @@ impl RemoteChild {
             FromDaemon::Accepted { node } => self.node = node,
             FromDaemon::Result { value } => self.result = Some(value),
             FromDaemon::Exited(info) => {
+                telefork_engine::timeline::stamp("lib got Exited");
                 self.status = Some(match info {
                     ExitInfo::Code(c) => ExitStatus::from_raw((c & 0xff) << 8),
                     ExitInfo::Signal(s) => ExitStatus::from_raw(s & 0x7f),
