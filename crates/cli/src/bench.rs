@@ -19,9 +19,13 @@ const PREFIX: &str = "tfb-";
 const SUBNET: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 80, 0, 0);
 const DIR: &str = "/run/telefork-bench";
 const USER: &str = "tfbench";
+/// The origin relay's socket (the hand-overs' floor), on node1.
+const RELAY_SOCK: &str = "/run/telefork-bench/relay.sock";
 const IMG_DIR: &str = "/tmp/telefork-bench-images";
 const TCP_PORT: u16 = 7101;
 const TLS_PORT: u16 = 7102;
+const FRESH_PORT: u16 = 7103;
+const RELAY_PORT: u16 = 7104;
 
 pub struct BenchArgs {
     pub json: bool,
@@ -162,6 +166,33 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
     let idle = run_prog("latency (idle)", node_cmd("node1", Some(USER), &[&p, "latency", &idle_runs.to_string(), "node2", "30"])?, None)?;
     rows.push(row_ms("", "call → first instruction, teleforks 30 ms apart".into(), idle.ms("first_instr_ns")?, "local fork+exit+waitpid (idem)", idle.ms("fork_rt_ns")?, ""));
     rows.push(row_ms("", "round trip, teleforks 30 ms apart".into(), idle.ms("tf_rt_ns")?, "local fork+exit+waitpid (idem)", idle.ms("fork_rt_ns")?, ""));
+    // The hand-overs' floor: the same way there and back through a relay on each node (as
+    // through the daemons), a fork+exit+waitpid there, and no state moved.
+    progress(&format!("latency: hand-overs only (relays, no capture or restore), {latency_runs} runs"));
+    let relay = with_sinks(
+        vec![
+            ("relay-dest", node_cmd("node2", None, &[&p, "relay-dest", &RELAY_PORT.to_string()])?),
+            ("relay-origin", node_cmd("node1", None, &[&p, "relay-origin", RELAY_SOCK, &format!("{node2}:{RELAY_PORT}")])?),
+        ],
+        || run_prog("relay latency", node_cmd("node1", Some(USER), &[&p, "relay-latency", &latency_runs.to_string(), RELAY_SOCK])?, None),
+    )?;
+    let _ = std::fs::remove_file(RELAY_SOCK);
+    rows.push(row_ms(
+        "",
+        "hand-overs only: relay → node2, fork+exit+waitpid there, status home".into(),
+        relay.ms("relay_rt_ns")?,
+        "local fork+exit+waitpid",
+        relay.ms("fork_rt_ns")?,
+        "the floor of any design with a daemon on each side: no state moved, plain TCP",
+    ));
+    rows.push(row_ms(
+        "",
+        "round trip: telefork + exit(0) + wait".into(),
+        out.ms("tf_rt_ns")?,
+        "hand-overs only (row above)",
+        relay.ms("relay_rt_ns")?,
+        "what capturing, moving and restoring the process adds to the hand-overs",
+    ));
     rows.push(row_ms("parent pause", format!("small ({rss:.1} MiB): telefork() returns in the parent"), out.ms("tf_pause_ns")?, "local fork() returns", out.ms("fork_pause_ns")?, "default: returns once the child runs there"));
     rows.push(row_ms("", format!("small ({rss:.1} MiB): telefork(background) returns"), out.ms("tf_bg_pause_ns")?, "local fork() returns", out.ms("fork_pause_ns")?, "Options::background"));
 
@@ -183,10 +214,18 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
         progress(&format!("throughput {mib} MiB: raw TCP, {runs} runs"));
         run_prog("raw TCP", node_cmd("node1", None, &[&p, "tcp-send", &format!("{node2}:{TCP_PORT}"), &(mib << 20).to_string(), &runs.to_string()])?, None)
     };
-    let mut sinks = vec![];
-    let res = (|| -> Result<()> {
-        sinks.push(start_sink("tcp-sink", node_cmd("node2", None, &[&p, "tcp-sink", &TCP_PORT.to_string()])?)?);
-        sinks.push(start_sink("tls-sink", node_cmd("node2", None, &[&p, "tls-sink", &TLS_PORT.to_string(), &pki])?)?);
+    // The simplest whole data path: a process's memory over plain TCP into fresh memory there.
+    let mem_floor = |mib: u64, runs: usize| -> Result<Vec<f64>> {
+        progress(&format!("throughput {mib} MiB: process memory over TCP into fresh memory on node2, {runs} runs"));
+        let out = run_prog("memory into fresh memory", node_cmd("node1", None, &[&p, "mem-send", &format!("{node2}:{FRESH_PORT}"), &mib.to_string(), &runs.to_string()])?, None)?;
+        Ok(gbps(mib << 20, out.all("mem_ns")?))
+    };
+    let sinks = vec![
+        ("tcp-sink", node_cmd("node2", None, &[&p, "tcp-sink", &TCP_PORT.to_string()])?),
+        ("tls-sink", node_cmd("node2", None, &[&p, "tls-sink", &TLS_PORT.to_string(), &pki])?),
+        ("fresh-sink", node_cmd("node2", None, &[&p, "fresh-sink", &FRESH_PORT.to_string()])?),
+    ];
+    with_sinks(sinks, || {
         for &mib in &a.sizes_mib {
             let (runs, note) = runs_for(mib, runs);
             let bytes = mib << 20;
@@ -212,7 +251,9 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
             let name = format!("{mib} MiB telefork until it runs on node2 (TLS)");
             rows.push(throughput_row(name.clone(), tf_run.clone(), "raw TLS (same TLS channel)", tls_s, runs, &rt_note));
             rows.push(throughput_row(name.clone(), tf_run.clone(), "raw TCP plaintext", tcp_s, runs, &rt_note));
-            rows.push(throughput_row(name, tf_run, "fresh memory populated on node2", pop_s, runs, "the destination must at least place the memory (with as much again resident, as the parent's is)"));
+            rows.push(throughput_row(name.clone(), tf_run.clone(), "fresh memory populated on node2", pop_s, runs, "the destination must at least place the memory (with as much again resident, as the parent's is)"));
+            let plain_receiver = mem_floor(mib, runs)?;
+            rows.push(throughput_row(name, tf_run, FLOOR_NAME, plain_receiver, runs, FLOOR_NOTE));
             rows.push(row_ms("parent pause", format!("{mib} MiB: telefork() returns in the parent"), tf.ms("tf_pause_ns")?, "local fork() returns", tf.ms("fork_pause_ns")?, &note));
             rows.push(row_ms("", format!("{mib} MiB: telefork(background) returns"), tf.ms("tf_bg_pause_ns")?, "local fork() returns", tf.ms("fork_pause_ns")?, "Options::background"));
             let size = tf.one("rss_bytes")? / (1 << 20) as f64;
@@ -254,7 +295,10 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
                 let tcp = raw_tcp(mib, runs)?;
                 let (tf_run, rt_note) = telefork_gbps(bytes, &tf, &note)?;
                 let tcp_s = gbps(bytes, tcp.all("tcp_ns")?);
-                rows.push(throughput_row(format!("{mib} MiB telefork until it runs on node2 (plain)"), tf_run, "raw TCP plaintext", tcp_s, runs, &rt_note));
+                let name = format!("{mib} MiB telefork until it runs on node2 (plain)");
+                rows.push(throughput_row(name.clone(), tf_run.clone(), "raw TCP plaintext", tcp_s, runs, &rt_note));
+                let plain_receiver = mem_floor(mib, runs)?;
+                rows.push(throughput_row(name, tf_run, FLOOR_NAME, plain_receiver, runs, FLOOR_NOTE));
             }
             Ok(())
         })();
@@ -262,8 +306,23 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
             telefork_testbed::reconfigure(Path::new(DIR), n, |c| c.transport.image = telefork_node::config::ImageTransport::Tls)?;
         }
         plain_res
+    })
+}
+
+const FLOOR_NAME: &str = "plain receiver into fresh memory";
+const FLOOR_NOTE: &str = "a process's written memory over plain TCP, read straight into fresh pages on node2 (each faulted in by the copy)";
+
+/// Runs `f` while the helper programs `helpers` (each waited for until it prints READY) run,
+/// and ends them afterwards, also when `f` or a later helper's start fails.
+fn with_sinks<T>(helpers: Vec<(&str, Command)>, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let mut started = vec![];
+    let res = (|| {
+        for (what, c) in helpers {
+            started.push(start_sink(what, c)?);
+        }
+        f()
     })();
-    for mut s in sinks {
+    for mut s in started {
         let _ = s.kill();
         let _ = s.wait();
         untrack(s.id());

@@ -25,6 +25,16 @@
 //!   TLS channel (`telefork_node::channel::TlsChannel`, the cluster configs from
 //!   `telefork_node::tls`, node2's certificate on the sink, node1's on the sender), 1 MiB
 //!   writes as the origin's BufWriter does (`tls_ns`, from handshake done to acknowledged).
+//! * `fresh-sink PORT` / `mem-send ADDR MIB RUNS` — the data path's floor: the sender writes
+//!   MIB MiB of its own memory (written, as a parent's is) onto the socket after an 8-byte
+//!   length; the sink reads it straight into fresh anonymous memory of that length (what a
+//!   destination must at least do: take the bytes off the wire into new pages), acknowledges
+//!   the count and unmaps it (`mem_ns`, from connected to acknowledged).
+//! * `relay-dest PORT` / `relay-origin SOCK DEST_ADDR` / `relay-latency RUNS SOCK` — the
+//!   hand-overs' floor: the program writes one byte to a relay on its node (a Unix socket, as
+//!   to its daemon), which passes it over TCP to a relay on the other node, which forks a
+//!   child that exits at once, reaps it and sends its status back the same way; no state
+//!   moves (`relay_rt_ns`, beside the local `fork_rt_ns` of the same program).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -148,6 +158,17 @@ fn measure_round(dest: &str, settle: Duration) {
 /// One local fork()+_exit(0)+waitpid: (pause, round trip) in ns.
 fn one_fork() -> (u128, u128) {
     let t0 = Instant::now();
+    let (pause, status) = one_fork_status();
+    if status != 0 {
+        die(format!("local child: status {status}"));
+    }
+    (pause, t0.elapsed().as_nanos())
+}
+
+/// fork()+_exit(0)+waitpid: (time until fork returned in ns, the child's exit code, 255 if
+/// it did not exit normally).
+fn one_fork_status() -> (u128, u8) {
+    let t0 = Instant::now();
     // SAFETY: the child only calls _exit.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
@@ -159,10 +180,35 @@ fn one_fork() -> (u128, u128) {
     }
     let mut status = 0;
     // SAFETY: waiting for our own child.
-    if unsafe { libc::waitpid(pid, &mut status, 0) } != pid || status != 0 {
-        die(format!("local child: waitpid failed or status {status}"));
+    if unsafe { libc::waitpid(pid, &mut status, 0) } != pid {
+        die(format!("waitpid: {}", std::io::Error::last_os_error()));
     }
-    (pause, t0.elapsed().as_nanos())
+    (pause, if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) as u8 } else { 255 })
+}
+
+/// Fresh private anonymous memory, unmapped when dropped.
+struct FreshMemory {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl FreshMemory {
+    fn new(len: usize) -> FreshMemory {
+        let len = len.max(1);
+        // SAFETY: a fresh anonymous mapping.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+        if p == libc::MAP_FAILED {
+            die(format!("mmap of {len} bytes: {}", std::io::Error::last_os_error()));
+        }
+        FreshMemory { ptr: p as *mut u8, len }
+    }
+}
+
+impl Drop for FreshMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the mapping made in new().
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+    }
 }
 
 fn rss_kb() -> u64 {
@@ -217,20 +263,13 @@ fn main() {
             // pool for all nodes of the testbed).
             let _parent = Region::new(mib << 20, 0);
             for _ in 0..runs {
-                let len = mib << 20;
-                // SAFETY: a fresh private anonymous mapping, unmapped below.
-                let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
-                if p == libc::MAP_FAILED {
-                    die(format!("mmap of {len} bytes: {}", std::io::Error::last_os_error()));
-                }
+                let fresh = FreshMemory::new(mib << 20);
                 let t0 = Instant::now();
                 // SAFETY: madvise on the mapping just made.
-                if unsafe { libc::madvise(p, len, 23 /* MADV_POPULATE_WRITE */) } != 0 {
+                if unsafe { libc::madvise(fresh.ptr as *mut libc::c_void, fresh.len, 23 /* MADV_POPULATE_WRITE */) } != 0 {
                     die(format!("MADV_POPULATE_WRITE: {}", std::io::Error::last_os_error()));
                 }
                 out("populate_ns", t0.elapsed().as_nanos());
-                // SAFETY: unmapping what we mapped.
-                unsafe { libc::munmap(p, len) };
             }
         }
         "hold" => {
@@ -366,7 +405,111 @@ fn main() {
                 ch.close();
             }
         }
-        _ => die("usage: benchprog latency|tfork|hold|tcp-sink|tcp-send|tls-sink|tls-send ... (see the source)"),
+        "fresh-sink" => {
+            let port: u16 = arg(&args, 2, "PORT");
+            let l = TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| die(format!("listening on {port}: {e}")));
+            println!("READY");
+            std::io::stdout().flush().ok();
+            loop {
+                let (mut s, _) = l.accept().unwrap_or_else(|e| die(format!("accept: {e}")));
+                let mut len = [0u8; 8];
+                s.read_exact(&mut len).unwrap_or_else(|e| die(format!("fresh-sink: no length: {e}")));
+                let len = u64::from_le_bytes(len) as usize;
+                let fresh = FreshMemory::new(len);
+                // SAFETY: the mapping is `len` bytes, readable and writable, and ours alone.
+                let dst = unsafe { std::slice::from_raw_parts_mut(fresh.ptr, len) };
+                let mut n = 0usize;
+                while n < len {
+                    match s.read(&mut dst[n..]) {
+                        Ok(0) => break,
+                        Ok(k) => n += k,
+                        Err(e) => die(format!("fresh-sink read: {e}")),
+                    }
+                }
+                let _ = s.write_all(&(n as u64).to_le_bytes());
+            }
+        }
+        "mem-send" => {
+            let addr: String = arg(&args, 2, "ADDR");
+            let mib: usize = arg(&args, 3, "MIB");
+            let runs: usize = arg(&args, 4, "RUNS");
+            let region = Region::new(mib << 20, 0);
+            // SAFETY: the region's first words*8 bytes are mapped and written.
+            let src = unsafe { std::slice::from_raw_parts(region.ptr as *const u8, region.words * 8) };
+            for _ in 0..runs {
+                let mut s = TcpStream::connect(&addr).unwrap_or_else(|e| die(format!("connecting to {addr}: {e}")));
+                let t0 = Instant::now();
+                s.write_all(&(src.len() as u64).to_le_bytes()).unwrap_or_else(|e| die(format!("mem-send: {e}")));
+                s.write_all(src).unwrap_or_else(|e| die(format!("mem-send: {e}")));
+                let mut ack = [0u8; 8];
+                s.read_exact(&mut ack).unwrap_or_else(|e| die(format!("mem-send: no acknowledgement: {e}")));
+                let ns = t0.elapsed().as_nanos();
+                if u64::from_le_bytes(ack) != src.len() as u64 {
+                    die(format!("fresh-sink received {} bytes, not {}", u64::from_le_bytes(ack), src.len()));
+                }
+                out("mem_ns", ns);
+            }
+        }
+        "relay-dest" => {
+            let port: u16 = arg(&args, 2, "PORT");
+            let l = TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| die(format!("listening on {port}: {e}")));
+            println!("READY");
+            std::io::stdout().flush().ok();
+            loop {
+                let (mut s, _) = l.accept().unwrap_or_else(|e| die(format!("accept: {e}")));
+                s.set_nodelay(true).ok();
+                let mut req = [0u8; 1];
+                while s.read_exact(&mut req).is_ok() {
+                    let (_, status) = one_fork_status();
+                    if s.write_all(&[status]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        "relay-origin" => {
+            use std::os::unix::net::UnixListener;
+            let sock: PathBuf = arg(&args, 2, "SOCK");
+            let dest: String = arg(&args, 3, "DEST_ADDR");
+            let _ = std::fs::remove_file(&sock);
+            let l = UnixListener::bind(&sock).unwrap_or_else(|e| die(format!("listening on {}: {e}", sock.display())));
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap_or_else(|e| die(format!("chmod {}: {e}", sock.display())));
+            println!("READY");
+            std::io::stdout().flush().ok();
+            loop {
+                let (mut prog, _) = l.accept().unwrap_or_else(|e| die(format!("accept: {e}")));
+                let mut there = TcpStream::connect(&dest).unwrap_or_else(|e| die(format!("connecting to {dest}: {e}")));
+                there.set_nodelay(true).ok();
+                let mut b = [0u8; 1];
+                while prog.read_exact(&mut b).is_ok() {
+                    there.write_all(&b).unwrap_or_else(|e| die(format!("relay-origin: to {dest}: {e}")));
+                    there.read_exact(&mut b).unwrap_or_else(|e| die(format!("relay-origin: from {dest}: {e}")));
+                    if prog.write_all(&b).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        "relay-latency" => {
+            use std::os::unix::net::UnixStream;
+            let runs: usize = arg(&args, 2, "RUNS");
+            let sock: PathBuf = arg(&args, 3, "SOCK");
+            let mut relay = UnixStream::connect(&sock).unwrap_or_else(|e| die(format!("connecting to {}: {e}", sock.display())));
+            for _ in 0..runs {
+                let t0 = Instant::now();
+                let mut b = [1u8];
+                relay.write_all(&b).unwrap_or_else(|e| die(format!("relay-latency: {e}")));
+                relay.read_exact(&mut b).unwrap_or_else(|e| die(format!("relay-latency: no status: {e}")));
+                let rt = t0.elapsed().as_nanos();
+                if b[0] != 0 {
+                    die(format!("relay-latency: the remote child's status was {}", b[0]));
+                }
+                out("relay_rt_ns", rt);
+                out("fork_rt_ns", one_fork().1);
+            }
+        }
+        _ => die("usage: benchprog latency|tfork|populate|hold|tcp-sink|tcp-send|tls-sink|tls-send|fresh-sink|mem-send|relay-dest|relay-origin|relay-latency ... (see the source)"),
     }
 }
 
