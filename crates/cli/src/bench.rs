@@ -87,6 +87,7 @@ pub fn run(mut a: BenchArgs) -> Result<ExitCode> {
     if !prog.is_file() {
         bail!("{} is missing: build it with `cargo build --release --examples`", prog.display());
     }
+    let criu_version = if a.against_criu { Some(check_criu()?) } else { None };
     telefork_testbed::ensure_test_user(USER)?;
     let _lock = telefork_testbed::lock(PREFIX)?;
     install_signal_handler();
@@ -120,9 +121,9 @@ pub fn run(mut a: BenchArgs) -> Result<ExitCode> {
     testbed_result?;
     down.context("tearing the testbed down")?;
 
-    file_measurements(&a, &prog, &telefork_bin, &mut rows)?;
-    if a.against_criu {
-        criu_measurements(&a, &prog, &mut rows)?;
+    let ours = file_measurements(&a, &prog, &telefork_bin, &mut rows)?;
+    if let Some(version) = &criu_version {
+        criu_measurements(&a, &prog, version, &ours, &mut rows)?;
     }
 
     if a.json {
@@ -331,8 +332,9 @@ fn with_sinks<T>(helpers: Vec<(&str, Command)>, f: impl FnOnce() -> Result<T>) -
 }
 
 /// dump / restore through a file on the host, beside reading the image once (cache warm).
-fn file_measurements(a: &BenchArgs, prog: &Path, telefork_bin: &Path, rows: &mut Vec<Row>) -> Result<()> {
+fn file_measurements(a: &BenchArgs, prog: &Path, telefork_bin: &Path, rows: &mut Vec<Row>) -> Result<Vec<FileTimes>> {
     std::fs::create_dir_all(IMG_DIR).with_context(|| format!("creating {IMG_DIR}"))?;
+    let mut ours = vec![];
     let res = (|| -> Result<()> {
         for &mib in &a.sizes_mib {
             let (runs, note) = runs_for(mib, a.runs);
@@ -422,81 +424,144 @@ fn file_measurements(a: &BenchArgs, prog: &Path, telefork_bin: &Path, rows: &mut
             }
             let _ = std::fs::remove_file(&img);
             let _ = std::fs::remove_file(&go);
-            rows.push(row_from_ms("dump/restore", format!("{mib} MiB dump to file (incl. fsync)"), dump_ms, "read the image once (cache warm)", read_ms.clone(), &note));
-            rows.push(row_from_ms("dump/restore", format!("{mib} MiB restore from file (until it runs)"), restore_ms, "read the image once (cache warm)", read_ms, &note));
+            rows.push(row_from_ms("dump/restore", format!("{mib} MiB dump to file (incl. fsync)"), dump_ms.clone(), "read the image once (cache warm)", read_ms.clone(), &note));
+            rows.push(row_from_ms("dump/restore", format!("{mib} MiB restore from file (until it runs)"), restore_ms.clone(), "read the image once (cache warm)", read_ms, &note));
+            ours.push(FileTimes { mib, dump_ms, restore_ms });
         }
         Ok(())
     })();
     let _ = std::fs::remove_dir_all(IMG_DIR);
-    res
+    res.map(|()| ours)
 }
 
-fn criu_measurements(a: &BenchArgs, prog: &Path, rows: &mut Vec<Row>) -> Result<()> {
-    let works = Command::new("criu").arg("check").stdout(Stdio::null()).stderr(Stdio::null()).status().map(|s| s.success()).unwrap_or(false);
-    if !works {
-        println!("criu not available");
-        progress("criu not available (not on PATH, or `criu check` fails)");
-        return Ok(());
+/// telefork's dump and restore times of one size (ms), for the side-by-side with criu.
+struct FileTimes {
+    mib: u64,
+    dump_ms: Vec<f64>,
+    restore_ms: Vec<f64>,
+}
+
+/// `criu check` must pass before a bench that was asked to compare with criu starts; its
+/// version.
+fn check_criu() -> Result<String> {
+    let out = Command::new("criu").arg("check").output().context("--against-criu: running `criu check` (is criu on PATH? scripts/criu-from-debian.sh fetches one)")?;
+    if !out.status.success() {
+        let said = String::from_utf8_lossy(&out.stderr);
+        let last: Vec<&str> = said.lines().rev().take(3).collect();
+        bail!("--against-criu: `criu check` fails ({}): {}", out.status, last.into_iter().rev().collect::<Vec<_>>().join(" / "));
     }
-    // Not exercised here (no working criu on the machine it was written on).
+    let v = Command::new("criu").arg("--version").output().context("running `criu --version`")?;
+    let v = String::from_utf8_lossy(&v.stdout);
+    Ok(v.lines().find_map(|l| l.strip_prefix("Version:")).map(str::trim).unwrap_or("version unknown").to_string())
+}
+
+fn criu_measurements(a: &BenchArgs, prog: &Path, version: &str, ours: &[FileTimes], rows: &mut Vec<Row>) -> Result<()> {
+    // The process criu restores is detached from criu (`restore -d`): as the subreaper of
+    // our descendants we get it back, to reap it once it has verified its memory.
+    // SAFETY: a prctl on this process with plain integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        bail!("PR_SET_CHILD_SUBREAPER: {}", std::io::Error::last_os_error());
+    }
     let dir = Path::new(IMG_DIR).join("criu");
     let res = (|| -> Result<()> {
         for &mib in &a.sizes_mib {
-            let (runs, _) = runs_for(mib, a.runs);
+            let (runs, note) = runs_for(mib, a.runs);
             let (mut d, mut r) = (vec![], vec![]);
             for k in 1..=runs {
                 progress(&format!("criu dump/restore {mib} MiB: run {k}/{runs}"));
-                let _ = std::fs::remove_dir_all(&dir);
-                std::fs::create_dir_all(&dir)?;
-                let go = dir.join("go");
-                let log = dir.join("hold.out");
-                let out = std::fs::File::create(&log)?;
-                let mut hold = Command::new(prog);
-                hold.args(["hold", &mib.to_string(), &go.display().to_string()]).stdin(Stdio::null()).stdout(out).stderr(Stdio::null()).process_group(0);
-                stdio_only(&mut hold);
-                let mut child = hold.spawn()?;
-                track(child.id());
-                let t = Instant::now();
-                while !std::fs::read_to_string(&log).unwrap_or_default().contains("READY") {
-                    if t.elapsed() > Duration::from_secs(120) {
-                        bail!("benchprog hold did not get ready");
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                let imgs = dir.join("img");
-                std::fs::create_dir_all(&imgs)?;
-                let t0 = Instant::now();
-                let st = Command::new("criu").args(["dump", "-t", &child.id().to_string(), "-D", &imgs.display().to_string()]).output()?;
-                let dt = t0.elapsed();
-                let _ = child.wait();
-                untrack(child.id());
-                if !st.status.success() {
-                    bail!("criu dump failed: {}", String::from_utf8_lossy(&st.stderr).trim());
-                }
-                d.push(dt.as_secs_f64() * 1e3);
-                let t0 = Instant::now();
-                let st = Command::new("criu").args(["restore", "-d", "-D", &imgs.display().to_string()]).output()?;
-                let dt = t0.elapsed();
-                if !st.status.success() {
-                    bail!("criu restore failed: {}", String::from_utf8_lossy(&st.stderr).trim());
-                }
-                std::fs::write(&go, b"go")?;
-                let t = Instant::now();
-                while !std::fs::read_to_string(&log).unwrap_or_default().contains("OK") {
-                    if t.elapsed() > Duration::from_secs(60) {
-                        bail!("the process criu restored did not verify its memory");
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                r.push(dt.as_secs_f64() * 1e3);
+                let (dump_ms, restore_ms) = criu_once(prog, mib, &dir)?;
+                d.push(dump_ms);
+                r.push(restore_ms);
             }
-            rows.push(row_from_ms("criu", format!("{mib} MiB criu dump"), d.clone(), "criu dump", d, ""));
-            rows.push(row_from_ms("criu", format!("{mib} MiB criu restore"), r.clone(), "criu restore", r, ""));
+            let Some(t) = ours.iter().find(|t| t.mib == mib) else { continue };
+            let note = format!("{note}{}same process (benchprog hold), same file system; criu then syncfs, telefork fsyncs its image", if note.is_empty() { "" } else { "; " });
+            rows.push(row_from_ms("vs criu", format!("{mib} MiB dump to file: telefork"), t.dump_ms.clone(), &format!("criu {version} dump + syncfs"), d, &note));
+            rows.push(row_from_ms("", format!("{mib} MiB restore from file until it runs: telefork"), t.restore_ms.clone(), &format!("criu {version} restore -d"), r, "the restored process then verifies its memory (both)"));
         }
         Ok(())
     })();
     let _ = std::fs::remove_dir_all(&dir);
+    // SAFETY: as above.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0) };
     res
+}
+
+/// One criu dump and restore of a `benchprog hold` process with `mib` MiB written: (dump
+/// incl. syncfs, restore until criu returns with the process running) in ms. The restored
+/// process must verify its memory.
+fn criu_once(prog: &Path, mib: u64, dir: &Path) -> Result<(f64, f64)> {
+    let _ = std::fs::remove_dir_all(dir);
+    let imgs = dir.join("img");
+    std::fs::create_dir_all(&imgs).with_context(|| format!("creating {}", imgs.display()))?;
+    let go = dir.join("go");
+    let log = dir.join("hold.out");
+    let mut hold = Command::new(prog);
+    hold.args(["hold", &mib.to_string(), &go.display().to_string()]).stdin(Stdio::null()).stdout(std::fs::File::create(&log)?).stderr(Stdio::null());
+    stdio_only(&mut hold);
+    // A session of its own: criu dumps a whole session, not a process of ours.
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        hold.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = hold.spawn().context("starting benchprog hold")?;
+    track(child.id());
+    let pid = child.id() as i32;
+    let ready = wait_file_line(&log, "READY", &mut child);
+    if let Err(e) = ready {
+        let _ = child.kill();
+        let _ = child.wait();
+        untrack(child.id());
+        return Err(e);
+    }
+    let t0 = Instant::now();
+    let dumped = Command::new("criu").args(["dump", "-t", &pid.to_string(), "-D"]).arg(&imgs).output().context("running criu dump")?;
+    let synced = std::fs::File::open(&imgs).and_then(|f| nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f)).map_err(std::io::Error::from));
+    let dump_ms = t0.elapsed().as_secs_f64() * 1e3;
+    // (criu ends the process it dumped; if it failed, it is ended here.)
+    let _ = child.kill();
+    let _ = child.wait();
+    untrack(child.id());
+    if !dumped.status.success() {
+        bail!("criu dump of {mib} MiB failed: {}", tail(&dumped.stderr));
+    }
+    synced.context("syncfs of criu's images")?;
+    let t0 = Instant::now();
+    let restored = Command::new("criu").args(["restore", "-d", "-D"]).arg(&imgs).output().context("running criu restore")?;
+    let restore_ms = t0.elapsed().as_secs_f64() * 1e3;
+    if !restored.status.success() {
+        bail!("criu restore of {mib} MiB failed: {}", tail(&restored.stderr));
+    }
+    // The restored process (same PID, now our child as subreaper) verifies its memory.
+    std::fs::write(&go, b"go")?;
+    let t = Instant::now();
+    let status = loop {
+        match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+            Ok(nix::sys::wait::WaitStatus::StillAlive) => {}
+            Ok(st) => break Some(st),
+            Err(nix::errno::Errno::ECHILD) => break None, // (not ours after all: its log says)
+            Err(e) => return Err(e).context("waiting for the process criu restored"),
+        }
+        if t.elapsed() > Duration::from_secs(120) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            bail!("the process criu restored did not end within 120 s of being told to verify its memory");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let verified = std::fs::read_to_string(&log).unwrap_or_default().lines().any(|l| l == "OK");
+    if !verified || !matches!(status, None | Some(nix::sys::wait::WaitStatus::Exited(_, 0))) {
+        bail!("the process criu restored did not verify its memory ({status:?})");
+    }
+    Ok((dump_ms, restore_ms))
+}
+
+/// The last lines of a program's stderr, for an error message.
+fn tail(stderr: &[u8]) -> String {
+    let s = String::from_utf8_lossy(stderr);
+    let last: Vec<&str> = s.lines().rev().take(4).collect();
+    last.into_iter().rev().collect::<Vec<_>>().join(" / ")
 }
 
 /// The program starts with stdio only: fds leaked by whatever started the bench (a shell, a

@@ -89,7 +89,9 @@ enum Cmd {
         /// Fast sanity check: sizes 64,256 and 3 runs.
         #[arg(long)]
         quick: bool,
-        /// Also dump and restore with criu (if it is on PATH and `criu check` passes).
+        /// Also dump and restore the same processes with criu, side by side (criu must be on
+        /// PATH and pass `criu check`, else the bench stops at once; scripts/criu-from-debian.sh
+        /// fetches one that works on recent kernels).
         #[arg(long)]
         against_criu: bool,
     },
