@@ -188,7 +188,7 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
     ));
     rows.push(row_ms(
         "",
-        "round trip: telefork + exit(0) + wait".into(),
+        "round trip (the same), against the hand-overs alone".into(),
         out.ms("tf_rt_ns")?,
         "hand-overs only (row above)",
         relay.ms("relay_rt_ns")?,
@@ -216,7 +216,7 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
         run_prog("raw TCP", node_cmd("node1", None, &[&p, "tcp-send", &format!("{node2}:{TCP_PORT}"), &(mib << 20).to_string(), &runs.to_string()])?, None)
     };
     // The simplest whole data path: a process's memory over plain TCP into fresh memory there.
-    let mem_floor = |mib: u64, runs: usize| -> Result<Vec<f64>> {
+    let plain_receiver = |mib: u64, runs: usize| -> Result<Vec<f64>> {
         progress(&format!("throughput {mib} MiB: process memory over TCP into fresh memory on node2, {runs} runs"));
         let out = run_prog("memory into fresh memory", node_cmd("node1", None, &[&p, "mem-send", &format!("{node2}:{FRESH_PORT}"), &mib.to_string(), &runs.to_string()])?, None)?;
         Ok(gbps(mib << 20, out.all("mem_ns")?))
@@ -226,6 +226,7 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
         ("tls-sink", node_cmd("node2", None, &[&p, "tls-sink", &TLS_PORT.to_string(), &pki])?),
         ("fresh-sink", node_cmd("node2", None, &[&p, "fresh-sink", &FRESH_PORT.to_string()])?),
     ];
+    let mut receivers: Vec<(u64, Vec<f64>)> = vec![];
     with_sinks(sinks, || {
         for &mib in &a.sizes_mib {
             let (runs, note) = runs_for(mib, runs);
@@ -253,8 +254,9 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
             rows.push(throughput_row(name.clone(), tf_run.clone(), "raw TLS (same TLS channel)", tls_s, runs, &rt_note));
             rows.push(throughput_row(name.clone(), tf_run.clone(), "raw TCP plaintext", tcp_s, runs, &rt_note));
             rows.push(throughput_row(name.clone(), tf_run.clone(), "fresh memory populated on node2", pop_s, runs, "the destination must at least place the memory (with as much again resident, as the parent's is)"));
-            let plain_receiver = mem_floor(mib, runs)?;
-            rows.push(throughput_row(name, tf_run, FLOOR_NAME, plain_receiver, runs, FLOOR_NOTE));
+            let receiver = plain_receiver(mib, runs)?;
+            rows.push(throughput_row(name, tf_run, FLOOR_NAME, receiver.clone(), runs, FLOOR_NOTE));
+            receivers.push((mib, receiver));
             rows.push(row_ms("parent pause", format!("{mib} MiB: telefork() returns in the parent"), tf.ms("tf_pause_ns")?, "local fork() returns", tf.ms("fork_pause_ns")?, &note));
             rows.push(row_ms("", format!("{mib} MiB: telefork(background) returns"), tf.ms("tf_bg_pause_ns")?, "local fork() returns", tf.ms("fork_pause_ns")?, "Options::background"));
             let size = tf.one("rss_bytes")? / (1 << 20) as f64;
@@ -298,8 +300,10 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
                 let tcp_s = gbps(bytes, tcp.all("tcp_ns")?);
                 let name = format!("{mib} MiB telefork until it runs on node2 (plain)");
                 rows.push(throughput_row(name.clone(), tf_run.clone(), "raw TCP plaintext", tcp_s, runs, &rt_note));
-                let plain_receiver = mem_floor(mib, runs)?;
-                rows.push(throughput_row(name, tf_run, FLOOR_NAME, plain_receiver, runs, FLOOR_NOTE));
+                // (The same receiver as with TLS: it does not depend on the image transport.)
+                if let Some((_, receiver)) = receivers.iter().find(|(m, _)| *m == mib) {
+                    rows.push(throughput_row(name, tf_run, FLOOR_NAME, receiver.clone(), runs, FLOOR_NOTE));
+                }
             }
             Ok(())
         })();
@@ -474,9 +478,10 @@ fn criu_measurements(a: &BenchArgs, prog: &Path, version: &str, ours: &[FileTime
                 r.push(restore_ms);
             }
             let Some(t) = ours.iter().find(|t| t.mib == mib) else { continue };
-            let note = format!("{note}{}same process (benchprog hold), same file system; criu then syncfs, telefork fsyncs its image", if note.is_empty() { "" } else { "; " });
-            rows.push(row_from_ms("vs criu", format!("{mib} MiB dump to file: telefork"), t.dump_ms.clone(), &format!("criu {version} dump + syncfs"), d, &note));
-            rows.push(row_from_ms("", format!("{mib} MiB restore from file until it runs: telefork"), t.restore_ms.clone(), &format!("criu {version} restore -d"), r, "the restored process then verifies its memory (both)"));
+            let note_runs = note.clone();
+            let note = format!("{note}{}same process (benchprog hold), same file system; both fsync their image files", if note.is_empty() { "" } else { "; " });
+            rows.push(row_from_ms("vs criu", format!("{mib} MiB dump to file: telefork"), t.dump_ms.clone(), &format!("criu {version} dump + fsync"), d, &note));
+            rows.push(row_from_ms("", format!("{mib} MiB restore from file until it runs: telefork"), t.restore_ms.clone(), &format!("criu {version} restore -d"), r, &format!("{}the restored process then verifies its memory (both)", if note_runs.is_empty() { String::new() } else { format!("{note_runs}; ") })));
         }
         Ok(())
     })();
@@ -486,8 +491,35 @@ fn criu_measurements(a: &BenchArgs, prog: &Path, version: &str, ours: &[FileTime
     res
 }
 
+/// Every file in `dir` and the directory itself to disk (as telefork's dump fsyncs its image).
+fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_type()?.is_file() {
+            std::fs::File::open(e.path())?.sync_all()?;
+        }
+    }
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// A process of the criu measurement, killed and reaped however the measurement ends.
+struct Reaped(i32);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0);
+        // (Ours — our child, or restored below us as the subreaper — so the PID is still
+        // its own until reaped here.)
+        if matches!(nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)), Ok(nix::sys::wait::WaitStatus::StillAlive)) {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, None);
+        }
+        untrack(self.0 as u32);
+    }
+}
+
 /// One criu dump and restore of a `benchprog hold` process with `mib` MiB written: (dump
-/// incl. syncfs, restore until criu returns with the process running) in ms. The restored
+/// incl. fsync, restore until criu returns with the process running) in ms. The restored
 /// process must verify its memory.
 fn criu_once(prog: &Path, mib: u64, dir: &Path) -> Result<(f64, f64)> {
     let _ = std::fs::remove_dir_all(dir);
@@ -502,56 +534,52 @@ fn criu_once(prog: &Path, mib: u64, dir: &Path) -> Result<(f64, f64)> {
     // SAFETY: setsid is async-signal-safe.
     unsafe {
         hold.pre_exec(|| {
-            libc::setsid();
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             Ok(())
         });
     }
     let mut child = hold.spawn().context("starting benchprog hold")?;
     track(child.id());
     let pid = child.id() as i32;
-    let ready = wait_file_line(&log, "READY", &mut child);
-    if let Err(e) = ready {
-        let _ = child.kill();
-        let _ = child.wait();
-        untrack(child.id());
-        return Err(e);
-    }
+    let held = Reaped(pid);
+    wait_file_line(&log, "READY", &mut child)?;
     let t0 = Instant::now();
     let dumped = Command::new("criu").args(["dump", "-t", &pid.to_string(), "-D"]).arg(&imgs).output().context("running criu dump")?;
-    let synced = std::fs::File::open(&imgs).and_then(|f| nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f)).map_err(std::io::Error::from));
+    let synced = fsync_dir(&imgs);
     let dump_ms = t0.elapsed().as_secs_f64() * 1e3;
-    // (criu ends the process it dumped; if it failed, it is ended here.)
-    let _ = child.kill();
-    let _ = child.wait();
-    untrack(child.id());
+    // (criu ended the process it dumped; if it failed, the process is ended here.)
+    drop(held);
     if !dumped.status.success() {
         bail!("criu dump of {mib} MiB failed: {}", tail(&dumped.stderr));
     }
-    synced.context("syncfs of criu's images")?;
+    synced.context("fsync of criu's images")?;
     let t0 = Instant::now();
     let restored = Command::new("criu").args(["restore", "-d", "-D"]).arg(&imgs).output().context("running criu restore")?;
     let restore_ms = t0.elapsed().as_secs_f64() * 1e3;
     if !restored.status.success() {
         bail!("criu restore of {mib} MiB failed: {}", tail(&restored.stderr));
     }
-    // The restored process (same PID, now our child as subreaper) verifies its memory.
+    // The restored process: the same PID, our child now (we are the subreaper).
+    track(pid as u32);
+    let restored_process = Reaped(pid);
     std::fs::write(&go, b"go")?;
     let t = Instant::now();
     let status = loop {
         match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
             Ok(nix::sys::wait::WaitStatus::StillAlive) => {}
-            Ok(st) => break Some(st),
-            Err(nix::errno::Errno::ECHILD) => break None, // (not ours after all: its log says)
-            Err(e) => return Err(e).context("waiting for the process criu restored"),
+            Ok(st) => break st,
+            Err(e) => return Err(e).context(format!("waiting for process {pid}, which criu restored")),
         }
         if t.elapsed() > Duration::from_secs(120) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             bail!("the process criu restored did not end within 120 s of being told to verify its memory");
         }
         std::thread::sleep(Duration::from_millis(2));
     };
+    drop(restored_process); // (reaped: only untracked)
     let verified = std::fs::read_to_string(&log).unwrap_or_default().lines().any(|l| l == "OK");
-    if !verified || !matches!(status, None | Some(nix::sys::wait::WaitStatus::Exited(_, 0))) {
+    if !verified || !matches!(status, nix::sys::wait::WaitStatus::Exited(_, 0)) {
         bail!("the process criu restored did not verify its memory ({status:?})");
     }
     Ok((dump_ms, restore_ms))
