@@ -546,11 +546,17 @@ const UFFD_MIN: u64 = 16 << 20;
 /// and filled in one pass), elsewhere — or where userfaultfd is not used — by populating a
 /// big run in bulk (an injected MADV_POPULATE_WRITE, far cheaper than faulting page by page)
 /// and copying with process_vm_writev (or /proc/PID/mem where the mapping is not writable).
-/// A small image is read and placed by this thread (the tracer) alone; a big one is read
-/// and verified by a reader thread and, with userfaultfd, placed by this thread and a helper
-/// (which never populates: that is an injected call, the tracer's). Returns the number of
-/// bytes written, and how many of them went through userfaultfd.
-pub fn fill_pages<R: std::io::Read + Send>(inj: &mut Injector, vmas: &[Vma], reader: &mut telefork_image::ImageReader<R>, uffd: Option<RemoteUffd>) -> Result<(u64, u64)> {
+/// A small image is read and placed by this thread (the tracer) alone; a `big` one (see
+/// `is_big`) is read and verified by a reader thread and, with userfaultfd, placed by this
+/// thread and a helper (which never populates: that is an injected call, the tracer's).
+/// Returns the number of bytes written, and how many of them went through userfaultfd.
+pub fn fill_pages<R: std::io::Read + Send>(
+    inj: &mut Injector,
+    vmas: &[Vma],
+    big: bool,
+    reader: &mut telefork_image::ImageReader<R>,
+    uffd: Option<RemoteUffd>,
+) -> Result<(u64, u64)> {
     let pid = inj.pid();
     let (mut total, mut by_uffd) = (0u64, 0u64);
     let mut place = |inj: &mut Injector, addr: u64, data: &[u8]| -> Result<()> {
@@ -569,7 +575,7 @@ pub fn fill_pages<R: std::io::Read + Send>(inj: &mut Injector, vmas: &[Vma], rea
         total += data.len() as u64;
         Ok(())
     };
-    if !is_big(vmas) {
+    if !big {
         // Small: read and place in turn (a reader thread costs more than it saves here).
         let mut buf = Vec::new();
         while let Some((addr, b)) = reader.next_pages_owned(buf)? {

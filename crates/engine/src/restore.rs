@@ -493,7 +493,7 @@ fn shape<R: Read + Send>(stub: &mut Stub, img: &ProcessImage, reader: &mut Image
     let big = mem::is_big(&img.vmas);
     cpus.widen(big);
     inj.flush_through(mapped)?; // (the mappings exist before their pages are written)
-    let filled = mem::fill_pages(inj, &img.vmas, reader, uffd);
+    let filled = mem::fill_pages(inj, &img.vmas, big, reader, uffd);
     cpus.widen(false);
     let (page_bytes, by_uffd) = filled?;
     tl.note(format!("{by_uffd} of {page_bytes} page bytes placed through userfaultfd"));
