@@ -211,6 +211,14 @@ impl Drop for FreshMemory {
     }
 }
 
+/// A listener on `port` of every address; says `READY` once it listens.
+fn listen_ready(port: u16) -> TcpListener {
+    let l = TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| die(format!("listening on {port}: {e}")));
+    println!("READY");
+    std::io::stdout().flush().ok();
+    l
+}
+
 fn rss_kb() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -291,9 +299,7 @@ fn main() {
         }
         "tcp-sink" => {
             let port: u16 = arg(&args, 2, "PORT");
-            let l = TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| die(format!("listening on {port}: {e}")));
-            println!("READY");
-            std::io::stdout().flush().ok();
+            let l = listen_ready(port);
             let mut buf = vec![0u8; 1 << 20];
             loop {
                 let (mut s, _) = l.accept().unwrap_or_else(|e| die(format!("accept: {e}")));
@@ -336,9 +342,7 @@ fn main() {
             let port: u16 = arg(&args, 2, "PORT");
             let pki: PathBuf = arg(&args, 3, "PKI");
             let cfg = telefork_node::tls::server_config(&files(&pki, "node2")).unwrap_or_else(|e| die(format!("{e:#}")));
-            let l = TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| die(format!("listening on {port}: {e}")));
-            println!("READY");
-            std::io::stdout().flush().ok();
+            let l = listen_ready(port);
             let mut buf = vec![0u8; 1 << 20];
             loop {
                 let (s, _) = l.accept().unwrap_or_else(|e| die(format!("accept: {e}")));
@@ -407,9 +411,7 @@ fn main() {
         }
         "fresh-sink" => {
             let port: u16 = arg(&args, 2, "PORT");
-            let l = TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| die(format!("listening on {port}: {e}")));
-            println!("READY");
-            std::io::stdout().flush().ok();
+            let l = listen_ready(port);
             loop {
                 // (A bad connection is told on stderr and dropped; the sink serves the next.)
                 let (mut s, _) = l.accept().unwrap_or_else(|e| die(format!("accept: {e}")));
@@ -464,9 +466,7 @@ fn main() {
         }
         "relay-dest" => {
             let port: u16 = arg(&args, 2, "PORT");
-            let l = TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| die(format!("listening on {port}: {e}")));
-            println!("READY");
-            std::io::stdout().flush().ok();
+            let l = listen_ready(port);
             loop {
                 let (mut s, _) = l.accept().unwrap_or_else(|e| die(format!("accept: {e}")));
                 s.set_nodelay(true).ok();
