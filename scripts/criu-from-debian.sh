@@ -8,8 +8,8 @@
 #     bash scripts/criu-from-debian.sh
 #     PATH=/opt/criu-trixie/bin:$PATH telefork bench --against-criu
 #
-# Why: the criu of this machine's Debian 12 (3.17.1) fails `criu check` on 6.x kernels
-# ("vdso: Unexpected rt vDSO area bounds"); trixie's 4.1.1 passes it on Linux 6.18. It needs
+# Why: the criu of this machine's Debian 12 (3.17.1) fails `criu check` on its 6.18 kernel
+# ("vdso: Unexpected rt vDSO area bounds"); trixie's 4.1.1 passes it there. It needs
 # a newer glibc than Debian 12's, hence the private loader. x86_64 only; needs root (criu
 # does) and the Debian package mirror. An earlier install is replaced only by one that passes
 # `criu check`.

@@ -122,15 +122,19 @@ pub fn run(mut a: BenchArgs) -> Result<ExitCode> {
     down.context("tearing the testbed down")?;
 
     let ours = file_measurements(&a, &prog, &telefork_bin, &mut rows)?;
-    if let Some(version) = &criu_version {
-        criu_measurements(&a, &prog, version, &ours, &mut rows)?;
-    }
+    // (criu comes last: should it fail, the table of what was measured is still printed,
+    // then the failure, with a non-zero exit.)
+    let criu = match &criu_version {
+        Some(version) => criu_measurements(&a, &prog, version, &ours, &mut rows).context("the comparison with criu failed (the rows above were measured)"),
+        None => Ok(()),
+    };
 
     if a.json {
         println!("{}", to_json(&a, &machine, &rows));
     } else {
         print_table(&a, &machine, &rows);
     }
+    criu?;
     Ok(ExitCode::SUCCESS)
 }
 

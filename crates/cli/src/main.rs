@@ -89,9 +89,10 @@ enum Cmd {
         /// Fast sanity check: sizes 64,256 and 3 runs.
         #[arg(long)]
         quick: bool,
-        /// Also dump and restore the same processes with criu, side by side (criu must be on
-        /// PATH and pass `criu check`, else the bench stops at once; scripts/criu-from-debian.sh
-        /// fetches one that works on recent kernels).
+        /// Also dump and restore processes of the same sizes (benchprog hold) with criu, side
+        /// by side with telefork's (criu must be on PATH and pass `criu check`, else the bench
+        /// stops at once; scripts/criu-from-debian.sh fetches Debian 13's criu, which passes it
+        /// on Linux 6.18).
         #[arg(long)]
         against_criu: bool,
     },

@@ -1,14 +1,15 @@
 //! The program `telefork bench` runs on the testbed nodes (and on the host for dump/restore).
 //! Every measurement is printed on stdout as one line `R KEY VALUE` (VALUE in nanoseconds or
-//! bytes); `PID N` and `READY` lines let the bench follow along. Any failure exits non-zero
+//! bytes); `PID N`, `READY` (and `OK` from `hold`) lines let the bench follow along. Any failure exits non-zero
 //! with a message on stderr.
 //!
 //! Modes:
 //!
-//! * `latency RUNS DEST` — a small program: per run `remote(DEST, now_ns)` minus the call
-//!   time (`first_instr_ns`), a telefork whose child exits at once: time until telefork
-//!   returns in the parent (`tf_pause_ns`) and until wait returns (`tf_rt_ns`), and the same
-//!   for a local fork()+_exit(0)+waitpid (`fork_pause_ns`, `fork_rt_ns`).
+//! * `latency RUNS DEST [SETTLE_MS]` — a small program: per run `remote(DEST, now_ns)` minus
+//!   the call time (`first_instr_ns`), a telefork whose child exits at once: time until
+//!   telefork returns in the parent (`tf_pause_ns`) and until wait returns (`tf_rt_ns`), and
+//!   the same for a local fork()+_exit(0)+waitpid (`fork_pause_ns`, `fork_rt_ns`); with
+//!   SETTLE_MS, that long a sleep before each of them.
 //! * `tfork MIB RESERVE_GIB RUNS DEST VERIFY` — MIB MiB of written anonymous memory (inside a
 //!   MAP_NORESERVE reservation of RESERVE_GIB GiB if that is not 0), then per run the same
 //!   telefork and local fork pairs as `latency`. With VERIFY=1 one more, untimed, telefork

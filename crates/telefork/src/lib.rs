@@ -284,6 +284,8 @@ pub fn telefork_with(dest: &str, opts: &Options) -> Result<Fork, Error> {
                 }
                 libc::kill(libc::getpid(), libc::SIGSTOP);
             }
+            // (With the program's TELEFORK_DEBUG, read before the fork; the stamp goes to the
+            // child's stderr, relayed home into the program's.)
             telefork_engine::timeline::stamp("child runs");
             Ok(Fork::Child)
         }
