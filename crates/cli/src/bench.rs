@@ -230,7 +230,8 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
         ("tls-sink", node_cmd("node2", None, &[&p, "tls-sink", &TLS_PORT.to_string(), &pki])?),
         ("fresh-sink", node_cmd("node2", None, &[&p, "fresh-sink", &FRESH_PORT.to_string()])?),
     ];
-    let mut receivers: Vec<(u64, Vec<f64>)> = vec![];
+    // (The plain receiver's GB/s per size, in the order of the sizes.)
+    let mut receivers: Vec<Vec<f64>> = vec![];
     with_sinks(sinks, || {
         for &mib in &a.sizes_mib {
             let (runs, note) = runs_for(mib, runs);
@@ -260,7 +261,7 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
             rows.push(throughput_row(name.clone(), tf_run.clone(), "fresh memory populated on node2", pop_s, runs, "the destination must at least place the memory (with as much again resident, as the parent's is)"));
             let receiver = plain_receiver(mib, runs)?;
             rows.push(throughput_row(name, tf_run, FLOOR_NAME, receiver.clone(), runs, FLOOR_NOTE));
-            receivers.push((mib, receiver));
+            receivers.push(receiver);
             rows.push(row_ms("parent pause", format!("{mib} MiB: telefork() returns in the parent"), tf.ms("tf_pause_ns")?, "local fork() returns", tf.ms("fork_pause_ns")?, &note));
             rows.push(row_ms("", format!("{mib} MiB: telefork(background) returns"), tf.ms("tf_bg_pause_ns")?, "local fork() returns", tf.ms("fork_pause_ns")?, "Options::background"));
             let size = tf.one("rss_bytes")? / (1 << 20) as f64;
@@ -294,7 +295,7 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
             telefork_testbed::reconfigure(Path::new(DIR), n, |c| c.transport.image = telefork_node::config::ImageTransport::Plain)?;
         }
         let plain_res = (|| -> Result<()> {
-            for &mib in &a.sizes_mib {
+            for (&mib, receiver) in a.sizes_mib.iter().zip(&receivers) {
                 let (runs, note) = runs_for(mib, runs);
                 let bytes = mib << 20;
                 progress(&format!("throughput {mib} MiB: telefork with plain image transport, {runs} runs"));
@@ -305,9 +306,7 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
                 let name = format!("{mib} MiB telefork until it runs on node2 (plain)");
                 rows.push(throughput_row(name.clone(), tf_run.clone(), "raw TCP plaintext", tcp_s, runs, &rt_note));
                 // (The same receiver as with TLS: it does not depend on the image transport.)
-                if let Some((_, receiver)) = receivers.iter().find(|(m, _)| *m == mib) {
-                    rows.push(throughput_row(name, tf_run, FLOOR_NAME, receiver.clone(), runs, FLOOR_NOTE));
-                }
+                rows.push(throughput_row(name, tf_run, FLOOR_NAME, receiver.clone(), runs, FLOOR_NOTE));
             }
             Ok(())
         })();
@@ -357,17 +356,7 @@ fn file_measurements(a: &BenchArgs, prog: &Path, telefork_bin: &Path, rows: &mut
                 // (stdout/stderr to a file: the engine does not capture pipes other than a
                 // relayed stdio yet.)
                 let log = Path::new(IMG_DIR).join(format!("{mib}.out"));
-                let mut hold = Command::new(prog);
-                hold.args(["hold", &mib.to_string(), &go.display().to_string()])
-                    .stdin(Stdio::null())
-                    .stdout(std::fs::File::create(&log)?)
-                    .stderr(std::fs::File::create(Path::new(IMG_DIR).join(format!("{mib}.err")))?);
-                stdio_only(&mut hold);
-                let mut child = hold
-                    .spawn()
-                    .context("starting benchprog hold")?;
-                track(child.id());
-                wait_file_line(&log, "READY", &mut child)?;
+                let mut child = spawn_hold(prog, mib, &go, &log, &Path::new(IMG_DIR).join(format!("{mib}.err")), false)?;
                 let t0 = Instant::now();
                 let st = Command::new(telefork_bin)
                     .args(["dump", "--pid", &child.id().to_string(), "--out", &img.display().to_string()])
@@ -454,9 +443,7 @@ struct FileTimes {
 fn check_criu() -> Result<String> {
     let out = Command::new("criu").arg("check").output().context("--against-criu: running `criu check` (is criu on PATH? scripts/criu-from-debian.sh fetches one)")?;
     if !out.status.success() {
-        let said = String::from_utf8_lossy(&out.stderr);
-        let last: Vec<&str> = said.lines().rev().take(3).collect();
-        bail!("--against-criu: `criu check` fails ({}): {}", out.status, last.into_iter().rev().collect::<Vec<_>>().join(" / "));
+        bail!("--against-criu: `criu check` fails ({}): {}", out.status, tail(&out.stderr));
     }
     let v = Command::new("criu").arg("--version").output().context("running `criu --version`")?;
     let v = String::from_utf8_lossy(&v.stdout);
@@ -472,7 +459,8 @@ fn criu_measurements(a: &BenchArgs, prog: &Path, version: &str, ours: &[FileTime
     }
     let dir = Path::new(IMG_DIR).join("criu");
     let res = (|| -> Result<()> {
-        for &mib in &a.sizes_mib {
+        for t in ours {
+            let mib = t.mib;
             let (runs, note) = runs_for(mib, a.runs);
             let (mut d, mut r) = (vec![], vec![]);
             for k in 1..=runs {
@@ -481,11 +469,10 @@ fn criu_measurements(a: &BenchArgs, prog: &Path, version: &str, ours: &[FileTime
                 d.push(dump_ms);
                 r.push(restore_ms);
             }
-            let Some(t) = ours.iter().find(|t| t.mib == mib) else { continue };
-            let note_runs = note.clone();
-            let note = format!("{note}{}same process (benchprog hold), same file system; both fsync their image files", if note.is_empty() { "" } else { "; " });
-            rows.push(row_from_ms("vs criu", format!("{mib} MiB dump to file: telefork"), t.dump_ms.clone(), &format!("criu {version} dump + fsync"), d, &note));
-            rows.push(row_from_ms("", format!("{mib} MiB restore from file until it runs: telefork"), t.restore_ms.clone(), &format!("criu {version} restore -d"), r, &format!("{}the restored process then verifies its memory (both)", if note_runs.is_empty() { String::new() } else { format!("{note_runs}; ") })));
+            let dump_note = join_note(&note, "a benchprog hold process of the same size, same file system; both fsync their image files");
+            rows.push(row_from_ms("vs criu", format!("{mib} MiB dump to file: telefork"), t.dump_ms.clone(), &format!("criu {version} dump + fsync"), d, &dump_note));
+            let restore_note = join_note(&note, "the restored process then verifies its memory (both)");
+            rows.push(row_from_ms("", format!("{mib} MiB restore from file until it runs: telefork"), t.restore_ms.clone(), &format!("criu {version} restore -d"), r, &restore_note));
         }
         Ok(())
     })();
@@ -529,26 +516,11 @@ fn criu_once(prog: &Path, mib: u64, dir: &Path) -> Result<(f64, f64)> {
     let _ = std::fs::remove_dir_all(dir);
     let imgs = dir.join("img");
     std::fs::create_dir_all(&imgs).with_context(|| format!("creating {}", imgs.display()))?;
-    let go = dir.join("go");
-    let log = dir.join("hold.out");
-    let mut hold = Command::new(prog);
-    hold.args(["hold", &mib.to_string(), &go.display().to_string()]).stdin(Stdio::null()).stdout(std::fs::File::create(&log)?).stderr(Stdio::null());
-    stdio_only(&mut hold);
-    // A session of its own: criu dumps a whole session, not a process of ours.
-    // SAFETY: setsid is async-signal-safe.
-    unsafe {
-        hold.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = hold.spawn().context("starting benchprog hold")?;
-    track(child.id());
+    let (go, log) = (dir.join("go"), dir.join("hold.out"));
+    // (A session of its own: criu dumps a whole session, not a process of ours.)
+    let child = spawn_hold(prog, mib, &go, &log, &dir.join("hold.err"), true)?;
     let pid = child.id() as i32;
     let held = Reaped(pid);
-    wait_file_line(&log, "READY", &mut child)?;
     let t0 = Instant::now();
     let dumped = Command::new("criu").args(["dump", "-t", &pid.to_string(), "-D"]).arg(&imgs).output().context("running criu dump")?;
     let synced = fsync_dir(&imgs);
@@ -587,6 +559,38 @@ fn criu_once(prog: &Path, mib: u64, dir: &Path) -> Result<(f64, f64)> {
         bail!("the process criu restored did not verify its memory ({status:?})");
     }
     Ok((dump_ms, restore_ms))
+}
+
+/// Starts `benchprog hold` with `mib` MiB written (stdio only; stdout to `log`, stderr to
+/// `err`; in a session of its own with `own_session`), tracked, and waits for its READY.
+/// Killed (and reaped) if it does not get ready.
+fn spawn_hold(prog: &Path, mib: u64, go: &Path, log: &Path, err: &Path, own_session: bool) -> Result<Child> {
+    let mut hold = Command::new(prog);
+    hold.args(["hold", &mib.to_string(), &go.display().to_string()])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?)
+        .stderr(std::fs::File::create(err).with_context(|| format!("creating {}", err.display()))?);
+    stdio_only(&mut hold);
+    if own_session {
+        // SAFETY: setsid is async-signal-safe.
+        unsafe {
+            hold.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let mut child = hold.spawn().context("starting benchprog hold")?;
+    track(child.id());
+    if let Err(e) = wait_file_line(log, "READY", &mut child) {
+        let _ = child.kill();
+        let _ = child.wait();
+        untrack(child.id());
+        return Err(e);
+    }
+    Ok(child)
 }
 
 /// The last lines of a program's stderr, for an error message.
@@ -798,11 +802,15 @@ fn telefork_gbps(bytes: u64, tf: &ProgOut, note: &str) -> Result<(Vec<f64>, Stri
 
 /// The note of a throughput row: the round trip (telefork + the child's exit + wait) too.
 fn round_trip_note(rt_gbps: &[f64], note: &str) -> String {
-    let rt = format!("round trip incl. exit+wait {:.2} GB/s", median(rt_gbps));
+    join_note(note, &format!("round trip incl. exit+wait {:.2} GB/s", median(rt_gbps)))
+}
+
+/// `note` and `more`, joined with "; " (just `more` if there is no note).
+fn join_note(note: &str, more: &str) -> String {
     if note.is_empty() {
-        rt
+        more.to_string()
     } else {
-        format!("{note}; {rt}")
+        format!("{note}; {more}")
     }
 }
 

@@ -813,17 +813,22 @@ fn session_reuse(c: &Ctx) {
     }
     // The program is gone: its sessions end too (neither waits for another request).
     for node in ["node1", "node2"] {
-        let daemon = c.node(node).daemon_pid;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !children(daemon).is_empty() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let left: Vec<String> = children(daemon).into_iter().map(describe).collect();
+        let left = sessions_left(c, node, Instant::now() + Duration::from_secs(5));
         assert!(left.is_empty(), "sessions outlived their program on {node}: {left:?}");
     }
 }
 
-/// 16. A handle dropped while its child runs lets its sessions end once the child has ended,
+/// The sessions (children of its daemon) still on `node` once there are none or `deadline`
+/// has passed, described.
+fn sessions_left(c: &Ctx, node: &str, deadline: Instant) -> Vec<String> {
+    let daemon = c.node(node).daemon_pid;
+    while !children(daemon).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    children(daemon).into_iter().map(describe).collect()
+}
+
+/// 16. A handle dropped while its child runs lets its origin session end once the child has ended,
 ///     even if the program keeps the handle whose connection it was given back: that handle
 ///     let go of it (had it kept a copy, the origin session would not see the hang-up and
 ///     would wait up to 30 s for a word after the child's end).
@@ -832,12 +837,7 @@ fn dropped_handle_ends_its_session(c: &Ctx) {
     run.wait_line("first exit 11", Duration::from_secs(30));
     let (dropped, _) = run.wait_line("dropped", Duration::from_secs(30));
     // The second child runs 1 s; its sessions then end, long before the program does.
-    let daemon = c.node("node1").daemon_pid;
-    let deadline = dropped + Duration::from_secs(8);
-    while !children(daemon).is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let left: Vec<String> = children(daemon).into_iter().map(describe).collect();
+    let left = sessions_left(c, "node1", dropped + Duration::from_secs(8));
     let ended_after = dropped.elapsed();
     let r = run.finish(Duration::from_secs(40));
     assert!(left.is_empty(), "the origin session outlived its dropped handle's child by {ended_after:?} while the program still held the first handle: {left:?}\n{r}");

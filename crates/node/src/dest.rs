@@ -177,14 +177,16 @@ impl StubMaker {
             };
         }
         let forked = match &mut self.template {
-            Template::Ready(t) => Stub::fork_from(t, stdio)
-                .inspect_err(|e| log(&format!("forking the stub template failed ({e:#}); forking each process from the session from now on")))
-                .ok(),
+            Template::Ready(t) => match Stub::fork_from(t, stdio) {
+                Ok(stub) => Some(stub),
+                Err(e) => {
+                    log(&format!("forking the stub template failed ({e:#}); forking each process from the session from now on"));
+                    self.template = Template::Failed;
+                    None
+                }
+            },
             Template::NotYet | Template::Failed => None,
         };
-        if forked.is_none() && matches!(self.template, Template::Ready(_)) {
-            self.template = Template::Failed;
-        }
         let stub = forked.or_else(|| {
             Stub::prepare(Some(stdio))
                 .inspect_err(|e| log(&format!("could not prepare a process to restore into ({e:#}); making it when the image arrives")))

@@ -154,6 +154,12 @@ static HELD_FDS: [AtomicI32; HELD_FD_SLOTS] = [const { AtomicI32::new(-1) }; HEL
 /// made in an earlier generation is a copy of the parent's, whose fd the child closed.
 static GENERATION: AtomicU64 = AtomicU64::new(0);
 
+/// Whether something made in `generation` was made by this process (not a copy inherited
+/// through a telefork's fork).
+fn made_here(generation: u64) -> bool {
+    generation == GENERATION.load(Ordering::SeqCst)
+}
+
 /// An fd-owning value listed in `HELD_FDS` while it lives (taken off before it is closed,
 /// so a number reused meanwhile is never closed in a child by mistake). In a later
 /// telefork's child it is an inert copy: its fd was closed at the fork and its number may
@@ -174,7 +180,7 @@ impl<T: AsRawFd> Held<T> {
 
     /// Whether this process made it (not a copy inherited through a telefork's fork).
     fn is_ours(&self) -> bool {
-        self.generation == GENERATION.load(Ordering::SeqCst)
+        made_here(self.generation)
     }
 
     fn get(&self) -> Result<&T, Error> {
@@ -437,10 +443,11 @@ impl RemoteChild {
     /// it kept a copy, the session would not see the next handle's hang-up (it waits up to
     /// 30 s for a word after a child's end).
     fn hand_back_connection(&mut self) {
-        if !self.reusable || !self.conn.as_ref().is_some_and(Held::is_ours) {
-            return; // (the session ends by itself; or a copy's, not ours to give)
+        if !self.reusable {
+            return; // (the session ends by itself)
         }
-        let Some(held) = self.conn.take() else { return };
+        // (A copy's is not ours to give.)
+        let Some(held) = self.conn.take_if(|c| c.is_ours()) else { return };
         let Ok(conn) = held.get() else { return };
         if SPARE_CONNECTION.load(Ordering::SeqCst) >= 0 {
             let _ = send_frame(conn, &LocalCommand::Done);
@@ -457,8 +464,8 @@ impl RemoteChild {
             let _spare_owns_it = held.into_inner().into_raw_fd();
         }
         // (Else another thread stored a spare first, and `held` closes this one as it goes:
-        // the session, and its destination's with a process prepared to restore into, wait
-        // for a request that will not come, until their idle limits.)
+        // its session, told `Again`, sees the hang-up instead of a request and ends, and so
+        // does its destination's, with the process it prepared to restore into.)
     }
 
     /// Reaps the killed local copy (blocking: it is dead or about to be).
@@ -570,7 +577,7 @@ impl LocalCopy {
 impl Drop for RemoteChild {
     fn drop(&mut self) {
         // (A copy in a later telefork's child: the local copy is the parent's to reap.)
-        if self.generation == GENERATION.load(Ordering::SeqCst) {
+        if made_here(self.generation) {
             self.reap_local_copy();
         }
     }
