@@ -26,6 +26,9 @@ const TCP_PORT: u16 = 7101;
 const TLS_PORT: u16 = 7102;
 const FRESH_PORT: u16 = 7103;
 const RELAY_PORT: u16 = 7104;
+const MOVE_PORT: u16 = 7105;
+/// The origin relay's socket of the floor with the state moved by hand, on node1.
+const MOVE_SOCK: &str = "/run/telefork-bench/move.sock";
 
 pub struct BenchArgs {
     pub json: bool,
@@ -197,6 +200,33 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
         "hand-overs only (row above)",
         relay.ms("relay_rt_ns")?,
         "what capturing, moving and restoring the process adds to the hand-overs",
+    ));
+    // The same with the process's state moved by hand (benchprog/by_hand.rs): the least any
+    // design must do to move it from user space, and nothing else.
+    progress(&format!("latency: state moved by hand (relays: smaps, written pages, a new process filled), {latency_runs} runs"));
+    let by_hand = with_sinks(
+        vec![
+            ("move-dest", node_cmd("node2", None, &[&p, "move-dest", &MOVE_PORT.to_string()])?),
+            ("move-origin", node_cmd("node1", None, &[&p, "move-origin", MOVE_SOCK, &format!("{node2}:{MOVE_PORT}")])?),
+        ],
+        || run_prog("move latency", node_cmd("node1", Some(USER), &[&p, "move-latency", &latency_runs.to_string(), MOVE_SOCK])?, None),
+    )?;
+    let _ = std::fs::remove_file(MOVE_SOCK);
+    rows.push(row_ms(
+        "",
+        "state moved by hand: mappings, written pages → a new process on node2".into(),
+        by_hand.ms("move_rt_ns")?,
+        "local fork+exit+waitpid",
+        by_hand.ms("fork_rt_ns")?,
+        "the floor of moving this process from user space: the hand-overs, smaps, PAGEMAP_SCAN, its pages; no ptrace, registers, fds, signals, TLS or checks",
+    ));
+    rows.push(row_ms(
+        "",
+        "round trip (the same), against the state moved by hand".into(),
+        out.ms("tf_rt_ns")?,
+        "state moved by hand (row above)",
+        by_hand.ms("move_rt_ns")?,
+        "what the engine, TLS and the daemons' checks add to that floor",
     ));
     rows.push(row_ms("parent pause", format!("small ({rss:.1} MiB): telefork() returns in the parent"), out.ms("tf_pause_ns")?, "local fork() returns", out.ms("fork_pause_ns")?, "default: returns once the child runs there"));
     rows.push(row_ms("", format!("small ({rss:.1} MiB): telefork(background) returns"), out.ms("tf_bg_pause_ns")?, "local fork() returns", out.ms("fork_pause_ns")?, "Options::background"));

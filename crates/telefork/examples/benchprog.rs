@@ -36,6 +36,10 @@
 //!   to its daemon), which passes it over TCP to a relay on the other node, which forks a
 //!   child that exits at once, reaps it and sends its status back the same way; no state
 //!   moves (`relay_rt_ns`, beside the local `fork_rt_ns` of the same program).
+//! * `move-dest PORT` / `move-origin SOCK DEST_ADDR` / `move-latency RUNS SOCK` — the same
+//!   way with the state moved by hand: the stopped child's mappings (smaps), written pages
+//!   (PAGEMAP_SCAN, /proc/PID/mem) to node2, where a new process maps them again, reads its
+//!   pages into place and exits (`move_rt_ns`; see `benchprog/by_hand.rs`).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -44,6 +48,9 @@ use std::process::exit;
 use std::time::{Duration, Instant};
 
 use telefork::Fork;
+
+#[path = "benchprog/by_hand.rs"]
+mod by_hand;
 
 const PATTERN: u64 = 0x9E37_79B9_7F4A_7C15;
 
@@ -528,7 +535,10 @@ fn main() {
                 }
             }
         }
-        _ => die("usage: benchprog latency|tfork|populate|hold|tcp-sink|tcp-send|tls-sink|tls-send|fresh-sink|mem-send|relay-dest|relay-origin|relay-latency ... (see the source)"),
+        "move-dest" => by_hand::move_dest(&args),
+        "move-origin" => by_hand::move_origin(&args),
+        "move-latency" => by_hand::move_latency(&args),
+        _ => die("usage: benchprog latency|tfork|populate|hold|tcp-sink|tcp-send|tls-sink|tls-send|fresh-sink|mem-send|relay-dest|relay-origin|relay-latency|move-dest|move-origin|move-latency ... (see the source)"),
     }
 }
 

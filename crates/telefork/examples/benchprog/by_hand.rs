@@ -1,0 +1,412 @@
+//! The small telefork's floor with its state moved: what any design that moves a forked
+//! process from user space must do at least, done by hand with nothing else on the way.
+//!
+//! `move-latency` (the program, on node1) forks a child that stops itself, as a telefork's
+//! child does, and hands its PID to `move-origin` (a relay on node1, root, as the daemon).
+//! The relay reads what the state needs and nothing more — the mappings with their VmFlags
+//! (/proc/PID/smaps: the kernel tells the flags nowhere else), which pages the process wrote
+//! (PAGEMAP_SCAN) and those pages (/proc/PID/mem) — sends them in one message over plain TCP
+//! to `move-dest` (a relay on node2), kills the local copy, and waits for the status. The
+//! destination relay forks a new process that creates every mapping (the files opened and
+//! mapped again, at addresses of the kernel's choosing), receives its pages from the socket
+//! straight into them (no copy in between: the cheapest placement there is), sets the final
+//! protections and advice, and exits; the relay reaps it and sends its exit status home.
+//!
+//! Left out, so that this stays below any real telefork: registers, signal state, file
+//! descriptors, credentials and limits; encryption and authentication; the checks a
+//! daemon makes of a peer and an image; addresses kept as they were. Written by hand: it
+//! measures the kernel's share, so it uses the system calls directly.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use super::{arg, die, fast_exit, listen_ready, one_fork, out};
+
+/// Madvise advice carried per mapping (the VmFlags a restore must give back).
+const ADVICE: [(&str, libc::c_int); 5] =
+    [("hg", libc::MADV_HUGEPAGE), ("nh", libc::MADV_NOHUGEPAGE), ("dc", libc::MADV_DONTFORK), ("dd", libc::MADV_DONTDUMP), ("wf", libc::MADV_WIPEONFORK)];
+
+/// One mapping as it travels: length, protection, shared, file offset, advice bits, file.
+struct Mapping {
+    start: u64,
+    len: u64,
+    prot: u32,
+    shared: bool,
+    offset: u64,
+    advice: u8,
+    path: Option<String>,
+}
+
+/// The mappings of /proc/PID/smaps (the special ones left out: a new process has its own).
+fn read_mappings(pid: i32) -> std::io::Result<Vec<Mapping>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let mut maps: Vec<Mapping> = Vec::new();
+    let mut special = false;
+    for line in text.lines() {
+        let mut f = line.split_ascii_whitespace();
+        let first = f.next().unwrap_or("");
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if let (false, Some(m)) = (special, maps.last_mut()) {
+                for (i, (name, _)) in ADVICE.iter().enumerate() {
+                    if flags.split_ascii_whitespace().any(|x| x == *name) {
+                        m.advice |= 1 << i;
+                    }
+                }
+            }
+            continue;
+        }
+        if first.ends_with(':') {
+            continue;
+        }
+        // A mapping's first line: start-end perms offset dev inode [path].
+        let (Some((a, b)), Some(perms), Some(offset)) = (first.split_once('-'), f.next(), f.next()) else { continue };
+        let (_dev, _inode) = (f.next(), f.next());
+        let name = f.collect::<Vec<_>>().join(" ");
+        special = name.starts_with('[') && !matches!(name.as_str(), "[heap]" | "[stack]");
+        if special {
+            continue;
+        }
+        let hex = |s: &str| u64::from_str_radix(s, 16).unwrap_or(0);
+        let p = perms.as_bytes();
+        if p.len() < 4 {
+            continue;
+        }
+        let has = |i: usize, c: u8, prot: libc::c_int| if p[i] == c { prot as u32 } else { 0 };
+        let prot = has(0, b'r', libc::PROT_READ) | has(1, b'w', libc::PROT_WRITE) | has(2, b'x', libc::PROT_EXEC);
+        let path = if name.starts_with('/') { Some(name) } else { None };
+        maps.push(Mapping { start: hex(a), len: hex(b).saturating_sub(hex(a)), prot, shared: p[3] == b's', offset: hex(offset), advice: 0, path });
+    }
+    Ok(maps)
+}
+
+/// The runs of pages the process wrote, by mapping (anonymous: present or swapped; private
+/// file: no longer the file's page), from one PAGEMAP_SCAN over the whole address space.
+fn written_runs(pagemap: &std::fs::File, maps: &[Mapping]) -> Vec<(u32, u64, u64)> {
+    #[repr(C)]
+    struct PmScanArg {
+        size: u64,
+        flags: u64,
+        start: u64,
+        end: u64,
+        walk_end: u64,
+        vec: u64,
+        vec_len: u64,
+        max_pages: u64,
+        category_inverted: u64,
+        category_mask: u64,
+        category_anyof_mask: u64,
+        return_mask: u64,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct PageRegion {
+        start: u64,
+        end: u64,
+        categories: u64,
+    }
+    const PAGE_IS_FILE: u64 = 1 << 2;
+    const PAGE_IS_PRESENT: u64 = 1 << 3;
+    const PAGE_IS_SWAPPED: u64 = 1 << 4;
+    const PAGEMAP_SCAN: u64 = (3 << 30) | ((std::mem::size_of::<PmScanArg>() as u64) << 16) | ((b'f' as u64) << 8) | 16;
+    let mut regions = vec![PageRegion::default(); 1024];
+    let mut found: Vec<PageRegion> = Vec::new();
+    let (Some(first), Some(last)) = (maps.first(), maps.last()) else { return Vec::new() };
+    let (mut start, end) = (first.start, last.start + last.len);
+    while start < end {
+        let mut a = PmScanArg {
+            size: std::mem::size_of::<PmScanArg>() as u64,
+            flags: 0,
+            start,
+            end,
+            walk_end: 0,
+            vec: regions.as_mut_ptr() as u64,
+            vec_len: regions.len() as u64,
+            max_pages: 0,
+            category_inverted: 0,
+            category_mask: 0,
+            category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_FILE,
+        };
+        // SAFETY: `a` is a valid pm_scan_arg whose `vec` points at `regions` (room for
+        // `vec_len` entries, alive across the call); the kernel writes only there and `a`.
+        let n = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN as _, &mut a as *mut PmScanArg) };
+        if n < 0 {
+            die(format!("move-origin: PAGEMAP_SCAN: {}", std::io::Error::last_os_error()));
+        }
+        found.extend_from_slice(&regions[..n as usize]);
+        if a.walk_end <= start {
+            break;
+        }
+        start = a.walk_end;
+    }
+    // Each region cut at the mappings' bounds; file pages of file mappings stay home.
+    let mut runs = Vec::new();
+    for r in found {
+        for (i, m) in maps.iter().enumerate() {
+            let (s, e) = (r.start.max(m.start), r.end.min(m.start + m.len));
+            let travels = !m.shared && (m.path.is_none() || r.categories & PAGE_IS_FILE == 0);
+            if s < e && travels {
+                runs.push((i as u32, s - m.start, e - s));
+            }
+        }
+    }
+    runs
+}
+
+/// The message for the destination relay: a header (its length first: the mappings, then
+/// the runs as (mapping, offset in it, length)) and the pages' bytes.
+fn state_message(pid: i32) -> std::io::Result<Vec<u8>> {
+    let maps = read_mappings(pid)?;
+    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))?;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem"))?;
+    let mut header = Vec::with_capacity(4096);
+    header.extend((maps.len() as u32).to_le_bytes());
+    for m in &maps {
+        header.extend(m.len.to_le_bytes());
+        header.extend(m.prot.to_le_bytes());
+        header.push(m.shared as u8);
+        header.push(m.advice);
+        header.extend(m.offset.to_le_bytes());
+        let path = m.path.as_deref().unwrap_or("").as_bytes();
+        header.extend((path.len() as u16).to_le_bytes());
+        header.extend(path);
+    }
+    let runs = written_runs(&pagemap, &maps);
+    header.extend((runs.len() as u32).to_le_bytes());
+    for &(i, off, len) in &runs {
+        header.extend(i.to_le_bytes());
+        header.extend(off.to_le_bytes());
+        header.extend(len.to_le_bytes());
+    }
+    let bytes: u64 = runs.iter().map(|r| r.2).sum();
+    let mut msg = Vec::with_capacity(4 + header.len() + bytes as usize);
+    msg.extend((header.len() as u32).to_le_bytes());
+    msg.extend(&header);
+    for &(i, off, len) in &runs {
+        let at = msg.len();
+        msg.resize(at + len as usize, 0);
+        mem.read_exact_at(&mut msg[at..], maps[i as usize].start + off)?;
+    }
+    Ok(msg)
+}
+
+/// `move-origin SOCK DEST_ADDR`: per PID from the program, the stopped child's state to the
+/// destination relay, the local copy killed, the status back.
+pub fn move_origin(args: &[String]) {
+    let sock: PathBuf = arg(args, 2, "SOCK");
+    let dest: String = arg(args, 3, "DEST_ADDR");
+    let l = unix_listener(&sock);
+    loop {
+        let (mut prog, _) = l.accept().unwrap_or_else(|e| die(format!("accept: {e}")));
+        let mut there = TcpStream::connect(&dest).unwrap_or_else(|e| die(format!("connecting to {dest}: {e}")));
+        there.set_nodelay(true).ok();
+        let mut pid = [0u8; 4];
+        while prog.read_exact(&mut pid).is_ok() {
+            let pid = i32::from_le_bytes(pid);
+            let msg = state_message(pid).unwrap_or_else(|e| die(format!("move-origin: reading process {pid}: {e}")));
+            there.write_all(&msg).unwrap_or_else(|e| die(format!("move-origin: to {dest}: {e}")));
+            // SAFETY: a plain kill of the program's stopped child (its local copy).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let mut status = [0u8; 1];
+            there.read_exact(&mut status).unwrap_or_else(|e| die(format!("move-origin: from {dest}: {e}")));
+            if prog.write_all(&status).is_err() {
+                break;
+            }
+        }
+    }
+}
+
+fn unix_listener(sock: &Path) -> UnixListener {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::remove_file(sock);
+    let l = UnixListener::bind(sock).unwrap_or_else(|e| die(format!("listening on {}: {e}", sock.display())));
+    std::fs::set_permissions(sock, std::fs::Permissions::from_mode(0o666)).unwrap_or_else(|e| die(format!("chmod {}: {e}", sock.display())));
+    println!("READY");
+    std::io::stdout().flush().ok();
+    l
+}
+
+/// A mapping as the destination reads it from the header.
+struct Wanted {
+    len: u64,
+    prot: i32,
+    shared: bool,
+    advice: u8,
+    offset: u64,
+    path: Option<std::ffi::CString>,
+}
+
+/// A run of pages: (mapping, offset in it, length).
+type Run = (usize, u64, u64);
+
+/// Reads the header (mappings, runs); `None` if it is malformed.
+fn parse_header(h: &[u8]) -> Option<(Vec<Wanted>, Vec<Run>)> {
+    let mut at = 0usize;
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let s = h.get(at..at + n)?;
+        at += n;
+        Some(s)
+    };
+    let u32_ = |b: &[u8]| u32::from_le_bytes(b.try_into().unwrap_or([0; 4]));
+    let u64_ = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
+    let n = u32_(take(4)?) as usize;
+    let mut maps = Vec::with_capacity(n.min(1 << 16));
+    for _ in 0..n {
+        let len = u64_(take(8)?);
+        let prot = u32_(take(4)?) as i32;
+        let flags = take(2)?;
+        let offset = u64_(take(8)?);
+        let plen = u16::from_le_bytes(take(2)?.try_into().ok()?) as usize;
+        let path = take(plen)?;
+        let path = if path.is_empty() { None } else { Some(std::ffi::CString::new(path).ok()?) };
+        maps.push(Wanted { len, prot, shared: flags[0] != 0, advice: flags[1], offset, path });
+    }
+    let n = u32_(take(4)?) as usize;
+    let mut runs = Vec::with_capacity(n.min(1 << 20));
+    for _ in 0..n {
+        let (i, off, len) = (u32_(take(4)?) as usize, u64_(take(8)?), u64_(take(8)?));
+        if maps.get(i).is_none_or(|m| off.checked_add(len).is_none_or(|e| e > m.len)) {
+            return None;
+        }
+        runs.push((i, off, len));
+    }
+    Some((maps, runs))
+}
+
+/// In the new process: every mapping made, the pages read into place from `sock`, the final
+/// protections and advice set. Exits 0, or 1–3 naming the step that failed.
+fn become_the_copy(sock: &mut TcpStream, maps: &[Wanted], runs: &[Run]) -> ! {
+    let mut bases = Vec::with_capacity(maps.len());
+    for m in maps {
+        let fd = match &m.path {
+            // SAFETY: a NUL-terminated path.
+            Some(p) => unsafe { libc::open(p.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) },
+            None => -1,
+        };
+        let (kind, prot) = match (m.shared, fd >= 0) {
+            (true, true) => (libc::MAP_SHARED, m.prot & !libc::PROT_WRITE),
+            (true, false) => (libc::MAP_SHARED | libc::MAP_ANONYMOUS, m.prot),
+            (false, true) => (libc::MAP_PRIVATE, m.prot | libc::PROT_WRITE),
+            (false, false) => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, m.prot | libc::PROT_WRITE),
+        };
+        // SAFETY: a new mapping where the kernel chooses; nothing of ours is there.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), m.len as usize, prot, kind, fd, if fd >= 0 { m.offset as i64 } else { 0 }) };
+        if fd >= 0 {
+            // SAFETY: closing the file we opened.
+            unsafe { libc::close(fd) };
+        }
+        if p == libc::MAP_FAILED {
+            fast_exit(1);
+        }
+        bases.push(p as *mut u8);
+    }
+    for &(i, off, len) in runs {
+        // SAFETY: `off + len` lies inside mapping `i` (checked with the header), mapped
+        // writable above, and nothing else refers to it.
+        let dst = unsafe { std::slice::from_raw_parts_mut(bases[i].add(off as usize), len as usize) };
+        if sock.read_exact(dst).is_err() {
+            fast_exit(2);
+        }
+    }
+    for (m, &base) in maps.iter().zip(&bases) {
+        // SAFETY: changing the protection and advice of our own new mappings.
+        unsafe {
+            if !m.shared && m.prot & libc::PROT_WRITE == 0 && libc::mprotect(base as *mut libc::c_void, m.len as usize, m.prot) != 0 {
+                fast_exit(3);
+            }
+            for (bit, (_, advice)) in ADVICE.iter().enumerate() {
+                if m.advice & (1 << bit) != 0 {
+                    libc::madvise(base as *mut libc::c_void, m.len as usize, *advice);
+                }
+            }
+        }
+    }
+    fast_exit(0)
+}
+
+/// `move-dest PORT`: per message, a new process made from it (see `become_the_copy`),
+/// reaped, its exit status sent back.
+pub fn move_dest(args: &[String]) {
+    let port: u16 = arg(args, 2, "PORT");
+    let l: TcpListener = listen_ready(port);
+    loop {
+        let (mut s, _) = l.accept().unwrap_or_else(|e| die(format!("accept: {e}")));
+        s.set_nodelay(true).ok();
+        let mut len = [0u8; 4];
+        while s.read_exact(&mut len).is_ok() {
+            let len = u32::from_le_bytes(len) as usize;
+            if len > 16 << 20 {
+                eprintln!("benchprog move-dest: a header of {len} bytes is more than this relay takes (16 MiB)");
+                break;
+            }
+            let mut header = vec![0u8; len];
+            if s.read_exact(&mut header).is_err() {
+                break;
+            }
+            let Some((maps, runs)) = parse_header(&header) else {
+                eprintln!("benchprog move-dest: a malformed header");
+                break;
+            };
+            // SAFETY: this relay is single-threaded; the child only maps, reads and exits.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                become_the_copy(&mut s, &maps, &runs);
+            }
+            let mut status = 0;
+            // SAFETY: waiting for our own child.
+            if pid < 0 || unsafe { libc::waitpid(pid, &mut status, 0) } != pid {
+                die(format!("move-dest: fork or waitpid: {}", std::io::Error::last_os_error()));
+            }
+            let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) as u8 } else { 255 };
+            if s.write_all(&[code]).is_err() {
+                break;
+            }
+        }
+    }
+}
+
+/// `move-latency RUNS SOCK`: per run a fork whose child stops itself, moved by the relays;
+/// `move_rt_ns` from the fork until the status is back and the local copy reaped, beside a
+/// local fork+exit+waitpid (`fork_rt_ns`).
+pub fn move_latency(args: &[String]) {
+    let runs: usize = arg(args, 2, "RUNS");
+    let sock: PathBuf = arg(args, 3, "SOCK");
+    let mut relay = UnixStream::connect(&sock).unwrap_or_else(|e| die(format!("connecting to {}: {e}", sock.display())));
+    // One untimed round first: the relays connect to each other on the first one.
+    for round in 0..=runs {
+        let t0 = Instant::now();
+        // SAFETY: the child only stops itself (and is killed there by the relay).
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: raise and _exit only.
+            unsafe { libc::raise(libc::SIGSTOP) };
+            fast_exit(0);
+        }
+        if pid < 0 {
+            die(format!("fork: {}", std::io::Error::last_os_error()));
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child to stop.
+        if unsafe { libc::waitpid(pid, &mut status, libc::WUNTRACED) } != pid || !libc::WIFSTOPPED(status) {
+            die(format!("move-latency: the child did not stop (status {status:#x})"));
+        }
+        relay.write_all(&pid.to_le_bytes()).unwrap_or_else(|e| die(format!("move-latency: {e}")));
+        let mut b = [0u8; 1];
+        relay.read_exact(&mut b).unwrap_or_else(|e| die(format!("move-latency: no status: {e}")));
+        // SAFETY: reaping our own child (the relay killed it).
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        let rt = t0.elapsed().as_nanos();
+        if b[0] != 0 {
+            die(format!("move-latency: the new process on the destination exited with {} (1 mapping, 2 pages, 3 protections)", b[0]));
+        }
+        if round > 0 {
+            out("move_rt_ns", rt);
+            out("fork_rt_ns", one_fork().1);
+        }
+    }
+}
