@@ -219,6 +219,17 @@ impl Drop for FreshMemory {
     }
 }
 
+/// A Unix socket listener at `sock` anyone may connect to; says `READY` once it listens.
+fn unix_listen_ready(sock: &Path) -> std::os::unix::net::UnixListener {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::remove_file(sock);
+    let l = std::os::unix::net::UnixListener::bind(sock).unwrap_or_else(|e| die(format!("listening on {}: {e}", sock.display())));
+    std::fs::set_permissions(sock, std::fs::Permissions::from_mode(0o666)).unwrap_or_else(|e| die(format!("chmod {}: {e}", sock.display())));
+    println!("READY");
+    std::io::stdout().flush().ok();
+    l
+}
+
 /// A listener on `port` of every address; says `READY` once it listens.
 fn listen_ready(port: u16) -> TcpListener {
     let l = TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| die(format!("listening on {port}: {e}")));
@@ -491,15 +502,9 @@ fn main() {
             }
         }
         "relay-origin" => {
-            use std::os::unix::net::UnixListener;
             let sock: PathBuf = arg(&args, 2, "SOCK");
             let dest: String = arg(&args, 3, "DEST_ADDR");
-            let _ = std::fs::remove_file(&sock);
-            let l = UnixListener::bind(&sock).unwrap_or_else(|e| die(format!("listening on {}: {e}", sock.display())));
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap_or_else(|e| die(format!("chmod {}: {e}", sock.display())));
-            println!("READY");
-            std::io::stdout().flush().ok();
+            let l = unix_listen_ready(&sock);
             loop {
                 let (mut prog, _) = l.accept().unwrap_or_else(|e| die(format!("accept: {e}")));
                 let mut there = TcpStream::connect(&dest).unwrap_or_else(|e| die(format!("connecting to {dest}: {e}")));

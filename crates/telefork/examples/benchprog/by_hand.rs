@@ -1,37 +1,46 @@
-//! The small telefork's floor with its state moved: what any design that moves a forked
-//! process from user space must do at least, done by hand with nothing else on the way.
+//! The small telefork's floor with its state moved: what a design like telefork's — a
+//! daemon on each node, reading a stopped fork of the program from /proc — must do at least
+//! to move it, done by hand with nothing else on the way.
 //!
 //! `move-latency` (the program, on node1) forks a child that stops itself, as a telefork's
-//! child does, and hands its PID to `move-origin` (a relay on node1, root, as the daemon).
-//! The relay reads what the state needs and nothing more — the mappings with their VmFlags
-//! (/proc/PID/smaps: the kernel tells the flags nowhere else), which pages the process wrote
-//! (PAGEMAP_SCAN) and those pages (/proc/PID/mem) — sends them in one message over plain TCP
-//! to `move-dest` (a relay on node2), kills the local copy, and waits for the status. The
-//! destination relay forks a new process that creates every mapping (the files opened and
-//! mapped again, at addresses of the kernel's choosing), receives its pages from the socket
-//! straight into them (no copy in between: the cheapest placement there is), sets the final
-//! protections and advice, and exits; the relay reaps it and sends its exit status home.
+//! child does, and hands its PID to `move-origin` (a relay on node1, root, as the daemon),
+//! which checks that the PID is a stopped child of its peer (SO_PEERCRED) and reads what the
+//! state needs and nothing more — the mappings with their VmFlags (/proc/PID/smaps: the kernel
+//! tells the flags nowhere else), which pages the process wrote (PAGEMAP_SCAN) and those
+//! pages (/proc/PID/mem) — sends them in one message over plain TCP to `move-dest` (a relay
+//! on node2), kills the local copy, and waits for the status. The destination relay forks a
+//! new process that creates every mapping (each file opened once and mapped again, at
+//! addresses of the kernel's choosing), receives its pages from the socket straight into
+//! them, sets the final protections and advice, and exits; the relay reaps it and sends its
+//! exit status home.
 //!
-//! Left out, so that this stays below any real telefork: registers, signal state, file
-//! descriptors, credentials and limits; encryption and authentication; the checks a
-//! daemon makes of a peer and an image; addresses kept as they were. Written by hand: it
-//! measures the kernel's share, so it uses the system calls directly.
+//! The message: `u32` header length, then the header — `u32` mapping count, per mapping
+//! `u64` length, `u32` protection, `u8` shared, `u8` advice bits (`ADVICE`), `u64` file
+//! offset, `u16` path length and the path (empty: anonymous); `u32` run count, per run `u32`
+//! mapping, `u64` offset in it, `u64` length — then the runs' bytes in that order. All
+//! little-endian.
+//!
+//! Left out, so that this stays below a real telefork: registers, signal state, file
+//! descriptors, credentials and limits; encryption, and the checks of the peer and the image;
+//! addresses kept as they were (and the new process's own mappings removed); shared anonymous
+//! memory's contents, MAP_NORESERVE and grows-down; the process resuming as the program.
+//! Written by hand: it measures the kernel's share, so it makes the system calls directly.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::time::Instant;
 
-use super::{arg, die, fast_exit, listen_ready, one_fork, out};
+use super::{arg, die, fast_exit, listen_ready, one_fork, out, unix_listen_ready};
 
 /// Madvise advice carried per mapping (the VmFlags a restore must give back).
 const ADVICE: [(&str, libc::c_int); 5] =
     [("hg", libc::MADV_HUGEPAGE), ("nh", libc::MADV_NOHUGEPAGE), ("dc", libc::MADV_DONTFORK), ("dd", libc::MADV_DONTDUMP), ("wf", libc::MADV_WIPEONFORK)];
 
-/// One mapping as it travels: length, protection, shared, file offset, advice bits, file.
+/// One mapping of the process (all but `start` travels).
 struct Mapping {
     start: u64,
     len: u64,
@@ -42,16 +51,18 @@ struct Mapping {
     path: Option<String>,
 }
 
-/// The mappings of /proc/PID/smaps (the special ones left out: a new process has its own).
+/// The mappings of /proc/PID/smaps (the kernel's special ones left out: a new process has
+/// its own; named anonymous memory, `[anon:…]`, kept as anonymous).
 fn read_mappings(pid: i32) -> std::io::Result<Vec<Mapping>> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
     let mut maps: Vec<Mapping> = Vec::new();
-    let mut special = false;
+    // The mapping the lines being read belong to (`None` after a special one).
+    let mut current: Option<usize> = None;
     for line in text.lines() {
         let mut f = line.split_ascii_whitespace();
         let first = f.next().unwrap_or("");
         if let Some(flags) = line.strip_prefix("VmFlags:") {
-            if let (false, Some(m)) = (special, maps.last_mut()) {
+            if let Some(m) = current.and_then(|i| maps.get_mut(i)) {
                 for (i, (name, _)) in ADVICE.iter().enumerate() {
                     if flags.split_ascii_whitespace().any(|x| x == *name) {
                         m.advice |= 1 << i;
@@ -64,28 +75,31 @@ fn read_mappings(pid: i32) -> std::io::Result<Vec<Mapping>> {
             continue;
         }
         // A mapping's first line: start-end perms offset dev inode [path].
+        current = None;
         let (Some((a, b)), Some(perms), Some(offset)) = (first.split_once('-'), f.next(), f.next()) else { continue };
         let (_dev, _inode) = (f.next(), f.next());
         let name = f.collect::<Vec<_>>().join(" ");
-        special = name.starts_with('[') && !matches!(name.as_str(), "[heap]" | "[stack]");
-        if special {
+        if name.starts_with('[') && !matches!(name.as_str(), "[heap]" | "[stack]") && !name.starts_with("[anon:") {
             continue;
         }
-        let hex = |s: &str| u64::from_str_radix(s, 16).unwrap_or(0);
         let p = perms.as_bytes();
         if p.len() < 4 {
             continue;
         }
+        let hex = |s: &str| u64::from_str_radix(s, 16).unwrap_or(0);
         let has = |i: usize, c: u8, prot: libc::c_int| if p[i] == c { prot as u32 } else { 0 };
         let prot = has(0, b'r', libc::PROT_READ) | has(1, b'w', libc::PROT_WRITE) | has(2, b'x', libc::PROT_EXEC);
         let path = if name.starts_with('/') { Some(name) } else { None };
+        current = Some(maps.len());
         maps.push(Mapping { start: hex(a), len: hex(b).saturating_sub(hex(a)), prot, shared: p[3] == b's', offset: hex(offset), advice: 0, path });
     }
     Ok(maps)
 }
 
-/// The runs of pages the process wrote, by mapping (anonymous: present or swapped; private
-/// file: no longer the file's page), from one PAGEMAP_SCAN over the whole address space.
+/// The runs of pages the process wrote, by mapping (private anonymous: present or swapped;
+/// private file: no longer the file's page; shared: none), from PAGEMAP_SCAN calls over the
+/// range from the first mapping to the end of the last (one call here), cut at the
+/// mappings' bounds here.
 fn written_runs(pagemap: &std::fs::File, maps: &[Mapping]) -> Vec<(u32, u64, u64)> {
     #[repr(C)]
     struct PmScanArg {
@@ -158,77 +172,105 @@ fn written_runs(pagemap: &std::fs::File, maps: &[Mapping]) -> Vec<(u32, u64, u64
     runs
 }
 
-/// The message for the destination relay: a header (its length first: the mappings, then
-/// the runs as (mapping, offset in it, length)) and the pages' bytes.
-fn state_message(pid: i32) -> std::io::Result<Vec<u8>> {
+/// The message for the destination relay (see the module's doc), into `msg`.
+fn state_message(pid: i32, msg: &mut Vec<u8>) -> std::io::Result<()> {
     let maps = read_mappings(pid)?;
     let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))?;
     let mem = std::fs::File::open(format!("/proc/{pid}/mem"))?;
-    let mut header = Vec::with_capacity(4096);
-    header.extend((maps.len() as u32).to_le_bytes());
+    msg.clear();
+    msg.extend(0u32.to_le_bytes()); // the header's length, set below
+    msg.extend((maps.len() as u32).to_le_bytes());
     for m in &maps {
-        header.extend(m.len.to_le_bytes());
-        header.extend(m.prot.to_le_bytes());
-        header.push(m.shared as u8);
-        header.push(m.advice);
-        header.extend(m.offset.to_le_bytes());
+        msg.extend(m.len.to_le_bytes());
+        msg.extend(m.prot.to_le_bytes());
+        msg.push(m.shared as u8);
+        msg.push(m.advice);
+        msg.extend(m.offset.to_le_bytes());
         let path = m.path.as_deref().unwrap_or("").as_bytes();
-        header.extend((path.len() as u16).to_le_bytes());
-        header.extend(path);
+        msg.extend((path.len() as u16).to_le_bytes());
+        msg.extend(path);
     }
     let runs = written_runs(&pagemap, &maps);
-    header.extend((runs.len() as u32).to_le_bytes());
+    msg.extend((runs.len() as u32).to_le_bytes());
     for &(i, off, len) in &runs {
-        header.extend(i.to_le_bytes());
-        header.extend(off.to_le_bytes());
-        header.extend(len.to_le_bytes());
+        msg.extend(i.to_le_bytes());
+        msg.extend(off.to_le_bytes());
+        msg.extend(len.to_le_bytes());
     }
-    let bytes: u64 = runs.iter().map(|r| r.2).sum();
-    let mut msg = Vec::with_capacity(4 + header.len() + bytes as usize);
-    msg.extend((header.len() as u32).to_le_bytes());
-    msg.extend(&header);
+    let header_len = (msg.len() - 4) as u32;
+    msg[..4].copy_from_slice(&header_len.to_le_bytes());
     for &(i, off, len) in &runs {
         let at = msg.len();
         msg.resize(at + len as usize, 0);
         mem.read_exact_at(&mut msg[at..], maps[i as usize].start + off)?;
     }
-    Ok(msg)
+    Ok(())
 }
 
-/// `move-origin SOCK DEST_ADDR`: per PID from the program, the stopped child's state to the
-/// destination relay, the local copy killed, the status back.
+/// The PID of the process at the other end of `sock`.
+fn peer_pid(sock: &UnixStream) -> std::io::Result<i32> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED fills a ucred of `len` bytes.
+    let r = unsafe { libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERCRED, &mut cred as *mut libc::ucred as *mut libc::c_void, &mut len) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred.pid)
+}
+
+/// Whether `pid` is a stopped child of `parent` (/proc/PID/stat: state and ppid follow the
+/// command's closing parenthesis).
+fn is_stopped_child_of(pid: i32, parent: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    let Some((_, rest)) = stat.rsplit_once(')') else { return false };
+    let mut f = rest.split_ascii_whitespace();
+    matches!((f.next(), f.next().and_then(|p| p.parse::<i32>().ok())), (Some("T"), Some(pp)) if pp == parent)
+}
+
+/// The status the origin relay sends the program when it could not move the process.
+const RELAY_FAILED: u8 = 254;
+
+/// `move-origin SOCK DEST_ADDR`: per PID from the program (a stopped child of its own), the
+/// child's state to the destination relay, the local copy killed, the status back — or
+/// `RELAY_FAILED` (the reason on stderr), after which the connection is closed.
 pub fn move_origin(args: &[String]) {
     let sock: PathBuf = arg(args, 2, "SOCK");
     let dest: String = arg(args, 3, "DEST_ADDR");
-    let l = unix_listener(&sock);
+    let l = unix_listen_ready(&sock);
+    let mut msg = Vec::new();
     loop {
         let (mut prog, _) = l.accept().unwrap_or_else(|e| die(format!("accept: {e}")));
-        let mut there = TcpStream::connect(&dest).unwrap_or_else(|e| die(format!("connecting to {dest}: {e}")));
-        there.set_nodelay(true).ok();
-        let mut pid = [0u8; 4];
-        while prog.read_exact(&mut pid).is_ok() {
-            let pid = i32::from_le_bytes(pid);
-            let msg = state_message(pid).unwrap_or_else(|e| die(format!("move-origin: reading process {pid}: {e}")));
-            there.write_all(&msg).unwrap_or_else(|e| die(format!("move-origin: to {dest}: {e}")));
-            // SAFETY: a plain kill of the program's stopped child (its local copy).
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            let mut status = [0u8; 1];
-            there.read_exact(&mut status).unwrap_or_else(|e| die(format!("move-origin: from {dest}: {e}")));
-            if prog.write_all(&status).is_err() {
-                break;
+        let served = (|| -> Result<(), String> {
+            let peer = peer_pid(&prog).map_err(|e| format!("SO_PEERCRED: {e}"))?;
+            let mut there = TcpStream::connect(&dest).map_err(|e| format!("connecting to {dest}: {e}"))?;
+            there.set_nodelay(true).ok();
+            let mut pid = [0u8; 4];
+            while prog.read_exact(&mut pid).is_ok() {
+                let pid = i32::from_le_bytes(pid);
+                if !is_stopped_child_of(pid, peer) {
+                    return Err(format!("process {pid} is not a stopped child of the program {peer}"));
+                }
+                state_message(pid, &mut msg).map_err(|e| format!("reading process {pid}: {e}"))?;
+                there.write_all(&msg).map_err(|e| format!("to {dest}: {e}"))?;
+                // SAFETY: a plain kill of the program's stopped child (its local copy, checked
+                // above).
+                if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
+                    return Err(format!("killing the local copy {pid}: {}", std::io::Error::last_os_error()));
+                }
+                let mut status = [0u8; 1];
+                there.read_exact(&mut status).map_err(|e| format!("from {dest}: {e}"))?;
+                if prog.write_all(&status).is_err() {
+                    break;
+                }
             }
+            Ok(())
+        })();
+        if let Err(e) = served {
+            eprintln!("benchprog move-origin: {e}");
+            let _ = prog.write_all(&[RELAY_FAILED]);
         }
     }
-}
-
-fn unix_listener(sock: &Path) -> UnixListener {
-    use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::remove_file(sock);
-    let l = UnixListener::bind(sock).unwrap_or_else(|e| die(format!("listening on {}: {e}", sock.display())));
-    std::fs::set_permissions(sock, std::fs::Permissions::from_mode(0o666)).unwrap_or_else(|e| die(format!("chmod {}: {e}", sock.display())));
-    println!("READY");
-    std::io::stdout().flush().ok();
-    l
 }
 
 /// A mapping as the destination reads it from the header.
@@ -255,7 +297,8 @@ fn parse_header(h: &[u8]) -> Option<(Vec<Wanted>, Vec<Run>)> {
     let u32_ = |b: &[u8]| u32::from_le_bytes(b.try_into().unwrap_or([0; 4]));
     let u64_ = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
     let n = u32_(take(4)?) as usize;
-    let mut maps = Vec::with_capacity(n.min(1 << 16));
+    // (Counts bounded by what the header can hold: 22 bytes per mapping, 20 per run.)
+    let mut maps = Vec::with_capacity(n.min(h.len() / 22));
     for _ in 0..n {
         let len = u64_(take(8)?);
         let prot = u32_(take(4)?) as i32;
@@ -267,10 +310,11 @@ fn parse_header(h: &[u8]) -> Option<(Vec<Wanted>, Vec<Run>)> {
         maps.push(Wanted { len, prot, shared: flags[0] != 0, advice: flags[1], offset, path });
     }
     let n = u32_(take(4)?) as usize;
-    let mut runs = Vec::with_capacity(n.min(1 << 20));
+    let mut runs = Vec::with_capacity(n.min(h.len() / 20));
     for _ in 0..n {
         let (i, off, len) = (u32_(take(4)?) as usize, u64_(take(8)?), u64_(take(8)?));
-        if maps.get(i).is_none_or(|m| off.checked_add(len).is_none_or(|e| e > m.len)) {
+        // Into a private mapping (writable while it is filled), inside it.
+        if maps.get(i).is_none_or(|m| m.shared || off.checked_add(len).is_none_or(|e| e > m.len)) {
             return None;
         }
         runs.push((i, off, len));
@@ -282,10 +326,19 @@ fn parse_header(h: &[u8]) -> Option<(Vec<Wanted>, Vec<Run>)> {
 /// protections and advice set. Exits 0, or 1–3 naming the step that failed.
 fn become_the_copy(sock: &mut TcpStream, maps: &[Wanted], runs: &[Run]) -> ! {
     let mut bases = Vec::with_capacity(maps.len());
+    // Each file opened once (a library is mapped four or five times), closed at the exit.
+    let mut files: Vec<(&std::ffi::CStr, i32)> = Vec::new();
     for m in maps {
         let fd = match &m.path {
-            // SAFETY: a NUL-terminated path.
-            Some(p) => unsafe { libc::open(p.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) },
+            Some(p) => match files.iter().find(|(q, _)| *q == p.as_c_str()) {
+                Some(&(_, fd)) => fd,
+                None => {
+                    // SAFETY: a NUL-terminated path.
+                    let fd = unsafe { libc::open(p.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+                    files.push((p.as_c_str(), fd));
+                    fd
+                }
+            },
             None => -1,
         };
         let (kind, prot) = match (m.shared, fd >= 0) {
@@ -296,25 +349,22 @@ fn become_the_copy(sock: &mut TcpStream, maps: &[Wanted], runs: &[Run]) -> ! {
         };
         // SAFETY: a new mapping where the kernel chooses; nothing of ours is there.
         let p = unsafe { libc::mmap(std::ptr::null_mut(), m.len as usize, prot, kind, fd, if fd >= 0 { m.offset as i64 } else { 0 }) };
-        if fd >= 0 {
-            // SAFETY: closing the file we opened.
-            unsafe { libc::close(fd) };
-        }
         if p == libc::MAP_FAILED {
             fast_exit(1);
         }
         bases.push(p as *mut u8);
     }
     for &(i, off, len) in runs {
-        // SAFETY: `off + len` lies inside mapping `i` (checked with the header), mapped
-        // writable above, and nothing else refers to it.
+        // SAFETY: `off + len` lies inside mapping `i`, a private one (both checked with the
+        // header), mapped writable above, and nothing else refers to it.
         let dst = unsafe { std::slice::from_raw_parts_mut(bases[i].add(off as usize), len as usize) };
         if sock.read_exact(dst).is_err() {
             fast_exit(2);
         }
     }
     for (m, &base) in maps.iter().zip(&bases) {
-        // SAFETY: changing the protection and advice of our own new mappings.
+        // SAFETY: changing the protection and advice of our own new mappings. (Advice is
+        // best effort, as the engine's restore makes it; a protection that fails fails.)
         unsafe {
             if !m.shared && m.prot & libc::PROT_WRITE == 0 && libc::mprotect(base as *mut libc::c_void, m.len as usize, m.prot) != 0 {
                 fast_exit(3);
@@ -363,7 +413,9 @@ pub fn move_dest(args: &[String]) {
                 die(format!("move-dest: fork or waitpid: {}", std::io::Error::last_os_error()));
             }
             let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) as u8 } else { 255 };
-            if s.write_all(&[code]).is_err() {
+            // (After a failed copy the stream may hold page bytes it did not read: no more
+            // messages on it.)
+            if s.write_all(&[code]).is_err() || code != 0 {
                 break;
             }
         }
@@ -390,19 +442,31 @@ pub fn move_latency(args: &[String]) {
         if pid < 0 {
             die(format!("fork: {}", std::io::Error::last_os_error()));
         }
+        // However this round fails, the stopped child is not left behind (it holds our
+        // stdout, which the bench reads to the end).
+        let fail = |why: String| -> ! {
+            // SAFETY: killing and reaping our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+            die(format!("move-latency: {why}"))
+        };
         let mut status = 0;
         // SAFETY: waiting for our own child to stop.
         if unsafe { libc::waitpid(pid, &mut status, libc::WUNTRACED) } != pid || !libc::WIFSTOPPED(status) {
-            die(format!("move-latency: the child did not stop (status {status:#x})"));
+            fail(format!("the child did not stop (status {status:#x})"));
         }
-        relay.write_all(&pid.to_le_bytes()).unwrap_or_else(|e| die(format!("move-latency: {e}")));
+        relay.write_all(&pid.to_le_bytes()).unwrap_or_else(|e| fail(format!("to the relay: {e}")));
         let mut b = [0u8; 1];
-        relay.read_exact(&mut b).unwrap_or_else(|e| die(format!("move-latency: no status: {e}")));
+        relay.read_exact(&mut b).unwrap_or_else(|e| fail(format!("no status from the relay: {e}")));
         // SAFETY: reaping our own child (the relay killed it).
         unsafe { libc::waitpid(pid, &mut status, 0) };
         let rt = t0.elapsed().as_nanos();
-        if b[0] != 0 {
-            die(format!("move-latency: the new process on the destination exited with {} (1 mapping, 2 pages, 3 protections)", b[0]));
+        match b[0] {
+            0 => {}
+            RELAY_FAILED => fail("the relay on this node could not move the process (its stderr says why)".into()),
+            code => fail(format!("the new process on the destination exited with {code} (1 mapping, 2 pages, 3 protections)")),
         }
         if round > 0 {
             out("move_rt_ns", rt);
