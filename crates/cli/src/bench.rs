@@ -201,8 +201,9 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
         relay.ms("relay_rt_ns")?,
         "what capturing, moving and restoring the process adds to the hand-overs",
     ));
-    // The same with the process's state moved by hand (benchprog/by_hand.rs): the least any
-    // design must do to move it from user space, and nothing else.
+    // The same with the process's state moved by hand (benchprog/by_hand.rs): the least a
+    // design like telefork's (a daemon on each node reading the stopped fork from /proc) must
+    // do to move it, and nothing else.
     progress(&format!("latency: state moved by hand (relays: smaps, written pages, a new process filled), {latency_runs} runs"));
     let by_hand = with_sinks(
         vec![
@@ -218,7 +219,7 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
         by_hand.ms("move_rt_ns")?,
         "local fork+exit+waitpid",
         by_hand.ms("fork_rt_ns")?,
-        "the floor of moving this process from user space: the hand-overs, smaps, PAGEMAP_SCAN, its pages; no ptrace, registers, fds, signals, TLS or checks",
+        "the floor of moving it as telefork does (a daemon reading the stopped fork from /proc): the hand-overs, smaps, PAGEMAP_SCAN, its pages; no ptrace, registers, fds, signals, TLS or checks",
     ));
     rows.push(row_ms(
         "",
