@@ -25,6 +25,7 @@ const IMG_DIR: &str = "/tmp/telefork-bench-images";
 const TCP_PORT: u16 = 7101;
 const TLS_PORT: u16 = 7102;
 const FRESH_PORT: u16 = 7103;
+const FRESH_AHEAD_PORT: u16 = 7106;
 const RELAY_PORT: u16 = 7104;
 const MOVE_PORT: u16 = 7105;
 /// The origin relay's socket of the floor with the state moved by hand, on node1.
@@ -250,19 +251,22 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
         progress(&format!("throughput {mib} MiB: raw TCP, {runs} runs"));
         run_prog("raw TCP", node_cmd("node1", None, &[&p, "tcp-send", &format!("{node2}:{TCP_PORT}"), &(mib << 20).to_string(), &runs.to_string()])?, None)
     };
-    // The simplest whole data path: a process's memory over plain TCP into fresh memory there.
-    let plain_receiver = |mib: u64, runs: usize| -> Result<Vec<f64>> {
-        progress(&format!("throughput {mib} MiB: process memory over TCP into fresh memory on node2, {runs} runs"));
-        let out = run_prog("memory into fresh memory", node_cmd("node1", None, &[&p, "mem-send", &format!("{node2}:{FRESH_PORT}"), &mib.to_string(), &runs.to_string()])?, None)?;
+    // The simplest whole data path: a process's memory over plain TCP into fresh memory there
+    // (each page faulted in by the copy, or populated ahead by a second thread).
+    let plain_receiver = |mib: u64, runs: usize, ahead: bool| -> Result<Vec<f64>> {
+        let (port, how) = if ahead { (FRESH_AHEAD_PORT, "populated ahead") } else { (FRESH_PORT, "faulted in") };
+        progress(&format!("throughput {mib} MiB: process memory over TCP into fresh memory on node2 ({how}), {runs} runs"));
+        let out = run_prog("memory into fresh memory", node_cmd("node1", None, &[&p, "mem-send", &format!("{node2}:{port}"), &mib.to_string(), &runs.to_string()])?, None)?;
         Ok(gbps(mib << 20, out.all("mem_ns")?))
     };
     let sinks = vec![
         ("tcp-sink", node_cmd("node2", None, &[&p, "tcp-sink", &TCP_PORT.to_string()])?),
         ("tls-sink", node_cmd("node2", None, &[&p, "tls-sink", &TLS_PORT.to_string(), &pki])?),
         ("fresh-sink", node_cmd("node2", None, &[&p, "fresh-sink", &FRESH_PORT.to_string()])?),
+        ("fresh-sink ahead", node_cmd("node2", None, &[&p, "fresh-sink", &FRESH_AHEAD_PORT.to_string(), "ahead"])?),
     ];
-    // (The plain receiver's GB/s per size, in the order of the sizes.)
-    let mut receivers: Vec<Vec<f64>> = vec![];
+    // (The plain receivers' GB/s per size, in the order of the sizes: faulting, ahead.)
+    let mut receivers: Vec<(Vec<f64>, Vec<f64>)> = vec![];
     with_sinks(sinks, || {
         for &mib in &a.sizes_mib {
             let (runs, note) = runs_for(mib, runs);
@@ -290,9 +294,11 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
             rows.push(throughput_row(name.clone(), tf_run.clone(), "raw TLS (same TLS channel)", tls_s, runs, &rt_note));
             rows.push(throughput_row(name.clone(), tf_run.clone(), "raw TCP plaintext", tcp_s, runs, &rt_note));
             rows.push(throughput_row(name.clone(), tf_run.clone(), "fresh memory populated on node2", pop_s, runs, "the destination must at least place the memory (with as much again resident, as the parent's is)"));
-            let receiver = plain_receiver(mib, runs)?;
-            rows.push(throughput_row(name, tf_run, FLOOR_NAME, receiver.clone(), runs, FLOOR_NOTE));
-            receivers.push(receiver);
+            let receiver = plain_receiver(mib, runs, false)?;
+            let ahead = plain_receiver(mib, runs, true)?;
+            rows.push(throughput_row(name.clone(), tf_run.clone(), FLOOR_NAME, receiver.clone(), runs, FLOOR_NOTE));
+            rows.push(throughput_row(name, tf_run, AHEAD_NAME, ahead.clone(), runs, AHEAD_NOTE));
+            receivers.push((receiver, ahead));
             rows.push(row_ms("parent pause", format!("{mib} MiB: telefork() returns in the parent"), tf.ms("tf_pause_ns")?, "local fork() returns", tf.ms("fork_pause_ns")?, &note));
             rows.push(row_ms("", format!("{mib} MiB: telefork(background) returns"), tf.ms("tf_bg_pause_ns")?, "local fork() returns", tf.ms("fork_pause_ns")?, "Options::background"));
             let size = tf.one("rss_bytes")? / (1 << 20) as f64;
@@ -326,7 +332,7 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
             telefork_testbed::reconfigure(Path::new(DIR), n, |c| c.transport.image = telefork_node::config::ImageTransport::Plain)?;
         }
         let plain_res = (|| -> Result<()> {
-            for (&mib, receiver) in a.sizes_mib.iter().zip(&receivers) {
+            for (&mib, (receiver, ahead)) in a.sizes_mib.iter().zip(&receivers) {
                 let (runs, note) = runs_for(mib, runs);
                 let bytes = mib << 20;
                 progress(&format!("throughput {mib} MiB: telefork with plain image transport, {runs} runs"));
@@ -336,8 +342,9 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
                 let tcp_s = gbps(bytes, tcp.all("tcp_ns")?);
                 let name = format!("{mib} MiB telefork until it runs on node2 (plain)");
                 rows.push(throughput_row(name.clone(), tf_run.clone(), "raw TCP plaintext", tcp_s, runs, &rt_note));
-                // (The same receiver as with TLS: it does not depend on the image transport.)
-                rows.push(throughput_row(name, tf_run, FLOOR_NAME, receiver.clone(), runs, FLOOR_NOTE));
+                // (The same receivers as with TLS: they do not depend on the image transport.)
+                rows.push(throughput_row(name.clone(), tf_run.clone(), FLOOR_NAME, receiver.clone(), runs, FLOOR_NOTE));
+                rows.push(throughput_row(name, tf_run, AHEAD_NAME, ahead.clone(), runs, AHEAD_NOTE));
             }
             Ok(())
         })();
@@ -350,6 +357,8 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
 
 const FLOOR_NAME: &str = "plain receiver into fresh memory";
 const FLOOR_NOTE: &str = "a process's written memory over plain TCP, read straight into fresh pages on node2 (each faulted in by the copy)";
+const AHEAD_NAME: &str = "the same, memory populated ahead";
+const AHEAD_NOTE: &str = "the same receiver while a second thread populates the fresh memory ahead of it (MADV_POPULATE_WRITE): one copy off the wire, the placing on the other core";
 
 /// Runs `f` while the helper programs `helpers` (each waited for until it prints READY) run,
 /// and ends them afterwards, also when `f` or a later helper's start fails.

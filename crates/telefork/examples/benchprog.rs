@@ -26,11 +26,13 @@
 //!   TLS channel (`telefork_node::channel::TlsChannel`, the cluster configs from
 //!   `telefork_node::tls`, node2's certificate on the sink, node1's on the sender), 1 MiB
 //!   writes as the origin's BufWriter does (`tls_ns`, from handshake done to acknowledged).
-//! * `fresh-sink PORT` / `mem-send ADDR MIB RUNS` — the data path's floor: the sender writes
-//!   MIB MiB of its own memory (written, as a parent's is) onto the socket after an 8-byte
-//!   length; the sink reads it straight into fresh anonymous memory of that length (what a
-//!   destination must at least do: take the bytes off the wire into new pages), acknowledges
-//!   the count and unmaps it (`mem_ns`, from connected to acknowledged).
+//! * `fresh-sink PORT [ahead]` / `mem-send ADDR MIB RUNS` — the data path's floor: the sender
+//!   writes MIB MiB of its own memory (written, as a parent's is) onto the socket after an
+//!   8-byte length; the sink reads it straight into fresh anonymous memory of that length
+//!   (what a destination must at least do: take the bytes off the wire into new pages) —
+//!   with `ahead`, while a second thread populates that memory ahead of it
+//!   (MADV_POPULATE_WRITE, 32 MiB at a time) — acknowledges the count and unmaps it
+//!   (`mem_ns`, from connected to acknowledged).
 //! * `relay-dest PORT` / `relay-origin SOCK DEST_ADDR` / `relay-latency RUNS SOCK` — the
 //!   hand-overs' floor: the program writes one byte to a relay on its node (a Unix socket, as
 //!   to its daemon), which passes it over TCP to a relay on the other node, which forks a
@@ -430,6 +432,7 @@ fn main() {
         }
         "fresh-sink" => {
             let port: u16 = arg(&args, 2, "PORT");
+            let ahead = args.get(3).is_some_and(|a| a == "ahead");
             let l = listen_ready(port);
             loop {
                 // (A bad connection is told on stderr and dropped; the sink serves the next.)
@@ -446,6 +449,18 @@ fn main() {
                 }
                 let len = len as usize;
                 let fresh = FreshMemory::new(len);
+                let populating = ahead.then(|| {
+                    let (at, len) = (fresh.ptr as usize, fresh.len);
+                    std::thread::spawn(move || {
+                        let mut off = 0;
+                        while off < len {
+                            let n = (len - off).min(32 << 20);
+                            // SAFETY: populating part of the mapping the reader fills.
+                            unsafe { libc::madvise((at + off) as *mut libc::c_void, n, 23) };
+                            off += n;
+                        }
+                    })
+                });
                 // SAFETY: the mapping is `len` bytes, readable and writable, and ours alone.
                 let dst = unsafe { std::slice::from_raw_parts_mut(fresh.ptr, len) };
                 let mut n = 0usize;
@@ -460,6 +475,9 @@ fn main() {
                     }
                 }
                 let _ = s.write_all(&(n as u64).to_le_bytes());
+                if let Some(t) = populating {
+                    let _ = t.join();
+                }
             }
         }
         "mem-send" => {
