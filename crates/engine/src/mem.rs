@@ -156,11 +156,28 @@ fn push_runs(runs: &mut Vec<(u64, u64)>, start: u64, end: u64) {
     }
 }
 
-/// PAGEMAP_SCAN (Linux 6.7+): the kernel walks only the page tables that exist and returns
-/// ranges of matching pages, so a 64 GiB reservation with 10 MiB touched costs what 10 MiB
-/// cost — where reading /proc/PID/pagemap would return 16 million entries. `None` if the
-/// kernel lacks it. Written by hand: no crate wraps this ioctl yet.
-fn scan_runs(pagemap: &std::fs::File, vmas: &[Vma]) -> Option<Vec<(u64, u64)>> {
+/// One region PAGEMAP_SCAN returns: pages [start, end) with the categories asked for
+/// (`PAGE_IS_*`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PageRegion {
+    pub start: u64,
+    pub end: u64,
+    pub categories: u64,
+}
+
+pub const PAGE_IS_FILE: u64 = 1 << 2;
+pub const PAGE_IS_PRESENT: u64 = 1 << 3;
+pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
+
+/// PAGEMAP_SCAN (Linux 6.7+) over [start, end) of the process whose /proc/PID/pagemap is
+/// `pagemap`: the regions whose categories, with those in `inverted` flipped, have all of
+/// `mask` and any of `anyof`, reported with the categories in `returned` (the kernel's
+/// `pm_scan_arg`); appended to `out`. False if the kernel lacks it. The kernel walks only
+/// the page tables that exist, so a 64 GiB reservation with 10 MiB touched costs what 10 MiB
+/// cost — where reading /proc/PID/pagemap would return 16 million entries. Written by hand:
+/// no crate wraps this ioctl yet.
+pub fn pagemap_scan(pagemap: &std::fs::File, start: u64, end: u64, (inverted, mask, anyof, returned): (u64, u64, u64, u64), out: &mut Vec<PageRegion>) -> bool {
     use std::os::fd::AsRawFd;
     #[repr(C)]
     struct PmScanArg {
@@ -177,20 +194,46 @@ fn scan_runs(pagemap: &std::fs::File, vmas: &[Vma]) -> Option<Vec<(u64, u64)>> {
         category_anyof_mask: u64,
         return_mask: u64,
     }
-    #[repr(C)]
-    #[derive(Clone, Copy, Default)]
-    struct PageRegion {
-        start: u64,
-        end: u64,
-        categories: u64,
-    }
-    const PAGE_IS_FILE: u64 = 1 << 2;
-    const PAGE_IS_PRESENT: u64 = 1 << 3;
-    const PAGE_IS_SWAPPED: u64 = 1 << 4;
     // _IOWR('f', 16, struct pm_scan_arg)
     const PAGEMAP_SCAN: u64 = (3 << 30) | ((std::mem::size_of::<PmScanArg>() as u64) << 16) | ((b'f' as u64) << 8) | 16;
-    let mut regions = vec![PageRegion::default(); 1024];
-    let mut runs = Vec::new();
+    let mut regions = [PageRegion::default(); 1024];
+    let mut at = start;
+    while at < end {
+        let mut arg = PmScanArg {
+            size: std::mem::size_of::<PmScanArg>() as u64,
+            flags: 0,
+            start: at,
+            end,
+            walk_end: 0,
+            vec: regions.as_mut_ptr() as u64,
+            vec_len: regions.len() as u64,
+            max_pages: 0,
+            category_inverted: inverted,
+            category_mask: mask,
+            category_anyof_mask: anyof,
+            return_mask: returned,
+        };
+        // SAFETY: `arg` is a valid pm_scan_arg whose `vec` points at `regions`, which has
+        // room for `vec_len` entries and outlives the call; the kernel writes only there and
+        // into `arg.walk_end`.
+        let n = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN as _, &mut arg as *mut PmScanArg) };
+        if n < 0 {
+            return false;
+        }
+        out.extend_from_slice(&regions[..n as usize]);
+        if arg.walk_end <= at {
+            break;
+        }
+        at = arg.walk_end;
+    }
+    true
+}
+
+/// The runs of pages that must travel, found with `pagemap_scan`; `None` if the kernel
+/// lacks it.
+fn scan_runs(pagemap: &std::fs::File, vmas: &[Vma]) -> Option<Vec<(u64, u64)>> {
+    let mut found = Vec::new();
+    let mut runs: Vec<(u64, u64)> = Vec::new();
     for vma in vmas.iter().filter(|v| carries_pages(v)) {
         // Anonymous: present or swapped. Private file: the same, and no longer the file's
         // page (PAGE_IS_FILE clear: the process wrote it).
@@ -198,42 +241,19 @@ fn scan_runs(pagemap: &std::fs::File, vmas: &[Vma]) -> Option<Vec<(u64, u64)>> {
             VmaKind::File(_) => (PAGE_IS_FILE, PAGE_IS_FILE),
             _ => (0, 0),
         };
+        found.clear();
+        let wanted = PAGE_IS_PRESENT | PAGE_IS_SWAPPED;
+        if !pagemap_scan(pagemap, vma.start, vma.end, (inverted, mask, wanted, wanted), &mut found) {
+            return None;
+        }
         let first = runs.len();
-        let mut start = vma.start;
-        while start < vma.end {
-            let mut arg = PmScanArg {
-                size: std::mem::size_of::<PmScanArg>() as u64,
-                flags: 0,
-                start,
-                end: vma.end,
-                walk_end: 0,
-                vec: regions.as_mut_ptr() as u64,
-                vec_len: regions.len() as u64,
-                max_pages: 0,
-                category_inverted: inverted,
-                category_mask: mask,
-                category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-                return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-            };
-            // SAFETY: `arg` is a valid pm_scan_arg whose `vec` points at `regions`, which has
-            // room for `vec_len` entries and outlives the call; the kernel writes only there
-            // and into `arg.walk_end`.
-            let n = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN as _, &mut arg as *mut PmScanArg) };
-            if n < 0 {
-                return None;
+        for r in &found {
+            // Adjacent regions (present, then swapped) of one mapping join into one run.
+            let extends = runs.len() > first;
+            match runs.last_mut() {
+                Some((s, len)) if extends && *s + *len == r.start => *len = r.end - *s,
+                _ => runs.push((r.start, r.end - r.start)),
             }
-            for r in &regions[..n as usize] {
-                // Adjacent regions (present, then swapped) of one mapping join into one run.
-                let extends = runs.len() > first;
-                match runs.last_mut() {
-                    Some((s, len)) if extends && *s + *len == r.start => *len = r.end - *s,
-                    _ => runs.push((r.start, r.end - r.start)),
-                }
-            }
-            if arg.walk_end <= start {
-                break;
-            }
-            start = arg.walk_end;
         }
     }
     // Cut into chunks (a run never spans two mappings: each scan stays in its mapping).

@@ -101,62 +101,12 @@ fn read_mappings(pid: i32) -> std::io::Result<Vec<Mapping>> {
 /// range from the first mapping to the end of the last (one call here), cut at the
 /// mappings' bounds here.
 fn written_runs(pagemap: &std::fs::File, maps: &[Mapping]) -> Vec<(u32, u64, u64)> {
-    #[repr(C)]
-    struct PmScanArg {
-        size: u64,
-        flags: u64,
-        start: u64,
-        end: u64,
-        walk_end: u64,
-        vec: u64,
-        vec_len: u64,
-        max_pages: u64,
-        category_inverted: u64,
-        category_mask: u64,
-        category_anyof_mask: u64,
-        return_mask: u64,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy, Default)]
-    struct PageRegion {
-        start: u64,
-        end: u64,
-        categories: u64,
-    }
-    const PAGE_IS_FILE: u64 = 1 << 2;
-    const PAGE_IS_PRESENT: u64 = 1 << 3;
-    const PAGE_IS_SWAPPED: u64 = 1 << 4;
-    const PAGEMAP_SCAN: u64 = (3 << 30) | ((std::mem::size_of::<PmScanArg>() as u64) << 16) | ((b'f' as u64) << 8) | 16;
-    let mut regions = vec![PageRegion::default(); 1024];
-    let mut found: Vec<PageRegion> = Vec::new();
+    use telefork_engine::mem::{pagemap_scan, PAGE_IS_FILE, PAGE_IS_PRESENT, PAGE_IS_SWAPPED};
     let (Some(first), Some(last)) = (maps.first(), maps.last()) else { return Vec::new() };
-    let (mut start, end) = (first.start, last.start + last.len);
-    while start < end {
-        let mut a = PmScanArg {
-            size: std::mem::size_of::<PmScanArg>() as u64,
-            flags: 0,
-            start,
-            end,
-            walk_end: 0,
-            vec: regions.as_mut_ptr() as u64,
-            vec_len: regions.len() as u64,
-            max_pages: 0,
-            category_inverted: 0,
-            category_mask: 0,
-            category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-            return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_FILE,
-        };
-        // SAFETY: `a` is a valid pm_scan_arg whose `vec` points at `regions` (room for
-        // `vec_len` entries, alive across the call); the kernel writes only there and `a`.
-        let n = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN as _, &mut a as *mut PmScanArg) };
-        if n < 0 {
-            die(format!("move-origin: PAGEMAP_SCAN: {}", std::io::Error::last_os_error()));
-        }
-        found.extend_from_slice(&regions[..n as usize]);
-        if a.walk_end <= start {
-            break;
-        }
-        start = a.walk_end;
+    let mut found = Vec::new();
+    let wanted = PAGE_IS_PRESENT | PAGE_IS_SWAPPED;
+    if !pagemap_scan(pagemap, first.start, last.start + last.len, (0, 0, wanted, wanted | PAGE_IS_FILE), &mut found) {
+        die(format!("move-origin: PAGEMAP_SCAN: {}", std::io::Error::last_os_error()));
     }
     // Each region cut at the mappings' bounds; file pages of file mappings stay home.
     let mut runs = Vec::new();
