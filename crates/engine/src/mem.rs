@@ -196,31 +196,36 @@ pub fn pagemap_scan(pagemap: &std::fs::File, start: u64, end: u64, (inverted, ma
     }
     // _IOWR('f', 16, struct pm_scan_arg)
     const PAGEMAP_SCAN: u64 = (3 << 30) | ((std::mem::size_of::<PmScanArg>() as u64) << 16) | ((b'f' as u64) << 8) | 16;
-    let mut regions = [PageRegion::default(); 1024];
+    // Regions per call, written straight into `out`'s spare room.
+    const ROOM: usize = 1024;
     let mut at = start;
     while at < end {
+        out.reserve(ROOM);
+        let spare = out.spare_capacity_mut();
         let mut arg = PmScanArg {
             size: std::mem::size_of::<PmScanArg>() as u64,
             flags: 0,
             start: at,
             end,
             walk_end: 0,
-            vec: regions.as_mut_ptr() as u64,
-            vec_len: regions.len() as u64,
+            vec: spare.as_mut_ptr() as u64,
+            vec_len: spare.len().min(ROOM) as u64,
             max_pages: 0,
             category_inverted: inverted,
             category_mask: mask,
             category_anyof_mask: anyof,
             return_mask: returned,
         };
-        // SAFETY: `arg` is a valid pm_scan_arg whose `vec` points at `regions`, which has
-        // room for `vec_len` entries and outlives the call; the kernel writes only there and
-        // into `arg.walk_end`.
+        // SAFETY: `arg` is a valid pm_scan_arg whose `vec` points at `out`'s spare room,
+        // which has space for `vec_len` entries and outlives the call; the kernel writes only
+        // there and into `arg.walk_end`.
         let n = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN as _, &mut arg as *mut PmScanArg) };
         if n < 0 {
             return false;
         }
-        out.extend_from_slice(&regions[..n as usize]);
+        // SAFETY: the kernel filled the first `n` (at most `vec_len`) entries of the spare
+        // room with initialized regions (plain integers).
+        unsafe { out.set_len(out.len() + (n as usize).min(arg.vec_len as usize)) };
         if arg.walk_end <= at {
             break;
         }

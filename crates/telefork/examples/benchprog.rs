@@ -295,7 +295,7 @@ fn main() {
                 let fresh = FreshMemory::new(mib << 20);
                 let t0 = Instant::now();
                 // SAFETY: madvise on the mapping just made.
-                if unsafe { libc::madvise(fresh.ptr as *mut libc::c_void, fresh.len, 23 /* MADV_POPULATE_WRITE */) } != 0 {
+                if unsafe { libc::madvise(fresh.ptr as *mut libc::c_void, fresh.len, libc::MADV_POPULATE_WRITE) } != 0 {
                     die(format!("MADV_POPULATE_WRITE: {}", std::io::Error::last_os_error()));
                 }
                 out("populate_ns", t0.elapsed().as_nanos());
@@ -449,35 +449,48 @@ fn main() {
                 }
                 let len = len as usize;
                 let fresh = FreshMemory::new(len);
-                let populating = ahead.then(|| {
-                    let (at, len) = (fresh.ptr as usize, fresh.len);
-                    std::thread::spawn(move || {
-                        let mut off = 0;
-                        while off < len {
-                            let n = (len - off).min(32 << 20);
-                            // SAFETY: populating part of the mapping the reader fills.
-                            unsafe { libc::madvise((at + off) as *mut libc::c_void, n, 23) };
-                            off += n;
-                        }
-                    })
-                });
-                // SAFETY: the mapping is `len` bytes, readable and writable, and ours alone.
-                let dst = unsafe { std::slice::from_raw_parts_mut(fresh.ptr, len) };
-                let mut n = 0usize;
-                while n < len {
-                    match s.read(&mut dst[n..]) {
-                        Ok(0) => break,
-                        Ok(k) => n += k,
-                        Err(e) => {
-                            eprintln!("benchprog fresh-sink read: {e}");
-                            break;
+                let (at, len) = (fresh.ptr as usize, fresh.len);
+                let stop = std::sync::atomic::AtomicBool::new(false);
+                // (Scoped: the populating thread ends before `fresh` is unmapped.)
+                let (n, populated) = std::thread::scope(|scope| {
+                    let populating = ahead.then(|| {
+                        scope.spawn(|| -> std::io::Result<()> {
+                            let mut off = 0;
+                            while off < len && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                                let n = (len - off).min(32 << 20);
+                                // SAFETY: populating part of our own mapping; MADV_POPULATE_WRITE
+                                // leaves pages already there (and the bytes read into them) alone.
+                                if unsafe { libc::madvise((at + off) as *mut libc::c_void, n, libc::MADV_POPULATE_WRITE) } != 0 {
+                                    return Err(std::io::Error::last_os_error());
+                                }
+                                off += n;
+                            }
+                            Ok(())
+                        })
+                    });
+                    // SAFETY: the mapping is `len` bytes, readable and writable, and only this
+                    // thread touches its bytes (the populating one only has pages placed).
+                    let dst = unsafe { std::slice::from_raw_parts_mut(at as *mut u8, len) };
+                    let mut n = 0usize;
+                    while n < len {
+                        match s.read(&mut dst[n..]) {
+                            Ok(0) => break,
+                            Ok(k) => n += k,
+                            Err(e) => {
+                                eprintln!("benchprog fresh-sink read: {e}");
+                                break;
+                            }
                         }
                     }
+                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                    let populated = populating.map(|t| t.join().unwrap_or_else(|_| Err(std::io::Error::other("the populating thread panicked"))));
+                    (n, populated)
+                });
+                // (A receiver that could not populate ahead would measure the faulting one.)
+                if let Some(Err(e)) = populated {
+                    die(format!("fresh-sink: MADV_POPULATE_WRITE: {e}"));
                 }
                 let _ = s.write_all(&(n as u64).to_le_bytes());
-                if let Some(t) = populating {
-                    let _ = t.join();
-                }
             }
         }
         "mem-send" => {

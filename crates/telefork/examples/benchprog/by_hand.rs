@@ -52,7 +52,7 @@ struct Mapping {
 }
 
 /// The mappings of /proc/PID/smaps (the kernel's special ones left out: a new process has
-/// its own; named anonymous memory, `[anon:…]`, kept as anonymous).
+/// its own; named anonymous memory, `[anon:…]` and `[anon_shmem:…]`, kept as anonymous).
 fn read_mappings(pid: i32) -> std::io::Result<Vec<Mapping>> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
     let mut maps: Vec<Mapping> = Vec::new();
@@ -79,7 +79,7 @@ fn read_mappings(pid: i32) -> std::io::Result<Vec<Mapping>> {
         let (Some((a, b)), Some(perms), Some(offset)) = (first.split_once('-'), f.next(), f.next()) else { continue };
         let (_dev, _inode) = (f.next(), f.next());
         let name = f.collect::<Vec<_>>().join(" ");
-        if name.starts_with('[') && !matches!(name.as_str(), "[heap]" | "[stack]") && !name.starts_with("[anon:") {
+        if name.starts_with('[') && !matches!(name.as_str(), "[heap]" | "[stack]") && !name.starts_with("[anon") {
             continue;
         }
         let p = perms.as_bytes();
@@ -100,13 +100,14 @@ fn read_mappings(pid: i32) -> std::io::Result<Vec<Mapping>> {
 /// private file: no longer the file's page; shared: none), from PAGEMAP_SCAN calls over the
 /// range from the first mapping to the end of the last (one call here), cut at the
 /// mappings' bounds here.
-fn written_runs(pagemap: &std::fs::File, maps: &[Mapping]) -> Vec<(u32, u64, u64)> {
+fn written_runs(pagemap: &std::fs::File, maps: &[Mapping]) -> std::io::Result<Vec<(u32, u64, u64)>> {
     use telefork_engine::mem::{pagemap_scan, PAGE_IS_FILE, PAGE_IS_PRESENT, PAGE_IS_SWAPPED};
-    let (Some(first), Some(last)) = (maps.first(), maps.last()) else { return Vec::new() };
+    let (Some(first), Some(last)) = (maps.first(), maps.last()) else { return Ok(Vec::new()) };
     let mut found = Vec::new();
     let wanted = PAGE_IS_PRESENT | PAGE_IS_SWAPPED;
     if !pagemap_scan(pagemap, first.start, last.start + last.len, (0, 0, wanted, wanted | PAGE_IS_FILE), &mut found) {
-        die(format!("move-origin: PAGEMAP_SCAN: {}", std::io::Error::last_os_error()));
+        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(e.kind(), format!("PAGEMAP_SCAN: {e}")));
     }
     // Each region cut at the mappings' bounds; file pages of file mappings stay home.
     let mut runs = Vec::new();
@@ -119,7 +120,7 @@ fn written_runs(pagemap: &std::fs::File, maps: &[Mapping]) -> Vec<(u32, u64, u64
             }
         }
     }
-    runs
+    Ok(runs)
 }
 
 /// The message for the destination relay (see the module's doc), into `msg`.
@@ -140,7 +141,7 @@ fn state_message(pid: i32, msg: &mut Vec<u8>) -> std::io::Result<()> {
         msg.extend((path.len() as u16).to_le_bytes());
         msg.extend(path);
     }
-    let runs = written_runs(&pagemap, &maps);
+    let runs = written_runs(&pagemap, &maps)?;
     msg.extend((runs.len() as u32).to_le_bytes());
     for &(i, off, len) in &runs {
         msg.extend(i.to_le_bytes());
@@ -247,8 +248,8 @@ fn parse_header(h: &[u8]) -> Option<(Vec<Wanted>, Vec<Run>)> {
     let u32_ = |b: &[u8]| u32::from_le_bytes(b.try_into().unwrap_or([0; 4]));
     let u64_ = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
     let n = u32_(take(4)?) as usize;
-    // (Counts bounded by what the header can hold: 22 bytes per mapping, 20 per run.)
-    let mut maps = Vec::with_capacity(n.min(h.len() / 22));
+    // (Counts bounded by what the header can hold: 24 bytes per mapping, 20 per run.)
+    let mut maps = Vec::with_capacity(n.min(h.len() / 24));
     for _ in 0..n {
         let len = u64_(take(8)?);
         let prot = u32_(take(4)?) as i32;
@@ -285,6 +286,9 @@ fn become_the_copy(sock: &mut TcpStream, maps: &[Wanted], runs: &[Run]) -> ! {
                 None => {
                     // SAFETY: a NUL-terminated path.
                     let fd = unsafe { libc::open(p.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+                    if fd < 0 {
+                        fast_exit(1);
+                    }
                     files.push((p.as_c_str(), fd));
                     fd
                 }
@@ -410,14 +414,15 @@ pub fn move_latency(args: &[String]) {
         relay.write_all(&pid.to_le_bytes()).unwrap_or_else(|e| fail(format!("to the relay: {e}")));
         let mut b = [0u8; 1];
         relay.read_exact(&mut b).unwrap_or_else(|e| fail(format!("no status from the relay: {e}")));
-        // SAFETY: reaping our own child (the relay killed it).
-        unsafe { libc::waitpid(pid, &mut status, 0) };
-        let rt = t0.elapsed().as_nanos();
         match b[0] {
             0 => {}
+            // (The relay may not have killed the child then: `fail` does.)
             RELAY_FAILED => fail("the relay on this node could not move the process (its stderr says why)".into()),
             code => fail(format!("the new process on the destination exited with {code} (1 mapping, 2 pages, 3 protections)")),
         }
+        // SAFETY: reaping our own child (the relay killed it once it had moved it).
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        let rt = t0.elapsed().as_nanos();
         if round > 0 {
             out("move_rt_ns", rt);
             out("fork_rt_ns", one_fork().1);
