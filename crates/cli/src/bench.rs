@@ -232,6 +232,27 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
     ));
     rows.push(row_ms("parent pause", format!("small ({rss:.1} MiB): telefork() returns in the parent"), out.ms("tf_pause_ns")?, "local fork() returns", out.ms("fork_pause_ns")?, "default: returns once the child runs there"));
     rows.push(row_ms("", format!("small ({rss:.1} MiB): telefork(background) returns"), out.ms("tf_bg_pause_ns")?, "local fork() returns", out.ms("fork_pause_ns")?, "Options::background"));
+    // The background pause's floor: what the program must do before a background telefork
+    // returns (fork, a pidfd of the child, the request with its stdout/stderr to a waiting
+    // peer), and nothing else.
+    progress(&format!("parent pause: the background pause's floor (fork, pidfd, one request to a waiting peer), {latency_runs} runs"));
+    let notify = run_prog("notify latency", node_cmd("node1", Some(USER), &[&p, "notify-latency", &latency_runs.to_string()])?, None)?;
+    rows.push(row_ms(
+        "",
+        "floor: fork + pidfd_open + the request (stdout/stderr) to a waiting peer".into(),
+        notify.ms("notify_pause_ns")?,
+        "local fork() returns",
+        notify.ms("fork_pause_ns")?,
+        "what a background telefork must do before it returns, and nothing else (benchprog notify-latency)",
+    ));
+    rows.push(row_ms(
+        "",
+        format!("small ({rss:.1} MiB): telefork(background), against that floor"),
+        out.ms("tf_bg_pause_ns")?,
+        "the floor (row above)",
+        notify.ms("notify_pause_ns")?,
+        "what the library adds to it",
+    ));
 
     // Sparse.
     progress(&format!("sparse: 10 MiB plain, {runs} runs"));

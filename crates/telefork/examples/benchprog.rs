@@ -38,6 +38,11 @@
 //!   to its daemon), which passes it over TCP to a relay on the other node, which forks a
 //!   child that exits at once, reaps it and sends its status back the same way; no state
 //!   moves (`relay_rt_ns`, beside the local `fork_rt_ns` of the same program).
+//! * `notify-latency RUNS` — the background pause's floor: per run a fork whose child stops
+//!   itself, a pidfd of it, and one request (40 bytes with the program's stdout and stderr,
+//!   SCM_RIGHTS) to a peer process waiting in recvmsg, as a background telefork does before it
+//!   returns (`notify_pause_ns`, until the request is sent; the peer kills the child), beside
+//!   the time a local fork() returns (`fork_pause_ns`).
 //! * `move-dest PORT` / `move-origin SOCK DEST_ADDR` / `move-latency RUNS SOCK` — the same
 //!   way with the state moved by hand: the stopped child's mappings (smaps), written pages
 //!   (PAGEMAP_SCAN, /proc/PID/mem) to node2, where a new process maps them again, reads its
@@ -571,11 +576,108 @@ fn main() {
                 }
             }
         }
+        "notify-latency" => notify_latency(&args),
         "move-dest" => by_hand::move_dest(&args),
         "move-origin" => by_hand::move_origin(&args),
         "move-latency" => by_hand::move_latency(&args),
-        _ => die("usage: benchprog latency|tfork|populate|hold|tcp-sink|tcp-send|tls-sink|tls-send|fresh-sink|mem-send|relay-dest|relay-origin|relay-latency|move-dest|move-origin|move-latency ... (see the source)"),
+        _ => die("usage: benchprog latency|tfork|populate|hold|tcp-sink|tcp-send|tls-sink|tls-send|fresh-sink|mem-send|relay-dest|relay-origin|relay-latency|move-dest|move-origin|move-latency|notify-latency ... (see the source)"),
     }
+}
+
+/// `notify-latency RUNS` (see the module's doc).
+fn notify_latency(args: &[String]) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+    let runs: usize = arg(args, 2, "RUNS");
+    let (ours, theirs) = UnixStream::pair().unwrap_or_else(|e| die(format!("socketpair: {e}")));
+    // SAFETY: the peer only receives, kills and closes (single-threaded program).
+    let peer = unsafe { libc::fork() };
+    if peer == 0 {
+        drop(ours);
+        let mut buf = [0u8; 64];
+        let mut cmsg = [0u64; 8];
+        loop {
+            let mut iov = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() };
+            // SAFETY: a msghdr pointing at our iovec and control buffer, both alive.
+            let n = unsafe {
+                let mut m: libc::msghdr = std::mem::zeroed();
+                m.msg_iov = &mut iov;
+                m.msg_iovlen = 1;
+                m.msg_control = cmsg.as_mut_ptr() as *mut libc::c_void;
+                m.msg_controllen = std::mem::size_of_val(&cmsg);
+                let n = libc::recvmsg(theirs.as_raw_fd(), &mut m, libc::MSG_CMSG_CLOEXEC);
+                let c = libc::CMSG_FIRSTHDR(&m);
+                if n > 0 && !c.is_null() && (*c).cmsg_type == libc::SCM_RIGHTS {
+                    let fds = libc::CMSG_DATA(c) as *const i32;
+                    for i in 0..((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4 {
+                        libc::close(*fds.add(i));
+                    }
+                }
+                n
+            };
+            if n < 4 {
+                fast_exit(0);
+            }
+            let pid = i32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
+            // SAFETY: killing the sender's stopped child, as the origin ends the local copy.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    drop(theirs);
+    for _ in 0..runs {
+        let t0 = Instant::now();
+        // SAFETY: the child only stops itself (and is killed there by the peer).
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: raise and _exit only.
+            unsafe { libc::raise(libc::SIGSTOP) };
+            fast_exit(0);
+        }
+        if pid < 0 {
+            die(format!("fork: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: pidfd_open of our own child.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+        let mut frame = [0u8; 40];
+        frame[..4].copy_from_slice(&pid.to_le_bytes());
+        let fds = [1i32, 2];
+        let mut cmsg = [0u64; 8];
+        let mut iov = libc::iovec { iov_base: frame.as_mut_ptr() as *mut libc::c_void, iov_len: frame.len() };
+        // SAFETY: a msghdr with our iovec and a control buffer big enough for two fds.
+        let sent = unsafe {
+            let mut m: libc::msghdr = std::mem::zeroed();
+            m.msg_iov = &mut iov;
+            m.msg_iovlen = 1;
+            m.msg_control = cmsg.as_mut_ptr() as *mut libc::c_void;
+            m.msg_controllen = libc::CMSG_SPACE(std::mem::size_of_val(&fds) as u32) as usize;
+            let c = libc::CMSG_FIRSTHDR(&m);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of_val(&fds) as u32) as usize;
+            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c) as *mut i32, 2);
+            libc::sendmsg(ours.as_raw_fd(), &m, libc::MSG_NOSIGNAL)
+        };
+        let pause = t0.elapsed().as_nanos();
+        if sent != frame.len() as isize {
+            // SAFETY: ending our own child before giving up.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            die(format!("notify-latency: sendmsg: {}", std::io::Error::last_os_error()));
+        }
+        let mut status = 0;
+        // SAFETY: reaping our own child (the peer killed it); closing our pidfd.
+        unsafe {
+            libc::waitpid(pid, &mut status, 0);
+            if pidfd >= 0 {
+                libc::close(pidfd);
+            }
+        }
+        out("notify_pause_ns", pause);
+        out("fork_pause_ns", one_fork_status().0);
+    }
+    drop(ours);
+    let mut status = 0;
+    // SAFETY: reaping the peer (it exits when the socket closes).
+    unsafe { libc::waitpid(peer, &mut status, 0) };
 }
 
 fn files(pki: &Path, node: &str) -> telefork_node::config::TlsFiles {
