@@ -484,8 +484,8 @@ fn file_measurements(a: &BenchArgs, prog: &Path, telefork_bin: &Path, rows: &mut
             }
             let _ = std::fs::remove_file(&img);
             let _ = std::fs::remove_file(&go);
-            rows.push(row_from_ms("dump/restore", format!("{mib} MiB dump to file (incl. fsync)"), dump_ms.clone(), "read the image once (cache warm)", read_ms.clone(), &note));
-            rows.push(row_from_ms("dump/restore", format!("{mib} MiB restore from file (until it runs)"), restore_ms.clone(), "read the image once (cache warm)", read_ms, &note));
+            rows.push(row_ms("dump/restore", format!("{mib} MiB dump to file (incl. fsync)"), dump_ms.clone(), "read the image once (cache warm)", read_ms.clone(), &note));
+            rows.push(row_ms("dump/restore", format!("{mib} MiB restore from file (until it runs)"), restore_ms.clone(), "read the image once (cache warm)", read_ms, &note));
             ours.push(FileTimes { mib, dump_ms, restore_ms });
         }
         Ok(())
@@ -533,9 +533,9 @@ fn criu_measurements(a: &BenchArgs, prog: &Path, version: &str, ours: &[FileTime
                 r.push(restore_ms);
             }
             let dump_note = join_note(&note, "a benchprog hold process of the same size, same file system; both fsync their image files");
-            rows.push(row_from_ms("vs criu", format!("{mib} MiB dump to file: telefork"), t.dump_ms.clone(), &format!("criu {version} dump + fsync"), d, &dump_note));
+            rows.push(row_ms("vs criu", format!("{mib} MiB dump to file: telefork"), t.dump_ms.clone(), &format!("criu {version} dump + fsync"), d, &dump_note));
             let restore_note = join_note(&note, "the restored process then verifies its memory (both)");
-            rows.push(row_from_ms("", format!("{mib} MiB restore from file until it runs: telefork"), t.restore_ms.clone(), &format!("criu {version} restore -d"), r, &restore_note));
+            rows.push(row_ms("", format!("{mib} MiB restore from file until it runs: telefork"), t.restore_ms.clone(), &format!("criu {version} restore -d"), r, &restore_note));
         }
         Ok(())
     })();
@@ -824,11 +824,8 @@ fn busy_cpu_ms() -> Result<f64> {
     Ok(busy as f64 * 1e3 / hz)
 }
 
+/// A row of times in ms (medians of `samples` against `bsamples`).
 fn row_ms(group: &'static str, name: String, samples: Vec<f64>, bname: &str, bsamples: Vec<f64>, note: &str) -> Row {
-    row_from_ms(group, name, samples, bname, bsamples, note)
-}
-
-fn row_from_ms(group: &'static str, name: String, samples: Vec<f64>, bname: &str, bsamples: Vec<f64>, note: &str) -> Row {
     Row {
         group,
         name,

@@ -34,7 +34,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use super::{arg, die, fast_exit, listen_ready, one_fork, out, unix_listen_ready};
+use super::{arg, die, fast_exit, fork_stopped_child, listen_ready, one_fork, out, unix_listen_ready};
 
 /// Madvise advice carried per mapping (the VmFlags a restore must give back).
 const ADVICE: [(&str, libc::c_int); 5] =
@@ -386,16 +386,7 @@ pub fn move_latency(args: &[String]) {
     // One untimed round first: the relays connect to each other on the first one.
     for round in 0..=runs {
         let t0 = Instant::now();
-        // SAFETY: the child only stops itself (and is killed there by the relay).
-        let pid = unsafe { libc::fork() };
-        if pid == 0 {
-            // SAFETY: raise and _exit only.
-            unsafe { libc::raise(libc::SIGSTOP) };
-            fast_exit(0);
-        }
-        if pid < 0 {
-            die(format!("fork: {}", std::io::Error::last_os_error()));
-        }
+        let pid = fork_stopped_child();
         // However this round fails, the stopped child is not left behind (it holds our
         // stdout, which the bench reads to the end).
         let fail = |why: String| -> ! {
