@@ -640,7 +640,7 @@ fn notify_latency(args: &[String]) {
         let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
         let mut frame = [0u8; 40];
         frame[..4].copy_from_slice(&pid.to_le_bytes());
-        // (The message built by hand: nix's sendmsg took ~7 µs more here — medians of 200,
+        // (The message built by hand: nix's sendmsg took ~7 µs more in this program — medians of 200,
         // three interleaved pairs — which would raise a floor.)
         let fds = [1i32, 2];
         let mut cmsg = [0u64; 8];
