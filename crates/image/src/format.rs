@@ -2,15 +2,21 @@
 //! go to a file or over a socket.
 //!
 //! ```text
-//! image   := MAGIC "TELEFORK" | version u32 | HEADER | PROCESS | PAGES* | TRAILER
+//! image   := MAGIC "TELEFORK" | version u32 | HEADER | PROCESS | INDEX? | PAGES* | TRAILER
 //! record  := kind u32 | len u32 | payload[len] | crc32 u32      (little endian;
 //!                                                                crc over kind, len, payload)
 //! HEADER  := postcard(Header)          PROCESS := postcard(ProcessImage)
 //! PAGES   := addr u64 | raw bytes      TRAILER := postcard(Trailer)
+//! INDEX   := postcard(Vec<(addr u64, len u64)>): every page record that follows, in order
 //! ```
 //!
 //! Page records come in ascending address order and never overlap (a restorer may place
 //! them from several threads: overlapping records would leave which one wins to chance).
+//!
+//! The optional page index (version 3) announces the page records before they come, so a
+//! restorer knows the layout of the rest of the stream: the new process can then receive its
+//! pages straight into place (the engine's `self_receive`). A writer that wrote one must
+//! write exactly those records; a reader checks every record against it.
 //!
 //! Every length is bounded before anything is allocated, every record is checksummed, and a
 //! missing or inconsistent trailer means the image was cut short. The reader never panics on
@@ -21,8 +27,11 @@ use std::io::{Read, Write};
 use crate::model::{Header, ProcessImage, Trailer};
 
 pub const MAGIC: [u8; 8] = *b"TELEFORK";
-/// Bumped on any incompatible change of the model or the layout.
-pub const FORMAT_VERSION: u32 = 2;
+/// Bumped on any incompatible change of the model or the layout. (3: the optional page
+/// index; version 2 images, which have none, are still read.)
+pub const FORMAT_VERSION: u32 = 3;
+/// The oldest version this build reads.
+pub const OLDEST_READABLE_VERSION: u32 = 2;
 
 /// Largest metadata record (header, process, trailer).
 pub const MAX_META_RECORD: u32 = 64 << 20;
@@ -36,6 +45,7 @@ enum Kind {
     Process = 2,
     Pages = 3,
     Trailer = 4,
+    PageIndex = 5,
 }
 
 impl Kind {
@@ -45,6 +55,7 @@ impl Kind {
             2 => Kind::Process,
             3 => Kind::Pages,
             4 => Kind::Trailer,
+            5 => Kind::PageIndex,
             _ => return None,
         })
     }
@@ -56,7 +67,7 @@ pub enum ImageError {
     Io(#[from] std::io::Error),
     #[error("not a telefork image (bad magic)")]
     BadMagic,
-    #[error("image format version {found} is not supported (this build reads version {FORMAT_VERSION})")]
+    #[error("image format version {found} is not supported (this build reads versions {OLDEST_READABLE_VERSION} to {FORMAT_VERSION})")]
     Version { found: u32 },
     #[error("image is truncated: it ends before {0}")]
     Truncated(&'static str),
@@ -74,6 +85,7 @@ fn kind_name(k: Kind) -> &'static str {
         Kind::Process => "process",
         Kind::Pages => "pages",
         Kind::Trailer => "trailer",
+        Kind::PageIndex => "page index",
     }
 }
 
@@ -83,6 +95,8 @@ pub struct ImageWriter<W: Write> {
     page_records: u64,
     page_bytes: u64,
     page_checksums: bool,
+    /// The page index written, and how many of its records were written since.
+    index: Option<(Vec<(u64, u64)>, usize)>,
 }
 
 impl<W: Write> ImageWriter<W> {
@@ -90,7 +104,7 @@ impl<W: Write> ImageWriter<W> {
     pub fn new(mut out: W, header: &Header) -> Result<Self> {
         out.write_all(&MAGIC)?;
         out.write_all(&FORMAT_VERSION.to_le_bytes())?;
-        let mut w = ImageWriter { out, page_records: 0, page_bytes: 0, page_checksums: true };
+        let mut w = ImageWriter { out, page_records: 0, page_bytes: 0, page_checksums: true, index: None };
         w.meta_record(Kind::Header, header)?;
         Ok(w)
     }
@@ -108,11 +122,37 @@ impl<W: Write> ImageWriter<W> {
         self.meta_record(Kind::Process, p)
     }
 
+    /// Announces the page records that will follow, `(addr, len)` each, in order (after the
+    /// process record, before any page): the records written next must be exactly these.
+    pub fn write_page_index(&mut self, records: &[(u64, u64)]) -> Result<()> {
+        if self.index.is_some() || self.page_records > 0 {
+            return Err(ImageError::Corrupt("a page index must come once, before the pages".into()));
+        }
+        if let Some(&(a, n)) = records.iter().find(|&&(_, n)| n == 0 || n > MAX_PAGE_CHUNK as u64) {
+            return Err(ImageError::Corrupt(format!("page index entry at {a:#x} of {n} bytes")));
+        }
+        self.meta_record(Kind::PageIndex, &records)?;
+        self.index = Some((records.to_vec(), 0));
+        Ok(())
+    }
+
+    /// With a page index: checks that the next record is the one it announced.
+    fn announced(&mut self, addr: u64, len: usize) -> Result<()> {
+        if let Some((records, next)) = &mut self.index {
+            if records.get(*next) != Some(&(addr, len as u64)) {
+                return Err(ImageError::Corrupt(format!("page record {addr:#x}+{len} is not the one the page index announced")));
+            }
+            *next += 1;
+        }
+        Ok(())
+    }
+
     /// Writes the contents of `[addr, addr + data.len())`, split into bounded records.
     pub fn write_pages(&mut self, addr: u64, data: &[u8]) -> Result<()> {
         let mut off = 0usize;
         while off < data.len() {
             let n = (data.len() - off).min(MAX_PAGE_CHUNK);
+            self.announced(addr + off as u64, n)?;
             let chunk = &data[off..off + n];
             let a = (addr + off as u64).to_le_bytes();
             let len = (8 + n) as u32;
@@ -150,6 +190,7 @@ impl<W: Write> ImageWriter<W> {
         if len == 0 || len > MAX_PAGE_CHUNK {
             return Err(ImageError::Corrupt(format!("pages record of {len} bytes")));
         }
+        self.announced(addr, len)?;
         self.out.write_all(&(Kind::Pages as u32).to_le_bytes())?;
         self.out.write_all(&((8 + len) as u32).to_le_bytes())?;
         self.out.write_all(&addr.to_le_bytes())?;
@@ -169,6 +210,11 @@ impl<W: Write> ImageWriter<W> {
 
     /// Writes the trailer and returns the sink (flushed).
     pub fn finish(mut self) -> Result<W> {
+        if let Some((records, next)) = &self.index {
+            if *next != records.len() {
+                return Err(ImageError::Corrupt(format!("the page index announced {} records, {next} were written", records.len())));
+            }
+        }
         let t = Trailer { page_records: self.page_records, page_bytes: self.page_bytes };
         self.meta_record(Kind::Trailer, &t)?;
         self.out.flush()?;
@@ -211,6 +257,9 @@ pub struct ImageReader<R: Read> {
     pages_end: u64,
     done: bool,
     check_page_checksums: bool,
+    /// The page index, if the image has one, and how many of its records came so far.
+    index: Option<Vec<(u64, u64)>>,
+    index_next: usize,
 }
 
 impl<R: Read> ImageReader<R> {
@@ -221,10 +270,20 @@ impl<R: Read> ImageReader<R> {
             return Err(ImageError::BadMagic);
         }
         let found = u32::from_le_bytes([magic[8], magic[9], magic[10], magic[11]]);
-        if found != FORMAT_VERSION {
+        if !(OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&found) {
             return Err(ImageError::Version { found });
         }
-        let mut r = ImageReader { input, buf: Vec::new(), page_records: 0, page_bytes: 0, pages_end: 0, done: false, check_page_checksums: true };
+        let mut r = ImageReader {
+            input,
+            buf: Vec::new(),
+            page_records: 0,
+            page_bytes: 0,
+            pages_end: 0,
+            done: false,
+            check_page_checksums: true,
+            index: None,
+            index_next: 0,
+        };
         r.record(Kind::Header)?;
         let h: Header = decode(&r.buf, "header")?;
         Ok((r, h))
@@ -241,13 +300,74 @@ impl<R: Read> ImageReader<R> {
         decode(&self.buf, "process")
     }
 
+    /// Reads the page index, which must be the next record (right after the process
+    /// record): the `(addr, len)` of every page record that follows, in order. Checked like
+    /// the records themselves: ascending, not overlapping, each of 1 to `MAX_PAGE_CHUNK`
+    /// bytes.
+    pub fn page_index(&mut self) -> Result<&[(u64, u64)]> {
+        if self.index.is_some() || self.page_records > 0 || self.done {
+            return Err(ImageError::Corrupt("a page index must come once, before the pages".into()));
+        }
+        self.record(Kind::PageIndex)?;
+        self.take_index()?;
+        Ok(self.index.as_deref().unwrap_or(&[]))
+    }
+
+    fn take_index(&mut self) -> Result<()> {
+        let index: Vec<(u64, u64)> = decode(&self.buf, "page index")?;
+        let mut end = 0u64;
+        for &(addr, len) in &index {
+            if len == 0 || len > MAX_PAGE_CHUNK as u64 {
+                return Err(ImageError::Corrupt(format!("page index entry at {addr:#x} of {len} bytes")));
+            }
+            if addr < end {
+                return Err(ImageError::Corrupt(format!("page index entry at {addr:#x} overlaps or precedes the one before (which ended at {end:#x})")));
+            }
+            end = addr.checked_add(len).ok_or_else(|| ImageError::Corrupt(format!("page index entry at {addr:#x} wraps the address space")))?;
+        }
+        self.index = Some(index);
+        Ok(())
+    }
+
+    /// Counts the next `count` records of the page index as read: their bytes reached their
+    /// place by another way (the new process received them from the same stream itself, and
+    /// its restorer checked their record headers).
+    pub fn pages_received_elsewhere(&mut self, count: usize) -> Result<()> {
+        let Some(index) = &self.index else {
+            return Err(ImageError::Corrupt("pages received elsewhere without a page index".into()));
+        };
+        let Some(records) = index.get(self.index_next..self.index_next.saturating_add(count)) else {
+            return Err(ImageError::Corrupt(format!("{count} page records received beyond the page index")));
+        };
+        for &(addr, len) in records {
+            self.page_records += 1;
+            self.page_bytes += len;
+            self.pages_end = addr + len;
+        }
+        self.index_next += count;
+        Ok(())
+    }
+
     /// The next run of memory, or `None` once the trailer has been read and verified.
     pub fn next_pages(&mut self) -> Result<Option<PageRun<'_>>> {
         if self.done {
             return Ok(None);
         }
-        let kind = self.record_any(&[Kind::Pages, Kind::Trailer])?;
+        let mut kind = self.record_any(&[Kind::Pages, Kind::Trailer, Kind::PageIndex])?;
+        if kind == Kind::PageIndex {
+            // (A reader that did not ask for the index still checks the records against it.)
+            if self.index.is_some() || self.page_records > 0 {
+                return Err(ImageError::Corrupt("a page index must come once, before the pages".into()));
+            }
+            self.take_index()?;
+            kind = self.record_any(&[Kind::Pages, Kind::Trailer])?;
+        }
         if kind == Kind::Trailer {
+            if let Some(index) = &self.index {
+                if self.index_next != index.len() {
+                    return Err(ImageError::Corrupt(format!("the page index announced {} records, the image had {}", index.len(), self.index_next)));
+                }
+            }
             self.check_trailer()?;
             return Ok(None);
         }
@@ -263,6 +383,12 @@ impl<R: Read> ImageReader<R> {
         };
         if addr < self.pages_end {
             return Err(ImageError::Corrupt(format!("pages record at {addr:#x} overlaps or precedes the one before (which ended at {:#x})", self.pages_end)));
+        }
+        if let Some(index) = &self.index {
+            if index.get(self.index_next) != Some(&(addr, n)) {
+                return Err(ImageError::Corrupt(format!("pages record {addr:#x}+{n} is not the one the page index announced")));
+            }
+            self.index_next += 1;
         }
         self.pages_end = end;
         self.page_records += 1;
