@@ -4,7 +4,8 @@
 //! One file per kind of state, its capture and its restore side by side:
 //! memory layout and contents (`mem`), mm fields (`mm`), CPU state (`arch`), signals
 //! (`signals`), thread identity (`threads`), credentials (`creds`), small per-process state
-//! (`misc`), file descriptors (`fds`). `inject` runs system calls inside a stopped process;
+//! (`misc`), file descriptors (`fds`). Pages travel out through the process itself
+//! (`self_send`) and, on the plain transport, in through the new process itself (`self_receive`). `inject` runs system calls inside a stopped process;
 //! `ptrace` and `procfs` are the doors to the kernel.
 
 pub mod arch;
@@ -20,6 +21,7 @@ pub mod mm;
 pub mod procfs;
 pub mod ptrace;
 pub mod restore;
+pub mod self_receive;
 pub mod self_send;
 pub mod signals;
 pub mod threads;
@@ -34,5 +36,6 @@ pub use capture::{dump, DumpOptions, DumpSummary, OutsideReader};
 pub fn learn_cpu() {
     arch::native::learn_cpu();
 }
+pub use self_receive::PagesSocket;
 pub use self_send::PageRoute;
 pub use restore::{restore, RestoreOptions, Restored};

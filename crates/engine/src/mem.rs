@@ -141,6 +141,7 @@ fn carries_pages(vma: &Vma) -> bool {
 
 /// Bytes of memory per page record (and per read of the process's memory).
 const CHUNK: u64 = 1 << 20;
+const _: () = assert!(CHUNK as usize <= telefork_image::MAX_PAGE_CHUNK, "a run must fit one record");
 /// Buffers in flight between the thread that reads memory and the one that writes records.
 const BUFFERS: usize = 3;
 /// Up to this many bytes of pages, capture reads and writes them in one thread.
@@ -325,9 +326,15 @@ fn read_remote(pid: Pid, mem: &std::fs::File, addr: u64, buf: &mut [u8]) -> Resu
 /// previous chunk. Returns the number of bytes written.
 ///
 /// With a `route` (and the injector of the stopped process), a big image's large runs are
-/// handed over by the process itself (`self_send` module) instead of being read here.
+/// handed over by the process itself (`self_send` module) instead of being read here. On the
+/// socket route (a stream to a restorer) the runs are announced first (the image's page
+/// index): the new process there can then receive them straight into place (`self_receive`).
+/// Every run is one record (runs are at most `CHUNK` long).
 pub fn write_pages<W: std::io::Write + Send>(pid: Pid, vmas: &[Vma], out: &mut ImageWriter<W>, route: Option<(&mut Injector, &PageRoute)>) -> Result<u64> {
     let runs = travelling_runs(pid, vmas)?;
+    if matches!(route, Some((_, PageRoute::Socket(_)))) {
+        out.write_page_index(&runs).context("writing the page index")?;
+    }
     let mem = std::fs::File::open(format!("/proc/{pid}/mem")).with_context(|| format!("opening /proc/{pid}/mem"))?;
     let total: u64 = runs.iter().map(|(_, len)| len).sum();
     if let Some((inj, route)) = route {
@@ -737,7 +744,7 @@ const POPULATE_MIN: usize = 1 << 20;
 /// Places one run of pages at `addr` of process `pid`: through `uffd` where it covers the
 /// run (true), else with process_vm_writev, or through `mem` (/proc/PID/mem: it may write to
 /// memory not writable yet).
-fn place_run(uffd: Option<&RemoteUffd>, mem: &std::fs::File, pid: Pid, addr: u64, data: &[u8]) -> Result<bool> {
+pub(crate) fn place_run(uffd: Option<&RemoteUffd>, mem: &std::fs::File, pid: Pid, addr: u64, data: &[u8]) -> Result<bool> {
     if let Some(u) = uffd.filter(|u| u.covers(addr, data.len() as u64)) {
         u.copy(addr, data)?;
         return Ok(true);
@@ -794,7 +801,7 @@ pub fn validate_layout(vmas: &[Vma]) -> Result<()> {
 /// where MAP_NORESERVE keeps an unaccounted one uncharged — and its final protection
 /// otherwise (read-only file text: any changed page is written in through /proc/PID/mem,
 /// which may write to private read-only memory, as a debugger's breakpoints do).
-fn initial_prot(v: &Vma) -> u32 {
+pub(crate) fn initial_prot(v: &Vma) -> u32 {
     let rw = (libc::PROT_READ | libc::PROT_WRITE) as u32;
     match v.kind {
         VmaKind::Special(_) => v.prot,

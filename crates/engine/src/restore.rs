@@ -54,6 +54,10 @@ pub struct RestoreOptions {
     /// Accept page records without CRCs: the image arrives on a connection that
     /// authenticates every byte (TLS) or is trusted by configuration.
     pub skip_page_checksums: bool,
+    /// The image arrives unbuffered on this socket with a page index (the plain transport):
+    /// the new process receives its pages from it itself (`self_receive`). Needs
+    /// `skip_page_checksums`.
+    pub pages_socket: Option<crate::self_receive::PagesSocket>,
 }
 
 #[derive(Debug, Clone)]
@@ -104,7 +108,11 @@ pub fn restore_into<R: Read + Send>(stub: Option<Stub>, input: R, opts: &Restore
             s
         }
     };
-    let r = shape(&mut stub, &img, &mut reader, &mut tl);
+    let index = match &opts.pages_socket {
+        Some(socket) => Some((crate::self_receive::read_index(&mut reader, &img.vmas, socket)?, socket)),
+        None => None,
+    };
+    let r = shape(&mut stub, &img, &mut reader, index, &mut tl);
     let restored = r.map(|page_bytes| {
         stub.done = true; // it runs on its own now
         Restored { pid: stub.pid, same_pid: stub.same_pid, page_bytes }
@@ -438,7 +446,13 @@ fn empty(pid: Pid, same_pid: bool, vmas: &[Vma]) -> Result<Stub> {
 }
 
 /// Steps 4 and 5: turns an emptied stub into the image's process and lets it go.
-fn shape<R: Read + Send>(stub: &mut Stub, img: &ProcessImage, reader: &mut ImageReader<R>, tl: &mut Timeline) -> Result<u64> {
+fn shape<R: Read + Send>(
+    stub: &mut Stub,
+    img: &ProcessImage,
+    reader: &mut ImageReader<R>,
+    index: Option<(Vec<(u64, u64)>, &crate::self_receive::PagesSocket)>,
+    tl: &mut Timeline,
+) -> Result<u64> {
     let (pid, control) = (stub.pid, stub.control);
     // Tracer and stub on one CPU while the stub is rebuilt (see `pin`): the CPU this thread
     // runs on now (a prepared stub was made wherever we ran then). The stub gets our
@@ -493,10 +507,13 @@ fn shape<R: Read + Send>(stub: &mut Stub, img: &ProcessImage, reader: &mut Image
     let big = mem::is_big(&img.vmas);
     cpus.widen(big);
     inj.flush_through(mapped)?; // (the mappings exist before their pages are written)
-    let filled = mem::fill_pages(inj, &img.vmas, big, reader, uffd);
+    let filled = match index {
+        Some((index, socket)) => crate::self_receive::receive_pages(inj, &img.vmas, big, reader, &index, socket, uffd),
+        None => mem::fill_pages(inj, &img.vmas, big, reader, uffd),
+    };
     cpus.widen(false);
     let (page_bytes, by_uffd) = filled?;
-    tl.note(format!("{by_uffd} of {page_bytes} page bytes placed through userfaultfd"));
+    tl.note(format!("{by_uffd} of {page_bytes} page bytes placed (or, received by the process, populated) through userfaultfd"));
     tl.mark("pages");
     // After the pages: the protections (a read-only page is filled first), the thread's
     // rseq area (the kernel writes into it) and the credentials, last, in one batch with

@@ -38,6 +38,21 @@ pub const MAX_META_RECORD: u32 = 64 << 20;
 /// Largest page payload in one record; writers split bigger runs.
 pub const MAX_PAGE_CHUNK: usize = 8 << 20;
 
+/// Bytes of a page record before its data (kind, length, address) ...
+pub const PAGE_RECORD_HEAD_LEN: usize = 16;
+/// ... and after it (the checksum).
+pub const PAGE_RECORD_TAIL_LEN: usize = 4;
+
+/// The head of the page record of `len` bytes at `addr`, as it is on the stream (for a
+/// restorer that has the stream received elsewhere and checks the heads afterwards).
+pub fn page_record_head(addr: u64, len: u64) -> [u8; PAGE_RECORD_HEAD_LEN] {
+    let mut h = [0u8; PAGE_RECORD_HEAD_LEN];
+    h[..4].copy_from_slice(&(Kind::Pages as u32).to_le_bytes());
+    h[4..8].copy_from_slice(&((8 + len) as u32).to_le_bytes());
+    h[8..].copy_from_slice(&addr.to_le_bytes());
+    h
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 enum Kind {
@@ -293,6 +308,11 @@ impl<R: Read> ImageReader<R> {
     /// `without_page_checksums`, arriving on a connection that authenticates or is trusted).
     pub fn skip_page_checksums(&mut self) {
         self.check_page_checksums = false;
+    }
+
+    /// Whether page records' checksums are verified (see `skip_page_checksums`).
+    pub fn checks_page_checksums(&self) -> bool {
+        self.check_page_checksums
     }
 
     pub fn process(&mut self) -> Result<ProcessImage> {

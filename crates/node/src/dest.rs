@@ -426,28 +426,25 @@ fn receive(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str, restorer: &Resto
             Some((u, groups, at)) if u == owner && at.elapsed() < GROUPS_FRESH => groups,
             _ => groups_of(owner.uid, owner.gid),
         };
-        let opts = telefork_engine::RestoreOptions {
+        let mut opts = telefork_engine::RestoreOptions {
             stdio: Some(stdio),
             expect_owner: Some((owner.uid, owner.gid)),
             allowed_groups: Some(groups),
             // TLS authenticates every record; the plain transport is trusted by configuration.
             skip_page_checksums: true,
+            pages_socket: None,
         };
         telefork_engine::timeline::stamp("dest job begins");
         let restored = if plain_image {
-            // The image arrives on the TCP socket beneath TLS. The origin sends nothing after
-            // it until we answer, so nothing the buffer reads ahead can belong to TLS.
+            // The image arrives on the TCP socket beneath TLS, with a page index: the new
+            // process receives its pages from the socket itself (the engine's self_receive).
+            // Read unbuffered, so the stream is where the reader stopped when it takes over
+            // (and nothing past the image's end, which would be the origin's next TLS record,
+            // is taken from the channel).
             let raw = ch.raw_socket()?;
             raw.set_read_timeout(Some(Duration::from_secs(30))).ok();
-            let mut input = std::io::BufReader::with_capacity(1 << 20, LimitedReader { inner: raw, left: max });
-            let r = restore_into(stub, &mut input, &opts).and_then(|r| {
-                if input.buffer().is_empty() {
-                    Ok(r)
-                } else {
-                    telefork_engine::ptrace::kill_quietly(r.pid);
-                    bail!("the origin sent {} bytes past the end of the image", input.buffer().len())
-                }
-            });
+            opts.pages_socket = Some(telefork_engine::PagesSocket { fd: raw.as_raw_fd(), max_bytes: max });
+            let r = restore_into(stub, LimitedReader { inner: raw, left: max }, &opts);
             raw.set_read_timeout(None).ok();
             r
         } else {
