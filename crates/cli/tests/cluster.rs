@@ -670,8 +670,10 @@ fn limits(c: &Ctx) {
 }
 
 /// 12. transport.image = "plain" on node1 and node2: the memory travels unencrypted (and is
-///     written onto the socket by the frozen process itself) and arrives intact, PROT_NONE memory
-///     too (read by the daemon instead); node3, still "tls", refuses it.
+///     written onto the socket by the frozen process itself, and received from it by the new
+///     process itself) and arrives intact, PROT_NONE memory too (read by the daemon instead),
+///     and changed pages of a read-only mapping (placed by the restorer); node3, still "tls",
+///     refuses it.
 fn plain_transport(c: &Ctx) {
     let plain = |n: &str| tb::reconfigure(&c.dir, n, |cfg| cfg.transport.image = telefork_node::config::ImageTransport::Plain);
     let tls = |n: &str| tb::reconfigure(&c.dir, n, |cfg| cfg.transport.image = telefork_node::config::ImageTransport::Tls);
@@ -688,13 +690,22 @@ fn plain_transport(c: &Ctx) {
     let _back = Back(&tls);
     plain("node1").unwrap_or_else(|e| panic!("{e:#}"));
     plain("node2").unwrap_or_else(|e| panic!("{e:#}"));
-    let r = c.probe("node1", &["fork", "node2", "--big-mb", "256", "--guarded-mb", "3", "--exit", "5"], Duration::from_secs(120));
+    // The new process receives its pages itself (its fresh memory populated ahead), but those
+    // of a mapping it cannot write (pages of its read-only executable changed through
+    // /proc/self/mem), which its restorer places between its batches.
+    let r = c.probe("node1", &["fork", "node2", "--big-mb", "256", "--guarded-mb", "3", "--poked-pages", "3", "--exit", "5"], Duration::from_secs(120));
     assert_eq!(r.want("host"), "node2", "{r}");
     assert_eq!(r.want("child sum"), r.want("sum"), "memory sent in plain differs:
 {r}");
     assert_eq!(r.want("child guarded sum"), r.want("guarded sum"), "PROT_NONE memory sent in plain differs:
 {r}");
+    assert_eq!(r.want("child poked sum"), r.want("poked sum"), "changed pages of a read-only mapping sent in plain differ:
+{r}");
     assert_eq!(r.want("exit code"), "5", "{r}");
+    // A small process (no userfaultfd: its pages are faulted in by its own reads).
+    let r = c.probe("node1", &["fork", "node2", "--poked-pages", "2", "--exit", "6"], Duration::from_secs(60));
+    assert_eq!((r.want("host"), r.want("exit code")), ("node2", "6"), "{r}");
+    assert_eq!(r.want("child poked sum"), r.want("poked sum"), "{r}");
     let r = c.probe("node1", &["fork", "node3"], Duration::from_secs(60));
     let err = r.want("error").to_string();
     assert!(err.contains("encrypted") && err.contains("node3"), "node3 (tls) must refuse a plain image:

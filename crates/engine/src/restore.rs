@@ -513,7 +513,9 @@ fn shape<R: Read + Send>(
     };
     cpus.widen(false);
     let (page_bytes, by_uffd) = filled?;
-    tl.note(format!("{by_uffd} of {page_bytes} page bytes placed (or, received by the process, populated) through userfaultfd"));
+    // (Pages the process received itself count as placed through userfaultfd where it was
+    // their memory that the userfaultfd populated.)
+    tl.note(format!("{by_uffd} of {page_bytes} page bytes placed through userfaultfd"));
     tl.mark("pages");
     // After the pages: the protections (a read-only page is filled first), the thread's
     // rseq area (the kernel writes into it) and the credentials, last, in one batch with

@@ -1,4 +1,6 @@
-//! Writes a small valid image to the path given as the first argument (a seed for the fuzzer).
+//! Writes a small valid image to the path given as the first argument, and the same with a
+//! page index (as the plain transport sends it) to that path with `-indexed` appended (seeds
+//! for the fuzzer).
 //!
 //!     cargo run -p telefork-image --example sample_image -- fuzz/corpus/image_decode/sample
 use telefork_image::*;
@@ -72,12 +74,17 @@ fn main() {
             },
         ],
     };
-    let f = std::fs::File::create(&out).expect("create output");
-    let mut w = ImageWriter::new(std::io::BufWriter::new(f), &header).expect("write header");
-    w.write_process(&p).expect("write process");
-    w.write_pages(0x70_0000, &[0xAB; 4096]).expect("write pages");
-    w.write_pages(0x7fff_1000, &[1; 64]).expect("write pages");
-    w.finish().expect("finish");
-    let bytes = std::fs::read(&out).unwrap();
-    verify_image(&bytes).expect("the sample image must verify");
+    for (path, indexed) in [(out.clone(), false), (format!("{out}-indexed"), true)] {
+        let f = std::fs::File::create(&path).expect("create output");
+        let mut w = ImageWriter::new(std::io::BufWriter::new(f), &header).expect("write header");
+        w.write_process(&p).expect("write process");
+        if indexed {
+            w.write_page_index(&[(0x70_0000, 4096), (0x7fff_1000, 64)]).expect("write page index");
+        }
+        w.write_pages(0x70_0000, &[0xAB; 4096]).expect("write pages");
+        w.write_pages(0x7fff_1000, &[1; 64]).expect("write pages");
+        w.finish().expect("finish");
+        let bytes = std::fs::read(&path).unwrap();
+        verify_image(&bytes).expect("the sample image must verify");
+    }
 }

@@ -18,6 +18,10 @@
 //!     telefork (present pages nobody may read); parent prints
 //!     `guarded sum X`, the child makes it readable and prints
 //!     `child guarded sum X`
+//!   - `--poked-pages N`   also N pages of this executable mapped read-only (private), a word
+//!     of each changed through /proc/self/mem (as a debugger sets a
+//!     breakpoint: pages of a mapping never writable, no longer the
+//!     file's); parent prints `poked sum X`, the child `child poked sum X`
 //!   - `--print-uid`       both print `ids uid=U gid=G groups=G1,G2` (parent: `parent ids`,
 //!     child: `child ids`)
 //!   - `--read-stdin`      the child reads its stdin: `stdin: eof` or `stdin: N bytes`
@@ -82,6 +86,7 @@ struct ForkOpts {
     exit: i32,
     big_mb: usize,
     guarded_mb: usize,
+    poked_pages: usize,
     print_uid: bool,
     read_stdin: bool,
     pass_stdin: bool,
@@ -94,7 +99,7 @@ struct ForkOpts {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: probe fork DEST [--exit N] [--big-mb N] [--guarded-mb N] [--print-uid] [--read-stdin] [--pass-stdin] [--background] [--lines N] [--interval-ms N] [--sleep-ms N] [--kill-after-ms N] [--kill-signal S] | probe series DEST PAUSE_MS COUNT [--pass-stdin] | probe drop-next DEST HOLD_MS | probe fanout NODE,NODE,... [--background] | probe remote DEST | probe yoyo DEST");
+    eprintln!("usage: probe fork DEST [--exit N] [--big-mb N] [--guarded-mb N] [--poked-pages N] [--print-uid] [--read-stdin] [--pass-stdin] [--background] [--lines N] [--interval-ms N] [--sleep-ms N] [--kill-after-ms N] [--kill-signal S] | probe series DEST PAUSE_MS COUNT [--pass-stdin] | probe drop-next DEST HOLD_MS | probe fanout NODE,NODE,... [--background] | probe remote DEST | probe yoyo DEST");
     std::process::exit(2)
 }
 
@@ -107,6 +112,7 @@ fn parse_fork(args: &[String]) -> ForkOpts {
             "--exit" => o.exit = num() as i32,
             "--big-mb" => o.big_mb = num() as usize,
             "--guarded-mb" => o.guarded_mb = num() as usize,
+            "--poked-pages" => o.poked_pages = num() as usize,
             "--print-uid" => o.print_uid = true,
             "--read-stdin" => o.read_stdin = true,
             "--pass-stdin" => o.pass_stdin = true,
@@ -144,6 +150,34 @@ fn guarded(mb: usize) -> (*mut u64, usize, u64) {
     }
 }
 
+/// `pages` pages of this executable, mapped read-only and private, the first word of each
+/// changed through /proc/self/mem: (the mapping's words, their checksum).
+fn poked(pages: usize) -> (&'static [u64], u64) {
+    use std::os::unix::fs::FileExt;
+    let fail = |what: &str| -> ! {
+        out(&format!("error poked {what}: {}", std::io::Error::last_os_error()));
+        std::process::exit(1)
+    };
+    let len = pages * 4096;
+    let exe = std::fs::File::open("/proc/self/exe").unwrap_or_else(|_| fail("open"));
+    if exe.metadata().map(|m| m.len() < len as u64).unwrap_or(true) {
+        fail("executable too short");
+    }
+    // SAFETY: a fresh read-only private mapping of `len` bytes of a file at least that long.
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_PRIVATE, std::os::fd::AsRawFd::as_raw_fd(&exe), 0) };
+    if p == libc::MAP_FAILED {
+        fail("mmap");
+    }
+    let mem = std::fs::OpenOptions::new().write(true).open("/proc/self/mem").unwrap_or_else(|_| fail("open /proc/self/mem"));
+    for page in 0..pages {
+        let word = (page as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5E;
+        mem.write_all_at(&word.to_ne_bytes(), p as u64 + (page * 4096) as u64).unwrap_or_else(|_| fail("write"));
+    }
+    // SAFETY: the mapping just made, readable, never unmapped.
+    let words = unsafe { std::slice::from_raw_parts(p as *const u64, len / 8) };
+    (words, checksum(words))
+}
+
 fn guarded_sum(p: *mut u64, len: usize) -> u64 {
     // SAFETY: the mapping `guarded` made, readable again.
     unsafe {
@@ -161,6 +195,10 @@ fn fork(dest: &str, o: &ForkOpts) {
     if let Some((_, _, sum)) = guard {
         out(&format!("guarded sum {sum}"));
     }
+    let poke = (o.poked_pages > 0).then(|| poked(o.poked_pages));
+    if let Some((_, sum)) = poke {
+        out(&format!("poked sum {sum}"));
+    }
     if o.print_uid {
         out(&format!("parent ids {}", ids()));
     }
@@ -177,6 +215,9 @@ fn fork(dest: &str, o: &ForkOpts) {
             }
             if let Some((p, len, _)) = guard {
                 out(&format!("child guarded sum {}", guarded_sum(p, len)));
+            }
+            if let Some((words, _)) = poke {
+                out(&format!("child poked sum {}", checksum(words)));
             }
             if o.print_uid {
                 out(&format!("child ids {}", ids()));
