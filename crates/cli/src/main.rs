@@ -299,7 +299,9 @@ fn print_testbed(tb: &telefork_testbed::Testbed) {
 fn check_image(image: &Path) -> Result<()> {
     let bytes = std::fs::read(image).with_context(|| format!("reading {}", image.display()))?;
     let (h, p, page_bytes) = telefork_image::verify_image(&bytes)?;
-    println!("image {}: format v{}, {:?}, kernel {}, made on {:?}", image.display(), telefork_image::FORMAT_VERSION, h.arch, h.kernel_release, h.hostname);
+    // (verify_image read the magic and a version this build reads: the 4 bytes after the magic.)
+    let version = bytes.get(8..12).map_or(0, |v| u32::from_le_bytes([v[0], v[1], v[2], v[3]]));
+    println!("image {}: format v{version}, {:?}, kernel {}, made on {:?}", image.display(), h.arch, h.kernel_release, h.hostname);
     println!("process {} ({}), {} threads, {} mappings, {} fds, {} of memory", p.pid, p.comm, p.threads.len(), p.vmas.len(), p.fds.len(), human(page_bytes));
     Ok(())
 }

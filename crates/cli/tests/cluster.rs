@@ -702,6 +702,11 @@ fn plain_transport(c: &Ctx) {
     assert_eq!(r.want("child poked sum"), r.want("poked sum"), "changed pages of a read-only mapping sent in plain differ:
 {r}");
     assert_eq!(r.want("exit code"), "5", "{r}");
+    // (Not the fallback where the socket cannot be passed, which would pass the above too.)
+    let restored = format!("restored process {} of user", r.want("pid"));
+    let log = c.log("node2");
+    let line = log.lines().rev().find(|l| l.contains(&restored)).unwrap_or_else(|| panic!("no {restored:?} in node2's log:\n{log}"));
+    assert!(line.ends_with("(it received its pages itself)"), "{line}");
     // A small process (no userfaultfd: its pages are faulted in by its own reads).
     let r = c.probe("node1", &["fork", "node2", "--poked-pages", "2", "--exit", "6"], Duration::from_secs(60));
     assert_eq!((r.want("host"), r.want("exit code")), ("node2", "6"), "{r}");

@@ -332,6 +332,16 @@ impl Injector {
         self.scratch_used = self.scratch_floor;
     }
 
+    /// Where the next staged bytes would go, for `reset_scratch_to`.
+    pub fn scratch_mark(&self) -> u64 {
+        self.scratch_used
+    }
+
+    /// Forgets what was staged since `mark` (a `scratch_mark`), keeping what came before.
+    pub fn reset_scratch_to(&mut self, mark: u64) {
+        self.scratch_used = mark.max(self.scratch_floor).min(self.scratch_used);
+    }
+
     /// Copies `data` into the scratch area and returns its address in the tracee.
     pub fn stage(&mut self, data: &[u8]) -> Result<u64> {
         let addr = self.alloc(data.len() as u64)?;

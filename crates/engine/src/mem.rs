@@ -334,6 +334,8 @@ pub fn write_pages<W: std::io::Write + Send>(pid: Pid, vmas: &[Vma], out: &mut I
     let runs = travelling_runs(pid, vmas)?;
     if matches!(route, Some((_, PageRoute::Socket(_)))) {
         out.write_page_index(&runs).context("writing the page index")?;
+        // (On its way at once: the destination waits for it before its first page.)
+        out.flush().context("sending the page index")?;
     }
     let mem = std::fs::File::open(format!("/proc/{pid}/mem")).with_context(|| format!("opening /proc/{pid}/mem"))?;
     let total: u64 = runs.iter().map(|(_, len)| len).sum();
@@ -738,8 +740,9 @@ fn uffd_ranges(vmas: &[Vma]) -> Vec<(u64, u64)> {
     vmas.iter().filter(|v| v.kind == VmaKind::Anon && !v.shared).map(|v| (v.start, v.end - v.start)).collect()
 }
 
-const MADV_POPULATE_WRITE: u64 = 23;
-const POPULATE_MIN: usize = 1 << 20;
+pub(crate) const MADV_POPULATE_WRITE: u64 = 23;
+/// Runs at least this long are populated in bulk before they are written.
+pub(crate) const POPULATE_MIN: usize = 1 << 20;
 
 /// Places one run of pages at `addr` of process `pid`: through `uffd` where it covers the
 /// run (true), else with process_vm_writev, or through `mem` (/proc/PID/mem: it may write to

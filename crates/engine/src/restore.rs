@@ -67,6 +67,9 @@ pub struct Restored {
     /// Whether it got the PID it had at capture.
     pub same_pid: bool,
     pub page_bytes: u64,
+    /// Whether the process received its pages from the image's socket itself
+    /// (`RestoreOptions::pages_socket`, `self_receive`).
+    pub pages_received_by_process: bool,
 }
 
 /// Size of the control area: one page of code, the rest scratch.
@@ -108,14 +111,10 @@ pub fn restore_into<R: Read + Send>(stub: Option<Stub>, input: R, opts: &Restore
             s
         }
     };
-    let index = match &opts.pages_socket {
-        Some(socket) => Some((crate::self_receive::read_index(&mut reader, &img.vmas, socket)?, socket)),
-        None => None,
-    };
-    let r = shape(&mut stub, &img, &mut reader, index, &mut tl);
-    let restored = r.map(|page_bytes| {
+    let r = shape(&mut stub, &img, &mut reader, opts.pages_socket.as_ref(), &mut tl);
+    let restored = r.map(|(page_bytes, pages_received_by_process)| {
         stub.done = true; // it runs on its own now
-        Restored { pid: stub.pid, same_pid: stub.same_pid, page_bytes }
+        Restored { pid: stub.pid, same_pid: stub.same_pid, page_bytes, pages_received_by_process }
     });
     drop(stub); // (kills it unless done)
     tl.report("restore");
@@ -450,9 +449,9 @@ fn shape<R: Read + Send>(
     stub: &mut Stub,
     img: &ProcessImage,
     reader: &mut ImageReader<R>,
-    index: Option<(Vec<(u64, u64)>, &crate::self_receive::PagesSocket)>,
+    pages_socket: Option<&crate::self_receive::PagesSocket>,
     tl: &mut Timeline,
-) -> Result<u64> {
+) -> Result<(u64, bool)> {
     let (pid, control) = (stub.pid, stub.control);
     // Tracer and stub on one CPU while the stub is rebuilt (see `pin`): the CPU this thread
     // runs on now (a prepared stub was made wherever we ran then). The stub gets our
@@ -507,12 +506,16 @@ fn shape<R: Read + Send>(
     let big = mem::is_big(&img.vmas);
     cpus.widen(big);
     inj.flush_through(mapped)?; // (the mappings exist before their pages are written)
-    let filled = match index {
-        Some((index, socket)) => crate::self_receive::receive_pages(inj, &img.vmas, big, reader, &index, socket, uffd),
-        None => mem::fill_pages(inj, &img.vmas, big, reader, uffd),
+    // (On a socket, the page index comes first — if the origin sent one.)
+    let filled = match pages_socket {
+        Some(socket) => crate::self_receive::read_index(reader, &img.vmas, socket).and_then(|index| match index {
+            Some(index) => crate::self_receive::receive_pages(inj, &img.vmas, big, reader, &index, socket, uffd),
+            None => mem::fill_pages(inj, &img.vmas, big, reader, uffd).map(|(total, by_uffd)| (total, by_uffd, false)),
+        }),
+        None => mem::fill_pages(inj, &img.vmas, big, reader, uffd).map(|(total, by_uffd)| (total, by_uffd, false)),
     };
     cpus.widen(false);
-    let (page_bytes, by_uffd) = filled?;
+    let (page_bytes, by_uffd, received_by_process) = filled?;
     // (Pages the process received itself count as placed through userfaultfd where it was
     // their memory that the userfaultfd populated.)
     tl.note(format!("{by_uffd} of {page_bytes} page bytes placed through userfaultfd"));
@@ -547,7 +550,7 @@ fn shape<R: Read + Send>(
     ptrace::set_sigmask(pid, thread.sigmask)?;
     nix_ptrace::detach(pid, None).context("detaching from the restored process")?;
     tl.mark("let go");
-    Ok(page_bytes)
+    Ok((page_bytes, received_by_process))
 }
 
 /// Gives the process the owner's supplementary groups and filesystem uid/gid (a privileged

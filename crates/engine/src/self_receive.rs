@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 
 use anyhow::{bail, Context, Result};
+use telefork_image::format::{page_record_head, PAGE_RECORD_HEAD_LEN, PAGE_RECORD_TAIL_LEN};
 use telefork_image::{ImageReader, Vma};
 
 use crate::inject::Injector;
@@ -37,7 +38,8 @@ pub struct PagesSocket {
     /// The socket (the restore's `input` must read it without buffering: the process takes
     /// over the stream where the reader stopped).
     pub fd: RawFd,
-    /// At most this many bytes of pages (the size limit `input` enforces for the rest).
+    /// At most this many bytes of page records reach the process this way (`input` has a
+    /// limit of its own for what it reads).
     pub max_bytes: u64,
 }
 
@@ -46,24 +48,28 @@ const BATCH_RECORDS: usize = 128;
 /// ... and bytes of pages (the helper populates ahead by at least this much).
 const BATCH_BYTES: u64 = 32 << 20;
 
-/// Reads the page index and checks it against the mappings and the size limit: the runs
-/// the process will receive.
-pub fn read_index<R: Read>(reader: &mut ImageReader<R>, vmas: &[Vma], socket: &PagesSocket) -> Result<Vec<(u64, u64)>> {
-    let index = reader.page_index()?.to_vec();
+/// Reads the page index, if the image has one (an origin of this version sends one on a
+/// socket), and checks it against the mappings and the size limit: the runs the process will
+/// receive.
+pub fn read_index<R: Read>(reader: &mut ImageReader<R>, vmas: &[Vma], socket: &PagesSocket) -> Result<Option<Vec<(u64, u64)>>> {
+    let Some(index) = reader.page_index()? else { return Ok(None) };
+    let index = index.to_vec();
+    // (Counted with their records' heads and checksums, which the process receives too.)
+    let overhead = (PAGE_RECORD_HEAD_LEN + PAGE_RECORD_TAIL_LEN) as u64;
     let mut total = 0u64;
     for &(addr, len) in &index {
         mem::check_page_run(vmas, addr, len)?;
-        total += len;
+        total += len + overhead;
     }
     if total > socket.max_bytes {
-        bail!("the image's page index announces {total} bytes of pages, more than the limit of {}", socket.max_bytes);
+        bail!("the image's page index announces {total} bytes of page records, more than the limit of {}", socket.max_bytes);
     }
-    Ok(index)
+    Ok(Some(index))
 }
 
 /// Places the pages `index` announces: received by the process itself from `socket` where
-/// it can (see the module text), else read here. Returns the bytes placed and how many of
-/// them were populated through the userfaultfd.
+/// it can (see the module text), else read here. Returns the bytes placed, how many of them
+/// were populated (or placed) through the userfaultfd, and whether the process received them.
 pub fn receive_pages<R: Read + Send>(
     inj: &mut Injector,
     vmas: &[Vma],
@@ -72,27 +78,27 @@ pub fn receive_pages<R: Read + Send>(
     index: &[(u64, u64)],
     socket: &PagesSocket,
     uffd: Option<RemoteUffd>,
-) -> Result<(u64, u64)> {
+) -> Result<(u64, u64, bool)> {
     if reader.checks_page_checksums() {
         bail!("internal error: pages received by the process cannot have their checksums verified");
     }
     let Some(fd) = take_socket(inj, socket.fd)? else {
         crate::timeline::stamp("the socket could not be passed: pages read by the restorer");
-        return mem::fill_pages(inj, vmas, big, reader, uffd);
+        return mem::fill_pages(inj, vmas, big, reader, uffd).map(|(total, by_uffd)| (total, by_uffd, false));
     };
     crate::timeline::stamp("pages received by the process");
-    let received = receive_into(inj, vmas, reader, index, fd, uffd.as_ref());
+    let received = receive_into(inj, vmas, big, reader, index, fd, uffd.as_ref());
     let closed = inj.syscall(libc::SYS_close, &[fd], "closing the process's copy of the image socket");
     let (total, by_uffd) = received?;
     closed?;
     if let Some(u) = uffd {
         u.release()?;
     }
-    // The trailer: nothing may follow the announced records.
+    // The trailer (a record beyond the index is refused by the reader).
     if reader.next_pages()?.is_some() {
         bail!("image is corrupt: a page record beyond its page index");
     }
-    Ok((total, by_uffd))
+    Ok((total, by_uffd, true))
 }
 
 /// A copy of our fd `socket` in the process (pidfd_getfd there, on a pidfd of us); `None`
@@ -108,24 +114,33 @@ fn take_socket(inj: &mut Injector, socket: RawFd) -> Result<Option<u64>> {
     Ok((fd >= 0).then_some(fd as u64))
 }
 
-fn receive_into<R: Read>(inj: &mut Injector, vmas: &[Vma], reader: &mut ImageReader<R>, index: &[(u64, u64)], fd: u64, uffd: Option<&RemoteUffd>) -> Result<(u64, u64)> {
+fn receive_into<R: Read>(
+    inj: &mut Injector,
+    vmas: &[Vma],
+    big: bool,
+    reader: &mut ImageReader<R>,
+    index: &[(u64, u64)],
+    fd: u64,
+    uffd: Option<&RemoteUffd>,
+) -> Result<(u64, u64)> {
     // Which records the process can receive (its mapping is writable now), which of those
     // go into memory the userfaultfd populates.
     let mut receivable = Vec::with_capacity(index.len());
-    let mut to_populate = Vec::new();
-    for (i, &(addr, len)) in index.iter().enumerate() {
+    let mut covered = Vec::with_capacity(index.len());
+    for &(addr, len) in index {
         let vma = mem::check_page_run(vmas, addr, len)?;
         let writable = mem::initial_prot(vma) & libc::PROT_WRITE as u32 != 0;
         receivable.push(writable);
-        if writable && uffd.is_some_and(|u| u.covers(addr, len)) {
-            to_populate.push(i);
-        }
+        covered.push(writable && uffd.is_some_and(|u| u.covers(addr, len)));
     }
+    let to_populate: Vec<usize> = (0..index.len()).filter(|&i| covered[i]).collect();
     let by_uffd: u64 = to_populate.iter().map(|&i| index[i].1).sum();
     let fill = uffd.map(|u| ZeroFill::new(u, index, to_populate));
     let pid = inj.pid();
     std::thread::scope(|scope| {
-        if let Some(fill) = &fill {
+        // (A big image only: the helper wants the second CPU, which `restore` gives a big
+        // one; otherwise the tracer populates each batch before it.)
+        if let Some(fill) = fill.as_ref().filter(|_| big) {
             scope.spawn(move || while fill.fill_next() {});
         }
         let placed = (|| -> Result<u64> {
@@ -149,6 +164,7 @@ fn receive_into<R: Read>(inj: &mut Injector, vmas: &[Vma], reader: &mut ImageRea
                 if let Some(fill) = &fill {
                     fill.ensure(j - 1)?;
                 }
+                populate(inj, &index[i..j], &covered[i..j])?;
                 receive_batch(inj, fd, &index[i..j])?;
                 reader.pages_received_elsewhere(j - i)?;
                 total += bytes;
@@ -164,50 +180,97 @@ fn receive_into<R: Read>(inj: &mut Injector, vmas: &[Vma], reader: &mut ImageRea
     .map(|total| (total, by_uffd))
 }
 
+/// Populates the memory of the records no userfaultfd populates (shared memory, written
+/// pages of private files; all of them where the process has no userfaultfd) with an injected
+/// MADV_POPULATE_WRITE per stretch of adjacent records of at least `mem::POPULATE_MIN` bytes:
+/// one call in bulk instead of a fault per page during the process's reads. Best effort (a
+/// kernel without it: the reads fault them in).
+fn populate(inj: &mut Injector, records: &[(u64, u64)], covered: &[bool]) -> Result<()> {
+    let mut stretches: Vec<(u64, u64)> = Vec::new();
+    let mut adjacent = false;
+    for (&(addr, len), &covered) in records.iter().zip(covered) {
+        if covered {
+            adjacent = false;
+            continue;
+        }
+        match stretches.last_mut() {
+            Some((_, end)) if adjacent && *end == addr => *end = addr + len,
+            _ => stretches.push((addr, addr + len)),
+        }
+        adjacent = true;
+    }
+    for (start, end) in stretches.into_iter().filter(|(s, e)| e - s >= mem::POPULATE_MIN as u64) {
+        let _ = inj.syscall_raw(libc::SYS_madvise, &[start, end - start, mem::MADV_POPULATE_WRITE])?;
+    }
+    Ok(())
+}
+
 /// Has the process receive `records` (consecutive in the stream) with one recvmsg, and checks
-/// their headers.
+/// their headers. (Another recvmsg for the rest where the first one returned early: the
+/// socket's receive timeout bounds a whole call, so a slow link may take several.)
 fn receive_batch(inj: &mut Injector, fd: u64, records: &[(u64, u64)]) -> Result<()> {
-    use telefork_image::format::{page_record_head, PAGE_RECORD_HEAD_LEN as HEAD, PAGE_RECORD_TAIL_LEN as TAIL};
+    const HEAD: usize = PAGE_RECORD_HEAD_LEN;
+    const TAIL: usize = PAGE_RECORD_TAIL_LEN;
     let k = records.len();
     // Slot n (HEAD + TAIL bytes) holds record n's head, then its checksum.
     let slot = (HEAD + TAIL) as u64;
     inj.reset_scratch();
     let slots = inj.alloc_zeroed(slot * k as u64)?;
-    let mut iov = Vec::with_capacity((2 * k + 1) * 16);
-    let mut push = |base: u64, len: u64| {
-        iov.extend_from_slice(&base.to_ne_bytes());
-        iov.extend_from_slice(&len.to_ne_bytes());
-    };
-    push(slots, HEAD as u64);
+    // The stream's pieces, in order: (where in the process, how many bytes).
+    let mut pieces = Vec::with_capacity(2 * k + 1);
+    pieces.push((slots, HEAD as u64));
     for (n, &(addr, len)) in records.iter().enumerate() {
-        push(addr, len);
+        pieces.push((addr, len));
         // This record's checksum and the next one's head are adjacent in the stream.
         let between = if n + 1 < k { slot } else { TAIL as u64 };
-        push(slots + n as u64 * slot + HEAD as u64, between);
+        pieces.push((slots + n as u64 * slot + HEAD as u64, between));
     }
-    let iov_addr = inj.stage(&iov)?;
-    // struct msghdr (LP64): name, namelen (padded), iov, iovlen, control, controllen, flags
-    // (padded).
-    let mut msg = Vec::with_capacity(56);
-    for word in [0u64, 0, iov_addr, (2 * k + 1) as u64, 0, 0, 0] {
-        msg.extend_from_slice(&word.to_ne_bytes());
-    }
-    let msg_addr = inj.stage(&msg)?;
-    let want = slot * k as u64 + records.iter().map(|r| r.1).sum::<u64>();
+    let want: u64 = pieces.iter().map(|p| p.1).sum();
     let (first, last) = (records[0].0, records[k - 1].0 + records[k - 1].1);
-    let got = inj.syscall_raw(libc::SYS_recvmsg, &[fd, msg_addr, libc::MSG_WAITALL as u64])?;
-    if got < 0 {
-        let err = std::io::Error::from_raw_os_error(-got as i32);
-        bail!("the process receiving its pages {first:#x}-{last:#x} from the image socket: recvmsg: {err}");
-    }
-    if got as u64 != want {
-        bail!("image is truncated: the connection ended or stalled after {got} of the {want} bytes of page records {first:#x}-{last:#x}");
+    let scratch = inj.scratch_mark();
+    let mut got = 0u64;
+    while got < want {
+        // The pieces not received yet (the first one perhaps in part), as iovecs.
+        inj.reset_scratch_to(scratch);
+        let mut iov = Vec::with_capacity(pieces.len() * 16);
+        let mut skip = got;
+        for &(base, len) in &pieces {
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            iov.extend_from_slice(&(base + skip).to_ne_bytes());
+            iov.extend_from_slice(&(len - skip).to_ne_bytes());
+            skip = 0;
+        }
+        let iov_addr = inj.stage(&iov)?;
+        // struct msghdr (LP64): name, namelen (padded), iov, iovlen, control, controllen,
+        // flags (padded).
+        let mut msg = Vec::with_capacity(56);
+        for word in [0u64, 0, iov_addr, iov.len() as u64 / 16, 0, 0, 0] {
+            msg.extend_from_slice(&word.to_ne_bytes());
+        }
+        let msg_addr = inj.stage(&msg)?;
+        let n = inj.syscall_raw(libc::SYS_recvmsg, &[fd, msg_addr, libc::MSG_WAITALL as u64])?;
+        match n {
+            0 => bail!("image is truncated: the connection ended after {got} of the {want} bytes of page records {first:#x}-{last:#x}"),
+            n if n == -(libc::EAGAIN as i64) => {
+                bail!("the image stalled: no bytes came for the socket's timeout, after {got} of the {want} bytes of page records {first:#x}-{last:#x}")
+            }
+            n if n < 0 => {
+                let err = std::io::Error::from_raw_os_error(-n as i32);
+                bail!("the process receiving its pages {first:#x}-{last:#x} from the image socket: recvmsg: {err}");
+            }
+            n => got += n as u64,
+        }
     }
     let mut heads = vec![0u8; slot as usize * k];
     inj.read_mem(slots, &mut heads)?;
     for (n, &(addr, len)) in records.iter().enumerate() {
         let at = n * slot as usize;
-        if heads[at..at + HEAD] != page_record_head(addr, len) {
+        // (The head as the index announced it; the checksum 0, as pages without checksums
+        // are written.)
+        if heads[at..at + HEAD] != page_record_head(addr, len) || heads[at + HEAD..at + HEAD + TAIL] != [0; TAIL] {
             bail!("image is corrupt: the page record received for {addr:#x}-{:#x} is not the one its page index announced", addr + len);
         }
     }
@@ -263,6 +326,19 @@ impl<'a> ZeroFill<'a> {
         if pos >= self.todo.len() || self.lock().failed.is_some() {
             return false;
         }
+        // (Whatever happens from here, the claimed record ends done or failed: a panic would
+        // otherwise leave whoever waits for it waiting.)
+        struct Claimed<'f, 'a>(&'f ZeroFill<'a>, bool);
+        impl Drop for Claimed<'_, '_> {
+            fn drop(&mut self) {
+                if !self.1 {
+                    let mut st = self.0.lock();
+                    st.failed.get_or_insert_with(|| "the thread populating memory panicked".into());
+                    self.0.changed.notify_all();
+                }
+            }
+        }
+        let mut claimed = Claimed(self, false);
         let (addr, len) = self.index[self.todo[pos]];
         let mut r = Ok(());
         let mut off = 0;
@@ -282,6 +358,7 @@ impl<'a> ZeroFill<'a> {
             Err(e) => st.failed = Some(format!("{e:#}")),
         }
         self.changed.notify_all();
+        claimed.1 = true;
         st.failed.is_none()
     }
 

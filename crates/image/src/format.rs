@@ -275,6 +275,10 @@ pub struct ImageReader<R: Read> {
     /// The page index, if the image has one, and how many of its records came so far.
     index: Option<Vec<(u64, u64)>>,
     index_next: usize,
+    /// The image's format version.
+    version: u32,
+    /// A record head read ahead (by `page_index`, looking for an index), not consumed yet.
+    head_ahead: Option<[u8; 8]>,
 }
 
 impl<R: Read> ImageReader<R> {
@@ -298,6 +302,8 @@ impl<R: Read> ImageReader<R> {
             check_page_checksums: true,
             index: None,
             index_next: 0,
+            version: found,
+            head_ahead: None,
         };
         r.record(Kind::Header)?;
         let h: Header = decode(&r.buf, "header")?;
@@ -320,20 +326,35 @@ impl<R: Read> ImageReader<R> {
         decode(&self.buf, "process")
     }
 
-    /// Reads the page index, which must be the next record (right after the process
-    /// record): the `(addr, len)` of every page record that follows, in order. Checked like
-    /// the records themselves: ascending, not overlapping, each of 1 to `MAX_PAGE_CHUNK`
-    /// bytes.
-    pub fn page_index(&mut self) -> Result<&[(u64, u64)]> {
-        if self.index.is_some() || self.page_records > 0 || self.done {
+    /// The image's format version.
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// The page index, if the next record (right after the process record) is one: the
+    /// `(addr, len)` of every page record that follows, in order, checked like the records
+    /// themselves (ascending, not overlapping, each of 1 to `MAX_PAGE_CHUNK` bytes). `None`
+    /// if the image has none (the record read to see is kept for `next_pages`).
+    pub fn page_index(&mut self) -> Result<Option<&[(u64, u64)]>> {
+        if self.index.is_some() || self.page_records > 0 || self.done || self.head_ahead.is_some() {
             return Err(ImageError::Corrupt("a page index must come once, before the pages".into()));
         }
+        let mut head = [0u8; 8];
+        read_exact(&mut self.input, &mut head, "the pages")?;
+        if u32::from_le_bytes([head[0], head[1], head[2], head[3]]) != Kind::PageIndex as u32 {
+            self.head_ahead = Some(head);
+            return Ok(None);
+        }
+        self.head_ahead = Some(head);
         self.record(Kind::PageIndex)?;
         self.take_index()?;
-        Ok(self.index.as_deref().unwrap_or(&[]))
+        Ok(self.index.as_deref())
     }
 
     fn take_index(&mut self) -> Result<()> {
+        if self.version < 3 {
+            return Err(ImageError::Corrupt(format!("a page index in an image of format version {}", self.version)));
+        }
         let index: Vec<(u64, u64)> = decode(&self.buf, "page index")?;
         let mut end = 0u64;
         for &(addr, len) in &index {
@@ -447,8 +468,14 @@ impl<R: Read> ImageReader<R> {
     /// Reads one record of one of the wanted kinds into `self.buf`, checking its checksum.
     fn record_any(&mut self, want: &[Kind]) -> Result<Kind> {
         let what = kind_name(want[0]);
-        let mut head = [0u8; 8];
-        read_exact(&mut self.input, &mut head, what)?;
+        let head = match self.head_ahead.take() {
+            Some(head) => head,
+            None => {
+                let mut head = [0u8; 8];
+                read_exact(&mut self.input, &mut head, what)?;
+                head
+            }
+        };
         let kind_raw = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
         let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
         let kind = Kind::from_u32(kind_raw)

@@ -171,24 +171,30 @@ mod tests {
 
     /// The page index announces the records; a reader that asks for it gets it, one that does
     /// not still checks the records against it; records received elsewhere count for the
-    /// trailer.
+    /// trailer (the reader then goes on after their bytes).
     #[test]
     fn page_index_round_trip() {
         let index = [(0x1000, 4096), (0x3000, 8192)];
         let bytes = encode_indexed(&index, &[(0x1000, vec![1; 4096]), (0x3000, vec![2; 8192])]);
         let mut r = reader(&bytes);
-        assert_eq!(r.page_index().unwrap(), &index);
+        assert_eq!(r.page_index().unwrap(), Some(&index[..]));
         assert_eq!(r.next_pages().unwrap().map(|run| (run.addr, run.data.len())), Some((0x1000, 4096)));
         assert_eq!(r.next_pages().unwrap().map(|run| (run.addr, run.data[8191])), Some((0x3000, 2)));
         assert!(r.next_pages().unwrap().is_none());
         let mut r = reader(&bytes);
         assert_eq!(r.next_pages().unwrap().map(|run| run.addr), Some(0x1000));
-        // Without the index asked for: the second record is counted as received elsewhere
-        // (its bytes skipped here as a restorer's process would have taken them).
+        // Records counted as received elsewhere: no more than announced.
         let mut r2 = reader(&bytes);
         r2.page_index().unwrap();
         r2.pages_received_elsewhere(1).unwrap();
         assert!(r2.pages_received_elsewhere(2).is_err(), "more than announced");
+        // An image without an index: `page_index` says so and the pages read as usual.
+        let plain = encode(&[(0x1000, vec![1; 4096])]);
+        let (mut r, _) = ImageReader::new(&plain[..]).unwrap();
+        r.process().unwrap();
+        assert_eq!(r.page_index().unwrap(), None);
+        assert_eq!(r.next_pages().unwrap().map(|run| run.addr), Some(0x1000));
+        assert!(r.next_pages().unwrap().is_none());
         for cut in 0..bytes.len() {
             let ok = ImageReader::new(&bytes[..cut]).and_then(|(mut r, _)| {
                 r.skip_page_checksums();
@@ -253,5 +259,45 @@ mod tests {
             r.process().unwrap();
             assert!(r.page_index().is_err(), "index {bad:?} accepted");
         }
+        // An index in a version 2 image (which has none) is refused.
+        let mut old = encode_indexed(&[(0x1000, 4096)], &[(0x1000, vec![1; 4096])]);
+        old[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let (mut r, _) = ImageReader::new(&old[..]).unwrap();
+        r.skip_page_checksums();
+        r.process().unwrap();
+        assert!(r.page_index().unwrap_err().to_string().contains("format version 2"));
+        let (mut r, _) = ImageReader::new(&old[..]).unwrap();
+        r.skip_page_checksums();
+        r.process().unwrap();
+        assert!(r.next_pages().is_err());
+    }
+
+    /// Records received elsewhere: their bytes taken off the stream by someone else (as the
+    /// new process takes them), the reader goes on with the next record, and the trailer
+    /// counts them.
+    #[test]
+    fn pages_received_elsewhere_then_the_rest() {
+        use std::cell::RefCell;
+        use std::io::Read;
+        use std::rc::Rc;
+        struct Shared(Rc<RefCell<std::io::Cursor<Vec<u8>>>>);
+        impl Read for Shared {
+            fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+                self.0.borrow_mut().read(b)
+            }
+        }
+        let bytes = encode_indexed(&[(0x1000, 4096), (0x3000, 8192)], &[(0x1000, vec![1; 4096]), (0x3000, vec![2; 8192])]);
+        let stream = Rc::new(RefCell::new(std::io::Cursor::new(bytes)));
+        let (mut r, _) = ImageReader::new(Shared(stream.clone())).unwrap();
+        r.skip_page_checksums();
+        r.process().unwrap();
+        assert!(r.page_index().unwrap().is_some());
+        let mut first = vec![0u8; format::PAGE_RECORD_HEAD_LEN + 4096 + format::PAGE_RECORD_TAIL_LEN];
+        stream.borrow_mut().read_exact(&mut first).unwrap();
+        assert_eq!(first[..format::PAGE_RECORD_HEAD_LEN], format::page_record_head(0x1000, 4096));
+        assert_eq!(first[format::PAGE_RECORD_HEAD_LEN], 1);
+        r.pages_received_elsewhere(1).unwrap();
+        assert_eq!(r.next_pages().unwrap().map(|run| (run.addr, run.data[0])), Some((0x3000, 2)));
+        assert!(r.next_pages().unwrap().is_none(), "the trailer counts both records");
     }
 }

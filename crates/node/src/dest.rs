@@ -220,7 +220,8 @@ fn serve_one(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str, restorer: &Res
         return Ok(AfterChild::End); // no process came, or it was refused or failed (and the origin told)
     };
     let pid = received.restored.pid; // (the origin was told it runs: `receive`)
-    log(&format!("restored process {pid} of user {} from {origin}", received.user.uid));
+    let how = if received.restored.pages_received_by_process { " (it received its pages itself)" } else { "" };
+    log(&format!("restored process {pid} of user {} from {origin}{how}", received.user.uid));
     // (Should anything fail before its end is known, the child is killed: nobody would be
     // told of it any more.)
     let pidfd = telefork_engine::pidfd::open(pid.as_raw()).context("pidfd_open").inspect_err(|_| telefork_engine::ptrace::kill_quietly(pid))?;
