@@ -670,13 +670,20 @@ fn limits(c: &Ctx) {
 }
 
 /// 12. transport.image = "plain" on node1 and node2: the memory travels unencrypted (and is
-///     written onto the socket by the frozen process itself, and received from it by the new
-///     process itself) and arrives intact, PROT_NONE memory too (read by the daemon instead),
-///     and changed pages of a read-only mapping (placed by the restorer); node3, still "tls",
-///     refuses it.
+///     written onto the socket by the frozen process itself) and arrives intact, PROT_NONE memory
+///     too (read by the daemon instead), and changed pages of a read-only mapping (placed by the
+///     restorer): received by the new process itself (node2 set to do so for any size), and
+///     read and placed by the restorer (node2's default for images up to 2 GiB); node3, still
+///     "tls", refuses it.
 fn plain_transport(c: &Ctx) {
-    let plain = |n: &str| tb::reconfigure(&c.dir, n, |cfg| cfg.transport.image = telefork_node::config::ImageTransport::Plain);
-    let tls = |n: &str| tb::reconfigure(&c.dir, n, |cfg| cfg.transport.image = telefork_node::config::ImageTransport::Tls);
+    let default_min = telefork_node::config::Transport::default().self_receive_min_bytes;
+    let plain = |n: &str, min: u64| {
+        tb::reconfigure(&c.dir, n, |cfg| {
+            cfg.transport.image = telefork_node::config::ImageTransport::Plain;
+            cfg.transport.self_receive_min_bytes = min;
+        })
+    };
+    let tls = |n: &str| tb::reconfigure(&c.dir, n, |cfg| cfg.transport = telefork_node::config::Transport::default());
     struct Back<'a>(&'a dyn Fn(&str) -> anyhow::Result<()>);
     impl Drop for Back<'_> {
         fn drop(&mut self) {
@@ -688,33 +695,34 @@ fn plain_transport(c: &Ctx) {
         }
     }
     let _back = Back(&tls);
-    plain("node1").unwrap_or_else(|e| panic!("{e:#}"));
-    plain("node2").unwrap_or_else(|e| panic!("{e:#}"));
-    // The new process receives its pages itself (its fresh memory populated ahead), but those
-    // of a mapping it cannot write (pages of its read-only executable changed through
-    // /proc/self/mem), which its restorer places between its batches.
-    let r = c.probe("node1", &["fork", "node2", "--big-mb", "256", "--guarded-mb", "3", "--poked-pages", "3", "--exit", "5"], Duration::from_secs(120));
-    assert_eq!(r.want("host"), "node2", "{r}");
-    assert_eq!(r.want("child sum"), r.want("sum"), "memory sent in plain differs:
-{r}");
-    assert_eq!(r.want("child guarded sum"), r.want("guarded sum"), "PROT_NONE memory sent in plain differs:
-{r}");
-    assert_eq!(r.want("child poked sum"), r.want("poked sum"), "changed pages of a read-only mapping sent in plain differ:
-{r}");
-    assert_eq!(r.want("exit code"), "5", "{r}");
-    // (Not the fallback where the socket cannot be passed, which would pass the above too.)
-    let restored = format!("restored process {} of user", r.want("pid"));
-    let log = c.log("node2");
-    let line = log.lines().rev().find(|l| l.contains(&restored)).unwrap_or_else(|| panic!("no {restored:?} in node2's log:\n{log}"));
-    assert!(line.ends_with("(it received its pages itself)"), "{line}");
-    // A small process (no userfaultfd: its pages are faulted in by its own reads).
-    let r = c.probe("node1", &["fork", "node2", "--poked-pages", "2", "--exit", "6"], Duration::from_secs(60));
-    assert_eq!((r.want("host"), r.want("exit code")), ("node2", "6"), "{r}");
-    assert_eq!(r.want("child poked sum"), r.want("poked sum"), "{r}");
+    // The line node2's daemon logs for the process the probe's child is.
+    let restored_line = |r: &Run| {
+        let restored = format!("restored process {} of user", r.want("pid"));
+        let log = c.log("node2");
+        log.lines().rev().find(|l| l.contains(&restored)).map(str::to_string).unwrap_or_else(|| panic!("no {restored:?} in node2's log:\n{log}"))
+    };
+    plain("node1", default_min).unwrap_or_else(|e| panic!("{e:#}"));
+    for (min, big) in [(0, "256"), (default_min, "64")] {
+        plain("node2", min).unwrap_or_else(|e| panic!("{e:#}"));
+        let r = c.probe("node1", &["fork", "node2", "--big-mb", big, "--guarded-mb", "3", "--poked-pages", "3", "--exit", "5"], Duration::from_secs(120));
+        assert_eq!(r.want("host"), "node2", "{r}");
+        assert_eq!(r.want("child sum"), r.want("sum"), "memory sent in plain differs:\n{r}");
+        assert_eq!(r.want("child guarded sum"), r.want("guarded sum"), "PROT_NONE memory sent in plain differs:\n{r}");
+        assert_eq!(r.want("child poked sum"), r.want("poked sum"), "changed pages of a read-only mapping sent in plain differ:\n{r}");
+        assert_eq!(r.want("exit code"), "5", "{r}");
+        // (The way it went: not the fallback where the socket cannot be passed, which would
+        // pass the above too.)
+        let line = restored_line(&r);
+        assert_eq!(line.ends_with("(it received its pages itself)"), min == 0, "{line}");
+        // A small process (no userfaultfd: its pages are faulted in by its own reads).
+        let r = c.probe("node1", &["fork", "node2", "--poked-pages", "2", "--exit", "6"], Duration::from_secs(60));
+        assert_eq!((r.want("host"), r.want("exit code")), ("node2", "6"), "{r}");
+        assert_eq!(r.want("child poked sum"), r.want("poked sum"), "{r}");
+        assert_eq!(restored_line(&r).ends_with("(it received its pages itself)"), min == 0, "{r}");
+    }
     let r = c.probe("node1", &["fork", "node3"], Duration::from_secs(60));
     let err = r.want("error").to_string();
-    assert!(err.contains("encrypted") && err.contains("node3"), "node3 (tls) must refuse a plain image:
-{r}");
+    assert!(err.contains("encrypted") && err.contains("node3"), "node3 (tls) must refuse a plain image:\n{r}");
     assert!(r.has("parent ok"), "{r}");
 }
 

@@ -82,6 +82,15 @@ impl CpuPin {
         }
     }
 
+    /// Lets thread `tid` (the tracee) run on any CPU of our original set: while it works on its
+    /// own for long (receiving a big image's pages), not in turns with us. `move_here` pins
+    /// it with us again.
+    pub fn let_run_anywhere(&self, tid: libc::pid_t) {
+        if let Some(original) = &self.original {
+            set_affinity(tid, original);
+        }
+    }
+
     /// The CPUs of our original set other than the one we are pinned to (all of the
     /// original set if there is no other): where a helper thread works beside us, not in
     /// turns with us.

@@ -505,6 +505,10 @@ fn shape<R: Read + Send>(
     // place them).
     let big = mem::is_big(&img.vmas);
     cpus.widen(big);
+    if big && pages_socket.is_some() {
+        // (The process may receive its pages itself: the copy off the wire is its work then.)
+        cpus.let_run_anywhere(pid.as_raw());
+    }
     inj.flush_through(mapped)?; // (the mappings exist before their pages are written)
     // (On a socket, the page index comes first — if the origin sent one.)
     let filled = match pages_socket {
@@ -515,6 +519,7 @@ fn shape<R: Read + Send>(
         None => mem::fill_pages(inj, &img.vmas, big, reader, uffd).map(|(total, by_uffd)| (total, by_uffd, false)),
     };
     cpus.widen(false);
+    crate::pin::move_here(pid.as_raw());
     let (page_bytes, by_uffd, received_by_process) = filled?;
     // (Pages the process received itself count as placed through userfaultfd where it was
     // their memory that the userfaultfd populated.)

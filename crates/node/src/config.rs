@@ -24,6 +24,13 @@
 //!                                         # still mutually authenticated and every control
 //!                                         # message encrypted); a node accepts plain
 //!                                         # images only if it is set to "plain" too
+//! self_receive_min_bytes = 2147483648     # plain images bigger than this (by the
+//!                                         # origin's offer) are received by the new
+//!                                         # process itself, straight into its memory
+//!                                         # populated ahead; smaller ones are read and
+//!                                         # placed by the restorer (default 2 GiB: the
+//!                                         # crossover measured on our machines, see
+//!                                         # README "Performance")
 //!
 //! [[peers]]
 //! name = "node2"
@@ -85,10 +92,19 @@ impl Default for Limits {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Transport {
     pub image: ImageTransport,
+    /// Plain images bigger than this are received by the new process itself (see the module
+    /// text and `dest`).
+    pub self_receive_min_bytes: u64,
+}
+
+impl Default for Transport {
+    fn default() -> Self {
+        Transport { image: ImageTransport::Tls, self_receive_min_bytes: 2 << 30 }
+    }
 }
 
 /// How a process image travels between nodes.
