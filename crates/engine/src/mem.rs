@@ -332,13 +332,16 @@ fn read_remote(pid: Pid, mem: &std::fs::File, addr: u64, buf: &mut [u8]) -> Resu
 /// Every run is one record (runs are at most `CHUNK` long).
 pub fn write_pages<W: std::io::Write + Send>(pid: Pid, vmas: &[Vma], out: &mut ImageWriter<W>, route: Option<(&mut Injector, &PageRoute)>) -> Result<u64> {
     let runs = travelling_runs(pid, vmas)?;
+    let total: u64 = runs.iter().map(|(_, len)| len).sum();
     if matches!(route, Some((_, PageRoute::Socket(_)))) {
         out.write_page_index(&runs).context("writing the page index")?;
-        // (On its way at once: the destination waits for it before its first page.)
-        out.flush().context("sending the page index")?;
+        // (A big image's on its way at once: a destination whose new process receives the
+        // pages waits for it. A small one's goes with the first pages.)
+        if total > INLINE_MAX {
+            out.flush().context("sending the page index")?;
+        }
     }
     let mem = std::fs::File::open(format!("/proc/{pid}/mem")).with_context(|| format!("opening /proc/{pid}/mem"))?;
-    let total: u64 = runs.iter().map(|(_, len)| len).sum();
     if let Some((inj, route)) = route {
         // (If the process cannot take the channel — a seccomp filter, its fd limit — its
         // memory is read here as usual.)
