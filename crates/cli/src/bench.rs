@@ -177,15 +177,22 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
     rows.push(row_ms("", "round trip, teleforks 30 ms apart".into(), idle.ms("tf_rt_ns")?, "local fork+exit+waitpid (idem)", idle.ms("fork_rt_ns")?, ""));
     // The hand-overs' floor: the same way there and back through a relay on each node (as
     // through the daemons), a fork+exit+waitpid there, and no state moved.
+    // (Both floors: a program on node1 measuring through a relay on each node — `KIND-dest`
+    // on node2, `KIND-origin` on node1 listening on `sock` — as through the daemons.)
+    let through_relays = |kind: &str, port: u16, sock: &str| -> Result<ProgOut> {
+        let (dest, origin) = (format!("{kind}-dest"), format!("{kind}-origin"));
+        let out = with_sinks(
+            vec![
+                (dest.as_str(), node_cmd("node2", None, &[&p, &dest, &port.to_string()])?),
+                (origin.as_str(), node_cmd("node1", None, &[&p, &origin, sock, &format!("{node2}:{port}")])?),
+            ],
+            || run_prog(&format!("{kind} latency"), node_cmd("node1", Some(USER), &[&p, &format!("{kind}-latency"), &latency_runs.to_string(), sock])?, None),
+        );
+        let _ = std::fs::remove_file(sock);
+        out
+    };
     progress(&format!("latency: hand-overs only (relays, no capture or restore), {latency_runs} runs"));
-    let relay = with_sinks(
-        vec![
-            ("relay-dest", node_cmd("node2", None, &[&p, "relay-dest", &RELAY_PORT.to_string()])?),
-            ("relay-origin", node_cmd("node1", None, &[&p, "relay-origin", RELAY_SOCK, &format!("{node2}:{RELAY_PORT}")])?),
-        ],
-        || run_prog("relay latency", node_cmd("node1", Some(USER), &[&p, "relay-latency", &latency_runs.to_string(), RELAY_SOCK])?, None),
-    )?;
-    let _ = std::fs::remove_file(RELAY_SOCK);
+    let relay = through_relays("relay", RELAY_PORT, RELAY_SOCK)?;
     rows.push(row_ms(
         "",
         "hand-overs only: relay → node2, fork+exit+waitpid there, status home".into(),
@@ -206,14 +213,7 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
     // design like telefork's (a daemon on each node reading the stopped fork from /proc) must
     // do to move it, and nothing else.
     progress(&format!("latency: state moved by hand (relays: smaps, written pages, a new process filled), {latency_runs} runs"));
-    let by_hand = with_sinks(
-        vec![
-            ("move-dest", node_cmd("node2", None, &[&p, "move-dest", &MOVE_PORT.to_string()])?),
-            ("move-origin", node_cmd("node1", None, &[&p, "move-origin", MOVE_SOCK, &format!("{node2}:{MOVE_PORT}")])?),
-        ],
-        || run_prog("move latency", node_cmd("node1", Some(USER), &[&p, "move-latency", &latency_runs.to_string(), MOVE_SOCK])?, None),
-    )?;
-    let _ = std::fs::remove_file(MOVE_SOCK);
+    let by_hand = through_relays("move", MOVE_PORT, MOVE_SOCK)?;
     rows.push(row_ms(
         "",
         "state moved by hand: mappings, written pages → a new process on node2".into(),

@@ -299,8 +299,7 @@ fn print_testbed(tb: &telefork_testbed::Testbed) {
 fn check_image(image: &Path) -> Result<()> {
     let bytes = std::fs::read(image).with_context(|| format!("reading {}", image.display()))?;
     let (h, p, page_bytes) = telefork_image::verify_image(&bytes)?;
-    // (verify_image read the magic and a version this build reads: the 4 bytes after the magic.)
-    let version = bytes.get(8..12).map_or(0, |v| u32::from_le_bytes([v[0], v[1], v[2], v[3]]));
+    let version = telefork_image::ImageReader::new(&bytes[..])?.0.version();
     println!("image {}: format v{version}, {:?}, kernel {}, made on {:?}", image.display(), h.arch, h.kernel_release, h.hostname);
     println!("process {} ({}), {} threads, {} mappings, {} fds, {} of memory", p.pid, p.comm, p.threads.len(), p.vmas.len(), p.fds.len(), human(page_bytes));
     Ok(())

@@ -505,21 +505,21 @@ fn shape<R: Read + Send>(
     // place them).
     let big = mem::is_big(&img.vmas);
     cpus.widen(big);
-    if big && pages_socket.is_some() {
-        // (The process may receive its pages itself: the copy off the wire is its work then.)
+    // (A process that may receive a big image's pages itself does the copy off the wire: it
+    // runs on any CPU meanwhile, and next to us again after.)
+    let process_widened = big && pages_socket.is_some();
+    if process_widened {
         cpus.let_run_anywhere(pid.as_raw());
     }
     inj.flush_through(mapped)?; // (the mappings exist before their pages are written)
-    // (On a socket, the page index comes first — if the origin sent one.)
     let filled = match pages_socket {
-        Some(socket) => crate::self_receive::read_index(reader, &img.vmas, socket).and_then(|index| match index {
-            Some(index) => crate::self_receive::receive_pages(inj, &img.vmas, big, reader, &index, socket, uffd),
-            None => mem::fill_pages(inj, &img.vmas, big, reader, uffd).map(|(total, by_uffd)| (total, by_uffd, false)),
-        }),
+        Some(socket) => crate::self_receive::receive_pages(inj, &img.vmas, big, reader, socket, uffd),
         None => mem::fill_pages(inj, &img.vmas, big, reader, uffd).map(|(total, by_uffd)| (total, by_uffd, false)),
     };
     cpus.widen(false);
-    crate::pin::move_here(pid.as_raw());
+    if process_widened {
+        crate::pin::move_here(pid.as_raw());
+    }
     let (page_bytes, by_uffd, received_by_process) = filled?;
     // (Pages the process received itself count as placed through userfaultfd where it was
     // their memory that the userfaultfd populated.)

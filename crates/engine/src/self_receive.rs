@@ -48,10 +48,48 @@ const BATCH_RECORDS: usize = 128;
 /// ... and bytes of pages (the helper populates ahead by at least this much).
 const BATCH_BYTES: u64 = 32 << 20;
 
-/// Reads the page index, if the image has one (an origin of this version sends one on a
-/// socket), and checks it against the mappings and the size limit: the runs the process will
-/// receive.
-pub fn read_index<R: Read>(reader: &mut ImageReader<R>, vmas: &[Vma], socket: &PagesSocket) -> Result<Option<Vec<(u64, u64)>>> {
+/// Places the image's pages: received by the process itself from `socket` (see the module
+/// text) where the image has a page index (an origin of this version sends one on a socket)
+/// and the socket can be passed, else read and placed here (`mem::fill_pages`). Returns the
+/// bytes placed, how many of them were populated (or placed) through the userfaultfd, and
+/// whether the process received them.
+pub fn receive_pages<R: Read + Send>(
+    inj: &mut Injector,
+    vmas: &[Vma],
+    big: bool,
+    reader: &mut ImageReader<R>,
+    socket: &PagesSocket,
+    uffd: Option<RemoteUffd>,
+) -> Result<(u64, u64, bool)> {
+    if reader.checks_page_checksums() {
+        bail!("internal error: pages received by the process cannot have their checksums verified");
+    }
+    let by_restorer = |inj: &mut Injector, reader: &mut ImageReader<R>, uffd| mem::fill_pages(inj, vmas, big, reader, uffd).map(|(total, by_uffd)| (total, by_uffd, false));
+    let Some(index) = read_index(reader, vmas, socket)? else {
+        return by_restorer(inj, reader, uffd);
+    };
+    let Some(fd) = take_socket(inj, socket.fd)? else {
+        crate::timeline::stamp("the socket could not be passed: pages read by the restorer");
+        return by_restorer(inj, reader, uffd);
+    };
+    crate::timeline::stamp("pages received by the process");
+    let received = receive_into(inj, vmas, big, reader, &index, fd, uffd.as_ref());
+    let closed = inj.syscall(libc::SYS_close, &[fd], "closing the process's copy of the image socket");
+    let (total, by_uffd) = received?;
+    closed?;
+    if let Some(u) = uffd {
+        u.release()?;
+    }
+    // The trailer (the reader refuses a record beyond the index).
+    if reader.next_pages()?.is_some() {
+        bail!("image is corrupt: a page record beyond its page index");
+    }
+    Ok((total, by_uffd, true))
+}
+
+/// Reads the page index, if the image has one, and checks it against the mappings and the
+/// size limit: the records the process will receive.
+fn read_index<R: Read>(reader: &mut ImageReader<R>, vmas: &[Vma], socket: &PagesSocket) -> Result<Option<Vec<(u64, u64)>>> {
     let Some(index) = reader.page_index()? else { return Ok(None) };
     let index = index.to_vec();
     // (Counted with their records' heads and checksums, which the process receives too.)
@@ -65,40 +103,6 @@ pub fn read_index<R: Read>(reader: &mut ImageReader<R>, vmas: &[Vma], socket: &P
         bail!("the image's page index announces {total} bytes of page records, more than the limit of {}", socket.max_bytes);
     }
     Ok(Some(index))
-}
-
-/// Places the pages `index` announces: received by the process itself from `socket` where
-/// it can (see the module text), else read here. Returns the bytes placed, how many of them
-/// were populated (or placed) through the userfaultfd, and whether the process received them.
-pub fn receive_pages<R: Read + Send>(
-    inj: &mut Injector,
-    vmas: &[Vma],
-    big: bool,
-    reader: &mut ImageReader<R>,
-    index: &[(u64, u64)],
-    socket: &PagesSocket,
-    uffd: Option<RemoteUffd>,
-) -> Result<(u64, u64, bool)> {
-    if reader.checks_page_checksums() {
-        bail!("internal error: pages received by the process cannot have their checksums verified");
-    }
-    let Some(fd) = take_socket(inj, socket.fd)? else {
-        crate::timeline::stamp("the socket could not be passed: pages read by the restorer");
-        return mem::fill_pages(inj, vmas, big, reader, uffd).map(|(total, by_uffd)| (total, by_uffd, false));
-    };
-    crate::timeline::stamp("pages received by the process");
-    let received = receive_into(inj, vmas, big, reader, index, fd, uffd.as_ref());
-    let closed = inj.syscall(libc::SYS_close, &[fd], "closing the process's copy of the image socket");
-    let (total, by_uffd) = received?;
-    closed?;
-    if let Some(u) = uffd {
-        u.release()?;
-    }
-    // The trailer (a record beyond the index is refused by the reader).
-    if reader.next_pages()?.is_some() {
-        bail!("image is corrupt: a page record beyond its page index");
-    }
-    Ok((total, by_uffd, true))
 }
 
 /// A copy of our fd `socket` in the process (pidfd_getfd there, on a pidfd of us); `None`

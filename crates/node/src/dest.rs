@@ -437,9 +437,14 @@ fn receive(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str, restorer: &Resto
             pages_socket: None,
         };
         telefork_engine::timeline::stamp("dest job begins");
+        // A plain image over `transport.self_receive_min_bytes` (by the offer) is received by
+        // the new process itself (the engine's self_receive): one copy off the wire, into
+        // memory populated ahead. Smaller ones the restorer reads into a buffer that stays in
+        // cache and places with UFFDIO_COPY, which writes each page once, where populating
+        // and then receiving writes it twice — faster up to 1 GiB on our VM, slower at 4 GiB
+        // where fresh memory is dear (README "Performance", "4 GiB").
         let restored = if plain_image && image_bytes > self_receive_min {
-            // The image arrives on the TCP socket beneath TLS, with a page index: the new
-            // process receives its pages from the socket itself (the engine's self_receive).
+            // The image arrives on the TCP socket beneath TLS, with a page index.
             // Read unbuffered, so the stream is where the reader stopped when it takes over
             // (and nothing past the image's end, which would be the origin's next TLS record,
             // is taken from the channel).
@@ -551,17 +556,6 @@ struct Accepted {
     /// Counts this session among its owner's (`limits.max_restores_per_user`).
     counted: RemoveOnDrop,
 }
-
-// On the plain transport, images of more than `transport.self_receive_min_bytes` (by the
-// offer; 2 GiB by default) have the new process receive its pages itself (the engine's
-// `self_receive`); smaller ones are read and placed by the restorer. Where fresh memory is cheap, the restorer's two copies — off the
-/// wire into a buffer that stays in cache, then into fresh pages with UFFDIO_COPY, which
-/// allocates and fills each page in one pass — write each page once; the process's own
-/// reads need its memory populated (zeroed) first, a second pass over it. Where placing fresh
-// memory costs more than the wire (on our VM, whose host takes freed memory back, at 4 GiB),
-// populating ahead beside the reads wins. Measured on our 2-core VM, interleaved, medians
-// of 9 teleforks: 1 GiB 2.25 (process receives) vs 2.70 GB/s (restorer), 4 GiB 2.15 vs 1.85
-// GB/s; small teleforks ~0.1 ms slower (its injected calls).
 
 /// Reads and drops an image sent with its (refused) offer until the origin, having read the
 /// refusal, closes the connection (so it is not cut off mid-send and gets the reason); for
