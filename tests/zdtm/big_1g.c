@@ -1,5 +1,7 @@
 /* 1 GiB of written anonymous memory, a pattern depending on the offset; every word of every
- * page is verified after restore. */
+ * page is verified after restore, and the memory must still be one mapping (a restorer that
+ * placed parts of it differently — huge pages, userfaultfd — must leave no seams). Prints the
+ * mapping's AnonHugePages (kB) for the harness. */
 #include "zdtm.h"
 #include <stdint.h>
 #include <sys/mman.h>
@@ -21,5 +23,25 @@ int main(void)
 		if (m[i] != pat(i * 8))
 			FAIL("word at offset %#lx: %#lx, want %#lx", (unsigned long)(i * 8), (unsigned long)m[i],
 			     (unsigned long)pat(i * 8));
+	{
+		FILE *f = fopen("/proc/self/smaps", "r");
+		char line[512];
+		unsigned long lo, hi, start = (unsigned long)m, end = start + SIZE;
+		int mappings = 0, inside = 0;
+		long huge_kb = -1;
+		CHECK(f != NULL, "opening /proc/self/smaps: %s", strerror(errno));
+		while (fgets(line, sizeof line, f)) {
+			if (sscanf(line, "%lx-%lx ", &lo, &hi) == 2 && strchr(line, '-') < strchr(line, ' ')) {
+				inside = lo < end && hi > start;
+				mappings += inside;
+				if (inside)
+					CHECK(lo <= start && hi >= end, "the memory is split: a mapping %lx-%lx inside %lx-%lx", lo, hi, start, end);
+			} else if (inside && sscanf(line, "AnonHugePages: %ld kB", &huge_kb) == 1) {
+			}
+		}
+		fclose(f);
+		CHECK(mappings == 1, "the memory is %d mappings, not one", mappings);
+		printf("ANON_HUGE_KB %ld\n", huge_kb);
+	}
 	zdtm_pass();
 }

@@ -673,6 +673,45 @@ fn big_1g() {
     });
 }
 
+/// A big image restored with its fully carried memory in huge pages (forced for 1 GiB here:
+/// by default only images over 2 GiB get them): every word is right, the memory is still one
+/// mapping (no seam left where parts were taken out of the userfaultfd), and the huge pages
+/// the restorer reports are huge pages the process finds in its own smaps.
+#[test]
+fn big_memory_in_huge_pages() {
+    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let exe = compile_c("big_1g.c", "big_1g", &[]);
+    let mut run = Run::new("big_1g_huge_pages", exe);
+    if !run.start(&[]) {
+        return;
+    }
+    run.dump(BIG_TIMEOUT);
+    run.restore_env.push(("TELEFORK_DEBUG", "1"));
+    run.restore_env.push(("TELEFORK_HUGE_PAGES", "always"));
+    let mut r = run.start_restore(&[]);
+    let st = r.wait_timeout(BIG_TIMEOUT);
+    let (out, err) = drain(&r);
+    let st = st.unwrap_or_else(|| panic!("big_1g (huge pages): restore hung\nstdout:\n{out}\nstderr:\n{err}"));
+    assert!(out.lines().any(|l| l == "PASS") && st.success(), "big_1g (huge pages): no PASS ({})\nstdout:\n{out}\nstderr:\n{err}", describe(&st));
+    let reported: u64 = err
+        .lines()
+        .find_map(|l| l.split_once("restore: ").and_then(|(_, n)| n.strip_suffix(" page bytes in huge pages")))
+        .map_or(0, |n| n.parse().unwrap_or_else(|_| panic!("bad report {n:?}")));
+    let found_kib: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("ANON_HUGE_KB "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("big_1g: no ANON_HUGE_KB line in\n{out}"));
+    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    if thp.is_empty() || thp.contains("[never]") {
+        assert_eq!(reported, 0, "huge pages reported where the kernel has none");
+        return;
+    }
+    // (How many: as many as the preparing thread made before the pages reached them.)
+    assert!(reported > 0, "no huge pages (stderr:\n{err})");
+    assert!(found_kib * 1024 >= reported, "the restorer reports {reported} bytes in huge pages, the process finds {found_kib} KiB");
+}
+
 #[test]
 fn rust_target() {
     let exe = build_rust_target();

@@ -12,6 +12,7 @@ pub mod arch;
 pub mod capture;
 pub mod creds;
 pub mod fds;
+pub mod huge;
 pub mod inject;
 pub mod mem;
 pub mod misc;

@@ -18,6 +18,7 @@ use anyhow::{bail, Context, Result};
 use nix::unistd::Pid;
 use telefork_image::{FileId, ImageWriter, SpecialMap, Vma, VmaKind};
 
+use crate::huge::{HugeBlocks, Placement};
 use crate::inject::{Call, Injector};
 use crate::procfs::MapsEntry;
 use crate::self_send::{PageRoute, SelfSender};
@@ -333,10 +334,13 @@ fn read_remote(pid: Pid, mem: &std::fs::File, addr: u64, buf: &mut [u8]) -> Resu
 pub fn write_pages<W: std::io::Write + Send>(pid: Pid, vmas: &[Vma], out: &mut ImageWriter<W>, route: Option<(&mut Injector, &PageRoute)>) -> Result<u64> {
     let runs = travelling_runs(pid, vmas)?;
     let total: u64 = runs.iter().map(|(_, len)| len).sum();
-    if matches!(route, Some((_, PageRoute::Socket(_)))) {
+    // The page index: for the plain transport (the new process may receive its pages itself)
+    // and for every big image (its restorer backs fully carried blocks with huge pages).
+    if matches!(route, Some((_, PageRoute::Socket(_)))) || total > INLINE_MAX {
         out.write_page_index(&runs).context("writing the page index")?;
         // (A big image's on its way at once: a destination whose new process receives the
-        // pages waits for it. A small one's goes with the first pages.)
+        // pages, or that prepares huge pages, waits for it. A small one's goes with the first
+        // pages.)
         if total > INLINE_MAX {
             out.flush().context("sending the page index")?;
         }
@@ -593,21 +597,31 @@ pub fn fill_pages<R: std::io::Read + Send>(
     big: bool,
     reader: &mut telefork_image::ImageReader<R>,
     uffd: Option<RemoteUffd>,
-) -> Result<(u64, u64)> {
+) -> Result<Placed> {
     let pid = inj.pid();
+    // A big image's fully carried huge-page blocks are made huge pages ahead of their pages
+    // (by a thread of their own, below).
+    let huge = match big {
+        true => reader.page_index_once()?.and_then(|index| HugeBlocks::plan(pid, vmas, index)),
+        false => None,
+    };
     let (mut total, mut by_uffd) = (0u64, 0u64);
     let mut place = |inj: &mut Injector, addr: u64, data: &[u8]| -> Result<()> {
         let vma = check_page_run(vmas, addr, data.len() as u64)?;
-        let covered = uffd.as_ref().is_some_and(|u| u.covers(addr, data.len() as u64));
-        // Populating costs one injected call: worth it for big runs only. (Calls still
-        // deferred run first, and their failures count.)
-        if !covered && data.len() >= POPULATE_MIN && initial_prot(vma) & libc::PROT_WRITE as u32 != 0 {
-            inj.flush()?;
-            // Best effort: an old kernel without MADV_POPULATE_WRITE just faults later.
-            let _ = inj.syscall_raw(libc::SYS_madvise, &[addr, data.len() as u64, MADV_POPULATE_WRITE]);
-        }
-        if place_run(uffd.as_ref(), inj.mem_file(), pid, addr, data)? {
-            by_uffd += data.len() as u64;
+        for (at, piece, how) in placements(huge.as_ref(), addr, data) {
+            let uffd = uffd.as_ref().filter(|_| how == Placement::Usual);
+            let covered = uffd.is_some_and(|u| u.covers(at, piece.len() as u64));
+            // Populating costs one injected call: worth it for big runs only. (Calls still
+            // deferred run first, and their failures count.)
+            let huge_page = how == Placement::Prepared { huge: true };
+            if !covered && !huge_page && piece.len() >= POPULATE_MIN && initial_prot(vma) & libc::PROT_WRITE as u32 != 0 {
+                inj.flush()?;
+                // Best effort: an old kernel without MADV_POPULATE_WRITE just faults later.
+                let _ = inj.syscall_raw(libc::SYS_madvise, &[at, piece.len() as u64, MADV_POPULATE_WRITE]);
+            }
+            if place_run(uffd, inj.mem_file(), pid, at, piece)? {
+                by_uffd += piece.len() as u64;
+            }
         }
         total += data.len() as u64;
         Ok(())
@@ -634,7 +648,12 @@ pub fn fill_pages<R: std::io::Read + Send>(
         }
         let records = Records { rx: std::sync::Mutex::new(full_rx), ended: std::sync::atomic::AtomicBool::new(false) };
         let helper_mem = inj.mem_file().try_clone().context("duplicating the handle on the process's memory")?;
+        let huge = huge.as_ref();
         let helper_bytes = std::thread::scope(|scope| {
+            if let Some(h) = huge {
+                let uffd = uffd.as_ref();
+                scope.spawn(move || h.prepare_all(uffd));
+            }
             scope.spawn(move || loop {
                 let Ok(spare) = empty_rx.recv() else { return };
                 let r = reader.next_pages_owned(spare).map_err(anyhow::Error::from);
@@ -643,8 +662,8 @@ pub fn fill_pages<R: std::io::Read + Send>(
                     return;
                 }
             });
-            let helper = uffd.as_ref().map(|uffd| {
-                let (records, empty_tx) = (&records, empty_tx.clone());
+            let helper = (uffd.is_some() || huge.is_some()).then(|| {
+                let (records, empty_tx, uffd) = (&records, empty_tx.clone(), uffd.as_ref());
                 scope.spawn(move || -> Result<(u64, u64)> {
                     let (mut placed, mut through_uffd) = (0u64, 0u64);
                     // (However it stops — at the end, on a failure — the records end for us both.)
@@ -652,8 +671,10 @@ pub fn fill_pages<R: std::io::Read + Send>(
                     while let Some((addr, buf)) = records.next()? {
                         let data = &buf[8..];
                         check_page_run(vmas, addr, data.len() as u64)?;
-                        if place_run(Some(uffd), &helper_mem, pid, addr, data)? {
-                            through_uffd += data.len() as u64;
+                        for (at, piece, how) in placements(huge, addr, data) {
+                            if place_run(uffd.filter(|_| how == Placement::Usual), &helper_mem, pid, at, piece)? {
+                                through_uffd += piece.len() as u64;
+                            }
                         }
                         placed += data.len() as u64;
                         let _ = empty_tx.send(buf);
@@ -685,7 +706,36 @@ pub fn fill_pages<R: std::io::Read + Send>(
     if let Some(u) = uffd {
         u.release()?;
     }
-    Ok((total, by_uffd))
+    if let Some(why) = huge.as_ref().and_then(|h| h.stopped_because()) {
+        crate::timeline::stamp(&format!("huge pages stopped: {why}"));
+    }
+    Ok(Placed { bytes: total, by_uffd, in_huge_pages: huge.map_or(0, |h| h.huge_bytes()), by_process: false })
+}
+
+/// How a restore's pages were placed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Placed {
+    /// Page bytes written.
+    pub bytes: u64,
+    /// Of those, placed through the process's userfaultfd (or received into memory it populated).
+    pub by_uffd: u64,
+    /// Bytes in blocks made huge pages before their pages came (`huge`).
+    pub in_huge_pages: u64,
+    /// The process received its pages itself (`self_receive`).
+    pub by_process: bool,
+}
+
+/// The parts of a page run `data` at `addr` and how each is placed (all of it the usual way
+/// where no blocks are prepared).
+fn placements<'d>(huge: Option<&HugeBlocks>, addr: u64, data: &'d [u8]) -> Vec<(u64, &'d [u8], Placement)> {
+    match huge {
+        None => vec![(addr, data, Placement::Usual)],
+        Some(h) => h
+            .segments(addr, data.len() as u64)
+            .into_iter()
+            .map(|(at, len, how)| (at, &data[(at - addr) as usize..][..len as usize], how))
+            .collect(),
+    }
 }
 
 /// The page records a reader thread passes to the threads that place them.

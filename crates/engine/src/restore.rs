@@ -70,6 +70,8 @@ pub struct Restored {
     /// Whether the process received its pages from the image's socket itself
     /// (`RestoreOptions::pages_socket`, `self_receive`).
     pub pages_received_by_process: bool,
+    /// Page bytes in blocks the restorer made huge pages before their pages came (`huge`).
+    pub page_bytes_in_huge_pages: u64,
 }
 
 /// Size of the control area: one page of code, the rest scratch.
@@ -112,9 +114,15 @@ pub fn restore_into<R: Read + Send>(stub: Option<Stub>, input: R, opts: &Restore
         }
     };
     let r = shape(&mut stub, &img, &mut reader, opts.pages_socket.as_ref(), &mut tl);
-    let restored = r.map(|(page_bytes, pages_received_by_process)| {
+    let restored = r.map(|placed| {
         stub.done = true; // it runs on its own now
-        Restored { pid: stub.pid, same_pid: stub.same_pid, page_bytes, pages_received_by_process }
+        Restored {
+            pid: stub.pid,
+            same_pid: stub.same_pid,
+            page_bytes: placed.bytes,
+            pages_received_by_process: placed.by_process,
+            page_bytes_in_huge_pages: placed.in_huge_pages,
+        }
     });
     drop(stub); // (kills it unless done)
     tl.report("restore");
@@ -451,7 +459,7 @@ fn shape<R: Read + Send>(
     reader: &mut ImageReader<R>,
     pages_socket: Option<&crate::self_receive::PagesSocket>,
     tl: &mut Timeline,
-) -> Result<(u64, bool)> {
+) -> Result<mem::Placed> {
     let (pid, control) = (stub.pid, stub.control);
     // Tracer and stub on one CPU while the stub is rebuilt (see `pin`): the CPU this thread
     // runs on now (a prepared stub was made wherever we ran then). The stub gets our
@@ -514,16 +522,19 @@ fn shape<R: Read + Send>(
     inj.flush_through(mapped)?; // (the mappings exist before their pages are written)
     let filled = match pages_socket {
         Some(socket) => crate::self_receive::receive_pages(inj, &img.vmas, big, reader, socket, uffd),
-        None => mem::fill_pages(inj, &img.vmas, big, reader, uffd).map(|(total, by_uffd)| (total, by_uffd, false)),
+        None => mem::fill_pages(inj, &img.vmas, big, reader, uffd),
     };
     cpus.widen(false);
     if process_widened {
         crate::pin::move_here(pid.as_raw());
     }
-    let (page_bytes, by_uffd, received_by_process) = filled?;
+    let placed = filled?;
     // (Pages the process received itself count as placed through userfaultfd where it was
     // their memory that the userfaultfd populated.)
-    tl.note(format!("{by_uffd} of {page_bytes} page bytes placed through userfaultfd"));
+    tl.note(format!("{} of {} page bytes placed through userfaultfd", placed.by_uffd, placed.bytes));
+    if placed.in_huge_pages > 0 {
+        tl.note(format!("{} page bytes in huge pages", placed.in_huge_pages));
+    }
     tl.mark("pages");
     // After the pages: the protections (a read-only page is filled first), the thread's
     // rseq area (the kernel writes into it) and the credentials, last, in one batch with
@@ -555,7 +566,7 @@ fn shape<R: Read + Send>(
     ptrace::set_sigmask(pid, thread.sigmask)?;
     nix_ptrace::detach(pid, None).context("detaching from the restored process")?;
     tl.mark("let go");
-    Ok((page_bytes, received_by_process))
+    Ok(placed)
 }
 
 /// Gives the process the owner's supplementary groups and filesystem uid/gid (a privileged

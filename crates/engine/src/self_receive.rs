@@ -60,11 +60,11 @@ pub fn receive_pages<R: Read + Send>(
     reader: &mut ImageReader<R>,
     socket: &PagesSocket,
     uffd: Option<RemoteUffd>,
-) -> Result<(u64, u64, bool)> {
+) -> Result<mem::Placed> {
     if reader.checks_page_checksums() {
         bail!("internal error: pages received by the process cannot have their checksums verified");
     }
-    let by_restorer = |inj: &mut Injector, reader: &mut ImageReader<R>, uffd| mem::fill_pages(inj, vmas, big, reader, uffd).map(|(total, by_uffd)| (total, by_uffd, false));
+    let by_restorer = |inj: &mut Injector, reader: &mut ImageReader<R>, uffd| mem::fill_pages(inj, vmas, big, reader, uffd);
     let Some(index) = read_index(reader, vmas, socket)? else {
         return by_restorer(inj, reader, uffd);
     };
@@ -84,7 +84,7 @@ pub fn receive_pages<R: Read + Send>(
     if reader.next_pages()?.is_some() {
         bail!("image is corrupt: a page record beyond its page index");
     }
-    Ok((total, by_uffd, true))
+    Ok(mem::Placed { bytes: total, by_uffd, in_huge_pages: 0, by_process: true })
 }
 
 /// Reads the page index, if the image has one, and checks it against the mappings and the

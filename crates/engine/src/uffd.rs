@@ -139,6 +139,13 @@ impl RemoteUffd {
         Ok(())
     }
 
+    /// Stops watching `[start, start+len)`, part of a registered range (`copy` must not be
+    /// used there any more; `release` lets go of the rest).
+    pub fn unwatch(&self, start: u64, len: u64) -> Result<()> {
+        let mut r = UffdioRange { start, len };
+        ioctl(&self.fd, UFFDIO_UNREGISTER, &mut r).with_context(|| format!("unregistering {start:#x}-{:#x} from userfaultfd", start + len))
+    }
+
     /// Unregisters every range and closes the fd: from now on the process faults normally.
     pub fn release(self) -> Result<()> {
         for &(start, len) in &self.registered {

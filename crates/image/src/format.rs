@@ -351,6 +351,15 @@ impl<R: Read> ImageReader<R> {
         Ok(self.index.as_deref())
     }
 
+    /// The page index as `page_index` reads it if the pages have not begun and it was not
+    /// asked for yet; else the one read before (`None`: the image has none).
+    pub fn page_index_once(&mut self) -> Result<Option<&[(u64, u64)]>> {
+        if self.index.is_some() || self.page_records > 0 || self.done || self.head_ahead.is_some() {
+            return Ok(self.index.as_deref());
+        }
+        self.page_index()
+    }
+
     fn take_index(&mut self) -> Result<()> {
         if self.version < 3 {
             return Err(ImageError::Corrupt(format!("a page index in an image of format version {}", self.version)));
