@@ -1,21 +1,22 @@
 //! Huge pages for the new process's fully written memory. Where the image's page index shows
 //! that every page of an aligned huge-page block (2 MiB on x86-64) of private anonymous memory
 //! travels, the restorer backs that block with one transparent huge page before the pages
-//! arrive: it writes one byte into the block (a 4 KiB page appears) and asks the kernel to
-//! collapse the block into a huge page (process_madvise MADV_COLLAPSE, from a thread of its
-//! own, running ahead of the pages). The pages are then copied into memory that is already
+//! arrive: it gives the block its first 4 KiB page and asks the kernel to collapse the block
+//! into a huge page (process_madvise MADV_COLLAPSE, from a thread of its own, running ahead of
+//! the pages). The pages are then copied into memory that is already
 //! there. Placing 4 KiB pages costs a fault, an allocation, a zeroing and a cgroup charge each:
 //! a 4 GiB process's fresh memory was placed at 2.3–2.9 GB/s here, its huge pages at 10–18
 //! (warm memory; `README`'s "Huge pages").
 //!
-//! Nothing the process can see changes: only blocks the image fills completely (no page
-//! allocated that the process did not have, the same resident size), never in a mapping with
-//! MADV_NOHUGEPAGE, and MADV_COLLAPSE sets no flag on the mapping (its VmFlags stay as
-//! captured). Where the kernel will not (THP disabled, no free huge page, no CAP_SYS_NICE for
-//! process_madvise, a mapping registered with userfaultfd), a block simply stays in 4 KiB
-//! pages.
+//! What the process relies on stays as captured: only blocks the image fills completely (no
+//! page allocated that the process did not have: the same resident size), never in a mapping
+//! with MADV_NOHUGEPAGE, and MADV_COLLAPSE sets no flag on the mapping (its VmFlags, the THP
+//! advice its children inherit, stay as they were). Only smaps' AnonHugePages tells — a
+//! layout the kernel chooses itself wherever THP is "always". Where the kernel will not (THP
+//! disabled, no free huge page, no CAP_SYS_NICE for process_madvise), a block simply stays in
+//! 4 KiB pages.
 //!
-//! The byte written first is written before the block's pages (the block's state says when a
+//! A block's first page is given before its pages are written (the block's state says when a
 //! placing thread may write into it: a block not prepared yet when its pages come is given up,
 //! one being prepared is waited for), so the pages always win.
 //!
@@ -23,7 +24,7 @@
 //! crate offers process_madvise (one system call).
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex};
 
 use nix::unistd::Pid;
@@ -51,6 +52,9 @@ const SETTLED: u8 = 2;
 const PREPARED: u8 = 3;
 /// Prepared and backed by a huge page.
 const HUGE: u8 = 4;
+/// Its first page given, but still watched by the userfaultfd (taking it out failed): that
+/// page is written straight in, the rest the usual way.
+const TOUCHED: u8 = 5;
 /// Preparing slower than this (bytes per second of the preparing thread's CPU time), twice,
 /// stops it: 4 KiB pages are faster then.
 const SLOW_BYTES_PER_SEC: f64 = 3e9;
@@ -69,6 +73,8 @@ pub struct HugeBlocks {
     stopped: Mutex<Option<String>>,
     /// Prepare every block, however slow (`TELEFORK_HUGE_PAGES=always`).
     even_if_slow: bool,
+    /// Stop preparing (`no_more`).
+    no_more: AtomicBool,
 }
 
 /// The kernel's huge page size for anonymous memory (PMD size: 2 MiB on x86-64 and on arm64
@@ -102,22 +108,25 @@ fn covered_blocks(vmas: &[Vma], index: &[(u64, u64)], size: u64) -> Vec<u64> {
     // Contiguous stretches of the index, merged.
     let mut stretches: Vec<(u64, u64)> = Vec::new();
     for &(addr, len) in index {
+        let Some(end) = addr.checked_add(len) else { break };
         match stretches.last_mut() {
-            Some((_, end)) if *end == addr => *end += len,
-            _ => stretches.push((addr, addr + len)),
+            Some((_, e)) if *e == addr => *e = end,
+            _ => stretches.push((addr, end)),
         }
     }
     let mut vma = vmas.iter().peekable();
     for (start, end) in stretches {
-        let mut b = start.div_ceil(size) * size;
-        while b + size <= end {
-            while vma.peek().is_some_and(|v| v.end <= b) {
+        // (Checked: the index comes from the sender; nothing near the top of the address
+        // space is a block.)
+        let mut b = start.checked_next_multiple_of(size);
+        while let Some(block) = b.filter(|b| b.checked_add(size).is_some_and(|e| e <= end)) {
+            while vma.peek().is_some_and(|v| v.end <= block) {
                 vma.next();
             }
-            if vma.peek().is_some_and(|v| v.start <= b && b + size <= v.end && may_be_huge(v)) {
-                blocks.push(b);
+            if vma.peek().is_some_and(|v| v.start <= block && block + size <= v.end && may_be_huge(v)) {
+                blocks.push(block);
             }
-            b += size;
+            b = block.checked_add(size);
         }
     }
     blocks
@@ -168,7 +177,7 @@ impl HugeBlocks {
         }
         let pidfd = crate::pidfd::open(pid.as_raw()).ok()?;
         let state = starts.iter().map(|_| AtomicU8::new(UNTOUCHED)).collect();
-        Some(HugeBlocks { pid, pidfd, size, starts, state, lock: Mutex::new(()), settled: Condvar::new(), stopped: Mutex::new(None), even_if_slow: false })
+        Some(HugeBlocks { pid, pidfd, size, starts, state, lock: Mutex::new(()), settled: Condvar::new(), stopped: Mutex::new(None), even_if_slow: false, no_more: AtomicBool::new(false) })
     }
 
     /// Prepares the blocks in order, skipping those a placing thread gave up, until all are
@@ -182,10 +191,11 @@ impl HugeBlocks {
     pub fn prepare_all(&self, uffd: Option<&RemoteUffd>) {
         // (However this stops, no block stays PREPARING: placing threads wait for those.)
         let _settle = SettleOnDrop(self);
+        let stop = |why: String| *self.stopped.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
         let mut next = 0;
-        let mut slow_batches = 0;
+        let (mut slow_batches, mut refused_batches) = (0, 0);
         let mut claimed = Vec::with_capacity(BATCH);
-        while next < self.starts.len() {
+        while next < self.starts.len() && !self.no_more.load(Ordering::Acquire) {
             claimed.clear();
             while claimed.len() < BATCH && next < self.starts.len() {
                 if self.state[next].compare_exchange(UNTOUCHED, PREPARING, Ordering::AcqRel, Ordering::Acquire).is_ok() {
@@ -200,27 +210,24 @@ impl HugeBlocks {
             #[cfg(test)]
             std::thread::sleep(std::time::Duration::from_millis(20));
             let t0 = thread_cpu_time();
-            let outcome = self.prepare(&claimed, uffd);
-            let done = match &outcome {
-                Ok(()) => HUGE,
-                // (Taken out of the userfaultfd: its pages are copied straight in.)
-                Err(Failed::Collapse(_)) => PREPARED,
-                Err(Failed::Unwatch(_)) => SETTLED,
-            };
+            let (done, refused) = self.prepare(&claimed, uffd);
             {
                 let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-                for &i in &claimed {
-                    self.state[i].store(done, Ordering::Release);
+                for (&i, &state) in claimed.iter().zip(&done) {
+                    self.state[i].store(state, Ordering::Release);
                 }
             }
             self.settled.notify_all();
-            let stop = |why: String| *self.stopped.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
-            match outcome {
-                Err(Failed::Unwatch(e)) => return stop(format!("{e:#}")),
-                Err(Failed::Collapse(e)) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EPERM | libc::ENOSYS | libc::ESRCH)) => {
-                    return stop(format!("MADV_COLLAPSE: {e}"));
+            match refused {
+                Some(Refusal::Final(why)) => return stop(why),
+                // (EINVAL twice in a row: THP is off for the process, or MADV_COLLAPSE unknown.)
+                Some(Refusal::Collapse(why)) => {
+                    refused_batches += 1;
+                    if refused_batches >= 2 {
+                        return stop(why);
+                    }
                 }
-                _ => {}
+                None => refused_batches = 0,
             }
             // (Its own CPU time: a VM's host faulting memory in counts, waiting for a CPU not.)
             let took = thread_cpu_time().saturating_sub(t0);
@@ -233,42 +240,87 @@ impl HugeBlocks {
         }
     }
 
-    /// Takes the blocks out of `uffd`, writes a zero into each, then collapses them (one
-    /// process_madvise).
-    fn prepare(&self, blocks: &[usize], uffd: Option<&RemoteUffd>) -> Result<(), Failed> {
-        if let Some(u) = uffd {
-            // (Consecutive blocks in one call: each call splits a mapping, merged again when
-            // the userfaultfd lets go of it all.)
-            let mut k = 0;
-            while k < blocks.len() {
-                let start = self.starts[blocks[k]];
-                let mut end = start + self.size;
-                k += 1;
-                while k < blocks.len() && self.starts[blocks[k]] == end {
-                    end += self.size;
-                    k += 1;
+    /// Asks `prepare_all` to stop after the batch in hand (the pages ended, or placing them
+    /// failed).
+    pub fn no_more(&self) {
+        self.no_more.store(true, Ordering::Release);
+    }
+
+    /// Prepares `blocks`: gives each its first page (through `uffd` while it still watches
+    /// the block, so the mapping has its anon_vma before any part of it is taken out of the
+    /// userfaultfd — parts with different ones would never merge again; else a byte written
+    /// with process_vm_writev), takes them out of `uffd`, and collapses them (one
+    /// process_madvise). Returns each block's new state, and why preparing should stop, if it
+    /// should.
+    fn prepare(&self, blocks: &[usize], uffd: Option<&RemoteUffd>) -> (Vec<u8>, Option<Refusal>) {
+        let mut done = vec![PREPARED; blocks.len()];
+        let mut refused = None;
+        match uffd {
+            Some(u) => {
+                for (k, &i) in blocks.iter().enumerate() {
+                    if u.copy(self.starts[i], &ZERO_PAGE).is_err() {
+                        done[k] = SETTLED; // (untouched and still watched: placed the usual way)
+                    }
                 }
-                u.unwatch(start, end - start).map_err(Failed::Unwatch)?;
+                // (Consecutive blocks in one call: each call splits a mapping, merged again
+                // when the userfaultfd lets go of it all.)
+                let mut k = 0;
+                while k < blocks.len() {
+                    if done[k] != PREPARED {
+                        k += 1;
+                        continue;
+                    }
+                    let first = k;
+                    let start = self.starts[blocks[k]];
+                    let mut end = start + self.size;
+                    k += 1;
+                    while k < blocks.len() && done[k] == PREPARED && self.starts[blocks[k]] == end {
+                        end += self.size;
+                        k += 1;
+                    }
+                    if let Err(e) = u.unwatch(start, end - start) {
+                        done[first..k].fill(TOUCHED);
+                        refused = Some(Refusal::Final(format!("{e:#}")));
+                    }
+                }
+            }
+            None => {
+                let zero = [0u8; 1];
+                let local: Vec<std::io::IoSlice> = blocks.iter().map(|_| std::io::IoSlice::new(&zero)).collect();
+                let remote: Vec<nix::sys::uio::RemoteIoVec> =
+                    blocks.iter().map(|&i| nix::sys::uio::RemoteIoVec { base: self.starts[i] as usize, len: 1 }).collect();
+                // (If it fails, so does the collapse: the blocks are just written into.)
+                let _ = nix::sys::uio::process_vm_writev(self.pid, &local, &remote);
             }
         }
-        let zero = [0u8; 1];
-        let local: Vec<std::io::IoSlice> = blocks.iter().map(|_| std::io::IoSlice::new(&zero)).collect();
-        let remote: Vec<nix::sys::uio::RemoteIoVec> =
-            blocks.iter().map(|&i| nix::sys::uio::RemoteIoVec { base: self.starts[i] as usize, len: 1 }).collect();
-        nix::sys::uio::process_vm_writev(self.pid, &local, &remote).map_err(|e| Failed::Collapse(e.into()))?;
-        let ranges: Vec<libc::iovec> = blocks
+        let ready: Vec<usize> = (0..blocks.len()).filter(|&k| done[k] == PREPARED).collect();
+        if ready.is_empty() {
+            return (done, refused);
+        }
+        let ranges: Vec<libc::iovec> = ready
             .iter()
-            .map(|&i| libc::iovec { iov_base: self.starts[i] as *mut libc::c_void, iov_len: self.size as usize })
+            .map(|&k| libc::iovec { iov_base: self.starts[blocks[k]] as *mut libc::c_void, iov_len: self.size as usize })
             .collect();
         // SAFETY: process_madvise reads `ranges.len()` iovecs from `ranges`, which outlives
         // the call; the addresses are the other process's, never dereferenced here.
         let r = unsafe {
             libc::syscall(libc::SYS_process_madvise, self.pidfd.as_raw_fd(), ranges.as_ptr(), ranges.len(), MADV_COLLAPSE, 0)
         };
-        if r < 0 {
-            return Err(Failed::Collapse(std::io::Error::last_os_error()));
+        if r >= 0 {
+            // The bytes advised: the blocks before the first that failed, if one did.
+            for &k in ready.iter().take((r as u64 / self.size) as usize) {
+                done[k] = HUGE;
+            }
+        } else {
+            let e = std::io::Error::last_os_error();
+            let why = format!("MADV_COLLAPSE: {e}");
+            refused = refused.or(match e.raw_os_error() {
+                Some(libc::EPERM | libc::ENOSYS | libc::ESRCH) => Some(Refusal::Final(why)),
+                Some(libc::EINVAL) => Some(Refusal::Collapse(why)),
+                _ => None, // (no huge page free just now, a page busy: the next may do)
+            });
         }
-        Ok(())
+        (done, refused)
     }
 
     /// Called before pages are written at `[addr, addr+len)`: gives up the blocks there not
@@ -296,14 +348,18 @@ impl HugeBlocks {
                 }
             }
             push(at, start.max(at), Placement::Usual);
-            let how = match s.load(Ordering::Acquire) {
-                HUGE => Placement::Prepared { huge: true },
-                PREPARED => Placement::Prepared { huge: false },
-                _ => Placement::Usual,
-            };
             at = start.max(at);
             let to = (start + self.size).min(end);
-            push(at, to, how);
+            match s.load(Ordering::Acquire) {
+                HUGE => push(at, to, Placement::Prepared { huge: true }),
+                PREPARED => push(at, to, Placement::Prepared { huge: false }),
+                TOUCHED => {
+                    let first_page_end = (start + crate::mem::PAGE).min(to);
+                    push(at, first_page_end, Placement::Prepared { huge: false });
+                    push(at.max(first_page_end), to, Placement::Usual);
+                }
+                _ => push(at, to, Placement::Usual),
+            }
             at = to;
         }
         push(at, end, Placement::Usual);
@@ -321,13 +377,16 @@ impl HugeBlocks {
     }
 }
 
-/// Why a batch of blocks was not made huge pages.
-enum Failed {
-    /// The userfaultfd would not let go of them: they stay watched, placed the usual way.
-    Unwatch(anyhow::Error),
-    /// Writing into them or collapsing them failed: they are placed straight in (4 KiB pages).
-    Collapse(std::io::Error),
+/// Why preparing should stop (`prepare`).
+enum Refusal {
+    /// For good: no permission, no such call, the process gone, the userfaultfd refusing.
+    Final(String),
+    /// The collapse was refused (EINVAL): for good if it happens again.
+    Collapse(String),
 }
+
+/// A page of zeros, copied to the start of a block to prepare it.
+static ZERO_PAGE: [u8; crate::mem::PAGE as usize] = [0; crate::mem::PAGE as usize];
 
 struct SettleOnDrop<'a>(&'a HugeBlocks);
 
@@ -425,7 +484,7 @@ mod tests {
         let huge_kib = huge_kib.expect("the mapping in /proc/self/smaps");
         eprintln!("{} of {} blocks huge ({} KiB), segments {kinds:?}", h.huge_bytes() / size, h.starts.len(), huge_kib);
         assert!(huge_kib * 1024 >= h.huge_bytes(), "the blocks reported huge are huge pages in the mapping");
-        assert!(kinds.contains(&Placement::Usual), "the first block, not carried whole, is placed the usual way");
+        assert!(kinds.iter().any(|k| matches!(k, Placement::Prepared { .. })), "no page run went into a prepared block");
         // SAFETY: unmapping our own mapping, nothing refers to it any more.
         unsafe { libc::munmap(raw, len as usize) };
     }

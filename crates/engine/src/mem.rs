@@ -602,7 +602,17 @@ pub fn fill_pages<R: std::io::Read + Send>(
     // A big image's fully carried huge-page blocks are made huge pages ahead of their pages
     // (by a thread of their own, below).
     let huge = match big {
-        true => reader.page_index_once()?.and_then(|index| HugeBlocks::plan(pid, vmas, index)),
+        true => match reader.page_index_once()? {
+            Some(index) => {
+                // (The reader checked the index's order; where its records go is checked
+                // here, as each record will be.)
+                for &(addr, len) in index {
+                    check_page_run(vmas, addr, len)?;
+                }
+                HugeBlocks::plan(pid, vmas, index)
+            }
+            None => None,
+        },
         false => None,
     };
     let (mut total, mut by_uffd) = (0u64, 0u64);
@@ -692,6 +702,10 @@ pub fn fill_pages<R: std::io::Read + Send>(
                 }
                 Ok(())
             })();
+            // (The pages ended, or placing them failed: nothing more to prepare.)
+            if let Some(h) = huge {
+                h.no_more();
+            }
             drop(empty_tx);
             let theirs = match helper {
                 Some(h) => h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the thread placing pages panicked"))),
