@@ -36,10 +36,10 @@ use crate::uffd::RemoteUffd;
 /// ("never" aside).
 const MADV_COLLAPSE: i32 = 25;
 /// Images carrying more page bytes than this get huge pages. Measured (TLS transport, a
-/// testbed of two nodes on 2 vCPUs, interleaved rounds): at 4 GiB the huge pages' telefork
-/// ran at 1.94 against 1.29 GB/s (medians of 9), at 1 GiB at 1.79 against 1.97 — there 4 KiB
-/// pages come fast from memory the VM still holds, and each collapse holds the process's
-/// mmap lock for writing while the placing threads wait.
+/// testbed of two nodes on 2 vCPUs, interleaved rounds): at 4 GiB the telefork ran at 1.48
+/// against 1.27 GB/s with 4 KiB pages (medians of 18), at 1 GiB at 1.78 against 1.97 (medians
+/// of 21) — there 4 KiB pages come fast from memory the VM still holds, and each collapse
+/// holds the process's mmap lock for writing while the placing threads wait.
 const MIN_BYTES: u64 = 2 << 30;
 /// Blocks prepared per round (16 MiB on x86-64): one write and one process_madvise each.
 const BATCH: usize = 8;
