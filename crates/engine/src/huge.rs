@@ -41,14 +41,16 @@ const MADV_COLLAPSE: i32 = 25;
 /// of 21) — there 4 KiB pages come fast from memory the VM still holds, and each collapse
 /// holds the process's mmap lock for writing while the placing threads wait.
 const MIN_BYTES: u64 = 2 << 30;
-/// Blocks prepared per round (16 MiB on x86-64): one write and one process_madvise each.
+/// Blocks prepared per round (16 MiB on x86-64): a first page each, one unregister per
+/// stretch of neighbours, one process_madvise.
 const BATCH: usize = 8;
 
 const UNTOUCHED: u8 = 0;
 const PREPARING: u8 = 1;
 /// Given up (or never prepared): placed the usual way.
 const SETTLED: u8 = 2;
-/// Taken out of the userfaultfd and written into, but the kernel made no huge page of it.
+/// Its first page given and out of the userfaultfd (or none watched it), but the kernel made
+/// no huge page of it: written straight into.
 const PREPARED: u8 = 3;
 /// Prepared and backed by a huge page.
 const HUGE: u8 = 4;
@@ -149,22 +151,12 @@ impl HugeBlocks {
     /// too, and however slowly the huge pages come.
     pub fn plan(pid: Pid, vmas: &[Vma], index: &[(u64, u64)]) -> Option<HugeBlocks> {
         let carried: u64 = index.iter().map(|&(_, len)| len).sum();
-        let setting = std::env::var("TELEFORK_HUGE_PAGES");
-        let always = setting.as_deref() == Ok("always");
-        let wanted = match setting.as_deref() {
-            Ok("never") => false,
-            Ok("always") => true,
-            Ok(other) => {
-                eprintln!("telefork: ignoring TELEFORK_HUGE_PAGES={other:?} (never or always)");
-                carried > MIN_BYTES
-            }
-            Err(_) => carried > MIN_BYTES,
-        };
-        if !wanted {
+        let setting = crate::never_or_always("TELEFORK_HUGE_PAGES");
+        if !setting.unwrap_or(carried > MIN_BYTES) {
             return None;
         }
         let mut blocks = HugeBlocks::new(pid, vmas, index)?;
-        blocks.even_if_slow = always;
+        blocks.even_if_slow = setting == Some(true);
         Some(blocks)
     }
 

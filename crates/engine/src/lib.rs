@@ -37,6 +37,20 @@ pub use capture::{dump, DumpOptions, DumpSummary, OutsideReader};
 pub fn learn_cpu() {
     arch::native::learn_cpu();
 }
+/// A `never`/`always` switch from the environment: `Some(false)`, `Some(true)`, or `None` for
+/// the default (unset, or anything else, which is said and ignored).
+pub(crate) fn never_or_always(var: &str) -> Option<bool> {
+    match std::env::var(var).as_deref() {
+        Ok("never") => Some(false),
+        Ok("always") => Some(true),
+        Ok(other) => {
+            eprintln!("telefork: ignoring {var}={other:?} (never or always)");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
 pub use self_receive::PagesSocket;
 pub use self_send::PageRoute;
 pub use restore::{restore, RestoreOptions, Restored};

@@ -563,16 +563,7 @@ fn write_pages_spliced<W: std::io::Write + Send>(
 pub fn open_uffd(inj: &mut Injector, vmas: &[Vma]) -> Result<Option<RemoteUffd>> {
     let ranges = uffd_ranges(vmas);
     let span: u64 = ranges.iter().map(|(_, len)| len).sum();
-    let wanted = match std::env::var("TELEFORK_USERFAULTFD").as_deref() {
-        Ok("never") => false,
-        Ok("always") => true,
-        Ok(other) => {
-            eprintln!("telefork: ignoring TELEFORK_USERFAULTFD={other:?} (never or always)");
-            span > UFFD_MIN
-        }
-        Err(_) => span > UFFD_MIN,
-    };
-    if !wanted {
+    if !crate::never_or_always("TELEFORK_USERFAULTFD").unwrap_or(span > UFFD_MIN) {
         return Ok(None);
     }
     RemoteUffd::open(inj, &ranges)
