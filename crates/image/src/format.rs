@@ -15,7 +15,8 @@
 //!
 //! The optional page index (version 3) announces the page records before they come, so a
 //! restorer knows the layout of the rest of the stream: the new process can then receive its
-//! pages straight into place (the engine's `self_receive`). A writer that wrote one must
+//! pages straight into place (the engine's `self_receive`), and memory the records will fill
+//! whole can be made huge pages before they come (`huge`). A writer that wrote one must
 //! write exactly those records; a reader checks every record against it.
 //!
 //! Every length is bounded before anything is allocated, every record is checksummed, and a
