@@ -220,7 +220,11 @@ fn serve_one(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str, restorer: &Res
         return Ok(AfterChild::End); // no process came, or it was refused or failed (and the origin told)
     };
     let pid = received.restored.pid; // (the origin was told it runs: `receive`)
-    let how = if received.restored.pages_received_by_process { " (it received its pages itself)" } else { "" };
+    let how = match &received.restored {
+        r if r.pages_received_by_process => " (it received its pages itself)".to_string(),
+        r if r.page_bytes_in_huge_pages > 0 => format!(" ({} MiB of its memory in huge pages)", r.page_bytes_in_huge_pages >> 20),
+        _ => String::new(),
+    };
     log(&format!("restored process {pid} of user {} from {origin}{how}", received.user.uid));
     // (Should anything fail before its end is known, the child is killed: nobody would be
     // told of it any more.)
