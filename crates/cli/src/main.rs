@@ -229,7 +229,7 @@ fn restore(image: &Path, detach: bool) -> Result<ExitCode> {
     let f = File::open(image).with_context(|| format!("opening image {}", image.display()))?;
     let r = telefork_engine::restore(BufReader::with_capacity(1 << 20, f), &telefork_engine::RestoreOptions::default())
         .with_context(|| format!("restoring {} failed; nothing was left running", image.display()))?;
-    let huge = match r.page_bytes_in_huge_pages {
+    let huge = match r.pages.in_huge_pages {
         0 => String::new(),
         n => format!(", {} in huge pages", human(n)),
     };
@@ -237,7 +237,7 @@ fn restore(image: &Path, detach: bool) -> Result<ExitCode> {
         "telefork: restored process {} ({}, {} of memory{huge}) in {:.1} ms",
         r.pid,
         if r.same_pid { "same PID" } else { "new PID: the original PID is taken" },
-        human(r.page_bytes),
+        human(r.pages.bytes),
         start.elapsed().as_secs_f64() * 1e3
     );
     if detach {

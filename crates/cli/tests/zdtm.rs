@@ -592,6 +592,25 @@ fn sparse() {
     });
 }
 
+/// Restores `run`'s image with `env` set (and the restore's debug report on), waits for the
+/// restored process and checks it said PASS; its stdout and the restore's stderr. `what`
+/// names the run in failures.
+fn restore_to_pass(run: &mut Run, env: (&'static str, &'static str), timeout: Duration, what: &str) -> (String, String) {
+    run.restore_env.push(("TELEFORK_DEBUG", "1"));
+    run.restore_env.push(env);
+    let mut r = run.start_restore(&[]);
+    let st = r.wait_timeout(timeout);
+    let (out, err) = drain(&r);
+    let st = st.unwrap_or_else(|| panic!("{what}: restore hung\nstdout:\n{out}\nstderr:\n{err}"));
+    assert!(out.lines().any(|l| l == "PASS") && st.success(), "{what}: no PASS ({})\nstdout:\n{out}\nstderr:\n{err}", describe(&st));
+    (out, err)
+}
+
+/// The value of the restore's debug note `restore: VALUE{suffix}`, if it made one.
+fn restore_report<'e>(err: &'e str, suffix: &str) -> Option<&'e str> {
+    err.lines().find_map(|l| l.split_once("restore: ").and_then(|(_, n)| n.strip_suffix(suffix)))
+}
+
 /// Memory is placed through the new process's userfaultfd when the kernel allows (and the
 /// process is big enough, or always: forced here), by populate + write otherwise: both ways
 /// must give the same memory (anon_memory: patterns, guard and read-only pages, shared
@@ -608,16 +627,8 @@ fn memory_with_and_without_userfaultfd() {
                 return;
             }
             run.dump(DUMP_TIMEOUT);
-            run.restore_env.push(("TELEFORK_DEBUG", "1"));
-            run.restore_env.push(env);
-            let mut r = run.start_restore(&[]);
-            let st = r.wait_timeout(RESTORE_TIMEOUT);
-            let (out, err) = drain(&r);
-            let st = st.unwrap_or_else(|| panic!("{name} ({way}): restore hung\nstdout:\n{out}\nstderr:\n{err}"));
-            assert!(out.lines().any(|l| l == "PASS") && st.success(), "{name} ({way}): no PASS ({})\nstdout:\n{out}\nstderr:\n{err}", describe(&st));
-            let placed = err
-                .lines()
-                .find_map(|l| l.split_once("restore: ").and_then(|(_, n)| n.strip_suffix(" page bytes placed through userfaultfd")))
+            let (_, err) = restore_to_pass(&mut run, env, RESTORE_TIMEOUT, &format!("{name} ({way})"));
+            let placed = restore_report(&err, " page bytes placed through userfaultfd")
                 .unwrap_or_else(|| panic!("{name} ({way}): no userfaultfd report in\n{err}"));
             let (by_uffd, total) = placed.split_once(" of ").unwrap_or_else(|| panic!("bad report {placed:?}"));
             let (by_uffd, total): (u64, u64) = (by_uffd.parse().unwrap(), total.parse().unwrap());
@@ -686,17 +697,8 @@ fn big_memory_in_huge_pages() {
         return;
     }
     run.dump(BIG_TIMEOUT);
-    run.restore_env.push(("TELEFORK_DEBUG", "1"));
-    run.restore_env.push(("TELEFORK_HUGE_PAGES", "always"));
-    let mut r = run.start_restore(&[]);
-    let st = r.wait_timeout(BIG_TIMEOUT);
-    let (out, err) = drain(&r);
-    let st = st.unwrap_or_else(|| panic!("big_1g (huge pages): restore hung\nstdout:\n{out}\nstderr:\n{err}"));
-    assert!(out.lines().any(|l| l == "PASS") && st.success(), "big_1g (huge pages): no PASS ({})\nstdout:\n{out}\nstderr:\n{err}", describe(&st));
-    let reported: u64 = err
-        .lines()
-        .find_map(|l| l.split_once("restore: ").and_then(|(_, n)| n.strip_suffix(" page bytes in huge pages")))
-        .map_or(0, |n| n.parse().unwrap_or_else(|_| panic!("bad report {n:?}")));
+    let (out, err) = restore_to_pass(&mut run, ("TELEFORK_HUGE_PAGES", "always"), BIG_TIMEOUT, "big_1g (huge pages)");
+    let reported: u64 = restore_report(&err, " page bytes in huge pages").map_or(0, |n| n.parse().unwrap_or_else(|_| panic!("bad report {n:?}")));
     let found_kib: u64 = out
         .lines()
         .find_map(|l| l.strip_prefix("ANON_HUGE_KB "))

@@ -66,12 +66,9 @@ pub struct Restored {
     pub pid: Pid,
     /// Whether it got the PID it had at capture.
     pub same_pid: bool,
-    pub page_bytes: u64,
-    /// Whether the process received its pages from the image's socket itself
-    /// (`RestoreOptions::pages_socket`, `self_receive`).
-    pub pages_received_by_process: bool,
-    /// Page bytes in blocks the restorer made huge pages before their pages came (`huge`).
-    pub page_bytes_in_huge_pages: u64,
+    /// How its pages were placed: how many, through the userfaultfd, in huge pages, or
+    /// received by the process itself (`RestoreOptions::pages_socket`).
+    pub pages: mem::Placed,
 }
 
 /// Size of the control area: one page of code, the rest scratch.
@@ -114,15 +111,9 @@ pub fn restore_into<R: Read + Send>(stub: Option<Stub>, input: R, opts: &Restore
         }
     };
     let r = shape(&mut stub, &img, &mut reader, opts.pages_socket.as_ref(), &mut tl);
-    let restored = r.map(|placed| {
+    let restored = r.map(|pages| {
         stub.done = true; // it runs on its own now
-        Restored {
-            pid: stub.pid,
-            same_pid: stub.same_pid,
-            page_bytes: placed.bytes,
-            pages_received_by_process: placed.by_process,
-            page_bytes_in_huge_pages: placed.in_huge_pages,
-        }
+        Restored { pid: stub.pid, same_pid: stub.same_pid, pages }
     });
     drop(stub); // (kills it unless done)
     tl.report("restore");

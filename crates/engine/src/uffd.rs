@@ -149,8 +149,7 @@ impl RemoteUffd {
     /// Unregisters every range and closes the fd: from now on the process faults normally.
     pub fn release(self) -> Result<()> {
         for &(start, len) in &self.registered {
-            let mut r = UffdioRange { start, len };
-            ioctl(&self.fd, UFFDIO_UNREGISTER, &mut r).with_context(|| format!("unregistering {start:#x}-{:#x} from userfaultfd", start + len))?;
+            self.unwatch(start, len)?;
         }
         Ok(())
     }

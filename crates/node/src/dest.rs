@@ -220,9 +220,9 @@ fn serve_one(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str, restorer: &Res
         return Ok(AfterChild::End); // no process came, or it was refused or failed (and the origin told)
     };
     let pid = received.restored.pid; // (the origin was told it runs: `receive`)
-    let how = match &received.restored {
-        r if r.pages_received_by_process => " (it received its pages itself)".to_string(),
-        r if r.page_bytes_in_huge_pages > 0 => format!(" ({} MiB of its memory in huge pages)", r.page_bytes_in_huge_pages >> 20),
+    let how = match received.restored.pages {
+        p if p.by_process => " (it received its pages itself)".to_string(),
+        p if p.in_huge_pages > 0 => format!(" ({} MiB of its memory in huge pages)", p.in_huge_pages >> 20),
         _ => String::new(),
     };
     log(&format!("restored process {pid} of user {} from {origin}{how}", received.user.uid));
