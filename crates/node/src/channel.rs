@@ -4,7 +4,7 @@
 //! rustls does the handshake (certificates, key schedule; its unbuffered API, so not a byte
 //! past the handshake is read into its buffers). Then each direction's traffic keys are taken
 //! from rustls (`dangerous_into_kernel_connection`, the hand-off meant for kernel TLS) and
-//! records are sealed and opened *in place in our own buffers* with ring's AEAD, framed as
+//! records are sealed and opened *in place in our own buffers* with aws-lc-rs's AEAD, framed as
 //! RFC 8446 §5.2 frames them: the bytes on the wire are ordinary TLS 1.3 records, which any
 //! TLS 1.3 peer reads (a unit test checks this against rustls itself). rustls keeps
 //! computing the next keys when a direction reaches its cipher's confidentiality limit
@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey};
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey};
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
 use rustls::kernel::KernelConnection;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -104,9 +104,9 @@ struct Direction {
 impl Direction {
     fn new((seq, secrets): (u64, ConnectionTrafficSecrets)) -> io::Result<Direction> {
         let (alg, key, iv) = match &secrets {
-            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&ring::aead::AES_128_GCM, key, iv),
-            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&ring::aead::AES_256_GCM, key, iv),
-            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (&ring::aead::CHACHA20_POLY1305, key, iv),
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aws_lc_rs::aead::AES_128_GCM, key, iv),
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aws_lc_rs::aead::AES_256_GCM, key, iv),
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (&aws_lc_rs::aead::CHACHA20_POLY1305, key, iv),
             _ => return Err(io::Error::other("TLS: the negotiated cipher is not supported")),
         };
         let key = UnboundKey::new(alg, key.as_ref()).map_err(|_| io::Error::other("TLS: bad traffic key"))?;

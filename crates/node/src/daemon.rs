@@ -63,9 +63,9 @@ pub fn run(cfg: Config) -> Result<()> {
         libc::endgrent();
     }
     // Likewise what the CPU offers (the engine's and std's caches: CPUID traps in a VM) and
-    // ring's CPU features (its first use in each session would detect them again).
+    // aws-lc's CPU features (its first use in each session would detect them again).
     telefork_engine::learn_cpu();
-    let _ = ring::digest::digest(&ring::digest::SHA256, b"telefork");
+    let _ = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b"telefork");
     let tcp = TcpListener::bind(shared.cfg.listen).with_context(|| format!("listening on {}", shared.cfg.listen))?;
     let unix = bind_unix(&shared.cfg.socket)?;
     log(&format!(

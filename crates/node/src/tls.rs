@@ -4,7 +4,10 @@
 //! verifies the other's against the cluster CA only (never the system roots): the client checks
 //! that the server's certificate names the node it meant to reach ([`server_name`]), the server
 //! learns which node connected from the client certificate's DNS name ([`peer_node_name`]).
-//! All crypto uses the ring provider, given explicitly; no process-default provider is needed.
+//! All crypto uses the aws-lc-rs provider, given explicitly; no process-default provider is needed.
+//! (aws-lc rather than ring: its AES-GCM uses the AVX-512 forms of VAES where the CPU has them —
+//! 23 against 11.5 GB/s sealing 16 KiB records on our EPYC, raw TLS between two nodes
+//! 3.7 against 3.2 GB/s, medians of 15.)
 
 use std::fs;
 use std::path::Path;
@@ -22,11 +25,11 @@ use crate::config::{valid_node_name, TlsFiles};
 /// Protocol versions nodes speak: only TLS 1.3 (both ends are telefork).
 static VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
 
-/// ring, TLS 1.3 suites only, AES-128-GCM first: 128-bit security as TLS's defaults, with
+/// aws-lc-rs, TLS 1.3 suites only, AES-128-GCM first: 128-bit security as TLS's defaults, with
 /// 10 AES rounds instead of AES-256's 14 — a process image is gigabytes of it.
 fn provider() -> Arc<CryptoProvider> {
-    use rustls::crypto::ring::cipher_suite::{TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256};
-    let mut p = rustls::crypto::ring::default_provider();
+    use rustls::crypto::aws_lc_rs::cipher_suite::{TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256};
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
     p.cipher_suites = vec![TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256];
     Arc::new(p)
 }
