@@ -290,7 +290,6 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
     let mut receivers: Vec<(Vec<f64>, Vec<f64>)> = vec![];
     with_sinks(sinks, || {
         for &mib in &a.sizes_mib {
-            let (runs, note) = runs_for(mib, runs);
             let bytes = mib << 20;
             progress(&format!("throughput {mib} MiB: telefork, {runs} runs"));
             let tf = tfork(&format!("telefork {mib} MiB"), mib, runs)?;
@@ -305,7 +304,7 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
             let tcp = raw_tcp(mib, runs)?;
             progress(&format!("throughput {mib} MiB: raw TLS, {runs} runs"));
             let tls = run_prog("raw TLS", node_cmd("node1", None, &[&p, "tls-send", &format!("{node2}:{TLS_PORT}"), &bytes.to_string(), &runs.to_string(), &pki])?, None)?;
-            let (tf_run, rt_note) = telefork_gbps(bytes, &tf, &note)?;
+            let (tf_run, rt_note) = telefork_gbps(bytes, &tf)?;
             progress(&format!("throughput {mib} MiB: fresh memory on node2, {runs} runs"));
             let pop = run_prog("populate", node_cmd("node2", None, &[&p, "populate", &mib.to_string(), &runs.to_string()])?, None)?;
             let tls_s = gbps(bytes, tls.all("tls_ns")?);
@@ -320,7 +319,7 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
             rows.push(throughput_row(name.clone(), tf_run.clone(), FLOOR_NAME, receiver.clone(), runs, FLOOR_NOTE));
             rows.push(throughput_row(name, tf_run, AHEAD_NAME, ahead.clone(), runs, AHEAD_NOTE));
             receivers.push((receiver, ahead));
-            rows.push(row_ms("parent pause", format!("{mib} MiB: telefork() returns in the parent"), tf.ms("tf_pause_ns")?, "local fork() returns", tf.ms("fork_pause_ns")?, &note));
+            rows.push(row_ms("parent pause", format!("{mib} MiB: telefork() returns in the parent"), tf.ms("tf_pause_ns")?, "local fork() returns", tf.ms("fork_pause_ns")?, ""));
             rows.push(row_ms("", format!("{mib} MiB: telefork(background) returns"), tf.ms("tf_bg_pause_ns")?, "local fork() returns", tf.ms("fork_pause_ns")?, "Options::background"));
             let size = tf.one("rss_bytes")? / (1 << 20) as f64;
             if mem.samples < 3 {
@@ -354,12 +353,11 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
         }
         let plain_res = (|| -> Result<()> {
             for (&mib, (receiver, ahead)) in a.sizes_mib.iter().zip(&receivers) {
-                let (runs, note) = runs_for(mib, runs);
                 let bytes = mib << 20;
                 progress(&format!("throughput {mib} MiB: telefork with plain image transport, {runs} runs"));
                 let tf = tfork(&format!("plain telefork {mib} MiB"), mib, runs)?;
                 let tcp = raw_tcp(mib, runs)?;
-                let (tf_run, rt_note) = telefork_gbps(bytes, &tf, &note)?;
+                let (tf_run, rt_note) = telefork_gbps(bytes, &tf)?;
                 let tcp_s = gbps(bytes, tcp.all("tcp_ns")?);
                 let name = format!("{mib} MiB telefork until it runs on node2 (plain)");
                 rows.push(throughput_row(name.clone(), tf_run.clone(), "raw TCP plaintext", tcp_s, runs, &rt_note));
@@ -407,7 +405,7 @@ fn file_measurements(a: &BenchArgs, prog: &Path, telefork_bin: &Path, rows: &mut
     let mut ours = vec![];
     let res = (|| -> Result<()> {
         for &mib in &a.sizes_mib {
-            let (runs, note) = runs_for(mib, a.runs);
+            let runs = a.runs;
             let img = Path::new(IMG_DIR).join(format!("{mib}.img"));
             let go = Path::new(IMG_DIR).join(format!("{mib}.go"));
             let (mut dump_ms, mut read_ms, mut restore_ms) = (vec![], vec![], vec![]);
@@ -484,8 +482,8 @@ fn file_measurements(a: &BenchArgs, prog: &Path, telefork_bin: &Path, rows: &mut
             }
             let _ = std::fs::remove_file(&img);
             let _ = std::fs::remove_file(&go);
-            rows.push(row_ms("dump/restore", format!("{mib} MiB dump to file (incl. fsync)"), dump_ms.clone(), "read the image once (cache warm)", read_ms.clone(), &note));
-            rows.push(row_ms("dump/restore", format!("{mib} MiB restore from file (until it runs)"), restore_ms.clone(), "read the image once (cache warm)", read_ms, &note));
+            rows.push(row_ms("dump/restore", format!("{mib} MiB dump to file (incl. fsync)"), dump_ms.clone(), "read the image once (cache warm)", read_ms.clone(), ""));
+            rows.push(row_ms("dump/restore", format!("{mib} MiB restore from file (until it runs)"), restore_ms.clone(), "read the image once (cache warm)", read_ms, ""));
             ours.push(FileTimes { mib, dump_ms, restore_ms });
         }
         Ok(())
@@ -524,7 +522,7 @@ fn criu_measurements(a: &BenchArgs, prog: &Path, version: &str, ours: &[FileTime
     let res = (|| -> Result<()> {
         for t in ours {
             let mib = t.mib;
-            let (runs, note) = runs_for(mib, a.runs);
+            let runs = a.runs;
             let (mut d, mut r) = (vec![], vec![]);
             for k in 1..=runs {
                 progress(&format!("criu dump/restore {mib} MiB: run {k}/{runs}"));
@@ -532,10 +530,8 @@ fn criu_measurements(a: &BenchArgs, prog: &Path, version: &str, ours: &[FileTime
                 d.push(dump_ms);
                 r.push(restore_ms);
             }
-            let dump_note = join_note(&note, "a benchprog hold process of the same size, same file system; both fsync their image files");
-            rows.push(row_ms("vs criu", format!("{mib} MiB dump to file: telefork"), t.dump_ms.clone(), &format!("criu {version} dump + fsync"), d, &dump_note));
-            let restore_note = join_note(&note, "the restored process then verifies its memory (both)");
-            rows.push(row_ms("", format!("{mib} MiB restore from file until it runs: telefork"), t.restore_ms.clone(), &format!("criu {version} restore -d"), r, &restore_note));
+            rows.push(row_ms("vs criu", format!("{mib} MiB dump to file: telefork"), t.dump_ms.clone(), &format!("criu {version} dump + fsync"), d, "a benchprog hold process of the same size, same file system; both fsync their image files"));
+            rows.push(row_ms("", format!("{mib} MiB restore from file until it runs: telefork"), t.restore_ms.clone(), &format!("criu {version} restore -d"), r, "the restored process then verifies its memory (both)"));
         }
         Ok(())
     })();
@@ -840,14 +836,6 @@ fn row_ms(group: &'static str, name: String, samples: Vec<f64>, bname: &str, bsa
     }
 }
 
-/// Runs for a size (4 GiB and more: at most 3), and the note saying so when fewer than
-/// asked.
-fn runs_for(mib: u64, asked: usize) -> (usize, String) {
-    let runs = if mib >= 4096 { asked.min(3) } else { asked };
-    let note = if runs < asked { format!("{runs} runs") } else { String::new() };
-    (runs, note)
-}
-
 /// GB/s per run of moving `bytes`, from nanoseconds per run.
 fn gbps(bytes: u64, ns: &[f64]) -> Vec<f64> {
     ns.iter().map(|&n| bytes as f64 / n).collect()
@@ -856,22 +844,9 @@ fn gbps(bytes: u64, ns: &[f64]) -> Vec<f64> {
 /// Telefork's GB/s per run, timed until the child runs on node2 (what the raw transfers
 /// time: until the receiver has every byte), and the note with the round trip (the child's
 /// exit and wait included).
-fn telefork_gbps(bytes: u64, tf: &ProgOut, note: &str) -> Result<(Vec<f64>, String)> {
-    Ok((gbps(bytes, tf.all("tf_pause_ns")?), round_trip_note(&gbps(bytes, tf.all("tf_rt_ns")?), note)))
-}
-
-/// The note of a throughput row: the round trip (telefork + the child's exit + wait) too.
-fn round_trip_note(rt_gbps: &[f64], note: &str) -> String {
-    join_note(note, &format!("round trip incl. exit+wait {:.2} GB/s", median(rt_gbps)))
-}
-
-/// `note` and `more`, joined with "; " (just `more` if there is no note).
-fn join_note(note: &str, more: &str) -> String {
-    if note.is_empty() {
-        more.to_string()
-    } else {
-        format!("{note}; {more}")
-    }
+fn telefork_gbps(bytes: u64, tf: &ProgOut) -> Result<(Vec<f64>, String)> {
+    let round_trip = gbps(bytes, tf.all("tf_rt_ns")?);
+    Ok((gbps(bytes, tf.all("tf_pause_ns")?), format!("round trip incl. exit+wait {:.2} GB/s", median(&round_trip))))
 }
 
 /// A GB/s row: samples of the measurement and of its baseline, medians compared.
@@ -1015,7 +990,7 @@ fn fmt_ratio(r: &Row) -> String {
 
 fn print_table(a: &BenchArgs, machine: &str, rows: &[Row]) {
     println!("telefork bench — {machine}");
-    println!("medians of {} runs (4 GiB: at most 3); testbed nodes: network/UTS/mount namespaces on one host, veth+bridge; images in {IMG_DIR} ({})", a.runs, fs_of(IMG_DIR));
+    println!("medians of {} runs; testbed nodes: network/UTS/mount namespaces on one host, veth+bridge; images in {IMG_DIR} ({})", a.runs, fs_of(IMG_DIR));
     println!();
     let w0 = rows.iter().map(|r| r.name.chars().count()).max().unwrap_or(10).max(11);
     let w2 = rows.iter().map(|r| r.baseline_name.chars().count()).max().unwrap_or(8).max(8);

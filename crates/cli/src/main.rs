@@ -80,7 +80,7 @@ enum Cmd {
         /// Print one JSON object on stdout instead of the table.
         #[arg(long)]
         json: bool,
-        /// Runs per measurement (medians are reported; 4 GiB uses at most 3).
+        /// Runs per measurement, every size (medians are reported).
         #[arg(long, default_value_t = 5)]
         runs: usize,
         /// Process sizes in MiB for throughput and dump/restore.
