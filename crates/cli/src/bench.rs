@@ -37,6 +37,7 @@ pub struct BenchArgs {
     pub sizes_mib: Vec<u64>,
     pub quick: bool,
     pub against_criu: bool,
+    pub congestion_control: Option<String>,
 }
 
 /// One line of the result: a measurement (median) beside its baseline (median).
@@ -96,7 +97,7 @@ pub fn run(mut a: BenchArgs) -> Result<ExitCode> {
     let _lock = telefork_testbed::lock(PREFIX)?;
     install_signal_handler();
 
-    let machine = machine();
+    let mut machine = machine();
     progress(&format!("machine: {machine}"));
     let mut rows = vec![];
     let testbed_result = (|| -> Result<()> {
@@ -118,7 +119,13 @@ pub fn run(mut a: BenchArgs) -> Result<ExitCode> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&node_prog, std::fs::Permissions::from_mode(0o755))?;
         let daemon1 = tb.nodes[0].daemon_pid;
-        testbed_measurements(&a, &node_prog, daemon1, &tb.nodes[1].addr.to_string(), &mut rows)
+        if let Some(cc) = &a.congestion_control {
+            set_congestion_control(cc)?;
+        }
+        let congestion = node_congestion_control()?;
+        progress(&format!("the nodes' TCP congestion control: {congestion}"));
+        machine.push_str(&format!("; testbed TCP congestion control {congestion}"));
+        testbed_measurements(&a, &node_prog, daemon1, &tb.nodes[1].addr.to_string(), &congestion, &mut rows)
     })();
     progress("tearing the testbed down");
     let down = telefork_testbed::down_prefixed(Path::new(DIR), PREFIX);
@@ -142,7 +149,7 @@ pub fn run(mut a: BenchArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, rows: &mut Vec<Row>) -> Result<()> {
+fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, congestion: &str, rows: &mut Vec<Row>) -> Result<()> {
     let p = prog.display().to_string();
     let runs = a.runs;
 
@@ -268,9 +275,14 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
         let verify = if mib <= 1024 { "1" } else { "0" };
         run_prog(what, node_cmd("node1", Some(USER), &[&p, "tfork", &mib.to_string(), "0", &runs.to_string(), "node2", verify])?, None)
     };
-    let raw_tcp = |mib: u64, runs: usize| {
-        progress(&format!("throughput {mib} MiB: raw TCP, {runs} runs"));
-        run_prog("raw TCP", node_cmd("node1", None, &[&p, "tcp-send", &format!("{node2}:{TCP_PORT}"), &(mib << 20).to_string(), &runs.to_string()])?, None)
+    // Raw TCP with the nodes' congestion control (what telefork's connections use), or with
+    // reno: the link without pacing (see UNPACED_NOTE).
+    let raw_tcp = |mib: u64, runs: usize, congestion: Option<&str>| {
+        progress(&format!("throughput {mib} MiB: raw TCP{}, {runs} runs", congestion.map(|c| format!(" ({c})")).unwrap_or_default()));
+        let mut argv = vec![p.clone(), "tcp-send".into(), format!("{node2}:{TCP_PORT}"), (mib << 20).to_string(), runs.to_string()];
+        argv.extend(congestion.map(String::from));
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        run_prog("raw TCP", node_cmd("node1", None, &argv)?, None)
     };
     // The simplest whole data path: a process's memory over plain TCP into fresh memory there
     // (each page faulted in by the copy, or populated ahead by a second thread).
@@ -286,8 +298,9 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
         ("fresh-sink", node_cmd("node2", None, &[&p, "fresh-sink", &FRESH_PORT.to_string()])?),
         ("fresh-sink ahead", node_cmd("node2", None, &[&p, "fresh-sink", &FRESH_AHEAD_PORT.to_string(), "ahead"])?),
     ];
-    // (The plain receivers' GB/s per size, in the order of the sizes: faulting, ahead.)
-    let mut receivers: Vec<(Vec<f64>, Vec<f64>)> = vec![];
+    // (Per size, in the order of the sizes: the plain receivers' GB/s, faulting and ahead, and
+    // raw TCP's on reno — measured with the TLS rows, shown again beside the plain ones.)
+    let mut receivers: Vec<(Vec<f64>, Vec<f64>, Option<Vec<f64>>)> = vec![];
     with_sinks(sinks, || {
         for &mib in &a.sizes_mib {
             let bytes = mib << 20;
@@ -301,7 +314,12 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
             let sampled = run_prog(&format!("telefork {mib} MiB (sampled)"), node_cmd("node1", Some(USER), &[&p, "tfork", &mib.to_string(), "0", "1", "node2", "0"])?, Some(&pid));
             let mem = sampler.stop();
             sampled?;
-            let tcp = raw_tcp(mib, runs)?;
+            let tcp = raw_tcp(mib, runs, None)?;
+            // (Not when the nodes are on reno already: the row above is that.)
+            let unpaced = match congestion {
+                "reno" => None,
+                _ => Some(gbps(bytes, raw_tcp(mib, runs, Some("reno"))?.all("tcp_ns")?)),
+            };
             progress(&format!("throughput {mib} MiB: raw TLS, {runs} runs"));
             let tls = run_prog("raw TLS", node_cmd("node1", None, &[&p, "tls-send", &format!("{node2}:{TLS_PORT}"), &bytes.to_string(), &runs.to_string(), &pki])?, None)?;
             let (tf_run, rt_note) = telefork_gbps(bytes, &tf)?;
@@ -313,12 +331,15 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
             let name = format!("{mib} MiB telefork until it runs on node2 (TLS)");
             rows.push(throughput_row(name.clone(), tf_run.clone(), "raw TLS (same TLS channel)", tls_s, runs, &rt_note));
             rows.push(throughput_row(name.clone(), tf_run.clone(), "raw TCP plaintext", tcp_s, runs, &rt_note));
+            if let Some(unpaced) = &unpaced {
+                rows.push(throughput_row(name.clone(), tf_run.clone(), UNPACED_NAME, unpaced.clone(), runs, UNPACED_NOTE));
+            }
             rows.push(throughput_row(name.clone(), tf_run.clone(), "fresh memory populated on node2", pop_s, runs, "the destination must at least place the memory (with as much again resident, as the parent's is)"));
             let receiver = plain_receiver(mib, runs, false)?;
             let ahead = plain_receiver(mib, runs, true)?;
             rows.push(throughput_row(name.clone(), tf_run.clone(), FLOOR_NAME, receiver.clone(), runs, FLOOR_NOTE));
             rows.push(throughput_row(name, tf_run, AHEAD_NAME, ahead.clone(), runs, AHEAD_NOTE));
-            receivers.push((receiver, ahead));
+            receivers.push((receiver, ahead, unpaced));
             rows.push(row_ms("parent pause", format!("{mib} MiB: telefork() returns in the parent"), tf.ms("tf_pause_ns")?, "local fork() returns", tf.ms("fork_pause_ns")?, ""));
             rows.push(row_ms("", format!("{mib} MiB: telefork(background) returns"), tf.ms("tf_bg_pause_ns")?, "local fork() returns", tf.ms("fork_pause_ns")?, "Options::background"));
             let size = tf.one("rss_bytes")? / (1 << 20) as f64;
@@ -352,15 +373,18 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
             telefork_testbed::reconfigure(Path::new(DIR), n, |c| c.transport.image = telefork_node::config::ImageTransport::Plain)?;
         }
         let plain_res = (|| -> Result<()> {
-            for (&mib, (receiver, ahead)) in a.sizes_mib.iter().zip(&receivers) {
+            for (&mib, (receiver, ahead, unpaced)) in a.sizes_mib.iter().zip(&receivers) {
                 let bytes = mib << 20;
                 progress(&format!("throughput {mib} MiB: telefork with plain image transport, {runs} runs"));
                 let tf = tfork(&format!("plain telefork {mib} MiB"), mib, runs)?;
-                let tcp = raw_tcp(mib, runs)?;
+                let tcp = raw_tcp(mib, runs, None)?;
                 let (tf_run, rt_note) = telefork_gbps(bytes, &tf)?;
                 let tcp_s = gbps(bytes, tcp.all("tcp_ns")?);
                 let name = format!("{mib} MiB telefork until it runs on node2 (plain)");
                 rows.push(throughput_row(name.clone(), tf_run.clone(), "raw TCP plaintext", tcp_s, runs, &rt_note));
+                if let Some(unpaced) = unpaced {
+                    rows.push(throughput_row(name.clone(), tf_run.clone(), UNPACED_NAME, unpaced.clone(), runs, &format!("{UNPACED_NOTE}{MEASURED_WITH_TLS}")));
+                }
                 // (The same receivers as with TLS: they do not depend on the image transport.)
                 rows.push(throughput_row(name.clone(), tf_run.clone(), FLOOR_NAME, receiver.clone(), runs, &format!("{FLOOR_NOTE}{MEASURED_WITH_TLS}")));
                 rows.push(throughput_row(name, tf_run, AHEAD_NAME, ahead.clone(), runs, &format!("{AHEAD_NOTE}{MEASURED_WITH_TLS}")));
@@ -374,6 +398,8 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, r
     })
 }
 
+const UNPACED_NAME: &str = "raw TCP plaintext, reno";
+const UNPACED_NOTE: &str = "the sender on reno (TCP_CONGESTION), which does not pace: the link itself, without the pacing of the nodes' congestion control when that is bbr (telefork's connections and the row above use the nodes' default)";
 const FLOOR_NAME: &str = "plain receiver into fresh memory";
 const FLOOR_NOTE: &str = "a process's written memory over plain TCP, read straight into fresh pages on node2 (each faulted in by the copy)";
 const AHEAD_NAME: &str = "plain receiver, memory populated ahead";
@@ -682,6 +708,36 @@ fn read_file(p: &Path) -> Result<u64> {
             k => n += k as u64,
         }
     }
+}
+
+/// Makes `cc` the TCP congestion control of both nodes' new connections (their namespaces'
+/// net.ipv4.tcp_congestion_control; the host's own setting is left alone).
+fn set_congestion_control(cc: &str) -> Result<()> {
+    for node in ["node1", "node2"] {
+        let mut c = node_cmd(node, None, &["tee", "/proc/sys/net/ipv4/tcp_congestion_control"])?;
+        c.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = c.spawn().with_context(|| format!("setting {node}'s TCP congestion control"))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            std::io::Write::write_all(&mut stdin, cc.as_bytes()).with_context(|| format!("setting {node}'s TCP congestion control"))?;
+        }
+        let out = child.wait_with_output().with_context(|| format!("setting {node}'s TCP congestion control"))?;
+        if !out.status.success() {
+            bail!("setting {node}'s TCP congestion control to {cc}: {} (allowed here: net.ipv4.tcp_allowed_congestion_control)", String::from_utf8_lossy(&out.stderr).trim());
+        }
+    }
+    Ok(())
+}
+
+/// The TCP congestion control new connections get on node1 (a namespace inherits the host's
+/// default): every telefork and raw TCP row uses it, but for the reno row.
+fn node_congestion_control() -> Result<String> {
+    let out = node_cmd("node1", None, &["cat", "/proc/sys/net/ipv4/tcp_congestion_control"])?
+        .output()
+        .context("reading node1's net.ipv4.tcp_congestion_control")?;
+    if !out.status.success() {
+        bail!("reading node1's net.ipv4.tcp_congestion_control: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 fn node_cmd(node: &str, user: Option<&str>, argv: &[&str]) -> Result<Command> {

@@ -19,9 +19,10 @@
 //!   (MADV_POPULATE_WRITE): `populate_ns`, the destination's share of the physical limit.
 //! * `hold MIB GOFILE` — MIB MiB written, `READY`, then waits until GOFILE exists, verifies
 //!   the memory and exits 0 (3 if the memory is wrong).
-//! * `tcp-sink PORT` / `tcp-send ADDR BYTES RUNS` — raw TCP: the sender sends BYTES from a
+//! * `tcp-sink PORT` / `tcp-send ADDR BYTES RUNS [CC]` — raw TCP: the sender sends BYTES from a
 //!   pre-touched 64 MiB buffer, half-closes, and waits for the sink's 8-byte count
-//!   (`tcp_ns`, from connected to acknowledged).
+//!   (`tcp_ns`, from connected to acknowledged); CC: the sender's congestion control
+//!   (TCP_CONGESTION) instead of the node's default.
 //! * `tls-sink PORT PKI` / `tls-send ADDR BYTES RUNS PKI` — the same through the nodes' own
 //!   TLS channel (`telefork_node::channel::TlsChannel`, the cluster configs from
 //!   `telefork_node::tls`, node2's certificate on the sink, node1's on the sender), 1 MiB
@@ -344,9 +345,16 @@ fn main() {
             let addr: String = arg(&args, 2, "ADDR");
             let bytes: u64 = arg(&args, 3, "BYTES");
             let runs: usize = arg(&args, 4, "RUNS");
+            // Optional: the sender's congestion control for these connections (e.g. "reno",
+            // to measure the link without the pacing of the node's default).
+            let congestion: Option<String> = args.get(5).cloned();
             let buf = vec![0x5au8; 64 << 20];
             for _ in 0..runs {
                 let mut s = TcpStream::connect(&addr).unwrap_or_else(|e| die(format!("connecting to {addr}: {e}")));
+                if let Some(cc) = &congestion {
+                    nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::TcpCongestion, &std::ffi::OsString::from(cc))
+                        .unwrap_or_else(|e| die(format!("TCP_CONGESTION {cc}: {e}")));
+                }
                 let t0 = Instant::now();
                 let mut left = bytes;
                 while left > 0 {
