@@ -1,7 +1,7 @@
 //! `telefork bench --quick --json`, end to end: the bench brings up its own testbed, runs every
 //! measurement and its baselines' helper programs (benchprog's sinks, relays, the state moved
-//! by hand, the background pause's floor), and reports each promised row with a measured
-//! value. A smoke test of the benchmark, not a timed test: no speed is asserted — only that
+//! by hand, the background pause's floor, raw TCP on reno), and reports each promised row with
+//! a measured value. A smoke test of the benchmark, not a timed test: no speed is asserted — only that
 //! every number was measured (positive and finite) and the run left no testbed behind.
 //! Needs root and iproute2 (skipped otherwise).
 
@@ -45,6 +45,18 @@ fn quick_bench_measures_every_row() {
         for field in ["value", "baseline", "ratio"] {
             let v = row[field].as_f64().unwrap_or(f64::NAN);
             assert!(v.is_finite() && v > 0.0, "row {want:?}: {field} is {} — not measured:\n{row:#}", row[field]);
+        }
+    }
+    // The nodes' congestion control is named, and raw TCP on reno (the link without pacing)
+    // was measured beside the throughput rows unless the nodes are on reno already.
+    let machine = report["machine"].as_str().unwrap_or_default();
+    let congestion = machine.split("testbed TCP congestion control ").nth(1).unwrap_or_else(|| panic!("the machine line names no congestion control: {machine:?}"));
+    if congestion != "reno" {
+        let unpaced: Vec<&serde_json::Value> = rows.iter().filter(|r| r["baseline_name"] == "raw TCP plaintext, reno").collect();
+        assert_eq!(unpaced.len(), 4, "raw TCP on reno should stand beside the TLS and plain rows of 64 and 256 MiB:\n{report:#}");
+        for row in unpaced {
+            let v = row["baseline"].as_f64().unwrap_or(f64::NAN);
+            assert!(v.is_finite() && v > 0.0, "raw TCP on reno was not measured:\n{row:#}");
         }
     }
     // Every row measured, not only the promised ones.
