@@ -4,6 +4,8 @@
 //! there as the non-root user `tfbench`, and for dump/restore runs it on the host as root.
 //! The testbed is always torn down (also on error, and best effort on SIGINT/SIGTERM/SIGHUP).
 //! Any measurement that fails stops the bench with a non-zero exit and the reason.
+//! `--congestion-control` sets the nodes' net.ipv4.tcp_congestion_control (inside their
+//! network namespaces; the host's own setting is untouched).
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
@@ -84,6 +86,12 @@ pub fn run(mut a: BenchArgs) -> Result<ExitCode> {
     if a.runs == 0 || a.sizes_mib.is_empty() || a.sizes_mib.contains(&0) {
         bail!("bench needs --runs >= 1 and non-zero --sizes-mib");
     }
+    if let Some(cc) = &a.congestion_control {
+        // (TCP_CA_NAME_MAX is 16 with its NUL; whether the kernel has it shows on the nodes.)
+        if cc.is_empty() || cc.len() > 15 || !cc.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            bail!("--congestion-control {cc:?}: a congestion control's name is 1-15 letters, digits or '_' (e.g. reno)");
+        }
+    }
     if !nix::unistd::Uid::effective().is_root() {
         bail!("telefork bench needs root (it brings up a testbed and dumps processes)");
     }
@@ -99,6 +107,8 @@ pub fn run(mut a: BenchArgs) -> Result<ExitCode> {
 
     let mut machine = machine();
     progress(&format!("machine: {machine}"));
+    // (The nodes' TCP congestion control, read once the testbed is up.)
+    let mut nodes_cc = String::new();
     let mut rows = vec![];
     let testbed_result = (|| -> Result<()> {
         let tb = {
@@ -122,10 +132,10 @@ pub fn run(mut a: BenchArgs) -> Result<ExitCode> {
         if let Some(cc) = &a.congestion_control {
             set_congestion_control(cc)?;
         }
-        let congestion = node_congestion_control()?;
-        progress(&format!("the nodes' TCP congestion control: {congestion}"));
-        machine.push_str(&format!("; testbed TCP congestion control {congestion}"));
-        testbed_measurements(&a, &node_prog, daemon1, &tb.nodes[1].addr.to_string(), &congestion, &mut rows)
+        nodes_cc = nodes_congestion_control()?;
+        progress(&format!("the nodes' TCP congestion control: {nodes_cc}"));
+        machine.push_str(&format!("; testbed TCP congestion control {nodes_cc}"));
+        testbed_measurements(&a, &node_prog, daemon1, &tb.nodes[1].addr.to_string(), &nodes_cc, &mut rows)
     })();
     progress("tearing the testbed down");
     let down = telefork_testbed::down_prefixed(Path::new(DIR), PREFIX);
@@ -141,7 +151,7 @@ pub fn run(mut a: BenchArgs) -> Result<ExitCode> {
     };
 
     if a.json {
-        println!("{}", to_json(&a, &machine, &rows));
+        println!("{}", to_json(&a, &machine, &nodes_cc, &rows));
     } else {
         print_table(&a, &machine, &rows);
     }
@@ -149,7 +159,7 @@ pub fn run(mut a: BenchArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, congestion: &str, rows: &mut Vec<Row>) -> Result<()> {
+fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, nodes_cc: &str, rows: &mut Vec<Row>) -> Result<()> {
     let p = prog.display().to_string();
     let runs = a.runs;
 
@@ -277,12 +287,13 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, c
     };
     // Raw TCP with the nodes' congestion control (what telefork's connections use), or with
     // reno: the link without pacing (see UNPACED_NOTE).
-    let raw_tcp = |mib: u64, runs: usize, congestion: Option<&str>| {
-        progress(&format!("throughput {mib} MiB: raw TCP{}, {runs} runs", congestion.map(|c| format!(" ({c})")).unwrap_or_default()));
+    let raw_tcp = |mib: u64, runs: usize, sender_cc: Option<&str>| {
+        let what = format!("raw TCP{}", sender_cc.map(|c| format!(" ({c})")).unwrap_or_default());
+        progress(&format!("throughput {mib} MiB: {what}, {runs} runs"));
         let mut argv = vec![p.clone(), "tcp-send".into(), format!("{node2}:{TCP_PORT}"), (mib << 20).to_string(), runs.to_string()];
-        argv.extend(congestion.map(String::from));
+        argv.extend(sender_cc.map(String::from));
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        run_prog("raw TCP", node_cmd("node1", None, &argv)?, None)
+        run_prog(&what, node_cmd("node1", None, &argv)?, None)
     };
     // The simplest whole data path: a process's memory over plain TCP into fresh memory there
     // (each page faulted in by the copy, or populated ahead by a second thread).
@@ -316,7 +327,7 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, c
             sampled?;
             let tcp = raw_tcp(mib, runs, None)?;
             // (Not when the nodes are on reno already: the row above is that.)
-            let unpaced = match congestion {
+            let unpaced = match nodes_cc {
                 "reno" => None,
                 _ => Some(gbps(bytes, raw_tcp(mib, runs, Some("reno"))?.all("tcp_ns")?)),
             };
@@ -714,30 +725,49 @@ fn read_file(p: &Path) -> Result<u64> {
 /// net.ipv4.tcp_congestion_control; the host's own setting is left alone).
 fn set_congestion_control(cc: &str) -> Result<()> {
     for node in ["node1", "node2"] {
-        let mut c = node_cmd(node, None, &["tee", "/proc/sys/net/ipv4/tcp_congestion_control"])?;
+        let mut c = node_cmd(node, None, &["tee", CC_SYSCTL])?;
         c.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = c.spawn().with_context(|| format!("setting {node}'s TCP congestion control"))?;
-        if let Some(mut stdin) = child.stdin.take() {
-            std::io::Write::write_all(&mut stdin, cc.as_bytes()).with_context(|| format!("setting {node}'s TCP congestion control"))?;
-        }
+        let written = child.stdin.take().map(|mut stdin| std::io::Write::write_all(&mut stdin, cc.as_bytes()));
         let out = child.wait_with_output().with_context(|| format!("setting {node}'s TCP congestion control"))?;
-        if !out.status.success() {
-            bail!("setting {node}'s TCP congestion control to {cc}: {} (allowed here: net.ipv4.tcp_allowed_congestion_control)", String::from_utf8_lossy(&out.stderr).trim());
+        if let Some(Err(e)) = written {
+            bail!("setting {node}'s TCP congestion control to {cc}: writing to tee: {e}");
         }
+        if !out.status.success() {
+            let allowed = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_allowed_congestion_control").unwrap_or_default();
+            bail!(
+                "setting {node}'s TCP congestion control to {cc:?} failed ({}); a network namespace may take only these (net.ipv4.tcp_allowed_congestion_control): {}",
+                String::from_utf8_lossy(&out.stderr).trim(),
+                allowed.trim()
+            );
+        }
+    }
+    let now = nodes_congestion_control()?;
+    if now != cc {
+        bail!("asked for TCP congestion control {cc:?} on the nodes, but they report {now:?}");
     }
     Ok(())
 }
 
-/// The TCP congestion control new connections get on node1 (a namespace inherits the host's
-/// default): every telefork and raw TCP row uses it, but for the reno row.
-fn node_congestion_control() -> Result<String> {
-    let out = node_cmd("node1", None, &["cat", "/proc/sys/net/ipv4/tcp_congestion_control"])?
-        .output()
-        .context("reading node1's net.ipv4.tcp_congestion_control")?;
-    if !out.status.success() {
-        bail!("reading node1's net.ipv4.tcp_congestion_control: {}", String::from_utf8_lossy(&out.stderr).trim());
+/// Where a node's default TCP congestion control is (read in its network namespace).
+const CC_SYSCTL: &str = "/proc/sys/net/ipv4/tcp_congestion_control";
+
+/// The TCP congestion control new connections get on the nodes (a namespace inherits the
+/// host's default): every telefork and raw TCP row uses it, but for the reno rows. An error
+/// if the two nodes differ.
+fn nodes_congestion_control() -> Result<String> {
+    let mut seen = vec![];
+    for node in ["node1", "node2"] {
+        let out = node_cmd(node, None, &["cat", CC_SYSCTL])?.output().with_context(|| format!("reading {node}'s {CC_SYSCTL}"))?;
+        if !out.status.success() {
+            bail!("reading {node}'s {CC_SYSCTL}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        seen.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
     }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    if seen[0] != seen[1] {
+        bail!("the nodes' TCP congestion controls differ: node1 {:?}, node2 {:?}", seen[0], seen[1]);
+    }
+    Ok(seen.swap_remove(0))
 }
 
 fn node_cmd(node: &str, user: Option<&str>, argv: &[&str]) -> Result<Command> {
@@ -1108,7 +1138,7 @@ fn json_arr(v: &[f64]) -> String {
     format!("[{}]", v.iter().map(|x| json_num(*x)).collect::<Vec<_>>().join(","))
 }
 
-fn to_json(a: &BenchArgs, machine: &str, rows: &[Row]) -> String {
+fn to_json(a: &BenchArgs, machine: &str, nodes_cc: &str, rows: &[Row]) -> String {
     let rows: Vec<String> = rows
         .iter()
         .map(|r| {
@@ -1129,8 +1159,9 @@ fn to_json(a: &BenchArgs, machine: &str, rows: &[Row]) -> String {
         })
         .collect();
     format!(
-        "{{\"machine\":{},\"runs\":{},\"sizes_mib\":[{}],\"image_dir\":{},\"measurements\":[{}]}}",
+        "{{\"machine\":{},\"congestion_control\":{},\"runs\":{},\"sizes_mib\":[{}],\"image_dir\":{},\"measurements\":[{}]}}",
         json_str(machine),
+        json_str(nodes_cc),
         a.runs,
         a.sizes_mib.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(","),
         json_str(IMG_DIR),

@@ -95,9 +95,11 @@ enum Cmd {
         /// on Linux 6.18).
         #[arg(long)]
         against_criu: bool,
-        /// The TCP congestion control of the testbed's nodes (e.g. reno), for every connection
-        /// made there; default: the one the host gives new network namespaces. Pacing ones
-        /// (bbr) cost much on a veth link in a VM: raw TCP 2 against 6 GB/s with reno here.
+        /// The TCP congestion control of the testbed's nodes (e.g. reno): telefork's
+        /// connections and the raw TCP baseline get it (the reno rows stay on reno); default:
+        /// the one the host gives new network namespaces. Only the names in the host's
+        /// net.ipv4.tcp_allowed_congestion_control can be set in a namespace. On our test VM,
+        /// bbr's pacing held one connection to ~2 GB/s where reno carried ~6 (README).
         #[arg(long, value_name = "NAME")]
         congestion_control: Option<String>,
     },

@@ -48,16 +48,24 @@ fn quick_bench_measures_every_row() {
         }
     }
     // The nodes' congestion control is named, and raw TCP on reno (the link without pacing)
-    // was measured beside the throughput rows unless the nodes are on reno already.
-    let machine = report["machine"].as_str().unwrap_or_default();
-    let congestion = machine.split("testbed TCP congestion control ").nth(1).unwrap_or_else(|| panic!("the machine line names no congestion control: {machine:?}"));
-    if congestion != "reno" {
-        let unpaced: Vec<&serde_json::Value> = rows.iter().filter(|r| r["baseline_name"] == "raw TCP plaintext, reno").collect();
-        assert_eq!(unpaced.len(), 4, "raw TCP on reno should stand beside the TLS and plain rows of 64 and 256 MiB:\n{report:#}");
-        for row in unpaced {
-            let v = row["baseline"].as_f64().unwrap_or(f64::NAN);
-            assert!(v.is_finite() && v > 0.0, "raw TCP on reno was not measured:\n{row:#}");
+    // stands beside each throughput row, one per size and transport, unless the nodes are on
+    // reno already (then there is none).
+    let congestion = report["congestion_control"].as_str().unwrap_or_default();
+    assert!(!congestion.is_empty(), "the report names no congestion control:\n{report:#}");
+    let unpaced: Vec<&serde_json::Value> = rows.iter().filter(|r| r["baseline_name"] == "raw TCP plaintext, reno").collect();
+    if congestion == "reno" {
+        assert!(unpaced.is_empty(), "nodes on reno: no separate reno rows expected:\n{report:#}");
+    } else {
+        for mib in [64, 256] {
+            for transport in ["TLS", "plain"] {
+                let name = format!("{mib} MiB telefork until it runs on node2 ({transport})");
+                let beside: Vec<_> = unpaced.iter().filter(|r| r["name"] == name.as_str()).collect();
+                assert_eq!(beside.len(), 1, "one raw TCP on reno row beside {name:?}:\n{report:#}");
+                let v = beside[0]["baseline"].as_f64().unwrap_or(f64::NAN);
+                assert!(v.is_finite() && v > 0.0, "raw TCP on reno was not measured:\n{:#}", beside[0]);
+            }
         }
+        assert_eq!(unpaced.len(), 4, "reno rows beyond the four throughput rows:\n{report:#}");
     }
     // Every row measured, not only the promised ones.
     for row in rows {
@@ -68,4 +76,23 @@ fn quick_bench_measures_every_row() {
     let netns = Command::new("ip").args(["netns", "list"]).output().expect("ip netns list");
     let left: Vec<String> = String::from_utf8_lossy(&netns.stdout).lines().filter(|l| l.starts_with("tfb-")).map(String::from).collect();
     assert!(left.is_empty(), "the bench left network namespaces behind: {left:?}");
+}
+
+/// `--congestion-control` with a name the kernel lacks: the bench stops with an error naming
+/// it and what a namespace may take, after tearing its testbed down; a malformed name is
+/// refused before any testbed is made.
+#[test]
+fn unknown_congestion_control_is_an_error_and_leaves_nothing() {
+    if !tb::can_run() {
+        return;
+    }
+    let bin = env!("CARGO_BIN_EXE_telefork");
+    for (name, expect) in [("nosuchcc", "tcp_allowed_congestion_control"), ("no such", "1-15 letters")] {
+        let out = Command::new(bin).args(["bench", "--quick", "--congestion-control", name]).output().expect("running telefork bench");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "bench --congestion-control {name:?} succeeded:\n{stderr}");
+        assert!(stderr.contains(name) && stderr.contains(expect), "the error should name {name:?} and say {expect:?}:\n{stderr}");
+        let netns = Command::new("ip").args(["netns", "list"]).output().expect("ip netns list");
+        assert!(!String::from_utf8_lossy(&netns.stdout).lines().any(|l| l.starts_with("tfb-")), "testbed left behind after {name:?}");
+    }
 }

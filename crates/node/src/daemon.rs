@@ -62,10 +62,10 @@ pub fn run(cfg: Config) -> Result<()> {
         libc::endpwent();
         libc::endgrent();
     }
-    // Likewise what the CPU offers (the engine's and std's caches: CPUID traps in a VM) and
-    // aws-lc's CPU features (its first use in each session would detect them again).
+    // Likewise what the CPU offers (the engine's and std's caches: CPUID traps in a VM).
+    // (aws-lc reads the CPU's features in a constructor when the program loads, so the
+    // sessions inherit them: nothing to warm there.)
     telefork_engine::learn_cpu();
-    let _ = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b"telefork");
     let tcp = TcpListener::bind(shared.cfg.listen).with_context(|| format!("listening on {}", shared.cfg.listen))?;
     let unix = bind_unix(&shared.cfg.socket)?;
     log(&format!(
