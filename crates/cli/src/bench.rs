@@ -440,9 +440,9 @@ fn with_sinks<T>(helpers: Vec<(&str, Command)>, f: impl FnOnce() -> Result<T>) -
 fn file_measurements(a: &BenchArgs, prog: &Path, telefork_bin: &Path, rows: &mut Vec<Row>) -> Result<Vec<FileTimes>> {
     std::fs::create_dir_all(IMG_DIR).with_context(|| format!("creating {IMG_DIR}"))?;
     let mut ours = vec![];
+    let runs = a.runs;
     let res = (|| -> Result<()> {
         for &mib in &a.sizes_mib {
-            let runs = a.runs;
             let img = Path::new(IMG_DIR).join(format!("{mib}.img"));
             let go = Path::new(IMG_DIR).join(format!("{mib}.go"));
             let (mut dump_ms, mut read_ms, mut restore_ms) = (vec![], vec![], vec![]);
@@ -556,10 +556,10 @@ fn criu_measurements(a: &BenchArgs, prog: &Path, version: &str, ours: &[FileTime
         bail!("PR_SET_CHILD_SUBREAPER: {}", std::io::Error::last_os_error());
     }
     let dir = Path::new(IMG_DIR).join("criu");
+    let runs = a.runs;
     let res = (|| -> Result<()> {
         for t in ours {
             let mib = t.mib;
-            let runs = a.runs;
             let (mut d, mut r) = (vec![], vec![]);
             for k in 1..=runs {
                 progress(&format!("criu dump/restore {mib} MiB: run {k}/{runs}"));

@@ -592,19 +592,17 @@ pub fn fill_pages<R: std::io::Read + Send>(
     let pid = inj.pid();
     // A big image's fully carried huge-page blocks are made huge pages ahead of their pages
     // (by a thread of their own, below).
-    let huge = match big {
-        true => match reader.page_index_once()? {
-            Some(index) => {
-                // (The reader checked the index's order; where its records go is checked
-                // here, as each record will be.)
-                for &(addr, len) in index {
-                    check_page_run(vmas, addr, len)?;
-                }
-                HugeBlocks::plan(pid, vmas, index)
+    let index = if big { reader.page_index_once()? } else { None };
+    let huge = match index {
+        Some(index) => {
+            // (The reader checked the index's order; where its records go is checked here,
+            // as each record will be.)
+            for &(addr, len) in index {
+                check_page_run(vmas, addr, len)?;
             }
-            None => None,
-        },
-        false => None,
+            HugeBlocks::plan(pid, vmas, index)
+        }
+        None => None,
     };
     let (mut total, mut by_uffd) = (0u64, 0u64);
     let mut place = |inj: &mut Injector, addr: u64, data: &[u8]| -> Result<()> {
