@@ -1054,7 +1054,27 @@ fn machine() -> String {
         .unwrap_or(0);
     let kernel = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    format!("{cores} cores {cpu}, {:.1} GiB RAM, Linux {kernel}", mem as f64 / (1 << 20) as f64)
+    let mut line = format!("{cores} cores {cpu}, {:.1} GiB RAM, Linux {kernel}", mem as f64 / (1 << 20) as f64);
+    if let Some(order) = free_page_reporting_order() {
+        let block = 4u64.checked_shl(order).map_or_else(|| format!("order {order}"), |kib| format!("{kib} KiB"));
+        line.push_str(&format!("; a VM that hands freed memory back to its host (virtio-balloon free page reporting, {block} blocks)"));
+    }
+    line
+}
+
+/// The block order of free page reporting when a virtio-balloon device of this VM offers it
+/// (feature bit 5, VIRTIO_BALLOON_F_REPORTING): the guest then hands freed memory back to its
+/// host, and memory it takes again later costs a fault in the host first — what makes the big
+/// sizes' fresh memory on the destination slow at random ("cold"). None on bare metal.
+fn free_page_reporting_order() -> Option<u32> {
+    let devices = std::fs::read_dir("/sys/bus/virtio/drivers/virtio_balloon").ok()?;
+    let reports = devices.flatten().any(|d| {
+        std::fs::read_to_string(d.path().join("features")).is_ok_and(|f| f.as_bytes().get(5) == Some(&b'1'))
+    });
+    if !reports {
+        return None;
+    }
+    std::fs::read_to_string("/sys/module/page_reporting/parameters/page_reporting_order").ok()?.trim().parse().ok()
 }
 
 fn fmt_val(v: f64, unit: &str) -> String {
@@ -1159,9 +1179,10 @@ fn to_json(a: &BenchArgs, machine: &str, nodes_cc: &str, rows: &[Row]) -> String
         })
         .collect();
     format!(
-        "{{\"machine\":{},\"congestion_control\":{},\"runs\":{},\"sizes_mib\":[{}],\"image_dir\":{},\"measurements\":[{}]}}",
+        "{{\"machine\":{},\"congestion_control\":{},\"free_page_reporting_order\":{},\"runs\":{},\"sizes_mib\":[{}],\"image_dir\":{},\"measurements\":[{}]}}",
         json_str(machine),
         json_str(nodes_cc),
+        free_page_reporting_order().map_or_else(|| "null".to_string(), |o| o.to_string()),
         a.runs,
         a.sizes_mib.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(","),
         json_str(IMG_DIR),

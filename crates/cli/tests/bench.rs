@@ -67,6 +67,17 @@ fn quick_bench_measures_every_row() {
         }
         assert_eq!(unpaced.len(), 4, "reno rows beyond the four throughput rows:\n{report:#}");
     }
+    // Whether this machine hands freed memory back to a VM host is said (the order of its
+    // reporting blocks, or null on bare metal), and the machine line says the same.
+    let reporting = &report["free_page_reporting_order"];
+    let machine = report["machine"].as_str().unwrap_or_default();
+    match reporting.as_u64() {
+        Some(_) => assert!(machine.contains("free page reporting"), "an order but no word of it in the machine line:\n{report:#}"),
+        None => {
+            assert!(reporting.is_null(), "free_page_reporting_order is neither a number nor null:\n{report:#}");
+            assert!(!machine.contains("free page reporting"), "the machine line speaks of reporting, the field does not:\n{report:#}");
+        }
+    }
     // Every row measured, not only the promised ones.
     for row in rows {
         let v = row["value"].as_f64().unwrap_or(f64::NAN);
