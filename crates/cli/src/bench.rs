@@ -105,7 +105,9 @@ pub fn run(mut a: BenchArgs) -> Result<ExitCode> {
     let _lock = telefork_testbed::lock(PREFIX)?;
     install_signal_handler();
 
-    let mut machine = machine();
+    // (Read once: the machine line and the JSON say the same.)
+    let reporting_order = free_page_reporting_order();
+    let mut machine = machine(reporting_order);
     progress(&format!("machine: {machine}"));
     // (The nodes' TCP congestion control, read once the testbed is up.)
     let mut nodes_cc = String::new();
@@ -151,7 +153,7 @@ pub fn run(mut a: BenchArgs) -> Result<ExitCode> {
     };
 
     if a.json {
-        println!("{}", to_json(&a, &machine, &nodes_cc, &rows));
+        println!("{}", to_json(&a, &machine, &nodes_cc, reporting_order, &rows));
     } else {
         print_table(&a, &machine, &rows);
     }
@@ -1043,7 +1045,8 @@ fn vm_rss_kb(pid: i32) -> u64 {
         .unwrap_or(0)
 }
 
-fn machine() -> String {
+/// The machine line; `reporting_order`: `free_page_reporting_order`.
+fn machine(reporting_order: Option<u32>) -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| s.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())))
@@ -1055,7 +1058,7 @@ fn machine() -> String {
     let kernel = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let mut line = format!("{cores} cores {cpu}, {:.1} GiB RAM, Linux {kernel}", mem as f64 / (1 << 20) as f64);
-    if let Some(order) = free_page_reporting_order() {
+    if let Some(order) = reporting_order {
         let block = 4u64.checked_shl(order).map_or_else(|| format!("order {order}"), |kib| format!("{kib} KiB"));
         line.push_str(&format!("; a VM that hands freed memory back to its host (virtio-balloon free page reporting, {block} blocks)"));
     }
@@ -1158,7 +1161,7 @@ fn json_arr(v: &[f64]) -> String {
     format!("[{}]", v.iter().map(|x| json_num(*x)).collect::<Vec<_>>().join(","))
 }
 
-fn to_json(a: &BenchArgs, machine: &str, nodes_cc: &str, rows: &[Row]) -> String {
+fn to_json(a: &BenchArgs, machine: &str, nodes_cc: &str, reporting_order: Option<u32>, rows: &[Row]) -> String {
     let rows: Vec<String> = rows
         .iter()
         .map(|r| {
@@ -1182,7 +1185,7 @@ fn to_json(a: &BenchArgs, machine: &str, nodes_cc: &str, rows: &[Row]) -> String
         "{{\"machine\":{},\"congestion_control\":{},\"free_page_reporting_order\":{},\"runs\":{},\"sizes_mib\":[{}],\"image_dir\":{},\"measurements\":[{}]}}",
         json_str(machine),
         json_str(nodes_cc),
-        free_page_reporting_order().map_or_else(|| "null".to_string(), |o| o.to_string()),
+        reporting_order.map_or_else(|| "null".to_string(), |o| o.to_string()),
         a.runs,
         a.sizes_mib.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(","),
         json_str(IMG_DIR),
