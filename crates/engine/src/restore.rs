@@ -58,6 +58,11 @@ pub struct RestoreOptions {
     /// the new process receives its pages from it itself (`self_receive`). Needs
     /// `skip_page_checksums`.
     pub pages_socket: Option<crate::self_receive::PagesSocket>,
+    /// The restored process gets this parent-death signal, set after its credentials (a
+    /// change of credentials clears it): a daemon's session has its process die with it, so
+    /// that a killed session never leaves a process nobody can wait for. None: none, as a
+    /// process started by `restore` (which must outlive a `restore --detach`).
+    pub parent_death_signal: Option<i32>,
 }
 
 #[derive(Debug, Clone)]
@@ -110,7 +115,7 @@ pub fn restore_into<R: Read + Send>(stub: Option<Stub>, input: R, opts: &Restore
             s
         }
     };
-    let r = shape(&mut stub, &img, &mut reader, opts.pages_socket.as_ref(), &mut tl);
+    let r = shape(&mut stub, &img, &mut reader, opts, &mut tl);
     let restored = r.map(|pages| {
         stub.done = true; // it runs on its own now
         Restored { pid: stub.pid, same_pid: stub.same_pid, pages }
@@ -448,9 +453,10 @@ fn shape<R: Read + Send>(
     stub: &mut Stub,
     img: &ProcessImage,
     reader: &mut ImageReader<R>,
-    pages_socket: Option<&crate::self_receive::PagesSocket>,
+    opts: &RestoreOptions,
     tl: &mut Timeline,
 ) -> Result<mem::Placed> {
+    let pages_socket = opts.pages_socket.as_ref();
     let (pid, control) = (stub.pid, stub.control);
     // Tracer and stub on one CPU while the stub is rebuilt (see `pin`): the CPU this thread
     // runs on now (a prepared stub was made wherever we ran then). The stub gets our
@@ -548,6 +554,9 @@ fn shape<R: Read + Send>(
     inj.defer(last);
     creds::restore(inj, &img.creds)?;
     threads::restore_after(inj, thread, pid)?;
+    if let Some(sig) = opts.parent_death_signal {
+        inj.syscall(libc::SYS_prctl, &[libc::PR_SET_PDEATHSIG as u64, sig as u64, 0, 0, 0], "setting the parent-death signal")?;
+    }
     tl.mark("protections, thread, creds");
 
     // 5. Let it go. The munmap of the control area is the last injected call: it returns to

@@ -302,75 +302,169 @@ fn first_record(buf: &[u8]) -> usize {
 fn drive<C: Handshake>(conn: &mut C, sock: &TcpStream, timeout: Duration) -> Result<(Vec<u8>, Vec<u8>)> {
     // The whole handshake within `timeout` (a peer trickling bytes must not hold us).
     let deadline = Instant::now() + timeout;
-    let mut incoming = vec![0u8; 32 << 10];
-    let mut filled = 0usize;
-    let mut outgoing = vec![0u8; 16 << 10];
-    let mut out_len = 0usize;
-    let mut early = Vec::new();
+    let mut state = HandshakeBuffers::new();
     loop {
-        let record = first_record(&incoming[..filled]);
-        let UnbufferedStatus { mut discard, state } = conn.step(&mut incoming[..record]);
-        let mut need_input = false;
-        let mut may_write = false;
-        match state.map_err(|e| anyhow!("TLS handshake failed: {e}"))? {
-            ConnectionState::EncodeTlsData(mut s) => loop {
-                match s.encode(&mut outgoing[out_len..]) {
-                    Ok(n) => {
-                        out_len += n;
-                        break;
-                    }
-                    Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
-                        outgoing.resize(out_len + required_size, 0);
-                    }
-                    Err(e) => bail!("TLS handshake failed: {e}"),
-                }
-            },
-            ConnectionState::TransmitTlsData(t) => {
-                (&*sock).write_all(&outgoing[..out_len]).context("TLS handshake failed: sending")?;
-                out_len = 0;
-                t.done();
-            }
-            ConnectionState::BlockedHandshake => need_input = true,
-            ConnectionState::ReadTraffic(mut r) => {
-                while let Some(rec) = r.next_record() {
-                    let rec = rec.map_err(|e| anyhow!("TLS failed: {e}"))?;
-                    discard += rec.discard;
-                    early.extend_from_slice(rec.payload);
-                }
-            }
-            ConnectionState::WriteTraffic(_) => may_write = true,
-            ConnectionState::PeerClosed | ConnectionState::Closed => bail!("the peer closed the connection during the TLS handshake"),
-            _ => bail!("TLS handshake failed: unexpected state (early data?)"),
+        if state.advance(conn, sock)? {
+            return Ok(state.into_rest());
         }
-        incoming.copy_within(discard..filled, 0);
-        filled -= discard;
-        if may_write {
-            if !conn.handshaking() {
-                incoming.truncate(filled);
-                return Ok((incoming, early));
-            }
-            need_input = true; // (a server may write before the client's Finished)
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!("TLS handshake failed: not done within {timeout:?}");
         }
-        if need_input && first_record(&incoming[..filled]) == 0 {
-            if filled == incoming.len() {
-                if incoming.len() >= 1 << 20 {
-                    bail!("TLS handshake failed: handshake messages too large");
-                }
-                incoming.resize(incoming.len() * 2, 0);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                bail!("TLS handshake failed: not done within {timeout:?}");
-            }
-            sock.set_read_timeout(Some(left)).ok();
-            let n = (&*sock).read(&mut incoming[filled..]).context("TLS handshake failed: receiving")?;
-            if n == 0 {
-                bail!("the peer closed the connection during the TLS handshake");
-            }
-            filled += n;
-        }
+        sock.set_read_timeout(Some(left)).ok();
+        state.receive(sock, false)?;
     }
 }
+
+/// The bytes of a handshake in progress: received and not yet given to rustls, and to send.
+struct HandshakeBuffers {
+    incoming: Vec<u8>,
+    filled: usize,
+    outgoing: Vec<u8>,
+    out_len: usize,
+    early: Vec<u8>,
+}
+
+impl HandshakeBuffers {
+    fn new() -> HandshakeBuffers {
+        HandshakeBuffers { incoming: vec![0u8; 32 << 10], filled: 0, outgoing: vec![0u8; 16 << 10], out_len: 0, early: Vec::new() }
+    }
+
+    /// Runs the handshake as far as the bytes received allow, sending what it produces.
+    /// True once it is complete; false when it needs more input.
+    fn advance<C: Handshake>(&mut self, conn: &mut C, sock: &TcpStream) -> Result<bool> {
+        loop {
+            let record = first_record(&self.incoming[..self.filled]);
+            let UnbufferedStatus { mut discard, state } = conn.step(&mut self.incoming[..record]);
+            let mut need_input = false;
+            let mut may_write = false;
+            match state.map_err(|e| anyhow!("TLS handshake failed: {e}"))? {
+                ConnectionState::EncodeTlsData(mut s) => loop {
+                    match s.encode(&mut self.outgoing[self.out_len..]) {
+                        Ok(n) => {
+                            self.out_len += n;
+                            break;
+                        }
+                        Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
+                            self.outgoing.resize(self.out_len + required_size, 0);
+                        }
+                        Err(e) => bail!("TLS handshake failed: {e}"),
+                    }
+                },
+                ConnectionState::TransmitTlsData(t) => {
+                    // (A handshake's flights are a few KiB: they fit a fresh socket's send
+                    // buffer, so this does not wait even on a socket served by an event loop.)
+                    (&*sock).write_all(&self.outgoing[..self.out_len]).context("TLS handshake failed: sending")?;
+                    self.out_len = 0;
+                    t.done();
+                }
+                ConnectionState::BlockedHandshake => need_input = true,
+                ConnectionState::ReadTraffic(mut r) => {
+                    while let Some(rec) = r.next_record() {
+                        let rec = rec.map_err(|e| anyhow!("TLS failed: {e}"))?;
+                        discard += rec.discard;
+                        self.early.extend_from_slice(rec.payload);
+                    }
+                }
+                ConnectionState::WriteTraffic(_) => may_write = true,
+                ConnectionState::PeerClosed | ConnectionState::Closed => bail!("the peer closed the connection during the TLS handshake"),
+                _ => bail!("TLS handshake failed: unexpected state (early data?)"),
+            }
+            self.incoming.copy_within(discard..self.filled, 0);
+            self.filled -= discard;
+            if may_write {
+                if !conn.handshaking() {
+                    return Ok(true);
+                }
+                need_input = true; // (a server may write before the client's Finished)
+            }
+            if need_input && first_record(&self.incoming[..self.filled]) == 0 {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Receives more of the handshake: waits for it (within the socket's read timeout), or
+    /// with `nonblocking` takes only what has arrived (false if nothing had).
+    fn receive(&mut self, sock: &TcpStream, nonblocking: bool) -> Result<bool> {
+        if self.filled == self.incoming.len() {
+            if self.incoming.len() >= 1 << 20 {
+                bail!("TLS handshake failed: handshake messages too large");
+            }
+            self.incoming.resize(self.incoming.len() * 2, 0);
+        }
+        let flags = if nonblocking { libc::MSG_DONTWAIT } else { 0 };
+        let buf = &mut self.incoming[self.filled..];
+        // SAFETY: recv writes at most buf.len() bytes into `buf`, which we own.
+        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock if nonblocking => Ok(false),
+                io::ErrorKind::Interrupted => Ok(false),
+                _ => Err(e).context("TLS handshake failed: receiving"),
+            };
+        }
+        if n == 0 {
+            bail!("the peer closed the connection during the TLS handshake");
+        }
+        self.filled += n as usize;
+        Ok(true)
+    }
+
+    /// The bytes received past the handshake, and application data rustls opened.
+    fn into_rest(mut self) -> (Vec<u8>, Vec<u8>) {
+        self.incoming.truncate(self.filled);
+        (self.incoming, self.early)
+    }
+}
+
+/// The server side of a handshake run by an event loop (the daemon's, before any session
+/// process exists for the connection): fed whenever its socket is readable, it never waits.
+pub struct PendingServer {
+    conn: UnbufferedServerConnection,
+    buffers: HandshakeBuffers,
+    done: bool,
+}
+
+impl PendingServer {
+    pub fn new(cfg: Arc<rustls::ServerConfig>, sock: &TcpStream, timeout: Duration) -> Result<PendingServer> {
+        prepare(sock, timeout);
+        let conn = UnbufferedServerConnection::new(cfg).context("starting TLS")?;
+        Ok(PendingServer { conn, buffers: HandshakeBuffers::new(), done: false })
+    }
+
+    /// Takes what has arrived on `sock` and answers it. True once the handshake is complete
+    /// (the client's certificate verified).
+    pub fn progress(&mut self, sock: &TcpStream) -> Result<bool> {
+        if !self.done {
+            self.done = self.buffers.advance(&mut self.conn, sock)?;
+        }
+        while !self.done && self.buffers.receive(sock, true)? {
+            self.done = self.buffers.advance(&mut self.conn, sock)?;
+        }
+        Ok(self.done)
+    }
+
+    /// The client's certificate chain (verified by the handshake).
+    pub fn peer_certificates(&self) -> Vec<CertificateDer<'static>> {
+        self.conn.peer_certs()
+    }
+
+    /// The channel of a completed handshake.
+    pub fn finish(self, sock: TcpStream, timeout: Duration) -> Result<TlsChannel> {
+        if !self.done {
+            bail!("TLS: the handshake is not complete");
+        }
+        let peer = self.conn.peer_certs();
+        let (rest, early) = self.buffers.into_rest();
+        let (secrets, kc) = self.conn.dangerous_into_kernel_connection().map_err(|e| anyhow!("TLS: taking the traffic keys: {e}"))?;
+        let limit = limit_of(kc.negotiated_cipher_suite());
+        TlsChannel::assemble(sock, peer, secrets, Keys::Server(kc), limit, rest, early, timeout)
+    }
+}
+
+
 
 impl TlsChannel {
     /// Connects as a client and completes the handshake within `timeout`.
@@ -481,7 +575,7 @@ impl TlsChannel {
                 }
                 tx.seal(content_type, piece)?;
             }
-            (&self.sock).write_all(&tx.buf)?;
+            self.write_sock(&tx.buf)?;
             if pieces.peek().is_none() {
                 return Ok(());
             }
@@ -503,7 +597,7 @@ impl TlsChannel {
                 if tx.dir.seq + RECORDS_PER_PIPE_SEND as u64 >= tx.limit || self.update_requested.swap(false, Ordering::SeqCst) {
                     tx.buf.clear();
                     tx.seal(TYPE_HANDSHAKE, &[HANDSHAKE_KEY_UPDATE, 0, 0, 1, 0])?;
-                    (&self.sock).write_all(&tx.buf)?;
+                    self.write_sock(&tx.buf)?;
                     let next = self.keys.lock().unwrap_or_else(|e| e.into_inner()).next_tx().map_err(|e| io::Error::other(format!("TLS: {e}")))?;
                     tx.dir = Direction::new(next)?;
                 }
@@ -568,7 +662,7 @@ impl TlsChannel {
                         .map_err(|_| io::Error::other("TLS: sealing a record failed"))?;
                     area[at + HEADER + n + 1..at + rlen + HEADER].copy_from_slice(tag.as_ref());
                 }
-                (&self.sock).write_all(&area[..end])?;
+                self.write_sock(&area[..end])?;
             }
             Ok(())
         })();
@@ -616,7 +710,8 @@ impl TlsChannel {
                 Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());
                     if left.is_zero() {
-                        return Err(io::Error::new(io::ErrorKind::TimedOut, "timed out waiting for the peer"));
+                        let waited = self.timeout.lock().unwrap_or_else(|e| e.into_inner()).unwrap_or_default();
+                        return Err(io::Error::new(io::ErrorKind::TimedOut, format!("nothing came from the peer for {} s (the link or the peer is down)", waited.as_secs())));
                     }
                     PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX)
                 }
@@ -629,6 +724,19 @@ impl TlsChannel {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// Writes all of `buf` to the socket. Its send timeout (the handshake timeout) expiring
+    /// means the peer took nothing for that long: said so, instead of the bare EAGAIN
+    /// ("Resource temporarily unavailable") the kernel gives.
+    fn write_sock(&self, buf: &[u8]) -> io::Result<()> {
+        (&self.sock).write_all(buf).map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                let waited = self.sock.write_timeout().ok().flatten().unwrap_or_default();
+                io::Error::new(io::ErrorKind::TimedOut, format!("the peer took nothing for {} s (the link or the peer is down)", waited.as_secs()))
+            }
+            _ => e,
+        })
     }
 
     pub fn raw_fd(&self) -> i32 {

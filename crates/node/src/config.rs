@@ -154,8 +154,10 @@ impl Config {
         Ok(())
     }
 
-    /// Resolves a destination: a peer's name, or host:port (whose certificate must then carry
-    /// the host as its name).
+    /// Resolves a destination: a configured peer's name, this node's own, or the address of
+    /// a configured peer (host:port exactly as in `[[peers]]`). Anything else is refused
+    /// before a socket is opened: the daemon runs as root inside the cluster's network, and
+    /// connecting wherever a local user names would make it a port scanner for them.
     pub fn resolve(&self, dest: &str) -> Result<(String, SocketAddr)> {
         if let Some(p) = self.peers.iter().find(|p| p.name == dest) {
             return Ok((p.name.clone(), p.addr));
@@ -164,10 +166,23 @@ impl Config {
             return Ok((self.node.clone(), self.listen));
         }
         if let Ok(addr) = dest.parse::<SocketAddr>() {
-            let name = self.peers.iter().find(|p| p.addr == addr).map(|p| p.name.clone()).unwrap_or_else(|| addr.ip().to_string());
-            return Ok((name, addr));
+            if let Some(p) = self.peers.iter().find(|p| p.addr == addr) {
+                return Ok((p.name.clone(), p.addr));
+            }
+            if addr == self.listen {
+                return Ok((self.node.clone(), self.listen));
+            }
+            bail!("destination {dest} is not a node of this cluster: node {} connects only to the peers in its config ({})", self.node, self.peer_list());
         }
-        bail!("unknown destination {dest:?}: not a node of this cluster's config and not an address host:port")
+        bail!("unknown destination {dest:?}: not a node of this cluster (node {} knows {})", self.node, self.peer_list())
+    }
+
+    /// The configured peers' names, for messages.
+    fn peer_list(&self) -> String {
+        if self.peers.is_empty() {
+            return "no peers".into();
+        }
+        self.peers.iter().map(|p| format!("{} ({})", p.name, p.addr)).collect::<Vec<_>>().join(", ")
     }
 
     pub fn to_toml(&self) -> String {
@@ -203,6 +218,12 @@ addr = "10.0.0.2:7077"
         assert_eq!(c.resolve("node2").unwrap().1.port(), 7077);
         assert_eq!(c.resolve("10.0.0.2:7077").unwrap().0, "node2");
         assert!(c.resolve("nowhere").is_err());
+        assert_eq!(c.resolve("node1").unwrap().1, c.listen);
+        // Only configured addresses: not another port of a peer, not any other host.
+        for unknown in ["10.0.0.2:5555", "127.0.0.1:7077", "10.0.0.3:7077"] {
+            let e = c.resolve(unknown).unwrap_err().to_string();
+            assert!(e.contains("not a node of this cluster") && e.contains("node2 (10.0.0.2:7077)"), "{unknown}: {e}");
+        }
         assert!(toml::from_str::<Config>("node = \"x\"\nbogus = 1").is_err());
     }
 }

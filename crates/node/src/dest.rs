@@ -439,6 +439,9 @@ fn receive(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str, restorer: &Resto
             // TLS authenticates every record; the plain transport is trusted by configuration.
             skip_page_checksums: true,
             pages_socket: None,
+            // Should this session die (killed, crashed) while its process runs, the process
+            // dies too: nobody could wait for it, relay its output or tell its origin.
+            parent_death_signal: Some(libc::SIGKILL),
         };
         telefork_engine::timeline::stamp("dest job begins");
         // A plain image over `transport.self_receive_min_bytes` (by the offer) is received by
@@ -501,6 +504,17 @@ fn receive(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str, restorer: &Resto
         Err(e) => {
             log(&format!("restoring a process from {origin} failed: {e:#}"));
             ch.send(&FromDest::Failed { error: format!("{e:#}") }).ok();
+            // The restore may have stopped early (a mapped file missing here, say) while the
+            // image is still arriving: read the rest, so that the origin, which reads our
+            // answer once it has sent the image, gets the reason instead of a reset.
+            ch.set_recv_timeout(Some(Duration::from_secs(30)));
+            if plain_image {
+                if let Ok(raw) = ch.raw_socket() {
+                    drop_raw(raw);
+                }
+            } else {
+                drop_image(ch);
+            }
             Ok(None)
         }
     }
@@ -524,28 +538,44 @@ fn answer_offer(shared: &Shared, ch: &TlsChannel, origin: &str) -> Result<Option
         bail!("node {origin} claims to be {claimed:?}");
     }
     let limits = &shared.cfg.limits;
+    let node = &shared.cfg.node;
     let refusal = if user.uid == 0 && !limits.allow_root {
-        Some(format!("node {} does not run processes of root (allow_root = false)", shared.cfg.node))
+        Some((Some("limits.allow_root"), format!("node {node} does not run processes of root (limits.allow_root = false)")))
     } else if image_bytes > limits.max_image_bytes {
-        Some(format!("image of {image_bytes} bytes exceeds node {}'s limit of {} bytes", shared.cfg.node, limits.max_image_bytes))
+        Some((Some("limits.max_image_bytes"), format!("image of {image_bytes} bytes exceeds node {node}'s limit of {} bytes (limits.max_image_bytes)", limits.max_image_bytes)))
     } else if plain_image && shared.cfg.transport.image != crate::config::ImageTransport::Plain {
-        Some(format!("node {} accepts only encrypted images (its transport.image is \"tls\")", shared.cfg.node))
+        Some((None, format!("node {node} accepts only encrypted images (its transport.image is \"tls\")")))
     } else if live_sessions(shared, user.uid) >= limits.max_restores_per_user {
-        Some(format!("user {} already has {} processes restored on node {} (the limit)", user.uid, limits.max_restores_per_user, shared.cfg.node))
+        Some((
+            Some("limits.max_restores_per_user"),
+            format!("user {} already has {} processes restored on node {node} (limits.max_restores_per_user)", user.uid, limits.max_restores_per_user),
+        ))
     } else {
         None
     };
-    if let Some(reason) = refusal {
-        log(&format!("refused a process from {origin}: {reason}"));
-        ch.send(&FromDest::Refused { reason })?;
-        if image_follows {
-            drop_image(ch);
+    // Counted among its owner's restored processes from here (a file in the state
+    // directory: a full or broken one refuses the offer, naming why).
+    let counted = match refusal {
+        Some(r) => Err(r),
+        None => {
+            let marker = shared.sessions_dir().join(format!("{}.{}", user.uid, std::process::id()));
+            match File::create(&marker) {
+                Ok(_) => Ok(RemoveOnDrop(marker)),
+                Err(e) => Err((None, format!("node {node} cannot record the session in {}: {e}", shared.sessions_dir().display()))),
+            }
         }
-        return Ok(None);
-    }
-    let marker = shared.sessions_dir().join(format!("{}.{}", user.uid, std::process::id()));
-    File::create(&marker).with_context(|| format!("creating {}", marker.display()))?;
-    let counted = RemoveOnDrop(marker);
+    };
+    let counted = match counted {
+        Ok(c) => c,
+        Err((limit, reason)) => {
+            log(&format!("refused a process from {origin}: {reason}"));
+            ch.send(&FromDest::Refused { limit: limit.map(str::to_string), reason })?;
+            if image_follows {
+                drop_image(ch);
+            }
+            return Ok(None);
+        }
+    };
     ch.send(&FromDest::Accept)?;
     Ok(Some(Accepted { user, pass_stdin, plain_image, image_bytes, counted }))
 }
@@ -569,6 +599,19 @@ fn drop_image(mut ch: &TlsChannel) {
     let mut buf = vec![0u8; 64 << 10];
     while std::time::Instant::now() < deadline {
         match ch.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Like `drop_image`, for an image sent unencrypted on the socket beneath TLS.
+fn drop_raw(mut sock: &TcpStream) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    sock.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    let mut buf = vec![0u8; 64 << 10];
+    while std::time::Instant::now() < deadline {
+        match sock.read(&mut buf) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }

@@ -91,7 +91,11 @@ pub fn serve(shared: &Shared, mut sock: UnixStream) -> Result<()> {
                     },
                     Err(e) => {
                         log(&format!("telefork of process {child_pid} to {dest} failed: {e:#}"));
-                        return proto::write_frame(&mut sock, &FromDaemon::Failed { error: format!("{e:#}") });
+                        let reply = match e.downcast_ref::<Refused>() {
+                            Some(r) => FromDaemon::Refused { node: r.node.clone(), limit: r.limit.clone(), reason: r.reason.clone() },
+                            None => FromDaemon::Failed { error: format!("{e:#}") },
+                        };
+                        return proto::write_frame(&mut sock, &reply);
                     }
                 }
                 let Some(next) = recv_first(&sock)? else {
@@ -317,7 +321,7 @@ fn offer(ch: &TlsChannel, name: &str, offer: &ToDest) -> Result<()> {
     ch.send(offer)?;
     match ch.expect::<FromDest>("the destination's answer")? {
         FromDest::Accept => Ok(()),
-        FromDest::Refused { reason } => Err(Refused(format!("node {name} refused: {reason}")).into()),
+        FromDest::Refused { limit, reason } => Err(Refused { node: name.to_string(), limit, reason }.into()),
         other => bail!("node {name} answered {other:?} to an offer"),
     }
 }
@@ -334,13 +338,19 @@ fn still_open(ch: &TlsChannel) -> bool {
     unsafe { libc::poll(p.as_mut_ptr(), 1, 0) == 0 }
 }
 
-/// A destination's refusal (not worth a retry on a fresh connection).
+/// A refusal by a node (not worth a retry on a fresh connection): which node, the key of
+/// the limit that refused if one did, and why. The program gets it as such
+/// (`FromDaemon::Refused`).
 #[derive(Debug)]
-struct Refused(String);
+pub(crate) struct Refused {
+    pub node: String,
+    pub limit: Option<String>,
+    pub reason: String,
+}
 
 impl std::fmt::Display for Refused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        write!(f, "node {} refused: {}", self.node, self.reason)
     }
 }
 
@@ -372,8 +382,8 @@ fn send_away(
         bail!("process {child} does not belong to the calling user {}", user.uid);
     }
     // The connection: the one made ahead of time if it goes there, else one made now by a
-    // thread of its own while the child is checked and captured.
-    let (name, addr) = shared.cfg.resolve(dest)?;
+    // thread of its own while the child is checked and captured. Only to configured peers.
+    let (name, addr) = shared.cfg.resolve(dest).map_err(|e| Refused { node: shared.cfg.node.clone(), limit: Some("peers".into()), reason: e.to_string() })?;
     let connecting = match prepared.filter(|c| c.name == name) {
         Some(c) => c,
         None => Connecting::start(shared, &name, addr)?,
@@ -436,7 +446,7 @@ fn send_away(
         Some(ch) => Box::new(ch.raw_socket()?),
         None => Box::new(&link),
     };
-    telefork_engine::dump(Pid::from_raw(child), std::io::BufWriter::with_capacity(1 << 20, sink), &opts, |mut w| {
+    let dumped = telefork_engine::dump(Pid::from_raw(child), std::io::BufWriter::with_capacity(1 << 20, sink), &opts, |mut w| {
         w.flush().context("sending the image")?;
         t_sent = std::time::Instant::now();
         telefork_engine::timeline::stamp("origin image flushed");
@@ -448,7 +458,7 @@ fn send_away(
                 FromDest::Accept => {
                     let _ = tell(FromDaemon::Accepted { node: name.clone() });
                 }
-                FromDest::Refused { reason } => return Err(Refused(format!("node {name} refused: {reason}")).into()),
+                FromDest::Refused { limit, reason } => return Err(Refused { node: name.clone(), limit, reason }.into()),
                 other => bail!("node {name} answered {other:?} to an offer"),
             }
         }
@@ -460,11 +470,21 @@ fn send_away(
                 telefork_engine::timeline::stamp("origin told Started");
                 Ok(())
             }
-            FromDest::Failed { error } => bail!("node {name} could not restore the process: {error}"),
+            FromDest::Failed { error } => Err(DestSaid(format!("node {name} could not restore the process: {error}")).into()),
             other => bail!("node {name} answered {other:?} after the image"),
         }
-    })
-    .with_context(|| format!("sending process {child} to node {name}"))?;
+    });
+    // Sending failed before the destination's answer was read: it may have stopped reading
+    // and said why (a refusal, or a restore that failed while the image was arriving). Its
+    // word is the error, not our broken pipe.
+    let dumped = dumped.map_err(|e| match (e.downcast_ref::<Refused>().is_some() || e.downcast_ref::<DestSaid>().is_some(), link.ch.get()) {
+        (false, Some(ch)) => match last_word(ch, &name) {
+            Some(said) => said,
+            None => e,
+        },
+        _ => e,
+    });
+    dumped.with_context(|| format!("sending process {child} to node {name}"))?;
     let pid = started.context("destination gave no PID")?;
     let t_end = std::time::Instant::now();
     let (how, t_offered) = link.opened.get().copied().unwrap_or(("connected", t_end));
@@ -480,6 +500,32 @@ fn send_away(
     ));
     Ok((ch, name, addr))
 }
+
+/// What the destination said last, if it said anything within a moment: read after sending
+/// to it failed.
+fn last_word(ch: &TlsChannel, name: &str) -> Option<anyhow::Error> {
+    ch.set_recv_timeout(Some(Duration::from_secs(2)));
+    loop {
+        match ch.recv::<FromDest>() {
+            Ok(Some(FromDest::Accept)) => continue, // (the answer to an offer the image followed)
+            Ok(Some(FromDest::Refused { limit, reason })) => return Some(Refused { node: name.to_string(), limit, reason }.into()),
+            Ok(Some(FromDest::Failed { error })) => return Some(DestSaid(format!("node {name} could not restore the process: {error}")).into()),
+            _ => return None,
+        }
+    }
+}
+
+/// An error the destination reported (its own words).
+#[derive(Debug)]
+struct DestSaid(String);
+
+impl std::fmt::Display for DestSaid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for DestSaid {}
 
 /// Waits until the child has stopped itself (its SIGSTOP right after fork): capturing it
 /// any earlier would catch it before the stop, which it would then perform on the

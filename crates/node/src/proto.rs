@@ -87,6 +87,9 @@ pub enum FromDaemon {
     Lost { error: String },
     Ok,
     Node { name: String },
+    /// A node refused the request: `node` (this one or the destination) said why, and which
+    /// limit of its config refused it, if one did.
+    Refused { node: String, limit: Option<String>, reason: String },
 }
 
 /// Messages of an origin daemon to a destination daemon.
@@ -110,7 +113,9 @@ pub enum ToDest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum FromDest {
     Accept,
-    Refused { reason: String },
+    /// `limit`: the key of the destination's config that refused it (e.g.
+    /// "limits.max_restores_per_user"), if a limit did.
+    Refused { limit: Option<String>, reason: String },
     Started { pid: i32 },
     Failed { error: String },
     Stdout { data: Vec<u8> },

@@ -45,6 +45,10 @@ pub enum Error {
     NoDaemon { path: PathBuf, source: std::io::Error },
     #[error("telefork failed: {0}")]
     Failed(String),
+    /// A node (this one or the destination) refused: `limit` is the key of its config that
+    /// refused (e.g. "limits.max_sessions_per_user"), if a limit did; `reason` says why.
+    #[error("telefork refused by node {node}: {reason}")]
+    Refused { node: String, limit: Option<String>, reason: String },
     #[error("lost track of the remote child: {0}")]
     Lost(String),
     #[error("the remote closure ended without a result ({0})")]
@@ -320,7 +324,11 @@ fn hand_over(conn: Held<UnixStream>, child: Pid, dest: &str, opts: &Options) -> 
     if opts.pass_stdin {
         fds.push(0);
     }
-    send_with_fds(conn.get()?, &req, &fds)?;
+    if let Err(e) = send_with_fds(conn.get()?, &req, &fds) {
+        // A daemon that refuses a connection (a limit) says so and may close it before our
+        // request went out: its word is the error, not our broken pipe.
+        return Err(daemon_said(conn.get()?).unwrap_or(e));
+    }
     tl.mark("request sent");
     // The daemon bounds every step with its own timeouts; this only guards against a hung
     // daemon while `telefork` waits (a background one returns now, and its later reads
@@ -361,6 +369,7 @@ fn hand_over(conn: Held<UnixStream>, child: Pid, dest: &str, opts: &Options) -> 
                 break;
             }
             FromDaemon::Failed { error } => return Err(Error::Failed(error)),
+            FromDaemon::Refused { node, limit, reason } => return Err(Error::Refused { node, limit, reason }),
             other => return Err(Error::Failed(format!("unexpected answer from the daemon: {other:?}"))),
         }
     }
@@ -386,6 +395,17 @@ fn send_all(conn: &UnixStream, frame: &[u8]) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// What the daemon said on `conn` before it closed it, if it was a refusal or a failure.
+fn daemon_said(conn: &UnixStream) -> Option<Error> {
+    conn.set_read_timeout(Some(Duration::from_secs(1))).ok();
+    let mut r = conn;
+    match proto::read_frame::<_, FromDaemon>(&mut r) {
+        Ok(Some(FromDaemon::Refused { node, limit, reason })) => Some(Error::Refused { node, limit, reason }),
+        Ok(Some(FromDaemon::Failed { error })) => Some(Error::Failed(error)),
+        _ => None,
+    }
 }
 
 fn send_with_fds(conn: &UnixStream, req: &LocalRequest, fds: &[RawFd]) -> Result<(), Error> {
@@ -527,6 +547,13 @@ impl RemoteChild {
                     let _ = waitpid(local.pid, None);
                 }
                 return Err(Error::Failed(error));
+            }
+            FromDaemon::Refused { node, limit, reason } => {
+                if let Some(local) = self.local.take() {
+                    local.kill();
+                    let _ = waitpid(local.pid, None);
+                }
+                return Err(Error::Refused { node, limit, reason });
             }
             FromDaemon::Accepted { node } => self.node = node,
             FromDaemon::Result { value } => self.result = Some(value),
