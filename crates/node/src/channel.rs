@@ -739,6 +739,11 @@ impl TlsChannel {
         })
     }
 
+    /// The TCP socket, the TLS session given up (for a connection only drained from now on).
+    pub fn into_socket(self) -> io::Result<TcpStream> {
+        self.sock.try_clone()
+    }
+
     pub fn raw_fd(&self) -> i32 {
         self.sock.as_raw_fd()
     }

@@ -16,6 +16,17 @@
 //! max_restores_per_user = 16              # concurrent restored children per user
 //! allow_root = false                      # run children of uid 0 here?
 //! max_sessions = 256                      # connections served at once (each a process)
+//! max_sessions_per_user = 32              # of them serving one local user's programs;
+//!                                         # that user's further connections wait (in
+//!                                         # turn, no process) up to 60 s, at most
+//!                                         # max_waiting_per_user of them
+//! max_waiting_per_user = 256
+//! max_sessions_per_peer = 128             # of them serving connections from one node
+//! max_handshakes = 64                     # TLS handshakes in progress (no process yet);
+//! max_handshakes_per_source = 8           # of them from one address; further
+//!                                         # connections wait in turn, up to 10 s from
+//!                                         # their arrival, at most
+//! max_waiting_per_source = 256            # this many per address (and 1024 in all)
 //!
 //! [transport]
 //! image = "tls"                           # "tls": every byte encrypted (default).
@@ -81,14 +92,39 @@ pub struct Limits {
     pub max_image_bytes: u64,
     pub max_restores_per_user: u32,
     pub allow_root: bool,
-    /// Connections served at once; each is a session process, and a session lives as long
-    /// as its child. Beyond it, connections are closed at once.
+    /// Session processes at once, all kinds. Each serves one connection (a local program's,
+    /// or an authenticated node's) and lives as long as its connection and its child.
     pub max_sessions: u32,
+    /// Sessions serving one local user's programs at once; that user's further connections
+    /// wait for one of them to end (without a process), in the order they came.
+    pub max_sessions_per_user: u32,
+    /// Connections of one local user waiting for a session; beyond it they are refused.
+    pub max_waiting_per_user: u32,
+    /// Sessions serving one peer node's connections at once; beyond it they are refused.
+    pub max_sessions_per_peer: u32,
+    /// TLS handshakes in progress at once (done by the daemon itself, before any process
+    /// exists for a connection).
+    pub max_handshakes: u32,
+    /// Handshakes in progress from one address at once; its further connections wait.
+    pub max_handshakes_per_source: u32,
+    /// Connections from one address waiting for their handshake; beyond it they are closed.
+    pub max_waiting_per_source: u32,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_image_bytes: 16 << 30, max_restores_per_user: 16, allow_root: false, max_sessions: 256 }
+        Limits {
+            max_image_bytes: 16 << 30,
+            max_restores_per_user: 16,
+            allow_root: false,
+            max_sessions: 256,
+            max_sessions_per_user: 32,
+            max_waiting_per_user: 256,
+            max_sessions_per_peer: 128,
+            max_handshakes: 64,
+            max_handshakes_per_source: 8,
+            max_waiting_per_source: 256,
+        }
     }
 }
 

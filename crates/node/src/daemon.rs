@@ -8,20 +8,17 @@
 //! separate processes, restarting or upgrading the daemon does not take running children
 //! down.
 //!
-//! The main loop never creates a thread, so forking from it is safe; sessions are free to
-//! use threads.
+//! The main loop (`admission`: TLS handshakes before any process, limits and queues) never
+//! creates a thread, so forking from it is safe; sessions are free to use threads.
 
 use std::io::Write;
 use std::net::TcpListener;
-use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::{fork, ForkResult};
 
 use crate::config::Config;
@@ -74,39 +71,7 @@ pub fn run(cfg: Config) -> Result<()> {
         shared.cfg.listen,
         shared.cfg.socket.display()
     ));
-    let mut sessions = 0usize;
-    loop {
-        sessions = sessions.saturating_sub(reap_sessions());
-        let mut fds = [PollFd::new(tcp.as_fd(), PollFlags::POLLIN), PollFd::new(unix.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::from(1000u16)) {
-            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(e).context("waiting for connections"),
-            Ok(_) => {}
-        }
-        let tcp_ready = fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLIN));
-        let unix_ready = fds[1].revents().is_some_and(|r| r.contains(PollFlags::POLLIN));
-        // Beyond the session limit, a connection is accepted and closed at once (a flood of
-        // connections must not become a flood of processes).
-        let max = shared.cfg.limits.max_sessions as usize;
-        if tcp_ready {
-            if let Ok((sock, peer)) = tcp.accept() {
-                if sessions >= max {
-                    log(&format!("refused a connection from {peer}: {sessions} sessions running (limits.max_sessions)"));
-                } else if spawn_session(&[tcp.as_raw_fd(), unix.as_raw_fd()], || crate::dest::serve(&shared, sock, peer)) {
-                    sessions += 1;
-                }
-            }
-        }
-        if unix_ready {
-            if let Ok((sock, _)) = unix.accept() {
-                if sessions >= max {
-                    log(&format!("refused a local connection: {sessions} sessions running (limits.max_sessions)"));
-                } else if spawn_session(&[tcp.as_raw_fd(), unix.as_raw_fd()], || crate::origin::serve(&shared, sock)) {
-                    sessions += 1;
-                }
-            }
-        }
-    }
+    crate::admission::Admission::new(&shared, tcp, unix)?.run()
 }
 
 fn bind_unix(path: &Path) -> Result<UnixListener> {
@@ -126,8 +91,8 @@ fn bind_unix(path: &Path) -> Result<UnixListener> {
     Ok(l)
 }
 
-/// Runs `session` in a forked process; the listeners are closed there. True if it started.
-fn spawn_session(listeners: &[i32], session: impl FnOnce() -> Result<()>) -> bool {
+/// Runs `session` in a forked process; the listeners are closed there. Its PID if it started.
+pub(crate) fn spawn_session(listeners: &[i32], session: impl FnOnce() -> Result<()>) -> Option<nix::unistd::Pid> {
     // SAFETY: the daemon's main loop is single-threaded (no thread was ever started in it),
     // so the child may run arbitrary code.
     match unsafe { fork() } {
@@ -147,24 +112,12 @@ fn spawn_session(listeners: &[i32], session: impl FnOnce() -> Result<()>) -> boo
             // SAFETY: _exit skips destructors of state copied from the parent on purpose.
             unsafe { libc::_exit(code) };
         }
-        Ok(ForkResult::Parent { .. }) => true,
+        Ok(ForkResult::Parent { child }) => Some(child),
         Err(e) => {
             log(&format!("cannot fork a session: {e}"));
-            false
+            None
         }
     }
-}
-
-/// Reaps ended sessions; returns how many.
-fn reap_sessions() -> usize {
-    let mut n = 0;
-    while let Ok(st) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-        if st == nix::sys::wait::WaitStatus::StillAlive {
-            break;
-        }
-        n += 1;
-    }
-    n
 }
 
 pub fn log(msg: &str) {

@@ -22,7 +22,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use nix::sys::wait::{waitpid, WaitStatus};
 
-use crate::channel::{check_peer_name, TlsChannel};
+use crate::channel::{PendingServer, TlsChannel};
 use crate::daemon::{live_sessions, log, Shared};
 use crate::proto::{ExitInfo, FromDest, ToDest, User};
 use telefork_engine::restore::{restore_into, Stub, StubTemplate};
@@ -33,15 +33,10 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// child's end), and for the origin's word after a child's end.
 pub const OFFER_WAIT: Duration = Duration::from_secs(40);
 
-pub fn serve(shared: &Shared, sock: TcpStream, peer: SocketAddr) -> Result<()> {
-    let ch = match TlsChannel::server(shared.server_tls.clone(), sock, HANDSHAKE_TIMEOUT) {
-        Ok(ch) => ch,
-        Err(e) => {
-            log(&format!("rejected connection from {peer}: {e:#}"));
-            return Ok(());
-        }
-    };
-    let origin = check_peer_name(&ch, None)?;
+/// Serves the connection of node `origin`, whose handshake the daemon's main loop completed
+/// (`admission`) before this session was forked.
+pub fn serve(shared: &Shared, tls: PendingServer, sock: TcpStream, peer: SocketAddr, origin: String) -> Result<()> {
+    let ch = tls.finish(sock, HANDSHAKE_TIMEOUT).with_context(|| format!("the connection from {origin} ({peer})"))?;
     telefork_engine::timeline::stamp("dest handshake done");
     let ch = Arc::new(ch);
     // The process to restore into is made at once, while the offer and image are on their

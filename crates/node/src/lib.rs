@@ -3,6 +3,7 @@
 //! cluster's certificates (`cluster`, `tls`), the shared TLS connection (`channel`) and the
 //! wire protocol (`proto`).
 
+pub mod admission;
 pub mod channel;
 pub mod cluster;
 pub mod config;

@@ -134,16 +134,43 @@ fn recv_first(sock: &UnixStream) -> Result<Option<(LocalRequest, Vec<OwnedFd>)>>
     if got == 0 {
         return Ok(None);
     }
-    let mut r = sock;
-    r.read_exact(&mut len[got..]).context("reading a request")?;
+    // Once a request has begun, all of it within `REQUEST_LIMIT` (a program writes it at
+    // once; a peer trickling bytes must not hold the session).
+    let deadline = std::time::Instant::now() + REQUEST_LIMIT;
+    read_by(sock, &mut len[got..], deadline)?;
     let n = u32::from_le_bytes(len);
     if n > proto::MAX_FRAME {
         bail!("request of {n} bytes is too large");
     }
     let mut body = vec![0u8; n as usize];
-    r.read_exact(&mut body).context("reading a request")?;
+    read_by(sock, &mut body, deadline)?;
     sock.set_read_timeout(None).ok();
     Ok(Some((postcard::from_bytes(&body).context("decoding a request")?, fds)))
+}
+
+/// How long a request may take to arrive once its first bytes have.
+const REQUEST_LIMIT: Duration = Duration::from_secs(5);
+
+/// Fills `buf` from `sock` by `deadline`.
+fn read_by(mut sock: &UnixStream, buf: &mut [u8], deadline: std::time::Instant) -> Result<()> {
+    let mut at = 0;
+    while at < buf.len() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            bail!("the request did not arrive within {} s", REQUEST_LIMIT.as_secs());
+        }
+        sock.set_read_timeout(Some(left)).ok();
+        match sock.read(&mut buf[at..]) {
+            Ok(0) => bail!("the connection ended inside a request"),
+            Ok(n) => at += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                bail!("the request did not arrive within {} s", REQUEST_LIMIT.as_secs())
+            }
+            Err(e) => return Err(e).context("reading a request"),
+        }
+    }
+    Ok(())
 }
 
 /// A restored process reports its `remote` result; only children of this node's sessions may.
