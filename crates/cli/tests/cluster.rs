@@ -869,6 +869,215 @@ fn dropped_handle_ends_its_session(c: &Ctx) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Attacks (issue 18): what a peer without a certificate, a local user or a burst can do.
+
+/// A python3 script run as root on NODE in the background; stopped (by its PID) on drop.
+struct Background(Running);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.0.kill();
+    }
+}
+
+impl Ctx {
+    fn python(&self, node: &str, script: &str) -> Running {
+        self.spawn(node, None, &s(&["python3", "-u", "-c", script]), Stdio::null(), Out::Pipes)
+    }
+
+    fn listen_addr(&self, node: &str) -> std::net::SocketAddr {
+        telefork_node::config::Config::load(&self.dir.join(node).join("node.toml")).unwrap().listen
+    }
+
+    /// Session processes of NODE's daemon (its children).
+    fn sessions(&self, node: &str) -> usize {
+        children(self.node(node).daemon_pid).len()
+    }
+}
+
+/// 17. A peer without a certificate opens 300 connections to node2 and re-opens each as it is
+///     closed: node2 makes no process for them, and serves node1's telefork and its own
+///     programs meanwhile.
+fn unauthenticated_flood(c: &Ctx) {
+    let target = c.listen_addr("node2");
+    let before = c.sessions("node2");
+    let script = format!(
+        r#"
+import socket, time
+conns = [None] * 300
+opened = 0
+print("flooding", flush=True)
+while True:
+    for i in range(len(conns)):
+        s = conns[i]
+        if s is not None:
+            try:
+                if s.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b"":
+                    s.close(); s = None
+            except BlockingIOError:
+                pass
+            except OSError:
+                s.close(); s = None
+        if s is None:
+            s = socket.socket(); s.setblocking(False)
+            try: s.connect(("{ip}", {port}))
+            except BlockingIOError: pass
+            except OSError: pass
+            opened += 1
+        conns[i] = s
+    time.sleep(0.05)
+"#,
+        ip = target.ip(),
+        port = target.port()
+    );
+    let mut flood = Background(c.python("node3", &script));
+    flood.0.wait_line("flooding", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(2));
+    let during = c.sessions("node2").saturating_sub(before);
+    let r = c.probe("node1", &["fork", "node2", "--exit", "5"], Duration::from_secs(40));
+    assert_eq!(r.get("exit code"), Some("5"), "node1's telefork into node2 during the flood:\n{r}");
+    let r = c.probe("node2", &["fork", "node1", "--exit", "6"], Duration::from_secs(40));
+    assert_eq!(r.get("exit code"), Some("6"), "node2's own program during the flood:\n{r}");
+    drop(flood);
+    assert!(during <= 2, "node2 made {during} session processes for connections that never authenticated");
+    eprintln!("flood: 300 unauthenticated connections held on node2; {during} sessions meanwhile; both teleforks served");
+}
+
+/// 18. A local user opens 300 idle connections to node1's daemon, asking each for a
+///     connection to node2 made ahead of time (`Prepare`) and trickling nothing more: at
+///     most `max_sessions_per_user` sessions on node1 (and connections to node2), the rest
+///     wait without a process or are refused naming the limit; another user's telefork from
+///     node1 to node2 is served meanwhile.
+fn idle_local_flood(c: &Ctx) {
+    let limits = telefork_node::config::Limits::default();
+    let before = (c.sessions("node1"), c.sessions("node2"));
+    let script = r#"
+import socket, time
+# LocalRequest::Prepare { dest: "node2" }: a u32 length, then postcard (variant 3, string).
+prepare = bytes([7, 0, 0, 0, 3, 5]) + b"node2"
+conns = []
+for i in range(300):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect("/run/telefork/daemon.sock")
+    s.sendall(prepare)
+    conns.append(s)
+print("holding", flush=True)
+time.sleep(3)
+refused = 0
+for s in conns:
+    try:
+        d = s.recv(4096, socket.MSG_DONTWAIT)
+        if b"max_waiting_per_user" in d: refused += 1
+    except BlockingIOError:
+        pass
+print("refused", refused, flush=True)
+time.sleep(60)
+"#;
+    let mut flood = Background(c.python("node1", script));
+    flood.0.wait_line("holding", Duration::from_secs(20));
+    let (_, refused) = flood.0.wait_line("refused", Duration::from_secs(20));
+    let refused: usize = refused.trim_start_matches("refused ").parse().unwrap();
+    let (node1_sessions, node2_sessions) = (c.sessions("node1").saturating_sub(before.0), c.sessions("node2").saturating_sub(before.1));
+    let r = c.probe("node1", &["fork", "node2", "--exit", "4"], Duration::from_secs(40));
+    assert_eq!(r.get("exit code"), Some("4"), "another user's telefork while root holds 300 idle connections:\n{r}");
+    drop(flood);
+    let expect_refused = 300 - (limits.max_sessions_per_user + limits.max_waiting_per_user) as usize;
+    assert_eq!(refused, expect_refused, "connections beyond the waiting limit must be told so");
+    assert!(node1_sessions <= limits.max_sessions_per_user as usize + 2, "node1 runs {node1_sessions} sessions for one user's idle connections");
+    assert!(node2_sessions <= limits.max_sessions_per_user as usize + 2, "node2 runs {node2_sessions} sessions for one user's prepared connections");
+    eprintln!("idle flood: 300 connections; sessions node1 {node1_sessions}, node2 {node2_sessions}; {refused} refused naming the limit; another user served");
+}
+
+/// 19. 200 teleforks into node2 at once (one user's 200 processes on node1): each succeeds or
+///     is refused naming a limit — none fails by accident (handshake timeouts, resets).
+fn burst(c: &Ctx) {
+    let t = Instant::now();
+    let r = c.probe("node1", &["burst", "node2", "200", "300"], Duration::from_secs(240));
+    let lines: Vec<&String> = r.stdout.iter().filter(|l| l.starts_with("burst ") && *l != "burst done").collect();
+    let ok = lines.iter().filter(|l| l.as_str() == "burst ok").count();
+    let refused: Vec<&&String> = lines.iter().filter(|l| l.starts_with("burst refused ")).collect();
+    let failed: Vec<&&String> = lines.iter().filter(|l| l.starts_with("burst error")).collect();
+    assert!(r.has("burst done") && lines.len() == 200, "every one of the 200 must report:\n{r}");
+    let admission: Vec<String> = ["node1", "node2"].iter().flat_map(|n| c.log(n).lines().filter(|l| l.contains("in the last") || l.contains("rejected") || l.contains("refused a connection")).map(|l| format!("{n}: {l}")).collect::<Vec<_>>()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of 200 failed by accident (not a limit):\n{}\nthe daemons on admission:\n{}",
+        failed.len(),
+        failed.iter().map(|l| l.as_str()).collect::<Vec<_>>().join("\n"),
+        admission.join("\n")
+    );
+    assert!(refused.iter().all(|l| l.starts_with("burst refused limits.")), "a refusal must name the limit: {refused:?}");
+    assert!(ok >= 16, "only {ok} of 200 succeeded");
+    eprintln!("burst: 200 concurrent teleforks node1 -> node2: {ok} ok, {} refused by a limit, 0 failed, in {:?}", refused.len(), t.elapsed());
+}
+
+/// 20. The destination's session is killed while its child runs: the child dies with it
+///     (nobody could wait for it), and the parent hears that it lost track of it.
+fn killed_session(c: &Ctx) {
+    let mut run = c.spawn_probe("node1", false, &["fork", "node2", "--sleep-ms", "30000"], Stdio::null(), Out::Pipes);
+    let (_, id) = run.wait_line("id node2:", Duration::from_secs(30));
+    let pid: i32 = id.rsplit(':').next().unwrap().parse().unwrap();
+    let session = ppid(pid).expect("the remote child's session");
+    assert_eq!(ppid(session), Some(c.node("node2").daemon_pid), "{pid}'s parent {session} is not a session of node2's daemon");
+    sigkill(session);
+    c.assert_no_user_procs("node2", Duration::from_secs(3), "after its session was killed");
+    let r = run.finish(Duration::from_secs(30));
+    assert!(r.get("error").is_some_and(|e| e.contains("lost track")), "the parent must hear it lost its child:\n{r}");
+}
+
+/// 21. Refusals that come while the image is still arriving reach the caller with their
+///     reason: a mapped file missing on the destination, and a state directory that cannot
+///     record the session.
+fn refusal_reasons(c: &Ctx) {
+    // Each node has its own /run/telefork: a file there exists on node1 only.
+    let file = "/run/telefork/only-on-node1";
+    let r = c.sh("node1", None, &format!("echo data > {file} && chmod 644 {file}"), Duration::from_secs(10));
+    assert!(r.status.success(), "{r}");
+    let r = c.probe("node1", &["fork", "node2", "--map", file], Duration::from_secs(40));
+    c.sh("node1", None, &format!("rm -f {file}"), Duration::from_secs(10));
+    let err = r.want("error").to_string();
+    assert!(err.contains("node2") && err.contains("only-on-node1"), "the caller must hear which file node2 lacks:\n{r}");
+
+    // node2's sessions directory replaced by a file: it cannot record a session.
+    let sessions = c.dir.join("node2").join("state").join("sessions");
+    let aside = sessions.with_extension("aside");
+    std::fs::rename(&sessions, &aside).unwrap();
+    std::fs::write(&sessions, b"not a directory").unwrap();
+    let r = c.probe("node1", &["fork", "node2"], Duration::from_secs(40));
+    std::fs::remove_file(&sessions).unwrap();
+    std::fs::rename(&aside, &sessions).unwrap();
+    let err = r.want("error").to_string();
+    assert!(err.contains("cannot record the session") && err.contains("node2"), "the caller must hear why node2 refused:\n{r}");
+    assert!(r.get("host").is_none() && r.has("parent ok"), "{r}");
+}
+
+/// 22. A daemon connects only to the peers in its config: a program naming any other
+///     address is refused before a socket is opened.
+fn configured_peers_only(c: &Ctx) {
+    let script = r#"
+import socket
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", 5555)); l.listen(16); l.settimeout(15)
+print("listening", flush=True)
+try:
+    l.accept(); print("connected", flush=True)
+except socket.timeout:
+    print("nobody", flush=True)
+"#;
+    let mut listener = Background(c.python("node1", script));
+    listener.0.wait_line("listening", Duration::from_secs(10));
+    let r = c.probe("node1", &["fork", "127.0.0.1:5555"], Duration::from_secs(30));
+    assert_eq!(r.get("refused"), Some("node=node1 limit=peers"), "{r}");
+    assert!(r.want("error").contains("not a node of this cluster"), "{r}");
+    let other_port = format!("{}:5555", c.listen_addr("node2").ip());
+    let r = c.probe("node1", &["fork", &other_port], Duration::from_secs(30));
+    assert_eq!(r.get("refused"), Some("node=node1 limit=peers"), "{r}");
+    // The listener saw nobody (it waits 15 s from its start).
+    let (_, said) = listener.0.wait_line("", Duration::from_secs(20));
+    assert_eq!(said, "nobody", "node1's daemon connected to an address outside its config");
+}
+
+// ---------------------------------------------------------------------------------------
 
 #[test]
 fn telefork_across_machines() {
@@ -916,6 +1125,12 @@ fn telefork_across_machines() {
         ("14 fan-out to several nodes", fan_out),
         ("15 sessions on both sides serve teleforks one after another", session_reuse),
         ("16 a dropped handle's sessions end with its child", dropped_handle_ends_its_session),
+        ("17 a flood of unauthenticated connections", unauthenticated_flood),
+        ("18 a flood of idle local connections", idle_local_flood),
+        ("19 200 teleforks at once", burst),
+        ("20 a killed session takes its child along", killed_session),
+        ("21 refusal reasons reach the caller", refusal_reasons),
+        ("22 daemons connect only to configured peers", configured_peers_only),
     ];
     let only = std::env::var("CLUSTER_ONLY").ok();
     let mut failed = vec![];

@@ -39,6 +39,9 @@ pub const PREAUTH_LIMIT: Duration = Duration::from_secs(10);
 /// ... and its handshake this long after it began: a short bound, since a handshake takes a
 /// few milliseconds.
 pub const HANDSHAKE_LIMIT: Duration = Duration::from_secs(5);
+/// A client that has sent nothing this long after its handshake began (a real one sends its
+/// hello as soon as it has connected) loses its slot.
+pub const HELLO_LIMIT: Duration = Duration::from_secs(3);
 /// A local connection waits at most this long for one of its user's sessions.
 pub const LOCAL_WAIT: Duration = Duration::from_secs(60);
 /// A refused connection's bytes are read and dropped for at most this long.
@@ -62,6 +65,8 @@ struct Handshaking {
     tls: PendingServer,
     began: Instant,
     arrived: Instant,
+    /// Whether the client has sent anything yet (a real one sends its hello at once).
+    heard: bool,
 }
 
 struct Draining {
@@ -80,6 +85,8 @@ struct Tally {
 }
 
 const SUMMARY_EVERY: Duration = Duration::from_secs(5);
+/// Failed handshakes logged one by one per summary period (the rest only counted).
+const LOGGED_PER_SUMMARY: u64 = 10;
 
 pub struct Admission<'a> {
     shared: &'a Shared,
@@ -146,12 +153,29 @@ impl<'a> Admission<'a> {
     /// local connections that waited `LOCAL_WAIT`, drained connections past `DRAIN_LIMIT`.
     fn expire(&mut self) {
         let now = Instant::now();
-        let before = self.handshaking.len();
-        self.handshaking.retain(|h| now < h.began + HANDSHAKE_LIMIT && now < h.arrived + PREAUTH_LIMIT);
-        self.tally.handshake_timed_out += (before - self.handshaking.len()) as u64;
+        let tally = &mut self.tally;
+        self.handshaking.retain(|h| {
+            let why = if now >= h.arrived + PREAUTH_LIMIT {
+                "not done within 10 s of its arrival"
+            } else if now >= h.began + HANDSHAKE_LIMIT {
+                "not done within 5 s of its start"
+            } else if !h.heard && now >= h.began + HELLO_LIMIT {
+                "the client said nothing for 3 s"
+            } else {
+                return true;
+            };
+            if tally.handshake_timed_out < LOGGED_PER_SUMMARY {
+                log(&format!("dropped the handshake of {}: {why}", h.peer));
+            }
+            tally.handshake_timed_out += 1;
+            false
+        });
         for queue in self.waiting_tcp.values_mut() {
             let before = queue.len();
             queue.retain(|(_, _, arrived)| now < *arrived + PREAUTH_LIMIT);
+            if before > queue.len() && self.tally.handshake_timed_out < LOGGED_PER_SUMMARY {
+                log(&format!("dropped {} connections that waited 10 s for a handshake slot", before - queue.len()));
+            }
             self.tally.handshake_timed_out += (before - queue.len()) as u64;
         }
         self.waiting_tcp.retain(|_, q| !q.is_empty());
@@ -194,7 +218,7 @@ impl<'a> Admission<'a> {
             }
             let Some((sock, uid, _)) = self.waiting_local.remove(i) else { break };
             let shared = self.shared;
-            let listeners = self.listener_fds();
+            let listeners = self.loop_fds();
             if let Some(pid) = spawn_session(&listeners, || crate::origin::serve(shared, sock)) {
                 self.sessions.insert(pid, Kind::Local(uid));
             }
@@ -215,7 +239,7 @@ impl<'a> Admission<'a> {
                 if let Some((sock, peer, arrived)) = queue.pop_front() {
                     match PendingServer::new(self.shared.server_tls.clone(), &sock, HANDSHAKE_LIMIT) {
                         Ok(tls) => {
-                            self.handshaking.push(Handshaking { sock, peer, tls, began: Instant::now(), arrived });
+                            self.handshaking.push(Handshaking { sock, peer, tls, began: Instant::now(), arrived, heard: false });
                             passes = self.source_turns.len() + 1; // (progress: another round)
                         }
                         Err(e) => log(&format!("cannot start a TLS handshake with {peer}: {e:#}")),
@@ -238,7 +262,7 @@ impl<'a> Admission<'a> {
         let t = std::mem::take(&mut self.tally);
         if t.closed_waiting_full + t.handshake_failed + t.handshake_timed_out > 0 {
             log(&format!(
-                "in the last {} s: {} connections closed before their handshake (limits.max_waiting_per_source or too many waiting), {} handshakes failed, {} not done within {} s",
+                "in the last {} s: {} connections closed before their handshake (limits.max_waiting_per_source or too many waiting), {} handshakes failed, {} not done in time (limit {} s)",
                 since.elapsed().as_secs(),
                 t.closed_waiting_full,
                 t.handshake_failed,
@@ -249,8 +273,16 @@ impl<'a> Admission<'a> {
         self.tally.since = Some(Instant::now());
     }
 
-    fn listener_fds(&self) -> Vec<RawFd> {
-        vec![self.tcp.as_raw_fd(), self.unix.as_raw_fd()]
+    /// Every descriptor of this loop, for a new session to close: the listeners and the
+    /// connections not its own (a session must not hold other users' connections, nor keep
+    /// one open that this loop closes).
+    fn loop_fds(&self) -> Vec<RawFd> {
+        let mut fds = vec![self.tcp.as_raw_fd(), self.unix.as_raw_fd()];
+        fds.extend(self.handshaking.iter().map(|h| h.sock.as_raw_fd()));
+        fds.extend(self.waiting_tcp.values().flatten().map(|(s, _, _)| s.as_raw_fd()));
+        fds.extend(self.waiting_local.iter().map(|(s, _, _)| s.as_raw_fd()));
+        fds.extend(self.draining.iter().map(|d| d.fd.as_raw_fd()));
+        fds
     }
 
     /// Waits (at most a second) for anything to do, and does it.
@@ -385,12 +417,13 @@ impl<'a> Admission<'a> {
             if !r {
                 continue;
             }
+            h.heard = true;
             match h.tls.progress(&h.sock) {
                 Ok(false) => {}
                 Ok(true) => finished.push((i, true)),
                 Err(e) => {
-                    if self.tally.handshake_failed == 0 {
-                        // (The first of each summary period, with its reason; then counted.)
+                    if self.tally.handshake_failed < LOGGED_PER_SUMMARY {
+                        // (The first few of each summary period, with their reasons; then counted.)
                         log(&format!("rejected connection from {}: {e:#}", h.peer));
                     }
                     self.tally.handshake_failed += 1;
@@ -438,7 +471,7 @@ impl<'a> Admission<'a> {
             return;
         }
         let shared = self.shared;
-        let listeners = self.listener_fds();
+        let listeners = self.loop_fds();
         let name = origin.clone();
         if let Some(pid) = spawn_session(&listeners, move || crate::dest::serve(shared, tls, sock, peer, name)) {
             self.sessions.insert(pid, Kind::Peer(origin));

@@ -22,8 +22,8 @@
 //!                                         # max_waiting_per_user of them
 //! max_waiting_per_user = 256
 //! max_sessions_per_peer = 128             # of them serving connections from one node
-//! max_handshakes = 64                     # TLS handshakes in progress (no process yet);
-//! max_handshakes_per_source = 8           # of them from one address; further
+//! max_handshakes = 256                    # TLS handshakes in progress (no process yet);
+//! max_handshakes_per_source = 64          # of them from one address; further
 //!                                         # connections wait in turn, up to 10 s from
 //!                                         # their arrival, at most
 //! max_waiting_per_source = 256            # this many per address (and 1024 in all)
@@ -121,8 +121,8 @@ impl Default for Limits {
             max_sessions_per_user: 32,
             max_waiting_per_user: 256,
             max_sessions_per_peer: 128,
-            max_handshakes: 64,
-            max_handshakes_per_source: 8,
+            max_handshakes: 256,
+            max_handshakes_per_source: 64,
             max_waiting_per_source: 256,
         }
     }

@@ -91,14 +91,16 @@ fn bind_unix(path: &Path) -> Result<UnixListener> {
     Ok(l)
 }
 
-/// Runs `session` in a forked process; the listeners are closed there. Its PID if it started.
-pub(crate) fn spawn_session(listeners: &[i32], session: impl FnOnce() -> Result<()>) -> Option<nix::unistd::Pid> {
+/// Runs `session` in a forked process; `loop_fds` (the main loop's listeners and the
+/// connections not this session's) are closed there. Its PID if it started.
+pub(crate) fn spawn_session(loop_fds: &[i32], session: impl FnOnce() -> Result<()>) -> Option<nix::unistd::Pid> {
     // SAFETY: the daemon's main loop is single-threaded (no thread was ever started in it),
     // so the child may run arbitrary code.
     match unsafe { fork() } {
         Ok(ForkResult::Child) => {
-            for fd in listeners {
-                // SAFETY: these fds belong to listeners this process will never use.
+            for fd in loop_fds {
+                // SAFETY: these fds belong to the main loop's objects, which this process
+                // never uses nor drops (it ends with _exit).
                 unsafe { libc::close(*fd) };
             }
             let code = match session() {

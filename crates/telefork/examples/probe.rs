@@ -8,7 +8,7 @@
 //!
 //! * `probe fork DEST [options]` — telefork to DEST. The parent prints `teleforking`, then
 //!   `id NODE:PID` and `exit code N` / `exit signal S` (or `error MESSAGE` if telefork or
-//!   wait fails), `elapsed_ms N` (time telefork took), and last `parent ok`; it exits 0.
+//!   wait fails; before it `refused node=NODE limit=KEY` if a node refused it), `elapsed_ms N` (time telefork took), and last `parent ok`; it exits 0.
 //!   The child prints `host NAME`, `pid PID`, and what the options ask for, then exits.
 //!   Options:
 //!   - `--exit N`          the child's exit code (default 0)
@@ -33,6 +33,7 @@
 //!     I to stderr
 //!   - `--interval-ms N`   pause between those lines
 //!   - `--sleep-ms N`      the child sleeps before exiting
+//!   - `--map FILE`        keep the first page of FILE mapped (private, read-only)
 //!   - `--kill-after-ms N` the parent sends `--kill-signal` (default 15) to the child after
 //!     N ms
 //! * `probe series DEST PAUSE_MS COUNT [--pass-stdin]` — COUNT (2 to 5) teleforks in a row
@@ -45,6 +46,9 @@
 //!   for (`first exit 11`: its connection goes back to be the spare); a second on that
 //!   connection whose child runs 1 s and exits 12, its handle dropped at once (`dropped`);
 //!   then the parent holds the first handle for HOLD_MS and prints `parent ok`.
+//! * `probe burst DEST N [SLEEP_MS]` — N processes forked at once each telefork to DEST
+//!   (their children sleep SLEEP_MS and exit 0); each prints `burst ok`, `burst refused
+//!   LIMIT` (a node refused it, naming the limit) or `burst error MESSAGE`; last `burst done`.
 //! * `probe remote DEST` — `remote host=NAME sum=X expected=Y` (a sum computed there over
 //!   memory from here).
 //! * `probe yoyo DEST` — goes to DEST, modifies state there, comes back: prints
@@ -96,10 +100,11 @@ struct ForkOpts {
     sleep_ms: u64,
     kill_after_ms: Option<u64>,
     kill_signal: i32,
+    map_file: Option<String>,
 }
 
 fn usage() -> ! {
-    eprintln!("usage: probe fork DEST [--exit N] [--big-mb N] [--guarded-mb N] [--poked-pages N] [--print-uid] [--read-stdin] [--pass-stdin] [--background] [--lines N] [--interval-ms N] [--sleep-ms N] [--kill-after-ms N] [--kill-signal S] | probe series DEST PAUSE_MS COUNT [--pass-stdin] | probe drop-next DEST HOLD_MS | probe fanout NODE,NODE,... [--background] | probe remote DEST | probe yoyo DEST");
+    eprintln!("usage: probe fork DEST [--exit N] [--big-mb N] [--guarded-mb N] [--poked-pages N] [--print-uid] [--read-stdin] [--pass-stdin] [--background] [--lines N] [--interval-ms N] [--sleep-ms N] [--kill-after-ms N] [--kill-signal S] [--map FILE] | probe burst DEST N [SLEEP_MS] | probe series DEST PAUSE_MS COUNT [--pass-stdin] | probe drop-next DEST HOLD_MS | probe fanout NODE,NODE,... [--background] | probe remote DEST | probe yoyo DEST");
     std::process::exit(2)
 }
 
@@ -122,6 +127,7 @@ fn parse_fork(args: &[String]) -> ForkOpts {
             "--sleep-ms" => o.sleep_ms = num(),
             "--kill-after-ms" => o.kill_after_ms = Some(num()),
             "--kill-signal" => o.kill_signal = num() as i32,
+            "--map" => o.map_file = Some(it.next().cloned().unwrap_or_else(|| usage())),
             _ => usage(),
         }
     }
@@ -202,6 +208,18 @@ fn fork(dest: &str, o: &ForkOpts) {
     if o.print_uid {
         out(&format!("parent ids {}", ids()));
     }
+    // (Kept mapped: the telefork carries the mapping, to be mapped again from the file there.)
+    let _mapped = o.map_file.as_ref().map(|path| {
+        let f = std::fs::File::open(path).unwrap_or_else(|e| {
+            out(&format!("error opening {path}: {e}"));
+            std::process::exit(1)
+        });
+        use std::os::fd::AsRawFd;
+        // SAFETY: a private read-only mapping of one page of an open file; never written.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ, libc::MAP_PRIVATE, f.as_raw_fd(), 0) };
+        assert!(p != libc::MAP_FAILED, "mmap {path}");
+        p as usize
+    });
     out(&format!("parent host {}", hostname()));
     out("teleforking");
     let t = Instant::now();
@@ -277,10 +295,45 @@ fn fork(dest: &str, o: &ForkOpts) {
         }
         Err(e) => {
             out(&format!("elapsed_ms {}", t.elapsed().as_millis()));
+            if let telefork::Error::Refused { node, limit, .. } = &e {
+                out(&format!("refused node={node} limit={}", limit.as_deref().unwrap_or("-")));
+            }
             out(&format!("error {}", e.to_string().replace('\n', " ")));
         }
     }
     out("parent ok");
+}
+
+/// `burst`: N processes telefork to `dest` at once; each prints one line of its outcome.
+fn burst(dest: &str, n: usize, sleep_ms: u64) {
+    let mut kids = vec![];
+    for _ in 0..n {
+        // SAFETY: the probe is single-threaded here; the child only teleforks and exits.
+        match unsafe { nix::unistd::fork() }.expect("fork") {
+            nix::unistd::ForkResult::Child => {
+                let line = match telefork::telefork(dest) {
+                    Ok(telefork::Fork::Child) => {
+                        std::thread::sleep(Duration::from_millis(sleep_ms));
+                        std::process::exit(0);
+                    }
+                    Ok(telefork::Fork::Parent(mut child)) => match child.wait() {
+                        Ok(st) if st.success() => "burst ok".to_string(),
+                        Ok(st) => format!("burst error child ended {st}"),
+                        Err(e) => format!("burst error wait: {e}"),
+                    },
+                    Err(telefork::Error::Refused { limit, .. }) => format!("burst refused {}", limit.as_deref().unwrap_or("-")),
+                    Err(e) => format!("burst error {}", e.to_string().replace('\n', " ")),
+                };
+                out(&line);
+                std::process::exit(0);
+            }
+            nix::unistd::ForkResult::Parent { child } => kids.push(child),
+        }
+    }
+    for k in kids {
+        let _ = nix::sys::wait::waitpid(k, None);
+    }
+    out("burst done");
 }
 
 fn main() {
@@ -291,6 +344,11 @@ fn main() {
     let dest = args[1].as_str();
     match args[0].as_str() {
         "fork" => fork(dest, &parse_fork(&args[2..])),
+        "burst" => {
+            let n = args.get(2).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
+            let sleep_ms = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(0);
+            burst(dest, n, sleep_ms);
+        }
         "remote" => {
             let numbers: Vec<u64> = (1..=1_000_000u64).collect();
             let expected: u64 = numbers.iter().sum();
