@@ -6,16 +6,18 @@
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
 mod bench;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
+use telefork_node::safe_file::NewFile;
 
 #[derive(Parser)]
 #[command(name = "telefork", version, about = "fork(), except the child appears on another machine: checkpoint, restore and move Linux processes")]
@@ -29,9 +31,10 @@ enum Cmd {
     /// Capture a running process into an image file.
     ///
     /// The process is stopped while it is read. Once the complete image is safely on disk
-    /// (written to a temporary file, synced, renamed into place) the process is killed,
-    /// unless --leave-running is given. On any error the process continues untouched and no
-    /// image file is left behind.
+    /// (written to an unnamed file, synced, renamed into place, replacing whatever entry is
+    /// at FILE without following a symlink) the process is killed, unless --leave-running is
+    /// given. The image is 0600, owned by the process's owner. On any error the process
+    /// continues untouched and no image file is left behind.
     Dump {
         /// The process to capture (single-threaded so far).
         #[arg(long)]
@@ -56,7 +59,8 @@ enum Cmd {
         #[arg(long)]
         detach: bool,
     },
-    /// Verify an image (checksums, structure) and print a summary, without restoring it.
+    /// Verify an image (checksums, structure) and print a summary, without restoring it
+    /// (read front to back, one record in memory at a time).
     CheckImage {
         image: PathBuf,
     },
@@ -196,21 +200,24 @@ fn main() -> ExitCode {
 
 fn dump(pid: i32, out: &Path, leave_running: bool) -> Result<()> {
     let start = Instant::now();
-    let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = out.file_name().context("--out must name a file")?.to_string_lossy().into_owned();
-    let tmp = dir.join(format!(".{name}.partial.{}", std::process::id()));
-    let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    // Unnamed until complete, 0600, never through a symlink (see `safe_file`); dropped with
+    // the commit closure if the dump fails, which leaves nothing behind.
+    let image = NewFile::create(out, 0o600)?;
+    let writer = image.file().try_clone().context("duplicating the image's file descriptor")?;
+    let size = std::cell::Cell::new(0);
     let opts = telefork_engine::DumpOptions { leave_running, inherit_stdio: false, skip_page_checksums: false, page_route: None, outside_reader: None };
     let commit = |w: BufWriter<File>| -> Result<()> {
         let f = w.into_inner().map_err(|e| e.into_error()).context("writing the image")?;
-        f.sync_all().context("syncing the image to disk")?;
-        std::fs::rename(&tmp, out).with_context(|| format!("renaming the image to {}", out.display()))?;
-        Ok(())
+        size.set(f.metadata().map(|m| m.len()).unwrap_or(0));
+        drop(f);
+        // (Read while the process is still stopped: its identity cannot change meanwhile.)
+        let (uid, gid) = image_owner(pid)?;
+        image.set_owner(uid, gid)?;
+        image.commit(true)
     };
-    let result = telefork_engine::dump(Pid::from_raw(pid), BufWriter::with_capacity(1 << 20, file), &opts, commit);
+    let result = telefork_engine::dump(Pid::from_raw(pid), BufWriter::with_capacity(1 << 20, writer), &opts, commit);
     match result {
         Ok(s) => {
-            let size = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
             eprintln!(
                 "telefork: dumped process {} ({} mappings, {} fds, {} of memory) to {} ({}) in {:.1} ms{}",
                 s.pid,
@@ -218,22 +225,66 @@ fn dump(pid: i32, out: &Path, leave_running: bool) -> Result<()> {
                 s.fds,
                 human(s.page_bytes),
                 out.display(),
-                human(size),
+                human(size.get()),
                 start.elapsed().as_secs_f64() * 1e3,
                 if leave_running { "; left running" } else { "; process killed" }
             );
             Ok(())
         }
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(e).with_context(|| format!("dumping process {pid} failed; it was left running"))
-        }
+        Err(e) => Err(e).with_context(|| format!("dumping process {pid} failed; it was left running")),
     }
+}
+
+/// Who the image of process `pid` belongs to: the owner the kernel gives its /proc files —
+/// its effective uid and gid, or root for a process the kernel marks undumpable (one that
+/// changed identity, e.g. set-user-ID) — and root as well when its real, effective, saved and
+/// filesystem ids are not all one (its memory may hold what the other identity could read).
+fn image_owner(pid: i32) -> Result<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(format!("/proc/{pid}")).with_context(|| format!("reading the owner of process {pid}"))?;
+    let status = telefork_engine::procfs::read_text(&format!("/proc/{pid}/status")).with_context(|| format!("reading the credentials of process {pid}"))?;
+    let c = telefork_engine::creds::parse_status(&status).with_context(|| format!("reading the credentials of process {pid}"))?;
+    let one_identity = c.uid.iter().all(|&u| u == c.uid[0]) && c.gid.iter().all(|&g| g == c.gid[0]);
+    Ok(if one_identity && (md.uid(), md.gid()) == (c.uid[1], c.gid[1]) { (md.uid(), md.gid()) } else { (0, 0) })
+}
+
+/// Opens an image for reading: a regular file only. A FIFO would block the open (or a read)
+/// forever and a device like /dev/zero never ends; the open is non-blocking, and the file is
+/// checked again once open in case the name changed meanwhile.
+fn open_image(image: &Path) -> Result<File> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+    let not_regular = |md: &std::fs::Metadata| -> Result<()> {
+        let t = md.file_type();
+        let kind = match () {
+            _ if t.is_file() => return Ok(()),
+            _ if t.is_dir() => "a directory",
+            _ if t.is_fifo() => "a FIFO",
+            _ if t.is_socket() => "a socket",
+            _ if t.is_char_device() => "a character device",
+            _ if t.is_block_device() => "a block device",
+            _ => "something else",
+        };
+        bail!("{} is {kind}, not a regular file: images are read from regular files", image.display())
+    };
+    let md = std::fs::metadata(image).with_context(|| format!("opening image {}", image.display()))?;
+    not_regular(&md)?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(image)
+        .with_context(|| format!("opening image {}", image.display()))?;
+    let now = f.metadata().with_context(|| format!("opening image {}", image.display()))?;
+    not_regular(&now)?;
+    if (now.dev(), now.ino()) != (md.dev(), md.ino()) {
+        bail!("{} changed while being opened", image.display());
+    }
+    nix::fcntl::fcntl(f.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty())).with_context(|| format!("opening image {}", image.display()))?;
+    Ok(f)
 }
 
 fn restore(image: &Path, detach: bool) -> Result<ExitCode> {
     let start = Instant::now();
-    let f = File::open(image).with_context(|| format!("opening image {}", image.display()))?;
+    let f = open_image(image)?;
     let r = telefork_engine::restore(BufReader::with_capacity(1 << 20, f), &telefork_engine::RestoreOptions::default())
         .with_context(|| format!("restoring {} failed; nothing was left running", image.display()))?;
     let huge = match r.pages.in_huge_pages {
@@ -307,11 +358,17 @@ fn print_testbed(tb: &telefork_testbed::Testbed) {
     }
 }
 
+/// Reads the image front to back as restore does: one record in memory at a time.
 fn check_image(image: &Path) -> Result<()> {
-    let bytes = std::fs::read(image).with_context(|| format!("reading {}", image.display()))?;
-    let (h, p, page_bytes) = telefork_image::verify_image(&bytes)?;
-    let version = telefork_image::ImageReader::new(&bytes[..])?.0.version();
-    println!("image {}: format v{version}, {:?}, kernel {}, made on {:?}", image.display(), h.arch, h.kernel_release, h.hostname);
+    let f = open_image(image)?;
+    let checking = || format!("checking image {}", image.display());
+    let (mut r, h) = telefork_image::ImageReader::new(BufReader::with_capacity(1 << 20, f)).with_context(checking)?;
+    let p = r.process().with_context(checking)?;
+    let mut page_bytes = 0u64;
+    while let Some(run) = r.next_pages().with_context(checking)? {
+        page_bytes += run.data.len() as u64;
+    }
+    println!("image {}: format v{}, {:?}, kernel {}, made on {:?}", image.display(), r.version(), h.arch, h.kernel_release, h.hostname);
     println!("process {} ({}), {} threads, {} mappings, {} fds, {} of memory", p.pid, p.comm, p.threads.len(), p.vmas.len(), p.fds.len(), human(page_bytes));
     Ok(())
 }

@@ -538,8 +538,9 @@ fn decode<'a, T: serde::Deserialize<'a>>(buf: &'a [u8], what: &str) -> Result<T>
     Ok(v)
 }
 
-/// Decodes a whole image held in memory, checking everything; used by the fuzzer and by
-/// `telefork check-image`. Returns the header, the process and the number of page bytes.
+/// Decodes a whole image held in memory, checking everything; used by the fuzzer (`telefork
+/// check-image` streams a file through `ImageReader` the same way). Returns the header, the
+/// process and the number of page bytes.
 pub fn verify_image(bytes: &[u8]) -> Result<(Header, ProcessImage, u64)> {
     let (mut r, h) = ImageReader::new(bytes)?;
     let p = r.process()?;

@@ -2,13 +2,12 @@
 //! `telefork cluster add-node`). One directory holds `ca.pem` + `ca.key` (the CA, ECDSA P-256,
 //! path length 0) and, per node, `<node>.pem` + `<node>.key`: a P-256 certificate whose DNS SAN
 //! and CN are the node's name, usable as TLS server and client certificate. Keys are written
-//! 0600. The administrator then copies `ca.pem`, `<node>.pem` and `<node>.key` to each node's
+//! 0600, certificates 0644, each complete or not at all and never through a symlink
+//! (`safe_file`). The administrator then copies `ca.pem`, `<node>.pem` and `<node>.key` to each node's
 //! `/etc/telefork/` (the `[tls]` section of its config, see `tls`); `ca.key` stays on the admin
 //! machine. There is no revocation: dropping a node means re-initialising the cluster.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -158,32 +157,16 @@ fn write_node(dir: &Path, node: &str, ca: &Certificate, ca_key: &KeyPair, overwr
     Ok(())
 }
 
-/// Writes `data` to `path` with `mode` via a temporary file in the same directory and a rename,
-/// so the file never exists with other permissions or half-written.
+/// Writes `data` to `path` with `mode`, never half-written, with other permissions or through a
+/// symlink (see `safe_file`); without `overwrite`, refuses an existing `path`.
 fn write_file(path: &Path, data: &[u8], mode: u32, overwrite: bool) -> Result<()> {
-    if !overwrite && fs::symlink_metadata(path).is_ok() {
-        bail!("{} already exists", path.display());
-    }
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{file_name}.tmp"));
-    let _ = fs::remove_file(&tmp);
-    let res = (|| -> std::io::Result<()> {
-        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
-        // The umask may have narrowed the mode; a key must not end up wider than asked either.
-        f.set_permissions(fs::Permissions::from_mode(mode))?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if res.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    res.with_context(|| format!("writing {}", path.display()))
+    crate::safe_file::write_file(path, data, mode, overwrite)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn names(n: &[&str]) -> Vec<String> {
         n.iter().map(|s| s.to_string()).collect()

@@ -1,7 +1,7 @@
 //! The telefork node: the daemon (`daemon`) with its two kinds of sessions (`origin`: a local
 //! program's child goes away; `dest`: a process arrives), its configuration (`config`), the
-//! cluster's certificates (`cluster`, `tls`), the shared TLS connection (`channel`) and the
-//! wire protocol (`proto`).
+//! cluster's certificates (`cluster`, `tls`), the shared TLS connection (`channel`), the
+//! wire protocol (`proto`) and files created where others may write (`safe_file`).
 
 pub mod admission;
 pub mod channel;
@@ -11,4 +11,5 @@ pub mod daemon;
 pub mod dest;
 pub mod origin;
 pub mod proto;
+pub mod safe_file;
 pub mod tls;

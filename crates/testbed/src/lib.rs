@@ -211,7 +211,7 @@ fn build(opts: &TestbedOptions, st: &mut State) -> Result<()> {
         let nd = node_dir(dir, &name);
         let cfg = node_config(dir, opts.subnet, opts.nodes, k);
         std::fs::create_dir_all(&cfg.state_dir).with_context(|| format!("creating {}", cfg.state_dir.display()))?;
-        std::fs::write(config_path(dir, &name), cfg.to_toml()).with_context(|| format!("writing {}", config_path(dir, &name).display()))?;
+        telefork_node::safe_file::write_file(&config_path(dir, &name), cfg.to_toml().as_bytes(), 0o644, true)?;
         net::create_node_net(&opts.prefix, opts.subnet, k).with_context(|| format!("creating the network of {name}"))?;
         st.nodes.push(NodeState { name: name.clone(), addr: net::host_addr(opts.subnet, k), holder: None, daemon: None });
         st.save(dir)?;
@@ -346,7 +346,7 @@ pub fn reconfigure(dir: &Path, node: &str, change: impl FnOnce(&mut telefork_nod
     let path = dir.join(node).join("node.toml");
     let mut cfg = telefork_node::config::Config::load(&path)?;
     change(&mut cfg);
-    std::fs::write(&path, cfg.to_toml()).with_context(|| format!("writing {}", path.display()))?;
+    telefork_node::safe_file::write_file(&path, cfg.to_toml().as_bytes(), 0o644, true)?;
     restart_daemon(dir, node)
 }
 
@@ -392,13 +392,29 @@ pub struct TestbedLock {
 /// duration so that parallel tests take turns. (`up`/`down` themselves do not take it.)
 pub fn lock(prefix: &str) -> Result<TestbedLock> {
     use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     if !valid_prefix(prefix) {
         bail!("testbed prefix {prefix:?} must be 1-8 characters of [a-z0-9-]");
     }
     let dir = Path::new("/run/lock");
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join(format!("telefork-testbed-{prefix}.lock"));
-    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+    // /run/lock is writable by everyone: a symlink planted at the name is not followed, a FIFO
+    // does not block the open, and anything but a file of ours (someone else's could have its
+    // lock held forever) is refused.
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&path)
+        .with_context(|| format!("opening {} (not following a symlink)", path.display()))?;
+    let md = file.metadata().with_context(|| format!("opening {}", path.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if !md.is_file() || md.uid() != me {
+        bail!("{} is not a regular file of uid {me} (its owner is uid {}): someone else made it; remove it", path.display(), md.uid());
+    }
     loop {
         // SAFETY: flock on a file descriptor we own.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {

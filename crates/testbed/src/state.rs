@@ -88,10 +88,7 @@ impl State {
         for n in &self.nodes {
             s.push_str(&format!("node {} {} {} {}\n", n.name, n.addr, fmt_proc(&n.holder), fmt_proc(&n.daemon)));
         }
-        let tmp = dir.join(format!("{STATE_FILE}.tmp"));
-        std::fs::write(&tmp, s).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path(dir)).with_context(|| format!("renaming {} into place", tmp.display()))?;
-        Ok(())
+        telefork_node::safe_file::write_file(&path(dir), s.as_bytes(), 0o644, true)
     }
 
     pub fn load(dir: &Path) -> Result<State> {
