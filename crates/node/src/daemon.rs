@@ -47,7 +47,8 @@ pub fn run(cfg: Config) -> Result<()> {
     };
     for d in [shared.sessions_dir(), shared.results_dir()] {
         std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
-        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).ok();
+        // (Root's alone: sessions and results are recorded there by name.)
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).with_context(|| format!("making {} private (0700)", d.display()))?;
     }
     // Load the name service modules (passwd/group lookups) once here: every destination
     // session asks for its process owner's groups, and a session forked before they were

@@ -182,11 +182,8 @@ fn store_report(shared: &Shared, pid: Option<i32>, value: &[u8]) -> Result<()> {
     if !marker.exists() {
         bail!("process {pid} is not a process this node restored");
     }
-    let dir = shared.results_dir();
-    let tmp = dir.join(format!(".{pid}.tmp"));
-    std::fs::write(&tmp, value).context("storing the result")?;
-    std::fs::rename(&tmp, dir.join(pid.to_string())).context("storing the result")?;
-    Ok(())
+    // (Root's, 0600, created without following a link: `safe_file`.)
+    crate::safe_file::write_file(&shared.results_dir().join(pid.to_string()), value, 0o600, true).context("storing the result")
 }
 
 fn status_field(pid: i32, key: &str) -> Result<i64> {
