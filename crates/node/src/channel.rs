@@ -1024,6 +1024,35 @@ mod tests {
 
     /// Bytes sent from a pipe (read straight into records) arrive intact and in order
     /// between ordinary writes, across key updates; a pipe that ends early is an error.
+    /// A peer that goes quiet (a link outage): a receive and a send each end with an error
+    /// that says so and how long we waited, not a bare EAGAIN.
+    #[test]
+    fn a_quiet_peer_is_named() {
+        let (_d, server_cfg, client_cfg, listener, addr) = setup();
+        let (hold_tx, hold_rx) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let _ch = TlsChannel::server(server_cfg, s, T).unwrap();
+            // Neither reads nor writes until the client is done.
+            let _ = hold_rx.recv();
+        });
+        let short = Duration::from_secs(1);
+        let ch = TlsChannel::client(client_cfg, crate::tls::server_name("node1").unwrap(), TcpStream::connect(addr).unwrap(), short).unwrap();
+        ch.set_recv_timeout(Some(short));
+        let e = ch.recv::<proto::FromDest>().unwrap_err();
+        assert!(format!("{e:#}").contains("nothing came from the peer for 1 s (the link or the peer is down)"), "{e:#}");
+        // Sends fill the kernel's buffers (32 MiB each way), then wait the send timeout.
+        let chunk = vec![7u8; 4 << 20];
+        let e = loop {
+            if let Err(e) = (&ch).write_all(&chunk) {
+                break e;
+            }
+        };
+        assert!(e.to_string().contains("the peer took nothing for 1 s (the link or the peer is down)"), "{e}");
+        hold_tx.send(()).unwrap();
+        server.join().unwrap();
+    }
+
     #[test]
     fn send_from_a_pipe() {
         let (_d, server_cfg, client_cfg, listener, addr) = setup();
