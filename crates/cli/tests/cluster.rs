@@ -1033,7 +1033,9 @@ fn refusal_reasons(c: &Ctx) {
     let file = "/run/telefork/only-on-node1";
     let r = c.sh("node1", None, &format!("echo data > {file} && chmod 644 {file}"), Duration::from_secs(10));
     assert!(r.status.success(), "{r}");
-    let r = c.probe("node1", &["fork", "node2", "--map", file], Duration::from_secs(40));
+    // (12 MiB of memory: still following its offer at once, and still arriving when node2
+    // finds the file missing.)
+    let r = c.probe("node1", &["fork", "node2", "--map", file, "--big-mb", "12"], Duration::from_secs(40));
     c.sh("node1", None, &format!("rm -f {file}"), Duration::from_secs(10));
     let err = r.want("error").to_string();
     assert!(err.contains("node2") && err.contains("only-on-node1"), "the caller must hear which file node2 lacks:\n{r}");

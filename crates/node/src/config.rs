@@ -187,6 +187,18 @@ impl Config {
                 bail!("peer name {:?} must be 1-63 letters, digits or '-'", p.name);
             }
         }
+        let l = &self.limits;
+        for (key, v) in [
+            ("max_sessions", l.max_sessions),
+            ("max_sessions_per_user", l.max_sessions_per_user),
+            ("max_sessions_per_peer", l.max_sessions_per_peer),
+            ("max_handshakes", l.max_handshakes),
+            ("max_handshakes_per_source", l.max_handshakes_per_source),
+        ] {
+            if v == 0 {
+                bail!("limits.{key} must be at least 1 (0 would serve nobody)");
+            }
+        }
         Ok(())
     }
 
