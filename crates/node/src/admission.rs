@@ -394,9 +394,8 @@ impl<'a> Admission<'a> {
 
     fn serve_drains(&mut self, ready: &[bool]) {
         let mut buf = [0u8; 16 << 10];
-        let mut i = 0;
         let mut done = vec![];
-        for (d, &r) in self.draining.iter().zip(ready) {
+        for (i, (d, &r)) in self.draining.iter().zip(ready).enumerate() {
             if r {
                 // SAFETY: recv writes at most buf.len() bytes into `buf`.
                 let n = unsafe { libc::recv(d.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
@@ -404,7 +403,6 @@ impl<'a> Admission<'a> {
                     done.push(i);
                 }
             }
-            i += 1;
         }
         for i in done.into_iter().rev() {
             self.draining.swap_remove(i);
