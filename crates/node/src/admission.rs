@@ -142,7 +142,16 @@ impl<'a> Admission<'a> {
         while let Ok(st) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
             match st.pid() {
                 Some(pid) if st != WaitStatus::StillAlive => {
-                    self.sessions.remove(&pid);
+                    let kind = self.sessions.remove(&pid);
+                    if let WaitStatus::Signaled(_, sig, _) = st {
+                        // (Its restored process, if any, dies with it: the parent-death signal.)
+                        let what = match kind {
+                            Some(Kind::Peer(node)) => format!("serving node {node}"),
+                            Some(Kind::Local(uid)) => format!("serving a program of user {uid}"),
+                            None => "unknown".into(),
+                        };
+                        log(&format!("session {pid} ({what}) was killed by {sig}; a process it restored was killed with it"));
+                    }
                 }
                 _ => break,
             }
