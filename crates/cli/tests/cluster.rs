@@ -1021,6 +1021,12 @@ fn killed_session(c: &Ctx) {
     assert_eq!(ppid(session), Some(c.node("node2").daemon_pid), "{pid}'s parent {session} is not a session of node2's daemon");
     sigkill(session);
     c.assert_no_user_procs("node2", Duration::from_secs(3), "after its session was killed");
+    let said = format!("session {session} (serving node node1) was killed by SIGKILL");
+    let t = Instant::now();
+    while !c.log("node2").contains(&said) && t.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(c.log("node2").contains(&said), "node2's log must say {said:?}");
     let r = run.finish(Duration::from_secs(30));
     assert!(r.get("error").is_some_and(|e| e.contains("lost track")), "the parent must hear it lost its child:\n{r}");
 }
