@@ -132,14 +132,10 @@ fn recv_first(sock: &UnixStream) -> Result<Option<(LocalRequest, Vec<OwnedFd>)>>
     }
     let mut r = sock;
     r.read_exact(&mut len[got..]).context("reading a request")?;
-    let n = u32::from_le_bytes(len);
-    if n > proto::MAX_FRAME {
-        bail!("request of {n} bytes is too large");
-    }
-    let mut body = vec![0u8; n as usize];
+    let mut body = vec![0u8; proto::frame_len(len).context("reading a request")?];
     r.read_exact(&mut body).context("reading a request")?;
     sock.set_read_timeout(None).ok();
-    Ok(Some((postcard::from_bytes(&body).context("decoding a request")?, fds)))
+    Ok(Some((proto::decode_body(&body).context("decoding a request")?, fds)))
 }
 
 /// A restored process reports its `remote` result; only children of this node's sessions may.
