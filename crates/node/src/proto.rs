@@ -3,6 +3,8 @@
 //! and the postcard encoding of one enum value, at most `MAX_FRAME` bytes, so a hostile peer
 //! can make us allocate no more than that. A process image is not framed: it follows an
 //! accepted `Offer` as raw bytes, self-delimited by its own trailer (see `telefork_image`).
+//! What decodes untrusted bytes (`frame_len`, `decode_body`; the readers are built on them)
+//! is pure, and fuzzed (fuzz/fuzz_targets/local_protocol.rs, node_protocol.rs).
 //!
 //! ```text
 //!  program ──LocalRequest──► origin daemon ──ToDest::Offer──► destination daemon
