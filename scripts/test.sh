@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one test command: setup, release build, the whole workspace's tests (zdtm suite
-# included, serially: they dump and restore real processes), then the image fuzzer for a
-# bounded time. FUZZ_SECONDS=0 skips the fuzzer.
+# included, serially: they dump and restore real processes), then the three fuzz targets
+# (image, local protocol, node protocol) for FUZZ_SECONDS each (default 30). FUZZ_SECONDS=0
+# skips them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,25 +18,42 @@ echo "== tests"
 status=0
 cargo test --workspace --release --no-fail-fast -- --test-threads=1 || status=$?
 
-fuzz_seconds="${FUZZ_SECONDS:-60}"
+# The fuzz targets, each for FUZZ_SECONDS, from seeds written by the examples: a valid image
+# (image_decode), valid message streams and record recipes (local_protocol, node_protocol).
+fuzz_seconds="${FUZZ_SECONDS:-30}"
+fuzz_targets=(image_decode local_protocol node_protocol)
+fuzz_failed=()
 if [ "$fuzz_seconds" -gt 0 ]; then
-    echo "== fuzz image_decode for ${fuzz_seconds} s"
-    corpus=fuzz/corpus/image_decode
-    mkdir -p "$corpus"
-    rm -rf fuzz/artifacts/image_decode
-    cargo run --quiet --release -p telefork-image --example sample_image -- "$corpus/sample"
+    for target in "${fuzz_targets[@]}"; do
+        mkdir -p "fuzz/corpus/$target"
+        rm -rf "fuzz/artifacts/$target"
+    done
+    cargo run --quiet --release -p telefork-image --example sample_image -- fuzz/corpus/image_decode/sample
+    cargo run --quiet --release -p telefork-node --example fuzz_seeds -- fuzz/corpus
     # cargo-fuzz needs nightly-only flags; RUSTC_BOOTSTRAP lets this stable toolchain take them.
-    (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run image_decode --release "corpus/image_decode" -- \
-        -max_total_time="$fuzz_seconds" -print_final_stats=1 2>&1 | tail -n 20)
-    # (pipefail keeps the fuzzer's exit status; the artifacts say what it found)
-    if compgen -G "fuzz/artifacts/image_decode/*" >/dev/null; then
-        echo "fuzz: image_decode found crashing inputs:" >&2
-        ls -l fuzz/artifacts/image_decode >&2
-        exit 1
-    fi
+    # (All targets built at once: the time below is the fuzzing's own.)
+    (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz build --release)
+    for target in "${fuzz_targets[@]}"; do
+        echo "== fuzz $target for ${fuzz_seconds} s"
+        fuzz_status=0
+        (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" --release "corpus/$target" -- \
+            -max_total_time="$fuzz_seconds" -print_final_stats=1 2>&1 | tail -n 20) || fuzz_status=$?
+        # (pipefail keeps the fuzzer's exit status; the artifacts say what it found)
+        if [ "$fuzz_status" -ne 0 ] || compgen -G "fuzz/artifacts/$target/*" >/dev/null; then
+            echo "fuzz: $target failed (exit status $fuzz_status); crashing inputs:" >&2
+            ls -l "fuzz/artifacts/$target" >&2 || true
+            fuzz_failed+=("$target")
+        fi
+    done
+fi
+if ((${#fuzz_failed[@]})); then
+    echo "== fuzz FAILED: ${fuzz_failed[*]}" >&2
 fi
 if [ "$status" -ne 0 ]; then
     echo "== tests FAILED (cargo test exit status $status)" >&2
     exit "$status"
+fi
+if ((${#fuzz_failed[@]})); then
+    exit 1
 fi
 echo "== all tests passed"

@@ -185,11 +185,8 @@ impl Rx {
             return Ok(None);
         }
         let h = &self.buf[self.head..self.head + HEADER];
-        let header: [u8; 5] = [h[0], h[1], h[2], h[3], h[4]];
-        let len = u16::from_be_bytes([header[3], header[4]]) as usize;
-        if header[0] != TYPE_APPLICATION_DATA || header[1] != 3 || header[2] != 3 || !(TAG + 1..=MAX_CIPHER).contains(&len) {
-            return Err(invalid(format!("TLS: malformed record header {header:02x?}")));
-        }
+        let header: [u8; HEADER] = [h[0], h[1], h[2], h[3], h[4]];
+        let len = record_len(header)?;
         if avail < HEADER + len {
             return Ok(None);
         }
@@ -232,6 +229,44 @@ impl Rx {
             self.head = 0;
         }
     }
+}
+
+/// The length of the record after `header`, if the header is one a TLS 1.3 peer sends after
+/// the handshake: application data, legacy version 3.3, room for a content type and a tag,
+/// at most `MAX_CIPHER` (checked before the record is waited for).
+fn record_len(header: [u8; HEADER]) -> io::Result<usize> {
+    let len = u16::from_be_bytes([header[3], header[4]]) as usize;
+    if header[0] != TYPE_APPLICATION_DATA || header[1] != 3 || header[2] != 3 || !(TAG + 1..=MAX_CIPHER).contains(&len) {
+        return Err(invalid(format!("TLS: malformed record header {header:02x?}")));
+    }
+    Ok(len)
+}
+
+/// What a post-handshake record asks for: `Some(request)` if it ends with a KeyUpdate (the
+/// next records come under new keys; `request`: the peer wants ours changed too), `None` if
+/// it holds only NewSessionTickets (ignored: we never resume). Anything else is an error.
+/// (A record may hold several messages; a message split across records is refused —
+/// neither we nor rustls send one.)
+fn post_handshake(record: &[u8]) -> io::Result<Option<bool>> {
+    let mut rest = record;
+    while !rest.is_empty() {
+        if rest.len() < 4 {
+            return Err(invalid("TLS: truncated post-handshake message".into()));
+        }
+        let len = u32::from_be_bytes([0, rest[1], rest[2], rest[3]]) as usize;
+        if rest.len() < 4 + len {
+            return Err(invalid("TLS: post-handshake message split across records (not supported)".into()));
+        }
+        let (msg, tail) = rest.split_at(4 + len);
+        rest = tail;
+        match msg {
+            // KeyUpdate ends its record (RFC 8446 §5.1): what follows is under new keys.
+            [HANDSHAKE_KEY_UPDATE, 0, 0, 1, request] if *request <= 1 && rest.is_empty() => return Ok(Some(*request == 1)),
+            [HANDSHAKE_NEW_SESSION_TICKET, ..] => {}
+            _ => return Err(invalid("TLS: unexpected post-handshake message".into())),
+        }
+    }
+    Ok(None)
 }
 
 fn invalid(msg: String) -> io::Error {
@@ -670,34 +705,14 @@ impl TlsChannel {
         result
     }
 
-    /// Handles a post-handshake message: KeyUpdate switches the receiving keys (and, if the
-    /// peer asks, ours); a NewSessionTicket is ignored (we never resume); anything else is an
-    /// error.
-    /// (A record may hold several messages; a message split across records is refused —
-    /// neither we nor rustls send one.)
+    /// Handles a post-handshake record (`post_handshake`): KeyUpdate switches the receiving
+    /// keys (and, if the peer asks, ours).
     fn on_handshake(&self, rx: &mut Rx, record: &[u8]) -> io::Result<()> {
-        let mut rest = record;
-        while !rest.is_empty() {
-            if rest.len() < 4 {
-                return Err(invalid("TLS: truncated post-handshake message".into()));
-            }
-            let len = u32::from_be_bytes([0, rest[1], rest[2], rest[3]]) as usize;
-            if rest.len() < 4 + len {
-                return Err(invalid("TLS: post-handshake message split across records (not supported)".into()));
-            }
-            let (msg, tail) = rest.split_at(4 + len);
-            rest = tail;
-            match msg {
-                // KeyUpdate ends its record (RFC 8446 §5.1): what follows is under new keys.
-                [HANDSHAKE_KEY_UPDATE, 0, 0, 1, request] if *request <= 1 && rest.is_empty() => {
-                    let next = self.keys.lock().unwrap_or_else(|e| e.into_inner()).next_rx().map_err(|e| io::Error::other(format!("TLS: {e}")))?;
-                    rx.dir = Direction::new(next)?;
-                    if *request == 1 {
-                        self.update_requested.store(true, Ordering::SeqCst);
-                    }
-                }
-                [HANDSHAKE_NEW_SESSION_TICKET, ..] => {} // we never resume sessions
-                _ => return Err(invalid("TLS: unexpected post-handshake message".into())),
+        if let Some(request) = post_handshake(record)? {
+            let next = self.keys.lock().unwrap_or_else(|e| e.into_inner()).next_rx().map_err(|e| io::Error::other(format!("TLS: {e}")))?;
+            rx.dir = Direction::new(next)?;
+            if request {
+                self.update_requested.store(true, Ordering::SeqCst);
             }
         }
         Ok(())
@@ -906,6 +921,82 @@ pub fn check_peer_name(ch: &TlsChannel, expect: Option<&str>) -> Result<String> 
         }
     }
     Ok(name)
+}
+
+/// The record layer without a socket, for the fuzzer (fuzz/fuzz_targets/node_protocol.rs),
+/// its seeds and tests: one direction's records sealed and opened by the channel's own code
+/// (`Tx::seal`; `Rx::open_next`, in place, then `post_handshake`) under a fixed AES-256-GCM
+/// key. A KeyUpdate is reported, but the keys stay: there is no key schedule here.
+pub mod records {
+    use rustls::crypto::cipher::{AeadKey, Iv};
+
+    use super::*;
+
+    /// What one record carried.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Record {
+        Data(Vec<u8>),
+        /// Post-handshake messages: `Some(request)` if they end with a KeyUpdate, `None` if
+        /// they are only NewSessionTickets.
+        Handshake(Option<bool>),
+        /// close_notify: nothing after it is read.
+        Closed,
+    }
+
+    fn direction(key: [u8; 32], iv: [u8; 12]) -> io::Result<Direction> {
+        Direction::new((0, ConnectionTrafficSecrets::Aes256Gcm { key: AeadKey::from(key), iv: Iv::new(iv) }))
+    }
+
+    /// Seals records one after another (sequence numbers from 0), as a sending channel does.
+    pub struct Sealer(Tx);
+
+    impl Sealer {
+        pub fn new(key: [u8; 32], iv: [u8; 12]) -> io::Result<Sealer> {
+            Ok(Sealer(Tx { dir: direction(key, iv)?, limit: u64::MAX, buf: Vec::new(), area: Vec::new() }))
+        }
+
+        /// One record whose inner plaintext is `data`, then `content_type` (so any inner
+        /// plaintext, padding included, can be made). `data` may exceed `MAX_PLAIN` (an
+        /// authentic record a reader must refuse as too long) as long as the length fits the
+        /// header's 16 bits.
+        pub fn seal(&mut self, content_type: u8, data: &[u8]) -> io::Result<Vec<u8>> {
+            if data.len() + 1 + TAG > u16::MAX as usize {
+                return Err(invalid(format!("TLS: {} bytes do not fit one record's 16-bit length", data.len())));
+            }
+            self.0.buf.clear();
+            self.0.seal(content_type, data)?;
+            Ok(std::mem::take(&mut self.0.buf))
+        }
+    }
+
+    /// Opens the records of `stream` in order, in place, as a receiving channel does: up to
+    /// its end, a close_notify or the first error (a stream that ends inside a record is one,
+    /// as a connection that does). What the records carried, and how the stream ended.
+    pub fn open(key: [u8; 32], iv: [u8; 12], stream: &[u8]) -> (Vec<Record>, io::Result<()>) {
+        let mut out = Vec::new();
+        let dir = match direction(key, iv) {
+            Ok(d) => d,
+            Err(e) => return (out, Err(e)),
+        };
+        let mut rx = Rx { dir, buf: stream.into(), head: 0, tail: stream.len(), plain: (0, 0), early: Vec::new(), eof: false };
+        loop {
+            let record = match rx.open_next() {
+                Ok(Some(Opened::Data)) => Record::Data(rx.buf[rx.plain.0..rx.plain.1].to_vec()),
+                Ok(Some(Opened::Handshake(msg))) => match post_handshake(&msg) {
+                    Ok(k) => Record::Handshake(k),
+                    Err(e) => return (out, Err(e)),
+                },
+                Ok(Some(Opened::Closed)) => {
+                    out.push(Record::Closed);
+                    return (out, Ok(()));
+                }
+                Ok(None) if rx.head == rx.tail => return (out, Ok(())),
+                Ok(None) => return (out, Err(io::Error::new(io::ErrorKind::UnexpectedEof, "TLS: the connection ended inside a record"))),
+                Err(e) => return (out, Err(e)),
+            };
+            out.push(record);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1149,5 +1240,83 @@ mod tests {
         ch.raw_socket().unwrap().write_all(&forged).unwrap();
         let err = server.join().unwrap();
         assert!(err.contains("failed authentication"), "{err}");
+    }
+
+    /// A record header is accepted only as TLS 1.3 sends one after the handshake, with a
+    /// length from a content type and a tag up to 2^14 + 256.
+    #[test]
+    fn record_headers() {
+        assert_eq!(record_len([TYPE_APPLICATION_DATA, 3, 3, 0, 17]).unwrap(), 17);
+        assert_eq!(record_len([TYPE_APPLICATION_DATA, 3, 3, 0x41, 0x00]).unwrap(), MAX_CIPHER);
+        for bad in [
+            [TYPE_APPLICATION_DATA, 3, 3, 0x41, 0x01], // one byte too long
+            [TYPE_APPLICATION_DATA, 3, 3, 0, 16],      // no room for a content type
+            [TYPE_APPLICATION_DATA, 3, 3, 0, 0],
+            [TYPE_HANDSHAKE, 3, 3, 0, 40], // (TLS 1.3 hides the type inside)
+            [TYPE_APPLICATION_DATA, 3, 1, 0, 40],
+            [TYPE_APPLICATION_DATA, 2, 3, 0, 40],
+        ] {
+            let e = record_len(bad).unwrap_err();
+            assert!(e.to_string().contains("malformed record header"), "{bad:02x?}: {e}");
+        }
+    }
+
+    /// Post-handshake records: tickets are skipped, a KeyUpdate must end the record, anything
+    /// else (or a message cut short) is refused.
+    #[test]
+    fn post_handshake_messages() {
+        let ticket = [HANDSHAKE_NEW_SESSION_TICKET, 0, 0, 2, 7, 7];
+        let update = |r: u8| [HANDSHAKE_KEY_UPDATE, 0, 0, 1, r];
+        assert_eq!(post_handshake(&update(0)).unwrap(), Some(false));
+        assert_eq!(post_handshake(&update(1)).unwrap(), Some(true));
+        assert_eq!(post_handshake(&ticket).unwrap(), None);
+        assert_eq!(post_handshake(&[&ticket[..], &ticket, &update(1)].concat()).unwrap(), Some(true));
+        for (bad, why) in [
+            (update(2).to_vec(), "unexpected"),
+            ([&update(0)[..], &ticket].concat(), "unexpected"), // KeyUpdate not last
+            ([HANDSHAKE_KEY_UPDATE, 0, 0, 2, 0, 0].to_vec(), "unexpected"),
+            ([1, 0, 0, 0].to_vec(), "unexpected"),
+            ([HANDSHAKE_KEY_UPDATE, 0, 0].to_vec(), "truncated"),
+            ([HANDSHAKE_NEW_SESSION_TICKET, 0, 0, 9, 1].to_vec(), "split across records"),
+        ] {
+            let e = post_handshake(&bad).unwrap_err();
+            assert!(e.to_string().contains(why), "{bad:02x?}: {e}");
+        }
+    }
+
+    /// The socketless record layer opens what it sealed — data, padded data, a KeyUpdate, then
+    /// close_notify, after which nothing is read — and refuses a flipped bit, an authentic
+    /// record too long for TLS, and a stream ending inside a record.
+    #[test]
+    fn records_without_a_socket() {
+        use records::{open, Record, Sealer};
+        let (key, iv) = ([7u8; 32], [9u8; 12]);
+        let mut s = Sealer::new(key, iv).unwrap();
+        let mut stream = s.seal(TYPE_APPLICATION_DATA, b"hello").unwrap();
+        stream.extend(s.seal(0, &[b'p', b'a', b'd', TYPE_APPLICATION_DATA, 0, 0]).unwrap()); // inner "pad", type, padding
+        stream.extend(s.seal(TYPE_HANDSHAKE, &[HANDSHAKE_KEY_UPDATE, 0, 0, 1, 1]).unwrap());
+        stream.extend(s.seal(TYPE_ALERT, &[1, 0]).unwrap());
+        stream.extend(s.seal(TYPE_APPLICATION_DATA, b"after the end").unwrap());
+        let (got, end) = open(key, iv, &stream);
+        end.unwrap();
+        assert_eq!(got, [Record::Data(b"hello".to_vec()), Record::Data(b"pad".to_vec()), Record::Handshake(Some(true)), Record::Closed]);
+
+        let mut s = Sealer::new(key, iv).unwrap();
+        let good = s.seal(TYPE_APPLICATION_DATA, b"first").unwrap();
+        let second = s.seal(TYPE_APPLICATION_DATA, b"second").unwrap();
+        for bit in [HEADER * 8 + 3, (second.len() - 1) * 8] {
+            let mut forged = second.clone();
+            forged[bit / 8] ^= 1 << (bit % 8);
+            let (got, end) = open(key, iv, &[&good[..], &forged].concat());
+            assert_eq!(got, [Record::Data(b"first".to_vec())]);
+            assert!(end.unwrap_err().to_string().contains("failed authentication"));
+        }
+        let (got, end) = open(key, iv, &[&good[..], &second[..second.len() - 1]].concat());
+        assert_eq!(got, [Record::Data(b"first".to_vec())]);
+        assert_eq!(end.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        let long = Sealer::new(key, iv).unwrap().seal(TYPE_APPLICATION_DATA, &vec![1; MAX_PLAIN + 256]).unwrap();
+        assert!(open(key, iv, &long).1.unwrap_err().to_string().contains("malformed record header"));
+        let fits = Sealer::new(key, iv).unwrap().seal(TYPE_APPLICATION_DATA, &vec![1; MAX_PLAIN + 256 - 17]).unwrap();
+        assert_eq!(open(key, iv, &fits).0.len(), 1);
     }
 }

@@ -138,14 +138,10 @@ fn recv_first(sock: &UnixStream) -> Result<Option<(LocalRequest, Vec<OwnedFd>)>>
     // once; a peer trickling bytes must not hold the session).
     let deadline = std::time::Instant::now() + REQUEST_LIMIT;
     read_by(sock, &mut len[got..], deadline)?;
-    let n = u32::from_le_bytes(len);
-    if n > proto::MAX_FRAME {
-        bail!("request of {n} bytes is too large");
-    }
-    let mut body = vec![0u8; n as usize];
+    let mut body = vec![0u8; proto::frame_len(len).context("reading a request")?];
     read_by(sock, &mut body, deadline)?;
     sock.set_read_timeout(None).ok();
-    Ok(Some((postcard::from_bytes(&body).context("decoding a request")?, fds)))
+    Ok(Some((proto::decode_body(&body).context("decoding a request")?, fds)))
 }
 
 /// How long a request may take to arrive once its first bytes have.

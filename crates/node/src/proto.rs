@@ -3,6 +3,8 @@
 //! and the postcard encoding of one enum value, at most `MAX_FRAME` bytes, so a hostile peer
 //! can make us allocate no more than that. A process image is not framed: it follows an
 //! accepted `Offer` as raw bytes, self-delimited by its own trailer (see `telefork_image`).
+//! What decodes untrusted bytes (`frame_len`, `decode_body`; the readers are built on them)
+//! is pure, and fuzzed (fuzz/fuzz_targets/local_protocol.rs, node_protocol.rs).
 //!
 //! ```text
 //!  program ──LocalRequest──► origin daemon ──ToDest::Offer──► destination daemon
@@ -43,7 +45,7 @@ pub enum ExitInfo {
 
 /// A program's request to its daemon: the first message on a connection, or the first after
 /// the connection was handed back (`LocalCommand::Again`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LocalRequest {
     /// Send my stopped child `child_pid` to `dest`. Passed along with SCM_RIGHTS: the
     /// child's stdout, stderr and (if `pass_stdin`) stdin.
@@ -59,7 +61,7 @@ pub enum LocalRequest {
 }
 
 /// Later messages of a program about its remote child.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LocalCommand {
     Kill { signal: i32 },
     /// After the child's end (`FromDaemon::Exited`): this connection carries the program's
@@ -74,7 +76,7 @@ pub enum LocalCommand {
 }
 
 /// Messages of a daemon to a local program.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FromDaemon {
     /// The destination accepted the offer; the capture is streaming to it.
     Accepted { node: String },
@@ -93,7 +95,7 @@ pub enum FromDaemon {
 }
 
 /// Messages of an origin daemon to a destination daemon.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ToDest {
     /// `plain_image`: the image will follow unencrypted, right after `Accept`, on the same
     /// TCP connection (between TLS records: neither side has TLS data in flight then).
@@ -110,7 +112,7 @@ pub enum ToDest {
 }
 
 /// Messages of a destination daemon to an origin daemon.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FromDest {
     Accept,
     /// `limit`: the key of the destination's config that refused it (e.g.
@@ -142,22 +144,58 @@ pub fn write_frame<W: Write + ?Sized, T: Serialize>(w: &mut W, msg: &T) -> Resul
     Ok(())
 }
 
-/// Reads one frame; `Ok(None)` on a clean end of stream before the frame.
-pub fn read_frame<R: Read + ?Sized, T: DeserializeOwned>(r: &mut R) -> Result<Option<T>> {
-    let mut len = [0u8; 4];
-    match r.read_exact(&mut len) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e).context("reading a message"),
-    }
-    let len = u32::from_le_bytes(len);
+/// The body length a frame's 4-byte header announces; refused above `MAX_FRAME`, before
+/// anything is allocated for it.
+pub fn frame_len(header: [u8; 4]) -> Result<usize> {
+    let len = u32::from_le_bytes(header);
     if len > MAX_FRAME {
         bail!("peer sent a frame of {len} bytes (limit {MAX_FRAME})");
     }
-    let mut body = vec![0u8; len as usize];
+    Ok(len as usize)
+}
+
+/// Decodes a frame's body: exactly one message, no byte left over.
+pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
+    let (v, rest) = postcard::take_from_bytes(body)?;
+    if !rest.is_empty() {
+        bail!("{} bytes left over after the message", rest.len());
+    }
+    Ok(v)
+}
+
+/// `read_frame` on bytes in memory: the first frame of `buf` and the bytes it took;
+/// `Ok(None)` if `buf` is empty, an error if it ends inside the frame.
+pub fn decode_frame<T: DeserializeOwned>(buf: &[u8]) -> Result<Option<(T, usize)>> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    let Some(header) = buf.first_chunk::<4>() else {
+        bail!("the stream ended inside a frame's length");
+    };
+    let len = frame_len(*header)?;
+    let Some(body) = buf[4..].get(..len) else {
+        bail!("reading a message body: the stream ended {} bytes short", len - (buf.len() - 4));
+    };
+    Ok(Some((decode_body(body).context("decoding a message")?, 4 + len)))
+}
+
+/// Reads one frame; `Ok(None)` on a clean end of stream before the frame (an end inside its
+/// length or body is an error).
+pub fn read_frame<R: Read + ?Sized, T: DeserializeOwned>(r: &mut R) -> Result<Option<T>> {
+    let mut header = [0u8; 4];
+    let mut got = 0;
+    while got < header.len() {
+        match r.read(&mut header[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => bail!("the stream ended inside a frame's length"),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).context("reading a message"),
+        }
+    }
+    let mut body = vec![0u8; frame_len(header)?];
     r.read_exact(&mut body).context("reading a message body")?;
-    let v = postcard::from_bytes(&body).context("decoding a message")?;
-    Ok(Some(v))
+    decode_body(&body).context("decoding a message").map(Some)
 }
 
 /// Like `read_frame`, but the end of the stream is an error naming what was expected.
@@ -226,5 +264,55 @@ mod tests {
         huge.extend_from_slice(&[0; 16]);
         assert!(read_frame::<_, ToDest>(&mut &huge[..]).is_err());
         assert!(read_frame::<_, ToDest>(&mut &[3, 0, 0, 0, 0xff, 0xff, 0xff][..]).is_err());
+    }
+
+    /// The pieces the daemon decodes untrusted bytes with: a length over the limit is refused
+    /// before any allocation, a body must be exactly one message, and the in-memory decoder
+    /// agrees with the stream reader (including where the stream ends inside a frame).
+    #[test]
+    fn frame_pieces() {
+        assert_eq!(frame_len(MAX_FRAME.to_le_bytes()).unwrap(), MAX_FRAME as usize);
+        let e = frame_len((MAX_FRAME + 1).to_le_bytes()).unwrap_err().to_string();
+        assert!(e.contains("limit"), "{e}");
+        let req = LocalRequest::Telefork { dest: "node2".into(), child_pid: 7, pass_stdin: true };
+        let frame = encode_frame(&req).unwrap();
+        assert_eq!(decode_body::<LocalRequest>(&frame[4..]).unwrap(), req);
+        let e = decode_body::<LocalRequest>(&[&frame[4..], &[0][..]].concat()).unwrap_err().to_string();
+        assert!(e.contains("1 bytes left over"), "{e}");
+        assert!(decode_body::<LocalRequest>(&frame[4..frame.len() - 1]).is_err());
+        // Two frames back to back, then every cut of them.
+        let stream = [&frame[..], &encode_frame(&LocalRequest::WhoAmI).unwrap()].concat();
+        let (first, used) = decode_frame::<LocalRequest>(&stream).unwrap().unwrap();
+        assert_eq!((first, used), (req.clone(), frame.len()));
+        assert_eq!(decode_frame::<LocalRequest>(&stream[used..]).unwrap().unwrap().0, LocalRequest::WhoAmI);
+        assert!(decode_frame::<LocalRequest>(&[]).unwrap().is_none());
+        for cut in 0..frame.len() {
+            let pure = decode_frame::<LocalRequest>(&frame[..cut]);
+            let read = read_frame::<_, LocalRequest>(&mut &frame[..cut]);
+            assert_eq!(cut == 0, matches!(pure, Ok(None)), "cut {cut}: {pure:?}");
+            assert_eq!(cut == 0, matches!(read, Ok(None)), "cut {cut}: {read:?}");
+            assert_eq!(pure.is_err(), read.is_err(), "cut {cut}");
+        }
+    }
+
+    /// A stream that ends inside a frame's 4-byte length is an error, not a clean end.
+    #[test]
+    fn an_end_inside_the_length_is_an_error() {
+        for cut in 1..4 {
+            let e = read_frame::<_, ToDest>(&mut &[9u8, 0, 0][..cut]).unwrap_err().to_string();
+            assert!(e.contains("inside a frame's length"), "{e}");
+        }
+        // (a reader that hands out one byte at a time still reads whole frames)
+        struct Trickle<'a>(&'a [u8]);
+        impl Read for Trickle<'_> {
+            fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+                let n = self.0.len().min(out.len()).min(1);
+                out[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let frame = encode_frame(&ToDest::Stdin { data: vec![1, 2, 3] }).unwrap();
+        assert_eq!(read_frame::<_, ToDest>(&mut Trickle(&frame)).unwrap(), Some(ToDest::Stdin { data: vec![1, 2, 3] }));
     }
 }
