@@ -110,7 +110,7 @@ pub fn parse_umask(status: &str) -> Result<u32> {
 }
 
 /// Field 19 (nice) of /proc/PID/stat.
-fn stat_nice(stat: &crate::procfs::Stat) -> Result<i32> {
+pub(crate) fn stat_nice(stat: &crate::procfs::Stat) -> Result<i32> {
     let nice = stat.num(19)? as i64;
     i32::try_from(nice).with_context(|| format!("bad nice value {nice}"))
 }
