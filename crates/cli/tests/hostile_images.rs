@@ -387,6 +387,29 @@ fn refuses_a_mapping_at_address_0() {
     lab.refused(&img, "an image with a mapping at address 0", &["0x0-0x1000", "mmap_min_addr"]);
 }
 
+/// The files an image names are looked at as its owner: a mapped file in a root-only
+/// directory is refused as unreachable, and the refusal tells nothing of that file (its size
+/// or time, which a look as root would give away).
+#[test]
+fn refuses_to_look_at_files_its_owner_cannot_reach() {
+    let mut lab = Lab::new("unreachable");
+    let honest = lab.capture();
+    let private = lab.dir.join("root-only");
+    fs::create_dir(&private).unwrap();
+    fs::set_permissions(&private, fs::Permissions::from_mode(0o700)).unwrap();
+    let secret = private.join("secret");
+    fs::write(&secret, vec![7u8; 12345]).unwrap();
+    let img = lab.craft(&honest, "unreachable", |p| {
+        let v = p.vmas.iter_mut().find(|v| matches!(v.kind, VmaKind::File(_))).expect("a file mapping");
+        if let VmaKind::File(id) = &mut v.kind {
+            id.path = secret.display().to_string();
+            id.size = 1;
+        }
+    });
+    let err = lab.refused(&img, "an image mapping a file in a root-only directory", &["Permission denied", &secret.display().to_string()]);
+    assert!(!err.contains("12345"), "unreachable: the refusal gives away the size of a file the owner cannot reach:\n{err}");
+}
+
 /// An image file others may write could have been made by any of them: refused, however
 /// honest its contents.
 #[test]

@@ -108,15 +108,22 @@ impl Here {
     pub fn read() -> Result<Here> {
         let min = crate::procfs::read_text("/proc/sys/vm/mmap_min_addr").context("reading /proc/sys/vm/mmap_min_addr")?;
         let mmap_min_addr = min.trim().parse().with_context(|| format!("parsing vm.mmap_min_addr {:?}", min.trim()))?;
-        let text = crate::procfs::read_text("/proc/thread-self/limits").context("reading /proc/thread-self/limits")?;
         let mut limits = vec![(u64::MAX, u64::MAX); 16];
-        for l in crate::misc::parse_limits(&text).context("parsing /proc/thread-self/limits")? {
-            if let Some(slot) = limits.get_mut(l.resource as usize) {
-                *slot = (l.soft, l.hard);
+        for (res, slot) in limits.iter_mut().enumerate() {
+            let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            // SAFETY: getrlimit writes one struct rlimit we own.
+            if unsafe { libc::getrlimit(res as libc::__rlimit_resource_t, &mut l) } != 0 {
+                return Err(std::io::Error::last_os_error()).with_context(|| format!("reading our own {}", rlimit_name(res as u32)));
             }
+            *slot = (l.rlim_cur, l.rlim_max);
         }
-        let stat = crate::procfs::read_text("/proc/thread-self/stat").context("reading /proc/thread-self/stat")?;
-        let nice = crate::misc::stat_nice(&crate::procfs::parse_stat(&stat)?)?;
+        // (getpriority returns the nice value itself, so -1 is an error only with errno set.)
+        nix::errno::Errno::clear();
+        // SAFETY: getpriority takes no pointers.
+        let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+        if nice == -1 && nix::errno::Errno::last_raw() != 0 {
+            return Err(std::io::Error::last_os_error()).context("reading our own nice value: getpriority");
+        }
         Ok(Here { mmap_min_addr, limits, nice, restorer_uid: nix::unistd::geteuid().as_raw() })
     }
 }
@@ -235,44 +242,82 @@ pub fn check_within(img: &ProcessImage, owner: &Owner, here: &Here) -> Result<()
     Ok(())
 }
 
-/// Runs `f` reaching files as the image's process will: on a thread of its own with the
-/// image's filesystem uid and gid and its supplementary groups (Linux credentials are per
-/// thread, and the raw system calls change only the caller's — glibc's setgroups would change
-/// every thread's). A restorer that is not root runs `f` as itself: its own rights bound it.
-pub fn with_files_reached_as<T: Send>(c: &Creds, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-    if !nix::unistd::geteuid().is_root() {
+/// Runs `f` reaching files as the image's process will: with the image's filesystem uid and
+/// gid and its supplementary groups, on this thread, and back to ours after (Linux
+/// credentials are per thread, and the raw system calls change only the caller's — glibc's
+/// setgroups would change every thread's; a filesystem uid back to 0 gets its capabilities
+/// back). A restorer that is not root, or an image with filesystem uid 0, runs `f` as we are.
+pub fn with_files_reached_as<T>(c: &Creds, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    if !nix::unistd::geteuid().is_root() || c.uid[3] == 0 {
         return f();
     }
-    let groups = c.groups.clone();
-    let (fsuid, fsgid) = (c.uid[3], c.gid[3]);
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            // SAFETY: setgroups reads `groups.len()` ids from a live Vec; it changes this
-            // thread's credentials only (the raw call, not glibc's all-threads wrapper).
-            let r = unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) };
-            if r != 0 {
-                return Err(std::io::Error::last_os_error()).context("taking the image's groups to check its files: setgroups");
+    let switched = Switched(Some(FsIds::current()?));
+    let theirs = FsIds { uid: c.uid[3], gid: c.gid[3], groups: c.groups.clone() };
+    theirs.take().context("taking the image's filesystem ids to look at its files")?;
+    let r = f();
+    switched.back().context("taking our own filesystem ids back after looking at the image's files")?;
+    r
+}
+
+/// The filesystem side of a thread's credentials.
+struct FsIds {
+    uid: u32,
+    gid: u32,
+    groups: Vec<u32>,
+}
+
+impl FsIds {
+    fn current() -> Result<FsIds> {
+        let groups = nix::unistd::getgroups().context("getgroups")?.into_iter().map(|g| g.as_raw()).collect();
+        // setfsuid/setfsgid with an invalid id change nothing and return the current one.
+        // SAFETY: plain integer arguments.
+        let (uid, gid) = unsafe { (libc::syscall(libc::SYS_setfsuid, u32::MAX), libc::syscall(libc::SYS_setfsgid, u32::MAX)) };
+        Ok(FsIds { uid: uid as u32, gid: gid as u32, groups })
+    }
+
+    /// Makes these this thread's: groups, gid, uid, in that order (each step may give up
+    /// privilege the next needs), each checked.
+    fn take(&self) -> Result<()> {
+        // SAFETY: setgroups reads `groups.len()` ids from a live Vec; the raw call changes
+        // this thread's credentials only.
+        if unsafe { libc::syscall(libc::SYS_setgroups, self.groups.len(), self.groups.as_ptr()) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("setgroups");
+        }
+        // SAFETY: plain integer arguments; this thread's credentials only. (They return the
+        // previous id and never fail: read back with an invalid id.)
+        let (gid, uid) = unsafe {
+            libc::syscall(libc::SYS_setfsgid, self.gid);
+            let gid = libc::syscall(libc::SYS_setfsgid, u32::MAX);
+            libc::syscall(libc::SYS_setfsuid, self.uid);
+            (gid, libc::syscall(libc::SYS_setfsuid, u32::MAX))
+        };
+        if gid as u32 != self.gid || uid as u32 != self.uid {
+            anyhow::bail!("the kernel kept filesystem ids {}:{} instead of {}:{}", uid as u32, gid as u32, self.uid, self.gid);
+        }
+        Ok(())
+    }
+}
+
+/// Our own filesystem ids, put back by `back`, or on drop should the look at the files fail
+/// or panic half way.
+struct Switched(Option<FsIds>);
+
+impl Switched {
+    fn back(mut self) -> Result<()> {
+        self.0.take().map_or(Ok(()), |ours| ours.take())
+    }
+}
+
+impl Drop for Switched {
+    fn drop(&mut self) {
+        if let Some(ours) = self.0.take() {
+            if let Err(e) = ours.take() {
+                // (Going on with another user's filesystem ids is not an option.)
+                eprintln!("telefork: error: taking our own filesystem ids back: {e:#}");
+                std::process::abort();
             }
-            // setfsgid/setfsuid return the previous value and never fail: read back with an
-            // invalid id, which changes nothing.
-            // SAFETY: plain integer arguments; this thread's credentials only.
-            let gid_now = unsafe {
-                libc::syscall(libc::SYS_setfsgid, fsgid);
-                libc::syscall(libc::SYS_setfsgid, u32::MAX)
-            };
-            // SAFETY: as above.
-            let uid_now = unsafe {
-                libc::syscall(libc::SYS_setfsuid, fsuid);
-                libc::syscall(libc::SYS_setfsuid, u32::MAX)
-            };
-            if gid_now as u32 != fsgid || uid_now as u32 != fsuid {
-                anyhow::bail!("could not take the image's filesystem ids {fsuid}:{fsgid} to check its files");
-            }
-            f()
-        })
-        .join()
-        .unwrap_or_else(|_| Err(anyhow::anyhow!("internal error: the thread checking the image's files panicked")))
-    })
+        }
+    }
 }
 
 #[cfg(test)]
@@ -376,6 +421,32 @@ mod tests {
         assert!(e.contains("only its own"), "{e}");
         h.restorer_uid = 1000;
         check_within(&image(1000, 1000, vec![]), &owner(), &h).unwrap();
+    }
+
+    /// Files are looked at with the image's filesystem ids, and ours are back after, on this
+    /// thread (root: this test runs as the restorer would).
+    #[test]
+    fn files_are_looked_at_as_the_image_and_our_ids_come_back() {
+        use std::os::unix::fs::PermissionsExt;
+        assert!(nix::unistd::geteuid().is_root(), "this test switches filesystem ids: run it as root");
+        let dir = std::env::temp_dir().join(format!("telefork-bounds-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let file = dir.join("f");
+        std::fs::write(&file, b"x").unwrap();
+        let before = (FsIds::current().unwrap().uid, FsIds::current().unwrap().gid, nix::unistd::getgroups().unwrap());
+        let nobody = Creds { uid: [65534; 4], gid: [65534; 4], groups: vec![65534] };
+        let seen = with_files_reached_as(&nobody, || Ok(std::fs::metadata(&file).map_err(|e| e.kind())));
+        let after = (FsIds::current().unwrap().uid, FsIds::current().unwrap().gid, nix::unistd::getgroups().unwrap());
+        let ours = std::fs::metadata(&file).is_ok();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(seen.unwrap().unwrap_err(), std::io::ErrorKind::PermissionDenied, "nobody looked into a 0700 root directory");
+        assert_eq!(before, after, "our filesystem ids and groups did not come back");
+        assert!(ours, "we cannot look at our own file after");
+        // (An error inside puts them back too.)
+        let e = with_files_reached_as(&nobody, || -> Result<()> { anyhow::bail!("inside") });
+        assert!(e.is_err());
+        assert_eq!(before, (FsIds::current().unwrap().uid, FsIds::current().unwrap().gid, nix::unistd::getgroups().unwrap()));
     }
 
     #[test]

@@ -823,7 +823,10 @@ pub(crate) fn place_run(uffd: Option<&RemoteUffd>, mem: &std::fs::File, pid: Pid
 /// Checks that a file mapped by the image is still the same file (size and modification
 /// time): a changed file would be mapped wrong, silently.
 pub fn check_file(id: &FileId, what: &str) -> Result<()> {
-    let st = std::fs::metadata(&id.path).with_context(|| format!("{what} {:?} is missing on this machine", id.path))?;
+    let st = std::fs::metadata(&id.path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => anyhow::anyhow!("{what} {:?} is missing on this machine", id.path),
+        _ => anyhow::Error::new(e).context(format!("{what} {:?} cannot be reached by the image's process", id.path)),
+    })?;
     if st.size() != id.size || st.mtime() != id.mtime_sec || st.mtime_nsec() != id.mtime_nsec {
         bail!(
             "{what} {:?} changed since the image was made (size {} → {}, mtime {}.{:09} → {}.{:09}); refusing to map it",

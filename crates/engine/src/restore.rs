@@ -239,13 +239,17 @@ impl Drop for Stub {
 
 /// The image must ask for nothing its owner could not have had (`bounds`).
 fn check_owner(img: &ProcessImage, opts: &RestoreOptions) -> Result<()> {
-    let mut owner = match opts.expect_owner {
-        Some((uid, gid)) => bounds::Owner::of(uid, gid),
-        None => bounds::Owner::restorer(),
+    let owner = match (opts.expect_owner, &opts.allowed_groups) {
+        (Some((uid, gid)), Some(groups)) => bounds::Owner { uid, gid, groups: groups.clone() },
+        (Some((uid, gid)), None) => bounds::Owner::of(uid, gid),
+        (None, groups) => {
+            let mut o = bounds::Owner::restorer();
+            if let Some(g) = groups {
+                o.groups.clone_from(g);
+            }
+            o
+        }
     };
-    if let Some(groups) = &opts.allowed_groups {
-        owner.groups.clone_from(groups);
-    }
     bounds::check_image_within_owner(img, &owner)
 }
 
