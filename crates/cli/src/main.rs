@@ -1,7 +1,7 @@
 //! The `telefork` command: one binary for every role.
 //!
 //!     telefork dump --pid PID --out FILE [--leave-running]
-//!     telefork restore FILE [--detach]
+//!     telefork restore FILE [--detach] [--trust-image]
 //!     telefork check-image FILE
 
 use std::fs::File;
@@ -52,12 +52,21 @@ enum Cmd {
     /// (128+N if it was killed by signal N). With --detach, prints the restored PID alone on
     /// the last line of stdout and returns at once. Standard input/output/error that were a
     /// terminal or a pipe at capture are bound to this command's own.
+    ///
+    /// The image belongs to the owner of its file, and the restore grants nothing that user
+    /// could not have had: an image whose uids, gids, groups, nice value, hard limits or
+    /// mappings (below vm.mmap_min_addr) exceed that is refused, naming the item, before
+    /// anything is made; so is an image file that others than its owner may write.
     Restore {
         /// The image to restore.
         image: PathBuf,
         /// Do not wait for the restored process.
         #[arg(long)]
         detach: bool,
+        /// (root only) Restore the image's credentials, nice value, limits and mappings as
+        /// they are, whoever owns the file: for images you made or checked yourself.
+        #[arg(long)]
+        trust_image: bool,
     },
     /// Verify an image (checksums, structure) and print a summary, without restoring it
     /// (read front to back, one record in memory at a time).
@@ -169,7 +178,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Dump { pid, out, leave_running } => dump(pid, &out, leave_running).map(|_| ExitCode::SUCCESS),
-        Cmd::Restore { image, detach } => restore(&image, detach),
+        Cmd::Restore { image, detach, trust_image } => restore(&image, detach, trust_image),
         Cmd::CheckImage { image } => check_image(&image).map(|_| ExitCode::SUCCESS),
         Cmd::Daemon { config } => telefork_node::config::Config::load(&config)
             .and_then(telefork_node::daemon::run)
@@ -211,7 +220,7 @@ fn dump(pid: i32, out: &Path, leave_running: bool) -> Result<()> {
         size.set(f.metadata().map(|m| m.len()).unwrap_or(0));
         drop(f);
         // (Read while the process is still stopped: its identity cannot change meanwhile.)
-        let (uid, gid) = image_owner(pid)?;
+        let (uid, gid) = process_owner(pid)?;
         image.set_owner(uid, gid)?;
         image.commit(true)
     };
@@ -239,7 +248,7 @@ fn dump(pid: i32, out: &Path, leave_running: bool) -> Result<()> {
 /// its effective uid and gid, or root for a process the kernel marks undumpable (one that
 /// changed identity, e.g. set-user-ID) — and root as well when its real, effective, saved and
 /// filesystem ids are not all one (its memory may hold what the other identity could read).
-fn image_owner(pid: i32) -> Result<(u32, u32)> {
+fn process_owner(pid: i32) -> Result<(u32, u32)> {
     use std::os::unix::fs::MetadataExt;
     let md = std::fs::metadata(format!("/proc/{pid}")).with_context(|| format!("reading the owner of process {pid}"))?;
     let status = telefork_engine::procfs::read_text(&format!("/proc/{pid}/status")).with_context(|| format!("reading the credentials of process {pid}"))?;
@@ -282,11 +291,21 @@ fn open_image(image: &Path) -> Result<File> {
     Ok(f)
 }
 
-fn restore(image: &Path, detach: bool) -> Result<ExitCode> {
+fn restore(image: &Path, detach: bool, trust_image: bool) -> Result<ExitCode> {
     let start = Instant::now();
+    let root = nix::unistd::geteuid().is_root();
+    if trust_image && !root {
+        anyhow::bail!("--trust-image is for root: a user's restore can only give the process that user's own rights anyway");
+    }
     let f = open_image(image)?;
-    let r = telefork_engine::restore(BufReader::with_capacity(1 << 20, f), &telefork_engine::RestoreOptions::default())
-        .with_context(|| format!("restoring {} failed; nothing was left running", image.display()))?;
+    let opts = telefork_engine::RestoreOptions { expect_owner: image_owner(image, &f, trust_image)?, ..Default::default() };
+    let r = telefork_engine::restore(BufReader::with_capacity(1 << 20, f), &opts).map_err(|e| {
+        if root && e.chain().any(|c| c.downcast_ref::<telefork_engine::bounds::BeyondOwner>().is_some()) {
+            anyhow::anyhow!("refusing to restore {}, nothing was made: {e:#}; `telefork restore --trust-image` restores it as it is", image.display())
+        } else {
+            e.context(format!("restoring {} failed; nothing was left running", image.display()))
+        }
+    })?;
     let huge = match r.pages.in_huge_pages {
         0 => String::new(),
         n => format!(", {} in huge pages", human(n)),
@@ -312,6 +331,27 @@ fn restore(image: &Path, detach: bool) -> Result<ExitCode> {
             Err(e) => return Err(e).context("waiting for the restored process"),
         }
     }
+}
+
+/// Who the image belongs to: the owner of the (open) file, which must be a regular file no
+/// one else may write (whoever may write it could have made it). `None` with `--trust-image`.
+fn image_owner(image: &Path, f: &File, trust_image: bool) -> Result<Option<(u32, u32)>> {
+    use std::os::unix::fs::MetadataExt;
+    if trust_image {
+        return Ok(None);
+    }
+    let m = f.metadata().with_context(|| format!("stat of image {}", image.display()))?;
+    if !m.is_file() {
+        anyhow::bail!("image {} is not a regular file, so it has no owner to restore it for (as root, --trust-image restores it as it is)", image.display());
+    }
+    if m.mode() & 0o022 != 0 {
+        anyhow::bail!(
+            "image {} may be written by others than its owner (mode {:04o}): anyone of them could have made it; refusing (chmod go-w, or as root --trust-image)",
+            image.display(),
+            m.mode() & 0o7777
+        );
+    }
+    Ok(Some((m.uid(), m.gid())))
 }
 
 fn testbed(cmd: TestbedCmd) -> Result<ExitCode> {

@@ -5,9 +5,10 @@
 //! system call in the target is needed). Restore runs *last* of all the per-process steps,
 //! because it drops the restored process from the restorer's identity (root) to the image's:
 //! setgroups, setresgid, setfsgid, setresuid, setfsuid, injected into the process itself. We
-//! only ever set the ids recorded in the image, so the restored process never gets more than
-//! its owner had. Capabilities are not carried: dropping from uid 0 to another uid clears them
-//! as usual; an image that was itself uid 0 keeps the restorer's.
+//! only ever set the ids recorded in the image, which `bounds` checked against its owner
+//! before anything was made, so the restored process never gets more than its owner could
+//! have. Capabilities are not carried: dropping from uid 0 to another uid clears them as
+//! usual; an image that was itself uid 0 (a root owner's, or trusted) keeps the restorer's.
 
 use anyhow::{bail, Context, Result};
 

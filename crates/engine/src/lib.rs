@@ -9,6 +9,7 @@
 //! `ptrace` and `procfs` are the doors to the kernel.
 
 pub mod arch;
+pub mod bounds;
 pub mod capture;
 pub mod creds;
 pub mod fds;

@@ -73,10 +73,11 @@ pub fn capture_vmas(pid: Pid, maps: &[MapsEntry]) -> Result<Vec<Vma>> {
         };
         let flags = vmflags.get(&(m.start, m.end)).map(Vec::as_slice).unwrap_or(&[]);
         let has = |f: &str| flags.iter().any(|x| x == f);
-        let advice = [("hg", libc::MADV_HUGEPAGE), ("nh", libc::MADV_NOHUGEPAGE), ("dc", libc::MADV_DONTFORK), ("dd", libc::MADV_DONTDUMP), ("wf", libc::MADV_WIPEONFORK)]
+        let advice = ["hg", "nh", "dc", "dd", "wf"]
             .iter()
+            .zip(RESTORED_ADVICE)
             .filter(|(f, _)| has(f))
-            .map(|(_, a)| *a)
+            .map(|(_, a)| a)
             .collect();
         vmas.push(Vma {
             start: m.start,
@@ -822,7 +823,10 @@ pub(crate) fn place_run(uffd: Option<&RemoteUffd>, mem: &std::fs::File, pid: Pid
 /// Checks that a file mapped by the image is still the same file (size and modification
 /// time): a changed file would be mapped wrong, silently.
 pub fn check_file(id: &FileId, what: &str) -> Result<()> {
-    let st = std::fs::metadata(&id.path).with_context(|| format!("{what} {:?} is missing on this machine", id.path))?;
+    let st = std::fs::metadata(&id.path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => anyhow::anyhow!("{what} {:?} is missing on this machine", id.path),
+        _ => anyhow::Error::new(e).context(format!("{what} {:?} cannot be reached by the image's process", id.path)),
+    })?;
     if st.size() != id.size || st.mtime() != id.mtime_sec || st.mtime_nsec() != id.mtime_nsec {
         bail!(
             "{what} {:?} changed since the image was made (size {} → {}, mtime {}.{:09} → {}.{:09}); refusing to map it",
@@ -838,7 +842,13 @@ pub fn check_file(id: &FileId, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Refuses an image whose mappings overlap, are unaligned, or leave user space.
+/// The madvise advice capture records (from smaps' VmFlags) and restore gives again; any
+/// other is refused — some need privilege (MADV_HWPOISON and MADV_SOFT_OFFLINE take pages
+/// out of service for the whole machine), and the restorer is root.
+pub const RESTORED_ADVICE: [i32; 5] = [libc::MADV_HUGEPAGE, libc::MADV_NOHUGEPAGE, libc::MADV_DONTFORK, libc::MADV_DONTDUMP, libc::MADV_WIPEONFORK];
+
+/// Refuses an image whose mappings overlap, are unaligned, leave user space, or carry advice
+/// capture never records.
 pub fn validate_layout(vmas: &[Vma]) -> Result<()> {
     const TASK_SIZE: u64 = 0x7fff_ffff_f000;
     let mut prev_end = 0u64;
@@ -849,6 +859,9 @@ pub fn validate_layout(vmas: &[Vma]) -> Result<()> {
         }
         if v.prot & !((libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u32) != 0 {
             bail!("image is corrupt: mapping {:#x}-{:#x} has protection bits {:#x}", v.start, v.end, v.prot);
+        }
+        if let Some(a) = v.advice.iter().find(|a| !RESTORED_ADVICE.contains(a)) {
+            bail!("image is corrupt: mapping {:#x}-{:#x} has madvise advice {a}, which capture never records", v.start, v.end);
         }
         prev_end = v.end;
     }
@@ -1001,6 +1014,17 @@ mod tests {
 
     /// A mapping that smaps does not show as maps did (a scratch area merged with it while
     /// smaps was read) is reported as such, for the capture to read again.
+    /// Advice capture records passes; advice that needs privilege (or is unknown) does not.
+    #[test]
+    fn only_recorded_advice_is_restored() {
+        let vma = |advice: Vec<i32>| Vma { start: 1 << 20, end: 2 << 20, prot: 3, shared: false, offset: 0, kind: VmaKind::Anon, growsdown: false, accounted: true, advice };
+        validate_layout(&[vma(RESTORED_ADVICE.to_vec())]).unwrap();
+        for bad in [libc::MADV_HWPOISON, libc::MADV_SOFT_OFFLINE, libc::MADV_REMOVE, 99] {
+            let e = validate_layout(&[vma(vec![libc::MADV_HUGEPAGE, bad])]).unwrap_err().to_string();
+            assert!(e.contains(&format!("advice {bad}")), "{e}");
+        }
+    }
+
     #[test]
     fn smaps_that_disagrees_with_maps_is_noticed() {
         let me = nix::unistd::getpid();

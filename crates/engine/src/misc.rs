@@ -5,8 +5,10 @@
 //! nothing runs in the target. Resource limits come from /proc/PID/limits rather than
 //! prlimit(2), which here fails on another uid's task (no CAP_SYS_RESOURCE). Restore injects
 //! chdir, umask, personality, setpriority, prctl(PR_SET_NAME) and prlimit64 into the new
-//! process. A hard limit above the restorer's cannot be raised without CAP_SYS_RESOURCE: it is
-//! clamped to what the process may have, with a warning, rather than failing the restore.
+//! process. The values were checked against the image's owner before anything was made
+//! (`bounds`); a hard limit the kernel still will not raise (no CAP_SYS_RESOURCE, or
+//! RLIMIT_NOFILE above fs.nr_open) is clamped to what the process may have, with a warning,
+//! rather than failing the restore.
 
 use anyhow::{bail, Context, Result};
 use nix::unistd::Pid;
@@ -110,7 +112,7 @@ pub fn parse_umask(status: &str) -> Result<u32> {
 }
 
 /// Field 19 (nice) of /proc/PID/stat.
-fn stat_nice(stat: &crate::procfs::Stat) -> Result<i32> {
+pub(crate) fn stat_nice(stat: &crate::procfs::Stat) -> Result<i32> {
     let nice = stat.num(19)? as i64;
     i32::try_from(nice).with_context(|| format!("bad nice value {nice}"))
 }

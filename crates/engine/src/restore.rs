@@ -1,7 +1,8 @@
 //! Restoring a process, top to bottom.
 //!
 //! 1. Check the image against this machine before anything is created: architecture, page
-//!    size, CPU features, kernel build (for the vDSO), every mapped file still the same.
+//!    size, CPU features, kernel build (for the vDSO), nothing its owner could not have had
+//!    (`bounds`), every mapped file still the same.
 //! 2. Make the new process (a `Stub`, made ahead of time — while the image is on its way, or
 //!    while the last restored process runs — or now): a fork of this command (clone3, with
 //!    the image's PID when that PID is free), or of a `StubTemplate`, which stops under our
@@ -38,18 +39,19 @@ use crate::inject::{Call, Injector};
 use crate::mem::PAGE;
 use crate::pin::CpuPin;
 use crate::timeline::Timeline;
-use crate::{creds, fds, mem, misc, mm, procfs, ptrace, signals, threads};
+use crate::{bounds, creds, fds, mem, misc, mm, procfs, ptrace, signals, threads};
 
 #[derive(Debug, Clone, Default)]
 pub struct RestoreOptions {
     /// Fds to become the restored process's 0/1/2 where the image says "inherited"; by
     /// default the caller's own 0/1/2.
     pub stdio: Option<[std::os::fd::RawFd; 3]>,
-    /// Refuse the image unless it belongs to this (uid, gid): the owner an authenticated
-    /// sender vouched for.
+    /// Who the image belongs to, (uid, gid): the owner of the image file, or the user an
+    /// authenticated sender vouched for. The restore never grants more than this user could
+    /// have had here (`bounds`). `None`: the restorer's own rights bound it — so a root
+    /// restorer trusts the image as it is (`telefork restore --trust-image`).
     pub expect_owner: Option<(u32, u32)>,
-    /// Refuse the image if its supplementary groups are not all in this list (the groups
-    /// the owner has on this machine).
+    /// The groups the owner has on this machine; by default looked up from its name.
     pub allowed_groups: Option<Vec<u32>>,
     /// Accept page records without CRCs: the image arrives on a connection that
     /// authenticates every byte (TLS) or is trusted by configuration.
@@ -98,8 +100,9 @@ pub fn restore_into<R: Read + Send>(stub: Option<Stub>, input: R, opts: &Restore
     }
     check_header(&header)?;
     let img = reader.process()?;
-    check_process(&img, &header)?;
+    check_layout(&img, &header)?;
     check_owner(&img, opts)?;
+    check_files(&img)?;
     crate::timeline::stamp("restore record read");
 
     let mut tl = Timeline::new();
@@ -239,22 +242,20 @@ impl Drop for Stub {
     }
 }
 
-/// The image must belong to the user its sender vouched for, with no group that user does
-/// not have here.
+/// The image must ask for nothing its owner could not have had (`bounds`).
 fn check_owner(img: &ProcessImage, opts: &RestoreOptions) -> Result<()> {
-    if let Some((uid, gid)) = opts.expect_owner {
-        let c = &img.creds;
-        if c.uid.iter().any(|u| *u != uid) || c.gid.iter().any(|g| *g != gid) {
-            bail!("the image's credentials (uids {:?}, gids {:?}) are not those of its sender's user ({uid}:{gid}); refusing", c.uid, c.gid);
+    let owner = match (opts.expect_owner, &opts.allowed_groups) {
+        (Some((uid, gid)), Some(groups)) => bounds::Owner { uid, gid, groups: groups.clone() },
+        (Some((uid, gid)), None) => bounds::Owner::of(uid, gid),
+        (None, groups) => {
+            let mut o = bounds::Owner::restorer();
+            if let Some(g) = groups {
+                o.groups.clone_from(g);
+            }
+            o
         }
-    }
-    if let Some(allowed) = &opts.allowed_groups {
-        let extra: Vec<u32> = img.creds.groups.iter().copied().filter(|g| !allowed.contains(g)).collect();
-        if !extra.is_empty() {
-            bail!("the image's supplementary groups {extra:?} are not groups of its owner on this machine; refusing");
-        }
-    }
-    Ok(())
+    };
+    bounds::check_image_within_owner(img, &owner)
 }
 
 fn check_header(h: &Header) -> Result<()> {
@@ -267,7 +268,7 @@ fn check_header(h: &Header) -> Result<()> {
     arch::check_cpu(h.xfeatures)
 }
 
-fn check_process(img: &ProcessImage, h: &Header) -> Result<()> {
+fn check_layout(img: &ProcessImage, h: &Header) -> Result<()> {
     if img.threads.len() != 1 {
         bail!("image has {} threads; only single-threaded images can be restored so far", img.threads.len());
     }
@@ -280,12 +281,24 @@ fn check_process(img: &ProcessImage, h: &Header) -> Result<()> {
             h.kernel_release
         );
     }
-    for v in &img.vmas {
-        if let VmaKind::File(id) = &v.kind {
-            mem::check_file(id, "mapped file")?;
-        }
-    }
     Ok(())
+}
+
+/// Every mapped file and the executable must be the same file as at capture, looked at as
+/// the image's process will reach them (its filesystem ids and groups, `bounds`): what
+/// root alone could see is none of the image's business.
+fn check_files(img: &ProcessImage) -> Result<()> {
+    bounds::with_files_reached_as(&img.creds, || {
+        for v in &img.vmas {
+            if let VmaKind::File(id) = &v.kind {
+                mem::check_file(id, "mapped file")?;
+            }
+        }
+        if let Some(id) = &img.mm.exe_id {
+            mem::check_file(id, "executable")?;
+        }
+        Ok(())
+    })
 }
 
 /// Forks this command into a child that stops under our ptrace before running anything else.
@@ -657,17 +670,19 @@ mod tests {
         }
     }
 
+    /// The daemon's options (a vouched owner, its groups here) reach the bounds.
     #[test]
     fn owner_and_groups_are_checked() {
         let opts = RestoreOptions { expect_owner: Some((1000, 1000)), allowed_groups: Some(vec![1000, 27]), ..Default::default() };
-        check_owner(&image(1000, 1000, vec![27]), &opts).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            check_owner(&image(1000, 1000, vec![27]), &opts).unwrap(); // (else: only one's own)
+        }
         let e = check_owner(&image(0, 0, vec![]), &opts).unwrap_err().to_string();
-        assert!(e.contains("not those of its sender"), "{e}");
+        assert!(e.contains("uid 0"), "{e}");
         let mut img = image(1000, 1000, vec![]);
         img.creds.uid[1] = 0; // effective uid root: refused too
         assert!(check_owner(&img, &opts).is_err());
         let e = check_owner(&image(1000, 1000, vec![27, 0]), &opts).unwrap_err().to_string();
-        assert!(e.contains("[0]"), "{e}");
-        check_owner(&image(0, 0, vec![0]), &RestoreOptions::default()).unwrap();
+        assert!(e.contains("supplementary group 0"), "{e}");
     }
 }
