@@ -5,8 +5,9 @@
 //!   event loop, before any process exists for the connection: a peer without a valid
 //!   certificate costs a file descriptor and a few milliseconds of CPU, for at most
 //!   `PREAUTH_LIMIT`. At most `max_handshakes` run at once, `max_handshakes_per_source` of
-//!   them from one address; further connections wait in the order they came, served round
-//!   the addresses, so a flood from one address delays nobody else. An authenticated node
+//!   them from one source (an address; another daemon's connections, from a reserved port,
+//!   are a source of their own); further connections wait in the order they came, served
+//!   round the sources, so a flood from one source delays nobody else. An authenticated node
 //!   gets a session (forked with the completed handshake in its memory) unless that node
 //!   already has `max_sessions_per_peer` of them or the daemon `max_sessions`: then it is
 //!   told so, on the authenticated connection, naming the limit.
@@ -52,6 +53,22 @@ const MAX_DRAINING: usize = 256;
 /// Local connections waiting in all (each user has `max_waiting_per_user`).
 const MAX_WAITING_LOCAL: usize = 4096;
 
+/// Where a connection comes from, for the limits and the turns: its address, and whether it
+/// comes from a reserved port (below 1024, which only root may bind: another daemon's, see
+/// `channel::connect`). A host's daemon and its other users are two sources, so a user who
+/// floods us from that host delays only their own connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Source {
+    ip: IpAddr,
+    reserved_port: bool,
+}
+
+impl Source {
+    fn of(peer: &SocketAddr) -> Source {
+        Source { ip: peer.ip(), reserved_port: peer.port() < 1024 }
+    }
+}
+
 /// What a session serves: a local user's program, or a peer node's connection.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Kind {
@@ -94,9 +111,9 @@ pub struct Admission<'a> {
     unix: UnixListener,
     sessions: HashMap<Pid, Kind>,
     handshaking: Vec<Handshaking>,
-    /// Accepted, waiting for a handshake slot, per address (and the order addresses are served in).
-    waiting_tcp: HashMap<IpAddr, VecDeque<(TcpStream, SocketAddr, Instant)>>,
-    source_turns: VecDeque<IpAddr>,
+    /// Accepted, waiting for a handshake slot, per source (and the order sources are served in).
+    waiting_tcp: HashMap<Source, VecDeque<(TcpStream, SocketAddr, Instant)>>,
+    source_turns: VecDeque<Source>,
     /// Local connections waiting for a session of their user, in arrival order.
     waiting_local: VecDeque<(UnixStream, u32, Instant)>,
     draining: Vec<Draining>,
@@ -241,9 +258,9 @@ impl<'a> Admission<'a> {
         let mut passes = self.source_turns.len();
         while self.handshaking.len() < limits.max_handshakes as usize && passes > 0 {
             passes -= 1;
-            let Some(ip) = self.source_turns.pop_front() else { break };
-            let Some(queue) = self.waiting_tcp.get_mut(&ip) else { continue };
-            let in_progress = self.handshaking.iter().filter(|h| h.peer.ip() == ip).count();
+            let Some(source) = self.source_turns.pop_front() else { break };
+            let Some(queue) = self.waiting_tcp.get_mut(&source) else { continue };
+            let in_progress = self.handshaking.iter().filter(|h| Source::of(&h.peer) == source).count();
             if in_progress < limits.max_handshakes_per_source as usize {
                 if let Some((sock, peer, arrived)) = queue.pop_front() {
                     match PendingServer::new(self.shared.server_tls.clone(), &sock, HANDSHAKE_LIMIT) {
@@ -255,10 +272,10 @@ impl<'a> Admission<'a> {
                     }
                 }
             }
-            if self.waiting_tcp.get(&ip).is_some_and(|q| !q.is_empty()) {
-                self.source_turns.push_back(ip);
+            if self.waiting_tcp.get(&source).is_some_and(|q| !q.is_empty()) {
+                self.source_turns.push_back(source);
             } else {
-                self.waiting_tcp.remove(&ip);
+                self.waiting_tcp.remove(&source);
             }
         }
     }
@@ -339,7 +356,8 @@ impl<'a> Admission<'a> {
                 }
             };
             let waiting_all: usize = self.waiting_tcp.values().map(VecDeque::len).sum();
-            let from_source = self.waiting_tcp.get(&peer.ip()).map_or(0, VecDeque::len);
+            let source = Source::of(&peer);
+            let from_source = self.waiting_tcp.get(&source).map_or(0, VecDeque::len);
             if from_source >= limits.max_waiting_per_source as usize || waiting_all >= MAX_WAITING_TCP {
                 // Unauthenticated: closed at once, nothing said (it could not be read as ours).
                 self.tally.closed_waiting_full += 1;
@@ -348,10 +366,10 @@ impl<'a> Admission<'a> {
             if sock.set_nonblocking(false).is_err() {
                 continue;
             }
-            if !self.waiting_tcp.contains_key(&peer.ip()) {
-                self.source_turns.push_back(peer.ip());
+            if !self.waiting_tcp.contains_key(&source) {
+                self.source_turns.push_back(source);
             }
-            self.waiting_tcp.entry(peer.ip()).or_default().push_back((sock, peer, Instant::now()));
+            self.waiting_tcp.entry(source).or_default().push_back((sock, peer, Instant::now()));
         }
     }
 

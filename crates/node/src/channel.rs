@@ -905,10 +905,62 @@ fn deep_buffers(sock: &TcpStream) {
     }
 }
 
-/// Connects to `addr` within `timeout`.
+/// Connects to `addr` within `timeout`, from a reserved port (below 1024) if one is free.
+///
+/// Only root may bind those, so a node tells its daemon's connections apart from those of
+/// anyone else on the same host by the port alone: it serves them in a queue of their own
+/// (`admission`), and a local user who floods a peer from this host's address cannot delay
+/// this daemon's teleforks there. (Not an authentication: the TLS handshake is that.)
 pub fn connect(addr: std::net::SocketAddr, timeout: Duration) -> Result<TcpStream> {
+    if let Some(s) = connect_from_reserved_port(addr, timeout) {
+        return Ok(s);
+    }
     let s = TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connecting to {addr}"))?;
     Ok(s)
+}
+
+/// Reserved ports tried, from a random start: 512..1024 (below them, the well-known services).
+const RESERVED_PORTS: std::ops::Range<u16> = 512..1024;
+
+/// A connection from a free reserved port, or None (not root, none free, or the connect
+/// failed: the caller then connects the ordinary way, and says why if that fails too).
+fn connect_from_reserved_port(addr: std::net::SocketAddr, timeout: Duration) -> Option<TcpStream> {
+    use nix::sys::socket::{bind, connect as sys_connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
+    let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let span = (RESERVED_PORTS.end - RESERVED_PORTS.start) as u32;
+    // (A start that differs between processes and moments; nothing depends on its quality.)
+    let start = std::process::id().wrapping_mul(2_654_435_761) ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    for i in 0..32u32 {
+        let port = RESERVED_PORTS.start + ((start.wrapping_add(i)) % span) as u16;
+        let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None).ok()?;
+        // (A port whose last connection lingers in TIME_WAIT elsewhere may be bound again.)
+        setsockopt(&fd, sockopt::ReuseAddr, &true).ok()?;
+        let local = std::net::SocketAddr::new(if addr.is_ipv4() { std::net::Ipv4Addr::UNSPECIFIED.into() } else { std::net::Ipv6Addr::UNSPECIFIED.into() }, port);
+        match bind(fd.as_raw_fd(), &SockaddrStorage::from(local)) {
+            Ok(()) => {}
+            Err(nix::errno::Errno::EADDRINUSE) => continue,
+            Err(_) => return None, // (EACCES: not root)
+        }
+        match sys_connect(fd.as_raw_fd(), &SockaddrStorage::from(addr)) {
+            Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => {}
+            Err(nix::errno::Errno::EADDRNOTAVAIL | nix::errno::Errno::EADDRINUSE) => continue,
+            Err(_) => return None,
+        }
+        let mut p = [PollFd::new(fd.as_fd(), PollFlags::POLLOUT)];
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        if !matches!(poll(&mut p, PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)), Ok(1)) {
+            return None;
+        }
+        match nix::sys::socket::getsockopt(&fd, sockopt::SocketError) {
+            Ok(0) => {}
+            Ok(e) if e == libc::EADDRNOTAVAIL || e == libc::EADDRINUSE => continue,
+            _ => return None,
+        }
+        let stream = TcpStream::from(fd);
+        stream.set_nonblocking(false).ok()?;
+        return Some(stream);
+    }
+    None
 }
 
 /// Fails unless the peer certificate names `node`.

@@ -49,6 +49,9 @@
 //! * `probe burst DEST N [SLEEP_MS]` — N processes forked at once each telefork to DEST
 //!   (their children sleep SLEEP_MS and exit 0); each prints `burst ok`, `burst refused
 //!   LIMIT` (a node refused it, naming the limit) or `burst error MESSAGE`; last `burst done`.
+//! * `probe flood HOST:PORT N SECS` — N TCP connections that never say a word (a peer
+//!   without a certificate), each opened again as it is closed, for SECS seconds: prints
+//!   `flooding` once the first N are open, `flood opened K` at the end.
 //! * `probe remote DEST` — `remote host=NAME sum=X expected=Y` (a sum computed there over
 //!   memory from here).
 //! * `probe yoyo DEST` — goes to DEST, modifies state there, comes back: prints
@@ -104,7 +107,7 @@ struct ForkOpts {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: probe fork DEST [--exit N] [--big-mb N] [--guarded-mb N] [--poked-pages N] [--print-uid] [--read-stdin] [--pass-stdin] [--background] [--lines N] [--interval-ms N] [--sleep-ms N] [--kill-after-ms N] [--kill-signal S] [--map FILE] | probe burst DEST N [SLEEP_MS] | probe series DEST PAUSE_MS COUNT [--pass-stdin] | probe drop-next DEST HOLD_MS | probe fanout NODE,NODE,... [--background] | probe remote DEST | probe yoyo DEST");
+    eprintln!("usage: probe fork DEST [--exit N] [--big-mb N] [--guarded-mb N] [--poked-pages N] [--print-uid] [--read-stdin] [--pass-stdin] [--background] [--lines N] [--interval-ms N] [--sleep-ms N] [--kill-after-ms N] [--kill-signal S] [--map FILE] | probe burst DEST N [SLEEP_MS] | probe flood HOST:PORT N SECS | probe series DEST PAUSE_MS COUNT [--pass-stdin] | probe drop-next DEST HOLD_MS | probe fanout NODE,NODE,... [--background] | probe remote DEST | probe yoyo DEST");
     std::process::exit(2)
 }
 
@@ -304,6 +307,36 @@ fn fork(dest: &str, o: &ForkOpts) {
     out("parent ok");
 }
 
+/// `flood`: holds N TCP connections to `addr` that never say a word (a peer without a
+/// certificate), opening each again as it is closed, for `secs` seconds; prints `flooding`
+/// once the first N are open, then `flood opened K` at the end.
+fn flood(addr: &str, n: usize, secs: u64) {
+    let addr: std::net::SocketAddr = addr.parse().unwrap_or_else(|_| usage());
+    let open = || std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok();
+    let mut conns: Vec<Option<std::net::TcpStream>> = (0..n).map(|_| open()).collect();
+    let mut opened = n;
+    out("flooding");
+    let end = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < end {
+        for c in conns.iter_mut() {
+            let closed = match c {
+                Some(s) => {
+                    s.set_nonblocking(true).ok();
+                    let mut b = [0u8; 1];
+                    !matches!(s.peek(&mut b), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                }
+                None => true,
+            };
+            if closed {
+                *c = open();
+                opened += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    out(&format!("flood opened {opened}"));
+}
+
 /// `burst`: N processes telefork to `dest` at once; each prints one line of its outcome.
 fn burst(dest: &str, n: usize, sleep_ms: u64) {
     let mut kids = vec![];
@@ -344,6 +377,11 @@ fn main() {
     let dest = args[1].as_str();
     match args[0].as_str() {
         "fork" => fork(dest, &parse_fork(&args[2..])),
+        "flood" => {
+            let n = args.get(2).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
+            let secs = args.get(3).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
+            flood(dest, n, secs);
+        }
         "burst" => {
             let n = args.get(2).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
             let sleep_ms = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(0);
