@@ -321,11 +321,12 @@ impl Drop for Switched {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use telefork_image::{Misc, MmFields, Rlimit, Vma};
 
-    fn image(uid: u32, gid: u32, groups: Vec<u32>) -> ProcessImage {
+    /// A minimal image of a process of `uid`/`gid` with `groups` (also for restore's tests).
+    pub(crate) fn image(uid: u32, gid: u32, groups: Vec<u32>) -> ProcessImage {
         ProcessImage {
             pid: 1,
             comm: "t".into(),

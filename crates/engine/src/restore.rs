@@ -650,25 +650,7 @@ fn free_area(vmas: &[Vma], stub: &[procfs::MapsEntry], taken: &[(u64, u64)], len
 #[cfg(test)]
 mod tests {
     use super::*;
-    use telefork_image::{Creds, Misc, MmFields};
-
-    fn image(uid: u32, gid: u32, groups: Vec<u32>) -> ProcessImage {
-        ProcessImage {
-            pid: 1,
-            comm: "t".into(),
-            creds: Creds { uid: [uid; 4], gid: [gid; 4], groups },
-            misc: Misc { cwd: "/".into(), umask: 0, nice: 0, personality: 0, rlimits: vec![], no_new_privs: false },
-            mm: MmFields {
-                start_code: 0, end_code: 0, start_data: 0, end_data: 0, start_brk: 0, brk: 0, start_stack: 0,
-                arg_start: 0, arg_end: 0, env_start: 0, env_end: 0, auxv: vec![], exe: String::new(), exe_id: None,
-            },
-            vmas: vec![],
-            threads: vec![],
-            sigactions: vec![],
-            shared_pending: vec![],
-            fds: vec![],
-        }
-    }
+    use crate::bounds::tests::image;
 
     /// The daemon's options (a vouched owner, its groups here) reach the bounds.
     #[test]
