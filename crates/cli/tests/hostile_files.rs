@@ -105,9 +105,21 @@ fn plant_symlink(target: &Path, at: &Path, uid: u32, gid: u32) {
 fn holder() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(|| {
-        // (Readable by every user, so the test user's process of it is dumpable.)
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("hostile");
-        fs::create_dir_all(&dir).unwrap();
+        // (Readable by every user, so the test user's process of it is dumpable — and in a
+        // directory every user can reach: a CI clone may sit in a private one. Ours is named
+        // by our PID; those of earlier runs, whose PIDs are gone, are removed.)
+        let tmp = std::env::temp_dir();
+        for e in fs::read_dir(&tmp).unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix("telefork-hostile-files-") {
+                if !Path::new(&format!("/proc/{pid}")).exists() {
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let dir = tmp.join(format!("telefork-hostile-files-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir(&dir).unwrap();
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
         let src = dir.join("holder.c");
         fs::write(
