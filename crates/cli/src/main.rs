@@ -333,17 +333,15 @@ fn restore(image: &Path, detach: bool, trust_image: bool) -> Result<ExitCode> {
     }
 }
 
-/// Who the image belongs to: the owner of the (open) file, which must be a regular file no
-/// one else may write (whoever may write it could have made it). `None` with `--trust-image`.
+/// Who the image belongs to: the owner of the file (`open_image` made sure it is a regular
+/// one), which no one else may write (whoever may write it could have made it). `None` with
+/// `--trust-image`.
 fn image_owner(image: &Path, f: &File, trust_image: bool) -> Result<Option<(u32, u32)>> {
     use std::os::unix::fs::MetadataExt;
     if trust_image {
         return Ok(None);
     }
     let m = f.metadata().with_context(|| format!("stat of image {}", image.display()))?;
-    if !m.is_file() {
-        anyhow::bail!("image {} is not a regular file, so it has no owner to restore it for (as root, --trust-image restores it as it is)", image.display());
-    }
     if m.mode() & 0o022 != 0 {
         anyhow::bail!(
             "image {} may be written by others than its owner (mode {:04o}): anyone of them could have made it; refusing (chmod go-w, or as root --trust-image)",

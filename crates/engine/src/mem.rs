@@ -1012,8 +1012,6 @@ pub fn finish(inj: &mut Injector, vmas: &[Vma]) {
 mod tests {
     use super::*;
 
-    /// A mapping that smaps does not show as maps did (a scratch area merged with it while
-    /// smaps was read) is reported as such, for the capture to read again.
     /// Advice capture records passes; advice that needs privilege (or is unknown) does not.
     #[test]
     fn only_recorded_advice_is_restored() {
@@ -1025,6 +1023,8 @@ mod tests {
         }
     }
 
+    /// A mapping that smaps does not show as maps did (a scratch area merged with it while
+    /// smaps was read) is reported as such, for the capture to read again.
     #[test]
     fn smaps_that_disagrees_with_maps_is_noticed() {
         let me = nix::unistd::getpid();

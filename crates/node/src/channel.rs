@@ -332,15 +332,15 @@ fn first_record(buf: &[u8]) -> usize {
 }
 
 /// Drives the handshake to completion. rustls is given one record at a time, so the records
-/// that follow the handshake stay ours. Returns the bytes received past the handshake (the
-/// start of the record stream) and any application data rustls decrypted anyway.
-fn drive<C: Handshake>(conn: &mut C, sock: &TcpStream, timeout: Duration) -> Result<(Vec<u8>, Vec<u8>)> {
+/// that follow the handshake stay ours. Returns what was received past the handshake
+/// (`HandshakeBuffers::into_rest`).
+fn drive<C: Handshake>(conn: &mut C, sock: &TcpStream, timeout: Duration) -> Result<HandshakeBuffers> {
     // The whole handshake within `timeout` (a peer trickling bytes must not hold us).
     let deadline = Instant::now() + timeout;
     let mut state = HandshakeBuffers::new();
     loop {
         if state.advance(conn, sock)? {
-            return Ok(state.into_rest());
+            return Ok(state);
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -447,7 +447,8 @@ impl HandshakeBuffers {
         Ok(true)
     }
 
-    /// The bytes received past the handshake, and application data rustls opened.
+    /// The bytes received past the handshake (the start of the record stream), and any
+    /// application data rustls opened anyway.
     fn into_rest(mut self) -> (Vec<u8>, Vec<u8>) {
         self.incoming.truncate(self.filled);
         (self.incoming, self.early)
@@ -472,9 +473,6 @@ impl PendingServer {
     /// Takes what has arrived on `sock` and answers it. True once the handshake is complete
     /// (the client's certificate verified).
     pub fn progress(&mut self, sock: &TcpStream) -> Result<bool> {
-        if !self.done {
-            self.done = self.buffers.advance(&mut self.conn, sock)?;
-        }
         while !self.done && self.buffers.receive(sock, true)? {
             self.done = self.buffers.advance(&mut self.conn, sock)?;
         }
@@ -499,14 +497,12 @@ impl PendingServer {
     }
 }
 
-
-
 impl TlsChannel {
     /// Connects as a client and completes the handshake within `timeout`.
     pub fn client(cfg: Arc<rustls::ClientConfig>, name: ServerName<'static>, sock: TcpStream, timeout: Duration) -> Result<Self> {
         prepare(&sock, timeout);
         let mut conn = UnbufferedClientConnection::new(cfg, name).context("starting TLS")?;
-        let (rest, early) = drive(&mut conn, &sock, timeout)?;
+        let (rest, early) = drive(&mut conn, &sock, timeout)?.into_rest();
         let peer = conn.peer_certs();
         let (secrets, kc) = conn.dangerous_into_kernel_connection().map_err(|e| anyhow!("TLS: taking the traffic keys: {e}"))?;
         let limit = limit_of(kc.negotiated_cipher_suite());
@@ -518,11 +514,8 @@ impl TlsChannel {
     pub fn server(cfg: Arc<rustls::ServerConfig>, sock: TcpStream, timeout: Duration) -> Result<Self> {
         prepare(&sock, timeout);
         let mut conn = UnbufferedServerConnection::new(cfg).context("starting TLS")?;
-        let (rest, early) = drive(&mut conn, &sock, timeout)?;
-        let peer = conn.peer_certs();
-        let (secrets, kc) = conn.dangerous_into_kernel_connection().map_err(|e| anyhow!("TLS: taking the traffic keys: {e}"))?;
-        let limit = limit_of(kc.negotiated_cipher_suite());
-        Self::assemble(sock, peer, secrets, Keys::Server(kc), limit, rest, early, timeout)
+        let buffers = drive(&mut conn, &sock, timeout)?;
+        PendingServer { conn, buffers, done: true }.finish(sock, timeout)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1165,8 +1158,6 @@ mod tests {
         server.join().unwrap();
     }
 
-    /// Bytes sent from a pipe (read straight into records) arrive intact and in order
-    /// between ordinary writes, across key updates; a pipe that ends early is an error.
     /// A peer that goes quiet (a link outage): a receive and a send each end with an error
     /// that says so and how long we waited, not a bare EAGAIN.
     #[test]
@@ -1196,6 +1187,8 @@ mod tests {
         server.join().unwrap();
     }
 
+    /// Bytes sent from a pipe (read straight into records) arrive intact and in order
+    /// between ordinary writes, across key updates; a pipe that ends early is an error.
     #[test]
     fn send_from_a_pipe() {
         let (_d, server_cfg, client_cfg, listener, addr) = setup();

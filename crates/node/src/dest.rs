@@ -502,13 +502,14 @@ fn receive(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str, restorer: &Resto
             // The restore may have stopped early (a mapped file missing here, say) while the
             // image is still arriving: read the rest, so that the origin, which reads our
             // answer once it has sent the image, gets the reason instead of a reset.
-            ch.set_recv_timeout(Some(Duration::from_secs(30)));
             if plain_image {
                 if let Ok(raw) = ch.raw_socket() {
-                    drop_raw(raw);
+                    raw.set_read_timeout(Some(DROP_LIMIT)).ok();
+                    drop_image(raw);
                 }
             } else {
-                drop_image(ch);
+                ch.set_recv_timeout(Some(DROP_LIMIT));
+                drop_image(&**ch);
             }
             Ok(None)
         }
@@ -550,27 +551,17 @@ fn answer_offer(shared: &Shared, ch: &TlsChannel, origin: &str) -> Result<Option
     };
     // Counted among its owner's restored processes from here (a file in the state
     // directory: a full or broken one refuses the offer, naming why).
-    let counted = match refusal {
-        Some(r) => Err(r),
-        None => {
-            let marker = shared.sessions_dir().join(format!("{}.{}", user.uid, std::process::id()));
-            match File::create(&marker) {
-                Ok(_) => Ok(RemoveOnDrop(marker)),
-                Err(e) => Err((None, format!("node {node} cannot record the session in {}: {e}", shared.sessions_dir().display()))),
-            }
+    let marker = shared.sessions_dir().join(format!("{}.{}", user.uid, std::process::id()));
+    let refusal = refusal.or_else(|| File::create(&marker).err().map(|e| (None, format!("node {node} cannot record the session in {}: {e}", shared.sessions_dir().display()))));
+    if let Some((limit, reason)) = refusal {
+        log(&format!("refused a process from {origin}: {reason}"));
+        ch.send(&FromDest::Refused { limit: limit.map(str::to_string), reason })?;
+        if image_follows {
+            drop_image(ch);
         }
-    };
-    let counted = match counted {
-        Ok(c) => c,
-        Err((limit, reason)) => {
-            log(&format!("refused a process from {origin}: {reason}"));
-            ch.send(&FromDest::Refused { limit: limit.map(str::to_string), reason })?;
-            if image_follows {
-                drop_image(ch);
-            }
-            return Ok(None);
-        }
-    };
+        return Ok(None);
+    }
+    let counted = RemoveOnDrop(marker);
     ch.send(&FromDest::Accept)?;
     Ok(Some(Accepted { user, pass_stdin, plain_image, image_bytes, counted }))
 }
@@ -586,27 +577,18 @@ struct Accepted {
     counted: RemoveOnDrop,
 }
 
-/// Reads and drops an image sent with its (refused) offer until the origin, having read the
-/// refusal, closes the connection (so it is not cut off mid-send and gets the reason); for
-/// at most 30 s.
-fn drop_image(mut ch: &TlsChannel) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let mut buf = vec![0u8; 64 << 10];
-    while std::time::Instant::now() < deadline {
-        match ch.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-    }
-}
+/// How long a refused or failed image is read and dropped at most.
+const DROP_LIMIT: Duration = Duration::from_secs(30);
 
-/// Like `drop_image`, for an image sent unencrypted on the socket beneath TLS.
-fn drop_raw(mut sock: &TcpStream) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    sock.set_read_timeout(Some(Duration::from_secs(30))).ok();
+/// Reads and drops an image sent with its (refused) offer, or the rest of one whose restore
+/// failed, until the origin, having read why, closes the connection (so it is not cut off
+/// mid-send and gets the reason); for at most `DROP_LIMIT`. `input`: the channel, or the
+/// socket beneath it for an image sent unencrypted.
+fn drop_image(mut input: impl Read) {
+    let deadline = std::time::Instant::now() + DROP_LIMIT;
     let mut buf = vec![0u8; 64 << 10];
     while std::time::Instant::now() < deadline {
-        match sock.read(&mut buf) {
+        match input.read(&mut buf) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }

@@ -341,8 +341,7 @@ fn offer(ch: &TlsChannel, name: &str, offer: &ToDest) -> Result<()> {
     ch.send(offer)?;
     match ch.expect::<FromDest>("the destination's answer")? {
         FromDest::Accept => Ok(()),
-        FromDest::Refused { limit, reason } => Err(Refused { node: name.to_string(), limit, reason }.into()),
-        other => bail!("node {name} answered {other:?} to an offer"),
+        other => Err(dest_said(name, other).unwrap_or_else(|other| anyhow::anyhow!("node {name} answered {other:?} to an offer"))),
     }
 }
 
@@ -478,8 +477,7 @@ fn send_away(
                 FromDest::Accept => {
                     let _ = tell(FromDaemon::Accepted { node: name.clone() });
                 }
-                FromDest::Refused { limit, reason } => return Err(Refused { node: name.clone(), limit, reason }.into()),
-                other => bail!("node {name} answered {other:?} to an offer"),
+                other => return Err(dest_said(&name, other).unwrap_or_else(|other| anyhow::anyhow!("node {name} answered {other:?} to an offer"))),
             }
         }
         match ch.expect::<FromDest>("the destination's restore result")? {
@@ -490,19 +488,15 @@ fn send_away(
                 telefork_engine::timeline::stamp("origin told Started");
                 Ok(())
             }
-            FromDest::Failed { error } => Err(DestSaid(format!("node {name} could not restore the process: {error}")).into()),
-            other => bail!("node {name} answered {other:?} after the image"),
+            other => Err(dest_said(&name, other).unwrap_or_else(|other| anyhow::anyhow!("node {name} answered {other:?} after the image"))),
         }
     });
     // Sending failed before the destination's answer was read: it may have stopped reading
     // and said why (a refusal, or a restore that failed while the image was arriving). Its
     // word is the error, not our broken pipe.
-    let dumped = dumped.map_err(|e| match (e.downcast_ref::<Refused>().is_some() || e.downcast_ref::<DestSaid>().is_some(), link.ch.get()) {
-        (false, Some(ch)) => match last_word(ch, &name) {
-            Some(said) => said,
-            None => e,
-        },
-        _ => e,
+    let dumped = dumped.map_err(|e| {
+        let ours = e.downcast_ref::<Refused>().is_none() && e.downcast_ref::<DestSaid>().is_none();
+        link.ch.get().filter(|_| ours).and_then(|ch| last_word(ch, &name)).unwrap_or(e)
     });
     dumped.with_context(|| format!("sending process {child} to node {name}"))?;
     let pid = started.context("destination gave no PID")?;
@@ -528,10 +522,19 @@ fn last_word(ch: &TlsChannel, name: &str) -> Option<anyhow::Error> {
     loop {
         match ch.recv::<FromDest>() {
             Ok(Some(FromDest::Accept)) => continue, // (the answer to an offer the image followed)
-            Ok(Some(FromDest::Refused { limit, reason })) => return Some(Refused { node: name.to_string(), limit, reason }.into()),
-            Ok(Some(FromDest::Failed { error })) => return Some(DestSaid(format!("node {name} could not restore the process: {error}")).into()),
+            Ok(Some(msg)) => return dest_said(name, msg).ok(),
             _ => return None,
         }
+    }
+}
+
+/// The destination's refusal or failure as the error the program gets; any other message
+/// back, for the caller to name.
+fn dest_said(name: &str, msg: FromDest) -> std::result::Result<anyhow::Error, FromDest> {
+    match msg {
+        FromDest::Refused { limit, reason } => Ok(Refused { node: name.to_string(), limit, reason }.into()),
+        FromDest::Failed { error } => Ok(DestSaid(format!("node {name} could not restore the process: {error}")).into()),
+        other => Err(other),
     }
 }
 
