@@ -18,13 +18,23 @@ where
     match (read, pure) {
         (Ok(Some(v)), Ok(Some((w, used)))) => {
             assert_eq!(v, w, "read_frame and decode_frame decoded different messages");
-            assert_eq!(before.len() - stream.len(), used, "read_frame and decode_frame took different lengths");
+            assert_eq!(
+                before.len() - stream.len(),
+                used,
+                "read_frame and decode_frame took different lengths"
+            );
             assert!(announced.is_some_and(|n| n <= proto::MAX_FRAME && used == 4 + n as usize));
             // Re-encoding: the same message, in no more bytes than it came in (postcard takes
             // over-long varints, never shorter ones), decoded whole.
             let again = proto::encode_frame(&v).expect("a decoded message encodes");
-            assert!(again.len() <= used, "{v:?} re-encodes to {} bytes, read from {used}", again.len());
-            let (back, took) = proto::decode_frame::<T>(&again).expect("a re-encoded message decodes").expect("a whole frame");
+            assert!(
+                again.len() <= used,
+                "{v:?} re-encodes to {} bytes, read from {used}",
+                again.len()
+            );
+            let (back, took) = proto::decode_frame::<T>(&again)
+                .expect("a re-encoded message decodes")
+                .expect("a whole frame");
             assert_eq!(back, v, "decode(encode(x)) != x");
             assert_eq!(took, again.len());
             Some(v)
@@ -40,7 +50,10 @@ where
             let justified = match announced {
                 None => true,
                 Some(n) if n > proto::MAX_FRAME => true,
-                Some(n) => before.len() < 4 + n as usize || proto::decode_body::<T>(&before[4..4 + n as usize]).is_err(),
+                Some(n) => {
+                    before.len() < 4 + n as usize
+                        || proto::decode_body::<T>(&before[4..4 + n as usize]).is_err()
+                }
             };
             assert!(justified, "a frame of {announced:?} bytes refused for no reason");
             None

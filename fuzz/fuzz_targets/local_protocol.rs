@@ -28,7 +28,9 @@ fuzz_target!(|data: &[u8]| {
                     Some(LocalCommand::Done) | None => break 'session,
                 }
             },
-            LocalRequest::Prepare { .. } | LocalRequest::WhoAmI | LocalRequest::Report { .. } => break,
+            LocalRequest::Prepare { .. } | LocalRequest::WhoAmI | LocalRequest::Report { .. } => {
+                break
+            }
         }
     }
     frames::check_stream::<LocalRequest>(data);

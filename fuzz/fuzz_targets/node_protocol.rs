@@ -87,7 +87,11 @@ fn records(mut recipe: &[u8]) {
     while let Some((&op, rest)) = recipe.split_first() {
         let Some((len, rest)) = rest.split_first_chunk::<2>() else { break };
         let len = u16::from_le_bytes(*len) as usize % 17_000;
-        let (bytes, rest) = if op % 5 == 4 { rest.split_at(rest.len().min(16)) } else { rest.split_at(rest.len().min(len)) };
+        let (bytes, rest) = if op % 5 == 4 {
+            rest.split_at(rest.len().min(16))
+        } else {
+            rest.split_at(rest.len().min(len))
+        };
         recipe = rest;
         let inner: Vec<u8> = match op % 5 {
             1 => [bytes, &[23]].concat(),
@@ -137,10 +141,17 @@ fn records(mut recipe: &[u8]) {
             assert_eq!(got, model, "records opened differently");
             assert_eq!(end.is_ok(), closed, "the stream ended in {end:?}");
         }
-        State::Hostile => assert!(got.starts_with(&model), "authentic records before hostile bytes opened differently"),
+        State::Hostile => assert!(
+            got.starts_with(&model),
+            "authentic records before hostile bytes opened differently"
+        ),
     }
     // What the records carried, read as the frames a daemon reads from them.
-    let plain: Vec<u8> = got.iter().flat_map(|r| if let Record::Data(d) = r { &d[..] } else { &[] }).copied().collect();
+    let plain: Vec<u8> = got
+        .iter()
+        .flat_map(|r| if let Record::Data(d) = r { &d[..] } else { &[] })
+        .copied()
+        .collect();
     frames::check_stream::<ToDest>(&plain);
     frames::check_stream::<FromDest>(&plain);
 }

@@ -88,7 +88,10 @@ pub fn run(mut a: BenchArgs) -> Result<ExitCode> {
     }
     if let Some(cc) = &a.congestion_control {
         // (TCP_CA_NAME_MAX is 16 with its NUL; whether the kernel has it shows on the nodes.)
-        if cc.is_empty() || cc.len() > 15 || !cc.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        if cc.is_empty()
+            || cc.len() > 15
+            || !cc.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
             bail!("--congestion-control {cc:?}: a congestion control's name is 1-15 letters, digits or '_' (e.g. reno)");
         }
     }
@@ -96,7 +99,10 @@ pub fn run(mut a: BenchArgs) -> Result<ExitCode> {
         bail!("telefork bench needs root (it brings up a testbed and dumps processes)");
     }
     let telefork_bin = std::env::current_exe().context("locating the telefork binary")?;
-    let prog = telefork_bin.parent().map(|d| d.join("examples/benchprog")).context("locating benchprog")?;
+    let prog = telefork_bin
+        .parent()
+        .map(|d| d.join("examples/benchprog"))
+        .context("locating benchprog")?;
     if !prog.is_file() {
         bail!("{} is missing: build it with `cargo build --release --examples`", prog.display());
     }
@@ -114,7 +120,9 @@ pub fn run(mut a: BenchArgs) -> Result<ExitCode> {
     let mut rows = vec![];
     let testbed_result = (|| -> Result<()> {
         let tb = {
-            progress(&format!("bringing up a 2-node testbed (prefix {PREFIX}, {SUBNET}/24, {DIR})"));
+            progress(&format!(
+                "bringing up a 2-node testbed (prefix {PREFIX}, {SUBNET}/24, {DIR})"
+            ));
             let opts = telefork_testbed::TestbedOptions {
                 nodes: 2,
                 dir: PathBuf::from(DIR),
@@ -127,7 +135,8 @@ pub fn run(mut a: BenchArgs) -> Result<ExitCode> {
         };
         // A copy every user can run, visible from both nodes.
         let node_prog = Path::new(DIR).join("benchprog");
-        std::fs::copy(&prog, &node_prog).with_context(|| format!("copying benchprog to {}", node_prog.display()))?;
+        std::fs::copy(&prog, &node_prog)
+            .with_context(|| format!("copying benchprog to {}", node_prog.display()))?;
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&node_prog, std::fs::Permissions::from_mode(0o755))?;
         let daemon1 = tb.nodes[0].daemon_pid;
@@ -137,7 +146,14 @@ pub fn run(mut a: BenchArgs) -> Result<ExitCode> {
         nodes_cc = nodes_congestion_control()?;
         progress(&format!("the nodes' TCP congestion control: {nodes_cc}"));
         machine.push_str(&format!("; testbed TCP congestion control {nodes_cc}"));
-        testbed_measurements(&a, &node_prog, daemon1, &tb.nodes[1].addr.to_string(), &nodes_cc, &mut rows)
+        testbed_measurements(
+            &a,
+            &node_prog,
+            daemon1,
+            &tb.nodes[1].addr.to_string(),
+            &nodes_cc,
+            &mut rows,
+        )
     })();
     progress("tearing the testbed down");
     let down = telefork_testbed::down_prefixed(Path::new(DIR), PREFIX);
@@ -148,7 +164,8 @@ pub fn run(mut a: BenchArgs) -> Result<ExitCode> {
     // (criu comes last: should it fail, the table of what was measured is still printed,
     // then the failure, with a non-zero exit.)
     let criu = match &criu_version {
-        Some(version) => criu_measurements(&a, &prog, version, &ours, &mut rows).context("the comparison with criu failed (the rows above were measured)"),
+        Some(version) => criu_measurements(&a, &prog, version, &ours, &mut rows)
+            .context("the comparison with criu failed (the rows above were measured)"),
         None => Ok(()),
     };
 
@@ -161,7 +178,14 @@ pub fn run(mut a: BenchArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, nodes_cc: &str, rows: &mut Vec<Row>) -> Result<()> {
+fn testbed_measurements(
+    a: &BenchArgs,
+    prog: &Path,
+    daemon1: i32,
+    node2: &str,
+    nodes_cc: &str,
+    rows: &mut Vec<Row>,
+) -> Result<()> {
     let p = prog.display().to_string();
     let runs = a.runs;
 
@@ -172,13 +196,31 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, n
     let latency_runs = (runs * 8).max(40);
     progress(&format!("latency: small program, {latency_runs} runs"));
     let (cpu_before, wall_before) = (busy_cpu_ms()?, std::time::Instant::now());
-    let out = run_prog("latency", node_cmd("node1", Some(USER), &[&p, "latency", &latency_runs.to_string(), "node2"])?, None)?;
+    let out = run_prog(
+        "latency",
+        node_cmd("node1", Some(USER), &[&p, "latency", &latency_runs.to_string(), "node2"])?,
+        None,
+    )?;
     let teleforks = (3 * latency_runs) as f64;
     let cpu_per_telefork = (busy_cpu_ms()? - cpu_before) / teleforks;
     let wall_per_telefork = wall_before.elapsed().as_secs_f64() * 1e3 / teleforks;
     let rss = out.one("rss_bytes")? / (1 << 20) as f64;
-    rows.push(row_ms("latency", format!("call → child's first instruction on node2 ({rss:.1} MiB resident)"), out.ms("first_instr_ns")?, "local fork+exit+waitpid", out.ms("fork_rt_ns")?, ""));
-    rows.push(row_ms("latency", "round trip: telefork + exit(0) + wait".into(), out.ms("tf_rt_ns")?, "local fork+exit+waitpid", out.ms("fork_rt_ns")?, ""));
+    rows.push(row_ms(
+        "latency",
+        format!("call → child's first instruction on node2 ({rss:.1} MiB resident)"),
+        out.ms("first_instr_ns")?,
+        "local fork+exit+waitpid",
+        out.ms("fork_rt_ns")?,
+        "",
+    ));
+    rows.push(row_ms(
+        "latency",
+        "round trip: telefork + exit(0) + wait".into(),
+        out.ms("tf_rt_ns")?,
+        "local fork+exit+waitpid",
+        out.ms("fork_rt_ns")?,
+        "",
+    ));
     rows.push(row_ms(
         "",
         "CPU per telefork, both nodes (back to back)".into(),
@@ -191,9 +233,27 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, n
     // (the CPUs halt in between and are woken on the way).
     let idle_runs = latency_runs.min(20);
     progress(&format!("latency: small program, 30 ms apart, {idle_runs} runs"));
-    let idle = run_prog("latency (idle)", node_cmd("node1", Some(USER), &[&p, "latency", &idle_runs.to_string(), "node2", "30"])?, None)?;
-    rows.push(row_ms("", "call → first instruction, teleforks 30 ms apart".into(), idle.ms("first_instr_ns")?, "local fork+exit+waitpid (idem)", idle.ms("fork_rt_ns")?, ""));
-    rows.push(row_ms("", "round trip, teleforks 30 ms apart".into(), idle.ms("tf_rt_ns")?, "local fork+exit+waitpid (idem)", idle.ms("fork_rt_ns")?, ""));
+    let idle = run_prog(
+        "latency (idle)",
+        node_cmd("node1", Some(USER), &[&p, "latency", &idle_runs.to_string(), "node2", "30"])?,
+        None,
+    )?;
+    rows.push(row_ms(
+        "",
+        "call → first instruction, teleforks 30 ms apart".into(),
+        idle.ms("first_instr_ns")?,
+        "local fork+exit+waitpid (idem)",
+        idle.ms("fork_rt_ns")?,
+        "",
+    ));
+    rows.push(row_ms(
+        "",
+        "round trip, teleforks 30 ms apart".into(),
+        idle.ms("tf_rt_ns")?,
+        "local fork+exit+waitpid (idem)",
+        idle.ms("fork_rt_ns")?,
+        "",
+    ));
     // The hand-overs' floor: the same way there and back through a relay on each node (as
     // through the daemons), a fork+exit+waitpid there, and no state moved.
     // (Both floors: a program on node1 measuring through a relay on each node — `KIND-dest`
@@ -203,14 +263,29 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, n
         let out = with_sinks(
             vec![
                 (dest.as_str(), node_cmd("node2", None, &[&p, &dest, &port.to_string()])?),
-                (origin.as_str(), node_cmd("node1", None, &[&p, &origin, sock, &format!("{node2}:{port}")])?),
+                (
+                    origin.as_str(),
+                    node_cmd("node1", None, &[&p, &origin, sock, &format!("{node2}:{port}")])?,
+                ),
             ],
-            || run_prog(&format!("{kind} latency"), node_cmd("node1", Some(USER), &[&p, &format!("{kind}-latency"), &latency_runs.to_string(), sock])?, None),
+            || {
+                run_prog(
+                    &format!("{kind} latency"),
+                    node_cmd(
+                        "node1",
+                        Some(USER),
+                        &[&p, &format!("{kind}-latency"), &latency_runs.to_string(), sock],
+                    )?,
+                    None,
+                )
+            },
         );
         let _ = std::fs::remove_file(sock);
         out
     };
-    progress(&format!("latency: hand-overs only (relays, no capture or restore), {latency_runs} runs"));
+    progress(&format!(
+        "latency: hand-overs only (relays, no capture or restore), {latency_runs} runs"
+    ));
     let relay = through_relays("relay", RELAY_PORT, RELAY_SOCK)?;
     rows.push(row_ms(
         "",
@@ -249,13 +324,31 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, n
         by_hand.ms("move_rt_ns")?,
         "what the engine, TLS and the daemons' checks add to that floor",
     ));
-    rows.push(row_ms("parent pause", format!("small ({rss:.1} MiB): telefork() returns in the parent"), out.ms("tf_pause_ns")?, "local fork() returns", out.ms("fork_pause_ns")?, "default: returns once the child runs there"));
-    rows.push(row_ms("", format!("small ({rss:.1} MiB): telefork(background) returns"), out.ms("tf_bg_pause_ns")?, "local fork() returns", out.ms("fork_pause_ns")?, "Options::background"));
+    rows.push(row_ms(
+        "parent pause",
+        format!("small ({rss:.1} MiB): telefork() returns in the parent"),
+        out.ms("tf_pause_ns")?,
+        "local fork() returns",
+        out.ms("fork_pause_ns")?,
+        "default: returns once the child runs there",
+    ));
+    rows.push(row_ms(
+        "",
+        format!("small ({rss:.1} MiB): telefork(background) returns"),
+        out.ms("tf_bg_pause_ns")?,
+        "local fork() returns",
+        out.ms("fork_pause_ns")?,
+        "Options::background",
+    ));
     // The background pause's floor: what the program must do before a background telefork
     // returns (fork, a pidfd of the child, the request with its stdout/stderr to a waiting
     // peer), and nothing else.
     progress(&format!("parent pause: the background pause's floor (fork, pidfd, one request to a waiting peer), {latency_runs} runs"));
-    let notify = run_prog("notify latency", node_cmd("node1", Some(USER), &[&p, "notify-latency", &latency_runs.to_string()])?, None)?;
+    let notify = run_prog(
+        "notify latency",
+        node_cmd("node1", Some(USER), &[&p, "notify-latency", &latency_runs.to_string()])?,
+        None,
+    )?;
     rows.push(row_ms(
         "",
         "floor: fork + pidfd_open + the request (stdout/stderr) to a waiting peer".into(),
@@ -275,24 +368,53 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, n
 
     // Sparse.
     progress(&format!("sparse: 10 MiB plain, {runs} runs"));
-    let plain = run_prog("sparse baseline", node_cmd("node1", Some(USER), &[&p, "tfork", "10", "0", &runs.to_string(), "node2", "1"])?, None)?;
+    let plain = run_prog(
+        "sparse baseline",
+        node_cmd("node1", Some(USER), &[&p, "tfork", "10", "0", &runs.to_string(), "node2", "1"])?,
+        None,
+    )?;
     progress(&format!("sparse: 64 GiB reserved, 10 MiB touched, {runs} runs"));
-    let sparse = run_prog("sparse", node_cmd("node1", Some(USER), &[&p, "tfork", "10", "64", &runs.to_string(), "node2", "1"])?, None)?;
-    rows.push(row_ms("sparse", "64 GiB reserved, 10 MiB touched: telefork round trip".into(), sparse.ms("tf_rt_ns")?, "10 MiB process telefork round trip", plain.ms("tf_rt_ns")?, ""));
+    let sparse = run_prog(
+        "sparse",
+        node_cmd("node1", Some(USER), &[&p, "tfork", "10", "64", &runs.to_string(), "node2", "1"])?,
+        None,
+    )?;
+    rows.push(row_ms(
+        "sparse",
+        "64 GiB reserved, 10 MiB touched: telefork round trip".into(),
+        sparse.ms("tf_rt_ns")?,
+        "10 MiB process telefork round trip",
+        plain.ms("tf_rt_ns")?,
+        "",
+    ));
 
     // Throughput baselines: sinks on node2 (root: the TLS sink reads node2's key).
     let pki = Path::new(DIR).join("pki").display().to_string();
     // A benchprog `tfork` run (verifying the memory once, up to 1 GiB) and a raw TCP run.
     let tfork = |what: &str, mib: u64, runs: usize| {
         let verify = if mib <= 1024 { "1" } else { "0" };
-        run_prog(what, node_cmd("node1", Some(USER), &[&p, "tfork", &mib.to_string(), "0", &runs.to_string(), "node2", verify])?, None)
+        run_prog(
+            what,
+            node_cmd(
+                "node1",
+                Some(USER),
+                &[&p, "tfork", &mib.to_string(), "0", &runs.to_string(), "node2", verify],
+            )?,
+            None,
+        )
     };
     // Raw TCP with the nodes' congestion control (what telefork's connections use), or with
     // reno: the link without pacing (see UNPACED_NOTE).
     let raw_tcp = |mib: u64, runs: usize, sender_cc: Option<&str>| {
         let what = format!("raw TCP{}", sender_cc.map(|c| format!(" ({c})")).unwrap_or_default());
         progress(&format!("throughput {mib} MiB: {what}, {runs} runs"));
-        let mut argv = vec![p.clone(), "tcp-send".into(), format!("{node2}:{TCP_PORT}"), (mib << 20).to_string(), runs.to_string()];
+        let mut argv = vec![
+            p.clone(),
+            "tcp-send".into(),
+            format!("{node2}:{TCP_PORT}"),
+            (mib << 20).to_string(),
+            runs.to_string(),
+        ];
         argv.extend(sender_cc.map(String::from));
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         run_prog(&what, node_cmd("node1", None, &argv)?, None)
@@ -300,16 +422,28 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, n
     // The simplest whole data path: a process's memory over plain TCP into fresh memory there
     // (each page faulted in by the copy, or populated ahead by a second thread).
     let plain_receiver = |mib: u64, runs: usize, ahead: bool| -> Result<Vec<f64>> {
-        let (port, how) = if ahead { (FRESH_AHEAD_PORT, "populated ahead") } else { (FRESH_PORT, "faulted in") };
+        let (port, how) =
+            if ahead { (FRESH_AHEAD_PORT, "populated ahead") } else { (FRESH_PORT, "faulted in") };
         progress(&format!("throughput {mib} MiB: process memory over TCP into fresh memory on node2 ({how}), {runs} runs"));
-        let out = run_prog("memory into fresh memory", node_cmd("node1", None, &[&p, "mem-send", &format!("{node2}:{port}"), &mib.to_string(), &runs.to_string()])?, None)?;
+        let out = run_prog(
+            "memory into fresh memory",
+            node_cmd(
+                "node1",
+                None,
+                &[&p, "mem-send", &format!("{node2}:{port}"), &mib.to_string(), &runs.to_string()],
+            )?,
+            None,
+        )?;
         Ok(gbps(mib << 20, out.all("mem_ns")?))
     };
     let sinks = vec![
         ("tcp-sink", node_cmd("node2", None, &[&p, "tcp-sink", &TCP_PORT.to_string()])?),
         ("tls-sink", node_cmd("node2", None, &[&p, "tls-sink", &TLS_PORT.to_string(), &pki])?),
         ("fresh-sink", node_cmd("node2", None, &[&p, "fresh-sink", &FRESH_PORT.to_string()])?),
-        ("fresh-sink ahead", node_cmd("node2", None, &[&p, "fresh-sink", &FRESH_AHEAD_PORT.to_string(), "ahead"])?),
+        (
+            "fresh-sink ahead",
+            node_cmd("node2", None, &[&p, "fresh-sink", &FRESH_AHEAD_PORT.to_string(), "ahead"])?,
+        ),
     ];
     // (Per size, in the order of the sizes: the plain receivers' GB/s, faulting and ahead, and
     // raw TCP's on reno — measured with the TLS rows, shown again beside the plain ones.)
@@ -324,7 +458,15 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, n
             progress(&format!("origin memory {mib} MiB: one more telefork, sampling every 5 ms"));
             let pid = Arc::new(AtomicI32::new(0));
             let sampler = Sampler::start(daemon1, pid.clone());
-            let sampled = run_prog(&format!("telefork {mib} MiB (sampled)"), node_cmd("node1", Some(USER), &[&p, "tfork", &mib.to_string(), "0", "1", "node2", "0"])?, Some(&pid));
+            let sampled = run_prog(
+                &format!("telefork {mib} MiB (sampled)"),
+                node_cmd(
+                    "node1",
+                    Some(USER),
+                    &[&p, "tfork", &mib.to_string(), "0", "1", "node2", "0"],
+                )?,
+                Some(&pid),
+            );
             let mem = sampler.stop();
             sampled?;
             let tcp = raw_tcp(mib, runs, None)?;
@@ -334,30 +476,94 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, n
                 _ => Some(gbps(bytes, raw_tcp(mib, runs, Some("reno"))?.all("tcp_ns")?)),
             };
             progress(&format!("throughput {mib} MiB: raw TLS, {runs} runs"));
-            let tls = run_prog("raw TLS", node_cmd("node1", None, &[&p, "tls-send", &format!("{node2}:{TLS_PORT}"), &bytes.to_string(), &runs.to_string(), &pki])?, None)?;
+            let tls = run_prog(
+                "raw TLS",
+                node_cmd(
+                    "node1",
+                    None,
+                    &[
+                        &p,
+                        "tls-send",
+                        &format!("{node2}:{TLS_PORT}"),
+                        &bytes.to_string(),
+                        &runs.to_string(),
+                        &pki,
+                    ],
+                )?,
+                None,
+            )?;
             let (tf_run, rt_note) = telefork_gbps(bytes, &tf)?;
             progress(&format!("throughput {mib} MiB: fresh memory on node2, {runs} runs"));
-            let pop = run_prog("populate", node_cmd("node2", None, &[&p, "populate", &mib.to_string(), &runs.to_string()])?, None)?;
+            let pop = run_prog(
+                "populate",
+                node_cmd("node2", None, &[&p, "populate", &mib.to_string(), &runs.to_string()])?,
+                None,
+            )?;
             let tls_s = gbps(bytes, tls.all("tls_ns")?);
             let tcp_s = gbps(bytes, tcp.all("tcp_ns")?);
             let pop_s = gbps(bytes, pop.all("populate_ns")?);
             let name = format!("{mib} MiB telefork until it runs on node2 (TLS)");
-            rows.push(throughput_row(name.clone(), tf_run.clone(), "raw TLS (same TLS channel)", tls_s, runs, &rt_note));
-            rows.push(throughput_row(name.clone(), tf_run.clone(), "raw TCP plaintext", tcp_s, runs, &rt_note));
+            rows.push(throughput_row(
+                name.clone(),
+                tf_run.clone(),
+                "raw TLS (same TLS channel)",
+                tls_s,
+                runs,
+                &rt_note,
+            ));
+            rows.push(throughput_row(
+                name.clone(),
+                tf_run.clone(),
+                "raw TCP plaintext",
+                tcp_s,
+                runs,
+                &rt_note,
+            ));
             if let Some(unpaced) = &unpaced {
-                rows.push(throughput_row(name.clone(), tf_run.clone(), UNPACED_NAME, unpaced.clone(), runs, UNPACED_NOTE));
+                rows.push(throughput_row(
+                    name.clone(),
+                    tf_run.clone(),
+                    UNPACED_NAME,
+                    unpaced.clone(),
+                    runs,
+                    UNPACED_NOTE,
+                ));
             }
             rows.push(throughput_row(name.clone(), tf_run.clone(), "fresh memory populated on node2", pop_s, runs, "the destination must at least place the memory (with as much again resident, as the parent's is)"));
             let receiver = plain_receiver(mib, runs, false)?;
             let ahead = plain_receiver(mib, runs, true)?;
-            rows.push(throughput_row(name.clone(), tf_run.clone(), FLOOR_NAME, receiver.clone(), runs, FLOOR_NOTE));
+            rows.push(throughput_row(
+                name.clone(),
+                tf_run.clone(),
+                FLOOR_NAME,
+                receiver.clone(),
+                runs,
+                FLOOR_NOTE,
+            ));
             rows.push(throughput_row(name, tf_run, AHEAD_NAME, ahead.clone(), runs, AHEAD_NOTE));
             receivers.push((receiver, ahead, unpaced));
-            rows.push(row_ms("parent pause", format!("{mib} MiB: telefork() returns in the parent"), tf.ms("tf_pause_ns")?, "local fork() returns", tf.ms("fork_pause_ns")?, ""));
-            rows.push(row_ms("", format!("{mib} MiB: telefork(background) returns"), tf.ms("tf_bg_pause_ns")?, "local fork() returns", tf.ms("fork_pause_ns")?, "Options::background"));
+            rows.push(row_ms(
+                "parent pause",
+                format!("{mib} MiB: telefork() returns in the parent"),
+                tf.ms("tf_pause_ns")?,
+                "local fork() returns",
+                tf.ms("fork_pause_ns")?,
+                "",
+            ));
+            rows.push(row_ms(
+                "",
+                format!("{mib} MiB: telefork(background) returns"),
+                tf.ms("tf_bg_pause_ns")?,
+                "local fork() returns",
+                tf.ms("fork_pause_ns")?,
+                "Options::background",
+            ));
             let size = tf.one("rss_bytes")? / (1 << 20) as f64;
             if mem.samples < 3 {
-                bail!("origin memory: only {} samples were taken during the {mib} MiB teleforks", mem.samples);
+                bail!(
+                    "origin memory: only {} samples were taken during the {mib} MiB teleforks",
+                    mem.samples
+                );
             }
             rows.push(Row {
                 group: "origin memory",
@@ -383,29 +589,63 @@ fn testbed_measurements(a: &BenchArgs, prog: &Path, daemon1: i32, node2: &str, n
         // The same teleforks with the plain image transport (memory unencrypted, sent by the
         // frozen process itself), beside raw TCP.
         for n in ["node1", "node2"] {
-            telefork_testbed::reconfigure(Path::new(DIR), n, |c| c.transport.image = telefork_node::config::ImageTransport::Plain)?;
+            telefork_testbed::reconfigure(Path::new(DIR), n, |c| {
+                c.transport.image = telefork_node::config::ImageTransport::Plain
+            })?;
         }
         let plain_res = (|| -> Result<()> {
             for (&mib, (receiver, ahead, unpaced)) in a.sizes_mib.iter().zip(&receivers) {
                 let bytes = mib << 20;
-                progress(&format!("throughput {mib} MiB: telefork with plain image transport, {runs} runs"));
+                progress(&format!(
+                    "throughput {mib} MiB: telefork with plain image transport, {runs} runs"
+                ));
                 let tf = tfork(&format!("plain telefork {mib} MiB"), mib, runs)?;
                 let tcp = raw_tcp(mib, runs, None)?;
                 let (tf_run, rt_note) = telefork_gbps(bytes, &tf)?;
                 let tcp_s = gbps(bytes, tcp.all("tcp_ns")?);
                 let name = format!("{mib} MiB telefork until it runs on node2 (plain)");
-                rows.push(throughput_row(name.clone(), tf_run.clone(), "raw TCP plaintext", tcp_s, runs, &rt_note));
+                rows.push(throughput_row(
+                    name.clone(),
+                    tf_run.clone(),
+                    "raw TCP plaintext",
+                    tcp_s,
+                    runs,
+                    &rt_note,
+                ));
                 if let Some(unpaced) = unpaced {
-                    rows.push(throughput_row(name.clone(), tf_run.clone(), UNPACED_NAME, unpaced.clone(), runs, &format!("{UNPACED_NOTE}{MEASURED_WITH_TLS}")));
+                    rows.push(throughput_row(
+                        name.clone(),
+                        tf_run.clone(),
+                        UNPACED_NAME,
+                        unpaced.clone(),
+                        runs,
+                        &format!("{UNPACED_NOTE}{MEASURED_WITH_TLS}"),
+                    ));
                 }
                 // (The same receivers as with TLS: they do not depend on the image transport.)
-                rows.push(throughput_row(name.clone(), tf_run.clone(), FLOOR_NAME, receiver.clone(), runs, &format!("{FLOOR_NOTE}{MEASURED_WITH_TLS}")));
-                rows.push(throughput_row(name, tf_run, AHEAD_NAME, ahead.clone(), runs, &format!("{AHEAD_NOTE}{MEASURED_WITH_TLS}")));
+                rows.push(throughput_row(
+                    name.clone(),
+                    tf_run.clone(),
+                    FLOOR_NAME,
+                    receiver.clone(),
+                    runs,
+                    &format!("{FLOOR_NOTE}{MEASURED_WITH_TLS}"),
+                ));
+                rows.push(throughput_row(
+                    name,
+                    tf_run,
+                    AHEAD_NAME,
+                    ahead.clone(),
+                    runs,
+                    &format!("{AHEAD_NOTE}{MEASURED_WITH_TLS}"),
+                ));
             }
             Ok(())
         })();
         for n in ["node1", "node2"] {
-            telefork_testbed::reconfigure(Path::new(DIR), n, |c| c.transport.image = telefork_node::config::ImageTransport::Tls)?;
+            telefork_testbed::reconfigure(Path::new(DIR), n, |c| {
+                c.transport.image = telefork_node::config::ImageTransport::Tls
+            })?;
         }
         plain_res
     })
@@ -439,7 +679,12 @@ fn with_sinks<T>(helpers: Vec<(&str, Command)>, f: impl FnOnce() -> Result<T>) -
 }
 
 /// dump / restore through a file on the host, beside reading the image once (cache warm).
-fn file_measurements(a: &BenchArgs, prog: &Path, telefork_bin: &Path, rows: &mut Vec<Row>) -> Result<Vec<FileTimes>> {
+fn file_measurements(
+    a: &BenchArgs,
+    prog: &Path,
+    telefork_bin: &Path,
+    rows: &mut Vec<Row>,
+) -> Result<Vec<FileTimes>> {
     std::fs::create_dir_all(IMG_DIR).with_context(|| format!("creating {IMG_DIR}"))?;
     let mut ours = vec![];
     let runs = a.runs;
@@ -456,10 +701,23 @@ fn file_measurements(a: &BenchArgs, prog: &Path, telefork_bin: &Path, rows: &mut
                 // (stdout/stderr to a file: the engine does not capture pipes other than a
                 // relayed stdio yet.)
                 let log = Path::new(IMG_DIR).join(format!("{mib}.out"));
-                let mut child = spawn_hold(prog, mib, &go, &log, &Path::new(IMG_DIR).join(format!("{mib}.err")), false)?;
+                let mut child = spawn_hold(
+                    prog,
+                    mib,
+                    &go,
+                    &log,
+                    &Path::new(IMG_DIR).join(format!("{mib}.err")),
+                    false,
+                )?;
                 let t0 = Instant::now();
                 let st = Command::new(telefork_bin)
-                    .args(["dump", "--pid", &child.id().to_string(), "--out", &img.display().to_string()])
+                    .args([
+                        "dump",
+                        "--pid",
+                        &child.id().to_string(),
+                        "--out",
+                        &img.display().to_string(),
+                    ])
                     .stdout(Stdio::null())
                     .stderr(Stdio::piped())
                     .output()
@@ -469,7 +727,10 @@ fn file_measurements(a: &BenchArgs, prog: &Path, telefork_bin: &Path, rows: &mut
                 let _ = child.wait();
                 untrack(child.id());
                 if !st.status.success() {
-                    bail!("telefork dump of {mib} MiB failed: {}", String::from_utf8_lossy(&st.stderr).trim());
+                    bail!(
+                        "telefork dump of {mib} MiB failed: {}",
+                        String::from_utf8_lossy(&st.stderr).trim()
+                    );
                 }
                 dump_ms.push(dt.as_secs_f64() * 1e3);
                 // Baseline: read the image once, page cache warm.
@@ -509,7 +770,10 @@ fn file_measurements(a: &BenchArgs, prog: &Path, telefork_bin: &Path, rows: &mut
                 let _ = err.read_to_string(&mut rest);
                 let st = r.wait()?;
                 untrack(r.id());
-                if !restored || !st.success() || !std::fs::read_to_string(&log).unwrap_or_default().contains("OK") {
+                if !restored
+                    || !st.success()
+                    || !std::fs::read_to_string(&log).unwrap_or_default().contains("OK")
+                {
                     bail!(
                         "telefork restore of {mib} MiB failed ({st}; the restored process verifies its memory): {}{} {}",
                         seen.trim(),
@@ -521,8 +785,22 @@ fn file_measurements(a: &BenchArgs, prog: &Path, telefork_bin: &Path, rows: &mut
             }
             let _ = std::fs::remove_file(&img);
             let _ = std::fs::remove_file(&go);
-            rows.push(row_ms("dump/restore", format!("{mib} MiB dump to file (incl. fsync)"), dump_ms.clone(), "read the image once (cache warm)", read_ms.clone(), ""));
-            rows.push(row_ms("dump/restore", format!("{mib} MiB restore from file (until it runs)"), restore_ms.clone(), "read the image once (cache warm)", read_ms, ""));
+            rows.push(row_ms(
+                "dump/restore",
+                format!("{mib} MiB dump to file (incl. fsync)"),
+                dump_ms.clone(),
+                "read the image once (cache warm)",
+                read_ms.clone(),
+                "",
+            ));
+            rows.push(row_ms(
+                "dump/restore",
+                format!("{mib} MiB restore from file (until it runs)"),
+                restore_ms.clone(),
+                "read the image once (cache warm)",
+                read_ms,
+                "",
+            ));
             ours.push(FileTimes { mib, dump_ms, restore_ms });
         }
         Ok(())
@@ -547,10 +825,20 @@ fn check_criu() -> Result<String> {
     }
     let v = Command::new("criu").arg("--version").output().context("running `criu --version`")?;
     let v = String::from_utf8_lossy(&v.stdout);
-    Ok(v.lines().find_map(|l| l.strip_prefix("Version:")).map(str::trim).unwrap_or("version unknown").to_string())
+    Ok(v.lines()
+        .find_map(|l| l.strip_prefix("Version:"))
+        .map(str::trim)
+        .unwrap_or("version unknown")
+        .to_string())
 }
 
-fn criu_measurements(a: &BenchArgs, prog: &Path, version: &str, ours: &[FileTimes], rows: &mut Vec<Row>) -> Result<()> {
+fn criu_measurements(
+    a: &BenchArgs,
+    prog: &Path,
+    version: &str,
+    ours: &[FileTimes],
+    rows: &mut Vec<Row>,
+) -> Result<()> {
     // The process criu restores is detached from criu (`restore -d`): as the subreaper of
     // our descendants we get it back, to reap it once it has verified its memory.
     // SAFETY: a prctl on this process with plain integer arguments.
@@ -570,7 +858,14 @@ fn criu_measurements(a: &BenchArgs, prog: &Path, version: &str, ours: &[FileTime
                 r.push(restore_ms);
             }
             rows.push(row_ms("vs criu", format!("{mib} MiB dump to file: telefork"), t.dump_ms.clone(), &format!("criu {version} dump + fsync"), d, "a benchprog hold process of the same size, same file system; both fsync their image files"));
-            rows.push(row_ms("", format!("{mib} MiB restore from file until it runs: telefork"), t.restore_ms.clone(), &format!("criu {version} restore -d"), r, "the restored process then verifies its memory (both)"));
+            rows.push(row_ms(
+                "",
+                format!("{mib} MiB restore from file until it runs: telefork"),
+                t.restore_ms.clone(),
+                &format!("criu {version} restore -d"),
+                r,
+                "the restored process then verifies its memory (both)",
+            ));
         }
         Ok(())
     })();
@@ -599,7 +894,10 @@ impl Drop for Reaped {
         let pid = nix::unistd::Pid::from_raw(self.0);
         // (Ours — our child, or restored below us as the subreaper — so the PID is still
         // its own until reaped here.)
-        if matches!(nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)), Ok(nix::sys::wait::WaitStatus::StillAlive)) {
+        if matches!(
+            nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)),
+            Ok(nix::sys::wait::WaitStatus::StillAlive)
+        ) {
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
             let _ = nix::sys::wait::waitpid(pid, None);
         }
@@ -620,7 +918,11 @@ fn criu_once(prog: &Path, mib: u64, dir: &Path) -> Result<(f64, f64)> {
     let pid = child.id() as i32;
     let held = Reaped(pid);
     let t0 = Instant::now();
-    let dumped = Command::new("criu").args(["dump", "-t", &pid.to_string(), "-D"]).arg(&imgs).output().context("running criu dump")?;
+    let dumped = Command::new("criu")
+        .args(["dump", "-t", &pid.to_string(), "-D"])
+        .arg(&imgs)
+        .output()
+        .context("running criu dump")?;
     let synced = fsync_dir(&imgs);
     let dump_ms = t0.elapsed().as_secs_f64() * 1e3;
     // (criu ended the process it dumped; if it failed, the process is ended here.)
@@ -630,7 +932,11 @@ fn criu_once(prog: &Path, mib: u64, dir: &Path) -> Result<(f64, f64)> {
     }
     synced.context("fsync of criu's images")?;
     let t0 = Instant::now();
-    let restored = Command::new("criu").args(["restore", "-d", "-D"]).arg(&imgs).output().context("running criu restore")?;
+    let restored = Command::new("criu")
+        .args(["restore", "-d", "-D"])
+        .arg(&imgs)
+        .output()
+        .context("running criu restore")?;
     let restore_ms = t0.elapsed().as_secs_f64() * 1e3;
     if !restored.status.success() {
         bail!("criu restore of {mib} MiB failed: {}", tail(&restored.stderr));
@@ -641,10 +947,15 @@ fn criu_once(prog: &Path, mib: u64, dir: &Path) -> Result<(f64, f64)> {
     std::fs::write(&go, b"go")?;
     let t = Instant::now();
     let status = loop {
-        match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+        match nix::sys::wait::waitpid(
+            nix::unistd::Pid::from_raw(pid),
+            Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+        ) {
             Ok(nix::sys::wait::WaitStatus::StillAlive) => {}
             Ok(st) => break st,
-            Err(e) => return Err(e).context(format!("waiting for process {pid}, which criu restored")),
+            Err(e) => {
+                return Err(e).context(format!("waiting for process {pid}, which criu restored"))
+            }
         }
         if t.elapsed() > Duration::from_secs(120) {
             bail!("the process criu restored did not end within 120 s of being told to verify its memory");
@@ -662,7 +973,14 @@ fn criu_once(prog: &Path, mib: u64, dir: &Path) -> Result<(f64, f64)> {
 /// Starts `benchprog hold` with `mib` MiB written (stdio only; stdout to `log`, stderr to
 /// `err`; in a session of its own with `own_session`), tracked, and waits for its READY.
 /// Killed (and reaped) if it does not get ready.
-fn spawn_hold(prog: &Path, mib: u64, go: &Path, log: &Path, err: &Path, own_session: bool) -> Result<Child> {
+fn spawn_hold(
+    prog: &Path,
+    mib: u64,
+    go: &Path,
+    log: &Path,
+    err: &Path,
+    own_session: bool,
+) -> Result<Child> {
     let mut hold = Command::new(prog);
     hold.args(["hold", &mib.to_string(), &go.display().to_string()])
         .stdin(Stdio::null())
@@ -705,7 +1023,12 @@ fn stdio_only(c: &mut Command) {
     unsafe {
         c.pre_exec(|| {
             const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
-            libc::syscall(libc::SYS_close_range, 3 as libc::c_uint, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC);
+            libc::syscall(
+                libc::SYS_close_range,
+                3 as libc::c_uint,
+                libc::c_uint::MAX,
+                CLOSE_RANGE_CLOEXEC,
+            );
             Ok(())
         });
     }
@@ -729,14 +1052,22 @@ fn set_congestion_control(cc: &str) -> Result<()> {
     for node in ["node1", "node2"] {
         let mut c = node_cmd(node, None, &["tee", CC_SYSCTL])?;
         c.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
-        let mut child = c.spawn().with_context(|| format!("setting {node}'s TCP congestion control"))?;
-        let written = child.stdin.take().map(|mut stdin| std::io::Write::write_all(&mut stdin, cc.as_bytes()));
-        let out = child.wait_with_output().with_context(|| format!("setting {node}'s TCP congestion control"))?;
+        let mut child =
+            c.spawn().with_context(|| format!("setting {node}'s TCP congestion control"))?;
+        let written = child
+            .stdin
+            .take()
+            .map(|mut stdin| std::io::Write::write_all(&mut stdin, cc.as_bytes()));
+        let out = child
+            .wait_with_output()
+            .with_context(|| format!("setting {node}'s TCP congestion control"))?;
         if let Some(Err(e)) = written {
             bail!("setting {node}'s TCP congestion control to {cc}: writing to tee: {e}");
         }
         if !out.status.success() {
-            let allowed = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_allowed_congestion_control").unwrap_or_default();
+            let allowed =
+                std::fs::read_to_string("/proc/sys/net/ipv4/tcp_allowed_congestion_control")
+                    .unwrap_or_default();
             bail!(
                 "setting {node}'s TCP congestion control to {cc:?} failed ({}); a network namespace may take only these (net.ipv4.tcp_allowed_congestion_control): {}",
                 String::from_utf8_lossy(&out.stderr).trim(),
@@ -760,14 +1091,20 @@ const CC_SYSCTL: &str = "/proc/sys/net/ipv4/tcp_congestion_control";
 fn nodes_congestion_control() -> Result<String> {
     let mut seen = vec![];
     for node in ["node1", "node2"] {
-        let out = node_cmd(node, None, &["cat", CC_SYSCTL])?.output().with_context(|| format!("reading {node}'s {CC_SYSCTL}"))?;
+        let out = node_cmd(node, None, &["cat", CC_SYSCTL])?
+            .output()
+            .with_context(|| format!("reading {node}'s {CC_SYSCTL}"))?;
         if !out.status.success() {
             bail!("reading {node}'s {CC_SYSCTL}: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
         seen.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
     }
     if seen[0] != seen[1] {
-        bail!("the nodes' TCP congestion controls differ: node1 {:?}, node2 {:?}", seen[0], seen[1]);
+        bail!(
+            "the nodes' TCP congestion controls differ: node1 {:?}, node2 {:?}",
+            seen[0],
+            seen[1]
+        );
     }
     Ok(seen.swap_remove(0))
 }
@@ -808,7 +1145,11 @@ fn wait_file_line(log: &Path, want: &str, child: &mut Child) -> Result<()> {
     }
 }
 
-fn wait_line(lines: &mut impl Iterator<Item = std::io::Result<String>>, want: &str, what: &str) -> Result<()> {
+fn wait_line(
+    lines: &mut impl Iterator<Item = std::io::Result<String>>,
+    want: &str,
+    what: &str,
+) -> Result<()> {
     for l in lines {
         if l? == want {
             return Ok(());
@@ -825,7 +1166,11 @@ struct ProgOut {
 
 impl ProgOut {
     fn all(&self, key: &str) -> Result<&[f64]> {
-        self.cache.get(key).map(Vec::as_slice).filter(|v| !v.is_empty()).with_context(|| format!("{}: benchprog reported no {key}", self.what))
+        self.cache
+            .get(key)
+            .map(Vec::as_slice)
+            .filter(|v| !v.is_empty())
+            .with_context(|| format!("{}: benchprog reported no {key}", self.what))
     }
     fn one(&self, key: &str) -> Result<f64> {
         Ok(self.all(key)?[0])
@@ -909,7 +1254,14 @@ fn busy_cpu_ms() -> Result<f64> {
 }
 
 /// A row of times in ms (medians of `samples` against `bsamples`).
-fn row_ms(group: &'static str, name: String, samples: Vec<f64>, bname: &str, bsamples: Vec<f64>, note: &str) -> Row {
+fn row_ms(
+    group: &'static str,
+    name: String,
+    samples: Vec<f64>,
+    bname: &str,
+    bsamples: Vec<f64>,
+    note: &str,
+) -> Row {
     Row {
         group,
         name,
@@ -934,11 +1286,21 @@ fn gbps(bytes: u64, ns: &[f64]) -> Vec<f64> {
 /// exit and wait included).
 fn telefork_gbps(bytes: u64, tf: &ProgOut) -> Result<(Vec<f64>, String)> {
     let round_trip = gbps(bytes, tf.all("tf_rt_ns")?);
-    Ok((gbps(bytes, tf.all("tf_pause_ns")?), format!("round trip incl. exit+wait {:.2} GB/s", median(&round_trip))))
+    Ok((
+        gbps(bytes, tf.all("tf_pause_ns")?),
+        format!("round trip incl. exit+wait {:.2} GB/s", median(&round_trip)),
+    ))
 }
 
 /// A GB/s row: samples of the measurement and of its baseline, medians compared.
-fn throughput_row(name: String, samples: Vec<f64>, baseline_name: &str, baseline_samples: Vec<f64>, runs: usize, note: &str) -> Row {
+fn throughput_row(
+    name: String,
+    samples: Vec<f64>,
+    baseline_name: &str,
+    baseline_samples: Vec<f64>,
+    runs: usize,
+    note: &str,
+) -> Row {
     Row {
         group: "throughput",
         name,
@@ -1033,7 +1395,9 @@ fn private_kb(pid: i32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
         .unwrap_or_default()
         .lines()
-        .filter_map(|l| l.strip_prefix("Private_Clean:").or_else(|| l.strip_prefix("Private_Dirty:")))
+        .filter_map(|l| {
+            l.strip_prefix("Private_Clean:").or_else(|| l.strip_prefix("Private_Dirty:"))
+        })
         .filter_map(|v| v.split_whitespace().next()?.parse::<u64>().ok())
         .sum()
 }
@@ -1041,7 +1405,11 @@ fn private_kb(pid: i32) -> u64 {
 fn vm_rss_kb(pid: i32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.split_whitespace().next()?.parse().ok())))
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmRSS:").and_then(|v| v.split_whitespace().next()?.parse().ok())
+            })
+        })
         .unwrap_or(0)
 }
 
@@ -1049,17 +1417,34 @@ fn vm_rss_kb(pid: i32) -> u64 {
 fn machine(reporting_order: Option<u32>) -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())))
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
         .unwrap_or_else(|| "?".into());
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("MemTotal:").and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())))
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("MemTotal:")
+                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            })
+        })
         .unwrap_or(0);
-    let kernel = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
+    let kernel = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    let mut line = format!("{cores} cores {cpu}, {:.1} GiB RAM, Linux {kernel}", mem as f64 / (1 << 20) as f64);
+    let mut line = format!(
+        "{cores} cores {cpu}, {:.1} GiB RAM, Linux {kernel}",
+        mem as f64 / (1 << 20) as f64
+    );
     if let Some(order) = reporting_order {
-        let block = 4u64.checked_shl(order).map_or_else(|| format!("order {order}"), |kib| format!("{kib} KiB"));
+        let block = 4u64
+            .checked_shl(order)
+            .map_or_else(|| format!("order {order}"), |kib| format!("{kib} KiB"));
         line.push_str(&format!("; a VM that hands freed memory back to its host (virtio-balloon free page reporting, {block} blocks)"));
     }
     line
@@ -1072,12 +1457,17 @@ fn machine(reporting_order: Option<u32>) -> String {
 fn free_page_reporting_order() -> Option<u32> {
     let devices = std::fs::read_dir("/sys/bus/virtio/drivers/virtio_balloon").ok()?;
     let reports = devices.flatten().any(|d| {
-        std::fs::read_to_string(d.path().join("features")).is_ok_and(|f| f.as_bytes().get(5) == Some(&b'1'))
+        std::fs::read_to_string(d.path().join("features"))
+            .is_ok_and(|f| f.as_bytes().get(5) == Some(&b'1'))
     });
     if !reports {
         return None;
     }
-    std::fs::read_to_string("/sys/module/page_reporting/parameters/page_reporting_order").ok()?.trim().parse().ok()
+    std::fs::read_to_string("/sys/module/page_reporting/parameters/page_reporting_order")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn fmt_val(v: f64, unit: &str) -> String {
@@ -1103,7 +1493,10 @@ fn print_table(a: &BenchArgs, machine: &str, rows: &[Row]) {
     println!();
     let w0 = rows.iter().map(|r| r.name.chars().count()).max().unwrap_or(10).max(11);
     let w2 = rows.iter().map(|r| r.baseline_name.chars().count()).max().unwrap_or(8).max(8);
-    println!("{:<14} {:<w0$} {:>12}   {:<w2$} {:>12} {:>8}  note", "", "measurement", "value", "baseline", "value", "ratio");
+    println!(
+        "{:<14} {:<w0$} {:>12}   {:<w2$} {:>12} {:>8}  note",
+        "", "measurement", "value", "baseline", "value", "ratio"
+    );
     let mut last = "";
     for r in rows {
         let g = if r.group != last { r.group } else { "" };
@@ -1129,11 +1522,19 @@ fn print_table(a: &BenchArgs, machine: &str, rows: &[Row]) {
 fn fs_of(path: &str) -> String {
     // The filesystem of the image directory (its parent; the directory is gone by now).
     let p = Path::new(path).parent().unwrap_or(Path::new("/"));
-    let names: [(i64, &str); 4] = [(0xEF53, "ext2/3/4"), (0x0102_1994, "tmpfs"), (0x5846_5342, "xfs"), (0x9123_683E, "btrfs")];
+    let names: [(i64, &str); 4] = [
+        (0xEF53, "ext2/3/4"),
+        (0x0102_1994, "tmpfs"),
+        (0x5846_5342, "xfs"),
+        (0x9123_683E, "btrfs"),
+    ];
     match nix::sys::statfs::statfs(p) {
         Ok(s) => {
             let t = s.filesystem_type().0;
-            names.iter().find(|(m, _)| *m == t).map_or_else(|| format!("fs type {t:#x}"), |(_, n)| format!("{n} on {}", p.display()))
+            names.iter().find(|(m, _)| *m == t).map_or_else(
+                || format!("fs type {t:#x}"),
+                |(_, n)| format!("{n} on {}", p.display()),
+            )
         }
         Err(_) => "?".into(),
     }
@@ -1154,14 +1555,24 @@ fn json_str(s: &str) -> String {
 }
 
 fn json_num(v: f64) -> String {
-    if v.is_finite() { format!("{v}") } else { "null".into() }
+    if v.is_finite() {
+        format!("{v}")
+    } else {
+        "null".into()
+    }
 }
 
 fn json_arr(v: &[f64]) -> String {
     format!("[{}]", v.iter().map(|x| json_num(*x)).collect::<Vec<_>>().join(","))
 }
 
-fn to_json(a: &BenchArgs, machine: &str, nodes_cc: &str, reporting_order: Option<u32>, rows: &[Row]) -> String {
+fn to_json(
+    a: &BenchArgs,
+    machine: &str,
+    nodes_cc: &str,
+    reporting_order: Option<u32>,
+    rows: &[Row],
+) -> String {
     let rows: Vec<String> = rows
         .iter()
         .map(|r| {

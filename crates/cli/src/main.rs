@@ -20,7 +20,11 @@ use nix::unistd::Pid;
 use telefork_node::safe_file::NewFile;
 
 #[derive(Parser)]
-#[command(name = "telefork", version, about = "fork(), except the child appears on another machine: checkpoint, restore and move Linux processes")]
+#[command(
+    name = "telefork",
+    version,
+    about = "fork(), except the child appears on another machine: checkpoint, restore and move Linux processes"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -70,9 +74,7 @@ enum Cmd {
     },
     /// Verify an image (checksums, structure) and print a summary, without restoring it
     /// (read front to back, one record in memory at a time).
-    CheckImage {
-        image: PathBuf,
-    },
+    CheckImage { image: PathBuf },
     /// Run this node's daemon: receives processes from other nodes (mutual TLS), sends local
     /// programs' children away, relays their output and exit status.
     Daemon {
@@ -177,7 +179,9 @@ enum TestbedCmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::Dump { pid, out, leave_running } => dump(pid, &out, leave_running).map(|_| ExitCode::SUCCESS),
+        Cmd::Dump { pid, out, leave_running } => {
+            dump(pid, &out, leave_running).map(|_| ExitCode::SUCCESS)
+        }
         Cmd::Restore { image, detach, trust_image } => restore(&image, detach, trust_image),
         Cmd::CheckImage { image } => check_image(&image).map(|_| ExitCode::SUCCESS),
         Cmd::Daemon { config } => telefork_node::config::Config::load(&config)
@@ -185,18 +189,34 @@ fn main() -> ExitCode {
             .map(|_| ExitCode::SUCCESS),
         Cmd::Cluster(ClusterCmd::Init { dir, nodes, force }) => {
             telefork_node::cluster::init_with(&dir, &nodes, force).map(|_| {
-                println!("cluster CA and certificates for {} written to {}", nodes.join(", "), dir.display());
+                println!(
+                    "cluster CA and certificates for {} written to {}",
+                    nodes.join(", "),
+                    dir.display()
+                );
                 ExitCode::SUCCESS
             })
         }
-        Cmd::Cluster(ClusterCmd::AddNode { dir, node }) => telefork_node::cluster::add_node(&dir, &node).map(|_| ExitCode::SUCCESS),
+        Cmd::Cluster(ClusterCmd::AddNode { dir, node }) => {
+            telefork_node::cluster::add_node(&dir, &node).map(|_| ExitCode::SUCCESS)
+        }
         Cmd::Testbed(t) => testbed(t),
         Cmd::Bench { json, runs, sizes_mib, quick, against_criu, congestion_control } => {
-            bench::run(bench::BenchArgs { json, runs, sizes_mib, quick, against_criu, congestion_control })
+            bench::run(bench::BenchArgs {
+                json,
+                runs,
+                sizes_mib,
+                quick,
+                against_criu,
+                congestion_control,
+            })
         }
     };
     if std::env::var_os("TELEFORK_DEBUG").is_some() {
-        eprintln!("telefork: {} system calls injected", telefork_engine::inject::INJECTED.load(std::sync::atomic::Ordering::Relaxed));
+        eprintln!(
+            "telefork: {} system calls injected",
+            telefork_engine::inject::INJECTED.load(std::sync::atomic::Ordering::Relaxed)
+        );
     }
     match result {
         Ok(code) => code,
@@ -214,7 +234,13 @@ fn dump(pid: i32, out: &Path, leave_running: bool) -> Result<()> {
     let image = NewFile::create(out, 0o600)?;
     let writer = image.file().try_clone().context("duplicating the image's file descriptor")?;
     let size = std::cell::Cell::new(0);
-    let opts = telefork_engine::DumpOptions { leave_running, inherit_stdio: false, skip_page_checksums: false, page_route: None, outside_reader: None };
+    let opts = telefork_engine::DumpOptions {
+        leave_running,
+        inherit_stdio: false,
+        skip_page_checksums: false,
+        page_route: None,
+        outside_reader: None,
+    };
     let commit = |w: BufWriter<File>| -> Result<()> {
         let f = w.into_inner().map_err(|e| e.into_error()).context("writing the image")?;
         size.set(f.metadata().map(|m| m.len()).unwrap_or(0));
@@ -224,7 +250,12 @@ fn dump(pid: i32, out: &Path, leave_running: bool) -> Result<()> {
         image.set_owner(uid, gid)?;
         image.commit(true)
     };
-    let result = telefork_engine::dump(Pid::from_raw(pid), BufWriter::with_capacity(1 << 20, writer), &opts, commit);
+    let result = telefork_engine::dump(
+        Pid::from_raw(pid),
+        BufWriter::with_capacity(1 << 20, writer),
+        &opts,
+        commit,
+    );
     match result {
         Ok(s) => {
             eprintln!(
@@ -240,7 +271,9 @@ fn dump(pid: i32, out: &Path, leave_running: bool) -> Result<()> {
             );
             Ok(())
         }
-        Err(e) => Err(e).with_context(|| format!("dumping process {pid} failed; it was left running")),
+        Err(e) => {
+            Err(e).with_context(|| format!("dumping process {pid} failed; it was left running"))
+        }
     }
 }
 
@@ -250,11 +283,18 @@ fn dump(pid: i32, out: &Path, leave_running: bool) -> Result<()> {
 /// filesystem ids are not all one (its memory may hold what the other identity could read).
 fn process_owner(pid: i32) -> Result<(u32, u32)> {
     use std::os::unix::fs::MetadataExt;
-    let md = std::fs::metadata(format!("/proc/{pid}")).with_context(|| format!("reading the owner of process {pid}"))?;
-    let status = telefork_engine::procfs::read_text(&format!("/proc/{pid}/status")).with_context(|| format!("reading the credentials of process {pid}"))?;
-    let c = telefork_engine::creds::parse_status(&status).with_context(|| format!("reading the credentials of process {pid}"))?;
+    let md = std::fs::metadata(format!("/proc/{pid}"))
+        .with_context(|| format!("reading the owner of process {pid}"))?;
+    let status = telefork_engine::procfs::read_text(&format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading the credentials of process {pid}"))?;
+    let c = telefork_engine::creds::parse_status(&status)
+        .with_context(|| format!("reading the credentials of process {pid}"))?;
     let one_identity = c.uid.iter().all(|&u| u == c.uid[0]) && c.gid.iter().all(|&g| g == c.gid[0]);
-    Ok(if one_identity && (md.uid(), md.gid()) == (c.uid[1], c.gid[1]) { (md.uid(), md.gid()) } else { (0, 0) })
+    Ok(if one_identity && (md.uid(), md.gid()) == (c.uid[1], c.gid[1]) {
+        (md.uid(), md.gid())
+    } else {
+        (0, 0)
+    })
 }
 
 /// Opens an image for reading: a regular file only. A FIFO would block the open (or a read)
@@ -273,9 +313,13 @@ fn open_image(image: &Path) -> Result<File> {
             _ if t.is_block_device() => "a block device",
             _ => "something else",
         };
-        bail!("{} is {kind}, not a regular file: images are read from regular files", image.display())
+        bail!(
+            "{} is {kind}, not a regular file: images are read from regular files",
+            image.display()
+        )
     };
-    let md = std::fs::metadata(image).with_context(|| format!("opening image {}", image.display()))?;
+    let md =
+        std::fs::metadata(image).with_context(|| format!("opening image {}", image.display()))?;
     not_regular(&md)?;
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -287,7 +331,8 @@ fn open_image(image: &Path) -> Result<File> {
     if (now.dev(), now.ino()) != (md.dev(), md.ino()) {
         bail!("{} changed while being opened", image.display());
     }
-    nix::fcntl::fcntl(f.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty())).with_context(|| format!("opening image {}", image.display()))?;
+    nix::fcntl::fcntl(f.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()))
+        .with_context(|| format!("opening image {}", image.display()))?;
     Ok(f)
 }
 
@@ -298,7 +343,10 @@ fn restore(image: &Path, detach: bool, trust_image: bool) -> Result<ExitCode> {
         anyhow::bail!("--trust-image is for root: a user's restore can only give the process that user's own rights anyway");
     }
     let f = open_image(image)?;
-    let opts = telefork_engine::RestoreOptions { expect_owner: image_owner(image, &f, trust_image)?, ..Default::default() };
+    let opts = telefork_engine::RestoreOptions {
+        expect_owner: image_owner(image, &f, trust_image)?,
+        ..Default::default()
+    };
     let r = telefork_engine::restore(BufReader::with_capacity(1 << 20, f), &opts).map_err(|e| {
         if root && e.chain().any(|c| c.downcast_ref::<telefork_engine::bounds::BeyondOwner>().is_some()) {
             anyhow::anyhow!("refusing to restore {}, nothing was made: {e:#}; `telefork restore --trust-image` restores it as it is", image.display())
@@ -364,7 +412,9 @@ fn testbed(cmd: TestbedCmd) -> Result<ExitCode> {
             let mut tb = telefork_testbed::up(&opts)?;
             if image_transport == "plain" {
                 for n in &tb.nodes {
-                    telefork_testbed::reconfigure(&tb.dir, &n.name, |c| c.transport.image = telefork_node::config::ImageTransport::Plain)?;
+                    telefork_testbed::reconfigure(&tb.dir, &n.name, |c| {
+                        c.transport.image = telefork_node::config::ImageTransport::Plain
+                    })?;
                 }
                 tb = telefork_testbed::load(&tb.dir)?;
             }
@@ -400,14 +450,30 @@ fn print_testbed(tb: &telefork_testbed::Testbed) {
 fn check_image(image: &Path) -> Result<()> {
     let f = open_image(image)?;
     let checking = || format!("checking image {}", image.display());
-    let (mut r, h) = telefork_image::ImageReader::new(BufReader::with_capacity(1 << 20, f)).with_context(checking)?;
+    let (mut r, h) = telefork_image::ImageReader::new(BufReader::with_capacity(1 << 20, f))
+        .with_context(checking)?;
     let p = r.process().with_context(checking)?;
     let mut page_bytes = 0u64;
     while let Some(run) = r.next_pages().with_context(checking)? {
         page_bytes += run.data.len() as u64;
     }
-    println!("image {}: format v{}, {:?}, kernel {}, made on {:?}", image.display(), r.version(), h.arch, h.kernel_release, h.hostname);
-    println!("process {} ({}), {} threads, {} mappings, {} fds, {} of memory", p.pid, p.comm, p.threads.len(), p.vmas.len(), p.fds.len(), human(page_bytes));
+    println!(
+        "image {}: format v{}, {:?}, kernel {}, made on {:?}",
+        image.display(),
+        r.version(),
+        h.arch,
+        h.kernel_release,
+        h.hostname
+    );
+    println!(
+        "process {} ({}), {} threads, {} mappings, {} fds, {} of memory",
+        p.pid,
+        p.comm,
+        p.threads.len(),
+        p.vmas.len(),
+        p.fds.len(),
+        human(page_bytes)
+    );
     Ok(())
 }
 
@@ -419,5 +485,9 @@ fn human(b: u64) -> String {
         v /= 1024.0;
         i += 1;
     }
-    if i == 0 { format!("{b} B") } else { format!("{v:.1} {}", U[i]) }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
 }

@@ -34,17 +34,33 @@ fn quick_bench_measures_every_row() {
     }
     let bin = env!("CARGO_BIN_EXE_telefork");
     let benchprog = Path::new(bin).parent().unwrap().join("examples").join("benchprog");
-    assert!(benchprog.exists(), "{} is missing: run `cargo build --release --examples` first", benchprog.display());
-    let out = Command::new(bin).args(["bench", "--quick", "--json"]).output().expect("running telefork bench");
+    assert!(
+        benchprog.exists(),
+        "{} is missing: run `cargo build --release --examples` first",
+        benchprog.display()
+    );
+    let out = Command::new(bin)
+        .args(["bench", "--quick", "--json"])
+        .output()
+        .expect("running telefork bench");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "telefork bench --quick failed ({}):\n{stderr}", out.status);
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("bench --json printed no JSON ({e}):\n{}", String::from_utf8_lossy(&out.stdout)));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("bench --json printed no JSON ({e}):\n{}", String::from_utf8_lossy(&out.stdout))
+    });
     let rows = report["measurements"].as_array().expect("a measurements array");
     for want in PROMISED {
-        let row = rows.iter().find(|r| r["name"].as_str().is_some_and(|n| n.contains(want))).unwrap_or_else(|| panic!("no row {want:?} in the report:\n{report:#}"));
+        let row = rows
+            .iter()
+            .find(|r| r["name"].as_str().is_some_and(|n| n.contains(want)))
+            .unwrap_or_else(|| panic!("no row {want:?} in the report:\n{report:#}"));
         for field in ["value", "baseline", "ratio"] {
             let v = row[field].as_f64().unwrap_or(f64::NAN);
-            assert!(v.is_finite() && v > 0.0, "row {want:?}: {field} is {} — not measured:\n{row:#}", row[field]);
+            assert!(
+                v.is_finite() && v > 0.0,
+                "row {want:?}: {field} is {} — not measured:\n{row:#}",
+                row[field]
+            );
         }
     }
     // The nodes' congestion control is named, and raw TCP on reno (the link without pacing)
@@ -52,17 +68,23 @@ fn quick_bench_measures_every_row() {
     // reno already (then there is none).
     let congestion = report["congestion_control"].as_str().unwrap_or_default();
     assert!(!congestion.is_empty(), "the report names no congestion control:\n{report:#}");
-    let unpaced: Vec<&serde_json::Value> = rows.iter().filter(|r| r["baseline_name"] == "raw TCP plaintext, reno").collect();
+    let unpaced: Vec<&serde_json::Value> =
+        rows.iter().filter(|r| r["baseline_name"] == "raw TCP plaintext, reno").collect();
     if congestion == "reno" {
         assert!(unpaced.is_empty(), "nodes on reno: no separate reno rows expected:\n{report:#}");
     } else {
         for mib in [64, 256] {
             for transport in ["TLS", "plain"] {
                 let name = format!("{mib} MiB telefork until it runs on node2 ({transport})");
-                let beside: Vec<_> = unpaced.iter().filter(|r| r["name"] == name.as_str()).collect();
+                let beside: Vec<_> =
+                    unpaced.iter().filter(|r| r["name"] == name.as_str()).collect();
                 assert_eq!(beside.len(), 1, "one raw TCP on reno row beside {name:?}:\n{report:#}");
                 let v = beside[0]["baseline"].as_f64().unwrap_or(f64::NAN);
-                assert!(v.is_finite() && v > 0.0, "raw TCP on reno was not measured:\n{:#}", beside[0]);
+                assert!(
+                    v.is_finite() && v > 0.0,
+                    "raw TCP on reno was not measured:\n{:#}",
+                    beside[0]
+                );
             }
         }
         assert_eq!(unpaced.len(), 4, "reno rows beyond the four throughput rows:\n{report:#}");
@@ -72,10 +94,19 @@ fn quick_bench_measures_every_row() {
     let reporting = &report["free_page_reporting_order"];
     let machine = report["machine"].as_str().unwrap_or_default();
     match reporting.as_u64() {
-        Some(_) => assert!(machine.contains("free page reporting"), "an order but no word of it in the machine line:\n{report:#}"),
+        Some(_) => assert!(
+            machine.contains("free page reporting"),
+            "an order but no word of it in the machine line:\n{report:#}"
+        ),
         None => {
-            assert!(reporting.is_null(), "free_page_reporting_order is neither a number nor null:\n{report:#}");
-            assert!(!machine.contains("free page reporting"), "the machine line speaks of reporting, the field does not:\n{report:#}");
+            assert!(
+                reporting.is_null(),
+                "free_page_reporting_order is neither a number nor null:\n{report:#}"
+            );
+            assert!(
+                !machine.contains("free page reporting"),
+                "the machine line speaks of reporting, the field does not:\n{report:#}"
+            );
         }
     }
     // Every row measured, not only the promised ones.
@@ -85,7 +116,11 @@ fn quick_bench_measures_every_row() {
     }
     // The bench's testbed is gone (its namespaces have the prefix tfb-).
     let netns = Command::new("ip").args(["netns", "list"]).output().expect("ip netns list");
-    let left: Vec<String> = String::from_utf8_lossy(&netns.stdout).lines().filter(|l| l.starts_with("tfb-")).map(String::from).collect();
+    let left: Vec<String> = String::from_utf8_lossy(&netns.stdout)
+        .lines()
+        .filter(|l| l.starts_with("tfb-"))
+        .map(String::from)
+        .collect();
     assert!(left.is_empty(), "the bench left network namespaces behind: {left:?}");
 }
 
@@ -98,12 +133,23 @@ fn unknown_congestion_control_is_an_error_and_leaves_nothing() {
         return;
     }
     let bin = env!("CARGO_BIN_EXE_telefork");
-    for (name, expect) in [("nosuchcc", "tcp_allowed_congestion_control"), ("no such", "1-15 letters")] {
-        let out = Command::new(bin).args(["bench", "--quick", "--congestion-control", name]).output().expect("running telefork bench");
+    for (name, expect) in
+        [("nosuchcc", "tcp_allowed_congestion_control"), ("no such", "1-15 letters")]
+    {
+        let out = Command::new(bin)
+            .args(["bench", "--quick", "--congestion-control", name])
+            .output()
+            .expect("running telefork bench");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "bench --congestion-control {name:?} succeeded:\n{stderr}");
-        assert!(stderr.contains(name) && stderr.contains(expect), "the error should name {name:?} and say {expect:?}:\n{stderr}");
+        assert!(
+            stderr.contains(name) && stderr.contains(expect),
+            "the error should name {name:?} and say {expect:?}:\n{stderr}"
+        );
         let netns = Command::new("ip").args(["netns", "list"]).output().expect("ip netns list");
-        assert!(!String::from_utf8_lossy(&netns.stdout).lines().any(|l| l.starts_with("tfb-")), "testbed left behind after {name:?}");
+        assert!(
+            !String::from_utf8_lossy(&netns.stdout).lines().any(|l| l.starts_with("tfb-")),
+            "testbed left behind after {name:?}"
+        );
     }
 }

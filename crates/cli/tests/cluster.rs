@@ -91,7 +91,13 @@ impl Run {
 }
 
 fn get<'a>(lines: &'a [String], key: &str) -> Option<&'a str> {
-    lines.iter().find_map(|l| if l == key { Some("") } else { l.strip_prefix(key).and_then(|r| r.strip_prefix(' ')) })
+    lines.iter().find_map(|l| {
+        if l == key {
+            Some("")
+        } else {
+            l.strip_prefix(key).and_then(|r| r.strip_prefix(' '))
+        }
+    })
 }
 
 /// A program running on a node, its stdout/stderr read line by line as they come.
@@ -106,7 +112,11 @@ struct Running {
     stdin: Option<std::process::ChildStdin>,
 }
 
-fn reader(r: impl std::io::Read + Send + 'static, sink: Arc<Mutex<Vec<String>>>, tx: Option<std::sync::mpsc::Sender<(Instant, String)>>) -> JoinHandle<()> {
+fn reader(
+    r: impl std::io::Read + Send + 'static,
+    sink: Arc<Mutex<Vec<String>>>,
+    tx: Option<std::sync::mpsc::Sender<(Instant, String)>>,
+) -> JoinHandle<()> {
     std::thread::spawn(move || {
         for line in BufReader::new(r).lines() {
             let Ok(line) = line else { return };
@@ -132,13 +142,28 @@ impl Ctx {
     }
 
     /// Starts the probe on NODE (as the test user unless `as_root`).
-    fn spawn_probe(&self, node: &str, as_root: bool, args: &[&str], stdin: Stdio, out: Out) -> Running {
+    fn spawn_probe(
+        &self,
+        node: &str,
+        as_root: bool,
+        args: &[&str],
+        stdin: Stdio,
+        out: Out,
+    ) -> Running {
         let cmd = self.probe_cmd(args);
         self.spawn(node, if as_root { None } else { Some(USER) }, &cmd, stdin, out)
     }
 
-    fn spawn(&self, node: &str, user: Option<&str>, cmd: &[String], stdin: Stdio, out: Out) -> Running {
-        let mut c = tb::command(&self.dir, node, user, cmd).unwrap_or_else(|e| panic!("command on {node}: {e:#}"));
+    fn spawn(
+        &self,
+        node: &str,
+        user: Option<&str>,
+        cmd: &[String],
+        stdin: Stdio,
+        out: Out,
+    ) -> Running {
+        let mut c = tb::command(&self.dir, node, user, cmd)
+            .unwrap_or_else(|e| panic!("command on {node}: {e:#}"));
         c.stdin(stdin);
         let piped = matches!(out, Out::Pipes);
         match out {
@@ -176,7 +201,12 @@ impl Ctx {
 
 impl Running {
     fn snapshot(&self) -> String {
-        format!("{}\n--- stdout so far:\n{}\n--- stderr so far:\n{}", self.what, self.stdout.lock().unwrap().join("\n"), self.stderr.lock().unwrap().join("\n"))
+        format!(
+            "{}\n--- stdout so far:\n{}\n--- stderr so far:\n{}",
+            self.what,
+            self.stdout.lock().unwrap().join("\n"),
+            self.stderr.lock().unwrap().join("\n")
+        )
     }
 
     /// Waits for a stdout line starting with `prefix`; returns it and when it arrived.
@@ -189,7 +219,10 @@ impl Running {
                 Ok(_) => continue,
                 Err(_) => {
                     self.kill();
-                    panic!("no line starting with {prefix:?} within {timeout:?}: {}", self.snapshot());
+                    panic!(
+                        "no line starting with {prefix:?} within {timeout:?}: {}",
+                        self.snapshot()
+                    );
                 }
             }
         }
@@ -234,11 +267,17 @@ impl Running {
 
 fn proc_status_field(pid: i32, key: &str) -> Option<String> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines().find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(':')).map(|v| v.trim().to_string()))
+    s.lines().find_map(|l| {
+        l.strip_prefix(key).and_then(|r| r.strip_prefix(':')).map(|v| v.trim().to_string())
+    })
 }
 
 fn all_pids() -> Vec<i32> {
-    std::fs::read_dir("/proc").unwrap().flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect()
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
 }
 
 fn ppid(pid: i32) -> Option<i32> {
@@ -255,7 +294,9 @@ fn netns_of(pid: i32) -> Option<PathBuf> {
 }
 
 fn describe(pid: i32) -> String {
-    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).map(|c| String::from_utf8_lossy(&c).replace('\0', " ")).unwrap_or_default();
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .unwrap_or_default();
     let state = proc_status_field(pid, "State").unwrap_or_default();
     format!("{pid} [{state}] {cmd}")
 }
@@ -272,7 +313,9 @@ impl Ctx {
         all_pids()
             .into_iter()
             .filter(|&p| {
-                proc_status_field(p, "Uid").and_then(|u| u.split_whitespace().next().map(|u| u == self.uid.to_string())).unwrap_or(false)
+                proc_status_field(p, "Uid")
+                    .and_then(|u| u.split_whitespace().next().map(|u| u == self.uid.to_string()))
+                    .unwrap_or(false)
                     && netns_of(p).as_ref() == Some(&ns)
             })
             .collect()
@@ -288,7 +331,10 @@ impl Ctx {
             }
             if t.elapsed() > timeout {
                 let d: Vec<String> = left.iter().map(|&p| describe(p)).collect();
-                panic!("{when}: processes of {USER} still on {node} after {timeout:?}:\n{}", d.join("\n"));
+                panic!(
+                    "{when}: processes of {USER} still on {node} after {timeout:?}:\n{}",
+                    d.join("\n")
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -314,7 +360,8 @@ impl Ctx {
         for n in tb::load(&self.dir).unwrap().nodes {
             if n.daemon_pid == 0 {
                 eprintln!("(restarting the daemon of {} left stopped)", n.name);
-                tb::restart_daemon(&self.dir, &n.name).unwrap_or_else(|e| panic!("restarting {}: {e:#}", n.name));
+                tb::restart_daemon(&self.dir, &n.name)
+                    .unwrap_or_else(|e| panic!("restarting {}: {e:#}", n.name));
             }
         }
     }
@@ -326,15 +373,27 @@ impl Ctx {
 /// 1. A child on another node: runs there, with the memory it brought (also memory nobody may
 ///    read: PROT_NONE, which the process cannot hand over itself); exit code comes back.
 fn fork_to_node(c: &Ctx) {
-    let r = c.probe("node1", &["fork", "node2", "--big-mb", "64", "--guarded-mb", "3", "--exit", "7"], Duration::from_secs(60));
+    let r = c.probe(
+        "node1",
+        &["fork", "node2", "--big-mb", "64", "--guarded-mb", "3", "--exit", "7"],
+        Duration::from_secs(60),
+    );
     assert!(r.status.success(), "probe failed:\n{r}");
     assert_eq!(r.want("parent host"), "node1", "{r}");
     assert_eq!(r.want("host"), "node2", "the child must run on node2:\n{r}");
     assert_eq!(r.want("child sum"), r.want("sum"), "the memory the child brought differs:\n{r}");
-    assert_eq!(r.want("child guarded sum"), r.want("guarded sum"), "the PROT_NONE memory the child brought differs:\n{r}");
+    assert_eq!(
+        r.want("child guarded sum"),
+        r.want("guarded sum"),
+        "the PROT_NONE memory the child brought differs:\n{r}"
+    );
     let id = r.want("id");
     let pid = r.want("pid");
-    assert_eq!(id, format!("node2:{pid}"), "RemoteId must name node2 and the child's PID there:\n{r}");
+    assert_eq!(
+        id,
+        format!("node2:{pid}"),
+        "RemoteId must name node2 and the child's PID there:\n{r}"
+    );
     assert_eq!(r.want("exit code"), "7", "{r}");
     assert!(r.has("parent ok"), "{r}");
     c.assert_no_user_procs("node2", Duration::from_secs(5), "after the child exited");
@@ -342,10 +401,14 @@ fn fork_to_node(c: &Ctx) {
 }
 
 fn check_lines(n: usize, stdout: &[String], stderr: &[String], ctx: &str) {
-    let got_out: Vec<&str> = stdout.iter().filter(|l| l.starts_with("line ")).map(String::as_str).collect();
-    let got_err: Vec<&str> = stderr.iter().filter(|l| l.starts_with("line ")).map(String::as_str).collect();
-    let want_out: Vec<String> = (0..n).filter(|i| i % 2 == 0).map(|i| format!("line {i}")).collect();
-    let want_err: Vec<String> = (0..n).filter(|i| i % 2 == 1).map(|i| format!("line {i}")).collect();
+    let got_out: Vec<&str> =
+        stdout.iter().filter(|l| l.starts_with("line ")).map(String::as_str).collect();
+    let got_err: Vec<&str> =
+        stderr.iter().filter(|l| l.starts_with("line ")).map(String::as_str).collect();
+    let want_out: Vec<String> =
+        (0..n).filter(|i| i % 2 == 0).map(|i| format!("line {i}")).collect();
+    let want_err: Vec<String> =
+        (0..n).filter(|i| i % 2 == 1).map(|i| format!("line {i}")).collect();
     assert_eq!(got_out, want_out, "{ctx}: stdout lines (all, in order)");
     assert_eq!(got_err, want_err, "{ctx}: stderr lines (all, in order)");
 }
@@ -370,10 +433,17 @@ fn output(c: &Ctx) {
         Out::Files(File::create(&po).unwrap(), File::create(&pe).unwrap()),
     );
     let r = run.finish(Duration::from_secs(60));
-    let out: Vec<String> = std::fs::read_to_string(&po).unwrap().lines().map(String::from).collect();
-    let err: Vec<String> = std::fs::read_to_string(&pe).unwrap().lines().map(String::from).collect();
+    let out: Vec<String> =
+        std::fs::read_to_string(&po).unwrap().lines().map(String::from).collect();
+    let err: Vec<String> =
+        std::fs::read_to_string(&pe).unwrap().lines().map(String::from).collect();
     std::fs::remove_dir_all(&tmp).ok();
-    let ctx = format!("files: status {}\n--- out file:\n{}\n--- err file:\n{}", r.status, out.join("\n"), err.join("\n"));
+    let ctx = format!(
+        "files: status {}\n--- out file:\n{}\n--- err file:\n{}",
+        r.status,
+        out.join("\n"),
+        err.join("\n")
+    );
     assert!(r.status.success(), "{ctx}");
     assert_eq!(get(&out, "exit code"), Some("0"), "{ctx}");
     assert!(out.iter().any(|l| l == "parent ok"), "{ctx}");
@@ -383,7 +453,13 @@ fn output(c: &Ctx) {
 /// 3. The child's stdin: end-of-file at once by default, even if the parent's stdin stays
 ///    open with data waiting; with `pass_stdin` it gets the parent's stdin.
 fn stdin(c: &Ctx) {
-    let mut run = c.spawn_probe("node1", false, &["fork", "node2", "--read-stdin"], Stdio::piped(), Out::Pipes);
+    let mut run = c.spawn_probe(
+        "node1",
+        false,
+        &["fork", "node2", "--read-stdin"],
+        Stdio::piped(),
+        Out::Pipes,
+    );
     run.stdin.as_mut().unwrap().write_all(b"not for the child\n").unwrap();
     // The parent's stdin stays open until the child has answered.
     let (_, l) = run.wait_line("stdin:", Duration::from_secs(30));
@@ -391,25 +467,53 @@ fn stdin(c: &Ctx) {
     let r = run.finish(Duration::from_secs(30));
     assert_eq!(r.want("exit code"), "0", "{r}");
 
-    let mut run = c.spawn_probe("node1", false, &["fork", "node2", "--read-stdin", "--pass-stdin"], Stdio::piped(), Out::Pipes);
+    let mut run = c.spawn_probe(
+        "node1",
+        false,
+        &["fork", "node2", "--read-stdin", "--pass-stdin"],
+        Stdio::piped(),
+        Out::Pipes,
+    );
     run.stdin.as_mut().unwrap().write_all(b"hello child\n").unwrap();
     let r = run.finish(Duration::from_secs(30));
-    assert_eq!(r.want("stdin:"), "12 bytes", "pass_stdin: the child must read the parent's stdin:\n{r}");
+    assert_eq!(
+        r.want("stdin:"),
+        "12 bytes",
+        "pass_stdin: the child must read the parent's stdin:\n{r}"
+    );
     assert_eq!(r.want("exit code"), "0", "{r}");
 }
 
 /// 4. Kill: by the parent (SIGTERM) and by someone on the destination node (kill -9).
 fn kill(c: &Ctx) {
-    let r = c.probe("node1", &["fork", "node2", "--sleep-ms", "30000", "--kill-after-ms", "500", "--kill-signal", "15"], Duration::from_secs(25));
+    let r = c.probe(
+        "node1",
+        &["fork", "node2", "--sleep-ms", "30000", "--kill-after-ms", "500", "--kill-signal", "15"],
+        Duration::from_secs(25),
+    );
     assert!(r.has("sent signal 15"), "{r}");
     assert_eq!(r.want("exit signal"), "15", "wait must report SIGTERM:\n{r}");
     assert!(r.has("parent ok") && r.status.success(), "{r}");
 
-    let mut run = c.spawn_probe("node1", false, &["fork", "node2", "--sleep-ms", "30000"], Stdio::null(), Out::Pipes);
+    let mut run = c.spawn_probe(
+        "node1",
+        false,
+        &["fork", "node2", "--sleep-ms", "30000"],
+        Stdio::null(),
+        Out::Pipes,
+    );
     let (_, id) = run.wait_line("id ", Duration::from_secs(30));
-    let pid: i32 = id.strip_prefix("id node2:").and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("bad id line {id:?}: {}", run.snapshot()));
+    let pid: i32 = id
+        .strip_prefix("id node2:")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("bad id line {id:?}: {}", run.snapshot()));
     // It is the test user's process, and it lives on node2.
-    assert_eq!(proc_status_field(pid, "Uid").and_then(|u| u.split_whitespace().next().map(String::from)), Some(c.uid.to_string()), "{}", describe(pid));
+    assert_eq!(
+        proc_status_field(pid, "Uid").and_then(|u| u.split_whitespace().next().map(String::from)),
+        Some(c.uid.to_string()),
+        "{}",
+        describe(pid)
+    );
     assert!(c.user_procs("node2").contains(&pid), "pid {pid} is not in node2: {}", describe(pid));
     let k = c.sh("node2", None, &format!("kill -9 {pid}"), Duration::from_secs(10));
     assert!(k.status.success(), "kill -9 on node2:\n{k}");
@@ -425,18 +529,30 @@ fn user(c: &Ctx) {
     let parent = r.want("parent ids").to_string();
     let child = r.want("child ids").to_string();
     assert_eq!(child, parent, "the child's credentials differ from the parent's:\n{r}");
-    assert!(parent.starts_with(&format!("uid={} gid={} ", c.uid, c.gid)), "the probe must run as {USER}:\n{r}");
+    assert!(
+        parent.starts_with(&format!("uid={} gid={} ", c.uid, c.gid)),
+        "the probe must run as {USER}:\n{r}"
+    );
     assert_eq!(r.want("exit code"), "0", "{r}");
 
     let restored_before = c.log("node2").matches("restored process").count();
-    let r = c.spawn_probe("node1", true, &["fork", "node2"], Stdio::null(), Out::Pipes).finish(Duration::from_secs(30));
+    let r = c
+        .spawn_probe("node1", true, &["fork", "node2"], Stdio::null(), Out::Pipes)
+        .finish(Duration::from_secs(30));
     let err = r.want("error").to_string();
-    assert!(err.contains("root") && err.contains("node2"), "the refusal must say root is not allowed on node2:\n{r}");
+    assert!(
+        err.contains("root") && err.contains("node2"),
+        "the refusal must say root is not allowed on node2:\n{r}"
+    );
     assert!(r.get("host").is_none(), "a child ran anyway:\n{r}");
     let last = r.stdout.last().map(String::as_str);
     assert_eq!(last, Some("parent ok"), "{r}");
     assert!(r.status.success(), "{r}");
-    assert_eq!(c.log("node2").matches("restored process").count(), restored_before, "node2 restored a process of root");
+    assert_eq!(
+        c.log("node2").matches("restored process").count(),
+        restored_before,
+        "node2 restored a process of root"
+    );
     // The refused child does not linger on node1 (as root: look at all root processes whose
     // parent is gone is too broad; the probe is gone, so any stopped probe would be an orphan).
     let stopped: Vec<String> = all_pids()
@@ -455,7 +571,8 @@ fn remote_and_yoyo(c: &Ctx) {
     let f: Vec<&str> = line.split(' ').collect();
     assert_eq!(f.first().copied(), Some("host=node3"), "{r}");
     let sum = f.iter().find_map(|x| x.strip_prefix("sum=")).unwrap_or_else(|| panic!("{r}"));
-    let expected = f.iter().find_map(|x| x.strip_prefix("expected=")).unwrap_or_else(|| panic!("{r}"));
+    let expected =
+        f.iter().find_map(|x| x.strip_prefix("expected=")).unwrap_or_else(|| panic!("{r}"));
     assert_eq!(sum, expected, "{r}");
     assert_eq!(sum, "500000500000", "{r}");
     assert!(r.status.success() && r.has("parent ok"), "{r}");
@@ -479,7 +596,8 @@ fn peer_without_cert(c: &Ctx) {
     let rejected_before = before.matches("rejected connection").count();
     let restored_before = before.matches("restored process").count();
 
-    let have_openssl = c.sh("node1", None, "command -v openssl", Duration::from_secs(10)).status.success();
+    let have_openssl =
+        c.sh("node1", None, "command -v openssl", Duration::from_secs(10)).status.success();
     let mut expected = 1;
     if have_openssl {
         let r = c.sh(
@@ -497,21 +615,33 @@ fn peer_without_cert(c: &Ctx) {
     // Plain TCP, garbage: the daemon must close the connection (cat sees EOF or a reset).
     // (/dev/tcp is a bash feature.)
     let script = format!("exec 3<>/dev/tcp/{addr}/7077 || exit 3; printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3; timeout 20 cat <&3 >/dev/null; echo rc $?");
-    let r = c.spawn("node1", Some(USER), &s(&["bash", "-c", &script]), Stdio::null(), Out::Pipes).finish(Duration::from_secs(30));
+    let r = c
+        .spawn("node1", Some(USER), &s(&["bash", "-c", &script]), Stdio::null(), Out::Pipes)
+        .finish(Duration::from_secs(30));
     let rc = r.want("rc");
     assert_ne!(rc, "124", "the daemon kept a garbage connection open for 20 s:\n{r}");
 
     let t = Instant::now();
     let log = loop {
         let log = c.log("node2");
-        if log.matches("rejected connection").count() >= rejected_before + expected || t.elapsed() > Duration::from_secs(5) {
+        if log.matches("rejected connection").count() >= rejected_before + expected
+            || t.elapsed() > Duration::from_secs(5)
+        {
             break log;
         }
         std::thread::sleep(Duration::from_millis(50));
     };
     let new = &log[before.len().min(log.len())..];
-    assert_eq!(log.matches("rejected connection").count(), rejected_before + expected, "node2's log must say 'rejected connection' for each peer; new log:\n{new}");
-    assert_eq!(log.matches("restored process").count(), restored_before, "node2 restored something:\n{new}");
+    assert_eq!(
+        log.matches("rejected connection").count(),
+        rejected_before + expected,
+        "node2's log must say 'rejected connection' for each peer; new log:\n{new}"
+    );
+    assert_eq!(
+        log.matches("restored process").count(),
+        restored_before,
+        "node2 restored something:\n{new}"
+    );
     assert!(c.user_procs("node2").is_empty(), "processes of {USER} on node2");
     // The daemon is still alive and serves real nodes.
     let r = c.probe("node1", &["fork", "node2"], Duration::from_secs(30));
@@ -551,12 +681,17 @@ fn kill_dest_mid_transfer(c: &Ctx, background: bool) {
     loop {
         session = children(daemon).into_iter().filter(|p| !sessions_before.contains(p)).collect();
         let restoring = session.iter().any(|&s| !children(s).is_empty());
-        if (restoring && t0.elapsed() >= Duration::from_millis(150)) || (!session.is_empty() && t0.elapsed() > Duration::from_secs(3)) {
+        if (restoring && t0.elapsed() >= Duration::from_millis(150))
+            || (!session.is_empty() && t0.elapsed() > Duration::from_secs(3))
+        {
             break;
         }
         if t0.elapsed() > Duration::from_secs(10) {
             run.kill();
-            panic!("{mode}: no session process appeared under node2's daemon {daemon} within 10 s: {}", run.snapshot());
+            panic!(
+                "{mode}: no session process appeared under node2's daemon {daemon} within 10 s: {}",
+                run.snapshot()
+            );
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -569,22 +704,51 @@ fn kill_dest_mid_transfer(c: &Ctx, background: bool) {
     let killed_at = Instant::now();
     eprintln!("{mode}: killed node2's daemon {daemon} and sessions {sessions:?} (this transfer's: {session:?}) {:?} after 'teleforking'; being restored then: {restorees:?}", killed_at - t0);
     let r = run.finish(Duration::from_secs(90));
-    assert!(r.stdout.last().map(String::as_str) == Some("parent ok"), "{mode}: the parent did not go on:\n{r}");
-    assert!(r.get("host").is_none() && r.get("id").is_none(), "{mode}: the transfer cannot have succeeded:\n{r}");
+    assert!(
+        r.stdout.last().map(String::as_str) == Some("parent ok"),
+        "{mode}: the parent did not go on:\n{r}"
+    );
+    assert!(
+        r.get("host").is_none() && r.get("id").is_none(),
+        "{mode}: the transfer cannot have succeeded:\n{r}"
+    );
     let elapsed_ms: u64 = r.want("elapsed_ms").parse().unwrap();
     if background {
-        assert_eq!(r.want("accepted"), "node2", "{mode}: telefork must return once node2 accepted:\n{r}");
-        assert!(r.get("error started:").is_some(), "{mode}: started() must fail when the destination dies mid-transfer:\n{r}");
+        assert_eq!(
+            r.want("accepted"),
+            "node2",
+            "{mode}: telefork must return once node2 accepted:\n{r}"
+        );
+        assert!(
+            r.get("error started:").is_some(),
+            "{mode}: started() must fail when the destination dies mid-transfer:\n{r}"
+        );
     } else {
-        assert!(r.get("error").is_some(), "{mode}: telefork must fail when the destination dies mid-transfer:\n{r}");
+        assert!(
+            r.get("error").is_some(),
+            "{mode}: telefork must fail when the destination dies mid-transfer:\n{r}"
+        );
         assert!(elapsed_ms < 30_000, "{mode}: telefork took {elapsed_ms} ms to fail:\n{r}");
     }
     let after_kill = killed_at.elapsed();
-    assert!(after_kill < Duration::from_secs(30), "{mode}: the parent needed {after_kill:?} after the kill:\n{r}");
+    assert!(
+        after_kill < Duration::from_secs(30),
+        "{mode}: the parent needed {after_kill:?} after the kill:\n{r}"
+    );
     assert!(r.status.success(), "{r}");
-    eprintln!("{mode}: telefork returned after {elapsed_ms} ms; probe done {after_kill:?} after the kill");
-    c.assert_no_user_procs("node2", Duration::from_secs(10), &format!("{mode}: after the destination died mid-transfer"));
-    c.assert_no_user_procs("node1", Duration::from_secs(10), &format!("{mode}: after the failed telefork (the stopped local child)"));
+    eprintln!(
+        "{mode}: telefork returned after {elapsed_ms} ms; probe done {after_kill:?} after the kill"
+    );
+    c.assert_no_user_procs(
+        "node2",
+        Duration::from_secs(10),
+        &format!("{mode}: after the destination died mid-transfer"),
+    );
+    c.assert_no_user_procs(
+        "node1",
+        Duration::from_secs(10),
+        &format!("{mode}: after the failed telefork (the stopped local child)"),
+    );
     tb::kill_daemon(&c.dir, "node2").unwrap();
     tb::restart_daemon(&c.dir, "node2").unwrap_or_else(|e| panic!("restarting node2: {e:#}"));
     let r = c.probe("node1", &["fork", "node2"], Duration::from_secs(30));
@@ -597,8 +761,12 @@ fn dest_down(c: &Ctx) {
     let r = c.probe("node1", &["fork", "node3"], Duration::from_secs(30));
     let restart = tb::restart_daemon(&c.dir, "node3");
     let err = r.want("error").to_string();
-    let names_node = err.contains("node3") || err.contains(&format!("{}:7077", c.node("node3").addr));
-    assert!(names_node && err.contains("connect"), "the error must name node3 (or its address) and the connection:\n{r}");
+    let names_node =
+        err.contains("node3") || err.contains(&format!("{}:7077", c.node("node3").addr));
+    assert!(
+        names_node && err.contains("connect"),
+        "the error must name node3 (or its address) and the connection:\n{r}"
+    );
     assert!(r.elapsed < Duration::from_secs(10), "took {:?}:\n{r}", r.elapsed);
     assert!(r.has("parent ok") && r.status.success(), "{r}");
     c.assert_no_user_procs("node1", Duration::from_secs(5), "after the failed telefork");
@@ -610,7 +778,13 @@ fn dest_down(c: &Ctx) {
 /// 10. Restarting the destination's daemon leaves its running children (and their relays) be.
 fn daemon_restart_keeps_children(c: &Ctx) {
     let old = c.node("node2").daemon_pid;
-    let mut run = c.spawn_probe("node1", false, &["fork", "node2", "--lines", "30", "--interval-ms", "100"], Stdio::null(), Out::Pipes);
+    let mut run = c.spawn_probe(
+        "node1",
+        false,
+        &["fork", "node2", "--lines", "30", "--interval-ms", "100"],
+        Stdio::null(),
+        Out::Pipes,
+    );
     run.wait_line("line 2", Duration::from_secs(30));
     tb::restart_daemon(&c.dir, "node2").unwrap_or_else(|e| panic!("restarting node2: {e:#}"));
     let new = c.node("node2").daemon_pid;
@@ -646,11 +820,20 @@ fn limits(c: &Ctx) {
     std::fs::write(&path, cfg.to_toml()).unwrap();
     tb::restart_daemon(&c.dir, "node3").unwrap_or_else(|e| panic!("restarting node3: {e:#}"));
 
-    let mut first = c.spawn_probe("node1", false, &["fork", "node3", "--sleep-ms", "4000"], Stdio::null(), Out::Pipes);
+    let mut first = c.spawn_probe(
+        "node1",
+        false,
+        &["fork", "node3", "--sleep-ms", "4000"],
+        Stdio::null(),
+        Out::Pipes,
+    );
     first.wait_line("id node3:", Duration::from_secs(30));
     let r = c.probe("node2", &["fork", "node3"], Duration::from_secs(30));
     let err = r.want("error").to_string();
-    assert!(err.contains("limit") && err.contains("node3"), "the refusal must name the limit:\n{r}");
+    assert!(
+        err.contains("limit") && err.contains("node3"),
+        "the refusal must name the limit:\n{r}"
+    );
     assert!(r.get("host").is_none() && r.has("parent ok") && r.status.success(), "{r}");
     let r1 = first.finish(Duration::from_secs(30));
     assert_eq!(r1.want("exit code"), "0", "the first child:\n{r1}");
@@ -665,7 +848,10 @@ fn limits(c: &Ctx) {
     tb::restart_daemon(&c.dir, "node3").unwrap_or_else(|e| panic!("restarting node3: {e:#}"));
     let r = c.probe("node1", &["fork", "node3", "--big-mb", "64"], Duration::from_secs(30));
     let err = r.want("error").to_string();
-    assert!(err.contains("exceeds") && err.contains("limit") && err.contains("node3"), "the refusal must name the size limit:\n{r}");
+    assert!(
+        err.contains("exceeds") && err.contains("limit") && err.contains("node3"),
+        "the refusal must name the size limit:\n{r}"
+    );
     assert!(r.get("host").is_none() && r.has("parent ok") && r.status.success(), "{r}");
 }
 
@@ -683,7 +869,11 @@ fn plain_transport(c: &Ctx) {
             cfg.transport.self_receive_min_bytes = min;
         })
     };
-    let tls = |n: &str| tb::reconfigure(&c.dir, n, |cfg| cfg.transport = telefork_node::config::Transport::default());
+    let tls = |n: &str| {
+        tb::reconfigure(&c.dir, n, |cfg| {
+            cfg.transport = telefork_node::config::Transport::default()
+        })
+    };
     struct Back<'a>(&'a dyn Fn(&str) -> anyhow::Result<()>);
     impl Drop for Back<'_> {
         fn drop(&mut self) {
@@ -699,30 +889,64 @@ fn plain_transport(c: &Ctx) {
     let restored_line = |r: &Run| {
         let restored = format!("restored process {} of user", r.want("pid"));
         let log = c.log("node2");
-        log.lines().rev().find(|l| l.contains(&restored)).map(str::to_string).unwrap_or_else(|| panic!("no {restored:?} in node2's log:\n{log}"))
+        log.lines()
+            .rev()
+            .find(|l| l.contains(&restored))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no {restored:?} in node2's log:\n{log}"))
     };
     plain("node1", default_min).unwrap_or_else(|e| panic!("{e:#}"));
     for (min, big) in [(0, "256"), (default_min, "64")] {
         plain("node2", min).unwrap_or_else(|e| panic!("{e:#}"));
-        let r = c.probe("node1", &["fork", "node2", "--big-mb", big, "--guarded-mb", "3", "--poked-pages", "3", "--exit", "5"], Duration::from_secs(120));
+        let r = c.probe(
+            "node1",
+            &[
+                "fork",
+                "node2",
+                "--big-mb",
+                big,
+                "--guarded-mb",
+                "3",
+                "--poked-pages",
+                "3",
+                "--exit",
+                "5",
+            ],
+            Duration::from_secs(120),
+        );
         assert_eq!(r.want("host"), "node2", "{r}");
         assert_eq!(r.want("child sum"), r.want("sum"), "memory sent in plain differs:\n{r}");
-        assert_eq!(r.want("child guarded sum"), r.want("guarded sum"), "PROT_NONE memory sent in plain differs:\n{r}");
-        assert_eq!(r.want("child poked sum"), r.want("poked sum"), "changed pages of a read-only mapping sent in plain differ:\n{r}");
+        assert_eq!(
+            r.want("child guarded sum"),
+            r.want("guarded sum"),
+            "PROT_NONE memory sent in plain differs:\n{r}"
+        );
+        assert_eq!(
+            r.want("child poked sum"),
+            r.want("poked sum"),
+            "changed pages of a read-only mapping sent in plain differ:\n{r}"
+        );
         assert_eq!(r.want("exit code"), "5", "{r}");
         // (The way it went: not the fallback where the socket cannot be passed, which would
         // pass the above too.)
         let line = restored_line(&r);
         assert_eq!(line.ends_with("(it received its pages itself)"), min == 0, "{line}");
         // A small process (no userfaultfd: its pages are faulted in by its own reads).
-        let r = c.probe("node1", &["fork", "node2", "--poked-pages", "2", "--exit", "6"], Duration::from_secs(60));
+        let r = c.probe(
+            "node1",
+            &["fork", "node2", "--poked-pages", "2", "--exit", "6"],
+            Duration::from_secs(60),
+        );
         assert_eq!((r.want("host"), r.want("exit code")), ("node2", "6"), "{r}");
         assert_eq!(r.want("child poked sum"), r.want("poked sum"), "{r}");
         assert_eq!(restored_line(&r).ends_with("(it received its pages itself)"), min == 0, "{r}");
     }
     let r = c.probe("node1", &["fork", "node3"], Duration::from_secs(60));
     let err = r.want("error").to_string();
-    assert!(err.contains("encrypted") && err.contains("node3"), "node3 (tls) must refuse a plain image:\n{r}");
+    assert!(
+        err.contains("encrypted") && err.contains("node3"),
+        "node3 (tls) must refuse a plain image:\n{r}"
+    );
     assert!(r.has("parent ok"), "{r}");
 }
 
@@ -733,37 +957,56 @@ fn plain_transport(c: &Ctx) {
 ///     next telefork goes through the spare connection, whose new session connected to
 ///     that node ahead of time.
 fn prepared_connections(c: &Ctx) {
-    let count = |log: &str, what: &str| log.lines().filter(|l| l.contains("now runs on node2") && l.contains(what)).count();
+    let count = |log: &str, what: &str| {
+        log.lines().filter(|l| l.contains("now runs on node2") && l.contains(what)).count()
+    };
     let before = count(&c.log("node1"), "(prepared connection;");
     let r = c.probe("node1", &["series", "node2", "300", "2"], Duration::from_secs(60));
     assert_eq!(r.want("first exit"), "11", "{r}");
     assert_eq!(r.want("second exit"), "12", "{r}");
     assert!(r.has("parent ok") && r.get("error").is_none(), "{r}");
     let used = count(&c.log("node1"), "(prepared connection;") - before;
-    assert!(used >= 1, "the second telefork did not use the prepared connection; node1's log:\n{}", c.log("node1"));
+    assert!(
+        used >= 1,
+        "the second telefork did not use the prepared connection; node1's log:\n{}",
+        c.log("node1")
+    );
 
     // With stdin relayed: two origin sessions, the second one's connection made ahead.
     let runs_before = c.log("node1").lines().filter(|l| l.contains("now runs on node2")).count();
-    let r = c.probe("node1", &["series", "node2", "300", "2", "--pass-stdin"], Duration::from_secs(60));
+    let r =
+        c.probe("node1", &["series", "node2", "300", "2", "--pass-stdin"], Duration::from_secs(60));
     assert_eq!(r.want("second exit"), "12", "{r}");
     assert_eq!(r.want("second child:"), "memory ok stdin eof", "{r}");
     let log = c.log("node1");
-    let runs: Vec<&str> = log.lines().filter(|l| l.contains("now runs on node2")).skip(runs_before).collect();
-    let session = |l: &str| l.split("telefork-daemon[").nth(1).and_then(|r| r.split(']').next()).map(str::to_string);
+    let runs: Vec<&str> =
+        log.lines().filter(|l| l.contains("now runs on node2")).skip(runs_before).collect();
+    let session = |l: &str| {
+        l.split("telefork-daemon[").nth(1).and_then(|r| r.split(']').next()).map(str::to_string)
+    };
     assert_eq!(runs.len(), 2, "two teleforks expected in node1's log:\n{log}");
-    assert_ne!(session(runs[0]), session(runs[1]), "a relayed-stdin connection was handed back; node1's log:\n{log}");
-    assert!(runs[1].contains("(prepared connection;"), "the spare connection's session did not connect ahead; node1's log:\n{log}");
+    assert_ne!(
+        session(runs[0]),
+        session(runs[1]),
+        "a relayed-stdin connection was handed back; node1's log:\n{log}"
+    );
+    assert!(
+        runs[1].contains("(prepared connection;"),
+        "the spare connection's session did not connect ahead; node1's log:\n{log}"
+    );
 
     // The prepared connection gone: kill node2's idle sessions during the pause.
     let gone_before = c.log("node1").matches("; connecting anew").count();
     let daemon = c.node("node2").daemon_pid;
-    let mut run = c.spawn_probe("node1", false, &["series", "node2", "1500", "2"], Stdio::null(), Out::Pipes);
+    let mut run =
+        c.spawn_probe("node1", false, &["series", "node2", "1500", "2"], Stdio::null(), Out::Pipes);
     run.wait_line("paused", Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(500)); // (the kept connection, its next stub made)
-    // An idle session holds only the process it prepared to restore into (stopped under
-    // its ptrace); a busy one, a restored process that runs (and the next prepared one).
+                                                    // An idle session holds only the process it prepared to restore into (stopped under
+                                                    // its ptrace); a busy one, a restored process that runs (and the next prepared one).
     let traced = |p: i32| proc_status_field(p, "State").is_some_and(|s| s.starts_with('t'));
-    let idle: Vec<i32> = children(daemon).into_iter().filter(|&s| children(s).into_iter().all(traced)).collect();
+    let idle: Vec<i32> =
+        children(daemon).into_iter().filter(|&s| children(s).into_iter().all(traced)).collect();
     assert!(!idle.is_empty(), "no idle session on node2 to kill (was the connection prepared?)");
     let stubs: Vec<i32> = idle.iter().flat_map(|&s| children(s)).collect();
     assert!(!stubs.is_empty(), "the idle sessions on node2 prepared no process to restore into");
@@ -772,7 +1015,9 @@ fn prepared_connections(c: &Ctx) {
     }
     // Their prepared processes die with them (PTRACE_O_EXITKILL): nothing left behind.
     // (A dead one may stay a zombie of whoever inherited it.)
-    let alive = |p: &i32| proc_status_field(*p, "State").is_some_and(|s| !s.starts_with('Z') && !s.starts_with('X'));
+    let alive = |p: &i32| {
+        proc_status_field(*p, "State").is_some_and(|s| !s.starts_with('Z') && !s.starts_with('X'))
+    };
     let deadline = Instant::now() + Duration::from_secs(5);
     while stubs.iter().any(alive) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
@@ -782,7 +1027,11 @@ fn prepared_connections(c: &Ctx) {
     let (_, second) = run.wait_line("second exit", Duration::from_secs(60));
     assert_eq!(second, "second exit 12", "{}", run.snapshot());
     let gone = c.log("node1").matches("; connecting anew").count() - gone_before;
-    assert!(gone >= 1, "node1 did not notice the prepared connection was gone:\n{}", c.log("node1"));
+    assert!(
+        gone >= 1,
+        "node1 did not notice the prepared connection was gone:\n{}",
+        c.log("node1")
+    );
 }
 
 /// 14. Fan-out: one program starts a child on each of several nodes before it waits for any
@@ -796,9 +1045,16 @@ fn fan_out(c: &Ctx) {
         args.extend(mode);
         let r = c.probe("node1", &args, Duration::from_secs(60));
         for i in 0..4 {
-            assert_eq!(r.want(&format!("child {i} exit")), (20 + i).to_string(), "mode {mode:?}:\n{r}");
+            assert_eq!(
+                r.want(&format!("child {i} exit")),
+                (20 + i).to_string(),
+                "mode {mode:?}:\n{r}"
+            );
         }
-        assert!(r.has("parent ok") && r.get("error").is_none() && r.status.success(), "mode {mode:?}:\n{r}");
+        assert!(
+            r.has("parent ok") && r.get("error").is_none() && r.status.success(),
+            "mode {mode:?}:\n{r}"
+        );
         c.assert_no_user_procs("node1", Duration::from_secs(5), "after the fan-out");
     }
 }
@@ -815,11 +1071,17 @@ fn session_reuse(c: &Ctx) {
     let sessions_of = |log: &str, what: &str| -> Vec<String> {
         log.lines()
             .filter(|l| l.contains(what))
-            .filter_map(|l| l.split("telefork-daemon[").nth(1).and_then(|r| r.split(']').next()).map(str::to_string))
+            .filter_map(|l| {
+                l.split("telefork-daemon[")
+                    .nth(1)
+                    .and_then(|r| r.split(']').next())
+                    .map(str::to_string)
+            })
             .collect()
     };
     let (sent, restored) = ("now runs on node2", "from node1");
-    let before = (sessions_of(&c.log("node1"), sent).len(), sessions_of(&c.log("node2"), restored).len());
+    let before =
+        (sessions_of(&c.log("node1"), sent).len(), sessions_of(&c.log("node2"), restored).len());
     let r = c.probe("node1", &["series", "node2", "100", "3"], Duration::from_secs(60));
     assert_eq!(r.want("first exit"), "11", "{r}");
     assert_eq!(r.want("second exit"), "12", "{r}");
@@ -827,9 +1089,14 @@ fn session_reuse(c: &Ctx) {
     assert!(r.has("parent ok") && r.get("error").is_none(), "{r}");
     for what in ["first", "second", "third"] {
         assert_eq!(r.want(&format!("{what} child:")), "memory ok stdin eof", "{r}");
-        assert!(r.stderr.iter().any(|l| l == &format!("{what} child on stderr")), "the {what} child's stderr did not come home:\n{r}");
+        assert!(
+            r.stderr.iter().any(|l| l == &format!("{what} child on stderr")),
+            "the {what} child's stderr did not come home:\n{r}"
+        );
     }
-    for (node, what, skip, side) in [("node1", sent, before.0, "origin"), ("node2", restored, before.1, "destination")] {
+    for (node, what, skip, side) in
+        [("node1", sent, before.0, "origin"), ("node2", restored, before.1, "destination")]
+    {
         let log = c.log(node);
         let sessions: Vec<String> = sessions_of(&log, what).into_iter().skip(skip).collect();
         assert_eq!(sessions.len(), 3, "three teleforks expected in {node}'s log:\n{log}");
@@ -857,7 +1124,8 @@ fn sessions_left(c: &Ctx, node: &str, deadline: Instant) -> Vec<String> {
 ///     let go of it (had it kept a copy, the origin session would not see the hang-up and
 ///     would wait up to 30 s for a word after the child's end).
 fn dropped_handle_ends_its_session(c: &Ctx) {
-    let mut run = c.spawn_probe("node1", false, &["drop-next", "node2", "11000"], Stdio::null(), Out::Pipes);
+    let mut run =
+        c.spawn_probe("node1", false, &["drop-next", "node2", "11000"], Stdio::null(), Out::Pipes);
     run.wait_line("first exit 11", Duration::from_secs(30));
     let (dropped, _) = run.wait_line("dropped", Duration::from_secs(30));
     // The second child runs 1 s; its sessions then end, long before the program does.
@@ -904,7 +1172,13 @@ fn unauthenticated_flood(c: &Ctx) {
     let target = c.listen_addr("node2");
     let before = c.sessions("node2");
     let target = target.to_string();
-    let mut flood = Background(c.spawn_probe("node1", false, &["flood", &target, "600", "60"], Stdio::null(), Out::Pipes));
+    let mut flood = Background(c.spawn_probe(
+        "node1",
+        false,
+        &["flood", &target, "600", "60"],
+        Stdio::null(),
+        Out::Pipes,
+    ));
     flood.0.wait_line("flooding", Duration::from_secs(30));
     std::thread::sleep(Duration::from_secs(2));
     let during = c.sessions("node2").saturating_sub(before);
@@ -913,7 +1187,10 @@ fn unauthenticated_flood(c: &Ctx) {
     let r = c.probe("node2", &["fork", "node1", "--exit", "6"], Duration::from_secs(40));
     assert_eq!(r.get("exit code"), Some("6"), "node2's own program during the flood:\n{r}");
     drop(flood);
-    assert!(during <= 2, "node2 made {during} session processes for connections that never authenticated");
+    assert!(
+        during <= 2,
+        "node2 made {during} session processes for connections that never authenticated"
+    );
     eprintln!("flood: 600 unauthenticated connections from node1's address held on node2; {during} sessions meanwhile; both teleforks served");
 }
 
@@ -951,14 +1228,28 @@ time.sleep(60)
     flood.0.wait_line("holding", Duration::from_secs(20));
     let (_, refused) = flood.0.wait_line("refused", Duration::from_secs(20));
     let refused: usize = refused.trim_start_matches("refused ").parse().unwrap();
-    let (node1_sessions, node2_sessions) = (c.sessions("node1").saturating_sub(before.0), c.sessions("node2").saturating_sub(before.1));
+    let (node1_sessions, node2_sessions) = (
+        c.sessions("node1").saturating_sub(before.0),
+        c.sessions("node2").saturating_sub(before.1),
+    );
     let r = c.probe("node1", &["fork", "node2", "--exit", "4"], Duration::from_secs(40));
-    assert_eq!(r.get("exit code"), Some("4"), "another user's telefork while root holds 300 idle connections:\n{r}");
+    assert_eq!(
+        r.get("exit code"),
+        Some("4"),
+        "another user's telefork while root holds 300 idle connections:\n{r}"
+    );
     drop(flood);
-    let expect_refused = 300 - (limits.max_sessions_per_user + limits.max_waiting_per_user) as usize;
+    let expect_refused =
+        300 - (limits.max_sessions_per_user + limits.max_waiting_per_user) as usize;
     assert_eq!(refused, expect_refused, "connections beyond the waiting limit must be told so");
-    assert!(node1_sessions <= limits.max_sessions_per_user as usize + 2, "node1 runs {node1_sessions} sessions for one user's idle connections");
-    assert!(node2_sessions <= limits.max_sessions_per_user as usize + 2, "node2 runs {node2_sessions} sessions for one user's prepared connections");
+    assert!(
+        node1_sessions <= limits.max_sessions_per_user as usize + 2,
+        "node1 runs {node1_sessions} sessions for one user's idle connections"
+    );
+    assert!(
+        node2_sessions <= limits.max_sessions_per_user as usize + 2,
+        "node2 runs {node2_sessions} sessions for one user's prepared connections"
+    );
     eprintln!("idle flood: 300 connections; sessions node1 {node1_sessions}, node2 {node2_sessions}; {refused} refused naming the limit; another user served");
 }
 
@@ -967,12 +1258,26 @@ time.sleep(60)
 fn burst(c: &Ctx) {
     let t = Instant::now();
     let r = c.probe("node1", &["burst", "node2", "200", "300"], Duration::from_secs(240));
-    let lines: Vec<&String> = r.stdout.iter().filter(|l| l.starts_with("burst ") && *l != "burst done").collect();
+    let lines: Vec<&String> =
+        r.stdout.iter().filter(|l| l.starts_with("burst ") && *l != "burst done").collect();
     let ok = lines.iter().filter(|l| l.as_str() == "burst ok").count();
     let refused: Vec<&&String> = lines.iter().filter(|l| l.starts_with("burst refused ")).collect();
     let failed: Vec<&&String> = lines.iter().filter(|l| l.starts_with("burst error")).collect();
     assert!(r.has("burst done") && lines.len() == 200, "every one of the 200 must report:\n{r}");
-    let admission: Vec<String> = ["node1", "node2"].iter().flat_map(|n| c.log(n).lines().filter(|l| l.contains("in the last") || l.contains("rejected") || l.contains("refused a connection")).map(|l| format!("{n}: {l}")).collect::<Vec<_>>()).collect();
+    let admission: Vec<String> = ["node1", "node2"]
+        .iter()
+        .flat_map(|n| {
+            c.log(n)
+                .lines()
+                .filter(|l| {
+                    l.contains("in the last")
+                        || l.contains("rejected")
+                        || l.contains("refused a connection")
+                })
+                .map(|l| format!("{n}: {l}"))
+                .collect::<Vec<_>>()
+        })
+        .collect();
     assert!(
         failed.is_empty(),
         "{} of 200 failed by accident (not a limit):\n{}\nthe daemons on admission:\n{}",
@@ -980,7 +1285,10 @@ fn burst(c: &Ctx) {
         failed.iter().map(|l| l.as_str()).collect::<Vec<_>>().join("\n"),
         admission.join("\n")
     );
-    assert!(refused.iter().all(|l| l.starts_with("burst refused limits.")), "a refusal must name the limit: {refused:?}");
+    assert!(
+        refused.iter().all(|l| l.starts_with("burst refused limits.")),
+        "a refusal must name the limit: {refused:?}"
+    );
     assert!(ok >= 16, "only {ok} of 200 succeeded");
     eprintln!("burst: 200 concurrent teleforks node1 -> node2: {ok} ok, {} refused by a limit, 0 failed, in {:?}", refused.len(), t.elapsed());
 }
@@ -988,11 +1296,21 @@ fn burst(c: &Ctx) {
 /// 20. The destination's session is killed while its child runs: the child dies with it
 ///     (nobody could wait for it), and the parent hears that it lost track of it.
 fn killed_session(c: &Ctx) {
-    let mut run = c.spawn_probe("node1", false, &["fork", "node2", "--sleep-ms", "30000"], Stdio::null(), Out::Pipes);
+    let mut run = c.spawn_probe(
+        "node1",
+        false,
+        &["fork", "node2", "--sleep-ms", "30000"],
+        Stdio::null(),
+        Out::Pipes,
+    );
     let (_, id) = run.wait_line("id node2:", Duration::from_secs(30));
     let pid: i32 = id.rsplit(':').next().unwrap().parse().unwrap();
     let session = ppid(pid).expect("the remote child's session");
-    assert_eq!(ppid(session), Some(c.node("node2").daemon_pid), "{pid}'s parent {session} is not a session of node2's daemon");
+    assert_eq!(
+        ppid(session),
+        Some(c.node("node2").daemon_pid),
+        "{pid}'s parent {session} is not a session of node2's daemon"
+    );
     sigkill(session);
     c.assert_no_user_procs("node2", Duration::from_secs(3), "after its session was killed");
     let said = format!("session {session} (serving node node1) was killed by SIGKILL");
@@ -1002,7 +1320,10 @@ fn killed_session(c: &Ctx) {
     }
     assert!(c.log("node2").contains(&said), "node2's log must say {said:?}");
     let r = run.finish(Duration::from_secs(30));
-    assert!(r.get("error").is_some_and(|e| e.contains("lost track")), "the parent must hear it lost its child:\n{r}");
+    assert!(
+        r.get("error").is_some_and(|e| e.contains("lost track")),
+        "the parent must hear it lost its child:\n{r}"
+    );
 }
 
 /// 21. Refusals that come while the image is still arriving reach the caller with their
@@ -1011,14 +1332,26 @@ fn killed_session(c: &Ctx) {
 fn refusal_reasons(c: &Ctx) {
     // Each node has its own /run/telefork: a file there exists on node1 only.
     let file = "/run/telefork/only-on-node1";
-    let r = c.sh("node1", None, &format!("echo data > {file} && chmod 644 {file}"), Duration::from_secs(10));
+    let r = c.sh(
+        "node1",
+        None,
+        &format!("echo data > {file} && chmod 644 {file}"),
+        Duration::from_secs(10),
+    );
     assert!(r.status.success(), "{r}");
     // (12 MiB of memory: still following its offer at once, and still arriving when node2
     // finds the file missing.)
-    let r = c.probe("node1", &["fork", "node2", "--map", file, "--big-mb", "12"], Duration::from_secs(40));
+    let r = c.probe(
+        "node1",
+        &["fork", "node2", "--map", file, "--big-mb", "12"],
+        Duration::from_secs(40),
+    );
     c.sh("node1", None, &format!("rm -f {file}"), Duration::from_secs(10));
     let err = r.want("error").to_string();
-    assert!(err.contains("node2") && err.contains("only-on-node1"), "the caller must hear which file node2 lacks:\n{r}");
+    assert!(
+        err.contains("node2") && err.contains("only-on-node1"),
+        "the caller must hear which file node2 lacks:\n{r}"
+    );
 
     // node2's sessions directory replaced by a file: it cannot record a session.
     let sessions = c.dir.join("node2").join("state").join("sessions");
@@ -1029,7 +1362,10 @@ fn refusal_reasons(c: &Ctx) {
     std::fs::remove_file(&sessions).unwrap();
     std::fs::rename(&aside, &sessions).unwrap();
     let err = r.want("error").to_string();
-    assert!(err.contains("cannot record the session") && err.contains("node2"), "the caller must hear why node2 refused:\n{r}");
+    assert!(
+        err.contains("cannot record the session") && err.contains("node2"),
+        "the caller must hear why node2 refused:\n{r}"
+    );
     assert!(r.get("host").is_none() && r.has("parent ok"), "{r}");
 }
 
@@ -1085,7 +1421,8 @@ fn telefork_across_machines() {
     // The test user must be able to run the probe, wherever this checkout lives (a CI clone
     // may sit in a private temporary directory): run a copy kept in the testbed's directory.
     let staged = dir.join("probe");
-    std::fs::copy(&probe, &staged).unwrap_or_else(|e| panic!("copying {} to {}: {e}", probe.display(), staged.display()));
+    std::fs::copy(&probe, &staged)
+        .unwrap_or_else(|e| panic!("copying {} to {}: {e}", probe.display(), staged.display()));
     let probe = staged;
     let c = Ctx { dir, probe, uid, gid };
     check_access(&c);
@@ -1117,7 +1454,8 @@ fn telefork_across_machines() {
     let only = std::env::var("CLUSTER_ONLY").ok();
     let mut failed = vec![];
     for (name, f) in scenarios {
-        if only.as_deref().is_some_and(|o| !o.split(',').any(|o| name.split(' ').next() == Some(o))) {
+        if only.as_deref().is_some_and(|o| !o.split(',').any(|o| name.split(' ').next() == Some(o)))
+        {
             continue;
         }
         eprintln!("== scenario {name}");
@@ -1129,12 +1467,19 @@ fn telefork_across_machines() {
         match res {
             Ok(()) => eprintln!("== scenario {name}: ok ({:?})", t.elapsed()),
             Err(e) => {
-                let msg = e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+                let msg = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
                 eprintln!("== scenario {name}: FAILED ({:?})", t.elapsed());
                 for n in ["node1", "node2", "node3"] {
                     let log = c.log(n);
                     let lines: Vec<&str> = log.lines().collect();
-                    eprintln!("--- {n}/daemon.log (last lines):\n{}", lines[lines.len().saturating_sub(12)..].join("\n"));
+                    eprintln!(
+                        "--- {n}/daemon.log (last lines):\n{}",
+                        lines[lines.len().saturating_sub(12)..].join("\n")
+                    );
                 }
                 c.kill_leftovers();
                 failed.push(format!("scenario {name}: {}", msg.lines().next().unwrap_or("")));
@@ -1146,6 +1491,15 @@ fn telefork_across_machines() {
 
 /// The test user must be able to run the probe (target/ readable and searchable).
 fn check_access(c: &Ctx) {
-    let r = c.sh("node1", Some(USER), &format!("test -x {} && id -u", c.probe.display()), Duration::from_secs(10));
-    assert!(r.status.success() && r.stdout.first().map(String::as_str) == Some(&c.uid.to_string()), "{USER} cannot run {}:\n{r}", c.probe.display());
+    let r = c.sh(
+        "node1",
+        Some(USER),
+        &format!("test -x {} && id -u", c.probe.display()),
+        Duration::from_secs(10),
+    );
+    assert!(
+        r.status.success() && r.stdout.first().map(String::as_str) == Some(&c.uid.to_string()),
+        "{USER} cannot run {}:\n{r}",
+        c.probe.display()
+    );
 }

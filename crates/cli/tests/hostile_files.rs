@@ -25,7 +25,10 @@ const USER: &str = "telefork-test";
 const READER_AS: u64 = 256 << 20;
 
 fn need_root() {
-    assert!(nix::unistd::geteuid().is_root(), "these tests need root: they dump another user's process");
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "these tests need root: they dump another user's process"
+    );
 }
 
 static UNIQUE: AtomicU64 = AtomicU64::new(0);
@@ -48,7 +51,10 @@ impl Dir {
     }
     /// The names in it, sorted.
     fn names(&self) -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(&self.0).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let mut v: Vec<String> = fs::read_dir(&self.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
         v.sort();
         v
     }
@@ -148,7 +154,12 @@ int main(int argc, char **argv) {
         )
         .unwrap();
         let exe = dir.join("holder");
-        let out = Command::new("gcc").args(["-O1", "-pthread", "-o"]).arg(&exe).arg(&src).output().expect("running gcc");
+        let out = Command::new("gcc")
+            .args(["-O1", "-pthread", "-o"])
+            .arg(&exe)
+            .arg(&src)
+            .output()
+            .expect("running gcc");
         assert!(out.status.success(), "gcc failed:\n{}", String::from_utf8_lossy(&out.stderr));
         exe
     })
@@ -183,7 +194,12 @@ impl Target {
         let mut line = String::new();
         BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
         let mut t = Target { child };
-        assert_eq!(line.trim(), "ready", "the holder did not start (status {:?})", t.child.try_wait());
+        assert_eq!(
+            line.trim(),
+            "ready",
+            "the holder did not start (status {:?})",
+            t.child.try_wait()
+        );
         t.child.stdout.take();
         t
     }
@@ -201,14 +217,19 @@ impl Drop for Target {
 
 /// Runs telefork with `args`, killed after `limit`; with `address_space`, under that
 /// RLIMIT_AS. Returns (status, stderr, how long it took).
-fn telefork(args: &[&str], address_space: Option<u64>, limit: Duration) -> (ExitStatus, String, Duration) {
+fn telefork(
+    args: &[&str],
+    address_space: Option<u64>,
+    limit: Duration,
+) -> (ExitStatus, String, Duration) {
     let mut cmd = Command::new(TELEFORK);
     cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
     if let Some(bytes) = address_space {
         // SAFETY: setrlimit is a plain system call, async-signal-safe.
         unsafe {
             cmd.pre_exec(move || {
-                nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_AS, bytes, bytes).map_err(std::io::Error::from)
+                nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_AS, bytes, bytes)
+                    .map_err(std::io::Error::from)
             });
         }
     }
@@ -236,15 +257,22 @@ fn telefork(args: &[&str], address_space: Option<u64>, limit: Duration) -> (Exit
 }
 
 fn dump(pid: u32, out: &Path) -> (ExitStatus, String) {
-    let (st, err, _) = telefork(&["dump", "--pid", &pid.to_string(), "--out", out.to_str().unwrap()], None, Duration::from_secs(120));
+    let (st, err, _) = telefork(
+        &["dump", "--pid", &pid.to_string(), "--out", out.to_str().unwrap()],
+        None,
+        Duration::from_secs(120),
+    );
     (st, err)
 }
 
 /// The PIDs the next processes will get, from the last one given out, wrapping like the kernel.
 fn next_pids(n: u32) -> Vec<u32> {
-    let last: u32 = fs::read_to_string("/proc/sys/kernel/ns_last_pid").unwrap().trim().parse().unwrap();
+    let last: u32 =
+        fs::read_to_string("/proc/sys/kernel/ns_last_pid").unwrap().trim().parse().unwrap();
     let max: u32 = fs::read_to_string("/proc/sys/kernel/pid_max").unwrap().trim().parse().unwrap();
-    (1..=n).map(|i| if last + i < max { last + i } else { 300 + (last + i - max) % (max - 300) }).collect()
+    (1..=n)
+        .map(|i| if last + i < max { last + i } else { 300 + (last + i - max) % (max - 300) })
+        .collect()
 }
 
 /// (a) Symlinks planted by another user at the image's name, at every temporary name the
@@ -275,10 +303,18 @@ fn dump_follows_no_planted_symlink() {
     victim.assert_untouched("dump into a directory with planted symlinks");
     at_name.assert_untouched("dump over a symlink at the image's name");
     let md = fs::symlink_metadata(shared.join("img")).unwrap();
-    assert!(md.is_file(), "the image's name is not a regular file after the dump: {:?}", md.file_type());
+    assert!(
+        md.is_file(),
+        "the image's name is not a regular file after the dump: {:?}",
+        md.file_type()
+    );
     // Nothing else was added or left: the planted names and the image.
     assert_eq!(shared.names(), planted, "the dump added or removed names besides the image");
-    let (st, err, _) = telefork(&["check-image", shared.join("img").to_str().unwrap()], None, Duration::from_secs(60));
+    let (st, err, _) = telefork(
+        &["check-image", shared.join("img").to_str().unwrap()],
+        None,
+        Duration::from_secs(60),
+    );
     assert!(st.success(), "the image does not check ({st}):\n{err}");
 }
 
@@ -289,13 +325,20 @@ fn image_is_private_to_the_process_owner() {
     need_root();
     let (uid, gid) = test_user();
     let dir = Dir::new("owner", 0o755);
-    for (who, user, want) in [("the test user", Some((uid, gid)), (uid, gid)), ("root", None, (0, 0))] {
+    for (who, user, want) in
+        [("the test user", Some((uid, gid)), (uid, gid)), ("root", None, (0, 0))]
+    {
         let target = Target::start(user, 1, false);
         let out = dir.join(&format!("img-{}", want.0));
         let (st, err) = dump(target.pid(), &out);
         assert!(st.success(), "dump of {who}'s process failed ({st}):\n{err}");
         let md = fs::symlink_metadata(&out).unwrap();
-        assert_eq!(md.mode() & 0o7777, 0o600, "image of {who}'s process: mode {:o}, not 0600", md.mode() & 0o7777);
+        assert_eq!(
+            md.mode() & 0o7777,
+            0o600,
+            "image of {who}'s process: mode {:o}, not 0600",
+            md.mode() & 0o7777
+        );
         assert_eq!((md.uid(), md.gid()), want, "image of {who}'s process: wrong owner");
     }
 }
@@ -310,39 +353,66 @@ fn failed_or_killed_dump_leaves_nothing() {
 
     let two_threads = Target::start(Some((uid, gid)), 1, true);
     let (st, err) = dump(two_threads.pid(), &dir.join("img"));
-    assert!(!st.success() && err.contains("threads"), "a two-threaded process was not refused ({st}):\n{err}");
+    assert!(
+        !st.success() && err.contains("threads"),
+        "a two-threaded process was not refused ({st}):\n{err}"
+    );
     assert_eq!(dir.names(), Vec::<String>::new(), "a refused dump left files");
 
     // 1 GiB to write: killed as soon as it has the process stopped, long before the end.
     let big = Target::start(Some((uid, gid)), 1024, false);
     let mut cmd = Command::new(TELEFORK);
-    cmd.args(["dump", "--pid", &big.pid().to_string(), "--out", dir.join("img").to_str().unwrap()]).stdout(Stdio::null()).stderr(Stdio::null());
+    cmd.args(["dump", "--pid", &big.pid().to_string(), "--out", dir.join("img").to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     let mut dumper = cmd.spawn().unwrap();
     let traced = |pid: u32| {
         fs::read_to_string(format!("/proc/{pid}/status"))
             .ok()
-            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("TracerPid:")).map(|v| v.trim() != "0"))
+            .and_then(|s| {
+                s.lines().find_map(|l| l.strip_prefix("TracerPid:")).map(|v| v.trim() != "0")
+            })
             .unwrap_or(false)
     };
     let start = Instant::now();
     while !traced(big.pid()) {
-        assert!(dumper.try_wait().unwrap().is_none(), "the dump ended before it stopped the process");
-        assert!(start.elapsed() < Duration::from_secs(30), "the dump did not stop the process within 30 s");
+        assert!(
+            dumper.try_wait().unwrap().is_none(),
+            "the dump ended before it stopped the process"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the dump did not stop the process within 30 s"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
     std::thread::sleep(Duration::from_millis(20));
     dumper.kill().unwrap();
     let st = dumper.wait().unwrap();
-    assert_eq!(st.signal(), Some(libc::SIGKILL), "the dump finished before it was killed ({st}): make the process bigger");
+    assert_eq!(
+        st.signal(),
+        Some(libc::SIGKILL),
+        "the dump finished before it was killed ({st}): make the process bigger"
+    );
     assert_eq!(dir.names(), Vec::<String>::new(), "a dump killed while writing left files");
 }
 
 /// Runs a reader (`check-image` or `restore`) on `file` under `READER_AS`, asserting it ends
 /// within 20 s with exit status 1 and an error containing `want` (not killed by a signal).
 fn refused(verb: &str, file: &Path, want: &str) {
-    let (st, err, took) = telefork(&[verb, file.to_str().unwrap()], Some(READER_AS), Duration::from_secs(20));
-    assert_eq!(st.code(), Some(1), "{verb} {}: exit {st}, expected the error {want:?}:\n{err}", file.display());
-    assert!(err.contains(want), "{verb} {}: expected an error containing {want:?}, got:\n{err}", file.display());
+    let (st, err, took) =
+        telefork(&[verb, file.to_str().unwrap()], Some(READER_AS), Duration::from_secs(20));
+    assert_eq!(
+        st.code(),
+        Some(1),
+        "{verb} {}: exit {st}, expected the error {want:?}:\n{err}",
+        file.display()
+    );
+    assert!(
+        err.contains(want),
+        "{verb} {}: expected an error containing {want:?}, got:\n{err}",
+        file.display()
+    );
     assert!(took < Duration::from_secs(20), "{verb} {} took {took:?}", file.display());
 }
 
@@ -362,7 +432,11 @@ fn reading_hostile_files_is_bounded() {
     need_root();
     let dir = Dir::new("reading", 0o755);
     for verb in ["check-image", "restore"] {
-        refused(verb, Path::new("/dev/zero"), "/dev/zero is a character device, not a regular file");
+        refused(
+            verb,
+            Path::new("/dev/zero"),
+            "/dev/zero is a character device, not a regular file",
+        );
         let fifo = dir.join(&format!("fifo-{verb}"));
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         refused(verb, &fifo, "is a FIFO, not a regular file");
@@ -392,12 +466,27 @@ fn reading_hostile_files_is_bounded() {
     let image = dir.join("big.img");
     let (st, err) = dump(target.pid(), &image);
     assert!(st.success(), "dump failed ({st}):\n{err}");
-    assert!(fs::metadata(&image).unwrap().len() > READER_AS, "the image is not bigger than the memory limit");
-    let (st, err, _) = telefork(&["check-image", image.to_str().unwrap()], Some(READER_AS), Duration::from_secs(60));
-    assert!(st.success(), "check-image of a valid image bigger than its memory limit failed ({st}):\n{err}");
+    assert!(
+        fs::metadata(&image).unwrap().len() > READER_AS,
+        "the image is not bigger than the memory limit"
+    );
+    let (st, err, _) = telefork(
+        &["check-image", image.to_str().unwrap()],
+        Some(READER_AS),
+        Duration::from_secs(60),
+    );
+    assert!(
+        st.success(),
+        "check-image of a valid image bigger than its memory limit failed ({st}):\n{err}"
+    );
     let cut = dir.join("cut.img");
     fs::copy(&image, &cut).unwrap();
-    fs::OpenOptions::new().write(true).open(&cut).unwrap().set_len(fs::metadata(&image).unwrap().len() - 100).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&cut)
+        .unwrap()
+        .set_len(fs::metadata(&image).unwrap().len() - 100)
+        .unwrap();
     refused("check-image", &cut, "image is truncated");
 }
 
@@ -412,7 +501,16 @@ fn cluster_keys_are_private_and_follow_no_symlink() {
     let safe = Dir::new("cluster-victims", 0o755);
     let victim = Victim::new(&safe, "victim");
     let dir = Dir::new("cluster", 0o1777);
-    for name in ["n1.key", "n1.pem", "ca.pem", ".ca.key.tmp", ".ca.pem.tmp", ".n2.key.tmp", ".n2.pem.tmp", "n3.pem"] {
+    for name in [
+        "n1.key",
+        "n1.pem",
+        "ca.pem",
+        ".ca.key.tmp",
+        ".ca.pem.tmp",
+        ".n2.key.tmp",
+        ".n2.pem.tmp",
+        "n3.pem",
+    ] {
         plant_symlink(&victim.path, &dir.join(name), uid, gid);
     }
     fs::create_dir(dir.join(".n1.key.tmp")).unwrap();
@@ -428,18 +526,37 @@ fn cluster_keys_are_private_and_follow_no_symlink() {
         });
     }
     let out = cmd.output().unwrap();
-    assert!(out.status.success(), "cluster init failed ({}):\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "cluster init failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     victim.assert_untouched("cluster init");
-    for (name, mode) in [("ca.key", 0o600), ("n1.key", 0o600), ("n2.key", 0o600), ("ca.pem", 0o644), ("n1.pem", 0o644), ("n2.pem", 0o644)] {
+    for (name, mode) in [
+        ("ca.key", 0o600),
+        ("n1.key", 0o600),
+        ("n2.key", 0o600),
+        ("ca.pem", 0o644),
+        ("n1.pem", 0o644),
+        ("n2.pem", 0o644),
+    ] {
         let md = fs::symlink_metadata(dir.join(name)).unwrap();
         assert!(md.is_file(), "{name} is not a regular file");
         assert_eq!(md.mode() & 0o7777, mode, "{name}: mode {:o}", md.mode() & 0o7777);
         assert_eq!(md.uid(), 0, "{name} is not root's");
     }
 
-    let out = Command::new(TELEFORK).args(["cluster", "add-node", "--dir", dir.0.to_str().unwrap(), "n3"]).output().unwrap();
+    let out = Command::new(TELEFORK)
+        .args(["cluster", "add-node", "--dir", dir.0.to_str().unwrap(), "n3"])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("n3.pem already exists"), "add-node over a planted symlink ({}):\n{err}", out.status);
+    assert!(
+        !out.status.success() && err.contains("n3.pem already exists"),
+        "add-node over a planted symlink ({}):\n{err}",
+        out.status
+    );
     victim.assert_untouched("cluster add-node");
     assert!(fs::symlink_metadata(dir.join("n3.key")).is_err(), "add-node refused but left n3.key");
 }
@@ -461,8 +578,15 @@ fn testbed_lock_follows_no_symlink() {
     let res = telefork_testbed::lock(prefix).map(|_| ());
     let _ = fs::remove_file(&path);
     let err = format!("{:#}", res.expect_err("the lock was taken through a planted symlink"));
-    assert!(err.contains(&path.display().to_string()), "the error does not name the lock file: {err}");
-    assert!(fs::symlink_metadata(&created).is_err(), "the lock created {} through the symlink", created.display());
+    assert!(
+        err.contains(&path.display().to_string()),
+        "the error does not name the lock file: {err}"
+    );
+    assert!(
+        fs::symlink_metadata(&created).is_err(),
+        "the lock created {} through the symlink",
+        created.display()
+    );
 
     nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
     std::os::unix::fs::lchown(&path, Some(uid), Some(gid)).unwrap();
@@ -472,6 +596,11 @@ fn testbed_lock_follows_no_symlink() {
     });
     let res = rx.recv_timeout(Duration::from_secs(10));
     let _ = fs::remove_file(&path);
-    let err = res.expect("taking the lock hung on a FIFO planted at its name").expect_err("a FIFO was taken as the lock");
-    assert!(err.contains(&path.display().to_string()), "the error does not name the lock file: {err}");
+    let err = res
+        .expect("taking the lock hung on a FIFO planted at its name")
+        .expect_err("a FIFO was taken as the lock");
+    assert!(
+        err.contains(&path.display().to_string()),
+        "the error does not name the lock file: {err}"
+    );
 }

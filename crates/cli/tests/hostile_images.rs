@@ -46,7 +46,11 @@ fn pids_with_env(marker: &[u8]) -> Vec<i32> {
     all_pids()
         .into_iter()
         .filter(|&p| p != me)
-        .filter(|&p| fs::read(format!("/proc/{p}/environ")).map(|e| e.split(|&b| b == 0).any(|kv| kv == marker)).unwrap_or(false))
+        .filter(|&p| {
+            fs::read(format!("/proc/{p}/environ"))
+                .map(|e| e.split(|&b| b == 0).any(|kv| kv == marker))
+                .unwrap_or(false)
+        })
         .filter(|&p| !matches!(proc_state(p), None | Some('Z')))
         .collect()
 }
@@ -89,7 +93,10 @@ fn as_user(cmd: &mut Command, (uid, gid): (u32, u32)) {
     unsafe {
         cmd.pre_exec(move || {
             let groups = [gid];
-            if libc::setgroups(1, groups.as_ptr()) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
+            if libc::setgroups(1, groups.as_ptr()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -108,7 +115,10 @@ struct Outcome {
 
 impl Outcome {
     fn say(&self) -> String {
-        format!("{:?}\n--- stdout ---\n{}\n--- stderr ---\n{}", self.status, self.stdout, self.stderr)
+        format!(
+            "{:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.status, self.stdout, self.stderr
+        )
     }
 }
 
@@ -129,9 +139,11 @@ impl Lab {
     fn new(name: &str) -> Lab {
         // SAFETY: geteuid has no preconditions.
         assert_eq!(unsafe { libc::geteuid() }, 0, "{name}: these tests restore as root and start processes as {TEST_USER}: run them as root");
-        let user = telefork_testbed::ensure_test_user(TEST_USER).unwrap_or_else(|e| panic!("{name}: no test user: {e:#}"));
+        let user = telefork_testbed::ensure_test_user(TEST_USER)
+            .unwrap_or_else(|e| panic!("{name}: no test user: {e:#}"));
         let n = UNIQUE.fetch_add(1, Ordering::SeqCst);
-        let dir = std::env::temp_dir().join(format!("telefork-hostile-{name}-{}-{n}", std::process::id()));
+        let dir = std::env::temp_dir()
+            .join(format!("telefork-hostile-{name}-{}-{n}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
@@ -144,7 +156,12 @@ impl Lab {
             .arg(&src)
             .output()
             .unwrap_or_else(|e| panic!("cannot run gcc ({e}); run scripts/setup.sh"));
-        assert!(out.status.success(), "gcc failed on {}:\n{}", src.display(), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "gcc failed on {}:\n{}",
+            src.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
         let go = dir.join("go");
         let mut marker = b"ZDTM_GO=".to_vec();
         marker.extend_from_slice(go.as_os_str().as_encoded_bytes());
@@ -159,7 +176,9 @@ impl Lab {
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
         close_extra_fds(&mut cmd);
         as_user(&mut cmd, self.user);
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{}: cannot start {}: {e}", self.name, self.exe.display()));
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: cannot start {}: {e}", self.name, self.exe.display()));
         let pid = child.id();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         self.started.push(child);
@@ -172,9 +191,18 @@ impl Lab {
             .stdin(Stdio::null())
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}: telefork dump failed:\n{}", self.name, String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}: telefork dump failed:\n{}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
         let target = self.started.last_mut().unwrap();
-        assert!(wait_timeout(target, Duration::from_secs(10)).is_some(), "{}: the dumped target did not end", self.name);
+        assert!(
+            wait_timeout(target, Duration::from_secs(10)).is_some(),
+            "{}: the dumped target did not end",
+            self.name
+        );
         fs::read(&img).unwrap()
     }
 
@@ -204,18 +232,27 @@ impl Lab {
     /// files; a restored process keeps the stdout file.
     fn restore(&mut self, img: &Path, args: &[&str], as_test_user: bool) -> Outcome {
         let n = UNIQUE.fetch_add(1, Ordering::SeqCst);
-        let (out_path, err_path) = (self.dir.join(format!("restore-{n}.out")), self.dir.join(format!("restore-{n}.err")));
+        let (out_path, err_path) =
+            (self.dir.join(format!("restore-{n}.out")), self.dir.join(format!("restore-{n}.err")));
         let mut cmd = Command::new(TELEFORK);
         cmd.arg("restore").arg(img).args(args);
-        cmd.stdin(Stdio::null()).stdout(fs::File::create(&out_path).unwrap()).stderr(fs::File::create(&err_path).unwrap());
+        cmd.stdin(Stdio::null())
+            .stdout(fs::File::create(&out_path).unwrap())
+            .stderr(fs::File::create(&err_path).unwrap());
         close_extra_fds(&mut cmd);
         if as_test_user {
             as_user(&mut cmd, self.user);
         }
         let child = cmd.spawn().unwrap();
         self.started.push(child);
-        let status = wait_timeout(self.started.last_mut().unwrap(), TIMEOUT).unwrap_or_else(|| panic!("{}: telefork restore {args:?} hung (killed)", self.name));
-        let o = Outcome { status, stdout: fs::read_to_string(&out_path).unwrap(), stderr: fs::read_to_string(&err_path).unwrap(), stdout_file: Some(out_path) };
+        let status = wait_timeout(self.started.last_mut().unwrap(), TIMEOUT)
+            .unwrap_or_else(|| panic!("{}: telefork restore {args:?} hung (killed)", self.name));
+        let o = Outcome {
+            status,
+            stdout: fs::read_to_string(&out_path).unwrap(),
+            stderr: fs::read_to_string(&err_path).unwrap(),
+            stdout_file: Some(out_path),
+        };
         if o.status.success() && args.contains(&"--detach") {
             if let Some(pid) = o.stdout.lines().last().and_then(|l| l.trim().parse().ok()) {
                 self.restored.push(pid);
@@ -228,9 +265,19 @@ impl Lab {
     /// and leave nothing running.
     fn refused(&mut self, img: &Path, what: &str, names: &[&str]) -> String {
         let o = self.restore(img, &["--detach"], false);
-        assert!(!o.status.success(), "{}: telefork restore accepted {what}:\n{}", self.name, o.say());
+        assert!(
+            !o.status.success(),
+            "{}: telefork restore accepted {what}:\n{}",
+            self.name,
+            o.say()
+        );
         for n in names {
-            assert!(o.stderr.contains(n), "{}: the refusal of {what} must name {n:?}:\n{}", self.name, o.say());
+            assert!(
+                o.stderr.contains(n),
+                "{}: the refusal of {what} must name {n:?}:\n{}",
+                self.name,
+                o.say()
+            );
         }
         self.assert_nothing_left(what);
         eprintln!("{}: {what}: {}", self.name, o.stderr.trim());
@@ -248,17 +295,28 @@ impl Lab {
     fn go_and_pass(&self, o: &Outcome, pid: i32) {
         fs::write(&self.go, b"go").unwrap();
         let path = o.stdout_file.as_ref().expect("a restore with its stdout in a file");
-        let said = |word: &str| fs::read_to_string(path).unwrap_or_default().lines().any(|l| l.starts_with(word));
+        let said = |word: &str| {
+            fs::read_to_string(path).unwrap_or_default().lines().any(|l| l.starts_with(word))
+        };
         let end = Instant::now() + TIMEOUT;
         while Instant::now() < end && !said("PASS") && !said("FAIL") {
             thread::sleep(Duration::from_millis(10));
         }
         let out = fs::read_to_string(path).unwrap_or_default();
-        assert!(said("PASS"), "{}: restored process {pid} did not say PASS:\n{out}\n{}", self.name, o.say());
+        assert!(
+            said("PASS"),
+            "{}: restored process {pid} did not say PASS:\n{out}\n{}",
+            self.name,
+            o.say()
+        );
         while Instant::now() < end && !matches!(proc_state(pid), None | Some('Z')) {
             thread::sleep(Duration::from_millis(10));
         }
-        assert!(matches!(proc_state(pid), None | Some('Z')), "{}: restored process {pid} did not end after PASS", self.name);
+        assert!(
+            matches!(proc_state(pid), None | Some('Z')),
+            "{}: restored process {pid} did not end after PASS",
+            self.name
+        );
     }
 }
 
@@ -293,7 +351,11 @@ fn status_field(pid: i32, key: &str) -> Vec<u32> {
 
 fn detached_pid(lab: &Lab, o: &Outcome) -> i32 {
     assert!(o.status.success(), "{}: the restore failed:\n{}", lab.name, o.say());
-    o.stdout.lines().last().and_then(|l| l.trim().parse().ok()).unwrap_or_else(|| panic!("{}: no PID on the last line:\n{}", lab.name, o.say()))
+    o.stdout
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{}: no PID on the last line:\n{}", lab.name, o.say()))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -320,10 +382,17 @@ fn refuses_uid_0() {
     let honest = lab.capture();
     let img = lab.craft(&honest, "all-uids-0", |p| p.creds.uid = [0; 4]);
     let err = lab.refused(&img, "an image claiming uid 0", &["real uid 0", TEST_USER]);
-    assert!(err.contains("--trust-image"), "uid0: a root restorer is told of --trust-image:\n{err}");
+    assert!(
+        err.contains("--trust-image"),
+        "uid0: a root restorer is told of --trust-image:\n{err}"
+    );
     for (i, which) in ["real", "effective", "saved", "filesystem"].iter().enumerate() {
         let img = lab.craft(&honest, &format!("{which}-uid-0"), |p| p.creds.uid[i] = 0);
-        lab.refused(&img, &format!("an image claiming {which} uid 0"), &[&format!("{which} uid 0")]);
+        lab.refused(
+            &img,
+            &format!("an image claiming {which} uid 0"),
+            &[&format!("{which} uid 0")],
+        );
     }
 }
 
@@ -335,10 +404,18 @@ fn refuses_group_42() {
     let honest = lab.capture();
     for (i, which) in ["real", "effective", "saved", "filesystem"].iter().enumerate() {
         let img = lab.craft(&honest, &format!("{which}-gid-42"), |p| p.creds.gid[i] = 42);
-        lab.refused(&img, &format!("an image claiming {which} gid 42"), &[&format!("{which} gid 42"), TEST_USER]);
+        lab.refused(
+            &img,
+            &format!("an image claiming {which} gid 42"),
+            &[&format!("{which} gid 42"), TEST_USER],
+        );
     }
     let img = lab.craft(&honest, "group-42", |p| p.creds.groups.push(42));
-    lab.refused(&img, "an image claiming supplementary group 42", &["supplementary group 42", TEST_USER, "does not have"]);
+    lab.refused(
+        &img,
+        "an image claiming supplementary group 42",
+        &["supplementary group 42", TEST_USER, "does not have"],
+    );
 }
 
 /// Nice -20 (the test user's RLIMIT_NICE lets it lower nothing) is refused.
@@ -356,7 +433,12 @@ fn refuses_a_hard_limit_above_the_owners() {
     let mut lab = Lab::new("rlimit");
     let honest = lab.capture();
     // (The restore command runs with this test's limits.)
-    let candidates = [(libc::RLIMIT_NICE, "RLIMIT_NICE"), (libc::RLIMIT_RTPRIO, "RLIMIT_RTPRIO"), (libc::RLIMIT_NOFILE, "RLIMIT_NOFILE"), (libc::RLIMIT_MEMLOCK, "RLIMIT_MEMLOCK")];
+    let candidates = [
+        (libc::RLIMIT_NICE, "RLIMIT_NICE"),
+        (libc::RLIMIT_RTPRIO, "RLIMIT_RTPRIO"),
+        (libc::RLIMIT_NOFILE, "RLIMIT_NOFILE"),
+        (libc::RLIMIT_MEMLOCK, "RLIMIT_MEMLOCK"),
+    ];
     let (res, name, hard) = candidates
         .iter()
         .find_map(|&(res, name)| {
@@ -367,22 +449,45 @@ fn refuses_a_hard_limit_above_the_owners() {
         })
         .expect("rlimit: every candidate limit is unlimited here: nothing to exceed");
     let img = lab.craft(&honest, "rlimit", |p| {
-        let l = p.misc.rlimits.iter_mut().find(|l| l.resource == res).expect("the image has every limit");
+        let l = p
+            .misc
+            .rlimits
+            .iter_mut()
+            .find(|l| l.resource == res)
+            .expect("the image has every limit");
         l.hard = hard + 1;
     });
-    lab.refused(&img, &format!("an image claiming a hard {name} of {}", hard + 1), &[name, &(hard + 1).to_string()]);
+    lab.refused(
+        &img,
+        &format!("an image claiming a hard {name} of {}", hard + 1),
+        &[name, &(hard + 1).to_string()],
+    );
 }
 
 /// A mapping at address 0 (below vm.mmap_min_addr) is refused.
 #[test]
 fn refuses_a_mapping_at_address_0() {
-    let min: u64 = fs::read_to_string("/proc/sys/vm/mmap_min_addr").unwrap().trim().parse().unwrap();
+    let min: u64 =
+        fs::read_to_string("/proc/sys/vm/mmap_min_addr").unwrap().trim().parse().unwrap();
     assert!(min > 0, "vm.mmap_min_addr is 0 here: anyone may map page 0, nothing to refuse");
     let mut lab = Lab::new("map0");
     let honest = lab.capture();
     let img = lab.craft(&honest, "map0", |p| {
         assert!(p.vmas.first().is_some_and(|v| v.start >= 4096));
-        p.vmas.insert(0, Vma { start: 0, end: 4096, prot: 3, shared: false, offset: 0, kind: VmaKind::Anon, growsdown: false, accounted: true, advice: vec![] });
+        p.vmas.insert(
+            0,
+            Vma {
+                start: 0,
+                end: 4096,
+                prot: 3,
+                shared: false,
+                offset: 0,
+                kind: VmaKind::Anon,
+                growsdown: false,
+                accounted: true,
+                advice: vec![],
+            },
+        );
     });
     lab.refused(&img, "an image with a mapping at address 0", &["0x0-0x1000", "mmap_min_addr"]);
 }
@@ -400,14 +505,22 @@ fn refuses_to_look_at_files_its_owner_cannot_reach() {
     let secret = private.join("secret");
     fs::write(&secret, vec![7u8; 12345]).unwrap();
     let img = lab.craft(&honest, "unreachable", |p| {
-        let v = p.vmas.iter_mut().find(|v| matches!(v.kind, VmaKind::File(_))).expect("a file mapping");
+        let v =
+            p.vmas.iter_mut().find(|v| matches!(v.kind, VmaKind::File(_))).expect("a file mapping");
         if let VmaKind::File(id) = &mut v.kind {
             id.path = secret.display().to_string();
             id.size = 1;
         }
     });
-    let err = lab.refused(&img, "an image mapping a file in a root-only directory", &["Permission denied", &secret.display().to_string()]);
-    assert!(!err.contains("12345"), "unreachable: the refusal gives away the size of a file the owner cannot reach:\n{err}");
+    let err = lab.refused(
+        &img,
+        "an image mapping a file in a root-only directory",
+        &["Permission denied", &secret.display().to_string()],
+    );
+    assert!(
+        !err.contains("12345"),
+        "unreachable: the refusal gives away the size of a file the owner cannot reach:\n{err}"
+    );
 }
 
 /// An image file others may write could have been made by any of them: refused, however
@@ -433,10 +546,18 @@ fn a_user_restoring_their_own_image_gets_the_same_checks() {
     fs::copy(TELEFORK, &tf).unwrap();
     let img = lab.craft(&honest, "nice", |p| p.misc.nice = -20);
     let o = lab.restore_with(&tf, &img, &[]);
-    assert!(!o.status.success() && o.stderr.contains("nice value -20"), "user: the refusal must name the nice value:\n{}", o.say());
+    assert!(
+        !o.status.success() && o.stderr.contains("nice value -20"),
+        "user: the refusal must name the nice value:\n{}",
+        o.say()
+    );
     lab.assert_nothing_left("the user's refused restore");
     let o = lab.restore_with(&tf, &img, &["--trust-image"]);
-    assert!(!o.status.success() && o.stderr.contains("--trust-image is for root"), "user: --trust-image must be refused:\n{}", o.say());
+    assert!(
+        !o.status.success() && o.stderr.contains("--trust-image is for root"),
+        "user: --trust-image must be refused:\n{}",
+        o.say()
+    );
 }
 
 impl Lab {
@@ -459,7 +580,12 @@ impl Lab {
             panic!("{}: the test user's restore hung (killed)", self.name)
         });
         let out = out.unwrap();
-        Outcome { status: out.status, stdout: String::from_utf8_lossy(&out.stdout).into(), stderr: String::from_utf8_lossy(&out.stderr).into(), stdout_file: None }
+        Outcome {
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into(),
+            stderr: String::from_utf8_lossy(&out.stderr).into(),
+            stdout_file: None,
+        }
     }
 }
 
@@ -476,6 +602,9 @@ fn trust_image_restores_it_as_it_is() {
     let o = lab.restore(&img, &["--detach", "--trust-image"], false);
     let pid = detached_pid(&lab, &o);
     assert_eq!(status_field(pid, "Uid:"), vec![0; 4], "trust: the restored process's uids");
-    assert!(status_field(pid, "Groups:").contains(&42), "trust: the restored process's groups lack 42");
+    assert!(
+        status_field(pid, "Groups:").contains(&42),
+        "trust: the restored process's groups lack 42"
+    );
     lab.go_and_pass(&o, pid);
 }

@@ -87,11 +87,7 @@ fn compile_c(src: &str, out: &str, extra: &[&str]) -> PathBuf {
         .arg(zdtm_src().join(src))
         .output()
         .unwrap_or_else(|e| panic!("cannot run gcc ({e}); run scripts/setup.sh"));
-    assert!(
-        res.status.success(),
-        "gcc failed on {src}:\n{}",
-        String::from_utf8_lossy(&res.stderr)
-    );
+    assert!(res.status.success(), "gcc failed on {src}:\n{}", String::from_utf8_lossy(&res.stderr));
     fs::rename(&tmp, &dst).unwrap();
     dst
 }
@@ -157,7 +153,8 @@ fn all_pids() -> Vec<i32> {
 
 /// All live descendants of `pid` (children first found, then theirs).
 fn descendants(pid: i32) -> Vec<i32> {
-    let pairs: Vec<(i32, i32)> = all_pids().into_iter().filter_map(|p| Some((p, proc_ppid(p)?))).collect();
+    let pairs: Vec<(i32, i32)> =
+        all_pids().into_iter().filter_map(|p| Some((p, proc_ppid(p)?))).collect();
     let mut out = vec![];
     let mut todo = vec![pid];
     while let Some(p) = todo.pop() {
@@ -354,7 +351,9 @@ fn run_cmd(args: &[&str], timeout: Duration, guard: &Guard) -> (ExitStatus, Stri
     let (out, err) = drain(&p);
     match st {
         Some(st) => (st, out, err),
-        None => panic!("{args:?} did not finish within {timeout:?} (killed)\nstdout:\n{out}\nstderr:\n{err}"),
+        None => panic!(
+            "{args:?} did not finish within {timeout:?} (killed)\nstdout:\n{out}\nstderr:\n{err}"
+        ),
     }
 }
 
@@ -399,7 +398,16 @@ impl Run {
         let img = dir.path().join("image.img");
         let mut marker = b"ZDTM_GO=".to_vec();
         marker.extend_from_slice(go.as_os_str().as_encoded_bytes());
-        Run { name: name.into(), dir, go, img, guard: Guard::new(marker), target: None, exe, restore_env: Vec::new() }
+        Run {
+            name: name.into(),
+            dir,
+            go,
+            img,
+            guard: Guard::new(marker),
+            target: None,
+            exe,
+            restore_env: Vec::new(),
+        }
     }
 
     /// Starts the target (`argv` after the executable) and waits for READY. Returns false if
@@ -411,7 +419,9 @@ impl Run {
             .env("ZDTM_TMP", self.dir.path())
             .current_dir(self.dir.path());
         let mut t = Proc::spawn(cmd, &self.guard);
-        let first = t.wait_line(READY_TIMEOUT, |l| l == "READY" || l.starts_with("SKIP") || l.starts_with("FAIL"));
+        let first = t.wait_line(READY_TIMEOUT, |l| {
+            l == "READY" || l.starts_with("SKIP") || l.starts_with("FAIL")
+        });
         match first.as_deref() {
             Some("READY") => {
                 self.target = Some(t);
@@ -424,7 +434,11 @@ impl Run {
             }
             _ => {
                 t.kill();
-                panic!("{}: target did not print READY within {READY_TIMEOUT:?}\n{}", self.name, t.report());
+                panic!(
+                    "{}: target did not print READY within {READY_TIMEOUT:?}\n{}",
+                    self.name,
+                    t.report()
+                );
             }
         }
     }
@@ -460,7 +474,11 @@ impl Run {
         let (st, err) = self.dump_raw(&[], timeout);
         if !st.success() {
             let rep = self.target().report();
-            panic!("{}: telefork dump failed ({}):\n{err}\ntarget output:\n{rep}", self.name, describe(&st));
+            panic!(
+                "{}: telefork dump failed ({}):\n{err}\ntarget output:\n{rep}",
+                self.name,
+                describe(&st)
+            );
         }
         let name = self.name.clone();
         let t = self.target();
@@ -493,7 +511,11 @@ impl Run {
         if let Some(i) = lines.iter().position(|l| l.starts_with("FAIL")) {
             // a FAIL message may go on over several lines
             let f = lines[i..].join("\n");
-            panic!("{}: the restored target says: {f}\n({})\nstderr:\n{err}", self.name, describe(&st));
+            panic!(
+                "{}: the restored target says: {f}\n({})\nstderr:\n{err}",
+                self.name,
+                describe(&st)
+            );
         }
         assert!(
             lines.iter().any(|l| l == "PASS") && st.success(),
@@ -588,21 +610,33 @@ fn sparse() {
     let exe = compile_c("sparse.c", "sparse", &[]);
     zdtm_with("sparse", exe, &[], DUMP_TIMEOUT, RESTORE_TIMEOUT, |run| {
         let len = run.image_len();
-        assert!(len < 20 << 20, "sparse: image is {len} bytes for 10 MiB touched in 64 GiB (limit 20 MiB)");
+        assert!(
+            len < 20 << 20,
+            "sparse: image is {len} bytes for 10 MiB touched in 64 GiB (limit 20 MiB)"
+        );
     });
 }
 
 /// Restores `run`'s image with `env` set (and the restore's debug report on), waits for the
 /// restored process and checks it said PASS; its stdout and the restore's stderr. `what`
 /// names the run in failures.
-fn restore_to_pass(run: &mut Run, env: (&'static str, &'static str), timeout: Duration, what: &str) -> (String, String) {
+fn restore_to_pass(
+    run: &mut Run,
+    env: (&'static str, &'static str),
+    timeout: Duration,
+    what: &str,
+) -> (String, String) {
     run.restore_env.push(("TELEFORK_DEBUG", "1"));
     run.restore_env.push(env);
     let mut r = run.start_restore(&[]);
     let st = r.wait_timeout(timeout);
     let (out, err) = drain(&r);
     let st = st.unwrap_or_else(|| panic!("{what}: restore hung\nstdout:\n{out}\nstderr:\n{err}"));
-    assert!(out.lines().any(|l| l == "PASS") && st.success(), "{what}: no PASS ({})\nstdout:\n{out}\nstderr:\n{err}", describe(&st));
+    assert!(
+        out.lines().any(|l| l == "PASS") && st.success(),
+        "{what}: no PASS ({})\nstdout:\n{out}\nstderr:\n{err}",
+        describe(&st)
+    );
     (out, err)
 }
 
@@ -620,22 +654,30 @@ fn restore_report<'e>(err: &'e str, suffix: &str) -> Option<&'e str> {
 fn memory_with_and_without_userfaultfd() {
     let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     for (name, file) in [("anon_memory", "anon_memory.c"), ("sparse", "sparse.c")] {
-        for (way, env) in [("userfaultfd", ("TELEFORK_USERFAULTFD", "always")), ("writes", ("TELEFORK_USERFAULTFD", "never"))] {
+        for (way, env) in [
+            ("userfaultfd", ("TELEFORK_USERFAULTFD", "always")),
+            ("writes", ("TELEFORK_USERFAULTFD", "never")),
+        ] {
             let exe = compile_c(file, name, &[]);
             let mut run = Run::new(&format!("{name}_{way}"), exe);
             if !run.start(&[]) {
                 return;
             }
             run.dump(DUMP_TIMEOUT);
-            let (_, err) = restore_to_pass(&mut run, env, RESTORE_TIMEOUT, &format!("{name} ({way})"));
+            let (_, err) =
+                restore_to_pass(&mut run, env, RESTORE_TIMEOUT, &format!("{name} ({way})"));
             let placed = restore_report(&err, " page bytes placed through userfaultfd")
                 .unwrap_or_else(|| panic!("{name} ({way}): no userfaultfd report in\n{err}"));
-            let (by_uffd, total) = placed.split_once(" of ").unwrap_or_else(|| panic!("bad report {placed:?}"));
+            let (by_uffd, total) =
+                placed.split_once(" of ").unwrap_or_else(|| panic!("bad report {placed:?}"));
             let (by_uffd, total): (u64, u64) = (by_uffd.parse().unwrap(), total.parse().unwrap());
             assert!(total > 0, "{name}: no pages");
             match way {
                 // (The rest: shared memory and written pages of private file mappings.)
-                "userfaultfd" => assert!(by_uffd * 2 >= total, "{name}: only {by_uffd} of {total} bytes through userfaultfd"),
+                "userfaultfd" => assert!(
+                    by_uffd * 2 >= total,
+                    "{name}: only {by_uffd} of {total} bytes through userfaultfd"
+                ),
                 _ => assert_eq!(by_uffd, 0, "{name}: userfaultfd used although disabled"),
             }
         }
@@ -697,14 +739,21 @@ fn big_memory_in_huge_pages() {
         return;
     }
     run.dump(BIG_TIMEOUT);
-    let (out, err) = restore_to_pass(&mut run, ("TELEFORK_HUGE_PAGES", "always"), BIG_TIMEOUT, "big_1g (huge pages)");
-    let reported: u64 = restore_report(&err, " page bytes in huge pages").map_or(0, |n| n.parse().unwrap_or_else(|_| panic!("bad report {n:?}")));
+    let (out, err) = restore_to_pass(
+        &mut run,
+        ("TELEFORK_HUGE_PAGES", "always"),
+        BIG_TIMEOUT,
+        "big_1g (huge pages)",
+    );
+    let reported: u64 = restore_report(&err, " page bytes in huge pages")
+        .map_or(0, |n| n.parse().unwrap_or_else(|_| panic!("bad report {n:?}")));
     let found_kib: u64 = out
         .lines()
         .find_map(|l| l.strip_prefix("ANON_HUGE_KB "))
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("big_1g: no ANON_HUGE_KB line in\n{out}"));
-    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    let thp =
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
     if thp.is_empty() || thp.contains("[never]") {
         assert_eq!(reported, 0, "huge pages reported where the kernel has none");
         return;
@@ -714,9 +763,15 @@ fn big_memory_in_huge_pages() {
     if reported == 0 {
         let refusal = err.lines().find(|l| l.contains("huge pages stopped: MADV_COLLAPSE: "));
         assert!(refusal.is_some(), "no huge pages, and no refusal named (stderr:\n{err})");
-        eprintln!("big_memory_in_huge_pages: the kernel refused huge pages: {}", refusal.unwrap_or_default());
+        eprintln!(
+            "big_memory_in_huge_pages: the kernel refused huge pages: {}",
+            refusal.unwrap_or_default()
+        );
     }
-    assert!(found_kib * 1024 >= reported, "the restorer reports {reported} bytes in huge pages, the process finds {found_kib} KiB");
+    assert!(
+        found_kib * 1024 >= reported,
+        "the restorer reports {reported} bytes in huge pages, the process finds {found_kib} KiB"
+    );
 }
 
 #[test]
@@ -732,10 +787,11 @@ fn count_of(line: &str) -> Option<u64> {
 #[test]
 fn python3() {
     let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
-    let py = match Command::new("python3").arg("-c").arg("import sys; print(sys.executable)").output() {
-        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
-        _ => panic!("python3: python3 is not installed; run scripts/setup.sh"),
-    };
+    let py =
+        match Command::new("python3").arg("-c").arg("import sys; print(sys.executable)").output() {
+            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+            _ => panic!("python3: python3 is not installed; run scripts/setup.sh"),
+        };
     let mut run = Run::new("python3", PathBuf::from(&py));
     let script = zdtm_src().join("python_target.py");
     if !run.start(&[script.into_os_string()]) {
@@ -762,7 +818,8 @@ fn python3() {
     let st = r.wait_timeout(RESTORE_TIMEOUT);
     let (out, err) = drain(&r);
     let st = st.unwrap_or_else(|| panic!("python3: telefork restore hung (killed)\n{out}\n{err}"));
-    let first = first.unwrap_or_else(|| panic!("python3: restored process printed no COUNT\n{out}\n{err}"));
+    let first =
+        first.unwrap_or_else(|| panic!("python3: restored process printed no COUNT\n{out}\n{err}"));
     let first_n = count_of(&first).unwrap_or_else(|| panic!("python3: {first}"));
     assert!(
         first_n > last_before,
@@ -817,7 +874,11 @@ fn refuse_fd(kind: &str) {
         matches!(state, Some('S') | Some('R')),
         "{name}: after the refused dump the target is in state {state:?} (stopped or traced?)"
     );
-    assert_eq!(tracer_pid(pid), Some(0), "{name}: the target is still traced after the refused dump");
+    assert_eq!(
+        tracer_pid(pid),
+        Some(0),
+        "{name}: the target is still traced after the refused dump"
+    );
     // it carries on: go, and it checks its fds and passes
     carries_on(&mut run);
 }
@@ -847,7 +908,11 @@ fn refuse_seccomp() {
     assert!(err.contains("seccomp"), "refuse_seccomp: the error must name seccomp; it was:\n{err}");
     let pid = run.target_pid();
     thread::sleep(Duration::from_millis(100));
-    assert_eq!(tracer_pid(pid), Some(0), "refuse_seccomp: the target is still traced after the refused dump");
+    assert_eq!(
+        tracer_pid(pid),
+        Some(0),
+        "refuse_seccomp: the target is still traced after the refused dump"
+    );
     carries_on(&mut run);
 }
 
@@ -880,7 +945,8 @@ fn restore_must_fail(run: &mut Run, what: &str) -> String {
     let mut r = run.start_restore(&[]);
     let st = r.wait_timeout(RESTORE_TIMEOUT);
     let (out, err) = drain(&r);
-    let st = st.unwrap_or_else(|| panic!("{}: restore of {what} hung (killed)\n{out}\n{err}", run.name));
+    let st =
+        st.unwrap_or_else(|| panic!("{}: restore of {what} hung (killed)\n{out}\n{err}", run.name));
     assert!(
         !st.success() && !out.lines().any(|l| l == "PASS"),
         "{}: telefork restore accepted {what} ({})\nstdout:\n{out}\nstderr:\n{err}",
@@ -923,7 +989,10 @@ fn refuse_file_that_became_a_fifo() {
     // SAFETY: a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o644) }, 0, "mkfifo {}", f.display());
     let err = restore_must_fail(&mut run, "an image whose open file became a FIFO");
-    assert!(err.contains("high.txt") && err.contains("FIFO"), "refuse_fifo: the error must name the file and say what it is now; it was:\n{err}");
+    assert!(
+        err.contains("high.txt") && err.contains("FIFO"),
+        "refuse_fifo: the error must name the file and say what it is now; it was:\n{err}"
+    );
 }
 
 /// An image may only reach files its owner can open: the image of a root process whose
@@ -969,7 +1038,10 @@ fn refuse_truncated_image() {
     let len = run.image_len();
     fs::OpenOptions::new().write(true).open(&run.img).unwrap().set_len(len / 2).unwrap();
     let err = restore_must_fail(&mut run, "a truncated image");
-    assert!(err.to_lowercase().contains("truncat"), "refuse_truncated_image: message does not say truncated:\n{err}");
+    assert!(
+        err.to_lowercase().contains("truncat"),
+        "refuse_truncated_image: message does not say truncated:\n{err}"
+    );
 }
 
 #[test]
@@ -996,14 +1068,21 @@ fn leave_running() {
     let mut run = Run::new("leave_running", exe);
     assert!(run.start(&[]));
     let (st, err) = run.dump_raw(&["--leave-running"], DUMP_TIMEOUT);
-    assert!(st.success(), "leave_running: telefork dump --leave-running failed ({}):\n{err}", describe(&st));
+    assert!(
+        st.success(),
+        "leave_running: telefork dump --leave-running failed ({}):\n{err}",
+        describe(&st)
+    );
     let pid = run.target_pid();
     thread::sleep(Duration::from_millis(100));
     if let Some(s) = run.target().try_wait() {
         panic!("leave_running: dump --leave-running ended the target ({})", describe(&s));
     }
     let state = proc_state(pid);
-    assert!(matches!(state, Some('S') | Some('R')), "leave_running: original is in state {state:?} after the dump");
+    assert!(
+        matches!(state, Some('S') | Some('R')),
+        "leave_running: original is in state {state:?} after the dump"
+    );
     assert_eq!(tracer_pid(pid), Some(0), "leave_running: original still traced after the dump");
     // The original carries on and passes its own check ...
     fs::write(&run.go, b"go").unwrap();
@@ -1032,7 +1111,10 @@ fn restore_without_an_inherited_stdio_fd() {
     let untraced = |p: i32| tracer_pid(p) == Some(0);
     let deadline = Instant::now() + RESTORE_TIMEOUT;
     let restored = loop {
-        let found = descendants(r.pid).into_iter().find(|&p| fs::read_link(format!("/proc/{p}/exe")).ok().as_deref() == Some(run.exe.as_path()) && untraced(p));
+        let found = descendants(r.pid).into_iter().find(|&p| {
+            fs::read_link(format!("/proc/{p}/exe")).ok().as_deref() == Some(run.exe.as_path())
+                && untraced(p)
+        });
         match found {
             Some(p) => break p,
             None if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
@@ -1040,7 +1122,12 @@ fn restore_without_an_inherited_stdio_fd() {
         }
     };
     let fd2 = fs::read_link(format!("/proc/{restored}/fd/2")).ok();
-    assert_eq!(fd2.as_deref(), Some(Path::new("/dev/null")), "restore_without_stderr: the restored process's fd 2\n{}", r.report());
+    assert_eq!(
+        fd2.as_deref(),
+        Some(Path::new("/dev/null")),
+        "restore_without_stderr: the restored process's fd 2\n{}",
+        r.report()
+    );
     fs::write(&run.go, b"go").unwrap();
     let st = r.wait_timeout(RESTORE_TIMEOUT);
     let rep = r.report();
@@ -1059,8 +1146,15 @@ fn restore_detach() {
     cmd.arg("restore").arg(&run.img).arg("--detach");
     let mut r = Proc::spawn(cmd, &run.guard);
     let st = r.wait_timeout(RESTORE_TIMEOUT);
-    let st = st.unwrap_or_else(|| panic!("restore_detach: restore --detach did not return\n{}", r.report()));
-    assert!(st.success(), "restore_detach: restore --detach failed ({})\n{}", describe(&st), r.report());
+    let st = st.unwrap_or_else(|| {
+        panic!("restore_detach: restore --detach did not return\n{}", r.report())
+    });
+    assert!(
+        st.success(),
+        "restore_detach: restore --detach failed ({})\n{}",
+        describe(&st),
+        r.report()
+    );
     // The restored process keeps restore's stdout open, so read what is there, not to EOF.
     let end = Instant::now() + Duration::from_secs(5);
     while r.stdout_lines().is_empty() && Instant::now() < end {
@@ -1069,22 +1163,36 @@ fn restore_detach() {
     thread::sleep(Duration::from_millis(200));
     let lines = r.stdout_lines();
     let last = lines.last().cloned().unwrap_or_default();
-    let pid: i32 = last
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("restore_detach: last stdout line is not a PID: {last:?}\n{}", r.report()));
+    let pid: i32 = last.trim().parse().unwrap_or_else(|_| {
+        panic!("restore_detach: last stdout line is not a PID: {last:?}\n{}", r.report())
+    });
     run.guard.track(pid);
-    assert!(Path::new(&format!("/proc/{pid}")).exists(), "restore_detach: PID {pid} does not exist");
+    assert!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "restore_detach: PID {pid} does not exist"
+    );
     let exe = fs::read_link(format!("/proc/{pid}/exe")).ok();
-    assert_eq!(exe.as_deref(), Some(run.exe.as_path()), "restore_detach: PID {pid} is not the restored target");
+    assert_eq!(
+        exe.as_deref(),
+        Some(run.exe.as_path()),
+        "restore_detach: PID {pid} is not the restored target"
+    );
     fs::write(&run.go, b"go").unwrap();
     let got = r.wait_line(RESTORE_TIMEOUT, |l| l == "PASS" || l.starts_with("FAIL"));
-    assert_eq!(got.as_deref(), Some("PASS"), "restore_detach: the detached process did not PASS\n{}", r.report());
+    assert_eq!(
+        got.as_deref(),
+        Some("PASS"),
+        "restore_detach: the detached process did not PASS\n{}",
+        r.report()
+    );
     let end = Instant::now() + Duration::from_secs(10);
     while Instant::now() < end && !matches!(proc_state(pid), None | Some('Z')) {
         thread::sleep(Duration::from_millis(10));
     }
-    assert!(matches!(proc_state(pid), None | Some('Z')), "restore_detach: PID {pid} did not exit after PASS");
+    assert!(
+        matches!(proc_state(pid), None | Some('Z')),
+        "restore_detach: PID {pid} did not exit after PASS"
+    );
 }
 
 #[test]

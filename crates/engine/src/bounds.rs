@@ -85,7 +85,9 @@ impl Owner {
     pub fn restorer() -> Owner {
         let uid = nix::unistd::geteuid().as_raw();
         let gid = nix::unistd::getegid().as_raw();
-        let mut groups: Vec<u32> = nix::unistd::getgroups().map(|g| g.into_iter().map(|g| g.as_raw()).collect()).unwrap_or_default();
+        let mut groups: Vec<u32> = nix::unistd::getgroups()
+            .map(|g| g.into_iter().map(|g| g.as_raw()).collect())
+            .unwrap_or_default();
         groups.push(gid);
         Owner { uid, gid, groups }
     }
@@ -106,14 +108,19 @@ pub struct Here {
 
 impl Here {
     pub fn read() -> Result<Here> {
-        let min = crate::procfs::read_text("/proc/sys/vm/mmap_min_addr").context("reading /proc/sys/vm/mmap_min_addr")?;
-        let mmap_min_addr = min.trim().parse().with_context(|| format!("parsing vm.mmap_min_addr {:?}", min.trim()))?;
+        let min = crate::procfs::read_text("/proc/sys/vm/mmap_min_addr")
+            .context("reading /proc/sys/vm/mmap_min_addr")?;
+        let mmap_min_addr = min
+            .trim()
+            .parse()
+            .with_context(|| format!("parsing vm.mmap_min_addr {:?}", min.trim()))?;
         let mut limits = vec![(u64::MAX, u64::MAX); 16];
         for (res, slot) in limits.iter_mut().enumerate() {
             let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
             // SAFETY: getrlimit writes one struct rlimit we own.
             if unsafe { libc::getrlimit(res as libc::__rlimit_resource_t, &mut l) } != 0 {
-                return Err(std::io::Error::last_os_error()).with_context(|| format!("reading our own {}", rlimit_name(res as u32)));
+                return Err(std::io::Error::last_os_error())
+                    .with_context(|| format!("reading our own {}", rlimit_name(res as u32)));
             }
             *slot = (l.rlim_cur, l.rlim_max);
         }
@@ -122,7 +129,8 @@ impl Here {
         // SAFETY: getpriority takes no pointers.
         let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
         if nice == -1 && nix::errno::Errno::last_raw() != 0 {
-            return Err(std::io::Error::last_os_error()).context("reading our own nice value: getpriority");
+            return Err(std::io::Error::last_os_error())
+                .context("reading our own nice value: getpriority");
         }
         Ok(Here { mmap_min_addr, limits, nice, restorer_uid: nix::unistd::geteuid().as_raw() })
     }
@@ -172,26 +180,41 @@ pub fn check_within(img: &ProcessImage, owner: &Owner, here: &Here) -> Result<()
     let who = user_name(owner.uid);
     // (A restorer without privilege can give a process only its own identity.)
     if here.restorer_uid != 0 && here.restorer_uid != owner.uid {
-        return refuse(format!("the image belongs to {who}; {} may restore only its own images", user_name(here.restorer_uid)));
+        return refuse(format!(
+            "the image belongs to {who}; {} may restore only its own images",
+            user_name(here.restorer_uid)
+        ));
     }
     const WHICH: [&str; 4] = ["real", "effective", "saved", "filesystem"];
     let c = &img.creds;
     for (which, uid) in WHICH.iter().zip(c.uid) {
         if uid != owner.uid {
-            return refuse(format!("image claims {which} uid {}, but it belongs to {who}, who cannot take another uid", uid_name(uid)));
+            return refuse(format!(
+                "image claims {which} uid {}, but it belongs to {who}, who cannot take another uid",
+                uid_name(uid)
+            ));
         }
     }
     for (which, gid) in WHICH.iter().zip(c.gid) {
         if !owner.groups.contains(&gid) {
-            return refuse(format!("image claims {which} gid {}, which {who} does not have on this machine", group_name(gid)));
+            return refuse(format!(
+                "image claims {which} gid {}, which {who} does not have on this machine",
+                group_name(gid)
+            ));
         }
     }
     if c.groups.len() > 65536 {
-        return refuse(format!("image claims {} supplementary groups, more than the kernel allows", c.groups.len()));
+        return refuse(format!(
+            "image claims {} supplementary groups, more than the kernel allows",
+            c.groups.len()
+        ));
     }
     for g in &c.groups {
         if !owner.groups.contains(g) {
-            return refuse(format!("image claims supplementary group {}, which {who} does not have on this machine", group_name(*g)));
+            return refuse(format!(
+                "image claims supplementary group {}, which {who} does not have on this machine",
+                group_name(*g)
+            ));
         }
     }
 
@@ -199,10 +222,17 @@ pub fn check_within(img: &ProcessImage, owner: &Owner, here: &Here) -> Result<()
     for l in &m.rlimits {
         let name = rlimit_name(l.resource);
         let Some(&(_, max)) = here.limits.get(l.resource as usize) else {
-            return refuse(format!("image claims a limit on resource {}, which this kernel does not have", l.resource));
+            return refuse(format!(
+                "image claims a limit on resource {}, which this kernel does not have",
+                l.resource
+            ));
         };
         if l.soft > l.hard {
-            return refuse(format!("image claims a soft {name} of {} above its hard limit {}", fmt_limit(l.soft), fmt_limit(l.hard)));
+            return refuse(format!(
+                "image claims a soft {name} of {} above its hard limit {}",
+                fmt_limit(l.soft),
+                fmt_limit(l.hard)
+            ));
         }
         if l.hard > max {
             return refuse(format!(
@@ -255,7 +285,9 @@ pub fn with_files_reached_as<T>(c: &Creds, f: impl FnOnce() -> Result<T>) -> Res
     let theirs = FsIds { uid: c.uid[3], gid: c.gid[3], groups: c.groups.clone() };
     theirs.take().context("taking the image's filesystem ids to look at its files")?;
     let r = f();
-    switched.back().context("taking our own filesystem ids back after looking at the image's files")?;
+    switched
+        .back()
+        .context("taking our own filesystem ids back after looking at the image's files")?;
     r
 }
 
@@ -268,10 +300,19 @@ struct FsIds {
 
 impl FsIds {
     fn current() -> Result<FsIds> {
-        let groups = nix::unistd::getgroups().context("getgroups")?.into_iter().map(|g| g.as_raw()).collect();
+        let groups = nix::unistd::getgroups()
+            .context("getgroups")?
+            .into_iter()
+            .map(|g| g.as_raw())
+            .collect();
         // setfsuid/setfsgid with an invalid id change nothing and return the current one.
         // SAFETY: plain integer arguments.
-        let (uid, gid) = unsafe { (libc::syscall(libc::SYS_setfsuid, u32::MAX), libc::syscall(libc::SYS_setfsgid, u32::MAX)) };
+        let (uid, gid) = unsafe {
+            (
+                libc::syscall(libc::SYS_setfsuid, u32::MAX),
+                libc::syscall(libc::SYS_setfsgid, u32::MAX),
+            )
+        };
         Ok(FsIds { uid: uid as u32, gid: gid as u32, groups })
     }
 
@@ -280,7 +321,9 @@ impl FsIds {
     fn take(&self) -> Result<()> {
         // SAFETY: setgroups reads `groups.len()` ids from a live Vec; the raw call changes
         // this thread's credentials only.
-        if unsafe { libc::syscall(libc::SYS_setgroups, self.groups.len(), self.groups.as_ptr()) } != 0 {
+        if unsafe { libc::syscall(libc::SYS_setgroups, self.groups.len(), self.groups.as_ptr()) }
+            != 0
+        {
             return Err(std::io::Error::last_os_error()).context("setgroups");
         }
         // SAFETY: plain integer arguments; this thread's credentials only. (They return the
@@ -292,7 +335,13 @@ impl FsIds {
             (gid, libc::syscall(libc::SYS_setfsuid, u32::MAX))
         };
         if gid as u32 != self.gid || uid as u32 != self.uid {
-            anyhow::bail!("the kernel kept filesystem ids {}:{} instead of {}:{}", uid as u32, gid as u32, self.uid, self.gid);
+            anyhow::bail!(
+                "the kernel kept filesystem ids {}:{} instead of {}:{}",
+                uid as u32,
+                gid as u32,
+                self.uid,
+                self.gid
+            );
         }
         Ok(())
     }
@@ -331,10 +380,29 @@ pub(crate) mod tests {
             pid: 1,
             comm: "t".into(),
             creds: Creds { uid: [uid; 4], gid: [gid; 4], groups },
-            misc: Misc { cwd: "/".into(), umask: 0, nice: 0, personality: 0, rlimits: vec![], no_new_privs: false },
+            misc: Misc {
+                cwd: "/".into(),
+                umask: 0,
+                nice: 0,
+                personality: 0,
+                rlimits: vec![],
+                no_new_privs: false,
+            },
             mm: MmFields {
-                start_code: 0, end_code: 0, start_data: 0, end_data: 0, start_brk: 0, brk: 0, start_stack: 0,
-                arg_start: 0, arg_end: 0, env_start: 0, env_end: 0, auxv: vec![], exe: String::new(), exe_id: None,
+                start_code: 0,
+                end_code: 0,
+                start_data: 0,
+                end_data: 0,
+                start_brk: 0,
+                brk: 0,
+                start_stack: 0,
+                arg_start: 0,
+                arg_end: 0,
+                env_start: 0,
+                env_end: 0,
+                auxv: vec![],
+                exe: String::new(),
+                exe_id: None,
             },
             vmas: vec![],
             threads: vec![],
@@ -367,7 +435,17 @@ pub(crate) mod tests {
         img.creds.gid[0] = 27; // (any of the owner's groups, as after newgrp)
         img.misc.nice = 5;
         img.misc.rlimits = vec![Rlimit { resource: libc::RLIMIT_NOFILE, soft: 1024, hard: 20000 }];
-        img.vmas = vec![Vma { start: 65536, end: 69632, prot: 3, shared: false, offset: 0, kind: VmaKind::Anon, growsdown: false, accounted: true, advice: vec![] }];
+        img.vmas = vec![Vma {
+            start: 65536,
+            end: 69632,
+            prot: 3,
+            shared: false,
+            offset: 0,
+            kind: VmaKind::Anon,
+            growsdown: false,
+            accounted: true,
+            advice: vec![],
+        }];
         check_within(&img, &owner(), &here()).unwrap();
     }
 
@@ -377,11 +455,17 @@ pub(crate) mod tests {
             let mut img = image(1000, 1000, vec![]);
             img.creds.uid[i] = 0;
             let e = refusal(&img);
-            assert!(e.contains(["real", "effective", "saved", "filesystem"][i]) && e.contains("uid 0"), "{e}");
+            assert!(
+                e.contains(["real", "effective", "saved", "filesystem"][i]) && e.contains("uid 0"),
+                "{e}"
+            );
             let mut img = image(1000, 1000, vec![]);
             img.creds.gid[i] = 42;
             let e = refusal(&img);
-            assert!(e.contains(["real", "effective", "saved", "filesystem"][i]) && e.contains("gid 42"), "{e}");
+            assert!(
+                e.contains(["real", "effective", "saved", "filesystem"][i]) && e.contains("gid 42"),
+                "{e}"
+            );
         }
         let e = refusal(&image(1000, 1000, vec![27, 42]));
         assert!(e.contains("supplementary group 42"), "{e}");
@@ -409,7 +493,17 @@ pub(crate) mod tests {
         assert!(refusal(&img).contains("soft RLIMIT_NOFILE"));
 
         let mut img = image(1000, 1000, vec![]);
-        img.vmas = vec![Vma { start: 0, end: 4096, prot: 3, shared: false, offset: 0, kind: VmaKind::Anon, growsdown: false, accounted: true, advice: vec![] }];
+        img.vmas = vec![Vma {
+            start: 0,
+            end: 4096,
+            prot: 3,
+            shared: false,
+            offset: 0,
+            kind: VmaKind::Anon,
+            growsdown: false,
+            accounted: true,
+            advice: vec![],
+        }];
         let e = refusal(&img);
         assert!(e.contains("0x0-0x1000") && e.contains("mmap_min_addr"), "{e}");
     }
@@ -429,25 +523,48 @@ pub(crate) mod tests {
     #[test]
     fn files_are_looked_at_as_the_image_and_our_ids_come_back() {
         use std::os::unix::fs::PermissionsExt;
-        assert!(nix::unistd::geteuid().is_root(), "this test switches filesystem ids: run it as root");
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test switches filesystem ids: run it as root"
+        );
         let dir = std::env::temp_dir().join(format!("telefork-bounds-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
         let file = dir.join("f");
         std::fs::write(&file, b"x").unwrap();
-        let before = (FsIds::current().unwrap().uid, FsIds::current().unwrap().gid, nix::unistd::getgroups().unwrap());
+        let before = (
+            FsIds::current().unwrap().uid,
+            FsIds::current().unwrap().gid,
+            nix::unistd::getgroups().unwrap(),
+        );
         let nobody = Creds { uid: [65534; 4], gid: [65534; 4], groups: vec![65534] };
-        let seen = with_files_reached_as(&nobody, || Ok(std::fs::metadata(&file).map_err(|e| e.kind())));
-        let after = (FsIds::current().unwrap().uid, FsIds::current().unwrap().gid, nix::unistd::getgroups().unwrap());
+        let seen =
+            with_files_reached_as(&nobody, || Ok(std::fs::metadata(&file).map_err(|e| e.kind())));
+        let after = (
+            FsIds::current().unwrap().uid,
+            FsIds::current().unwrap().gid,
+            nix::unistd::getgroups().unwrap(),
+        );
         let ours = std::fs::metadata(&file).is_ok();
         std::fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(seen.unwrap().unwrap_err(), std::io::ErrorKind::PermissionDenied, "nobody looked into a 0700 root directory");
+        assert_eq!(
+            seen.unwrap().unwrap_err(),
+            std::io::ErrorKind::PermissionDenied,
+            "nobody looked into a 0700 root directory"
+        );
         assert_eq!(before, after, "our filesystem ids and groups did not come back");
         assert!(ours, "we cannot look at our own file after");
         // (An error inside puts them back too.)
         let e = with_files_reached_as(&nobody, || -> Result<()> { anyhow::bail!("inside") });
         assert!(e.is_err());
-        assert_eq!(before, (FsIds::current().unwrap().uid, FsIds::current().unwrap().gid, nix::unistd::getgroups().unwrap()));
+        assert_eq!(
+            before,
+            (
+                FsIds::current().unwrap().uid,
+                FsIds::current().unwrap().gid,
+                nix::unistd::getgroups().unwrap()
+            )
+        );
     }
 
     #[test]

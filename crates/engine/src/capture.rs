@@ -57,10 +57,19 @@ pub const ALL_SIGNALS_BLOCKED: u64 = !((1 << 8) | (1 << 18));
 /// Captures process `pid` into `out`. `commit` receives the writer once the whole image is in
 /// it and must make it durable; only if it succeeds is the process killed (or, with
 /// `leave_running`, resumed).
-pub fn dump<W: Write + Send>(pid: Pid, out: W, opts: &DumpOptions, commit: impl FnOnce(W) -> Result<()>) -> Result<DumpSummary> {
-    let tids = procfs::list_threads(pid).with_context(|| format!("process {pid} does not exist or cannot be read"))?;
+pub fn dump<W: Write + Send>(
+    pid: Pid,
+    out: W,
+    opts: &DumpOptions,
+    commit: impl FnOnce(W) -> Result<()>,
+) -> Result<DumpSummary> {
+    let tids = procfs::list_threads(pid)
+        .with_context(|| format!("process {pid} does not exist or cannot be read"))?;
     if tids.len() != 1 {
-        bail!("process {pid} has {} threads; only single-threaded processes can be captured so far", tids.len());
+        bail!(
+            "process {pid} has {} threads; only single-threaded processes can be captured so far",
+            tids.len()
+        );
     }
     ptrace::seize_and_stop(pid)?;
     let regs = ptrace::getregs(pid)?;
@@ -72,7 +81,8 @@ pub fn dump<W: Write + Send>(pid: Pid, out: W, opts: &DumpOptions, commit: impl 
         }
     };
     let frozen = Frozen { pid, regs, sigmask };
-    let result = ptrace::set_sigmask(pid, ALL_SIGNALS_BLOCKED).and_then(|_| capture_frozen(&frozen, out, opts));
+    let result = ptrace::set_sigmask(pid, ALL_SIGNALS_BLOCKED)
+        .and_then(|_| capture_frozen(&frozen, out, opts));
     match result {
         Ok((w, summary)) => {
             if let Err(e) = commit(w) {
@@ -109,7 +119,11 @@ impl Frozen {
     }
 }
 
-fn capture_frozen<W: Write + Send>(f: &Frozen, out: W, opts: &DumpOptions) -> Result<(W, DumpSummary)> {
+fn capture_frozen<W: Write + Send>(
+    f: &Frozen,
+    out: W,
+    opts: &DumpOptions,
+) -> Result<(W, DumpSummary)> {
     let pid = f.pid;
     let mut tl = crate::timeline::Timeline::new();
     // Tracer and tracee on one CPU while calls are injected (see `pin`); the page transfer
@@ -148,7 +162,9 @@ fn capture_frozen<W: Write + Send>(f: &Frozen, out: W, opts: &DumpOptions) -> Re
         Ok(done) => {
             let _ = done.recv();
         }
-        Err(_) => tl.note("the /proc reader thread is gone: all of /proc read by the capture's thread".into()),
+        Err(_) => tl.note(
+            "the /proc reader thread is gone: all of /proc read by the capture's thread".into(),
+        ),
     }
     let (comm, creds, misc, mm) = look.proc_files.take()?;
     let mm = MmFields { brk, ..mm };
@@ -156,7 +172,9 @@ fn capture_frozen<W: Write + Send>(f: &Frozen, out: W, opts: &DumpOptions) -> Re
     let vmas = match look.vmas.take() {
         // The scratch area merged with a neighbour while smaps was read: again, now that it
         // is gone (the mappings are the process's own again, those of `maps`).
-        Err(e) if e.downcast_ref::<mem::MappingsChanged>().is_some() => mem::capture_vmas(pid, &maps)?,
+        Err(e) if e.downcast_ref::<mem::MappingsChanged>().is_some() => {
+            mem::capture_vmas(pid, &maps)?
+        }
         other => other?,
     };
     tl.mark("from inside and outside");
@@ -177,8 +195,13 @@ fn capture_frozen<W: Write + Send>(f: &Frozen, out: W, opts: &DumpOptions) -> Re
         page_size: mem::PAGE,
         kernel_release: kernel_release(),
         xfeatures: arch::xfeatures(&image.threads[0].cpu),
-        created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-        hostname: nix::sys::utsname::uname().map(|u| u.nodename().to_string_lossy().into_owned()).unwrap_or_default(),
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        hostname: nix::sys::utsname::uname()
+            .map(|u| u.nodename().to_string_lossy().into_owned())
+            .unwrap_or_default(),
     };
 
     pin.release();
@@ -190,13 +213,15 @@ fn capture_frozen<W: Write + Send>(f: &Frozen, out: W, opts: &DumpOptions) -> Re
     // On its way now: a restorer at the other end of a connection creates the mappings and
     // sets up everything else while we read the pages.
     w.flush().context("sending the process record")?;
-    let route = opts.page_route.as_ref().filter(|_| opts.skip_page_checksums).map(|r| (&mut inj, r));
+    let route =
+        opts.page_route.as_ref().filter(|_| opts.skip_page_checksums).map(|r| (&mut inj, r));
     let page_bytes = mem::write_pages(pid, &image.vmas, &mut w, route)?;
     tl.mark("pages");
     let out = w.finish().context("finishing the image")?;
     tl.mark("sent");
     tl.report("capture");
-    let summary = DumpSummary { pid: pid.as_raw(), vmas: image.vmas.len(), fds: image.fds.len(), page_bytes };
+    let summary =
+        DumpSummary { pid: pid.as_raw(), vmas: image.vmas.len(), fds: image.fds.len(), page_bytes };
     Ok((out, summary))
 }
 
@@ -319,7 +344,14 @@ impl OutsideLook {
     }
 
     fn new(pid: Pid, inherit_stdio: bool) -> OutsideLook {
-        OutsideLook { pid, inherit_stdio, taken: std::sync::atomic::AtomicU8::new(0), proc_files: Part::default(), vmas: Part::default(), fds: Part::default() }
+        OutsideLook {
+            pid,
+            inherit_stdio,
+            taken: std::sync::atomic::AtomicU8::new(0),
+            proc_files: Part::default(),
+            vmas: Part::default(),
+            fds: Part::default(),
+        }
     }
 
     /// Makes every part in `order` no thread has taken yet, stopping before the mappings'
@@ -360,26 +392,46 @@ type ProcFiles = (String, telefork_image::Creds, telefork_image::Misc, MmFields)
 fn read_proc_files(pid: Pid) -> Result<ProcFiles> {
     let stat = procfs::read_stat(pid)?;
     let status_path = format!("/proc/{pid}/status");
-    let status = procfs::read_text(&status_path).with_context(|| format!("reading {status_path}"))?;
+    let status =
+        procfs::read_text(&status_path).with_context(|| format!("reading {status_path}"))?;
     let creds = creds::parse_status(&status).with_context(|| format!("parsing {status_path}"))?;
     let misc = misc::capture(pid, &stat, &status)?;
     let mm = mm::capture(pid, &stat)?;
     Ok((stat.comm, creds, misc, mm))
 }
 
-type Inside = (u64, Vec<telefork_image::SigAction>, Vec<telefork_image::SigInfo>, telefork_image::ThreadState);
+type Inside = (
+    u64,
+    Vec<telefork_image::SigAction>,
+    Vec<telefork_image::SigInfo>,
+    telefork_image::ThreadState,
+);
 
 /// What only the process itself can tell (injected calls into a scratch area mapped for
 /// the while): its break, signal dispositions and pending signals, thread state.
-fn look_from_inside(inj: &mut Injector, f: &Frozen, cpu: telefork_image::CpuState) -> Result<Inside> {
+fn look_from_inside(
+    inj: &mut Injector,
+    f: &Frozen,
+    cpu: telefork_image::CpuState,
+) -> Result<Inside> {
     let pid = f.pid;
     // Scratch memory, executable if the system allows, so the batch runner can live in its
     // first page (else every call is injected on its own).
     let anon = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
     let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
-    let (scratch, executable) = match inj.syscall_raw(libc::SYS_mmap, &[0, SCRATCH_LEN, rw | libc::PROT_EXEC as u64, anon, u64::MAX, 0])? {
+    let (scratch, executable) = match inj.syscall_raw(
+        libc::SYS_mmap,
+        &[0, SCRATCH_LEN, rw | libc::PROT_EXEC as u64, anon, u64::MAX, 0],
+    )? {
         a if a > 0 => (a as u64, true),
-        _ => (inj.syscall(libc::SYS_mmap, &[0, SCRATCH_LEN, rw, anon, u64::MAX, 0], "mapping scratch memory in the target")?, false),
+        _ => (
+            inj.syscall(
+                libc::SYS_mmap,
+                &[0, SCRATCH_LEN, rw, anon, u64::MAX, 0],
+                "mapping scratch memory in the target",
+            )?,
+            false,
+        ),
     };
     if executable {
         inj.set_batch_code_area(scratch)?;
@@ -401,7 +453,11 @@ fn look_from_inside(inj: &mut Injector, f: &Frozen, cpu: telefork_image::CpuStat
         let thread = threads::capture(inj, pid, f.sigmask, cpu, thread_reads)?;
         Ok((brk, sigactions, shared_pending, thread))
     })();
-    inj.syscall(libc::SYS_munmap, &[scratch, SCRATCH_LEN], "unmapping scratch memory in the target")?;
+    inj.syscall(
+        libc::SYS_munmap,
+        &[scratch, SCRATCH_LEN],
+        "unmapping scratch memory in the target",
+    )?;
     ptrace::setregs(pid, f.regs)?;
     inside
 }
@@ -409,9 +465,13 @@ fn look_from_inside(inj: &mut Injector, f: &Frozen, cpu: telefork_image::CpuStat
 /// Finds a `syscall` instruction the target can run: in its [vdso] (always there, never
 /// written), else in any executable mapping.
 fn find_syscall_insn(pid: Pid, maps: &[procfs::MapsEntry]) -> Result<u64> {
-    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).with_context(|| format!("opening /proc/{pid}/mem"))?;
-    let mut candidates: Vec<&procfs::MapsEntry> = maps.iter().filter(|m| m.name == "[vdso]").collect();
-    candidates.extend(maps.iter().filter(|m| m.exec && m.read && m.name != "[vdso]" && m.name != "[vsyscall]"));
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem"))
+        .with_context(|| format!("opening /proc/{pid}/mem"))?;
+    let mut candidates: Vec<&procfs::MapsEntry> =
+        maps.iter().filter(|m| m.name == "[vdso]").collect();
+    candidates.extend(
+        maps.iter().filter(|m| m.exec && m.read && m.name != "[vdso]" && m.name != "[vsyscall]"),
+    );
     for m in candidates {
         let len = (m.end - m.start).min(1 << 20) as usize;
         let mut buf = vec![0u8; len];
@@ -427,5 +487,7 @@ fn find_syscall_insn(pid: Pid, maps: &[procfs::MapsEntry]) -> Result<u64> {
 }
 
 pub fn kernel_release() -> String {
-    nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default()
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default()
 }

@@ -64,8 +64,16 @@ pub fn restore(inj: &mut Injector, c: &Creds) -> Result<()> {
     // Groups first, while the process still has CAP_SETGID.
     let bytes: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
     let list = if bytes.is_empty() { 0 } else { inj.stage(&bytes)? };
-    calls.push(Call::new(libc::SYS_setgroups, &[c.groups.len() as u64, list], format!("restoring supplementary groups {:?}: setgroups", c.groups)));
-    calls.push(Call::new(libc::SYS_setresgid, &[rgid as u64, egid as u64, sgid as u64], format!("restoring gids {rgid}/{egid}/{sgid}: setresgid")));
+    calls.push(Call::new(
+        libc::SYS_setgroups,
+        &[c.groups.len() as u64, list],
+        format!("restoring supplementary groups {:?}: setgroups", c.groups),
+    ));
+    calls.push(Call::new(
+        libc::SYS_setresgid,
+        &[rgid as u64, egid as u64, sgid as u64],
+        format!("restoring gids {rgid}/{egid}/{sgid}: setresgid"),
+    ));
     // setresgid set fsgid = egid; a different fsgid must be set while we are still
     // privileged. setfsgid returns the previous value and never fails, so it is read back
     // (a second call with an invalid id changes nothing) and checked after the batch.
@@ -75,7 +83,11 @@ pub fn restore(inj: &mut Injector, c: &Creds) -> Result<()> {
         calls.push(Call::new(libc::SYS_setfsgid, &[u32::MAX as u64], "reading fsgid: setfsgid"));
         read_back.push((calls.len() - 1, fsgid, "fsgid"));
     }
-    calls.push(Call::new(libc::SYS_setresuid, &[ruid as u64, euid as u64, suid as u64], format!("restoring uids {ruid}/{euid}/{suid}: setresuid")));
+    calls.push(Call::new(
+        libc::SYS_setresuid,
+        &[ruid as u64, euid as u64, suid as u64],
+        format!("restoring uids {ruid}/{euid}/{suid}: setresuid"),
+    ));
     if fsuid != euid {
         // Allowed without privilege when fsuid is one of the real/effective/saved uids,
         // which is the only way the original could have had it unless it was privileged.
@@ -85,7 +97,11 @@ pub fn restore(inj: &mut Injector, c: &Creds) -> Result<()> {
     }
     // Changing the euid made the process non-dumpable, which makes its /proc files
     // root-owned and forbids its owner to ptrace it; an ordinary process is dumpable.
-    calls.push(Call::new(libc::SYS_prctl, &[libc::PR_SET_DUMPABLE as u64, 1], "prctl(PR_SET_DUMPABLE, 1)"));
+    calls.push(Call::new(
+        libc::SYS_prctl,
+        &[libc::PR_SET_DUMPABLE as u64, 1],
+        "prctl(PR_SET_DUMPABLE, 1)",
+    ));
     let results = inj.run_batch(&calls)?;
     for (i, want, what) in read_back {
         let now = results.get(i).copied().unwrap_or(u64::MAX) as u32;

@@ -87,13 +87,19 @@ fn huge_page_size() -> Option<u64> {
     if enabled.contains("[never]") {
         return None;
     }
-    let size: u64 = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size").ok()?.trim().parse().ok()?;
+    let size: u64 = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     (size.is_power_of_two() && size > crate::mem::PAGE).then_some(size)
 }
 
 /// The CPU time this thread has used.
 fn thread_cpu_time() -> std::time::Duration {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).map(std::time::Duration::from).unwrap_or_default()
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map(std::time::Duration::from)
+        .unwrap_or_default()
 }
 
 /// Whether a huge page in `v` is something the process could have had itself.
@@ -126,7 +132,10 @@ fn covered_blocks(vmas: &[Vma], index: &[(u64, u64)], size: u64) -> Vec<u64> {
             while vma.peek().is_some_and(|v| v.end <= block) {
                 vma.next();
             }
-            if vma.peek().is_some_and(|v| v.start <= block && block + size <= v.end && may_be_huge(v)) {
+            if vma
+                .peek()
+                .is_some_and(|v| v.start <= block && block + size <= v.end && may_be_huge(v))
+            {
                 blocks.push(block);
             }
             b = block.checked_add(size);
@@ -170,7 +179,18 @@ impl HugeBlocks {
         }
         let pidfd = crate::pidfd::open(pid.as_raw()).ok()?;
         let state = starts.iter().map(|_| AtomicU8::new(UNTOUCHED)).collect();
-        Some(HugeBlocks { pid, pidfd, size, starts, state, lock: Mutex::new(()), settled: Condvar::new(), stopped: Mutex::new(None), even_if_slow: false, no_more: AtomicBool::new(false) })
+        Some(HugeBlocks {
+            pid,
+            pidfd,
+            size,
+            starts,
+            state,
+            lock: Mutex::new(()),
+            settled: Condvar::new(),
+            stopped: Mutex::new(None),
+            even_if_slow: false,
+            no_more: AtomicBool::new(false),
+        })
     }
 
     /// Prepares the blocks in order, skipping those a placing thread gave up, until all are
@@ -184,14 +204,18 @@ impl HugeBlocks {
     pub fn prepare_all(&self, uffd: Option<&RemoteUffd>) {
         // (However this stops, no block stays PREPARING: placing threads wait for those.)
         let _settle = SettleOnDrop(self);
-        let stop = |why: String| *self.stopped.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+        let stop =
+            |why: String| *self.stopped.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
         let mut next = 0;
         let (mut slow_batches, mut refused_batches) = (0, 0);
         let mut claimed = Vec::with_capacity(BATCH);
         while next < self.starts.len() && !self.no_more.load(Ordering::Acquire) {
             claimed.clear();
             while claimed.len() < BATCH && next < self.starts.len() {
-                if self.state[next].compare_exchange(UNTOUCHED, PREPARING, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                if self.state[next]
+                    .compare_exchange(UNTOUCHED, PREPARING, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
                     claimed.push(next);
                 }
                 next += 1;
@@ -282,9 +306,12 @@ impl HugeBlocks {
             }
             None => {
                 let zero = [0u8; 1];
-                let local: Vec<std::io::IoSlice> = blocks.iter().map(|_| std::io::IoSlice::new(&zero)).collect();
-                let remote: Vec<nix::sys::uio::RemoteIoVec> =
-                    blocks.iter().map(|&i| nix::sys::uio::RemoteIoVec { base: self.starts[i] as usize, len: 1 }).collect();
+                let local: Vec<std::io::IoSlice> =
+                    blocks.iter().map(|_| std::io::IoSlice::new(&zero)).collect();
+                let remote: Vec<nix::sys::uio::RemoteIoVec> = blocks
+                    .iter()
+                    .map(|&i| nix::sys::uio::RemoteIoVec { base: self.starts[i] as usize, len: 1 })
+                    .collect();
                 // (If it fails, so does the collapse: the blocks are just written into.)
                 let _ = nix::sys::uio::process_vm_writev(self.pid, &local, &remote);
             }
@@ -295,12 +322,22 @@ impl HugeBlocks {
         }
         let ranges: Vec<libc::iovec> = ready
             .iter()
-            .map(|&k| libc::iovec { iov_base: self.starts[blocks[k]] as *mut libc::c_void, iov_len: self.size as usize })
+            .map(|&k| libc::iovec {
+                iov_base: self.starts[blocks[k]] as *mut libc::c_void,
+                iov_len: self.size as usize,
+            })
             .collect();
         // SAFETY: process_madvise reads `ranges.len()` iovecs from `ranges`, which outlives
         // the call; the addresses are the other process's, never dereferenced here.
         let r = unsafe {
-            libc::syscall(libc::SYS_process_madvise, self.pidfd.as_raw_fd(), ranges.as_ptr(), ranges.len(), MADV_COLLAPSE, 0)
+            libc::syscall(
+                libc::SYS_process_madvise,
+                self.pidfd.as_raw_fd(),
+                ranges.as_ptr(),
+                ranges.len(),
+                MADV_COLLAPSE,
+                0,
+            )
         };
         if r >= 0 {
             // The bytes advised: the blocks before the first that failed, if one did.
@@ -336,8 +373,12 @@ impl HugeBlocks {
         let end = addr + len;
         let mut at = addr;
         let first = self.starts.partition_point(|&b| b + self.size <= addr);
-        for (&start, s) in self.starts[first..].iter().zip(&self.state[first..]).take_while(|(&b, _)| b < end) {
-            if s.compare_exchange(UNTOUCHED, SETTLED, Ordering::AcqRel, Ordering::Acquire) == Err(PREPARING) {
+        for (&start, s) in
+            self.starts[first..].iter().zip(&self.state[first..]).take_while(|(&b, _)| b < end)
+        {
+            if s.compare_exchange(UNTOUCHED, SETTLED, Ordering::AcqRel, Ordering::Acquire)
+                == Err(PREPARING)
+            {
                 let mut g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
                 while s.load(Ordering::Acquire) == PREPARING {
                     g = self.settled.wait(g).unwrap_or_else(|e| e.into_inner());
@@ -403,14 +444,28 @@ mod tests {
     use super::*;
 
     fn anon(start: u64, end: u64) -> Vma {
-        Vma { start, end, prot: 3, shared: false, offset: 0, kind: VmaKind::Anon, growsdown: false, accounted: true, advice: vec![] }
+        Vma {
+            start,
+            end,
+            prot: 3,
+            shared: false,
+            offset: 0,
+            kind: VmaKind::Anon,
+            growsdown: false,
+            accounted: true,
+            advice: vec![],
+        }
     }
 
     const M: u64 = 1 << 20;
 
     #[test]
     fn only_blocks_the_records_fill_inside_one_allowed_mapping() {
-        let vmas = [anon(0, 7 * M), anon(7 * M, 12 * M), Vma { advice: vec![libc::MADV_NOHUGEPAGE], ..anon(20 * M, 24 * M) }];
+        let vmas = [
+            anon(0, 7 * M),
+            anon(7 * M, 12 * M),
+            Vma { advice: vec![libc::MADV_NOHUGEPAGE], ..anon(20 * M, 24 * M) },
+        ];
         // Records of 1 MiB from 1 MiB to 12 MiB, with 5..6 MiB missing, and all of 20..24.
         let mut index: Vec<(u64, u64)> = (1..12).filter(|&m| m != 5).map(|m| (m * M, M)).collect();
         index.extend((20..24).map(|m| (m * M, M)));
@@ -431,7 +486,16 @@ mod tests {
         let blocks = 6u64;
         let len = (blocks + 1) * size;
         // SAFETY: a fresh private anonymous mapping, ours alone; unmapped at the end.
-        let raw = unsafe { libc::mmap(std::ptr::null_mut(), len as usize, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
         assert_ne!(raw, libc::MAP_FAILED);
         let start = (raw as u64).div_ceil(size) * size;
         let end = start + (blocks - 1) * size;
@@ -439,7 +503,11 @@ mod tests {
         // Records of 768 KiB (cutting across block edges) from a page into the first block
         // to the end: that block is not carried whole, the others are.
         let rec = 768 << 10;
-        let index: Vec<(u64, u64)> = (0..).map(|k| start + crate::mem::PAGE + k * rec).take_while(|&a| a < end).map(|a| (a, rec.min(end - a))).collect();
+        let index: Vec<(u64, u64)> = (0..)
+            .map(|k| start + crate::mem::PAGE + k * rec)
+            .take_while(|&a| a < end)
+            .map(|a| (a, rec.min(end - a)))
+            .collect();
         let pid = nix::unistd::getpid();
         let h = HugeBlocks::new(pid, &vmas, &index).expect("blocks to prepare");
         assert_eq!(h.starts, (1..blocks - 1).map(|k| start + k * size).collect::<Vec<_>>());
@@ -456,14 +524,21 @@ mod tests {
                     kinds.push(how);
                     let piece = &data[(at - addr) as usize..][..n as usize];
                     let local = [std::io::IoSlice::new(piece)];
-                    let remote = [nix::sys::uio::RemoteIoVec { base: at as usize, len: n as usize }];
-                    assert_eq!(nix::sys::uio::process_vm_writev(pid, &local, &remote).unwrap(), n as usize);
+                    let remote =
+                        [nix::sys::uio::RemoteIoVec { base: at as usize, len: n as usize }];
+                    assert_eq!(
+                        nix::sys::uio::process_vm_writev(pid, &local, &remote).unwrap(),
+                        n as usize
+                    );
                 }
                 assert_eq!(placed, len);
             }
         });
         // SAFETY: the mapping is ours and readable, `index` lies inside it.
-        let wrong = index.iter().flat_map(|&(a, l)| (a..a + l).step_by(512)).find(|&a| unsafe { *(a as *const u8) } != byte(a));
+        let wrong = index
+            .iter()
+            .flat_map(|&(a, l)| (a..a + l).step_by(512))
+            .find(|&a| unsafe { *(a as *const u8) } != byte(a));
         assert_eq!(wrong, None, "a page lost to the byte written to prepare its block");
         // AnonHugePages of the mapping holding the blocks (with any neighbour it merged with).
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
@@ -471,16 +546,29 @@ mod tests {
         let mut huge_kib = None;
         for line in smaps.lines() {
             let range = line.split_once(' ').and_then(|(r, _)| r.split_once('-'));
-            if let Some((lo, hi)) = range.and_then(|(lo, hi)| Some((u64::from_str_radix(lo, 16).ok()?, u64::from_str_radix(hi, 16).ok()?))) {
+            if let Some((lo, hi)) = range.and_then(|(lo, hi)| {
+                Some((u64::from_str_radix(lo, 16).ok()?, u64::from_str_radix(hi, 16).ok()?))
+            }) {
                 in_it = lo <= start && start < hi;
             } else if let Some(v) = line.strip_prefix("AnonHugePages:").filter(|_| in_it) {
                 huge_kib = v.trim().trim_end_matches("kB").trim().parse::<u64>().ok();
             }
         }
         let huge_kib = huge_kib.expect("the mapping in /proc/self/smaps");
-        eprintln!("{} of {} blocks huge ({} KiB), segments {kinds:?}", h.huge_bytes() / size, h.starts.len(), huge_kib);
-        assert!(huge_kib * 1024 >= h.huge_bytes(), "the blocks reported huge are huge pages in the mapping");
-        assert!(kinds.iter().any(|k| matches!(k, Placement::Prepared { .. })), "no page run went into a prepared block");
+        eprintln!(
+            "{} of {} blocks huge ({} KiB), segments {kinds:?}",
+            h.huge_bytes() / size,
+            h.starts.len(),
+            huge_kib
+        );
+        assert!(
+            huge_kib * 1024 >= h.huge_bytes(),
+            "the blocks reported huge are huge pages in the mapping"
+        );
+        assert!(
+            kinds.iter().any(|k| matches!(k, Placement::Prepared { .. })),
+            "no page run went into a prepared block"
+        );
         // SAFETY: unmapping our own mapping, nothing refers to it any more.
         unsafe { libc::munmap(raw, len as usize) };
     }
@@ -490,7 +578,14 @@ mod tests {
         let vmas = [
             Vma { shared: true, ..anon(0, 4 * M) },
             Vma {
-                kind: VmaKind::File(telefork_image::FileId { path: "/x".into(), size: 0, mtime_sec: 0, mtime_nsec: 0, dev: 0, ino: 0 }),
+                kind: VmaKind::File(telefork_image::FileId {
+                    path: "/x".into(),
+                    size: 0,
+                    mtime_sec: 0,
+                    mtime_nsec: 0,
+                    dev: 0,
+                    ino: 0,
+                }),
                 ..anon(8 * M, 12 * M)
             },
         ];

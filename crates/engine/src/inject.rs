@@ -62,7 +62,9 @@ impl Call {
     /// An error if `result` is not the one expected.
     fn check(&self, result: u64) -> Result<()> {
         match self.expect {
-            Some(want) if want != result => bail!("{}: returned {result:#x} instead of {want:#x}", self.what),
+            Some(want) if want != result => {
+                bail!("{}: returned {result:#x} instead of {want:#x}", self.what)
+            }
             _ => Ok(()),
         }
     }
@@ -158,7 +160,12 @@ impl Injector {
     }
 
     /// Runs one system call; a failure becomes an error that says `what` failed and why.
-    pub fn syscall(&mut self, nr: libc::c_long, args: &[u64], what: impl std::fmt::Display) -> Result<u64> {
+    pub fn syscall(
+        &mut self,
+        nr: libc::c_long,
+        args: &[u64],
+        what: impl std::fmt::Display,
+    ) -> Result<u64> {
         let ret = self.syscall_raw(nr, args)?;
         if (-4095..0).contains(&ret) {
             let err = std::io::Error::from_raw_os_error(-ret as i32);
@@ -213,7 +220,10 @@ impl Injector {
     /// Like `run_batch`, but a failing call is not an error: `Ok(Err((index, errno)))` says
     /// which call failed and why (the calls before it ran, the ones after did not). Deferred
     /// calls run first; their failures are errors.
-    pub fn try_batch(&mut self, calls: &[Call]) -> Result<std::result::Result<Vec<u64>, (usize, i32)>> {
+    pub fn try_batch(
+        &mut self,
+        calls: &[Call],
+    ) -> Result<std::result::Result<Vec<u64>, (usize, i32)>> {
         let deferred = std::mem::take(&mut self.deferred);
         let queued = deferred.len();
         let all: Vec<&Call> = deferred.iter().chain(calls).collect();
@@ -228,7 +238,9 @@ impl Injector {
         }
         match failed {
             None => Ok(Ok(results[queued..].to_vec())),
-            Some((i, errno)) if i < queued => bail!("{}: {}", all[i].what, std::io::Error::from_raw_os_error(errno)),
+            Some((i, errno)) if i < queued => {
+                bail!("{}: {}", all[i].what, std::io::Error::from_raw_os_error(errno))
+            }
             Some((i, errno)) => Ok(Err((i - queued, errno))),
         }
     }
@@ -264,7 +276,9 @@ impl Injector {
     pub fn run_batch(&mut self, calls: &[Call]) -> Result<Vec<u64>> {
         match self.try_batch(calls)? {
             Ok(results) => Ok(results),
-            Err((i, errno)) => bail!("{}: {}", calls[i].what, std::io::Error::from_raw_os_error(errno)),
+            Err((i, errno)) => {
+                bail!("{}: {}", calls[i].what, std::io::Error::from_raw_os_error(errno))
+            }
         }
     }
 
@@ -284,7 +298,14 @@ impl Injector {
         INJECTED.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
         ROUND_TRIPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let pid = self.pid.as_raw();
-        let regs = crate::arch::native::batch_regs(&self.base, code, table_addr, chunk.len() as u64, pid, pid);
+        let regs = crate::arch::native::batch_regs(
+            &self.base,
+            code,
+            table_addr,
+            chunk.len() as u64,
+            pid,
+            pid,
+        );
         ptrace::setregs(self.pid, regs)?;
         ptrace::run_to_self_stop(self.pid)?;
         let mut out = vec![0u8; table.len()];
@@ -303,15 +324,15 @@ impl Injector {
     }
 
     pub fn read_mem(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
-        self.mem
-            .read_exact_at(buf, addr)
-            .with_context(|| format!("reading {} bytes at {addr:#x} of process {}", buf.len(), self.pid))
+        self.mem.read_exact_at(buf, addr).with_context(|| {
+            format!("reading {} bytes at {addr:#x} of process {}", buf.len(), self.pid)
+        })
     }
 
     pub fn write_mem(&self, addr: u64, data: &[u8]) -> Result<()> {
-        self.mem
-            .write_all_at(data, addr)
-            .with_context(|| format!("writing {} bytes at {addr:#x} of process {}", data.len(), self.pid))
+        self.mem.write_all_at(data, addr).with_context(|| {
+            format!("writing {} bytes at {addr:#x} of process {}", data.len(), self.pid)
+        })
     }
 
     /// The file handle on /proc/PID/mem (for bulk page transfer).
@@ -380,7 +401,10 @@ impl Injector {
         }
         let start = (self.scratch_used + 15) & !15;
         if start + len > self.scratch_len {
-            bail!("internal error: scratch memory of process {} exhausted ({len} bytes wanted)", self.pid);
+            bail!(
+                "internal error: scratch memory of process {} exhausted ({len} bytes wanted)",
+                self.pid
+            );
         }
         self.scratch_used = start + len;
         Ok(self.scratch + start)
@@ -417,15 +441,30 @@ mod tests {
         }
         let pid = Pid::from_raw(r);
         nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::__WALL)).unwrap();
-        nix::sys::ptrace::setoptions(pid, nix::sys::ptrace::Options::PTRACE_O_TRACESYSGOOD | nix::sys::ptrace::Options::PTRACE_O_EXITKILL).unwrap();
+        nix::sys::ptrace::setoptions(
+            pid,
+            nix::sys::ptrace::Options::PTRACE_O_TRACESYSGOOD
+                | nix::sys::ptrace::Options::PTRACE_O_EXITKILL,
+        )
+        .unwrap();
         let maps = crate::procfs::read_maps(pid).unwrap();
         let vdso = maps.iter().find(|m| m.name == "[vdso]").expect("a [vdso]");
         let mut code = vec![0u8; (vdso.end - vdso.start) as usize];
-        std::fs::File::open(format!("/proc/{pid}/mem")).unwrap().read_exact_at(&mut code, vdso.start).unwrap();
-        let ip = vdso.start + code.windows(2).position(|w| w == crate::arch::native::SYSCALL_INSN).unwrap() as u64;
+        std::fs::File::open(format!("/proc/{pid}/mem"))
+            .unwrap()
+            .read_exact_at(&mut code, vdso.start)
+            .unwrap();
+        let ip = vdso.start
+            + code.windows(2).position(|w| w == crate::arch::native::SYSCALL_INSN).unwrap() as u64;
         let mut inj = Injector::new(pid, ip).unwrap();
         let rwx = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
-        let area = inj.syscall(libc::SYS_mmap, &[0, 1 << 16, rwx, (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64, u64::MAX, 0], "mmap").unwrap();
+        let area = inj
+            .syscall(
+                libc::SYS_mmap,
+                &[0, 1 << 16, rwx, (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64, u64::MAX, 0],
+                "mmap",
+            )
+            .unwrap();
         inj.set_batch_code_area(area).unwrap();
         inj.set_scratch(area + 4096, (1 << 16) - 4096);
         (inj, Killed(pid))
@@ -444,14 +483,25 @@ mod tests {
         // Its name set by a deferred call whose argument is staged, then the scratch reset
         // and reused before the flush: the name must still be the one staged.
         let name = inj.stage(b"deferred\0").unwrap();
-        inj.defer(vec![Call::new(libc::SYS_prctl, &[libc::PR_SET_NAME as u64, name], "naming it").expecting(0)]);
+        inj.defer(vec![
+            Call::new(libc::SYS_prctl, &[libc::PR_SET_NAME as u64, name], "naming it").expecting(0)
+        ]);
         inj.reset_scratch();
         let other = inj.stage(b"clobbered\0").unwrap();
         assert_ne!(other, name, "the deferred call's memory was handed out again");
         let rounds = ROUND_TRIPS.load(std::sync::atomic::Ordering::Relaxed);
-        let got = inj.run_batch(&[Call::new(libc::SYS_getppid, &[], "getppid"), Call::new(libc::SYS_getpid, &[], "getpid")]).unwrap();
+        let got = inj
+            .run_batch(&[
+                Call::new(libc::SYS_getppid, &[], "getppid"),
+                Call::new(libc::SYS_getpid, &[], "getpid"),
+            ])
+            .unwrap();
         assert_eq!(got, vec![me, child], "results of the batch's own calls only");
-        assert_eq!(ROUND_TRIPS.load(std::sync::atomic::Ordering::Relaxed), rounds + 1, "one round trip for deferred and own calls");
+        assert_eq!(
+            ROUND_TRIPS.load(std::sync::atomic::Ordering::Relaxed),
+            rounds + 1,
+            "one round trip for deferred and own calls"
+        );
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
         assert_eq!(comm.trim(), "deferred");
 
@@ -463,7 +513,8 @@ mod tests {
         // A failing deferred call is the error of the batch that ran it, by its name; the
         // batch's own calls did not run.
         inj.defer(vec![Call::new(libc::SYS_close, &[9999], "closing fd 9999")]);
-        let e = inj.try_batch(&[Call::new(libc::SYS_getpid, &[], "getpid")]).unwrap_err().to_string();
+        let e =
+            inj.try_batch(&[Call::new(libc::SYS_getpid, &[], "getpid")]).unwrap_err().to_string();
         assert!(e.contains("closing fd 9999") && e.contains("Bad file descriptor"), "{e}");
 
         // An unexpected result is an error too, also before a single call.
@@ -472,12 +523,22 @@ mod tests {
         assert!(e.contains("asking its pid") && e.contains("instead of"), "{e}");
 
         // A deferred call's result is checked also when the batch's own call then fails.
-        inj.defer(vec![Call::new(libc::SYS_getpid, &[], "asking its pid again").expecting(child + 1)]);
-        let e = inj.try_batch(&[Call::new(libc::SYS_close, &[9999], "closing fd 9999")]).unwrap_err().to_string();
+        inj.defer(vec![
+            Call::new(libc::SYS_getpid, &[], "asking its pid again").expecting(child + 1)
+        ]);
+        let e = inj
+            .try_batch(&[Call::new(libc::SYS_close, &[9999], "closing fd 9999")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("asking its pid again"), "{e}");
         // The batch's own failure, after deferred calls that went well, is its to handle.
         inj.defer(vec![Call::new(libc::SYS_getpid, &[], "getpid").expecting(child)]);
-        let r = inj.try_batch(&[Call::new(libc::SYS_getpid, &[], "getpid"), Call::new(libc::SYS_close, &[9999], "closing fd 9999")]).unwrap();
+        let r = inj
+            .try_batch(&[
+                Call::new(libc::SYS_getpid, &[], "getpid"),
+                Call::new(libc::SYS_close, &[9999], "closing fd 9999"),
+            ])
+            .unwrap();
         assert_eq!(r, Err((1, libc::EBADF)));
 
         // A mark is flushed through once, then costs nothing.

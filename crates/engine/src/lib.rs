@@ -17,9 +17,9 @@ pub mod huge;
 pub mod inject;
 pub mod mem;
 pub mod misc;
+pub mod mm;
 pub mod pidfd;
 pub mod pin;
-pub mod mm;
 pub mod procfs;
 pub mod ptrace;
 pub mod restore;
@@ -52,6 +52,6 @@ pub(crate) fn never_or_always(var: &str) -> Option<bool> {
     }
 }
 
+pub use restore::{restore, RestoreOptions, Restored};
 pub use self_receive::PagesSocket;
 pub use self_send::PageRoute;
-pub use restore::{restore, RestoreOptions, Restored};

@@ -37,7 +37,10 @@ pub fn capture_vmas(pid: Pid, maps: &[MapsEntry]) -> Result<Vec<Vma>> {
     // smaps must show the very mappings `maps` did (it may be read while a scratch area is
     // mapped: one merged with a neighbour would hide that neighbour's flags).
     if let Some(m) = maps.iter().find(|m| !vmflags.contains_key(&(m.start, m.end))) {
-        bail!(MappingsChanged(format!("mapping {:#x}-{:#x} is not in /proc/{pid}/smaps as in maps", m.start, m.end)));
+        bail!(MappingsChanged(format!(
+            "mapping {:#x}-{:#x} is not in /proc/{pid}/smaps as in maps",
+            m.start, m.end
+        )));
     }
     let mut vmas = Vec::with_capacity(maps.len());
     // A library is mapped four or five times: stat it once (by the device and inode maps
@@ -55,14 +58,21 @@ pub fn capture_vmas(pid: Pid, maps: &[MapsEntry]) -> Result<Vec<Vma>> {
             "" | "[heap]" | "[stack]" => VmaKind::Anon,
             // A shared anonymous mapping is a hidden shmem file the kernel names this way.
             n if m.shared && n.starts_with("/dev/zero") => VmaKind::Anon,
-            n if n.starts_with('[') => bail!("mapping {:#x}-{:#x} is the special mapping {n}, which is not supported", m.start, m.end),
+            n if n.starts_with('[') => bail!(
+                "mapping {:#x}-{:#x} is the special mapping {n}, which is not supported",
+                m.start,
+                m.end
+            ),
             n if n.ends_with(" (deleted)") => {
                 bail!("mapping {:#x}-{:#x} is backed by the deleted file {n:?}, which cannot be mapped again", m.start, m.end)
             }
             n if n.starts_with("/SYSV") || n.starts_with("/memfd:") => {
                 bail!("mapping {:#x}-{:#x} is backed by {n}: SysV shared memory and memfd are not supported yet", m.start, m.end)
             }
-            n => match files.iter().find(|(dev, ino, path, _)| *dev == m.dev && *ino == m.inode && *path == n) {
+            n => match files
+                .iter()
+                .find(|(dev, ino, path, _)| *dev == m.dev && *ino == m.inode && *path == n)
+            {
                 Some((_, _, _, id)) => VmaKind::File(id.clone()),
                 None => {
                     let id = file_id_of_mapping(pid, m, n)?;
@@ -109,7 +119,9 @@ impl std::error::Error for MappingsChanged {}
 fn file_id_of_mapping(pid: Pid, m: &MapsEntry, path: &str) -> Result<FileId> {
     // map_files/ names the very file mapped, even if `path` was replaced since.
     let link = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
-    let st = std::fs::metadata(&link).with_context(|| format!("identifying the file of mapping {:#x}-{:#x} ({path})", m.start, m.end))?;
+    let st = std::fs::metadata(&link).with_context(|| {
+        format!("identifying the file of mapping {:#x}-{:#x} ({path})", m.start, m.end)
+    })?;
     Ok(FileId {
         path: path.to_string(),
         dev: st.dev(),
@@ -143,7 +155,8 @@ fn carries_pages(vma: &Vma) -> bool {
 
 /// Bytes of memory per page record (and per read of the process's memory).
 const CHUNK: u64 = 1 << 20;
-const _: () = assert!(CHUNK as usize <= telefork_image::MAX_PAGE_CHUNK, "a run must fit one record");
+const _: () =
+    assert!(CHUNK as usize <= telefork_image::MAX_PAGE_CHUNK, "a run must fit one record");
 /// Buffers in flight between the thread that reads memory and the one that writes records.
 const BUFFERS: usize = 3;
 /// Up to this many bytes of pages, capture reads and writes them in one thread.
@@ -180,7 +193,13 @@ pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
 /// the page tables that exist, so a 64 GiB reservation with 10 MiB touched costs what 10 MiB
 /// cost — where reading /proc/PID/pagemap would return 16 million entries. Written by hand:
 /// no crate wraps this ioctl yet.
-pub fn pagemap_scan(pagemap: &std::fs::File, start: u64, end: u64, (inverted, mask, anyof, returned): (u64, u64, u64, u64), out: &mut Vec<PageRegion>) -> bool {
+pub fn pagemap_scan(
+    pagemap: &std::fs::File,
+    start: u64,
+    end: u64,
+    (inverted, mask, anyof, returned): (u64, u64, u64, u64),
+    out: &mut Vec<PageRegion>,
+) -> bool {
     use std::os::fd::AsRawFd;
     #[repr(C)]
     struct PmScanArg {
@@ -198,7 +217,8 @@ pub fn pagemap_scan(pagemap: &std::fs::File, start: u64, end: u64, (inverted, ma
         return_mask: u64,
     }
     // _IOWR('f', 16, struct pm_scan_arg)
-    const PAGEMAP_SCAN: u64 = (3 << 30) | ((std::mem::size_of::<PmScanArg>() as u64) << 16) | ((b'f' as u64) << 8) | 16;
+    const PAGEMAP_SCAN: u64 =
+        (3 << 30) | ((std::mem::size_of::<PmScanArg>() as u64) << 16) | ((b'f' as u64) << 8) | 16;
     // Regions per call, written straight into `out`'s spare room.
     const ROOM: usize = 1024;
     let mut at = start;
@@ -222,7 +242,9 @@ pub fn pagemap_scan(pagemap: &std::fs::File, start: u64, end: u64, (inverted, ma
         // SAFETY: `arg` is a valid pm_scan_arg whose `vec` points at `out`'s spare room,
         // which has space for `vec_len` entries and outlives the call; the kernel writes only
         // there and into `arg.walk_end`.
-        let n = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN as _, &mut arg as *mut PmScanArg) };
+        let n = unsafe {
+            libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN as _, &mut arg as *mut PmScanArg)
+        };
         if n < 0 {
             return false;
         }
@@ -251,7 +273,8 @@ fn scan_runs(pagemap: &std::fs::File, vmas: &[Vma]) -> Option<Vec<(u64, u64)>> {
         };
         found.clear();
         let wanted = PAGE_IS_PRESENT | PAGE_IS_SWAPPED;
-        if !pagemap_scan(pagemap, vma.start, vma.end, (inverted, mask, wanted, wanted), &mut found) {
+        if !pagemap_scan(pagemap, vma.start, vma.end, (inverted, mask, wanted, wanted), &mut found)
+        {
             return None;
         }
         let first = runs.len();
@@ -274,7 +297,8 @@ fn scan_runs(pagemap: &std::fs::File, vmas: &[Vma]) -> Option<Vec<(u64, u64)>> {
 
 /// The runs of pages that must travel, in address order, each at most `CHUNK` long.
 fn travelling_runs(pid: Pid, vmas: &[Vma]) -> Result<Vec<(u64, u64)>> {
-    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).with_context(|| format!("opening /proc/{pid}/pagemap"))?;
+    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))
+        .with_context(|| format!("opening /proc/{pid}/pagemap"))?;
     if std::env::var_os("TELEFORK_NO_PAGEMAP_SCAN").is_none() {
         if let Some(runs) = scan_runs(&pagemap, vmas) {
             return Ok(runs);
@@ -291,9 +315,9 @@ fn travelling_runs(pid: Pid, vmas: &[Vma]) -> Result<Vec<(u64, u64)>> {
         while addr < vma.end {
             let n = ((vma.end - addr) / PAGE).min(BATCH_PAGES);
             let pm = &mut pm[..(n * 8) as usize];
-            pagemap
-                .read_exact_at(pm, addr / PAGE * 8)
-                .with_context(|| format!("reading the pagemap of {addr:#x}-{:#x}", addr + n * PAGE))?;
+            pagemap.read_exact_at(pm, addr / PAGE * 8).with_context(|| {
+                format!("reading the pagemap of {addr:#x}-{:#x}", addr + n * PAGE)
+            })?;
             for (i, e) in pm.chunks_exact(8).enumerate() {
                 let entry = u64::from_le_bytes(e.try_into().unwrap_or([0; 8]));
                 if !page_travels(vma, entry) {
@@ -302,7 +326,9 @@ fn travelling_runs(pid: Pid, vmas: &[Vma]) -> Result<Vec<(u64, u64)>> {
                 let page = addr + i as u64 * PAGE;
                 let extends_last = runs.len() > first_run_of_vma;
                 match runs.last_mut() {
-                    Some((start, len)) if extends_last && *start + *len == page && *len < CHUNK => *len += PAGE,
+                    Some((start, len)) if extends_last && *start + *len == page && *len < CHUNK => {
+                        *len += PAGE
+                    }
                     _ => runs.push((page, PAGE)),
                 }
             }
@@ -320,7 +346,9 @@ fn travelling_runs(pid: Pid, vmas: &[Vma]) -> Result<Vec<(u64, u64)>> {
 /// its speed. /proc/PID/mem only takes references: no copies.
 fn read_remote(pid: Pid, mem: &std::fs::File, addr: u64, buf: &mut [u8]) -> Result<()> {
     let len = buf.len();
-    mem.read_exact_at(buf, addr).with_context(|| format!("reading memory {addr:#x}-{:#x} of process {pid}", addr + len as u64))
+    mem.read_exact_at(buf, addr).with_context(|| {
+        format!("reading memory {addr:#x}-{:#x} of process {pid}", addr + len as u64)
+    })
 }
 
 /// Writes the contents of every page that must travel, in address order, as page records.
@@ -332,7 +360,12 @@ fn read_remote(pid: Pid, mem: &std::fs::File, addr: u64, buf: &mut [u8]) -> Resu
 /// socket route (a stream to a restorer) the runs are announced first (the image's page
 /// index): the new process there can then receive them straight into place (`self_receive`).
 /// Every run is one record (runs are at most `CHUNK` long).
-pub fn write_pages<W: std::io::Write + Send>(pid: Pid, vmas: &[Vma], out: &mut ImageWriter<W>, route: Option<(&mut Injector, &PageRoute)>) -> Result<u64> {
+pub fn write_pages<W: std::io::Write + Send>(
+    pid: Pid,
+    vmas: &[Vma],
+    out: &mut ImageWriter<W>,
+    route: Option<(&mut Injector, &PageRoute)>,
+) -> Result<u64> {
     let runs = travelling_runs(pid, vmas)?;
     let total: u64 = runs.iter().map(|(_, len)| len).sum();
     // The page index: for the plain transport (the new process may receive its pages itself)
@@ -346,7 +379,8 @@ pub fn write_pages<W: std::io::Write + Send>(pid: Pid, vmas: &[Vma], out: &mut I
             out.flush().context("sending the page index")?;
         }
     }
-    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).with_context(|| format!("opening /proc/{pid}/mem"))?;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem"))
+        .with_context(|| format!("opening /proc/{pid}/mem"))?;
     if let Some((inj, route)) = route {
         // (If the process cannot take the channel — a seccomp filter, its fd limit — its
         // memory is read here as usual.)
@@ -354,12 +388,16 @@ pub fn write_pages<W: std::io::Write + Send>(pid: Pid, vmas: &[Vma], out: &mut I
             match route {
                 PageRoute::Socket(sock) => {
                     if let Ok(sender) = SelfSender::open_socket(inj, *sock) {
-                        return write_pages_self_sent(pid, &mem, vmas, &runs, out, inj, sender).map(|()| total);
+                        return write_pages_self_sent(pid, &mem, vmas, &runs, out, inj, sender)
+                            .map(|()| total);
                     }
                 }
                 PageRoute::Pipe(forward) => {
                     if let Ok((sender, pipe)) = SelfSender::open_pipe(inj) {
-                        return write_pages_spliced(pid, &mem, vmas, &runs, out, inj, sender, pipe, *forward).map(|()| total);
+                        return write_pages_spliced(
+                            pid, &mem, vmas, &runs, out, inj, sender, pipe, *forward,
+                        )
+                        .map(|()| total);
                     }
                 }
             }
@@ -420,7 +458,10 @@ const SELF_SEND_MIN: u64 = 1 << 20;
 /// PROT_NONE mapping's pages still travel, but only /proc/PID/mem can read them) and the run
 /// is worth an injected call.
 fn self_sendable(vmas: &[Vma], addr: u64, len: u64) -> bool {
-    len >= SELF_SEND_MIN && vmas.iter().any(|v| v.start <= addr && addr + len <= v.end && v.prot & libc::PROT_READ as u32 != 0)
+    len >= SELF_SEND_MIN
+        && vmas
+            .iter()
+            .any(|v| v.start <= addr && addr + len <= v.end && v.prot & libc::PROT_READ as u32 != 0)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -523,7 +564,8 @@ fn write_pages_spliced<W: std::io::Write + Send>(
                         return Ok(()); // the writer stopped: its error says why
                     }
                     batch.push((addr, len));
-                    let next_is_big = runs.get(i + 1).is_some_and(|&(a, l)| self_sendable(vmas, a, l));
+                    let next_is_big =
+                        runs.get(i + 1).is_some_and(|&(a, l)| self_sendable(vmas, a, l));
                     if batch.len() == SPLICE_BATCH || !next_is_big {
                         sender.send_runs(inj, &batch)?;
                         batch.clear();
@@ -541,7 +583,8 @@ fn write_pages_spliced<W: std::io::Write + Send>(
         drop(tx);
         // The process closes its end now: a writer still waiting for bytes sees the end.
         let closed = sender.close(inj);
-        let written = writer.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the page writer panicked")));
+        let written =
+            writer.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the page writer panicked")));
         match (written, handed) {
             // The process could not hand over (its error is the cause; the writer then saw
             // its pipe end early).
@@ -614,10 +657,15 @@ pub fn fill_pages<R: std::io::Read + Send>(
             // Populating costs one injected call: worth it for big runs only. (Calls still
             // deferred run first, and their failures count.)
             let huge_page = how == Placement::Prepared { huge: true };
-            if !covered && !huge_page && piece.len() >= POPULATE_MIN && initial_prot(vma) & libc::PROT_WRITE as u32 != 0 {
+            if !covered
+                && !huge_page
+                && piece.len() >= POPULATE_MIN
+                && initial_prot(vma) & libc::PROT_WRITE as u32 != 0
+            {
                 inj.flush()?;
                 // Best effort: an old kernel without MADV_POPULATE_WRITE just faults later.
-                let _ = inj.syscall_raw(libc::SYS_madvise, &[at, piece.len() as u64, MADV_POPULATE_WRITE]);
+                let _ = inj
+                    .syscall_raw(libc::SYS_madvise, &[at, piece.len() as u64, MADV_POPULATE_WRITE]);
             }
             if place_run(uffd, inj.mem_file(), pid, at, piece)? {
                 by_uffd += piece.len() as u64;
@@ -641,13 +689,18 @@ pub fn fill_pages<R: std::io::Read + Send>(
         // cover without populating first (an injected call, ours): with process_vm_writev,
         // else through its own handle on /proc/PID/mem. Without userfaultfd (where most runs
         // want populating) we place them all.
-        let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<Option<(u64, Vec<u8>)>>>(BUFFERS);
+        let (full_tx, full_rx) =
+            std::sync::mpsc::sync_channel::<Result<Option<(u64, Vec<u8>)>>>(BUFFERS);
         let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
         for _ in 0..BUFFERS {
             let _ = empty_tx.send(Vec::new());
         }
-        let records = Records { rx: std::sync::Mutex::new(full_rx), ended: std::sync::atomic::AtomicBool::new(false) };
-        let helper_mem = inj.mem_file().try_clone().context("duplicating the handle on the process's memory")?;
+        let records = Records {
+            rx: std::sync::Mutex::new(full_rx),
+            ended: std::sync::atomic::AtomicBool::new(false),
+        };
+        let helper_mem =
+            inj.mem_file().try_clone().context("duplicating the handle on the process's memory")?;
         let huge = huge.as_ref();
         let helper_bytes = std::thread::scope(|scope| {
             if let Some(h) = huge {
@@ -672,7 +725,13 @@ pub fn fill_pages<R: std::io::Read + Send>(
                         let data = &buf[8..];
                         check_page_run(vmas, addr, data.len() as u64)?;
                         for (at, piece, how) in placements(huge, addr, data) {
-                            if place_run(uffd.filter(|_| how == Placement::Usual), &helper_mem, pid, at, piece)? {
+                            if place_run(
+                                uffd.filter(|_| how == Placement::Usual),
+                                &helper_mem,
+                                pid,
+                                at,
+                                piece,
+                            )? {
                                 through_uffd += piece.len() as u64;
                             }
                         }
@@ -698,7 +757,9 @@ pub fn fill_pages<R: std::io::Read + Send>(
             }
             drop(empty_tx);
             let theirs = match helper {
-                Some(h) => h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the thread placing pages panicked"))),
+                Some(h) => h
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("the thread placing pages panicked"))),
                 None => Ok((0, 0)),
             };
             ours?;
@@ -713,7 +774,12 @@ pub fn fill_pages<R: std::io::Read + Send>(
     if let Some(why) = huge.as_ref().and_then(|h| h.stopped_because()) {
         crate::timeline::stamp(&format!("huge pages stopped: {why}"));
     }
-    Ok(Placed { bytes: total, by_uffd, in_huge_pages: huge.map_or(0, |h| h.huge_bytes()), by_process: false })
+    Ok(Placed {
+        bytes: total,
+        by_uffd,
+        in_huge_pages: huge.map_or(0, |h| h.huge_bytes()),
+        by_process: false,
+    })
 }
 
 /// How a restore's pages were placed.
@@ -731,7 +797,11 @@ pub struct Placed {
 
 /// The parts of a page run `data` at `addr` and how each is placed (all of it the usual way
 /// where no blocks are prepared).
-fn placements<'d>(huge: Option<&HugeBlocks>, addr: u64, data: &'d [u8]) -> Vec<(u64, &'d [u8], Placement)> {
+fn placements<'d>(
+    huge: Option<&HugeBlocks>,
+    addr: u64,
+    data: &'d [u8],
+) -> Vec<(u64, &'d [u8], Placement)> {
     match huge {
         None => vec![(addr, data, Placement::Usual)],
         Some(h) => h
@@ -794,7 +864,10 @@ pub fn is_big(vmas: &[Vma]) -> bool {
 /// The mappings whose pages are placed through userfaultfd: private anonymous memory (the
 /// kernel supports MISSING registration there; private file mappings keep the file's pages).
 fn uffd_ranges(vmas: &[Vma]) -> Vec<(u64, u64)> {
-    vmas.iter().filter(|v| v.kind == VmaKind::Anon && !v.shared).map(|v| (v.start, v.end - v.start)).collect()
+    vmas.iter()
+        .filter(|v| v.kind == VmaKind::Anon && !v.shared)
+        .map(|v| (v.start, v.end - v.start))
+        .collect()
 }
 
 pub(crate) const MADV_POPULATE_WRITE: u64 = 23;
@@ -804,7 +877,13 @@ pub(crate) const POPULATE_MIN: usize = 1 << 20;
 /// Places one run of pages at `addr` of process `pid`: through `uffd` where it covers the
 /// run (true), else with process_vm_writev, or through `mem` (/proc/PID/mem: it may write to
 /// memory not writable yet).
-pub(crate) fn place_run(uffd: Option<&RemoteUffd>, mem: &std::fs::File, pid: Pid, addr: u64, data: &[u8]) -> Result<bool> {
+pub(crate) fn place_run(
+    uffd: Option<&RemoteUffd>,
+    mem: &std::fs::File,
+    pid: Pid,
+    addr: u64,
+    data: &[u8],
+) -> Result<bool> {
     if let Some(u) = uffd.filter(|u| u.covers(addr, data.len() as u64)) {
         u.copy(addr, data)?;
         return Ok(true);
@@ -816,7 +895,8 @@ pub(crate) fn place_run(uffd: Option<&RemoteUffd>, mem: &std::fs::File, pid: Pid
             return Ok(false);
         }
     }
-    mem.write_all_at(data, addr).with_context(|| format!("writing {} bytes at {addr:#x} of process {pid}", data.len()))?;
+    mem.write_all_at(data, addr)
+        .with_context(|| format!("writing {} bytes at {addr:#x} of process {pid}", data.len()))?;
     Ok(false)
 }
 
@@ -824,8 +904,11 @@ pub(crate) fn place_run(uffd: Option<&RemoteUffd>, mem: &std::fs::File, pid: Pid
 /// time): a changed file would be mapped wrong, silently.
 pub fn check_file(id: &FileId, what: &str) -> Result<()> {
     let st = std::fs::metadata(&id.path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => anyhow::anyhow!("{what} {:?} is missing on this machine", id.path),
-        _ => anyhow::Error::new(e).context(format!("{what} {:?} cannot be reached by the image's process", id.path)),
+        std::io::ErrorKind::NotFound => {
+            anyhow::anyhow!("{what} {:?} is missing on this machine", id.path)
+        }
+        _ => anyhow::Error::new(e)
+            .context(format!("{what} {:?} cannot be reached by the image's process", id.path)),
     })?;
     if st.size() != id.size || st.mtime() != id.mtime_sec || st.mtime_nsec() != id.mtime_nsec {
         bail!(
@@ -845,7 +928,13 @@ pub fn check_file(id: &FileId, what: &str) -> Result<()> {
 /// The madvise advice capture records (from smaps' VmFlags) and restore gives again; any
 /// other is refused — some need privilege (MADV_HWPOISON and MADV_SOFT_OFFLINE take pages
 /// out of service for the whole machine), and the restorer is root.
-pub const RESTORED_ADVICE: [i32; 5] = [libc::MADV_HUGEPAGE, libc::MADV_NOHUGEPAGE, libc::MADV_DONTFORK, libc::MADV_DONTDUMP, libc::MADV_WIPEONFORK];
+pub const RESTORED_ADVICE: [i32; 5] = [
+    libc::MADV_HUGEPAGE,
+    libc::MADV_NOHUGEPAGE,
+    libc::MADV_DONTFORK,
+    libc::MADV_DONTDUMP,
+    libc::MADV_WIPEONFORK,
+];
 
 /// Refuses an image whose mappings overlap, are unaligned, leave user space, or carry advice
 /// capture never records.
@@ -854,11 +943,21 @@ pub fn validate_layout(vmas: &[Vma]) -> Result<()> {
     let mut prev_end = 0u64;
     for v in vmas {
         let special = matches!(v.kind, VmaKind::Special(SpecialMap::Vsyscall));
-        if v.start % PAGE != 0 || v.end % PAGE != 0 || v.end <= v.start || v.start < prev_end || (!special && v.end > TASK_SIZE) {
+        if v.start % PAGE != 0
+            || v.end % PAGE != 0
+            || v.end <= v.start
+            || v.start < prev_end
+            || (!special && v.end > TASK_SIZE)
+        {
             bail!("image is corrupt: mapping {:#x}-{:#x} is unaligned, empty, overlapping or outside user space", v.start, v.end);
         }
         if v.prot & !((libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u32) != 0 {
-            bail!("image is corrupt: mapping {:#x}-{:#x} has protection bits {:#x}", v.start, v.end, v.prot);
+            bail!(
+                "image is corrupt: mapping {:#x}-{:#x} has protection bits {:#x}",
+                v.start,
+                v.end,
+                v.prot
+            );
         }
         if let Some(a) = v.advice.iter().find(|a| !RESTORED_ADVICE.contains(a)) {
             bail!("image is corrupt: mapping {:#x}-{:#x} has madvise advice {a}, which capture never records", v.start, v.end);
@@ -902,7 +1001,10 @@ pub fn create_mappings(inj: &mut Injector, vmas: &[Vma]) -> Result<()> {
                 ((share | libc::MAP_ANONYMOUS | grows | noreserve) as u64, u64::MAX)
             }
             VmaKind::File(id) => {
-                let fd = files.get(&(id.path.clone(), v.shared)).copied().context("internal error: a mapped file was not opened")?;
+                let fd = files
+                    .get(&(id.path.clone(), v.shared))
+                    .copied()
+                    .context("internal error: a mapped file was not opened")?;
                 if v.shared {
                     (libc::MAP_SHARED as u64, fd)
                 } else {
@@ -913,11 +1015,19 @@ pub fn create_mappings(inj: &mut Injector, vmas: &[Vma]) -> Result<()> {
         // MAP_FIXED_NOREPLACE: the address space was emptied, so nothing may be there; an
         // image whose mappings collide gets an error instead of a silent overwrite.
         calls.push(
-            Call::new(libc::SYS_mmap, &[v.start, len, prot, flags | libc::MAP_FIXED_NOREPLACE as u64, fd, v.offset], format!("mapping {:#x}-{:#x}", v.start, v.end))
-                .expecting(v.start),
+            Call::new(
+                libc::SYS_mmap,
+                &[v.start, len, prot, flags | libc::MAP_FIXED_NOREPLACE as u64, fd, v.offset],
+                format!("mapping {:#x}-{:#x}", v.start, v.end),
+            )
+            .expecting(v.start),
         );
         for advice in &v.advice {
-            calls.push(Call::new(libc::SYS_madvise, &[v.start, len, *advice as u64], format!("madvise({advice}) on {:#x}-{:#x}", v.start, v.end)));
+            calls.push(Call::new(
+                libc::SYS_madvise,
+                &[v.start, len, *advice as u64],
+                format!("madvise({advice}) on {:#x}-{:#x}", v.start, v.end),
+            ));
         }
     }
     for fd in files.into_values() {
@@ -952,7 +1062,11 @@ fn open_mapped_files(inj: &mut Injector, vmas: &[Vma]) -> Result<HashMap<(String
         let open = |flags: i32| [libc::AT_FDCWD as u64, path, (flags | libc::O_CLOEXEC) as u64];
         let mut fd = inj.syscall_raw(libc::SYS_openat, &open(libc::O_RDWR))?;
         if fd < 0 {
-            fd = inj.syscall(libc::SYS_openat, &open(libc::O_RDONLY), format_args!("opening mapped file {:?}", id.path))? as i64;
+            fd = inj.syscall(
+                libc::SYS_openat,
+                &open(libc::O_RDONLY),
+                format_args!("opening mapped file {:?}", id.path),
+            )? as i64;
         }
         files.insert((id.path.clone(), true), fd as u64);
     }
@@ -1003,7 +1117,13 @@ pub fn finish(inj: &mut Injector, vmas: &[Vma]) {
     let calls: Vec<Call> = vmas
         .iter()
         .filter(|v| initial_prot(v) != v.prot)
-        .map(|v| Call::new(libc::SYS_mprotect, &[v.start, v.end - v.start, v.prot as u64], format!("setting the protection of {:#x}-{:#x}", v.start, v.end)))
+        .map(|v| {
+            Call::new(
+                libc::SYS_mprotect,
+                &[v.start, v.end - v.start, v.prot as u64],
+                format!("setting the protection of {:#x}-{:#x}", v.start, v.end),
+            )
+        })
         .collect();
     inj.defer(calls);
 }
@@ -1015,10 +1135,21 @@ mod tests {
     /// Advice capture records passes; advice that needs privilege (or is unknown) does not.
     #[test]
     fn only_recorded_advice_is_restored() {
-        let vma = |advice: Vec<i32>| Vma { start: 1 << 20, end: 2 << 20, prot: 3, shared: false, offset: 0, kind: VmaKind::Anon, growsdown: false, accounted: true, advice };
+        let vma = |advice: Vec<i32>| Vma {
+            start: 1 << 20,
+            end: 2 << 20,
+            prot: 3,
+            shared: false,
+            offset: 0,
+            kind: VmaKind::Anon,
+            growsdown: false,
+            accounted: true,
+            advice,
+        };
         validate_layout(&[vma(RESTORED_ADVICE.to_vec())]).unwrap();
         for bad in [libc::MADV_HWPOISON, libc::MADV_SOFT_OFFLINE, libc::MADV_REMOVE, 99] {
-            let e = validate_layout(&[vma(vec![libc::MADV_HUGEPAGE, bad])]).unwrap_err().to_string();
+            let e =
+                validate_layout(&[vma(vec![libc::MADV_HUGEPAGE, bad])]).unwrap_err().to_string();
             assert!(e.contains(&format!("advice {bad}")), "{e}");
         }
     }
@@ -1034,7 +1165,8 @@ mod tests {
             .find(|maps| capture_vmas(me, maps).is_ok())
             .expect("maps and smaps never agreed");
         let mut changed = maps.clone();
-        let last = changed.iter_mut().rev().find(|m| m.name.is_empty()).expect("an anonymous mapping");
+        let last =
+            changed.iter_mut().rev().find(|m| m.name.is_empty()).expect("an anonymous mapping");
         last.end += PAGE; // as if merged with a page above it
         let e = capture_vmas(me, &changed).unwrap_err();
         assert!(e.downcast_ref::<MappingsChanged>().is_some(), "{e:#}");

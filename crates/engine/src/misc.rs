@@ -86,13 +86,16 @@ pub fn capture(pid: Pid, stat: &crate::procfs::Stat, status: &str) -> Result<Mis
         Some(mode) => bail!("process {pid} runs under seccomp (mode {mode}); its filters cannot be captured yet, and restoring it without them would lift its sandbox"),
         None => bail!("no Seccomp line in /proc/{pid}/status"),
     }
-    let no_new_privs = status_number(status, "NoNewPrivs:").with_context(|| format!("no NoNewPrivs line in /proc/{pid}/status"))? != 0;
+    let no_new_privs = status_number(status, "NoNewPrivs:")
+        .with_context(|| format!("no NoNewPrivs line in /proc/{pid}/status"))?
+        != 0;
     let umask = parse_umask(status).with_context(|| format!("parsing /proc/{pid}/status"))?;
     let nice = stat_nice(stat).with_context(|| format!("parsing /proc/{pid}/stat"))?;
     let pers = read_proc(pid, "personality")?;
     let personality = u64::from_str_radix(pers.trim(), 16)
         .with_context(|| format!("parsing /proc/{pid}/personality {:?}", pers.trim()))?;
-    let rlimits = parse_limits(&read_proc(pid, "limits")?).with_context(|| format!("parsing /proc/{pid}/limits"))?;
+    let rlimits = parse_limits(&read_proc(pid, "limits")?)
+        .with_context(|| format!("parsing /proc/{pid}/limits"))?;
     Ok(Misc { cwd, umask, nice, personality, rlimits, no_new_privs })
 }
 
@@ -105,7 +108,8 @@ fn status_number(status: &str, key: &str) -> Option<u64> {
 pub fn parse_umask(status: &str) -> Result<u32> {
     for line in status.lines() {
         if let Some(v) = line.strip_prefix("Umask:") {
-            return u32::from_str_radix(v.trim(), 8).with_context(|| format!("bad Umask {:?}", v.trim()));
+            return u32::from_str_radix(v.trim(), 8)
+                .with_context(|| format!("bad Umask {:?}", v.trim()));
         }
     }
     bail!("no Umask line")
@@ -122,9 +126,11 @@ pub(crate) fn stat_nice(stat: &crate::procfs::Stat) -> Result<i32> {
 pub fn parse_limits(text: &str) -> Result<Vec<Rlimit>> {
     let mut found: [Option<(u64, u64)>; 16] = [None; 16];
     for line in text.lines().skip(1) {
-        let Some((res, name)) = LIMIT_NAMES.iter().enumerate().find(|(_, n)| {
-            line.strip_prefix(**n).is_some_and(|rest| rest.starts_with(' '))
-        }) else {
+        let Some((res, name)) = LIMIT_NAMES
+            .iter()
+            .enumerate()
+            .find(|(_, n)| line.strip_prefix(**n).is_some_and(|rest| rest.starts_with(' ')))
+        else {
             if line.trim().is_empty() {
                 continue;
             }
@@ -161,7 +167,12 @@ pub fn restore(inj: &mut Injector, m: &Misc, comm: &str) -> Result<()> {
     }
     for l in &m.rlimits {
         if l.soft > l.hard {
-            bail!("{}: soft limit {} above hard limit {} in the image", rlimit_name(l.resource), l.soft, l.hard);
+            bail!(
+                "{}: soft limit {} above hard limit {} in the image",
+                rlimit_name(l.resource),
+                l.soft,
+                l.hard
+            );
         }
     }
     let cwd = inj.stage_cstr(&m.cwd)?;
@@ -173,19 +184,43 @@ pub fn restore(inj: &mut Injector, m: &Misc, comm: &str) -> Result<()> {
     let name_addr = inj.stage(&name)?;
     // One batch (one ptrace round trip) for all of it.
     let mut calls = vec![
-        Call::new(libc::SYS_chdir, &[cwd], format!("restoring the working directory {}: chdir", m.cwd)),
+        Call::new(
+            libc::SYS_chdir,
+            &[cwd],
+            format!("restoring the working directory {}: chdir", m.cwd),
+        ),
         Call::new(libc::SYS_umask, &[(m.umask & 0o777) as u64], "restoring the umask"),
-        Call::new(libc::SYS_personality, &[pers as u64], format!("restoring personality {pers:#x}")),
-        Call::new(libc::SYS_setpriority, &[libc::PRIO_PROCESS as u64, 0, m.nice as i64 as u64], format!("restoring nice value {}: setpriority", m.nice)),
-        Call::new(libc::SYS_prctl, &[libc::PR_SET_NAME as u64, name_addr], format!("restoring the command name {comm:?}")),
+        Call::new(
+            libc::SYS_personality,
+            &[pers as u64],
+            format!("restoring personality {pers:#x}"),
+        ),
+        Call::new(
+            libc::SYS_setpriority,
+            &[libc::PRIO_PROCESS as u64, 0, m.nice as i64 as u64],
+            format!("restoring nice value {}: setpriority", m.nice),
+        ),
+        Call::new(
+            libc::SYS_prctl,
+            &[libc::PR_SET_NAME as u64, name_addr],
+            format!("restoring the command name {comm:?}"),
+        ),
     ];
     if m.no_new_privs {
-        calls.push(Call::new(libc::SYS_prctl, &[libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0], "restoring no_new_privs"));
+        calls.push(Call::new(
+            libc::SYS_prctl,
+            &[libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0],
+            "restoring no_new_privs",
+        ));
     }
     let fixed = calls.len();
     for l in &m.rlimits {
         let newp = inj.stage(&rlimit_bytes(l.soft, l.hard))?;
-        calls.push(Call::new(libc::SYS_prlimit64, &[0, l.resource as u64, newp, 0], format!("restoring {}: prlimit64", rlimit_name(l.resource))));
+        calls.push(Call::new(
+            libc::SYS_prlimit64,
+            &[0, l.resource as u64, newp, 0],
+            format!("restoring {}: prlimit64", rlimit_name(l.resource)),
+        ));
     }
     match inj.try_batch(&calls)? {
         Ok(_) => Ok(()),
@@ -217,7 +252,11 @@ fn restore_rlimit(inj: &mut Injector, l: &Rlimit) -> Result<()> {
     // Raising the hard limit needs CAP_SYS_RESOURCE (and RLIMIT_NOFILE cannot exceed
     // fs.nr_open): keep the current hard limit and put the soft one under it.
     let oldp = inj.alloc_zeroed(16)?;
-    inj.syscall(libc::SYS_prlimit64, &[0, l.resource as u64, 0, oldp], format!("reading {name}: prlimit64"))?;
+    inj.syscall(
+        libc::SYS_prlimit64,
+        &[0, l.resource as u64, 0, oldp],
+        format!("reading {name}: prlimit64"),
+    )?;
     let mut buf = [0u8; 16];
     inj.read_mem(oldp, &mut buf)?;
     let cur_hard = u64::from_ne_bytes(buf[8..16].try_into().expect("8 bytes"));
@@ -258,7 +297,8 @@ fn fmt_lim(v: u64) -> String {
 mod tests {
     use super::*;
 
-    const LIMITS: &str = "Limit                     Soft Limit           Hard Limit           Units     \n\
+    const LIMITS: &str =
+        "Limit                     Soft Limit           Hard Limit           Units     \n\
 Max cpu time              unlimited            unlimited            seconds   \n\
 Max file size             unlimited            unlimited            bytes     \n\
 Max data size             unlimited            unlimited            bytes     \n\
@@ -297,7 +337,10 @@ Max realtime timeout      unlimited            unlimited            us        \n
         let short: String = LIMITS.lines().take(10).map(|l| format!("{l}\n")).collect();
         assert!(parse_limits(&short).is_err());
         // A garbage value.
-        assert!(parse_limits(&LIMITS.replace("8388608              unlimited", "88x      unlimited")).is_err());
+        assert!(parse_limits(
+            &LIMITS.replace("8388608              unlimited", "88x      unlimited")
+        )
+        .is_err());
         // An unknown line.
         assert!(parse_limits(&format!("{LIMITS}Max widgets  1  2  things\n")).is_err());
     }

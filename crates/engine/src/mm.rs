@@ -22,10 +22,17 @@ pub fn brk_call() -> Call {
 /// The mm fields of stopped process `pid` that /proc shows (`stat`: its /proc/PID/stat, read
 /// by the caller): all but `brk`, left 0 for the caller to set from what `brk_call` returned.
 pub fn capture(pid: Pid, stat: &crate::procfs::Stat) -> Result<MmFields> {
-    let auxv_bytes = crate::procfs::read_file(&format!("/proc/{pid}/auxv")).with_context(|| format!("reading /proc/{pid}/auxv"))?;
-    let auxv = auxv_bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+    let auxv_bytes = crate::procfs::read_file(&format!("/proc/{pid}/auxv"))
+        .with_context(|| format!("reading /proc/{pid}/auxv"))?;
+    let auxv = auxv_bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+        .collect();
     let exe_link = format!("/proc/{pid}/exe");
-    let exe = std::fs::read_link(&exe_link).with_context(|| format!("reading {exe_link}"))?.to_string_lossy().into_owned();
+    let exe = std::fs::read_link(&exe_link)
+        .with_context(|| format!("reading {exe_link}"))?
+        .to_string_lossy()
+        .into_owned();
     if exe.ends_with(" (deleted)") {
         bail!("the executable of process {pid} ({exe}) was deleted; it cannot be restored");
     }
@@ -91,7 +98,10 @@ pub fn restore(inj: &mut Injector, mm: &MmFields) -> Result<()> {
                 format!("opening the executable {:?}", id.path),
             );
             // (A batch of one: the calls deferred before run with it.)
-            inj.run_batch(&[open])?.first().copied().context("internal error: no result of opening the executable")?
+            inj.run_batch(&[open])?
+                .first()
+                .copied()
+                .context("internal error: no result of opening the executable")?
         }
         None => u32::MAX as u64,
     };
@@ -115,7 +125,12 @@ pub fn restore(inj: &mut Injector, mm: &MmFields) -> Result<()> {
     };
     // SAFETY: PrctlMmMap is repr(C) plain data without padding (13 u64-sized slots); viewing
     // it as bytes for the copy into the process is sound.
-    let bytes = unsafe { std::slice::from_raw_parts(&map as *const PrctlMmMap as *const u8, std::mem::size_of::<PrctlMmMap>()) };
+    let bytes = unsafe {
+        std::slice::from_raw_parts(
+            &map as *const PrctlMmMap as *const u8,
+            std::mem::size_of::<PrctlMmMap>(),
+        )
+    };
     let addr = inj.stage(bytes)?;
     let mut calls = vec![Call::new(
         libc::SYS_prctl,

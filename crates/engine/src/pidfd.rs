@@ -21,7 +21,15 @@ pub fn open(pid: i32) -> std::io::Result<OwnedFd> {
 /// Sends `signal` to the process behind `pidfd`, as kill(2) would.
 pub fn send_signal(pidfd: BorrowedFd<'_>, signal: i32) -> std::io::Result<()> {
     // SAFETY: plain integers; a NULL siginfo means "as kill(2) would".
-    let r = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), signal, std::ptr::null::<libc::siginfo_t>(), 0) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
     if r < 0 {
         return Err(std::io::Error::last_os_error());
     }

@@ -18,7 +18,8 @@ fn get_affinity(tid: libc::pid_t) -> Option<libc::cpu_set_t> {
     // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most its size into it.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        (libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0).then_some(set)
+        (libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0)
+            .then_some(set)
     }
 }
 
@@ -109,7 +110,15 @@ impl CpuPin {
     pub fn original_bytes(&self) -> Option<Vec<u8>> {
         let o = self.original.as_ref()?;
         // SAFETY: reading the bytes of a plain-data struct we own.
-        Some(unsafe { std::slice::from_raw_parts((o as *const libc::cpu_set_t).cast::<u8>(), std::mem::size_of::<libc::cpu_set_t>()) }.to_vec())
+        Some(
+            unsafe {
+                std::slice::from_raw_parts(
+                    (o as *const libc::cpu_set_t).cast::<u8>(),
+                    std::mem::size_of::<libc::cpu_set_t>(),
+                )
+            }
+            .to_vec(),
+        )
     }
 
     /// Gives this thread, and the tracee, their original sets back (as dropping does).

@@ -49,11 +49,14 @@ pub fn read_file(path: &str) -> std::io::Result<Vec<u8>> {
 
 /// `read_file` as text (what /proc prints is text; anything else becomes an error).
 pub fn read_text(path: &str) -> std::io::Result<String> {
-    String::from_utf8(read_file(path)?).map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{path} is not text")))
+    String::from_utf8(read_file(path)?).map_err(|_| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{path} is not text"))
+    })
 }
 
 pub fn read_maps(pid: Pid) -> Result<Vec<MapsEntry>> {
-    let text = read_text(&format!("/proc/{pid}/maps")).with_context(|| format!("reading /proc/{pid}/maps"))?;
+    let text = read_text(&format!("/proc/{pid}/maps"))
+        .with_context(|| format!("reading /proc/{pid}/maps"))?;
     parse_maps(&text)
 }
 
@@ -69,7 +72,11 @@ fn parse_maps_line(line: &str) -> Result<MapsEntry> {
         let end = t.find(' ').unwrap_or(t.len());
         let (f, r) = t.split_at(end);
         rest = r;
-        if f.is_empty() { None } else { Some(f) }
+        if f.is_empty() {
+            None
+        } else {
+            Some(f)
+        }
     };
     let range = field().ok_or_else(bad)?;
     let perms = field().ok_or_else(bad)?;
@@ -103,7 +110,8 @@ fn parse_maps_line(line: &str) -> Result<MapsEntry> {
 
 /// The VmFlags of every mapping in /proc/PID/smaps, by (start, end).
 pub fn read_vmflags(pid: Pid) -> Result<std::collections::HashMap<(u64, u64), Vec<String>>> {
-    let text = read_text(&format!("/proc/{pid}/smaps")).with_context(|| format!("reading /proc/{pid}/smaps"))?;
+    let text = read_text(&format!("/proc/{pid}/smaps"))
+        .with_context(|| format!("reading /proc/{pid}/smaps"))?;
     Ok(parse_vmflags(&text))
 }
 
@@ -118,7 +126,9 @@ pub fn parse_vmflags(text: &str) -> std::collections::HashMap<(u64, u64), Vec<St
         } else if let Some((range, _)) = line.split_once(' ') {
             // A mapping's header line starts with "start-end"; field lines with "Name:".
             if let Some((s, e)) = range.split_once('-') {
-                if let (Ok(start), Ok(end)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) {
+                if let (Ok(start), Ok(end)) =
+                    (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16))
+                {
                     current = Some((start, end));
                 }
             }
@@ -136,16 +146,22 @@ pub struct Stat {
 impl Stat {
     /// Field `n` (1-based, n ≥ 3) as a number.
     pub fn num(&self, n: usize) -> Result<u64> {
-        let f = self.fields.get(n.wrapping_sub(3)).ok_or_else(|| anyhow!("/proc stat has no field {n}"))?;
+        let f = self
+            .fields
+            .get(n.wrapping_sub(3))
+            .ok_or_else(|| anyhow!("/proc stat has no field {n}"))?;
         if let Ok(v) = f.parse::<u64>() {
             return Ok(v);
         }
-        f.parse::<i64>().map(|v| v as u64).map_err(|_| anyhow!("/proc stat field {n} is not a number: {f:?}"))
+        f.parse::<i64>()
+            .map(|v| v as u64)
+            .map_err(|_| anyhow!("/proc stat field {n} is not a number: {f:?}"))
     }
 }
 
 pub fn read_stat(pid: Pid) -> Result<Stat> {
-    let text = read_text(&format!("/proc/{pid}/stat")).with_context(|| format!("reading /proc/{pid}/stat"))?;
+    let text = read_text(&format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
     parse_stat(&text)
 }
 
@@ -164,7 +180,9 @@ pub fn parse_stat(text: &str) -> Result<Stat> {
 /// Thread ids of a process.
 pub fn list_threads(pid: Pid) -> Result<Vec<Pid>> {
     let mut tids = Vec::new();
-    for e in std::fs::read_dir(format!("/proc/{pid}/task")).with_context(|| format!("listing threads of process {pid}"))? {
+    for e in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .with_context(|| format!("listing threads of process {pid}"))?
+    {
         let e = e?;
         if let Some(t) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) {
             tids.push(Pid::from_raw(t));

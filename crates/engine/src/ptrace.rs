@@ -22,18 +22,26 @@ pub fn seize_and_stop(pid: Pid) -> Result<()> {
 pub fn seize_and_stop_with(pid: Pid, options: ptrace::Options) -> Result<()> {
     ptrace::seize(pid, options)
         .with_context(|| format!("cannot attach to process {pid} with ptrace (PTRACE_SEIZE)"))?;
-    ptrace::interrupt(pid).with_context(|| format!("cannot stop process {pid} (PTRACE_INTERRUPT)"))?;
+    ptrace::interrupt(pid)
+        .with_context(|| format!("cannot stop process {pid} (PTRACE_INTERRUPT)"))?;
     loop {
-        match waitpid(pid, Some(WaitPidFlag::__WALL)).with_context(|| format!("waiting for process {pid} to stop"))? {
+        match waitpid(pid, Some(WaitPidFlag::__WALL))
+            .with_context(|| format!("waiting for process {pid} to stop"))?
+        {
             WaitStatus::PtraceEvent(_, _, ev) if ev == libc::PTRACE_EVENT_STOP => return Ok(()),
             // A signal arrived before our interrupt: keep it queued for later by passing it
             // back, and wait again for the interrupt stop.
             WaitStatus::Stopped(_, sig) => {
-                ptrace::cont(pid, Some(sig)).with_context(|| format!("resuming process {pid} past {sig:?}"))?;
+                ptrace::cont(pid, Some(sig))
+                    .with_context(|| format!("resuming process {pid} past {sig:?}"))?;
                 ptrace::interrupt(pid).ok();
             }
-            WaitStatus::Exited(_, code) => bail!("process {pid} exited (status {code}) while being stopped"),
-            WaitStatus::Signaled(_, sig, _) => bail!("process {pid} was killed by {sig:?} while being stopped"),
+            WaitStatus::Exited(_, code) => {
+                bail!("process {pid} exited (status {code}) while being stopped")
+            }
+            WaitStatus::Signaled(_, sig, _) => {
+                bail!("process {pid} was killed by {sig:?} while being stopped")
+            }
             _ => {}
         }
     }
@@ -53,9 +61,17 @@ pub fn get_regset(pid: Pid, note: u32, max: usize) -> Result<Vec<u8>> {
     let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
     // SAFETY: iov describes `buf`, which outlives the call; the kernel writes at most
     // iov_len bytes and shrinks iov_len to what it wrote.
-    let r = unsafe { libc::ptrace(libc::PTRACE_GETREGSET, pid.as_raw(), note as usize, &mut iov as *mut libc::iovec) };
+    let r = unsafe {
+        libc::ptrace(
+            libc::PTRACE_GETREGSET,
+            pid.as_raw(),
+            note as usize,
+            &mut iov as *mut libc::iovec,
+        )
+    };
     if r < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("PTRACE_GETREGSET {note:#x} on thread {pid}"));
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("PTRACE_GETREGSET {note:#x} on thread {pid}"));
     }
     buf.truncate(iov.iov_len);
     Ok(buf)
@@ -65,9 +81,17 @@ pub fn get_regset(pid: Pid, note: u32, max: usize) -> Result<Vec<u8>> {
 pub fn set_regset(pid: Pid, note: u32, data: &[u8]) -> Result<()> {
     let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
     // SAFETY: the kernel only reads iov_len bytes from `data`, which outlives the call.
-    let r = unsafe { libc::ptrace(libc::PTRACE_SETREGSET, pid.as_raw(), note as usize, &mut iov as *mut libc::iovec) };
+    let r = unsafe {
+        libc::ptrace(
+            libc::PTRACE_SETREGSET,
+            pid.as_raw(),
+            note as usize,
+            &mut iov as *mut libc::iovec,
+        )
+    };
     if r < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("PTRACE_SETREGSET {note:#x} on thread {pid}"));
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("PTRACE_SETREGSET {note:#x} on thread {pid}"));
     }
     Ok(())
 }
@@ -76,18 +100,23 @@ pub fn set_regset(pid: Pid, note: u32, data: &[u8]) -> Result<()> {
 pub fn get_sigmask(pid: Pid) -> Result<u64> {
     let mut mask = 0u64;
     // SAFETY: PTRACE_GETSIGMASK writes exactly `addr` (= 8) bytes to `data`, a live u64.
-    let r = unsafe { libc::ptrace(libc::PTRACE_GETSIGMASK, pid.as_raw(), 8usize, &mut mask as *mut u64) };
+    let r = unsafe {
+        libc::ptrace(libc::PTRACE_GETSIGMASK, pid.as_raw(), 8usize, &mut mask as *mut u64)
+    };
     if r < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("PTRACE_GETSIGMASK on thread {pid}"));
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("PTRACE_GETSIGMASK on thread {pid}"));
     }
     Ok(mask)
 }
 
 pub fn set_sigmask(pid: Pid, mask: u64) -> Result<()> {
     // SAFETY: PTRACE_SETSIGMASK reads exactly 8 bytes from `data`, a live u64.
-    let r = unsafe { libc::ptrace(libc::PTRACE_SETSIGMASK, pid.as_raw(), 8usize, &mask as *const u64) };
+    let r =
+        unsafe { libc::ptrace(libc::PTRACE_SETSIGMASK, pid.as_raw(), 8usize, &mask as *const u64) };
     if r < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("PTRACE_SETSIGMASK on thread {pid}"));
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("PTRACE_SETSIGMASK on thread {pid}"));
     }
     Ok(())
 }
@@ -105,12 +134,24 @@ pub fn peek_siginfos(pid: Pid, shared: bool) -> Result<Vec<[u8; 128]>> {
     let mut out = Vec::new();
     loop {
         let mut batch = [[0u8; 128]; 32];
-        let args = PeekArgs { off: out.len() as u64, flags: if shared { PTRACE_PEEKSIGINFO_SHARED } else { 0 }, nr: 32 };
+        let args = PeekArgs {
+            off: out.len() as u64,
+            flags: if shared { PTRACE_PEEKSIGINFO_SHARED } else { 0 },
+            nr: 32,
+        };
         // SAFETY: the kernel reads `args` and writes at most args.nr siginfos of 128 bytes
         // into `batch`, which has room for exactly 32.
-        let n = unsafe { libc::ptrace(libc::PTRACE_PEEKSIGINFO, pid.as_raw(), &args as *const PeekArgs, batch.as_mut_ptr()) };
+        let n = unsafe {
+            libc::ptrace(
+                libc::PTRACE_PEEKSIGINFO,
+                pid.as_raw(),
+                &args as *const PeekArgs,
+                batch.as_mut_ptr(),
+            )
+        };
         if n < 0 {
-            return Err(std::io::Error::last_os_error()).with_context(|| format!("PTRACE_PEEKSIGINFO on thread {pid}"));
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("PTRACE_PEEKSIGINFO on thread {pid}"));
         }
         out.extend_from_slice(&batch[..n as usize]);
         if n < 32 {
@@ -141,7 +182,8 @@ pub fn rseq_config(pid: Pid) -> Result<Option<telefork_image::Rseq>> {
         )
     };
     if r < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("PTRACE_GET_RSEQ_CONFIGURATION on thread {pid}"));
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("PTRACE_GET_RSEQ_CONFIGURATION on thread {pid}"));
     }
     if conf.rseq_abi_pointer == 0 {
         return Ok(None);
@@ -162,7 +204,9 @@ pub fn run_to_syscall_stop(pid: Pid) -> Result<()> {
     // past it. Bounded, so a tracee that keeps stopping is an error, not a hang.
     for _ in 0..8 {
         ptrace::syscall(pid, None).with_context(|| format!("PTRACE_SYSCALL on {pid}"))?;
-        match waitpid(pid, Some(WaitPidFlag::__WALL)).with_context(|| format!("waiting for {pid}"))? {
+        match waitpid(pid, Some(WaitPidFlag::__WALL))
+            .with_context(|| format!("waiting for {pid}"))?
+        {
             WaitStatus::PtraceEvent(_, _, ev) if ev == libc::PTRACE_EVENT_STOP => continue,
             other => return syscall_stop_result(pid, other),
         }
@@ -177,7 +221,9 @@ pub fn run_to_self_stop(pid: Pid) -> Result<()> {
     for _ in 0..8 {
         ptrace::cont(pid, sig).with_context(|| format!("PTRACE_CONT on {pid}"))?;
         sig = None;
-        match waitpid(pid, Some(WaitPidFlag::__WALL)).with_context(|| format!("waiting for {pid}"))? {
+        match waitpid(pid, Some(WaitPidFlag::__WALL))
+            .with_context(|| format!("waiting for {pid}"))?
+        {
             WaitStatus::Stopped(_, Signal::SIGSTOP) => return Ok(()),
             WaitStatus::PtraceEvent(_, _, ev) if ev == libc::PTRACE_EVENT_STOP => continue,
             other => return syscall_stop_result(pid, other),
@@ -193,8 +239,12 @@ fn syscall_stop_result(pid: Pid, st: WaitStatus) -> Result<()> {
             let rip = getregs(pid).map(|r| r.rip).unwrap_or(0);
             bail!("process {pid} stopped with {sig:?} at {rip:#x} while running an injected system call")
         }
-        WaitStatus::Exited(_, code) => bail!("process {pid} exited with status {code} during an injected system call"),
-        WaitStatus::Signaled(_, sig, _) => bail!("process {pid} was killed by {sig:?} during an injected system call"),
+        WaitStatus::Exited(_, code) => {
+            bail!("process {pid} exited with status {code} during an injected system call")
+        }
+        WaitStatus::Signaled(_, sig, _) => {
+            bail!("process {pid} was killed by {sig:?} during an injected system call")
+        }
         other => bail!("unexpected stop of {pid} during an injected system call: {other:?}"),
     }
 }

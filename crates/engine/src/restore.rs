@@ -92,7 +92,11 @@ pub fn restore<R: Read + Send>(input: R, opts: &RestoreOptions) -> Result<Restor
 /// Restores the image from `input` into `stub` if one was made ahead of time, else into a new
 /// one. A prepared stub whose control area happens to lie where the image has memory is set
 /// aside for a new one.
-pub fn restore_into<R: Read + Send>(stub: Option<Stub>, input: R, opts: &RestoreOptions) -> Result<Restored> {
+pub fn restore_into<R: Read + Send>(
+    stub: Option<Stub>,
+    input: R,
+    opts: &RestoreOptions,
+) -> Result<Restored> {
     let (mut reader, header) = ImageReader::new(input)?;
     crate::timeline::stamp("restore header read");
     if opts.skip_page_checksums {
@@ -174,7 +178,11 @@ impl Stub {
         let t = &mut template.stub;
         let _pin = CpuPin::here();
         crate::pin::move_here(t.pid.as_raw());
-        let child = t.inj.syscall(libc::SYS_clone, &[libc::CLONE_PARENT as u64, 0, 0, 0, 0], "forking the stub template: clone")?;
+        let child = t.inj.syscall(
+            libc::SYS_clone,
+            &[libc::CLONE_PARENT as u64, 0, 0, 0, 0],
+            "forking the stub template: clone",
+        )?;
         let pid = Pid::from_raw(child as i32);
         let made = (|| -> Result<Stub> {
             // (Killed with us from the first moment: EXITKILL with the seize.)
@@ -188,10 +196,26 @@ impl Stub {
             let me = nix::unistd::getpid().as_raw() as u64;
             let [stdin, stdout, stderr] = stdio.map(|fd| fd as u64);
             let calls = [
-                Call::new(libc::SYS_pidfd_open, &[me, 0], "opening a pidfd of the restorer: pidfd_open"),
-                Call::new(libc::SYS_pidfd_getfd, &[0, stdout, 0], "taking stdout from the restorer: pidfd_getfd"),
-                Call::new(libc::SYS_pidfd_getfd, &[0, stderr, 0], "taking stderr from the restorer: pidfd_getfd"),
-                Call::new(libc::SYS_pidfd_getfd, &[0, stdin, 0], "taking stdin from the restorer: pidfd_getfd"),
+                Call::new(
+                    libc::SYS_pidfd_open,
+                    &[me, 0],
+                    "opening a pidfd of the restorer: pidfd_open",
+                ),
+                Call::new(
+                    libc::SYS_pidfd_getfd,
+                    &[0, stdout, 0],
+                    "taking stdout from the restorer: pidfd_getfd",
+                ),
+                Call::new(
+                    libc::SYS_pidfd_getfd,
+                    &[0, stderr, 0],
+                    "taking stderr from the restorer: pidfd_getfd",
+                ),
+                Call::new(
+                    libc::SYS_pidfd_getfd,
+                    &[0, stdin, 0],
+                    "taking stdin from the restorer: pidfd_getfd",
+                ),
                 Call::new(libc::SYS_dup3, &[3, 0, 0], "making it fd 0: dup3"),
                 Call::new(libc::SYS_close, &[3], "closing the spare copy"),
                 // (Their close-on-exec flags are set from the image by `fds::restore`.)
@@ -200,7 +224,15 @@ impl Stub {
             if got[..4] != [0, 1, 2, 3] {
                 bail!("the forked stub's fds came out as {:?}, not 0-3", &got[..4]);
             }
-            Ok(Stub { pid, same_pid: false, inj, control: t.control, parked: t.parked.clone(), parking: t.parking, done: false })
+            Ok(Stub {
+                pid,
+                same_pid: false,
+                inj,
+                control: t.control,
+                parked: t.parked.clone(),
+                parking: t.parking,
+                done: false,
+            })
         })();
         if made.is_err() {
             ptrace::kill_quietly(pid);
@@ -229,7 +261,11 @@ impl StubTemplate {
         let mut stub = Stub::spawn(0, None, &[])?;
         let code = arch::fork_child_code(nix::unistd::getpid().as_raw() as u32);
         stub.inj.write_mem(stub.control + arch::SYSCALL_INSN.len() as u64, &code)?;
-        stub.inj.syscall(libc::SYS_close_range, &[0, u32::MAX as u64, 0], "closing the stub template's fds: close_range(0, ~0)")?;
+        stub.inj.syscall(
+            libc::SYS_close_range,
+            &[0, u32::MAX as u64, 0],
+            "closing the stub template's fds: close_range(0, ~0)",
+        )?;
         Ok(StubTemplate { stub })
     }
 }
@@ -270,7 +306,10 @@ fn check_header(h: &Header) -> Result<()> {
 
 fn check_layout(img: &ProcessImage, h: &Header) -> Result<()> {
     if img.threads.len() != 1 {
-        bail!("image has {} threads; only single-threaded images can be restored so far", img.threads.len());
+        bail!(
+            "image has {} threads; only single-threaded images can be restored so far",
+            img.threads.len()
+        );
     }
     mem::validate_layout(&img.vmas)?;
     let has_vdso = img.vmas.iter().any(|v| matches!(v.kind, VmaKind::Special(SpecialMap::Vdso)));
@@ -330,17 +369,26 @@ fn spawn_stub(want_pid: i32, stdio: Option<[std::os::fd::RawFd; 3]>) -> Result<(
     // SAFETY: clone3 without CLONE_VM behaves like fork(): the child gets a copy of our
     // memory. `args` and `tid` live across the call. Other threads may exist (a daemon
     // session's), so the child makes only async-signal-safe system calls before it stops.
-    let mut r = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>()) };
+    let mut r = unsafe {
+        libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>())
+    };
     if r < 0 && want_pid > 0 {
         // PID taken (EEXIST) or not permitted: fork semantics, a new PID.
         same = false;
         args.set_tid = 0;
         args.set_tid_size = 0;
         // SAFETY: as above.
-        r = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>()) };
+        r = unsafe {
+            libc::syscall(
+                libc::SYS_clone3,
+                &args as *const CloneArgs,
+                std::mem::size_of::<CloneArgs>(),
+            )
+        };
     }
     if r < 0 {
-        return Err(std::io::Error::last_os_error()).context("creating the process to restore into (clone3)");
+        return Err(std::io::Error::last_os_error())
+            .context("creating the process to restore into (clone3)");
     }
     if r == 0 {
         // The child: only raw system calls from here (we are a fork of a process that may
@@ -406,7 +454,8 @@ fn empty(pid: Pid, same_pid: bool, vmas: &[Vma]) -> Result<Stub> {
     let specials = stub_specials(&stub_maps);
     let special_total: u64 = specials.iter().map(|(_, s, e)| e - s).sum();
     let control = free_area(vmas, &stub_maps, &[], CONTROL_LEN)?;
-    let parking = free_area(vmas, &stub_maps, &[(control, control + CONTROL_LEN)], special_total.max(PAGE))?;
+    let parking =
+        free_area(vmas, &stub_maps, &[(control, control + CONTROL_LEN)], special_total.max(PAGE))?;
     inj.syscall(
         libc::SYS_mmap,
         &[
@@ -452,7 +501,11 @@ fn empty(pid: Pid, same_pid: bool, vmas: &[Vma]) -> Result<Stub> {
     let mut from = 0u64;
     for (s, e) in keep.into_iter().chain([(TASK_SIZE, TASK_SIZE)]) {
         if s > from {
-            calls.push(Call::new(libc::SYS_munmap, &[from, s - from], format!("unmapping {from:#x}-{s:#x} of the fork")));
+            calls.push(Call::new(
+                libc::SYS_munmap,
+                &[from, s - from],
+                format!("unmapping {from:#x}-{s:#x} of the fork"),
+            ));
         }
         from = from.max(e);
     }
@@ -531,7 +584,9 @@ fn shape<R: Read + Send>(
     }
     inj.flush_through(mapped)?; // (the mappings exist before their pages are written)
     let filled = match pages_socket {
-        Some(socket) => crate::self_receive::receive_pages(inj, &img.vmas, big, reader, socket, uffd),
+        Some(socket) => {
+            crate::self_receive::receive_pages(inj, &img.vmas, big, reader, socket, uffd)
+        }
         None => mem::fill_pages(inj, &img.vmas, big, reader, uffd),
     };
     cpus.widen(false);
@@ -541,7 +596,10 @@ fn shape<R: Read + Send>(
     let placed = filled?;
     // (Pages the process received itself count as placed through userfaultfd where it was
     // their memory that the userfaultfd populated.)
-    tl.note(format!("{} of {} page bytes placed through userfaultfd", placed.by_uffd, placed.bytes));
+    tl.note(format!(
+        "{} of {} page bytes placed through userfaultfd",
+        placed.by_uffd, placed.bytes
+    ));
     if placed.in_huge_pages > 0 {
         tl.note(format!("{} page bytes in huge pages", placed.in_huge_pages));
     }
@@ -556,19 +614,31 @@ fn shape<R: Read + Send>(
     let mut last = threads::restore_calls(inj, thread)?;
     // The parent-death signal the stub set for itself (an image never has one: it is not
     // captured, and a restored process must outlive a `restore --detach`).
-    last.push(Call::new(libc::SYS_prctl, &[libc::PR_SET_PDEATHSIG as u64, 0, 0, 0, 0], "clearing the parent-death signal"));
+    last.push(Call::new(
+        libc::SYS_prctl,
+        &[libc::PR_SET_PDEATHSIG as u64, 0, 0, 0, 0],
+        "clearing the parent-death signal",
+    ));
     // The CPU set the stub inherited while pinned next to us: the restorer's own, as a
     // process it started would have had.
     if let Some(set) = cpus.original_bytes() {
         let addr = inj.stage(&set)?;
-        last.push(Call::new(libc::SYS_sched_setaffinity, &[0, set.len() as u64, addr], "giving the process its CPU set"));
+        last.push(Call::new(
+            libc::SYS_sched_setaffinity,
+            &[0, set.len() as u64, addr],
+            "giving the process its CPU set",
+        ));
     }
     // (They run with the credentials' batch, before the restorer's privilege is gone.)
     inj.defer(last);
     creds::restore(inj, &img.creds)?;
     threads::restore_after(inj, thread, pid)?;
     if let Some(sig) = opts.parent_death_signal {
-        inj.syscall(libc::SYS_prctl, &[libc::PR_SET_PDEATHSIG as u64, sig as u64, 0, 0, 0], "setting the parent-death signal")?;
+        inj.syscall(
+            libc::SYS_prctl,
+            &[libc::PR_SET_PDEATHSIG as u64, sig as u64, 0, 0, 0],
+            "setting the parent-death signal",
+        )?;
     }
     tl.mark("protections, thread, creds");
 
@@ -595,7 +665,11 @@ fn act_as_owner_for_files(inj: &mut Injector, c: &telefork_image::Creds) -> Resu
     let addr = if groups.is_empty() { 0 } else { inj.stage(&groups)? };
     let (fsuid, fsgid) = (c.uid[3] as u64, c.gid[3] as u64);
     let calls = [
-        Call::new(libc::SYS_setgroups, &[c.groups.len() as u64, addr], "taking the owner's groups to open files"),
+        Call::new(
+            libc::SYS_setgroups,
+            &[c.groups.len() as u64, addr],
+            "taking the owner's groups to open files",
+        ),
         Call::new(libc::SYS_setfsgid, &[fsgid], "taking the owner's filesystem gid to open files"),
         Call::new(libc::SYS_setfsuid, &[fsuid], "taking the owner's filesystem uid to open files"),
     ];
@@ -621,7 +695,12 @@ fn stub_specials(maps: &[procfs::MapsEntry]) -> Vec<(SpecialMap, u64, u64)> {
 /// A call that moves the `len` bytes mapped at `from` to `to` (mremap, fixed), failing
 /// unless it lands there.
 fn move_call(from: u64, len: u64, to: u64, what: String) -> Call {
-    Call::new(libc::SYS_mremap, &[from, len, len, (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64, to], what).expecting(to)
+    Call::new(
+        libc::SYS_mremap,
+        &[from, len, len, (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64, to],
+        what,
+    )
+    .expecting(to)
 }
 
 /// Whether ranges `a` and `b` are at least `GUARD_GAP` apart.
@@ -630,7 +709,12 @@ fn clear_of(a: (u64, u64), b: (u64, u64)) -> bool {
 }
 
 /// An address range of `len` bytes free in the image, in the fork, and apart from `taken`.
-fn free_area(vmas: &[Vma], stub: &[procfs::MapsEntry], taken: &[(u64, u64)], len: u64) -> Result<u64> {
+fn free_area(
+    vmas: &[Vma],
+    stub: &[procfs::MapsEntry],
+    taken: &[(u64, u64)],
+    len: u64,
+) -> Result<u64> {
     let busy: Vec<(u64, u64)> = vmas
         .iter()
         .map(|v| (v.start, v.end))
@@ -655,7 +739,11 @@ mod tests {
     /// The daemon's options (a vouched owner, its groups here) reach the bounds.
     #[test]
     fn owner_and_groups_are_checked() {
-        let opts = RestoreOptions { expect_owner: Some((1000, 1000)), allowed_groups: Some(vec![1000, 27]), ..Default::default() };
+        let opts = RestoreOptions {
+            expect_owner: Some((1000, 1000)),
+            allowed_groups: Some(vec![1000, 27]),
+            ..Default::default()
+        };
         if nix::unistd::geteuid().is_root() {
             check_owner(&image(1000, 1000, vec![27]), &opts).unwrap(); // (else: only one's own)
         }

@@ -64,7 +64,9 @@ pub fn receive_pages<R: Read + Send>(
     if reader.checks_page_checksums() {
         bail!("internal error: pages received by the process cannot have their checksums verified");
     }
-    let by_restorer = |inj: &mut Injector, reader: &mut ImageReader<R>, uffd| mem::fill_pages(inj, vmas, big, reader, uffd);
+    let by_restorer = |inj: &mut Injector, reader: &mut ImageReader<R>, uffd| {
+        mem::fill_pages(inj, vmas, big, reader, uffd)
+    };
     let Some(index) = read_index(reader, vmas, socket)? else {
         return by_restorer(inj, reader, uffd);
     };
@@ -74,7 +76,8 @@ pub fn receive_pages<R: Read + Send>(
     };
     crate::timeline::stamp("pages received by the process");
     let received = receive_into(inj, vmas, big, reader, &index, fd, uffd.as_ref());
-    let closed = inj.syscall(libc::SYS_close, &[fd], "closing the process's copy of the image socket");
+    let closed =
+        inj.syscall(libc::SYS_close, &[fd], "closing the process's copy of the image socket");
     let (total, by_uffd) = received?;
     closed?;
     if let Some(u) = uffd {
@@ -89,7 +92,11 @@ pub fn receive_pages<R: Read + Send>(
 
 /// Reads the page index, if the image has one, and checks it against the mappings and the
 /// size limit: the records the process will receive.
-fn read_index<R: Read>(reader: &mut ImageReader<R>, vmas: &[Vma], socket: &PagesSocket) -> Result<Option<Vec<(u64, u64)>>> {
+fn read_index<R: Read>(
+    reader: &mut ImageReader<R>,
+    vmas: &[Vma],
+    socket: &PagesSocket,
+) -> Result<Option<Vec<(u64, u64)>>> {
     let Some(index) = reader.page_index()? else { return Ok(None) };
     let index = index.to_vec();
     // (Counted with their records' heads and checksums, which the process receives too.)
@@ -153,7 +160,9 @@ fn receive_into<R: Read>(
             while i < index.len() {
                 if !receivable[i] {
                     // (The reader checks that it is the record the index announced.)
-                    let run = reader.next_pages()?.context("image is truncated: it ends before the pages its index announced")?;
+                    let run = reader.next_pages()?.context(
+                        "image is truncated: it ends before the pages its index announced",
+                    )?;
                     mem::place_run(None, inj.mem_file(), pid, run.addr, run.data)?;
                     total += run.data.len() as u64;
                     i += 1;
@@ -161,7 +170,11 @@ fn receive_into<R: Read>(
                 }
                 let mut j = i + 1;
                 let mut bytes = index[i].1;
-                while j < index.len() && receivable[j] && j - i < BATCH_RECORDS && bytes + index[j].1 <= BATCH_BYTES {
+                while j < index.len()
+                    && receivable[j]
+                    && j - i < BATCH_RECORDS
+                    && bytes + index[j].1 <= BATCH_BYTES
+                {
                     bytes += index[j].1;
                     j += 1;
                 }
@@ -204,7 +217,8 @@ fn populate(inj: &mut Injector, records: &[(u64, u64)], covered: &[bool]) -> Res
         adjacent = true;
     }
     for (start, end) in stretches.into_iter().filter(|(s, e)| e - s >= mem::POPULATE_MIN as u64) {
-        let _ = inj.syscall_raw(libc::SYS_madvise, &[start, end - start, mem::MADV_POPULATE_WRITE])?;
+        let _ =
+            inj.syscall_raw(libc::SYS_madvise, &[start, end - start, mem::MADV_POPULATE_WRITE])?;
     }
     Ok(())
 }
@@ -274,7 +288,9 @@ fn receive_batch(inj: &mut Injector, fd: u64, records: &[(u64, u64)]) -> Result<
         let at = n * slot as usize;
         // (The head as the index announced it; the checksum 0, as pages without checksums
         // are written.)
-        if heads[at..at + HEAD] != page_record_head(addr, len) || heads[at + HEAD..at + HEAD + TAIL] != [0; TAIL] {
+        if heads[at..at + HEAD] != page_record_head(addr, len)
+            || heads[at + HEAD..at + HEAD + TAIL] != [0; TAIL]
+        {
             bail!("image is corrupt: the page record received for {addr:#x}-{:#x} is not the one its page index announced", addr + len);
         }
     }

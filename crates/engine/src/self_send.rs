@@ -71,13 +71,18 @@ impl SelfSender {
         let mut ends = [0i32; 2];
         // SAFETY: pipe2 writes two fds into `ends`; we own them from here on.
         if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-            return Err(std::io::Error::last_os_error()).context("creating a pipe for the process's pages");
+            return Err(std::io::Error::last_os_error())
+                .context("creating a pipe for the process's pages");
         }
         // SAFETY: both fds were just created and are owned by nothing else.
-        let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
+        let (read_end, write_end) =
+            unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
         // Bigger is better (fewer wake-ups per byte): 4 MiB, or what the system allows
         // (fs.pipe-max-size, 1 MiB by default, unless we have CAP_SYS_RESOURCE).
-        let max = std::fs::read_to_string("/proc/sys/fs/pipe-max-size").ok().and_then(|s| s.trim().parse::<i32>().ok()).unwrap_or(1 << 20);
+        let max = std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            .unwrap_or(1 << 20);
         for size in [PIPE_BYTES, max.min(PIPE_BYTES)] {
             // SAFETY: fcntl on a pipe fd we own.
             if unsafe { libc::fcntl(write_end.as_raw_fd(), libc::F_SETPIPE_SZ, size) } >= 0 {
@@ -96,7 +101,11 @@ impl SelfSender {
     fn open(inj: &mut Injector, fd: RawFd, pipe: bool) -> Result<SelfSender> {
         let anon = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
         let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
-        let scratch = inj.syscall(libc::SYS_mmap, &[0, SCRATCH, rw, anon, u64::MAX, 0], "mapping scratch memory to pass an fd")?;
+        let scratch = inj.syscall(
+            libc::SYS_mmap,
+            &[0, SCRATCH, rw, anon, u64::MAX, 0],
+            "mapping scratch memory to pass an fd",
+        )?;
         inj.set_scratch(scratch, SCRATCH);
         let fd = match pass_fd(inj, fd) {
             Ok(fd) => fd,
@@ -119,14 +128,27 @@ impl SelfSender {
             let what = format_args!("process handing over its memory from {a:#x}");
             let mut sent = if self.pipe {
                 inj.reset_scratch();
-                let iov: Vec<u8> = runs[first..].iter().flat_map(|&(a, n)| a.to_ne_bytes().into_iter().chain(n.to_ne_bytes())).collect();
+                let iov: Vec<u8> = runs[first..]
+                    .iter()
+                    .flat_map(|&(a, n)| a.to_ne_bytes().into_iter().chain(n.to_ne_bytes()))
+                    .collect();
                 let iov = inj.stage(&iov)?;
-                inj.syscall(libc::SYS_vmsplice, &[self.fd, iov, (runs.len() - first) as u64, 0], what)?
+                inj.syscall(
+                    libc::SYS_vmsplice,
+                    &[self.fd, iov, (runs.len() - first) as u64, 0],
+                    what,
+                )?
             } else {
-                inj.syscall(libc::SYS_sendto, &[self.fd, a, n, libc::MSG_NOSIGNAL as u64, 0, 0], what)?
+                inj.syscall(
+                    libc::SYS_sendto,
+                    &[self.fd, a, n, libc::MSG_NOSIGNAL as u64, 0, 0],
+                    what,
+                )?
             };
             if sent == 0 {
-                bail!("process handing over its memory at {a:#x}: the channel accepts nothing more");
+                bail!(
+                    "process handing over its memory at {a:#x}: the channel accepts nothing more"
+                );
             }
             while sent > 0 {
                 let r = &mut runs[first];
@@ -153,7 +175,8 @@ impl SelfSender {
 /// Hands `sock` to the process through an abstract Unix socket; returns its fd number there.
 fn pass_fd(inj: &mut Injector, sock: RawFd) -> Result<u64> {
     let name = format!("telefork-pass-{:x}", nonce());
-    let listener = UnixListener::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes())?).context("listening to pass the socket")?;
+    let listener = UnixListener::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes())?)
+        .context("listening to pass the socket")?;
     listener.set_nonblocking(true)?;
 
     // struct sockaddr_un: family, then the name (abstract: a leading NUL, no terminator).
@@ -166,15 +189,29 @@ fn pass_fd(inj: &mut Injector, sock: RawFd) -> Result<u64> {
     // runs, so recvmsg never needs to wait either.
     let s = inj.syscall(
         libc::SYS_socket,
-        &[libc::AF_UNIX as u64, (libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK) as u64, 0],
+        &[
+            libc::AF_UNIX as u64,
+            (libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK) as u64,
+            0,
+        ],
         "creating a socket in the process",
     )?;
     let result = (|| {
-        inj.syscall(libc::SYS_connect, &[s, sun_addr, sun.len() as u64], "connecting the process to us")?;
+        inj.syscall(
+            libc::SYS_connect,
+            &[s, sun_addr, sun.len() as u64],
+            "connecting the process to us",
+        )?;
         let conn = accept_from(&listener, inj.pid().as_raw())?;
         let fds = [sock];
-        sendmsg::<()>(conn.as_raw_fd(), &[IoSlice::new(b"s")], &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None)
-            .context("passing the socket")?;
+        sendmsg::<()>(
+            conn.as_raw_fd(),
+            &[IoSlice::new(b"s")],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .context("passing the socket")?;
         receive_fd(inj, s)
     })();
     let _ = inj.syscall_raw(libc::SYS_close, &[s]);
@@ -187,7 +224,10 @@ fn accept_from(listener: &UnixListener, pid: i32) -> Result<std::os::unix::net::
     loop {
         match listener.accept() {
             Ok((conn, _)) => {
-                let cred = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)?;
+                let cred = nix::sys::socket::getsockopt(
+                    &conn,
+                    nix::sys::socket::sockopt::PeerCredentials,
+                )?;
                 if cred.pid() == pid {
                     return Ok(conn);
                 }
@@ -222,7 +262,11 @@ fn receive_fd(inj: &mut Injector, s: u64) -> Result<u64> {
     msg.extend_from_slice(&CONTROL.to_ne_bytes()); // msg_controllen
     msg.extend_from_slice(&0u64.to_ne_bytes()); // msg_flags + padding
     let msg = inj.stage(&msg)?;
-    let n = inj.syscall(libc::SYS_recvmsg, &[s, msg, (libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT) as u64], "receiving the fd in the process")?;
+    let n = inj.syscall(
+        libc::SYS_recvmsg,
+        &[s, msg, (libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT) as u64],
+        "receiving the fd in the process",
+    )?;
     let mut cmsg = [0u8; CONTROL as usize];
     inj.read_mem(control, &mut cmsg)?;
     let word = |i: usize| u64::from_ne_bytes(cmsg[i..i + 8].try_into().unwrap_or([0; 8]));
@@ -247,7 +291,10 @@ fn nonce() -> u64 {
     // SAFETY: getrandom writes at most b.len() bytes into b.
     let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
     if n != 8 {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
         return t ^ (std::process::id() as u64).rotate_left(32);
     }
     u64::from_ne_bytes(b)

@@ -42,14 +42,23 @@ pub fn capture_calls(inj: &mut Injector) -> Result<(Vec<Call>, ActionsRead)> {
     let slot = |sig: i32| slots + (sig as u64 - 1) * KSIGACTION_LEN as u64;
     let calls = (1..=64i32)
         .filter(|s| !is_unchangeable(*s))
-        .map(|sig| Call::new(libc::SYS_rt_sigaction, &[sig as u64, 0, slot(sig), SIGSET_LEN], format!("reading the action of signal {sig}: rt_sigaction")))
+        .map(|sig| {
+            Call::new(
+                libc::SYS_rt_sigaction,
+                &[sig as u64, 0, slot(sig), SIGSET_LEN],
+                format!("reading the action of signal {sig}: rt_sigaction"),
+            )
+        })
         .collect();
     Ok((calls, ActionsRead { slots }))
 }
 
 /// Dispositions of signals 1..=64 (from the slots `capture_calls`' batch filled) and the
 /// process-wide pending queue.
-pub fn capture_process(inj: &Injector, read: ActionsRead) -> Result<(Vec<SigAction>, Vec<SigInfo>)> {
+pub fn capture_process(
+    inj: &Injector,
+    read: ActionsRead,
+) -> Result<(Vec<SigAction>, Vec<SigInfo>)> {
     let mut all = vec![0u8; 64 * KSIGACTION_LEN];
     inj.read_mem(read.slots, &mut all)?;
     let mut actions = Vec::with_capacity(64);
@@ -95,7 +104,10 @@ pub fn restore_process(inj: &mut Injector, img: &ProcessImage) -> Result<()> {
             Call::new(
                 libc::SYS_rt_sigaction,
                 &[sig as u64, acts + (i * KSIGACTION_LEN) as u64, 0, SIGSET_LEN],
-                format!("restoring the action of signal {sig} (handler {:#x}): rt_sigaction", a.handler),
+                format!(
+                    "restoring the action of signal {sig} (handler {:#x}): rt_sigaction",
+                    a.handler
+                ),
             )
         })
         .collect();

@@ -40,11 +40,17 @@ pub fn capture_calls(inj: &mut Injector) -> Result<(Vec<Call>, ThreadReads)> {
     let tid_address = inj.alloc_zeroed(8)?;
     let tid = inj.pid();
     let calls = vec![
-        Call::new(libc::SYS_sigaltstack, &[0, altstack], format!("reading the alternate signal stack of thread {tid}: sigaltstack")),
+        Call::new(
+            libc::SYS_sigaltstack,
+            &[0, altstack],
+            format!("reading the alternate signal stack of thread {tid}: sigaltstack"),
+        ),
         Call::new(
             libc::SYS_prctl,
             &[libc::PR_GET_TID_ADDRESS as u64, tid_address],
-            format!("reading the clear_child_tid address of thread {tid}: prctl(PR_GET_TID_ADDRESS)"),
+            format!(
+                "reading the clear_child_tid address of thread {tid}: prctl(PR_GET_TID_ADDRESS)"
+            ),
         ),
     ];
     Ok((calls, ThreadReads { altstack, tid_address }))
@@ -53,7 +59,13 @@ pub fn capture_calls(inj: &mut Injector) -> Result<(Vec<Call>, ThreadReads)> {
 /// Captures one stopped thread, whose injected reads (`capture_calls`) have run. `sigmask` is
 /// its blocked mask as it was before the engine blocked everything; `cpu` its CPU state
 /// (already captured).
-pub fn capture(inj: &Injector, tid: Pid, sigmask: u64, cpu: CpuState, reads: ThreadReads) -> Result<ThreadState> {
+pub fn capture(
+    inj: &Injector,
+    tid: Pid,
+    sigmask: u64,
+    cpu: CpuState,
+    reads: ThreadReads,
+) -> Result<ThreadState> {
     if inj.pid() != tid {
         bail!("internal error: capturing thread {tid} with an injector driving {}", inj.pid());
     }
@@ -81,7 +93,9 @@ pub fn capture(inj: &Injector, tid: Pid, sigmask: u64, cpu: CpuState, reads: Thr
 
     let tid_cache_addr = match &cpu {
         CpuState::X86_64(c) => match c.gpregs.get(FS_BASE_INDEX) {
-            Some(&fs_base) if fs_base != 0 => find_tid_cache(inj, fs_base, tid.as_raw()).map(|off| fs_base + off),
+            Some(&fs_base) if fs_base != 0 => {
+                find_tid_cache(inj, fs_base, tid.as_raw()).map(|off| fs_base + off)
+            }
             _ => None,
         },
     };
@@ -105,9 +119,17 @@ fn get_robust_list(tid: Pid) -> Result<(u64, u64)> {
     let mut head: u64 = 0;
     let mut len: usize = 0;
     // SAFETY: the kernel writes one pointer to `head` and one size_t to `len`, both live.
-    let r = unsafe { libc::syscall(libc::SYS_get_robust_list, tid.as_raw(), &mut head as *mut u64, &mut len as *mut usize) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_get_robust_list,
+            tid.as_raw(),
+            &mut head as *mut u64,
+            &mut len as *mut usize,
+        )
+    };
     if r < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("get_robust_list of thread {tid}"));
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("get_robust_list of thread {tid}"));
     }
     Ok((head, len as u64))
 }
@@ -176,7 +198,10 @@ pub fn restore_calls(inj: &mut Injector, t: &ThreadState) -> Result<Vec<Call>> {
     calls.push(Call::new(
         libc::SYS_sigaltstack,
         &[ssp, 0],
-        format!("restoring the alternate signal stack ({:#x}, {} bytes) of thread {tid}", t.altstack.sp, t.altstack.size),
+        format!(
+            "restoring the alternate signal stack ({:#x}, {} bytes) of thread {tid}",
+            t.altstack.sp, t.altstack.size
+        ),
     ));
 
     // The rseq area. The thread has none registered here: the stub's inherited one is
@@ -186,7 +211,10 @@ pub fn restore_calls(inj: &mut Injector, t: &ThreadState) -> Result<Vec<Call>> {
         calls.push(Call::new(
             SYS_RSEQ,
             &[w.abi_pointer, w.abi_size as u64, 0, w.signature as u64],
-            format!("restoring the rseq registration of thread {tid}: rseq({:#x}, {}, 0, {:#x})", w.abi_pointer, w.abi_size, w.signature),
+            format!(
+                "restoring the rseq registration of thread {tid}: rseq({:#x}, {}, 0, {:#x})",
+                w.abi_pointer, w.abi_size, w.signature
+            ),
         ));
     }
 
@@ -229,10 +257,10 @@ pub fn restore_pending(inj: &mut Injector, t: &ThreadState, new_tid: Pid) -> Res
 pub fn restore_after(inj: &mut Injector, t: &ThreadState, new_tid: Pid) -> Result<()> {
     if new_tid.as_raw() != t.tid {
         if let Some(addr) = t.tid_cache_addr {
-            inj.write_mem(addr, &new_tid.as_raw().to_ne_bytes())
-                .with_context(|| format!("rewriting glibc's cached tid of thread {} (now {new_tid})", t.tid))?;
+            inj.write_mem(addr, &new_tid.as_raw().to_ne_bytes()).with_context(|| {
+                format!("rewriting glibc's cached tid of thread {} (now {new_tid})", t.tid)
+            })?;
         }
     }
     Ok(())
 }
-

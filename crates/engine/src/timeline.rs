@@ -22,14 +22,25 @@ impl Timeline {
     pub fn new() -> Self {
         let now = std::time::Instant::now();
         let injected = injected_so_far();
-        Timeline { start: now, last: now, phases: Vec::new(), notes: Vec::new(), injected_at_start: injected, trips_at_last: injected.1 }
+        Timeline {
+            start: now,
+            last: now,
+            phases: Vec::new(),
+            notes: Vec::new(),
+            injected_at_start: injected,
+            trips_at_last: injected.1,
+        }
     }
 
     pub fn mark(&mut self, phase: &'static str) {
         stamp(phase);
         let now = std::time::Instant::now();
         let trips = injected_so_far().1;
-        self.phases.push((phase, (now - self.last).as_secs_f64() * 1e3, trips - self.trips_at_last));
+        self.phases.push((
+            phase,
+            (now - self.last).as_secs_f64() * 1e3,
+            trips - self.trips_at_last,
+        ));
         self.last = now;
         self.trips_at_last = trips;
     }
@@ -42,7 +53,8 @@ impl Timeline {
     pub fn report(&self, what: &str) {
         if debugging() {
             // (phase milliseconds, then its ptrace round trips after a slash)
-            let parts: Vec<String> = self.phases.iter().map(|(p, ms, trips)| format!("{p} {ms:.2}/{trips}")).collect();
+            let parts: Vec<String> =
+                self.phases.iter().map(|(p, ms, trips)| format!("{p} {ms:.2}/{trips}")).collect();
             let (calls, trips) = injected_so_far();
             eprintln!(
                 "telefork: {what} {:.2} ms: {} ({} calls injected in {} round trips)",
@@ -80,6 +92,10 @@ pub fn stamp(what: &str) {
         let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
         // SAFETY: clock_gettime writes one timespec we own.
         unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-        eprintln!("XT {} {} {what}", ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000, std::process::id());
+        eprintln!(
+            "XT {} {} {what}",
+            ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000,
+            std::process::id()
+        );
     }
 }

@@ -89,7 +89,10 @@ impl RemoteUffd {
     /// forbidden): the caller fills memory the older way. (Whether to use one at all is
     /// `mem::open_uffd`'s choice.)
     pub fn open(inj: &mut Injector, ranges: &[(u64, u64)]) -> Result<Option<RemoteUffd>> {
-        let remote_fd = inj.syscall_raw(libc::SYS_userfaultfd, &[(libc::O_CLOEXEC as u64) | UFFD_USER_MODE_ONLY])?;
+        let remote_fd = inj.syscall_raw(
+            libc::SYS_userfaultfd,
+            &[(libc::O_CLOEXEC as u64) | UFFD_USER_MODE_ONLY],
+        )?;
         if remote_fd < 0 {
             return Ok(None);
         }
@@ -102,8 +105,14 @@ impl RemoteUffd {
         }
         let mut uffd = RemoteUffd { fd, registered: Vec::with_capacity(ranges.len()) };
         for &(start, len) in ranges {
-            let mut reg = UffdioRegister { range: UffdioRange { start, len }, mode: UFFDIO_REGISTER_MODE_MISSING, ioctls: 0 };
-            ioctl(&uffd.fd, UFFDIO_REGISTER, &mut reg).with_context(|| format!("registering {start:#x}-{:#x} with userfaultfd", start + len))?;
+            let mut reg = UffdioRegister {
+                range: UffdioRange { start, len },
+                mode: UFFDIO_REGISTER_MODE_MISSING,
+                ioctls: 0,
+            };
+            ioctl(&uffd.fd, UFFDIO_REGISTER, &mut reg).with_context(|| {
+                format!("registering {start:#x}-{:#x} with userfaultfd", start + len)
+            })?;
             uffd.registered.push((start, len));
         }
         Ok(Some(uffd))
@@ -129,10 +138,20 @@ impl RemoteUffd {
             match ioctl(&self.fd, UFFDIO_COPY, &mut c) {
                 Ok(()) => done += c.copy.max(0) as usize,
                 // Interrupted part way: `copy` says how far it got.
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && c.copy > 0 => done += c.copy as usize,
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) || e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && c.copy > 0 => {
+                    done += c.copy as usize
+                }
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EAGAIN)
+                        || e.raw_os_error() == Some(libc::EINTR) => {}
                 Err(e) => {
-                    return Err(e).with_context(|| format!("placing memory {:#x}-{:#x} into the process", addr + done as u64, addr + data.len() as u64))
+                    return Err(e).with_context(|| {
+                        format!(
+                            "placing memory {:#x}-{:#x} into the process",
+                            addr + done as u64,
+                            addr + data.len() as u64
+                        )
+                    })
                 }
             }
         }
@@ -143,7 +162,9 @@ impl RemoteUffd {
     /// used there any more; `release` lets go of the rest).
     pub fn unwatch(&self, start: u64, len: u64) -> Result<()> {
         let mut r = UffdioRange { start, len };
-        ioctl(&self.fd, UFFDIO_UNREGISTER, &mut r).with_context(|| format!("unregistering {start:#x}-{:#x} from userfaultfd", start + len))
+        ioctl(&self.fd, UFFDIO_UNREGISTER, &mut r).with_context(|| {
+            format!("unregistering {start:#x}-{:#x} from userfaultfd", start + len)
+        })
     }
 
     /// Unregisters every range and closes the fd: from now on the process faults normally.

@@ -120,7 +120,8 @@ impl<W: Write> ImageWriter<W> {
     pub fn new(mut out: W, header: &Header) -> Result<Self> {
         out.write_all(&MAGIC)?;
         out.write_all(&FORMAT_VERSION.to_le_bytes())?;
-        let mut w = ImageWriter { out, page_records: 0, page_bytes: 0, page_checksums: true, index: None };
+        let mut w =
+            ImageWriter { out, page_records: 0, page_bytes: 0, page_checksums: true, index: None };
         w.meta_record(Kind::Header, header)?;
         Ok(w)
     }
@@ -142,7 +143,9 @@ impl<W: Write> ImageWriter<W> {
     /// process record, before any page): the records written next must be exactly these.
     pub fn write_page_index(&mut self, records: &[(u64, u64)]) -> Result<()> {
         if self.index.is_some() || self.page_records > 0 {
-            return Err(ImageError::Corrupt("a page index must come once, before the pages".into()));
+            return Err(ImageError::Corrupt(
+                "a page index must come once, before the pages".into(),
+            ));
         }
         if let Some(&(a, n)) = records.iter().find(|&&(_, n)| n == 0 || n > MAX_PAGE_CHUNK as u64) {
             return Err(ImageError::Corrupt(format!("page index entry at {a:#x} of {n} bytes")));
@@ -156,7 +159,9 @@ impl<W: Write> ImageWriter<W> {
     fn announced(&mut self, addr: u64, len: usize) -> Result<()> {
         if let Some((records, next)) = &mut self.index {
             if records.get(*next) != Some(&(addr, len as u64)) {
-                return Err(ImageError::Corrupt(format!("page record {addr:#x}+{len} is not the one the page index announced")));
+                return Err(ImageError::Corrupt(format!(
+                    "page record {addr:#x}+{len} is not the one the page index announced"
+                )));
             }
             *next += 1;
         }
@@ -199,9 +204,16 @@ impl<W: Write> ImageWriter<W> {
     /// bytes reach the stream, in order (e.g. flush, then let the captured process write its
     /// own memory to the same socket). Only without page checksums: those bytes never pass
     /// through here.
-    pub fn write_pages_sent_by(&mut self, addr: u64, len: usize, send: impl FnOnce(&mut W) -> std::io::Result<()>) -> Result<()> {
+    pub fn write_pages_sent_by(
+        &mut self,
+        addr: u64,
+        len: usize,
+        send: impl FnOnce(&mut W) -> std::io::Result<()>,
+    ) -> Result<()> {
         if self.page_checksums {
-            return Err(ImageError::Corrupt("pages written by another party need an image without page checksums".into()));
+            return Err(ImageError::Corrupt(
+                "pages written by another party need an image without page checksums".into(),
+            ));
         }
         if len == 0 || len > MAX_PAGE_CHUNK {
             return Err(ImageError::Corrupt(format!("pages record of {len} bytes")));
@@ -228,7 +240,10 @@ impl<W: Write> ImageWriter<W> {
     pub fn finish(mut self) -> Result<W> {
         if let Some((records, next)) = &self.index {
             if *next != records.len() {
-                return Err(ImageError::Corrupt(format!("the page index announced {} records, {next} were written", records.len())));
+                return Err(ImageError::Corrupt(format!(
+                    "the page index announced {} records, {next} were written",
+                    records.len()
+                )));
             }
         }
         let t = Trailer { page_records: self.page_records, page_bytes: self.page_bytes };
@@ -338,7 +353,9 @@ impl<R: Read> ImageReader<R> {
     /// if the image has none (the record read to see is kept for `next_pages`).
     pub fn page_index(&mut self) -> Result<Option<&[(u64, u64)]>> {
         if self.index.is_some() || self.page_records > 0 || self.done || self.head_ahead.is_some() {
-            return Err(ImageError::Corrupt("a page index must come once, before the pages".into()));
+            return Err(ImageError::Corrupt(
+                "a page index must come once, before the pages".into(),
+            ));
         }
         let mut head = [0u8; 8];
         read_exact(&mut self.input, &mut head, "the pages")?;
@@ -363,18 +380,27 @@ impl<R: Read> ImageReader<R> {
 
     fn take_index(&mut self) -> Result<()> {
         if self.version < 3 {
-            return Err(ImageError::Corrupt(format!("a page index in an image of format version {}", self.version)));
+            return Err(ImageError::Corrupt(format!(
+                "a page index in an image of format version {}",
+                self.version
+            )));
         }
         let index: Vec<(u64, u64)> = decode(&self.buf, "page index")?;
         let mut end = 0u64;
         for &(addr, len) in &index {
             if len == 0 || len > MAX_PAGE_CHUNK as u64 {
-                return Err(ImageError::Corrupt(format!("page index entry at {addr:#x} of {len} bytes")));
+                return Err(ImageError::Corrupt(format!(
+                    "page index entry at {addr:#x} of {len} bytes"
+                )));
             }
             if addr < end {
                 return Err(ImageError::Corrupt(format!("page index entry at {addr:#x} overlaps or precedes the one before (which ended at {end:#x})")));
             }
-            end = addr.checked_add(len).ok_or_else(|| ImageError::Corrupt(format!("page index entry at {addr:#x} wraps the address space")))?;
+            end = addr.checked_add(len).ok_or_else(|| {
+                ImageError::Corrupt(format!(
+                    "page index entry at {addr:#x} wraps the address space"
+                ))
+            })?;
         }
         self.index = Some(index);
         Ok(())
@@ -385,10 +411,15 @@ impl<R: Read> ImageReader<R> {
     /// its restorer checked their record headers).
     pub fn pages_received_elsewhere(&mut self, count: usize) -> Result<()> {
         let Some(index) = &self.index else {
-            return Err(ImageError::Corrupt("pages received elsewhere without a page index".into()));
+            return Err(ImageError::Corrupt(
+                "pages received elsewhere without a page index".into(),
+            ));
         };
-        let Some(records) = index.get(self.index_next..self.index_next.saturating_add(count)) else {
-            return Err(ImageError::Corrupt(format!("{count} page records received beyond the page index")));
+        let Some(records) = index.get(self.index_next..self.index_next.saturating_add(count))
+        else {
+            return Err(ImageError::Corrupt(format!(
+                "{count} page records received beyond the page index"
+            )));
         };
         for &(addr, len) in records {
             self.page_records += 1;
@@ -408,7 +439,9 @@ impl<R: Read> ImageReader<R> {
         if kind == Kind::PageIndex {
             // (A reader that did not ask for the index still checks the records against it.)
             if self.index.is_some() || self.page_records > 0 {
-                return Err(ImageError::Corrupt("a page index must come once, before the pages".into()));
+                return Err(ImageError::Corrupt(
+                    "a page index must come once, before the pages".into(),
+                ));
             }
             self.take_index()?;
             kind = self.record_any(&[Kind::Pages, Kind::Trailer])?;
@@ -416,7 +449,11 @@ impl<R: Read> ImageReader<R> {
         if kind == Kind::Trailer {
             if let Some(index) = &self.index {
                 if self.index_next != index.len() {
-                    return Err(ImageError::Corrupt(format!("the page index announced {} records, the image had {}", index.len(), self.index_next)));
+                    return Err(ImageError::Corrupt(format!(
+                        "the page index announced {} records, the image had {}",
+                        index.len(),
+                        self.index_next
+                    )));
                 }
             }
             self.check_trailer()?;
@@ -430,14 +467,18 @@ impl<R: Read> ImageReader<R> {
         let addr = u64::from_le_bytes(a);
         let n = (self.buf.len() - 8) as u64;
         let Some(end) = addr.checked_add(n) else {
-            return Err(ImageError::Corrupt(format!("pages record at {addr:#x} wraps the address space")));
+            return Err(ImageError::Corrupt(format!(
+                "pages record at {addr:#x} wraps the address space"
+            )));
         };
         if addr < self.pages_end {
             return Err(ImageError::Corrupt(format!("pages record at {addr:#x} overlaps or precedes the one before (which ended at {:#x})", self.pages_end)));
         }
         if let Some(index) = &self.index {
             if index.get(self.index_next) != Some(&(addr, n)) {
-                return Err(ImageError::Corrupt(format!("pages record {addr:#x}+{n} is not the one the page index announced")));
+                return Err(ImageError::Corrupt(format!(
+                    "pages record {addr:#x}+{n} is not the one the page index announced"
+                )));
             }
             self.index_next += 1;
         }
@@ -488,9 +529,9 @@ impl<R: Read> ImageReader<R> {
         };
         let kind_raw = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
         let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-        let kind = Kind::from_u32(kind_raw)
-            .filter(|k| want.contains(k))
-            .ok_or_else(|| ImageError::Corrupt(format!("expected a {what} record, found record kind {kind_raw}")))?;
+        let kind = Kind::from_u32(kind_raw).filter(|k| want.contains(k)).ok_or_else(|| {
+            ImageError::Corrupt(format!("expected a {what} record, found record kind {kind_raw}"))
+        })?;
         self.record_body(kind, head, len)?;
         Ok(kind)
     }
@@ -499,7 +540,10 @@ impl<R: Read> ImageReader<R> {
     fn record_body(&mut self, kind: Kind, head: [u8; 8], len: u32) -> Result<()> {
         let max = if kind == Kind::Pages { (MAX_PAGE_CHUNK + 8) as u32 } else { MAX_META_RECORD };
         if len > max {
-            return Err(ImageError::Corrupt(format!("{} record of {len} bytes exceeds the limit of {max}", kind_name(kind))));
+            return Err(ImageError::Corrupt(format!(
+                "{} record of {len} bytes exceeds the limit of {max}",
+                kind_name(kind)
+            )));
         }
         // (Only new bytes are zeroed: the buffer is reused, and read_exact overwrites it all.)
         self.buf.resize(len as usize, 0);
@@ -533,7 +577,10 @@ fn decode<'a, T: serde::Deserialize<'a>>(buf: &'a [u8], what: &str) -> Result<T>
     let (v, rest) = postcard::take_from_bytes(buf)
         .map_err(|e| ImageError::Corrupt(format!("cannot decode the {what} record: {e}")))?;
     if !rest.is_empty() {
-        return Err(ImageError::Corrupt(format!("{} stray bytes after the {what} record", rest.len())));
+        return Err(ImageError::Corrupt(format!(
+            "{} stray bytes after the {what} record",
+            rest.len()
+        )));
     }
     Ok(v)
 }

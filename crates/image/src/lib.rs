@@ -4,7 +4,9 @@
 pub mod format;
 pub mod model;
 
-pub use format::{verify_image, ImageError, ImageReader, ImageWriter, PageRun, FORMAT_VERSION, MAX_PAGE_CHUNK};
+pub use format::{
+    verify_image, ImageError, ImageReader, ImageWriter, PageRun, FORMAT_VERSION, MAX_PAGE_CHUNK,
+};
 pub use model::*;
 
 #[cfg(test)]
@@ -24,11 +26,29 @@ mod tests {
             pid: 42,
             comm: "t".into(),
             creds: Creds { uid: [0; 4], gid: [0; 4], groups: vec![] },
-            misc: Misc { cwd: "/".into(), umask: 0o22, nice: 0, personality: 0, rlimits: vec![], no_new_privs: false },
+            misc: Misc {
+                cwd: "/".into(),
+                umask: 0o22,
+                nice: 0,
+                personality: 0,
+                rlimits: vec![],
+                no_new_privs: false,
+            },
             mm: MmFields {
-                start_code: 0, end_code: 0, start_data: 0, end_data: 0, start_brk: 0, brk: 0,
-                start_stack: 0, arg_start: 0, arg_end: 0, env_start: 0, env_end: 0,
-                auxv: vec![0, 0], exe: "/bin/true".into(), exe_id: None,
+                start_code: 0,
+                end_code: 0,
+                start_data: 0,
+                end_data: 0,
+                start_brk: 0,
+                brk: 0,
+                start_stack: 0,
+                arg_start: 0,
+                arg_end: 0,
+                env_start: 0,
+                env_end: 0,
+                auxv: vec![0, 0],
+                exe: "/bin/true".into(),
+                exe_id: None,
             },
             vmas: vec![],
             threads: vec![],
@@ -87,7 +107,8 @@ mod tests {
                 // (Except a version turned into the older one this build also reads, whose
                 // layout is the same but for the page index: accepted without one.)
                 let version = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
-                if (8..12).contains(&i) && version == format::OLDEST_READABLE_VERSION && !has_index {
+                if (8..12).contains(&i) && version == format::OLDEST_READABLE_VERSION && !has_index
+                {
                     verify_image(&b).unwrap();
                     continue;
                 }
@@ -126,7 +147,10 @@ mod tests {
         use std::io::Write;
         let (h, p) = sample();
         let mut w = ImageWriter::new(Vec::new(), &h).unwrap();
-        assert!(w.write_pages_sent_by(0x1000, 4096, |_| Ok(())).is_err(), "accepted with checksums on");
+        assert!(
+            w.write_pages_sent_by(0x1000, 4096, |_| Ok(())).is_err(),
+            "accepted with checksums on"
+        );
         let mut w = w.without_page_checksums();
         w.write_process(&p).unwrap();
         w.write_pages_sent_by(0x2000, 4096, |out| out.write_all(&[9; 4096])).unwrap();
@@ -147,7 +171,10 @@ mod tests {
     #[test]
     fn overlapping_or_backward_page_records_are_refused() {
         verify_image(&encode(&[(0x1000, vec![1; 4096]), (0x2000, vec![2; 4096])])).unwrap();
-        for pages in [vec![(0x1000, vec![1; 8192]), (0x2000, vec![2; 4096])], vec![(0x3000, vec![1; 4096]), (0x1000, vec![2; 4096])]] {
+        for pages in [
+            vec![(0x1000, vec![1; 8192]), (0x2000, vec![2; 4096])],
+            vec![(0x3000, vec![1; 4096]), (0x1000, vec![2; 4096])],
+        ] {
             let err = verify_image(&encode(&pages)).unwrap_err().to_string();
             assert!(err.contains("overlaps or precedes"), "{err}");
         }
@@ -189,8 +216,14 @@ mod tests {
         let bytes = encode_indexed(&index, &[(0x1000, vec![1; 4096]), (0x3000, vec![2; 8192])]);
         let mut r = reader(&bytes);
         assert_eq!(r.page_index().unwrap(), Some(&index[..]));
-        assert_eq!(r.next_pages().unwrap().map(|run| (run.addr, run.data.len())), Some((0x1000, 4096)));
-        assert_eq!(r.next_pages().unwrap().map(|run| (run.addr, run.data[8191])), Some((0x3000, 2)));
+        assert_eq!(
+            r.next_pages().unwrap().map(|run| (run.addr, run.data.len())),
+            Some((0x1000, 4096))
+        );
+        assert_eq!(
+            r.next_pages().unwrap().map(|run| (run.addr, run.data[8191])),
+            Some((0x3000, 2))
+        );
         assert!(r.next_pages().unwrap().is_none());
         let mut r = reader(&bytes);
         assert_eq!(r.next_pages().unwrap().map(|run| run.addr), Some(0x1000));
@@ -227,7 +260,11 @@ mod tests {
         w.write_page_index(&[(0x1000, 4096), (0x2000, 4096)]).unwrap();
         assert!(w.write_pages(0x2000, &[1; 4096]).is_err(), "an unannounced record");
         w.write_pages(0x1000, &[1; 4096]).unwrap();
-        assert!(w.finish().unwrap_err().to_string().contains("announced 2 records, 1 were written"));
+        assert!(w
+            .finish()
+            .unwrap_err()
+            .to_string()
+            .contains("announced 2 records, 1 were written"));
         // The record's address changed in transit (no CRC on pages here): refused.
         let mut bytes = encode_indexed(&[(0x1000, 4096)], &[(0x1000, vec![1; 4096])]);
         let at = bytes.windows(8).rposition(|w| w == 0x1000u64.to_le_bytes()).unwrap();
@@ -248,7 +285,11 @@ mod tests {
         let mut w = ImageWriter::new(&mut with_index, &h).unwrap();
         w.write_process(&p).unwrap();
         w.write_page_index(&[(0x1000, 4096)]).unwrap();
-        assert!(w.finish().unwrap_err().to_string().contains("announced 1 records, 0 were written"));
+        assert!(w
+            .finish()
+            .unwrap_err()
+            .to_string()
+            .contains("announced 1 records, 0 were written"));
         with_index.extend_from_slice(&no_pages[prefix.len()..]);
         let (mut r, _) = ImageReader::new(&with_index[..]).unwrap();
         r.process().unwrap();
@@ -257,12 +298,20 @@ mod tests {
         // Bad indexes: overlapping, empty entries, too long, wrapping. (The writer checks the
         // lengths; the reader checks everything.)
         let too_long = format::MAX_PAGE_CHUNK as u64 + 4096;
-        for bad in [vec![(0x2000, 8192), (0x3000, 4096)], vec![(0x1000, 0)], vec![(0x1000, too_long)], vec![(u64::MAX - 4095, 8192)]] {
+        for bad in [
+            vec![(0x2000, 8192), (0x3000, 4096)],
+            vec![(0x1000, 0)],
+            vec![(0x1000, too_long)],
+            vec![(u64::MAX - 4095, 8192)],
+        ] {
             let mut bytes = Vec::new();
             let mut w = ImageWriter::new(&mut bytes, &h).unwrap();
             w.write_process(&p).unwrap();
             if w.write_page_index(&bad).is_err() {
-                assert!(bad.iter().any(|&(_, n)| n == 0 || n == too_long), "index {bad:?} refused by the writer");
+                assert!(
+                    bad.iter().any(|&(_, n)| n == 0 || n == too_long),
+                    "index {bad:?} refused by the writer"
+                );
                 continue;
             }
             drop(w);
@@ -297,13 +346,17 @@ mod tests {
                 self.0.borrow_mut().read(b)
             }
         }
-        let bytes = encode_indexed(&[(0x1000, 4096), (0x3000, 8192)], &[(0x1000, vec![1; 4096]), (0x3000, vec![2; 8192])]);
+        let bytes = encode_indexed(
+            &[(0x1000, 4096), (0x3000, 8192)],
+            &[(0x1000, vec![1; 4096]), (0x3000, vec![2; 8192])],
+        );
         let stream = Rc::new(RefCell::new(std::io::Cursor::new(bytes)));
         let (mut r, _) = ImageReader::new(Shared(stream.clone())).unwrap();
         r.skip_page_checksums();
         r.process().unwrap();
         assert!(r.page_index().unwrap().is_some());
-        let mut first = vec![0u8; format::PAGE_RECORD_HEAD_LEN + 4096 + format::PAGE_RECORD_TAIL_LEN];
+        let mut first =
+            vec![0u8; format::PAGE_RECORD_HEAD_LEN + 4096 + format::PAGE_RECORD_TAIL_LEN];
         stream.borrow_mut().read_exact(&mut first).unwrap();
         assert_eq!(first[..format::PAGE_RECORD_HEAD_LEN], format::page_record_head(0x1000, 4096));
         assert_eq!(first[format::PAGE_RECORD_HEAD_LEN], 1);

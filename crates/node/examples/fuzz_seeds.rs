@@ -16,18 +16,30 @@ fn chunk(op: u8, len: u16, bytes: &[u8]) -> Vec<u8> {
 
 fn main() {
     let dir = std::path::PathBuf::from(std::env::args().nth(1).expect("usage: fuzz_seeds DIR"));
-    let telefork = LocalRequest::Telefork { dest: "node2".into(), child_pid: 4242, pass_stdin: true };
+    let telefork =
+        LocalRequest::Telefork { dest: "node2".into(), child_pid: 4242, pass_stdin: true };
     let local: Vec<(&str, Vec<u8>)> = vec![
         (
             "telefork_again",
             [
                 frames(std::slice::from_ref(&telefork)),
-                frames(&[LocalCommand::Kill { signal: 15 }, LocalCommand::Waiting, LocalCommand::Again]),
+                frames(&[
+                    LocalCommand::Kill { signal: 15 },
+                    LocalCommand::Waiting,
+                    LocalCommand::Again,
+                ]),
                 frames(&[LocalRequest::WhoAmI]),
             ]
             .concat(),
         ),
-        ("prepare_telefork_done", [frames(&[LocalRequest::Prepare { dest: "node2".into() }, telefork]), frames(&[LocalCommand::Done])].concat()),
+        (
+            "prepare_telefork_done",
+            [
+                frames(&[LocalRequest::Prepare { dest: "node2".into() }, telefork]),
+                frames(&[LocalCommand::Done]),
+            ]
+            .concat(),
+        ),
         ("report", frames(&[LocalRequest::Report { value: vec![1, 2, 3, 4] }])),
         (
             "from_daemon",
@@ -40,12 +52,30 @@ fn main() {
                 FromDaemon::Failed { error: "no".into() },
                 FromDaemon::Ok,
                 FromDaemon::Node { name: "node1".into() },
-                FromDaemon::Refused { node: "node2".into(), limit: Some("limits.max_sessions_per_user".into()), reason: "busy".into() },
+                FromDaemon::Refused {
+                    node: "node2".into(),
+                    limit: Some("limits.max_sessions_per_user".into()),
+                    reason: "busy".into(),
+                },
             ]),
         ),
     ];
-    let offer = ToDest::Offer { user: User { uid: 1000, gid: 1000 }, origin: "node1".into(), image_bytes: 1 << 20, pass_stdin: true, plain_image: false, image_follows: true };
-    let to_dest = frames(&[offer.clone(), ToDest::Stdin { data: b"input".to_vec() }, ToDest::StdinEof, ToDest::Kill { signal: 9 }, ToDest::Again, offer.clone()]);
+    let offer = ToDest::Offer {
+        user: User { uid: 1000, gid: 1000 },
+        origin: "node1".into(),
+        image_bytes: 1 << 20,
+        pass_stdin: true,
+        plain_image: false,
+        image_follows: true,
+    };
+    let to_dest = frames(&[
+        offer.clone(),
+        ToDest::Stdin { data: b"input".to_vec() },
+        ToDest::StdinEof,
+        ToDest::Kill { signal: 9 },
+        ToDest::Again,
+        offer.clone(),
+    ]);
     let from_dest = frames(&[
         FromDest::Accept,
         FromDest::Started { pid: 77 },
@@ -53,7 +83,10 @@ fn main() {
         FromDest::Stderr { data: b"err".to_vec() },
         FromDest::Result { value: vec![5; 4] },
         FromDest::Exited(ExitInfo::Signal(9)),
-        FromDest::Refused { limit: Some("limits.max_restores_per_user".into()), reason: "full".into() },
+        FromDest::Refused {
+            limit: Some("limits.max_restores_per_user".into()),
+            reason: "full".into(),
+        },
         FromDest::Failed { error: "no".into() },
     ]);
     let app = |b: &[u8]| chunk(1, b.len() as u16, b);
@@ -75,8 +108,14 @@ fn main() {
             .concat(),
         ),
         ("records_long", [vec![1], app(&to_dest), chunk(4, 16_700, b"0123456789abcdef")].concat()), // authentic, longer than TLS allows
-        ("records_flipped", [vec![1], app(&to_dest), chunk(2, 5, b"flip\x17"), vec![40, 1]].concat()), // (then the bit to flip)
-        ("records_raw", [vec![1], app(&to_dest), chunk(3, 9, &[23, 3, 3, 0, 40, 1, 2, 3, 4])].concat()),
+        (
+            "records_flipped",
+            [vec![1], app(&to_dest), chunk(2, 5, b"flip\x17"), vec![40, 1]].concat(),
+        ), // (then the bit to flip)
+        (
+            "records_raw",
+            [vec![1], app(&to_dest), chunk(3, 9, &[23, 3, 3, 0, 40, 1, 2, 3, 4])].concat(),
+        ),
     ];
     for (sub, seeds) in [("local_protocol", local), ("node_protocol", node)] {
         let d = dir.join(sub);

@@ -200,7 +200,11 @@ impl<'a> Admission<'a> {
             let before = queue.len();
             queue.retain(|(_, _, arrived)| now < *arrived + PREAUTH_LIMIT);
             if before > queue.len() && self.tally.handshake_timed_out < LOGGED_PER_SUMMARY {
-                log(&format!("dropped {} connections that waited {} s for a handshake slot", before - queue.len(), PREAUTH_LIMIT.as_secs()));
+                log(&format!(
+                    "dropped {} connections that waited {} s for a handshake slot",
+                    before - queue.len(),
+                    PREAUTH_LIMIT.as_secs()
+                ));
             }
             self.tally.handshake_timed_out += (before - queue.len()) as u64;
         }
@@ -260,12 +264,21 @@ impl<'a> Admission<'a> {
             passes -= 1;
             let Some(source) = self.source_turns.pop_front() else { break };
             let Some(queue) = self.waiting_tcp.get_mut(&source) else { continue };
-            let in_progress = self.handshaking.iter().filter(|h| Source::of(&h.peer) == source).count();
+            let in_progress =
+                self.handshaking.iter().filter(|h| Source::of(&h.peer) == source).count();
             if in_progress < limits.max_handshakes_per_source as usize {
                 if let Some((sock, peer, arrived)) = queue.pop_front() {
-                    match PendingServer::new(self.shared.server_tls.clone(), &sock, HANDSHAKE_LIMIT) {
+                    match PendingServer::new(self.shared.server_tls.clone(), &sock, HANDSHAKE_LIMIT)
+                    {
                         Ok(tls) => {
-                            self.handshaking.push(Handshaking { sock, peer, tls, began: Instant::now(), arrived, heard: false });
+                            self.handshaking.push(Handshaking {
+                                sock,
+                                peer,
+                                tls,
+                                began: Instant::now(),
+                                arrived,
+                                heard: false,
+                            });
                             passes = self.source_turns.len() + 1; // (progress: another round)
                         }
                         Err(e) => log(&format!("cannot start a TLS handshake with {peer}: {e:#}")),
@@ -332,8 +345,10 @@ impl<'a> Admission<'a> {
             return Ok(());
         }
         let ready = |i: usize| fds[i].revents != 0;
-        let handshakes_ready: Vec<bool> = (0..self.handshaking.len()).map(|i| ready(2 + i)).collect();
-        let drains_ready: Vec<bool> = (0..self.draining.len()).map(|i| ready(2 + self.handshaking.len() + i)).collect();
+        let handshakes_ready: Vec<bool> =
+            (0..self.handshaking.len()).map(|i| ready(2 + i)).collect();
+        let drains_ready: Vec<bool> =
+            (0..self.draining.len()).map(|i| ready(2 + self.handshaking.len() + i)).collect();
         if ready(0) {
             self.accept_tcp();
         }
@@ -360,7 +375,9 @@ impl<'a> Admission<'a> {
             let waiting_all: usize = self.waiting_tcp.values().map(VecDeque::len).sum();
             let source = Source::of(&peer);
             let from_source = self.waiting_tcp.get(&source).map_or(0, VecDeque::len);
-            if from_source >= limits.max_waiting_per_source as usize || waiting_all >= MAX_WAITING_TCP {
+            if from_source >= limits.max_waiting_per_source as usize
+                || waiting_all >= MAX_WAITING_TCP
+            {
                 // Unauthenticated: closed at once, nothing said (it could not be read as ours).
                 self.tally.closed_waiting_full += 1;
                 continue;
@@ -392,7 +409,9 @@ impl<'a> Admission<'a> {
             let Ok(cred) = getsockopt(&sock, PeerCredentials) else { continue };
             let uid = cred.uid();
             let waiting = self.waiting_local.iter().filter(|(_, u, _)| *u == uid).count();
-            if waiting >= limits.max_waiting_per_user as usize || self.waiting_local.len() >= MAX_WAITING_LOCAL {
+            if waiting >= limits.max_waiting_per_user as usize
+                || self.waiting_local.len() >= MAX_WAITING_LOCAL
+            {
                 let reason = format!(
                     "user {uid} has {} sessions on node {} and {waiting} connections waiting for one (limits.max_waiting_per_user = {})",
                     self.count(&Kind::Local(uid)),
@@ -408,7 +427,11 @@ impl<'a> Admission<'a> {
 
     /// Tells a local program why its connection is refused, then drains it.
     fn refuse_local(&mut self, sock: UnixStream, limit: &str, reason: String) {
-        let msg = FromDaemon::Refused { node: self.shared.cfg.node.clone(), limit: Some(limit.to_string()), reason };
+        let msg = FromDaemon::Refused {
+            node: self.shared.cfg.node.clone(),
+            limit: Some(limit.to_string()),
+            reason,
+        };
         sock.set_write_timeout(Some(Duration::from_millis(100))).ok();
         let mut w = &sock;
         let _ = crate::proto::write_frame(&mut w, &msg);
@@ -427,8 +450,18 @@ impl<'a> Admission<'a> {
         for (i, (d, &r)) in self.draining.iter().zip(ready).enumerate() {
             if r {
                 // SAFETY: recv writes at most buf.len() bytes into `buf`.
-                let n = unsafe { libc::recv(d.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-                if n == 0 || (n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock) {
+                let n = unsafe {
+                    libc::recv(
+                        d.fd.as_raw_fd(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        libc::MSG_DONTWAIT,
+                    )
+                };
+                if n == 0
+                    || (n < 0
+                        && std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock)
+                {
                     done.push(i);
                 }
             }
@@ -469,7 +502,10 @@ impl<'a> Admission<'a> {
     /// An authenticated node: a session for it, or a refusal naming the limit.
     fn admit_peer(&mut self, h: Handshaking) {
         let Some(origin) = crate::tls::peer_node_name(&h.tls.peer_certificates()) else {
-            log(&format!("rejected connection from {}: its certificate carries no node name", h.peer));
+            log(&format!(
+                "rejected connection from {}: its certificate carries no node name",
+                h.peer
+            ));
             return;
         };
         let limits = &self.shared.cfg.limits;
@@ -478,7 +514,13 @@ impl<'a> Admission<'a> {
         let refusal = if from_peer >= limits.max_sessions_per_peer as usize {
             Some(("limits.max_sessions_per_peer", format!("node {node} already serves {from_peer} connections from node {origin} (limits.max_sessions_per_peer)")))
         } else if self.sessions.len() >= limits.max_sessions as usize {
-            Some(("limits.max_sessions", format!("node {node} already runs {} sessions (limits.max_sessions)", self.sessions.len())))
+            Some((
+                "limits.max_sessions",
+                format!(
+                    "node {node} already runs {} sessions (limits.max_sessions)",
+                    self.sessions.len()
+                ),
+            ))
         } else {
             None
         };
@@ -500,7 +542,9 @@ impl<'a> Admission<'a> {
         let shared = self.shared;
         let listeners = self.loop_fds();
         let name = origin.clone();
-        if let Some(pid) = spawn_session(&listeners, move || crate::dest::serve(shared, tls, sock, peer, name)) {
+        if let Some(pid) =
+            spawn_session(&listeners, move || crate::dest::serve(shared, tls, sock, peer, name))
+        {
             self.sessions.insert(pid, Kind::Peer(origin));
         }
     }

@@ -27,8 +27,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
 use rustls::kernel::KernelConnection;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -104,13 +104,21 @@ struct Direction {
 impl Direction {
     fn new((seq, secrets): (u64, ConnectionTrafficSecrets)) -> io::Result<Direction> {
         let (alg, key, iv) = match &secrets {
-            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aws_lc_rs::aead::AES_128_GCM, key, iv),
-            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aws_lc_rs::aead::AES_256_GCM, key, iv),
-            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (&aws_lc_rs::aead::CHACHA20_POLY1305, key, iv),
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => {
+                (&aws_lc_rs::aead::AES_128_GCM, key, iv)
+            }
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => {
+                (&aws_lc_rs::aead::AES_256_GCM, key, iv)
+            }
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+                (&aws_lc_rs::aead::CHACHA20_POLY1305, key, iv)
+            }
             _ => return Err(io::Error::other("TLS: the negotiated cipher is not supported")),
         };
-        let key = UnboundKey::new(alg, key.as_ref()).map_err(|_| io::Error::other("TLS: bad traffic key"))?;
-        let iv: [u8; 12] = iv.as_ref().try_into().map_err(|_| io::Error::other("TLS: bad IV length"))?;
+        let key = UnboundKey::new(alg, key.as_ref())
+            .map_err(|_| io::Error::other("TLS: bad traffic key"))?;
+        let iv: [u8; 12] =
+            iv.as_ref().try_into().map_err(|_| io::Error::other("TLS: bad IV length"))?;
         Ok(Direction { key: LessSafeKey::new(key), iv, seq })
     }
 
@@ -197,7 +205,9 @@ impl Rx {
             .dir
             .key
             .open_in_place(nonce, Aad::from(header), &mut self.buf[body..body + len])
-            .map_err(|_| invalid("TLS: a record failed authentication (corrupted or forged)".into()))?;
+            .map_err(|_| {
+                invalid("TLS: a record failed authentication (corrupted or forged)".into())
+            })?;
         // Inner plaintext: content, then the real content type, then zero padding.
         let Some(type_at) = opened.iter().rposition(|&b| b != 0) else {
             return Err(invalid("TLS: a record without a content type".into()));
@@ -210,7 +220,10 @@ impl Rx {
             }
             TYPE_ALERT => match &self.buf[content.0..content.1] {
                 [_, 0] => Ok(Some(Opened::Closed)),
-                [_, desc] => Err(io::Error::new(io::ErrorKind::ConnectionAborted, format!("TLS: the peer sent alert {desc}"))),
+                [_, desc] => Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    format!("TLS: the peer sent alert {desc}"),
+                )),
                 _ => Err(invalid("TLS: malformed alert".into())),
             },
             TYPE_HANDSHAKE => Ok(Some(Opened::Handshake(self.buf[content.0..content.1].to_vec()))),
@@ -236,7 +249,11 @@ impl Rx {
 /// at most `MAX_CIPHER` (checked before the record is waited for).
 fn record_len(header: [u8; HEADER]) -> io::Result<usize> {
     let len = u16::from_be_bytes([header[3], header[4]]) as usize;
-    if header[0] != TYPE_APPLICATION_DATA || header[1] != 3 || header[2] != 3 || !(TAG + 1..=MAX_CIPHER).contains(&len) {
+    if header[0] != TYPE_APPLICATION_DATA
+        || header[1] != 3
+        || header[2] != 3
+        || !(TAG + 1..=MAX_CIPHER).contains(&len)
+    {
         return Err(invalid(format!("TLS: malformed record header {header:02x?}")));
     }
     Ok(len)
@@ -255,13 +272,17 @@ fn post_handshake(record: &[u8]) -> io::Result<Option<bool>> {
         }
         let len = u32::from_be_bytes([0, rest[1], rest[2], rest[3]]) as usize;
         if rest.len() < 4 + len {
-            return Err(invalid("TLS: post-handshake message split across records (not supported)".into()));
+            return Err(invalid(
+                "TLS: post-handshake message split across records (not supported)".into(),
+            ));
         }
         let (msg, tail) = rest.split_at(4 + len);
         rest = tail;
         match msg {
             // KeyUpdate ends its record (RFC 8446 §5.1): what follows is under new keys.
-            [HANDSHAKE_KEY_UPDATE, 0, 0, 1, request] if *request <= 1 && rest.is_empty() => return Ok(Some(*request == 1)),
+            [HANDSHAKE_KEY_UPDATE, 0, 0, 1, request] if *request <= 1 && rest.is_empty() => {
+                return Ok(Some(*request == 1))
+            }
             [HANDSHAKE_NEW_SESSION_TICKET, ..] => {}
             _ => return Err(invalid("TLS: unexpected post-handshake message".into())),
         }
@@ -284,7 +305,10 @@ trait Handshake {
 
 impl Handshake for UnbufferedClientConnection {
     type Data = ClientConnectionData;
-    fn step<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, ClientConnectionData> {
+    fn step<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, ClientConnectionData> {
         self.process_tls_records(incoming)
     }
     fn handshaking(&self) -> bool {
@@ -297,7 +321,10 @@ impl Handshake for UnbufferedClientConnection {
 
 impl Handshake for UnbufferedServerConnection {
     type Data = ServerConnectionData;
-    fn step<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, ServerConnectionData> {
+    fn step<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, ServerConnectionData> {
         self.process_tls_records(incoming)
     }
     fn handshaking(&self) -> bool {
@@ -334,7 +361,11 @@ fn first_record(buf: &[u8]) -> usize {
 /// Drives the handshake to completion. rustls is given one record at a time, so the records
 /// that follow the handshake stay ours. Returns what was received past the handshake
 /// (`HandshakeBuffers::into_rest`).
-fn drive<C: Handshake>(conn: &mut C, sock: &TcpStream, timeout: Duration) -> Result<HandshakeBuffers> {
+fn drive<C: Handshake>(
+    conn: &mut C,
+    sock: &TcpStream,
+    timeout: Duration,
+) -> Result<HandshakeBuffers> {
     // The whole handshake within `timeout` (a peer trickling bytes must not hold us).
     let deadline = Instant::now() + timeout;
     let mut state = HandshakeBuffers::new();
@@ -362,7 +393,13 @@ struct HandshakeBuffers {
 
 impl HandshakeBuffers {
     fn new() -> HandshakeBuffers {
-        HandshakeBuffers { incoming: vec![0u8; 32 << 10], filled: 0, outgoing: vec![0u8; 16 << 10], out_len: 0, early: Vec::new() }
+        HandshakeBuffers {
+            incoming: vec![0u8; 32 << 10],
+            filled: 0,
+            outgoing: vec![0u8; 16 << 10],
+            out_len: 0,
+            early: Vec::new(),
+        }
     }
 
     /// Runs the handshake as far as the bytes received allow, sending what it produces.
@@ -380,7 +417,9 @@ impl HandshakeBuffers {
                             self.out_len += n;
                             break;
                         }
-                        Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
+                        Err(EncodeError::InsufficientSize(InsufficientSizeError {
+                            required_size,
+                        })) => {
                             self.outgoing.resize(self.out_len + required_size, 0);
                         }
                         Err(e) => bail!("TLS handshake failed: {e}"),
@@ -389,7 +428,9 @@ impl HandshakeBuffers {
                 ConnectionState::TransmitTlsData(t) => {
                     // (A handshake's flights are a few KiB: they fit a fresh socket's send
                     // buffer, so this does not wait even on a socket served by an event loop.)
-                    (&*sock).write_all(&self.outgoing[..self.out_len]).context("TLS handshake failed: sending")?;
+                    (&*sock)
+                        .write_all(&self.outgoing[..self.out_len])
+                        .context("TLS handshake failed: sending")?;
                     self.out_len = 0;
                     t.done();
                 }
@@ -402,7 +443,9 @@ impl HandshakeBuffers {
                     }
                 }
                 ConnectionState::WriteTraffic(_) => may_write = true,
-                ConnectionState::PeerClosed | ConnectionState::Closed => bail!("the peer closed the connection during the TLS handshake"),
+                ConnectionState::PeerClosed | ConnectionState::Closed => {
+                    bail!("the peer closed the connection during the TLS handshake")
+                }
                 _ => bail!("TLS handshake failed: unexpected state (early data?)"),
             }
             self.incoming.copy_within(discard..self.filled, 0);
@@ -464,7 +507,11 @@ pub struct PendingServer {
 }
 
 impl PendingServer {
-    pub fn new(cfg: Arc<rustls::ServerConfig>, sock: &TcpStream, timeout: Duration) -> Result<PendingServer> {
+    pub fn new(
+        cfg: Arc<rustls::ServerConfig>,
+        sock: &TcpStream,
+        timeout: Duration,
+    ) -> Result<PendingServer> {
         prepare(sock, timeout);
         let conn = UnbufferedServerConnection::new(cfg).context("starting TLS")?;
         Ok(PendingServer { conn, buffers: HandshakeBuffers::new(), done: false })
@@ -491,7 +538,10 @@ impl PendingServer {
         }
         let peer = self.conn.peer_certs();
         let (rest, early) = self.buffers.into_rest();
-        let (secrets, kc) = self.conn.dangerous_into_kernel_connection().map_err(|e| anyhow!("TLS: taking the traffic keys: {e}"))?;
+        let (secrets, kc) = self
+            .conn
+            .dangerous_into_kernel_connection()
+            .map_err(|e| anyhow!("TLS: taking the traffic keys: {e}"))?;
         let limit = limit_of(kc.negotiated_cipher_suite());
         TlsChannel::assemble(sock, peer, secrets, Keys::Server(kc), limit, rest, early, timeout)
     }
@@ -499,19 +549,30 @@ impl PendingServer {
 
 impl TlsChannel {
     /// Connects as a client and completes the handshake within `timeout`.
-    pub fn client(cfg: Arc<rustls::ClientConfig>, name: ServerName<'static>, sock: TcpStream, timeout: Duration) -> Result<Self> {
+    pub fn client(
+        cfg: Arc<rustls::ClientConfig>,
+        name: ServerName<'static>,
+        sock: TcpStream,
+        timeout: Duration,
+    ) -> Result<Self> {
         prepare(&sock, timeout);
         let mut conn = UnbufferedClientConnection::new(cfg, name).context("starting TLS")?;
         let (rest, early) = drive(&mut conn, &sock, timeout)?.into_rest();
         let peer = conn.peer_certs();
-        let (secrets, kc) = conn.dangerous_into_kernel_connection().map_err(|e| anyhow!("TLS: taking the traffic keys: {e}"))?;
+        let (secrets, kc) = conn
+            .dangerous_into_kernel_connection()
+            .map_err(|e| anyhow!("TLS: taking the traffic keys: {e}"))?;
         let limit = limit_of(kc.negotiated_cipher_suite());
         Self::assemble(sock, peer, secrets, Keys::Client(kc), limit, rest, early, timeout)
     }
 
     /// Accepts a client and completes the handshake (which verifies its certificate) within
     /// `timeout`.
-    pub fn server(cfg: Arc<rustls::ServerConfig>, sock: TcpStream, timeout: Duration) -> Result<Self> {
+    pub fn server(
+        cfg: Arc<rustls::ServerConfig>,
+        sock: TcpStream,
+        timeout: Duration,
+    ) -> Result<Self> {
         prepare(&sock, timeout);
         let mut conn = UnbufferedServerConnection::new(cfg).context("starting TLS")?;
         let buffers = drive(&mut conn, &sock, timeout)?;
@@ -535,8 +596,21 @@ impl TlsChannel {
         }
         let mut buf = vec![0u8; RX_BUFFER].into_boxed_slice();
         buf[..rest.len()].copy_from_slice(&rest);
-        let rx = Rx { dir: Direction::new(secrets.rx)?, buf, head: 0, tail: rest.len(), plain: (0, 0), early, eof: false };
-        let tx = Tx { dir: Direction::new(secrets.tx)?, limit, buf: Vec::with_capacity(RECORDS_PER_SEND * (HEADER + MAX_PLAIN + 1 + TAG)), area: Vec::new() };
+        let rx = Rx {
+            dir: Direction::new(secrets.rx)?,
+            buf,
+            head: 0,
+            tail: rest.len(),
+            plain: (0, 0),
+            early,
+            eof: false,
+        };
+        let tx = Tx {
+            dir: Direction::new(secrets.tx)?,
+            limit,
+            buf: Vec::with_capacity(RECORDS_PER_SEND * (HEADER + MAX_PLAIN + 1 + TAG)),
+            area: Vec::new(),
+        };
         Ok(TlsChannel {
             sock,
             peer_certs,
@@ -598,7 +672,12 @@ impl TlsChannel {
                 if tx.dir.seq >= tx.limit || self.update_requested.swap(false, Ordering::SeqCst) {
                     // KeyUpdate (RFC 8446 §4.6.3), update_not_requested, under the old keys.
                     tx.seal(TYPE_HANDSHAKE, &[HANDSHAKE_KEY_UPDATE, 0, 0, 1, 0])?;
-                    let next = self.keys.lock().unwrap_or_else(|e| e.into_inner()).next_tx().map_err(|e| io::Error::other(format!("TLS: {e}")))?;
+                    let next = self
+                        .keys
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .next_tx()
+                        .map_err(|e| io::Error::other(format!("TLS: {e}")))?;
                     tx.dir = Direction::new(next)?;
                 }
                 tx.seal(content_type, piece)?;
@@ -622,11 +701,18 @@ impl TlsChannel {
             let mut left = len;
             while left > 0 {
                 // Keys change between batches, with margin (the limit has 1024 records of it).
-                if tx.dir.seq + RECORDS_PER_PIPE_SEND as u64 >= tx.limit || self.update_requested.swap(false, Ordering::SeqCst) {
+                if tx.dir.seq + RECORDS_PER_PIPE_SEND as u64 >= tx.limit
+                    || self.update_requested.swap(false, Ordering::SeqCst)
+                {
                     tx.buf.clear();
                     tx.seal(TYPE_HANDSHAKE, &[HANDSHAKE_KEY_UPDATE, 0, 0, 1, 0])?;
                     self.write_sock(&tx.buf)?;
-                    let next = self.keys.lock().unwrap_or_else(|e| e.into_inner()).next_tx().map_err(|e| io::Error::other(format!("TLS: {e}")))?;
+                    let next = self
+                        .keys
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .next_tx()
+                        .map_err(|e| io::Error::other(format!("TLS: {e}")))?;
                     tx.dir = Direction::new(next)?;
                 }
                 // Lay out the batch's records back to back: header, payload, type, tag.
@@ -643,13 +729,18 @@ impl TlsChannel {
                 let mut iov: Vec<libc::iovec> = records
                     .iter()
                     // SAFETY: at + HEADER + n <= end <= area.len(): inside `area`.
-                    .map(|&(at, n)| libc::iovec { iov_base: unsafe { base.add(at + HEADER) }.cast(), iov_len: n })
+                    .map(|&(at, n)| libc::iovec {
+                        iov_base: unsafe { base.add(at + HEADER) }.cast(),
+                        iov_len: n,
+                    })
                     .collect();
                 let mut first = 0usize;
                 while first < iov.len() {
                     // SAFETY: every iovec points into `area`, at disjoint payload ranges that lie
                     // inside it; `area` is not touched otherwise until readv returns.
-                    let got = unsafe { libc::readv(fd, iov[first..].as_ptr(), (iov.len() - first) as libc::c_int) };
+                    let got = unsafe {
+                        libc::readv(fd, iov[first..].as_ptr(), (iov.len() - first) as libc::c_int)
+                    };
                     if got < 0 {
                         let e = io::Error::last_os_error();
                         match e.kind() {
@@ -662,7 +753,10 @@ impl TlsChannel {
                         }
                     }
                     if got == 0 {
-                        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the process's memory ended early"));
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the process's memory ended early",
+                        ));
                     }
                     let mut got = got as usize;
                     while got > 0 {
@@ -686,7 +780,11 @@ impl TlsChannel {
                     let tag = tx
                         .dir
                         .key
-                        .seal_in_place_separate_tag(nonce, Aad::from(header), &mut area[at + HEADER..at + HEADER + n + 1])
+                        .seal_in_place_separate_tag(
+                            nonce,
+                            Aad::from(header),
+                            &mut area[at + HEADER..at + HEADER + n + 1],
+                        )
                         .map_err(|_| io::Error::other("TLS: sealing a record failed"))?;
                     area[at + HEADER + n + 1..at + rlen + HEADER].copy_from_slice(tag.as_ref());
                 }
@@ -702,7 +800,12 @@ impl TlsChannel {
     /// keys (and, if the peer asks, ours).
     fn on_handshake(&self, rx: &mut Rx, record: &[u8]) -> io::Result<()> {
         if let Some(request) = post_handshake(record)? {
-            let next = self.keys.lock().unwrap_or_else(|e| e.into_inner()).next_rx().map_err(|e| io::Error::other(format!("TLS: {e}")))?;
+            let next = self
+                .keys
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .next_rx()
+                .map_err(|e| io::Error::other(format!("TLS: {e}")))?;
             rx.dir = Direction::new(next)?;
             if request {
                 self.update_requested.store(true, Ordering::SeqCst);
@@ -718,10 +821,15 @@ impl TlsChannel {
                 Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());
                     if left.is_zero() {
-                        let waited = self.timeout.lock().unwrap_or_else(|e| e.into_inner()).unwrap_or_default();
+                        let waited = self
+                            .timeout
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .unwrap_or_default();
                         return Err(io::Error::new(io::ErrorKind::TimedOut, format!("nothing came from the peer for {} s (the link or the peer is down)", waited.as_secs())));
                     }
-                    PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32).unwrap_or(PollTimeout::MAX)
+                    PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32)
+                        .unwrap_or(PollTimeout::MAX)
                 }
             };
             let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::POLLIN)];
@@ -741,7 +849,13 @@ impl TlsChannel {
         (&self.sock).write_all(buf).map_err(|e| match e.kind() {
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
                 let waited = self.sock.write_timeout().ok().flatten().unwrap_or_default();
-                io::Error::new(io::ErrorKind::TimedOut, format!("the peer took nothing for {} s (the link or the peer is down)", waited.as_secs()))
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the peer took nothing for {} s (the link or the peer is down)",
+                        waited.as_secs()
+                    ),
+                )
             }
             _ => e,
         })
@@ -763,7 +877,10 @@ impl TlsChannel {
     pub fn raw_socket(&self) -> io::Result<&TcpStream> {
         let rx = self.rx.lock().unwrap_or_else(|e| e.into_inner());
         if rx.head != rx.tail || rx.plain.0 != rx.plain.1 || !rx.early.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "the peer sent data before its turn"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the peer sent data before its turn",
+            ));
         }
         Ok(&self.sock)
     }
@@ -774,7 +891,8 @@ impl Read for &TlsChannel {
         if out.is_empty() {
             return Ok(0);
         }
-        let deadline = self.timeout.lock().unwrap_or_else(|e| e.into_inner()).map(|t| Instant::now() + t);
+        let deadline =
+            self.timeout.lock().unwrap_or_else(|e| e.into_inner()).map(|t| Instant::now() + t);
         let mut guard = self.rx.lock().unwrap_or_else(|e| e.into_inner());
         let rx = &mut *guard;
         if !rx.early.is_empty() {
@@ -811,7 +929,14 @@ impl Read for &TlsChannel {
             rx.make_room();
             let tail = rx.tail;
             // SAFETY: recv writes at most buf.len() - tail bytes into rx.buf[tail..], ours.
-            let n = unsafe { libc::recv(self.sock.as_raw_fd(), rx.buf[tail..].as_mut_ptr().cast(), rx.buf.len() - tail, libc::MSG_DONTWAIT) };
+            let n = unsafe {
+                libc::recv(
+                    self.sock.as_raw_fd(),
+                    rx.buf[tail..].as_mut_ptr().cast(),
+                    rx.buf.len() - tail,
+                    libc::MSG_DONTWAIT,
+                )
+            };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 match e.kind() {
@@ -823,7 +948,10 @@ impl Read for &TlsChannel {
             }
             if n == 0 {
                 if rx.head != rx.tail {
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "TLS: the connection ended inside a record"));
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "TLS: the connection ended inside a record",
+                    ));
                 }
                 rx.eof = true; // (the peer closed TCP without close_notify: the end, as before)
                 continue;
@@ -850,7 +978,12 @@ fn wait_for_pipe(fd: std::os::fd::RawFd) -> io::Result<()> {
     loop {
         // SAFETY: poll reads and writes the one pollfd we pass.
         match unsafe { libc::poll(&mut p, 1, 30_000) } {
-            0 => return Err(io::Error::new(io::ErrorKind::TimedOut, "the process stopped handing over its memory (30 s)")),
+            0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the process stopped handing over its memory (30 s)",
+                ))
+            }
             n if n > 0 => return Ok(()),
             _ => {
                 let e = io::Error::last_os_error();
@@ -865,7 +998,12 @@ fn wait_for_pipe(fd: std::os::fd::RawFd) -> io::Result<()> {
 /// Records per key: the cipher suite's confidentiality limit (2^24 for AES-GCM), less a
 /// margin.
 fn limit_of(suite: rustls::SupportedCipherSuite) -> u64 {
-    suite.tls13().map(|s| s.common.confidentiality_limit).unwrap_or(1 << 24).saturating_sub(1024).max(1)
+    suite
+        .tls13()
+        .map(|s| s.common.confidentiality_limit)
+        .unwrap_or(1 << 24)
+        .saturating_sub(1024)
+        .max(1)
 }
 
 /// Socket options for a node connection: no Nagle delay, deep buffers, timeouts for the
@@ -908,7 +1046,8 @@ pub fn connect(addr: std::net::SocketAddr, timeout: Duration) -> Result<TcpStrea
     if let Some(s) = connect_from_reserved_port(addr, timeout) {
         return Ok(s);
     }
-    let s = TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connecting to {addr}"))?;
+    let s = TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("connecting to {addr}"))?;
     Ok(s)
 }
 
@@ -918,17 +1057,37 @@ const RESERVED_PORTS: std::ops::Range<u16> = 512..1024;
 /// A connection from a free reserved port, or None (not root, none free, or the connect
 /// failed: the caller then connects the ordinary way, and says why if that fails too).
 fn connect_from_reserved_port(addr: std::net::SocketAddr, timeout: Duration) -> Option<TcpStream> {
-    use nix::sys::socket::{bind, connect as sys_connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
+    use nix::sys::socket::{
+        bind, connect as sys_connect, setsockopt, socket, sockopt, AddressFamily, SockFlag,
+        SockType, SockaddrStorage,
+    };
     let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
     let span = (RESERVED_PORTS.end - RESERVED_PORTS.start) as u32;
     // (A start that differs between processes and moments; nothing depends on its quality.)
-    let start = std::process::id().wrapping_mul(2_654_435_761) ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let start = std::process::id().wrapping_mul(2_654_435_761)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
     for i in 0..32u32 {
         let port = RESERVED_PORTS.start + ((start.wrapping_add(i)) % span) as u16;
-        let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None).ok()?;
+        let fd = socket(
+            family,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .ok()?;
         // (A port whose last connection lingers in TIME_WAIT elsewhere may be bound again.)
         setsockopt(&fd, sockopt::ReuseAddr, &true).ok()?;
-        let local = std::net::SocketAddr::new(if addr.is_ipv4() { std::net::Ipv4Addr::UNSPECIFIED.into() } else { std::net::Ipv6Addr::UNSPECIFIED.into() }, port);
+        let local = std::net::SocketAddr::new(
+            if addr.is_ipv4() {
+                std::net::Ipv4Addr::UNSPECIFIED.into()
+            } else {
+                std::net::Ipv6Addr::UNSPECIFIED.into()
+            },
+            port,
+        );
         match bind(fd.as_raw_fd(), &SockaddrStorage::from(local)) {
             Ok(()) => {}
             Err(nix::errno::Errno::EADDRINUSE) => continue,
@@ -959,7 +1118,8 @@ fn connect_from_reserved_port(addr: std::net::SocketAddr, timeout: Duration) -> 
 /// Fails unless the peer certificate names `node`.
 pub fn check_peer_name(ch: &TlsChannel, expect: Option<&str>) -> Result<String> {
     let certs = ch.peer_certificates();
-    let name = crate::tls::peer_node_name(&certs).context("peer certificate carries no node name")?;
+    let name =
+        crate::tls::peer_node_name(&certs).context("peer certificate carries no node name")?;
     if let Some(e) = expect {
         if e != name {
             bail!("peer is {name:?}, expected {e:?}");
@@ -989,7 +1149,10 @@ pub mod records {
     }
 
     fn direction(key: [u8; 32], iv: [u8; 12]) -> io::Result<Direction> {
-        Direction::new((0, ConnectionTrafficSecrets::Aes256Gcm { key: AeadKey::from(key), iv: Iv::new(iv) }))
+        Direction::new((
+            0,
+            ConnectionTrafficSecrets::Aes256Gcm { key: AeadKey::from(key), iv: Iv::new(iv) },
+        ))
     }
 
     /// Seals records one after another (sequence numbers from 0), as a sending channel does.
@@ -997,7 +1160,12 @@ pub mod records {
 
     impl Sealer {
         pub fn new(key: [u8; 32], iv: [u8; 12]) -> io::Result<Sealer> {
-            Ok(Sealer(Tx { dir: direction(key, iv)?, limit: u64::MAX, buf: Vec::new(), area: Vec::new() }))
+            Ok(Sealer(Tx {
+                dir: direction(key, iv)?,
+                limit: u64::MAX,
+                buf: Vec::new(),
+                area: Vec::new(),
+            }))
         }
 
         /// One record whose inner plaintext is `data`, then `content_type` (so any inner
@@ -1006,7 +1174,10 @@ pub mod records {
         /// header's 16 bits.
         pub fn seal(&mut self, content_type: u8, data: &[u8]) -> io::Result<Vec<u8>> {
             if data.len() + 1 + TAG > u16::MAX as usize {
-                return Err(invalid(format!("TLS: {} bytes do not fit one record's 16-bit length", data.len())));
+                return Err(invalid(format!(
+                    "TLS: {} bytes do not fit one record's 16-bit length",
+                    data.len()
+                )));
             }
             self.0.buf.clear();
             self.0.seal(content_type, data)?;
@@ -1023,7 +1194,15 @@ pub mod records {
             Ok(d) => d,
             Err(e) => return (out, Err(e)),
         };
-        let mut rx = Rx { dir, buf: stream.into(), head: 0, tail: stream.len(), plain: (0, 0), early: Vec::new(), eof: false };
+        let mut rx = Rx {
+            dir,
+            buf: stream.into(),
+            head: 0,
+            tail: stream.len(),
+            plain: (0, 0),
+            early: Vec::new(),
+            eof: false,
+        };
         loop {
             let record = match rx.open_next() {
                 Ok(Some(Opened::Data)) => Record::Data(rx.buf[rx.plain.0..rx.plain.1].to_vec()),
@@ -1036,7 +1215,15 @@ pub mod records {
                     return (out, Ok(()));
                 }
                 Ok(None) if rx.head == rx.tail => return (out, Ok(())),
-                Ok(None) => return (out, Err(io::Error::new(io::ErrorKind::UnexpectedEof, "TLS: the connection ended inside a record"))),
+                Ok(None) => {
+                    return (
+                        out,
+                        Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "TLS: the connection ended inside a record",
+                        )),
+                    )
+                }
                 Err(e) => return (out, Err(e)),
             };
             out.push(record);
@@ -1067,7 +1254,13 @@ mod tests {
     }
 
     /// A cluster of node1 (server) and node2 (client), and a listener on loopback.
-    fn setup() -> (tempfile::TempDir, Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>, TcpListener, std::net::SocketAddr) {
+    fn setup() -> (
+        tempfile::TempDir,
+        Arc<rustls::ServerConfig>,
+        Arc<rustls::ClientConfig>,
+        TcpListener,
+        std::net::SocketAddr,
+    ) {
         let d = cluster_dir();
         let server_cfg = crate::tls::server_config(&files(d.path(), "node1")).unwrap();
         let client_cfg = crate::tls::client_config(&files(d.path(), "node2")).unwrap();
@@ -1112,7 +1305,13 @@ mod tests {
             w.join().unwrap();
             ch.close();
         });
-        let ch = TlsChannel::client(client_cfg, crate::tls::server_name("node1").unwrap(), TcpStream::connect(addr).unwrap(), T).unwrap();
+        let ch = TlsChannel::client(
+            client_cfg,
+            crate::tls::server_name("node1").unwrap(),
+            TcpStream::connect(addr).unwrap(),
+            T,
+        )
+        .unwrap();
         assert_eq!(check_peer_name(&ch, Some("node1")).unwrap(), "node1");
         ch.set_key_limit(20);
         std::thread::scope(|s| {
@@ -1149,7 +1348,13 @@ mod tests {
             tls.conn.send_close_notify();
             tls.flush().unwrap();
         });
-        let ch = TlsChannel::client(client_cfg, crate::tls::server_name("node1").unwrap(), TcpStream::connect(addr).unwrap(), T).unwrap();
+        let ch = TlsChannel::client(
+            client_cfg,
+            crate::tls::server_name("node1").unwrap(),
+            TcpStream::connect(addr).unwrap(),
+            T,
+        )
+        .unwrap();
         ch.set_key_limit(10);
         (&ch).write_all(&data).unwrap();
         let mut echo = vec![0u8; len];
@@ -1171,10 +1376,20 @@ mod tests {
             let _ = hold_rx.recv();
         });
         let short = Duration::from_secs(1);
-        let ch = TlsChannel::client(client_cfg, crate::tls::server_name("node1").unwrap(), TcpStream::connect(addr).unwrap(), short).unwrap();
+        let ch = TlsChannel::client(
+            client_cfg,
+            crate::tls::server_name("node1").unwrap(),
+            TcpStream::connect(addr).unwrap(),
+            short,
+        )
+        .unwrap();
         ch.set_recv_timeout(Some(short));
         let e = ch.recv::<proto::FromDest>().unwrap_err();
-        assert!(format!("{e:#}").contains("nothing came from the peer for 1 s (the link or the peer is down)"), "{e:#}");
+        assert!(
+            format!("{e:#}")
+                .contains("nothing came from the peer for 1 s (the link or the peer is down)"),
+            "{e:#}"
+        );
         // Sends fill the kernel's buffers (32 MiB each way), then wait the send timeout.
         let chunk = vec![7u8; 4 << 20];
         let e = loop {
@@ -1182,7 +1397,10 @@ mod tests {
                 break e;
             }
         };
-        assert!(e.to_string().contains("the peer took nothing for 1 s (the link or the peer is down)"), "{e}");
+        assert!(
+            e.to_string().contains("the peer took nothing for 1 s (the link or the peer is down)"),
+            "{e}"
+        );
         hold_tx.send(()).unwrap();
         server.join().unwrap();
     }
@@ -1201,7 +1419,13 @@ mod tests {
             (&ch).read_exact(&mut got).unwrap();
             assert!(got == expect, "received different bytes");
         });
-        let ch = TlsChannel::client(client_cfg, crate::tls::server_name("node1").unwrap(), TcpStream::connect(addr).unwrap(), T).unwrap();
+        let ch = TlsChannel::client(
+            client_cfg,
+            crate::tls::server_name("node1").unwrap(),
+            TcpStream::connect(addr).unwrap(),
+            T,
+        )
+        .unwrap();
         ch.set_key_limit(40);
         let (r, mut w) = std::io::pipe().unwrap();
         let feeder = {
@@ -1256,7 +1480,13 @@ mod tests {
             outcomes
         });
         for case in &cases {
-            let ch = TlsChannel::client(client_cfg.clone(), crate::tls::server_name("node1").unwrap(), TcpStream::connect(addr).unwrap(), T).unwrap();
+            let ch = TlsChannel::client(
+                client_cfg.clone(),
+                crate::tls::server_name("node1").unwrap(),
+                TcpStream::connect(addr).unwrap(),
+                T,
+            )
+            .unwrap();
             let raw = ch.raw_socket().unwrap();
             let _ = (&*raw).write_all(case);
             let _ = raw.shutdown(std::net::Shutdown::Write);
@@ -1278,7 +1508,13 @@ mod tests {
             assert_eq!(&buf[..good], b"genuine");
             (&ch).read(&mut buf).unwrap_err().to_string()
         });
-        let ch = TlsChannel::client(client_cfg, crate::tls::server_name("node1").unwrap(), TcpStream::connect(addr).unwrap(), T).unwrap();
+        let ch = TlsChannel::client(
+            client_cfg,
+            crate::tls::server_name("node1").unwrap(),
+            TcpStream::connect(addr).unwrap(),
+            T,
+        )
+        .unwrap();
         (&ch).write_all(b"genuine").unwrap();
         let mut forged = vec![TYPE_APPLICATION_DATA, 3, 3, 0, 40];
         forged.extend_from_slice(&[0x55; 40]);
@@ -1315,7 +1551,10 @@ mod tests {
         assert_eq!(post_handshake(&update(0)).unwrap(), Some(false));
         assert_eq!(post_handshake(&update(1)).unwrap(), Some(true));
         assert_eq!(post_handshake(&ticket).unwrap(), None);
-        assert_eq!(post_handshake(&[&ticket[..], &ticket, &update(1)].concat()).unwrap(), Some(true));
+        assert_eq!(
+            post_handshake(&[&ticket[..], &ticket, &update(1)].concat()).unwrap(),
+            Some(true)
+        );
         for (bad, why) in [
             (update(2).to_vec(), "unexpected"),
             ([&update(0)[..], &ticket].concat(), "unexpected"), // KeyUpdate not last
@@ -1344,7 +1583,15 @@ mod tests {
         stream.extend(s.seal(TYPE_APPLICATION_DATA, b"after the end").unwrap());
         let (got, end) = open(key, iv, &stream);
         end.unwrap();
-        assert_eq!(got, [Record::Data(b"hello".to_vec()), Record::Data(b"pad".to_vec()), Record::Handshake(Some(true)), Record::Closed]);
+        assert_eq!(
+            got,
+            [
+                Record::Data(b"hello".to_vec()),
+                Record::Data(b"pad".to_vec()),
+                Record::Handshake(Some(true)),
+                Record::Closed
+            ]
+        );
 
         let mut s = Sealer::new(key, iv).unwrap();
         let good = s.seal(TYPE_APPLICATION_DATA, b"first").unwrap();
@@ -1359,9 +1606,19 @@ mod tests {
         let (got, end) = open(key, iv, &[&good[..], &second[..second.len() - 1]].concat());
         assert_eq!(got, [Record::Data(b"first".to_vec())]);
         assert_eq!(end.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
-        let long = Sealer::new(key, iv).unwrap().seal(TYPE_APPLICATION_DATA, &vec![1; MAX_PLAIN + 256]).unwrap();
-        assert!(open(key, iv, &long).1.unwrap_err().to_string().contains("malformed record header"));
-        let fits = Sealer::new(key, iv).unwrap().seal(TYPE_APPLICATION_DATA, &vec![1; MAX_PLAIN + 256 - 17]).unwrap();
+        let long = Sealer::new(key, iv)
+            .unwrap()
+            .seal(TYPE_APPLICATION_DATA, &vec![1; MAX_PLAIN + 256])
+            .unwrap();
+        assert!(open(key, iv, &long)
+            .1
+            .unwrap_err()
+            .to_string()
+            .contains("malformed record header"));
+        let fits = Sealer::new(key, iv)
+            .unwrap()
+            .seal(TYPE_APPLICATION_DATA, &vec![1; MAX_PLAIN + 256 - 17])
+            .unwrap();
         assert_eq!(open(key, iv, &fits).0.len(), 1);
     }
 }

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use rcgen::{
-    BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
-    PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, Certificate, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -57,7 +57,11 @@ pub fn init_with(dir: &Path, nodes: &[String], overwrite: bool) -> Result<()> {
     let mut params = CertificateParams::new(Vec::<String>::new()).context("CA parameters")?;
     params.distinguished_name.push(DnType::CommonName, CA_NAME);
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     params.not_before = now - Duration::days(1);
     params.not_after = now + Duration::days(CA_DAYS);
     let ca_cert = params.self_signed(&ca_key).context("signing the CA certificate")?;
@@ -82,7 +86,10 @@ pub fn add_node(dir: &Path, node: &str) -> Result<()> {
             let name = name.to_string_lossy();
             if let Some(stem) = name.strip_suffix(".key") {
                 if stem.eq_ignore_ascii_case(node) {
-                    bail!("{} already exists: node {node:?} already has a certificate", dir.join(&*name).display());
+                    bail!(
+                        "{} already exists: node {node:?} already has a certificate",
+                        dir.join(&*name).display()
+                    );
                 }
             }
         }
@@ -99,8 +106,13 @@ fn check_name(n: &str) -> Result<()> {
         bail!("node name {n:?} is reserved (the CA's files are ca.pem and ca.key)");
     }
     // The name must also be usable as a TLS server name (no leading/trailing '-', not all digits...).
-    if !matches!(rustls::pki_types::ServerName::try_from(n), Ok(rustls::pki_types::ServerName::DnsName(_))) {
-        bail!("node name {n:?} is not a valid DNS name (no leading or trailing '-', not all digits)");
+    if !matches!(
+        rustls::pki_types::ServerName::try_from(n),
+        Ok(rustls::pki_types::ServerName::DnsName(_))
+    ) {
+        bail!(
+            "node name {n:?} is not a valid DNS name (no leading or trailing '-', not all digits)"
+        );
     }
     Ok(())
 }
@@ -111,21 +123,30 @@ fn check_name(n: &str) -> Result<()> {
 fn load_ca(dir: &Path) -> Result<(Certificate, KeyPair)> {
     let cert_path = dir.join(CA_CERT);
     let key_path = dir.join(CA_KEY);
-    let cert_pem = fs::read_to_string(&cert_path).with_context(|| format!("reading CA certificate {}", cert_path.display()))?;
-    let key_pem = fs::read_to_string(&key_path).with_context(|| format!("reading CA key {}", key_path.display()))?;
-    let key = KeyPair::from_pem(&key_pem).with_context(|| format!("no usable private key in {}", key_path.display()))?;
-    let der = pem_cert_der(&cert_pem).with_context(|| format!("no certificate in {}", cert_path.display()))?;
+    let cert_pem = fs::read_to_string(&cert_path)
+        .with_context(|| format!("reading CA certificate {}", cert_path.display()))?;
+    let key_pem = fs::read_to_string(&key_path)
+        .with_context(|| format!("reading CA key {}", key_path.display()))?;
+    let key = KeyPair::from_pem(&key_pem)
+        .with_context(|| format!("no usable private key in {}", key_path.display()))?;
+    let der = pem_cert_der(&cert_pem)
+        .with_context(|| format!("no certificate in {}", cert_path.display()))?;
     let (_, x509) = x509_parser::parse_x509_certificate(&der)
         .map_err(|e| anyhow::anyhow!("parsing CA certificate {}: {e}", cert_path.display()))?;
     if x509.public_key().raw != key.public_key_der().as_slice() {
-        bail!("CA key {} does not belong to CA certificate {}", key_path.display(), cert_path.display());
+        bail!(
+            "CA key {} does not belong to CA certificate {}",
+            key_path.display(),
+            cert_path.display()
+        );
     }
     let params = CertificateParams::from_ca_cert_der(&der.clone().into())
         .with_context(|| format!("parsing CA certificate {}", cert_path.display()))?;
     if !matches!(params.is_ca, IsCa::Ca(_)) {
         bail!("{} is not a CA certificate", cert_path.display());
     }
-    let cert = params.self_signed(&key).with_context(|| format!("loading CA {}", cert_path.display()))?;
+    let cert =
+        params.self_signed(&key).with_context(|| format!("loading CA {}", cert_path.display()))?;
     Ok((cert, key))
 }
 
@@ -139,18 +160,28 @@ fn pem_cert_der(pem: &str) -> Result<Vec<u8>> {
     }
 }
 
-fn write_node(dir: &Path, node: &str, ca: &Certificate, ca_key: &KeyPair, overwrite: bool) -> Result<()> {
+fn write_node(
+    dir: &Path,
+    node: &str,
+    ca: &Certificate,
+    ca_key: &KeyPair,
+    overwrite: bool,
+) -> Result<()> {
     let now = OffsetDateTime::now_utc();
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).context("generating a node key")?;
-    let mut params = CertificateParams::new(vec![node.to_string()]).with_context(|| format!("parameters for node {node}"))?;
+    let mut params = CertificateParams::new(vec![node.to_string()])
+        .with_context(|| format!("parameters for node {node}"))?;
     params.distinguished_name.push(DnType::CommonName, node);
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.extended_key_usages =
+        vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     params.use_authority_key_identifier_extension = true;
     params.not_before = now - Duration::days(1);
     params.not_after = std::cmp::min(now + Duration::days(NODE_DAYS), ca.params().not_after);
-    let cert = params.signed_by(&key, ca, ca_key).with_context(|| format!("signing the certificate of node {node}"))?;
+    let cert = params
+        .signed_by(&key, ca, ca_key)
+        .with_context(|| format!("signing the certificate of node {node}"))?;
     let (cert_path, key_path) = node_files(dir, node);
     write_file(&cert_path, cert.pem().as_bytes(), 0o644, overwrite)?;
     write_file(&key_path, key.serialize_pem().as_bytes(), 0o600, overwrite)?;
@@ -219,7 +250,11 @@ mod tests {
         fs::copy(d.path().join("n1.key"), d.path().join("ca.key")).unwrap();
         let e = add_node(d.path(), "n2").unwrap_err();
         assert!(format!("{e:#}").contains("does not belong"), "{e:#}");
-        fs::write(d.path().join("ca.pem"), "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").unwrap();
+        fs::write(
+            d.path().join("ca.pem"),
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
         assert!(add_node(d.path(), "n2").is_err());
         assert!(!d.path().join("n2.key").exists());
     }

@@ -172,8 +172,10 @@ fn default_state_dir() -> PathBuf {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
-        let c: Config = toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        let c: Config =
+            toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))?;
         c.validate().with_context(|| format!("in config {}", path.display()))?;
         Ok(c)
     }
@@ -222,7 +224,11 @@ impl Config {
             }
             bail!("destination {dest} is not a node of this cluster: node {} connects only to the peers in its config ({})", self.node, self.peer_list());
         }
-        bail!("unknown destination {dest:?}: not a node of this cluster (node {} knows {})", self.node, self.peer_list())
+        bail!(
+            "unknown destination {dest:?}: not a node of this cluster (node {} knows {})",
+            self.node,
+            self.peer_list()
+        )
     }
 
     /// The configured peers' names, for messages.
@@ -270,7 +276,10 @@ addr = "10.0.0.2:7077"
         // Only configured addresses: not another port of a peer, not any other host.
         for unknown in ["10.0.0.2:5555", "127.0.0.1:7077", "10.0.0.3:7077"] {
             let e = c.resolve(unknown).unwrap_err().to_string();
-            assert!(e.contains("not a node of this cluster") && e.contains("node2 (10.0.0.2:7077)"), "{unknown}: {e}");
+            assert!(
+                e.contains("not a node of this cluster") && e.contains("node2 (10.0.0.2:7077)"),
+                "{unknown}: {e}"
+            );
         }
         assert!(toml::from_str::<Config>("node = \"x\"\nbogus = 1").is_err());
     }

@@ -48,7 +48,8 @@ pub fn run(cfg: Config) -> Result<()> {
     for d in [shared.sessions_dir(), shared.results_dir()] {
         std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
         // (Root's alone: sessions and results are recorded there by name.)
-        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).with_context(|| format!("making {} private (0700)", d.display()))?;
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("making {} private (0700)", d.display()))?;
     }
     // Load the name service modules (passwd/group lookups) once here: every destination
     // session asks for its process owner's groups, and a session forked before they were
@@ -64,7 +65,8 @@ pub fn run(cfg: Config) -> Result<()> {
     // (aws-lc reads the CPU's features in a constructor when the program loads, so the
     // sessions inherit them: nothing to warm there.)
     telefork_engine::learn_cpu();
-    let tcp = TcpListener::bind(shared.cfg.listen).with_context(|| format!("listening on {}", shared.cfg.listen))?;
+    let tcp = TcpListener::bind(shared.cfg.listen)
+        .with_context(|| format!("listening on {}", shared.cfg.listen))?;
     let unix = bind_unix(&shared.cfg.socket)?;
     log(&format!(
         "node {} listening on {} (nodes, mutual TLS) and {} (local programs)",
@@ -84,7 +86,8 @@ fn bind_unix(path: &Path) -> Result<UnixListener> {
         if UnixStream::connect(path).is_ok() {
             anyhow::bail!("another daemon is already listening on {}", path.display());
         }
-        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
     }
     let l = UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))?;
     // Anyone may connect: the daemon identifies each program by SO_PEERCRED.
@@ -94,7 +97,10 @@ fn bind_unix(path: &Path) -> Result<UnixListener> {
 
 /// Runs `session` in a forked process; `loop_fds` (the main loop's listeners and the
 /// connections not this session's) are closed there. Its PID if it started.
-pub(crate) fn spawn_session(loop_fds: &[i32], session: impl FnOnce() -> Result<()>) -> Option<nix::unistd::Pid> {
+pub(crate) fn spawn_session(
+    loop_fds: &[i32],
+    session: impl FnOnce() -> Result<()>,
+) -> Option<nix::unistd::Pid> {
     // SAFETY: the daemon's main loop is single-threaded (no thread was ever started in it),
     // so the child may run arbitrary code.
     match unsafe { fork() } {
@@ -124,7 +130,10 @@ pub(crate) fn spawn_session(loop_fds: &[i32], session: impl FnOnce() -> Result<(
 }
 
 pub fn log(msg: &str) {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
     eprintln!("[{now:.3}] telefork-daemon[{}]: {msg}", std::process::id());
 }
 

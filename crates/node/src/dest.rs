@@ -35,8 +35,16 @@ pub const OFFER_WAIT: Duration = Duration::from_secs(40);
 
 /// Serves the connection of node `origin`, whose handshake the daemon's main loop completed
 /// (`admission`) before this session was forked.
-pub fn serve(shared: &Shared, tls: PendingServer, sock: TcpStream, peer: SocketAddr, origin: String) -> Result<()> {
-    let ch = tls.finish(sock, HANDSHAKE_TIMEOUT).with_context(|| format!("the connection from {origin} ({peer})"))?;
+pub fn serve(
+    shared: &Shared,
+    tls: PendingServer,
+    sock: TcpStream,
+    peer: SocketAddr,
+    origin: String,
+) -> Result<()> {
+    let ch = tls
+        .finish(sock, HANDSHAKE_TIMEOUT)
+        .with_context(|| format!("the connection from {origin} ({peer})"))?;
     telefork_engine::timeline::stamp("dest handshake done");
     let ch = Arc::new(ch);
     // The process to restore into is made at once, while the offer and image are on their
@@ -80,7 +88,10 @@ enum Order {
 /// A restore job, run by the restorer thread with the process it prepared (if it could), the
 /// fds that process has (or a process made now must get) as its 0, 1, 2, and the groups it
 /// looked up for the likely owner.
-type RestoreJob = Box<dyn FnOnce(Option<Stub>, [RawFd; 3], Option<Likely>) -> Result<telefork_engine::Restored> + Send>;
+type RestoreJob = Box<
+    dyn FnOnce(Option<Stub>, [RawFd; 3], Option<Likely>) -> Result<telefork_engine::Restored>
+        + Send,
+>;
 
 /// A user and their groups on this node, and when they were looked up (a lookup took
 /// ~0.1 ms here: not on a telefork's path, nor beside a program's next fork).
@@ -113,8 +124,12 @@ impl Restorer {
                             let result = match next.take() {
                                 // (The child's ends of its pipes close here: the restored
                                 // process holds its own.)
-                                Some((stub, stdio, likely)) => job(stub, stdio.each_ref().map(|fd| fd.as_raw_fd()), likely),
-                                None => Err(anyhow::anyhow!("no pipes were made for the process to restore")),
+                                Some((stub, stdio, likely)) => {
+                                    job(stub, stdio.each_ref().map(|fd| fd.as_raw_fd()), likely)
+                                }
+                                None => Err(anyhow::anyhow!(
+                                    "no pipes were made for the process to restore"
+                                )),
                             };
                             let _ = done.send(result);
                         }
@@ -128,13 +143,18 @@ impl Restorer {
     /// Has the next process to restore into made, with new pipes for its stdio (and the
     /// groups of `likely_user` looked up); returns the session's ends of the pipes.
     fn prepare(&self, likely_user: Option<User>) -> Result<Pipes> {
-        let ((stdin_r, stdin_w), (stdout_r, stdout_w), (stderr_r, stderr_w)) = (pipe()?, pipe()?, pipe()?);
-        self.orders.send(Order::Prepare([stdin_r, stdout_w, stderr_w], likely_user)).map_err(|_| anyhow::anyhow!("the restoring thread is gone"))?;
+        let ((stdin_r, stdin_w), (stdout_r, stdout_w), (stderr_r, stderr_w)) =
+            (pipe()?, pipe()?, pipe()?);
+        self.orders
+            .send(Order::Prepare([stdin_r, stdout_w, stderr_w], likely_user))
+            .map_err(|_| anyhow::anyhow!("the restoring thread is gone"))?;
         Ok(Pipes { stdin: stdin_w, stdout: stdout_r, stderr: stderr_r })
     }
 
     fn restore(&self, job: RestoreJob) -> Result<telefork_engine::Restored> {
-        self.orders.send(Order::Restore(job)).map_err(|_| anyhow::anyhow!("the restoring thread is gone"))?;
+        self.orders
+            .send(Order::Restore(job))
+            .map_err(|_| anyhow::anyhow!("the restoring thread is gone"))?;
         self.results.recv().unwrap_or_else(|_| Err(anyhow::anyhow!("the restoring thread is gone")))
     }
 }
@@ -210,20 +230,30 @@ enum AfterChild {
 
 /// Receives one process into the process `restorer` prepared with `pipes`, relays its output
 /// and fate, and learns whether the origin keeps the connection for another.
-fn serve_one(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str, restorer: &Restorer, pipes: Pipes) -> Result<AfterChild> {
+fn serve_one(
+    shared: &Shared,
+    ch: &Arc<TlsChannel>,
+    origin: &str,
+    restorer: &Restorer,
+    pipes: Pipes,
+) -> Result<AfterChild> {
     let Some(received) = receive(shared, ch, origin, restorer)? else {
         return Ok(AfterChild::End); // no process came, or it was refused or failed (and the origin told)
     };
     let pid = received.restored.pid; // (the origin was told it runs: `receive`)
     let how = match received.restored.pages {
         p if p.by_process => " (it received its pages itself)".to_string(),
-        p if p.in_huge_pages > 0 => format!(" ({} MiB of its memory in huge pages)", p.in_huge_pages >> 20),
+        p if p.in_huge_pages > 0 => {
+            format!(" ({} MiB of its memory in huge pages)", p.in_huge_pages >> 20)
+        }
         _ => String::new(),
     };
     log(&format!("restored process {pid} of user {} from {origin}{how}", received.user.uid));
     // (Should anything fail before its end is known, the child is killed: nobody would be
     // told of it any more.)
-    let pidfd = telefork_engine::pidfd::open(pid.as_raw()).context("pidfd_open").inspect_err(|_| telefork_engine::ptrace::kill_quietly(pid))?;
+    let pidfd = telefork_engine::pidfd::open(pid.as_raw())
+        .context("pidfd_open")
+        .inspect_err(|_| telefork_engine::ptrace::kill_quietly(pid))?;
     let supervised = supervise(ch, origin, restorer, pipes, &received, &pidfd);
     let (status, verdict, next) = supervised.inspect_err(|_| {
         // (By its pidfd: the child may have been reaped already.)
@@ -271,7 +301,14 @@ fn supervise(
         None
     };
     // The next one's process is made while this one runs (if it fails, after it).
-    let next = if pass_stdin { None } else { restorer.prepare(Some(user.clone())).inspect_err(|e| log(&format!("preparing the next process to restore into: {e:#}"))).ok() };
+    let next = if pass_stdin {
+        None
+    } else {
+        restorer
+            .prepare(Some(user.clone()))
+            .inspect_err(|e| log(&format!("preparing the next process to restore into: {e:#}")))
+            .ok()
+    };
     let exited = Arc::new(AtomicBool::new(false));
 
     // Commands from the origin: kill, stdin; after the child's end, `Again` or the end of the
@@ -298,7 +335,14 @@ fn supervise(
 /// killed if it still runs: nobody could wait for it any more) or, after the child's end,
 /// the origin says `Again` (its next offer follows: this thread must not read it). True on
 /// `Again`.
-fn origin_commands(ch: &TlsChannel, origin: &str, pid: nix::unistd::Pid, pidfd: &OwnedFd, exited: &AtomicBool, mut stdin_w: Option<File>) -> bool {
+fn origin_commands(
+    ch: &TlsChannel,
+    origin: &str,
+    pid: nix::unistd::Pid,
+    pidfd: &OwnedFd,
+    exited: &AtomicBool,
+    mut stdin_w: Option<File>,
+) -> bool {
     loop {
         match ch.recv::<ToDest>() {
             Ok(Some(ToDest::Kill { signal })) => {
@@ -313,7 +357,10 @@ fn origin_commands(ch: &TlsChannel, origin: &str, pid: nix::unistd::Pid, pidfd: 
             // (Only ever sent after the child's end was: anything else breaks the protocol.)
             Ok(Some(ToDest::Again)) if exited.load(Ordering::SeqCst) => return true,
             Ok(Some(other @ (ToDest::Again | ToDest::Offer { .. }))) => {
-                log(&format!("origin {origin} sent {} while process {pid} runs: killing it", if matches!(other, ToDest::Again) { "Again" } else { "an offer" }));
+                log(&format!(
+                    "origin {origin} sent {} while process {pid} runs: killing it",
+                    if matches!(other, ToDest::Again) { "Again" } else { "an offer" }
+                ));
                 let _ = telefork_engine::pidfd::send_signal(pidfd.as_fd(), libc::SIGKILL);
                 ch.close();
                 return false;
@@ -333,14 +380,24 @@ fn origin_commands(ch: &TlsChannel, origin: &str, pid: nix::unistd::Pid, pidfd: 
 /// pipes and its pidfd (no pump threads to wake and join before the exit status can go).
 /// Output goes to the origin as it comes; returns the child's exit status once what it wrote
 /// last has gone too.
-fn relay_output(ch: &TlsChannel, pid: nix::unistd::Pid, pidfd: &OwnedFd, stdout: File, stderr: File) -> Result<ExitInfo> {
+fn relay_output(
+    ch: &TlsChannel,
+    pid: nix::unistd::Pid,
+    pidfd: &OwnedFd,
+    stdout: File,
+    stderr: File,
+) -> Result<ExitInfo> {
     let mut pipes = [Some((stdout, true)), Some((stderr, false))];
     let mut buf = vec![0u8; 64 << 10];
     let mut child_ended = false;
     // (After the child's end, a grandchild may keep a pipe open: don't wait for it forever.)
     let mut drain_until = None;
     loop {
-        let mut fds: Vec<libc::pollfd> = pipes.iter().flatten().map(|(f, _)| libc::pollfd { fd: f.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+        let mut fds: Vec<libc::pollfd> = pipes
+            .iter()
+            .flatten()
+            .map(|(f, _)| libc::pollfd { fd: f.as_raw_fd(), events: libc::POLLIN, revents: 0 })
+            .collect();
         if !child_ended {
             fds.push(libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
         }
@@ -349,7 +406,8 @@ fn relay_output(ch: &TlsChannel, pid: nix::unistd::Pid, pidfd: &OwnedFd, stdout:
         }
         let timeout = match drain_until {
             Some(t) => {
-                let left = std::time::Instant::saturating_duration_since(&t, std::time::Instant::now());
+                let left =
+                    std::time::Instant::saturating_duration_since(&t, std::time::Instant::now());
                 if left.is_zero() {
                     break;
                 }
@@ -363,7 +421,8 @@ fn relay_output(ch: &TlsChannel, pid: nix::unistd::Pid, pidfd: &OwnedFd, stdout:
             if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
-            return Err(std::io::Error::last_os_error()).context("waiting for the restored process's output");
+            return Err(std::io::Error::last_os_error())
+                .context("waiting for the restored process's output");
         }
         for p in fds.iter().filter(|p| p.revents != 0) {
             if p.fd == pidfd.as_raw_fd() {
@@ -372,13 +431,18 @@ fn relay_output(ch: &TlsChannel, pid: nix::unistd::Pid, pidfd: &OwnedFd, stdout:
                 drain_until = Some(std::time::Instant::now() + Duration::from_secs(2));
                 continue;
             }
-            let Some(slot) = pipes.iter_mut().find(|s| s.as_ref().is_some_and(|(f, _)| f.as_raw_fd() == p.fd)) else { continue };
+            let Some(slot) =
+                pipes.iter_mut().find(|s| s.as_ref().is_some_and(|(f, _)| f.as_raw_fd() == p.fd))
+            else {
+                continue;
+            };
             let Some((f, is_out)) = slot.as_mut() else { continue };
             match f.read(&mut buf) {
                 Ok(0) | Err(_) => *slot = None, // its end
                 Ok(n) => {
                     let data = buf[..n].to_vec();
-                    let msg = if *is_out { FromDest::Stdout { data } } else { FromDest::Stderr { data } };
+                    let msg =
+                        if *is_out { FromDest::Stdout { data } } else { FromDest::Stderr { data } };
                     if ch.send(&msg).is_err() {
                         *slot = None; // the origin is gone (the command thread kills the child)
                     }
@@ -410,8 +474,15 @@ struct Received {
 /// Takes the offer, answers it, has `restorer` restore the image that follows (into the
 /// process it prepared, with the pipes it was given) and tell the origin it runs, at once;
 /// `None` if no offer came or it was refused or failed (the origin was told).
-fn receive(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str, restorer: &Restorer) -> Result<Option<Received>> {
-    let Some(Accepted { user, pass_stdin, plain_image, image_bytes, counted }) = answer_offer(shared, ch, origin)? else {
+fn receive(
+    shared: &Shared,
+    ch: &Arc<TlsChannel>,
+    origin: &str,
+    restorer: &Restorer,
+) -> Result<Option<Received>> {
+    let Some(Accepted { user, pass_stdin, plain_image, image_bytes, counted }) =
+        answer_offer(shared, ch, origin)?
+    else {
         return Ok(None);
     };
     let t_accepted = std::time::Instant::now();
@@ -452,7 +523,8 @@ fn receive(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str, restorer: &Resto
             // is taken from the channel).
             let raw = ch.raw_socket()?;
             raw.set_read_timeout(Some(Duration::from_secs(30))).ok();
-            opts.pages_socket = Some(telefork_engine::PagesSocket { fd: raw.as_raw_fd(), max_bytes: max });
+            opts.pages_socket =
+                Some(telefork_engine::PagesSocket { fd: raw.as_raw_fd(), max_bytes: max });
             let r = restore_into(stub, LimitedReader { inner: raw, left: max }, &opts);
             raw.set_read_timeout(None).ok();
             r
@@ -462,13 +534,17 @@ fn receive(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str, restorer: &Resto
             // answer, so nothing the buffer reads ahead can belong to TLS.
             let raw = ch.raw_socket()?;
             raw.set_read_timeout(Some(Duration::from_secs(30))).ok();
-            let mut input = std::io::BufReader::with_capacity(1 << 20, LimitedReader { inner: raw, left: max });
+            let mut input =
+                std::io::BufReader::with_capacity(1 << 20, LimitedReader { inner: raw, left: max });
             let r = restore_into(stub, &mut input, &opts).and_then(|r| {
                 if input.buffer().is_empty() {
                     Ok(r)
                 } else {
                     telefork_engine::ptrace::kill_quietly(r.pid);
-                    bail!("the origin sent {} bytes past the end of the image", input.buffer().len())
+                    bail!(
+                        "the origin sent {} bytes past the end of the image",
+                        input.buffer().len()
+                    )
                 }
             });
             raw.set_read_timeout(None).ok();
@@ -486,13 +562,17 @@ fn receive(shared: &Shared, ch: &Arc<TlsChannel>, origin: &str, restorer: &Resto
         if let Err(e) = r {
             // Nobody would hear of it again: it must not run on.
             telefork_engine::ptrace::kill_quietly(pid);
-            return Err(e).context(format!("telling the origin that process {pid} runs (it was killed)"));
+            return Err(e)
+                .context(format!("telling the origin that process {pid} runs (it was killed)"));
         }
         Ok(restored)
     });
     let restored = restorer.restore(job);
     if std::env::var_os("TELEFORK_DEBUG").is_some() {
-        log(&format!("restore done {:.2} ms after accepting", t_accepted.elapsed().as_secs_f64() * 1e3));
+        log(&format!(
+            "restore done {:.2} ms after accepting",
+            t_accepted.elapsed().as_secs_f64() * 1e3
+        ));
     }
     match restored {
         Ok(r) => Ok(Some(Received { restored: r, user, pass_stdin, _counted: counted })),
@@ -527,7 +607,15 @@ fn answer_offer(shared: &Shared, ch: &TlsChannel, origin: &str) -> Result<Option
     };
     telefork_engine::timeline::stamp("dest offer read");
     ch.set_recv_timeout(Some(HANDSHAKE_TIMEOUT));
-    let ToDest::Offer { user, origin: claimed, image_bytes, pass_stdin, plain_image, image_follows } = offer else {
+    let ToDest::Offer {
+        user,
+        origin: claimed,
+        image_bytes,
+        pass_stdin,
+        plain_image,
+        image_follows,
+    } = offer
+    else {
         bail!("node {origin} sent something other than an offer");
     };
     if claimed != origin {
@@ -536,11 +624,17 @@ fn answer_offer(shared: &Shared, ch: &TlsChannel, origin: &str) -> Result<Option
     let limits = &shared.cfg.limits;
     let node = &shared.cfg.node;
     let refusal = if user.uid == 0 && !limits.allow_root {
-        Some((Some("limits.allow_root"), format!("node {node} does not run processes of root (limits.allow_root = false)")))
+        Some((
+            Some("limits.allow_root"),
+            format!("node {node} does not run processes of root (limits.allow_root = false)"),
+        ))
     } else if image_bytes > limits.max_image_bytes {
         Some((Some("limits.max_image_bytes"), format!("image of {image_bytes} bytes exceeds node {node}'s limit of {} bytes (limits.max_image_bytes)", limits.max_image_bytes)))
     } else if plain_image && shared.cfg.transport.image != crate::config::ImageTransport::Plain {
-        Some((None, format!("node {node} accepts only encrypted images (its transport.image is \"tls\")")))
+        Some((
+            None,
+            format!("node {node} accepts only encrypted images (its transport.image is \"tls\")"),
+        ))
     } else if live_sessions(shared, user.uid) >= limits.max_restores_per_user {
         Some((
             Some("limits.max_restores_per_user"),
@@ -552,7 +646,17 @@ fn answer_offer(shared: &Shared, ch: &TlsChannel, origin: &str) -> Result<Option
     // Counted among its owner's restored processes from here (a file in the state
     // directory: a full or broken one refuses the offer, naming why).
     let marker = shared.sessions_dir().join(format!("{}.{}", user.uid, std::process::id()));
-    let refusal = refusal.or_else(|| File::create(&marker).err().map(|e| (None, format!("node {node} cannot record the session in {}: {e}", shared.sessions_dir().display()))));
+    let refusal = refusal.or_else(|| {
+        File::create(&marker).err().map(|e| {
+            (
+                None,
+                format!(
+                    "node {node} cannot record the session in {}: {e}",
+                    shared.sessions_dir().display()
+                ),
+            )
+        })
+    });
     if let Some((limit, reason)) = refusal {
         log(&format!("refused a process from {origin}: {reason}"));
         ch.send(&FromDest::Refused { limit: limit.map(str::to_string), reason })?;
@@ -641,4 +745,3 @@ impl Drop for RemoveOnDrop {
 fn pipe() -> Result<(OwnedFd, OwnedFd)> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating a pipe")
 }
-

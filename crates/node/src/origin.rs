@@ -33,7 +33,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use nix::sys::socket::{getsockopt, recvmsg, sockopt::PeerCredentials, ControlMessageOwned, MsgFlags};
+use nix::sys::socket::{
+    getsockopt, recvmsg, sockopt::PeerCredentials, ControlMessageOwned, MsgFlags,
+};
 use nix::unistd::Pid;
 use telefork_engine::OutsideReader;
 
@@ -48,7 +50,9 @@ pub fn serve(shared: &Shared, mut sock: UnixStream) -> Result<()> {
     };
     // A capture will follow: its /proc reader thread is started now, not on its path. (It
     // stays, idle, until the session ends: ending it before the relay competed with it.)
-    let reader = matches!(req, LocalRequest::Prepare { .. } | LocalRequest::Telefork { .. }).then(OutsideReader::start).and_then(Result::ok);
+    let reader = matches!(req, LocalRequest::Prepare { .. } | LocalRequest::Telefork { .. })
+        .then(OutsideReader::start)
+        .and_then(Result::ok);
     let mut prepared = None;
     // One request after another: a program hands its connection back once a child has
     // ended (`LocalCommand::Again`), and this session serves its next telefork — no new
@@ -64,7 +68,12 @@ pub fn serve(shared: &Shared, mut sock: UnixStream) -> Result<()> {
             telefork_engine::timeline::stamp("origin next request");
         }
         match req {
-            LocalRequest::WhoAmI => return proto::write_frame(&mut sock, &FromDaemon::Node { name: shared.cfg.node.clone() }),
+            LocalRequest::WhoAmI => {
+                return proto::write_frame(
+                    &mut sock,
+                    &FromDaemon::Node { name: shared.cfg.node.clone() },
+                )
+            }
             // (Only right after connecting or being handed back; a second one ends the session.)
             LocalRequest::Prepare { .. } => return Ok(()),
             LocalRequest::Report { value } => {
@@ -81,18 +90,36 @@ pub fn serve(shared: &Shared, mut sock: UnixStream) -> Result<()> {
                 // (Accepted, then Started as soon as the destination says so, before the local
                 // copy is killed: the program is not held for that.)
                 let tell = |msg: FromDaemon| proto::write_frame(&mut to_program, &msg);
-                let sent = send_away(shared, Some(cred.pid()), &user, child_pid, &dest, pass_stdin, prepared.take(), reader.as_ref(), tell);
+                let sent = send_away(
+                    shared,
+                    Some(cred.pid()),
+                    &user,
+                    child_pid,
+                    &dest,
+                    pass_stdin,
+                    prepared.take(),
+                    reader.as_ref(),
+                    tell,
+                );
                 match sent {
-                    Ok((ch, name, addr)) => match relay(ch, &sock, std::mem::take(&mut fds), pass_stdin)? {
-                        // The next telefork likely goes there too: the destination's session
-                        // serves it on this connection.
-                        AfterRelay::Again(ch) => prepared = Connecting::kept(name, addr, *ch).ok(),
-                        AfterRelay::End => return Ok(()),
-                    },
+                    Ok((ch, name, addr)) => {
+                        match relay(ch, &sock, std::mem::take(&mut fds), pass_stdin)? {
+                            // The next telefork likely goes there too: the destination's session
+                            // serves it on this connection.
+                            AfterRelay::Again(ch) => {
+                                prepared = Connecting::kept(name, addr, *ch).ok()
+                            }
+                            AfterRelay::End => return Ok(()),
+                        }
+                    }
                     Err(e) => {
                         log(&format!("telefork of process {child_pid} to {dest} failed: {e:#}"));
                         let reply = match e.downcast_ref::<Refused>() {
-                            Some(r) => FromDaemon::Refused { node: r.node.clone(), limit: r.limit.clone(), reason: r.reason.clone() },
+                            Some(r) => FromDaemon::Refused {
+                                node: r.node.clone(),
+                                limit: r.limit.clone(),
+                                reason: r.reason.clone(),
+                            },
                             None => FromDaemon::Failed { error: format!("{e:#}") },
                         };
                         return proto::write_frame(&mut sock, &reply);
@@ -118,7 +145,12 @@ fn recv_first(sock: &UnixStream) -> Result<Option<(LocalRequest, Vec<OwnedFd>)>>
     let mut fds = Vec::new();
     let got = {
         let mut iov = [IoSliceMut::new(&mut len)];
-        let msg = match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
+        let msg = match recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
             Ok(m) => m,
             Err(nix::errno::Errno::EAGAIN) => return Ok(None),
             Err(e) => return Err(e).context("reading a request"),
@@ -160,7 +192,12 @@ fn read_by(mut sock: &UnixStream, buf: &mut [u8], deadline: std::time::Instant) 
             Ok(0) => bail!("the connection ended inside a request"),
             Ok(n) => at += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
                 bail!("the request did not arrive within {} s", REQUEST_LIMIT.as_secs())
             }
             Err(e) => return Err(e).context("reading a request"),
@@ -179,11 +216,13 @@ fn store_report(shared: &Shared, pid: Option<i32>, value: &[u8]) -> Result<()> {
         bail!("process {pid} is not a process this node restored");
     }
     // (Root's, 0600, created without following a link: `safe_file`.)
-    crate::safe_file::write_file(&shared.results_dir().join(pid.to_string()), value, 0o600, true).context("storing the result")
+    crate::safe_file::write_file(&shared.results_dir().join(pid.to_string()), value, 0o600, true)
+        .context("storing the result")
 }
 
 fn status_field(pid: i32, key: &str) -> Result<i64> {
-    let s = telefork_engine::procfs::read_text(&format!("/proc/{pid}/status")).with_context(|| format!("process {pid} is gone"))?;
+    let s = telefork_engine::procfs::read_text(&format!("/proc/{pid}/status"))
+        .with_context(|| format!("process {pid} is gone"))?;
     status_value(&s, key).with_context(|| format!("no {key} in /proc/{pid}/status"))
 }
 
@@ -235,7 +274,13 @@ impl Connecting {
         // (An answer awaited on it is bounded as on a new connection.)
         ch.set_recv_timeout(Some(crate::dest::HANDSHAKE_TIMEOUT));
         ch.send(&ToDest::Again)?;
-        Ok(Connecting { name, addr, ahead: true, began: std::time::Instant::now(), made: Made::Done(Box::new(Ok(ch))) })
+        Ok(Connecting {
+            name,
+            addr,
+            ahead: true,
+            began: std::time::Instant::now(),
+            made: Made::Done(Box::new(Ok(ch))),
+        })
     }
 
     /// Starts connecting to node `name` at `addr` in a thread of its own, for a telefork whose
@@ -249,22 +294,40 @@ impl Connecting {
                 let _ = tx.send(connect_tls(tls, &node, addr));
             })
             .context("starting a thread to connect")?;
-        Ok(Connecting { name, addr, ahead: false, began: std::time::Instant::now(), made: Made::Pending(rx) })
+        Ok(Connecting {
+            name,
+            addr,
+            ahead: false,
+            began: std::time::Instant::now(),
+            made: Made::Pending(rx),
+        })
     }
 
     fn finish(self) -> Result<TlsChannel> {
         match self.made {
             Made::Done(r) => *r,
-            Made::Pending(rx) => rx.recv().unwrap_or_else(|_| Err(anyhow::anyhow!("the thread connecting to {} is gone", self.name))),
+            Made::Pending(rx) => rx.recv().unwrap_or_else(|_| {
+                Err(anyhow::anyhow!("the thread connecting to {} is gone", self.name))
+            }),
         }
     }
 }
 
 /// Connects to node `name` at `addr` and authenticates it.
-fn connect_tls(tls: Arc<rustls::ClientConfig>, name: &str, addr: std::net::SocketAddr) -> Result<TlsChannel> {
-    let sock = connect(addr, Duration::from_secs(5)).with_context(|| format!("cannot reach node {name}"))?;
-    let ch = TlsChannel::client(tls, crate::tls::server_name(name)?, sock, crate::dest::HANDSHAKE_TIMEOUT)
-        .with_context(|| format!("connecting to node {name} at {addr}"))?;
+fn connect_tls(
+    tls: Arc<rustls::ClientConfig>,
+    name: &str,
+    addr: std::net::SocketAddr,
+) -> Result<TlsChannel> {
+    let sock = connect(addr, Duration::from_secs(5))
+        .with_context(|| format!("cannot reach node {name}"))?;
+    let ch = TlsChannel::client(
+        tls,
+        crate::tls::server_name(name)?,
+        sock,
+        crate::dest::HANDSHAKE_TIMEOUT,
+    )
+    .with_context(|| format!("connecting to node {name} at {addr}"))?;
     check_peer_name(&ch, Some(name))?;
     Ok(ch)
 }
@@ -291,7 +354,11 @@ impl Link<'_> {
         if let Some(ch) = self.ch.get() {
             return Ok(ch);
         }
-        let connecting = self.connecting.lock().map_err(|_| anyhow::anyhow!("connection state poisoned"))?.take();
+        let connecting = self
+            .connecting
+            .lock()
+            .map_err(|_| anyhow::anyhow!("connection state poisoned"))?
+            .take();
         let connecting = connecting.context("the connection to the destination failed")?;
         let ch = self.open(connecting)?;
         Ok(self.ch.get_or_init(|| ch))
@@ -309,9 +376,18 @@ impl Link<'_> {
         };
         // (A destination drops a connection made ahead of time and left unused for a while:
         // then connect anew — nothing was sent yet.)
-        let ch = match connecting.finish().and_then(|ch| if still_open(&ch) { Ok(ch) } else { bail!("closed by the destination") }).and_then(offered) {
+        let ch = match connecting
+            .finish()
+            .and_then(
+                |ch| if still_open(&ch) { Ok(ch) } else { bail!("closed by the destination") },
+            )
+            .and_then(offered)
+        {
             Ok(ch) => {
-                let _ = self.opened.set((if ahead { "prepared connection" } else { "connected" }, std::time::Instant::now()));
+                let _ = self.opened.set((
+                    if ahead { "prepared connection" } else { "connected" },
+                    std::time::Instant::now(),
+                ));
                 return Ok(ch);
             }
             Err(e) if ahead && e.downcast_ref::<Refused>().is_none() => {
@@ -341,7 +417,8 @@ fn offer(ch: &TlsChannel, name: &str, offer: &ToDest) -> Result<()> {
     ch.send(offer)?;
     match ch.expect::<FromDest>("the destination's answer")? {
         FromDest::Accept => Ok(()),
-        other => Err(dest_said(name, other).unwrap_or_else(|other| anyhow::anyhow!("node {name} answered {other:?} to an offer"))),
+        other => Err(dest_said(name, other)
+            .unwrap_or_else(|other| anyhow::anyhow!("node {name} answered {other:?} to an offer"))),
     }
 }
 
@@ -392,7 +469,11 @@ fn send_away(
     telefork_engine::timeline::stamp("origin request");
     let ms = |t: std::time::Instant| t.duration_since(t0).as_secs_f64() * 1e3;
     let caller = caller.context("caller has no PID")?;
-    let status = if child > 0 { telefork_engine::procfs::read_text(&format!("/proc/{child}/status")).ok() } else { None };
+    let status = if child > 0 {
+        telefork_engine::procfs::read_text(&format!("/proc/{child}/status")).ok()
+    } else {
+        None
+    };
     let field = |key: &str| status.as_deref().and_then(|s| status_value(s, key));
     if field("PPid") != Some(caller as i64) {
         bail!("process {child} is not a child of the calling process {caller}");
@@ -402,7 +483,11 @@ fn send_away(
     }
     // The connection: the one made ahead of time if it goes there, else one made now by a
     // thread of its own while the child is checked and captured. Only to configured peers.
-    let (name, addr) = shared.cfg.resolve(dest).map_err(|e| Refused { node: shared.cfg.node.clone(), limit: Some("peers".into()), reason: e.to_string() })?;
+    let (name, addr) = shared.cfg.resolve(dest).map_err(|e| Refused {
+        node: shared.cfg.node.clone(),
+        limit: Some("peers".into()),
+        reason: e.to_string(),
+    })?;
     let connecting = match prepared.filter(|c| c.name == name) {
         Some(c) => c,
         None => Connecting::start(shared, &name, addr)?,
@@ -411,7 +496,8 @@ fn send_away(
     let t_stopped = std::time::Instant::now();
     telefork_engine::timeline::stamp("origin stopped");
     // (Resident and swapped out: swapped pages travel too. Read once the child is stopped.)
-    let stopped_status = telefork_engine::procfs::read_text(&format!("/proc/{child}/status")).unwrap_or_default();
+    let stopped_status =
+        telefork_engine::procfs::read_text(&format!("/proc/{child}/status")).unwrap_or_default();
     let kib = |key: &str| status_value(&stopped_status, key).unwrap_or(0).max(0) as u64;
     let image_bytes = (kib("VmRSS") + kib("VmSwap")) * 1024;
     let plain_image = shared.cfg.transport.image == crate::config::ImageTransport::Plain;
@@ -423,7 +509,14 @@ fn send_away(
     // that shows before any image byte is sent, and we connect anew.
     let stale = connecting.ahead && connecting.began.elapsed() >= PREPARED_FRESH;
     let image_follows = !plain_image && image_bytes <= FOLLOWS_OFFER_MAX && !stale;
-    let the_offer = ToDest::Offer { user: user.clone(), origin: shared.cfg.node.clone(), image_bytes, pass_stdin, plain_image, image_follows };
+    let the_offer = ToDest::Offer {
+        user: user.clone(),
+        origin: shared.cfg.node.clone(),
+        image_bytes,
+        pass_stdin,
+        plain_image,
+        image_follows,
+    };
     let link = Link {
         tls: &shared.client_tls,
         offer: &the_offer,
@@ -444,7 +537,9 @@ fn send_away(
     // size; used only after the process record went out, so on a connection opened by
     // then): onto the socket (plain), or into a pipe whose bytes are read straight into TLS
     // records.
-    let forward = |pipe: std::os::fd::RawFd, len: usize| link.channel().map_err(|e| std::io::Error::other(format!("{e:#}")))?.send_from(pipe, len);
+    let forward = |pipe: std::os::fd::RawFd, len: usize| {
+        link.channel().map_err(|e| std::io::Error::other(format!("{e:#}")))?.send_from(pipe, len)
+    };
     let page_route = Some(match plain_socket {
         Some(ch) => telefork_engine::PageRoute::Socket(ch.raw_fd()),
         None => telefork_engine::PageRoute::Pipe(&forward),
@@ -465,32 +560,43 @@ fn send_away(
         Some(ch) => Box::new(ch.raw_socket()?),
         None => Box::new(&link),
     };
-    let dumped = telefork_engine::dump(Pid::from_raw(child), std::io::BufWriter::with_capacity(1 << 20, sink), &opts, |mut w| {
-        w.flush().context("sending the image")?;
-        t_sent = std::time::Instant::now();
-        telefork_engine::timeline::stamp("origin image flushed");
-        let ch = link.channel()?;
-        ch.set_recv_timeout(Some(Duration::from_secs(60)));
-        if image_follows {
-            // The answer to the offer, sent while the image was on its way.
-            match ch.expect::<FromDest>("the destination's answer")? {
-                FromDest::Accept => {
-                    let _ = tell(FromDaemon::Accepted { node: name.clone() });
+    let dumped = telefork_engine::dump(
+        Pid::from_raw(child),
+        std::io::BufWriter::with_capacity(1 << 20, sink),
+        &opts,
+        |mut w| {
+            w.flush().context("sending the image")?;
+            t_sent = std::time::Instant::now();
+            telefork_engine::timeline::stamp("origin image flushed");
+            let ch = link.channel()?;
+            ch.set_recv_timeout(Some(Duration::from_secs(60)));
+            if image_follows {
+                // The answer to the offer, sent while the image was on its way.
+                match ch.expect::<FromDest>("the destination's answer")? {
+                    FromDest::Accept => {
+                        let _ = tell(FromDaemon::Accepted { node: name.clone() });
+                    }
+                    other => {
+                        return Err(dest_said(&name, other).unwrap_or_else(|other| {
+                            anyhow::anyhow!("node {name} answered {other:?} to an offer")
+                        }))
+                    }
                 }
-                other => return Err(dest_said(&name, other).unwrap_or_else(|other| anyhow::anyhow!("node {name} answered {other:?} to an offer"))),
             }
-        }
-        match ch.expect::<FromDest>("the destination's restore result")? {
-            FromDest::Started { pid } => {
-                started = Some(pid);
-                telefork_engine::timeline::stamp("origin got Started");
-                let _ = tell(FromDaemon::Started { node: name.clone(), pid });
-                telefork_engine::timeline::stamp("origin told Started");
-                Ok(())
+            match ch.expect::<FromDest>("the destination's restore result")? {
+                FromDest::Started { pid } => {
+                    started = Some(pid);
+                    telefork_engine::timeline::stamp("origin got Started");
+                    let _ = tell(FromDaemon::Started { node: name.clone(), pid });
+                    telefork_engine::timeline::stamp("origin told Started");
+                    Ok(())
+                }
+                other => Err(dest_said(&name, other).unwrap_or_else(|other| {
+                    anyhow::anyhow!("node {name} answered {other:?} after the image")
+                })),
             }
-            other => Err(dest_said(&name, other).unwrap_or_else(|other| anyhow::anyhow!("node {name} answered {other:?} after the image"))),
-        }
-    });
+        },
+    );
     // Sending failed before the destination's answer was read: it may have stopped reading
     // and said why (a refusal, or a restore that failed while the image was arriving). Its
     // word is the error, not our broken pipe.
@@ -532,8 +638,12 @@ fn last_word(ch: &TlsChannel, name: &str) -> Option<anyhow::Error> {
 /// back, for the caller to name.
 fn dest_said(name: &str, msg: FromDest) -> std::result::Result<anyhow::Error, FromDest> {
     match msg {
-        FromDest::Refused { limit, reason } => Ok(Refused { node: name.to_string(), limit, reason }.into()),
-        FromDest::Failed { error } => Ok(DestSaid(format!("node {name} could not restore the process: {error}")).into()),
+        FromDest::Refused { limit, reason } => {
+            Ok(Refused { node: name.to_string(), limit, reason }.into())
+        }
+        FromDest::Failed { error } => {
+            Ok(DestSaid(format!("node {name} could not restore the process: {error}")).into())
+        }
         other => Err(other),
     }
 }
@@ -557,12 +667,18 @@ fn wait_self_stopped(child: i32) -> Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut spins = 0;
     loop {
-        let stat = telefork_engine::procfs::read_text(&format!("/proc/{child}/stat")).with_context(|| format!("process {child} is gone"))?;
-        let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).unwrap_or("");
+        let stat = telefork_engine::procfs::read_text(&format!("/proc/{child}/stat"))
+            .with_context(|| format!("process {child} is gone"))?;
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .unwrap_or("");
         match state {
             "T" | "t" => return Ok(()),
             "Z" | "X" => bail!("process {child} exited before it could be sent"),
-            _ if std::time::Instant::now() > deadline => bail!("process {child} did not stop within 10 s"),
+            _ if std::time::Instant::now() > deadline => {
+                bail!("process {child} did not stop within 10 s")
+            }
             // (The program asks right after its fork: the child is usually a few system
             // calls away from its stop. Give it the CPU a few times before sleeping.)
             _ if spins < 20 => {
@@ -586,7 +702,11 @@ fn program_commands(sock: &UnixStream, ended: &OwnedFd, ch: &TlsChannel, pass_st
             libc::pollfd { fd: ended.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         ];
         let watched = if deadline.is_some() { 1 } else { 2 };
-        let timeout = deadline.map_or(-1, |d: std::time::Instant| d.saturating_duration_since(std::time::Instant::now()).as_millis().clamp(1, i32::MAX as u128) as i32);
+        let timeout = deadline.map_or(-1, |d: std::time::Instant| {
+            d.saturating_duration_since(std::time::Instant::now())
+                .as_millis()
+                .clamp(1, i32::MAX as u128) as i32
+        });
         // SAFETY: `fds` holds `watched` valid pollfds.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), watched as libc::nfds_t, timeout) };
         if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
@@ -634,13 +754,19 @@ const AGAIN_WAIT: Duration = Duration::from_secs(30);
 
 /// Relays between the program and the remote child until the child's fate is known; then
 /// learns whether the program hands the connection back for another telefork.
-fn relay(ch: TlsChannel, sock: &UnixStream, fds: Vec<OwnedFd>, pass_stdin: bool) -> Result<AfterRelay> {
+fn relay(
+    ch: TlsChannel,
+    sock: &UnixStream,
+    fds: Vec<OwnedFd>,
+    pass_stdin: bool,
+) -> Result<AfterRelay> {
     let ch = Arc::new(ch);
     let mut fds = fds.into_iter();
     let mut stdout = fds.next().map(File::from);
     let mut stderr = fds.next().map(File::from);
     let stdin = if pass_stdin { fds.next().map(File::from) } else { None };
-    let (ended_r, ended_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating a pipe")?;
+    let (ended_r, ended_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating a pipe")?;
     let again = std::thread::scope(|scope| -> Result<bool> {
         // Program → destination: kill requests; after the child's end, the program's answer.
         let commands = scope.spawn(|| {
@@ -687,13 +813,21 @@ fn relay(ch: TlsChannel, sock: &UnixStream, fds: Vec<OwnedFd>, pass_stdin: bool)
                     telefork_engine::timeline::stamp("origin got Exited");
                     break proto::write_frame(&mut to_program, &FromDaemon::Exited(info)).is_ok();
                 }
-                Ok(Some(other)) => log(&format!("unexpected message from the destination: {other:?}")),
+                Ok(Some(other)) => {
+                    log(&format!("unexpected message from the destination: {other:?}"))
+                }
                 Ok(None) => {
-                    let _ = proto::write_frame(&mut to_program, &FromDaemon::Lost { error: "the destination closed the connection".into() });
+                    let _ = proto::write_frame(
+                        &mut to_program,
+                        &FromDaemon::Lost { error: "the destination closed the connection".into() },
+                    );
                     break false;
                 }
                 Err(e) => {
-                    let _ = proto::write_frame(&mut to_program, &FromDaemon::Lost { error: format!("{e:#}") });
+                    let _ = proto::write_frame(
+                        &mut to_program,
+                        &FromDaemon::Lost { error: format!("{e:#}") },
+                    );
                     break false;
                 }
             }

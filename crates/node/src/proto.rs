@@ -63,7 +63,9 @@ pub enum LocalRequest {
 /// Later messages of a program about its remote child.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LocalCommand {
-    Kill { signal: i32 },
+    Kill {
+        signal: i32,
+    },
     /// After the child's end (`FromDaemon::Exited`): this connection carries the program's
     /// next request (the session serves it, instead of a new session for a new connection).
     Again,
@@ -79,19 +81,36 @@ pub enum LocalCommand {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FromDaemon {
     /// The destination accepted the offer; the capture is streaming to it.
-    Accepted { node: String },
-    Started { node: String, pid: i32 },
-    Failed { error: String },
+    Accepted {
+        node: String,
+    },
+    Started {
+        node: String,
+        pid: i32,
+    },
+    Failed {
+        error: String,
+    },
     /// The value reported by the child (`remote`), sent just before `Exited`.
-    Result { value: Vec<u8> },
+    Result {
+        value: Vec<u8>,
+    },
     Exited(ExitInfo),
     /// The connection to the child's node was lost; its fate is unknown.
-    Lost { error: String },
+    Lost {
+        error: String,
+    },
     Ok,
-    Node { name: String },
+    Node {
+        name: String,
+    },
     /// A node refused the request: `node` (this one or the destination) said why, and which
     /// limit of its config refused it, if one did.
-    Refused { node: String, limit: Option<String>, reason: String },
+    Refused {
+        node: String,
+        limit: Option<String>,
+        reason: String,
+    },
 }
 
 /// Messages of an origin daemon to a destination daemon.
@@ -102,9 +121,20 @@ pub enum ToDest {
     /// `image_follows`: the (encrypted, small) image follows the offer at once, without
     /// waiting for `Accept` (one round trip less); a refusing destination then reads it to
     /// its end and drops it.
-    Offer { user: User, origin: String, image_bytes: u64, pass_stdin: bool, plain_image: bool, image_follows: bool },
-    Kill { signal: i32 },
-    Stdin { data: Vec<u8> },
+    Offer {
+        user: User,
+        origin: String,
+        image_bytes: u64,
+        pass_stdin: bool,
+        plain_image: bool,
+        image_follows: bool,
+    },
+    Kill {
+        signal: i32,
+    },
+    Stdin {
+        data: Vec<u8>,
+    },
     StdinEof,
     /// After the child's `Exited`: keep this connection (and the session serving it) for the
     /// next `Offer` of the same program, instead of a new connection and session per telefork.
@@ -117,12 +147,25 @@ pub enum FromDest {
     Accept,
     /// `limit`: the key of the destination's config that refused it (e.g.
     /// "limits.max_restores_per_user"), if a limit did.
-    Refused { limit: Option<String>, reason: String },
-    Started { pid: i32 },
-    Failed { error: String },
-    Stdout { data: Vec<u8> },
-    Stderr { data: Vec<u8> },
-    Result { value: Vec<u8> },
+    Refused {
+        limit: Option<String>,
+        reason: String,
+    },
+    Started {
+        pid: i32,
+    },
+    Failed {
+        error: String,
+    },
+    Stdout {
+        data: Vec<u8>,
+    },
+    Stderr {
+        data: Vec<u8>,
+    },
+    Result {
+        value: Vec<u8>,
+    },
     Exited(ExitInfo),
 }
 
@@ -220,7 +263,14 @@ mod tests {
         };
         let mut valid = Vec::new();
         for m in [
-            ToDest::Offer { user: User { uid: 1000, gid: 1000 }, origin: "node1".into(), image_bytes: 1 << 30, pass_stdin: true, plain_image: false, image_follows: false },
+            ToDest::Offer {
+                user: User { uid: 1000, gid: 1000 },
+                origin: "node1".into(),
+                image_bytes: 1 << 30,
+                pass_stdin: true,
+                plain_image: false,
+                image_follows: false,
+            },
             ToDest::Stdin { data: vec![1, 2, 3] },
         ] {
             let mut b = Vec::new();
@@ -228,7 +278,11 @@ mod tests {
             valid.push(b);
         }
         let mut b = Vec::new();
-        write_frame(&mut b, &LocalRequest::Telefork { dest: "node2".into(), child_pid: 42, pass_stdin: false }).unwrap();
+        write_frame(
+            &mut b,
+            &LocalRequest::Telefork { dest: "node2".into(), child_pid: 42, pass_stdin: false },
+        )
+        .unwrap();
         valid.push(b);
         for i in 0..200_000u64 {
             let mut frame = if i % 2 == 0 {
@@ -277,14 +331,18 @@ mod tests {
         let req = LocalRequest::Telefork { dest: "node2".into(), child_pid: 7, pass_stdin: true };
         let frame = encode_frame(&req).unwrap();
         assert_eq!(decode_body::<LocalRequest>(&frame[4..]).unwrap(), req);
-        let e = decode_body::<LocalRequest>(&[&frame[4..], &[0][..]].concat()).unwrap_err().to_string();
+        let e =
+            decode_body::<LocalRequest>(&[&frame[4..], &[0][..]].concat()).unwrap_err().to_string();
         assert!(e.contains("1 bytes left over"), "{e}");
         assert!(decode_body::<LocalRequest>(&frame[4..frame.len() - 1]).is_err());
         // Two frames back to back, then every cut of them.
         let stream = [&frame[..], &encode_frame(&LocalRequest::WhoAmI).unwrap()].concat();
         let (first, used) = decode_frame::<LocalRequest>(&stream).unwrap().unwrap();
         assert_eq!((first, used), (req.clone(), frame.len()));
-        assert_eq!(decode_frame::<LocalRequest>(&stream[used..]).unwrap().unwrap().0, LocalRequest::WhoAmI);
+        assert_eq!(
+            decode_frame::<LocalRequest>(&stream[used..]).unwrap().unwrap().0,
+            LocalRequest::WhoAmI
+        );
         assert!(decode_frame::<LocalRequest>(&[]).unwrap().is_none());
         for cut in 0..frame.len() {
             let pure = decode_frame::<LocalRequest>(&frame[..cut]);
@@ -313,6 +371,9 @@ mod tests {
             }
         }
         let frame = encode_frame(&ToDest::Stdin { data: vec![1, 2, 3] }).unwrap();
-        assert_eq!(read_frame::<_, ToDest>(&mut Trickle(&frame)).unwrap(), Some(ToDest::Stdin { data: vec![1, 2, 3] }));
+        assert_eq!(
+            read_frame::<_, ToDest>(&mut Trickle(&frame)).unwrap(),
+            Some(ToDest::Stdin { data: vec![1, 2, 3] })
+        );
     }
 }

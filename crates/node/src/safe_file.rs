@@ -41,16 +41,26 @@ impl NewFile {
 
     /// `create`, with `tmpfile` false as on a filesystem without O_TMPFILE.
     fn create_as(path: &Path, mode: u32, tmpfile: bool) -> Result<NewFile> {
-        let dir_path = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir_path =
+            path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let name = match path.file_name() {
             Some(n) if !path.as_os_str().as_bytes().ends_with(b"/") => n.to_os_string(),
             _ => bail!("{} does not name a file", path.display()),
         };
-        let dir = rustix::fs::openat(CWD, dir_path, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-            .with_context(|| format!("opening directory {}", dir_path.display()))?;
+        let dir = rustix::fs::openat(
+            CWD,
+            dir_path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .with_context(|| format!("opening directory {}", dir_path.display()))?;
         let creating = || format!("creating {} in {}", path.display(), dir_path.display());
         let want = Mode::from_raw_mode(mode);
-        let unnamed = if tmpfile { rustix::fs::openat(&dir, ".", OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC, want) } else { Err(Errno::OPNOTSUPP) };
+        let unnamed = if tmpfile {
+            rustix::fs::openat(&dir, ".", OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC, want)
+        } else {
+            Err(Errno::OPNOTSUPP)
+        };
         let (fd, named_tmp) = match unnamed {
             Ok(fd) => (fd, None),
             // No O_TMPFILE on this filesystem (or kernel): a fresh name nobody can have planted.
@@ -58,7 +68,16 @@ impl NewFile {
                 let mut tries = 0;
                 loop {
                     let tmp = random_name();
-                    match rustix::fs::openat(&dir, &tmp, OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::WRONLY | OFlags::CLOEXEC, want) {
+                    match rustix::fs::openat(
+                        &dir,
+                        &tmp,
+                        OFlags::CREATE
+                            | OFlags::EXCL
+                            | OFlags::NOFOLLOW
+                            | OFlags::WRONLY
+                            | OFlags::CLOEXEC,
+                        want,
+                    ) {
                         Ok(fd) => break (fd, Some(tmp)),
                         Err(Errno::EXIST) if tries < 16 => tries += 1,
                         Err(e) => return Err(e).with_context(creating),
@@ -80,12 +99,17 @@ impl NewFile {
 
     /// Gives the file to `uid`:`gid` (needs privilege unless they are the caller's own).
     pub fn set_owner(&self, uid: u32, gid: u32) -> Result<()> {
-        let st = rustix::fs::fstat(&self.file).with_context(|| format!("reading the owner of new {}", self.path.display()))?;
+        let st = rustix::fs::fstat(&self.file)
+            .with_context(|| format!("reading the owner of new {}", self.path.display()))?;
         if (st.st_uid, st.st_gid) == (uid, gid) {
             return Ok(());
         }
-        rustix::fs::fchown(&self.file, Some(rustix::fs::Uid::from_raw(uid)), Some(rustix::fs::Gid::from_raw(gid)))
-            .with_context(|| format!("giving {} to uid {uid} gid {gid}", self.path.display()))
+        rustix::fs::fchown(
+            &self.file,
+            Some(rustix::fs::Uid::from_raw(uid)),
+            Some(rustix::fs::Gid::from_raw(gid)),
+        )
+        .with_context(|| format!("giving {} to uid {uid} gid {gid}", self.path.display()))
     }
 
     /// Syncs the file and puts it at its path, atomically: with `replace`, over whatever entry
@@ -96,7 +120,9 @@ impl NewFile {
         if !replace {
             let linked = match &self.named_tmp {
                 None => link_unnamed(&self.file, &self.dir, &self.name),
-                Some(tmp) => rustix::fs::linkat(&self.dir, tmp, &self.dir, &self.name, AtFlags::empty()),
+                Some(tmp) => {
+                    rustix::fs::linkat(&self.dir, tmp, &self.dir, &self.name, AtFlags::empty())
+                }
             };
             match linked {
                 Err(Errno::EXIST) => bail!("{} already exists", self.path.display()),
@@ -121,7 +147,8 @@ impl NewFile {
             rustix::fs::renameat(&self.dir, tmp, &self.dir, &self.name).context(placing.clone())?;
             self.named_tmp = None;
         }
-        rustix::fs::fsync(&self.dir).with_context(|| format!("syncing the directory of {}", self.path.display()))?;
+        rustix::fs::fsync(&self.dir)
+            .with_context(|| format!("syncing the directory of {}", self.path.display()))?;
         // In a directory others may write without the sticky bit, they could have swapped the
         // entry meanwhile: say so rather than report a file that is not ours.
         let ours = rustix::fs::fstat(&self.file).context(placing.clone())?;
@@ -153,9 +180,13 @@ pub fn write_file(path: &Path, data: &[u8], mode: u32, replace: bool) -> Result<
 /// through /proc/self/fd.
 fn link_unnamed(file: &File, dir: &OwnedFd, name: &OsStr) -> rustix::io::Result<()> {
     match rustix::fs::linkat(file, "", dir, name, AtFlags::EMPTY_PATH) {
-        Err(Errno::NOENT | Errno::PERM) => {
-            rustix::fs::linkat(CWD, format!("/proc/self/fd/{}", file.as_raw_fd()), dir, name, AtFlags::SYMLINK_FOLLOW)
-        }
+        Err(Errno::NOENT | Errno::PERM) => rustix::fs::linkat(
+            CWD,
+            format!("/proc/self/fd/{}", file.as_raw_fd()),
+            dir,
+            name,
+            AtFlags::SYMLINK_FOLLOW,
+        ),
         r => r,
     }
 }
@@ -199,13 +230,17 @@ mod tests {
             assert!(!d.path().join("nowhere").exists());
             let f = NewFile::create_as(&d.path().join("fresh"), 0o644, tmpfile).unwrap();
             f.commit(false).unwrap();
-            assert_eq!(std::fs::metadata(d.path().join("fresh")).unwrap().permissions().mode() & 0o7777, 0o644);
+            assert_eq!(
+                std::fs::metadata(d.path().join("fresh")).unwrap().permissions().mode() & 0o7777,
+                0o644
+            );
 
             // Dropped before commit: nothing left.
             let f = NewFile::create_as(&d.path().join("never"), 0o600, tmpfile).unwrap();
             f.file().write_all(b"partial").unwrap();
             drop(f);
-            let mut names: Vec<_> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+            let mut names: Vec<_> =
+                std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
             names.sort();
             assert_eq!(names, ["dangling", "fresh", "out", "victim"], "O_TMPFILE: {tmpfile}");
         }

@@ -28,9 +28,12 @@ static VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS1
 /// aws-lc-rs, TLS 1.3 suites only, AES-128-GCM first: 128-bit security as TLS's defaults, with
 /// 10 AES rounds instead of AES-256's 14 — a process image is gigabytes of it.
 fn provider() -> Arc<CryptoProvider> {
-    use rustls::crypto::aws_lc_rs::cipher_suite::{TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256};
+    use rustls::crypto::aws_lc_rs::cipher_suite::{
+        TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
+    };
     let mut p = rustls::crypto::aws_lc_rs::default_provider();
-    p.cipher_suites = vec![TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256];
+    p.cipher_suites =
+        vec![TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256];
     Arc::new(p)
 }
 
@@ -48,7 +51,9 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>> {
         .context("TLS server protocol versions")?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
-        .with_context(|| format!("using certificate {} with key {}", files.cert.display(), files.key.display()))?;
+        .with_context(|| {
+            format!("using certificate {} with key {}", files.cert.display(), files.key.display())
+        })?;
     let mut config = config;
     // channel.rs seals and opens records itself with the traffic keys rustls hands over;
     // sessions are never resumed, so no tickets.
@@ -71,7 +76,9 @@ pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>> {
         .context("TLS client protocol versions")?
         .with_webpki_verifier(verifier)
         .with_client_auth_cert(certs, key)
-        .with_context(|| format!("using certificate {} with key {}", files.cert.display(), files.key.display()))?;
+        .with_context(|| {
+            format!("using certificate {} with key {}", files.cert.display(), files.key.display())
+        })?;
     let mut config = config;
     config.enable_secret_extraction = true; // (see server_config)
     Ok(Arc::new(config))
@@ -110,7 +117,9 @@ fn load_roots(path: &Path) -> Result<Arc<RootCertStore>> {
     Ok(Arc::new(roots))
 }
 
-fn load_identity(files: &TlsFiles) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+fn load_identity(
+    files: &TlsFiles,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
     let certs = load_certs(&files.cert, "node certificate")?;
     let key = load_key(&files.key)?;
     Ok((certs, key))
@@ -163,7 +172,11 @@ mod tests {
     /// One connection over loopback: the server accepts, reads 5 bytes and echoes them; the
     /// client connects expecting `name`, sends "hello" and reads the echo. Returns the server's
     /// outcome and the client's (the server's node name as the client saw it).
-    async fn exchange(server: Arc<ServerConfig>, client: Arc<ClientConfig>, name: &str) -> (ServerSaw, io::Result<Option<String>>) {
+    async fn exchange(
+        server: Arc<ServerConfig>,
+        client: Arc<ClientConfig>,
+        name: &str,
+    ) -> (ServerSaw, io::Result<Option<String>>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server_side = async move {
@@ -190,7 +203,10 @@ mod tests {
             Ok(peer)
         };
         let t = Duration::from_secs(20);
-        let (s, c) = tokio::join!(tokio::time::timeout(t, server_side), tokio::time::timeout(t, client_side));
+        let (s, c) = tokio::join!(
+            tokio::time::timeout(t, server_side),
+            tokio::time::timeout(t, client_side)
+        );
         (s.expect("server side timed out"), c.expect("client side timed out"))
     }
 
@@ -260,7 +276,11 @@ mod tests {
         let client = client_config(&files(d.path(), "node2")).unwrap();
         let (s, c) = exchange(server, client, "node3").await;
         let e = c.expect_err("client accepted node1 as node3");
-        assert!(e.to_string().to_lowercase().contains("not valid for name") || e.to_string().contains("NotValidForName"), "{e}");
+        assert!(
+            e.to_string().to_lowercase().contains("not valid for name")
+                || e.to_string().contains("NotValidForName"),
+            "{e}"
+        );
         s.expect_err("server handshake should fail on the client's alert");
     }
 
@@ -295,7 +315,10 @@ mod tests {
 
         let missing = TlsFiles { ca: d.path().join("nope.pem"), ..good.clone() };
         let e = err(&missing);
-        assert!(e.starts_with(&format!("reading CA certificate {}: ", missing.ca.display())), "{e}");
+        assert!(
+            e.starts_with(&format!("reading CA certificate {}: ", missing.ca.display())),
+            "{e}"
+        );
 
         let empty = d.path().join("empty");
         fs::write(&empty, "").unwrap();

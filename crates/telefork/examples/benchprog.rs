@@ -81,7 +81,9 @@ fn out(key: &str, v: impl std::fmt::Display) {
 }
 
 fn arg<T: std::str::FromStr>(args: &[String], i: usize, what: &str) -> T {
-    args.get(i).and_then(|s| s.parse().ok()).unwrap_or_else(|| die(format!("missing or bad argument {i} ({what}); see the source for usage")))
+    args.get(i).and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        die(format!("missing or bad argument {i} ({what}); see the source for usage"))
+    })
 }
 
 /// A private anonymous mapping of `reserve` bytes (MAP_NORESERVE), of which the first `len`
@@ -94,9 +96,13 @@ struct Region {
 impl Region {
     fn new(len: usize, reserve: usize) -> Region {
         let size = reserve.max(len).max(4096);
-        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | if reserve > len { libc::MAP_NORESERVE } else { 0 };
+        let flags = libc::MAP_PRIVATE
+            | libc::MAP_ANONYMOUS
+            | if reserve > len { libc::MAP_NORESERVE } else { 0 };
         // SAFETY: a fresh anonymous mapping.
-        let p = unsafe { libc::mmap(std::ptr::null_mut(), size, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
+        let p = unsafe {
+            libc::mmap(std::ptr::null_mut(), size, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0)
+        };
         if p == libc::MAP_FAILED {
             die(format!("mmap of {size} bytes: {}", std::io::Error::last_os_error()));
         }
@@ -109,7 +115,8 @@ impl Region {
     }
 
     fn verify(&self) -> bool {
-        (0..self.words).all(|i| unsafe { self.ptr.add(i).read() } == (i as u64).wrapping_mul(PATTERN) ^ 0x5a5a)
+        (0..self.words)
+            .all(|i| unsafe { self.ptr.add(i).read() } == (i as u64).wrapping_mul(PATTERN) ^ 0x5a5a)
     }
 }
 
@@ -131,7 +138,10 @@ fn one_telefork(dest: &str, check: Option<&Region>) -> (u128, u128) {
             let st = c.wait().unwrap_or_else(|e| die(format!("waiting for the remote child: {e}")));
             let rt = t0.elapsed().as_nanos();
             if !st.success() {
-                die(format!("the remote child ended with {st}{}", if check.is_some() { " (memory check failed?)" } else { "" }));
+                die(format!(
+                    "the remote child ended with {st}{}",
+                    if check.is_some() { " (memory check failed?)" } else { "" }
+                ));
             }
             (pause, rt)
         }
@@ -147,7 +157,9 @@ fn one_background_telefork(dest: &str) -> u128 {
         Ok(Fork::Child) => fast_exit(0),
         Ok(Fork::Parent(mut c)) => {
             let pause = t0.elapsed().as_nanos();
-            let st = c.wait().unwrap_or_else(|e| die(format!("waiting for the remote child (background): {e}")));
+            let st = c
+                .wait()
+                .unwrap_or_else(|e| die(format!("waiting for the remote child (background): {e}")));
             if !st.success() {
                 die(format!("the remote child (background) ended with {st}"));
             }
@@ -212,7 +224,16 @@ impl FreshMemory {
     fn new(len: usize) -> FreshMemory {
         let len = len.max(1);
         // SAFETY: a fresh anonymous mapping.
-        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
         if p == libc::MAP_FAILED {
             die(format!("mmap of {len} bytes: {}", std::io::Error::last_os_error()));
         }
@@ -231,8 +252,10 @@ impl Drop for FreshMemory {
 fn unix_listen_ready(sock: &Path) -> std::os::unix::net::UnixListener {
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::remove_file(sock);
-    let l = std::os::unix::net::UnixListener::bind(sock).unwrap_or_else(|e| die(format!("listening on {}: {e}", sock.display())));
-    std::fs::set_permissions(sock, std::fs::Permissions::from_mode(0o666)).unwrap_or_else(|e| die(format!("chmod {}: {e}", sock.display())));
+    let l = std::os::unix::net::UnixListener::bind(sock)
+        .unwrap_or_else(|e| die(format!("listening on {}: {e}", sock.display())));
+    std::fs::set_permissions(sock, std::fs::Permissions::from_mode(0o666))
+        .unwrap_or_else(|e| die(format!("chmod {}: {e}", sock.display())));
     println!("READY");
     std::io::stdout().flush().ok();
     l
@@ -240,7 +263,8 @@ fn unix_listen_ready(sock: &Path) -> std::os::unix::net::UnixListener {
 
 /// A listener on `port` of every address; says `READY` once it listens.
 fn listen_ready(port: u16) -> TcpListener {
-    let l = TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| die(format!("listening on {port}: {e}")));
+    let l = TcpListener::bind(("0.0.0.0", port))
+        .unwrap_or_else(|e| die(format!("listening on {port}: {e}")));
     println!("READY");
     std::io::stdout().flush().ok();
     l
@@ -249,7 +273,11 @@ fn listen_ready(port: u16) -> TcpListener {
 fn rss_kb() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.split_whitespace().next()?.parse().ok())))
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmRSS:").and_then(|v| v.split_whitespace().next()?.parse().ok())
+            })
+        })
         .unwrap_or(0)
 }
 
@@ -624,7 +652,14 @@ fn notify_latency(args: &[String]) {
         let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 2]);
         loop {
             let mut iov = [IoSliceMut::new(&mut buf)];
-            let Ok(msg) = recvmsg::<()>(theirs.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) else { fast_exit(0) };
+            let Ok(msg) = recvmsg::<()>(
+                theirs.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            ) else {
+                fast_exit(0)
+            };
             if msg.bytes < 4 {
                 fast_exit(0);
             }
@@ -652,7 +687,8 @@ fn notify_latency(args: &[String]) {
         // three interleaved pairs — which would raise a floor.)
         let fds = [1i32, 2];
         let mut cmsg = [0u64; 8];
-        let mut iov = libc::iovec { iov_base: frame.as_mut_ptr() as *mut libc::c_void, iov_len: frame.len() };
+        let mut iov =
+            libc::iovec { iov_base: frame.as_mut_ptr() as *mut libc::c_void, iov_len: frame.len() };
         // SAFETY: a msghdr with our iovec and a control buffer big enough for two fds.
         let sent = unsafe {
             let mut m: libc::msghdr = std::mem::zeroed();

@@ -5,7 +5,9 @@
 //!     telefork testbed exec node1 -- target/release/examples/demo node2 node3
 
 fn hostname() -> String {
-    nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "?".into())
+    nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "?".into())
 }
 
 fn main() -> Result<(), telefork::Error> {
@@ -16,12 +18,21 @@ fn main() -> Result<(), telefork::Error> {
     // Memory the child brings with it: 64 MiB of numbers.
     let numbers: Vec<u64> = (0..8u64 << 20).collect();
     let expected: u64 = numbers.iter().sum();
-    println!("[{}] parent: {} MiB of numbers, sum {expected}; teleforking to {there}", hostname(), (numbers.len() * 8) >> 20);
+    println!(
+        "[{}] parent: {} MiB of numbers, sum {expected}; teleforking to {there}",
+        hostname(),
+        (numbers.len() * 8) >> 20
+    );
 
     match telefork::telefork(there)? {
         telefork::Fork::Child => {
             let sum: u64 = numbers.iter().sum();
-            println!("[{}] child: pid {}, sum of the numbers I brought = {sum} ({})", hostname(), std::process::id(), if sum == expected { "correct" } else { "WRONG" });
+            println!(
+                "[{}] child: pid {}, sum of the numbers I brought = {sum} ({})",
+                hostname(),
+                std::process::id(),
+                if sum == expected { "correct" } else { "WRONG" }
+            );
             std::process::exit(if sum == expected { 7 } else { 1 });
         }
         telefork::Fork::Parent(mut child) => {

@@ -61,7 +61,9 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 fn hostname() -> String {
-    nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "?".into())
+    nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "?".into())
 }
 
 fn ids() -> String {
@@ -115,7 +117,8 @@ fn parse_fork(args: &[String]) -> ForkOpts {
     let mut o = ForkOpts { kill_signal: 15, ..Default::default() };
     let mut it = args.iter();
     while let Some(a) = it.next() {
-        let mut num = || -> u64 { it.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage()) };
+        let mut num =
+            || -> u64 { it.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage()) };
         match a.as_str() {
             "--exit" => o.exit = num() as i32,
             "--big-mb" => o.big_mb = num() as usize,
@@ -143,7 +146,14 @@ fn guarded(mb: usize) -> (*mut u64, usize, u64) {
     let len = words * 8;
     // SAFETY: a fresh private anonymous mapping of `len` bytes, written only within it.
     unsafe {
-        let p = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
         if p == libc::MAP_FAILED {
             out("error guarded mmap");
             std::process::exit(1);
@@ -173,14 +183,27 @@ fn poked(pages: usize) -> (&'static [u64], u64) {
         fail("executable too short");
     }
     // SAFETY: a fresh read-only private mapping of `len` bytes of a file at least that long.
-    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_PRIVATE, std::os::fd::AsRawFd::as_raw_fd(&exe), 0) };
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            std::os::fd::AsRawFd::as_raw_fd(&exe),
+            0,
+        )
+    };
     if p == libc::MAP_FAILED {
         fail("mmap");
     }
-    let mem = std::fs::OpenOptions::new().write(true).open("/proc/self/mem").unwrap_or_else(|_| fail("open /proc/self/mem"));
+    let mem = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/proc/self/mem")
+        .unwrap_or_else(|_| fail("open /proc/self/mem"));
     for page in 0..pages {
         let word = (page as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5E;
-        mem.write_all_at(&word.to_ne_bytes(), p as u64 + (page * 4096) as u64).unwrap_or_else(|_| fail("write"));
+        mem.write_all_at(&word.to_ne_bytes(), p as u64 + (page * 4096) as u64)
+            .unwrap_or_else(|_| fail("write"));
     }
     // SAFETY: the mapping just made, readable, never unmapped.
     let words = unsafe { std::slice::from_raw_parts(p as *const u64, len / 8) };
@@ -219,14 +242,26 @@ fn fork(dest: &str, o: &ForkOpts) {
         });
         use std::os::fd::AsRawFd;
         // SAFETY: a private read-only mapping of one page of an open file; never written.
-        let p = unsafe { libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ, libc::MAP_PRIVATE, f.as_raw_fd(), 0) };
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                f.as_raw_fd(),
+                0,
+            )
+        };
         assert!(p != libc::MAP_FAILED, "mmap {path}");
         p as usize
     });
     out(&format!("parent host {}", hostname()));
     out("teleforking");
     let t = Instant::now();
-    let r = telefork::telefork_with(dest, &telefork::Options { pass_stdin: o.pass_stdin, background: o.background });
+    let r = telefork::telefork_with(
+        dest,
+        &telefork::Options { pass_stdin: o.pass_stdin, background: o.background },
+    );
     match r {
         Ok(telefork::Fork::Child) => {
             out(&format!("host {}", hostname()));
@@ -354,7 +389,9 @@ fn burst(dest: &str, n: usize, sleep_ms: u64) {
                         Ok(st) => format!("burst error child ended {st}"),
                         Err(e) => format!("burst error wait: {e}"),
                     },
-                    Err(telefork::Error::Refused { limit, .. }) => format!("burst refused {}", limit.as_deref().unwrap_or("-")),
+                    Err(telefork::Error::Refused { limit, .. }) => {
+                        format!("burst refused {}", limit.as_deref().unwrap_or("-"))
+                    }
                     Err(e) => format!("burst error {}", e.to_string().replace('\n', " ")),
                 };
                 out(&line);
@@ -391,18 +428,28 @@ fn main() {
             let numbers: Vec<u64> = (1..=1_000_000u64).collect();
             let expected: u64 = numbers.iter().sum();
             match telefork::remote(dest, || (hostname(), numbers.iter().sum::<u64>())) {
-                Ok((host, sum)) => out(&format!("remote host={host} sum={sum} expected={expected}")),
+                Ok((host, sum)) => {
+                    out(&format!("remote host={host} sum={sum} expected={expected}"))
+                }
                 Err(e) => out(&format!("error {e}")),
             }
             out("parent ok");
         }
         "series" => {
             let pause: u64 = args.get(2).and_then(|v| v.parse().ok()).unwrap_or_else(|| usage());
-            let count: usize = args.get(3).and_then(|v| v.parse().ok()).filter(|n| (2..=5).contains(n)).unwrap_or_else(|| usage());
-            let opts = telefork::Options { pass_stdin: args.get(4).is_some_and(|a| a == "--pass-stdin"), ..Default::default() };
+            let count: usize = args
+                .get(3)
+                .and_then(|v| v.parse().ok())
+                .filter(|n| (2..=5).contains(n))
+                .unwrap_or_else(|| usage());
+            let opts = telefork::Options {
+                pass_stdin: args.get(4).is_some_and(|a| a == "--pass-stdin"),
+                ..Default::default()
+            };
             let numbers: Vec<u64> = (1..=100_000u64).collect();
             let expected: u64 = numbers.iter().sum();
-            for (i, what) in (11..).zip(["first", "second", "third", "fourth", "fifth"]).take(count) {
+            for (i, what) in (11..).zip(["first", "second", "third", "fourth", "fifth"]).take(count)
+            {
                 match telefork::telefork_with(dest, &opts) {
                     Ok(telefork::Fork::Child) => {
                         // What it brought, and its stdio: memory, stdin at its end, a line on
@@ -410,7 +457,11 @@ fn main() {
                         let memory = numbers.iter().sum::<u64>() == expected;
                         let mut byte = [0u8; 1];
                         let eof = matches!(std::io::stdin().read(&mut byte), Ok(0));
-                        out(&format!("{what} child: memory {} stdin {}", if memory { "ok" } else { "WRONG" }, if eof { "eof" } else { "NOT at its end" }));
+                        out(&format!(
+                            "{what} child: memory {} stdin {}",
+                            if memory { "ok" } else { "WRONG" },
+                            if eof { "eof" } else { "NOT at its end" }
+                        ));
                         eprintln!("{what} child on stderr");
                         std::process::exit(if memory && eof { i } else { 3 })
                     }
@@ -478,21 +529,28 @@ fn main() {
                         });
                         drop(std::mem::take(&mut children));
                         let still_open = ours.is_ok_and(|f| f.metadata().is_ok());
-                        std::process::exit(match (numbers.iter().sum::<u64>() == expected, inert, still_open) {
-                            (true, true, true) => 20 + i as i32,
-                            (false, _, _) => 3,
-                            (_, false, _) => 4,
-                            (_, _, false) => 5,
-                        })
+                        std::process::exit(
+                            match (numbers.iter().sum::<u64>() == expected, inert, still_open) {
+                                (true, true, true) => 20 + i as i32,
+                                (false, _, _) => 3,
+                                (_, false, _) => 4,
+                                (_, _, false) => 5,
+                            },
+                        )
                     }
                     Ok(telefork::Fork::Parent(child)) => children.push((i, child)),
-                    Err(e) => out(&format!("error child {i}: {}", e.to_string().replace('\n', " "))),
+                    Err(e) => {
+                        out(&format!("error child {i}: {}", e.to_string().replace('\n', " ")))
+                    }
                 }
             }
             for (i, mut child) in children {
                 match child.wait() {
                     Ok(st) => out(&format!("child {i} exit {}", st.code().unwrap_or(-1))),
-                    Err(e) => out(&format!("error waiting for child {i}: {}", e.to_string().replace('\n', " "))),
+                    Err(e) => out(&format!(
+                        "error waiting for child {i}: {}",
+                        e.to_string().replace('\n', " ")
+                    )),
                 }
             }
             out("parent ok");

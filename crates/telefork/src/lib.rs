@@ -21,11 +21,11 @@
 
 use std::io::{IoSlice, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, RawFd};
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::ExitStatus;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
@@ -178,8 +178,14 @@ struct Held<T: AsRawFd> {
 impl<T: AsRawFd> Held<T> {
     fn new(inner: T) -> Held<T> {
         let fd = inner.as_raw_fd();
-        let slot = HELD_FDS.iter().position(|slot| slot.compare_exchange(-1, fd, Ordering::SeqCst, Ordering::SeqCst).is_ok());
-        Held { inner: std::mem::ManuallyDrop::new(inner), generation: GENERATION.load(Ordering::SeqCst), slot }
+        let slot = HELD_FDS.iter().position(|slot| {
+            slot.compare_exchange(-1, fd, Ordering::SeqCst, Ordering::SeqCst).is_ok()
+        });
+        Held {
+            inner: std::mem::ManuallyDrop::new(inner),
+            generation: GENERATION.load(Ordering::SeqCst),
+            slot,
+        }
     }
 
     /// Whether this process made it (not a copy inherited through a telefork's fork).
@@ -310,7 +316,12 @@ pub fn telefork_with(dest: &str, opts: &Options) -> Result<Fork, Error> {
     }
 }
 
-fn hand_over(conn: Held<UnixStream>, child: Pid, dest: &str, opts: &Options) -> Result<RemoteChild, Error> {
+fn hand_over(
+    conn: Held<UnixStream>,
+    child: Pid,
+    dest: &str,
+    opts: &Options,
+) -> Result<RemoteChild, Error> {
     let mut tl = Timeline::new();
     let local = LocalCopy::new(child);
     // The daemon waits until the child has stopped itself (only then is it a complete
@@ -319,7 +330,11 @@ fn hand_over(conn: Held<UnixStream>, child: Pid, dest: &str, opts: &Options) -> 
     if let Ok(mut last) = LAST_DEST.try_lock() {
         *last = Some(dest.to_string());
     }
-    let req = LocalRequest::Telefork { dest: dest.to_string(), child_pid: child.as_raw(), pass_stdin: opts.pass_stdin };
+    let req = LocalRequest::Telefork {
+        dest: dest.to_string(),
+        child_pid: child.as_raw(),
+        pass_stdin: opts.pass_stdin,
+    };
     let mut fds: Vec<RawFd> = vec![1, 2];
     if opts.pass_stdin {
         fds.push(0);
@@ -353,7 +368,8 @@ fn hand_over(conn: Held<UnixStream>, child: Pid, dest: &str, opts: &Options) -> 
     }
     loop {
         let mut r = rc.conn()?;
-        let reply: FromDaemon = proto::expect_frame(&mut r, "the daemon's answer").map_err(|e| Error::Failed(format!("{e:#}")))?;
+        let reply: FromDaemon = proto::expect_frame(&mut r, "the daemon's answer")
+            .map_err(|e| Error::Failed(format!("{e:#}")))?;
         match reply {
             FromDaemon::Accepted { node } => {
                 tl.mark("accepted");
@@ -369,8 +385,12 @@ fn hand_over(conn: Held<UnixStream>, child: Pid, dest: &str, opts: &Options) -> 
                 break;
             }
             FromDaemon::Failed { error } => return Err(Error::Failed(error)),
-            FromDaemon::Refused { node, limit, reason } => return Err(Error::Refused { node, limit, reason }),
-            other => return Err(Error::Failed(format!("unexpected answer from the daemon: {other:?}"))),
+            FromDaemon::Refused { node, limit, reason } => {
+                return Err(Error::Refused { node, limit, reason })
+            }
+            other => {
+                return Err(Error::Failed(format!("unexpected answer from the daemon: {other:?}")))
+            }
         }
     }
     rc.conn()?.set_read_timeout(None).ok();
@@ -402,7 +422,9 @@ fn daemon_said(conn: &UnixStream) -> Option<Error> {
     conn.set_read_timeout(Some(Duration::from_secs(1))).ok();
     let mut r = conn;
     match proto::read_frame::<_, FromDaemon>(&mut r) {
-        Ok(Some(FromDaemon::Refused { node, limit, reason })) => Some(Error::Refused { node, limit, reason }),
+        Ok(Some(FromDaemon::Refused { node, limit, reason })) => {
+            Some(Error::Refused { node, limit, reason })
+        }
         Ok(Some(FromDaemon::Failed { error })) => Some(Error::Failed(error)),
         _ => None,
     }
@@ -412,7 +434,8 @@ fn send_with_fds(conn: &UnixStream, req: &LocalRequest, fds: &[RawFd]) -> Result
     let frame = proto::encode_frame(req).map_err(|e| Error::Other(format!("{e:#}")))?;
     let cmsg = [ControlMessage::ScmRights(fds)];
     let iov = [IoSlice::new(&frame)];
-    let n = sendmsg::<()>(conn.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None).map_err(|e| Error::Io(e.into()))?;
+    let n = sendmsg::<()>(conn.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None)
+        .map_err(|e| Error::Io(e.into()))?;
     if n < frame.len() {
         send_all(conn, &frame[n..])?;
     }
@@ -442,7 +465,10 @@ impl RemoteChild {
         self.pid = Some(pid);
         if let Some(local) = self.local.take() {
             local.kill();
-            if !matches!(waitpid(local.pid, Some(WaitPidFlag::WNOHANG)), Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) | Err(_)) {
+            if !matches!(
+                waitpid(local.pid, Some(WaitPidFlag::WNOHANG)),
+                Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) | Err(_)
+            ) {
                 self.dying = Some(local.pid);
             }
         }
@@ -453,7 +479,10 @@ impl RemoteChild {
     fn conn(&self) -> Result<&UnixStream, Error> {
         match &self.conn {
             Some(c) => c.get(),
-            None => Err(Error::Other("this handle's connection serves the next telefork now (its child has ended)".into())),
+            None => Err(Error::Other(
+                "this handle's connection serves the next telefork now (its child has ended)"
+                    .into(),
+            )),
         }
     }
 
@@ -515,7 +544,8 @@ impl RemoteChild {
     /// Returns the exit status if the child has ended, without blocking.
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>, Error> {
         while self.status.is_none() {
-            let mut fds = [libc::pollfd { fd: self.conn()?.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+            let mut fds =
+                [libc::pollfd { fd: self.conn()?.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
             // SAFETY: one valid pollfd, zero timeout.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
             if n <= 0 {
@@ -532,12 +562,14 @@ impl RemoteChild {
         if self.status.is_some() {
             return Ok(());
         }
-        send_frame(self.conn()?, &LocalCommand::Kill { signal }).map_err(|e| Error::Lost(e.to_string()))
+        send_frame(self.conn()?, &LocalCommand::Kill { signal })
+            .map_err(|e| Error::Lost(e.to_string()))
     }
 
     fn read_event(&mut self) -> Result<(), Error> {
         let mut r = self.conn()?;
-        let ev: FromDaemon = proto::expect_frame(&mut r, "the child's exit status").map_err(|e| Error::Lost(format!("{e:#}")))?;
+        let ev: FromDaemon = proto::expect_frame(&mut r, "the child's exit status")
+            .map_err(|e| Error::Lost(format!("{e:#}")))?;
         match ev {
             FromDaemon::Started { node, pid } => self.on_started(node, pid),
             FromDaemon::Failed { error } => {
@@ -631,7 +663,8 @@ where
         Fork::Parent(mut child) => {
             let status = child.wait()?;
             let value = child.result.take().ok_or(Error::NoResult(status))?;
-            postcard::from_bytes(&value).map_err(|e| Error::Other(format!("decoding the remote result: {e}")))
+            postcard::from_bytes(&value)
+                .map_err(|e| Error::Other(format!("decoding the remote result: {e}")))
         }
     }
 }
@@ -639,8 +672,11 @@ where
 fn report<T: Serialize>(value: &T) -> Result<(), Error> {
     let value = postcard::to_stdvec(value).map_err(|e| Error::Other(e.to_string()))?;
     let mut conn = connect_daemon()?;
-    proto::write_frame(&mut conn, &LocalRequest::Report { value }).map_err(|e| Error::Other(format!("{e:#}")))?;
-    match proto::expect_frame::<_, FromDaemon>(&mut conn, "the daemon's answer").map_err(|e| Error::Other(format!("{e:#}")))? {
+    proto::write_frame(&mut conn, &LocalRequest::Report { value })
+        .map_err(|e| Error::Other(format!("{e:#}")))?;
+    match proto::expect_frame::<_, FromDaemon>(&mut conn, "the daemon's answer")
+        .map_err(|e| Error::Other(format!("{e:#}")))?
+    {
         FromDaemon::Ok => Ok(()),
         FromDaemon::Failed { error } => Err(Error::Failed(error)),
         other => Err(Error::Other(format!("unexpected answer {other:?}"))),
@@ -650,8 +686,11 @@ fn report<T: Serialize>(value: &T) -> Result<(), Error> {
 /// The name of the node this process runs on (asks the local daemon).
 pub fn current_node() -> Result<String, Error> {
     let mut conn = connect_daemon()?;
-    proto::write_frame(&mut conn, &LocalRequest::WhoAmI).map_err(|e| Error::Other(format!("{e:#}")))?;
-    match proto::expect_frame::<_, FromDaemon>(&mut conn, "the daemon's answer").map_err(|e| Error::Other(format!("{e:#}")))? {
+    proto::write_frame(&mut conn, &LocalRequest::WhoAmI)
+        .map_err(|e| Error::Other(format!("{e:#}")))?;
+    match proto::expect_frame::<_, FromDaemon>(&mut conn, "the daemon's answer")
+        .map_err(|e| Error::Other(format!("{e:#}")))?
+    {
         FromDaemon::Node { name } => Ok(name),
         other => Err(Error::Other(format!("unexpected answer {other:?}"))),
     }

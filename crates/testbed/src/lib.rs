@@ -16,13 +16,15 @@ mod procs;
 mod state;
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use telefork_node::config::{Config, Limits, Peer, TlsFiles, DEFAULT_PORT, DEFAULT_SOCKET, SOCKET_ENV};
+use telefork_node::config::{
+    Config, Limits, Peer, TlsFiles, DEFAULT_PORT, DEFAULT_SOCKET, SOCKET_ENV,
+};
 
 use state::{NodeState, ProcId, State};
 
@@ -87,7 +89,9 @@ pub struct NodeInfo {
 }
 
 pub(crate) fn valid_prefix(p: &str) -> bool {
-    !p.is_empty() && p.len() <= 8 && p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    !p.is_empty()
+        && p.len() <= 8
+        && p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 fn node_name(k: usize) -> String {
@@ -96,7 +100,9 @@ fn node_name(k: usize) -> String {
 
 /// `nodeK` -> K.
 fn node_index(name: &str) -> Result<usize> {
-    name.strip_prefix("node").and_then(|k| k.parse().ok()).with_context(|| format!("bad node name {name:?}"))
+    name.strip_prefix("node")
+        .and_then(|k| k.parse().ok())
+        .with_context(|| format!("bad node name {name:?}"))
 }
 
 fn node_dir(dir: &Path, name: &str) -> PathBuf {
@@ -144,20 +150,31 @@ fn node_config(dir: &Path, subnet: Ipv4Addr, n: usize, k: usize) -> Config {
         transport: Default::default(),
         peers: (1..=n)
             .filter(|&j| j != k)
-            .map(|j| Peer { name: node_name(j), addr: SocketAddr::new(net::host_addr(subnet, j).into(), DEFAULT_PORT) })
+            .map(|j| Peer {
+                name: node_name(j),
+                addr: SocketAddr::new(net::host_addr(subnet, j).into(), DEFAULT_PORT),
+            })
             .collect(),
     }
 }
 
 fn daemon_argv(st: &State, dir: &Path, node: &NodeState) -> Vec<String> {
     let cfg = config_path(dir, &node.name).display().to_string();
-    st.daemon_cmd.iter().map(|a| a.replace("{config}", &cfg).replace("{node}", &node.name).replace("{addr}", &node.addr.to_string())).collect()
+    st.daemon_cmd
+        .iter()
+        .map(|a| {
+            a.replace("{config}", &cfg)
+                .replace("{node}", &node.name)
+                .replace("{addr}", &node.addr.to_string())
+        })
+        .collect()
 }
 
 /// Whether a testbed can be made here (root, iproute2); says why not on stderr. For tests
 /// that skip themselves elsewhere.
 pub fn can_run() -> bool {
-    let ok = nix::unistd::Uid::effective().is_root() && Command::new("ip").arg("-V").output().is_ok();
+    let ok =
+        nix::unistd::Uid::effective().is_root() && Command::new("ip").arg("-V").output().is_ok();
     if !ok {
         eprintln!("skipped: needs root and iproute2");
     }
@@ -187,9 +204,15 @@ pub fn up(opts: &TestbedOptions) -> Result<Testbed> {
     let daemon_cmd = match &opts.daemon_cmd_override {
         Some(c) if c.is_empty() => bail!("daemon_cmd_override is empty"),
         Some(c) => c.clone(),
-        None => vec![opts.telefork_bin.display().to_string(), "daemon".into(), "--config".into(), "{config}".into()],
+        None => vec![
+            opts.telefork_bin.display().to_string(),
+            "daemon".into(),
+            "--config".into(),
+            "{config}".into(),
+        ],
     };
-    let mut st = State { prefix: opts.prefix.clone(), subnet: opts.subnet, daemon_cmd, nodes: vec![] };
+    let mut st =
+        State { prefix: opts.prefix.clone(), subnet: opts.subnet, daemon_cmd, nodes: vec![] };
     // Saved before anything exists, so that `down(dir)` knows the prefix whatever happens next.
     st.save(dir)?;
     build(opts, &mut st).with_context(|| {
@@ -203,30 +226,56 @@ fn build(opts: &TestbedOptions, st: &mut State) -> Result<()> {
     let dir = &opts.dir;
 
     let names: Vec<String> = (1..=opts.nodes).map(node_name).collect();
-    telefork_node::cluster::init(&dir.join("pki"), &names).context("creating the testbed's cluster certificates")?;
+    telefork_node::cluster::init(&dir.join("pki"), &names)
+        .context("creating the testbed's cluster certificates")?;
 
     net::create_bridge(&opts.prefix, opts.subnet)?;
     for k in 1..=opts.nodes {
         let name = node_name(k);
         let nd = node_dir(dir, &name);
         let cfg = node_config(dir, opts.subnet, opts.nodes, k);
-        std::fs::create_dir_all(&cfg.state_dir).with_context(|| format!("creating {}", cfg.state_dir.display()))?;
-        telefork_node::safe_file::write_file(&config_path(dir, &name), cfg.to_toml().as_bytes(), 0o644, true)?;
-        net::create_node_net(&opts.prefix, opts.subnet, k).with_context(|| format!("creating the network of {name}"))?;
-        st.nodes.push(NodeState { name: name.clone(), addr: net::host_addr(opts.subnet, k), holder: None, daemon: None });
+        std::fs::create_dir_all(&cfg.state_dir)
+            .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+        telefork_node::safe_file::write_file(
+            &config_path(dir, &name),
+            cfg.to_toml().as_bytes(),
+            0o644,
+            true,
+        )?;
+        net::create_node_net(&opts.prefix, opts.subnet, k)
+            .with_context(|| format!("creating the network of {name}"))?;
+        st.nodes.push(NodeState {
+            name: name.clone(),
+            addr: net::host_addr(opts.subnet, k),
+            holder: None,
+            daemon: None,
+        });
         st.save(dir)?;
         let holder = procs::start_holder(&net::netns_name(&opts.prefix, k), &name, &nd)?;
         st.nodes[k - 1].holder = Some(holder);
         st.save(dir)?;
         let argv = daemon_argv(st, dir, &st.nodes[k - 1]);
-        let daemon = procs::start_daemon(holder, &argv, &nd, &daemon_log(dir, &name), &format!("daemon of {name}"))?;
+        let daemon = procs::start_daemon(
+            holder,
+            &argv,
+            &nd,
+            &daemon_log(dir, &name),
+            &format!("daemon of {name}"),
+        )?;
         st.nodes[k - 1].daemon = Some(daemon);
         st.save(dir)?;
     }
     let deadline = Instant::now() + opts.ready_timeout;
     for n in &st.nodes {
         let (h, d) = (n.holder.unwrap(), n.daemon.unwrap());
-        procs::wait_ready(h, d, Path::new(DEFAULT_SOCKET), &daemon_log(dir, &n.name), &format!("daemon of {}", n.name), deadline)?;
+        procs::wait_ready(
+            h,
+            d,
+            Path::new(DEFAULT_SOCKET),
+            &daemon_log(dir, &n.name),
+            &format!("daemon of {}", n.name),
+            deadline,
+        )?;
     }
     Ok(())
 }
@@ -297,7 +346,10 @@ pub fn down_prefixed(dir: &Path, prefix: &str) -> Result<()> {
         } else if empty {
             std::fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))?;
         } else {
-            bail!("{} is not empty and holds no testbed state file; not removing it", dir.display());
+            bail!(
+                "{} is not empty and holds no testbed state file; not removing it",
+                dir.display()
+            );
         }
     }
     Ok(())
@@ -317,13 +369,22 @@ pub fn command(dir: &Path, node: &str, user: Option<&str>, cmd: &[String]) -> Re
     }
     let st = State::load(dir)?;
     let n = st.node(node)?;
-    let holder = live(n.holder).with_context(|| format!("node {node} is down (its namespace holder is gone); bring the testbed up again"))?;
+    let holder = live(n.holder).with_context(|| {
+        format!("node {node} is down (its namespace holder is gone); bring the testbed up again")
+    })?;
     let mut c = Command::new("nsenter");
     c.arg(format!("--target={}", holder.pid)).args(["--net", "--uts", "--mount", "--"]);
     c.env_remove(SOCKET_ENV).current_dir("/");
     if let Some(u) = user {
-        let pw = nix::unistd::User::from_name(u)?.with_context(|| format!("no user {u:?} on this host (see ensure_test_user)"))?;
-        c.args(["setpriv", &format!("--reuid={}", pw.uid), &format!("--regid={}", pw.gid), "--init-groups", "--"]);
+        let pw = nix::unistd::User::from_name(u)?
+            .with_context(|| format!("no user {u:?} on this host (see ensure_test_user)"))?;
+        c.args([
+            "setpriv",
+            &format!("--reuid={}", pw.uid),
+            &format!("--regid={}", pw.gid),
+            "--init-groups",
+            "--",
+        ]);
         c.env("USER", u).env("LOGNAME", u).env("HOME", &pw.dir);
     }
     c.args(cmd);
@@ -334,7 +395,12 @@ pub fn command(dir: &Path, node: &str, user: Option<&str>, cmd: &[String]) -> Re
     unsafe {
         c.pre_exec(|| {
             const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
-            libc::syscall(libc::SYS_close_range, 3 as libc::c_uint, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC);
+            libc::syscall(
+                libc::SYS_close_range,
+                3 as libc::c_uint,
+                libc::c_uint::MAX,
+                CLOSE_RANGE_CLOEXEC,
+            );
             Ok(())
         });
     }
@@ -342,7 +408,11 @@ pub fn command(dir: &Path, node: &str, user: Option<&str>, cmd: &[String]) -> Re
 }
 
 /// Rewrites NODE's configuration (DIR/NODE/node.toml) with `change` and restarts its daemon.
-pub fn reconfigure(dir: &Path, node: &str, change: impl FnOnce(&mut telefork_node::config::Config)) -> Result<()> {
+pub fn reconfigure(
+    dir: &Path,
+    node: &str,
+    change: impl FnOnce(&mut telefork_node::config::Config),
+) -> Result<()> {
     let path = dir.join(node).join("node.toml");
     let mut cfg = telefork_node::config::Config::load(&path)?;
     change(&mut cfg);
@@ -370,7 +440,8 @@ pub fn restart_daemon(dir: &Path, node: &str) -> Result<()> {
     kill_daemon(dir, node)?;
     let mut st = State::load(dir)?;
     let n = st.node(node)?.clone();
-    let holder = live(n.holder).with_context(|| format!("node {node} is down (its namespace holder is gone)"))?;
+    let holder = live(n.holder)
+        .with_context(|| format!("node {node} is down (its namespace holder is gone)"))?;
     let _ = std::fs::remove_file(procs::in_node(holder, Path::new(DEFAULT_SOCKET)));
     let argv = daemon_argv(&st, dir, &n);
     let log = daemon_log(dir, node);
@@ -378,7 +449,14 @@ pub fn restart_daemon(dir: &Path, node: &str) -> Result<()> {
     let d = procs::start_daemon(holder, &argv, &node_dir(dir, node), &log, &what)?;
     st.node_mut(node)?.daemon = Some(d);
     st.save(dir)?;
-    procs::wait_ready(holder, d, Path::new(DEFAULT_SOCKET), &log, &what, Instant::now() + Duration::from_secs(10))
+    procs::wait_ready(
+        holder,
+        d,
+        Path::new(DEFAULT_SOCKET),
+        &log,
+        &what,
+        Instant::now() + Duration::from_secs(10),
+    )
 }
 
 /// Held while a testbed of some prefix is in use; dropping it releases the lock.
@@ -430,7 +508,9 @@ pub fn lock(prefix: &str) -> Result<TestbedLock> {
 /// Makes sure a system user NAME exists (creating it with useradd --system, no home, nologin
 /// shell, if missing); returns its uid and gid.
 pub fn ensure_test_user(name: &str) -> Result<(u32, u32)> {
-    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_') || name.is_empty() {
+    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        || name.is_empty()
+    {
         bail!("bad user name {name:?}");
     }
     if nix::unistd::User::from_name(name)?.is_none() {
@@ -440,9 +520,13 @@ pub fn ensure_test_user(name: &str) -> Result<(u32, u32)> {
             .context("running useradd")?;
         // Another process may have created it meanwhile; the lookup below decides.
         if !out.status.success() && nix::unistd::User::from_name(name)?.is_none() {
-            bail!("`useradd --system --no-create-home --shell /usr/sbin/nologin {name}` failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "`useradd --system --no-create-home --shell /usr/sbin/nologin {name}` failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
     }
-    let u = nix::unistd::User::from_name(name)?.with_context(|| format!("user {name:?} still missing after useradd"))?;
+    let u = nix::unistd::User::from_name(name)?
+        .with_context(|| format!("user {name:?} still missing after useradd"))?;
     Ok((u.uid.as_raw(), u.gid.as_raw()))
 }

@@ -13,9 +13,17 @@ use anyhow::{bail, Context, Result};
 
 /// Runs `ip ARGS`; on failure the error names the full command line and its stderr.
 pub fn ip(args: &[&str]) -> Result<String> {
-    let out = Command::new("ip").args(args).output().with_context(|| format!("running `ip {}` (is iproute2 installed?)", args.join(" ")))?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .with_context(|| format!("running `ip {}` (is iproute2 installed?)", args.join(" ")))?;
     if !out.status.success() {
-        bail!("`ip {}` failed ({}): {}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "`ip {}` failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -69,7 +77,12 @@ pub fn create_node_net(prefix: &str, subnet: Ipv4Addr, k: usize) -> Result<()> {
 /// Our network namespaces that exist now (`{prefix}nodeN`).
 pub fn list_netns(prefix: &str) -> Result<Vec<String>> {
     let out = ip(&["netns", "list"])?;
-    Ok(out.lines().filter_map(|l| l.split_whitespace().next()).filter(|n| is_numbered(n, prefix, "node")).map(String::from).collect())
+    Ok(out
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| is_numbered(n, prefix, "node"))
+        .map(String::from)
+        .collect())
 }
 
 /// PIDs of the processes inside network namespace `ns`.
@@ -99,7 +112,12 @@ pub fn delete_netns(ns: &str) -> Result<()> {
 pub fn delete_link(name: &str) -> Result<()> {
     match ip(&["link", "del", name]) {
         Ok(_) => Ok(()),
-        Err(e) if e.to_string().contains("Cannot find device") || e.to_string().contains("does not exist") => Ok(()),
+        Err(e)
+            if e.to_string().contains("Cannot find device")
+                || e.to_string().contains("does not exist") =>
+        {
+            Ok(())
+        }
         Err(e) => Err(e),
     }
 }

@@ -73,7 +73,11 @@ pub fn stop_all(pids: &[i32], grace: Duration) {
 }
 
 fn log_file(path: &Path) -> Result<File> {
-    OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("opening log {}", path.display()))
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening log {}", path.display()))
 }
 
 /// Spawns `cmd` detached (own session), stdin from /dev/null, stdout/stderr appended to `log`.
@@ -95,12 +99,20 @@ fn spawn_detached(mut cmd: Command, log: &Path) -> Result<Child> {
 
 /// Waits until the started script wrote its PID to `pid_file` (it does so only once its
 /// setup succeeded and right before it execs), failing early if it exited.
-fn wait_pid_file(child: &mut Child, pid_file: &Path, log: &Path, what: &str, timeout: Duration) -> Result<ProcId> {
+fn wait_pid_file(
+    child: &mut Child,
+    pid_file: &Path,
+    log: &Path,
+    what: &str,
+    timeout: Duration,
+) -> Result<ProcId> {
     let t = Instant::now();
     loop {
         if let Ok(s) = std::fs::read_to_string(pid_file) {
             if let Ok(pid) = s.trim().parse::<i32>() {
-                return proc_id(pid).with_context(|| format!("{what} exited right after starting; see {}", log.display()));
+                return proc_id(pid).with_context(|| {
+                    format!("{what} exited right after starting; see {}", log.display())
+                });
             }
         }
         if let Some(st) = child.try_wait()? {
@@ -128,11 +140,31 @@ pub fn start_holder(netns: &str, hostname: &str, node_dir: &Path) -> Result<Proc
     let _ = std::fs::remove_file(&pid_file);
     let script = r#"hostname "$2" && mkdir -p /run/telefork && mount -t tmpfs -o mode=0755 tmpfs /run/telefork && echo $$ > "$1.tmp" && mv "$1.tmp" "$1" && exec sleep infinity"#;
     let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", netns, "unshare", "--uts", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh"])
-        .arg(&pid_file)
-        .arg(hostname);
+    cmd.args([
+        "netns",
+        "exec",
+        netns,
+        "unshare",
+        "--uts",
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "sh",
+        "-c",
+        script,
+        "sh",
+    ])
+    .arg(&pid_file)
+    .arg(hostname);
     let mut child = spawn_detached(cmd, &log)?;
-    wait_pid_file(&mut child, &pid_file, &log, &format!("holder of {hostname}"), Duration::from_secs(10))
+    wait_pid_file(
+        &mut child,
+        &pid_file,
+        &log,
+        &format!("holder of {hostname}"),
+        Duration::from_secs(10),
+    )
 }
 
 /// The path `p` (absolute, inside the node) as seen from here through the holder.
@@ -141,7 +173,13 @@ pub fn in_node(holder: ProcId, p: &Path) -> PathBuf {
 }
 
 /// Starts a daemon (`argv`) inside the holder's namespaces; its output goes to `log`.
-pub fn start_daemon(holder: ProcId, argv: &[String], node_dir: &Path, log: &Path, what: &str) -> Result<ProcId> {
+pub fn start_daemon(
+    holder: ProcId,
+    argv: &[String],
+    node_dir: &Path,
+    log: &Path,
+    what: &str,
+) -> Result<ProcId> {
     if !alive(holder) {
         bail!("{what}: the node's namespace holder (pid {}) is gone; bring the testbed down and up again", holder.pid);
     }
@@ -149,7 +187,16 @@ pub fn start_daemon(holder: ProcId, argv: &[String], node_dir: &Path, log: &Path
     let _ = std::fs::remove_file(&pid_file);
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--target={}", holder.pid))
-        .args(["--net", "--uts", "--mount", "--", "sh", "-c", r#"p="$1"; shift; echo $$ > "$p.tmp" && mv "$p.tmp" "$p" && exec "$@""#, "sh"])
+        .args([
+            "--net",
+            "--uts",
+            "--mount",
+            "--",
+            "sh",
+            "-c",
+            r#"p="$1"; shift; echo $$ > "$p.tmp" && mv "$p.tmp" "$p" && exec "$@""#,
+            "sh",
+        ])
         .arg(&pid_file)
         .args(argv)
         .env_remove(telefork_node::config::SOCKET_ENV);
@@ -159,7 +206,14 @@ pub fn start_daemon(holder: ProcId, argv: &[String], node_dir: &Path, log: &Path
 
 /// Waits until `sock` (path inside the node) exists and, if it is a socket, accepts a
 /// connection; fails early if the daemon died.
-pub fn wait_ready(holder: ProcId, daemon: ProcId, sock: &Path, log: &Path, what: &str, deadline: Instant) -> Result<()> {
+pub fn wait_ready(
+    holder: ProcId,
+    daemon: ProcId,
+    sock: &Path,
+    log: &Path,
+    what: &str,
+    deadline: Instant,
+) -> Result<()> {
     use std::os::unix::fs::FileTypeExt;
     let p = in_node(holder, sock);
     loop {
@@ -170,10 +224,22 @@ pub fn wait_ready(holder: ProcId, daemon: ProcId, sock: &Path, log: &Path, what:
             }
         }
         if !alive(daemon) {
-            bail!("{what} (pid {}) exited before creating its socket {}; see {}:\n{}", daemon.pid, sock.display(), log.display(), tail(log));
+            bail!(
+                "{what} (pid {}) exited before creating its socket {}; see {}:\n{}",
+                daemon.pid,
+                sock.display(),
+                log.display(),
+                tail(log)
+            );
         }
         if Instant::now() > deadline {
-            bail!("{what} (pid {}) did not create its socket {} in time; see {}:\n{}", daemon.pid, sock.display(), log.display(), tail(log));
+            bail!(
+                "{what} (pid {}) did not create its socket {} in time; see {}:\n{}",
+                daemon.pid,
+                sock.display(),
+                log.display(),
+                tail(log)
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }

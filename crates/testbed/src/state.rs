@@ -86,14 +86,22 @@ impl State {
             s.push_str(&format!("daemon_arg {}\n", escape(a)));
         }
         for n in &self.nodes {
-            s.push_str(&format!("node {} {} {} {}\n", n.name, n.addr, fmt_proc(&n.holder), fmt_proc(&n.daemon)));
+            s.push_str(&format!(
+                "node {} {} {} {}\n",
+                n.name,
+                n.addr,
+                fmt_proc(&n.holder),
+                fmt_proc(&n.daemon)
+            ));
         }
         telefork_node::safe_file::write_file(&path(dir), s.as_bytes(), 0o644, true)
     }
 
     pub fn load(dir: &Path) -> Result<State> {
         let p = path(dir);
-        let text = std::fs::read_to_string(&p).with_context(|| format!("reading testbed state {} (is the testbed up?)", p.display()))?;
+        let text = std::fs::read_to_string(&p).with_context(|| {
+            format!("reading testbed state {} (is the testbed up?)", p.display())
+        })?;
         Self::parse(&text).with_context(|| format!("parsing testbed state {}", p.display()))
     }
 
@@ -102,7 +110,12 @@ impl State {
         if lines.next() != Some(MAGIC) {
             bail!("not a testbed state file (first line is not {MAGIC:?})");
         }
-        let mut st = State { prefix: String::new(), subnet: Ipv4Addr::UNSPECIFIED, daemon_cmd: vec![], nodes: vec![] };
+        let mut st = State {
+            prefix: String::new(),
+            subnet: Ipv4Addr::UNSPECIFIED,
+            daemon_cmd: vec![],
+            nodes: vec![],
+        };
         for (i, line) in lines.enumerate() {
             let (key, rest) = line.split_once(' ').unwrap_or((line, ""));
             let res: Result<()> = (|| {
@@ -115,7 +128,12 @@ impl State {
                         if f.len() != 4 {
                             bail!("expected: node NAME ADDR HOLDER DAEMON");
                         }
-                        st.nodes.push(NodeState { name: f[0].into(), addr: f[1].parse()?, holder: parse_proc(f[2])?, daemon: parse_proc(f[3])? });
+                        st.nodes.push(NodeState {
+                            name: f[0].into(),
+                            addr: f[1].parse()?,
+                            holder: parse_proc(f[2])?,
+                            daemon: parse_proc(f[3])?,
+                        });
                     }
                     "" => {}
                     _ => bail!("unknown key {key:?}"),
@@ -154,10 +172,27 @@ mod tests {
         let st = State {
             prefix: "tfx-".into(),
             subnet: "10.78.0.0".parse().unwrap(),
-            daemon_cmd: vec!["/bin/telefork".into(), "daemon".into(), "--config".into(), "{config}".into(), "a b".into(), "x\ny\\n".into()],
+            daemon_cmd: vec![
+                "/bin/telefork".into(),
+                "daemon".into(),
+                "--config".into(),
+                "{config}".into(),
+                "a b".into(),
+                "x\ny\\n".into(),
+            ],
             nodes: vec![
-                NodeState { name: "node1".into(), addr: "10.78.0.1".parse().unwrap(), holder: Some(ProcId { pid: 5, start: 77 }), daemon: None },
-                NodeState { name: "node2".into(), addr: "10.78.0.2".parse().unwrap(), holder: None, daemon: Some(ProcId { pid: 9, start: 1 }) },
+                NodeState {
+                    name: "node1".into(),
+                    addr: "10.78.0.1".parse().unwrap(),
+                    holder: Some(ProcId { pid: 5, start: 77 }),
+                    daemon: None,
+                },
+                NodeState {
+                    name: "node2".into(),
+                    addr: "10.78.0.2".parse().unwrap(),
+                    holder: None,
+                    daemon: Some(ProcId { pid: 9, start: 1 }),
+                },
             ],
         };
         st.save(&dir).unwrap();

@@ -23,7 +23,8 @@ while True:
 
 /// The real python3 executable (not a pyenv shim, which needs its environment), if any.
 fn python3() -> Option<String> {
-    let out = Command::new("python3").args(["-c", "import sys; print(sys.executable)"]).output().ok()?;
+    let out =
+        Command::new("python3").args(["-c", "import sys; print(sys.executable)"]).output().ok()?;
     let p = String::from_utf8(out.stdout).ok()?.trim().to_string();
     (out.status.success() && !p.is_empty()).then_some(p)
 }
@@ -34,7 +35,8 @@ fn strings(a: &[&str]) -> Vec<String> {
 
 /// Runs CMD on NODE, returns (success, trimmed stdout).
 fn run(dir: &Path, node: &str, user: Option<&str>, cmd: &[&str]) -> (bool, String) {
-    let out = tb::command(dir, node, user, &strings(cmd)).unwrap().stdin(Stdio::null()).output().unwrap();
+    let out =
+        tb::command(dir, node, user, &strings(cmd)).unwrap().stdin(Stdio::null()).output().unwrap();
     if !out.status.success() {
         eprintln!("{cmd:?} on {node}: {}: {}", out.status, String::from_utf8_lossy(&out.stderr));
     }
@@ -42,8 +44,11 @@ fn run(dir: &Path, node: &str, user: Option<&str>, cmd: &[&str]) -> (bool, Strin
 }
 
 fn ours_left() -> Vec<String> {
-    let ns = String::from_utf8(Command::new("ip").args(["netns", "list"]).output().unwrap().stdout).unwrap();
-    let links = String::from_utf8(Command::new("ip").args(["-o", "link", "show"]).output().unwrap().stdout).unwrap();
+    let ns = String::from_utf8(Command::new("ip").args(["netns", "list"]).output().unwrap().stdout)
+        .unwrap();
+    let links =
+        String::from_utf8(Command::new("ip").args(["-o", "link", "show"]).output().unwrap().stdout)
+            .unwrap();
     ns.lines().chain(links.lines()).filter(|l| l.contains(PREFIX)).map(String::from).collect()
 }
 
@@ -56,7 +61,6 @@ impl Drop for Guard {
         }
     }
 }
-
 
 #[test]
 fn three_nodes() {
@@ -102,7 +106,9 @@ fn three_nodes() {
         eprintln!("python3 missing: node-to-node TCP not checked");
     }
     // A node sees only its own netns: eth0 carries its address.
-    assert!(run(&dir, "node3", None, &["ip", "-o", "addr", "show", "dev", "eth0"]).1.contains("10.78.0.3/24"));
+    assert!(run(&dir, "node3", None, &["ip", "-o", "addr", "show", "dev", "eth0"])
+        .1
+        .contains("10.78.0.3/24"));
 
     // As a user.
     let (uid, _gid) = tb::ensure_test_user("telefork-test").unwrap();
@@ -126,20 +132,31 @@ fn three_nodes() {
     }
 
     // A program left running on a node, then `up` again over everything (as after a crash).
-    let mut bg = tb::command(&dir, "node3", None, &strings(&["sleep", "1000"])).unwrap().spawn().unwrap();
+    let mut bg =
+        tb::command(&dir, "node3", None, &strings(&["sleep", "1000"])).unwrap().spawn().unwrap();
     let opts2 = tb::TestbedOptions { nodes: 2, ..opts.clone() };
     let t2 = tb::up(&opts2).unwrap_or_else(|e| panic!("second up: {e:#}"));
     // (`down` reaps the killed process, which is our child here.)
-    assert!(!std::path::Path::new(&format!("/proc/{}", bg.id())).exists(), "program on the old node3 survived a re-up");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{}", bg.id())).exists(),
+        "program on the old node3 survived a re-up"
+    );
     let _ = bg.wait();
     assert_eq!(t2.nodes.len(), 2);
-    assert!(ours_left().iter().all(|l| !l.contains("tfx-node3") && !l.contains("tfx-v3")), "{:?}", ours_left());
+    assert!(
+        ours_left().iter().all(|l| !l.contains("tfx-node3") && !l.contains("tfx-v3")),
+        "{:?}",
+        ours_left()
+    );
     assert_eq!(run(&dir, "node2", None, &["hostname"]), (true, "node2".into()));
 
     tb::down(&dir).unwrap();
     assert!(!dir.exists());
     assert_eq!(ours_left(), Vec::<String>::new());
-    assert!(!t2.nodes.iter().any(|n| std::path::Path::new(&format!("/proc/{}", n.holder_pid)).exists()));
+    assert!(!t2
+        .nodes
+        .iter()
+        .any(|n| std::path::Path::new(&format!("/proc/{}", n.holder_pid)).exists()));
     // down of nothing is fine.
     tb::down_prefixed(&dir, PREFIX).unwrap();
 }
@@ -160,7 +177,11 @@ fn failing_daemon() {
         dir: dir.clone(),
         prefix: PREFIX.into(),
         subnet: "10.78.0.0".parse().unwrap(),
-        daemon_cmd_override: Some(strings(&["sh", "-c", "echo stand-in daemon gives up on {node} >&2; exit 3"])),
+        daemon_cmd_override: Some(strings(&[
+            "sh",
+            "-c",
+            "echo stand-in daemon gives up on {node} >&2; exit 3",
+        ])),
         ..Default::default()
     };
     let e = format!("{:#}", tb::up(&opts).unwrap_err());

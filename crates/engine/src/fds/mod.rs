@@ -63,7 +63,9 @@ pub fn parse_fdinfo(text: &str) -> Result<FdInfo> {
         let v = v.trim();
         match k {
             "pos" => pos = Some(v.parse::<u64>().with_context(|| format!("bad pos {v:?}"))?),
-            "flags" => flags = Some(u32::from_str_radix(v, 8).with_context(|| format!("bad flags {v:?}"))?),
+            "flags" => {
+                flags = Some(u32::from_str_radix(v, 8).with_context(|| format!("bad flags {v:?}"))?)
+            }
             _ => {}
         }
     }
@@ -73,11 +75,14 @@ pub fn parse_fdinfo(text: &str) -> Result<FdInfo> {
 
 fn probe(pid: Pid, fd: i32) -> Result<Probe> {
     let link_path = format!("/proc/{pid}/fd/{fd}");
-    let link = std::fs::read_link(&link_path).with_context(|| format!("fd {fd}: reading {link_path}"))?;
+    let link =
+        std::fs::read_link(&link_path).with_context(|| format!("fd {fd}: reading {link_path}"))?;
     let link = link.to_string_lossy().into_owned();
-    let st = nix::sys::stat::stat(link_path.as_str()).with_context(|| format!("fd {fd} ({link}): stat"))?;
+    let st = nix::sys::stat::stat(link_path.as_str())
+        .with_context(|| format!("fd {fd} ({link}): stat"))?;
     let info_path = format!("/proc/{pid}/fdinfo/{fd}");
-    let text = crate::procfs::read_text(&info_path).with_context(|| format!("fd {fd}: reading {info_path}"))?;
+    let text = crate::procfs::read_text(&info_path)
+        .with_context(|| format!("fd {fd}: reading {info_path}"))?;
     let info = parse_fdinfo(&text).with_context(|| format!("fd {fd}: parsing {info_path}"))?;
     Ok(Probe {
         fd,
@@ -221,9 +226,19 @@ fn is_enoent(e: &anyhow::Error) -> bool {
 fn same_file(pid: Pid, a: i32, b: i32) -> Result<bool> {
     const KCMP_FILE: libc::c_int = 0;
     // SAFETY: kcmp takes only integers and touches no memory of ours.
-    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid.as_raw(), pid.as_raw(), KCMP_FILE, a as libc::c_ulong, b as libc::c_ulong) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid.as_raw(),
+            pid.as_raw(),
+            KCMP_FILE,
+            a as libc::c_ulong,
+            b as libc::c_ulong,
+        )
+    };
     if r < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("kcmp(KCMP_FILE) on fds {a} and {b}"));
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("kcmp(KCMP_FILE) on fds {a} and {b}"));
     }
     Ok(r == 0)
 }
@@ -248,10 +263,19 @@ pub fn restore(inj: &mut Injector, fds: &[Fd]) -> Result<()> {
     // flags set: one batch.
     let lim = inj.alloc_zeroed(16)?;
     let mut calls = vec![
-        Call::new(libc::SYS_close_range, &[3, u32::MAX as u64, 0], "closing the restorer's fds: close_range(3, ~0)"),
-        Call::new(libc::SYS_prlimit64, &[0, libc::RLIMIT_NOFILE as u64, 0, lim], "reading RLIMIT_NOFILE: prlimit64"),
+        Call::new(
+            libc::SYS_close_range,
+            &[3, u32::MAX as u64, 0],
+            "closing the restorer's fds: close_range(3, ~0)",
+        ),
+        Call::new(
+            libc::SYS_prlimit64,
+            &[0, libc::RLIMIT_NOFILE as u64, 0, lim],
+            "reading RLIMIT_NOFILE: prlimit64",
+        ),
     ];
-    let inherited: Vec<&Fd> = fds.iter().filter(|f| matches!(f.kind, FdKind::InheritedStdio)).collect();
+    let inherited: Vec<&Fd> =
+        fds.iter().filter(|f| matches!(f.kind, FdKind::InheritedStdio)).collect();
     calls.extend(inherited.iter().map(|m| stdio::set_cloexec_call(m)));
     let mut from = 0;
     while let Err((i, errno)) = inj.try_batch(&calls[from..])? {
@@ -286,7 +310,11 @@ pub fn restore(inj: &mut Injector, fds: &[Fd]) -> Result<()> {
     let lifted = max_fd >= soft;
     if lifted {
         inj.write_mem(lim, &[(max_fd + 1).to_ne_bytes(), hard.to_ne_bytes()].concat())?;
-        inj.syscall(libc::SYS_prlimit64, &[0, libc::RLIMIT_NOFILE as u64, lim, 0], "raising the soft RLIMIT_NOFILE for the fds: prlimit64")?;
+        inj.syscall(
+            libc::SYS_prlimit64,
+            &[0, libc::RLIMIT_NOFILE as u64, lim, 0],
+            "raising the soft RLIMIT_NOFILE for the fds: prlimit64",
+        )?;
     }
 
     // Group by open file description; the group's first fd carries the kind.
@@ -309,7 +337,11 @@ pub fn restore(inj: &mut Injector, fds: &[Fd]) -> Result<()> {
     }
     if lifted {
         let lim = inj.stage(&[soft.to_ne_bytes(), hard.to_ne_bytes()].concat())?;
-        inj.syscall(libc::SYS_prlimit64, &[0, libc::RLIMIT_NOFILE as u64, lim, 0], "putting back the soft RLIMIT_NOFILE: prlimit64")?;
+        inj.syscall(
+            libc::SYS_prlimit64,
+            &[0, libc::RLIMIT_NOFILE as u64, lim, 0],
+            "putting back the soft RLIMIT_NOFILE: prlimit64",
+        )?;
     }
     Ok(())
 }
@@ -364,14 +396,23 @@ mod classify_tests {
     fn paths() {
         let k = path::capture(&probe(3, "/tmp/x", libc::S_IFREG | 0o644, 0)).unwrap().unwrap();
         let FdKind::Path { id, flags, pos, directory } = k else { panic!("not a path") };
-        assert_eq!((id.path.as_str(), id.ino, flags, pos, directory), ("/tmp/x", 2, 0o100002, 7, false));
+        assert_eq!(
+            (id.path.as_str(), id.ino, flags, pos, directory),
+            ("/tmp/x", 2, 0o100002, 7, false)
+        );
         let k = path::capture(&probe(3, "/tmp", libc::S_IFDIR | 0o755, 0)).unwrap().unwrap();
         assert!(matches!(k, FdKind::Path { directory: true, .. }));
-        assert!(path::capture(&probe(0, "/dev/null", libc::S_IFCHR, (1 << 8) | 3)).unwrap().is_some());
+        assert!(path::capture(&probe(0, "/dev/null", libc::S_IFCHR, (1 << 8) | 3))
+            .unwrap()
+            .is_some());
         assert!(path::capture(&probe(4, "/dev/sda", libc::S_IFBLK, 8 << 8)).unwrap().is_none());
         assert!(path::capture(&probe(4, "/dev/ttyS0", libc::S_IFCHR, 4 << 8)).unwrap().is_none());
-        assert!(path::capture(&probe(4, "/memfd:x (deleted)", libc::S_IFREG, 0)).unwrap().is_none());
-        assert!(path::capture(&probe(4, "anon_inode:[eventfd]", libc::S_IFREG, 0)).unwrap().is_none());
+        assert!(path::capture(&probe(4, "/memfd:x (deleted)", libc::S_IFREG, 0))
+            .unwrap()
+            .is_none());
+        assert!(path::capture(&probe(4, "anon_inode:[eventfd]", libc::S_IFREG, 0))
+            .unwrap()
+            .is_none());
         assert!(path::capture(&probe(4, "/tmp/gone (deleted)", libc::S_IFREG, 0)).is_err());
     }
 

@@ -14,7 +14,8 @@ use crate::inject::{Call, Injector};
 use telefork_image::{Fd, FdKind, FileId};
 
 /// Character devices that carry no state and can simply be reopened.
-pub const ALLOWED_CHAR_DEVICES: [&str; 5] = ["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"];
+pub const ALLOWED_CHAR_DEVICES: [&str; 5] =
+    ["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"];
 
 /// `Some` if this fd is reopened by path; `None` if it is some other kind; an error for a
 /// file that cannot be reopened (deleted).
@@ -86,7 +87,8 @@ pub fn restore(inj: &mut Injector, members: &[&Fd]) -> Result<()> {
     };
     let what = format!("restoring fd {} ({})", first.fd, id.path);
 
-    let open_flags = (*flags as i32 & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL)) | libc::O_CLOEXEC;
+    let open_flags =
+        (*flags as i32 & !(libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL)) | libc::O_CLOEXEC;
     let path = inj.stage_cstr(&id.path)?;
     // Opened non-blocking: had the path become a FIFO, a blocking open would wait for a
     // writer forever (and the restore with it). The type is checked next, and the flag put
@@ -112,25 +114,46 @@ pub fn restore(inj: &mut Injector, members: &[&Fd]) -> Result<()> {
     let mut calls = Vec::new();
     if *flags as i32 & (libc::O_NONBLOCK | libc::O_PATH) == 0 {
         // (F_SETFL takes the status flags only; the access mode and creation flags are ignored.)
-        calls.push(Call::new(libc::SYS_fcntl, &[tmp, libc::F_SETFL as u64, open_flags as u32 as u64], format!("{what}: fcntl(F_SETFL)")));
+        calls.push(Call::new(
+            libc::SYS_fcntl,
+            &[tmp, libc::F_SETFL as u64, open_flags as u32 as u64],
+            format!("{what}: fcntl(F_SETFL)"),
+        ));
     }
     if *pos != 0 && *flags as i32 & libc::O_PATH == 0 {
-        let off = i64::try_from(*pos).map_err(|_| anyhow::anyhow!("{what}: offset {pos} too large"))?;
-        calls.push(Call::new(libc::SYS_lseek, &[tmp, off as u64, libc::SEEK_SET as u64], format!("{what}: lseek to {pos}")));
+        let off =
+            i64::try_from(*pos).map_err(|_| anyhow::anyhow!("{what}: offset {pos} too large"))?;
+        calls.push(Call::new(
+            libc::SYS_lseek,
+            &[tmp, off as u64, libc::SEEK_SET as u64],
+            format!("{what}: lseek to {pos}"),
+        ));
     }
     let mut keep_tmp = false;
     for m in members {
         if m.fd as u64 == tmp {
             keep_tmp = true;
             let fl = if m.cloexec { libc::FD_CLOEXEC } else { 0 };
-            calls.push(Call::new(libc::SYS_fcntl, &[tmp, libc::F_SETFD as u64, fl as u64], format!("restoring fd {} ({}): fcntl(F_SETFD)", m.fd, id.path)));
+            calls.push(Call::new(
+                libc::SYS_fcntl,
+                &[tmp, libc::F_SETFD as u64, fl as u64],
+                format!("restoring fd {} ({}): fcntl(F_SETFD)", m.fd, id.path),
+            ));
         } else {
             let fl = if m.cloexec { libc::O_CLOEXEC } else { 0 };
-            calls.push(Call::new(libc::SYS_dup3, &[tmp, m.fd as u64, fl as u64], format!("restoring fd {} ({}): dup3", m.fd, id.path)));
+            calls.push(Call::new(
+                libc::SYS_dup3,
+                &[tmp, m.fd as u64, fl as u64],
+                format!("restoring fd {} ({}): dup3", m.fd, id.path),
+            ));
         }
     }
     if !keep_tmp {
-        calls.push(Call::new(libc::SYS_close, &[tmp], format!("{what}: closing the temporary fd {tmp}")));
+        calls.push(Call::new(
+            libc::SYS_close,
+            &[tmp],
+            format!("{what}: closing the temporary fd {tmp}"),
+        ));
     }
     inj.run_batch(&calls)?;
     Ok(())

@@ -18,7 +18,8 @@ fn major(dev: u64) -> u64 {
 }
 
 pub fn is_terminal(p: &Probe) -> bool {
-    p.mode & libc::S_IFMT == libc::S_IFCHR && (is_tty_major(major(p.rdev)) || p.link.starts_with("/dev/pts/"))
+    p.mode & libc::S_IFMT == libc::S_IFCHR
+        && (is_tty_major(major(p.rdev)) || p.link.starts_with("/dev/pts/"))
 }
 
 /// Whether capture records this fd as `InheritedStdio`.

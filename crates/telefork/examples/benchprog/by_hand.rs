@@ -34,11 +34,18 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use super::{arg, die, fast_exit, fork_stopped_child, listen_ready, one_fork, out, unix_listen_ready};
+use super::{
+    arg, die, fast_exit, fork_stopped_child, listen_ready, one_fork, out, unix_listen_ready,
+};
 
 /// Madvise advice carried per mapping (the VmFlags a restore must give back).
-const ADVICE: [(&str, libc::c_int); 5] =
-    [("hg", libc::MADV_HUGEPAGE), ("nh", libc::MADV_NOHUGEPAGE), ("dc", libc::MADV_DONTFORK), ("dd", libc::MADV_DONTDUMP), ("wf", libc::MADV_WIPEONFORK)];
+const ADVICE: [(&str, libc::c_int); 5] = [
+    ("hg", libc::MADV_HUGEPAGE),
+    ("nh", libc::MADV_NOHUGEPAGE),
+    ("dc", libc::MADV_DONTFORK),
+    ("dd", libc::MADV_DONTDUMP),
+    ("wf", libc::MADV_WIPEONFORK),
+];
 
 /// One mapping of the process (all but `start` travels).
 struct Mapping {
@@ -76,10 +83,16 @@ fn read_mappings(pid: i32) -> std::io::Result<Vec<Mapping>> {
         }
         // A mapping's first line: start-end perms offset dev inode [path].
         current = None;
-        let (Some((a, b)), Some(perms), Some(offset)) = (first.split_once('-'), f.next(), f.next()) else { continue };
+        let (Some((a, b)), Some(perms), Some(offset)) = (first.split_once('-'), f.next(), f.next())
+        else {
+            continue;
+        };
         let (_dev, _inode) = (f.next(), f.next());
         let name = f.collect::<Vec<_>>().join(" ");
-        if name.starts_with('[') && !matches!(name.as_str(), "[heap]" | "[stack]") && !name.starts_with("[anon") {
+        if name.starts_with('[')
+            && !matches!(name.as_str(), "[heap]" | "[stack]")
+            && !name.starts_with("[anon")
+        {
             continue;
         }
         let p = perms.as_bytes();
@@ -88,10 +101,20 @@ fn read_mappings(pid: i32) -> std::io::Result<Vec<Mapping>> {
         }
         let hex = |s: &str| u64::from_str_radix(s, 16).unwrap_or(0);
         let has = |i: usize, c: u8, prot: libc::c_int| if p[i] == c { prot as u32 } else { 0 };
-        let prot = has(0, b'r', libc::PROT_READ) | has(1, b'w', libc::PROT_WRITE) | has(2, b'x', libc::PROT_EXEC);
+        let prot = has(0, b'r', libc::PROT_READ)
+            | has(1, b'w', libc::PROT_WRITE)
+            | has(2, b'x', libc::PROT_EXEC);
         let path = if name.starts_with('/') { Some(name) } else { None };
         current = Some(maps.len());
-        maps.push(Mapping { start: hex(a), len: hex(b).saturating_sub(hex(a)), prot, shared: p[3] == b's', offset: hex(offset), advice: 0, path });
+        maps.push(Mapping {
+            start: hex(a),
+            len: hex(b).saturating_sub(hex(a)),
+            prot,
+            shared: p[3] == b's',
+            offset: hex(offset),
+            advice: 0,
+            path,
+        });
     }
     Ok(maps)
 }
@@ -100,12 +123,21 @@ fn read_mappings(pid: i32) -> std::io::Result<Vec<Mapping>> {
 /// private file: no longer the file's page; shared: none), from PAGEMAP_SCAN calls over the
 /// range from the first mapping to the end of the last (one call here), cut at the
 /// mappings' bounds here.
-fn written_runs(pagemap: &std::fs::File, maps: &[Mapping]) -> std::io::Result<Vec<(u32, u64, u64)>> {
+fn written_runs(
+    pagemap: &std::fs::File,
+    maps: &[Mapping],
+) -> std::io::Result<Vec<(u32, u64, u64)>> {
     use telefork_engine::mem::{pagemap_scan, PAGE_IS_FILE, PAGE_IS_PRESENT, PAGE_IS_SWAPPED};
     let (Some(first), Some(last)) = (maps.first(), maps.last()) else { return Ok(Vec::new()) };
     let mut found = Vec::new();
     let wanted = PAGE_IS_PRESENT | PAGE_IS_SWAPPED;
-    if !pagemap_scan(pagemap, first.start, last.start + last.len, (0, 0, wanted, wanted | PAGE_IS_FILE), &mut found) {
+    if !pagemap_scan(
+        pagemap,
+        first.start,
+        last.start + last.len,
+        (0, 0, wanted, wanted | PAGE_IS_FILE),
+        &mut found,
+    ) {
         let e = std::io::Error::last_os_error();
         return Err(std::io::Error::new(e.kind(), format!("PAGEMAP_SCAN: {e}")));
     }
@@ -163,7 +195,15 @@ fn peer_pid(sock: &UnixStream) -> std::io::Result<i32> {
     let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: SO_PEERCRED fills a ucred of `len` bytes.
-    let r = unsafe { libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERCRED, &mut cred as *mut libc::ucred as *mut libc::c_void, &mut len) };
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut cred as *mut libc::ucred as *mut libc::c_void,
+            &mut len,
+        )
+    };
     if r != 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -194,20 +234,26 @@ pub fn move_origin(args: &[String]) {
         let (mut prog, _) = l.accept().unwrap_or_else(|e| die(format!("accept: {e}")));
         let served = (|| -> Result<(), String> {
             let peer = peer_pid(&prog).map_err(|e| format!("SO_PEERCRED: {e}"))?;
-            let mut there = TcpStream::connect(&dest).map_err(|e| format!("connecting to {dest}: {e}"))?;
+            let mut there =
+                TcpStream::connect(&dest).map_err(|e| format!("connecting to {dest}: {e}"))?;
             there.set_nodelay(true).ok();
             let mut pid = [0u8; 4];
             while prog.read_exact(&mut pid).is_ok() {
                 let pid = i32::from_le_bytes(pid);
                 if !is_stopped_child_of(pid, peer) {
-                    return Err(format!("process {pid} is not a stopped child of the program {peer}"));
+                    return Err(format!(
+                        "process {pid} is not a stopped child of the program {peer}"
+                    ));
                 }
                 state_message(pid, &mut msg).map_err(|e| format!("reading process {pid}: {e}"))?;
                 there.write_all(&msg).map_err(|e| format!("to {dest}: {e}"))?;
                 // SAFETY: a plain kill of the program's stopped child (its local copy, checked
                 // above).
                 if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
-                    return Err(format!("killing the local copy {pid}: {}", std::io::Error::last_os_error()));
+                    return Err(format!(
+                        "killing the local copy {pid}: {}",
+                        std::io::Error::last_os_error()
+                    ));
                 }
                 let mut status = [0u8; 1];
                 there.read_exact(&mut status).map_err(|e| format!("from {dest}: {e}"))?;
@@ -302,7 +348,16 @@ fn become_the_copy(sock: &mut TcpStream, maps: &[Wanted], runs: &[Run]) -> ! {
             (false, false) => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, m.prot | libc::PROT_WRITE),
         };
         // SAFETY: a new mapping where the kernel chooses; nothing of ours is there.
-        let p = unsafe { libc::mmap(std::ptr::null_mut(), m.len as usize, prot, kind, fd, if fd >= 0 { m.offset as i64 } else { 0 }) };
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                m.len as usize,
+                prot,
+                kind,
+                fd,
+                if fd >= 0 { m.offset as i64 } else { 0 },
+            )
+        };
         if p == libc::MAP_FAILED {
             fast_exit(1);
         }
@@ -311,7 +366,8 @@ fn become_the_copy(sock: &mut TcpStream, maps: &[Wanted], runs: &[Run]) -> ! {
     for &(i, off, len) in runs {
         // SAFETY: `off + len` lies inside mapping `i`, a private one (both checked with the
         // header), mapped writable above, and nothing else refers to it.
-        let dst = unsafe { std::slice::from_raw_parts_mut(bases[i].add(off as usize), len as usize) };
+        let dst =
+            unsafe { std::slice::from_raw_parts_mut(bases[i].add(off as usize), len as usize) };
         if sock.read_exact(dst).is_err() {
             fast_exit(2);
         }
@@ -320,7 +376,10 @@ fn become_the_copy(sock: &mut TcpStream, maps: &[Wanted], runs: &[Run]) -> ! {
         // SAFETY: changing the protection and advice of our own new mappings. (Advice is
         // best effort, as the engine's restore makes it; a protection that fails fails.)
         unsafe {
-            if !m.shared && m.prot & libc::PROT_WRITE == 0 && libc::mprotect(base as *mut libc::c_void, m.len as usize, m.prot) != 0 {
+            if !m.shared
+                && m.prot & libc::PROT_WRITE == 0
+                && libc::mprotect(base as *mut libc::c_void, m.len as usize, m.prot) != 0
+            {
                 fast_exit(3);
             }
             for (bit, (_, advice)) in ADVICE.iter().enumerate() {
@@ -382,7 +441,8 @@ pub fn move_dest(args: &[String]) {
 pub fn move_latency(args: &[String]) {
     let runs: usize = arg(args, 2, "RUNS");
     let sock: PathBuf = arg(args, 3, "SOCK");
-    let mut relay = UnixStream::connect(&sock).unwrap_or_else(|e| die(format!("connecting to {}: {e}", sock.display())));
+    let mut relay = UnixStream::connect(&sock)
+        .unwrap_or_else(|e| die(format!("connecting to {}: {e}", sock.display())));
     // One untimed round first: the relays connect to each other on the first one.
     for round in 0..=runs {
         let t0 = Instant::now();
@@ -399,7 +459,9 @@ pub fn move_latency(args: &[String]) {
         };
         let mut status = 0;
         // SAFETY: waiting for our own child to stop.
-        if unsafe { libc::waitpid(pid, &mut status, libc::WUNTRACED) } != pid || !libc::WIFSTOPPED(status) {
+        if unsafe { libc::waitpid(pid, &mut status, libc::WUNTRACED) } != pid
+            || !libc::WIFSTOPPED(status)
+        {
             fail(format!("the child did not stop (status {status:#x})"));
         }
         relay.write_all(&pid.to_le_bytes()).unwrap_or_else(|e| fail(format!("to the relay: {e}")));

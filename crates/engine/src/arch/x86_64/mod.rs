@@ -12,7 +12,10 @@ pub const ARCH: Arch = Arch::X86_64;
 
 /// Captures the CPU state of a stopped thread, given the registers read when it stopped.
 pub fn capture(tid: Pid, regs: &crate::ptrace::Regs) -> Result<CpuState> {
-    Ok(CpuState::X86_64(X86_64Cpu { gpregs: regs::to_words(&regs::for_resume(regs)), xsave: xstate::capture(tid)? }))
+    Ok(CpuState::X86_64(X86_64Cpu {
+        gpregs: regs::to_words(&regs::for_resume(regs)),
+        xsave: xstate::capture(tid)?,
+    }))
 }
 
 /// Sets the full CPU state of a stopped thread (the last thing restore does to it).
@@ -159,7 +162,14 @@ pub fn batch_runner_code() -> &'static [u8] {
 }
 
 /// Registers that start the batch runner at `code` over `count` entries at `table`.
-pub fn batch_regs(base: &crate::ptrace::Regs, code: u64, table: u64, count: u64, pid: i32, tid: i32) -> crate::ptrace::Regs {
+pub fn batch_regs(
+    base: &crate::ptrace::Regs,
+    code: u64,
+    table: u64,
+    count: u64,
+    pid: i32,
+    tid: i32,
+) -> crate::ptrace::Regs {
     let mut r = *base;
     r.rip = code;
     r.orig_rax = u64::MAX;

@@ -79,6 +79,12 @@ pub fn feature_names(bits: u64) -> Vec<String> {
     ];
     (0..64)
         .filter(|b| bits & (1u64 << b) != 0)
-        .map(|b| NAMES.iter().find(|(n, _)| *n == b).map(|(_, s)| s.to_string()).unwrap_or(format!("XSAVE component {b}")))
+        .map(|b| {
+            NAMES
+                .iter()
+                .find(|(n, _)| *n == b)
+                .map(|(_, s)| s.to_string())
+                .unwrap_or(format!("XSAVE component {b}"))
+        })
         .collect()
 }
