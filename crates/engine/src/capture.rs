@@ -66,10 +66,8 @@ pub fn dump<W: Write + Send>(
     let tids = procfs::list_threads(pid)
         .with_context(|| format!("process {pid} does not exist or cannot be read"))?;
     if tids.len() != 1 {
-        bail!(
-            "process {pid} has {} threads; only single-threaded processes can be captured so far",
-            tids.len()
-        );
+        let refusal = crate::error::Uncarried::Threads { count: tids.len() };
+        return Err(anyhow::Error::new(refusal).context(format!("process {pid}")));
     }
     ptrace::seize_and_stop(pid)?;
     let regs = ptrace::getregs(pid)?;

@@ -12,6 +12,7 @@ pub mod arch;
 pub mod bounds;
 pub mod capture;
 pub mod creds;
+pub mod error;
 pub mod fds;
 pub mod huge;
 pub mod inject;
@@ -30,6 +31,7 @@ pub mod threads;
 pub mod timeline;
 pub mod uffd;
 
+pub use error::{Error, Uncarried};
 pub use capture::{dump, DumpOptions, DumpSummary, OutsideReader};
 
 /// Learns what this CPU offers, once per process. CPUID and XGETBV trap to the hypervisor

@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Context, Result};
 use nix::unistd::Pid;
 
+use crate::error::article;
 use crate::inject::{Call, Injector};
 use telefork_image::{Fd, FdKind};
 
@@ -143,13 +144,6 @@ pub fn describe_kind(p: &Probe) -> &'static str {
 }
 
 /// "a" or "an" before one of `describe_kind`'s names.
-fn article(kind: &str) -> &'static str {
-    match kind.as_bytes().first() {
-        Some(b'a' | b'e' | b'i' | b'o') => "an",
-        Some(b'u') if kind.starts_with("unknown") => "an",
-        _ => "a",
-    }
-}
 
 /// Captures the fds of `pid`. With `inherit_stdio`, fds 0/1/2 are recorded as
 /// `InheritedStdio` whatever they are (telefork: the child's stdio is its parent's, relayed).
@@ -183,7 +177,8 @@ pub fn capture(pid: Pid, inherit_stdio: bool) -> Result<Vec<Fd>> {
             k
         } else {
             let kind = describe_kind(&p);
-            bail!("fd {fd} is {} {kind} ({}): not supported yet", article(kind), p.link);
+            let (kind, target) = (kind.to_string(), p.link.clone());
+            return Err(crate::error::Uncarried::Fd { fd, kind, target }.into());
         };
 
         let mut open_file = None;
