@@ -5,7 +5,7 @@
 //
 //   gcc -O2 -pthread -o /tmp/receivers scripts/receivers.c
 //   telefork testbed exec node2 -- /tmp/receivers 7402 ahead &
-//   telefork testbed exec node1 -- target/release/examples/benchprog mem-send 10.77.0.2:7402 4096 3
+//   telefork testbed exec node1 -- target/release/benchprog mem-send 10.77.0.2:7402 4096 3
 //
 // Modes (the way the fresh memory gets its bytes):
 //   fault      recv straight into the mapping: every page faulted in by the copy

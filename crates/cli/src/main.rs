@@ -11,8 +11,6 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-mod bench;
-
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use nix::sys::wait::{waitpid, WaitStatus};
@@ -89,34 +87,14 @@ enum Cmd {
     /// running daemon: for tests and the demo.
     #[command(subcommand)]
     Testbed(TestbedCmd),
-    /// Benchmark telefork against its baselines on a 2-node testbed of its own (needs root,
-    /// `cargo build --release --examples` for the benchprog example).
+    /// Benchmark telefork against its baselines on a 2-node testbed of its own (needs root):
+    /// runs the telefork-bench binary next to this one with the same arguments (`telefork
+    /// bench --help` shows its options; `cargo build --release --workspace --bins` builds it).
+    #[command(disable_help_flag = true)]
     Bench {
-        /// Print one JSON object on stdout instead of the table.
-        #[arg(long)]
-        json: bool,
-        /// Runs per measurement, every size (medians are reported).
-        #[arg(long, default_value_t = 5)]
-        runs: usize,
-        /// Process sizes in MiB for throughput and dump/restore.
-        #[arg(long, value_delimiter = ',', default_values_t = [256u64, 1024, 4096])]
-        sizes_mib: Vec<u64>,
-        /// Fast sanity check: sizes 64,256 and 3 runs.
-        #[arg(long)]
-        quick: bool,
-        /// Also dump and restore processes of the same sizes (benchprog hold) with criu, side
-        /// by side with telefork's (criu must be on PATH and pass `criu check`, else the bench
-        /// stops at once; scripts/criu-from-debian.sh fetches Debian 13's criu, which passes it
-        /// on Linux 6.18).
-        #[arg(long)]
-        against_criu: bool,
-        /// The TCP congestion control of the testbed's nodes (e.g. reno): telefork's
-        /// connections and the raw TCP baseline get it (the reno rows stay on reno); default:
-        /// the one the host gives new network namespaces. Only the names in the host's
-        /// net.ipv4.tcp_allowed_congestion_control can be set in a namespace. On our test VM,
-        /// bbr's pacing held one connection to ~2 GB/s where reno carried ~6 (README).
-        #[arg(long, value_name = "NAME")]
-        congestion_control: Option<String>,
+        /// The bench's options, passed on as they are.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "OPTIONS")]
+        args: Vec<std::ffi::OsString>,
     },
 }
 
@@ -201,16 +179,7 @@ fn main() -> ExitCode {
             telefork_node::cluster::add_node(&dir, &node).map(|_| ExitCode::SUCCESS)
         }
         Cmd::Testbed(t) => testbed(t),
-        Cmd::Bench { json, runs, sizes_mib, quick, against_criu, congestion_control } => {
-            bench::run(bench::BenchArgs {
-                json,
-                runs,
-                sizes_mib,
-                quick,
-                against_criu,
-                congestion_control,
-            })
-        }
+        Cmd::Bench { args } => bench(&args),
     };
     if std::env::var_os("TELEFORK_DEBUG").is_some() {
         eprintln!(
@@ -398,6 +367,24 @@ fn image_owner(image: &Path, f: &File, trust_image: bool) -> Result<Option<(u32,
         );
     }
     Ok(Some((m.uid(), m.gid())))
+}
+
+/// `telefork bench`: the benchmark apparatus is a binary of its own (crates/bench), kept out of
+/// this one; this process becomes it (exec, so signals and the exit status are its own), with
+/// `telefork bench` as its program name for its usage line.
+fn bench(args: &[std::ffi::OsString]) -> Result<ExitCode> {
+    use std::os::unix::process::CommandExt;
+    let me = std::env::current_exe().context("locating the telefork binary")?;
+    let bench =
+        me.parent().context("locating the telefork binary's directory")?.join("telefork-bench");
+    if !bench.is_file() {
+        bail!(
+            "{} is missing: `telefork bench` runs the telefork-bench binary next to telefork; build it with `cargo build --release --workspace --bins` (or `-p telefork-bench`)",
+            bench.display()
+        );
+    }
+    let e = std::process::Command::new(&bench).arg0("telefork bench").args(args).exec();
+    Err(e).with_context(|| format!("running {}", bench.display()))
 }
 
 fn testbed(cmd: TestbedCmd) -> Result<ExitCode> {

@@ -33,12 +33,7 @@ fn quick_bench_measures_every_row() {
         return;
     }
     let bin = env!("CARGO_BIN_EXE_telefork");
-    let benchprog = Path::new(bin).parent().unwrap().join("examples").join("benchprog");
-    assert!(
-        benchprog.exists(),
-        "{} is missing: run `cargo build --release --examples` first",
-        benchprog.display()
-    );
+    bench_binaries_built(bin);
     let out = Command::new(bin)
         .args(["bench", "--quick", "--json"])
         .output()
@@ -124,6 +119,20 @@ fn quick_bench_measures_every_row() {
     assert!(left.is_empty(), "the bench left network namespaces behind: {left:?}");
 }
 
+/// `telefork bench` runs the telefork-bench binary next to telefork, which runs benchprog next to
+/// it: both are another crate's (crates/bench), which this test's build does not make.
+fn bench_binaries_built(telefork: &str) {
+    let dir = Path::new(telefork).parent().unwrap();
+    for name in ["telefork-bench", "benchprog"] {
+        let path = dir.join(name);
+        assert!(
+            path.is_file(),
+            "{} is missing: run `cargo build --release --workspace --bins` first",
+            path.display()
+        );
+    }
+}
+
 /// `--congestion-control` with a name the kernel lacks: the bench stops with an error naming
 /// it and what a namespace may take, after tearing its testbed down; a malformed name is
 /// refused before any testbed is made.
@@ -133,6 +142,7 @@ fn unknown_congestion_control_is_an_error_and_leaves_nothing() {
         return;
     }
     let bin = env!("CARGO_BIN_EXE_telefork");
+    bench_binaries_built(bin);
     for (name, expect) in
         [("nosuchcc", "tcp_allowed_congestion_control"), ("no such", "1-15 letters")]
     {

@@ -47,7 +47,7 @@
 //! * `move-dest PORT` / `move-origin SOCK DEST_ADDR` / `move-latency RUNS SOCK` — the same
 //!   way with the state moved by hand: the stopped child's mappings (smaps), written pages
 //!   (PAGEMAP_SCAN, /proc/PID/mem) to node2, where a new process maps them again, reads its
-//!   pages into place and exits (`move_rt_ns`; see `benchprog/by_hand.rs`).
+//!   pages into place and exits (`move_rt_ns`; see `by_hand.rs`).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -57,7 +57,6 @@ use std::time::{Duration, Instant};
 
 use telefork::Fork;
 
-#[path = "benchprog/by_hand.rs"]
 mod by_hand;
 
 const PATTERN: u64 = 0x9E37_79B9_7F4A_7C15;

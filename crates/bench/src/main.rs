@@ -1,11 +1,16 @@
-//! `telefork bench`: telefork against the physical limits, every number beside its baseline
-//! measured in the same run (issue 4). A benchmark, not a test: it brings up its own 2-node
-//! testbed (prefix `tfb-`, 10.80.0.0/24, /run/telefork-bench), runs the `benchprog` example
-//! there as the non-root user `tfbench`, and for dump/restore runs it on the host as root.
-//! The testbed is always torn down (also on error, and best effort on SIGINT/SIGTERM/SIGHUP).
-//! Any measurement that fails stops the bench with a non-zero exit and the reason.
-//! `--congestion-control` sets the nodes' net.ipv4.tcp_congestion_control (inside their
-//! network namespaces; the host's own setting is untouched).
+//! `telefork-bench` (run as `telefork bench`): telefork against the physical limits, every
+//! number beside its baseline measured in the same run (issue 4). A benchmark, not a test: it
+//! brings up its own 2-node testbed (prefix `tfb-`, 10.80.0.0/24, /run/telefork-bench), runs the
+//! `benchprog` binary of this crate there as the non-root user `tfbench`, and for dump/restore
+//! runs it on the host as root, with the `telefork` binary found next to this one (its daemons
+//! are the testbed's nodes, its `dump`/`restore` the file rows). The testbed is always torn down
+//! (also on error, and best effort on SIGINT/SIGTERM/SIGHUP). Any measurement that fails stops
+//! the bench with a non-zero exit and the reason. `--congestion-control` sets the nodes'
+//! net.ipv4.tcp_congestion_control (inside their network namespaces; the host's own setting is
+//! untouched).
+//!
+//! The bench lives apart from the product binary: `telefork bench` executes this binary in its
+//! place (same arguments), so the apparatus and its programs are built and shipped on their own.
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
@@ -16,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use clap::Parser;
 
 const PREFIX: &str = "tfb-";
 const SUBNET: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 80, 0, 0);
@@ -33,13 +39,63 @@ const MOVE_PORT: u16 = 7105;
 /// The origin relay's socket of the floor with the state moved by hand, on node1.
 const MOVE_SOCK: &str = "/run/telefork-bench/move.sock";
 
-pub struct BenchArgs {
-    pub json: bool,
-    pub runs: usize,
-    pub sizes_mib: Vec<u64>,
-    pub quick: bool,
-    pub against_criu: bool,
-    pub congestion_control: Option<String>,
+/// The options, as `telefork bench --help` shows them (`telefork bench` runs this binary with
+/// its own name as the program name, so the usage line reads `telefork bench`).
+#[derive(Parser)]
+#[command(
+    name = "telefork-bench",
+    about = "Benchmark telefork against its baselines on a 2-node testbed of its own (needs root; the telefork and benchprog binaries next to this one: `cargo build --release --workspace --bins`)"
+)]
+struct BenchArgs {
+    /// Print one JSON object on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Runs per measurement, every size (medians are reported).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Process sizes in MiB for throughput and dump/restore.
+    #[arg(long, value_delimiter = ',', default_values_t = [256u64, 1024, 4096])]
+    sizes_mib: Vec<u64>,
+    /// Fast sanity check: sizes 64,256 and 3 runs.
+    #[arg(long)]
+    quick: bool,
+    /// Also dump and restore processes of the same sizes (benchprog hold) with criu, side
+    /// by side with telefork's (criu must be on PATH and pass `criu check`, else the bench
+    /// stops at once; scripts/criu-from-debian.sh fetches Debian 13's criu, which passes it
+    /// on Linux 6.18).
+    #[arg(long)]
+    against_criu: bool,
+    /// The TCP congestion control of the testbed's nodes (e.g. reno): telefork's
+    /// connections and the raw TCP baseline get it (the reno rows stay on reno); default:
+    /// the one the host gives new network namespaces. Only the names in the host's
+    /// net.ipv4.tcp_allowed_congestion_control can be set in a namespace. On our test VM,
+    /// bbr's pacing held one connection to ~2 GB/s where reno carried ~6 (README).
+    #[arg(long, value_name = "NAME")]
+    congestion_control: Option<String>,
+}
+
+fn main() -> ExitCode {
+    match run(BenchArgs::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("telefork: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// A binary of the workspace next to this one (`telefork`, `benchprog`: cargo builds them
+/// into one directory), or an error naming where it was looked for and how to build it.
+fn sibling(name: &str) -> Result<PathBuf> {
+    let me = std::env::current_exe().context("locating the telefork-bench binary")?;
+    let path = me.parent().context("locating the telefork-bench binary's directory")?.join(name);
+    if !path.is_file() {
+        bail!(
+            "{} is missing: the bench runs the {name} binary next to its own; build both with `cargo build --release --workspace --bins`",
+            path.display()
+        );
+    }
+    Ok(path)
 }
 
 /// One line of the result: a measurement (median) beside its baseline (median).
@@ -78,7 +134,7 @@ fn progress(msg: &str) {
     eprintln!("bench: {msg}");
 }
 
-pub fn run(mut a: BenchArgs) -> Result<ExitCode> {
+fn run(mut a: BenchArgs) -> Result<ExitCode> {
     if a.quick {
         a.sizes_mib = vec![64, 256];
         a.runs = 3;
@@ -98,14 +154,8 @@ pub fn run(mut a: BenchArgs) -> Result<ExitCode> {
     if !nix::unistd::Uid::effective().is_root() {
         bail!("telefork bench needs root (it brings up a testbed and dumps processes)");
     }
-    let telefork_bin = std::env::current_exe().context("locating the telefork binary")?;
-    let prog = telefork_bin
-        .parent()
-        .map(|d| d.join("examples/benchprog"))
-        .context("locating benchprog")?;
-    if !prog.is_file() {
-        bail!("{} is missing: build it with `cargo build --release --examples`", prog.display());
-    }
+    let telefork_bin = sibling("telefork")?;
+    let prog = sibling("benchprog")?;
     let criu_version = if a.against_criu { Some(check_criu()?) } else { None };
     telefork_testbed::ensure_test_user(USER)?;
     let _lock = telefork_testbed::lock(PREFIX)?;
