@@ -25,6 +25,16 @@ if ! command -v cargo >/dev/null 2>&1; then
     exit 1
 fi
 
+# The test command's hygiene checks (scripts/test.sh).
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+    if ! command -v rustup >/dev/null 2>&1; then
+        echo "setup: cargo fmt and cargo clippy are needed (rustup component add rustfmt clippy)" >&2
+        exit 1
+    fi
+    echo "setup: installing rustfmt and clippy" >&2
+    rustup component add rustfmt clippy
+fi
+
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "setup: installing cargo-fuzz" >&2
     cargo install cargo-fuzz --locked --quiet

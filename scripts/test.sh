@@ -1,17 +1,42 @@
 #!/usr/bin/env bash
-# The one test command: setup, release build, the whole workspace's tests (zdtm suite
-# included, serially: they dump and restore real processes), then the three fuzz targets
-# (image, local protocol, node protocol) for FUZZ_SECONDS each (default 30). FUZZ_SECONDS=0
-# skips them.
+# The one test command: setup, the hygiene checks (format, clippy, rustdoc), release build,
+# the whole workspace's tests (zdtm suite included, serially: they dump and restore real
+# processes), then the three fuzz targets (image, local protocol, node protocol) for
+# FUZZ_SECONDS each (default 30). FUZZ_SECONDS=0 skips them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/setup.sh
 
+# Hygiene, before anything is built for the tests. Each check runs even when one before it
+# failed, so one run shows everything that is wrong; any failure stops the command here.
+hygiene_failed=()
+hygiene() {
+    echo "== $*"
+    "$@" || hygiene_failed+=("$*")
+}
+# One style (rustfmt.toml) everywhere, so that a diff shows only what changed; the fuzz crate
+# is a workspace of its own and is checked apart.
+hygiene cargo fmt --all --check
+hygiene bash -c 'cd fuzz && cargo fmt --check'
+# clippy's warnings as errors, every target (tests and examples are code too), among them the
+# workspace lint that every unsafe block says why it is sound (Cargo.toml); --release: the
+# profile the tests are built with; --keep-going: every crate that can be checked is, past a
+# failing one.
+hygiene cargo clippy --workspace --all-targets --release --keep-going -- -D warnings
+# The docs build without a warning: a broken intra-doc link is a wrong statement about the
+# code, and the library's docs are its users' manual.
+hygiene env RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --keep-going
+if ((${#hygiene_failed[@]})); then
+    printf '== hygiene FAILED: %s\n' "${hygiene_failed[@]}" >&2
+    exit 1
+fi
+
 echo "== build (release)"
-cargo build --release --workspace
-# the examples too: tests run them on testbed nodes (crates/cli/tests/cluster.rs: probe)
-cargo build --release --workspace --examples
+# The examples and every binary too: tests run them (crates/cli/tests/cluster.rs runs the
+# probe example on testbed nodes; crates/cli/tests/bench.rs runs telefork-bench and benchprog,
+# binaries of crates/bench, which a test of the CLI does not build).
+cargo build --release --workspace --bins --examples
 
 echo "== tests"
 # --no-fail-fast: every test binary runs and reports, even after one fails

@@ -495,9 +495,9 @@ fn testbed_measurements(
             node_cmd("node2", None, &[&p, "fresh-sink", &FRESH_AHEAD_PORT.to_string(), "ahead"])?,
         ),
     ];
-    // (Per size, in the order of the sizes: the plain receivers' GB/s, faulting and ahead, and
-    // raw TCP's on reno — measured with the TLS rows, shown again beside the plain ones.)
-    let mut receivers: Vec<(Vec<f64>, Vec<f64>, Option<Vec<f64>>)> = vec![];
+    // (Per size, in the order of the sizes: measured with the TLS rows, shown again beside the
+    // plain ones.)
+    let mut receivers: Vec<Receivers> = vec![];
     with_sinks(sinks, || {
         for &mib in &a.sizes_mib {
             let bytes = mib << 20;
@@ -591,7 +591,7 @@ fn testbed_measurements(
                 FLOOR_NOTE,
             ));
             rows.push(throughput_row(name, tf_run, AHEAD_NAME, ahead.clone(), runs, AHEAD_NOTE));
-            receivers.push((receiver, ahead, unpaced));
+            receivers.push(Receivers { receiver, ahead, unpaced });
             rows.push(row_ms(
                 "parent pause",
                 format!("{mib} MiB: telefork() returns in the parent"),
@@ -644,7 +644,8 @@ fn testbed_measurements(
             })?;
         }
         let plain_res = (|| -> Result<()> {
-            for (&mib, (receiver, ahead, unpaced)) in a.sizes_mib.iter().zip(&receivers) {
+            for (&mib, Receivers { receiver, ahead, unpaced }) in a.sizes_mib.iter().zip(&receivers)
+            {
                 let bytes = mib << 20;
                 progress(&format!(
                     "throughput {mib} MiB: telefork with plain image transport, {runs} runs"
@@ -707,6 +708,17 @@ const FLOOR_NAME: &str = "plain receiver into fresh memory";
 const FLOOR_NOTE: &str = "a process's written memory over plain TCP, read straight into fresh pages on node2 (each faulted in by the copy)";
 const AHEAD_NAME: &str = "plain receiver, memory populated ahead";
 const AHEAD_NOTE: &str = "the same receiver while a second thread populates its fresh memory ahead of it (MADV_POPULATE_WRITE): one copy off the wire, into pages already placed";
+/// The baselines of one size that do not depend on the image transport, in GB/s per run:
+/// measured once, with the TLS rows, and shown again beside the plain ones.
+struct Receivers {
+    /// The plain receiver into fresh memory, faulting it in as it copies.
+    receiver: Vec<f64>,
+    /// The same with the memory populated ahead by a second thread.
+    ahead: Vec<f64>,
+    /// Raw TCP with the sender on reno (`None` when the nodes are on reno already).
+    unpaced: Option<Vec<f64>>,
+}
+
 /// (The plain-transport rows show the receivers measured with the TLS rows.)
 const MEASURED_WITH_TLS: &str = "; measured once per size, with the TLS rows";
 

@@ -112,6 +112,7 @@ fn build_rust_target() -> PathBuf {
 }
 
 fn warn_if_not_root() {
+    // SAFETY: geteuid takes nothing and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!(
             "zdtm: NOTE: not running as root; telefork needs ptrace and prctl(PR_SET_MM) \
@@ -184,6 +185,7 @@ fn pids_with_env(marker: &[u8]) -> Vec<i32> {
 }
 
 fn kill_pid(pid: i32) {
+    // SAFETY: kill only sends a signal (a stale PID is an error, ignored); no memory involved.
     unsafe {
         libc::kill(pid, libc::SIGKILL);
     }
@@ -249,6 +251,8 @@ impl Proc {
         // Only fds 0-2 go through exec: whatever the test harness inherited (a jobserver pipe,
         // a terminal's extra fds) is not the target's state. CLOSE_RANGE_CLOEXEC keeps std's
         // own exec-error pipe working.
+        // SAFETY: the closure runs between fork and exec and makes one system call, which
+        // neither allocates nor takes a lock (async-signal-safe).
         unsafe {
             cmd.pre_exec(|| {
                 libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);

@@ -1,5 +1,5 @@
 //! telefork's image: the data model of a captured process ([`model`]) and its byte layout
-//! ([`format`]). Pure data — no system calls — so it can be fuzzed and reused by the daemon.
+//! ([`format`](mod@format)). Pure data — no system calls — so it can be fuzzed and reused by the daemon.
 
 pub mod format;
 pub mod model;

@@ -112,7 +112,7 @@ pub struct Vma {
     /// Offset in the file, in bytes (file mappings only).
     pub offset: u64,
     pub kind: VmaKind,
-    /// VM_GROWSDOWN (the main [stack]): the mapping still grows down after restore.
+    /// VM_GROWSDOWN (the main `[stack]`): the mapping still grows down after restore.
     pub growsdown: bool,
     /// VM_ACCOUNT: the mapping is charged against the commit limit (it was writable, without
     /// MAP_NORESERVE). Kept so restore neither over-commits a 64 GiB MAP_NORESERVE
@@ -125,11 +125,11 @@ pub struct Vma {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VmaKind {
-    /// Anonymous memory (also [heap] and [stack]: which one is named by the mm fields).
+    /// Anonymous memory (also `[heap]` and `[stack]`: which one is named by the mm fields).
     Anon,
     /// Memory backed by a file on disk.
     File(FileId),
-    /// A special kernel mapping: [vdso], [vvar], [vvar_vclock], [vsyscall].
+    /// A special kernel mapping: `[vdso]`, `[vvar]`, `[vvar_vclock]`, `[vsyscall]`.
     Special(SpecialMap),
 }
 

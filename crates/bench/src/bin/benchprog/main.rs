@@ -114,8 +114,11 @@ impl Region {
     }
 
     fn verify(&self) -> bool {
-        (0..self.words)
-            .all(|i| unsafe { self.ptr.add(i).read() } == (i as u64).wrapping_mul(PATTERN) ^ 0x5a5a)
+        (0..self.words).all(|i| {
+            // SAFETY: i < words, inside the mapping (which lives as long as `self`).
+            let word = unsafe { self.ptr.add(i).read() };
+            word == (i as u64).wrapping_mul(PATTERN) ^ 0x5a5a
+        })
     }
 }
 
