@@ -1,5 +1,5 @@
-// Receivers of a process's memory into fresh memory: the experiment behind README
-// "Performance", "4 GiB" (seventh round). Each receives LEN bytes (after an 8-byte length)
+// Receivers of a process's memory into fresh memory: the experiment behind the self-receive
+// route in docs/performance.md ("Where the memory goes"). Each receives LEN bytes (after an 8-byte length)
 // per connection into a fresh private anonymous mapping, answers with the byte count and
 // unmaps it — fed by `benchprog mem-send ADDR MIB RUNS` from another testbed node:
 //
