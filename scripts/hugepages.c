@@ -1,5 +1,6 @@
 /* How fast this machine places fresh anonymous memory, three ways — the experiment behind
- * "Huge pages" in README's Performance section (measured by hand, not built by the tests):
+ * huge pages in docs/performance.md, "Where the memory goes" (measured by hand, not built by
+ * the tests):
  *
  *   4k        MADV_POPULATE_WRITE: 4 KiB pages, each faulted, zeroed and charged
  *   advised   MADV_HUGEPAGE, then MADV_POPULATE_WRITE: huge pages (but the mapping now

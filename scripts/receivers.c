@@ -1,7 +1,7 @@
-// Receivers of a process's memory into fresh memory: the experiment behind README
-// "Performance", "4 GiB" (seventh round). Each receives LEN bytes (after an 8-byte length)
-// per connection into a fresh private anonymous mapping, answers with the byte count and
-// unmaps it — fed by `benchprog mem-send ADDR MIB RUNS` from another testbed node:
+// Receivers of a process's memory into fresh memory: the experiment behind the self-receive
+// route in docs/performance.md ("Where the memory goes"). Each receives LEN bytes (after an
+// 8-byte length) per connection into a fresh private anonymous mapping, answers with the byte
+// count and unmaps it — fed by `benchprog mem-send ADDR MIB RUNS` from another testbed node:
 //
 //   gcc -O2 -pthread -o /tmp/receivers scripts/receivers.c
 //   telefork testbed exec node2 -- /tmp/receivers 7402 ahead &
