@@ -285,9 +285,7 @@ fn process_owner(pid: i32) -> Result<(u32, u32)> {
     use std::os::unix::fs::MetadataExt;
     let md = std::fs::metadata(format!("/proc/{pid}"))
         .with_context(|| format!("reading the owner of process {pid}"))?;
-    let status = telefork_engine::procfs::read_text(&format!("/proc/{pid}/status"))
-        .with_context(|| format!("reading the credentials of process {pid}"))?;
-    let c = telefork_engine::creds::parse_status(&status)
+    let c = telefork_engine::procfs::read_status(Pid::from_raw(pid))
         .with_context(|| format!("reading the credentials of process {pid}"))?;
     let one_identity = c.uid.iter().all(|&u| u == c.uid[0]) && c.gid.iter().all(|&g| g == c.gid[0]);
     Ok(if one_identity && (md.uid(), md.gid()) == (c.uid[1], c.gid[1]) {

@@ -191,7 +191,7 @@ fn capture_frozen<W: Write + Send>(
     let header = Header {
         arch: arch::ARCH,
         page_size: mem::PAGE,
-        kernel_release: kernel_release(),
+        kernel_release: crate::sys::kernel_release(),
         xfeatures: arch::xfeatures(&image.threads[0].cpu),
         created_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -240,7 +240,7 @@ struct OutsideJob {
     /// The mappings, once the capture has read them.
     maps: std::sync::mpsc::Receiver<Vec<procfs::MapsEntry>>,
     /// CPUs to move to first (when they could not be set from outside).
-    cpus: Option<libc::cpu_set_t>,
+    cpus: Option<nix::sched::CpuSet>,
     done: std::sync::mpsc::SyncSender<()>,
 }
 
@@ -274,7 +274,7 @@ impl OutsideReader {
         &self,
         look: &std::sync::Arc<OutsideLook>,
         maps: std::sync::mpsc::Receiver<Vec<procfs::MapsEntry>>,
-        cpus: Option<libc::cpu_set_t>,
+        cpus: Option<nix::sched::CpuSet>,
     ) -> Result<std::sync::mpsc::Receiver<()>> {
         // (Set while it sleeps, it wakes up there: no migration.)
         let tid = self.tid.load(std::sync::atomic::Ordering::SeqCst);
@@ -389,10 +389,8 @@ type ProcFiles = (String, telefork_image::Creds, telefork_image::Misc, MmFields)
 /// few more files.
 fn read_proc_files(pid: Pid) -> Result<ProcFiles> {
     let stat = procfs::read_stat(pid)?;
-    let status_path = format!("/proc/{pid}/status");
-    let status =
-        procfs::read_text(&status_path).with_context(|| format!("reading {status_path}"))?;
-    let creds = creds::parse_status(&status).with_context(|| format!("parsing {status_path}"))?;
+    let status = procfs::read_status(pid)?;
+    let creds = creds::capture(&status);
     let misc = misc::capture(pid, &stat, &status)?;
     let mm = mm::capture(pid, &stat)?;
     Ok((stat.comm, creds, misc, mm))
@@ -463,8 +461,7 @@ fn look_from_inside(
 /// Finds a `syscall` instruction the target can run: in its [vdso] (always there, never
 /// written), else in any executable mapping.
 fn find_syscall_insn(pid: Pid, maps: &[procfs::MapsEntry]) -> Result<u64> {
-    let mem = std::fs::File::open(format!("/proc/{pid}/mem"))
-        .with_context(|| format!("opening /proc/{pid}/mem"))?;
+    let mem = procfs::open_mem(pid, false)?;
     let mut candidates: Vec<&procfs::MapsEntry> =
         maps.iter().filter(|m| m.name == "[vdso]").collect();
     candidates.extend(
@@ -482,10 +479,4 @@ fn find_syscall_insn(pid: Pid, maps: &[procfs::MapsEntry]) -> Result<u64> {
         }
     }
     bail!("no syscall instruction found in process {pid}'s executable mappings")
-}
-
-pub fn kernel_release() -> String {
-    nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_default()
 }

@@ -13,26 +13,26 @@ pub mod bounds;
 pub mod capture;
 pub mod creds;
 pub mod error;
-pub mod fds;
+pub(crate) mod fds;
 pub mod huge;
 pub mod inject;
 pub mod mem;
 pub mod misc;
 pub mod mm;
-pub mod pidfd;
 pub mod pin;
-pub mod procfs;
-pub mod ptrace;
 pub mod restore;
 pub mod self_receive;
 pub mod self_send;
 pub mod signals;
+mod sys;
 pub mod threads;
 pub mod timeline;
 pub mod uffd;
 
 pub use error::{Error, Uncarried};
+// The low layer's doors, under the names the engine has always used for them.
 pub use capture::{dump, DumpOptions, DumpSummary, OutsideReader};
+pub use sys::{pidfd, procfs, ptrace};
 
 /// Learns what this CPU offers, once per process. CPUID and XGETBV trap to the hypervisor
 /// in a VM (microseconds each): a daemon calls this before it forks its sessions, which

@@ -89,7 +89,7 @@ pub fn capture(
     inj.read_mem(reads.tid_address, &mut b)?;
     let clear_child_tid = u64::from_ne_bytes(b);
 
-    let (robust_list, robust_list_len) = get_robust_list(tid)?;
+    let (robust_list, robust_list_len) = crate::sys::get_robust_list(tid)?;
 
     let tid_cache_addr = match &cpu {
         CpuState::X86_64(c) => match c.gpregs.get(FS_BASE_INDEX) {
@@ -112,26 +112,6 @@ pub fn capture(
         robust_list_len,
         tid_cache_addr,
     })
-}
-
-/// get_robust_list(2) on another thread, called from the engine (root and the tracer).
-fn get_robust_list(tid: Pid) -> Result<(u64, u64)> {
-    let mut head: u64 = 0;
-    let mut len: usize = 0;
-    // SAFETY: the kernel writes one pointer to `head` and one size_t to `len`, both live.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_get_robust_list,
-            tid.as_raw(),
-            &mut head as *mut u64,
-            &mut len as *mut usize,
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("get_robust_list of thread {tid}"));
-    }
-    Ok((head, len as u64))
 }
 
 /// Finds where glibc caches the thread's tid, as an offset from fs_base.

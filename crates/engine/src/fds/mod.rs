@@ -19,19 +19,16 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Context, Result};
 use nix::unistd::Pid;
 
-use crate::error::article;
 use crate::inject::{Call, Injector};
+use crate::procfs::{self, FdInfo};
 use telefork_image::{Fd, FdKind};
 
 pub mod path;
 pub mod stdio;
 
-/// The close-on-exec bit as fdinfo shows it in `flags`.
-pub const FDINFO_O_CLOEXEC: u32 = 0o2000000;
-
 /// What /proc says about one fd of the target.
 #[derive(Debug, Clone)]
-pub struct Probe {
+pub(crate) struct Probe {
     pub fd: i32,
     /// readlink of /proc/PID/fd/N.
     pub link: String,
@@ -46,45 +43,14 @@ pub struct Probe {
     pub info: FdInfo,
 }
 
-/// The fields of /proc/PID/fdinfo/N we use.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FdInfo {
-    pub pos: u64,
-    /// Open flags without O_CLOEXEC.
-    pub flags: u32,
-    pub cloexec: bool,
-}
-
-/// Parses /proc/PID/fdinfo/N (`pos:` decimal, `flags:` octal).
-pub fn parse_fdinfo(text: &str) -> Result<FdInfo> {
-    let mut pos = None;
-    let mut flags = None;
-    for line in text.lines() {
-        let Some((k, v)) = line.split_once(':') else { continue };
-        let v = v.trim();
-        match k {
-            "pos" => pos = Some(v.parse::<u64>().with_context(|| format!("bad pos {v:?}"))?),
-            "flags" => {
-                flags = Some(u32::from_str_radix(v, 8).with_context(|| format!("bad flags {v:?}"))?)
-            }
-            _ => {}
-        }
-    }
-    let (Some(pos), Some(flags)) = (pos, flags) else { bail!("pos or flags line missing") };
-    Ok(FdInfo { pos, flags: flags & !FDINFO_O_CLOEXEC, cloexec: flags & FDINFO_O_CLOEXEC != 0 })
-}
-
 fn probe(pid: Pid, fd: i32) -> Result<Probe> {
-    let link_path = format!("/proc/{pid}/fd/{fd}");
+    let link_path = procfs::fd_path(pid, fd);
     let link =
         std::fs::read_link(&link_path).with_context(|| format!("fd {fd}: reading {link_path}"))?;
     let link = link.to_string_lossy().into_owned();
     let st = nix::sys::stat::stat(link_path.as_str())
         .with_context(|| format!("fd {fd} ({link}): stat"))?;
-    let info_path = format!("/proc/{pid}/fdinfo/{fd}");
-    let text = crate::procfs::read_text(&info_path)
-        .with_context(|| format!("fd {fd}: reading {info_path}"))?;
-    let info = parse_fdinfo(&text).with_context(|| format!("fd {fd}: parsing {info_path}"))?;
+    let info = procfs::read_fdinfo(pid, fd)?;
     Ok(Probe {
         fd,
         link,
@@ -143,21 +109,10 @@ pub fn describe_kind(p: &Probe) -> &'static str {
     }
 }
 
-/// "a" or "an" before one of `describe_kind`'s names.
-
 /// Captures the fds of `pid`. With `inherit_stdio`, fds 0/1/2 are recorded as
 /// `InheritedStdio` whatever they are (telefork: the child's stdio is its parent's, relayed).
 pub fn capture(pid: Pid, inherit_stdio: bool) -> Result<Vec<Fd>> {
-    let dir = format!("/proc/{pid}/fd");
-    let mut nums = Vec::new();
-    for e in std::fs::read_dir(&dir).with_context(|| format!("listing {dir}"))? {
-        let e = e.with_context(|| format!("listing {dir}"))?;
-        let name = e.file_name();
-        let name = name.to_string_lossy();
-        let n: i32 = name.parse().with_context(|| format!("unexpected entry {name:?} in {dir}"))?;
-        nums.push(n);
-    }
-    nums.sort_unstable();
+    let nums = procfs::list_fds(pid)?;
 
     let mut out = Vec::with_capacity(nums.len());
     // Representative fd of each open file description found so far.
@@ -184,7 +139,7 @@ pub fn capture(pid: Pid, inherit_stdio: bool) -> Result<Vec<Fd>> {
         let mut open_file = None;
         if kcmp_ok {
             for (i, &r) in reps.iter().enumerate() {
-                match same_file(pid, r, fd) {
+                match crate::sys::same_open_file(pid, r, fd) {
                     Ok(true) => {
                         open_file = Some(i as u32);
                         break;
@@ -215,27 +170,6 @@ fn is_enoent(e: &anyhow::Error) -> bool {
         c.downcast_ref::<std::io::Error>().is_some_and(|io| io.raw_os_error() == Some(libc::ENOENT))
             || c.downcast_ref::<nix::Error>().is_some_and(|n| *n == nix::Error::ENOENT)
     })
-}
-
-/// kcmp(KCMP_FILE): do `a` and `b` of `pid` refer to the same open file description?
-fn same_file(pid: Pid, a: i32, b: i32) -> Result<bool> {
-    const KCMP_FILE: libc::c_int = 0;
-    // SAFETY: kcmp takes only integers and touches no memory of ours.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_kcmp,
-            pid.as_raw(),
-            pid.as_raw(),
-            KCMP_FILE,
-            a as libc::c_ulong,
-            b as libc::c_ulong,
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("kcmp(KCMP_FILE) on fds {a} and {b}"));
-    }
-    Ok(r == 0)
 }
 
 /// Closes every fd the restore stub inherited (but 0/1/2 that are `InheritedStdio`) and
@@ -342,24 +276,9 @@ pub fn restore(inj: &mut Injector, fds: &[Fd]) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_fdinfo() {
-        let i = parse_fdinfo("pos:\t4096\nflags:\t02100002\nmnt_id:\t25\nino:\t1234\n").unwrap();
-        assert_eq!(i, FdInfo { pos: 4096, flags: 0o100002, cloexec: true });
-        let i = parse_fdinfo("pos:\t0\nflags:\t0100000\nmnt_id:\t25\n").unwrap();
-        assert_eq!(i, FdInfo { pos: 0, flags: 0o100000, cloexec: false });
-        assert!(parse_fdinfo("pos:\t0\n").is_err());
-        assert!(parse_fdinfo("pos:\tx\nflags:\t0\n").is_err());
-        assert!(parse_fdinfo("pos:\t1\nflags:\t9\n").is_err());
-    }
-}
-
-#[cfg(test)]
 mod classify_tests {
     use super::*;
+    use crate::error::article;
 
     fn probe(fd: i32, link: &str, mode: u32, rdev: u64) -> Probe {
         Probe {
