@@ -213,10 +213,7 @@ fn main() -> ExitCode {
         }
     };
     if std::env::var_os("TELEFORK_DEBUG").is_some() {
-        eprintln!(
-            "telefork: {} system calls injected",
-            telefork_engine::inject::INJECTED.load(std::sync::atomic::Ordering::Relaxed)
-        );
+        eprintln!("telefork: {} system calls injected", telefork_engine::injected_calls());
     }
     match result {
         Ok(code) => code,
@@ -346,10 +343,10 @@ fn restore(image: &Path, detach: bool, trust_image: bool) -> Result<ExitCode> {
         ..Default::default()
     };
     let r = telefork_engine::restore(BufReader::with_capacity(1 << 20, f), &opts).map_err(|e| {
-        if root && e.chain().any(|c| c.downcast_ref::<telefork_engine::bounds::BeyondOwner>().is_some()) {
+        if root && e.beyond_owner().is_some() {
             anyhow::anyhow!("refusing to restore {}, nothing was made: {e:#}; `telefork restore --trust-image` restores it as it is", image.display())
         } else {
-            e.context(format!("restoring {} failed; nothing was left running", image.display()))
+            e.into_chain().context(format!("restoring {} failed; nothing was left running", image.display()))
         }
     })?;
     let huge = match r.pages.in_huge_pages {

@@ -332,7 +332,7 @@ impl Drop for Switched {
         if let Some(ours) = self.0.take() {
             if let Err(e) = ours.take() {
                 // (Going on with another user's filesystem ids is not an option.)
-                eprintln!("telefork: error: taking our own filesystem ids back: {e:#}");
+                tracing::error!("taking our own filesystem ids back: {e:#}");
                 std::process::abort();
             }
         }

@@ -24,6 +24,8 @@ use crate::inject::Injector;
 use crate::self_send::PageRoute;
 use crate::{creds, fds, mem, misc, mm, procfs, ptrace, signals, threads};
 
+/// How `dump` captures: what becomes of the process, how stdio is recorded, how the pages
+/// travel.
 #[derive(Default)]
 pub struct DumpOptions<'a> {
     /// Let the process run on after the image is written, instead of killing it.
@@ -41,10 +43,14 @@ pub struct DumpOptions<'a> {
     pub outside_reader: Option<&'a OutsideReader>,
 }
 
+/// What `dump` captured.
 #[derive(Debug, Clone)]
 pub struct DumpSummary {
+    /// The process's PID.
     pub pid: i32,
+    /// How many mappings the image holds.
     pub vmas: usize,
+    /// How many fds the image holds.
     pub fds: usize,
     /// Bytes of memory contents in the image.
     pub page_bytes: u64,
@@ -57,7 +63,21 @@ pub const ALL_SIGNALS_BLOCKED: u64 = !((1 << 8) | (1 << 18));
 /// Captures process `pid` into `out`. `commit` receives the writer once the whole image is in
 /// it and must make it durable; only if it succeeds is the process killed (or, with
 /// `leave_running`, resumed).
+///
+/// # Errors
+/// [`Error::CannotCarry`](crate::Error::CannotCarry) if the process holds state the engine
+/// cannot carry, else [`Error::Failed`](crate::Error::Failed) (an error `commit` returned is
+/// in its chain); either way the process runs on as it was.
 pub fn dump<W: Write + Send>(
+    pid: Pid,
+    out: W,
+    opts: &DumpOptions,
+    commit: impl FnOnce(W) -> Result<()>,
+) -> std::result::Result<DumpSummary, crate::Error> {
+    Ok(dump_process(pid, out, opts, commit)?)
+}
+
+fn dump_process<W: Write + Send>(
     pid: Pid,
     out: W,
     opts: &DumpOptions,
@@ -245,7 +265,11 @@ struct OutsideJob {
 }
 
 impl OutsideReader {
-    pub fn start() -> Result<OutsideReader> {
+    /// Starts the thread.
+    ///
+    /// # Errors
+    /// If the thread cannot be started.
+    pub fn start() -> std::result::Result<OutsideReader, crate::Error> {
         let (jobs, next_job) = std::sync::mpsc::channel::<OutsideJob>();
         let tid = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
         let its_tid = tid.clone();

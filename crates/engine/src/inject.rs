@@ -119,11 +119,6 @@ impl Injector {
         self.pid
     }
 
-    /// The registers the tracee had when the injector took over.
-    pub fn original_regs(&self) -> Regs {
-        self.base
-    }
-
     pub fn set_syscall_ip(&mut self, ip: u64) {
         self.syscall_ip = ip;
     }

@@ -47,17 +47,28 @@ pub(crate) fn capture(
 ) -> Result<Misc> {
     let cwd = crate::procfs::read_cwd(pid)?;
     if cwd.ends_with(" (deleted)") {
-        bail!("the working directory {cwd:?} has been deleted: cannot be restored");
+        return Err(crate::error::refusal(
+            format!("the working directory {cwd:?}"),
+            "has been deleted: cannot be restored",
+        ));
     }
     if !cwd.starts_with('/') {
-        bail!("the working directory {cwd:?} is not reachable from our root");
+        return Err(crate::error::refusal(
+            format!("the working directory {cwd:?}"),
+            "is not reachable from our root",
+        ));
     }
 
     // A seccomp filter cannot be captured yet; restoring the process without it would lift
     // its sandbox, so it is refused.
     match status.seccomp {
         Some(0) => {}
-        Some(mode) => bail!("process {pid} runs under seccomp (mode {mode}); its filters cannot be captured yet, and restoring it without them would lift its sandbox"),
+        Some(mode) => {
+            return Err(crate::error::refusal(
+                format!("process {pid} runs under seccomp (mode {mode})"),
+                "its filters cannot be captured yet, and restoring it without them would lift its sandbox",
+            ))
+        }
         None => bail!("no Seccomp line in /proc/{pid}/status"),
     }
     let no_new_privs =
@@ -178,8 +189,8 @@ fn restore_rlimit(inj: &mut Injector, l: &Rlimit) -> Result<()> {
     let cur_hard = u64::from_ne_bytes(buf[8..16].try_into().expect("8 bytes"));
     let hard = l.hard.min(cur_hard);
     let soft = l.soft.min(hard);
-    eprintln!(
-        "telefork: warning: cannot raise {name} to {} / {} (no CAP_SYS_RESOURCE); restored as {} / {}",
+    tracing::warn!(
+        "cannot raise {name} to {} / {} (no CAP_SYS_RESOURCE); restored as {} / {}",
         fmt_lim(l.soft),
         fmt_lim(l.hard),
         fmt_lim(soft),

@@ -25,7 +25,8 @@ pub fn capture(pid: Pid, stat: &crate::procfs::Stat) -> Result<MmFields> {
     let auxv = crate::procfs::read_auxv(pid)?;
     let (exe, st) = crate::procfs::read_exe(pid)?;
     if exe.ends_with(" (deleted)") {
-        bail!("the executable of process {pid} ({exe}) was deleted; it cannot be restored");
+        let what = format!("the executable of process {pid} ({exe})");
+        return Err(crate::error::refusal(what, "was deleted; it cannot be restored"));
     }
     Ok(MmFields {
         start_code: stat.num(26)?,

@@ -25,6 +25,7 @@
 //! death too): nothing half-restored ever runs.
 
 use std::io::Read;
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 use anyhow::{bail, Context, Result};
 use nix::sys::ptrace as nix_ptrace;
@@ -41,11 +42,13 @@ use crate::pin::CpuPin;
 use crate::timeline::Timeline;
 use crate::{bounds, creds, fds, mem, misc, mm, procfs, ptrace, signals, threads};
 
+/// How `restore` rebuilds a process: whose rights bound it, where its stdio and pages come
+/// from.
 #[derive(Debug, Clone, Default)]
-pub struct RestoreOptions {
+pub struct RestoreOptions<'a> {
     /// Fds to become the restored process's 0/1/2 where the image says "inherited"; by
     /// default the caller's own 0/1/2.
-    pub stdio: Option<[std::os::fd::RawFd; 3]>,
+    pub stdio: Option<[BorrowedFd<'a>; 3]>,
     /// Who the image belongs to, (uid, gid): the owner of the image file, or the user an
     /// authenticated sender vouched for. The restore never grants more than this user could
     /// have had here (`bounds`). `None`: the restorer's own rights bound it — so a root
@@ -67,6 +70,7 @@ pub struct RestoreOptions {
     pub parent_death_signal: Option<i32>,
 }
 
+/// The process `restore` made, running.
 #[derive(Debug, Clone)]
 pub struct Restored {
     /// PID of the restored process (a child of the calling process).
@@ -85,14 +89,36 @@ const CONTROL_LEN: u64 = 128 << 10;
 /// gaps).
 const GUARD_GAP: u64 = 1 << 20;
 
-pub fn restore<R: Read + Send>(input: R, opts: &RestoreOptions) -> Result<Restored> {
+/// Restores the image read from `input` into a new process, a child of the caller, and lets
+/// it run.
+///
+/// # Errors
+/// [`Error::CannotCarry`](crate::Error::CannotCarry) if the image holds state this machine
+/// cannot give back, else [`Error::Failed`](crate::Error::Failed) (an image that asks for
+/// more than its owner could have had: [`Error::beyond_owner`](crate::Error::beyond_owner)).
+/// Nothing half-restored is left running.
+pub fn restore<R: Read + Send>(
+    input: R,
+    opts: &RestoreOptions,
+) -> std::result::Result<Restored, crate::Error> {
     restore_into(None, input, opts)
 }
 
 /// Restores the image from `input` into `stub` if one was made ahead of time, else into a new
 /// one. A prepared stub whose control area happens to lie where the image has memory is set
 /// aside for a new one.
+///
+/// # Errors
+/// As [`restore`].
 pub fn restore_into<R: Read + Send>(
+    stub: Option<Stub>,
+    input: R,
+    opts: &RestoreOptions,
+) -> std::result::Result<Restored, crate::Error> {
+    Ok(restore_image(stub, input, opts)?)
+}
+
+fn restore_image<R: Read + Send>(
     stub: Option<Stub>,
     input: R,
     opts: &RestoreOptions,
@@ -153,13 +179,16 @@ pub struct Stub {
 impl Stub {
     /// A stub for an image not seen yet (so with a PID of its own, as a forked child has).
     /// `stdio` becomes its 0/1/2 where the image says "inherited".
-    pub fn prepare(stdio: Option<[std::os::fd::RawFd; 3]>) -> Result<Stub> {
-        Stub::spawn(0, stdio, &[])
+    ///
+    /// # Errors
+    /// If the process cannot be made (nothing is left behind).
+    pub fn prepare(stdio: Option<[BorrowedFd<'_>; 3]>) -> std::result::Result<Stub, crate::Error> {
+        Ok(Stub::spawn(0, stdio, &[])?)
     }
 
     /// Forks and empties a stub whose control and parking areas avoid `vmas`, with PID
     /// `want_pid` if that is free (and not 0).
-    fn spawn(want_pid: i32, stdio: Option<[std::os::fd::RawFd; 3]>, vmas: &[Vma]) -> Result<Stub> {
+    fn spawn(want_pid: i32, stdio: Option<[BorrowedFd<'_>; 3]>, vmas: &[Vma]) -> Result<Stub> {
         // (Pinned with the stub while we empty it, see `pin`; dropping the pin unpins us.)
         let _pin = CpuPin::here();
         let (pid, same_pid) = spawn_stub(want_pid, stdio)?;
@@ -174,7 +203,17 @@ impl Stub {
 
     /// A stub forked from `template`, with `stdio` (fds of this process) as its fds 0, 1, 2.
     /// The fork is made a child of ours (CLONE_PARENT) and taken under our ptrace at once.
-    pub fn fork_from(template: &mut StubTemplate, stdio: [std::os::fd::RawFd; 3]) -> Result<Stub> {
+    ///
+    /// # Errors
+    /// If the fork fails (nothing is left behind; the template may be unusable after).
+    pub fn fork_from(
+        template: &mut StubTemplate,
+        stdio: [BorrowedFd<'_>; 3],
+    ) -> std::result::Result<Stub, crate::Error> {
+        Ok(Stub::fork_template(template, stdio)?)
+    }
+
+    fn fork_template(template: &mut StubTemplate, stdio: [BorrowedFd<'_>; 3]) -> Result<Stub> {
         let t = &mut template.stub;
         let _pin = CpuPin::here();
         crate::pin::move_here(t.pid.as_raw());
@@ -194,7 +233,7 @@ impl Stub {
             // Its stdio taken from us (pidfd_getfd: it has no fds, so the numbers are known:
             // the pidfd is 0, the fds taken 1, 2, 3), the pidfd replaced by stdin.
             let me = nix::unistd::getpid().as_raw() as u64;
-            let [stdin, stdout, stderr] = stdio.map(|fd| fd as u64);
+            let [stdin, stdout, stderr] = stdio.map(|fd| fd.as_raw_fd() as u64);
             let calls = [
                 Call::new(
                     libc::SYS_pidfd_open,
@@ -257,7 +296,15 @@ pub struct StubTemplate {
 }
 
 impl StubTemplate {
-    pub fn new() -> Result<StubTemplate> {
+    /// Makes the template (a stub emptied once, without fds).
+    ///
+    /// # Errors
+    /// If the process cannot be made (nothing is left behind).
+    pub fn new() -> std::result::Result<StubTemplate, crate::Error> {
+        Ok(StubTemplate::make()?)
+    }
+
+    fn make() -> Result<StubTemplate> {
         let mut stub = Stub::spawn(0, None, &[])?;
         let code = arch::fork_child_code(nix::unistd::getpid().as_raw() as u32);
         stub.inj.write_mem(stub.control + arch::SYSCALL_INSN.len() as u64, &code)?;
@@ -306,19 +353,21 @@ fn check_header(h: &Header) -> Result<()> {
 
 fn check_layout(img: &ProcessImage, h: &Header) -> Result<()> {
     if img.threads.len() != 1 {
-        bail!(
-            "image has {} threads; only single-threaded images can be restored so far",
-            img.threads.len()
-        );
+        let what = format!("image has {} threads", img.threads.len());
+        return Err(crate::error::refusal(
+            what,
+            "only single-threaded images can be restored so far",
+        ));
     }
     mem::validate_layout(&img.vmas)?;
     let has_vdso = img.vmas.iter().any(|v| matches!(v.kind, VmaKind::Special(SpecialMap::Vdso)));
     let here = crate::sys::kernel_release();
     if has_vdso && h.kernel_release != here {
-        bail!(
-            "image was made on kernel {} and this is kernel {here}: its [vdso] cannot be reused (relocating the vDSO across kernels is not supported yet)",
-            h.kernel_release
-        );
+        let what =
+            format!("image was made on kernel {} and this is kernel {here}", h.kernel_release);
+        let why =
+            "its [vdso] cannot be reused (relocating the vDSO across kernels is not supported yet)";
+        return Err(crate::error::refusal(what, why));
     }
     Ok(())
 }
@@ -342,9 +391,10 @@ fn check_files(img: &ProcessImage) -> Result<()> {
 
 /// Forks this command into a child that stops under our ptrace before running anything else.
 /// With the image's PID if free (clone3 set_tid needs CAP_CHECKPOINT_RESTORE), else any.
-fn spawn_stub(want_pid: i32, stdio: Option<[std::os::fd::RawFd; 3]>) -> Result<(Pid, bool)> {
-    let (r, same) = crate::sys::fork::fork_stopped_child(want_pid, stdio)
-        .context("creating the process to restore into (clone3)")?;
+fn spawn_stub(want_pid: i32, stdio: Option<[BorrowedFd<'_>; 3]>) -> Result<(Pid, bool)> {
+    let (r, same) =
+        crate::sys::fork::fork_stopped_child(want_pid, stdio.map(|s| s.map(|fd| fd.as_raw_fd())))
+            .context("creating the process to restore into (clone3)")?;
     let pid = Pid::from_raw(r);
     match waitpid(pid, Some(WaitPidFlag::__WALL)) {
         Ok(WaitStatus::Stopped(_, Signal::SIGSTOP)) => {}

@@ -15,8 +15,6 @@ use nix::unistd::Pid;
 use crate::inject::{Call, Injector};
 use telefork_image::{AltStack, CpuState, SigInfo, ThreadState};
 
-/// Index of fs_base in `struct user_regs_struct` (27 words, kernel order).
-const FS_BASE_INDEX: usize = 21;
 /// Offset of `tid` in glibc's `struct pthread` (x86-64, glibc 2.36 and neighbours).
 const GLIBC_TID_OFFSET: u64 = 0x2d0;
 /// How much of the thread's TCB we search for the tid.
@@ -92,7 +90,7 @@ pub fn capture(
     let (robust_list, robust_list_len) = crate::sys::get_robust_list(tid)?;
 
     let tid_cache_addr = match &cpu {
-        CpuState::X86_64(c) => match c.gpregs.get(FS_BASE_INDEX) {
+        CpuState::X86_64(c) => match c.gpregs.get(crate::arch::native::regs::FS_BASE) {
             Some(&fs_base) if fs_base != 0 => {
                 find_tid_cache(inj, fs_base, tid.as_raw()).map(|off| fs_base + off)
             }

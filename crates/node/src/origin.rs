@@ -586,6 +586,7 @@ fn send_away(
     // and said why (a refusal, or a restore that failed while the image was arriving). Its
     // word is the error, not our broken pipe.
     let dumped = dumped.map_err(|e| {
+        let e = e.into_chain();
         let ours = e.downcast_ref::<Refused>().is_none() && e.downcast_ref::<DestSaid>().is_none();
         link.ch.get().filter(|_| ours).and_then(|ch| last_word(ch, &name)).unwrap_or(e)
     });

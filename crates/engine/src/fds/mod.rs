@@ -146,7 +146,7 @@ pub fn capture(pid: Pid, inherit_stdio: bool) -> Result<Vec<Fd>> {
                     }
                     Ok(false) => {}
                     Err(e) => {
-                        eprintln!("telefork: warning: cannot tell shared open files apart ({e:#}); fds are restored as independent opens");
+                        tracing::warn!("cannot tell shared open files apart ({e:#}); fds are restored as independent opens");
                         kcmp_ok = false;
                         break;
                     }
@@ -327,7 +327,12 @@ mod classify_tests {
         assert!(path::capture(&probe(4, "anon_inode:[eventfd]", libc::S_IFREG, 0))
             .unwrap()
             .is_none());
-        assert!(path::capture(&probe(4, "/tmp/gone (deleted)", libc::S_IFREG, 0)).is_err());
+        let gone = path::capture(&probe(4, "/tmp/gone (deleted)", libc::S_IFREG, 0)).unwrap_err();
+        let e = crate::Error::from(gone);
+        assert!(
+            matches!(e.uncarried(), Some(crate::Uncarried::State { what, .. }) if what == "fd 4 (/tmp/gone (deleted))"),
+            "{e:#}"
+        );
     }
 
     #[test]

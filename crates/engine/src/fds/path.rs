@@ -29,7 +29,9 @@ pub fn capture(p: &Probe) -> Result<Option<FdKind>> {
                 return Ok(None);
             }
             if p.link.ends_with(" (deleted)") {
-                bail!("fd {} ({}): the file has been deleted and cannot be reopened: not supported yet", p.fd, p.link);
+                let what = format!("fd {} ({})", p.fd, p.link);
+                let why = "the file has been deleted and cannot be reopened: not supported yet";
+                return Err(crate::error::refusal(what, why));
             }
         }
         libc::S_IFCHR if ALLOWED_CHAR_DEVICES.contains(&p.link.as_str()) => {}

@@ -38,5 +38,5 @@ pub fn set_cloexec_call(m: &Fd) -> Call {
 
 /// An fd that was inherited stdio at capture has no counterpart here: it stays closed.
 pub fn warn_missing(m: &Fd) {
-    eprintln!("telefork: warning: fd {} was inherited stdio at capture, but the restoring command has no fd {}: it stays closed", m.fd, m.fd);
+    tracing::warn!("fd {} was inherited stdio at capture, but the restoring command has no fd {}: it stays closed", m.fd, m.fd);
 }

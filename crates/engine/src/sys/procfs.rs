@@ -11,7 +11,7 @@ use nix::unistd::Pid;
 
 /// One line of /proc/PID/maps.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MapsEntry {
+pub(crate) struct MapsEntry {
     pub start: u64,
     pub end: u64,
     pub read: bool,
@@ -29,7 +29,7 @@ pub struct MapsEntry {
 /// Reads a /proc file whole. /proc files report size 0, so `std::fs::read` starts small
 /// and grows its buffer one read(2) at a time (a dozen calls for /proc/PID/smaps, each
 /// regenerating text); this reads into 16 KiB and more from the first call.
-pub fn read_file(path: &str) -> std::io::Result<Vec<u8>> {
+pub(crate) fn read_file(path: &str) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     let mut f = std::fs::File::open(path)?;
     let mut buf = vec![0u8; 16 << 10];
@@ -50,19 +50,19 @@ pub fn read_file(path: &str) -> std::io::Result<Vec<u8>> {
 }
 
 /// `read_file` as text (what /proc prints is text; anything else becomes an error).
-pub fn read_text(path: &str) -> std::io::Result<String> {
+pub(crate) fn read_text(path: &str) -> std::io::Result<String> {
     String::from_utf8(read_file(path)?).map_err(|_| {
         std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{path} is not text"))
     })
 }
 
-pub fn read_maps(pid: Pid) -> Result<Vec<MapsEntry>> {
+pub(crate) fn read_maps(pid: Pid) -> Result<Vec<MapsEntry>> {
     let text = read_text(&format!("/proc/{pid}/maps"))
         .with_context(|| format!("reading /proc/{pid}/maps"))?;
     parse_maps(&text)
 }
 
-pub fn parse_maps(text: &str) -> Result<Vec<MapsEntry>> {
+pub(crate) fn parse_maps(text: &str) -> Result<Vec<MapsEntry>> {
     text.lines().filter(|l| !l.is_empty()).map(parse_maps_line).collect()
 }
 
@@ -111,13 +111,13 @@ fn parse_maps_line(line: &str) -> Result<MapsEntry> {
 }
 
 /// The VmFlags of every mapping in /proc/PID/smaps, by (start, end).
-pub fn read_vmflags(pid: Pid) -> Result<std::collections::HashMap<(u64, u64), Vec<String>>> {
+pub(crate) fn read_vmflags(pid: Pid) -> Result<std::collections::HashMap<(u64, u64), Vec<String>>> {
     let text = read_text(&format!("/proc/{pid}/smaps"))
         .with_context(|| format!("reading /proc/{pid}/smaps"))?;
     Ok(parse_vmflags(&text))
 }
 
-pub fn parse_vmflags(text: &str) -> std::collections::HashMap<(u64, u64), Vec<String>> {
+pub(crate) fn parse_vmflags(text: &str) -> std::collections::HashMap<(u64, u64), Vec<String>> {
     let mut out = std::collections::HashMap::new();
     let mut current = None;
     for line in text.lines() {
@@ -175,7 +175,7 @@ pub fn read_stat(pid: Pid) -> Result<Stat> {
 }
 
 /// Parses a /proc/PID/stat line.
-pub fn parse_stat(text: &str) -> Result<Stat> {
+pub(crate) fn parse_stat(text: &str) -> Result<Stat> {
     // comm is in parentheses and may itself contain spaces and ')': split at the last ')'.
     let open = text.find('(').ok_or_else(|| anyhow!("malformed /proc stat"))?;
     let close = text.rfind(')').ok_or_else(|| anyhow!("malformed /proc stat"))?;
@@ -188,7 +188,7 @@ pub fn parse_stat(text: &str) -> Result<Stat> {
 }
 
 /// Thread ids of a process.
-pub fn list_threads(pid: Pid) -> Result<Vec<Pid>> {
+pub(crate) fn list_threads(pid: Pid) -> Result<Vec<Pid>> {
     let mut tids = Vec::new();
     for e in std::fs::read_dir(format!("/proc/{pid}/task"))
         .with_context(|| format!("listing threads of process {pid}"))?
@@ -234,7 +234,7 @@ pub fn read_status(pid: Pid) -> Result<Status> {
 
 /// Parses a /proc/PID/status text. PPid, Uid, Gid and Groups must be there (every kernel
 /// prints them); the other fields are `None` when absent.
-pub fn parse_status(text: &str) -> Result<Status> {
+pub(crate) fn parse_status(text: &str) -> Result<Status> {
     let (mut ppid, mut uid, mut gid, mut groups) = (None, None, None, None);
     let (mut umask, mut seccomp, mut no_new_privs) = (None, None, None);
     let (mut vm_rss_kib, mut vm_swap_kib) = (None, None);
