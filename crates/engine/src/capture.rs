@@ -22,6 +22,7 @@ use telefork_image::{Header, ImageWriter, MmFields, ProcessImage};
 use crate::arch::native as arch;
 use crate::inject::Injector;
 use crate::self_send::PageRoute;
+use crate::state::{Proc, State};
 use crate::{creds, fds, mem, misc, mm, procfs, ptrace, signals, threads};
 
 /// How `dump` captures: what becomes of the process, how stdio is recorded, how the pages
@@ -57,8 +58,6 @@ pub struct DumpSummary {
 }
 
 const SCRATCH_LEN: u64 = 64 << 10;
-/// Every signal but SIGKILL (9) and SIGSTOP (19), which cannot be blocked anyway.
-pub const ALL_SIGNALS_BLOCKED: u64 = !((1 << 8) | (1 << 18));
 
 /// Captures process `pid` into `out`. `commit` receives the writer once the whole image is in
 /// it and must make it durable; only if it succeeds is the process killed (or, with
@@ -91,7 +90,7 @@ fn dump_process<W: Write + Send>(
     }
     ptrace::seize_and_stop(pid)?;
     let regs = ptrace::getregs(pid)?;
-    let sigmask = match ptrace::get_sigmask(pid) {
+    let sigmask = match signals::mask(pid) {
         Ok(m) => m,
         Err(e) => {
             let _ = nix_ptrace::detach(pid, None);
@@ -99,8 +98,7 @@ fn dump_process<W: Write + Send>(
         }
     };
     let frozen = Frozen { pid, regs, sigmask };
-    let result = ptrace::set_sigmask(pid, ALL_SIGNALS_BLOCKED)
-        .and_then(|_| capture_frozen(&frozen, out, opts));
+    let result = signals::block_all(pid).and_then(|_| capture_frozen(&frozen, out, opts));
     match result {
         Ok((w, summary)) => {
             if let Err(e) = commit(w) {
@@ -132,7 +130,7 @@ impl Frozen {
     /// Puts back the registers and mask and lets the process go, as if nothing happened.
     fn release(&self) {
         let _ = ptrace::setregs(self.pid, self.regs);
-        let _ = ptrace::set_sigmask(self.pid, self.sigmask);
+        let _ = signals::set_mask(self.pid, self.sigmask);
         let _ = nix_ptrace::detach(self.pid, None);
     }
 }
@@ -397,7 +395,7 @@ impl OutsideLook {
                     "mappings read"
                 }
                 _ => {
-                    self.fds.put(fds::capture(self.pid, self.inherit_stdio));
+                    self.fds.put(fds::Fds::capture((self.pid, self.inherit_stdio)));
                     "fds read"
                 }
             };
@@ -414,10 +412,11 @@ type ProcFiles = (String, telefork_image::Creds, telefork_image::Misc, MmFields)
 fn read_proc_files(pid: Pid) -> Result<ProcFiles> {
     let stat = procfs::read_stat(pid)?;
     let status = procfs::read_status(pid)?;
-    let creds = creds::capture(&status);
-    let misc = misc::capture(pid, &stat, &status)?;
-    let mm = mm::capture(pid, &stat)?;
-    Ok((stat.comm, creds, misc, mm))
+    let from = Proc { pid, stat: &stat, status: &status };
+    let creds = creds::Credentials::capture(from)?;
+    let (misc, comm) = misc::MiscState::capture(from)?;
+    let mm = mm::Mm::capture(from)?;
+    Ok((comm, creds, misc, mm))
 }
 
 type Inside = (
@@ -469,8 +468,9 @@ fn look_from_inside(
         calls.push(mm::brk_call());
         let results = inj.run_batch(&calls)?;
         let brk = *results.last().context("internal error: no result of brk(0)")?;
-        let (sigactions, shared_pending) = signals::capture_process(inj, actions)?;
-        let thread = threads::capture(inj, pid, f.sigmask, cpu, thread_reads)?;
+        let (sigactions, shared_pending) = signals::Signals::capture((inj, actions))?;
+        let look = threads::ThreadLook { inj, sigmask: f.sigmask, cpu, reads: thread_reads };
+        let thread = threads::Thread::capture(look)?;
         Ok((brk, sigactions, shared_pending, thread))
     })();
     inj.syscall(
@@ -482,7 +482,7 @@ fn look_from_inside(
     inside
 }
 
-/// Finds a `syscall` instruction the target can run: in its [vdso] (always there, never
+/// Finds a `syscall` instruction the target can run: in its `[vdso]` (always there, never
 /// written), else in any executable mapping.
 fn find_syscall_insn(pid: Pid, maps: &[procfs::MapsEntry]) -> Result<u64> {
     let mem = procfs::open_mem(pid, false)?;

@@ -13,18 +13,32 @@
 use anyhow::{bail, Result};
 
 use crate::inject::{Call, Injector};
-use telefork_image::Creds;
+use crate::state::{Proc, State};
+use telefork_image::{Creds, ProcessImage};
 
-/// The credentials of a process, from its /proc/PID/status.
-pub(crate) fn capture(status: &crate::procfs::Status) -> Creds {
-    Creds { uid: status.uid, gid: status.gid, groups: status.groups.clone() }
+/// The credentials, as one kind of state (`State`).
+pub(crate) struct Credentials;
+
+impl State for Credentials {
+    type Image = Creds;
+    type Source<'a> = Proc<'a>;
+
+    fn capture(from: Proc<'_>) -> Result<Creds> {
+        let s = from.status;
+        Ok(Creds { uid: s.uid, gid: s.gid, groups: s.groups.clone() })
+    }
+
+    /// Runs last of all the per-process steps (see `set`).
+    fn restore(inj: &mut Injector, img: &ProcessImage) -> Result<()> {
+        set(inj, &img.creds)
+    }
 }
 
 /// Runs last: drops the process to the image's identity. Sets the image's credentials in one
 /// batch (with the calls deferred before it, which may need the restorer's privilege):
 /// groups, gids, uids — in that order, as each step gives up some privilege the next
 /// needs — and dumpable again.
-pub fn restore(inj: &mut Injector, c: &Creds) -> Result<()> {
+fn set(inj: &mut Injector, c: &Creds) -> Result<()> {
     let [ruid, euid, suid, fsuid] = c.uid;
     let [rgid, egid, sgid, fsgid] = c.gid;
     let mut calls = Vec::new();

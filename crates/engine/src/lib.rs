@@ -1,7 +1,7 @@
 //! telefork's engine: freeze a Linux process, write down everything that makes it that
 //! process (`dump`), and rebuild it so it cannot tell the difference (`restore`).
 //!
-//! The public surface is small: [`dump`] and [`restore`] (or [`restore_into`] a [`Stub`]
+//! The public surface is small: [`dump()`] and [`restore()`] (or [`restore_into`] a [`Stub`]
 //! made ahead of time), their options and summaries, [`Error`] (with [`Uncarried`], the
 //! state the engine refuses by name), [`learn_cpu`], [`pidfd`], the /proc files callers
 //! read too ([`procfs`]), and [`timeline`] for TELEFORK_DEBUG stamps.
@@ -31,6 +31,7 @@ pub(crate) mod restore;
 pub(crate) mod self_receive;
 pub(crate) mod self_send;
 pub(crate) mod signals;
+pub(crate) mod state;
 mod sys;
 pub(crate) mod threads;
 pub mod timeline;

@@ -1,5 +1,5 @@
 //! Small per-process state with no better home: working directory, umask, nice value,
-//! personality, resource limits, and (on restore) the command name.
+//! personality, resource limits, no_new_privs, and the command name.
 //!
 //! Capture reads everything from /proc/PID (cwd link, status, stat, personality, limits), so
 //! nothing runs in the target. Resource limits come from /proc/PID/limits rather than
@@ -14,7 +14,8 @@ use anyhow::{bail, Context, Result};
 use nix::unistd::Pid;
 
 use crate::inject::{Call, Injector};
-use telefork_image::{Misc, Rlimit};
+use crate::state::{Proc, State};
+use telefork_image::{Misc, ProcessImage, Rlimit};
 
 /// The symbolic name of RLIMIT number `res`, for messages.
 pub fn rlimit_name(res: u32) -> &'static str {
@@ -39,12 +40,25 @@ pub fn rlimit_name(res: u32) -> &'static str {
     N.get(res as usize).copied().unwrap_or("RLIMIT_?")
 }
 
+/// The small per-process state and the command name, as one kind of state (`State`).
+pub(crate) struct MiscState;
+
+impl State for MiscState {
+    /// The small state, and the command name (field 2 of /proc/PID/stat).
+    type Image = (Misc, String);
+    type Source<'a> = Proc<'a>;
+
+    fn capture(from: Proc<'_>) -> Result<(Misc, String)> {
+        Ok((capture(from.pid, from.stat, from.status)?, from.stat.comm.clone()))
+    }
+
+    fn restore(inj: &mut Injector, img: &ProcessImage) -> Result<()> {
+        set(inj, &img.misc, &img.comm)
+    }
+}
+
 /// Misc state of process `pid`, whose /proc stat and status the caller read.
-pub(crate) fn capture(
-    pid: Pid,
-    stat: &crate::procfs::Stat,
-    status: &crate::procfs::Status,
-) -> Result<Misc> {
+fn capture(pid: Pid, stat: &crate::procfs::Stat, status: &crate::procfs::Status) -> Result<Misc> {
     let cwd = crate::procfs::read_cwd(pid)?;
     if cwd.ends_with(" (deleted)") {
         return Err(crate::error::refusal(
@@ -86,7 +100,7 @@ pub(crate) fn stat_nice(stat: &crate::procfs::Stat) -> Result<i32> {
     i32::try_from(nice).with_context(|| format!("bad nice value {nice}"))
 }
 
-pub fn restore(inj: &mut Injector, m: &Misc, comm: &str) -> Result<()> {
+fn set(inj: &mut Injector, m: &Misc, comm: &str) -> Result<()> {
     inj.reset_scratch();
     let pers = u32::try_from(m.personality).context("personality does not fit 32 bits")?;
     if pers == u32::MAX {

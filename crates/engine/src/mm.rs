@@ -10,18 +10,36 @@ use std::os::unix::fs::MetadataExt;
 
 use anyhow::{bail, Context, Result};
 use nix::unistd::Pid;
-use telefork_image::{FileId, MmFields};
+use telefork_image::{FileId, MmFields, ProcessImage};
 
 use crate::inject::{Call, Injector};
+use crate::state::{Proc, State};
 
 /// The injected call whose result is the current break (brk(0)), for the capture's batch.
 pub fn brk_call() -> Call {
     Call::new(libc::SYS_brk, &[0], "reading the program break (brk(0))")
 }
 
+/// The mm fields, as one kind of state (`State`). Captured from /proc but for the break,
+/// which the capture's batch reads (`brk_call`) and the capture sets.
+pub(crate) struct Mm;
+
+impl State for Mm {
+    type Image = MmFields;
+    type Source<'a> = Proc<'a>;
+
+    fn capture(from: Proc<'_>) -> Result<MmFields> {
+        capture(from.pid, from.stat)
+    }
+
+    fn restore(inj: &mut Injector, img: &ProcessImage) -> Result<()> {
+        set(inj, &img.mm)
+    }
+}
+
 /// The mm fields of stopped process `pid` that /proc shows (`stat`: its /proc/PID/stat, read
 /// by the caller): all but `brk`, left 0 for the caller to set from what `brk_call` returned.
-pub fn capture(pid: Pid, stat: &crate::procfs::Stat) -> Result<MmFields> {
+fn capture(pid: Pid, stat: &crate::procfs::Stat) -> Result<MmFields> {
     let auxv = crate::procfs::read_auxv(pid)?;
     let (exe, st) = crate::procfs::read_exe(pid)?;
     if exe.ends_with(" (deleted)") {
@@ -78,7 +96,7 @@ fn prctl_mm_map(mm: &MmFields, auxv: u64, auxv_size: u32, exe_fd: u32) -> Vec<u8
 
 /// Sets all mm fields at once; must run while the process still has CAP_SYS_ADMIN (before
 /// credentials are dropped) and after its mappings exist.
-pub fn restore(inj: &mut Injector, mm: &MmFields) -> Result<()> {
+fn set(inj: &mut Injector, mm: &MmFields) -> Result<()> {
     if mm.auxv.len() > 64 || mm.auxv.is_empty() {
         bail!("image is corrupt: auxiliary vector of {} words", mm.auxv.len());
     }

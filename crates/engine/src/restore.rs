@@ -9,9 +9,9 @@
 //!    ptrace at once. It never runs a line of its own code again: from
 //!    here on we drive it by injecting system calls (`inject`), mostly in batches.
 //! 3. Empty it: a small control area (a `syscall` instruction, the batch runner and scratch
-//!    memory) is mapped where the image has nothing, the kernel's [vdso]/[vvar] pages are set
+//!    memory) is mapped where the image has nothing, the kernel's `[vdso]`/`[vvar]` pages are set
 //!    aside, and every other mapping of the fork is unmapped.
-//! 4. Shape it: the [vdso]/[vvar] pages moved to the image's addresses, the image's mappings
+//! 4. Shape it: the `[vdso]`/`[vvar]` pages moved to the image's addresses, the image's mappings
 //!    created; mm fields, cwd/umask/limits, fds and signal actions set while the pages are
 //!    still coming; the pages placed (a big process's through its userfaultfd where it can be had),
 //!    protections set; thread state and credentials last, in one batch. Calls whose results
@@ -35,10 +35,10 @@ use nix::unistd::Pid;
 use telefork_image::{Header, ImageReader, ProcessImage, SpecialMap, Vma, VmaKind};
 
 use crate::arch::native as arch;
-use crate::capture::ALL_SIGNALS_BLOCKED;
 use crate::inject::{Call, Injector};
 use crate::mem::PAGE;
 use crate::pin::CpuPin;
+use crate::state::State;
 use crate::timeline::Timeline;
 use crate::{bounds, creds, fds, mem, misc, mm, procfs, ptrace, signals, threads};
 
@@ -169,7 +169,7 @@ pub struct Stub {
     same_pid: bool,
     inj: Injector,
     control: u64,
-    /// Where the kernel's [vdso]/[vvar] pages wait: (kind, address, length).
+    /// Where the kernel's `[vdso]`/`[vvar]` pages wait: (kind, address, length).
     parked: Vec<(SpecialMap, u64, u64)>,
     parking: (u64, u64),
     /// Restored and let go: not to be killed.
@@ -423,7 +423,7 @@ fn spawn_stub(want_pid: i32, stdio: Option<[BorrowedFd<'_>; 3]>) -> Result<(Pid,
 /// Step 3: empties a freshly spawned stub (see `Stub`), keeping clear of `vmas`. (On an
 /// error the caller kills the process.)
 fn empty(pid: Pid, same_pid: bool, vmas: &[Vma]) -> Result<Stub> {
-    ptrace::set_sigmask(pid, ALL_SIGNALS_BLOCKED)?;
+    signals::block_all(pid)?;
     let mut inj = Injector::new(pid, arch::own_syscall_insn())?;
 
     let stub_maps = procfs::read_maps(pid)?;
@@ -543,10 +543,10 @@ fn shape<R: Read + Send>(
     tl.mark("mappings");
     // What needs only the process record, done while the pages are still on their way (none
     // of it touches the image's memory).
-    mm::restore(inj, &img.mm)?;
-    misc::restore(inj, &img.misc, &img.comm)?;
-    fds::restore(inj, &img.fds)?;
-    signals::restore_process(inj, img)?;
+    mm::Mm::restore(inj, img)?;
+    misc::MiscState::restore(inj, img)?;
+    fds::Fds::restore(inj, img)?;
+    signals::Signals::restore(inj, img)?;
     tl.mark("mm, misc, fds, signals");
     // A big transfer wants both CPUs (a reader thread verifies records while we and a helper
     // place them).
@@ -585,16 +585,14 @@ fn shape<R: Read + Send>(
     // the rest.
     mem::finish(inj, &img.vmas);
     let thread = &img.threads[0];
-    threads::restore_pending(inj, thread, pid)?;
-    inj.reset_scratch();
-    let mut last = threads::restore_calls(inj, thread)?;
+    threads::Thread::restore(inj, img)?;
     // The parent-death signal the stub set for itself (an image never has one: it is not
     // captured, and a restored process must outlive a `restore --detach`).
-    last.push(Call::new(
+    let mut last = vec![Call::new(
         libc::SYS_prctl,
         &[libc::PR_SET_PDEATHSIG as u64, 0, 0, 0, 0],
         "clearing the parent-death signal",
-    ));
+    )];
     // The CPU set the stub inherited while pinned next to us: the restorer's own, as a
     // process it started would have had.
     if let Some(set) = cpus.original_bytes() {
@@ -607,8 +605,7 @@ fn shape<R: Read + Send>(
     }
     // (They run with the credentials' batch, before the restorer's privilege is gone.)
     inj.defer(last);
-    creds::restore(inj, &img.creds)?;
-    threads::restore_after(inj, thread, pid)?;
+    creds::Credentials::restore(inj, img)?;
     if let Some(sig) = opts.parent_death_signal {
         inj.syscall(
             libc::SYS_prctl,
@@ -622,7 +619,7 @@ fn shape<R: Read + Send>(
     // the syscall-exit stop, where the image's registers replace ours.
     inj.syscall(libc::SYS_munmap, &[control, CONTROL_LEN], "unmapping the control area")?;
     arch::restore(pid, &thread.cpu)?;
-    ptrace::set_sigmask(pid, thread.sigmask)?;
+    signals::set_mask(pid, thread.sigmask)?;
     nix_ptrace::detach(pid, None).context("detaching from the restored process")?;
     tl.mark("let go");
     Ok(placed)
@@ -653,7 +650,7 @@ fn act_as_owner_for_files(inj: &mut Injector, c: &telefork_image::Creds) -> Resu
     Ok(())
 }
 
-/// The fork's [vdso], [vvar], [vvar_vclock] mappings.
+/// The fork's `[vdso]`, `[vvar]`, `[vvar_vclock]` mappings.
 fn stub_specials(maps: &[procfs::MapsEntry]) -> Vec<(SpecialMap, u64, u64)> {
     maps.iter()
         .filter_map(|m| {

@@ -21,10 +21,39 @@ use nix::unistd::Pid;
 
 use crate::inject::{Call, Injector};
 use crate::procfs::{self, FdInfo};
-use telefork_image::{Fd, FdKind};
+use crate::state::State;
+use telefork_image::{Fd, FdKind, ProcessImage};
 
-pub mod path;
-pub mod stdio;
+pub(crate) mod path;
+pub(crate) mod stdio;
+
+/// The fds, as one kind of state (`State`); each kind of fd is a `Kind` of its own.
+pub(crate) struct Fds;
+
+impl State for Fds {
+    type Image = Vec<Fd>;
+    /// The process, and whether its fds 0/1/2 are recorded as inherited whatever they are.
+    type Source<'a> = (Pid, bool);
+
+    fn capture((pid, inherit_stdio): (Pid, bool)) -> Result<Vec<Fd>> {
+        capture(pid, inherit_stdio)
+    }
+
+    fn restore(inj: &mut Injector, img: &ProcessImage) -> Result<()> {
+        restore(inj, &img.fds)
+    }
+}
+
+/// One kind of fd: which fds it takes at capture, and how it recreates them.
+pub(crate) trait Kind {
+    /// This fd as this kind; `None` if it is another kind; an error (an `Uncarried`
+    /// refusal) for one of this kind that cannot be carried.
+    fn capture(p: &Probe) -> Result<Option<FdKind>>;
+
+    /// Recreates one open file description of this kind on every fd of `members` (all of
+    /// this kind, sharing it; the first carries the kind).
+    fn restore(inj: &mut Injector, members: &[&Fd]) -> Result<()>;
+}
 
 /// What /proc says about one fd of the target.
 #[derive(Debug, Clone)]
@@ -111,7 +140,7 @@ pub fn describe_kind(p: &Probe) -> &'static str {
 
 /// Captures the fds of `pid`. With `inherit_stdio`, fds 0/1/2 are recorded as
 /// `InheritedStdio` whatever they are (telefork: the child's stdio is its parent's, relayed).
-pub fn capture(pid: Pid, inherit_stdio: bool) -> Result<Vec<Fd>> {
+fn capture(pid: Pid, inherit_stdio: bool) -> Result<Vec<Fd>> {
     let nums = procfs::list_fds(pid)?;
 
     let mut out = Vec::with_capacity(nums.len());
@@ -126,9 +155,11 @@ pub fn capture(pid: Pid, inherit_stdio: bool) -> Result<Vec<Fd>> {
             Err(e) if is_enoent(&e) => continue,
             Err(e) => return Err(e),
         };
-        let kind = if stdio::is_inherited_stdio(&p) || (inherit_stdio && (0..=2).contains(&fd)) {
+        let kind = if inherit_stdio && (0..=2).contains(&fd) {
             FdKind::InheritedStdio
-        } else if let Some(k) = path::capture(&p)? {
+        } else if let Some(k) = stdio::Stdio::capture(&p)? {
+            k
+        } else if let Some(k) = path::ByPath::capture(&p)? {
             k
         } else {
             let kind = describe_kind(&p);
@@ -174,7 +205,7 @@ fn is_enoent(e: &anyhow::Error) -> bool {
 
 /// Closes every fd the restore stub inherited (but 0/1/2 that are `InheritedStdio`) and
 /// recreates the image's fds.
-pub fn restore(inj: &mut Injector, fds: &[Fd]) -> Result<()> {
+fn restore(inj: &mut Injector, fds: &[Fd]) -> Result<()> {
     inj.reset_scratch();
 
     // Sanity of the image: fd numbers unique and non-negative, InheritedStdio only on 0..=2.
@@ -260,8 +291,8 @@ pub fn restore(inj: &mut Injector, fds: &[Fd]) -> Result<()> {
         }
         inj.reset_scratch(); // each group stages its own path: keep the scratch use bounded
         match &first.kind {
-            FdKind::InheritedStdio => {} // (their flags were set above)
-            FdKind::Path { .. } => path::restore(inj, members)?,
+            FdKind::InheritedStdio => stdio::Stdio::restore(inj, members)?,
+            FdKind::Path { .. } => path::ByPath::restore(inj, members)?,
         }
     }
     if lifted {
@@ -308,26 +339,33 @@ mod classify_tests {
 
     #[test]
     fn paths() {
-        let k = path::capture(&probe(3, "/tmp/x", libc::S_IFREG | 0o644, 0)).unwrap().unwrap();
+        let k =
+            path::ByPath::capture(&probe(3, "/tmp/x", libc::S_IFREG | 0o644, 0)).unwrap().unwrap();
         let FdKind::Path { id, flags, pos, directory } = k else { panic!("not a path") };
         assert_eq!(
             (id.path.as_str(), id.ino, flags, pos, directory),
             ("/tmp/x", 2, 0o100002, 7, false)
         );
-        let k = path::capture(&probe(3, "/tmp", libc::S_IFDIR | 0o755, 0)).unwrap().unwrap();
+        let k =
+            path::ByPath::capture(&probe(3, "/tmp", libc::S_IFDIR | 0o755, 0)).unwrap().unwrap();
         assert!(matches!(k, FdKind::Path { directory: true, .. }));
-        assert!(path::capture(&probe(0, "/dev/null", libc::S_IFCHR, (1 << 8) | 3))
+        assert!(path::ByPath::capture(&probe(0, "/dev/null", libc::S_IFCHR, (1 << 8) | 3))
             .unwrap()
             .is_some());
-        assert!(path::capture(&probe(4, "/dev/sda", libc::S_IFBLK, 8 << 8)).unwrap().is_none());
-        assert!(path::capture(&probe(4, "/dev/ttyS0", libc::S_IFCHR, 4 << 8)).unwrap().is_none());
-        assert!(path::capture(&probe(4, "/memfd:x (deleted)", libc::S_IFREG, 0))
+        assert!(path::ByPath::capture(&probe(4, "/dev/sda", libc::S_IFBLK, 8 << 8))
             .unwrap()
             .is_none());
-        assert!(path::capture(&probe(4, "anon_inode:[eventfd]", libc::S_IFREG, 0))
+        assert!(path::ByPath::capture(&probe(4, "/dev/ttyS0", libc::S_IFCHR, 4 << 8))
             .unwrap()
             .is_none());
-        let gone = path::capture(&probe(4, "/tmp/gone (deleted)", libc::S_IFREG, 0)).unwrap_err();
+        assert!(path::ByPath::capture(&probe(4, "/memfd:x (deleted)", libc::S_IFREG, 0))
+            .unwrap()
+            .is_none());
+        assert!(path::ByPath::capture(&probe(4, "anon_inode:[eventfd]", libc::S_IFREG, 0))
+            .unwrap()
+            .is_none());
+        let gone =
+            path::ByPath::capture(&probe(4, "/tmp/gone (deleted)", libc::S_IFREG, 0)).unwrap_err();
         let e = crate::Error::from(gone);
         assert!(
             matches!(e.uncarried(), Some(crate::Uncarried::State { what, .. }) if what == "fd 4 (/tmp/gone (deleted))"),

@@ -22,7 +22,7 @@ pub(crate) struct MapsEntry {
     /// The file's device as maps prints it ("fe:00"; "00:00" for anonymous memory).
     pub dev: String,
     pub inode: u64,
-    /// File path, "[heap]", "[stack]", "[vdso]", … or empty for anonymous memory.
+    /// File path, `"[heap]"`, `"[stack]"`, `"[vdso]"`, … or empty for anonymous memory.
     pub name: String,
 }
 
