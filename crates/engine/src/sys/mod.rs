@@ -54,14 +54,30 @@ pub(crate) fn same_open_file(pid: Pid, a: i32, b: i32) -> Result<bool> {
     Ok(r == 0)
 }
 
-/// This process's own (soft, hard) limit of RLIMIT number `res`.
-pub(crate) fn getrlimit(res: u32) -> std::io::Result<(u64, u64)> {
-    let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit writes one struct rlimit we own.
-    if unsafe { libc::getrlimit(res as libc::__rlimit_resource_t, &mut l) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok((l.rlim_cur, l.rlim_max))
+/// This process's own (soft, hard) limit of RLIMIT number `res` (0..16), RLIM_INFINITY as
+/// `u64::MAX`; `None` for a number that names no limit.
+pub(crate) fn getrlimit(res: u32) -> Option<(u64, u64)> {
+    use rustix::process::Resource as R;
+    const BY_NUMBER: [R; 16] = [
+        R::Cpu,
+        R::Fsize,
+        R::Data,
+        R::Stack,
+        R::Core,
+        R::Rss,
+        R::Nproc,
+        R::Nofile,
+        R::Memlock,
+        R::As,
+        R::Locks,
+        R::Sigpending,
+        R::Msgqueue,
+        R::Nice,
+        R::Rtprio,
+        R::Rttime,
+    ];
+    let l = rustix::process::getrlimit(*BY_NUMBER.get(res as usize)?);
+    Some((l.current.unwrap_or(u64::MAX), l.maximum.unwrap_or(u64::MAX)))
 }
 
 /// The release of the running kernel (uname -r), empty if it cannot be read.
@@ -86,10 +102,29 @@ pub(crate) fn setfsgid(gid: u32) -> u32 {
 
 /// setgroups(2) for this thread only (glibc's setgroups changes every thread's).
 pub(crate) fn set_thread_groups(groups: &[u32]) -> std::io::Result<()> {
-    // SAFETY: setgroups reads `groups.len()` ids from a live slice; the raw call changes
-    // this thread's credentials only.
-    if unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) } != 0 {
-        return Err(std::io::Error::last_os_error());
+    let groups: Vec<rustix::process::Gid> =
+        groups.iter().map(|&g| rustix::process::Gid::from_raw_unchecked(g)).collect();
+    Ok(rustix::thread::set_thread_groups(&groups)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::resource::Resource;
+
+    /// Each RLIMIT number reads its own limit (the table follows the kernel's numbering).
+    #[test]
+    fn rlimits_by_number() {
+        let pairs = [
+            (libc::RLIMIT_STACK, Resource::RLIMIT_STACK),
+            (libc::RLIMIT_NOFILE, Resource::RLIMIT_NOFILE),
+            (libc::RLIMIT_NPROC, Resource::RLIMIT_NPROC),
+            (libc::RLIMIT_RTTIME, Resource::RLIMIT_RTTIME),
+        ];
+        for (n, r) in pairs {
+            let (soft, hard) = nix::sys::resource::getrlimit(r).unwrap();
+            assert_eq!(getrlimit(n), Some((soft, hard)), "RLIMIT number {n}");
+        }
+        assert_eq!(getrlimit(16), None);
     }
-    Ok(())
 }
