@@ -6,11 +6,12 @@
 //! state the engine refuses by name), [`learn_cpu`], [`pidfd`], the /proc files callers
 //! read too ([`procfs`]), and [`timeline`] for TELEFORK_DEBUG stamps.
 //!
-//! Inside, one module per kind of state, its capture and its restore side by side (each
-//! implements `state::State`): memory layout and contents (`mem`), mm fields (`mm`), CPU
-//! state (`arch`), signals (`signals`), thread identity (`threads`), credentials (`creds`),
-//! small per-process state (`misc`), file descriptors (`fds`). `capture` and `restore` are
-//! the order of steps over them. Pages travel out through the process itself (`self_send`)
+//! Inside, one module per kind of state, its capture and its restore side by side: mm
+//! fields (`mm`), signals (`signals`), thread identity (`threads`), credentials (`creds`),
+//! small per-process state (`misc`) and file descriptors (`fds`, one `fds::Kind` per kind
+//! of fd) each implement `state::State`; memory layout and contents (`mem`) and CPU state
+//! (`arch`) have routes of their own. `capture` and `restore` are the order of steps over
+//! them. Pages travel out through the process itself (`self_send`)
 //! and, on the plain transport, in through the new process itself (`self_receive`).
 //! `inject` runs system calls inside a stopped process; `sys` is the low layer — raw system
 //! calls, ptrace, pidfds, /proc parsed once per file — and holds the engine's `unsafe`.
