@@ -513,14 +513,26 @@ fn shape<R: Read + Send>(
         match img.vmas.iter().find(|v| v.kind == VmaKind::Special(*kind)) {
             Some(v) if v.end - v.start == *len => {
                 if *at != v.start {
-                    moves.push(move_call(*at, *len, v.start, format!("moving the kernel's {kind:?} to {:#x}", v.start)));
+                    moves.push(move_call(
+                        *at,
+                        *len,
+                        v.start,
+                        format!("moving the kernel's {kind:?} to {:#x}", v.start),
+                    ));
                 }
             }
-            Some(v) => bail!(
-                "the image's {kind:?} is {} bytes, this kernel's is {len}: not the same kernel build",
-                v.end - v.start
-            ),
-            None => moves.push(Call::new(libc::SYS_munmap, &[*at, *len], "unmapping an unused kernel special mapping")),
+            Some(v) => {
+                let what = format!(
+                    "the image's {kind:?} is {} bytes, this kernel's is {len}",
+                    v.end - v.start
+                );
+                return Err(crate::error::refusal(what, "not the same kernel build"));
+            }
+            None => moves.push(Call::new(
+                libc::SYS_munmap,
+                &[*at, *len],
+                "unmapping an unused kernel special mapping",
+            )),
         }
     }
     // (Deferred, as is what follows up to the files' opening: they share its round trip.)
@@ -528,7 +540,8 @@ fn shape<R: Read + Send>(
     for v in &img.vmas {
         if let VmaKind::Special(k) = v.kind {
             if k != SpecialMap::Vsyscall && !parked.iter().any(|(pk, _, _)| *pk == k) {
-                bail!("the image uses {k:?}, which this kernel does not provide");
+                let what = format!("the image uses {k:?}");
+                return Err(crate::error::refusal(what, "this kernel does not provide it"));
             }
         }
     }
