@@ -182,10 +182,7 @@ fn main() -> ExitCode {
         Cmd::Bench { args } => bench(&args),
     };
     if std::env::var_os("TELEFORK_DEBUG").is_some() {
-        eprintln!(
-            "telefork: {} system calls injected",
-            telefork_engine::inject::INJECTED.load(std::sync::atomic::Ordering::Relaxed)
-        );
+        eprintln!("telefork: {} system calls injected", telefork_engine::injected_calls());
     }
     match result {
         Ok(code) => code,
@@ -254,9 +251,7 @@ fn process_owner(pid: i32) -> Result<(u32, u32)> {
     use std::os::unix::fs::MetadataExt;
     let md = std::fs::metadata(format!("/proc/{pid}"))
         .with_context(|| format!("reading the owner of process {pid}"))?;
-    let status = telefork_engine::procfs::read_text(&format!("/proc/{pid}/status"))
-        .with_context(|| format!("reading the credentials of process {pid}"))?;
-    let c = telefork_engine::creds::parse_status(&status)
+    let c = telefork_engine::procfs::read_status(Pid::from_raw(pid))
         .with_context(|| format!("reading the credentials of process {pid}"))?;
     let one_identity = c.uid.iter().all(|&u| u == c.uid[0]) && c.gid.iter().all(|&g| g == c.gid[0]);
     Ok(if one_identity && (md.uid(), md.gid()) == (c.uid[1], c.gid[1]) {
@@ -317,10 +312,10 @@ fn restore(image: &Path, detach: bool, trust_image: bool) -> Result<ExitCode> {
         ..Default::default()
     };
     let r = telefork_engine::restore(BufReader::with_capacity(1 << 20, f), &opts).map_err(|e| {
-        if root && e.chain().any(|c| c.downcast_ref::<telefork_engine::bounds::BeyondOwner>().is_some()) {
+        if root && e.beyond_owner().is_some() {
             anyhow::anyhow!("refusing to restore {}, nothing was made: {e:#}; `telefork restore --trust-image` restores it as it is", image.display())
         } else {
-            e.context(format!("restoring {} failed; nothing was left running", image.display()))
+            e.into_chain().context(format!("restoring {} failed; nothing was left running", image.display()))
         }
     })?;
     let huge = match r.pages.in_huge_pages {

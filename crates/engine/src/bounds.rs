@@ -37,6 +37,7 @@ use anyhow::{Context, Result};
 use telefork_image::{Creds, ProcessImage, SpecialMap, VmaKind};
 
 use crate::misc::rlimit_name;
+use crate::sys;
 
 /// An image asking for more than its owner could have had: the refusal, naming the item.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,30 +109,14 @@ pub struct Here {
 
 impl Here {
     pub fn read() -> Result<Here> {
-        let min = crate::procfs::read_text("/proc/sys/vm/mmap_min_addr")
-            .context("reading /proc/sys/vm/mmap_min_addr")?;
-        let mmap_min_addr = min
-            .trim()
-            .parse()
-            .with_context(|| format!("parsing vm.mmap_min_addr {:?}", min.trim()))?;
+        let mmap_min_addr = crate::procfs::mmap_min_addr()?;
         let mut limits = vec![(u64::MAX, u64::MAX); 16];
         for (res, slot) in limits.iter_mut().enumerate() {
-            let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-            // SAFETY: getrlimit writes one struct rlimit we own.
-            if unsafe { libc::getrlimit(res as libc::__rlimit_resource_t, &mut l) } != 0 {
-                return Err(std::io::Error::last_os_error())
-                    .with_context(|| format!("reading our own {}", rlimit_name(res as u32)));
-            }
-            *slot = (l.rlim_cur, l.rlim_max);
+            *slot = crate::sys::getrlimit(res as u32)
+                .with_context(|| format!("reading our own {}", rlimit_name(res as u32)))?;
         }
-        // (getpriority returns the nice value itself, so -1 is an error only with errno set.)
-        nix::errno::Errno::clear();
-        // SAFETY: getpriority takes no pointers.
-        let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
-        if nice == -1 && nix::errno::Errno::last_raw() != 0 {
-            return Err(std::io::Error::last_os_error())
-                .context("reading our own nice value: getpriority");
-        }
+        let nice = rustix::process::getpriority_process(None)
+            .context("reading our own nice value: getpriority")?;
         Ok(Here { mmap_min_addr, limits, nice, restorer_uid: nix::unistd::geteuid().as_raw() })
     }
 }
@@ -306,39 +291,24 @@ impl FsIds {
             .map(|g| g.as_raw())
             .collect();
         // setfsuid/setfsgid with an invalid id change nothing and return the current one.
-        // SAFETY: plain integer arguments.
-        let (uid, gid) = unsafe {
-            (
-                libc::syscall(libc::SYS_setfsuid, u32::MAX),
-                libc::syscall(libc::SYS_setfsgid, u32::MAX),
-            )
-        };
-        Ok(FsIds { uid: uid as u32, gid: gid as u32, groups })
+        let (uid, gid) = (sys::setfsuid(u32::MAX), sys::setfsgid(u32::MAX));
+        Ok(FsIds { uid, gid, groups })
     }
 
     /// Makes these this thread's: groups, gid, uid, in that order (each step may give up
     /// privilege the next needs), each checked.
     fn take(&self) -> Result<()> {
-        // SAFETY: setgroups reads `groups.len()` ids from a live Vec; the raw call changes
-        // this thread's credentials only.
-        if unsafe { libc::syscall(libc::SYS_setgroups, self.groups.len(), self.groups.as_ptr()) }
-            != 0
-        {
-            return Err(std::io::Error::last_os_error()).context("setgroups");
-        }
-        // SAFETY: plain integer arguments; this thread's credentials only. (They return the
-        // previous id and never fail: read back with an invalid id.)
-        let (gid, uid) = unsafe {
-            libc::syscall(libc::SYS_setfsgid, self.gid);
-            let gid = libc::syscall(libc::SYS_setfsgid, u32::MAX);
-            libc::syscall(libc::SYS_setfsuid, self.uid);
-            (gid, libc::syscall(libc::SYS_setfsuid, u32::MAX))
-        };
-        if gid as u32 != self.gid || uid as u32 != self.uid {
+        sys::set_thread_groups(&self.groups).context("setgroups")?;
+        // (They return the previous id and never fail: read back with an invalid id.)
+        sys::setfsgid(self.gid);
+        let gid = sys::setfsgid(u32::MAX);
+        sys::setfsuid(self.uid);
+        let uid = sys::setfsuid(u32::MAX);
+        if gid != self.gid || uid != self.uid {
             anyhow::bail!(
                 "the kernel kept filesystem ids {}:{} instead of {}:{}",
-                uid as u32,
-                gid as u32,
+                uid,
+                gid,
                 self.uid,
                 self.gid
             );
@@ -362,7 +332,7 @@ impl Drop for Switched {
         if let Some(ours) = self.0.take() {
             if let Err(e) = ours.take() {
                 // (Going on with another user's filesystem ids is not an option.)
-                eprintln!("telefork: error: taking our own filesystem ids back: {e:#}");
+                tracing::error!("taking our own filesystem ids back: {e:#}");
                 std::process::abort();
             }
         }

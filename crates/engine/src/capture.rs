@@ -22,8 +22,11 @@ use telefork_image::{Header, ImageWriter, MmFields, ProcessImage};
 use crate::arch::native as arch;
 use crate::inject::Injector;
 use crate::self_send::PageRoute;
+use crate::state::{Proc, State};
 use crate::{creds, fds, mem, misc, mm, procfs, ptrace, signals, threads};
 
+/// How `dump` captures: what becomes of the process, how stdio is recorded, how the pages
+/// travel.
 #[derive(Default)]
 pub struct DumpOptions<'a> {
     /// Let the process run on after the image is written, instead of killing it.
@@ -41,23 +44,39 @@ pub struct DumpOptions<'a> {
     pub outside_reader: Option<&'a OutsideReader>,
 }
 
+/// What `dump` captured.
 #[derive(Debug, Clone)]
 pub struct DumpSummary {
+    /// The process's PID.
     pub pid: i32,
+    /// How many mappings the image holds.
     pub vmas: usize,
+    /// How many fds the image holds.
     pub fds: usize,
     /// Bytes of memory contents in the image.
     pub page_bytes: u64,
 }
 
 const SCRATCH_LEN: u64 = 64 << 10;
-/// Every signal but SIGKILL (9) and SIGSTOP (19), which cannot be blocked anyway.
-pub const ALL_SIGNALS_BLOCKED: u64 = !((1 << 8) | (1 << 18));
 
 /// Captures process `pid` into `out`. `commit` receives the writer once the whole image is in
 /// it and must make it durable; only if it succeeds is the process killed (or, with
 /// `leave_running`, resumed).
+///
+/// # Errors
+/// [`Error::CannotCarry`](crate::Error::CannotCarry) if the process holds state the engine
+/// cannot carry, else [`Error::Failed`](crate::Error::Failed) (an error `commit` returned is
+/// in its chain); either way the process runs on as it was.
 pub fn dump<W: Write + Send>(
+    pid: Pid,
+    out: W,
+    opts: &DumpOptions,
+    commit: impl FnOnce(W) -> Result<()>,
+) -> std::result::Result<DumpSummary, crate::Error> {
+    Ok(dump_process(pid, out, opts, commit)?)
+}
+
+fn dump_process<W: Write + Send>(
     pid: Pid,
     out: W,
     opts: &DumpOptions,
@@ -71,7 +90,7 @@ pub fn dump<W: Write + Send>(
     }
     ptrace::seize_and_stop(pid)?;
     let regs = ptrace::getregs(pid)?;
-    let sigmask = match ptrace::get_sigmask(pid) {
+    let sigmask = match signals::mask(pid) {
         Ok(m) => m,
         Err(e) => {
             let _ = nix_ptrace::detach(pid, None);
@@ -79,8 +98,7 @@ pub fn dump<W: Write + Send>(
         }
     };
     let frozen = Frozen { pid, regs, sigmask };
-    let result = ptrace::set_sigmask(pid, ALL_SIGNALS_BLOCKED)
-        .and_then(|_| capture_frozen(&frozen, out, opts));
+    let result = signals::block_all(pid).and_then(|_| capture_frozen(&frozen, out, opts));
     match result {
         Ok((w, summary)) => {
             if let Err(e) = commit(w) {
@@ -112,7 +130,7 @@ impl Frozen {
     /// Puts back the registers and mask and lets the process go, as if nothing happened.
     fn release(&self) {
         let _ = ptrace::setregs(self.pid, self.regs);
-        let _ = ptrace::set_sigmask(self.pid, self.sigmask);
+        let _ = signals::set_mask(self.pid, self.sigmask);
         let _ = nix_ptrace::detach(self.pid, None);
     }
 }
@@ -191,7 +209,7 @@ fn capture_frozen<W: Write + Send>(
     let header = Header {
         arch: arch::ARCH,
         page_size: mem::PAGE,
-        kernel_release: kernel_release(),
+        kernel_release: crate::sys::kernel_release(),
         xfeatures: arch::xfeatures(&image.threads[0].cpu),
         created_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -240,12 +258,16 @@ struct OutsideJob {
     /// The mappings, once the capture has read them.
     maps: std::sync::mpsc::Receiver<Vec<procfs::MapsEntry>>,
     /// CPUs to move to first (when they could not be set from outside).
-    cpus: Option<libc::cpu_set_t>,
+    cpus: Option<nix::sched::CpuSet>,
     done: std::sync::mpsc::SyncSender<()>,
 }
 
 impl OutsideReader {
-    pub fn start() -> Result<OutsideReader> {
+    /// Starts the thread.
+    ///
+    /// # Errors
+    /// If the thread cannot be started.
+    pub fn start() -> std::result::Result<OutsideReader, crate::Error> {
         let (jobs, next_job) = std::sync::mpsc::channel::<OutsideJob>();
         let tid = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
         let its_tid = tid.clone();
@@ -274,7 +296,7 @@ impl OutsideReader {
         &self,
         look: &std::sync::Arc<OutsideLook>,
         maps: std::sync::mpsc::Receiver<Vec<procfs::MapsEntry>>,
-        cpus: Option<libc::cpu_set_t>,
+        cpus: Option<nix::sched::CpuSet>,
     ) -> Result<std::sync::mpsc::Receiver<()>> {
         // (Set while it sleeps, it wakes up there: no migration.)
         let tid = self.tid.load(std::sync::atomic::Ordering::SeqCst);
@@ -373,7 +395,7 @@ impl OutsideLook {
                     "mappings read"
                 }
                 _ => {
-                    self.fds.put(fds::capture(self.pid, self.inherit_stdio));
+                    self.fds.put(fds::Fds::capture((self.pid, self.inherit_stdio)));
                     "fds read"
                 }
             };
@@ -389,13 +411,12 @@ type ProcFiles = (String, telefork_image::Creds, telefork_image::Misc, MmFields)
 /// few more files.
 fn read_proc_files(pid: Pid) -> Result<ProcFiles> {
     let stat = procfs::read_stat(pid)?;
-    let status_path = format!("/proc/{pid}/status");
-    let status =
-        procfs::read_text(&status_path).with_context(|| format!("reading {status_path}"))?;
-    let creds = creds::parse_status(&status).with_context(|| format!("parsing {status_path}"))?;
-    let misc = misc::capture(pid, &stat, &status)?;
-    let mm = mm::capture(pid, &stat)?;
-    Ok((stat.comm, creds, misc, mm))
+    let status = procfs::read_status(pid)?;
+    let from = Proc { pid, stat: &stat, status: &status };
+    let creds = creds::Credentials::capture(from)?;
+    let (misc, comm) = misc::MiscState::capture(from)?;
+    let mm = mm::Mm::capture(from)?;
+    Ok((comm, creds, misc, mm))
 }
 
 type Inside = (
@@ -447,8 +468,9 @@ fn look_from_inside(
         calls.push(mm::brk_call());
         let results = inj.run_batch(&calls)?;
         let brk = *results.last().context("internal error: no result of brk(0)")?;
-        let (sigactions, shared_pending) = signals::capture_process(inj, actions)?;
-        let thread = threads::capture(inj, pid, f.sigmask, cpu, thread_reads)?;
+        let (sigactions, shared_pending) = signals::Signals::capture((inj, actions))?;
+        let look = threads::ThreadLook { inj, sigmask: f.sigmask, cpu, reads: thread_reads };
+        let thread = threads::Thread::capture(look)?;
         Ok((brk, sigactions, shared_pending, thread))
     })();
     inj.syscall(
@@ -460,11 +482,10 @@ fn look_from_inside(
     inside
 }
 
-/// Finds a `syscall` instruction the target can run: in its [vdso] (always there, never
+/// Finds a `syscall` instruction the target can run: in its `[vdso]` (always there, never
 /// written), else in any executable mapping.
 fn find_syscall_insn(pid: Pid, maps: &[procfs::MapsEntry]) -> Result<u64> {
-    let mem = std::fs::File::open(format!("/proc/{pid}/mem"))
-        .with_context(|| format!("opening /proc/{pid}/mem"))?;
+    let mem = procfs::open_mem(pid, false)?;
     let mut candidates: Vec<&procfs::MapsEntry> =
         maps.iter().filter(|m| m.name == "[vdso]").collect();
     candidates.extend(
@@ -482,10 +503,4 @@ fn find_syscall_insn(pid: Pid, maps: &[procfs::MapsEntry]) -> Result<u64> {
         }
     }
     bail!("no syscall instruction found in process {pid}'s executable mappings")
-}
-
-pub fn kernel_release() -> String {
-    nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_default()
 }

@@ -1,7 +1,7 @@
 //! Credentials: real, effective, saved and filesystem user and group ids, and the
 //! supplementary groups.
 //!
-//! Capture reads them from the `Uid:`, `Gid:` and `Groups:` lines of /proc/PID/status (no
+//! Capture takes them from the `Uid:`, `Gid:` and `Groups:` lines of /proc/PID/status (no
 //! system call in the target is needed). Restore runs *last* of all the per-process steps,
 //! because it drops the restored process from the restorer's identity (root) to the image's:
 //! setgroups, setresgid, setfsgid, setresuid, setfsuid, injected into the process itself. We
@@ -10,45 +10,27 @@
 //! have. Capabilities are not carried: dropping from uid 0 to another uid clears them as
 //! usual; an image that was itself uid 0 (a root owner's, or trusted) keeps the restorer's.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
 use crate::inject::{Call, Injector};
-use telefork_image::Creds;
+use crate::state::{Proc, State};
+use telefork_image::{Creds, ProcessImage};
 
-/// Parses the credential lines of a /proc/PID/status text.
-pub fn parse_status(text: &str) -> Result<Creds> {
-    let mut uid = None;
-    let mut gid = None;
-    let mut groups = None;
-    for line in text.lines() {
-        let Some((key, rest)) = line.split_once(':') else { continue };
-        match key {
-            "Uid" => uid = Some(four_ids(rest).context("bad Uid line")?),
-            "Gid" => gid = Some(four_ids(rest).context("bad Gid line")?),
-            "Groups" => {
-                let g = rest
-                    .split_whitespace()
-                    .map(|w| w.parse::<u32>().with_context(|| format!("bad group id {w:?}")))
-                    .collect::<Result<Vec<_>>>()?;
-                groups = Some(g);
-            }
-            _ => {}
-        }
-    }
-    match (uid, gid, groups) {
-        (Some(uid), Some(gid), Some(groups)) => Ok(Creds { uid, gid, groups }),
-        _ => bail!("Uid, Gid or Groups line missing"),
-    }
-}
+/// The credentials, as one kind of state (`State`).
+pub(crate) struct Credentials;
 
-fn four_ids(s: &str) -> Result<[u32; 4]> {
-    let v = s
-        .split_whitespace()
-        .map(|w| w.parse::<u32>().with_context(|| format!("bad id {w:?}")))
-        .collect::<Result<Vec<_>>>()?;
-    match v.as_slice() {
-        [a, b, c, d] => Ok([*a, *b, *c, *d]),
-        _ => bail!("expected 4 ids (real, effective, saved, fs), found {}", v.len()),
+impl State for Credentials {
+    type Image = Creds;
+    type Source<'a> = Proc<'a>;
+
+    fn capture(from: Proc<'_>) -> Result<Creds> {
+        let s = from.status;
+        Ok(Creds { uid: s.uid, gid: s.gid, groups: s.groups.clone() })
+    }
+
+    /// Runs last of all the per-process steps (see `set`).
+    fn restore(inj: &mut Injector, img: &ProcessImage) -> Result<()> {
+        set(inj, &img.creds)
     }
 }
 
@@ -56,7 +38,7 @@ fn four_ids(s: &str) -> Result<[u32; 4]> {
 /// batch (with the calls deferred before it, which may need the restorer's privilege):
 /// groups, gids, uids — in that order, as each step gives up some privilege the next
 /// needs — and dumpable again.
-pub fn restore(inj: &mut Injector, c: &Creds) -> Result<()> {
+fn set(inj: &mut Injector, c: &Creds) -> Result<()> {
     let [ruid, euid, suid, fsuid] = c.uid;
     let [rgid, egid, sgid, fsgid] = c.gid;
     let mut calls = Vec::new();
@@ -110,31 +92,4 @@ pub fn restore(inj: &mut Injector, c: &Creds) -> Result<()> {
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_status() {
-        let text = "Name:\tcat\nUmask:\t0022\nState:\tR (running)\nUid:\t1000\t1001\t1002\t1003\nGid:\t100\t101\t102\t103\nFDSize:\t64\nGroups:\t4 24 27 \n";
-        let c = parse_status(text).unwrap();
-        assert_eq!(c.uid, [1000, 1001, 1002, 1003]);
-        assert_eq!(c.gid, [100, 101, 102, 103]);
-        assert_eq!(c.groups, vec![4, 24, 27]);
-    }
-
-    #[test]
-    fn empty_groups() {
-        let c = parse_status("Uid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nGroups:\t\n").unwrap();
-        assert!(c.groups.is_empty());
-    }
-
-    #[test]
-    fn rejects_bad() {
-        assert!(parse_status("Uid:\t0\t0\t0\nGid:\t0\t0\t0\t0\nGroups:\n").is_err());
-        assert!(parse_status("Uid:\tx\t0\t0\t0\nGid:\t0\t0\t0\t0\nGroups:\n").is_err());
-        assert!(parse_status("Gid:\t0\t0\t0\t0\nGroups:\n").is_err());
-    }
 }

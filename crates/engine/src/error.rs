@@ -42,16 +42,21 @@ impl fmt::Display for Uncarried {
             Uncarried::Fd { fd, kind, target } => {
                 write!(f, "fd {fd} is {} {kind} ({target}): not supported yet", article(kind))
             }
-            Uncarried::Threads { count } => write!(
-                f,
-                "{count} threads: only single-threaded processes can be carried so far"
-            ),
+            Uncarried::Threads { count } => {
+                write!(f, "{count} threads: only single-threaded processes can be carried so far")
+            }
             Uncarried::State { what, why } => write!(f, "{what}: {why}"),
         }
     }
 }
 
 impl std::error::Error for Uncarried {}
+
+/// A refusal of a piece of state that cannot travel, as the root of an error chain: `what`
+/// (the thing, named), `why`.
+pub(crate) fn refusal(what: String, why: &str) -> anyhow::Error {
+    Uncarried::State { what, why: why.to_string() }.into()
+}
 
 /// The article before a kind's name ("a socket", "an eventfd").
 pub(crate) fn article(kind: &str) -> &'static str {
@@ -62,21 +67,33 @@ pub(crate) fn article(kind: &str) -> &'static str {
     }
 }
 
-/// Why an engine call failed.
-#[derive(Debug, thiserror::Error)]
+/// Why an engine call failed. It reads (`Display`, `source`) exactly as the chain of what
+/// the engine was doing, outermost first; a caller that wants more than the text matches
+/// the variant, or takes the chain back (`into_chain`) to look for its own errors in it.
+#[derive(Debug)]
 pub enum Error {
     /// The process (or image) holds state the engine cannot carry; nothing was changed.
-    #[error("cannot carry {what}")]
     CannotCarry {
         /// The piece of state.
         what: Uncarried,
         /// The whole chain, outermost context first, for the log.
-        #[source]
         chain: anyhow::Error,
     },
     /// Anything else: a system call, the image, the input or output.
-    #[error(transparent)]
     Failed(anyhow::Error),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // (`{:#}` shows the whole chain, as anyhow's does.)
+        fmt::Display::fmt(self.chain(), f)
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.chain().source()
+    }
 }
 
 impl From<anyhow::Error> for Error {
@@ -96,6 +113,27 @@ impl Error {
             Error::Failed(_) => None,
         }
     }
+
+    /// The refusal of an image that asks for more than its owner could have had, if that is
+    /// why a restore failed.
+    pub fn beyond_owner(&self) -> Option<&crate::BeyondOwner> {
+        self.chain().downcast_ref()
+    }
+
+    /// The chain of what the engine was doing, outermost first.
+    pub fn chain(&self) -> &anyhow::Error {
+        match self {
+            Error::CannotCarry { chain, .. } | Error::Failed(chain) => chain,
+        }
+    }
+
+    /// The chain itself, with every error in it (a caller's own, from a closure it gave the
+    /// engine, included) still there to `downcast_ref`.
+    pub fn into_chain(self) -> anyhow::Error {
+        match self {
+            Error::CannotCarry { chain, .. } | Error::Failed(chain) => chain,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -108,7 +146,13 @@ mod tests {
         let root: anyhow::Result<()> = Err(Uncarried::Threads { count: 3 }.into());
         let e: Error = root.context("capturing process 42").unwrap_err().into();
         assert_eq!(e.uncarried(), Some(&Uncarried::Threads { count: 3 }));
+        assert_eq!(
+            format!("{e:#}"),
+            "capturing process 42: 3 threads: only single-threaded processes can be carried so far"
+        );
         let plain: Error = anyhow::anyhow!("read failed").context("capturing").into();
         assert!(plain.uncarried().is_none());
+        assert_eq!(format!("{plain}"), "capturing");
+        assert_eq!(anyhow::Error::new(plain).chain().count(), 2, "read as its chain");
     }
 }

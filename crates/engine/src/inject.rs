@@ -20,7 +20,7 @@
 //! /proc/PID/mem. The caller blocks all signals of the tracee (PTRACE_SETSIGMASK) while
 //! injecting, so no signal handler runs in between.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use anyhow::{bail, Context, Result};
@@ -36,6 +36,10 @@ pub static ROUND_TRIPS: std::sync::atomic::AtomicU64 = std::sync::atomic::Atomic
 
 /// Room the batch runner's code needs.
 pub const BATCH_CODE_MAX: usize = 256;
+
+/// What a run of calls did: the results of those that succeeded, in order, and where it
+/// stopped — the index of the failing call and its errno — if one failed.
+type Ran = (Vec<u64>, Option<(usize, i32)>);
 
 /// One system call for `Injector::run_batch`.
 pub struct Call {
@@ -95,11 +99,7 @@ impl Injector {
     /// `syscall_ip`.
     pub fn new(pid: Pid, syscall_ip: u64) -> Result<Self> {
         let base = ptrace::getregs(pid)?;
-        let mem = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(format!("/proc/{pid}/mem"))
-            .with_context(|| format!("opening /proc/{pid}/mem"))?;
+        let mem = crate::procfs::open_mem(pid, true)?;
         Ok(Injector {
             pid,
             batch_code: None,
@@ -117,11 +117,6 @@ impl Injector {
 
     pub fn pid(&self) -> Pid {
         self.pid
-    }
-
-    /// The registers the tracee had when the injector took over.
-    pub fn original_regs(&self) -> Regs {
-        self.base
     }
 
     pub fn set_syscall_ip(&mut self, ip: u64) {
@@ -248,7 +243,7 @@ impl Injector {
     /// Runs `calls` in order (in batches of the runner where it is set up, else one by one),
     /// stopping at the first failure: the results of the calls that succeeded, and the
     /// failure (index, errno), if any.
-    fn run_in_order(&mut self, calls: &[&Call]) -> Result<(Vec<u64>, Option<(usize, i32)>)> {
+    fn run_in_order(&mut self, calls: &[&Call]) -> Result<Ran> {
         let mut results = Vec::with_capacity(calls.len());
         if self.batch_code.is_none() {
             for (i, c) in calls.iter().enumerate() {
@@ -283,7 +278,7 @@ impl Injector {
     }
 
     /// One round of the batch runner over at most 256 calls.
-    fn batch_round(&mut self, chunk: &[&Call]) -> Result<(Vec<u64>, Option<(usize, i32)>)> {
+    fn batch_round(&mut self, chunk: &[&Call]) -> Result<Ran> {
         let code = self.batch_code.context("internal error: no batch code area")?;
         let mut table = Vec::with_capacity(chunk.len() * 64);
         for c in chunk {

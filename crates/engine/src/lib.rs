@@ -1,38 +1,73 @@
 //! telefork's engine: freeze a Linux process, write down everything that makes it that
-//! process (`capture`), and rebuild it so it cannot tell the difference (`restore`).
+//! process (`dump`), and rebuild it so it cannot tell the difference (`restore`).
 //!
-//! One file per kind of state, its capture and its restore side by side:
-//! memory layout and contents (`mem`), mm fields (`mm`), CPU state (`arch`), signals
-//! (`signals`), thread identity (`threads`), credentials (`creds`), small per-process state
-//! (`misc`), file descriptors (`fds`). Pages travel out through the process itself
-//! (`self_send`) and, on the plain transport, in through the new process itself (`self_receive`). `inject` runs system calls inside a stopped process;
-//! `ptrace` and `procfs` are the doors to the kernel.
+//! The public surface is small: [`dump()`] and [`restore()`] (or [`restore_into`] a [`Stub`]
+//! made ahead of time), their options and summaries, [`Error`] (with [`Uncarried`], the
+//! state the engine refuses by name), [`learn_cpu`], [`pidfd`], the /proc files callers
+//! read too ([`procfs`]), and [`timeline`] for TELEFORK_DEBUG stamps.
+//!
+//! Inside, one module per kind of state, its capture and its restore side by side: mm
+//! fields (`mm`), signals (`signals`), thread identity (`threads`), credentials (`creds`),
+//! small per-process state (`misc`) and file descriptors (`fds`, one `fds::Kind` per kind
+//! of fd) each implement `state::State`; memory layout and contents (`mem`) and CPU state
+//! (`arch`) have routes of their own. `capture` and `restore` are the order of steps over
+//! them. Pages travel out through the process itself (`self_send`)
+//! and, on the plain transport, in through the new process itself (`self_receive`).
+//! `inject` runs system calls inside a stopped process; `sys` is the low layer — raw system
+//! calls, ptrace, pidfds, /proc parsed once per file — and holds the engine's `unsafe`.
 
-pub mod arch;
-pub mod bounds;
-pub mod capture;
-pub mod creds;
-pub mod error;
-pub mod fds;
-pub mod huge;
-pub mod inject;
-pub mod mem;
-pub mod misc;
-pub mod mm;
-pub mod pidfd;
-pub mod pin;
-pub mod procfs;
-pub mod ptrace;
-pub mod restore;
-pub mod self_receive;
-pub mod self_send;
-pub mod signals;
-pub mod threads;
+pub(crate) mod arch;
+pub(crate) mod bounds;
+pub(crate) mod capture;
+pub(crate) mod creds;
+mod error;
+pub(crate) mod fds;
+pub(crate) mod huge;
+pub(crate) mod inject;
+pub(crate) mod mem;
+pub(crate) mod misc;
+pub(crate) mod mm;
+pub(crate) mod pin;
+pub(crate) mod restore;
+pub(crate) mod self_receive;
+pub(crate) mod self_send;
+pub(crate) mod signals;
+pub(crate) mod state;
+mod sys;
+pub(crate) mod threads;
 pub mod timeline;
-pub mod uffd;
+pub(crate) mod uffd;
 
-pub use error::{Error, Uncarried};
+pub use bounds::BeyondOwner;
 pub use capture::{dump, DumpOptions, DumpSummary, OutsideReader};
+pub use error::{Error, Uncarried};
+pub use mem::Placed;
+pub use restore::{restore, restore_into, RestoreOptions, Restored, Stub, StubTemplate};
+pub use self_receive::PagesSocket;
+pub use self_send::PageRoute;
+// The low layer's doors the engine's callers use too: pidfds, and /proc parsed once.
+pub use sys::{pidfd, procfs};
+// (Inside the engine, under the names it has always used.)
+pub(crate) use sys::ptrace;
+
+/// PAGEMAP_SCAN (Linux 6.7+) over a process's pagemap, for programs that measure what a
+/// capture would send (the benchmark's); not part of the engine's contract.
+#[doc(hidden)]
+pub mod pagemap {
+    pub use crate::mem::{pagemap_scan, PAGE_IS_FILE, PAGE_IS_PRESENT, PAGE_IS_SWAPPED};
+}
+
+/// Kills process `pid` (SIGKILL) and reaps it if it is our child: never leave a half-made
+/// process behind.
+pub fn kill_quietly(pid: nix::unistd::Pid) {
+    ptrace::kill_quietly(pid);
+}
+
+/// How many system calls this process has injected into others so far (for
+/// `TELEFORK_DEBUG` statistics).
+pub fn injected_calls() -> u64 {
+    inject::INJECTED.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// Learns what this CPU offers, once per process. CPUID and XGETBV trap to the hypervisor
 /// in a VM (microseconds each): a daemon calls this before it forks its sessions, which
@@ -47,13 +82,9 @@ pub(crate) fn never_or_always(var: &str) -> Option<bool> {
         Ok("never") => Some(false),
         Ok("always") => Some(true),
         Ok(other) => {
-            eprintln!("telefork: ignoring {var}={other:?} (never or always)");
+            tracing::warn!("ignoring {var}={other:?} (never or always)");
             None
         }
         Err(_) => None,
     }
 }
-
-pub use restore::{restore, RestoreOptions, Restored};
-pub use self_receive::PagesSocket;
-pub use self_send::PageRoute;

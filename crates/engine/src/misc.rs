@@ -1,5 +1,5 @@
 //! Small per-process state with no better home: working directory, umask, nice value,
-//! personality, resource limits, and (on restore) the command name.
+//! personality, resource limits, no_new_privs, and the command name.
 //!
 //! Capture reads everything from /proc/PID (cwd link, status, stat, personality, limits), so
 //! nothing runs in the target. Resource limits come from /proc/PID/limits rather than
@@ -14,27 +14,8 @@ use anyhow::{bail, Context, Result};
 use nix::unistd::Pid;
 
 use crate::inject::{Call, Injector};
-use telefork_image::{Misc, Rlimit};
-
-/// Names of the RLIMIT_* resources as /proc/PID/limits prints them, indexed by number.
-const LIMIT_NAMES: [&str; 16] = [
-    "Max cpu time",
-    "Max file size",
-    "Max data size",
-    "Max stack size",
-    "Max core file size",
-    "Max resident set",
-    "Max processes",
-    "Max open files",
-    "Max locked memory",
-    "Max address space",
-    "Max file locks",
-    "Max pending signals",
-    "Max msgqueue size",
-    "Max nice priority",
-    "Max realtime priority",
-    "Max realtime timeout",
-];
+use crate::state::{Proc, State};
+use telefork_image::{Misc, ProcessImage, Rlimit};
 
 /// The symbolic name of RLIMIT number `res`, for messages.
 pub fn rlimit_name(res: u32) -> &'static str {
@@ -59,60 +40,58 @@ pub fn rlimit_name(res: u32) -> &'static str {
     N.get(res as usize).copied().unwrap_or("RLIMIT_?")
 }
 
-fn read_proc(pid: Pid, what: &str) -> Result<String> {
-    let path = format!("/proc/{pid}/{what}");
-    crate::procfs::read_text(&path).with_context(|| format!("reading {path}"))
+/// The small per-process state and the command name, as one kind of state (`State`).
+pub(crate) struct MiscState;
+
+impl State for MiscState {
+    /// The small state, and the command name (field 2 of /proc/PID/stat).
+    type Image = (Misc, String);
+    type Source<'a> = Proc<'a>;
+
+    fn capture(from: Proc<'_>) -> Result<(Misc, String)> {
+        Ok((capture(from.pid, from.stat, from.status)?, from.stat.comm.clone()))
+    }
+
+    fn restore(inj: &mut Injector, img: &ProcessImage) -> Result<()> {
+        set(inj, &img.misc, &img.comm)
+    }
 }
 
 /// Misc state of process `pid`, whose /proc stat and status the caller read.
-pub fn capture(pid: Pid, stat: &crate::procfs::Stat, status: &str) -> Result<Misc> {
-    let cwd_link = format!("/proc/{pid}/cwd");
-    let cwd = std::fs::read_link(&cwd_link).with_context(|| format!("reading {cwd_link}"))?;
-    let cwd = cwd
-        .into_os_string()
-        .into_string()
-        .map_err(|p| anyhow::anyhow!("working directory {p:?} is not valid UTF-8"))?;
+fn capture(pid: Pid, stat: &crate::procfs::Stat, status: &crate::procfs::Status) -> Result<Misc> {
+    let cwd = crate::procfs::read_cwd(pid)?;
     if cwd.ends_with(" (deleted)") {
-        bail!("the working directory {cwd:?} has been deleted: cannot be restored");
+        return Err(crate::error::refusal(
+            format!("the working directory {cwd:?}"),
+            "has been deleted: cannot be restored",
+        ));
     }
     if !cwd.starts_with('/') {
-        bail!("the working directory {cwd:?} is not reachable from our root");
+        return Err(crate::error::refusal(
+            format!("the working directory {cwd:?}"),
+            "is not reachable from our root",
+        ));
     }
 
     // A seccomp filter cannot be captured yet; restoring the process without it would lift
     // its sandbox, so it is refused.
-    match status_number(status, "Seccomp:") {
+    match status.seccomp {
         Some(0) => {}
-        Some(mode) => bail!("process {pid} runs under seccomp (mode {mode}); its filters cannot be captured yet, and restoring it without them would lift its sandbox"),
+        Some(mode) => {
+            return Err(crate::error::refusal(
+                format!("process {pid} runs under seccomp (mode {mode})"),
+                "its filters cannot be captured yet, and restoring it without them would lift its sandbox",
+            ))
+        }
         None => bail!("no Seccomp line in /proc/{pid}/status"),
     }
-    let no_new_privs = status_number(status, "NoNewPrivs:")
-        .with_context(|| format!("no NoNewPrivs line in /proc/{pid}/status"))?
-        != 0;
-    let umask = parse_umask(status).with_context(|| format!("parsing /proc/{pid}/status"))?;
+    let no_new_privs =
+        status.no_new_privs.with_context(|| format!("no NoNewPrivs line in /proc/{pid}/status"))?;
+    let umask = status.umask.with_context(|| format!("no Umask line in /proc/{pid}/status"))?;
     let nice = stat_nice(stat).with_context(|| format!("parsing /proc/{pid}/stat"))?;
-    let pers = read_proc(pid, "personality")?;
-    let personality = u64::from_str_radix(pers.trim(), 16)
-        .with_context(|| format!("parsing /proc/{pid}/personality {:?}", pers.trim()))?;
-    let rlimits = parse_limits(&read_proc(pid, "limits")?)
-        .with_context(|| format!("parsing /proc/{pid}/limits"))?;
+    let personality = crate::procfs::read_personality(pid)?;
+    let rlimits = crate::procfs::read_limits(pid)?;
     Ok(Misc { cwd, umask, nice, personality, rlimits, no_new_privs })
-}
-
-/// A numeric `Key:` line of /proc/PID/status.
-fn status_number(status: &str, key: &str) -> Option<u64> {
-    status.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse().ok())
-}
-
-/// The `Umask:` line of /proc/PID/status (octal).
-pub fn parse_umask(status: &str) -> Result<u32> {
-    for line in status.lines() {
-        if let Some(v) = line.strip_prefix("Umask:") {
-            return u32::from_str_radix(v.trim(), 8)
-                .with_context(|| format!("bad Umask {:?}", v.trim()));
-        }
-    }
-    bail!("no Umask line")
 }
 
 /// Field 19 (nice) of /proc/PID/stat.
@@ -121,45 +100,7 @@ pub(crate) fn stat_nice(stat: &crate::procfs::Stat) -> Result<i32> {
     i32::try_from(nice).with_context(|| format!("bad nice value {nice}"))
 }
 
-/// All 16 limits of /proc/PID/limits. The kernel prints the raw rlimit values (the Units
-/// column only says what they count), "unlimited" for RLIM_INFINITY.
-pub fn parse_limits(text: &str) -> Result<Vec<Rlimit>> {
-    let mut found: [Option<(u64, u64)>; 16] = [None; 16];
-    for line in text.lines().skip(1) {
-        let Some((res, name)) = LIMIT_NAMES
-            .iter()
-            .enumerate()
-            .find(|(_, n)| line.strip_prefix(**n).is_some_and(|rest| rest.starts_with(' ')))
-        else {
-            if line.trim().is_empty() {
-                continue;
-            }
-            bail!("unknown limit line {line:?}");
-        };
-        let mut words = line[name.len()..].split_whitespace();
-        let soft = parse_limit_value(words.next(), line)?;
-        let hard = parse_limit_value(words.next(), line)?;
-        found[res] = Some((soft, hard));
-    }
-    found
-        .iter()
-        .enumerate()
-        .map(|(res, v)| match v {
-            Some((soft, hard)) => Ok(Rlimit { resource: res as u32, soft: *soft, hard: *hard }),
-            None => bail!("line {:?} missing", LIMIT_NAMES[res]),
-        })
-        .collect()
-}
-
-fn parse_limit_value(w: Option<&str>, line: &str) -> Result<u64> {
-    match w {
-        Some("unlimited") => Ok(u64::MAX),
-        Some(n) => n.parse::<u64>().with_context(|| format!("bad limit value {n:?} in {line:?}")),
-        None => bail!("missing value in {line:?}"),
-    }
-}
-
-pub fn restore(inj: &mut Injector, m: &Misc, comm: &str) -> Result<()> {
+fn set(inj: &mut Injector, m: &Misc, comm: &str) -> Result<()> {
     inj.reset_scratch();
     let pers = u32::try_from(m.personality).context("personality does not fit 32 bits")?;
     if pers == u32::MAX {
@@ -262,8 +203,8 @@ fn restore_rlimit(inj: &mut Injector, l: &Rlimit) -> Result<()> {
     let cur_hard = u64::from_ne_bytes(buf[8..16].try_into().expect("8 bytes"));
     let hard = l.hard.min(cur_hard);
     let soft = l.soft.min(hard);
-    eprintln!(
-        "telefork: warning: cannot raise {name} to {} / {} (no CAP_SYS_RESOURCE); restored as {} / {}",
+    tracing::warn!(
+        "cannot raise {name} to {} / {} (no CAP_SYS_RESOURCE); restored as {} / {}",
         fmt_lim(l.soft),
         fmt_lim(l.hard),
         fmt_lim(soft),
@@ -297,54 +238,6 @@ fn fmt_lim(v: u64) -> String {
 mod tests {
     use super::*;
 
-    const LIMITS: &str =
-        "Limit                     Soft Limit           Hard Limit           Units     \n\
-Max cpu time              unlimited            unlimited            seconds   \n\
-Max file size             unlimited            unlimited            bytes     \n\
-Max data size             unlimited            unlimited            bytes     \n\
-Max stack size            8388608              unlimited            bytes     \n\
-Max core file size        0                    unlimited            bytes     \n\
-Max resident set          unlimited            unlimited            bytes     \n\
-Max processes             7823                 7823                 processes \n\
-Max open files            1024                 524288               files     \n\
-Max locked memory         8388608              8388608              bytes     \n\
-Max address space         unlimited            unlimited            bytes     \n\
-Max file locks            unlimited            unlimited            locks     \n\
-Max pending signals       7823                 7823                 signals   \n\
-Max msgqueue size         819200               819200               bytes     \n\
-Max nice priority         0                    0                    \n\
-Max realtime priority     0                    0                    \n\
-Max realtime timeout      unlimited            unlimited            us        \n";
-
-    #[test]
-    fn parses_limits() {
-        let l = parse_limits(LIMITS).unwrap();
-        assert_eq!(l.len(), 16);
-        for (i, r) in l.iter().enumerate() {
-            assert_eq!(r.resource, i as u32);
-        }
-        assert_eq!(l[0].soft, u64::MAX);
-        assert_eq!((l[3].soft, l[3].hard), (8388608, u64::MAX));
-        assert_eq!((l[4].soft, l[4].hard), (0, u64::MAX));
-        assert_eq!((l[7].soft, l[7].hard), (1024, 524288));
-        assert_eq!((l[13].soft, l[13].hard), (0, 0));
-        assert_eq!(l[15].hard, u64::MAX);
-    }
-
-    #[test]
-    fn limits_errors() {
-        // A missing line.
-        let short: String = LIMITS.lines().take(10).map(|l| format!("{l}\n")).collect();
-        assert!(parse_limits(&short).is_err());
-        // A garbage value.
-        assert!(parse_limits(
-            &LIMITS.replace("8388608              unlimited", "88x      unlimited")
-        )
-        .is_err());
-        // An unknown line.
-        assert!(parse_limits(&format!("{LIMITS}Max widgets  1  2  things\n")).is_err());
-    }
-
     #[test]
     fn parses_nice() {
         let nice = |text: &str| crate::procfs::parse_stat(text).and_then(|s| stat_nice(&s));
@@ -354,12 +247,5 @@ Max realtime timeout      unlimited            unlimited            us        \n
         assert_eq!(nice(stat).unwrap(), 19);
         assert!(nice("1 (x S 0").is_err());
         assert!(nice("1 (x) S 0 1").is_err());
-    }
-
-    #[test]
-    fn parses_umask() {
-        assert_eq!(parse_umask("Name:\tx\nUmask:\t0027\n").unwrap(), 0o027);
-        assert!(parse_umask("Name:\tx\n").is_err());
-        assert!(parse_umask("Umask:\t0099\n").is_err());
     }
 }

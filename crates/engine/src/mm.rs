@@ -10,33 +10,42 @@ use std::os::unix::fs::MetadataExt;
 
 use anyhow::{bail, Context, Result};
 use nix::unistd::Pid;
-use telefork_image::{FileId, MmFields};
+use telefork_image::{FileId, MmFields, ProcessImage};
 
 use crate::inject::{Call, Injector};
+use crate::state::{Proc, State};
 
 /// The injected call whose result is the current break (brk(0)), for the capture's batch.
 pub fn brk_call() -> Call {
     Call::new(libc::SYS_brk, &[0], "reading the program break (brk(0))")
 }
 
+/// The mm fields, as one kind of state (`State`). Captured from /proc but for the break,
+/// which the capture's batch reads (`brk_call`) and the capture sets.
+pub(crate) struct Mm;
+
+impl State for Mm {
+    type Image = MmFields;
+    type Source<'a> = Proc<'a>;
+
+    fn capture(from: Proc<'_>) -> Result<MmFields> {
+        capture(from.pid, from.stat)
+    }
+
+    fn restore(inj: &mut Injector, img: &ProcessImage) -> Result<()> {
+        set(inj, &img.mm)
+    }
+}
+
 /// The mm fields of stopped process `pid` that /proc shows (`stat`: its /proc/PID/stat, read
 /// by the caller): all but `brk`, left 0 for the caller to set from what `brk_call` returned.
-pub fn capture(pid: Pid, stat: &crate::procfs::Stat) -> Result<MmFields> {
-    let auxv_bytes = crate::procfs::read_file(&format!("/proc/{pid}/auxv"))
-        .with_context(|| format!("reading /proc/{pid}/auxv"))?;
-    let auxv = auxv_bytes
-        .chunks_exact(8)
-        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-        .collect();
-    let exe_link = format!("/proc/{pid}/exe");
-    let exe = std::fs::read_link(&exe_link)
-        .with_context(|| format!("reading {exe_link}"))?
-        .to_string_lossy()
-        .into_owned();
+fn capture(pid: Pid, stat: &crate::procfs::Stat) -> Result<MmFields> {
+    let auxv = crate::procfs::read_auxv(pid)?;
+    let (exe, st) = crate::procfs::read_exe(pid)?;
     if exe.ends_with(" (deleted)") {
-        bail!("the executable of process {pid} ({exe}) was deleted; it cannot be restored");
+        let what = format!("the executable of process {pid} ({exe})");
+        return Err(crate::error::refusal(what, "was deleted; it cannot be restored"));
     }
-    let st = std::fs::metadata(&exe_link).with_context(|| format!("stat {exe_link}"))?;
     Ok(MmFields {
         start_code: stat.num(26)?,
         end_code: stat.num(27)?,
@@ -62,28 +71,32 @@ pub fn capture(pid: Pid, stat: &crate::procfs::Stat) -> Result<MmFields> {
     })
 }
 
-/// Mirrors `struct prctl_mm_map` of <linux/prctl.h>.
-#[repr(C)]
-struct PrctlMmMap {
-    start_code: u64,
-    end_code: u64,
-    start_data: u64,
-    end_data: u64,
-    start_brk: u64,
-    brk: u64,
-    start_stack: u64,
-    arg_start: u64,
-    arg_end: u64,
-    env_start: u64,
-    env_end: u64,
-    auxv: u64,
-    auxv_size: u32,
-    exe_fd: u32,
+/// The bytes of a `struct prctl_mm_map` (<linux/prctl.h>): eleven addresses, the auxv's
+/// address, then its size and the exe fd as 32-bit words — 104 bytes, no padding.
+fn prctl_mm_map(mm: &MmFields, auxv: u64, auxv_size: u32, exe_fd: u32) -> Vec<u8> {
+    let words = [
+        mm.start_code,
+        mm.end_code,
+        mm.start_data,
+        mm.end_data,
+        mm.start_brk,
+        mm.brk,
+        mm.start_stack,
+        mm.arg_start,
+        mm.arg_end,
+        mm.env_start,
+        mm.env_end,
+        auxv,
+    ];
+    let mut b: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    b.extend_from_slice(&auxv_size.to_ne_bytes());
+    b.extend_from_slice(&exe_fd.to_ne_bytes());
+    b
 }
 
 /// Sets all mm fields at once; must run while the process still has CAP_SYS_ADMIN (before
 /// credentials are dropped) and after its mappings exist.
-pub fn restore(inj: &mut Injector, mm: &MmFields) -> Result<()> {
+fn set(inj: &mut Injector, mm: &MmFields) -> Result<()> {
     if mm.auxv.len() > 64 || mm.auxv.is_empty() {
         bail!("image is corrupt: auxiliary vector of {} words", mm.auxv.len());
     }
@@ -107,30 +120,8 @@ pub fn restore(inj: &mut Injector, mm: &MmFields) -> Result<()> {
     };
     let auxv_bytes: Vec<u8> = mm.auxv.iter().flat_map(|w| w.to_le_bytes()).collect();
     let auxv = inj.stage(&auxv_bytes)?;
-    let map = PrctlMmMap {
-        start_code: mm.start_code,
-        end_code: mm.end_code,
-        start_data: mm.start_data,
-        end_data: mm.end_data,
-        start_brk: mm.start_brk,
-        brk: mm.brk,
-        start_stack: mm.start_stack,
-        arg_start: mm.arg_start,
-        arg_end: mm.arg_end,
-        env_start: mm.env_start,
-        env_end: mm.env_end,
-        auxv,
-        auxv_size: auxv_bytes.len() as u32,
-        exe_fd: exe_fd as u32,
-    };
-    // SAFETY: PrctlMmMap is repr(C) plain data without padding (13 u64-sized slots); viewing
-    // it as bytes for the copy into the process is sound.
-    let bytes = unsafe {
-        std::slice::from_raw_parts(
-            &map as *const PrctlMmMap as *const u8,
-            std::mem::size_of::<PrctlMmMap>(),
-        )
-    };
+    let map = prctl_mm_map(mm, auxv, auxv_bytes.len() as u32, exe_fd as u32);
+    let bytes = map.as_slice();
     let addr = inj.stage(bytes)?;
     let mut calls = vec![Call::new(
         libc::SYS_prctl,
@@ -144,4 +135,39 @@ pub fn restore(inj: &mut Injector, mm: &MmFields) -> Result<()> {
     // (Nothing waits for them: they run with the next batch.)
     inj.defer(calls);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bytes are `struct prctl_mm_map` as the kernel reads it: 104 bytes, the auxv
+    /// pointer at 88, its size at 96 and the exe fd at 100.
+    #[test]
+    fn prctl_mm_map_layout() {
+        let mm = MmFields {
+            start_code: 1,
+            end_code: 2,
+            start_data: 3,
+            end_data: 4,
+            start_brk: 5,
+            brk: 6,
+            start_stack: 7,
+            arg_start: 8,
+            arg_end: 9,
+            env_start: 10,
+            env_end: 11,
+            auxv: vec![],
+            exe: String::new(),
+            exe_id: None,
+        };
+        let b = prctl_mm_map(&mm, 0xabc, 24, 7);
+        assert_eq!(b.len(), 104);
+        // (prctl_mm_map's order: code, data, brk, stack, args, env.)
+        let at = |i: usize| u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().unwrap());
+        assert_eq!((0..11).map(at).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+        assert_eq!(u64::from_ne_bytes(b[88..96].try_into().unwrap()), 0xabc);
+        assert_eq!(u32::from_ne_bytes(b[96..100].try_into().unwrap()), 24);
+        assert_eq!(u32::from_ne_bytes(b[100..104].try_into().unwrap()), 7);
+    }
 }

@@ -6,47 +6,39 @@
 //! On one CPU that is a plain context switch; across two it is an interrupt between
 //! processors each way, which costs far more in a VM (small restores took 2-6 ms, pinned 2).
 
+use nix::sched::{sched_getaffinity, sched_getcpu, sched_setaffinity, CpuSet};
+use nix::unistd::Pid;
+
 /// This thread's CPU set, narrowed to the CPU it runs on until released (or dropped), and
 /// optionally a tracee's, narrowed to the same CPU.
-pub struct CpuPin {
-    original: Option<libc::cpu_set_t>,
+pub(crate) struct CpuPin {
+    original: Option<CpuSet>,
     /// The tracee pinned with us and its own original set.
-    tracee: Option<(libc::pid_t, libc::cpu_set_t)>,
+    tracee: Option<(libc::pid_t, CpuSet)>,
 }
 
-fn get_affinity(tid: libc::pid_t) -> Option<libc::cpu_set_t> {
-    // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most its size into it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        (libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0)
-            .then_some(set)
-    }
+fn get_affinity(tid: libc::pid_t) -> Option<CpuSet> {
+    sched_getaffinity(Pid::from_raw(tid)).ok()
 }
 
-pub(crate) fn set_affinity(tid: libc::pid_t, set: &libc::cpu_set_t) -> bool {
-    // SAFETY: sched_setaffinity reads exactly size_of::<cpu_set_t>() bytes of a set we own.
-    unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), set) == 0 }
+pub(crate) fn set_affinity(tid: libc::pid_t, set: &CpuSet) -> bool {
+    sched_setaffinity(Pid::from_raw(tid), set).is_ok()
 }
 
 /// The CPU this thread runs on now.
 fn current_cpu() -> Option<usize> {
-    // SAFETY: sched_getcpu takes nothing.
-    usize::try_from(unsafe { libc::sched_getcpu() }).ok()
+    sched_getcpu().ok()
 }
 
 /// The set holding only the CPU this thread runs on now.
-fn this_cpu() -> Option<libc::cpu_set_t> {
-    let cpu = current_cpu()?;
-    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes inside the set we own.
-    unsafe {
-        let mut one: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut one);
-        Some(one)
-    }
+fn this_cpu() -> Option<CpuSet> {
+    let mut one = CpuSet::new();
+    one.set(current_cpu()?).ok()?;
+    Some(one)
 }
 
 /// Moves thread `pid` to the CPU this thread runs on now, for good (best effort).
-pub fn move_here(pid: libc::pid_t) {
+pub(crate) fn move_here(pid: libc::pid_t) {
     if let Some(one) = this_cpu() {
         set_affinity(pid, &one);
     }
@@ -95,30 +87,25 @@ impl CpuPin {
     /// The CPUs of our original set other than the one we are pinned to (all of the
     /// original set if there is no other): where a helper thread works beside us, not in
     /// turns with us.
-    pub fn others(&self) -> Option<libc::cpu_set_t> {
+    pub fn others(&self) -> Option<CpuSet> {
         let (original, pinned) = (self.original.as_ref()?, current_cpu()?);
         let mut others = *original;
-        // SAFETY: CPU_CLR and CPU_COUNT work inside the set we own.
-        let any = unsafe {
-            libc::CPU_CLR(pinned, &mut others);
-            libc::CPU_COUNT(&others) > 0
-        };
+        others.unset(pinned).ok()?;
+        let any = (0..CpuSet::count()).any(|cpu| others.is_set(cpu).unwrap_or(false));
         Some(if any { others } else { *original })
     }
 
-    /// The original CPU set's bytes, for the restored process.
+    /// The original CPU set's bytes (the kernel's cpumask: CPU n is bit n % 8 of byte
+    /// n / 8), for the restored process.
     pub fn original_bytes(&self) -> Option<Vec<u8>> {
         let o = self.original.as_ref()?;
-        // SAFETY: reading the bytes of a plain-data struct we own.
-        Some(
-            unsafe {
-                std::slice::from_raw_parts(
-                    (o as *const libc::cpu_set_t).cast::<u8>(),
-                    std::mem::size_of::<libc::cpu_set_t>(),
-                )
+        let mut bytes = vec![0u8; std::mem::size_of::<libc::cpu_set_t>()];
+        for cpu in (0..CpuSet::count()).filter(|&c| o.is_set(c).unwrap_or(false)) {
+            if let Some(b) = bytes.get_mut(cpu / 8) {
+                *b |= 1 << (cpu % 8);
             }
-            .to_vec(),
-        )
+        }
+        Some(bytes)
     }
 
     /// Gives this thread, and the tracee, their original sets back (as dropping does).

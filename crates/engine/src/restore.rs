@@ -9,9 +9,9 @@
 //!    ptrace at once. It never runs a line of its own code again: from
 //!    here on we drive it by injecting system calls (`inject`), mostly in batches.
 //! 3. Empty it: a small control area (a `syscall` instruction, the batch runner and scratch
-//!    memory) is mapped where the image has nothing, the kernel's [vdso]/[vvar] pages are set
+//!    memory) is mapped where the image has nothing, the kernel's `[vdso]`/`[vvar]` pages are set
 //!    aside, and every other mapping of the fork is unmapped.
-//! 4. Shape it: the [vdso]/[vvar] pages moved to the image's addresses, the image's mappings
+//! 4. Shape it: the `[vdso]`/`[vvar]` pages moved to the image's addresses, the image's mappings
 //!    created; mm fields, cwd/umask/limits, fds and signal actions set while the pages are
 //!    still coming; the pages placed (a big process's through its userfaultfd where it can be had),
 //!    protections set; thread state and credentials last, in one batch. Calls whose results
@@ -25,6 +25,7 @@
 //! death too): nothing half-restored ever runs.
 
 use std::io::Read;
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 use anyhow::{bail, Context, Result};
 use nix::sys::ptrace as nix_ptrace;
@@ -34,18 +35,20 @@ use nix::unistd::Pid;
 use telefork_image::{Header, ImageReader, ProcessImage, SpecialMap, Vma, VmaKind};
 
 use crate::arch::native as arch;
-use crate::capture::ALL_SIGNALS_BLOCKED;
 use crate::inject::{Call, Injector};
 use crate::mem::PAGE;
 use crate::pin::CpuPin;
+use crate::state::State;
 use crate::timeline::Timeline;
 use crate::{bounds, creds, fds, mem, misc, mm, procfs, ptrace, signals, threads};
 
+/// How `restore` rebuilds a process: whose rights bound it, where its stdio and pages come
+/// from.
 #[derive(Debug, Clone, Default)]
-pub struct RestoreOptions {
+pub struct RestoreOptions<'a> {
     /// Fds to become the restored process's 0/1/2 where the image says "inherited"; by
     /// default the caller's own 0/1/2.
-    pub stdio: Option<[std::os::fd::RawFd; 3]>,
+    pub stdio: Option<[BorrowedFd<'a>; 3]>,
     /// Who the image belongs to, (uid, gid): the owner of the image file, or the user an
     /// authenticated sender vouched for. The restore never grants more than this user could
     /// have had here (`bounds`). `None`: the restorer's own rights bound it — so a root
@@ -67,6 +70,7 @@ pub struct RestoreOptions {
     pub parent_death_signal: Option<i32>,
 }
 
+/// The process `restore` made, running.
 #[derive(Debug, Clone)]
 pub struct Restored {
     /// PID of the restored process (a child of the calling process).
@@ -85,14 +89,36 @@ const CONTROL_LEN: u64 = 128 << 10;
 /// gaps).
 const GUARD_GAP: u64 = 1 << 20;
 
-pub fn restore<R: Read + Send>(input: R, opts: &RestoreOptions) -> Result<Restored> {
+/// Restores the image read from `input` into a new process, a child of the caller, and lets
+/// it run.
+///
+/// # Errors
+/// [`Error::CannotCarry`](crate::Error::CannotCarry) if the image holds state this machine
+/// cannot give back, else [`Error::Failed`](crate::Error::Failed) (an image that asks for
+/// more than its owner could have had: [`Error::beyond_owner`](crate::Error::beyond_owner)).
+/// Nothing half-restored is left running.
+pub fn restore<R: Read + Send>(
+    input: R,
+    opts: &RestoreOptions,
+) -> std::result::Result<Restored, crate::Error> {
     restore_into(None, input, opts)
 }
 
 /// Restores the image from `input` into `stub` if one was made ahead of time, else into a new
 /// one. A prepared stub whose control area happens to lie where the image has memory is set
 /// aside for a new one.
+///
+/// # Errors
+/// As [`restore`].
 pub fn restore_into<R: Read + Send>(
+    stub: Option<Stub>,
+    input: R,
+    opts: &RestoreOptions,
+) -> std::result::Result<Restored, crate::Error> {
+    Ok(restore_image(stub, input, opts)?)
+}
+
+fn restore_image<R: Read + Send>(
     stub: Option<Stub>,
     input: R,
     opts: &RestoreOptions,
@@ -143,7 +169,7 @@ pub struct Stub {
     same_pid: bool,
     inj: Injector,
     control: u64,
-    /// Where the kernel's [vdso]/[vvar] pages wait: (kind, address, length).
+    /// Where the kernel's `[vdso]`/`[vvar]` pages wait: (kind, address, length).
     parked: Vec<(SpecialMap, u64, u64)>,
     parking: (u64, u64),
     /// Restored and let go: not to be killed.
@@ -153,13 +179,16 @@ pub struct Stub {
 impl Stub {
     /// A stub for an image not seen yet (so with a PID of its own, as a forked child has).
     /// `stdio` becomes its 0/1/2 where the image says "inherited".
-    pub fn prepare(stdio: Option<[std::os::fd::RawFd; 3]>) -> Result<Stub> {
-        Stub::spawn(0, stdio, &[])
+    ///
+    /// # Errors
+    /// If the process cannot be made (nothing is left behind).
+    pub fn prepare(stdio: Option<[BorrowedFd<'_>; 3]>) -> std::result::Result<Stub, crate::Error> {
+        Ok(Stub::spawn(0, stdio, &[])?)
     }
 
     /// Forks and empties a stub whose control and parking areas avoid `vmas`, with PID
     /// `want_pid` if that is free (and not 0).
-    fn spawn(want_pid: i32, stdio: Option<[std::os::fd::RawFd; 3]>, vmas: &[Vma]) -> Result<Stub> {
+    fn spawn(want_pid: i32, stdio: Option<[BorrowedFd<'_>; 3]>, vmas: &[Vma]) -> Result<Stub> {
         // (Pinned with the stub while we empty it, see `pin`; dropping the pin unpins us.)
         let _pin = CpuPin::here();
         let (pid, same_pid) = spawn_stub(want_pid, stdio)?;
@@ -174,7 +203,17 @@ impl Stub {
 
     /// A stub forked from `template`, with `stdio` (fds of this process) as its fds 0, 1, 2.
     /// The fork is made a child of ours (CLONE_PARENT) and taken under our ptrace at once.
-    pub fn fork_from(template: &mut StubTemplate, stdio: [std::os::fd::RawFd; 3]) -> Result<Stub> {
+    ///
+    /// # Errors
+    /// If the fork fails (nothing is left behind; the template may be unusable after).
+    pub fn fork_from(
+        template: &mut StubTemplate,
+        stdio: [BorrowedFd<'_>; 3],
+    ) -> std::result::Result<Stub, crate::Error> {
+        Ok(Stub::fork_template(template, stdio)?)
+    }
+
+    fn fork_template(template: &mut StubTemplate, stdio: [BorrowedFd<'_>; 3]) -> Result<Stub> {
         let t = &mut template.stub;
         let _pin = CpuPin::here();
         crate::pin::move_here(t.pid.as_raw());
@@ -194,7 +233,7 @@ impl Stub {
             // Its stdio taken from us (pidfd_getfd: it has no fds, so the numbers are known:
             // the pidfd is 0, the fds taken 1, 2, 3), the pidfd replaced by stdin.
             let me = nix::unistd::getpid().as_raw() as u64;
-            let [stdin, stdout, stderr] = stdio.map(|fd| fd as u64);
+            let [stdin, stdout, stderr] = stdio.map(|fd| fd.as_raw_fd() as u64);
             let calls = [
                 Call::new(
                     libc::SYS_pidfd_open,
@@ -257,7 +296,15 @@ pub struct StubTemplate {
 }
 
 impl StubTemplate {
-    pub fn new() -> Result<StubTemplate> {
+    /// Makes the template (a stub emptied once, without fds).
+    ///
+    /// # Errors
+    /// If the process cannot be made (nothing is left behind).
+    pub fn new() -> std::result::Result<StubTemplate, crate::Error> {
+        Ok(StubTemplate::make()?)
+    }
+
+    fn make() -> Result<StubTemplate> {
         let mut stub = Stub::spawn(0, None, &[])?;
         let code = arch::fork_child_code(nix::unistd::getpid().as_raw() as u32);
         stub.inj.write_mem(stub.control + arch::SYSCALL_INSN.len() as u64, &code)?;
@@ -306,19 +353,21 @@ fn check_header(h: &Header) -> Result<()> {
 
 fn check_layout(img: &ProcessImage, h: &Header) -> Result<()> {
     if img.threads.len() != 1 {
-        bail!(
-            "image has {} threads; only single-threaded images can be restored so far",
-            img.threads.len()
-        );
+        let what = format!("image has {} threads", img.threads.len());
+        return Err(crate::error::refusal(
+            what,
+            "only single-threaded images can be restored so far",
+        ));
     }
     mem::validate_layout(&img.vmas)?;
     let has_vdso = img.vmas.iter().any(|v| matches!(v.kind, VmaKind::Special(SpecialMap::Vdso)));
-    let here = crate::capture::kernel_release();
+    let here = crate::sys::kernel_release();
     if has_vdso && h.kernel_release != here {
-        bail!(
-            "image was made on kernel {} and this is kernel {here}: its [vdso] cannot be reused (relocating the vDSO across kernels is not supported yet)",
-            h.kernel_release
-        );
+        let what =
+            format!("image was made on kernel {} and this is kernel {here}", h.kernel_release);
+        let why =
+            "its [vdso] cannot be reused (relocating the vDSO across kernels is not supported yet)";
+        return Err(crate::error::refusal(what, why));
     }
     Ok(())
 }
@@ -342,84 +391,11 @@ fn check_files(img: &ProcessImage) -> Result<()> {
 
 /// Forks this command into a child that stops under our ptrace before running anything else.
 /// With the image's PID if free (clone3 set_tid needs CAP_CHECKPOINT_RESTORE), else any.
-fn spawn_stub(want_pid: i32, stdio: Option<[std::os::fd::RawFd; 3]>) -> Result<(Pid, bool)> {
-    #[repr(C)]
-    #[derive(Default)]
-    struct CloneArgs {
-        flags: u64,
-        pidfd: u64,
-        child_tid: u64,
-        parent_tid: u64,
-        exit_signal: u64,
-        stack: u64,
-        stack_size: u64,
-        tls: u64,
-        set_tid: u64,
-        set_tid_size: u64,
-        cgroup: u64,
-    }
-    let tid = [want_pid as libc::pid_t];
-    let restorer = nix::unistd::getpid().as_raw();
-    let mut args = CloneArgs { exit_signal: libc::SIGCHLD as u64, ..Default::default() };
-    let mut same = true;
-    if want_pid > 0 {
-        args.set_tid = tid.as_ptr() as u64;
-        args.set_tid_size = 1;
-    }
-    // SAFETY: clone3 without CLONE_VM behaves like fork(): the child gets a copy of our
-    // memory. `args` and `tid` live across the call. Other threads may exist (a daemon
-    // session's), so the child makes only async-signal-safe system calls before it stops.
-    let mut r = unsafe {
-        libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>())
-    };
-    if r < 0 && want_pid > 0 {
-        // PID taken (EEXIST) or not permitted: fork semantics, a new PID.
-        same = false;
-        args.set_tid = 0;
-        args.set_tid_size = 0;
-        // SAFETY: as above.
-        r = unsafe {
-            libc::syscall(
-                libc::SYS_clone3,
-                &args as *const CloneArgs,
-                std::mem::size_of::<CloneArgs>(),
-            )
-        };
-    }
-    if r < 0 {
-        return Err(std::io::Error::last_os_error())
-            .context("creating the process to restore into (clone3)");
-    }
-    if r == 0 {
-        // The child: only raw system calls from here (we are a fork of a process that may
-        // hold locks). It stops; the parent takes over and rebuilds it from outside.
-        // SAFETY: plain system calls without memory arguments.
-        unsafe {
-            // Should the restorer die before it holds us under ptrace (EXITKILL covers us
-            // only from then on), die too: never a stopped orphan holding its sockets. The
-            // restore clears this again (`clear_parent_death_signal`).
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
-            if libc::getppid() != restorer {
-                libc::_exit(125);
-            }
-            if let Some(fds) = stdio {
-                for (target, fd) in fds.iter().enumerate() {
-                    if libc::dup2(*fd, target as i32) < 0 {
-                        libc::_exit(126);
-                    }
-                }
-            }
-            // None of the restorer's other fds (a stub made while another restored process
-            // runs must not hold, say, the write end of that one's stdin pipe).
-            if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) != 0 {
-                libc::_exit(124);
-            }
-            libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0);
-            libc::raise(libc::SIGSTOP);
-            libc::_exit(127);
-        }
-    }
-    let pid = Pid::from_raw(r as i32);
+fn spawn_stub(want_pid: i32, stdio: Option<[BorrowedFd<'_>; 3]>) -> Result<(Pid, bool)> {
+    let (r, same) =
+        crate::sys::fork::fork_stopped_child(want_pid, stdio.map(|s| s.map(|fd| fd.as_raw_fd())))
+            .context("creating the process to restore into (clone3)")?;
+    let pid = Pid::from_raw(r);
     match waitpid(pid, Some(WaitPidFlag::__WALL)) {
         Ok(WaitStatus::Stopped(_, Signal::SIGSTOP)) => {}
         Ok(WaitStatus::Exited(_, code)) => {
@@ -441,13 +417,13 @@ fn spawn_stub(want_pid: i32, stdio: Option<[std::os::fd::RawFd; 3]>) -> Result<(
         ptrace::kill_quietly(pid);
         return Err(e).context("PTRACE_SETOPTIONS on the process to restore into");
     }
-    Ok((pid, same && want_pid > 0))
+    Ok((pid, same))
 }
 
 /// Step 3: empties a freshly spawned stub (see `Stub`), keeping clear of `vmas`. (On an
 /// error the caller kills the process.)
 fn empty(pid: Pid, same_pid: bool, vmas: &[Vma]) -> Result<Stub> {
-    ptrace::set_sigmask(pid, ALL_SIGNALS_BLOCKED)?;
+    signals::block_all(pid)?;
     let mut inj = Injector::new(pid, arch::own_syscall_insn())?;
 
     let stub_maps = procfs::read_maps(pid)?;
@@ -537,14 +513,26 @@ fn shape<R: Read + Send>(
         match img.vmas.iter().find(|v| v.kind == VmaKind::Special(*kind)) {
             Some(v) if v.end - v.start == *len => {
                 if *at != v.start {
-                    moves.push(move_call(*at, *len, v.start, format!("moving the kernel's {kind:?} to {:#x}", v.start)));
+                    moves.push(move_call(
+                        *at,
+                        *len,
+                        v.start,
+                        format!("moving the kernel's {kind:?} to {:#x}", v.start),
+                    ));
                 }
             }
-            Some(v) => bail!(
-                "the image's {kind:?} is {} bytes, this kernel's is {len}: not the same kernel build",
-                v.end - v.start
-            ),
-            None => moves.push(Call::new(libc::SYS_munmap, &[*at, *len], "unmapping an unused kernel special mapping")),
+            Some(v) => {
+                let what = format!(
+                    "the image's {kind:?} is {} bytes, this kernel's is {len}",
+                    v.end - v.start
+                );
+                return Err(crate::error::refusal(what, "not the same kernel build"));
+            }
+            None => moves.push(Call::new(
+                libc::SYS_munmap,
+                &[*at, *len],
+                "unmapping an unused kernel special mapping",
+            )),
         }
     }
     // (Deferred, as is what follows up to the files' opening: they share its round trip.)
@@ -552,7 +540,8 @@ fn shape<R: Read + Send>(
     for v in &img.vmas {
         if let VmaKind::Special(k) = v.kind {
             if k != SpecialMap::Vsyscall && !parked.iter().any(|(pk, _, _)| *pk == k) {
-                bail!("the image uses {k:?}, which this kernel does not provide");
+                let what = format!("the image uses {k:?}");
+                return Err(crate::error::refusal(what, "this kernel does not provide it"));
             }
         }
     }
@@ -567,10 +556,10 @@ fn shape<R: Read + Send>(
     tl.mark("mappings");
     // What needs only the process record, done while the pages are still on their way (none
     // of it touches the image's memory).
-    mm::restore(inj, &img.mm)?;
-    misc::restore(inj, &img.misc, &img.comm)?;
-    fds::restore(inj, &img.fds)?;
-    signals::restore_process(inj, img)?;
+    mm::Mm::restore(inj, img)?;
+    misc::MiscState::restore(inj, img)?;
+    fds::Fds::restore(inj, img)?;
+    signals::Signals::restore(inj, img)?;
     tl.mark("mm, misc, fds, signals");
     // A big transfer wants both CPUs (a reader thread verifies records while we and a helper
     // place them).
@@ -609,16 +598,14 @@ fn shape<R: Read + Send>(
     // the rest.
     mem::finish(inj, &img.vmas);
     let thread = &img.threads[0];
-    threads::restore_pending(inj, thread, pid)?;
-    inj.reset_scratch();
-    let mut last = threads::restore_calls(inj, thread)?;
+    threads::Thread::restore(inj, img)?;
     // The parent-death signal the stub set for itself (an image never has one: it is not
     // captured, and a restored process must outlive a `restore --detach`).
-    last.push(Call::new(
+    let mut last = vec![Call::new(
         libc::SYS_prctl,
         &[libc::PR_SET_PDEATHSIG as u64, 0, 0, 0, 0],
         "clearing the parent-death signal",
-    ));
+    )];
     // The CPU set the stub inherited while pinned next to us: the restorer's own, as a
     // process it started would have had.
     if let Some(set) = cpus.original_bytes() {
@@ -631,8 +618,7 @@ fn shape<R: Read + Send>(
     }
     // (They run with the credentials' batch, before the restorer's privilege is gone.)
     inj.defer(last);
-    creds::restore(inj, &img.creds)?;
-    threads::restore_after(inj, thread, pid)?;
+    creds::Credentials::restore(inj, img)?;
     if let Some(sig) = opts.parent_death_signal {
         inj.syscall(
             libc::SYS_prctl,
@@ -646,7 +632,7 @@ fn shape<R: Read + Send>(
     // the syscall-exit stop, where the image's registers replace ours.
     inj.syscall(libc::SYS_munmap, &[control, CONTROL_LEN], "unmapping the control area")?;
     arch::restore(pid, &thread.cpu)?;
-    ptrace::set_sigmask(pid, thread.sigmask)?;
+    signals::set_mask(pid, thread.sigmask)?;
     nix_ptrace::detach(pid, None).context("detaching from the restored process")?;
     tl.mark("let go");
     Ok(placed)
@@ -677,7 +663,7 @@ fn act_as_owner_for_files(inj: &mut Injector, c: &telefork_image::Creds) -> Resu
     Ok(())
 }
 
-/// The fork's [vdso], [vvar], [vvar_vclock] mappings.
+/// The fork's `[vdso]`, `[vvar]`, `[vvar_vclock]` mappings.
 fn stub_specials(maps: &[procfs::MapsEntry]) -> Vec<(SpecialMap, u64, u64)> {
     maps.iter()
         .filter_map(|m| {

@@ -1,6 +1,12 @@
-//! Process-wide signal state: the dispositions of signals 1..=64 and the shared pending queue.
-//! (The blocked mask, the per-thread queue and the alternate stack are per thread: see
-//! `threads` and the orchestration.)
+//! Signal state: the dispositions of signals 1..=64 and the shared pending queue (the
+//! process's, `Signals`), and each thread's blocked mask (`mask`, `block_all`, `set_mask`:
+//! the thread's image keeps it, see `threads`). The per-thread queue and the alternate stack
+//! are the thread's (`threads`).
+//!
+//! The mask is read through ptrace the moment a process is stopped, and every signal is
+//! blocked while the engine works in it (a capture puts the mask back when it lets the
+//! process go; a restore sets the image's mask as its very last step), so that no handler
+//! runs between injected calls.
 //!
 //! Capture injects rt_sigaction(sig, NULL, &old) for every signal (there is no /proc or
 //! ptrace view of a handler's flags, restorer and mask) and peeks the shared queue with
@@ -11,9 +17,49 @@
 //! queued signals wait until the orchestration installs the real mask.
 
 use anyhow::{Context, Result};
+use nix::unistd::Pid;
 
 use crate::inject::{Call, Injector};
+use crate::state::State;
 use telefork_image::{ProcessImage, SigAction, SigInfo};
+
+/// Every signal but SIGKILL (9) and SIGSTOP (19), which cannot be blocked anyway.
+pub(crate) const ALL_SIGNALS_BLOCKED: u64 = !((1 << 8) | (1 << 18));
+
+/// The blocked mask of stopped thread `tid` (bit n-1 = signal n).
+pub(crate) fn mask(tid: Pid) -> Result<u64> {
+    crate::ptrace::get_sigmask(tid)
+}
+
+/// Blocks every signal of stopped thread `tid` while the engine works in it.
+pub(crate) fn block_all(tid: Pid) -> Result<()> {
+    crate::ptrace::set_sigmask(tid, ALL_SIGNALS_BLOCKED)
+}
+
+/// Sets the blocked mask of stopped thread `tid`: its own back after a capture, the image's
+/// at the end of a restore.
+pub(crate) fn set_mask(tid: Pid, mask: u64) -> Result<()> {
+    crate::ptrace::set_sigmask(tid, mask)
+}
+
+/// The process's signal state, as one kind of state (`State`): captured by the capture's
+/// batch of injected rt_sigaction reads (`capture_calls`) and PTRACE_PEEKSIGINFO.
+pub(crate) struct Signals;
+
+impl State for Signals {
+    /// The dispositions of signals 1..=64 and the shared pending queue.
+    type Image = (Vec<SigAction>, Vec<SigInfo>);
+    /// The injector after the capture's batch, and where that batch left the dispositions.
+    type Source<'a> = (&'a Injector, ActionsRead);
+
+    fn capture((inj, read): Self::Source<'_>) -> Result<Self::Image> {
+        capture_process(inj, read)
+    }
+
+    fn restore(inj: &mut Injector, img: &ProcessImage) -> Result<()> {
+        restore_process(inj, img)
+    }
+}
 
 /// Size of the kernel's `struct sigaction` on x86-64: handler, flags, restorer, mask.
 const KSIGACTION_LEN: usize = 32;
@@ -30,7 +76,7 @@ fn default_action() -> SigAction {
 
 /// Where the capture's rt_sigaction calls leave the dispositions in the tracee's scratch
 /// memory (see `capture_calls`).
-pub struct ActionsRead {
+pub(crate) struct ActionsRead {
     slots: u64,
 }
 
@@ -55,10 +101,7 @@ pub fn capture_calls(inj: &mut Injector) -> Result<(Vec<Call>, ActionsRead)> {
 
 /// Dispositions of signals 1..=64 (from the slots `capture_calls`' batch filled) and the
 /// process-wide pending queue.
-pub fn capture_process(
-    inj: &Injector,
-    read: ActionsRead,
-) -> Result<(Vec<SigAction>, Vec<SigInfo>)> {
+fn capture_process(inj: &Injector, read: ActionsRead) -> Result<(Vec<SigAction>, Vec<SigInfo>)> {
     let mut all = vec![0u8; 64 * KSIGACTION_LEN];
     inj.read_mem(read.slots, &mut all)?;
     let mut actions = Vec::with_capacity(64);
@@ -80,7 +123,7 @@ pub fn capture_process(
 }
 
 /// Restores dispositions and queues the shared pending signals (all signals blocked).
-pub fn restore_process(inj: &mut Injector, img: &ProcessImage) -> Result<()> {
+fn restore_process(inj: &mut Injector, img: &ProcessImage) -> Result<()> {
     inj.reset_scratch();
     if img.sigactions.len() > 64 {
         anyhow::bail!("image has {} signal actions, at most 64 expected", img.sigactions.len());

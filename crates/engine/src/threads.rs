@@ -13,10 +13,9 @@ use anyhow::{bail, Context, Result};
 use nix::unistd::Pid;
 
 use crate::inject::{Call, Injector};
-use telefork_image::{AltStack, CpuState, SigInfo, ThreadState};
+use crate::state::State;
+use telefork_image::{AltStack, CpuState, ProcessImage, SigInfo, ThreadState};
 
-/// Index of fs_base in `struct user_regs_struct` (27 words, kernel order).
-const FS_BASE_INDEX: usize = 21;
 /// Offset of `tid` in glibc's `struct pthread` (x86-64, glibc 2.36 and neighbours).
 const GLIBC_TID_OFFSET: u64 = 0x2d0;
 /// How much of the thread's TCB we search for the tid.
@@ -25,9 +24,45 @@ const TCB_SCAN_LEN: usize = 0x1000;
 const ROBUST_LIST_HEAD_LEN: u64 = 24;
 const SYS_RSEQ: libc::c_long = 334;
 
+/// One thread's identity and kernel-side state, as one kind of state (`State`). Restored in
+/// the thread the injector drives (so far the process's only one): its pending signals now,
+/// its setters deferred to the restore's last batch (the credentials'), glibc's cached tid
+/// rewritten where the thread got a new one.
+pub(crate) struct Thread;
+
+/// What a thread is captured from: the injector driving it after the capture's batch ran
+/// its reads (`capture_calls`), and what the engine read of it when it stopped.
+pub(crate) struct ThreadLook<'a> {
+    pub inj: &'a Injector,
+    /// Its blocked mask before the engine blocked everything (`signals::mask`).
+    pub sigmask: u64,
+    /// Its CPU state (`arch::capture`).
+    pub cpu: CpuState,
+    pub reads: ThreadReads,
+}
+
+impl State for Thread {
+    type Image = ThreadState;
+    type Source<'a> = ThreadLook<'a>;
+
+    fn capture(from: ThreadLook<'_>) -> Result<ThreadState> {
+        capture(from.inj, from.inj.pid(), from.sigmask, from.cpu, from.reads)
+    }
+
+    fn restore(inj: &mut Injector, img: &ProcessImage) -> Result<()> {
+        let t = img.threads.first().context("image has no thread")?;
+        let tid = inj.pid();
+        restore_pending(inj, t, tid)?;
+        inj.reset_scratch();
+        let calls = restore_calls(inj, t)?;
+        inj.defer(calls);
+        restore_after(inj, t, tid)
+    }
+}
+
 /// Where the capture's injected reads leave the thread's alternate stack and clear_child_tid
 /// pointer in the tracee's scratch memory (see `capture_calls`).
-pub struct ThreadReads {
+pub(crate) struct ThreadReads {
     altstack: u64,
     tid_address: u64,
 }
@@ -59,7 +94,7 @@ pub fn capture_calls(inj: &mut Injector) -> Result<(Vec<Call>, ThreadReads)> {
 /// Captures one stopped thread, whose injected reads (`capture_calls`) have run. `sigmask` is
 /// its blocked mask as it was before the engine blocked everything; `cpu` its CPU state
 /// (already captured).
-pub fn capture(
+fn capture(
     inj: &Injector,
     tid: Pid,
     sigmask: u64,
@@ -89,10 +124,10 @@ pub fn capture(
     inj.read_mem(reads.tid_address, &mut b)?;
     let clear_child_tid = u64::from_ne_bytes(b);
 
-    let (robust_list, robust_list_len) = get_robust_list(tid)?;
+    let (robust_list, robust_list_len) = crate::sys::get_robust_list(tid)?;
 
     let tid_cache_addr = match &cpu {
-        CpuState::X86_64(c) => match c.gpregs.get(FS_BASE_INDEX) {
+        CpuState::X86_64(c) => match c.gpregs.get(crate::arch::native::regs::FS_BASE) {
             Some(&fs_base) if fs_base != 0 => {
                 find_tid_cache(inj, fs_base, tid.as_raw()).map(|off| fs_base + off)
             }
@@ -112,26 +147,6 @@ pub fn capture(
         robust_list_len,
         tid_cache_addr,
     })
-}
-
-/// get_robust_list(2) on another thread, called from the engine (root and the tracer).
-fn get_robust_list(tid: Pid) -> Result<(u64, u64)> {
-    let mut head: u64 = 0;
-    let mut len: usize = 0;
-    // SAFETY: the kernel writes one pointer to `head` and one size_t to `len`, both live.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_get_robust_list,
-            tid.as_raw(),
-            &mut head as *mut u64,
-            &mut len as *mut usize,
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("get_robust_list of thread {tid}"));
-    }
-    Ok((head, len as u64))
 }
 
 /// Finds where glibc caches the thread's tid, as an offset from fs_base.
@@ -184,7 +199,7 @@ fn read_prefix(inj: &Injector, addr: u64, len: usize) -> Vec<u8> {
 /// The system calls that restore everything of `t` but the CPU state, the blocked mask and
 /// the pending signals (`restore_pending`), in the thread the injector drives; to be run in
 /// one batch (their memory is staged in the scratch area), then `restore_after`.
-pub fn restore_calls(inj: &mut Injector, t: &ThreadState) -> Result<Vec<Call>> {
+fn restore_calls(inj: &mut Injector, t: &ThreadState) -> Result<Vec<Call>> {
     let tid = t.tid;
     let mut calls = Vec::new();
 
@@ -234,7 +249,7 @@ pub fn restore_calls(inj: &mut Injector, t: &ThreadState) -> Result<Vec<Call>> {
 
 /// Queues the signals pending for thread `t` again (they stay blocked until the process is
 /// let go), in batches of 256, each siginfo staged on its own.
-pub fn restore_pending(inj: &mut Injector, t: &ThreadState, new_tid: Pid) -> Result<()> {
+fn restore_pending(inj: &mut Injector, t: &ThreadState, new_tid: Pid) -> Result<()> {
     for chunk in t.pending.chunks(256) {
         inj.reset_scratch();
         let mut calls = Vec::with_capacity(chunk.len());
@@ -252,9 +267,9 @@ pub fn restore_pending(inj: &mut Injector, t: &ThreadState, new_tid: Pid) -> Res
     Ok(())
 }
 
-/// What must follow the batch of `restore_calls`: glibc's cached tid, rewritten where the
-/// thread got a new one.
-pub fn restore_after(inj: &mut Injector, t: &ThreadState, new_tid: Pid) -> Result<()> {
+/// Glibc's cached tid, rewritten in the restored memory where the thread got a new one
+/// (through /proc/PID/mem: independent of the batch of `restore_calls`).
+fn restore_after(inj: &mut Injector, t: &ThreadState, new_tid: Pid) -> Result<()> {
     if new_tid.as_raw() != t.tid {
         if let Some(addr) = t.tid_cache_addr {
             inj.write_mem(addr, &new_tid.as_raw().to_ne_bytes()).with_context(|| {

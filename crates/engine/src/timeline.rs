@@ -89,13 +89,9 @@ fn debugging() -> bool {
 /// (`scripts/timeline.py`).
 pub fn stamp(what: &str) {
     if debugging() {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: clock_gettime writes one timespec we own.
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-        eprintln!(
-            "XT {} {} {what}",
-            ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000,
-            std::process::id()
-        );
+        let us = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .map(|ts| ts.tv_sec() as u64 * 1_000_000 + ts.tv_nsec() as u64 / 1000)
+            .unwrap_or(0);
+        eprintln!("XT {us} {} {what}", std::process::id());
     }
 }

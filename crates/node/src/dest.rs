@@ -14,7 +14,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +25,7 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use crate::channel::{PendingServer, TlsChannel};
 use crate::daemon::{live_sessions, log, Shared};
 use crate::proto::{ExitInfo, FromDest, ToDest, User};
-use telefork_engine::restore::{restore_into, Stub, StubTemplate};
+use telefork_engine::{restore_into, Stub, StubTemplate};
 
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -89,7 +89,11 @@ enum Order {
 /// fds that process has (or a process made now must get) as its 0, 1, 2, and the groups it
 /// looked up for the likely owner.
 type RestoreJob = Box<
-    dyn FnOnce(Option<Stub>, [RawFd; 3], Option<Likely>) -> Result<telefork_engine::Restored>
+    dyn FnOnce(
+            Option<Stub>,
+            [BorrowedFd<'_>; 3],
+            Option<Likely>,
+        ) -> Result<telefork_engine::Restored>
         + Send,
 >;
 
@@ -113,7 +117,7 @@ impl Restorer {
                 for order in next_order {
                     match order {
                         Order::Prepare(stdio, user) => {
-                            let stub = stubs.make(stdio.each_ref().map(|fd| fd.as_raw_fd()));
+                            let stub = stubs.make(stdio.each_ref().map(|fd| fd.as_fd()));
                             let likely = user.map(|u| {
                                 let groups = groups_of(u.uid, u.gid);
                                 (u, groups, std::time::Instant::now())
@@ -125,7 +129,7 @@ impl Restorer {
                                 // (The child's ends of its pipes close here: the restored
                                 // process holds its own.)
                                 Some((stub, stdio, likely)) => {
-                                    job(stub, stdio.each_ref().map(|fd| fd.as_raw_fd()), likely)
+                                    job(stub, stdio.each_ref().map(|fd| fd.as_fd()), likely)
                                 }
                                 None => Err(anyhow::anyhow!(
                                     "no pipes were made for the process to restore"
@@ -179,7 +183,7 @@ enum Template {
 impl StubMaker {
     /// A process to restore into with `stdio` as its fds 0, 1, 2; `None` if none could be
     /// made now (the restore makes one then).
-    fn make(&mut self, stdio: [RawFd; 3]) -> Option<Stub> {
+    fn make(&mut self, stdio: [BorrowedFd<'_>; 3]) -> Option<Stub> {
         telefork_engine::timeline::stamp("dest stub begin");
         self.made += 1;
         if self.made >= 3 && matches!(self.template, Template::NotYet) {
@@ -253,7 +257,7 @@ fn serve_one(
     // told of it any more.)
     let pidfd = telefork_engine::pidfd::open(pid.as_raw())
         .context("pidfd_open")
-        .inspect_err(|_| telefork_engine::ptrace::kill_quietly(pid))?;
+        .inspect_err(|_| telefork_engine::kill_quietly(pid))?;
     let supervised = supervise(ch, origin, restorer, pipes, &received, &pidfd);
     let (status, verdict, next) = supervised.inspect_err(|_| {
         // (By its pidfd: the child may have been reaped already.)
@@ -525,7 +529,8 @@ fn receive(
             raw.set_read_timeout(Some(Duration::from_secs(30))).ok();
             opts.pages_socket =
                 Some(telefork_engine::PagesSocket { fd: raw.as_raw_fd(), max_bytes: max });
-            let r = restore_into(stub, LimitedReader { inner: raw, left: max }, &opts);
+            let r = restore_into(stub, LimitedReader { inner: raw, left: max }, &opts)
+                .map_err(telefork_engine::Error::into_chain);
             raw.set_read_timeout(None).ok();
             r
         } else if plain_image {
@@ -536,22 +541,25 @@ fn receive(
             raw.set_read_timeout(Some(Duration::from_secs(30))).ok();
             let mut input =
                 std::io::BufReader::with_capacity(1 << 20, LimitedReader { inner: raw, left: max });
-            let r = restore_into(stub, &mut input, &opts).and_then(|r| {
-                if input.buffer().is_empty() {
-                    Ok(r)
-                } else {
-                    telefork_engine::ptrace::kill_quietly(r.pid);
-                    bail!(
-                        "the origin sent {} bytes past the end of the image",
-                        input.buffer().len()
-                    )
-                }
-            });
+            let r = restore_into(stub, &mut input, &opts)
+                .map_err(telefork_engine::Error::into_chain)
+                .and_then(|r| {
+                    if input.buffer().is_empty() {
+                        Ok(r)
+                    } else {
+                        telefork_engine::kill_quietly(r.pid);
+                        bail!(
+                            "the origin sent {} bytes past the end of the image",
+                            input.buffer().len()
+                        )
+                    }
+                });
             raw.set_read_timeout(None).ok();
             r
         } else {
             // (No buffer in between: the channel keeps the opened records itself.)
             restore_into(stub, LimitedReader { inner: ch, left: max }, &opts)
+                .map_err(telefork_engine::Error::into_chain)
         }?;
         // Told from here, as soon as it runs (not after this job's result is read).
         let pid = restored.pid;
@@ -561,7 +569,7 @@ fn receive(
         telefork_engine::timeline::stamp("dest sent Started");
         if let Err(e) = r {
             // Nobody would hear of it again: it must not run on.
-            telefork_engine::ptrace::kill_quietly(pid);
+            telefork_engine::kill_quietly(pid);
             return Err(e)
                 .context(format!("telling the origin that process {pid} runs (it was killed)"));
         }

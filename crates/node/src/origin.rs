@@ -209,8 +209,9 @@ fn read_by(mut sock: &UnixStream, buf: &mut [u8], deadline: std::time::Instant) 
 /// A restored process reports its `remote` result; only children of this node's sessions may.
 fn store_report(shared: &Shared, pid: Option<i32>, value: &[u8]) -> Result<()> {
     let pid = pid.context("caller has no PID")?;
-    let ppid = status_field(pid, "PPid")?;
-    let uid = status_field(pid, "Uid")?;
+    let status = telefork_engine::procfs::read_status(nix::unistd::Pid::from_raw(pid))
+        .with_context(|| format!("process {pid} is gone"))?;
+    let (ppid, uid) = (status.ppid, status.uid[0]);
     let marker = shared.sessions_dir().join(format!("{uid}.{ppid}"));
     if !marker.exists() {
         bail!("process {pid} is not a process this node restored");
@@ -218,21 +219,6 @@ fn store_report(shared: &Shared, pid: Option<i32>, value: &[u8]) -> Result<()> {
     // (Root's, 0600, created without following a link: `safe_file`.)
     crate::safe_file::write_file(&shared.results_dir().join(pid.to_string()), value, 0o600, true)
         .context("storing the result")
-}
-
-fn status_field(pid: i32, key: &str) -> Result<i64> {
-    let s = telefork_engine::procfs::read_text(&format!("/proc/{pid}/status"))
-        .with_context(|| format!("process {pid} is gone"))?;
-    status_value(&s, key).with_context(|| format!("no {key} in /proc/{pid}/status"))
-}
-
-/// The (first) number of line `key:` of a /proc/PID/status text.
-fn status_value(status: &str, key: &str) -> Option<i64> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(':')))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
 }
 
 /// A connection to a destination (TCP connect, TLS handshake, the peer's name checked):
@@ -470,15 +456,14 @@ fn send_away(
     let ms = |t: std::time::Instant| t.duration_since(t0).as_secs_f64() * 1e3;
     let caller = caller.context("caller has no PID")?;
     let status = if child > 0 {
-        telefork_engine::procfs::read_text(&format!("/proc/{child}/status")).ok()
+        telefork_engine::procfs::read_status(nix::unistd::Pid::from_raw(child)).ok()
     } else {
         None
     };
-    let field = |key: &str| status.as_deref().and_then(|s| status_value(s, key));
-    if field("PPid") != Some(caller as i64) {
+    if status.as_ref().map(|s| s.ppid) != Some(caller) {
         bail!("process {child} is not a child of the calling process {caller}");
     }
-    if field("Uid") != Some(user.uid as i64) {
+    if status.as_ref().map(|s| s.uid[0]) != Some(user.uid) {
         bail!("process {child} does not belong to the calling user {}", user.uid);
     }
     // The connection: the one made ahead of time if it goes there, else one made now by a
@@ -496,10 +481,10 @@ fn send_away(
     let t_stopped = std::time::Instant::now();
     telefork_engine::timeline::stamp("origin stopped");
     // (Resident and swapped out: swapped pages travel too. Read once the child is stopped.)
-    let stopped_status =
-        telefork_engine::procfs::read_text(&format!("/proc/{child}/status")).unwrap_or_default();
-    let kib = |key: &str| status_value(&stopped_status, key).unwrap_or(0).max(0) as u64;
-    let image_bytes = (kib("VmRSS") + kib("VmSwap")) * 1024;
+    let stopped_status = telefork_engine::procfs::read_status(nix::unistd::Pid::from_raw(child));
+    let image_bytes = stopped_status
+        .map(|s| (s.vm_rss_kib.unwrap_or(0) + s.vm_swap_kib.unwrap_or(0)) * 1024)
+        .unwrap_or(0);
     let plain_image = shared.cfg.transport.image == crate::config::ImageTransport::Plain;
     // A small encrypted image follows its offer at once: one round trip less, and the capture
     // begins while the connection is still being made. A big one waits for the answer (a
@@ -601,6 +586,7 @@ fn send_away(
     // and said why (a refusal, or a restore that failed while the image was arriving). Its
     // word is the error, not our broken pipe.
     let dumped = dumped.map_err(|e| {
+        let e = e.into_chain();
         let ours = e.downcast_ref::<Refused>().is_none() && e.downcast_ref::<DestSaid>().is_none();
         link.ch.get().filter(|_| ours).and_then(|ch| last_word(ch, &name)).unwrap_or(e)
     });
@@ -667,15 +653,11 @@ fn wait_self_stopped(child: i32) -> Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut spins = 0;
     loop {
-        let stat = telefork_engine::procfs::read_text(&format!("/proc/{child}/stat"))
+        let stat = telefork_engine::procfs::read_stat(nix::unistd::Pid::from_raw(child))
             .with_context(|| format!("process {child} is gone"))?;
-        let state = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .unwrap_or("");
-        match state {
-            "T" | "t" => return Ok(()),
-            "Z" | "X" => bail!("process {child} exited before it could be sent"),
+        match stat.state() {
+            Some('T' | 't') => return Ok(()),
+            Some('Z' | 'X') => bail!("process {child} exited before it could be sent"),
             _ if std::time::Instant::now() > deadline => {
                 bail!("process {child} did not stop within 10 s")
             }

@@ -19,19 +19,45 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Context, Result};
 use nix::unistd::Pid;
 
-use crate::error::article;
 use crate::inject::{Call, Injector};
-use telefork_image::{Fd, FdKind};
+use crate::procfs::{self, FdInfo};
+use crate::state::State;
+use telefork_image::{Fd, FdKind, ProcessImage};
 
-pub mod path;
-pub mod stdio;
+pub(crate) mod path;
+pub(crate) mod stdio;
 
-/// The close-on-exec bit as fdinfo shows it in `flags`.
-pub const FDINFO_O_CLOEXEC: u32 = 0o2000000;
+/// The fds, as one kind of state (`State`); each kind of fd is a `Kind` of its own.
+pub(crate) struct Fds;
+
+impl State for Fds {
+    type Image = Vec<Fd>;
+    /// The process, and whether its fds 0/1/2 are recorded as inherited whatever they are.
+    type Source<'a> = (Pid, bool);
+
+    fn capture((pid, inherit_stdio): (Pid, bool)) -> Result<Vec<Fd>> {
+        capture(pid, inherit_stdio)
+    }
+
+    fn restore(inj: &mut Injector, img: &ProcessImage) -> Result<()> {
+        restore(inj, &img.fds)
+    }
+}
+
+/// One kind of fd: which fds it takes at capture, and how it recreates them.
+pub(crate) trait Kind {
+    /// This fd as this kind; `None` if it is another kind; an error (an `Uncarried`
+    /// refusal) for one of this kind that cannot be carried.
+    fn capture(p: &Probe) -> Result<Option<FdKind>>;
+
+    /// Recreates one open file description of this kind on every fd of `members` (all of
+    /// this kind, sharing it; the first carries the kind).
+    fn restore(inj: &mut Injector, members: &[&Fd]) -> Result<()>;
+}
 
 /// What /proc says about one fd of the target.
 #[derive(Debug, Clone)]
-pub struct Probe {
+pub(crate) struct Probe {
     pub fd: i32,
     /// readlink of /proc/PID/fd/N.
     pub link: String,
@@ -46,45 +72,14 @@ pub struct Probe {
     pub info: FdInfo,
 }
 
-/// The fields of /proc/PID/fdinfo/N we use.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FdInfo {
-    pub pos: u64,
-    /// Open flags without O_CLOEXEC.
-    pub flags: u32,
-    pub cloexec: bool,
-}
-
-/// Parses /proc/PID/fdinfo/N (`pos:` decimal, `flags:` octal).
-pub fn parse_fdinfo(text: &str) -> Result<FdInfo> {
-    let mut pos = None;
-    let mut flags = None;
-    for line in text.lines() {
-        let Some((k, v)) = line.split_once(':') else { continue };
-        let v = v.trim();
-        match k {
-            "pos" => pos = Some(v.parse::<u64>().with_context(|| format!("bad pos {v:?}"))?),
-            "flags" => {
-                flags = Some(u32::from_str_radix(v, 8).with_context(|| format!("bad flags {v:?}"))?)
-            }
-            _ => {}
-        }
-    }
-    let (Some(pos), Some(flags)) = (pos, flags) else { bail!("pos or flags line missing") };
-    Ok(FdInfo { pos, flags: flags & !FDINFO_O_CLOEXEC, cloexec: flags & FDINFO_O_CLOEXEC != 0 })
-}
-
 fn probe(pid: Pid, fd: i32) -> Result<Probe> {
-    let link_path = format!("/proc/{pid}/fd/{fd}");
+    let link_path = procfs::fd_path(pid, fd);
     let link =
         std::fs::read_link(&link_path).with_context(|| format!("fd {fd}: reading {link_path}"))?;
     let link = link.to_string_lossy().into_owned();
     let st = nix::sys::stat::stat(link_path.as_str())
         .with_context(|| format!("fd {fd} ({link}): stat"))?;
-    let info_path = format!("/proc/{pid}/fdinfo/{fd}");
-    let text = crate::procfs::read_text(&info_path)
-        .with_context(|| format!("fd {fd}: reading {info_path}"))?;
-    let info = parse_fdinfo(&text).with_context(|| format!("fd {fd}: parsing {info_path}"))?;
+    let info = procfs::read_fdinfo(pid, fd)?;
     Ok(Probe {
         fd,
         link,
@@ -143,21 +138,10 @@ pub fn describe_kind(p: &Probe) -> &'static str {
     }
 }
 
-/// "a" or "an" before one of `describe_kind`'s names.
-
 /// Captures the fds of `pid`. With `inherit_stdio`, fds 0/1/2 are recorded as
 /// `InheritedStdio` whatever they are (telefork: the child's stdio is its parent's, relayed).
-pub fn capture(pid: Pid, inherit_stdio: bool) -> Result<Vec<Fd>> {
-    let dir = format!("/proc/{pid}/fd");
-    let mut nums = Vec::new();
-    for e in std::fs::read_dir(&dir).with_context(|| format!("listing {dir}"))? {
-        let e = e.with_context(|| format!("listing {dir}"))?;
-        let name = e.file_name();
-        let name = name.to_string_lossy();
-        let n: i32 = name.parse().with_context(|| format!("unexpected entry {name:?} in {dir}"))?;
-        nums.push(n);
-    }
-    nums.sort_unstable();
+fn capture(pid: Pid, inherit_stdio: bool) -> Result<Vec<Fd>> {
+    let nums = procfs::list_fds(pid)?;
 
     let mut out = Vec::with_capacity(nums.len());
     // Representative fd of each open file description found so far.
@@ -171,9 +155,11 @@ pub fn capture(pid: Pid, inherit_stdio: bool) -> Result<Vec<Fd>> {
             Err(e) if is_enoent(&e) => continue,
             Err(e) => return Err(e),
         };
-        let kind = if stdio::is_inherited_stdio(&p) || (inherit_stdio && (0..=2).contains(&fd)) {
+        let kind = if inherit_stdio && (0..=2).contains(&fd) {
             FdKind::InheritedStdio
-        } else if let Some(k) = path::capture(&p)? {
+        } else if let Some(k) = stdio::Stdio::capture(&p)? {
+            k
+        } else if let Some(k) = path::ByPath::capture(&p)? {
             k
         } else {
             let kind = describe_kind(&p);
@@ -184,14 +170,14 @@ pub fn capture(pid: Pid, inherit_stdio: bool) -> Result<Vec<Fd>> {
         let mut open_file = None;
         if kcmp_ok {
             for (i, &r) in reps.iter().enumerate() {
-                match same_file(pid, r, fd) {
+                match crate::sys::same_open_file(pid, r, fd) {
                     Ok(true) => {
                         open_file = Some(i as u32);
                         break;
                     }
                     Ok(false) => {}
                     Err(e) => {
-                        eprintln!("telefork: warning: cannot tell shared open files apart ({e:#}); fds are restored as independent opens");
+                        tracing::warn!("cannot tell shared open files apart ({e:#}); fds are restored as independent opens");
                         kcmp_ok = false;
                         break;
                     }
@@ -217,30 +203,9 @@ fn is_enoent(e: &anyhow::Error) -> bool {
     })
 }
 
-/// kcmp(KCMP_FILE): do `a` and `b` of `pid` refer to the same open file description?
-fn same_file(pid: Pid, a: i32, b: i32) -> Result<bool> {
-    const KCMP_FILE: libc::c_int = 0;
-    // SAFETY: kcmp takes only integers and touches no memory of ours.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_kcmp,
-            pid.as_raw(),
-            pid.as_raw(),
-            KCMP_FILE,
-            a as libc::c_ulong,
-            b as libc::c_ulong,
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("kcmp(KCMP_FILE) on fds {a} and {b}"));
-    }
-    Ok(r == 0)
-}
-
 /// Closes every fd the restore stub inherited (but 0/1/2 that are `InheritedStdio`) and
 /// recreates the image's fds.
-pub fn restore(inj: &mut Injector, fds: &[Fd]) -> Result<()> {
+fn restore(inj: &mut Injector, fds: &[Fd]) -> Result<()> {
     inj.reset_scratch();
 
     // Sanity of the image: fd numbers unique and non-negative, InheritedStdio only on 0..=2.
@@ -326,8 +291,8 @@ pub fn restore(inj: &mut Injector, fds: &[Fd]) -> Result<()> {
         }
         inj.reset_scratch(); // each group stages its own path: keep the scratch use bounded
         match &first.kind {
-            FdKind::InheritedStdio => {} // (their flags were set above)
-            FdKind::Path { .. } => path::restore(inj, members)?,
+            FdKind::InheritedStdio => stdio::Stdio::restore(inj, members)?,
+            FdKind::Path { .. } => path::ByPath::restore(inj, members)?,
         }
     }
     if lifted {
@@ -342,24 +307,9 @@ pub fn restore(inj: &mut Injector, fds: &[Fd]) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_fdinfo() {
-        let i = parse_fdinfo("pos:\t4096\nflags:\t02100002\nmnt_id:\t25\nino:\t1234\n").unwrap();
-        assert_eq!(i, FdInfo { pos: 4096, flags: 0o100002, cloexec: true });
-        let i = parse_fdinfo("pos:\t0\nflags:\t0100000\nmnt_id:\t25\n").unwrap();
-        assert_eq!(i, FdInfo { pos: 0, flags: 0o100000, cloexec: false });
-        assert!(parse_fdinfo("pos:\t0\n").is_err());
-        assert!(parse_fdinfo("pos:\tx\nflags:\t0\n").is_err());
-        assert!(parse_fdinfo("pos:\t1\nflags:\t9\n").is_err());
-    }
-}
-
-#[cfg(test)]
 mod classify_tests {
     use super::*;
+    use crate::error::article;
 
     fn probe(fd: i32, link: &str, mode: u32, rdev: u64) -> Probe {
         Probe {
@@ -389,26 +339,38 @@ mod classify_tests {
 
     #[test]
     fn paths() {
-        let k = path::capture(&probe(3, "/tmp/x", libc::S_IFREG | 0o644, 0)).unwrap().unwrap();
+        let k =
+            path::ByPath::capture(&probe(3, "/tmp/x", libc::S_IFREG | 0o644, 0)).unwrap().unwrap();
         let FdKind::Path { id, flags, pos, directory } = k else { panic!("not a path") };
         assert_eq!(
             (id.path.as_str(), id.ino, flags, pos, directory),
             ("/tmp/x", 2, 0o100002, 7, false)
         );
-        let k = path::capture(&probe(3, "/tmp", libc::S_IFDIR | 0o755, 0)).unwrap().unwrap();
+        let k =
+            path::ByPath::capture(&probe(3, "/tmp", libc::S_IFDIR | 0o755, 0)).unwrap().unwrap();
         assert!(matches!(k, FdKind::Path { directory: true, .. }));
-        assert!(path::capture(&probe(0, "/dev/null", libc::S_IFCHR, (1 << 8) | 3))
+        assert!(path::ByPath::capture(&probe(0, "/dev/null", libc::S_IFCHR, (1 << 8) | 3))
             .unwrap()
             .is_some());
-        assert!(path::capture(&probe(4, "/dev/sda", libc::S_IFBLK, 8 << 8)).unwrap().is_none());
-        assert!(path::capture(&probe(4, "/dev/ttyS0", libc::S_IFCHR, 4 << 8)).unwrap().is_none());
-        assert!(path::capture(&probe(4, "/memfd:x (deleted)", libc::S_IFREG, 0))
+        assert!(path::ByPath::capture(&probe(4, "/dev/sda", libc::S_IFBLK, 8 << 8))
             .unwrap()
             .is_none());
-        assert!(path::capture(&probe(4, "anon_inode:[eventfd]", libc::S_IFREG, 0))
+        assert!(path::ByPath::capture(&probe(4, "/dev/ttyS0", libc::S_IFCHR, 4 << 8))
             .unwrap()
             .is_none());
-        assert!(path::capture(&probe(4, "/tmp/gone (deleted)", libc::S_IFREG, 0)).is_err());
+        assert!(path::ByPath::capture(&probe(4, "/memfd:x (deleted)", libc::S_IFREG, 0))
+            .unwrap()
+            .is_none());
+        assert!(path::ByPath::capture(&probe(4, "anon_inode:[eventfd]", libc::S_IFREG, 0))
+            .unwrap()
+            .is_none());
+        let gone =
+            path::ByPath::capture(&probe(4, "/tmp/gone (deleted)", libc::S_IFREG, 0)).unwrap_err();
+        let e = crate::Error::from(gone);
+        assert!(
+            matches!(e.uncarried(), Some(crate::Uncarried::State { what, .. }) if what == "fd 4 (/tmp/gone (deleted))"),
+            "{e:#}"
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@
 
 use anyhow::{bail, Result};
 
-use super::Probe;
+use super::{Kind, Probe};
 use crate::inject::{Call, Injector};
 use telefork_image::{Fd, FdKind, FileId};
 
@@ -17,9 +17,22 @@ use telefork_image::{Fd, FdKind, FileId};
 pub const ALLOWED_CHAR_DEVICES: [&str; 5] =
     ["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"];
 
+/// Fds reopened by path, as one kind of fd (`Kind`).
+pub(crate) struct ByPath;
+
+impl Kind for ByPath {
+    fn capture(p: &Probe) -> Result<Option<FdKind>> {
+        capture(p)
+    }
+
+    fn restore(inj: &mut Injector, members: &[&Fd]) -> Result<()> {
+        restore(inj, members)
+    }
+}
+
 /// `Some` if this fd is reopened by path; `None` if it is some other kind; an error for a
 /// file that cannot be reopened (deleted).
-pub fn capture(p: &Probe) -> Result<Option<FdKind>> {
+fn capture(p: &Probe) -> Result<Option<FdKind>> {
     let fmt = p.mode & libc::S_IFMT;
     let directory = fmt == libc::S_IFDIR;
     match fmt {
@@ -29,7 +42,9 @@ pub fn capture(p: &Probe) -> Result<Option<FdKind>> {
                 return Ok(None);
             }
             if p.link.ends_with(" (deleted)") {
-                bail!("fd {} ({}): the file has been deleted and cannot be reopened: not supported yet", p.fd, p.link);
+                let what = format!("fd {} ({})", p.fd, p.link);
+                let why = "the file has been deleted and cannot be reopened: not supported yet";
+                return Err(crate::error::refusal(what, why));
             }
         }
         libc::S_IFCHR if ALLOWED_CHAR_DEVICES.contains(&p.link.as_str()) => {}
@@ -80,7 +95,7 @@ fn type_name(fmt: u32) -> &'static str {
 /// placed (those are open), and it is closed again before the next group is opened, so it
 /// cannot clobber or be clobbered by another group's fds; if it happens to be one of this
 /// group's own numbers, it simply stays.
-pub fn restore(inj: &mut Injector, members: &[&Fd]) -> Result<()> {
+fn restore(inj: &mut Injector, members: &[&Fd]) -> Result<()> {
     let first = members[0];
     let FdKind::Path { id, flags, pos, directory } = &first.kind else {
         bail!("internal error: path::restore on a non-path fd {}", first.fd);
