@@ -480,7 +480,7 @@ mod tests {
     #[test]
     fn pages_written_while_blocks_are_prepared_win() {
         let Some(size) = huge_page_size() else {
-            eprintln!("no transparent huge pages here: nothing to test");
+            eprintln!("skipped: no transparent huge pages on this kernel: nothing to test");
             return;
         };
         let blocks = 6u64;
