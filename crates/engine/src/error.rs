@@ -42,9 +42,10 @@ impl fmt::Display for Uncarried {
             Uncarried::Fd { fd, kind, target } => {
                 write!(f, "fd {fd} is {} {kind} ({target}): not supported yet", article(kind))
             }
-            Uncarried::Threads { count } => {
-                write!(f, "{count} threads: only single-threaded processes can be carried so far")
-            }
+            Uncarried::Threads { count } => write!(
+                f,
+                "{count} threads: only single-threaded processes can be carried so far"
+            ),
             Uncarried::State { what, why } => write!(f, "{what}: {why}"),
         }
     }

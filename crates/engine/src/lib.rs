@@ -31,8 +31,8 @@ pub mod threads;
 pub mod timeline;
 pub mod uffd;
 
-pub use capture::{dump, DumpOptions, DumpSummary, OutsideReader};
 pub use error::{Error, Uncarried};
+pub use capture::{dump, DumpOptions, DumpSummary, OutsideReader};
 
 /// Learns what this CPU offers, once per process. CPUID and XGETBV trap to the hypervisor
 /// in a VM (microseconds each): a daemon calls this before it forks its sessions, which
