@@ -111,6 +111,14 @@ fn build_rust_target() -> PathBuf {
     tdir.join("release/zdtm-rust-target")
 }
 
+/// Says that a test did not run (or not all of it) for a reason it names, on the test's real
+/// stderr: libtest keeps what `eprintln!` says in a passing test to itself, and a skip must
+/// not look like a pass.
+fn skipped(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "skipped: {why}");
+}
+
 fn warn_if_not_root() {
     if !nix::unistd::geteuid().is_root() {
         eprintln!(
@@ -433,7 +441,7 @@ impl Run {
                 true
             }
             Some(l) if l.starts_with("SKIP") => {
-                eprintln!("skipped: zdtm {}: the target says {l:?}", self.name);
+                skipped(&format!("zdtm {}: the target says {l:?}", self.name));
                 t.wait_timeout(Duration::from_secs(5));
                 false
             }
@@ -758,7 +766,7 @@ fn big_memory_in_huge_pages() {
     if thp.is_empty() || thp.contains("[never]") {
         // (A kernel without transparent huge pages: the memory is right, the rest cannot be.)
         assert_eq!(reported, 0, "huge pages reported where the kernel has none");
-        eprintln!("skipped: big_memory_in_huge_pages: this kernel has no transparent huge pages ({:?}): only the memory was checked", thp.trim());
+        skipped(&format!("big_memory_in_huge_pages: this kernel has no transparent huge pages ({:?}): only the memory was checked", thp.trim()));
         return;
     }
     // (How many: as many as the preparing thread made before the pages reached them. None
