@@ -1476,7 +1476,8 @@ fn scenario(name: &str, f: fn(&Ctx)) -> Result<(), libtest_mimic::Failed> {
     }));
     match res {
         Ok(()) => {
-            eprintln!("== scenario {name}: ok ({:?})", t.elapsed());
+            // (Before the runner's "ok", on the same line.)
+            eprint!("({:.2} s) ", t.elapsed().as_secs_f64());
             Ok(())
         }
         Err(e) => {
