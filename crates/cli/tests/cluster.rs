@@ -5,9 +5,14 @@
 //! the nodes as the non-root user `tftest`. Everything is checked from the outside: what the
 //! probe prints, exit statuses, daemon logs, and the processes left on each node.
 //!
-//! One #[test] brings the testbed up once and runs every scenario in turn; a failing
-//! scenario is reported (with the probe's output) and the others still run; the testbed is
-//! taken down at the end, also on failure. Needs root and iproute2 (skipped otherwise).
+//! Each scenario is a test of its own (`cargo test --test cluster -- limits` runs one;
+//! `-- --list` names them all), run one after another on one testbed: this file has its own
+//! `main` (`harness = false`, with libtest-mimic for libtest's arguments and output). The
+//! testbed comes up when the first selected scenario starts and goes down when the last has
+//! ended, also when scenarios fail or panic; a failing scenario prints the daemons' last log
+//! lines, and what it left of the test user's processes is killed before the next one runs.
+//! Needs root, iproute2 and the probe (CI has them): without them every scenario fails,
+//! naming what is missing.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -21,9 +26,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use telefork_testbed as tb;
-
-/// A scenario: its name and the function that runs it.
-type Scenario = (&'static str, fn(&Ctx));
 
 const PREFIX: &str = "tft-";
 const DIR: &str = "/run/telefork-testbed-ci";
@@ -1396,19 +1398,121 @@ except socket.timeout:
 }
 
 // ---------------------------------------------------------------------------------------
+// The tests: one per scenario, in this order, on one testbed.
 
-#[test]
-fn telefork_across_machines() {
-    if !tb::can_run() {
-        return;
+/// A scenario: its name (the test's) and the function that runs it.
+type Scenario = (&'static str, fn(&Ctx));
+
+/// The scenarios, each a test named after its function.
+const SCENARIOS: &[Scenario] = &[
+    ("fork_to_node", fork_to_node),
+    ("output", output),
+    ("stdin", stdin),
+    ("kill", kill),
+    ("user", user),
+    ("remote_and_yoyo", remote_and_yoyo),
+    ("peer_without_cert", peer_without_cert),
+    ("dest_killed_mid_transfer", dest_killed_mid_transfer),
+    ("dest_down", dest_down),
+    ("daemon_restart_keeps_children", daemon_restart_keeps_children),
+    ("limits", limits),
+    ("plain_transport", plain_transport),
+    ("prepared_connections", prepared_connections),
+    ("fan_out", fan_out),
+    ("session_reuse", session_reuse),
+    ("dropped_handle_ends_its_session", dropped_handle_ends_its_session),
+    ("unauthenticated_flood", unauthenticated_flood),
+    ("idle_local_flood", idle_local_flood),
+    ("burst", burst),
+    ("killed_session", killed_session),
+    ("refusal_reasons", refusal_reasons),
+    ("configured_peers_only", configured_peers_only),
+];
+
+/// The testbed the scenarios share, once the first of them has brought it up: dropped (taken
+/// down) at the end of `main`.
+struct Testbed {
+    c: Ctx,
+    // (Dropped in this order: the testbed goes down, then the lock is released.)
+    _down: Down,
+    _serial: tb::TestbedLock,
+}
+
+/// `None` until the first scenario runs; then the testbed, or why it could not be made (the
+/// later scenarios fail with that at once instead of trying again).
+static TESTBED: Mutex<Option<Result<Testbed, String>>> = Mutex::new(None);
+
+fn main() {
+    let mut args = libtest_mimic::Arguments::from_args();
+    // One testbed, one scenario at a time: they restart daemons, change configs and count
+    // processes on the nodes.
+    args.test_threads = Some(1);
+    let trials = SCENARIOS
+        .iter()
+        .map(|&(name, f)| libtest_mimic::Trial::test(name, move || scenario(name, f)))
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    // Down, also after failures (a panic inside a scenario is caught by the runner).
+    drop(TESTBED.lock().unwrap_or_else(|e| e.into_inner()).take());
+    conclusion.exit();
+}
+
+/// Runs one scenario on the testbed (brought up first if this is the first scenario). On
+/// failure: the daemons' last log lines, and the test user's leftovers killed.
+fn scenario(name: &str, f: fn(&Ctx)) -> Result<(), libtest_mimic::Failed> {
+    let mut bed = TESTBED.lock().unwrap_or_else(|e| e.into_inner());
+    let bed = bed.get_or_insert_with(|| {
+        catch_unwind(set_up)
+            .map_err(|e| format!("the testbed could not be set up: {}", panic_text(&e)))
+    });
+    let c = match bed {
+        Ok(bed) => &bed.c,
+        Err(why) => return Err(why.as_str().into()),
+    };
+    let t = Instant::now();
+    let res = catch_unwind(AssertUnwindSafe(|| {
+        c.ensure_daemons();
+        f(c)
+    }));
+    match res {
+        Ok(()) => {
+            // (Before the runner's "ok", on the same line.)
+            eprint!("({:.2} s) ", t.elapsed().as_secs_f64());
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("== scenario {name}: FAILED ({:?})", t.elapsed());
+            for n in ["node1", "node2", "node3"] {
+                let log = c.log(n);
+                let lines: Vec<&str> = log.lines().collect();
+                eprintln!(
+                    "--- {n}/daemon.log (last lines):\n{}",
+                    lines[lines.len().saturating_sub(12)..].join("\n")
+                );
+            }
+            c.kill_leftovers();
+            Err(panic_text(&e).into())
+        }
     }
+}
+
+fn panic_text(e: &Box<dyn std::any::Any + Send>) -> String {
+    e.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "(a panic without a message)".into())
+}
+
+/// Brings the testbed up (panics, naming what is missing or failed, if it cannot).
+fn set_up() -> Testbed {
+    tb::check_host().unwrap_or_else(|e| panic!("cannot run here: {e:#}"));
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_telefork"));
     let probe = bin.parent().unwrap().join("examples").join("probe");
     assert!(probe.exists(), "{} is missing: run `cargo build --release --examples` (or without --release for a debug test build) first", probe.display());
-    let _serial = tb::lock(PREFIX).unwrap();
-    let (uid, gid) = tb::ensure_test_user(USER).unwrap();
+    let serial = tb::lock(PREFIX).unwrap_or_else(|e| panic!("{e:#}"));
+    let (uid, gid) = tb::ensure_test_user(USER).unwrap_or_else(|e| panic!("{e:#}"));
     let dir = PathBuf::from(DIR);
-    let _down = Down(dir.clone());
+    let down = Down(dir.clone());
     let opts = tb::TestbedOptions {
         nodes: 3,
         dir: dir.clone(),
@@ -1426,67 +1530,7 @@ fn telefork_across_machines() {
     let probe = staged;
     let c = Ctx { dir, probe, uid, gid };
     check_access(&c);
-
-    let scenarios: &[Scenario] = &[
-        ("1 telefork to another node", fork_to_node),
-        ("2 output: pipes and files", output),
-        ("3 stdin", stdin),
-        ("4 kill", kill),
-        ("5 user and root", user),
-        ("6 remote and yoyo", remote_and_yoyo),
-        ("7 peer without certificate", peer_without_cert),
-        ("8 destination killed mid-transfer", dest_killed_mid_transfer),
-        ("9 destination down", dest_down),
-        ("10 daemon restart keeps children", daemon_restart_keeps_children),
-        ("11 limits", limits),
-        ("12 plain image transport", plain_transport),
-        ("13 a connection kept for the next telefork", prepared_connections),
-        ("14 fan-out to several nodes", fan_out),
-        ("15 sessions on both sides serve teleforks one after another", session_reuse),
-        ("16 a dropped handle's sessions end with its child", dropped_handle_ends_its_session),
-        ("17 a flood of unauthenticated connections", unauthenticated_flood),
-        ("18 a flood of idle local connections", idle_local_flood),
-        ("19 200 teleforks at once", burst),
-        ("20 a killed session takes its child along", killed_session),
-        ("21 refusal reasons reach the caller", refusal_reasons),
-        ("22 daemons connect only to configured peers", configured_peers_only),
-    ];
-    let only = std::env::var("CLUSTER_ONLY").ok();
-    let mut failed = vec![];
-    for (name, f) in scenarios {
-        if only.as_deref().is_some_and(|o| !o.split(',').any(|o| name.split(' ').next() == Some(o)))
-        {
-            continue;
-        }
-        eprintln!("== scenario {name}");
-        let t = Instant::now();
-        let res = catch_unwind(AssertUnwindSafe(|| {
-            c.ensure_daemons();
-            f(&c)
-        }));
-        match res {
-            Ok(()) => eprintln!("== scenario {name}: ok ({:?})", t.elapsed()),
-            Err(e) => {
-                let msg = e
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
-                eprintln!("== scenario {name}: FAILED ({:?})", t.elapsed());
-                for n in ["node1", "node2", "node3"] {
-                    let log = c.log(n);
-                    let lines: Vec<&str> = log.lines().collect();
-                    eprintln!(
-                        "--- {n}/daemon.log (last lines):\n{}",
-                        lines[lines.len().saturating_sub(12)..].join("\n")
-                    );
-                }
-                c.kill_leftovers();
-                failed.push(format!("scenario {name}: {}", msg.lines().next().unwrap_or("")));
-            }
-        }
-    }
-    assert!(failed.is_empty(), "{} scenario(s) failed:\n{}", failed.len(), failed.join("\n"));
+    Testbed { c, _down: down, _serial: serial }
 }
 
 /// The test user must be able to run the probe (target/ readable and searchable).

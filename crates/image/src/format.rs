@@ -22,6 +22,33 @@
 //! Every length is bounded before anything is allocated, every record is checksummed, and a
 //! missing or inconsistent trailer means the image was cut short. The reader never panics on
 //! any input (see `fuzz/`).
+//!
+//! ## Changing the format without breaking older images
+//!
+//! The version after the magic says how to read everything that follows; a reader refuses a
+//! version outside `OLDEST_READABLE_VERSION..=FORMAT_VERSION` with `ImageError::Version`,
+//! which names the version found and the ones it reads. The metadata records are postcard,
+//! which is not self-describing: a struct's fields are its values in declaration order, with
+//! no names, tags or lengths, and an enum's variant is its position. So:
+//!
+//! * Adding, removing, reordering or retyping a field of any model struct changes the bytes
+//!   (an older image then fails to decode, or decodes wrongly): bump `FORMAT_VERSION`, and
+//!   keep reading the previous version — decode its records into the previous shape (a
+//!   private copy of the old struct) and convert, giving the new field the value that means
+//!   "as before" (`None`, empty, the old behaviour). Older builds refuse the new images by
+//!   their version, never by misreading them.
+//! * Appending a variant to an enum leaves older images' bytes meaning what they meant; bump
+//!   the version all the same, so an older build refuses an image that may use the variant.
+//! * New data that stands apart goes in a record of a new kind where it belongs in the
+//!   stream, optional for the reader, as the page index came in version 3: readers refuse a
+//!   record kind they do not expect, so this too is a new version, but older images (without
+//!   the record) are read unchanged.
+//! * Raise `OLDEST_READABLE_VERSION` only to drop an old version on purpose.
+//!
+//! `tests/golden/` holds images of each readable version as written when that version was
+//! current; `tests/golden.rs` checks that they still decode to exactly what they hold and
+//! that today's writer writes the newest ones byte for byte (so a change that forgot to
+//! bump the version fails there). A new version adds its own golden images.
 
 use std::io::{Read, Write};
 

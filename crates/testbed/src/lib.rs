@@ -170,15 +170,21 @@ fn daemon_argv(st: &State, dir: &Path, node: &NodeState) -> Vec<String> {
         .collect()
 }
 
-/// Whether a testbed can be made here (root, iproute2); says why not on stderr. For tests
-/// that skip themselves elsewhere.
-pub fn can_run() -> bool {
-    let ok =
-        nix::unistd::Uid::effective().is_root() && Command::new("ip").arg("-V").output().is_ok();
-    if !ok {
-        eprintln!("skipped: needs root and iproute2");
+/// Whether a testbed can be made here: an error naming what is missing (root, iproute2's
+/// `ip`). Tests that need a testbed fail with it: where they are meant to run (CI runs as
+/// root, with network namespaces), not being able to is a failure, not a pass.
+pub fn check_host() -> Result<()> {
+    let euid = nix::unistd::Uid::effective();
+    if !euid.is_root() {
+        bail!(
+            "a testbed needs root (network namespaces, bridges, mounts); this runs as uid {euid}"
+        );
     }
-    ok
+    match Command::new("ip").arg("-V").output() {
+        Ok(out) if out.status.success() => Ok(()),
+        Ok(out) => bail!("a testbed needs iproute2: `ip -V` failed ({})", out.status),
+        Err(e) => bail!("a testbed needs iproute2: cannot run `ip` ({e})"),
+    }
 }
 
 /// Brings up a testbed of `opts.nodes` nodes, first removing what a previous (possibly
