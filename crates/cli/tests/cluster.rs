@@ -1204,8 +1204,9 @@ fn idle_local_flood(c: &Ctx) {
     let before = (c.sessions("node1"), c.sessions("node2"));
     let script = r#"
 import socket, time
-# LocalRequest::Prepare { dest: "node2" }: a u32 length, then postcard (variant 3, string).
-prepare = bytes([7, 0, 0, 0, 3, 5]) + b"node2"
+# A hello (protocol version 1), then LocalRequest::Prepare { dest: "node2" }: each a u32
+# length, then the body (the hello's magic and version; postcard: variant 3, string).
+prepare = bytes([8, 0, 0, 0, 0xff]) + b"TFK" + bytes([1, 0, 0, 0, 7, 0, 0, 0, 3, 5]) + b"node2"
 conns = []
 for i in range(300):
     s = socket.socket(socket.AF_UNIX)

@@ -32,7 +32,7 @@ use nix::unistd::Pid;
 
 use crate::channel::PendingServer;
 use crate::daemon::{log, spawn_session, Shared};
-use crate::proto::{FromDaemon, FromDest};
+use crate::proto::{Failure, FromDaemon, FromDest, Limit};
 
 /// A connection from another node must have completed its handshake this long after it was
 /// accepted (waiting for a handshake slot included) ...
@@ -226,7 +226,7 @@ impl<'a> Admission<'a> {
                     limits.max_sessions_per_user,
                     LOCAL_WAIT.as_secs()
                 );
-                self.refuse_local(sock, "limits.max_sessions_per_user", reason);
+                self.refuse_local(sock, Limit::MaxSessionsPerUser, reason);
             }
         }
         self.waiting_local = kept;
@@ -418,7 +418,7 @@ impl<'a> Admission<'a> {
                     self.shared.cfg.node,
                     limits.max_waiting_per_user
                 );
-                self.refuse_local(sock, "limits.max_waiting_per_user", reason);
+                self.refuse_local(sock, Limit::MaxWaitingPerUser, reason);
                 continue;
             }
             self.waiting_local.push_back((sock, uid, Instant::now()));
@@ -426,15 +426,13 @@ impl<'a> Admission<'a> {
     }
 
     /// Tells a local program why its connection is refused, then drains it.
-    fn refuse_local(&mut self, sock: UnixStream, limit: &str, reason: String) {
-        let msg = FromDaemon::Refused {
-            node: self.shared.cfg.node.clone(),
-            limit: Some(limit.to_string()),
-            reason,
-        };
+    fn refuse_local(&mut self, sock: UnixStream, limit: Limit, reason: String) {
+        let node = self.shared.cfg.node.clone();
+        let msg = FromDaemon::Failed(Failure::Refused { node, limit, reason });
         sock.set_write_timeout(Some(Duration::from_millis(100))).ok();
         let mut w = &sock;
-        let _ = crate::proto::write_frame(&mut w, &msg);
+        // (The first answer on the connection: behind our hello.)
+        let _ = crate::proto::write_first(&mut w, &msg);
         self.drain(OwnedFd::from(sock));
     }
 
@@ -512,10 +510,10 @@ impl<'a> Admission<'a> {
         let node = &self.shared.cfg.node;
         let from_peer = self.count(&Kind::Peer(origin.clone()));
         let refusal = if from_peer >= limits.max_sessions_per_peer as usize {
-            Some(("limits.max_sessions_per_peer", format!("node {node} already serves {from_peer} connections from node {origin} (limits.max_sessions_per_peer)")))
+            Some((Limit::MaxSessionsPerPeer, format!("node {node} already serves {from_peer} connections from node {origin} (limits.max_sessions_per_peer)")))
         } else if self.sessions.len() >= limits.max_sessions as usize {
             Some((
-                "limits.max_sessions",
+                Limit::MaxSessions,
                 format!(
                     "node {node} already runs {} sessions (limits.max_sessions)",
                     self.sessions.len()
@@ -530,7 +528,9 @@ impl<'a> Admission<'a> {
             // (On the authenticated connection: the origin reads it as the answer to its offer.)
             match tls.finish(sock, Duration::from_millis(200)) {
                 Ok(ch) => {
-                    let _ = ch.send(&FromDest::Refused { limit: Some(limit.to_string()), reason });
+                    let node = node.clone();
+                    let refused = Failure::Refused { node, limit, reason };
+                    let _ = ch.send_first(&FromDest::Failed(refused));
                     if let Ok(sock) = ch.into_socket() {
                         self.drain(OwnedFd::from(sock));
                     }

@@ -24,7 +24,7 @@ use nix::sys::wait::{waitpid, WaitStatus};
 
 use crate::channel::{PendingServer, TlsChannel};
 use crate::daemon::{live_sessions, log, Shared};
-use crate::proto::{ExitInfo, FromDest, ToDest, User};
+use crate::proto::{self, ExitInfo, Failure, FromDest, Limit, Stage, ToDest, User};
 use telefork_engine::restore::{restore_into, Stub, StubTemplate};
 
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -578,7 +578,9 @@ fn receive(
         Ok(r) => Ok(Some(Received { restored: r, user, pass_stdin, _counted: counted })),
         Err(e) => {
             log(&format!("restoring a process from {origin} failed: {e:#}"));
-            ch.send(&FromDest::Failed { error: format!("{e:#}") }).ok();
+            let node = &shared.cfg.node;
+            let failure = crate::failure::of(&e, node, origin, Stage::Restore);
+            ch.send(&FromDest::Failed(failure)).ok();
             // The restore may have stopped early (a mapped file missing here, say) while the
             // image is still arriving: read the rest, so that the origin, which reads our
             // answer once it has sent the image, gets the reason instead of a reset.
@@ -601,9 +603,33 @@ fn receive(
 /// node's limits and accepts it, or `None` if refused.
 fn answer_offer(shared: &Shared, ch: &TlsChannel, origin: &str) -> Result<Option<Accepted>> {
     ch.set_recv_timeout(Some(OFFER_WAIT));
-    let offer: ToDest = match ch.recv() {
+    let node = &shared.cfg.node;
+    // (Behind the origin's hello: a peer of another protocol version is told so, in a form it
+    // reads, and the session ends.)
+    let offer: ToDest = match ch.recv_first() {
         Ok(Some(o)) => o,
-        Ok(None) | Err(_) => return Ok(None),
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            if let Some(proto::Error::Version { ours, theirs }) = e.downcast_ref::<proto::Error>() {
+                log(&format!("refused the connection of {origin}: {e:#}"));
+                let (ours, theirs) = (*ours, *theirs);
+                let text = Failure::Protocol { node: origin.to_string(), ours, theirs }.to_string();
+                let _ = if theirs == 0 {
+                    proto::unversioned::to_origin(&text)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|f| Ok((&*ch).write_all(&f)?))
+                } else {
+                    let mismatch =
+                        Failure::Protocol { node: node.clone(), ours: theirs, theirs: ours };
+                    ch.send_first(&FromDest::Failed(mismatch))
+                };
+                // (What follows the offer, an image perhaps, is read and dropped until the
+                // origin, having read why, closes: so it is not cut off by a reset.)
+                ch.set_recv_timeout(Some(DROP_LIMIT));
+                drop_image(ch);
+            }
+            return Ok(None);
+        }
     };
     telefork_engine::timeline::stamp("dest offer read");
     ch.set_recv_timeout(Some(HANDSHAKE_TIMEOUT));
@@ -622,22 +648,21 @@ fn answer_offer(shared: &Shared, ch: &TlsChannel, origin: &str) -> Result<Option
         bail!("node {origin} claims to be {claimed:?}");
     }
     let limits = &shared.cfg.limits;
-    let node = &shared.cfg.node;
     let refusal = if user.uid == 0 && !limits.allow_root {
         Some((
-            Some("limits.allow_root"),
+            Limit::AllowRoot,
             format!("node {node} does not run processes of root (limits.allow_root = false)"),
         ))
     } else if image_bytes > limits.max_image_bytes {
-        Some((Some("limits.max_image_bytes"), format!("image of {image_bytes} bytes exceeds node {node}'s limit of {} bytes (limits.max_image_bytes)", limits.max_image_bytes)))
+        Some((Limit::MaxImageBytes, format!("image of {image_bytes} bytes exceeds node {node}'s limit of {} bytes (limits.max_image_bytes)", limits.max_image_bytes)))
     } else if plain_image && shared.cfg.transport.image != crate::config::ImageTransport::Plain {
         Some((
-            None,
+            Limit::TransportImage,
             format!("node {node} accepts only encrypted images (its transport.image is \"tls\")"),
         ))
     } else if live_sessions(shared, user.uid) >= limits.max_restores_per_user {
         Some((
-            Some("limits.max_restores_per_user"),
+            Limit::MaxRestoresPerUser,
             format!("user {} already has {} processes restored on node {node} (limits.max_restores_per_user)", user.uid, limits.max_restores_per_user),
         ))
     } else {
@@ -646,27 +671,29 @@ fn answer_offer(shared: &Shared, ch: &TlsChannel, origin: &str) -> Result<Option
     // Counted among its owner's restored processes from here (a file in the state
     // directory: a full or broken one refuses the offer, naming why).
     let marker = shared.sessions_dir().join(format!("{}.{}", user.uid, std::process::id()));
+    let refusal =
+        refusal.map(|(limit, reason)| Failure::Refused { node: node.clone(), limit, reason });
     let refusal = refusal.or_else(|| {
-        File::create(&marker).err().map(|e| {
-            (
-                None,
-                format!(
-                    "node {node} cannot record the session in {}: {e}",
-                    shared.sessions_dir().display()
-                ),
-            )
+        File::create(&marker).err().map(|e| Failure::Failed {
+            node: node.clone(),
+            stage: Stage::Restore,
+            message: format!(
+                "cannot record the session in {}: {e}",
+                shared.sessions_dir().display()
+            ),
         })
     });
-    if let Some((limit, reason)) = refusal {
-        log(&format!("refused a process from {origin}: {reason}"));
-        ch.send(&FromDest::Refused { limit: limit.map(str::to_string), reason })?;
+    if let Some(failure) = refusal {
+        log(&format!("refused a process from {origin}: {failure}"));
+        // (The first answer to the offer: behind our hello.)
+        ch.send_first(&FromDest::Failed(failure))?;
         if image_follows {
             drop_image(ch);
         }
         return Ok(None);
     }
     let counted = RemoveOnDrop(marker);
-    ch.send(&FromDest::Accept)?;
+    ch.send_first(&FromDest::Accept)?;
     Ok(Some(Accepted { user, pass_stdin, plain_image, image_bytes, counted }))
 }
 

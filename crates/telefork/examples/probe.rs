@@ -334,7 +334,7 @@ fn fork(dest: &str, o: &ForkOpts) {
         Err(e) => {
             out(&format!("elapsed_ms {}", t.elapsed().as_millis()));
             if let telefork::Error::Refused { node, limit, .. } = &e {
-                out(&format!("refused node={node} limit={}", limit.as_deref().unwrap_or("-")));
+                out(&format!("refused node={node} limit={limit}"));
             }
             out(&format!("error {}", e.to_string().replace('\n', " ")));
         }
@@ -389,9 +389,7 @@ fn burst(dest: &str, n: usize, sleep_ms: u64) {
                         Ok(st) => format!("burst error child ended {st}"),
                         Err(e) => format!("burst error wait: {e}"),
                     },
-                    Err(telefork::Error::Refused { limit, .. }) => {
-                        format!("burst refused {}", limit.as_deref().unwrap_or("-"))
-                    }
+                    Err(telefork::Error::Refused { limit, .. }) => format!("burst refused {limit}"),
                     Err(e) => format!("burst error {}", e.to_string().replace('\n', " ")),
                 };
                 out(&line);

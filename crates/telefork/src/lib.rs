@@ -35,28 +35,151 @@ use nix::unistd::{fork, ForkResult, Pid};
 use serde::{de::DeserializeOwned, Serialize};
 use telefork_engine::pidfd;
 use telefork_engine::timeline::Timeline;
-use telefork_node::proto::{self, ExitInfo, FromDaemon, LocalCommand, LocalRequest};
+use telefork_proto::{self as proto, ExitInfo, Failure, FromDaemon, LocalCommand, LocalRequest};
 
-pub use telefork_node::config::{DEFAULT_SOCKET, SOCKET_ENV};
+pub use telefork_proto::{Limit, Stage, Uncarried, DEFAULT_SOCKET, PROTOCOL_VERSION, SOCKET_ENV};
 
+/// Why a call of this library failed: a value to match on. Its `Display` is the message for a
+/// person, naming the node and what happened there.
+///
+/// ```no_run
+/// match telefork::telefork("node2") {
+///     Ok(_) => {}
+///     Err(telefork::Error::Refused { node, limit: telefork::Limit::MaxRestoresPerUser, .. }) => {
+///         eprintln!("{node} is busy with our processes; trying later")
+///     }
+///     Err(telefork::Error::CannotCarry { what, .. }) => eprintln!("this process cannot travel: {what}"),
+///     Err(e) => eprintln!("{e}"),
+/// }
+/// ```
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
+    /// The local daemon cannot be reached at `path` (not running, or another socket: see
+    /// [`SOCKET_ENV`]).
     #[error("cannot reach the local telefork daemon at {path}: {source} (is `telefork daemon` running? set {SOCKET_ENV} to use another socket)")]
-    NoDaemon { path: PathBuf, source: std::io::Error },
-    #[error("telefork failed: {0}")]
-    Failed(String),
-    /// A node (this one or the destination) refused: `limit` is the key of its config that
-    /// refused (e.g. "limits.max_sessions_per_user"), if a limit did; `reason` says why.
+    NoDaemon {
+        /// The socket tried ([`daemon_socket`]).
+        path: PathBuf,
+        /// Why connecting failed.
+        source: std::io::Error,
+    },
+    /// A node (this one or the destination) refused by one of its limits.
     #[error("telefork refused by node {node}: {reason}")]
-    Refused { node: String, limit: Option<String>, reason: String },
-    #[error("lost track of the remote child: {0}")]
-    Lost(String),
+    Refused {
+        /// The node that refused.
+        node: String,
+        /// The limit of its config that refused ([`Limit::key`] is its key there).
+        limit: Limit,
+        /// Why, for a person (the limit and its value).
+        reason: String,
+    },
+    /// The destination could not be reached (no connection, a failed TLS handshake, or not
+    /// the node it should be).
+    #[error("telefork failed: cannot reach node {node}: {reason}")]
+    Unreachable {
+        /// The destination.
+        node: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The process holds state the engine cannot carry (an open socket, a second thread, …);
+    /// nothing was sent, and the local copy was ended.
+    #[error("telefork refused: node {node} cannot carry the process: {what}")]
+    CannotCarry {
+        /// The node that found it (the origin's capture or the destination's restore).
+        node: String,
+        /// Which state: for a file descriptor, its number and kind.
+        what: Uncarried,
+    },
+    /// The transfer failed at `stage`.
+    #[error("telefork failed: {}", Failure::Failed { node: node.clone(), stage: *stage, message: message.clone() })]
+    Failed {
+        /// The node where it failed.
+        node: String,
+        /// Where in the transfer.
+        stage: Stage,
+        /// What failed, as that node said it.
+        message: String,
+    },
+    /// The child ran, but its exit status never came: its node, or a daemon session between
+    /// it and this program, died or the connection was cut. Its fate is unknown.
+    #[error("lost track of the remote child on node {node}: {message}")]
+    Lost {
+        /// The child's node.
+        node: String,
+        /// What was lost.
+        message: String,
+    },
+    /// The local daemon (`node` None) or the destination speaks another version of the
+    /// telefork protocol; nothing was sent.
+    #[error("{}", mismatch(node.as_deref(), *ours, *theirs))]
+    Protocol {
+        /// The destination of the other version; None for the local daemon.
+        node: Option<String>,
+        /// This side's version ([`PROTOCOL_VERSION`]).
+        ours: u32,
+        /// The other side's (0: a build from before protocol versions).
+        theirs: u32,
+    },
+    /// A [`remote`] closure's process ended without reporting a value (it exited or was
+    /// killed before its end).
     #[error("the remote closure ended without a result ({0})")]
     NoResult(ExitStatus),
+    /// A [`remote`] closure's value could not be encoded or decoded.
+    #[error("the remote closure's result: {0}")]
+    BadResult(String),
+    /// This handle is a copy made by a later telefork's fork: only the process that made it
+    /// can use it.
+    #[error("this handle belongs to the process that made it (here is a copy, made by a later telefork)")]
+    NotOurs,
+    /// The child has ended and this handle's connection serves the next telefork now.
+    #[error("this handle's connection serves the next telefork now (its child has ended)")]
+    HandedBack,
+    /// fork() failed here.
+    #[error("telefork: fork: {0}")]
+    Fork(std::io::Error),
+    /// Talking with the local daemon failed.
     #[error("telefork: {0}")]
     Io(#[from] std::io::Error),
-    #[error("telefork: {0}")]
-    Other(String),
+    /// The daemon answered something this library did not expect (a bug).
+    #[error("telefork: the daemon answered {0} (unexpected: please report it)")]
+    Unexpected(String),
+}
+
+fn mismatch(node: Option<&str>, ours: u32, theirs: u32) -> String {
+    let theirs = match theirs {
+        0 => "is a build from before protocol versions".to_string(),
+        v => format!("speaks version {v}"),
+    };
+    match node {
+        None => format!("telefork: protocol version mismatch: this program's telefork library speaks version {ours}, the local daemon {theirs}"),
+        Some(node) => format!("telefork failed: protocol version mismatch: this side speaks version {ours}, node {node} {theirs}"),
+    }
+}
+
+impl From<Failure> for Error {
+    fn from(f: Failure) -> Error {
+        match f {
+            Failure::Refused { node, limit, reason } => Error::Refused { node, limit, reason },
+            Failure::Unreachable { node, reason } => Error::Unreachable { node, reason },
+            Failure::CannotCarry { node, what } => Error::CannotCarry { node, what },
+            Failure::Failed { node, stage, message } => Error::Failed { node, stage, message },
+            Failure::Lost { node, message } => Error::Lost { node, message },
+            Failure::Protocol { node, ours, theirs } => {
+                Error::Protocol { node: Some(node), ours, theirs }
+            }
+            other => Error::Unexpected(format!("{other:?}")),
+        }
+    }
+}
+
+/// A failure to read the daemon's answer: a version mismatch as such, else `otherwise`.
+fn read_error(e: proto::Error, otherwise: impl FnOnce(String) -> Error) -> Error {
+    match e {
+        proto::Error::Version { ours, theirs } => Error::Protocol { node: None, ours, theirs },
+        e => otherwise(e.to_string()),
+    }
 }
 
 /// Where `telefork` returns: in the parent with a handle, or in the child on the other node.
@@ -213,7 +336,7 @@ impl<T: AsRawFd> Held<T> {
 }
 
 fn not_ours() -> Error {
-    Error::Other("this handle belongs to the process that made it (here is a copy, made by a later telefork)".into())
+    Error::NotOurs
 }
 
 impl<T: AsRawFd> Drop for Held<T> {
@@ -259,7 +382,7 @@ fn make_spare_connection() {
         let dest = LAST_DEST.try_lock().ok().and_then(|d| d.clone());
         if let Some(dest) = dest {
             // Best effort: a daemon that cannot prepare just connects later.
-            let _ = send_frame(&s, &LocalRequest::Prepare { dest });
+            let _ = send_request(&s, &LocalRequest::Prepare { dest });
         }
         let fd = s.into_raw_fd();
         if SPARE_CONNECTION.compare_exchange(-1, fd, Ordering::SeqCst, Ordering::SeqCst).is_err() {
@@ -284,13 +407,15 @@ pub fn telefork_with(dest: &str, opts: &Options) -> Result<Fork, Error> {
     std::io::stderr().flush().ok();
     // SAFETY: the child only makes async-signal-safe system calls (close, kill) before it is
     // captured; when it runs again it is a whole new single-threaded process on `dest`.
-    match unsafe { fork() }.map_err(|e| Error::Other(format!("fork: {e}")))? {
+    match unsafe { fork() }.map_err(|e| Error::Fork(e.into()))? {
         ForkResult::Child => {
-            // SAFETY: closing our copy of the daemon connection (the snapshot must hold no
-            // socket); then stop until captured. What runs after `kill` returns runs on `dest`.
+            // Closing our copy of the daemon connection (the snapshot must hold no socket);
+            // then stop until captured. What runs after `kill` returns runs on `dest`.
             let (fd, listed) = (conn.inner.as_raw_fd(), conn.slot.is_some());
             let spare = SPARE_CONNECTION.swap(-1, Ordering::SeqCst);
             close_held_fds_in_child(); // (`conn` among them, if it found a slot)
+            // SAFETY: close and kill are async-signal-safe; `fd` and `spare` are this
+            // process's copies of fds no one else here uses (the handles are inert copies now).
             unsafe {
                 if !listed {
                     libc::close(fd);
@@ -368,8 +493,14 @@ fn hand_over(
     }
     loop {
         let mut r = rc.conn()?;
-        let reply: FromDaemon = proto::expect_frame(&mut r, "the daemon's answer")
-            .map_err(|e| Error::Failed(format!("{e:#}")))?;
+        let reply: FromDaemon =
+            proto::expect_frame(&mut r, "the daemon's answer").map_err(|e| {
+                read_error(e, |message| Error::Failed {
+                    node: rc.node.clone(),
+                    stage: Stage::Send,
+                    message,
+                })
+            })?;
         match reply {
             FromDaemon::Accepted { node } => {
                 tl.mark("accepted");
@@ -384,13 +515,8 @@ fn hand_over(
                 tl.mark("local copy killed");
                 break;
             }
-            FromDaemon::Failed { error } => return Err(Error::Failed(error)),
-            FromDaemon::Refused { node, limit, reason } => {
-                return Err(Error::Refused { node, limit, reason })
-            }
-            other => {
-                return Err(Error::Failed(format!("unexpected answer from the daemon: {other:?}")))
-            }
+            FromDaemon::Failed(failure) => return Err(failure.into()),
+            other => return Err(Error::Unexpected(format!("{other:?}"))),
         }
     }
     rc.conn()?.set_read_timeout(None).ok();
@@ -401,8 +527,12 @@ fn hand_over(
 /// Sends a message on a daemon connection without SIGPIPE if the session is gone (a program
 /// may have restored SIGPIPE's default, which would end it).
 fn send_frame<T: serde::Serialize>(conn: &UnixStream, msg: &T) -> std::io::Result<()> {
-    let frame = proto::encode_frame(msg).map_err(|e| std::io::Error::other(format!("{e:#}")))?;
-    send_all(conn, &frame)
+    send_all(conn, &proto::encode_frame(msg).map_err(std::io::Error::other)?)
+}
+
+/// Sends a request (behind this library's hello: the protocol version), as `send_frame`.
+fn send_request(conn: &UnixStream, req: &LocalRequest) -> std::io::Result<()> {
+    send_all(conn, &proto::encode_first(req).map_err(std::io::Error::other)?)
 }
 
 fn send_all(conn: &UnixStream, frame: &[u8]) -> std::io::Result<()> {
@@ -422,16 +552,15 @@ fn daemon_said(conn: &UnixStream) -> Option<Error> {
     conn.set_read_timeout(Some(Duration::from_secs(1))).ok();
     let mut r = conn;
     match proto::read_frame::<_, FromDaemon>(&mut r) {
-        Ok(Some(FromDaemon::Refused { node, limit, reason })) => {
-            Some(Error::Refused { node, limit, reason })
-        }
-        Ok(Some(FromDaemon::Failed { error })) => Some(Error::Failed(error)),
+        Ok(Some(FromDaemon::Failed(failure))) => Some(failure.into()),
+        Err(e @ proto::Error::Version { .. }) => Some(read_error(e, Error::Unexpected)),
         _ => None,
     }
 }
 
 fn send_with_fds(conn: &UnixStream, req: &LocalRequest, fds: &[RawFd]) -> Result<(), Error> {
-    let frame = proto::encode_frame(req).map_err(|e| Error::Other(format!("{e:#}")))?;
+    // (The hello and the request in one message: the fds travel with its first byte.)
+    let frame = proto::encode_first(req).map_err(std::io::Error::other)?;
     let cmsg = [ControlMessage::ScmRights(fds)];
     let iov = [IoSlice::new(&frame)];
     let n = sendmsg::<()>(conn.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None)
@@ -479,10 +608,7 @@ impl RemoteChild {
     fn conn(&self) -> Result<&UnixStream, Error> {
         match &self.conn {
             Some(c) => c.get(),
-            None => Err(Error::Other(
-                "this handle's connection serves the next telefork now (its child has ended)"
-                    .into(),
-            )),
+            None => Err(Error::HandedBack),
         }
     }
 
@@ -563,29 +689,25 @@ impl RemoteChild {
             return Ok(());
         }
         send_frame(self.conn()?, &LocalCommand::Kill { signal })
-            .map_err(|e| Error::Lost(e.to_string()))
+            .map_err(|e| Error::Lost { node: self.node.clone(), message: e.to_string() })
     }
 
     fn read_event(&mut self) -> Result<(), Error> {
         let mut r = self.conn()?;
-        let ev: FromDaemon = proto::expect_frame(&mut r, "the child's exit status")
-            .map_err(|e| Error::Lost(format!("{e:#}")))?;
+        let ev: FromDaemon =
+            proto::expect_frame(&mut r, "the child's exit status").map_err(|e| {
+                read_error(e, |message| Error::Lost { node: self.node.clone(), message })
+            })?;
         match ev {
             FromDaemon::Started { node, pid } => self.on_started(node, pid),
-            FromDaemon::Failed { error } => {
-                // A background transfer failed: the local copy is still stopped; end it.
+            FromDaemon::Failed(failure) => {
+                // A background transfer failed (or the child was lost): a local copy still
+                // stopped is ended.
                 if let Some(local) = self.local.take() {
                     local.kill();
                     let _ = waitpid(local.pid, None);
                 }
-                return Err(Error::Failed(error));
-            }
-            FromDaemon::Refused { node, limit, reason } => {
-                if let Some(local) = self.local.take() {
-                    local.kill();
-                    let _ = waitpid(local.pid, None);
-                }
-                return Err(Error::Refused { node, limit, reason });
+                return Err(failure.into());
             }
             FromDaemon::Accepted { node } => self.node = node,
             FromDaemon::Result { value } => self.result = Some(value),
@@ -597,8 +719,7 @@ impl RemoteChild {
                 });
                 self.hand_back_connection();
             }
-            FromDaemon::Lost { error } => return Err(Error::Lost(error)),
-            other => return Err(Error::Lost(format!("unexpected message {other:?}"))),
+            other => return Err(Error::Unexpected(format!("{other:?}"))),
         }
         Ok(())
     }
@@ -663,36 +784,34 @@ where
         Fork::Parent(mut child) => {
             let status = child.wait()?;
             let value = child.result.take().ok_or(Error::NoResult(status))?;
-            postcard::from_bytes(&value)
-                .map_err(|e| Error::Other(format!("decoding the remote result: {e}")))
+            postcard::from_bytes(&value).map_err(|e| Error::BadResult(format!("decoding it: {e}")))
         }
     }
 }
 
 fn report<T: Serialize>(value: &T) -> Result<(), Error> {
-    let value = postcard::to_stdvec(value).map_err(|e| Error::Other(e.to_string()))?;
-    let mut conn = connect_daemon()?;
-    proto::write_frame(&mut conn, &LocalRequest::Report { value })
-        .map_err(|e| Error::Other(format!("{e:#}")))?;
-    match proto::expect_frame::<_, FromDaemon>(&mut conn, "the daemon's answer")
-        .map_err(|e| Error::Other(format!("{e:#}")))?
+    let value = postcard::to_stdvec(value).map_err(|e| Error::BadResult(e.to_string()))?;
+    let conn = connect_daemon()?;
+    send_request(&conn, &LocalRequest::Report { value })?;
+    match proto::expect_frame::<_, FromDaemon>(&mut &conn, "the daemon's answer")
+        .map_err(|e| read_error(e, |m| Error::Io(std::io::Error::other(m))))?
     {
         FromDaemon::Ok => Ok(()),
-        FromDaemon::Failed { error } => Err(Error::Failed(error)),
-        other => Err(Error::Other(format!("unexpected answer {other:?}"))),
+        FromDaemon::Failed(failure) => Err(failure.into()),
+        other => Err(Error::Unexpected(format!("{other:?}"))),
     }
 }
 
 /// The name of the node this process runs on (asks the local daemon).
 pub fn current_node() -> Result<String, Error> {
-    let mut conn = connect_daemon()?;
-    proto::write_frame(&mut conn, &LocalRequest::WhoAmI)
-        .map_err(|e| Error::Other(format!("{e:#}")))?;
-    match proto::expect_frame::<_, FromDaemon>(&mut conn, "the daemon's answer")
-        .map_err(|e| Error::Other(format!("{e:#}")))?
+    let conn = connect_daemon()?;
+    send_request(&conn, &LocalRequest::WhoAmI)?;
+    match proto::expect_frame::<_, FromDaemon>(&mut &conn, "the daemon's answer")
+        .map_err(|e| read_error(e, |m| Error::Io(std::io::Error::other(m))))?
     {
         FromDaemon::Node { name } => Ok(name),
-        other => Err(Error::Other(format!("unexpected answer {other:?}"))),
+        FromDaemon::Failed(failure) => Err(failure.into()),
+        other => Err(Error::Unexpected(format!("{other:?}"))),
     }
 }
 
