@@ -414,8 +414,8 @@ pub fn telefork_with(dest: &str, opts: &Options) -> Result<Fork, Error> {
             let (fd, listed) = (conn.inner.as_raw_fd(), conn.slot.is_some());
             let spare = SPARE_CONNECTION.swap(-1, Ordering::SeqCst);
             close_held_fds_in_child(); // (`conn` among them, if it found a slot)
-            // SAFETY: close and kill are async-signal-safe; `fd` and `spare` are this
-            // process's copies of fds no one else here uses (the handles are inert copies now).
+                                       // SAFETY: close and kill are async-signal-safe; `fd` and `spare` are this
+                                       // process's copies of fds no one else here uses (the handles are inert copies now).
             unsafe {
                 if !listed {
                     libc::close(fd);
