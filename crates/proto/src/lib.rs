@@ -34,6 +34,17 @@
 //! sends none is from before versions (version 0) and is answered in the only form it reads
 //! ([`unversioned`]).
 //!
+//! ```
+//! use telefork_proto::{encode_first, read_first, LocalRequest};
+//!
+//! // A program's request as it goes out: its hello, then the message.
+//! let bytes = encode_first(&LocalRequest::WhoAmI)?;
+//! // The daemon's session reads it (a hello of another version would be refused here).
+//! let req: Option<LocalRequest> = read_first(&mut &bytes[..])?;
+//! assert_eq!(req, Some(LocalRequest::WhoAmI));
+//! # Ok::<(), telefork_proto::Error>(())
+//! ```
+//!
 //! Failures travel typed ([`Failure`]: refused by which [`Limit`], unreachable, state the
 //! engine cannot carry, failed at which [`Stage`], lost, version mismatch), so a program can
 //! match on them.

@@ -18,6 +18,17 @@
 //!
 //! State the library owns: the connection to the local daemon, held by `RemoteChild` (and
 //! listed in `HELD_FDS`, so that a later telefork's child leaves it behind).
+//!
+//! Requirements: the program runs on a node whose daemon (`telefork daemon`) listens on
+//! [`DEFAULT_SOCKET`] (or where [`SOCKET_ENV`] says), and the calling process is
+//! single-threaded at the moment of the call in what it needs on the other side: only the
+//! calling thread travels. Failures are values of [`Error`] to match on.
+//!
+//! The library speaks the daemon's protocol of version [`PROTOCOL_VERSION`]; a daemon of
+//! another version is refused with [`Error::Protocol`] naming both. It logs nothing and
+//! installs no logger.
+
+#![deny(missing_docs)]
 
 use std::io::{IoSlice, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, RawFd};
@@ -182,16 +193,21 @@ fn read_error(e: proto::Error, otherwise: impl FnOnce(String) -> Error) -> Error
     }
 }
 
-/// Where `telefork` returns: in the parent with a handle, or in the child on the other node.
+/// Where [`telefork`] returns: in the parent with a handle, or in the child on the other
+/// node (like the two returns of `fork()`).
 pub enum Fork {
+    /// In the calling process, which goes on here: the handle on the child.
     Parent(RemoteChild),
+    /// In the child, now running on the destination node.
     Child,
 }
 
-/// A child running on another node.
+/// A child running on another node: where, and its PID there. Displayed as `node:pid`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteId {
+    /// The node the child runs on.
     pub node: String,
+    /// Its PID on that node (0 while a background transfer is under way).
     pub pid: i32,
 }
 
@@ -201,7 +217,16 @@ impl std::fmt::Display for RemoteId {
     }
 }
 
-/// The parent's handle on a remote child, like `std::process::Child`.
+/// The parent's handle on a remote child, like [`std::process::Child`]: its [`id`], and
+/// [`wait`], [`try_wait`] and [`kill`]. The child's stdout and stderr are relayed to this
+/// process's. Dropping the handle leaves the child running; only the process that made the
+/// handle can use it (a copy taken along by a later telefork refuses with
+/// [`Error::NotOurs`]).
+///
+/// [`id`]: RemoteChild::id
+/// [`wait`]: RemoteChild::wait
+/// [`try_wait`]: RemoteChild::try_wait
+/// [`kill`]: RemoteChild::kill
 pub struct RemoteChild {
     node: String,
     /// The PID on `node`; None while a background transfer is still under way.
@@ -223,7 +248,15 @@ pub struct RemoteChild {
     result: Option<Vec<u8>>,
 }
 
-/// Options of a telefork.
+/// Options of a telefork ([`telefork_with`]); the default is what [`telefork`] does.
+///
+/// ```no_run
+/// let opts = telefork::Options { pass_stdin: true, ..Default::default() };
+/// if let telefork::Fork::Parent(mut child) = telefork::telefork_with("node2", &opts)? {
+///     child.wait()?;
+/// }
+/// # Ok::<(), telefork::Error>(())
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct Options {
     /// Pass this process's stdin to the child (default: the child reads end-of-file).
@@ -234,7 +267,8 @@ pub struct Options {
     pub background: bool,
 }
 
-/// The daemon socket this program uses: `$TELEFORK_SOCKET`, else the default path.
+/// The daemon socket this program uses: `$TELEFORK_SOCKET` ([`SOCKET_ENV`]), else
+/// [`DEFAULT_SOCKET`].
 pub fn daemon_socket() -> PathBuf {
     std::env::var_os(SOCKET_ENV).map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
 }
@@ -393,11 +427,49 @@ fn make_spare_connection() {
 }
 
 /// Forks the calling thread onto node `dest` (a node name from the cluster config, or
-/// host:port). Returns `Fork::Parent` here and `Fork::Child` there.
+/// host:port of a configured peer). Returns [`Fork::Parent`] here and [`Fork::Child`] there,
+/// in a process with this one's memory, open files (those the engine carries), credentials
+/// and registers; its stdout and stderr are relayed here, its stdin is at its end.
+///
+/// It returns in the parent once the child runs on `dest` (the local copy is ended then);
+/// with [`Options::background`], at once.
+///
+/// ```no_run
+/// match telefork::telefork("node2")? {
+///     telefork::Fork::Child => {
+///         println!("running on {}", telefork::current_node()?);
+///         std::process::exit(3)
+///     }
+///     telefork::Fork::Parent(mut child) => {
+///         let status = child.wait()?;
+///         assert_eq!(status.code(), Some(3));
+///     }
+/// }
+/// # Ok::<(), telefork::Error>(())
+/// ```
+///
+/// # Errors
+///
+/// Nothing ran on `dest` and the local copy was ended when it fails:
+/// [`Error::NoDaemon`] if the local daemon cannot be reached; [`Error::Refused`] if this node
+/// or `dest` refused by a limit (`dest` not a configured peer, root not allowed there, the
+/// image too big, too many sessions or restored processes); [`Error::Unreachable`] if `dest`
+/// cannot be reached; [`Error::CannotCarry`] if the process holds state the engine does not
+/// carry (which fd, which kind); [`Error::Failed`] if capturing, sending or restoring failed
+/// (at which stage); [`Error::Protocol`] if the daemon speaks another protocol version;
+/// [`Error::Fork`] if fork() failed.
 pub fn telefork(dest: &str) -> Result<Fork, Error> {
     telefork_with(dest, &Options::default())
 }
 
+/// [`telefork`] with options: the child may read this process's stdin
+/// ([`Options::pass_stdin`]), and the call may return at once while the child travels
+/// ([`Options::background`]).
+///
+/// # Errors
+///
+/// As [`telefork`]; with [`Options::background`], only what fails before the daemon took the
+/// request (the rest is reported by [`RemoteChild::started`] and [`RemoteChild::wait`]).
 pub fn telefork_with(dest: &str, opts: &Options) -> Result<Fork, Error> {
     telefork_engine::timeline::stamp("lib call");
     // (Listed at once, so that a child forked meanwhile by another thread leaves it behind.)
@@ -579,6 +651,11 @@ impl RemoteChild {
     }
 
     /// Waits until the child runs on its node (returns at once unless `background`).
+    ///
+    /// # Errors
+    ///
+    /// With [`Options::background`], why the transfer failed (as [`telefork`] would have
+    /// said: the local copy is ended then); [`Error::Lost`] if the daemon's session went away.
     pub fn started(&mut self) -> Result<RemoteId, Error> {
         while self.pid.is_none() && self.status.is_none() {
             self.read_event()?;
@@ -650,7 +727,23 @@ impl RemoteChild {
         }
     }
 
-    /// Waits for the child to end, like `std::process::Child::wait`.
+    /// Waits for the child to end, like [`std::process::Child::wait`], and returns how it
+    /// ended (its exit code, or the signal that killed it). Once it has, it returns the same
+    /// status again.
+    ///
+    /// ```no_run
+    /// if let telefork::Fork::Parent(mut child) = telefork::telefork("node2")? {
+    ///     let status = child.wait()?;
+    ///     println!("{} ended: {status}", child.id());
+    /// }
+    /// # Ok::<(), telefork::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Lost`] if the exit status cannot come any more (the child's node, its
+    /// session or the connection died; the child's fate is unknown); after a background
+    /// telefork, why the transfer failed; [`Error::NotOurs`] in a copy of the handle.
     pub fn wait(&mut self) -> Result<ExitStatus, Error> {
         if self.status.is_none() {
             self.conn()?;
@@ -667,7 +760,11 @@ impl RemoteChild {
         Ok(self.status.unwrap_or_else(|| ExitStatus::from_raw(0)))
     }
 
-    /// Returns the exit status if the child has ended, without blocking.
+    /// Returns the exit status if the child has ended, without blocking (`None` if it runs).
+    ///
+    /// # Errors
+    ///
+    /// As [`RemoteChild::wait`].
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>, Error> {
         while self.status.is_none() {
             let mut fds =
@@ -683,7 +780,20 @@ impl RemoteChild {
         Ok(self.status)
     }
 
-    /// Sends `signal` to the remote child.
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to the remote child; nothing once it has ended.
+    ///
+    /// ```no_run
+    /// if let telefork::Fork::Parent(mut child) = telefork::telefork("node2")? {
+    ///     child.kill(libc::SIGKILL)?;
+    ///     assert_eq!(std::os::unix::process::ExitStatusExt::signal(&child.wait()?), Some(9));
+    /// }
+    /// # Ok::<(), telefork::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Lost`] if the request cannot reach the daemon's session;
+    /// [`Error::NotOurs`] in a copy of the handle.
     pub fn kill(&mut self, signal: i32) -> Result<(), Error> {
         if self.status.is_some() {
             return Ok(());
@@ -763,7 +873,23 @@ impl Drop for RemoteChild {
     }
 }
 
-/// Runs `f` on node `dest` and returns its value.
+/// Runs `f` on node `dest` and returns its value: the process teleforks there, `f` runs in
+/// the child, and its value comes back (postcard-encoded) before the child exits.
+///
+/// ```no_run
+/// let numbers: Vec<u64> = (1..=1000).collect();
+/// let (node, sum) = telefork::remote("node2", || {
+///     (telefork::current_node().unwrap_or_default(), numbers.iter().sum::<u64>())
+/// })?;
+/// println!("{sum} computed on {node}");
+/// # Ok::<(), telefork::Error>(())
+/// ```
+///
+/// # Errors
+///
+/// As [`telefork`] and [`RemoteChild::wait`]; [`Error::NoResult`] if the child ended without
+/// reporting a value (it panicked, exited or was killed in `f`); [`Error::BadResult`] if the
+/// value cannot be decoded.
 pub fn remote<T, F>(dest: &str, f: F) -> Result<T, Error>
 where
     F: FnOnce() -> T,
@@ -803,6 +929,16 @@ fn report<T: Serialize>(value: &T) -> Result<(), Error> {
 }
 
 /// The name of the node this process runs on (asks the local daemon).
+///
+/// ```no_run
+/// println!("this is {}", telefork::current_node()?);
+/// # Ok::<(), telefork::Error>(())
+/// ```
+///
+/// # Errors
+///
+/// [`Error::NoDaemon`] if the local daemon cannot be reached; [`Error::Protocol`] if it
+/// speaks another protocol version; [`Error::Io`] if the connection to it fails.
 pub fn current_node() -> Result<String, Error> {
     let conn = connect_daemon()?;
     send_request(&conn, &LocalRequest::WhoAmI)?;
@@ -818,6 +954,18 @@ pub fn current_node() -> Result<String, Error> {
 /// Goes to `dest`, runs `f` there, and comes back with the whole process state: `yoyo`
 /// returns on the original node, in a process that has everything `f` did to its memory.
 /// The original process waits meanwhile and exits with the status of the one that returns.
+///
+/// ```no_run
+/// let mut visited = String::new();
+/// telefork::yoyo("node2", || visited = telefork::current_node().unwrap_or_default())?;
+/// println!("back home, having visited {visited}");
+/// # Ok::<(), telefork::Error>(())
+/// ```
+///
+/// # Errors
+///
+/// As [`current_node`] and [`telefork`], for the way there. (Should the way back fail, the
+/// process on `dest` says why on its stderr, relayed here, and this process exits with 1.)
 pub fn yoyo<F: FnOnce()>(dest: &str, f: F) -> Result<(), Error> {
     let home = current_node()?;
     match telefork(dest)? {
