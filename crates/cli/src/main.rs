@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 mod bench;
+mod logging;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -178,6 +179,7 @@ enum TestbedCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    logging::init(matches!(cli.cmd, Cmd::Daemon { .. }));
     let result = match cli.cmd {
         Cmd::Dump { pid, out, leave_running } => {
             dump(pid, &out, leave_running).map(|_| ExitCode::SUCCESS)
@@ -212,12 +214,10 @@ fn main() -> ExitCode {
             })
         }
     };
-    if std::env::var_os("TELEFORK_DEBUG").is_some() {
-        eprintln!(
-            "telefork: {} system calls injected",
-            telefork_engine::inject::INJECTED.load(std::sync::atomic::Ordering::Relaxed)
-        );
-    }
+    tracing::debug!(
+        "{} system calls injected",
+        telefork_engine::inject::INJECTED.load(std::sync::atomic::Ordering::Relaxed)
+    );
     match result {
         Ok(code) => code,
         Err(e) => {

@@ -31,7 +31,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::channel::PendingServer;
-use crate::daemon::{log, spawn_session, Shared};
+use crate::daemon::{spawn_session, Shared};
 use crate::proto::{Failure, FromDaemon, FromDest, Limit};
 
 /// A connection from another node must have completed its handshake this long after it was
@@ -167,7 +167,7 @@ impl<'a> Admission<'a> {
                             Some(Kind::Local(uid)) => format!("serving a program of user {uid}"),
                             None => "unknown".into(),
                         };
-                        log(&format!("session {pid} ({what}) was killed by {sig}; a process it restored was killed with it"));
+                        tracing::warn!("session {pid} ({what}) was killed by {sig}; a process it restored was killed with it");
                     }
                 }
                 _ => break,
@@ -191,7 +191,7 @@ impl<'a> Admission<'a> {
                 return true;
             };
             if tally.handshake_timed_out < LOGGED_PER_SUMMARY {
-                log(&format!("dropped the handshake of {}: {why}", h.peer));
+                tracing::warn!("dropped the handshake of {}: {why}", h.peer);
             }
             tally.handshake_timed_out += 1;
             false
@@ -200,11 +200,11 @@ impl<'a> Admission<'a> {
             let before = queue.len();
             queue.retain(|(_, _, arrived)| now < *arrived + PREAUTH_LIMIT);
             if before > queue.len() && self.tally.handshake_timed_out < LOGGED_PER_SUMMARY {
-                log(&format!(
+                tracing::warn!(
                     "dropped {} connections that waited {} s for a handshake slot",
                     before - queue.len(),
                     PREAUTH_LIMIT.as_secs()
-                ));
+                );
             }
             self.tally.handshake_timed_out += (before - queue.len()) as u64;
         }
@@ -281,7 +281,7 @@ impl<'a> Admission<'a> {
                             });
                             passes = self.source_turns.len() + 1; // (progress: another round)
                         }
-                        Err(e) => log(&format!("cannot start a TLS handshake with {peer}: {e:#}")),
+                        Err(e) => tracing::warn!("cannot start a TLS handshake with {peer}: {e:#}"),
                     }
                 }
             }
@@ -300,14 +300,14 @@ impl<'a> Admission<'a> {
         }
         let t = std::mem::take(&mut self.tally);
         if t.closed_waiting_full + t.handshake_failed + t.handshake_timed_out > 0 {
-            log(&format!(
+            tracing::warn!(
                 "in the last {} s: {} connections closed before their handshake (limits.max_waiting_per_source or too many waiting), {} handshakes failed, {} not done in time (limit {} s)",
                 since.elapsed().as_secs(),
                 t.closed_waiting_full,
                 t.handshake_failed,
                 t.handshake_timed_out,
                 PREAUTH_LIMIT.as_secs()
-            ));
+            );
         }
         self.tally.since = Some(Instant::now());
     }
@@ -368,7 +368,7 @@ impl<'a> Admission<'a> {
                 Ok(c) => c,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    log(&format!("accepting a connection: {e}"));
+                    tracing::warn!("accepting a connection: {e}");
                     return;
                 }
             };
@@ -399,7 +399,7 @@ impl<'a> Admission<'a> {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    log(&format!("accepting a local connection: {e}"));
+                    tracing::warn!("accepting a local connection: {e}");
                     return;
                 }
             };
@@ -482,7 +482,7 @@ impl<'a> Admission<'a> {
                 Err(e) => {
                     if self.tally.handshake_failed < LOGGED_PER_SUMMARY {
                         // (The first few of each summary period, with their reasons; then counted.)
-                        log(&format!("rejected connection from {}: {e:#}", h.peer));
+                        tracing::warn!("rejected connection from {}: {e:#}", h.peer);
                     }
                     self.tally.handshake_failed += 1;
                     finished.push((i, false));
@@ -500,10 +500,10 @@ impl<'a> Admission<'a> {
     /// An authenticated node: a session for it, or a refusal naming the limit.
     fn admit_peer(&mut self, h: Handshaking) {
         let Some(origin) = crate::tls::peer_node_name(&h.tls.peer_certificates()) else {
-            log(&format!(
+            tracing::warn!(
                 "rejected connection from {}: its certificate carries no node name",
                 h.peer
-            ));
+            );
             return;
         };
         let limits = &self.shared.cfg.limits;
@@ -524,7 +524,7 @@ impl<'a> Admission<'a> {
         };
         let Handshaking { sock, peer, tls, .. } = h;
         if let Some((limit, reason)) = refusal {
-            log(&format!("refused a connection from {origin} ({peer}): {reason}"));
+            tracing::warn!("refused a connection from {origin} ({peer}): {reason}");
             // (On the authenticated connection: the origin reads it as the answer to its offer.)
             match tls.finish(sock, Duration::from_millis(200)) {
                 Ok(ch) => {
@@ -535,7 +535,7 @@ impl<'a> Admission<'a> {
                         self.drain(OwnedFd::from(sock));
                     }
                 }
-                Err(e) => log(&format!("refusing {origin}: {e:#}")),
+                Err(e) => tracing::warn!("refusing {origin}: {e:#}"),
             }
             return;
         }

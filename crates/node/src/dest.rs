@@ -23,7 +23,7 @@ use anyhow::{bail, Context, Result};
 use nix::sys::wait::{waitpid, WaitStatus};
 
 use crate::channel::{PendingServer, TlsChannel};
-use crate::daemon::{live_sessions, log, Shared};
+use crate::daemon::{live_sessions, Shared};
 use crate::proto::{self, ExitInfo, Failure, FromDest, Limit, Stage, ToDest, User};
 use telefork_engine::restore::{restore_into, Stub, StubTemplate};
 
@@ -186,7 +186,7 @@ impl StubMaker {
             self.template = match StubTemplate::new() {
                 Ok(t) => Template::Ready(Box::new(t)),
                 Err(e) => {
-                    log(&format!("could not make a stub template ({e:#}); forking each process from the session"));
+                    tracing::warn!("could not make a stub template ({e:#}); forking each process from the session");
                     Template::Failed
                 }
             };
@@ -195,7 +195,7 @@ impl StubMaker {
             Template::Ready(t) => match Stub::fork_from(t, stdio) {
                 Ok(stub) => Some(stub),
                 Err(e) => {
-                    log(&format!("forking the stub template failed ({e:#}); forking each process from the session from now on"));
+                    tracing::warn!("forking the stub template failed ({e:#}); forking each process from the session from now on");
                     self.template = Template::Failed;
                     None
                 }
@@ -204,7 +204,7 @@ impl StubMaker {
         };
         let stub = forked.or_else(|| {
             Stub::prepare(Some(stdio))
-                .inspect_err(|e| log(&format!("could not prepare a process to restore into ({e:#}); making it when the image arrives")))
+                .inspect_err(|e| tracing::warn!("could not prepare a process to restore into ({e:#}); making it when the image arrives"))
                 .ok()
         });
         telefork_engine::timeline::stamp("dest stub end");
@@ -248,7 +248,7 @@ fn serve_one(
         }
         _ => String::new(),
     };
-    log(&format!("restored process {pid} of user {} from {origin}{how}", received.user.uid));
+    tracing::info!("restored process {pid} of user {} from {origin}{how}", received.user.uid);
     // (Should anything fail before its end is known, the child is killed: nobody would be
     // told of it any more.)
     let pidfd = telefork_engine::pidfd::open(pid.as_raw())
@@ -268,7 +268,7 @@ fn serve_one(
     }
     ch.send(&FromDest::Exited(status))?;
     telefork_engine::timeline::stamp("dest sent Exited");
-    log(&format!("process {pid} ended: {status:?}"));
+    tracing::info!("process {pid} ended: {status:?}");
     // The origin answers once its program has heard of the end (`AGAIN_WAIT` there); if it
     // does not, the connection is closed, which ends the command thread.
     Ok(match verdict.recv_timeout(OFFER_WAIT) {
@@ -306,7 +306,7 @@ fn supervise(
     } else {
         restorer
             .prepare(Some(user.clone()))
-            .inspect_err(|e| log(&format!("preparing the next process to restore into: {e:#}")))
+            .inspect_err(|e| tracing::warn!("preparing the next process to restore into: {e:#}"))
             .ok()
     };
     let exited = Arc::new(AtomicBool::new(false));
@@ -357,17 +357,17 @@ fn origin_commands(
             // (Only ever sent after the child's end was: anything else breaks the protocol.)
             Ok(Some(ToDest::Again)) if exited.load(Ordering::SeqCst) => return true,
             Ok(Some(other @ (ToDest::Again | ToDest::Offer { .. }))) => {
-                log(&format!(
+                tracing::warn!(
                     "origin {origin} sent {} while process {pid} runs: killing it",
                     if matches!(other, ToDest::Again) { "Again" } else { "an offer" }
-                ));
+                );
                 let _ = telefork_engine::pidfd::send_signal(pidfd.as_fd(), libc::SIGKILL);
                 ch.close();
                 return false;
             }
             Ok(None) | Err(_) => {
                 if !exited.load(Ordering::SeqCst) {
-                    log(&format!("origin {origin} is gone: killing process {pid}"));
+                    tracing::warn!("origin {origin} is gone: killing process {pid}");
                     let _ = telefork_engine::pidfd::send_signal(pidfd.as_fd(), libc::SIGKILL);
                 }
                 return false;
@@ -568,16 +568,14 @@ fn receive(
         Ok(restored)
     });
     let restored = restorer.restore(job);
-    if std::env::var_os("TELEFORK_DEBUG").is_some() {
-        log(&format!(
-            "restore done {:.2} ms after accepting",
-            t_accepted.elapsed().as_secs_f64() * 1e3
-        ));
-    }
+    tracing::debug!(
+        "restore done {:.2} ms after accepting",
+        t_accepted.elapsed().as_secs_f64() * 1e3
+    );
     match restored {
         Ok(r) => Ok(Some(Received { restored: r, user, pass_stdin, _counted: counted })),
         Err(e) => {
-            log(&format!("restoring a process from {origin} failed: {e:#}"));
+            tracing::warn!("restoring a process from {origin} failed: {e:#}");
             let node = &shared.cfg.node;
             let failure = crate::failure::of(&e, node, origin, Stage::Restore);
             ch.send(&FromDest::Failed(failure)).ok();
@@ -611,7 +609,7 @@ fn answer_offer(shared: &Shared, ch: &TlsChannel, origin: &str) -> Result<Option
         Ok(None) => return Ok(None),
         Err(e) => {
             if let Some(proto::Error::Version { ours, theirs }) = e.downcast_ref::<proto::Error>() {
-                log(&format!("refused the connection of {origin}: {e:#}"));
+                tracing::warn!("refused the connection of {origin}: {e:#}");
                 let (ours, theirs) = (*ours, *theirs);
                 let text = Failure::Protocol { node: origin.to_string(), ours, theirs }.to_string();
                 let _ = if theirs == 0 {
@@ -684,7 +682,7 @@ fn answer_offer(shared: &Shared, ch: &TlsChannel, origin: &str) -> Result<Option
         })
     });
     if let Some(failure) = refusal {
-        log(&format!("refused a process from {origin}: {failure}"));
+        tracing::warn!("refused a process from {origin}: {failure}");
         // (The first answer to the offer: behind our hello.)
         ch.send_first(&FromDest::Failed(failure))?;
         if image_follows {

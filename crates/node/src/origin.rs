@@ -40,7 +40,7 @@ use nix::unistd::Pid;
 use telefork_engine::OutsideReader;
 
 use crate::channel::{check_peer_name, connect, TlsChannel};
-use crate::daemon::{log, Shared};
+use crate::daemon::Shared;
 use crate::proto::{
     self, Failure, FromDaemon, FromDest, Limit, LocalCommand, LocalRequest, Stage, ToDest, User,
 };
@@ -117,7 +117,7 @@ pub fn serve(shared: &Shared, sock: UnixStream) -> Result<()> {
                         }
                     }
                     Err(e) => {
-                        log(&format!("telefork of process {child_pid} to {dest} failed: {e:#}"));
+                        tracing::warn!("telefork of process {child_pid} to {dest} failed: {e:#}");
                         let failure = crate::failure::of(&e, &shared.cfg.node, &dest, Stage::Send);
                         return to_program.send(&FromDaemon::Failed(failure));
                     }
@@ -451,7 +451,9 @@ impl Link<'_> {
             }
             // (Not when the destination answered: it would answer the same again.)
             Err(e) if ahead && !said_by_destination(&e) => {
-                log(&format!("the connection prepared to {name} is gone ({e:#}); connecting anew"));
+                tracing::info!(
+                    "the connection prepared to {name} is gone ({e:#}); connecting anew"
+                );
                 connect_tls(self.tls.clone(), &name, addr).and_then(offered)?
             }
             Err(e) => return Err(e),
@@ -677,14 +679,14 @@ fn send_away(
     let (how, t_offered) = link.opened.get().copied().unwrap_or(("connected", t_end));
     let ch = link.ch.into_inner().context("no connection to the destination")?;
     ch.set_recv_timeout(None);
-    log(&format!(
+    tracing::info!(
         "process {child} of user {} now runs on {name} as {pid} ({how}; ms since request: stopped {:.2}, offered {:.2}, image sent {:.2}, running {:.2})",
         user.uid,
         ms(t_stopped),
         ms(t_offered),
         ms(t_sent),
         ms(t_end)
-    ));
+    );
     Ok((ch, name, addr))
 }
 
@@ -865,7 +867,7 @@ fn relay(
                     break proto::write_frame(&mut to_program, &FromDaemon::Exited(info)).is_ok();
                 }
                 Ok(Some(other)) => {
-                    log(&format!("unexpected message from the destination: {other:?}"))
+                    tracing::warn!("unexpected message from the destination: {other:?}")
                 }
                 Ok(None) => {
                     let lost = Failure::Lost {

@@ -25,8 +25,8 @@
 //! calling thread travels. Failures are values of [`Error`] to match on.
 //!
 //! The library speaks the daemon's protocol of version [`PROTOCOL_VERSION`]; a daemon of
-//! another version is refused with [`Error::Protocol`] naming both. It logs nothing and
-//! installs no logger.
+//! another version is refused with [`Error::Protocol`] naming both. It reports what it does
+//! as `tracing` events (debug), for a subscriber the program may install; it installs none.
 
 #![deny(missing_docs)]
 
@@ -485,9 +485,10 @@ pub fn telefork_with(dest: &str, opts: &Options) -> Result<Fork, Error> {
             // then stop until captured. What runs after `kill` returns runs on `dest`.
             let (fd, listed) = (conn.inner.as_raw_fd(), conn.slot.is_some());
             let spare = SPARE_CONNECTION.swap(-1, Ordering::SeqCst);
-            close_held_fds_in_child(); // (`conn` among them, if it found a slot)
-                                       // SAFETY: close and kill are async-signal-safe; `fd` and `spare` are this
-                                       // process's copies of fds no one else here uses (the handles are inert copies now).
+            // (`conn` among them, if it found a slot.)
+            close_held_fds_in_child();
+            // SAFETY: close and kill are async-signal-safe; `fd` and `spare` are this
+            // process's copies of fds no one else here uses (the handles are inert copies now).
             unsafe {
                 if !listed {
                     libc::close(fd);
@@ -505,6 +506,7 @@ pub fn telefork_with(dest: &str, opts: &Options) -> Result<Fork, Error> {
         ForkResult::Parent { child } => match hand_over(conn, child, dest, opts) {
             Ok(rc) => Ok(Fork::Parent(rc)),
             Err(e) => {
+                tracing::debug!("telefork of process {child} to {dest} failed: {e}");
                 let _ = kill(child, Signal::SIGKILL);
                 let _ = waitpid(child, None);
                 Err(e)
@@ -542,6 +544,7 @@ fn hand_over(
         return Err(daemon_said(conn.get()?).unwrap_or(e));
     }
     tl.mark("request sent");
+    tracing::debug!("asked the daemon to send process {child} to {dest}");
     // The daemon bounds every step with its own timeouts; this only guards against a hung
     // daemon while `telefork` waits (a background one returns now, and its later reads
     // wait as long as the child runs).
@@ -576,6 +579,7 @@ fn hand_over(
         match reply {
             FromDaemon::Accepted { node } => {
                 tl.mark("accepted");
+                tracing::debug!("node {node} accepted process {child}");
                 rc.node = node;
                 if opts.background {
                     break;
@@ -583,6 +587,7 @@ fn hand_over(
             }
             FromDaemon::Started { node, pid } => {
                 tl.mark("started");
+                tracing::debug!("process {child} runs on node {node} as {pid}");
                 rc.on_started(node, pid);
                 tl.mark("local copy killed");
                 break;
@@ -823,6 +828,7 @@ impl RemoteChild {
             FromDaemon::Result { value } => self.result = Some(value),
             FromDaemon::Exited(info) => {
                 telefork_engine::timeline::stamp("lib got Exited");
+                tracing::debug!("the child on node {} ended: {info:?}", self.node);
                 self.status = Some(match info {
                     ExitInfo::Code(c) => ExitStatus::from_raw((c & 0xff) << 8),
                     ExitInfo::Signal(s) => ExitStatus::from_raw(s & 0x7f),
@@ -901,6 +907,9 @@ where
             let code = match report(&value) {
                 Ok(()) => 0,
                 Err(e) => {
+                    // (This process cannot return the error, it exits now: its stderr, relayed
+                    // home, says why; not an event, which a program without a subscriber
+                    // would lose.)
                     eprintln!("telefork: remote: cannot send the result home: {e}");
                     1
                 }
@@ -980,6 +989,7 @@ pub fn yoyo<F: FnOnce()>(dest: &str, f: F) -> Result<(), Error> {
                 Ok(Fork::Parent(mut back)) => match back.wait() {
                     Ok(status) => exit_like(status),
                     Err(e) => {
+                        // (As in `remote`: said on the stderr that goes home, then exit.)
                         eprintln!("telefork: yoyo: {e}");
                         exit_now(1)
                     }
