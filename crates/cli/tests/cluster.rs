@@ -541,7 +541,7 @@ fn user(c: &Ctx) {
         .finish(Duration::from_secs(30));
     let err = r.want("error").to_string();
     assert!(
-        err.contains("root") && err.contains("node2"),
+        r.get("refused") == Some("node=node2 limit=limits.allow_root") && err.contains("root"),
         "the refusal must say root is not allowed on node2:\n{r}"
     );
     assert!(r.get("host").is_none(), "a child ran anyway:\n{r}");
@@ -764,7 +764,7 @@ fn dest_down(c: &Ctx) {
     let names_node =
         err.contains("node3") || err.contains(&format!("{}:7077", c.node("node3").addr));
     assert!(
-        names_node && err.contains("connect"),
+        names_node && err.contains("connect") && r.get("kind") == Some("unreachable node=node3"),
         "the error must name node3 (or its address) and the connection:\n{r}"
     );
     assert!(r.elapsed < Duration::from_secs(10), "took {:?}:\n{r}", r.elapsed);
@@ -831,7 +831,8 @@ fn limits(c: &Ctx) {
     let r = c.probe("node2", &["fork", "node3"], Duration::from_secs(30));
     let err = r.want("error").to_string();
     assert!(
-        err.contains("limit") && err.contains("node3"),
+        r.get("refused") == Some("node=node3 limit=limits.max_restores_per_user")
+            && err.contains("node3"),
         "the refusal must name the limit:\n{r}"
     );
     assert!(r.get("host").is_none() && r.has("parent ok") && r.status.success(), "{r}");
@@ -849,7 +850,8 @@ fn limits(c: &Ctx) {
     let r = c.probe("node1", &["fork", "node3", "--big-mb", "64"], Duration::from_secs(30));
     let err = r.want("error").to_string();
     assert!(
-        err.contains("exceeds") && err.contains("limit") && err.contains("node3"),
+        r.get("refused") == Some("node=node3 limit=limits.max_image_bytes")
+            && err.contains("exceeds"),
         "the refusal must name the size limit:\n{r}"
     );
     assert!(r.get("host").is_none() && r.has("parent ok") && r.status.success(), "{r}");
@@ -944,7 +946,7 @@ fn plain_transport(c: &Ctx) {
     let r = c.probe("node1", &["fork", "node3"], Duration::from_secs(60));
     let err = r.want("error").to_string();
     assert!(
-        err.contains("encrypted") && err.contains("node3"),
+        r.get("refused") == Some("node=node3 limit=transport.image") && err.contains("encrypted"),
         "node3 (tls) must refuse a plain image:\n{r}"
     );
     assert!(r.has("parent ok"), "{r}");
@@ -1322,7 +1324,8 @@ fn killed_session(c: &Ctx) {
     assert!(c.log("node2").contains(&said), "node2's log must say {said:?}");
     let r = run.finish(Duration::from_secs(30));
     assert!(
-        r.get("error").is_some_and(|e| e.contains("lost track")),
+        r.get("kind") == Some("lost node=node2")
+            && r.get("error").is_some_and(|e| e.contains("lost track")),
         "the parent must hear it lost its child:\n{r}"
     );
 }
@@ -1350,7 +1353,7 @@ fn refusal_reasons(c: &Ctx) {
     c.sh("node1", None, &format!("rm -f {file}"), Duration::from_secs(10));
     let err = r.want("error").to_string();
     assert!(
-        err.contains("node2") && err.contains("only-on-node1"),
+        r.get("kind") == Some("failed node=node2 stage=Restore") && err.contains("only-on-node1"),
         "the caller must hear which file node2 lacks:\n{r}"
     );
 
@@ -1364,7 +1367,8 @@ fn refusal_reasons(c: &Ctx) {
     std::fs::rename(&aside, &sessions).unwrap();
     let err = r.want("error").to_string();
     assert!(
-        err.contains("cannot record the session") && err.contains("node2"),
+        r.get("kind") == Some("failed node=node2 stage=Restore")
+            && err.contains("cannot record the session"),
         "the caller must hear why node2 refused:\n{r}"
     );
     assert!(r.get("host").is_none() && r.has("parent ok"), "{r}");
