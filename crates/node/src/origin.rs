@@ -896,3 +896,72 @@ fn relay(
         _ => AfterRelay::End,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a session makes of a program's request, as the program sends it.
+    fn session_reads(bytes: &[u8]) -> (Result<Option<LocalRequest>>, Vec<u8>) {
+        let (program, session) = UnixStream::pair().unwrap();
+        (&program).write_all(bytes).unwrap();
+        program.shutdown(std::net::Shutdown::Write).unwrap();
+        let got = recv_first(&session, "node1").map(|r| r.map(|(req, _)| req));
+        drop(session);
+        // (Read to the end, or to the reset the unread request causes: after what was said.)
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = (&program).read(&mut buf) {
+            answer.extend_from_slice(&buf[..n]);
+        }
+        (got, answer)
+    }
+
+    #[test]
+    fn a_request_behind_our_hello_is_served() {
+        let (got, answer) = session_reads(&proto::encode_first(&LocalRequest::WhoAmI).unwrap());
+        assert_eq!(got.unwrap(), Some(LocalRequest::WhoAmI));
+        assert!(answer.is_empty(), "{answer:?}");
+    }
+
+    /// A library of the next version: the session stops, and the program reads our hello and
+    /// a typed mismatch naming both versions (from its side).
+    #[test]
+    fn a_library_of_the_next_version_is_refused_naming_both() {
+        let next = proto::PROTOCOL_VERSION + 1;
+        let mut bytes = proto::encode_first(&LocalRequest::WhoAmI).unwrap();
+        bytes[8..12].copy_from_slice(&next.to_le_bytes());
+        let (got, answer) = session_reads(&bytes);
+        let e = got.unwrap_err();
+        assert!(
+            matches!(e.downcast_ref::<proto::Error>(), Some(proto::Error::Version { ours, theirs })
+                if (*ours, *theirs) == (proto::PROTOCOL_VERSION, next)),
+            "{e:#}"
+        );
+        assert_eq!(hello_version_of(&answer), Some(proto::PROTOCOL_VERSION));
+        let told: FromDaemon = proto::decode_body(&answer[16..]).unwrap();
+        assert_eq!(
+            told,
+            FromDaemon::Failed(Failure::Protocol {
+                node: "node1".into(),
+                ours: next,
+                theirs: proto::PROTOCOL_VERSION
+            })
+        );
+    }
+
+    /// A library from before versions sends no hello: it is told in the form it reads (its
+    /// `FromDaemon::Failed { error }`, variant 2).
+    #[test]
+    fn a_library_from_before_versions_is_told_in_its_own_words() {
+        let (got, answer) = session_reads(&proto::encode_frame(&LocalRequest::WhoAmI).unwrap());
+        assert!(got.is_err());
+        let (variant, text): (u32, String) = proto::decode_body(&answer[4..]).unwrap();
+        assert_eq!(variant, 2);
+        assert!(text.contains("before protocol versions"), "{text}");
+    }
+
+    fn hello_version_of(answer: &[u8]) -> Option<u32> {
+        answer.get(4..12).and_then(proto::hello_version)
+    }
+}
