@@ -480,7 +480,7 @@ fn offer(ch: &TlsChannel, name: &str, offer: &ToDest) -> Result<()> {
     ch.send_first(offer)?;
     match ch.expect::<FromDest>("the destination's answer")? {
         FromDest::Accept => Ok(()),
-        other => Err(dest_said(name, other)
+        other => Err(dest_said(other)
             .unwrap_or_else(|other| anyhow::anyhow!("node {name} answered {other:?} to an offer"))),
     }
 }
@@ -637,7 +637,7 @@ fn send_away(
                         let _ = tell(FromDaemon::Accepted { node: name.clone() });
                     }
                     other => {
-                        return Err(dest_said(&name, other).unwrap_or_else(|other| {
+                        return Err(dest_said(other).unwrap_or_else(|other| {
                             anyhow::anyhow!("node {name} answered {other:?} to an offer")
                         }))
                     }
@@ -651,7 +651,7 @@ fn send_away(
                     telefork_engine::timeline::stamp("origin told Started");
                     Ok(())
                 }
-                other => Err(dest_said(&name, other).unwrap_or_else(|other| {
+                other => Err(dest_said(other).unwrap_or_else(|other| {
                     anyhow::anyhow!("node {name} answered {other:?} after the image")
                 })),
             }
@@ -697,7 +697,11 @@ fn last_word(ch: &TlsChannel, name: &str) -> Option<anyhow::Error> {
     loop {
         match ch.recv::<FromDest>() {
             Ok(Some(FromDest::Accept)) => continue, // (the answer to an offer the image followed)
-            Ok(Some(msg)) => return dest_said(name, msg).ok(),
+            Ok(Some(msg)) => return dest_said(msg).ok(),
+            // (A destination of another protocol version says so by its hello.)
+            Err(e) if matches!(e.downcast_ref(), Some(proto::Error::Version { .. })) => {
+                return Some(crate::failure::of(&e, "", name, Stage::Send).into())
+            }
             _ => return None,
         }
     }
@@ -705,7 +709,7 @@ fn last_word(ch: &TlsChannel, name: &str) -> Option<anyhow::Error> {
 
 /// The destination's refusal or failure (typed: the error the program gets); any other
 /// message back, for the caller to name.
-fn dest_said(_name: &str, msg: FromDest) -> std::result::Result<anyhow::Error, FromDest> {
+fn dest_said(msg: FromDest) -> std::result::Result<anyhow::Error, FromDest> {
     match msg {
         FromDest::Failed(failure) => Ok(failure.into()),
         other => Err(other),
