@@ -1,9 +1,25 @@
 //! Frame-stream checks shared by the protocol targets: each frame is read as the daemons read
-//! it (`proto::read_frame`), and must agree with the in-memory decoder (`decode_frame`, the
-//! same `frame_len` and `decode_body` a local request goes through) and survive re-encoding.
+//! it (`proto::read_frame`, hellos of our version passed over), and must agree with the
+//! in-memory decoder (`decode_frame`, the same `frame_len` and `decode_body` a local request
+//! goes through) and survive re-encoding.
 
 use serde::{de::DeserializeOwned, Serialize};
-use telefork_node::proto;
+use telefork_proto as proto;
+
+/// The hellos of our version at the start of `stream`: the bytes they take.
+fn hellos(stream: &[u8]) -> usize {
+    let mut at = 0;
+    while let Some(h) = stream[at..].first_chunk::<4>() {
+        let n = u32::from_le_bytes(*h) as usize;
+        match stream.get(at + 4..at + 4 + n) {
+            Some(body) if proto::hello_version(body) == Some(proto::PROTOCOL_VERSION) => {
+                at += 4 + n
+            }
+            _ => break,
+        }
+    }
+    at
+}
 
 /// The next frame of `stream` as a `T`, checked; `stream` moves past it. `None` at the end of
 /// the stream or at an error (after which a daemon reads no further).
@@ -14,7 +30,9 @@ where
     let before = *stream;
     let pure = proto::decode_frame::<T>(before);
     let read = proto::read_frame::<_, T>(stream);
-    let announced = before.first_chunk::<4>().map(|h| u32::from_le_bytes(*h));
+    // (The message's own frame, after any hellos passed over.)
+    let skipped = hellos(before);
+    let announced = before[skipped..].first_chunk::<4>().map(|h| u32::from_le_bytes(*h));
     match (read, pure) {
         (Ok(Some(v)), Ok(Some((w, used)))) => {
             assert_eq!(v, w, "read_frame and decode_frame decoded different messages");
@@ -23,7 +41,8 @@ where
                 used,
                 "read_frame and decode_frame took different lengths"
             );
-            assert!(announced.is_some_and(|n| n <= proto::MAX_FRAME && used == 4 + n as usize));
+            assert!(announced
+                .is_some_and(|n| n <= proto::MAX_FRAME && used == skipped + 4 + n as usize));
             // Re-encoding: the same message, in no more bytes than it came in (postcard takes
             // over-long varints, never shorter ones), decoded whole.
             let again = proto::encode_frame(&v).expect("a decoded message encodes");
@@ -40,19 +59,20 @@ where
             Some(v)
         }
         (Ok(None), Ok(None)) => {
-            assert!(before.is_empty(), "a clean end with {} bytes left", before.len());
+            assert!(skipped == before.len(), "a clean end with {} bytes left", before.len());
             None
         }
         (Err(_), Err(_)) => {
-            // Refused for one of three reasons only: the stream ends inside the frame, the
-            // length is over the limit (then the body is never waited for), or the body is not
-            // exactly one message.
+            // Refused for one of four reasons only: the stream ends inside the frame, the
+            // length is over the limit (then the body is never waited for), the body is a hello
+            // of another version, or it is not exactly one message.
+            let rest = &before[skipped..];
             let justified = match announced {
                 None => true,
                 Some(n) if n > proto::MAX_FRAME => true,
                 Some(n) => {
-                    before.len() < 4 + n as usize
-                        || proto::decode_body::<T>(&before[4..4 + n as usize]).is_err()
+                    rest.len() < 4 + n as usize
+                        || proto::decode_body::<T>(&rest[4..4 + n as usize]).is_err()
                 }
             };
             assert!(justified, "a frame of {announced:?} bytes refused for no reason");

@@ -6,7 +6,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use telefork_node::proto::{FromDaemon, LocalCommand, LocalRequest};
+use telefork_proto::{FromDaemon, LocalCommand, LocalRequest};
 
 mod frames;
 

@@ -19,7 +19,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use telefork_node::channel::records::{open, Record, Sealer};
-use telefork_node::proto::{FromDest, ToDest};
+use telefork_proto::{FromDest, ToDest};
 
 mod frames;
 

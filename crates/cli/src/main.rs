@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
+mod logging;
+
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use nix::sys::wait::{waitpid, WaitStatus};
@@ -156,6 +158,7 @@ enum TestbedCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    logging::init(matches!(cli.cmd, Cmd::Daemon { .. }));
     let result = match cli.cmd {
         Cmd::Dump { pid, out, leave_running } => {
             dump(pid, &out, leave_running).map(|_| ExitCode::SUCCESS)
@@ -181,9 +184,7 @@ fn main() -> ExitCode {
         Cmd::Testbed(t) => testbed(t),
         Cmd::Bench { args } => bench(&args),
     };
-    if std::env::var_os("TELEFORK_DEBUG").is_some() {
-        eprintln!("telefork: {} system calls injected", telefork_engine::injected_calls());
-    }
+    tracing::debug!("{} system calls injected", telefork_engine::injected_calls());
     match result {
         Ok(code) => code,
         Err(e) => {

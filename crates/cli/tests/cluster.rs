@@ -543,7 +543,7 @@ fn user(c: &Ctx) {
         .finish(Duration::from_secs(30));
     let err = r.want("error").to_string();
     assert!(
-        err.contains("root") && err.contains("node2"),
+        r.get("refused") == Some("node=node2 limit=limits.allow_root") && err.contains("root"),
         "the refusal must say root is not allowed on node2:\n{r}"
     );
     assert!(r.get("host").is_none(), "a child ran anyway:\n{r}");
@@ -766,7 +766,7 @@ fn dest_down(c: &Ctx) {
     let names_node =
         err.contains("node3") || err.contains(&format!("{}:7077", c.node("node3").addr));
     assert!(
-        names_node && err.contains("connect"),
+        names_node && err.contains("connect") && r.get("kind") == Some("unreachable node=node3"),
         "the error must name node3 (or its address) and the connection:\n{r}"
     );
     assert!(r.elapsed < Duration::from_secs(10), "took {:?}:\n{r}", r.elapsed);
@@ -833,7 +833,8 @@ fn limits(c: &Ctx) {
     let r = c.probe("node2", &["fork", "node3"], Duration::from_secs(30));
     let err = r.want("error").to_string();
     assert!(
-        err.contains("limit") && err.contains("node3"),
+        r.get("refused") == Some("node=node3 limit=limits.max_restores_per_user")
+            && err.contains("node3"),
         "the refusal must name the limit:\n{r}"
     );
     assert!(r.get("host").is_none() && r.has("parent ok") && r.status.success(), "{r}");
@@ -851,7 +852,8 @@ fn limits(c: &Ctx) {
     let r = c.probe("node1", &["fork", "node3", "--big-mb", "64"], Duration::from_secs(30));
     let err = r.want("error").to_string();
     assert!(
-        err.contains("exceeds") && err.contains("limit") && err.contains("node3"),
+        r.get("refused") == Some("node=node3 limit=limits.max_image_bytes")
+            && err.contains("exceeds"),
         "the refusal must name the size limit:\n{r}"
     );
     assert!(r.get("host").is_none() && r.has("parent ok") && r.status.success(), "{r}");
@@ -946,7 +948,7 @@ fn plain_transport(c: &Ctx) {
     let r = c.probe("node1", &["fork", "node3"], Duration::from_secs(60));
     let err = r.want("error").to_string();
     assert!(
-        err.contains("encrypted") && err.contains("node3"),
+        r.get("refused") == Some("node=node3 limit=transport.image") && err.contains("encrypted"),
         "node3 (tls) must refuse a plain image:\n{r}"
     );
     assert!(r.has("parent ok"), "{r}");
@@ -1206,8 +1208,9 @@ fn idle_local_flood(c: &Ctx) {
     let before = (c.sessions("node1"), c.sessions("node2"));
     let script = r#"
 import socket, time
-# LocalRequest::Prepare { dest: "node2" }: a u32 length, then postcard (variant 3, string).
-prepare = bytes([7, 0, 0, 0, 3, 5]) + b"node2"
+# A hello (protocol version 1), then LocalRequest::Prepare { dest: "node2" }: each a u32
+# length, then the body (the hello's magic and version; postcard: variant 3, string).
+prepare = bytes([8, 0, 0, 0, 0xff]) + b"TFK" + bytes([1, 0, 0, 0, 7, 0, 0, 0, 3, 5]) + b"node2"
 conns = []
 for i in range(300):
     s = socket.socket(socket.AF_UNIX)
@@ -1323,7 +1326,8 @@ fn killed_session(c: &Ctx) {
     assert!(c.log("node2").contains(&said), "node2's log must say {said:?}");
     let r = run.finish(Duration::from_secs(30));
     assert!(
-        r.get("error").is_some_and(|e| e.contains("lost track")),
+        r.get("kind") == Some("lost node=node2")
+            && r.get("error").is_some_and(|e| e.contains("lost track")),
         "the parent must hear it lost its child:\n{r}"
     );
 }
@@ -1351,7 +1355,7 @@ fn refusal_reasons(c: &Ctx) {
     c.sh("node1", None, &format!("rm -f {file}"), Duration::from_secs(10));
     let err = r.want("error").to_string();
     assert!(
-        err.contains("node2") && err.contains("only-on-node1"),
+        r.get("kind") == Some("failed node=node2 stage=Restore") && err.contains("only-on-node1"),
         "the caller must hear which file node2 lacks:\n{r}"
     );
 
@@ -1365,7 +1369,8 @@ fn refusal_reasons(c: &Ctx) {
     std::fs::rename(&aside, &sessions).unwrap();
     let err = r.want("error").to_string();
     assert!(
-        err.contains("cannot record the session") && err.contains("node2"),
+        r.get("kind") == Some("failed node=node2 stage=Restore")
+            && err.contains("cannot record the session"),
         "the caller must hear why node2 refused:\n{r}"
     );
     assert!(r.get("host").is_none() && r.has("parent ok"), "{r}");

@@ -9,6 +9,11 @@ fn frames<T: serde::Serialize>(msgs: &[T]) -> Vec<u8> {
     msgs.iter().flat_map(|m| encode_frame(m).expect("a small message encodes")).collect()
 }
 
+/// Requests (and first answers) as they go out: each behind a hello.
+fn firsts<T: serde::Serialize>(msgs: &[T]) -> Vec<u8> {
+    msgs.iter().flat_map(|m| encode_first(m).expect("a small message encodes")).collect()
+}
+
 /// One chunk of a node_protocol record recipe: `op`, the length (u16 le), the bytes.
 fn chunk(op: u8, len: u16, bytes: &[u8]) -> Vec<u8> {
     [&[op][..], &len.to_le_bytes(), bytes].concat()
@@ -22,42 +27,61 @@ fn main() {
         (
             "telefork_again",
             [
-                frames(std::slice::from_ref(&telefork)),
+                firsts(std::slice::from_ref(&telefork)),
                 frames(&[
                     LocalCommand::Kill { signal: 15 },
                     LocalCommand::Waiting,
                     LocalCommand::Again,
                 ]),
-                frames(&[LocalRequest::WhoAmI]),
+                firsts(&[LocalRequest::WhoAmI]),
             ]
             .concat(),
         ),
         (
             "prepare_telefork_done",
             [
-                frames(&[LocalRequest::Prepare { dest: "node2".into() }, telefork]),
+                firsts(&[LocalRequest::Prepare { dest: "node2".into() }, telefork]),
                 frames(&[LocalCommand::Done]),
             ]
             .concat(),
         ),
-        ("report", frames(&[LocalRequest::Report { value: vec![1, 2, 3, 4] }])),
+        ("report", firsts(&[LocalRequest::Report { value: vec![1, 2, 3, 4] }])),
         (
             "from_daemon",
-            frames(&[
-                FromDaemon::Accepted { node: "node2".into() },
-                FromDaemon::Started { node: "node2".into(), pid: 77 },
-                FromDaemon::Result { value: vec![9; 8] },
-                FromDaemon::Exited(ExitInfo::Code(3)),
-                FromDaemon::Lost { error: "gone".into() },
-                FromDaemon::Failed { error: "no".into() },
-                FromDaemon::Ok,
-                FromDaemon::Node { name: "node1".into() },
-                FromDaemon::Refused {
-                    node: "node2".into(),
-                    limit: Some("limits.max_sessions_per_user".into()),
-                    reason: "busy".into(),
-                },
-            ]),
+            [
+                firsts(&[FromDaemon::Accepted { node: "node2".into() }]),
+                frames(&[
+                    FromDaemon::Started { node: "node2".into(), pid: 77 },
+                    FromDaemon::Result { value: vec![9; 8] },
+                    FromDaemon::Exited(ExitInfo::Code(3)),
+                    FromDaemon::Failed(Failure::Lost {
+                        node: "node2".into(),
+                        message: "gone".into(),
+                    }),
+                    FromDaemon::Failed(Failure::Failed {
+                        node: "node1".into(),
+                        stage: Stage::Send,
+                        message: "no".into(),
+                    }),
+                    FromDaemon::Ok,
+                    FromDaemon::Node { name: "node1".into() },
+                    FromDaemon::Failed(Failure::Refused {
+                        node: "node2".into(),
+                        limit: Limit::MaxSessionsPerUser,
+                        reason: "busy".into(),
+                    }),
+                    FromDaemon::Failed(Failure::CannotCarry {
+                        node: "node1".into(),
+                        what: Uncarried::Fd { fd: 4, kind: "socket".into(), target: "x".into() },
+                    }),
+                    FromDaemon::Failed(Failure::Protocol {
+                        node: "node2".into(),
+                        ours: 1,
+                        theirs: 2,
+                    }),
+                ]),
+            ]
+            .concat(),
         ),
     ];
     let offer = ToDest::Offer {
@@ -68,27 +92,38 @@ fn main() {
         plain_image: false,
         image_follows: true,
     };
-    let to_dest = frames(&[
-        offer.clone(),
-        ToDest::Stdin { data: b"input".to_vec() },
-        ToDest::StdinEof,
-        ToDest::Kill { signal: 9 },
-        ToDest::Again,
-        offer.clone(),
-    ]);
-    let from_dest = frames(&[
-        FromDest::Accept,
-        FromDest::Started { pid: 77 },
-        FromDest::Stdout { data: b"out".to_vec() },
-        FromDest::Stderr { data: b"err".to_vec() },
-        FromDest::Result { value: vec![5; 4] },
-        FromDest::Exited(ExitInfo::Signal(9)),
-        FromDest::Refused {
-            limit: Some("limits.max_restores_per_user".into()),
-            reason: "full".into(),
-        },
-        FromDest::Failed { error: "no".into() },
-    ]);
+    let to_dest = [
+        firsts(std::slice::from_ref(&offer)),
+        frames(&[
+            ToDest::Stdin { data: b"input".to_vec() },
+            ToDest::StdinEof,
+            ToDest::Kill { signal: 9 },
+            ToDest::Again,
+        ]),
+        firsts(std::slice::from_ref(&offer)),
+    ]
+    .concat();
+    let from_dest = [
+        firsts(&[FromDest::Accept]),
+        frames(&[
+            FromDest::Started { pid: 77 },
+            FromDest::Stdout { data: b"out".to_vec() },
+            FromDest::Stderr { data: b"err".to_vec() },
+            FromDest::Result { value: vec![5; 4] },
+            FromDest::Exited(ExitInfo::Signal(9)),
+            FromDest::Failed(Failure::Refused {
+                node: "node2".into(),
+                limit: Limit::MaxRestoresPerUser,
+                reason: "full".into(),
+            }),
+            FromDest::Failed(Failure::Failed {
+                node: "node2".into(),
+                stage: Stage::Restore,
+                message: "no".into(),
+            }),
+        ]),
+    ]
+    .concat();
     let app = |b: &[u8]| chunk(1, b.len() as u16, b);
     let inner = |b: &[u8]| chunk(0, b.len() as u16, b);
     let node: Vec<(&str, Vec<u8>)> = vec![
@@ -98,7 +133,7 @@ fn main() {
             "records",
             [
                 vec![1],
-                app(&frames(&[offer])),
+                app(&firsts(&[offer])),
                 inner(&[4, 0, 0, 2, 7, 7, 24, 0, 0, 1, 1, 22]), // a ticket, then KeyUpdate (update requested)
                 app(&frames(&[ToDest::Stdin { data: b"input".to_vec() }])),
                 inner(&[b'x', 23, 0, 0, 0]), // padded

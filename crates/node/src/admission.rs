@@ -31,8 +31,8 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::channel::PendingServer;
-use crate::daemon::{log, spawn_session, Shared};
-use crate::proto::{FromDaemon, FromDest};
+use crate::daemon::{spawn_session, Shared};
+use crate::proto::{Failure, FromDaemon, FromDest, Limit};
 
 /// A connection from another node must have completed its handshake this long after it was
 /// accepted (waiting for a handshake slot included) ...
@@ -167,7 +167,7 @@ impl<'a> Admission<'a> {
                             Some(Kind::Local(uid)) => format!("serving a program of user {uid}"),
                             None => "unknown".into(),
                         };
-                        log(&format!("session {pid} ({what}) was killed by {sig}; a process it restored was killed with it"));
+                        tracing::warn!("session {pid} ({what}) was killed by {sig}; a process it restored was killed with it");
                     }
                 }
                 _ => break,
@@ -191,7 +191,7 @@ impl<'a> Admission<'a> {
                 return true;
             };
             if tally.handshake_timed_out < LOGGED_PER_SUMMARY {
-                log(&format!("dropped the handshake of {}: {why}", h.peer));
+                tracing::warn!("dropped the handshake of {}: {why}", h.peer);
             }
             tally.handshake_timed_out += 1;
             false
@@ -200,11 +200,11 @@ impl<'a> Admission<'a> {
             let before = queue.len();
             queue.retain(|(_, _, arrived)| now < *arrived + PREAUTH_LIMIT);
             if before > queue.len() && self.tally.handshake_timed_out < LOGGED_PER_SUMMARY {
-                log(&format!(
+                tracing::warn!(
                     "dropped {} connections that waited {} s for a handshake slot",
                     before - queue.len(),
                     PREAUTH_LIMIT.as_secs()
-                ));
+                );
             }
             self.tally.handshake_timed_out += (before - queue.len()) as u64;
         }
@@ -226,7 +226,7 @@ impl<'a> Admission<'a> {
                     limits.max_sessions_per_user,
                     LOCAL_WAIT.as_secs()
                 );
-                self.refuse_local(sock, "limits.max_sessions_per_user", reason);
+                self.refuse_local(sock, Limit::MaxSessionsPerUser, reason);
             }
         }
         self.waiting_local = kept;
@@ -281,7 +281,7 @@ impl<'a> Admission<'a> {
                             });
                             passes = self.source_turns.len() + 1; // (progress: another round)
                         }
-                        Err(e) => log(&format!("cannot start a TLS handshake with {peer}: {e:#}")),
+                        Err(e) => tracing::warn!("cannot start a TLS handshake with {peer}: {e:#}"),
                     }
                 }
             }
@@ -300,14 +300,14 @@ impl<'a> Admission<'a> {
         }
         let t = std::mem::take(&mut self.tally);
         if t.closed_waiting_full + t.handshake_failed + t.handshake_timed_out > 0 {
-            log(&format!(
+            tracing::warn!(
                 "in the last {} s: {} connections closed before their handshake (limits.max_waiting_per_source or too many waiting), {} handshakes failed, {} not done in time (limit {} s)",
                 since.elapsed().as_secs(),
                 t.closed_waiting_full,
                 t.handshake_failed,
                 t.handshake_timed_out,
                 PREAUTH_LIMIT.as_secs()
-            ));
+            );
         }
         self.tally.since = Some(Instant::now());
     }
@@ -368,7 +368,7 @@ impl<'a> Admission<'a> {
                 Ok(c) => c,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    log(&format!("accepting a connection: {e}"));
+                    tracing::warn!("accepting a connection: {e}");
                     return;
                 }
             };
@@ -399,7 +399,7 @@ impl<'a> Admission<'a> {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    log(&format!("accepting a local connection: {e}"));
+                    tracing::warn!("accepting a local connection: {e}");
                     return;
                 }
             };
@@ -418,7 +418,7 @@ impl<'a> Admission<'a> {
                     self.shared.cfg.node,
                     limits.max_waiting_per_user
                 );
-                self.refuse_local(sock, "limits.max_waiting_per_user", reason);
+                self.refuse_local(sock, Limit::MaxWaitingPerUser, reason);
                 continue;
             }
             self.waiting_local.push_back((sock, uid, Instant::now()));
@@ -426,15 +426,13 @@ impl<'a> Admission<'a> {
     }
 
     /// Tells a local program why its connection is refused, then drains it.
-    fn refuse_local(&mut self, sock: UnixStream, limit: &str, reason: String) {
-        let msg = FromDaemon::Refused {
-            node: self.shared.cfg.node.clone(),
-            limit: Some(limit.to_string()),
-            reason,
-        };
+    fn refuse_local(&mut self, sock: UnixStream, limit: Limit, reason: String) {
+        let node = self.shared.cfg.node.clone();
+        let msg = FromDaemon::Failed(Failure::Refused { node, limit, reason });
         sock.set_write_timeout(Some(Duration::from_millis(100))).ok();
         let mut w = &sock;
-        let _ = crate::proto::write_frame(&mut w, &msg);
+        // (The first answer on the connection: behind our hello.)
+        let _ = crate::proto::write_first(&mut w, &msg);
         self.drain(OwnedFd::from(sock));
     }
 
@@ -484,7 +482,7 @@ impl<'a> Admission<'a> {
                 Err(e) => {
                     if self.tally.handshake_failed < LOGGED_PER_SUMMARY {
                         // (The first few of each summary period, with their reasons; then counted.)
-                        log(&format!("rejected connection from {}: {e:#}", h.peer));
+                        tracing::warn!("rejected connection from {}: {e:#}", h.peer);
                     }
                     self.tally.handshake_failed += 1;
                     finished.push((i, false));
@@ -502,20 +500,20 @@ impl<'a> Admission<'a> {
     /// An authenticated node: a session for it, or a refusal naming the limit.
     fn admit_peer(&mut self, h: Handshaking) {
         let Some(origin) = crate::tls::peer_node_name(&h.tls.peer_certificates()) else {
-            log(&format!(
+            tracing::warn!(
                 "rejected connection from {}: its certificate carries no node name",
                 h.peer
-            ));
+            );
             return;
         };
         let limits = &self.shared.cfg.limits;
         let node = &self.shared.cfg.node;
         let from_peer = self.count(&Kind::Peer(origin.clone()));
         let refusal = if from_peer >= limits.max_sessions_per_peer as usize {
-            Some(("limits.max_sessions_per_peer", format!("node {node} already serves {from_peer} connections from node {origin} (limits.max_sessions_per_peer)")))
+            Some((Limit::MaxSessionsPerPeer, format!("node {node} already serves {from_peer} connections from node {origin} (limits.max_sessions_per_peer)")))
         } else if self.sessions.len() >= limits.max_sessions as usize {
             Some((
-                "limits.max_sessions",
+                Limit::MaxSessions,
                 format!(
                     "node {node} already runs {} sessions (limits.max_sessions)",
                     self.sessions.len()
@@ -526,16 +524,18 @@ impl<'a> Admission<'a> {
         };
         let Handshaking { sock, peer, tls, .. } = h;
         if let Some((limit, reason)) = refusal {
-            log(&format!("refused a connection from {origin} ({peer}): {reason}"));
+            tracing::warn!("refused a connection from {origin} ({peer}): {reason}");
             // (On the authenticated connection: the origin reads it as the answer to its offer.)
             match tls.finish(sock, Duration::from_millis(200)) {
                 Ok(ch) => {
-                    let _ = ch.send(&FromDest::Refused { limit: Some(limit.to_string()), reason });
+                    let node = node.clone();
+                    let refused = Failure::Refused { node, limit, reason };
+                    let _ = ch.send_first(&FromDest::Failed(refused));
                     if let Ok(sock) = ch.into_socket() {
                         self.drain(OwnedFd::from(sock));
                     }
                 }
-                Err(e) => log(&format!("refusing {origin}: {e:#}")),
+                Err(e) => tracing::warn!("refusing {origin}: {e:#}"),
             }
             return;
         }

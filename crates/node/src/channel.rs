@@ -641,17 +641,33 @@ impl TlsChannel {
 
     pub fn send<T: Serialize>(&self, msg: &T) -> Result<()> {
         let mut w = self;
-        proto::write_frame(&mut w, msg)
+        Ok(proto::write_frame(&mut w, msg)?)
     }
 
+    /// Sends a request, or the first answer to one: behind this side's hello (the protocol
+    /// version), in one go.
+    pub fn send_first<T: Serialize>(&self, msg: &T) -> Result<()> {
+        let mut w = self;
+        Ok(proto::write_first(&mut w, msg)?)
+    }
+
+    /// Receives a message (hellos of our version passed over; one of another version is a
+    /// `proto::Error::Version`).
     pub fn recv<T: DeserializeOwned>(&self) -> Result<Option<T>> {
         let mut r = self;
-        proto::read_frame(&mut r)
+        Ok(proto::read_frame(&mut r)?)
+    }
+
+    /// Receives a request, which must come behind a hello of our version
+    /// (`proto::read_first`).
+    pub fn recv_first<T: DeserializeOwned>(&self) -> Result<Option<T>> {
+        let mut r = self;
+        Ok(proto::read_first(&mut r)?)
     }
 
     pub fn expect<T: DeserializeOwned>(&self, what: &str) -> Result<T> {
         let mut r = self;
-        proto::expect_frame(&mut r, what)
+        Ok(proto::expect_frame(&mut r, what)?)
     }
 
     /// Sends close_notify and shuts the socket down.
@@ -728,8 +744,8 @@ impl TlsChannel {
                 let base = area.as_mut_ptr();
                 let mut iov: Vec<libc::iovec> = records
                     .iter()
-                    // SAFETY: at + HEADER + n <= end <= area.len(): inside `area`.
                     .map(|&(at, n)| libc::iovec {
+                        // SAFETY: at + HEADER + n <= end <= area.len(): inside `area`.
                         iov_base: unsafe { base.add(at + HEADER) }.cast(),
                         iov_len: n,
                     })

@@ -55,9 +55,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_CONFIG: &str = "/etc/telefork/node.toml";
-pub const DEFAULT_SOCKET: &str = "/run/telefork/daemon.sock";
-/// Environment variable a program can set to reach its node's daemon elsewhere.
-pub const SOCKET_ENV: &str = "TELEFORK_SOCKET";
+pub use telefork_proto::{DEFAULT_SOCKET, SOCKET_ENV};
 pub const DEFAULT_PORT: u16 = 7077;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -10,6 +10,9 @@
 //!
 //! The main loop (`admission`: TLS handshakes before any process, limits and queues) never
 //! creates a thread, so forking from it is safe; sessions are free to use threads.
+//!
+//! Events go through `tracing` (info: what happened to each process; warn: refusals and
+//! failures; debug: timings); the binary that runs the daemon installs the subscriber.
 
 use std::io::Write;
 use std::net::TcpListener;
@@ -68,12 +71,12 @@ pub fn run(cfg: Config) -> Result<()> {
     let tcp = TcpListener::bind(shared.cfg.listen)
         .with_context(|| format!("listening on {}", shared.cfg.listen))?;
     let unix = bind_unix(&shared.cfg.socket)?;
-    log(&format!(
+    tracing::info!(
         "node {} listening on {} (nodes, mutual TLS) and {} (local programs)",
         shared.cfg.node,
         shared.cfg.listen,
         shared.cfg.socket.display()
-    ));
+    );
     crate::admission::Admission::new(&shared, tcp, unix)?.run()
 }
 
@@ -113,7 +116,7 @@ pub(crate) fn spawn_session(
             let code = match session() {
                 Ok(()) => 0,
                 Err(e) => {
-                    log(&format!("session {}: {e:#}", std::process::id()));
+                    tracing::warn!("session {}: {e:#}", std::process::id());
                     1
                 }
             };
@@ -123,18 +126,10 @@ pub(crate) fn spawn_session(
         }
         Ok(ForkResult::Parent { child }) => Some(child),
         Err(e) => {
-            log(&format!("cannot fork a session: {e}"));
+            tracing::error!("cannot fork a session: {e}");
             None
         }
     }
-}
-
-pub fn log(msg: &str) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0);
-    eprintln!("[{now:.3}] telefork-daemon[{}]: {msg}", std::process::id());
 }
 
 /// Counts live sessions of `uid` (files `sessions/<uid>.<session pid>`), removing stale ones.

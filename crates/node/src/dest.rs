@@ -23,8 +23,8 @@ use anyhow::{bail, Context, Result};
 use nix::sys::wait::{waitpid, WaitStatus};
 
 use crate::channel::{PendingServer, TlsChannel};
-use crate::daemon::{live_sessions, log, Shared};
-use crate::proto::{ExitInfo, FromDest, ToDest, User};
+use crate::daemon::{live_sessions, Shared};
+use crate::proto::{self, ExitInfo, Failure, FromDest, Limit, Stage, ToDest, User};
 use telefork_engine::{restore_into, Stub, StubTemplate};
 
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -190,7 +190,7 @@ impl StubMaker {
             self.template = match StubTemplate::new() {
                 Ok(t) => Template::Ready(Box::new(t)),
                 Err(e) => {
-                    log(&format!("could not make a stub template ({e:#}); forking each process from the session"));
+                    tracing::warn!("could not make a stub template ({e:#}); forking each process from the session");
                     Template::Failed
                 }
             };
@@ -199,7 +199,7 @@ impl StubMaker {
             Template::Ready(t) => match Stub::fork_from(t, stdio) {
                 Ok(stub) => Some(stub),
                 Err(e) => {
-                    log(&format!("forking the stub template failed ({e:#}); forking each process from the session from now on"));
+                    tracing::warn!("forking the stub template failed ({e:#}); forking each process from the session from now on");
                     self.template = Template::Failed;
                     None
                 }
@@ -208,7 +208,7 @@ impl StubMaker {
         };
         let stub = forked.or_else(|| {
             Stub::prepare(Some(stdio))
-                .inspect_err(|e| log(&format!("could not prepare a process to restore into ({e:#}); making it when the image arrives")))
+                .inspect_err(|e| tracing::warn!("could not prepare a process to restore into ({e:#}); making it when the image arrives"))
                 .ok()
         });
         telefork_engine::timeline::stamp("dest stub end");
@@ -252,7 +252,7 @@ fn serve_one(
         }
         _ => String::new(),
     };
-    log(&format!("restored process {pid} of user {} from {origin}{how}", received.user.uid));
+    tracing::info!("restored process {pid} of user {} from {origin}{how}", received.user.uid);
     // (Should anything fail before its end is known, the child is killed: nobody would be
     // told of it any more.)
     let pidfd = telefork_engine::pidfd::open(pid.as_raw())
@@ -272,7 +272,7 @@ fn serve_one(
     }
     ch.send(&FromDest::Exited(status))?;
     telefork_engine::timeline::stamp("dest sent Exited");
-    log(&format!("process {pid} ended: {status:?}"));
+    tracing::info!("process {pid} ended: {status:?}");
     // The origin answers once its program has heard of the end (`AGAIN_WAIT` there); if it
     // does not, the connection is closed, which ends the command thread.
     Ok(match verdict.recv_timeout(OFFER_WAIT) {
@@ -310,7 +310,7 @@ fn supervise(
     } else {
         restorer
             .prepare(Some(user.clone()))
-            .inspect_err(|e| log(&format!("preparing the next process to restore into: {e:#}")))
+            .inspect_err(|e| tracing::warn!("preparing the next process to restore into: {e:#}"))
             .ok()
     };
     let exited = Arc::new(AtomicBool::new(false));
@@ -361,17 +361,17 @@ fn origin_commands(
             // (Only ever sent after the child's end was: anything else breaks the protocol.)
             Ok(Some(ToDest::Again)) if exited.load(Ordering::SeqCst) => return true,
             Ok(Some(other @ (ToDest::Again | ToDest::Offer { .. }))) => {
-                log(&format!(
+                tracing::warn!(
                     "origin {origin} sent {} while process {pid} runs: killing it",
                     if matches!(other, ToDest::Again) { "Again" } else { "an offer" }
-                ));
+                );
                 let _ = telefork_engine::pidfd::send_signal(pidfd.as_fd(), libc::SIGKILL);
                 ch.close();
                 return false;
             }
             Ok(None) | Err(_) => {
                 if !exited.load(Ordering::SeqCst) {
-                    log(&format!("origin {origin} is gone: killing process {pid}"));
+                    tracing::warn!("origin {origin} is gone: killing process {pid}");
                     let _ = telefork_engine::pidfd::send_signal(pidfd.as_fd(), libc::SIGKILL);
                 }
                 return false;
@@ -576,17 +576,17 @@ fn receive(
         Ok(restored)
     });
     let restored = restorer.restore(job);
-    if std::env::var_os("TELEFORK_DEBUG").is_some() {
-        log(&format!(
-            "restore done {:.2} ms after accepting",
-            t_accepted.elapsed().as_secs_f64() * 1e3
-        ));
-    }
+    tracing::debug!(
+        "restore done {:.2} ms after accepting",
+        t_accepted.elapsed().as_secs_f64() * 1e3
+    );
     match restored {
         Ok(r) => Ok(Some(Received { restored: r, user, pass_stdin, _counted: counted })),
         Err(e) => {
-            log(&format!("restoring a process from {origin} failed: {e:#}"));
-            ch.send(&FromDest::Failed { error: format!("{e:#}") }).ok();
+            tracing::warn!("restoring a process from {origin} failed: {e:#}");
+            let node = &shared.cfg.node;
+            let failure = crate::failure::of(&e, node, origin, Stage::Restore);
+            ch.send(&FromDest::Failed(failure)).ok();
             // The restore may have stopped early (a mapped file missing here, say) while the
             // image is still arriving: read the rest, so that the origin, which reads our
             // answer once it has sent the image, gets the reason instead of a reset.
@@ -609,9 +609,33 @@ fn receive(
 /// node's limits and accepts it, or `None` if refused.
 fn answer_offer(shared: &Shared, ch: &TlsChannel, origin: &str) -> Result<Option<Accepted>> {
     ch.set_recv_timeout(Some(OFFER_WAIT));
-    let offer: ToDest = match ch.recv() {
+    let node = &shared.cfg.node;
+    // (Behind the origin's hello: a peer of another protocol version is told so, in a form it
+    // reads, and the session ends.)
+    let offer: ToDest = match ch.recv_first() {
         Ok(Some(o)) => o,
-        Ok(None) | Err(_) => return Ok(None),
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            if let Some(proto::Error::Version { ours, theirs }) = e.downcast_ref::<proto::Error>() {
+                tracing::warn!("refused the connection of {origin}: {e:#}");
+                let (ours, theirs) = (*ours, *theirs);
+                let text = Failure::Protocol { node: origin.to_string(), ours, theirs }.to_string();
+                let _ = if theirs == 0 {
+                    proto::unversioned::to_origin(&text)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|f| Ok((&*ch).write_all(&f)?))
+                } else {
+                    let mismatch =
+                        Failure::Protocol { node: node.clone(), ours: theirs, theirs: ours };
+                    ch.send_first(&FromDest::Failed(mismatch))
+                };
+                // (What follows the offer, an image perhaps, is read and dropped until the
+                // origin, having read why, closes: so it is not cut off by a reset.)
+                ch.set_recv_timeout(Some(DROP_LIMIT));
+                drop_image(ch);
+            }
+            return Ok(None);
+        }
     };
     telefork_engine::timeline::stamp("dest offer read");
     ch.set_recv_timeout(Some(HANDSHAKE_TIMEOUT));
@@ -630,22 +654,21 @@ fn answer_offer(shared: &Shared, ch: &TlsChannel, origin: &str) -> Result<Option
         bail!("node {origin} claims to be {claimed:?}");
     }
     let limits = &shared.cfg.limits;
-    let node = &shared.cfg.node;
     let refusal = if user.uid == 0 && !limits.allow_root {
         Some((
-            Some("limits.allow_root"),
+            Limit::AllowRoot,
             format!("node {node} does not run processes of root (limits.allow_root = false)"),
         ))
     } else if image_bytes > limits.max_image_bytes {
-        Some((Some("limits.max_image_bytes"), format!("image of {image_bytes} bytes exceeds node {node}'s limit of {} bytes (limits.max_image_bytes)", limits.max_image_bytes)))
+        Some((Limit::MaxImageBytes, format!("image of {image_bytes} bytes exceeds node {node}'s limit of {} bytes (limits.max_image_bytes)", limits.max_image_bytes)))
     } else if plain_image && shared.cfg.transport.image != crate::config::ImageTransport::Plain {
         Some((
-            None,
+            Limit::TransportImage,
             format!("node {node} accepts only encrypted images (its transport.image is \"tls\")"),
         ))
     } else if live_sessions(shared, user.uid) >= limits.max_restores_per_user {
         Some((
-            Some("limits.max_restores_per_user"),
+            Limit::MaxRestoresPerUser,
             format!("user {} already has {} processes restored on node {node} (limits.max_restores_per_user)", user.uid, limits.max_restores_per_user),
         ))
     } else {
@@ -654,27 +677,29 @@ fn answer_offer(shared: &Shared, ch: &TlsChannel, origin: &str) -> Result<Option
     // Counted among its owner's restored processes from here (a file in the state
     // directory: a full or broken one refuses the offer, naming why).
     let marker = shared.sessions_dir().join(format!("{}.{}", user.uid, std::process::id()));
+    let refusal =
+        refusal.map(|(limit, reason)| Failure::Refused { node: node.clone(), limit, reason });
     let refusal = refusal.or_else(|| {
-        File::create(&marker).err().map(|e| {
-            (
-                None,
-                format!(
-                    "node {node} cannot record the session in {}: {e}",
-                    shared.sessions_dir().display()
-                ),
-            )
+        File::create(&marker).err().map(|e| Failure::Failed {
+            node: node.clone(),
+            stage: Stage::Restore,
+            message: format!(
+                "cannot record the session in {}: {e}",
+                shared.sessions_dir().display()
+            ),
         })
     });
-    if let Some((limit, reason)) = refusal {
-        log(&format!("refused a process from {origin}: {reason}"));
-        ch.send(&FromDest::Refused { limit: limit.map(str::to_string), reason })?;
+    if let Some(failure) = refusal {
+        tracing::warn!("refused a process from {origin}: {failure}");
+        // (The first answer to the offer: behind our hello.)
+        ch.send_first(&FromDest::Failed(failure))?;
         if image_follows {
             drop_image(ch);
         }
         return Ok(None);
     }
     let counted = RemoveOnDrop(marker);
-    ch.send(&FromDest::Accept)?;
+    ch.send_first(&FromDest::Accept)?;
     Ok(Some(Accepted { user, pass_stdin, plain_image, image_bytes, counted }))
 }
 

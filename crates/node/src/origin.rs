@@ -40,12 +40,14 @@ use nix::unistd::Pid;
 use telefork_engine::OutsideReader;
 
 use crate::channel::{check_peer_name, connect, TlsChannel};
-use crate::daemon::{log, Shared};
-use crate::proto::{self, FromDaemon, FromDest, LocalCommand, LocalRequest, ToDest, User};
+use crate::daemon::Shared;
+use crate::proto::{
+    self, Failure, FromDaemon, FromDest, Limit, LocalCommand, LocalRequest, Stage, ToDest, User,
+};
 
-pub fn serve(shared: &Shared, mut sock: UnixStream) -> Result<()> {
+pub fn serve(shared: &Shared, sock: UnixStream) -> Result<()> {
     let cred = getsockopt(&sock, PeerCredentials).context("SO_PEERCRED")?;
-    let Some((mut req, mut fds)) = recv_first(&sock)? else {
+    let Some((mut req, mut fds)) = recv_first(&sock, &shared.cfg.node)? else {
         return Ok(()); // connected and left (a liveness probe): nothing to do
     };
     // A capture will follow: its /proc reader thread is started now, not on its path. (It
@@ -61,18 +63,17 @@ pub fn serve(shared: &Shared, mut sock: UnixStream) -> Result<()> {
         // A spare connection says where the next telefork will likely go: connect there now.
         if let LocalRequest::Prepare { dest } = &req {
             prepared = Connecting::ahead(shared, dest).ok();
-            let Some(next) = recv_first(&sock)? else {
+            let Some(next) = recv_first(&sock, &shared.cfg.node)? else {
                 return Ok(()); // not used after all (the prepared connection just closes)
             };
             (req, fds) = next;
             telefork_engine::timeline::stamp("origin next request");
         }
+        // (The first answer to each request goes behind our hello.)
+        let to_program = ToProgram::new(&sock);
         match req {
             LocalRequest::WhoAmI => {
-                return proto::write_frame(
-                    &mut sock,
-                    &FromDaemon::Node { name: shared.cfg.node.clone() },
-                )
+                return to_program.send(&FromDaemon::Node { name: shared.cfg.node.clone() })
             }
             // (Only right after connecting or being handed back; a second one ends the session.)
             LocalRequest::Prepare { .. } => return Ok(()),
@@ -80,16 +81,19 @@ pub fn serve(shared: &Shared, mut sock: UnixStream) -> Result<()> {
                 let r = store_report(shared, Some(cred.pid()), &value);
                 let reply = match &r {
                     Ok(()) => FromDaemon::Ok,
-                    Err(e) => FromDaemon::Failed { error: format!("{e:#}") },
+                    Err(e) => FromDaemon::Failed(Failure::Failed {
+                        node: shared.cfg.node.clone(),
+                        stage: Stage::Report,
+                        message: format!("{e:#}"),
+                    }),
                 };
-                return proto::write_frame(&mut sock, &reply);
+                return to_program.send(&reply);
             }
             LocalRequest::Telefork { dest, child_pid, pass_stdin } => {
                 let user = User { uid: cred.uid(), gid: cred.gid() };
-                let mut to_program = sock.try_clone().context("cloning the program socket")?;
                 // (Accepted, then Started as soon as the destination says so, before the local
                 // copy is killed: the program is not held for that.)
-                let tell = |msg: FromDaemon| proto::write_frame(&mut to_program, &msg);
+                let tell = |msg: FromDaemon| to_program.send(&msg);
                 let sent = send_away(
                     shared,
                     Some(cred.pid()),
@@ -103,7 +107,7 @@ pub fn serve(shared: &Shared, mut sock: UnixStream) -> Result<()> {
                 );
                 match sent {
                     Ok((ch, name, addr)) => {
-                        match relay(ch, &sock, std::mem::take(&mut fds), pass_stdin)? {
+                        match relay(ch, &name, &sock, std::mem::take(&mut fds), pass_stdin)? {
                             // The next telefork likely goes there too: the destination's session
                             // serves it on this connection.
                             AfterRelay::Again(ch) => {
@@ -113,19 +117,12 @@ pub fn serve(shared: &Shared, mut sock: UnixStream) -> Result<()> {
                         }
                     }
                     Err(e) => {
-                        log(&format!("telefork of process {child_pid} to {dest} failed: {e:#}"));
-                        let reply = match e.downcast_ref::<Refused>() {
-                            Some(r) => FromDaemon::Refused {
-                                node: r.node.clone(),
-                                limit: r.limit.clone(),
-                                reason: r.reason.clone(),
-                            },
-                            None => FromDaemon::Failed { error: format!("{e:#}") },
-                        };
-                        return proto::write_frame(&mut sock, &reply);
+                        tracing::warn!("telefork of process {child_pid} to {dest} failed: {e:#}");
+                        let failure = crate::failure::of(&e, &shared.cfg.node, &dest, Stage::Send);
+                        return to_program.send(&FromDaemon::Failed(failure));
                     }
                 }
-                let Some(next) = recv_first(&sock)? else {
+                let Some(next) = recv_first(&sock, &shared.cfg.node)? else {
                     return Ok(());
                 };
                 (req, fds) = next;
@@ -135,8 +132,8 @@ pub fn serve(shared: &Shared, mut sock: UnixStream) -> Result<()> {
     }
 }
 
-/// Reads the first request and the fds passed with it.
-fn recv_first(sock: &UnixStream) -> Result<Option<(LocalRequest, Vec<OwnedFd>)>> {
+/// Reads a request (behind its hello) and the fds passed with it.
+fn recv_first(sock: &UnixStream, node: &str) -> Result<Option<(LocalRequest, Vec<OwnedFd>)>> {
     // A program may connect ahead of time (the library keeps one spare connection): wait a
     // while for its request, then close quietly.
     sock.set_read_timeout(Some(Duration::from_secs(30))).ok();
@@ -172,8 +169,59 @@ fn recv_first(sock: &UnixStream) -> Result<Option<(LocalRequest, Vec<OwnedFd>)>>
     read_by(sock, &mut len[got..], deadline)?;
     let mut body = vec![0u8; proto::frame_len(len).context("reading a request")?];
     read_by(sock, &mut body, deadline)?;
+    // A request comes behind the program's hello (sent with it, so the fds came with the
+    // hello's first bytes): a library of another protocol version is told so, in a form it
+    // reads, and the session ends.
+    if let Err(e) = proto::check_hello(&body) {
+        refuse_version(sock, node, &e);
+        return Err(e).context("a program's request");
+    }
+    read_by(sock, &mut len, deadline)?;
+    let mut body = vec![0u8; proto::frame_len(len).context("reading a request")?];
+    read_by(sock, &mut body, deadline)?;
     sock.set_read_timeout(None).ok();
     Ok(Some((proto::decode_body(&body).context("decoding a request")?, fds)))
+}
+
+/// Tells a program whose library speaks another protocol version (`e`) why it is refused.
+fn refuse_version(mut sock: &UnixStream, node: &str, e: &proto::Error) {
+    let proto::Error::Version { ours, theirs } = *e else { return };
+    sock.set_write_timeout(Some(Duration::from_secs(1))).ok();
+    let _ = if theirs == 0 {
+        let text = format!(
+            "node {node} speaks telefork protocol version {ours}; this program's telefork library is from before protocol versions (rebuild it with this release)"
+        );
+        proto::unversioned::to_program(&text).and_then(|f| {
+            sock.write_all(&f).map_err(|source| proto::Error::Io { doing: "answering", source })
+        })
+    } else {
+        // (Told from the program's side: its version is "ours" there.)
+        let mismatch = Failure::Protocol { node: node.to_string(), ours: theirs, theirs: ours };
+        proto::write_first(&mut sock, &FromDaemon::Failed(mismatch))
+    };
+}
+
+/// Where a session's answers to one request go: the first behind this daemon's hello, the
+/// rest as they are.
+struct ToProgram<'a> {
+    sock: &'a UnixStream,
+    greeted: std::cell::Cell<bool>,
+}
+
+impl<'a> ToProgram<'a> {
+    fn new(sock: &'a UnixStream) -> ToProgram<'a> {
+        ToProgram { sock, greeted: std::cell::Cell::new(false) }
+    }
+
+    fn send(&self, msg: &FromDaemon) -> Result<()> {
+        let mut w = self.sock;
+        if self.greeted.replace(true) {
+            proto::write_frame(&mut w, msg)?;
+        } else {
+            proto::write_first(&mut w, msg)?;
+        }
+        Ok(())
+    }
 }
 
 /// How long a request may take to arrive once its first bytes have.
@@ -305,16 +353,20 @@ fn connect_tls(
     name: &str,
     addr: std::net::SocketAddr,
 ) -> Result<TlsChannel> {
-    let sock = connect(addr, Duration::from_secs(5))
-        .with_context(|| format!("cannot reach node {name}"))?;
+    // (Every failure here means the destination cannot be reached as itself.)
+    let unreachable = |e: anyhow::Error| -> anyhow::Error {
+        Failure::Unreachable { node: name.to_string(), reason: format!("{e:#}") }.into()
+    };
+    let sock = connect(addr, Duration::from_secs(5)).map_err(unreachable)?;
     let ch = TlsChannel::client(
         tls,
-        crate::tls::server_name(name)?,
+        crate::tls::server_name(name).map_err(unreachable)?,
         sock,
         crate::dest::HANDSHAKE_TIMEOUT,
     )
-    .with_context(|| format!("connecting to node {name} at {addr}"))?;
-    check_peer_name(&ch, Some(name))?;
+    .with_context(|| format!("connecting to node {name} at {addr}"))
+    .map_err(unreachable)?;
+    check_peer_name(&ch, Some(name)).map_err(unreachable)?;
     Ok(ch)
 }
 
@@ -330,6 +382,9 @@ struct Link<'a> {
     ch: std::sync::OnceLock<TlsChannel>,
     /// (How it was opened and when, for the log.)
     opened: std::sync::OnceLock<(&'static str, std::time::Instant)>,
+    /// Why opening it failed, typed (opened inside the capture's writes, the error reaches
+    /// the capture's caller as text).
+    failed: std::sync::Mutex<Option<Failure>>,
 }
 
 impl Link<'_> {
@@ -346,7 +401,11 @@ impl Link<'_> {
             .map_err(|_| anyhow::anyhow!("connection state poisoned"))?
             .take();
         let connecting = connecting.context("the connection to the destination failed")?;
-        let ch = self.open(connecting)?;
+        let ch = self.open(connecting).inspect_err(|e| {
+            if let (Some(f), Ok(mut failed)) = (e.downcast_ref::<Failure>(), self.failed.lock()) {
+                *failed = Some(f.clone());
+            }
+        })?;
         Ok(self.ch.get_or_init(|| ch))
     }
 
@@ -356,7 +415,7 @@ impl Link<'_> {
             if self.await_answer {
                 offer(&ch, &name, self.offer)?;
             } else {
-                ch.send(self.offer)?;
+                ch.send_first(self.offer)?;
             }
             Ok(ch)
         };
@@ -376,8 +435,11 @@ impl Link<'_> {
                 ));
                 return Ok(ch);
             }
-            Err(e) if ahead && e.downcast_ref::<Refused>().is_none() => {
-                log(&format!("the connection prepared to {name} is gone ({e:#}); connecting anew"));
+            // (Not when the destination answered: it would answer the same again.)
+            Err(e) if ahead && !said_by_destination(&e) => {
+                tracing::info!(
+                    "the connection prepared to {name} is gone ({e:#}); connecting anew"
+                );
                 connect_tls(self.tls.clone(), &name, addr).and_then(offered)?
             }
             Err(e) => return Err(e),
@@ -400,10 +462,11 @@ impl Write for &Link<'_> {
 
 /// Offers the process on `ch`; true if accepted (an error if refused).
 fn offer(ch: &TlsChannel, name: &str, offer: &ToDest) -> Result<()> {
-    ch.send(offer)?;
+    // (A request: behind our hello.)
+    ch.send_first(offer)?;
     match ch.expect::<FromDest>("the destination's answer")? {
         FromDest::Accept => Ok(()),
-        other => Err(dest_said(name, other)
+        other => Err(dest_said(other)
             .unwrap_or_else(|other| anyhow::anyhow!("node {name} answered {other:?} to an offer"))),
     }
 }
@@ -420,23 +483,11 @@ fn still_open(ch: &TlsChannel) -> bool {
     unsafe { libc::poll(p.as_mut_ptr(), 1, 0) == 0 }
 }
 
-/// A refusal by a node (not worth a retry on a fresh connection): which node, the key of
-/// the limit that refused if one did, and why. The program gets it as such
-/// (`FromDaemon::Refused`).
-#[derive(Debug)]
-pub(crate) struct Refused {
-    pub node: String,
-    pub limit: Option<String>,
-    pub reason: String,
+/// Whether an error is the destination's answer (a refusal or a failure it reported, not
+/// worth a retry on a fresh connection), rather than a connection that failed.
+fn said_by_destination(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<Failure>().is_some_and(|f| !matches!(f, Failure::Unreachable { .. }))
 }
-
-impl std::fmt::Display for Refused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "node {} refused: {}", self.node, self.reason)
-    }
-}
-
-impl std::error::Error for Refused {}
 
 /// Checks the child, offers it to `dest`, streams it, and returns once it runs there.
 #[allow(clippy::too_many_arguments)]
@@ -454,30 +505,38 @@ fn send_away(
     let t0 = std::time::Instant::now();
     telefork_engine::timeline::stamp("origin request");
     let ms = |t: std::time::Instant| t.duration_since(t0).as_secs_f64() * 1e3;
-    let caller = caller.context("caller has no PID")?;
+    // (What the checks of the request find is a failure of that stage.)
+    let node = &shared.cfg.node;
+    let check = |e: anyhow::Error| -> anyhow::Error {
+        Failure::Failed { node: node.clone(), stage: Stage::Check, message: format!("{e:#}") }
+            .into()
+    };
+    let caller = caller.context("caller has no PID").map_err(check)?;
     let status = if child > 0 {
         telefork_engine::procfs::read_status(nix::unistd::Pid::from_raw(child)).ok()
     } else {
         None
     };
     if status.as_ref().map(|s| s.ppid) != Some(caller) {
-        bail!("process {child} is not a child of the calling process {caller}");
+        let e = anyhow::anyhow!("process {child} is not a child of the calling process {caller}");
+        return Err(check(e));
     }
     if status.as_ref().map(|s| s.uid[0]) != Some(user.uid) {
-        bail!("process {child} does not belong to the calling user {}", user.uid);
+        let e = anyhow::anyhow!("process {child} does not belong to the calling user {}", user.uid);
+        return Err(check(e));
     }
     // The connection: the one made ahead of time if it goes there, else one made now by a
     // thread of its own while the child is checked and captured. Only to configured peers.
-    let (name, addr) = shared.cfg.resolve(dest).map_err(|e| Refused {
-        node: shared.cfg.node.clone(),
-        limit: Some("peers".into()),
+    let (name, addr) = shared.cfg.resolve(dest).map_err(|e| Failure::Refused {
+        node: node.clone(),
+        limit: Limit::Peers,
         reason: e.to_string(),
     })?;
     let connecting = match prepared.filter(|c| c.name == name) {
         Some(c) => c,
         None => Connecting::start(shared, &name, addr)?,
     };
-    wait_self_stopped(child)?;
+    wait_self_stopped(child).map_err(check)?;
     let t_stopped = std::time::Instant::now();
     telefork_engine::timeline::stamp("origin stopped");
     // (Resident and swapped out: swapped pages travel too. Read once the child is stopped.)
@@ -509,6 +568,7 @@ fn send_away(
         connecting: std::sync::Mutex::new(Some(connecting)),
         ch: std::sync::OnceLock::new(),
         opened: std::sync::OnceLock::new(),
+        failed: std::sync::Mutex::new(None),
     };
     if !image_follows {
         link.channel()?;
@@ -562,7 +622,7 @@ fn send_away(
                         let _ = tell(FromDaemon::Accepted { node: name.clone() });
                     }
                     other => {
-                        return Err(dest_said(&name, other).unwrap_or_else(|other| {
+                        return Err(dest_said(other).unwrap_or_else(|other| {
                             anyhow::anyhow!("node {name} answered {other:?} to an offer")
                         }))
                     }
@@ -576,7 +636,7 @@ fn send_away(
                     telefork_engine::timeline::stamp("origin told Started");
                     Ok(())
                 }
-                other => Err(dest_said(&name, other).unwrap_or_else(|other| {
+                other => Err(dest_said(other).unwrap_or_else(|other| {
                     anyhow::anyhow!("node {name} answered {other:?} after the image")
                 })),
             }
@@ -587,8 +647,17 @@ fn send_away(
     // word is the error, not our broken pipe.
     let dumped = dumped.map_err(|e| {
         let e = e.into_chain();
-        let ours = e.downcast_ref::<Refused>().is_none() && e.downcast_ref::<DestSaid>().is_none();
-        link.ch.get().filter(|_| ours).and_then(|ch| last_word(ch, &name)).unwrap_or(e)
+        if e.downcast_ref::<Failure>().is_some() {
+            return e;
+        }
+        if let Some(word) = link.ch.get().and_then(|ch| last_word(ch, &name)) {
+            return word;
+        }
+        // (A connection opened inside the capture's writes, typed.)
+        match link.failed.lock().ok().and_then(|mut f| f.take()) {
+            Some(f) => f.into(),
+            None => e,
+        }
     });
     dumped.with_context(|| format!("sending process {child} to node {name}"))?;
     let pid = started.context("destination gave no PID")?;
@@ -596,14 +665,14 @@ fn send_away(
     let (how, t_offered) = link.opened.get().copied().unwrap_or(("connected", t_end));
     let ch = link.ch.into_inner().context("no connection to the destination")?;
     ch.set_recv_timeout(None);
-    log(&format!(
+    tracing::info!(
         "process {child} of user {} now runs on {name} as {pid} ({how}; ms since request: stopped {:.2}, offered {:.2}, image sent {:.2}, running {:.2})",
         user.uid,
         ms(t_stopped),
         ms(t_offered),
         ms(t_sent),
         ms(t_end)
-    ));
+    );
     Ok((ch, name, addr))
 }
 
@@ -614,37 +683,24 @@ fn last_word(ch: &TlsChannel, name: &str) -> Option<anyhow::Error> {
     loop {
         match ch.recv::<FromDest>() {
             Ok(Some(FromDest::Accept)) => continue, // (the answer to an offer the image followed)
-            Ok(Some(msg)) => return dest_said(name, msg).ok(),
+            Ok(Some(msg)) => return dest_said(msg).ok(),
+            // (A destination of another protocol version says so by its hello.)
+            Err(e) if matches!(e.downcast_ref(), Some(proto::Error::Version { .. })) => {
+                return Some(crate::failure::of(&e, "", name, Stage::Send).into())
+            }
             _ => return None,
         }
     }
 }
 
-/// The destination's refusal or failure as the error the program gets; any other message
-/// back, for the caller to name.
-fn dest_said(name: &str, msg: FromDest) -> std::result::Result<anyhow::Error, FromDest> {
+/// The destination's refusal or failure (typed: the error the program gets); any other
+/// message back, for the caller to name.
+fn dest_said(msg: FromDest) -> std::result::Result<anyhow::Error, FromDest> {
     match msg {
-        FromDest::Refused { limit, reason } => {
-            Ok(Refused { node: name.to_string(), limit, reason }.into())
-        }
-        FromDest::Failed { error } => {
-            Ok(DestSaid(format!("node {name} could not restore the process: {error}")).into())
-        }
+        FromDest::Failed(failure) => Ok(failure.into()),
         other => Err(other),
     }
 }
-
-/// An error the destination reported (its own words).
-#[derive(Debug)]
-struct DestSaid(String);
-
-impl std::fmt::Display for DestSaid {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for DestSaid {}
 
 /// Waits until the child has stopped itself (its SIGSTOP right after fork): capturing it
 /// any earlier would catch it before the stop, which it would then perform on the
@@ -738,6 +794,7 @@ const AGAIN_WAIT: Duration = Duration::from_secs(30);
 /// learns whether the program hands the connection back for another telefork.
 fn relay(
     ch: TlsChannel,
+    name: &str,
     sock: &UnixStream,
     fds: Vec<OwnedFd>,
     pass_stdin: bool,
@@ -796,20 +853,19 @@ fn relay(
                     break proto::write_frame(&mut to_program, &FromDaemon::Exited(info)).is_ok();
                 }
                 Ok(Some(other)) => {
-                    log(&format!("unexpected message from the destination: {other:?}"))
+                    tracing::warn!("unexpected message from the destination: {other:?}")
                 }
                 Ok(None) => {
-                    let _ = proto::write_frame(
-                        &mut to_program,
-                        &FromDaemon::Lost { error: "the destination closed the connection".into() },
-                    );
+                    let lost = Failure::Lost {
+                        node: name.to_string(),
+                        message: "the destination closed the connection".into(),
+                    };
+                    let _ = proto::write_frame(&mut to_program, &FromDaemon::Failed(lost));
                     break false;
                 }
                 Err(e) => {
-                    let _ = proto::write_frame(
-                        &mut to_program,
-                        &FromDaemon::Lost { error: format!("{e:#}") },
-                    );
+                    let lost = Failure::Lost { node: name.to_string(), message: format!("{e:#}") };
+                    let _ = proto::write_frame(&mut to_program, &FromDaemon::Failed(lost));
                     break false;
                 }
             }
@@ -825,4 +881,73 @@ fn relay(
         Ok(ch) if again => AfterRelay::Again(Box::new(ch)),
         _ => AfterRelay::End,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a session makes of a program's request, as the program sends it.
+    fn session_reads(bytes: &[u8]) -> (Result<Option<LocalRequest>>, Vec<u8>) {
+        let (program, session) = UnixStream::pair().unwrap();
+        (&program).write_all(bytes).unwrap();
+        program.shutdown(std::net::Shutdown::Write).unwrap();
+        let got = recv_first(&session, "node1").map(|r| r.map(|(req, _)| req));
+        drop(session);
+        // (Read to the end, or to the reset the unread request causes: after what was said.)
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = (&program).read(&mut buf) {
+            answer.extend_from_slice(&buf[..n]);
+        }
+        (got, answer)
+    }
+
+    #[test]
+    fn a_request_behind_our_hello_is_served() {
+        let (got, answer) = session_reads(&proto::encode_first(&LocalRequest::WhoAmI).unwrap());
+        assert_eq!(got.unwrap(), Some(LocalRequest::WhoAmI));
+        assert!(answer.is_empty(), "{answer:?}");
+    }
+
+    /// A library of the next version: the session stops, and the program reads our hello and
+    /// a typed mismatch naming both versions (from its side).
+    #[test]
+    fn a_library_of_the_next_version_is_refused_naming_both() {
+        let next = proto::PROTOCOL_VERSION + 1;
+        let mut bytes = proto::encode_first(&LocalRequest::WhoAmI).unwrap();
+        bytes[8..12].copy_from_slice(&next.to_le_bytes());
+        let (got, answer) = session_reads(&bytes);
+        let e = got.unwrap_err();
+        assert!(
+            matches!(e.downcast_ref::<proto::Error>(), Some(proto::Error::Version { ours, theirs })
+                if (*ours, *theirs) == (proto::PROTOCOL_VERSION, next)),
+            "{e:#}"
+        );
+        assert_eq!(hello_version_of(&answer), Some(proto::PROTOCOL_VERSION));
+        let told: FromDaemon = proto::decode_body(&answer[16..]).unwrap();
+        assert_eq!(
+            told,
+            FromDaemon::Failed(Failure::Protocol {
+                node: "node1".into(),
+                ours: next,
+                theirs: proto::PROTOCOL_VERSION
+            })
+        );
+    }
+
+    /// A library from before versions sends no hello: it is told in the form it reads (its
+    /// `FromDaemon::Failed { error }`, variant 2).
+    #[test]
+    fn a_library_from_before_versions_is_told_in_its_own_words() {
+        let (got, answer) = session_reads(&proto::encode_frame(&LocalRequest::WhoAmI).unwrap());
+        assert!(got.is_err());
+        let (variant, text): (u32, String) = proto::decode_body(&answer[4..]).unwrap();
+        assert_eq!(variant, 2);
+        assert!(text.contains("before protocol versions"), "{text}");
+    }
+
+    fn hello_version_of(answer: &[u8]) -> Option<u32> {
+        answer.get(4..12).and_then(proto::hello_version)
+    }
 }

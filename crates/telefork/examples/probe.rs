@@ -8,7 +8,11 @@
 //!
 //! * `probe fork DEST [options]` — telefork to DEST. The parent prints `teleforking`, then
 //!   `id NODE:PID` and `exit code N` / `exit signal S` (or `error MESSAGE` if telefork or
-//!   wait fails; before it `refused node=NODE limit=KEY` if a node refused it), `elapsed_ms N` (time telefork took), and last `parent ok`; it exits 0.
+//!   wait fails; before it `refused node=NODE limit=KEY` if a node refused it, and `kind
+//!   KIND` naming the variant of `telefork::Error`: `refused node=N limit=KEY`,
+//!   `unreachable node=N`, `cannot-carry node=N`, `failed node=N stage=STAGE`, `lost node=N`,
+//!   `protocol`, `other`), `elapsed_ms N` (time telefork took), and last `parent ok`; it
+//!   exits 0.
 //!   The child prints `host NAME`, `pid PID`, and what the options ask for, then exits.
 //!   Options:
 //!   - `--exit N`          the child's exit code (default 0)
@@ -82,6 +86,20 @@ fn big(mb: usize) -> Vec<u64> {
 
 fn checksum(v: &[u64]) -> u64 {
     v.iter().fold(0u64, |a, &x| a.rotate_left(5) ^ x)
+}
+
+/// The variant of a library error, for the `kind` line.
+fn kind(e: &telefork::Error) -> String {
+    use telefork::Error;
+    match e {
+        Error::Refused { node, limit, .. } => format!("refused node={node} limit={limit}"),
+        Error::Unreachable { node, .. } => format!("unreachable node={node}"),
+        Error::CannotCarry { node, .. } => format!("cannot-carry node={node}"),
+        Error::Failed { node, stage, .. } => format!("failed node={node} stage={stage:?}"),
+        Error::Lost { node, .. } => format!("lost node={node}"),
+        Error::Protocol { .. } => "protocol".into(),
+        _ => "other".into(),
+    }
 }
 
 fn out(line: &str) {
@@ -306,6 +324,7 @@ fn fork(dest: &str, o: &ForkOpts) {
             if o.background {
                 out(&format!("accepted {}", child.id().node));
                 if let Err(e) = child.started() {
+                    out(&format!("kind {}", kind(&e)));
                     out(&format!("error started: {}", e.to_string().replace('\n', " ")));
                     out("parent ok");
                     return;
@@ -328,14 +347,18 @@ fn fork(dest: &str, o: &ForkOpts) {
                         _ => out(&format!("exit other {st}")),
                     }
                 }
-                Err(e) => out(&format!("error wait: {e}")),
+                Err(e) => {
+                    out(&format!("kind {}", kind(&e)));
+                    out(&format!("error wait: {e}"))
+                }
             }
         }
         Err(e) => {
             out(&format!("elapsed_ms {}", t.elapsed().as_millis()));
             if let telefork::Error::Refused { node, limit, .. } = &e {
-                out(&format!("refused node={node} limit={}", limit.as_deref().unwrap_or("-")));
+                out(&format!("refused node={node} limit={limit}"));
             }
+            out(&format!("kind {}", kind(&e)));
             out(&format!("error {}", e.to_string().replace('\n', " ")));
         }
     }
@@ -389,9 +412,7 @@ fn burst(dest: &str, n: usize, sleep_ms: u64) {
                         Ok(st) => format!("burst error child ended {st}"),
                         Err(e) => format!("burst error wait: {e}"),
                     },
-                    Err(telefork::Error::Refused { limit, .. }) => {
-                        format!("burst refused {}", limit.as_deref().unwrap_or("-"))
-                    }
+                    Err(telefork::Error::Refused { limit, .. }) => format!("burst refused {limit}"),
                     Err(e) => format!("burst error {}", e.to_string().replace('\n', " ")),
                 };
                 out(&line);
@@ -524,9 +545,11 @@ fn main() {
                         // refuse to act, and dropping them must not close a file of ours
                         // that took one of their old fd numbers.
                         let ours = std::fs::File::open("/proc/self/stat");
-                        let inert = children.iter_mut().all(|(_, c): &mut (usize, telefork::RemoteChild)| {
-                            matches!(c.wait(), Err(e) if e.to_string().contains("belongs to the process that made it"))
-                        });
+                        let inert = children.iter_mut().all(
+                            |(_, c): &mut (usize, telefork::RemoteChild)| {
+                                matches!(c.wait(), Err(telefork::Error::NotOurs))
+                            },
+                        );
                         drop(std::mem::take(&mut children));
                         let still_open = ours.is_ok_and(|f| f.metadata().is_ok());
                         std::process::exit(

@@ -18,6 +18,17 @@
 //!
 //! State the library owns: the connection to the local daemon, held by `RemoteChild` (and
 //! listed in `HELD_FDS`, so that a later telefork's child leaves it behind).
+//!
+//! Requirements: the program runs on a node whose daemon (`telefork daemon`) listens on
+//! [`DEFAULT_SOCKET`] (or where [`SOCKET_ENV`] says), and the calling process is
+//! single-threaded at the moment of the call in what it needs on the other side: only the
+//! calling thread travels. Failures are values of [`Error`] to match on.
+//!
+//! The library speaks the daemon's protocol of version [`PROTOCOL_VERSION`]; a daemon of
+//! another version is refused with [`Error::Protocol`] naming both. It reports what it does
+//! as `tracing` events (debug), for a subscriber the program may install; it installs none.
+
+#![deny(missing_docs)]
 
 use std::io::{IoSlice, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, RawFd};
@@ -35,40 +46,168 @@ use nix::unistd::{fork, ForkResult, Pid};
 use serde::{de::DeserializeOwned, Serialize};
 use telefork_engine::pidfd;
 use telefork_engine::timeline::Timeline;
-use telefork_node::proto::{self, ExitInfo, FromDaemon, LocalCommand, LocalRequest};
+use telefork_proto::{self as proto, ExitInfo, Failure, FromDaemon, LocalCommand, LocalRequest};
 
-pub use telefork_node::config::{DEFAULT_SOCKET, SOCKET_ENV};
+pub use telefork_proto::{Limit, Stage, Uncarried, DEFAULT_SOCKET, PROTOCOL_VERSION, SOCKET_ENV};
 
+/// Why a call of this library failed: a value to match on. Its `Display` is the message for a
+/// person, naming the node and what happened there.
+///
+/// ```no_run
+/// match telefork::telefork("node2") {
+///     Ok(_) => {}
+///     Err(telefork::Error::Refused { node, limit: telefork::Limit::MaxRestoresPerUser, .. }) => {
+///         eprintln!("{node} is busy with our processes; trying later")
+///     }
+///     Err(telefork::Error::CannotCarry { what, .. }) => eprintln!("this process cannot travel: {what}"),
+///     Err(e) => eprintln!("{e}"),
+/// }
+/// ```
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
+    /// The local daemon cannot be reached at `path` (not running, or another socket: see
+    /// [`SOCKET_ENV`]).
     #[error("cannot reach the local telefork daemon at {path}: {source} (is `telefork daemon` running? set {SOCKET_ENV} to use another socket)")]
-    NoDaemon { path: PathBuf, source: std::io::Error },
-    #[error("telefork failed: {0}")]
-    Failed(String),
-    /// A node (this one or the destination) refused: `limit` is the key of its config that
-    /// refused (e.g. "limits.max_sessions_per_user"), if a limit did; `reason` says why.
+    NoDaemon {
+        /// The socket tried ([`daemon_socket`]).
+        path: PathBuf,
+        /// Why connecting failed.
+        source: std::io::Error,
+    },
+    /// A node (this one or the destination) refused by one of its limits.
     #[error("telefork refused by node {node}: {reason}")]
-    Refused { node: String, limit: Option<String>, reason: String },
-    #[error("lost track of the remote child: {0}")]
-    Lost(String),
+    Refused {
+        /// The node that refused.
+        node: String,
+        /// The limit of its config that refused ([`Limit::key`] is its key there).
+        limit: Limit,
+        /// Why, for a person (the limit and its value).
+        reason: String,
+    },
+    /// The destination could not be reached (no connection, a failed TLS handshake, or not
+    /// the node it should be).
+    #[error("telefork failed: cannot reach node {node}: {reason}")]
+    Unreachable {
+        /// The destination.
+        node: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The process holds state the engine cannot carry (an open socket, a second thread, …);
+    /// nothing was sent, and the local copy was ended.
+    #[error("telefork refused: node {node} cannot carry the process: {what}")]
+    CannotCarry {
+        /// The node that found it (the origin's capture or the destination's restore).
+        node: String,
+        /// Which state: for a file descriptor, its number and kind.
+        what: Uncarried,
+    },
+    /// The transfer failed at `stage`.
+    #[error("telefork failed: {}", Failure::Failed { node: node.clone(), stage: *stage, message: message.clone() })]
+    Failed {
+        /// The node where it failed.
+        node: String,
+        /// Where in the transfer.
+        stage: Stage,
+        /// What failed, as that node said it.
+        message: String,
+    },
+    /// The child ran, but its exit status never came: its node, or a daemon session between
+    /// it and this program, died or the connection was cut. Its fate is unknown.
+    #[error("lost track of the remote child on node {node}: {message}")]
+    Lost {
+        /// The child's node.
+        node: String,
+        /// What was lost.
+        message: String,
+    },
+    /// The local daemon (`node` None) or the destination speaks another version of the
+    /// telefork protocol; nothing was sent.
+    #[error("{}", mismatch(node.as_deref(), *ours, *theirs))]
+    Protocol {
+        /// The destination of the other version; None for the local daemon.
+        node: Option<String>,
+        /// This side's version ([`PROTOCOL_VERSION`]).
+        ours: u32,
+        /// The other side's (0: a build from before protocol versions).
+        theirs: u32,
+    },
+    /// A [`remote`] closure's process ended without reporting a value (it exited or was
+    /// killed before its end).
     #[error("the remote closure ended without a result ({0})")]
     NoResult(ExitStatus),
+    /// A [`remote`] closure's value could not be encoded or decoded.
+    #[error("the remote closure's result: {0}")]
+    BadResult(String),
+    /// This handle is a copy made by a later telefork's fork: only the process that made it
+    /// can use it.
+    #[error("this handle belongs to the process that made it (here is a copy, made by a later telefork)")]
+    NotOurs,
+    /// The child has ended and this handle's connection serves the next telefork now.
+    #[error("this handle's connection serves the next telefork now (its child has ended)")]
+    HandedBack,
+    /// fork() failed here.
+    #[error("telefork: fork: {0}")]
+    Fork(std::io::Error),
+    /// Talking with the local daemon failed.
     #[error("telefork: {0}")]
     Io(#[from] std::io::Error),
-    #[error("telefork: {0}")]
-    Other(String),
+    /// The daemon answered something this library did not expect (a bug).
+    #[error("telefork: the daemon answered {0} (unexpected: please report it)")]
+    Unexpected(String),
 }
 
-/// Where `telefork` returns: in the parent with a handle, or in the child on the other node.
+fn mismatch(node: Option<&str>, ours: u32, theirs: u32) -> String {
+    let theirs = match theirs {
+        0 => "is a build from before protocol versions".to_string(),
+        v => format!("speaks version {v}"),
+    };
+    match node {
+        None => format!("telefork: protocol version mismatch: this program's telefork library speaks version {ours}, the local daemon {theirs}"),
+        Some(node) => format!("telefork failed: protocol version mismatch: this side speaks version {ours}, node {node} {theirs}"),
+    }
+}
+
+impl From<Failure> for Error {
+    fn from(f: Failure) -> Error {
+        match f {
+            Failure::Refused { node, limit, reason } => Error::Refused { node, limit, reason },
+            Failure::Unreachable { node, reason } => Error::Unreachable { node, reason },
+            Failure::CannotCarry { node, what } => Error::CannotCarry { node, what },
+            Failure::Failed { node, stage, message } => Error::Failed { node, stage, message },
+            Failure::Lost { node, message } => Error::Lost { node, message },
+            Failure::Protocol { node, ours, theirs } => {
+                Error::Protocol { node: Some(node), ours, theirs }
+            }
+            other => Error::Unexpected(format!("{other:?}")),
+        }
+    }
+}
+
+/// A failure to read the daemon's answer: a version mismatch as such, else `otherwise`.
+fn read_error(e: proto::Error, otherwise: impl FnOnce(String) -> Error) -> Error {
+    match e {
+        proto::Error::Version { ours, theirs } => Error::Protocol { node: None, ours, theirs },
+        e => otherwise(e.to_string()),
+    }
+}
+
+/// Where [`telefork`] returns: in the parent with a handle, or in the child on the other
+/// node (like the two returns of `fork()`).
 pub enum Fork {
+    /// In the calling process, which goes on here: the handle on the child.
     Parent(RemoteChild),
+    /// In the child, now running on the destination node.
     Child,
 }
 
-/// A child running on another node.
+/// A child running on another node: where, and its PID there. Displayed as `node:pid`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteId {
+    /// The node the child runs on.
     pub node: String,
+    /// Its PID on that node (0 while a background transfer is under way).
     pub pid: i32,
 }
 
@@ -78,7 +217,16 @@ impl std::fmt::Display for RemoteId {
     }
 }
 
-/// The parent's handle on a remote child, like `std::process::Child`.
+/// The parent's handle on a remote child, like [`std::process::Child`]: its [`id`], and
+/// [`wait`], [`try_wait`] and [`kill`]. The child's stdout and stderr are relayed to this
+/// process's. Dropping the handle leaves the child running; only the process that made the
+/// handle can use it (a copy taken along by a later telefork refuses with
+/// [`Error::NotOurs`]).
+///
+/// [`id`]: RemoteChild::id
+/// [`wait`]: RemoteChild::wait
+/// [`try_wait`]: RemoteChild::try_wait
+/// [`kill`]: RemoteChild::kill
 pub struct RemoteChild {
     node: String,
     /// The PID on `node`; None while a background transfer is still under way.
@@ -100,7 +248,15 @@ pub struct RemoteChild {
     result: Option<Vec<u8>>,
 }
 
-/// Options of a telefork.
+/// Options of a telefork ([`telefork_with`]); the default is what [`telefork`] does.
+///
+/// ```no_run
+/// let opts = telefork::Options { pass_stdin: true, ..Default::default() };
+/// if let telefork::Fork::Parent(mut child) = telefork::telefork_with("node2", &opts)? {
+///     child.wait()?;
+/// }
+/// # Ok::<(), telefork::Error>(())
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct Options {
     /// Pass this process's stdin to the child (default: the child reads end-of-file).
@@ -111,7 +267,8 @@ pub struct Options {
     pub background: bool,
 }
 
-/// The daemon socket this program uses: `$TELEFORK_SOCKET`, else the default path.
+/// The daemon socket this program uses: `$TELEFORK_SOCKET` ([`SOCKET_ENV`]), else
+/// [`DEFAULT_SOCKET`].
 pub fn daemon_socket() -> PathBuf {
     std::env::var_os(SOCKET_ENV).map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
 }
@@ -213,7 +370,7 @@ impl<T: AsRawFd> Held<T> {
 }
 
 fn not_ours() -> Error {
-    Error::Other("this handle belongs to the process that made it (here is a copy, made by a later telefork)".into())
+    Error::NotOurs
 }
 
 impl<T: AsRawFd> Drop for Held<T> {
@@ -259,7 +416,7 @@ fn make_spare_connection() {
         let dest = LAST_DEST.try_lock().ok().and_then(|d| d.clone());
         if let Some(dest) = dest {
             // Best effort: a daemon that cannot prepare just connects later.
-            let _ = send_frame(&s, &LocalRequest::Prepare { dest });
+            let _ = send_request(&s, &LocalRequest::Prepare { dest });
         }
         let fd = s.into_raw_fd();
         if SPARE_CONNECTION.compare_exchange(-1, fd, Ordering::SeqCst, Ordering::SeqCst).is_err() {
@@ -270,11 +427,49 @@ fn make_spare_connection() {
 }
 
 /// Forks the calling thread onto node `dest` (a node name from the cluster config, or
-/// host:port). Returns `Fork::Parent` here and `Fork::Child` there.
+/// host:port of a configured peer). Returns [`Fork::Parent`] here and [`Fork::Child`] there,
+/// in a process with this one's memory, open files (those the engine carries), credentials
+/// and registers; its stdout and stderr are relayed here, its stdin is at its end.
+///
+/// It returns in the parent once the child runs on `dest` (the local copy is ended then);
+/// with [`Options::background`], at once.
+///
+/// ```no_run
+/// match telefork::telefork("node2")? {
+///     telefork::Fork::Child => {
+///         println!("running on {}", telefork::current_node()?);
+///         std::process::exit(3)
+///     }
+///     telefork::Fork::Parent(mut child) => {
+///         let status = child.wait()?;
+///         assert_eq!(status.code(), Some(3));
+///     }
+/// }
+/// # Ok::<(), telefork::Error>(())
+/// ```
+///
+/// # Errors
+///
+/// Nothing ran on `dest` and the local copy was ended when it fails:
+/// [`Error::NoDaemon`] if the local daemon cannot be reached; [`Error::Refused`] if this node
+/// or `dest` refused by a limit (`dest` not a configured peer, root not allowed there, the
+/// image too big, too many sessions or restored processes); [`Error::Unreachable`] if `dest`
+/// cannot be reached; [`Error::CannotCarry`] if the process holds state the engine does not
+/// carry (which fd, which kind); [`Error::Failed`] if capturing, sending or restoring failed
+/// (at which stage); [`Error::Protocol`] if the daemon speaks another protocol version;
+/// [`Error::Fork`] if fork() failed.
 pub fn telefork(dest: &str) -> Result<Fork, Error> {
     telefork_with(dest, &Options::default())
 }
 
+/// [`telefork`] with options: the child may read this process's stdin
+/// ([`Options::pass_stdin`]), and the call may return at once while the child travels
+/// ([`Options::background`]).
+///
+/// # Errors
+///
+/// As [`telefork`]; with [`Options::background`], only what fails before the daemon took the
+/// request (the rest is reported by [`RemoteChild::started`] and [`RemoteChild::wait`]).
 pub fn telefork_with(dest: &str, opts: &Options) -> Result<Fork, Error> {
     telefork_engine::timeline::stamp("lib call");
     // (Listed at once, so that a child forked meanwhile by another thread leaves it behind.)
@@ -284,13 +479,16 @@ pub fn telefork_with(dest: &str, opts: &Options) -> Result<Fork, Error> {
     std::io::stderr().flush().ok();
     // SAFETY: the child only makes async-signal-safe system calls (close, kill) before it is
     // captured; when it runs again it is a whole new single-threaded process on `dest`.
-    match unsafe { fork() }.map_err(|e| Error::Other(format!("fork: {e}")))? {
+    match unsafe { fork() }.map_err(|e| Error::Fork(e.into()))? {
         ForkResult::Child => {
-            // SAFETY: closing our copy of the daemon connection (the snapshot must hold no
-            // socket); then stop until captured. What runs after `kill` returns runs on `dest`.
+            // Closing our copy of the daemon connection (the snapshot must hold no socket);
+            // then stop until captured. What runs after `kill` returns runs on `dest`.
             let (fd, listed) = (conn.inner.as_raw_fd(), conn.slot.is_some());
             let spare = SPARE_CONNECTION.swap(-1, Ordering::SeqCst);
-            close_held_fds_in_child(); // (`conn` among them, if it found a slot)
+            // (`conn` among them, if it found a slot.)
+            close_held_fds_in_child();
+            // SAFETY: close and kill are async-signal-safe; `fd` and `spare` are this
+            // process's copies of fds no one else here uses (the handles are inert copies now).
             unsafe {
                 if !listed {
                     libc::close(fd);
@@ -308,6 +506,7 @@ pub fn telefork_with(dest: &str, opts: &Options) -> Result<Fork, Error> {
         ForkResult::Parent { child } => match hand_over(conn, child, dest, opts) {
             Ok(rc) => Ok(Fork::Parent(rc)),
             Err(e) => {
+                tracing::debug!("telefork of process {child} to {dest} failed: {e}");
                 let _ = kill(child, Signal::SIGKILL);
                 let _ = waitpid(child, None);
                 Err(e)
@@ -345,6 +544,7 @@ fn hand_over(
         return Err(daemon_said(conn.get()?).unwrap_or(e));
     }
     tl.mark("request sent");
+    tracing::debug!("asked the daemon to send process {child} to {dest}");
     // The daemon bounds every step with its own timeouts; this only guards against a hung
     // daemon while `telefork` waits (a background one returns now, and its later reads
     // wait as long as the child runs).
@@ -368,11 +568,18 @@ fn hand_over(
     }
     loop {
         let mut r = rc.conn()?;
-        let reply: FromDaemon = proto::expect_frame(&mut r, "the daemon's answer")
-            .map_err(|e| Error::Failed(format!("{e:#}")))?;
+        let reply: FromDaemon =
+            proto::expect_frame(&mut r, "the daemon's answer").map_err(|e| {
+                read_error(e, |message| Error::Failed {
+                    node: rc.node.clone(),
+                    stage: Stage::Send,
+                    message,
+                })
+            })?;
         match reply {
             FromDaemon::Accepted { node } => {
                 tl.mark("accepted");
+                tracing::debug!("node {node} accepted process {child}");
                 rc.node = node;
                 if opts.background {
                     break;
@@ -380,17 +587,13 @@ fn hand_over(
             }
             FromDaemon::Started { node, pid } => {
                 tl.mark("started");
+                tracing::debug!("process {child} runs on node {node} as {pid}");
                 rc.on_started(node, pid);
                 tl.mark("local copy killed");
                 break;
             }
-            FromDaemon::Failed { error } => return Err(Error::Failed(error)),
-            FromDaemon::Refused { node, limit, reason } => {
-                return Err(Error::Refused { node, limit, reason })
-            }
-            other => {
-                return Err(Error::Failed(format!("unexpected answer from the daemon: {other:?}")))
-            }
+            FromDaemon::Failed(failure) => return Err(failure.into()),
+            other => return Err(Error::Unexpected(format!("{other:?}"))),
         }
     }
     rc.conn()?.set_read_timeout(None).ok();
@@ -401,8 +604,12 @@ fn hand_over(
 /// Sends a message on a daemon connection without SIGPIPE if the session is gone (a program
 /// may have restored SIGPIPE's default, which would end it).
 fn send_frame<T: serde::Serialize>(conn: &UnixStream, msg: &T) -> std::io::Result<()> {
-    let frame = proto::encode_frame(msg).map_err(|e| std::io::Error::other(format!("{e:#}")))?;
-    send_all(conn, &frame)
+    send_all(conn, &proto::encode_frame(msg).map_err(std::io::Error::other)?)
+}
+
+/// Sends a request (behind this library's hello: the protocol version), as `send_frame`.
+fn send_request(conn: &UnixStream, req: &LocalRequest) -> std::io::Result<()> {
+    send_all(conn, &proto::encode_first(req).map_err(std::io::Error::other)?)
 }
 
 fn send_all(conn: &UnixStream, frame: &[u8]) -> std::io::Result<()> {
@@ -422,16 +629,15 @@ fn daemon_said(conn: &UnixStream) -> Option<Error> {
     conn.set_read_timeout(Some(Duration::from_secs(1))).ok();
     let mut r = conn;
     match proto::read_frame::<_, FromDaemon>(&mut r) {
-        Ok(Some(FromDaemon::Refused { node, limit, reason })) => {
-            Some(Error::Refused { node, limit, reason })
-        }
-        Ok(Some(FromDaemon::Failed { error })) => Some(Error::Failed(error)),
+        Ok(Some(FromDaemon::Failed(failure))) => Some(failure.into()),
+        Err(e @ proto::Error::Version { .. }) => Some(read_error(e, Error::Unexpected)),
         _ => None,
     }
 }
 
 fn send_with_fds(conn: &UnixStream, req: &LocalRequest, fds: &[RawFd]) -> Result<(), Error> {
-    let frame = proto::encode_frame(req).map_err(|e| Error::Other(format!("{e:#}")))?;
+    // (The hello and the request in one message: the fds travel with its first byte.)
+    let frame = proto::encode_first(req).map_err(std::io::Error::other)?;
     let cmsg = [ControlMessage::ScmRights(fds)];
     let iov = [IoSlice::new(&frame)];
     let n = sendmsg::<()>(conn.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None)
@@ -450,6 +656,11 @@ impl RemoteChild {
     }
 
     /// Waits until the child runs on its node (returns at once unless `background`).
+    ///
+    /// # Errors
+    ///
+    /// With [`Options::background`], why the transfer failed (as [`telefork`] would have
+    /// said: the local copy is ended then); [`Error::Lost`] if the daemon's session went away.
     pub fn started(&mut self) -> Result<RemoteId, Error> {
         while self.pid.is_none() && self.status.is_none() {
             self.read_event()?;
@@ -479,10 +690,7 @@ impl RemoteChild {
     fn conn(&self) -> Result<&UnixStream, Error> {
         match &self.conn {
             Some(c) => c.get(),
-            None => Err(Error::Other(
-                "this handle's connection serves the next telefork now (its child has ended)"
-                    .into(),
-            )),
+            None => Err(Error::HandedBack),
         }
     }
 
@@ -524,7 +732,23 @@ impl RemoteChild {
         }
     }
 
-    /// Waits for the child to end, like `std::process::Child::wait`.
+    /// Waits for the child to end, like [`std::process::Child::wait`], and returns how it
+    /// ended (its exit code, or the signal that killed it). Once it has, it returns the same
+    /// status again.
+    ///
+    /// ```no_run
+    /// if let telefork::Fork::Parent(mut child) = telefork::telefork("node2")? {
+    ///     let status = child.wait()?;
+    ///     println!("{} ended: {status}", child.id());
+    /// }
+    /// # Ok::<(), telefork::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Lost`] if the exit status cannot come any more (the child's node, its
+    /// session or the connection died; the child's fate is unknown); after a background
+    /// telefork, why the transfer failed; [`Error::NotOurs`] in a copy of the handle.
     pub fn wait(&mut self) -> Result<ExitStatus, Error> {
         if self.status.is_none() {
             self.conn()?;
@@ -541,7 +765,11 @@ impl RemoteChild {
         Ok(self.status.unwrap_or_else(|| ExitStatus::from_raw(0)))
     }
 
-    /// Returns the exit status if the child has ended, without blocking.
+    /// Returns the exit status if the child has ended, without blocking (`None` if it runs).
+    ///
+    /// # Errors
+    ///
+    /// As [`RemoteChild::wait`].
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>, Error> {
         while self.status.is_none() {
             let mut fds =
@@ -557,48 +785,57 @@ impl RemoteChild {
         Ok(self.status)
     }
 
-    /// Sends `signal` to the remote child.
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to the remote child; nothing once it has ended.
+    ///
+    /// ```no_run
+    /// if let telefork::Fork::Parent(mut child) = telefork::telefork("node2")? {
+    ///     child.kill(libc::SIGKILL)?;
+    ///     assert_eq!(std::os::unix::process::ExitStatusExt::signal(&child.wait()?), Some(9));
+    /// }
+    /// # Ok::<(), telefork::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Lost`] if the request cannot reach the daemon's session;
+    /// [`Error::NotOurs`] in a copy of the handle.
     pub fn kill(&mut self, signal: i32) -> Result<(), Error> {
         if self.status.is_some() {
             return Ok(());
         }
         send_frame(self.conn()?, &LocalCommand::Kill { signal })
-            .map_err(|e| Error::Lost(e.to_string()))
+            .map_err(|e| Error::Lost { node: self.node.clone(), message: e.to_string() })
     }
 
     fn read_event(&mut self) -> Result<(), Error> {
         let mut r = self.conn()?;
-        let ev: FromDaemon = proto::expect_frame(&mut r, "the child's exit status")
-            .map_err(|e| Error::Lost(format!("{e:#}")))?;
+        let ev: FromDaemon =
+            proto::expect_frame(&mut r, "the child's exit status").map_err(|e| {
+                read_error(e, |message| Error::Lost { node: self.node.clone(), message })
+            })?;
         match ev {
             FromDaemon::Started { node, pid } => self.on_started(node, pid),
-            FromDaemon::Failed { error } => {
-                // A background transfer failed: the local copy is still stopped; end it.
+            FromDaemon::Failed(failure) => {
+                // A background transfer failed (or the child was lost): a local copy still
+                // stopped is ended.
                 if let Some(local) = self.local.take() {
                     local.kill();
                     let _ = waitpid(local.pid, None);
                 }
-                return Err(Error::Failed(error));
-            }
-            FromDaemon::Refused { node, limit, reason } => {
-                if let Some(local) = self.local.take() {
-                    local.kill();
-                    let _ = waitpid(local.pid, None);
-                }
-                return Err(Error::Refused { node, limit, reason });
+                return Err(failure.into());
             }
             FromDaemon::Accepted { node } => self.node = node,
             FromDaemon::Result { value } => self.result = Some(value),
             FromDaemon::Exited(info) => {
                 telefork_engine::timeline::stamp("lib got Exited");
+                tracing::debug!("the child on node {} ended: {info:?}", self.node);
                 self.status = Some(match info {
                     ExitInfo::Code(c) => ExitStatus::from_raw((c & 0xff) << 8),
                     ExitInfo::Signal(s) => ExitStatus::from_raw(s & 0x7f),
                 });
                 self.hand_back_connection();
             }
-            FromDaemon::Lost { error } => return Err(Error::Lost(error)),
-            other => return Err(Error::Lost(format!("unexpected message {other:?}"))),
+            other => return Err(Error::Unexpected(format!("{other:?}"))),
         }
         Ok(())
     }
@@ -642,7 +879,23 @@ impl Drop for RemoteChild {
     }
 }
 
-/// Runs `f` on node `dest` and returns its value.
+/// Runs `f` on node `dest` and returns its value: the process teleforks there, `f` runs in
+/// the child, and its value comes back (postcard-encoded) before the child exits.
+///
+/// ```no_run
+/// let numbers: Vec<u64> = (1..=1000).collect();
+/// let (node, sum) = telefork::remote("node2", || {
+///     (telefork::current_node().unwrap_or_default(), numbers.iter().sum::<u64>())
+/// })?;
+/// println!("{sum} computed on {node}");
+/// # Ok::<(), telefork::Error>(())
+/// ```
+///
+/// # Errors
+///
+/// As [`telefork`] and [`RemoteChild::wait`]; [`Error::NoResult`] if the child ended without
+/// reporting a value (it panicked, exited or was killed in `f`); [`Error::BadResult`] if the
+/// value cannot be decoded.
 pub fn remote<T, F>(dest: &str, f: F) -> Result<T, Error>
 where
     F: FnOnce() -> T,
@@ -654,6 +907,9 @@ where
             let code = match report(&value) {
                 Ok(()) => 0,
                 Err(e) => {
+                    // (This process cannot return the error, it exits now: its stderr, relayed
+                    // home, says why; not an event, which a program without a subscriber
+                    // would lose.)
                     eprintln!("telefork: remote: cannot send the result home: {e}");
                     1
                 }
@@ -663,42 +919,62 @@ where
         Fork::Parent(mut child) => {
             let status = child.wait()?;
             let value = child.result.take().ok_or(Error::NoResult(status))?;
-            postcard::from_bytes(&value)
-                .map_err(|e| Error::Other(format!("decoding the remote result: {e}")))
+            postcard::from_bytes(&value).map_err(|e| Error::BadResult(format!("decoding it: {e}")))
         }
     }
 }
 
 fn report<T: Serialize>(value: &T) -> Result<(), Error> {
-    let value = postcard::to_stdvec(value).map_err(|e| Error::Other(e.to_string()))?;
-    let mut conn = connect_daemon()?;
-    proto::write_frame(&mut conn, &LocalRequest::Report { value })
-        .map_err(|e| Error::Other(format!("{e:#}")))?;
-    match proto::expect_frame::<_, FromDaemon>(&mut conn, "the daemon's answer")
-        .map_err(|e| Error::Other(format!("{e:#}")))?
+    let value = postcard::to_stdvec(value).map_err(|e| Error::BadResult(e.to_string()))?;
+    let conn = connect_daemon()?;
+    send_request(&conn, &LocalRequest::Report { value })?;
+    match proto::expect_frame::<_, FromDaemon>(&mut &conn, "the daemon's answer")
+        .map_err(|e| read_error(e, |m| Error::Io(std::io::Error::other(m))))?
     {
         FromDaemon::Ok => Ok(()),
-        FromDaemon::Failed { error } => Err(Error::Failed(error)),
-        other => Err(Error::Other(format!("unexpected answer {other:?}"))),
+        FromDaemon::Failed(failure) => Err(failure.into()),
+        other => Err(Error::Unexpected(format!("{other:?}"))),
     }
 }
 
 /// The name of the node this process runs on (asks the local daemon).
+///
+/// ```no_run
+/// println!("this is {}", telefork::current_node()?);
+/// # Ok::<(), telefork::Error>(())
+/// ```
+///
+/// # Errors
+///
+/// [`Error::NoDaemon`] if the local daemon cannot be reached; [`Error::Protocol`] if it
+/// speaks another protocol version; [`Error::Io`] if the connection to it fails.
 pub fn current_node() -> Result<String, Error> {
-    let mut conn = connect_daemon()?;
-    proto::write_frame(&mut conn, &LocalRequest::WhoAmI)
-        .map_err(|e| Error::Other(format!("{e:#}")))?;
-    match proto::expect_frame::<_, FromDaemon>(&mut conn, "the daemon's answer")
-        .map_err(|e| Error::Other(format!("{e:#}")))?
+    let conn = connect_daemon()?;
+    send_request(&conn, &LocalRequest::WhoAmI)?;
+    match proto::expect_frame::<_, FromDaemon>(&mut &conn, "the daemon's answer")
+        .map_err(|e| read_error(e, |m| Error::Io(std::io::Error::other(m))))?
     {
         FromDaemon::Node { name } => Ok(name),
-        other => Err(Error::Other(format!("unexpected answer {other:?}"))),
+        FromDaemon::Failed(failure) => Err(failure.into()),
+        other => Err(Error::Unexpected(format!("{other:?}"))),
     }
 }
 
 /// Goes to `dest`, runs `f` there, and comes back with the whole process state: `yoyo`
 /// returns on the original node, in a process that has everything `f` did to its memory.
 /// The original process waits meanwhile and exits with the status of the one that returns.
+///
+/// ```no_run
+/// let mut visited = String::new();
+/// telefork::yoyo("node2", || visited = telefork::current_node().unwrap_or_default())?;
+/// println!("back home, having visited {visited}");
+/// # Ok::<(), telefork::Error>(())
+/// ```
+///
+/// # Errors
+///
+/// As [`current_node`] and [`telefork`], for the way there. (Should the way back fail, the
+/// process on `dest` says why on its stderr, relayed here, and this process exits with 1.)
 pub fn yoyo<F: FnOnce()>(dest: &str, f: F) -> Result<(), Error> {
     let home = current_node()?;
     match telefork(dest)? {
@@ -713,6 +989,7 @@ pub fn yoyo<F: FnOnce()>(dest: &str, f: F) -> Result<(), Error> {
                 Ok(Fork::Parent(mut back)) => match back.wait() {
                     Ok(status) => exit_like(status),
                     Err(e) => {
+                        // (As in `remote`: said on the stderr that goes home, then exit.)
                         eprintln!("telefork: yoyo: {e}");
                         exit_now(1)
                     }
