@@ -2,11 +2,11 @@
 //! process (`capture`), and rebuild it so it cannot tell the difference (`restore`).
 //!
 //! One file per kind of state, its capture and its restore side by side:
-//! memory layout and contents (`mem`), mm fields (`mm`), CPU state (`arch`), signals
-//! (`signals`), thread identity (`threads`), credentials (`creds`), small per-process state
-//! (`misc`), file descriptors (`fds`). Pages travel out through the process itself
-//! (`self_send`) and, on the plain transport, in through the new process itself (`self_receive`). `inject` runs system calls inside a stopped process;
-//! `ptrace` and `procfs` are the doors to the kernel.
+//! memory layout and contents (`pages`: the mappings, which pages travel, how they leave the
+//! process and how they are placed in the new one), mm fields (`mm`), CPU state (`arch`),
+//! signals (`signals`), thread identity (`threads`), credentials (`creds`), small per-process
+//! state (`misc`), file descriptors (`fds`). `inject` runs system calls inside a stopped
+//! process; `ptrace` and `procfs` are the doors to the kernel.
 
 pub mod arch;
 pub mod bounds;
@@ -14,25 +14,21 @@ pub mod capture;
 pub mod creds;
 pub mod error;
 pub mod fds;
-pub mod huge;
 pub mod inject;
-pub mod mem;
 pub mod misc;
 pub mod mm;
+pub mod pages;
 pub mod pidfd;
 pub mod pin;
 pub mod procfs;
 pub mod ptrace;
 pub mod restore;
-pub mod self_receive;
-pub mod self_send;
 pub mod signals;
 pub mod threads;
 pub mod timeline;
-pub mod uffd;
 
-pub use error::{Error, Uncarried};
 pub use capture::{dump, DumpOptions, DumpSummary, OutsideReader};
+pub use error::{Error, Uncarried};
 
 /// Learns what this CPU offers, once per process. CPUID and XGETBV trap to the hypervisor
 /// in a VM (microseconds each): a daemon calls this before it forks its sessions, which
@@ -54,6 +50,5 @@ pub(crate) fn never_or_always(var: &str) -> Option<bool> {
     }
 }
 
+pub use pages::{PageRoute, PagesSocket};
 pub use restore::{restore, RestoreOptions, Restored};
-pub use self_receive::PagesSocket;
-pub use self_send::PageRoute;

@@ -127,7 +127,9 @@ fn written_runs(
     pagemap: &std::fs::File,
     maps: &[Mapping],
 ) -> std::io::Result<Vec<(u32, u64, u64)>> {
-    use telefork_engine::mem::{pagemap_scan, PAGE_IS_FILE, PAGE_IS_PRESENT, PAGE_IS_SWAPPED};
+    use telefork_engine::pages::scan::{
+        pagemap_scan, PAGE_IS_FILE, PAGE_IS_PRESENT, PAGE_IS_SWAPPED,
+    };
     let (Some(first), Some(last)) = (maps.first(), maps.last()) else { return Ok(Vec::new()) };
     let mut found = Vec::new();
     let wanted = PAGE_IS_PRESENT | PAGE_IS_SWAPPED;
