@@ -16,8 +16,9 @@
 //! `place` the pages are page records of the image (telefork_image), each run one record,
 //! announced by the image's page index where the other side can use it.
 //!
-//! Dependencies run one way: `send` and `place` use `scan` and `layout`, `scan` uses
-//! `layout`; no module uses one above it.
+//! Dependencies run one way, along the path: `send` uses `scan`, and `scan`, `send` and
+//! `place` use `layout`; inside `send/` and `place/` a route uses its siblings (the channel,
+//! the reader, the userfaultfd, the writer), never the module above it.
 
 pub mod layout;
 pub mod place;
