@@ -28,7 +28,7 @@
 //! files its owner cannot reach); the executable link set by PR_SET_MM_MAP is such a file,
 //! which the kernel also requires its opener may execute; the other mm fields must lie in
 //! the process's own mappings (the kernel checks); madvise advice is limited to what capture
-//! records (`mem::validate_layout`: MADV_HWPOISON and MADV_SOFT_OFFLINE need CAP_SYS_ADMIN);
+//! records (`pages::layout::validate`: MADV_HWPOISON and MADV_SOFT_OFFLINE need CAP_SYS_ADMIN);
 //! personality(2) checks nothing for anyone, and signals re-queued by the process to itself
 //! are what any process may queue to itself. The one grant on purpose is the PID: the image's
 //! PID when it is free (clone3 set_tid), as a restore promises.

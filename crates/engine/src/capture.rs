@@ -21,9 +21,9 @@ use telefork_image::{Header, ImageWriter, MmFields, ProcessImage};
 
 use crate::arch::native as arch;
 use crate::inject::Injector;
-use crate::self_send::PageRoute;
+use crate::pages::{self, layout, PageRoute};
 use crate::state::{Proc, State};
-use crate::{creds, fds, mem, misc, mm, procfs, ptrace, signals, threads};
+use crate::{creds, fds, misc, mm, procfs, ptrace, signals, threads};
 
 /// How `dump` captures: what becomes of the process, how stdio is recorded, how the pages
 /// travel.
@@ -37,7 +37,7 @@ pub struct DumpOptions<'a> {
     /// Page records without CRCs, for a connection that protects or is trusted to carry
     /// every byte intact (see `ImageWriter::without_page_checksums`); never for a file.
     pub skip_page_checksums: bool,
-    /// Let the process hand over its own big runs of memory this way (see `self_send`).
+    /// Let the process hand over its own big runs of memory this way (see `pages::send`).
     /// Needs `skip_page_checksums` (the bytes never pass through here).
     pub page_route: Option<PageRoute<'a>>,
     /// A /proc reader started ahead of time (else one is started for this capture).
@@ -188,8 +188,8 @@ fn capture_frozen<W: Write + Send>(
     let vmas = match look.vmas.take() {
         // The scratch area merged with a neighbour while smaps was read: again, now that it
         // is gone (the mappings are the process's own again, those of `maps`).
-        Err(e) if e.downcast_ref::<mem::MappingsChanged>().is_some() => {
-            mem::capture_vmas(pid, &maps)?
+        Err(e) if e.downcast_ref::<layout::MappingsChanged>().is_some() => {
+            layout::capture(pid, &maps)?
         }
         other => other?,
     };
@@ -208,7 +208,7 @@ fn capture_frozen<W: Write + Send>(
     };
     let header = Header {
         arch: arch::ARCH,
-        page_size: mem::PAGE,
+        page_size: pages::PAGE,
         kernel_release: crate::sys::kernel_release(),
         xfeatures: arch::xfeatures(&image.threads[0].cpu),
         created_unix: std::time::SystemTime::now()
@@ -231,7 +231,7 @@ fn capture_frozen<W: Write + Send>(
     w.flush().context("sending the process record")?;
     let route =
         opts.page_route.as_ref().filter(|_| opts.skip_page_checksums).map(|r| (&mut inj, r));
-    let page_bytes = mem::write_pages(pid, &image.vmas, &mut w, route)?;
+    let page_bytes = pages::send(pid, &image.vmas, &mut w, route)?;
     tl.mark("pages");
     let out = w.finish().context("finishing the image")?;
     tl.mark("sent");
@@ -391,7 +391,7 @@ impl OutsideLook {
                     "/proc files read"
                 }
                 (Self::VMAS, Some(maps)) => {
-                    self.vmas.put(mem::capture_vmas(self.pid, maps));
+                    self.vmas.put(layout::capture(self.pid, maps));
                     "mappings read"
                 }
                 _ => {
@@ -454,7 +454,7 @@ fn look_from_inside(
     };
     if executable {
         inj.set_batch_code_area(scratch)?;
-        inj.set_scratch(scratch + mem::PAGE, SCRATCH_LEN - mem::PAGE);
+        inj.set_scratch(scratch + pages::PAGE, SCRATCH_LEN - pages::PAGE);
     } else {
         inj.set_scratch(scratch, SCRATCH_LEN);
     }

@@ -9,10 +9,10 @@
 //! Inside, one module per kind of state, its capture and its restore side by side: mm
 //! fields (`mm`), signals (`signals`), thread identity (`threads`), credentials (`creds`),
 //! small per-process state (`misc`) and file descriptors (`fds`, one `fds::Kind` per kind
-//! of fd) each implement `state::State`; memory layout and contents (`mem`) and CPU state
+//! of fd) each implement `state::State`; memory (`pages`: the mappings, which pages travel,
+//! how they leave the process and how they are placed in the new one) and CPU state
 //! (`arch`) have routes of their own. `capture` and `restore` are the order of steps over
-//! them. Pages travel out through the process itself (`self_send`)
-//! and, on the plain transport, in through the new process itself (`self_receive`).
+//! them.
 //! `inject` runs system calls inside a stopped process; `sys` is the low layer — raw system
 //! calls, ptrace, pidfds, /proc parsed once per file — and holds the engine's `unsafe`.
 
@@ -22,40 +22,27 @@ pub(crate) mod capture;
 pub(crate) mod creds;
 mod error;
 pub(crate) mod fds;
-pub(crate) mod huge;
 pub(crate) mod inject;
-pub(crate) mod mem;
 pub(crate) mod misc;
 pub(crate) mod mm;
+pub(crate) mod pages;
 pub(crate) mod pin;
 pub(crate) mod restore;
-pub(crate) mod self_receive;
-pub(crate) mod self_send;
 pub(crate) mod signals;
 pub(crate) mod state;
 mod sys;
 pub(crate) mod threads;
 pub mod timeline;
-pub(crate) mod uffd;
 
 pub use bounds::BeyondOwner;
 pub use capture::{dump, DumpOptions, DumpSummary, OutsideReader};
 pub use error::{Error, Uncarried};
-pub use mem::Placed;
+pub use pages::{PageRoute, PagesSocket, Placed};
 pub use restore::{restore, restore_into, RestoreOptions, Restored, Stub, StubTemplate};
-pub use self_receive::PagesSocket;
-pub use self_send::PageRoute;
 // The low layer's doors the engine's callers use too: pidfds, and /proc parsed once.
 pub use sys::{pidfd, procfs};
 // (Inside the engine, under the names it has always used.)
 pub(crate) use sys::ptrace;
-
-/// PAGEMAP_SCAN (Linux 6.7+) over a process's pagemap, for programs that measure what a
-/// capture would send (the benchmark's); not part of the engine's contract.
-#[doc(hidden)]
-pub mod pagemap {
-    pub use crate::mem::{pagemap_scan, PAGE_IS_FILE, PAGE_IS_PRESENT, PAGE_IS_SWAPPED};
-}
 
 /// Kills process `pid` (SIGKILL) and reaps it if it is our child: never leave a half-made
 /// process behind.

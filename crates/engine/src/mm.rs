@@ -103,7 +103,7 @@ fn set(inj: &mut Injector, mm: &MmFields) -> Result<()> {
     inj.reset_scratch();
     let exe_fd = match &mm.exe_id {
         Some(id) => {
-            crate::mem::check_file(id, "executable")?;
+            crate::pages::layout::check_file(id, "executable")?;
             let path = inj.stage_cstr(&id.path)?;
             let open = Call::new(
                 libc::SYS_openat,

@@ -36,11 +36,11 @@ use telefork_image::{Header, ImageReader, ProcessImage, SpecialMap, Vma, VmaKind
 
 use crate::arch::native as arch;
 use crate::inject::{Call, Injector};
-use crate::mem::PAGE;
+use crate::pages::{self, layout, Placement, Placer, PAGE};
 use crate::pin::CpuPin;
 use crate::state::State;
 use crate::timeline::Timeline;
-use crate::{bounds, creds, fds, mem, misc, mm, procfs, ptrace, signals, threads};
+use crate::{bounds, creds, fds, misc, mm, procfs, ptrace, signals, threads};
 
 /// How `restore` rebuilds a process: whose rights bound it, where its stdio and pages come
 /// from.
@@ -60,9 +60,9 @@ pub struct RestoreOptions<'a> {
     /// authenticates every byte (TLS) or is trusted by configuration.
     pub skip_page_checksums: bool,
     /// The image arrives unbuffered on this socket with a page index (the plain transport):
-    /// the new process receives its pages from it itself (`self_receive`). Needs
+    /// the new process receives its pages from it itself (`Placement::SelfReceive`). Needs
     /// `skip_page_checksums`.
-    pub pages_socket: Option<crate::self_receive::PagesSocket>,
+    pub pages_socket: Option<pages::PagesSocket>,
     /// The restored process gets this parent-death signal, set after its credentials (a
     /// change of credentials clears it): a daemon's session has its process die with it, so
     /// that a killed session never leaves a process nobody can wait for. None: none, as a
@@ -79,7 +79,7 @@ pub struct Restored {
     pub same_pid: bool,
     /// How its pages were placed: how many, through the userfaultfd, in huge pages, or
     /// received by the process itself (`RestoreOptions::pages_socket`).
-    pub pages: mem::Placed,
+    pub pages: pages::Placed,
 }
 
 /// Size of the control area: one page of code, the rest scratch.
@@ -359,7 +359,7 @@ fn check_layout(img: &ProcessImage, h: &Header) -> Result<()> {
             "only single-threaded images can be restored so far",
         ));
     }
-    mem::validate_layout(&img.vmas)?;
+    layout::validate(&img.vmas)?;
     let has_vdso = img.vmas.iter().any(|v| matches!(v.kind, VmaKind::Special(SpecialMap::Vdso)));
     let here = crate::sys::kernel_release();
     if has_vdso && h.kernel_release != here {
@@ -379,11 +379,11 @@ fn check_files(img: &ProcessImage) -> Result<()> {
     bounds::with_files_reached_as(&img.creds, || {
         for v in &img.vmas {
             if let VmaKind::File(id) = &v.kind {
-                mem::check_file(id, "mapped file")?;
+                layout::check_file(id, "mapped file")?;
             }
         }
         if let Some(id) = &img.mm.exe_id {
-            mem::check_file(id, "executable")?;
+            layout::check_file(id, "executable")?;
         }
         Ok(())
     })
@@ -497,7 +497,7 @@ fn shape<R: Read + Send>(
     reader: &mut ImageReader<R>,
     opts: &RestoreOptions,
     tl: &mut Timeline,
-) -> Result<mem::Placed> {
+) -> Result<pages::Placed> {
     let pages_socket = opts.pages_socket.as_ref();
     let (pid, control) = (stub.pid, stub.control);
     // Tracer and stub on one CPU while the stub is rebuilt (see `pin`): the CPU this thread
@@ -550,9 +550,9 @@ fn shape<R: Read + Send>(
     // the image's owner, not as the restorer: an image must not reach a file its owner could
     // not. (The full identity is set last, `creds::restore`; these are its file-access parts.)
     act_as_owner_for_files(inj, &img.creds)?;
-    mem::create_mappings(inj, &img.vmas)?;
+    layout::create(inj, &img.vmas)?;
     let mapped = inj.deferred_mark();
-    let uffd = mem::open_uffd(inj, &img.vmas)?;
+    let placer = Placer::open(inj, &img.vmas)?;
     tl.mark("mappings");
     // What needs only the process record, done while the pages are still on their way (none
     // of it touches the image's memory).
@@ -563,7 +563,7 @@ fn shape<R: Read + Send>(
     tl.mark("mm, misc, fds, signals");
     // A big transfer wants both CPUs (a reader thread verifies records while we and a helper
     // place them).
-    let big = mem::is_big(&img.vmas);
+    let big = pages::is_big(&img.vmas);
     cpus.widen(big);
     // (A process that may receive a big image's pages itself does the copy off the wire: it
     // runs on any CPU meanwhile, and next to us again after.)
@@ -572,12 +572,11 @@ fn shape<R: Read + Send>(
         cpus.let_run_anywhere(pid.as_raw());
     }
     inj.flush_through(mapped)?; // (the mappings exist before their pages are written)
-    let filled = match pages_socket {
-        Some(socket) => {
-            crate::self_receive::receive_pages(inj, &img.vmas, big, reader, socket, uffd)
-        }
-        None => mem::fill_pages(inj, &img.vmas, big, reader, uffd),
+    let how = match pages_socket {
+        Some(socket) => Placement::SelfReceive(socket),
+        None => Placement::Write,
     };
+    let filled = pages::place(inj, &img.vmas, big, reader, placer, how);
     cpus.widen(false);
     if process_widened {
         crate::pin::move_here(pid.as_raw());
@@ -596,7 +595,7 @@ fn shape<R: Read + Send>(
     // After the pages: the protections (a read-only page is filled first), the thread's
     // rseq area (the kernel writes into it) and the credentials, last, in one batch with
     // the rest.
-    mem::finish(inj, &img.vmas);
+    layout::finish(inj, &img.vmas);
     let thread = &img.threads[0];
     threads::Thread::restore(inj, img)?;
     // The parent-death signal the stub set for itself (an image never has one: it is not

@@ -16,8 +16,8 @@
 //! Owns the process's copy of the socket (closed again before the process runs) and scratch
 //! memory for one batch at a time. Records in mappings the process cannot write yet
 //! (read-only file text) are read and placed by the restorer, in their turn. Where the socket
-//! cannot be passed (pidfd_getfd refused), the restorer reads every record itself
-//! (`mem::fill_pages`).
+//! cannot be passed (pidfd_getfd refused), or the image has no page index, `hand_over` says
+//! so and the restorer reads every record itself (`write`).
 
 use std::io::Read;
 use std::os::fd::RawFd;
@@ -28,9 +28,10 @@ use anyhow::{bail, Context, Result};
 use telefork_image::format::{page_record_head, PAGE_RECORD_HEAD_LEN, PAGE_RECORD_TAIL_LEN};
 use telefork_image::{ImageReader, Vma};
 
+use super::uffd::RemoteUffd;
+use super::write::{place_run, MADV_POPULATE_WRITE, POPULATE_MIN};
 use crate::inject::Injector;
-use crate::mem;
-use crate::uffd::RemoteUffd;
+use crate::pages::layout::{check_page_run, initial_prot};
 
 /// The socket an image arrives on, for the new process to receive its pages from.
 #[derive(Debug, Clone, Copy)]
@@ -48,33 +49,46 @@ const BATCH_RECORDS: usize = 128;
 /// ... and bytes of pages (the helper populates ahead by at least this much).
 const BATCH_BYTES: u64 = 32 << 20;
 
-/// Places the image's pages: received by the process itself from `socket` (see the module
-/// text) where the image has a page index (an origin of this version sends one on a socket)
-/// and the socket can be passed, else read and placed here (`mem::fill_pages`). Returns the
-/// bytes placed, how many of them were populated (or placed) through the userfaultfd, and
-/// whether the process received them.
-pub fn receive_pages<R: Read + Send>(
+/// The process's copy of the image socket, and the page records it is to receive from it.
+pub(crate) struct HandOver {
+    index: Vec<(u64, u64)>,
+    fd: u64,
+}
+
+/// Gives the process a copy of `socket` to receive its pages from (see the module text),
+/// where the image has a page index (an origin of this version sends one on a socket) and
+/// the socket can be passed; `None` where not: the restorer places the pages itself.
+pub(crate) fn hand_over<R: Read>(
+    inj: &mut Injector,
+    vmas: &[Vma],
+    reader: &mut ImageReader<R>,
+    socket: &PagesSocket,
+) -> Result<Option<HandOver>> {
+    if reader.checks_page_checksums() {
+        bail!("internal error: pages received by the process cannot have their checksums verified");
+    }
+    let Some(index) = read_index(reader, vmas, socket)? else {
+        return Ok(None);
+    };
+    let Some(fd) = take_socket(inj, socket.fd)? else {
+        crate::timeline::stamp("the socket could not be passed: pages read by the restorer");
+        return Ok(None);
+    };
+    crate::timeline::stamp("pages received by the process");
+    Ok(Some(HandOver { index, fd }))
+}
+
+/// Has the process receive its pages through what `hand_over` gave it, closes its copy of
+/// the socket and releases `uffd`. Returns the bytes placed and how many of them were
+/// populated (or placed) through the userfaultfd.
+pub(crate) fn receive<R: Read>(
     inj: &mut Injector,
     vmas: &[Vma],
     big: bool,
     reader: &mut ImageReader<R>,
-    socket: &PagesSocket,
+    HandOver { index, fd }: HandOver,
     uffd: Option<RemoteUffd>,
-) -> Result<mem::Placed> {
-    if reader.checks_page_checksums() {
-        bail!("internal error: pages received by the process cannot have their checksums verified");
-    }
-    let by_restorer = |inj: &mut Injector, reader: &mut ImageReader<R>, uffd| {
-        mem::fill_pages(inj, vmas, big, reader, uffd)
-    };
-    let Some(index) = read_index(reader, vmas, socket)? else {
-        return by_restorer(inj, reader, uffd);
-    };
-    let Some(fd) = take_socket(inj, socket.fd)? else {
-        crate::timeline::stamp("the socket could not be passed: pages read by the restorer");
-        return by_restorer(inj, reader, uffd);
-    };
-    crate::timeline::stamp("pages received by the process");
+) -> Result<(u64, u64)> {
     let received = receive_into(inj, vmas, big, reader, &index, fd, uffd.as_ref());
     let closed =
         inj.syscall(libc::SYS_close, &[fd], "closing the process's copy of the image socket");
@@ -87,7 +101,7 @@ pub fn receive_pages<R: Read + Send>(
     if reader.next_pages()?.is_some() {
         bail!("image is corrupt: a page record beyond its page index");
     }
-    Ok(mem::Placed { bytes: total, by_uffd, in_huge_pages: 0, by_process: true })
+    Ok((total, by_uffd))
 }
 
 /// Reads the page index, if the image has one, and checks it against the mappings and the
@@ -103,7 +117,7 @@ fn read_index<R: Read>(
     let overhead = (PAGE_RECORD_HEAD_LEN + PAGE_RECORD_TAIL_LEN) as u64;
     let mut total = 0u64;
     for &(addr, len) in &index {
-        mem::check_page_run(vmas, addr, len)?;
+        check_page_run(vmas, addr, len)?;
         total += len + overhead;
     }
     if total > socket.max_bytes {
@@ -139,8 +153,8 @@ fn receive_into<R: Read>(
     let mut receivable = Vec::with_capacity(index.len());
     let mut covered = Vec::with_capacity(index.len());
     for &(addr, len) in index {
-        let vma = mem::check_page_run(vmas, addr, len)?;
-        let writable = mem::initial_prot(vma) & libc::PROT_WRITE as u32 != 0;
+        let vma = check_page_run(vmas, addr, len)?;
+        let writable = initial_prot(vma) & libc::PROT_WRITE as u32 != 0;
         receivable.push(writable);
         covered.push(writable && uffd.is_some_and(|u| u.covers(addr, len)));
     }
@@ -163,7 +177,7 @@ fn receive_into<R: Read>(
                     let run = reader.next_pages()?.context(
                         "image is truncated: it ends before the pages its index announced",
                     )?;
-                    mem::place_run(None, inj.mem_file(), pid, run.addr, run.data)?;
+                    place_run(None, inj.mem_file(), pid, run.addr, run.data)?;
                     total += run.data.len() as u64;
                     i += 1;
                     continue;
@@ -199,7 +213,7 @@ fn receive_into<R: Read>(
 
 /// Populates the memory of the records no userfaultfd populates (shared memory, written
 /// pages of private files; all of them where the process has no userfaultfd) with an injected
-/// MADV_POPULATE_WRITE per stretch of adjacent records of at least `mem::POPULATE_MIN` bytes:
+/// MADV_POPULATE_WRITE per stretch of adjacent records of at least `POPULATE_MIN` bytes:
 /// one call in bulk instead of a fault per page during the process's reads. Best effort (a
 /// kernel without it: the reads fault them in).
 fn populate(inj: &mut Injector, records: &[(u64, u64)], covered: &[bool]) -> Result<()> {
@@ -216,9 +230,8 @@ fn populate(inj: &mut Injector, records: &[(u64, u64)], covered: &[bool]) -> Res
         }
         adjacent = true;
     }
-    for (start, end) in stretches.into_iter().filter(|(s, e)| e - s >= mem::POPULATE_MIN as u64) {
-        let _ =
-            inj.syscall_raw(libc::SYS_madvise, &[start, end - start, mem::MADV_POPULATE_WRITE])?;
+    for (start, end) in stretches.into_iter().filter(|(s, e)| e - s >= POPULATE_MIN as u64) {
+        let _ = inj.syscall_raw(libc::SYS_madvise, &[start, end - start, MADV_POPULATE_WRITE])?;
     }
     Ok(())
 }

@@ -1,21 +1,11 @@
-//! The captured process hands over its own memory: it is given one end of a channel and
-//! made to put its big runs of pages into it itself, so no byte is read through
-//! /proc/PID/mem first (which copies it once more, in this process, page by page).
-//!
-//! Two routes (`PageRoute`):
-//! * `Socket` — the image travels unencrypted on a socket: the process gets a copy of it and
-//!   writes its runs with injected sendto; the kernel copies each byte once, from its pages
-//!   into the socket.
-//! * `Pipe` — the image is encrypted here: the process vmsplices its runs into a pipe (the
-//!   pipe takes references to its pages, no copy), and a forwarder reads them out straight
-//!   into TLS records (`forward`). Its pages are shared copy-on-write with the parent that
-//!   forked it; references taken by vmsplice do not unshare them (pinning would).
+//! The channel a captured process hands over its own memory through: one end of it (a copy
+//! of the image's socket, or the write end of a pipe) is passed into the stopped process,
+//! which is then made to put its big runs of pages into it itself (`SelfSender::send_runs`:
+//! injected sendto or vmsplice). The routes that use it are `socket` and `splice`.
 //!
 //! Owns only the passed fd and a page of scratch memory in the process, both gone again when
 //! the transfer ends. Runs in mappings the process cannot read (PROT_NONE) are read through
-//! /proc/PID/mem as before. If the pipe's reader fails, vmsplice fails with EPIPE and leaves
-//! a SIGPIPE pending (blocked) in the process; telefork discards a process whose transfer
-//! failed, so it is not consumed.
+//! /proc/PID/mem instead (`sendable`).
 //!
 //! How the fd gets in: this process listens on a fresh abstract Unix socket; the stopped
 //! process is made to connect to it (we accept only a peer whose SO_PEERCRED is that very
@@ -35,18 +25,23 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+use telefork_image::Vma;
 
 use crate::inject::Injector;
 
 const SCRATCH: u64 = 4096;
 
-/// How a process's pages leave it (see the module text).
-pub enum PageRoute<'a> {
-    /// The process writes them onto this socket, which carries the (unencrypted) image.
-    Socket(RawFd),
-    /// The process splices them into a pipe; `forward(pipe, len)` must take exactly `len`
-    /// bytes from the pipe into the image stream (e.g. sealing them into TLS records).
-    Pipe(&'a (dyn Fn(RawFd, usize) -> std::io::Result<()> + Sync)),
+/// Runs at least this long are sent by the process itself (each costs an injected call).
+const SELF_SEND_MIN: u64 = 1 << 20;
+
+/// Whether the process itself can read `[addr, addr + len)` (its mapping is readable: a
+/// PROT_NONE mapping's pages still travel, but only /proc/PID/mem can read them) and the run
+/// is worth an injected call.
+pub(crate) fn sendable(vmas: &[Vma], addr: u64, len: u64) -> bool {
+    len >= SELF_SEND_MIN
+        && vmas
+            .iter()
+            .any(|v| v.start <= addr && addr + len <= v.end && v.prot & libc::PROT_READ as u32 != 0)
 }
 
 /// A channel end inside the stopped process, ready for its pages.

@@ -30,7 +30,8 @@ use std::sync::{Condvar, Mutex};
 use nix::unistd::Pid;
 use telefork_image::{Vma, VmaKind};
 
-use crate::uffd::RemoteUffd;
+use super::uffd::RemoteUffd;
+use crate::pages::layout::{initial_prot, PAGE};
 
 /// MADV_COLLAPSE (Linux 6.1): make huge pages of a range now, whatever the THP setting
 /// ("never" aside).
@@ -92,7 +93,7 @@ fn huge_page_size() -> Option<u64> {
         .trim()
         .parse()
         .ok()?;
-    (size.is_power_of_two() && size > crate::mem::PAGE).then_some(size)
+    (size.is_power_of_two() && size > PAGE).then_some(size)
 }
 
 /// The CPU time this thread has used.
@@ -106,7 +107,7 @@ fn thread_cpu_time() -> std::time::Duration {
 fn may_be_huge(v: &Vma) -> bool {
     v.kind == VmaKind::Anon
         && !v.shared
-        && crate::mem::initial_prot(v) & libc::PROT_WRITE as u32 != 0
+        && initial_prot(v) & libc::PROT_WRITE as u32 != 0
         && !v.advice.contains(&libc::MADV_NOHUGEPAGE)
 }
 
@@ -144,9 +145,9 @@ fn covered_blocks(vmas: &[Vma], index: &[(u64, u64)], size: u64) -> Vec<u64> {
     blocks
 }
 
-/// Where the pages of a stretch of memory go (`HugeBlocks::segments`).
+/// How the pages of a stretch of memory are placed (`HugeBlocks::segments`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Placement {
+pub enum Segment {
     /// The usual way (through the userfaultfd, where it watches the mapping).
     Usual,
     /// Into a prepared block, no longer watched by the userfaultfd: copied straight in. `huge`:
@@ -359,9 +360,9 @@ impl HugeBlocks {
     /// Called before pages are written at `[addr, addr+len)`: gives up the blocks there not
     /// prepared yet, waits for those being prepared, and says how each part of the run is to
     /// be placed (a run of the usual kind and prepared blocks is cut at the block edges).
-    pub fn segments(&self, addr: u64, len: u64) -> Vec<(u64, u64, Placement)> {
-        let mut out: Vec<(u64, u64, Placement)> = Vec::with_capacity(1);
-        let mut push = |from: u64, to: u64, how: Placement| {
+    pub fn segments(&self, addr: u64, len: u64) -> Vec<(u64, u64, Segment)> {
+        let mut out: Vec<(u64, u64, Segment)> = Vec::with_capacity(1);
+        let mut push = |from: u64, to: u64, how: Segment| {
             if from >= to {
                 return;
             }
@@ -384,22 +385,22 @@ impl HugeBlocks {
                     g = self.settled.wait(g).unwrap_or_else(|e| e.into_inner());
                 }
             }
-            push(at, start.max(at), Placement::Usual);
+            push(at, start.max(at), Segment::Usual);
             at = start.max(at);
             let to = (start + self.size).min(end);
             match s.load(Ordering::Acquire) {
-                HUGE => push(at, to, Placement::Prepared { huge: true }),
-                PREPARED => push(at, to, Placement::Prepared { huge: false }),
+                HUGE => push(at, to, Segment::Prepared { huge: true }),
+                PREPARED => push(at, to, Segment::Prepared { huge: false }),
                 TOUCHED => {
-                    let first_page_end = (start + crate::mem::PAGE).min(to);
-                    push(at, first_page_end, Placement::Prepared { huge: false });
-                    push(at.max(first_page_end), to, Placement::Usual);
+                    let first_page_end = (start + PAGE).min(to);
+                    push(at, first_page_end, Segment::Prepared { huge: false });
+                    push(at.max(first_page_end), to, Segment::Usual);
                 }
-                _ => push(at, to, Placement::Usual),
+                _ => push(at, to, Segment::Usual),
             }
             at = to;
         }
-        push(at, end, Placement::Usual);
+        push(at, end, Segment::Usual);
         out
     }
 
@@ -423,7 +424,7 @@ enum Refusal {
 }
 
 /// A page of zeros, copied to the start of a block to prepare it.
-static ZERO_PAGE: [u8; crate::mem::PAGE as usize] = [0; crate::mem::PAGE as usize];
+static ZERO_PAGE: [u8; PAGE as usize] = [0; PAGE as usize];
 
 struct SettleOnDrop<'a>(&'a HugeBlocks);
 
@@ -508,7 +509,7 @@ mod tests {
         // to the end: that block is not carried whole, the others are.
         let rec = 768 << 10;
         let index: Vec<(u64, u64)> = (0..)
-            .map(|k| start + crate::mem::PAGE + k * rec)
+            .map(|k| start + PAGE + k * rec)
             .take_while(|&a| a < end)
             .map(|a| (a, rec.min(end - a)))
             .collect();
@@ -570,7 +571,7 @@ mod tests {
             "the blocks reported huge are huge pages in the mapping"
         );
         assert!(
-            kinds.iter().any(|k| matches!(k, Placement::Prepared { .. })),
+            kinds.iter().any(|k| matches!(k, Segment::Prepared { .. })),
             "no page run went into a prepared block"
         );
         // SAFETY: unmapping our own mapping, nothing refers to it any more.
