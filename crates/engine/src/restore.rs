@@ -62,7 +62,7 @@ pub struct RestoreOptions<'a> {
     /// The image arrives unbuffered on this socket with a page index (the plain transport):
     /// the new process receives its pages from it itself (`Placement::SelfReceive`). Needs
     /// `skip_page_checksums`.
-    pub pages_socket: Option<pages::PagesSocket>,
+    pub pages_socket: Option<pages::PagesSocket<'a>>,
     /// The restored process gets this parent-death signal, set after its credentials (a
     /// change of credentials clears it): a daemon's session has its process die with it, so
     /// that a killed session never leaves a process nobody can wait for. None: none, as a

@@ -14,7 +14,7 @@
 //! restore says whether the process received its pages.
 
 use std::io::{BufReader, BufWriter, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -174,9 +174,10 @@ fn carry(
     let captured = std::thread::scope(|scope| {
         let dumper = scope.spawn(|| {
             let out = &ours;
-            let pipe_forward = |pipe: RawFd, len: usize| forward(pipe, len, out, &forwarded);
+            let pipe_forward =
+                |pipe: BorrowedFd<'_>, len: usize| forward(pipe.as_raw_fd(), len, out, &forwarded);
             let page_route = match route {
-                "socket" => PageRoute::Socket(out.as_raw_fd()),
+                "socket" => PageRoute::Socket(out.as_fd()),
                 _ => PageRoute::Pipe(&pipe_forward),
             };
             let opts = DumpOptions {
@@ -220,7 +221,7 @@ fn self_sent_and_self_received() {
     let (captured, placed, written, _) = carry("socket", |s| {
         let opts = RestoreOptions {
             skip_page_checksums: true,
-            pages_socket: Some(PagesSocket { fd: s.as_raw_fd(), max_bytes: 1 << 30 }),
+            pages_socket: Some(PagesSocket { fd: s.as_fd(), max_bytes: 1 << 30 }),
             ..Default::default()
         };
         telefork_engine::restore(s, &opts).map_err(telefork_engine::Error::into_chain)

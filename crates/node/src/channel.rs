@@ -882,8 +882,10 @@ impl TlsChannel {
         self.sock.try_clone()
     }
 
-    pub fn raw_fd(&self) -> i32 {
-        self.sock.as_raw_fd()
+    /// The TCP socket under the session (for poll, and for a process to write its pages onto on
+    /// the plain transport).
+    pub fn socket_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.sock)
     }
 
     /// The TCP socket under the TLS session, for bytes that travel unencrypted between two

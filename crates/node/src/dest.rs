@@ -528,7 +528,7 @@ fn receive(
             let raw = ch.raw_socket()?;
             raw.set_read_timeout(Some(Duration::from_secs(30))).ok();
             opts.pages_socket =
-                Some(telefork_engine::PagesSocket { fd: raw.as_raw_fd(), max_bytes: max });
+                Some(telefork_engine::PagesSocket { fd: raw.as_fd(), max_bytes: max });
             let r = restore_into(stub, LimitedReader { inner: raw, left: max }, &opts)
                 .map_err(telefork_engine::Error::into_chain);
             raw.set_read_timeout(None).ok();

@@ -478,7 +478,11 @@ const FOLLOWS_OFFER_MAX: u64 = 16 << 20;
 /// nothing may have arrived on it since, so anything readable is its end (the destination
 /// dropped it).
 fn still_open(ch: &TlsChannel) -> bool {
-    let mut p = [libc::pollfd { fd: ch.raw_fd(), events: libc::POLLIN, revents: 0 }];
+    let mut p = [libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(&ch.socket_fd()),
+        events: libc::POLLIN,
+        revents: 0,
+    }];
     // SAFETY: one valid pollfd, zero timeout.
     unsafe { libc::poll(p.as_mut_ptr(), 1, 0) == 0 }
 }
@@ -582,11 +586,13 @@ fn send_away(
     // size; used only after the process record went out, so on a connection opened by
     // then): onto the socket (plain), or into a pipe whose bytes are read straight into TLS
     // records.
-    let forward = |pipe: std::os::fd::RawFd, len: usize| {
-        link.channel().map_err(|e| std::io::Error::other(format!("{e:#}")))?.send_from(pipe, len)
+    let forward = |pipe: std::os::fd::BorrowedFd<'_>, len: usize| {
+        link.channel()
+            .map_err(|e| std::io::Error::other(format!("{e:#}")))?
+            .send_from(std::os::fd::AsRawFd::as_raw_fd(&pipe), len)
     };
     let page_route = Some(match plain_socket {
-        Some(ch) => telefork_engine::PageRoute::Socket(ch.raw_fd()),
+        Some(ch) => telefork_engine::PageRoute::Socket(ch.socket_fd()),
         None => telefork_engine::PageRoute::Pipe(&forward),
     });
     let opts = telefork_engine::DumpOptions {

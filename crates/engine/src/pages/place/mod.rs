@@ -38,7 +38,7 @@ pub enum Placement<'a> {
     Write,
     /// The image arrives unbuffered on this socket with a page index (the plain transport):
     /// the new process receives its pages from it itself.
-    SelfReceive(&'a PagesSocket),
+    SelfReceive(&'a PagesSocket<'a>),
 }
 
 /// What placing the pages needs from the process before its limits are in place: its

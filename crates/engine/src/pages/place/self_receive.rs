@@ -20,7 +20,7 @@
 //! so and the restorer reads every record itself (`write`).
 
 use std::io::Read;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 
@@ -35,10 +35,10 @@ use crate::pages::layout::{check_page_run, initial_prot};
 
 /// The socket an image arrives on, for the new process to receive its pages from.
 #[derive(Debug, Clone, Copy)]
-pub struct PagesSocket {
+pub struct PagesSocket<'a> {
     /// The socket (the restore's `input` must read it without buffering: the process takes
     /// over the stream where the reader stopped).
-    pub fd: RawFd,
+    pub fd: BorrowedFd<'a>,
     /// At most this many bytes of page records reach the process this way (`input` has a
     /// limit of its own for what it reads).
     pub max_bytes: u64,
@@ -70,7 +70,7 @@ pub(crate) fn hand_over<R: Read>(
     let Some(index) = read_index(reader, vmas, socket)? else {
         return Ok(None);
     };
-    let Some(fd) = take_socket(inj, socket.fd)? else {
+    let Some(fd) = take_socket(inj, socket.fd.as_raw_fd())? else {
         crate::timeline::stamp("the socket could not be passed: pages read by the restorer");
         return Ok(None);
     };

@@ -27,7 +27,7 @@ mod read;
 mod socket;
 mod splice;
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 use anyhow::{Context, Result};
 use nix::unistd::Pid;
@@ -40,10 +40,10 @@ use channel::SelfSender;
 /// How a process's pages leave it, when it hands them over itself (see the module text).
 pub enum PageRoute<'a> {
     /// The process writes them onto this socket, which carries the (unencrypted) image.
-    Socket(RawFd),
+    Socket(BorrowedFd<'a>),
     /// The process splices them into a pipe; `forward(pipe, len)` must take exactly `len`
     /// bytes from the pipe into the image stream (e.g. sealing them into TLS records).
-    Pipe(&'a (dyn Fn(RawFd, usize) -> std::io::Result<()> + Sync)),
+    Pipe(&'a (dyn Fn(BorrowedFd<'_>, usize) -> std::io::Result<()> + Sync)),
 }
 
 /// Up to this many bytes of pages, capture reads and writes them in one thread.
@@ -84,7 +84,7 @@ pub fn send<W: std::io::Write + Send>(
         if total > INLINE_MAX {
             match route {
                 PageRoute::Socket(sock) => {
-                    if let Ok(sender) = SelfSender::open_socket(inj, *sock) {
+                    if let Ok(sender) = SelfSender::open_socket(inj, sock.as_raw_fd()) {
                         return socket::send(pid, &mem, vmas, &runs, out, inj, sender)
                             .map(|()| total);
                     }

@@ -6,7 +6,7 @@
 //! SIGPIPE pending (blocked) in the process; telefork discards a process whose transfer
 //! failed, so it is not consumed.
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use anyhow::{bail, Context, Result};
 use nix::unistd::Pid;
@@ -40,7 +40,7 @@ pub(crate) fn send<W: std::io::Write + Send>(
     inj: &mut Injector,
     sender: SelfSender,
     pipe: OwnedFd,
-    forward: &(dyn Fn(RawFd, usize) -> std::io::Result<()> + Sync),
+    forward: &(dyn Fn(BorrowedFd<'_>, usize) -> std::io::Result<()> + Sync),
 ) -> Result<()> {
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Record>(256);
@@ -52,7 +52,7 @@ pub(crate) fn send<W: std::io::Write + Send>(
                     Record::Spliced(addr, len) => out
                         .write_pages_sent_by(addr, len as usize, |w| {
                             w.flush()?;
-                            forward(pipe.as_raw_fd(), len as usize)
+                            forward(pipe.as_fd(), len as usize)
                         })
                         .with_context(|| format!("sending memory {addr:#x}-{:#x}", addr + len))?,
                     Record::Read(addr, buf) => out.write_pages(addr, &buf).context("writing the image")?,
