@@ -18,13 +18,15 @@
 //! own bytes to be encrypted as their own image. The TLS records stay unforgeable.
 
 use std::io::IoSlice;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+use nix::unistd::pipe2;
 use telefork_image::Vma;
 
 use crate::inject::Injector;
@@ -63,15 +65,8 @@ impl SelfSender {
 
     /// Makes a pipe and passes its write end into the process; returns the read end.
     pub fn open_pipe(inj: &mut Injector) -> Result<(SelfSender, OwnedFd)> {
-        let mut ends = [0i32; 2];
-        // SAFETY: pipe2 writes two fds into `ends`; we own them from here on.
-        if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-            return Err(std::io::Error::last_os_error())
-                .context("creating a pipe for the process's pages");
-        }
-        // SAFETY: both fds were just created and are owned by nothing else.
         let (read_end, write_end) =
-            unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
+            pipe2(OFlag::O_CLOEXEC).context("creating a pipe for the process's pages")?;
         // Bigger is better (fewer wake-ups per byte): 4 MiB, or what the system allows
         // (fs.pipe-max-size, 1 MiB by default, unless we have CAP_SYS_RESOURCE).
         let max = std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
@@ -79,15 +74,14 @@ impl SelfSender {
             .and_then(|s| s.trim().parse::<i32>().ok())
             .unwrap_or(1 << 20);
         for size in [PIPE_BYTES, max.min(PIPE_BYTES)] {
-            // SAFETY: fcntl on a pipe fd we own.
-            if unsafe { libc::fcntl(write_end.as_raw_fd(), libc::F_SETPIPE_SZ, size) } >= 0 {
+            if fcntl(write_end.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(size)).is_ok() {
                 break;
             }
         }
         // Our end never blocks: the reader polls it with a timeout, so a process that stops
         // handing over (or an owner holding a copy of the write end) cannot hang us.
-        // SAFETY: fcntl on a pipe fd we own; only its status flags change.
-        unsafe { libc::fcntl(read_end.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        fcntl(read_end.as_raw_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))
+            .context("making our end of the page pipe non-blocking")?;
         let sender = Self::open(inj, write_end.as_raw_fd(), true)?;
         drop(write_end); // only the process writes: when it closes its end, the reader sees the end
         Ok((sender, read_end))
@@ -283,8 +277,7 @@ fn receive_fd(inj: &mut Injector, s: u64) -> Result<u64> {
 /// transfer instead of hanging it).
 fn nonce() -> u64 {
     let mut b = [0u8; 8];
-    // SAFETY: getrandom writes at most b.len() bytes into b.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    let n = rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty()).unwrap_or(0);
     if n != 8 {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -6,7 +6,7 @@
 //! SIGPIPE pending (blocked) in the process; telefork discards a process whose transfer
 //! failed, so it is not consumed.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use anyhow::{bail, Context, Result};
 use nix::unistd::Pid;
@@ -59,9 +59,8 @@ pub(crate) fn send<W: std::io::Write + Send>(
                 }
             }
             // Exactly the process's memory came through: more would be someone else's bytes.
-            let mut extra: libc::c_int = 0;
-            // SAFETY: FIONREAD writes one c_int.
-            if unsafe { libc::ioctl(pipe.as_raw_fd(), libc::FIONREAD, &mut extra) } == 0 && extra > 0 {
+            let extra = rustix::io::ioctl_fionread(&pipe).unwrap_or(0);
+            if extra > 0 {
                 bail!("the process's pipe held {extra} bytes beyond its memory (written by someone else)");
             }
             Ok(())
