@@ -49,6 +49,12 @@ enum Cmd {
         /// Let the process run on after the image is written.
         #[arg(long)]
         leave_running: bool,
+        /// Capture a process that has children (or unreaped zombies) on its own. Without
+        /// this, such a process is refused, naming them: process trees are not captured yet.
+        /// Restored, it has no children: wait() gives ECHILD, and files it shared with them
+        /// are its own. (With --leave-running, the original keeps its children.)
+        #[arg(long)]
+        ignore_children: bool,
     },
     /// Bring a process back to life from an image file.
     ///
@@ -160,8 +166,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(matches!(cli.cmd, Cmd::Daemon { .. }));
     let result = match cli.cmd {
-        Cmd::Dump { pid, out, leave_running } => {
-            dump(pid, &out, leave_running).map(|_| ExitCode::SUCCESS)
+        Cmd::Dump { pid, out, leave_running, ignore_children } => {
+            dump(pid, &out, leave_running, ignore_children).map(|_| ExitCode::SUCCESS)
         }
         Cmd::Restore { image, detach, trust_image } => restore(&image, detach, trust_image),
         Cmd::CheckImage { image } => check_image(&image).map(|_| ExitCode::SUCCESS),
@@ -194,7 +200,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn dump(pid: i32, out: &Path, leave_running: bool) -> Result<()> {
+fn dump(pid: i32, out: &Path, leave_running: bool, ignore_children: bool) -> Result<()> {
     let start = Instant::now();
     // Unnamed until complete, 0600, never through a symlink (see `safe_file`); dropped with
     // the commit closure if the dump fails, which leaves nothing behind.
@@ -207,6 +213,7 @@ fn dump(pid: i32, out: &Path, leave_running: bool) -> Result<()> {
         skip_page_checksums: false,
         page_route: None,
         outside_reader: None,
+        ignore_children,
     };
     let commit = |w: BufWriter<File>| -> Result<()> {
         let f = w.into_inner().map_err(|e| e.into_error()).context("writing the image")?;

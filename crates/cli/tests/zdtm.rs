@@ -916,6 +916,52 @@ fn refuse_seccomp() {
     carries_on(&mut run);
 }
 
+/// A process with children (one running, one a zombie) is refused, naming both, and carries
+/// on with them: it reaps both after the refused dump.
+fn refuse_children() {
+    let exe = compile_c("children.c", "refuse_children", &[]);
+    let mut run = Run::new("refuse_children", exe);
+    assert!(run.start(&["refused".into()]));
+    let children = announced_children(&mut run);
+    let (st, err) = run.dump_raw(&[], DUMP_TIMEOUT);
+    assert!(!st.success(), "refuse_children: telefork dump accepted a process with children");
+    assert!(
+        err.contains("child process") && children.iter().all(|&c| names_number(&err, c)),
+        "refuse_children: the error must name the children {children:?}; it was:\n{err}"
+    );
+    assert_eq!(
+        tracer_pid(run.target_pid()),
+        Some(0),
+        "refuse_children: the target is still traced after the refused dump"
+    );
+    carries_on(&mut run);
+}
+
+/// `dump --ignore-children` captures a process with children alone, and the restored process
+/// has none, as the option says (wait() gives ECHILD).
+fn children_ignored() {
+    let exe = compile_c("children.c", "children_ignored", &[]);
+    let mut run = Run::new("children_ignored", exe);
+    assert!(run.start(&["alone".into()]));
+    announced_children(&mut run);
+    let (st, err) = run.dump_raw(&["--ignore-children"], DUMP_TIMEOUT);
+    assert!(
+        st.success(),
+        "children_ignored: dump --ignore-children failed ({}):\n{err}",
+        describe(&st)
+    );
+    run.restore_and_check(RESTORE_TIMEOUT);
+}
+
+/// The PIDs the children target printed (`CHILDREN a b`) before READY.
+fn announced_children(run: &mut Run) -> Vec<u32> {
+    let name = run.name.clone();
+    let lines = run.target().stdout_lines();
+    let line = lines.iter().find_map(|l| l.strip_prefix("CHILDREN "));
+    let line = line.unwrap_or_else(|| panic!("{name}: the target named no children"));
+    line.split_whitespace().map(|n| n.parse().unwrap()).collect()
+}
+
 fn refuse_pipe() {
     refuse_fd("pipe");
 }
@@ -1216,6 +1262,8 @@ const TESTS: &[(&str, fn())] = &[
     ("python3", python3),
     ("refuse_seccomp", refuse_seccomp),
     ("refuse_pipe", refuse_pipe),
+    ("refuse_children", refuse_children),
+    ("children_ignored", children_ignored),
     ("refuse_socket", refuse_socket),
     ("refuse_changed_file", refuse_changed_file),
     ("refuse_file_that_became_a_fifo", refuse_file_that_became_a_fifo),

@@ -42,6 +42,10 @@ pub struct DumpOptions<'a> {
     pub page_route: Option<PageRoute<'a>>,
     /// A /proc reader started ahead of time (else one is started for this capture).
     pub outside_reader: Option<&'a OutsideReader>,
+    /// Capture a process that has children (or unreaped zombies) on its own. Without this,
+    /// such a process is refused, naming them: process trees are not captured yet, and the
+    /// restored process would find its children gone (`wait` gives ECHILD).
+    pub ignore_children: bool,
 }
 
 /// What `dump` captured.
@@ -89,6 +93,13 @@ fn dump_process<W: Write + Send>(
         return Err(anyhow::Error::new(refusal).context(format!("process {pid}")));
     }
     ptrace::seize_and_stop(pid)?;
+    // (Stopped, it can make no new child: what is listed now is all there is.)
+    if !opts.ignore_children {
+        if let Err(e) = refuse_children(pid) {
+            let _ = nix_ptrace::detach(pid, None);
+            return Err(e);
+        }
+    }
     let regs = ptrace::getregs(pid)?;
     let sigmask = match signals::mask(pid) {
         Ok(m) => m,
@@ -117,6 +128,24 @@ fn dump_process<W: Write + Send>(
             Err(e)
         }
     }
+}
+
+/// Refuses a process that has children, naming them: captured alone it would lose them.
+fn refuse_children(pid: Pid) -> Result<()> {
+    let children = procfs::list_children(pid)?;
+    if children.is_empty() {
+        return Ok(());
+    }
+    let pids: Vec<String> = children.iter().map(i32::to_string).collect();
+    let what = match children.len() {
+        1 => format!("process {pid} has a child process ({})", pids[0]),
+        n => format!("process {pid} has {n} child processes ({})", pids.join(", ")),
+    };
+    let why = "process trees cannot be captured yet; captured alone, it would find them gone \
+               after restore (wait() gives ECHILD, files it shares with them are split). \
+               Capture it alone anyway only if that is what it expects (`telefork dump \
+               --ignore-children`)";
+    Err(crate::error::refusal(what, why))
 }
 
 /// A stopped process and what it looked like when stopped.

@@ -602,6 +602,8 @@ fn send_away(
         skip_page_checksums: true,
         page_route,
         outside_reader: reader,
+        // (A fresh fork of the caller: it has no children; were one there, refuse.)
+        ignore_children: false,
     };
     let mut started = None;
     let mut t_sent = t_stopped;

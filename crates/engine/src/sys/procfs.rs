@@ -202,6 +202,48 @@ pub(crate) fn list_threads(pid: Pid) -> Result<Vec<Pid>> {
     Ok(tids)
 }
 
+/// The child processes of process `pid` (zombies included, until they are reaped), from
+/// /proc/PID/task/TID/children; on a kernel without that file (CONFIG_PROC_CHILDREN off), from
+/// every process's parent in /proc.
+pub(crate) fn list_children(pid: Pid) -> Result<Vec<i32>> {
+    let mut children = Vec::new();
+    for tid in list_threads(pid)? {
+        match std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/children")) {
+            Ok(text) => children.extend(parse_children(&text)?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && tid == pid => {
+                return children_by_parent(pid)
+            }
+            // (A thread that ended since the listing has no children left.)
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("listing children of process {pid}")),
+        }
+    }
+    children.sort_unstable();
+    Ok(children)
+}
+
+/// The PIDs of a `children` file: decimal numbers separated by spaces.
+pub(crate) fn parse_children(text: &str) -> Result<Vec<i32>> {
+    text.split_whitespace()
+        .map(|n| n.parse::<i32>().with_context(|| format!("a child PID {n:?} in /proc")))
+        .collect()
+}
+
+fn children_by_parent(pid: Pid) -> Result<Vec<i32>> {
+    let mut children = Vec::new();
+    for e in std::fs::read_dir("/proc").context("listing /proc")? {
+        let Some(p) = e?.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        // (Processes that end while we look are not children any more.)
+        if read_status(Pid::from_raw(p)).is_ok_and(|s| s.ppid == pid.as_raw()) {
+            children.push(p);
+        }
+    }
+    children.sort_unstable();
+    Ok(children)
+}
+
 /// The fields of /proc/PID/status the engine and its callers use.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Status {
@@ -479,6 +521,24 @@ pub(crate) fn mmap_min_addr() -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn children_lists() {
+        assert_eq!(parse_children("").unwrap(), Vec::<i32>::new());
+        assert_eq!(parse_children("4821 4822 \n").unwrap(), vec![4821, 4822]);
+        assert!(parse_children("4821 x").is_err());
+    }
+
+    #[test]
+    fn this_process_children() {
+        let me = Pid::this();
+        let child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let listed = list_children(me).unwrap();
+        let mut child = child;
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(listed.contains(&(child.id() as i32)), "{listed:?} lacks {}", child.id());
+    }
 
     #[test]
     fn maps_lines() {
