@@ -333,7 +333,11 @@ fn restore(image: &Path, detach: bool, trust_image: bool) -> Result<ExitCode> {
     eprintln!(
         "telefork: restored process {} ({}, {} of memory{huge}) in {:.1} ms",
         r.pid,
-        if r.same_pid { "same PID" } else { "new PID: the original PID is taken" },
+        if r.same_pid {
+            "same PID"
+        } else {
+            "new PID: the original is taken (by a live process, or a zombie not reaped within 3 s)"
+        },
         human(r.pages.bytes),
         start.elapsed().as_secs_f64() * 1e3
     );

@@ -1101,6 +1101,32 @@ fn refuse_corrupt_image() {
 // ---------------------------------------------------------------------------------------------
 // CLI modes
 
+/// The dumped process's zombie holds its PID until its parent reaps it (here: this test, a
+/// second after the restore started): the restore waits for it and keeps the PID.
+fn pid_freed_by_a_late_reap() {
+    let exe = compile_c("simple.c", "pid_freed_by_a_late_reap", &[]);
+    let mut run = Run::new("pid_freed_by_a_late_reap", exe);
+    assert!(run.start(&[]));
+    let pid = run.target_pid();
+    let (st, err) = run.dump_raw(&[], DUMP_TIMEOUT);
+    assert!(st.success(), "pid_freed_by_a_late_reap: dump failed ({}):\n{err}", describe(&st));
+    thread::sleep(Duration::from_millis(100));
+    assert_eq!(proc_state(pid), Some('Z'), "pid_freed_by_a_late_reap: the target is not a zombie");
+    let mut r = run.start_restore(&[]);
+    thread::sleep(Duration::from_secs(1));
+    assert!(run.target().wait_timeout(Duration::from_secs(5)).is_some(), "reaping the target");
+    let st = r.wait_timeout(RESTORE_TIMEOUT);
+    let (out, err) = drain(&r);
+    assert!(
+        st.is_some_and(|s| s.success()) && r.stdout_lines().iter().any(|l| l == "PASS"),
+        "pid_freed_by_a_late_reap: the restored target did not PASS\n{out}\n{err}"
+    );
+    assert!(
+        err.contains("same PID"),
+        "pid_freed_by_a_late_reap: the restore did not keep PID {pid} once it was freed:\n{err}"
+    );
+}
+
 fn leave_running() {
     let exe = compile_c("simple.c", "leave_running", &[]);
     let mut run = Run::new("leave_running", exe);
@@ -1264,6 +1290,7 @@ const TESTS: &[(&str, fn())] = &[
     ("refuse_pipe", refuse_pipe),
     ("refuse_children", refuse_children),
     ("children_ignored", children_ignored),
+    ("pid_freed_by_a_late_reap", pid_freed_by_a_late_reap),
     ("refuse_socket", refuse_socket),
     ("refuse_changed_file", refuse_changed_file),
     ("refuse_file_that_became_a_fifo", refuse_file_that_became_a_fifo),

@@ -389,9 +389,28 @@ fn check_files(img: &ProcessImage) -> Result<()> {
     })
 }
 
+/// How long a restore waits for its PID to be freed by a zombie holding it: the dumped
+/// process's own, until its parent (or, orphaned, init — 1–2 s late on some machines) reaps it.
+const ZOMBIE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Waits (at most `ZOMBIE_WAIT`) while PID `pid` is held by a zombie; returns at once if it
+/// is free or held by a live process, which will not give it up.
+fn wait_while_zombie(pid: i32) {
+    if pid <= 0 {
+        return;
+    }
+    let deadline = std::time::Instant::now() + ZOMBIE_WAIT;
+    while crate::sys::procfs::read_stat(Pid::from_raw(pid)).is_ok_and(|s| s.state() == Some('Z'))
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// Forks this command into a child that stops under our ptrace before running anything else.
 /// With the image's PID if free (clone3 set_tid needs CAP_CHECKPOINT_RESTORE), else any.
 fn spawn_stub(want_pid: i32, stdio: Option<[BorrowedFd<'_>; 3]>) -> Result<(Pid, bool)> {
+    wait_while_zombie(want_pid);
     let (r, same) =
         crate::sys::fork::fork_stopped_child(want_pid, stdio.map(|s| s.map(|fd| fd.as_raw_fd())))
             .context("creating the process to restore into (clone3)")?;
