@@ -95,7 +95,7 @@ fn dump_process<W: Write + Send>(
     ptrace::seize_and_stop(pid)?;
     // (Stopped, it can make no new child: what is listed now is all there is.)
     if !opts.ignore_children {
-        if let Err(e) = refuse_children(pid) {
+        if let Err(e) = refuse_children(pid, &tids) {
             let _ = nix_ptrace::detach(pid, None);
             return Err(e);
         }
@@ -131,8 +131,8 @@ fn dump_process<W: Write + Send>(
 }
 
 /// Refuses a process that has children, naming them: captured alone it would lose them.
-fn refuse_children(pid: Pid) -> Result<()> {
-    let children = procfs::list_children(pid)?;
+fn refuse_children(pid: Pid, tids: &[Pid]) -> Result<()> {
+    let children = procfs::list_children(pid, tids)?;
     if children.is_empty() {
         return Ok(());
     }

@@ -44,6 +44,15 @@ pub use sys::{pidfd, procfs};
 // (Inside the engine, under the names it has always used.)
 pub(crate) use sys::ptrace;
 
+/// PAGEMAP_SCAN (Linux 6.7+) over a process's pagemap, for programs that measure what a
+/// capture would send (the benchmark's floor); not part of the engine's contract.
+#[doc(hidden)]
+pub mod pagemap {
+    pub use crate::pages::scan::{
+        pagemap_scan, PageRegion, PAGE_IS_FILE, PAGE_IS_PRESENT, PAGE_IS_SWAPPED,
+    };
+}
+
 /// Kills process `pid` (SIGKILL) and reaps it if it is our child: never leave a half-made
 /// process behind.
 pub fn kill_quietly(pid: nix::unistd::Pid) {

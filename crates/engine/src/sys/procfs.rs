@@ -202,12 +202,12 @@ pub(crate) fn list_threads(pid: Pid) -> Result<Vec<Pid>> {
     Ok(tids)
 }
 
-/// The child processes of process `pid` (zombies included, until they are reaped), from
-/// /proc/PID/task/TID/children; on a kernel without that file (CONFIG_PROC_CHILDREN off), from
-/// every process's parent in /proc.
-pub(crate) fn list_children(pid: Pid) -> Result<Vec<i32>> {
+/// The child processes of process `pid`, whose threads are `tids` (zombies included, until
+/// they are reaped), from /proc/PID/task/TID/children; on a kernel without that file
+/// (CONFIG_PROC_CHILDREN off), from every process's parent in /proc.
+pub(crate) fn list_children(pid: Pid, tids: &[Pid]) -> Result<Vec<i32>> {
     let mut children = Vec::new();
-    for tid in list_threads(pid)? {
+    for &tid in tids {
         match std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/children")) {
             Ok(text) => children.extend(parse_children(&text)?),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && tid == pid => {
@@ -533,7 +533,7 @@ mod tests {
     fn this_process_children() {
         let me = Pid::this();
         let child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
-        let listed = list_children(me).unwrap();
+        let listed = list_children(me, &list_threads(me).unwrap()).unwrap();
         let mut child = child;
         child.kill().unwrap();
         child.wait().unwrap();

@@ -34,6 +34,9 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Instant;
 
+// (PAGEMAP_SCAN as the engine's capture makes it: the floor measures the kernel's share.)
+use telefork_engine::pagemap::{pagemap_scan, PAGE_IS_FILE, PAGE_IS_PRESENT, PAGE_IS_SWAPPED};
+
 use super::{
     arg, die, fast_exit, fork_stopped_child, listen_ready, one_fork, out, unix_listen_ready,
 };
@@ -117,90 +120,6 @@ fn read_mappings(pid: i32) -> std::io::Result<Vec<Mapping>> {
         });
     }
     Ok(maps)
-}
-
-/// One region PAGEMAP_SCAN returns: pages [start, end) with the categories asked for.
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct PageRegion {
-    start: u64,
-    end: u64,
-    categories: u64,
-}
-
-const PAGE_IS_FILE: u64 = 1 << 2;
-const PAGE_IS_PRESENT: u64 = 1 << 3;
-const PAGE_IS_SWAPPED: u64 = 1 << 4;
-
-/// PAGEMAP_SCAN (Linux 6.7+) over [start, end) of the process whose /proc/PID/pagemap is
-/// `pagemap` — the call the engine's capture makes, made here directly (this program keeps to
-/// the kernel's share, and the engine's internals are its own): the regions whose categories,
-/// with those in `inverted` flipped, have all of `mask` and any of `anyof`, reported with the
-/// categories in `returned` (the kernel's `pm_scan_arg`); appended to `out`. False if the
-/// call failed (errno tells why).
-fn pagemap_scan(
-    pagemap: &std::fs::File,
-    start: u64,
-    end: u64,
-    (inverted, mask, anyof, returned): (u64, u64, u64, u64),
-    out: &mut Vec<PageRegion>,
-) -> bool {
-    #[repr(C)]
-    struct PmScanArg {
-        size: u64,
-        flags: u64,
-        start: u64,
-        end: u64,
-        walk_end: u64,
-        vec: u64,
-        vec_len: u64,
-        max_pages: u64,
-        category_inverted: u64,
-        category_mask: u64,
-        category_anyof_mask: u64,
-        return_mask: u64,
-    }
-    // _IOWR('f', 16, struct pm_scan_arg)
-    const PAGEMAP_SCAN: u64 =
-        (3 << 30) | ((std::mem::size_of::<PmScanArg>() as u64) << 16) | ((b'f' as u64) << 8) | 16;
-    // Regions per call, written straight into `out`'s spare room.
-    const ROOM: usize = 1024;
-    let mut at = start;
-    while at < end {
-        out.reserve(ROOM);
-        let spare = out.spare_capacity_mut();
-        let mut arg = PmScanArg {
-            size: std::mem::size_of::<PmScanArg>() as u64,
-            flags: 0,
-            start: at,
-            end,
-            walk_end: 0,
-            vec: spare.as_mut_ptr() as u64,
-            vec_len: spare.len().min(ROOM) as u64,
-            max_pages: 0,
-            category_inverted: inverted,
-            category_mask: mask,
-            category_anyof_mask: anyof,
-            return_mask: returned,
-        };
-        // SAFETY: `arg` is a valid pm_scan_arg whose `vec` points at `out`'s spare room,
-        // which has space for `vec_len` entries and outlives the call; the kernel writes only
-        // there and into `arg.walk_end`.
-        let n = unsafe {
-            libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN as _, &mut arg as *mut PmScanArg)
-        };
-        if n < 0 {
-            return false;
-        }
-        // SAFETY: the kernel filled the first `n` (at most `vec_len`) entries of the spare
-        // room with initialized regions (plain integers).
-        unsafe { out.set_len(out.len() + (n as usize).min(arg.vec_len as usize)) };
-        if arg.walk_end <= at {
-            break;
-        }
-        at = arg.walk_end;
-    }
-    true
 }
 
 /// The runs of pages the process wrote, by mapping (private anonymous: present or swapped;
