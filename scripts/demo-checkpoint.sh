@@ -18,7 +18,11 @@ trap cleanup EXIT
 gcc -O1 -o "$work/counter" scripts/demo_counter.c
 
 echo "== starting a counter (prints every 100 ms)"
-"$work/counter" > >(sed -u 's/^/   original: /') &
+# The prefixing sed is this shell's child, not the counter's: a process with children is not
+# captured alone (dump refuses it, naming them).
+exec 3> >(sed -u 's/^/   original: /')
+"$work/counter" >&3 3>&- &
+exec 3>&-
 pid=$!
 disown "$pid"   # no job-control chatter when it is killed
 sleep 1.05
