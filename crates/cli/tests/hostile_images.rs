@@ -486,6 +486,7 @@ fn refuses_a_mapping_at_address_0() {
                 growsdown: false,
                 accounted: true,
                 advice: vec![],
+                flags: Default::default(),
             },
         );
     });

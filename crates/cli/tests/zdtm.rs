@@ -719,6 +719,22 @@ fn misc() {
     c_test("misc");
 }
 
+fn timers() {
+    c_test("timers");
+}
+
+fn attrs() {
+    c_test("attrs");
+}
+
+fn mem_flags() {
+    c_test("mem_flags");
+}
+
+fn locks() {
+    c_test("locks");
+}
+
 fn fds() {
     c_test("fds");
 }
@@ -1281,6 +1297,10 @@ const TESTS: &[(&str, fn())] = &[
     ("signals", signals),
     ("identity", identity),
     ("misc", misc),
+    ("timers", timers),
+    ("attrs", attrs),
+    ("mem_flags", mem_flags),
+    ("locks", locks),
     ("fds", fds),
     ("big_1g", big_1g),
     ("big_memory_in_huge_pages", big_memory_in_huge_pages),

@@ -243,6 +243,40 @@ pub fn check_within(img: &ProcessImage, owner: &Owner, here: &Here) -> Result<()
             fmt_limit(nice_rlim)
         ));
     }
+    // Process attributes that need privilege to set (the restorer's, which the process
+    // still has when they are set).
+    let a = &img.attrs;
+    if a.oom_score_adj < 0 {
+        return refuse(format!(
+            "image claims oom_score_adj {}: only a privileged process lowers it below 0",
+            a.oom_score_adj
+        ));
+    }
+    if let Some(uid) = a.loginuid {
+        if uid != owner.uid && uid != u32::MAX && uid != crate::attrs::restorer_loginuid() {
+            return refuse(format!("image claims audit login uid {}, not {who}'s", uid_name(uid)));
+        }
+    }
+    if a.memory_merge {
+        return refuse(
+            "image claims KSM for the whole process (PR_SET_MEMORY_MERGE), which needs \
+             CAP_SYS_RESOURCE"
+                .to_string(),
+        );
+    }
+    // Locked memory within RLIMIT_MEMLOCK (mlock2 without CAP_IPC_LOCK).
+    let locked: u64 =
+        img.vmas.iter().filter(|v| v.flags.lock.is_some()).map(|v| v.end - v.start).sum();
+    let memlock = match m.rlimits.iter().find(|l| l.resource == libc::RLIMIT_MEMLOCK) {
+        Some(l) => l.soft,
+        None => here.limits.get(libc::RLIMIT_MEMLOCK as usize).map_or(0, |l| l.0),
+    };
+    if locked > memlock {
+        return refuse(format!(
+            "image claims {locked} bytes of locked memory (mlock), above its RLIMIT_MEMLOCK of {}",
+            fmt_limit(memlock)
+        ));
+    }
     for v in &img.vmas {
         if matches!(v.kind, VmaKind::Special(SpecialMap::Vsyscall)) {
             continue; // (the kernel's own, far above user space)
@@ -379,6 +413,9 @@ pub(crate) mod tests {
             sigactions: vec![],
             shared_pending: vec![],
             fds: vec![],
+            timers: Default::default(),
+            attrs: Default::default(),
+            locks: vec![],
         }
     }
 
@@ -415,6 +452,7 @@ pub(crate) mod tests {
             growsdown: false,
             accounted: true,
             advice: vec![],
+            flags: Default::default(),
         }];
         check_within(&img, &owner(), &here()).unwrap();
     }
@@ -473,6 +511,7 @@ pub(crate) mod tests {
             growsdown: false,
             accounted: true,
             advice: vec![],
+            flags: Default::default(),
         }];
         let e = refusal(&img);
         assert!(e.contains("0x0-0x1000") && e.contains("mmap_min_addr"), "{e}");

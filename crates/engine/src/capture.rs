@@ -23,7 +23,7 @@ use crate::arch::native as arch;
 use crate::inject::Injector;
 use crate::pages::{self, layout, PageRoute};
 use crate::state::{Proc, State};
-use crate::{creds, fds, misc, mm, procfs, ptrace, signals, threads};
+use crate::{attrs, creds, fds, misc, mm, procfs, ptrace, signals, threads, timers};
 
 /// How `dump` captures: what becomes of the process, how stdio is recorded, how the pages
 /// travel.
@@ -187,7 +187,7 @@ fn capture_frozen<W: Write + Send>(
         }
     };
     let (maps_tx, maps_rx) = std::sync::mpsc::sync_channel(1);
-    let look = std::sync::Arc::new(OutsideLook::new(pid, opts.inherit_stdio));
+    let look = std::sync::Arc::new(OutsideLook::new(pid, opts.inherit_stdio, opts.leave_running));
     // (However this ends, the reader begins nothing more of it afterwards.)
     let _finished = look.finish_on_drop();
     let reader_done = reader.read(&look, maps_rx, pin.others());
@@ -197,7 +197,7 @@ fn capture_frozen<W: Write + Send>(
     tl.mark("maps, cpu");
     let syscall_ip = find_syscall_insn(pid, &maps)?;
     let mut inj = Injector::new(pid, syscall_ip)?;
-    let (brk, sigactions, shared_pending, thread) = look_from_inside(&mut inj, f, cpu)?;
+    let inside = look_from_inside(&mut inj, f, cpu)?;
     crate::timeline::stamp("injected calls done");
     // What the reader has not begun yet (all of it if it never started), here.
     look.run(Some(&maps), OutsideLook::LAST_FIRST);
@@ -212,8 +212,8 @@ fn capture_frozen<W: Write + Send>(
         ),
     }
     let (comm, creds, misc, mm) = look.proc_files.take()?;
-    let mm = MmFields { brk, ..mm };
-    let fds = look.fds.take()?;
+    let mm = MmFields { brk: inside.brk, ..mm };
+    let (fds, locks) = look.fds.take()?;
     let vmas = match look.vmas.take() {
         // The scratch area merged with a neighbour while smaps was read: again, now that it
         // is gone (the mappings are the process's own again, those of `maps`).
@@ -230,10 +230,13 @@ fn capture_frozen<W: Write + Send>(
         misc,
         mm,
         vmas,
-        threads: vec![thread],
-        sigactions,
-        shared_pending,
+        threads: vec![inside.thread],
+        sigactions: inside.sigactions,
+        shared_pending: inside.shared_pending,
         fds,
+        timers: inside.timers,
+        attrs: inside.attrs,
+        locks,
     };
     let header = Header {
         arch: arch::ARCH,
@@ -344,11 +347,12 @@ impl OutsideReader {
 struct OutsideLook {
     pid: Pid,
     inherit_stdio: bool,
+    leave_running: bool,
     /// Bit per part: taken by a thread.
     taken: std::sync::atomic::AtomicU8,
     proc_files: Part<ProcFiles>,
     vmas: Part<Vec<telefork_image::Vma>>,
-    fds: Part<Vec<telefork_image::Fd>>,
+    fds: Part<(Vec<telefork_image::Fd>, Vec<telefork_image::FileLock>)>,
 }
 
 /// One part's result, once a thread has made it.
@@ -392,10 +396,11 @@ impl OutsideLook {
         Finish(self)
     }
 
-    fn new(pid: Pid, inherit_stdio: bool) -> OutsideLook {
+    fn new(pid: Pid, inherit_stdio: bool, leave_running: bool) -> OutsideLook {
         OutsideLook {
             pid,
             inherit_stdio,
+            leave_running,
             taken: std::sync::atomic::AtomicU8::new(0),
             proc_files: Part::default(),
             vmas: Part::default(),
@@ -424,7 +429,12 @@ impl OutsideLook {
                     "mappings read"
                 }
                 _ => {
-                    self.fds.put(fds::Fds::capture((self.pid, self.inherit_stdio)));
+                    let from = fds::FdsLook {
+                        pid: self.pid,
+                        inherit_stdio: self.inherit_stdio,
+                        leave_locks: self.leave_running,
+                    };
+                    self.fds.put(fds::Fds::capture(from));
                     "fds read"
                 }
             };
@@ -448,15 +458,19 @@ fn read_proc_files(pid: Pid) -> Result<ProcFiles> {
     Ok((comm, creds, misc, mm))
 }
 
-type Inside = (
-    u64,
-    Vec<telefork_image::SigAction>,
-    Vec<telefork_image::SigInfo>,
-    telefork_image::ThreadState,
-);
+/// What the capture asked the process itself.
+struct Inside {
+    brk: u64,
+    sigactions: Vec<telefork_image::SigAction>,
+    shared_pending: Vec<telefork_image::SigInfo>,
+    thread: telefork_image::ThreadState,
+    timers: telefork_image::Timers,
+    attrs: telefork_image::Attrs,
+}
 
 /// What only the process itself can tell (injected calls into a scratch area mapped for
-/// the while): its break, signal dispositions and pending signals, thread state.
+/// the while): its break, signal dispositions and pending signals, thread state, timers and
+/// attributes.
 fn look_from_inside(
     inj: &mut Injector,
     f: &Frozen,
@@ -494,13 +508,42 @@ fn look_from_inside(
         let (mut calls, actions) = signals::capture_calls(inj)?;
         let (thread_calls, thread_reads) = threads::capture_calls(inj)?;
         calls.extend(thread_calls);
+        let brk_at = calls.len();
         calls.push(mm::brk_call());
-        let results = inj.run_batch(&calls)?;
-        let brk = *results.last().context("internal error: no result of brk(0)")?;
+        let timers_at = calls.len();
+        let (timer_calls, timer_reads) = timers::capture_calls(inj, pid)?;
+        calls.extend(timer_calls);
+        // (The attributes' calls last: those an older kernel lacks are at the very end.)
+        let attrs_at = calls.len();
+        let (attr_calls, attr_reads) = attrs::capture_calls(inj)?;
+        calls.extend(attr_calls);
+        let mut results = match inj.batch_until_failure(&calls)? {
+            (results, None) => results,
+            (mut results, Some((i, libc::EINVAL)))
+                if i >= attrs_at && attrs::optional_call(i - attrs_at) =>
+            {
+                // A getter this kernel lacks: never set. The rest one by one, the same way.
+                results.push(0);
+                for c in &calls[i + 1..] {
+                    let r = inj.syscall_raw(c.nr, &c.args)?;
+                    results.push(if r == -(libc::EINVAL as i64) { 0 } else { r as u64 });
+                }
+                results
+            }
+            (_, Some((i, errno))) => {
+                bail!("{}: {}", calls[i].what, std::io::Error::from_raw_os_error(errno))
+            }
+        };
+        let brk = *results.get(brk_at).context("internal error: no result of brk(0)")?;
         let (sigactions, shared_pending) = signals::Signals::capture((inj, actions))?;
         let look = threads::ThreadLook { inj, sigmask: f.sigmask, cpu, reads: thread_reads };
         let thread = threads::Thread::capture(look)?;
-        Ok((brk, sigactions, shared_pending, thread))
+        let attr_results = results.split_off(attrs_at);
+        let look = timers::TimerLook { inj, results: &results[timers_at..], reads: timer_reads };
+        let timers = timers::TimerState::capture(look)?;
+        let look = attrs::AttrLook { pid, inj, results: &attr_results, reads: attr_reads };
+        let attrs = attrs::AttrState::capture(look)?;
+        Ok(Inside { brk, sigactions, shared_pending, thread, timers, attrs })
     })();
     inj.syscall(
         libc::SYS_munmap,

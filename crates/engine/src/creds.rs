@@ -30,7 +30,7 @@ impl State for Credentials {
 
     /// Runs last of all the per-process steps (see `set`).
     fn restore(inj: &mut Injector, img: &ProcessImage) -> Result<()> {
-        set(inj, &img.creds)
+        set(inj, &img.creds, img.attrs.dumpable.unwrap_or(1))
     }
 }
 
@@ -38,7 +38,10 @@ impl State for Credentials {
 /// batch (with the calls deferred before it, which may need the restorer's privilege):
 /// groups, gids, uids — in that order, as each step gives up some privilege the next
 /// needs — and dumpable again.
-fn set(inj: &mut Injector, c: &Creds) -> Result<()> {
+fn set(inj: &mut Injector, c: &Creds, dumpable: u32) -> Result<()> {
+    if dumpable > 1 {
+        bail!("image is corrupt: dumpable {dumpable}");
+    }
     let [ruid, euid, suid, fsuid] = c.uid;
     let [rgid, egid, sgid, fsgid] = c.gid;
     let mut calls = Vec::new();
@@ -78,11 +81,12 @@ fn set(inj: &mut Injector, c: &Creds) -> Result<()> {
         read_back.push((calls.len() - 1, fsuid, "fsuid"));
     }
     // Changing the euid made the process non-dumpable, which makes its /proc files
-    // root-owned and forbids its owner to ptrace it; an ordinary process is dumpable.
+    // root-owned and forbids its owner to ptrace it: it gets back what it had (an ordinary
+    // process is dumpable; one that made itself not, to keep its secrets, stays so).
     calls.push(Call::new(
         libc::SYS_prctl,
-        &[libc::PR_SET_DUMPABLE as u64, 1],
-        "prctl(PR_SET_DUMPABLE, 1)",
+        &[libc::PR_SET_DUMPABLE as u64, dumpable as u64],
+        format!("prctl(PR_SET_DUMPABLE, {dumpable})"),
     ));
     let results = inj.run_batch(&calls)?;
     for (i, want, what) in read_back {

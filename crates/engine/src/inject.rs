@@ -39,7 +39,7 @@ pub const BATCH_CODE_MAX: usize = 256;
 
 /// What a run of calls did: the results of those that succeeded, in order, and where it
 /// stopped — the index of the failing call and its errno — if one failed.
-type Ran = (Vec<u64>, Option<(usize, i32)>);
+pub type Ran = (Vec<u64>, Option<(usize, i32)>);
 
 /// One system call for `Injector::run_batch`.
 pub struct Call {
@@ -219,6 +219,14 @@ impl Injector {
         &mut self,
         calls: &[Call],
     ) -> Result<std::result::Result<Vec<u64>, (usize, i32)>> {
+        Ok(match self.batch_until_failure(calls)? {
+            (results, None) => Ok(results),
+            (_, Some(failed)) => Err(failed),
+        })
+    }
+
+    /// Like `try_batch`, but also gives the results of the calls that ran before a failure.
+    pub fn batch_until_failure(&mut self, calls: &[Call]) -> Result<Ran> {
         let deferred = std::mem::take(&mut self.deferred);
         let queued = deferred.len();
         let all: Vec<&Call> = deferred.iter().chain(calls).collect();
@@ -232,11 +240,10 @@ impl Injector {
             c.check(*r)?;
         }
         match failed {
-            None => Ok(Ok(results[queued..].to_vec())),
             Some((i, errno)) if i < queued => {
                 bail!("{}: {}", all[i].what, std::io::Error::from_raw_os_error(errno))
             }
-            Some((i, errno)) => Ok(Err((i - queued, errno))),
+            failed => Ok((results[queued..].to_vec(), failed.map(|(i, e)| (i - queued, e)))),
         }
     }
 

@@ -17,12 +17,14 @@
 //! calls, ptrace, pidfds, /proc parsed once per file — and holds the engine's `unsafe`.
 
 pub(crate) mod arch;
+pub(crate) mod attrs;
 pub(crate) mod bounds;
 pub(crate) mod capture;
 pub(crate) mod creds;
 mod error;
 pub(crate) mod fds;
 pub(crate) mod inject;
+pub(crate) mod locks;
 pub(crate) mod misc;
 pub(crate) mod mm;
 pub(crate) mod pages;
@@ -33,6 +35,7 @@ pub(crate) mod state;
 mod sys;
 pub(crate) mod threads;
 pub mod timeline;
+pub(crate) mod timers;
 
 pub use bounds::BeyondOwner;
 pub use capture::{dump, DumpOptions, DumpSummary, OutsideReader};

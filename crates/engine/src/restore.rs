@@ -40,7 +40,7 @@ use crate::pages::{self, layout, Placement, Placer, PAGE};
 use crate::pin::CpuPin;
 use crate::state::State;
 use crate::timeline::Timeline;
-use crate::{bounds, creds, fds, misc, mm, procfs, ptrace, signals, threads};
+use crate::{attrs, bounds, creds, fds, locks, misc, mm, procfs, ptrace, signals, threads, timers};
 
 /// How `restore` rebuilds a process: whose rights bound it, where its stdio and pages come
 /// from.
@@ -578,6 +578,7 @@ fn shape<R: Read + Send>(
     mm::Mm::restore(inj, img)?;
     misc::MiscState::restore(inj, img)?;
     fds::Fds::restore(inj, img)?;
+    locks::restore(inj, img)?;
     signals::Signals::restore(inj, img)?;
     tl.mark("mm, misc, fds, signals");
     // A big transfer wants both CPUs (a reader thread verifies records while we and a helper
@@ -617,6 +618,10 @@ fn shape<R: Read + Send>(
     layout::finish(inj, &img.vmas);
     let thread = &img.threads[0];
     threads::Thread::restore(inj, img)?;
+    // Timers armed and attributes set in the last batch, before the credentials drop the
+    // privilege some of them need.
+    timers::TimerState::restore(inj, img)?;
+    attrs::AttrState::restore(inj, img)?;
     // The parent-death signal the stub set for itself (an image never has one: it is not
     // captured, and a restored process must outlive a `restore --detach`).
     let mut last = vec![Call::new(

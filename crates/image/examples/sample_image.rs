@@ -23,7 +23,7 @@ fn main() {
         mtime_sec: 1,
         mtime_nsec: 2,
     };
-    let p = ProcessImage {
+    let mut p = ProcessImage {
         pid: 4242,
         comm: "sample".into(),
         creds: Creds { uid: [0; 4], gid: [0; 4], groups: vec![0] },
@@ -62,6 +62,7 @@ fn main() {
                 growsdown: false,
                 accounted: false,
                 advice: vec![],
+                flags: Default::default(),
             },
             Vma {
                 start: 0x70_0000,
@@ -73,6 +74,7 @@ fn main() {
                 growsdown: false,
                 accounted: false,
                 advice: vec![],
+                flags: Default::default(),
             },
             Vma {
                 start: 0x7ffe_0000,
@@ -84,6 +86,7 @@ fn main() {
                 growsdown: true,
                 accounted: true,
                 advice: vec![],
+                flags: Default::default(),
             },
             Vma {
                 start: 0x7fff_f000,
@@ -95,6 +98,7 @@ fn main() {
                 growsdown: false,
                 accounted: false,
                 advice: vec![],
+                flags: Default::default(),
             },
         ],
         threads: vec![ThreadState {
@@ -120,7 +124,11 @@ fn main() {
                 kind: FdKind::Path { id: file, flags: 2, pos: 1234, directory: false },
             },
         ],
+        timers: Timers::default(),
+        attrs: Attrs::default(),
+        locks: vec![],
     };
+    add_version_4_state(&mut p);
     for (path, indexed) in [(out.clone(), false), (format!("{out}-indexed"), true)] {
         let f = std::fs::File::create(&path).expect("create output");
         let mut w = ImageWriter::new(std::io::BufWriter::new(f), &header).expect("write header");
@@ -134,4 +142,47 @@ fn main() {
         let bytes = std::fs::read(&path).unwrap();
         verify_image(&bytes).expect("the sample image must verify");
     }
+}
+
+/// What version 4 added, as the v4 samples hold it (`sample_image` writes the same).
+fn add_version_4_state(p: &mut ProcessImage) {
+    p.vmas[0].flags = VmaFlags {
+        lock: Some(MemLock::OnFault),
+        droppable: false,
+        sealed: true,
+        guards: vec![(0x40_0000, 0x40_1000)],
+    };
+    p.vmas[0].advice = vec![2]; // MADV_SEQUENTIAL
+    p.timers = Timers {
+        itimers: vec![
+            TimerValue { value_ns: 1_500_000_000, interval_ns: 0 },
+            TimerValue::default(),
+            TimerValue { value_ns: 7_000, interval_ns: 10_000 },
+        ],
+        posix: vec![PosixTimer {
+            id: 3,
+            clock: 1,
+            notify: TimerNotify::Thread { tid: 4242 },
+            signo: 34,
+            sigval: 0xfeed,
+            value: TimerValue { value_ns: 42, interval_ns: 1_000_000 },
+            overrun: 2,
+        }],
+    };
+    p.attrs = Attrs {
+        oom_score_adj: 500,
+        loginuid: Some(1000),
+        thp_disable: true,
+        child_subreaper: true,
+        dumpable: Some(1),
+        timer_slack_ns: Some(50_000),
+        membarrier: 0x10,
+        memory_merge: true,
+        mdwe: 1,
+        pdeath_signal: 9,
+    };
+    p.locks = vec![
+        FileLock { fd: 3, kind: LockKind::Posix, write: true, start: 10, len: 0 },
+        FileLock { fd: 3, kind: LockKind::Flock, write: false, start: 0, len: 0 },
+    ];
 }

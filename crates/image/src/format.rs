@@ -56,8 +56,9 @@ use crate::model::{Header, ProcessImage, Trailer};
 
 pub const MAGIC: [u8; 8] = *b"TELEFORK";
 /// Bumped on any incompatible change of the model or the layout. (3: the optional page
-/// index; version 2 images, which have none, are still read.)
-pub const FORMAT_VERSION: u32 = 3;
+/// index; 4: timers, process attributes, file locks and mapping flags in the process
+/// record. Version 2 and 3 images are still read, see `v3`.)
+pub const FORMAT_VERSION: u32 = 4;
 /// The oldest version this build reads.
 pub const OLDEST_READABLE_VERSION: u32 = 2;
 
@@ -366,6 +367,10 @@ impl<R: Read> ImageReader<R> {
 
     pub fn process(&mut self) -> Result<ProcessImage> {
         self.record(Kind::Process)?;
+        if self.version < 4 {
+            let old: crate::v3::ProcessImageV3 = decode(&self.buf, "process")?;
+            return Ok(old.into());
+        }
         decode(&self.buf, "process")
     }
 

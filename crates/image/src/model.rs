@@ -47,6 +47,12 @@ pub struct ProcessImage {
     /// Signals pending for the whole process (shared queue), raw `siginfo_t`s.
     pub shared_pending: Vec<SigInfo>,
     pub fds: Vec<Fd>,
+    /// Interval timers and POSIX timers (version 4).
+    pub timers: Timers,
+    /// Process attributes set with prctl(2), /proc or membarrier(2) (version 4).
+    pub attrs: Attrs,
+    /// Locks held on open files (version 4).
+    pub locks: Vec<FileLock>,
 }
 
 /// User and group identity of the process.
@@ -119,8 +125,33 @@ pub struct Vma {
     /// reservation nor merges mappings the kernel kept apart.
     pub accounted: bool,
     /// madvise(2) advice in effect (MADV_HUGEPAGE, MADV_NOHUGEPAGE, MADV_DONTFORK,
-    /// MADV_DONTDUMP, MADV_WIPEONFORK), applied again on restore.
+    /// MADV_DONTDUMP, MADV_WIPEONFORK, MADV_SEQUENTIAL, MADV_RANDOM, MADV_MERGEABLE), applied
+    /// again on restore.
     pub advice: Vec<i32>,
+    /// The rest of the mapping's flags (version 4).
+    pub flags: VmaFlags,
+}
+
+/// Flags of a mapping beyond its protection, sharing and advice.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmaFlags {
+    /// mlock(2)ed (VM_LOCKED), and how.
+    pub lock: Option<MemLock>,
+    /// MAP_DROPPABLE: the kernel may drop its pages under memory pressure.
+    pub droppable: bool,
+    /// mseal(2)ed: its layout and protection can no longer change.
+    pub sealed: bool,
+    /// Guard regions (MADV_GUARD_INSTALL) inside it, as (start, end) ranges.
+    pub guards: Vec<(u64, u64)>,
+}
+
+/// How a mapping is locked in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemLock {
+    /// mlock(2): every page is faulted in and kept.
+    Now,
+    /// mlock2(2) MLOCK_ONFAULT: pages are kept once touched.
+    OnFault,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -239,6 +270,101 @@ pub enum FdKind {
     /// A terminal or pipe on fd 0/1/2 at capture: bound to the restoring command's own fd of
     /// the same number.
     InheritedStdio,
+}
+
+/// The interval timers (setitimer(2), alarm(2)) and POSIX timers (timer_create(2)).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timers {
+    /// ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF, in that order; empty means all disarmed.
+    pub itimers: Vec<TimerValue>,
+    /// POSIX timers, by id.
+    pub posix: Vec<PosixTimer>,
+}
+
+/// What is left of a timer and how it repeats, in nanoseconds (0: disarmed / one-shot).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimerValue {
+    pub value_ns: u64,
+    pub interval_ns: u64,
+}
+
+/// One POSIX timer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PosixTimer {
+    /// Its timer_t, which the process holds and which restore gives it again.
+    pub id: i32,
+    /// The clock it counts (CLOCK_REALTIME, CLOCK_MONOTONIC, CLOCK_BOOTTIME, …).
+    pub clock: i32,
+    pub notify: TimerNotify,
+    /// The signal it sends, and the value that signal carries (sigev_value).
+    pub signo: i32,
+    pub sigval: u64,
+    pub value: TimerValue,
+    /// Expirations lost when it fired last (timer_getoverrun(2)); informational: no call
+    /// sets it.
+    pub overrun: i32,
+}
+
+/// How a POSIX timer notifies (sigev_notify).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TimerNotify {
+    /// SIGEV_SIGNAL: a signal to the process.
+    Signal,
+    /// SIGEV_NONE: nothing; the process polls it.
+    None,
+    /// SIGEV_THREAD_ID: a signal to one thread.
+    Thread { tid: i32 },
+}
+
+/// Process attributes set through prctl(2), /proc/PID or membarrier(2). `None` and `false`
+/// mean "as a new process has it".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attrs {
+    /// /proc/PID/oom_score_adj.
+    pub oom_score_adj: i32,
+    /// /proc/PID/loginuid (the audit login uid); `None`: as the restorer's.
+    pub loginuid: Option<u32>,
+    /// PR_SET_THP_DISABLE.
+    pub thp_disable: bool,
+    /// PR_SET_CHILD_SUBREAPER.
+    pub child_subreaper: bool,
+    /// PR_SET_DUMPABLE (0 or 1); `None`: as the credentials leave it.
+    pub dumpable: Option<u32>,
+    /// PR_SET_TIMERSLACK in nanoseconds; `None`: inherited.
+    pub timer_slack_ns: Option<u64>,
+    /// membarrier(2) registrations: the MEMBARRIER_CMD_REGISTER_* bits it registered.
+    pub membarrier: u32,
+    /// PR_SET_MEMORY_MERGE (KSM for the whole process).
+    pub memory_merge: bool,
+    /// PR_SET_MDWE flags (memory-deny-write-execute).
+    pub mdwe: u32,
+    /// PR_SET_PDEATHSIG at capture (restored only where its meaning holds; see the engine).
+    pub pdeath_signal: i32,
+}
+
+/// A lock held on an open file, by one of the fds that refer to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileLock {
+    /// An fd of the process on the locked open file.
+    pub fd: i32,
+    pub kind: LockKind,
+    /// A write (exclusive) lock, else a read (shared) one.
+    pub write: bool,
+    /// The byte range of a record lock (ignored for flock): start, and length (0: to the
+    /// end of the file, however it grows).
+    pub start: u64,
+    pub len: u64,
+}
+
+/// What kind of lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LockKind {
+    /// flock(2): owned by the open file description.
+    Flock,
+    /// fcntl(2) F_SETLK: owned by the process.
+    Posix,
+    /// fcntl(2) F_OFD_SETLK: owned by the open file description.
+    Ofd,
 }
 
 /// Trailer of an image: what the reader must have seen, so truncation is detected.

@@ -5,16 +5,19 @@
 //! that was not given a new version fails here. An image of a version this build does not read
 //! is refused, naming its version and the ones that are read.
 //!
-//! `tests/golden/v3-sample.img` and `v3-sample-indexed.img` were written by
-//! `cargo run -p telefork-image --example sample_image -- crates/image/tests/golden/v3-sample.img`
-//! (the second renamed from `…img-indexed`). After a version bump, add the new version's pair
-//! the same way (`v4-…`) and keep the old ones while they are readable (see `format`).
+//! `tests/golden/v4-sample.img` and `v4-sample-indexed.img` were written by
+//! `cargo run -p telefork-image --example sample_image -- crates/image/tests/golden/v4-sample.img`
+//! (the second renamed from `…img-indexed`); the `v3-…` pair the same way when version 3 was
+//! current. After a version bump, add the new version's pair the same way and keep the old
+//! ones while they are readable (see `format`).
 
 use telefork_image::format::OLDEST_READABLE_VERSION;
 use telefork_image::*;
 
 const V3: &[u8] = include_bytes!("golden/v3-sample.img");
 const V3_INDEXED: &[u8] = include_bytes!("golden/v3-sample-indexed.img");
+const V4: &[u8] = include_bytes!("golden/v4-sample.img");
+const V4_INDEXED: &[u8] = include_bytes!("golden/v4-sample-indexed.img");
 
 /// Offset of the version (u32, little endian) after the magic.
 const VERSION_AT: usize = 8;
@@ -31,7 +34,15 @@ fn header() -> Header {
     }
 }
 
-/// The process the sample holds, field by field.
+/// The process the v4 samples hold: the v3 one with what version 4 added.
+fn process_v4() -> ProcessImage {
+    let mut p = process();
+    add_version_4_state(&mut p);
+    p
+}
+
+/// The process the v3 samples hold, field by field (what version 4 added at its "as a new
+/// process has it" values).
 fn process() -> ProcessImage {
     let file = FileId {
         path: "/bin/true".into(),
@@ -51,6 +62,7 @@ fn process() -> ProcessImage {
         growsdown,
         accounted,
         advice: vec![],
+        flags: Default::default(),
     };
     ProcessImage {
         pid: 4242,
@@ -109,6 +121,9 @@ fn process() -> ProcessImage {
                 kind: FdKind::Path { id: file, flags: 2, pos: 1234, directory: false },
             },
         ],
+        timers: Timers::default(),
+        attrs: Attrs::default(),
+        locks: vec![],
     }
 }
 
@@ -162,6 +177,22 @@ fn with_version(bytes: &[u8], version: u32) -> Vec<u8> {
 }
 
 #[test]
+fn version_4_images_decode_to_what_they_hold() {
+    for (name, bytes, index) in
+        [("v4-sample", V4, None), ("v4-sample-indexed", V4_INDEXED, Some(index()))]
+    {
+        let d = decode(bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(d.version, 4, "{name}");
+        assert_eq!(d.header, header(), "{name}: the header");
+        assert_eq!(d.process, process_v4(), "{name}: the process record");
+        assert_eq!(d.index, index, "{name}: the page index");
+        assert_eq!(d.pages, pages(), "{name}: the pages");
+        let (h, p, page_bytes) = verify_image(bytes).unwrap();
+        assert_eq!((h, p, page_bytes), (header(), process_v4(), 4096 + 64), "{name}");
+    }
+}
+
+#[test]
 fn version_3_images_decode_to_what_they_hold() {
     for (name, bytes, index) in
         [("v3-sample", V3, None), ("v3-sample-indexed", V3_INDEXED, Some(index()))]
@@ -183,11 +214,11 @@ fn version_3_images_decode_to_what_they_hold() {
 #[test]
 fn the_current_version_is_written_as_its_golden_images() {
     assert_eq!(
-        FORMAT_VERSION, 3,
+        FORMAT_VERSION, 4,
         "the format version changed: add golden images of version {FORMAT_VERSION} (see this \
          file's text), keep the older ones while they are readable, and check them here"
     );
-    for (name, bytes) in [("v3-sample", V3), ("v3-sample-indexed", V3_INDEXED)] {
+    for (name, bytes) in [("v4-sample", V4), ("v4-sample-indexed", V4_INDEXED)] {
         let again = encode(&decode(bytes).unwrap());
         let first = again.iter().zip(bytes).position(|(a, b)| a != b);
         assert!(
@@ -225,4 +256,47 @@ fn version_2_is_read_without_a_page_index() {
     assert_eq!((d.version, d.process, d.index, d.pages), (2, process(), None, pages()));
     let e = decode(&with_version(V3_INDEXED, 2)).err().expect("a page index in version 2");
     assert!(e.to_string().contains("page index in an image of format version 2"), "{e}");
+}
+
+/// What version 4 added, as the v4 samples hold it (`sample_image` writes the same).
+fn add_version_4_state(p: &mut ProcessImage) {
+    p.vmas[0].flags = VmaFlags {
+        lock: Some(MemLock::OnFault),
+        droppable: false,
+        sealed: true,
+        guards: vec![(0x40_0000, 0x40_1000)],
+    };
+    p.vmas[0].advice = vec![2]; // MADV_SEQUENTIAL
+    p.timers = Timers {
+        itimers: vec![
+            TimerValue { value_ns: 1_500_000_000, interval_ns: 0 },
+            TimerValue::default(),
+            TimerValue { value_ns: 7_000, interval_ns: 10_000 },
+        ],
+        posix: vec![PosixTimer {
+            id: 3,
+            clock: 1,
+            notify: TimerNotify::Thread { tid: 4242 },
+            signo: 34,
+            sigval: 0xfeed,
+            value: TimerValue { value_ns: 42, interval_ns: 1_000_000 },
+            overrun: 2,
+        }],
+    };
+    p.attrs = Attrs {
+        oom_score_adj: 500,
+        loginuid: Some(1000),
+        thp_disable: true,
+        child_subreaper: true,
+        dumpable: Some(1),
+        timer_slack_ns: Some(50_000),
+        membarrier: 0x10,
+        memory_merge: true,
+        mdwe: 1,
+        pdeath_signal: 9,
+    };
+    p.locks = vec![
+        FileLock { fd: 3, kind: LockKind::Posix, write: true, start: 10, len: 0 },
+        FileLock { fd: 3, kind: LockKind::Flock, write: false, start: 0, len: 0 },
+    ];
 }

@@ -22,7 +22,7 @@ use nix::unistd::Pid;
 use crate::inject::{Call, Injector};
 use crate::procfs::{self, FdInfo};
 use crate::state::State;
-use telefork_image::{Fd, FdKind, ProcessImage};
+use telefork_image::{Fd, FdKind, FileLock, ProcessImage};
 
 pub(crate) mod path;
 pub(crate) mod stdio;
@@ -31,17 +31,27 @@ pub(crate) mod stdio;
 pub(crate) struct Fds;
 
 impl State for Fds {
-    type Image = Vec<Fd>;
-    /// The process, and whether its fds 0/1/2 are recorded as inherited whatever they are.
-    type Source<'a> = (Pid, bool);
+    /// The fds, and the locks held through them (`locks`).
+    type Image = (Vec<Fd>, Vec<FileLock>);
+    type Source<'a> = FdsLook;
 
-    fn capture((pid, inherit_stdio): (Pid, bool)) -> Result<Vec<Fd>> {
-        capture(pid, inherit_stdio)
+    fn capture(from: FdsLook) -> Result<(Vec<Fd>, Vec<FileLock>)> {
+        capture(from)
     }
 
     fn restore(inj: &mut Injector, img: &ProcessImage) -> Result<()> {
         restore(inj, &img.fds)
     }
+}
+
+/// What the fds are captured from.
+#[derive(Clone, Copy)]
+pub(crate) struct FdsLook {
+    pub pid: Pid,
+    /// Record fds 0/1/2 as inherited, whatever they are.
+    pub inherit_stdio: bool,
+    /// Leave the locks to the original, which keeps running (see `locks`).
+    pub leave_locks: bool,
 }
 
 /// One kind of fd: which fds it takes at capture, and how it recreates them.
@@ -140,10 +150,13 @@ pub fn describe_kind(p: &Probe) -> &'static str {
 
 /// Captures the fds of `pid`. With `inherit_stdio`, fds 0/1/2 are recorded as
 /// `InheritedStdio` whatever they are (telefork: the child's stdio is its parent's, relayed).
-fn capture(pid: Pid, inherit_stdio: bool) -> Result<Vec<Fd>> {
+fn capture(look: FdsLook) -> Result<(Vec<Fd>, Vec<FileLock>)> {
+    let FdsLook { pid, inherit_stdio, leave_locks } = look;
     let nums = procfs::list_fds(pid)?;
 
     let mut out = Vec::with_capacity(nums.len());
+    let mut locks = Vec::new();
+    let mut locks_left = false;
     // Representative fd of each open file description found so far.
     let mut reps: Vec<i32> = Vec::new();
     let mut kcmp_ok = true;
@@ -184,6 +197,7 @@ fn capture(pid: Pid, inherit_stdio: bool) -> Result<Vec<Fd>> {
                 }
             }
         }
+        let first_of_its_open_file = open_file.is_none();
         let open_file = match open_file {
             Some(i) => i,
             None => {
@@ -191,9 +205,18 @@ fn capture(pid: Pid, inherit_stdio: bool) -> Result<Vec<Fd>> {
                 (reps.len() - 1) as u32
             }
         };
+        if leave_locks {
+            locks_left |= !p.info.locks.is_empty();
+        } else {
+            let mut first = || first_of_its_open_file;
+            crate::locks::capture_fd(fd, &p.link, &p.info.locks, &mut first, &mut locks)?;
+        }
         out.push(Fd { fd, cloexec: p.info.cloexec, open_file, kind });
     }
-    Ok(out)
+    if locks_left {
+        tracing::debug!("process {pid} holds file locks: they stay with it (a copy gets none)");
+    }
+    Ok((out, locks))
 }
 
 fn is_enoent(e: &anyhow::Error) -> bool {
@@ -322,7 +345,7 @@ mod classify_tests {
             size: 3,
             mtime_sec: 4,
             mtime_nsec: 5,
-            info: FdInfo { pos: 7, flags: 0o100002, cloexec: false },
+            info: FdInfo { pos: 7, flags: 0o100002, cloexec: false, locks: vec![] },
         }
     }
     const PTS0: u64 = 136 << 8;

@@ -18,7 +18,7 @@ use std::os::unix::fs::MetadataExt;
 
 use anyhow::{bail, Context, Result};
 use nix::unistd::Pid;
-use telefork_image::{FileId, SpecialMap, Vma, VmaKind};
+use telefork_image::{FileId, MemLock, SpecialMap, Vma, VmaFlags, VmaKind};
 
 use crate::inject::{Call, Injector};
 use crate::procfs::MapsEntry;
@@ -30,6 +30,7 @@ pub const PAGE: u64 = 4096;
 /// cannot be restored faithfully.
 pub fn capture(pid: Pid, maps: &[MapsEntry]) -> Result<Vec<Vma>> {
     let vmflags = crate::procfs::read_vmflags(pid)?;
+    let guards = crate::pages::scan::guard_regions(pid, maps)?;
     // smaps must show the very mappings `maps` did (it may be read while a scratch area is
     // mapped: one merged with a neighbour would hide that neighbour's flags).
     if let Some(m) = maps.iter().find(|m| !vmflags.contains_key(&(m.start, m.end))) {
@@ -79,12 +80,28 @@ pub fn capture(pid: Pid, maps: &[MapsEntry]) -> Result<Vec<Vma>> {
         };
         let flags = vmflags.get(&(m.start, m.end)).map(Vec::as_slice).unwrap_or(&[]);
         let has = |f: &str| flags.iter().any(|x| x == f);
-        let advice = ["hg", "nh", "dc", "dd", "wf"]
+        check_vmflags(m, flags, matches!(kind, VmaKind::Special(_)))?;
+        let advice = ADVICE_FLAGS
             .iter()
             .zip(RESTORED_ADVICE)
             .filter(|(f, _)| has(f))
             .map(|(_, a)| a)
             .collect();
+        let lock = match (has("lo"), has("lf")) {
+            (true, true) => Some(MemLock::OnFault),
+            (true, false) => Some(MemLock::Now),
+            _ => None,
+        };
+        let flags = VmaFlags {
+            lock,
+            droppable: has("dp"),
+            sealed: has("sl"),
+            guards: guards
+                .iter()
+                .map(|&(s, e)| (s.max(m.start), e.min(m.end)))
+                .filter(|(s, e)| s < e)
+                .collect(),
+        };
         vmas.push(Vma {
             start: m.start,
             end: m.end,
@@ -95,6 +112,7 @@ pub fn capture(pid: Pid, maps: &[MapsEntry]) -> Result<Vec<Vma>> {
             growsdown: has("gd") || m.name == "[stack]",
             accounted: has("ac"),
             advice,
+            flags,
         });
     }
     Ok(vmas)
@@ -166,13 +184,58 @@ pub fn check_file(id: &FileId, what: &str) -> Result<()> {
 /// The madvise advice capture records (from smaps' VmFlags) and restore gives again; any
 /// other is refused — some need privilege (MADV_HWPOISON and MADV_SOFT_OFFLINE take pages
 /// out of service for the whole machine), and the restorer is root.
-pub const RESTORED_ADVICE: [i32; 5] = [
+pub const RESTORED_ADVICE: [i32; 8] = [
     libc::MADV_HUGEPAGE,
     libc::MADV_NOHUGEPAGE,
     libc::MADV_DONTFORK,
     libc::MADV_DONTDUMP,
     libc::MADV_WIPEONFORK,
+    libc::MADV_SEQUENTIAL,
+    libc::MADV_RANDOM,
+    libc::MADV_MERGEABLE,
 ];
+/// The VmFlags that show each of `RESTORED_ADVICE`, in the same order.
+const ADVICE_FLAGS: [&str; 8] = ["hg", "nh", "dc", "dd", "wf", "sr", "rr", "mg"];
+
+/// The guard over mappings: every VmFlag of /proc/PID/smaps is either carried (protection,
+/// sharing, growth, accounting, advice, locking, droppable, sealed), bookkeeping that needs
+/// no carrying, or refused here by its name — so a flag a newer kernel adds is refused, not
+/// dropped.
+fn check_vmflags(m: &MapsEntry, flags: &[String], special: bool) -> Result<()> {
+    const CARRIED: [&str; 17] = [
+        "rd", "wr", "ex", "sh", "mr", "mw", "me", "ms", "gd", "ac", "nr", "lo", "lf", "dp", "sl",
+        // (May hold guard regions: they are found page by page, `scan::guard_regions`.)
+        "gu", // (Soft-dirty: the kernel's own bookkeeping, set on every new mapping.)
+        "sd",
+    ];
+    // What the kernel's own mappings ([vdso], [vvar]) have; the engine moves those whole.
+    const KERNEL_MAPPING: [&str; 5] = ["de", "pf", "io", "mm", "ar"];
+    for f in flags {
+        let f = f.as_str();
+        if CARRIED.contains(&f) || ADVICE_FLAGS.contains(&f) {
+            continue;
+        }
+        if special && KERNEL_MAPPING.contains(&f) {
+            continue;
+        }
+        let what = match f {
+            "um" | "uw" | "ui" => "is registered with a userfaultfd",
+            "ht" => "is hugetlbfs memory",
+            "ss" => "is a shadow stack (CET)",
+            "sf" => "is a MAP_SYNC mapping of persistent memory",
+            "mt" => "holds MTE memory tags",
+            "bt" => "is a BTI-guarded mapping",
+            "de" | "pf" | "io" | "mm" | "ar" => "is a device's memory (a driver's mapping)",
+            _ => "has a VmFlag this engine does not know (a newer kernel's state)",
+        };
+        let name = if m.name.is_empty() { String::new() } else { format!(" ({})", m.name) };
+        return Err(crate::error::refusal(
+            format!("mapping {:#x}-{:#x}{name} (VmFlag {f:?})", m.start, m.end),
+            &format!("it {what}: the engine cannot carry it"),
+        ));
+    }
+    Ok(())
+}
 
 /// Refuses an image whose mappings overlap, are unaligned, leave user space, or carry advice
 /// capture never records.
@@ -234,7 +297,11 @@ pub fn create(inj: &mut Injector, vmas: &[Vma]) -> Result<()> {
         let (flags, fd) = match &v.kind {
             VmaKind::Special(_) => continue,
             VmaKind::Anon => {
-                let share = if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+                let share = match (v.shared, v.flags.droppable) {
+                    (true, _) => libc::MAP_SHARED,
+                    (false, true) => MAP_DROPPABLE,
+                    (false, false) => libc::MAP_PRIVATE,
+                };
                 let grows = if v.growsdown { libc::MAP_GROWSDOWN } else { 0 };
                 ((share | libc::MAP_ANONYMOUS | grows | noreserve) as u64, u64::MAX)
             }
@@ -352,7 +419,7 @@ pub fn check_page_run(vmas: &[Vma], addr: u64, len: u64) -> Result<&Vma> {
 /// Gives every mapping its final protection once its pages are in (deferred: they run with
 /// the next batch).
 pub fn finish(inj: &mut Injector, vmas: &[Vma]) {
-    let calls: Vec<Call> = vmas
+    let mut calls: Vec<Call> = vmas
         .iter()
         .filter(|v| initial_prot(v) != v.prot)
         .map(|v| {
@@ -363,8 +430,39 @@ pub fn finish(inj: &mut Injector, vmas: &[Vma]) {
             )
         })
         .collect();
+    // Then what fixes a mapping as it is: guard regions, locks, and the seal, last.
+    for v in vmas {
+        for &(start, end) in &v.flags.guards {
+            calls.push(Call::new(
+                libc::SYS_madvise,
+                &[start, end - start, MADV_GUARD_INSTALL],
+                format!("installing the guard region {start:#x}-{end:#x}: madvise"),
+            ));
+        }
+        if let Some(lock) = v.flags.lock {
+            let flags = if lock == MemLock::OnFault { MLOCK_ONFAULT } else { 0 };
+            calls.push(Call::new(
+                libc::SYS_mlock2,
+                &[v.start, v.end - v.start, flags],
+                format!("locking {:#x}-{:#x} in memory: mlock2", v.start, v.end),
+            ));
+        }
+    }
+    for v in vmas.iter().filter(|v| v.flags.sealed && !matches!(v.kind, VmaKind::Special(_))) {
+        calls.push(Call::new(
+            SYS_MSEAL,
+            &[v.start, v.end - v.start, 0],
+            format!("sealing {:#x}-{:#x}: mseal", v.start, v.end),
+        ));
+    }
     inj.defer(calls);
 }
+
+const MADV_GUARD_INSTALL: u64 = 102;
+const MLOCK_ONFAULT: u64 = 1;
+const SYS_MSEAL: libc::c_long = 462;
+/// mmap's map type for droppable memory (Linux 6.11).
+const MAP_DROPPABLE: i32 = 0x08;
 
 #[cfg(test)]
 mod tests {
@@ -383,6 +481,7 @@ mod tests {
             growsdown: false,
             accounted: true,
             advice,
+            flags: Default::default(),
         };
         validate(&[vma(RESTORED_ADVICE.to_vec())]).unwrap();
         for bad in [libc::MADV_HWPOISON, libc::MADV_SOFT_OFFLINE, libc::MADV_REMOVE, 99] {

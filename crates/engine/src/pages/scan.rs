@@ -62,6 +62,8 @@ pub struct PageRegion {
 pub const PAGE_IS_FILE: u64 = 1 << 2;
 pub const PAGE_IS_PRESENT: u64 = 1 << 3;
 pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
+/// A guard region's page (MADV_GUARD_INSTALL; the category since Linux 6.14).
+pub const PAGE_IS_GUARD: u64 = 1 << 8;
 
 /// PAGEMAP_SCAN (Linux 6.7+) over [start, end) of the process whose /proc/PID/pagemap is
 /// `pagemap`: the regions whose categories, with those in `inverted` flipped, have all of
@@ -172,8 +174,57 @@ fn scan_runs(pagemap: &std::fs::File, vmas: &[Vma]) -> Option<Vec<(u64, u64)>> {
     Some(out)
 }
 
-/// The runs of pages that must travel, in address order, each at most `CHUNK` long.
+/// The guard regions (MADV_GUARD_INSTALL) of the process, as (start, end) ranges in address
+/// order: one PAGEMAP_SCAN over its whole user address space. None on a kernel whose
+/// PAGEMAP_SCAN does not know them (before 6.14; guard regions came in 6.13, and such a
+/// kernel cannot show them).
+pub(crate) fn guard_regions(
+    pid: Pid,
+    maps: &[crate::procfs::MapsEntry],
+) -> Result<Vec<(u64, u64)>> {
+    const TASK_SIZE: u64 = 0x7fff_ffff_f000;
+    let (Some(first), Some(last)) = (maps.first(), maps.iter().rfind(|m| m.end <= TASK_SIZE))
+    else {
+        return Ok(Vec::new());
+    };
+    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))
+        .with_context(|| format!("opening /proc/{pid}/pagemap"))?;
+    let mut found = Vec::new();
+    let want = (0, PAGE_IS_GUARD, 0, PAGE_IS_GUARD);
+    if !pagemap_scan(&pagemap, first.start, last.end, want, &mut found) {
+        return Ok(Vec::new());
+    }
+    Ok(found.iter().map(|r| (r.start, r.end)).collect())
+}
+
+/// The runs of pages that must travel, in address order, each at most `CHUNK` long. A
+/// guard region's pages never travel (the kernel shows them as swapped: they hold a marker,
+/// and reading them fails).
 pub(crate) fn travelling_runs(pid: Pid, vmas: &[Vma]) -> Result<Vec<(u64, u64)>> {
+    let runs = runs_with_guards(pid, vmas)?;
+    let guards: Vec<(u64, u64)> =
+        vmas.iter().flat_map(|v| v.flags.guards.iter().copied()).collect();
+    if guards.is_empty() {
+        return Ok(runs);
+    }
+    let mut out = Vec::with_capacity(runs.len());
+    for (start, len) in runs {
+        let mut at = start;
+        let end = start + len;
+        for &(gs, ge) in guards.iter().filter(|(gs, ge)| *gs < end && *ge > start) {
+            if gs > at {
+                out.push((at, gs - at));
+            }
+            at = at.max(ge);
+        }
+        if at < end {
+            out.push((at, end - at));
+        }
+    }
+    Ok(out)
+}
+
+fn runs_with_guards(pid: Pid, vmas: &[Vma]) -> Result<Vec<(u64, u64)>> {
     let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))
         .with_context(|| format!("opening /proc/{pid}/pagemap"))?;
     if std::env::var_os("TELEFORK_NO_PAGEMAP_SCAN").is_none() {

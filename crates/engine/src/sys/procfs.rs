@@ -350,6 +350,8 @@ pub(crate) struct FdInfo {
     /// Open flags without O_CLOEXEC.
     pub flags: u32,
     pub cloexec: bool,
+    /// The locks held through it (see `parse_fdinfo_locks`).
+    pub locks: Vec<FdLock>,
 }
 
 /// /proc/PID/fdinfo/N of fd `fd` of process `pid`.
@@ -375,7 +377,121 @@ pub(crate) fn parse_fdinfo(text: &str) -> Result<FdInfo> {
         }
     }
     let (Some(pos), Some(flags)) = (pos, flags) else { bail!("pos or flags line missing") };
-    Ok(FdInfo { pos, flags: flags & !FDINFO_O_CLOEXEC, cloexec: flags & FDINFO_O_CLOEXEC != 0 })
+    Ok(FdInfo {
+        pos,
+        flags: flags & !FDINFO_O_CLOEXEC,
+        cloexec: flags & FDINFO_O_CLOEXEC != 0,
+        locks: parse_fdinfo_locks(text)?,
+    })
+}
+
+/// One `lock:` line of /proc/PID/fdinfo/N: a lock held through that fd's open file (flock,
+/// OFD) or by the process on its file (POSIX), or a lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct FdLock {
+    /// FLOCK, POSIX, OFDLCK, LEASE, DELEG, ACCESS, …, as the kernel names it.
+    pub class: String,
+    /// MANDATORY, ADVISORY, BREAKING, ACTIVE, BREAKER, … (second word).
+    pub mode: String,
+    /// READ, WRITE, UNLCK, …
+    pub access: String,
+    pub start: u64,
+    /// Last byte locked, `None` for EOF (to the end of the file).
+    pub end: Option<u64>,
+}
+
+/// The `lock:` lines of fdinfo text (`lock:\t1: POSIX  ADVISORY  WRITE 1234 08:01:5 0 EOF`).
+/// A lock a waiter is blocked on (`->` lines) is not held, and is skipped.
+pub(crate) fn parse_fdinfo_locks(text: &str) -> Result<Vec<FdLock>> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("lock:") else { continue };
+        let words: Vec<&str> = rest.split_whitespace().collect();
+        // "1:" CLASS MODE ACCESS PID DEV:INO START END
+        if words.get(1) == Some(&"->") {
+            continue;
+        }
+        let [_, class, mode, access, _pid, _file, start, end] = words[..] else {
+            bail!("unexpected lock line {line:?}");
+        };
+        let start = start.parse().with_context(|| format!("bad lock start in {line:?}"))?;
+        let end = match end {
+            "EOF" => None,
+            n => Some(n.parse().with_context(|| format!("bad lock end in {line:?}"))?),
+        };
+        out.push(FdLock {
+            class: class.to_string(),
+            mode: mode.to_string(),
+            access: access.to_string(),
+            start,
+            end,
+        });
+    }
+    Ok(out)
+}
+
+/// One POSIX timer as /proc/PID/timers lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ProcTimer {
+    pub id: i32,
+    pub signo: i32,
+    pub sigval: u64,
+    /// sigev_notify: SIGEV_SIGNAL, SIGEV_NONE or SIGEV_THREAD, with SIGEV_THREAD_ID added
+    /// when it targets a thread.
+    pub notify: i32,
+    /// The thread (SIGEV_THREAD_ID) or process it signals.
+    pub target: i32,
+    pub clock: i32,
+}
+
+/// The POSIX timers of process `pid` (/proc/PID/timers).
+pub(crate) fn read_timers(pid: Pid) -> Result<Vec<ProcTimer>> {
+    let path = format!("/proc/{pid}/timers");
+    let text = read_text(&path).with_context(|| format!("reading {path}"))?;
+    parse_timers(&text).with_context(|| format!("parsing {path}"))
+}
+
+/// Parses /proc/PID/timers: blocks of `ID:`, `signal: SIGNO/SIGVAL`, `notify: HOW/pid.N` or
+/// `HOW/tid.N`, `ClockID:`.
+pub(crate) fn parse_timers(text: &str) -> Result<Vec<ProcTimer>> {
+    let mut out: Vec<ProcTimer> = Vec::new();
+    for line in text.lines() {
+        let Some((k, v)) = line.split_once(':') else { continue };
+        let v = v.trim();
+        if k == "ID" {
+            let id = v.parse().with_context(|| format!("bad timer id {v:?}"))?;
+            out.push(ProcTimer { id, signo: 0, sigval: 0, notify: 0, target: 0, clock: 0 });
+            continue;
+        }
+        let t = out.last_mut().with_context(|| format!("{line:?} before any ID line"))?;
+        match k {
+            "signal" => {
+                let (signo, val) = v.split_once('/').with_context(|| format!("bad {line:?}"))?;
+                t.signo = signo.parse().with_context(|| format!("bad signal in {line:?}"))?;
+                t.sigval = u64::from_str_radix(val.trim_start_matches("0x"), 16)
+                    .with_context(|| format!("bad value in {line:?}"))?;
+            }
+            "notify" => {
+                let (how, whom) = v.split_once('/').with_context(|| format!("bad {line:?}"))?;
+                let how = match how {
+                    "signal" => libc::SIGEV_SIGNAL,
+                    "none" => libc::SIGEV_NONE,
+                    "thread" => libc::SIGEV_THREAD,
+                    _ => bail!("unknown notification {how:?} in {line:?}"),
+                };
+                let (kind, n) = whom.split_once('.').with_context(|| format!("bad {line:?}"))?;
+                t.notify = match kind {
+                    "tid" => how | libc::SIGEV_THREAD_ID,
+                    "pid" => how,
+                    _ => bail!("unknown target {kind:?} in {line:?}"),
+                };
+                t.target = n.parse().with_context(|| format!("bad target in {line:?}"))?;
+            }
+            "ClockID" => t.clock = v.parse().with_context(|| format!("bad clock in {line:?}"))?,
+            _ => {}
+        }
+    }
+    Ok(out)
 }
 
 /// The path of /proc/PID/fd/N (to read the link, or stat() the object through it).
@@ -557,6 +673,36 @@ mod tests {
     }
 
     #[test]
+    fn timers() {
+        let t = parse_timers(
+            "ID: 0\nsignal: 14/0000000000000000\nnotify: signal/pid.77\nClockID: 1\n\
+             ID: 5\nsignal: 34/00007ffc12345678\nnotify: signal/tid.78\nClockID: 0\n\
+             ID: 6\nsignal: 0/0000000000000000\nnotify: none/pid.77\nClockID: 2\n",
+        )
+        .unwrap();
+        assert_eq!(t.len(), 3);
+        assert_eq!((t[0].id, t[0].signo, t[0].notify, t[0].target, t[0].clock), (0, 14, 0, 77, 1));
+        assert_eq!((t[1].sigval, t[1].notify, t[1].target), (0x7ffc12345678, 4, 78));
+        assert_eq!(t[2].notify, libc::SIGEV_NONE);
+        assert!(parse_timers("signal: 1/0\n").is_err());
+        assert!(parse_timers("ID: 1\nnotify: sometimes/pid.1\n").is_err());
+    }
+
+    #[test]
+    fn fdinfo_locks() {
+        let l = parse_fdinfo_locks(
+            "pos:\t0\nflags:\t02\nlock:\t1: FLOCK  ADVISORY  WRITE 1234 08:01:5 0 EOF\n\
+             lock:\t2: POSIX  ADVISORY  READ 1234 08:01:5 10 19\n\
+             lock:\t2: -> POSIX  ADVISORY  WRITE 99 08:01:5 10 19\n",
+        )
+        .unwrap();
+        assert_eq!(l.len(), 2);
+        assert_eq!((l[0].class.as_str(), l[0].access.as_str(), l[0].end), ("FLOCK", "WRITE", None));
+        assert_eq!((l[1].start, l[1].end), (10, Some(19)));
+        assert!(parse_fdinfo_locks("lock:\t1: FLOCK\n").is_err());
+    }
+
+    #[test]
     fn vmflags() {
         let f = parse_vmflags("7f00-7f10 rw-p 00000000 00:00 0\nRss:  4 kB\nVmFlags: rd wr mr mw me ac sd \n7f20-7f30 ---p 0 00:00 0\nVmFlags: mr mw me\n");
         assert_eq!(f[&(0x7f00, 0x7f10)], ["rd", "wr", "mr", "mw", "me", "ac", "sd"]);
@@ -614,9 +760,9 @@ mod tests {
     #[test]
     fn fdinfo() {
         let i = parse_fdinfo("pos:\t4096\nflags:\t02100002\nmnt_id:\t25\nino:\t1234\n").unwrap();
-        assert_eq!(i, FdInfo { pos: 4096, flags: 0o100002, cloexec: true });
+        assert_eq!(i, FdInfo { pos: 4096, flags: 0o100002, cloexec: true, locks: vec![] });
         let i = parse_fdinfo("pos:\t0\nflags:\t0100000\nmnt_id:\t25\n").unwrap();
-        assert_eq!(i, FdInfo { pos: 0, flags: 0o100000, cloexec: false });
+        assert_eq!(i, FdInfo { pos: 0, flags: 0o100000, cloexec: false, locks: vec![] });
         assert!(parse_fdinfo("pos:\t0\n").is_err());
         assert!(parse_fdinfo("pos:\tx\nflags:\t0\n").is_err());
         assert!(parse_fdinfo("pos:\t1\nflags:\t9\n").is_err());

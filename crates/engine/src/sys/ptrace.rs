@@ -196,6 +196,40 @@ pub fn rseq_config(pid: Pid) -> Result<Option<telefork_image::Rseq>> {
     }))
 }
 
+/// Whether syscall user dispatch is on in a stopped thread
+/// (PTRACE_GET_SYSCALL_USER_DISPATCH_CONFIG, Linux 6.1; a kernel without the request reads
+/// as off).
+pub fn syscall_user_dispatch_on(pid: Pid) -> Result<bool> {
+    const PTRACE_GET_SYSCALL_USER_DISPATCH_CONFIG: libc::c_uint = 0x4211;
+    #[repr(C)]
+    #[derive(Default)]
+    struct DispatchConfig {
+        mode: u64,
+        selector: u64,
+        offset: u64,
+        len: u64,
+    }
+    let mut conf = DispatchConfig::default();
+    // SAFETY: the kernel writes at most `addr` bytes (the size of DispatchConfig) into `conf`.
+    let r = unsafe {
+        libc::ptrace(
+            PTRACE_GET_SYSCALL_USER_DISPATCH_CONFIG,
+            pid.as_raw(),
+            std::mem::size_of::<DispatchConfig>(),
+            &mut conf as *mut DispatchConfig,
+        )
+    };
+    if r < 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EIO) || err.raw_os_error() == Some(libc::EINVAL) {
+            return Ok(false);
+        }
+        return Err(err)
+            .with_context(|| format!("PTRACE_GET_SYSCALL_USER_DISPATCH_CONFIG on thread {pid}"));
+    }
+    Ok(conf.mode != 0)
+}
+
 /// Resumes a stopped tracee until its next syscall stop (entry or exit); any other stop is an
 /// error naming what happened (the tracee is left stopped there).
 pub fn run_to_syscall_stop(pid: Pid) -> Result<()> {

@@ -455,6 +455,7 @@ mod tests {
             growsdown: false,
             accounted: true,
             advice: vec![],
+            flags: Default::default(),
         }
     }
 

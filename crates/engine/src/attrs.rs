@@ -1,0 +1,243 @@
+//! Process attributes that are neither credentials nor memory: oom_score_adj, the audit login
+//! uid, THP disable, child subreaper, dumpable, timer slack, membarrier registrations,
+//! process-wide KSM (PR_SET_MEMORY_MERGE), memory-deny-write-execute — and the guard over
+//! the ones the engine does not carry (TSC access mode, machine-check kill policy, syscall
+//! user dispatch), which refuses a process that changed them rather than dropping them.
+//!
+//! Capture reads oom_score_adj and loginuid from /proc/PID, and the prctl(PR_GET_…) and
+//! membarrier(MEMBARRIER_CMD_GET_REGISTRATIONS) values with calls injected in the capture's
+//! one batch (getters a kernel lacks read as "never set"). Restore writes oom_score_adj from
+//! outside, and injects the setters: those that need the restorer's privilege (loginuid,
+//! PR_SET_MEMORY_MERGE) and MDWE (which must come after every mapping exists) in the last
+//! batch before the credentials; dumpable after them (`creds`), since a change of
+//! credentials resets it. The parent-death signal is recorded, not restored: its parent is
+//! now whoever restored it (a warning says so).
+
+use anyhow::{bail, Context, Result};
+use nix::unistd::Pid;
+use telefork_image::{Attrs, ProcessImage};
+
+use crate::inject::{Call, Injector};
+use crate::state::State;
+
+const PR_GET_MDWE: u64 = 66;
+const PR_SET_MDWE: u64 = 65;
+const PR_GET_MEMORY_MERGE: u64 = 68;
+const PR_SET_MEMORY_MERGE: u64 = 67;
+const MEMBARRIER_CMD_GET_REGISTRATIONS: u64 = 1 << 9;
+/// PR_MCE_KILL_GET's answer when the process never set a policy.
+const PR_MCE_KILL_DEFAULT: u64 = 2;
+/// PR_GET_TSC's answer when the time stamp counter may be read.
+const PR_TSC_ENABLE: u32 = 1;
+/// The registration commands membarrier(2) knows (MEMBARRIER_CMD_REGISTER_*), each
+/// reported by GET_REGISTRATIONS as its own bit.
+const MEMBARRIER_REGISTRATIONS: [u64; 4] = [1 << 4, 1 << 2, 1 << 6, 1 << 8];
+/// The loginuid meaning "not set".
+const NO_LOGINUID: u32 = u32::MAX;
+
+/// The process attributes, as one kind of state (`State`).
+pub(crate) struct AttrState;
+
+/// Where the capture's injected reads leave their answers: results by position from the
+/// first call of `capture_calls`, and two ints in scratch memory.
+pub(crate) struct AttrReads {
+    subreaper: u64,
+    pdeathsig: u64,
+    tsc: u64,
+}
+
+/// The calls `capture_calls` makes, by position.
+const THP: usize = 0;
+const DUMPABLE: usize = 1;
+const SLACK: usize = 2;
+const MCE: usize = 3;
+/// The getters from here on may be missing on an older kernel (EINVAL).
+const OPTIONAL_FROM: usize = 7;
+const MDWE: usize = 7;
+const MERGE: usize = 8;
+const MEMBARRIER: usize = 9;
+
+/// What the attributes are captured from.
+pub(crate) struct AttrLook<'a> {
+    pub pid: Pid,
+    pub inj: &'a Injector,
+    /// Results of `capture_calls`'s calls, in order; an optional getter the kernel lacks
+    /// reads 0.
+    pub results: &'a [u64],
+    pub reads: AttrReads,
+}
+
+impl State for AttrState {
+    type Image = Attrs;
+    type Source<'a> = AttrLook<'a>;
+
+    fn capture(from: AttrLook<'_>) -> Result<Attrs> {
+        let pid = from.pid;
+        let r = |i: usize| from.results.get(i).copied().unwrap_or(0);
+        let int_at = |addr: u64| -> Result<u32> {
+            let mut b = [0u8; 4];
+            from.inj.read_mem(addr, &mut b)?;
+            Ok(u32::from_ne_bytes(b))
+        };
+        // What the engine does not carry, refused by name if the process changed it.
+        let tsc = int_at(from.reads.tsc)?;
+        if tsc != PR_TSC_ENABLE {
+            return Err(crate::error::refusal(
+                format!("process {pid} reads of the time stamp counter (PR_SET_TSC {tsc})"),
+                "are set to fault: the engine does not carry that mode",
+            ));
+        }
+        if r(MCE) != PR_MCE_KILL_DEFAULT {
+            return Err(crate::error::refusal(
+                format!("process {pid}'s machine-check kill policy (PR_MCE_KILL {})", r(MCE)),
+                "was set: the engine does not carry it",
+            ));
+        }
+        if crate::ptrace::syscall_user_dispatch_on(pid)? {
+            return Err(crate::error::refusal(
+                format!("process {pid} uses syscall user dispatch"),
+                "the engine does not carry it (PR_SET_SYSCALL_USER_DISPATCH)",
+            ));
+        }
+        let membarrier = r(MEMBARRIER);
+        if membarrier & !MEMBARRIER_REGISTRATIONS.iter().sum::<u64>() != 0 {
+            return Err(crate::error::refusal(
+                format!("process {pid}'s membarrier registrations {membarrier:#x}"),
+                "include one the engine does not know",
+            ));
+        }
+        let loginuid = read_loginuid(&format!("/proc/{pid}/loginuid"))?;
+        Ok(Attrs {
+            oom_score_adj: read_oom_score_adj(pid)?,
+            loginuid: Some(loginuid),
+            thp_disable: r(THP) != 0,
+            child_subreaper: int_at(from.reads.subreaper)? != 0,
+            dumpable: Some(r(DUMPABLE) as u32),
+            timer_slack_ns: Some(r(SLACK)),
+            membarrier: membarrier as u32,
+            memory_merge: r(MERGE) != 0,
+            mdwe: r(MDWE) as u32,
+            pdeath_signal: int_at(from.reads.pdeathsig)? as i32,
+        })
+    }
+
+    fn restore(inj: &mut Injector, img: &ProcessImage) -> Result<()> {
+        let a = &img.attrs;
+        if !(-1000..=1000).contains(&a.oom_score_adj) {
+            bail!("image is corrupt: oom_score_adj {}", a.oom_score_adj);
+        }
+        if a.oom_score_adj != 0 {
+            let path = format!("/proc/{}/oom_score_adj", inj.pid());
+            std::fs::write(&path, a.oom_score_adj.to_string())
+                .with_context(|| format!("restoring oom_score_adj {}: {path}", a.oom_score_adj))?;
+        }
+        if a.pdeath_signal != 0 {
+            tracing::warn!(
+                "the process had parent-death signal {}; not restored: its parent is now the \
+                 restorer",
+                a.pdeath_signal
+            );
+        }
+        inj.reset_scratch();
+        let mut calls = Vec::new();
+        let prctl = |args: &[u64], what: &str| Call::new(libc::SYS_prctl, args, what);
+        if a.thp_disable {
+            calls.push(prctl(&[libc::PR_SET_THP_DISABLE as u64, 1, 0, 0, 0], "PR_SET_THP_DISABLE"));
+        }
+        if a.child_subreaper {
+            calls.push(prctl(&[libc::PR_SET_CHILD_SUBREAPER as u64, 1], "PR_SET_CHILD_SUBREAPER"));
+        }
+        if let Some(ns) = a.timer_slack_ns {
+            calls.push(prctl(&[libc::PR_SET_TIMERSLACK as u64, ns], "PR_SET_TIMERSLACK"));
+        }
+        if a.memory_merge {
+            calls.push(prctl(&[PR_SET_MEMORY_MERGE, 1, 0, 0, 0], "PR_SET_MEMORY_MERGE"));
+        }
+        for cmd in MEMBARRIER_REGISTRATIONS.iter().filter(|&&c| a.membarrier as u64 & c != 0) {
+            calls.push(Call::new(
+                libc::SYS_membarrier,
+                &[*cmd, 0, 0],
+                format!("restoring a membarrier registration: membarrier({cmd:#x})"),
+            ));
+        }
+        if let Some(uid) = a.loginuid.filter(|&uid| uid != restorer_loginuid()) {
+            calls.extend(loginuid_calls(inj, img, uid)?);
+        }
+        if a.mdwe != 0 {
+            calls.push(prctl(&[PR_SET_MDWE, a.mdwe as u64, 0, 0, 0], "PR_SET_MDWE"));
+        }
+        inj.defer(calls);
+        Ok(())
+    }
+}
+
+/// The injected reads, to run in the capture's batch; the optional getters last (see
+/// `OPTIONAL_FROM`).
+pub(crate) fn capture_calls(inj: &mut Injector) -> Result<(Vec<Call>, AttrReads)> {
+    let subreaper = inj.alloc_zeroed(4)?;
+    let pdeathsig = inj.alloc_zeroed(4)?;
+    let tsc = inj.alloc_zeroed(4)?;
+    let prctl = |args: &[u64], what: &str| {
+        Call::new(libc::SYS_prctl, args, format!("reading {what}: prctl"))
+    };
+    let calls = vec![
+        prctl(&[libc::PR_GET_THP_DISABLE as u64, 0, 0, 0, 0], "PR_GET_THP_DISABLE"),
+        prctl(&[libc::PR_GET_DUMPABLE as u64], "PR_GET_DUMPABLE"),
+        prctl(&[libc::PR_GET_TIMERSLACK as u64], "PR_GET_TIMERSLACK"),
+        prctl(&[libc::PR_MCE_KILL_GET as u64, 0, 0, 0, 0], "PR_MCE_KILL_GET"),
+        prctl(&[libc::PR_GET_CHILD_SUBREAPER as u64, subreaper], "PR_GET_CHILD_SUBREAPER"),
+        prctl(&[libc::PR_GET_PDEATHSIG as u64, pdeathsig], "PR_GET_PDEATHSIG"),
+        prctl(&[libc::PR_GET_TSC as u64, tsc], "PR_GET_TSC"),
+        prctl(&[PR_GET_MDWE, 0, 0, 0, 0], "PR_GET_MDWE"),
+        prctl(&[PR_GET_MEMORY_MERGE, 0, 0, 0, 0], "PR_GET_MEMORY_MERGE"),
+        Call::new(
+            libc::SYS_membarrier,
+            &[MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0],
+            "reading the membarrier registrations: membarrier(GET_REGISTRATIONS)",
+        ),
+    ];
+    Ok((calls, AttrReads { subreaper, pdeathsig, tsc }))
+}
+
+/// Whether call `i` of `capture_calls` may fail with EINVAL on an older kernel (and then
+/// reads as "never set").
+pub(crate) fn optional_call(i: usize) -> bool {
+    i >= OPTIONAL_FROM
+}
+
+/// The audit login uid of the restorer, which a process it makes inherits.
+pub(crate) fn restorer_loginuid() -> u32 {
+    read_loginuid("/proc/self/loginuid").unwrap_or(NO_LOGINUID)
+}
+
+fn read_loginuid(path: &str) -> Result<u32> {
+    let text = crate::procfs::read_text(path).with_context(|| format!("reading {path}"))?;
+    text.trim().parse().with_context(|| format!("bad loginuid {text:?} in {path}"))
+}
+
+fn read_oom_score_adj(pid: Pid) -> Result<i32> {
+    let path = format!("/proc/{pid}/oom_score_adj");
+    let text = crate::procfs::read_text(&path).with_context(|| format!("reading {path}"))?;
+    text.trim().parse().with_context(|| format!("bad oom_score_adj {text:?} in {path}"))
+}
+
+/// open, write and close /proc/self/loginuid in the process (only the process itself may
+/// set its own), with the restorer's CAP_AUDIT_CONTROL still in it. The open returns the
+/// lowest free fd, which is known: the restored process has exactly the image's fds.
+fn loginuid_calls(inj: &mut Injector, img: &ProcessImage, uid: u32) -> Result<Vec<Call>> {
+    let fd = (0..).find(|n| !img.fds.iter().any(|f| f.fd == *n)).unwrap_or(0) as u64;
+    let path = inj.stage_cstr("/proc/self/loginuid")?;
+    let text = uid.to_string();
+    let buf = inj.stage(text.as_bytes())?;
+    let what = format!("restoring the audit login uid {uid}");
+    Ok(vec![
+        Call::new(
+            libc::SYS_openat,
+            &[libc::AT_FDCWD as u64, path, (libc::O_WRONLY | libc::O_CLOEXEC) as u64],
+            format!("{what}: open /proc/self/loginuid"),
+        )
+        .expecting(fd),
+        Call::new(libc::SYS_write, &[fd, buf, text.len() as u64], format!("{what}: write")),
+        Call::new(libc::SYS_close, &[fd], format!("{what}: close")),
+    ])
+}
