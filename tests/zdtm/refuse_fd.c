@@ -1,14 +1,38 @@
-/* Holds an fd kind telefork does not capture (argv[1]: "pipe" or "socket") on fd 5. The runner
- * expects `telefork dump` to refuse, naming fd 5 and its kind, and this process to carry on
+/* Holds an fd telefork does not capture on fd 5 (argv[1]: "pipe", "socket", "namespace" — a
+ * network namespace fd — or "lease" — a file with a read lease). The runner expects
+ * `telefork dump` to refuse, naming fd 5 and its kind, and this process to carry on
  * untouched: after go it checks fd 5 still works and prints PASS. */
 #include "zdtm.h"
+#include <fcntl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 
 int main(int argc, char **argv)
 {
 	int p[2];
 	char buf[8] = { 0 };
-	CHECK(argc == 2, "usage: refuse_fd pipe|socket");
+	CHECK(argc == 2, "usage: refuse_fd pipe|socket|namespace|lease");
+	if (strcmp(argv[1], "namespace") == 0 || strcmp(argv[1], "lease") == 0) {
+		char path[4096];
+		int lease = strcmp(argv[1], "lease") == 0;
+		zdtm_init();
+		zdtm_path(path, sizeof path, "leased");
+		if (lease)
+			CHECK(close(open(path, O_CREAT | O_WRONLY, 0600)) == 0, "create %s: %s", path, strerror(errno));
+		int fd = open(lease ? path : "/proc/self/ns/net", O_RDONLY);
+		CHECK(fd >= 0 && dup2(fd, 5) == 5, "open: %s", strerror(errno));
+		if (fd != 5)
+			close(fd);
+		if (lease)
+			CHECK(fcntl(5, F_SETLEASE, F_RDLCK) == 0, "F_SETLEASE: %s", strerror(errno));
+		zdtm_ready();
+		zdtm_wait_go();
+		struct stat st;
+		CHECK(fstat(5, &st) == 0, "fstat fd 5: %s", strerror(errno));
+		if (lease)
+			CHECK(fcntl(5, F_GETLEASE) == F_RDLCK, "the lease is gone");
+		zdtm_pass();
+	}
 	if (strcmp(argv[1], "pipe") == 0)
 		CHECK(pipe(p) == 0, "pipe: %s", strerror(errno));
 	else

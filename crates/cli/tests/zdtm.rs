@@ -986,6 +986,14 @@ fn refuse_socket() {
     refuse_fd("socket");
 }
 
+fn refuse_namespace() {
+    refuse_fd("namespace");
+}
+
+fn refuse_lease() {
+    refuse_fd("lease");
+}
+
 /// Starts `simple` under a test-specific name and dumps it.
 fn simple_dumped(name: &str) -> Run {
     c_dumped("simple.c", name)
@@ -1016,6 +1024,17 @@ fn restore_must_fail(run: &mut Run, what: &str) -> String {
     assert!(!err.trim().is_empty(), "{}: restore of {what} failed without a message", run.name);
     run.assert_nothing_left(&format!("after the failed restore of {what}"));
     err
+}
+
+/// An fd opened before the process dropped root is not reopened with the restorer's
+/// privilege: the restore fails naming the fd and the reason.
+fn refuse_fd_before_setuid() {
+    let mut run = c_dumped("fd_before_setuid.c", "refuse_fd_before_setuid");
+    let err = restore_must_fail(&mut run, "an fd its owner may not open");
+    assert!(
+        names_number(&err, 5) && err.contains("before giving up privileges"),
+        "refuse_fd_before_setuid: the error must name fd 5 and the reason; it was:\n{err}"
+    );
 }
 
 fn refuse_changed_file() {
@@ -1312,6 +1331,9 @@ const TESTS: &[(&str, fn())] = &[
     ("children_ignored", children_ignored),
     ("pid_freed_by_a_late_reap", pid_freed_by_a_late_reap),
     ("refuse_socket", refuse_socket),
+    ("refuse_namespace", refuse_namespace),
+    ("refuse_lease", refuse_lease),
+    ("refuse_fd_before_setuid", refuse_fd_before_setuid),
     ("refuse_changed_file", refuse_changed_file),
     ("refuse_file_that_became_a_fifo", refuse_file_that_became_a_fifo),
     ("refuse_file_the_owner_cannot_open", refuse_file_the_owner_cannot_open),

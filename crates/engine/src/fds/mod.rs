@@ -104,6 +104,28 @@ fn probe(pid: Pid, fd: i32) -> Result<Probe> {
     })
 }
 
+/// The kind of namespace an fd on an nsfs file (`net:[4026531840]`) refers to.
+fn namespace_of(link: &str) -> Option<&'static str> {
+    const KINDS: [(&str, &str); 10] = [
+        ("cgroup", "cgroup namespace"),
+        ("ipc", "IPC namespace"),
+        ("mnt", "mount namespace"),
+        ("net", "network namespace"),
+        ("pid", "PID namespace"),
+        ("pid_for_children", "PID namespace"),
+        ("time", "time namespace"),
+        ("time_for_children", "time namespace"),
+        ("user", "user namespace"),
+        ("uts", "UTS namespace"),
+    ];
+    let (kind, rest) = link.split_once(':')?;
+    let inode = rest.strip_prefix('[')?.strip_suffix(']')?;
+    if inode.is_empty() || !inode.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    KINDS.iter().find(|(k, _)| *k == kind).map(|(_, name)| *name)
+}
+
 /// A name for what an fd refers to, for "not supported" messages.
 pub fn describe_kind(p: &Probe) -> &'static str {
     let l = p.link.as_str();
@@ -135,6 +157,9 @@ pub fn describe_kind(p: &Probe) -> &'static str {
     }
     if l.starts_with("pidfd:") {
         return "pidfd";
+    }
+    if let Some(ns) = namespace_of(l) {
+        return ns;
     }
     match p.mode & libc::S_IFMT {
         libc::S_IFCHR if stdio::is_terminal(p) => "terminal",
@@ -358,6 +383,16 @@ mod classify_tests {
         assert!(!stdio::is_inherited_stdio(&probe(3, "/dev/pts/0", libc::S_IFCHR, PTS0)));
         assert!(!stdio::is_inherited_stdio(&probe(0, "/dev/null", libc::S_IFCHR, (1 << 8) | 3)));
         assert!(!stdio::is_inherited_stdio(&probe(1, "/tmp/x", libc::S_IFREG, 0)));
+    }
+
+    #[test]
+    fn namespace_fds_are_named() {
+        let ns = probe(5, "net:[4026531840]", libc::S_IFREG | 0o444, 0);
+        assert_eq!(describe_kind(&ns), "network namespace");
+        assert!(path::ByPath::capture(&ns).unwrap().is_none());
+        let ns = probe(5, "pid_for_children:[4026531836]", libc::S_IFREG | 0o444, 0);
+        assert_eq!(describe_kind(&ns), "PID namespace");
+        assert_eq!(describe_kind(&probe(5, "net:[x]", libc::S_IFREG, 0)), "regular file");
     }
 
     #[test]

@@ -108,11 +108,28 @@ fn restore(inj: &mut Injector, members: &[&Fd]) -> Result<()> {
     // Opened non-blocking: had the path become a FIFO, a blocking open would wait for a
     // writer forever (and the restore with it). The type is checked next, and the flag put
     // back after.
-    let tmp = inj.syscall(
+    let tmp = inj.syscall_raw(
         libc::SYS_openat,
         &[libc::AT_FDCWD as i64 as u64, path, (open_flags | libc::O_NONBLOCK) as u32 as u64, 0],
-        format!("{what}: open"),
     )?;
+    if tmp == -(libc::EACCES as i64) || tmp == -(libc::EPERM as i64) {
+        // The process could hold it only from before it gave up privileges (an fd opened
+        // before setuid()): a privileged open would hand its owner a file they may not open.
+        return Err(crate::error::refusal(
+            format!("fd {} ({})", first.fd, id.path),
+            &format!(
+                "the image's owner may not open it ({}): the process must have opened it \
+                 before giving up privileges (setuid), and the engine reopens files only \
+                 with the owner's rights",
+                std::io::Error::from_raw_os_error(-tmp as i32)
+            ),
+        ));
+    }
+    if tmp < 0 {
+        let err = std::io::Error::from_raw_os_error(-tmp as i32);
+        bail!("{what}: open: {err}");
+    }
+    let tmp = tmp as u64;
 
     // The same kind of object as at capture (a regular file may have changed size or mtime).
     let st = inj.alloc_zeroed(144)?;
