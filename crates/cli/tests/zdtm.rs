@@ -521,8 +521,13 @@ impl Run {
 
     /// Restores (without --detach), waits with a timeout, and asserts PASS + exit 0.
     fn restore_and_check(&mut self, timeout: Duration) -> Vec<String> {
+        self.restore_with_and_check(&[], timeout)
+    }
+
+    /// `restore_and_check` with more arguments for `telefork restore`.
+    fn restore_with_and_check(&mut self, extra: &[&str], timeout: Duration) -> Vec<String> {
         let t0 = Instant::now();
-        let mut r = self.start_restore(&[]);
+        let mut r = self.start_restore(extra);
         let st = r.wait_timeout(timeout);
         let (out, err) = drain(&r);
         let Some(st) = st else {
@@ -733,6 +738,19 @@ fn mem_flags() {
 
 fn locks() {
     c_test("locks");
+}
+
+/// Capabilities a non-root process kept are not granted from an image on its owner's word
+/// (restore refuses, naming them), and are given exactly with `--trust-image`.
+fn caps() {
+    let exe = compile_c("caps.c", "caps", &[]);
+    let mut run = Run::new("caps", exe);
+    assert!(run.start(&[]));
+    run.dump(DUMP_TIMEOUT);
+    let err = restore_must_fail(&mut run, "capabilities its owner does not have");
+    assert!(err.contains("capabilities 0x401"), "caps: the refusal must name them: {err}");
+    fs::remove_file(&run.go).unwrap();
+    run.restore_with_and_check(&["--trust-image"], RESTORE_TIMEOUT);
 }
 
 fn fds() {
@@ -1320,6 +1338,7 @@ const TESTS: &[(&str, fn())] = &[
     ("attrs", attrs),
     ("mem_flags", mem_flags),
     ("locks", locks),
+    ("caps", caps),
     ("fds", fds),
     ("big_1g", big_1g),
     ("big_memory_in_huge_pages", big_memory_in_huge_pages),

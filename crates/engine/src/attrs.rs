@@ -9,8 +9,10 @@
 //! one batch (getters a kernel lacks read as "never set"). Restore writes oom_score_adj from
 //! outside, and injects the setters: those that need the restorer's privilege (loginuid,
 //! PR_SET_MEMORY_MERGE) and MDWE (which must come after every mapping exists) in the last
-//! batch before the credentials; dumpable after them (`creds`), since a change of
-//! credentials resets it. The parent-death signal is recorded, not restored: its parent is
+//! batch before the credentials; dumpable and the securebits with the credentials
+//! (`creds`), since a change of credentials resets the one and the other decides what it
+//! does. The CPUs it was restricted to are read from /proc/PID/status and given again where
+//! this machine has them. The parent-death signal is recorded, not restored: its parent is
 //! now whoever restored it (a warning says so).
 
 use anyhow::{bail, Context, Result};
@@ -51,11 +53,12 @@ const THP: usize = 0;
 const DUMPABLE: usize = 1;
 const SLACK: usize = 2;
 const MCE: usize = 3;
+const SECUREBITS: usize = 7;
 /// The getters from here on may be missing on an older kernel (EINVAL).
-const OPTIONAL_FROM: usize = 7;
-const MDWE: usize = 7;
-const MERGE: usize = 8;
-const MEMBARRIER: usize = 9;
+const OPTIONAL_FROM: usize = 8;
+const MDWE: usize = 8;
+const MERGE: usize = 9;
+const MEMBARRIER: usize = 10;
 
 /// What the attributes are captured from.
 pub(crate) struct AttrLook<'a> {
@@ -118,6 +121,8 @@ impl State for AttrState {
             memory_merge: r(MERGE) != 0,
             mdwe: r(MDWE) as u32,
             pdeath_signal: int_at(from.reads.pdeathsig)? as i32,
+            securebits: r(SECUREBITS) as u32,
+            cpus: None,
         })
     }
 
@@ -188,6 +193,7 @@ pub(crate) fn capture_calls(inj: &mut Injector) -> Result<(Vec<Call>, AttrReads)
         prctl(&[libc::PR_GET_CHILD_SUBREAPER as u64, subreaper], "PR_GET_CHILD_SUBREAPER"),
         prctl(&[libc::PR_GET_PDEATHSIG as u64, pdeathsig], "PR_GET_PDEATHSIG"),
         prctl(&[libc::PR_GET_TSC as u64, tsc], "PR_GET_TSC"),
+        prctl(&[libc::PR_GET_SECUREBITS as u64], "PR_GET_SECUREBITS"),
         prctl(&[PR_GET_MDWE, 0, 0, 0, 0], "PR_GET_MDWE"),
         prctl(&[PR_GET_MEMORY_MERGE, 0, 0, 0, 0], "PR_GET_MEMORY_MERGE"),
         Call::new(
@@ -203,6 +209,57 @@ pub(crate) fn capture_calls(inj: &mut Injector) -> Result<(Vec<Call>, AttrReads)
 /// reads as "never set").
 pub(crate) fn optional_call(i: usize) -> bool {
     i >= OPTIONAL_FROM
+}
+
+/// Refuses a process whose speculation control (PR_SET_SPECULATION_CTRL, shown in
+/// /proc/PID/status) differs from what a process this engine makes gets: the engine does not
+/// carry it, and a process that asked for a mitigation must not lose it silently.
+pub(crate) fn refuse_speculation_control(pid: Pid, status: &crate::procfs::Status) -> Result<()> {
+    if status.speculation.is_empty() {
+        return Ok(());
+    }
+    let ours = crate::procfs::read_status(Pid::this())?;
+    for (key, value) in &status.speculation {
+        let mine = ours.speculation.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+        if mine != Some(value.as_str()) {
+            return Err(crate::error::refusal(
+                format!("process {pid}'s speculation control ({key}: {value})"),
+                &format!(
+                    "differs from a new process's ({}): the engine does not carry \
+                     PR_SET_SPECULATION_CTRL",
+                    mine.unwrap_or("absent")
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The CPUs the process is restricted to (`allowed`), if fewer than this machine has online.
+pub(crate) fn restricted_cpus(allowed: Option<&[u32]>) -> Result<Option<Vec<u32>>> {
+    let Some(allowed) = allowed else { return Ok(None) };
+    let online = crate::procfs::online_cpus()?;
+    Ok(if online.iter().all(|c| allowed.contains(c)) { None } else { Some(allowed.to_vec()) })
+}
+
+/// The CPU set `sched_setaffinity` takes for the image's CPUs that this machine has online,
+/// as bytes; `None` (with a warning) if it has none of them.
+pub(crate) fn cpu_set_bytes(cpus: &[u32]) -> Result<Option<Vec<u8>>> {
+    let online = crate::procfs::online_cpus()?;
+    let here: Vec<u32> = cpus.iter().copied().filter(|c| online.contains(c)).collect();
+    if here.is_empty() {
+        tracing::warn!(
+            "the process was restricted to CPUs {cpus:?}, none of which is online here: it may \
+             run on any"
+        );
+        return Ok(None);
+    }
+    let len = (here.iter().max().copied().unwrap_or(0) as usize / 64 + 1) * 8;
+    let mut set = vec![0u8; len];
+    for c in here {
+        set[c as usize / 8] |= 1 << (c % 8);
+    }
+    Ok(Some(set))
 }
 
 /// The audit login uid of the restorer, which a process it makes inherits.

@@ -243,6 +243,18 @@ pub fn check_within(img: &ProcessImage, owner: &Owner, here: &Here) -> Result<()
             fmt_limit(nice_rlim)
         ));
     }
+    // Capabilities: only root grants them.
+    if let Some(caps) = &c.caps {
+        let none = crate::creds::natural_caps(owner.uid);
+        let granted = (caps.permitted | caps.effective | caps.inheritable | caps.ambient)
+            & !(none.permitted | none.effective | none.inheritable | none.ambient);
+        if granted != 0 {
+            return refuse(format!(
+                "image claims capabilities {granted:#x}, which {who} does not have (only root \
+                 grants them)"
+            ));
+        }
+    }
     // Process attributes that need privilege to set (the restorer's, which the process
     // still has when they are set).
     let a = &img.attrs;
@@ -383,7 +395,7 @@ pub(crate) mod tests {
         ProcessImage {
             pid: 1,
             comm: "t".into(),
-            creds: Creds { uid: [uid; 4], gid: [gid; 4], groups },
+            creds: Creds { uid: [uid; 4], gid: [gid; 4], groups, caps: None },
             misc: Misc {
                 cwd: "/".into(),
                 umask: 0,
@@ -546,7 +558,7 @@ pub(crate) mod tests {
             FsIds::current().unwrap().gid,
             nix::unistd::getgroups().unwrap(),
         );
-        let nobody = Creds { uid: [65534; 4], gid: [65534; 4], groups: vec![65534] };
+        let nobody = Creds { uid: [65534; 4], gid: [65534; 4], groups: vec![65534], caps: None };
         let seen =
             with_files_reached_as(&nobody, || Ok(std::fs::metadata(&file).map_err(|e| e.kind())));
         let after = (

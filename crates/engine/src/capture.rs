@@ -211,7 +211,12 @@ fn capture_frozen<W: Write + Send>(
             "the /proc reader thread is gone: all of /proc read by the capture's thread".into(),
         ),
     }
-    let (comm, creds, misc, mm) = look.proc_files.take()?;
+    let (comm, creds, misc, mm, cpus) = look.proc_files.take()?;
+    // (Its status may have been read while it was pinned next to us: the pin knows better.)
+    let cpus = match pin.tracee_cpus() {
+        Some(had) => attrs::restricted_cpus(Some(&had))?,
+        None => cpus,
+    };
     let mm = MmFields { brk: inside.brk, ..mm };
     let (fds, locks) = look.fds.take()?;
     let vmas = match look.vmas.take() {
@@ -235,7 +240,7 @@ fn capture_frozen<W: Write + Send>(
         shared_pending: inside.shared_pending,
         fds,
         timers: inside.timers,
-        attrs: inside.attrs,
+        attrs: telefork_image::Attrs { cpus, ..inside.attrs },
         locks,
     };
     let header = Header {
@@ -443,8 +448,9 @@ impl OutsideLook {
     }
 }
 
-/// comm, credentials, the small per-process state and the mm fields (but the break).
-type ProcFiles = (String, telefork_image::Creds, telefork_image::Misc, MmFields);
+/// comm, credentials, the small per-process state, the mm fields (but the break) and the
+/// CPUs it is restricted to.
+type ProcFiles = (String, telefork_image::Creds, telefork_image::Misc, MmFields, Option<Vec<u32>>);
 
 /// What /proc/PID/stat and status tell (each read once, for all that is in them), with a
 /// few more files.
@@ -455,7 +461,9 @@ fn read_proc_files(pid: Pid) -> Result<ProcFiles> {
     let creds = creds::Credentials::capture(from)?;
     let (misc, comm) = misc::MiscState::capture(from)?;
     let mm = mm::Mm::capture(from)?;
-    Ok((comm, creds, misc, mm))
+    attrs::refuse_speculation_control(pid, &status)?;
+    let cpus = attrs::restricted_cpus(status.cpus_allowed.as_deref())?;
+    Ok((comm, creds, misc, mm, cpus))
 }
 
 /// What the capture asked the process itself.

@@ -109,6 +109,17 @@ impl CpuPin {
     }
 
     /// Gives this thread, and the tracee, their original sets back (as dropping does).
+    /// The CPUs the tracee had before it was pinned next to us, if it was.
+    pub fn tracee_cpus(&self) -> Option<Vec<u32>> {
+        let (_, orig) = self.tracee.as_ref()?;
+        Some(
+            (0..CpuSet::count())
+                .filter(|&c| orig.is_set(c).unwrap_or(false))
+                .map(|c| c as u32)
+                .collect(),
+        )
+    }
+
     pub fn release(self) {}
 }
 

@@ -631,7 +631,11 @@ fn shape<R: Read + Send>(
     )];
     // The CPU set the stub inherited while pinned next to us: the restorer's own, as a
     // process it started would have had.
-    if let Some(set) = cpus.original_bytes() {
+    let image_cpus = match &img.attrs.cpus {
+        Some(list) => attrs::cpu_set_bytes(list)?,
+        None => None,
+    };
+    if let Some(set) = image_cpus.or_else(|| cpus.original_bytes()) {
         let addr = inj.stage(&set)?;
         last.push(Call::new(
             libc::SYS_sched_setaffinity,

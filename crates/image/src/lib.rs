@@ -26,7 +26,7 @@ mod tests {
         let p = ProcessImage {
             pid: 42,
             comm: "t".into(),
-            creds: Creds { uid: [0; 4], gid: [0; 4], groups: vec![] },
+            creds: Creds { uid: [0; 4], gid: [0; 4], groups: vec![], caps: None },
             misc: Misc {
                 cwd: "/".into(),
                 umask: 0o22,

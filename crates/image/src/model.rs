@@ -62,6 +62,18 @@ pub struct Creds {
     pub uid: [u32; 4],
     pub gid: [u32; 4],
     pub groups: Vec<u32>,
+    /// Capability sets (version 4); `None`: as a change of uid leaves them.
+    pub caps: Option<Caps>,
+}
+
+/// Capability sets, one bit per capability (bit n: capability n).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Caps {
+    pub inheritable: u64,
+    pub permitted: u64,
+    pub effective: u64,
+    pub bounding: u64,
+    pub ambient: u64,
 }
 
 /// Small per-process state that has no better home.
@@ -340,6 +352,11 @@ pub struct Attrs {
     pub mdwe: u32,
     /// PR_SET_PDEATHSIG at capture (restored only where its meaning holds; see the engine).
     pub pdeath_signal: i32,
+    /// PR_SET_SECUREBITS.
+    pub securebits: u32,
+    /// The CPUs it may run on, where it was restricted to fewer than the machine had online;
+    /// `None`: any.
+    pub cpus: Option<Vec<u32>>,
 }
 
 /// A lock held on an open file, by one of the fds that refer to it.

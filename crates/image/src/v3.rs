@@ -15,7 +15,7 @@ use crate::model::{
 pub(crate) struct ProcessImageV3 {
     pid: i32,
     comm: String,
-    creds: Creds,
+    creds: CredsV3,
     misc: crate::model::Misc,
     mm: MmFields,
     vmas: Vec<VmaV3>,
@@ -23,6 +23,14 @@ pub(crate) struct ProcessImageV3 {
     sigactions: Vec<SigAction>,
     shared_pending: Vec<SigInfo>,
     fds: Vec<Fd>,
+}
+
+/// `Creds` of versions 2 and 3 (without `caps`).
+#[derive(Deserialize)]
+struct CredsV3 {
+    uid: [u32; 4],
+    gid: [u32; 4],
+    groups: Vec<u32>,
 }
 
 /// `Vma` of versions 2 and 3 (without `flags`).
@@ -44,7 +52,7 @@ impl From<ProcessImageV3> for ProcessImage {
         ProcessImage {
             pid: p.pid,
             comm: p.comm,
-            creds: p.creds,
+            creds: Creds { uid: p.creds.uid, gid: p.creds.gid, groups: p.creds.groups, caps: None },
             misc: p.misc,
             mm: p.mm,
             vmas: p.vmas.into_iter().map(Vma::from).collect(),

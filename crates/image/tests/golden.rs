@@ -67,7 +67,7 @@ fn process() -> ProcessImage {
     ProcessImage {
         pid: 4242,
         comm: "sample".into(),
-        creds: Creds { uid: [0; 4], gid: [0; 4], groups: vec![0] },
+        creds: Creds { uid: [0; 4], gid: [0; 4], groups: vec![0], caps: None },
         misc: Misc {
             cwd: "/tmp".into(),
             umask: 0o22,
@@ -294,7 +294,16 @@ fn add_version_4_state(p: &mut ProcessImage) {
         memory_merge: true,
         mdwe: 1,
         pdeath_signal: 9,
+        securebits: 0x10,
+        cpus: Some(vec![0, 2]),
     };
+    p.creds.caps = Some(Caps {
+        inheritable: 0,
+        permitted: 1 << 10,
+        effective: 1 << 10,
+        bounding: (1 << 41) - 1,
+        ambient: 0,
+    });
     p.locks = vec![
         FileLock { fd: 3, kind: LockKind::Posix, write: true, start: 10, len: 0 },
         FileLock { fd: 3, kind: LockKind::Flock, write: false, start: 0, len: 0 },

@@ -265,6 +265,13 @@ pub struct Status {
     pub vm_rss_kib: Option<u64>,
     /// Swapped-out memory in KiB (`VmSwap:`).
     pub vm_swap_kib: Option<u64>,
+    /// Capability sets: CapInh, CapPrm, CapEff, CapBnd, CapAmb (all or none).
+    pub caps: Option<[u64; 5]>,
+    /// The CPUs it may run on (`Cpus_allowed_list:`).
+    pub cpus_allowed: Option<Vec<u32>>,
+    /// The speculation control lines (`Speculation_Store_Bypass:`,
+    /// `SpeculationIndirectBranch:`), as (key, value).
+    pub speculation: Vec<(String, String)>,
 }
 
 /// /proc/PID/status of process `pid`.
@@ -280,6 +287,8 @@ pub(crate) fn parse_status(text: &str) -> Result<Status> {
     let (mut ppid, mut uid, mut gid, mut groups) = (None, None, None, None);
     let (mut umask, mut seccomp, mut no_new_privs) = (None, None, None);
     let (mut vm_rss_kib, mut vm_swap_kib) = (None, None);
+    let mut caps = [None; 5];
+    let (mut cpus_allowed, mut speculation) = (None, Vec::new());
     let number = |key: &str, v: &str| -> Result<u64> {
         v.split_whitespace()
             .next()
@@ -310,6 +319,19 @@ pub(crate) fn parse_status(text: &str) -> Result<Status> {
             "NoNewPrivs" => no_new_privs = Some(number(key, rest)? != 0),
             "VmRSS" => vm_rss_kib = Some(number(key, rest)?),
             "VmSwap" => vm_swap_kib = Some(number(key, rest)?),
+            "CapInh" | "CapPrm" | "CapEff" | "CapBnd" | "CapAmb" => {
+                let i = ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"]
+                    .iter()
+                    .position(|k| *k == key)
+                    .unwrap_or(0);
+                let v = rest.trim();
+                caps[i] =
+                    Some(u64::from_str_radix(v, 16).with_context(|| format!("bad {key} {v:?}"))?);
+            }
+            "Cpus_allowed_list" => cpus_allowed = Some(parse_cpu_list(rest.trim())?),
+            k if k.starts_with("Speculation") => {
+                speculation.push((k.to_string(), rest.trim().to_string()))
+            }
             _ => {}
         }
     }
@@ -324,9 +346,37 @@ pub(crate) fn parse_status(text: &str) -> Result<Status> {
             no_new_privs,
             vm_rss_kib,
             vm_swap_kib,
+            caps: match caps {
+                [Some(i), Some(p), Some(e), Some(b), Some(a)] => Some([i, p, e, b, a]),
+                _ => None,
+            },
+            cpus_allowed,
+            speculation,
         }),
         _ => bail!("PPid, Uid, Gid or Groups line missing"),
     }
+}
+
+/// A CPU list as the kernel writes it (`0-3,8,10-11`).
+pub(crate) fn parse_cpu_list(text: &str) -> Result<Vec<u32>> {
+    let mut cpus = Vec::new();
+    for part in text.split(',').filter(|p| !p.is_empty()) {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let a: u32 = a.trim().parse().with_context(|| format!("bad CPU list {text:?}"))?;
+        let b: u32 = b.trim().parse().with_context(|| format!("bad CPU list {text:?}"))?;
+        if b < a || b - a > 1 << 16 {
+            bail!("bad CPU list {text:?}");
+        }
+        cpus.extend(a..=b);
+    }
+    Ok(cpus)
+}
+
+/// The CPUs online on this machine.
+pub(crate) fn online_cpus() -> Result<Vec<u32>> {
+    let path = "/sys/devices/system/cpu/online";
+    let text = read_text(path).with_context(|| format!("reading {path}"))?;
+    parse_cpu_list(text.trim())
 }
 
 fn four_ids(s: &str) -> Result<[u32; 4]> {
