@@ -34,6 +34,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -141,17 +142,21 @@ def sweep(sessions):
 
 def run(cmd, timeout, **kw):
     """Runs a helper with fds >= 3 closed; returns (rc, stdout, stderr), rc None on timeout
-    (the helper is then killed by PID)."""
-    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, close_fds=True, text=True,
-                         errors="replace", **kw)
-    try:
-        out, err = p.communicate(timeout=timeout)
-        return p.returncode, out, err
-    except subprocess.TimeoutExpired:
-        kill_pid(p.pid)
-        out, err = p.communicate()
-        return None, out, err
+    (the helper is then killed by PID). Its output goes to files, not pipes: a process it
+    leaves behind holding a pipe would make us wait for ever."""
+    with tempfile.TemporaryFile("w+", errors="replace") as out, \
+            tempfile.TemporaryFile("w+", errors="replace") as err:
+        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                             close_fds=True, **kw)
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_pid(p.pid)
+            p.wait()
+            rc = None
+        out.seek(0)
+        err.seek(0)
+        return rc, out.read(), err.read()
 
 
 # ---------------------------------------------------------------- messages
@@ -344,19 +349,59 @@ def skip_reason(static, name, desc, arch):
 
 def hook(static, name, arg, env):
     """Runs NAME.hook ARG as zdtm.py does: from the directory above zdtm/ (hooks name their
-    files as zdtm/static/...)."""
+    files as zdtm/static/...). Its output goes to a file, not a pipe: some hooks leave a
+    daemon behind that holds their stdout."""
     h = os.path.join(static, name + ".hook")
     if not os.access(h, os.X_OK):
         return None
     top = os.path.dirname(os.path.dirname(static))
-    rc, out, err = run([os.path.join("zdtm", "static", name + ".hook"), arg], 60, cwd=top,
-                       env=env)
+    logf = os.path.join(top, "hook.log")
+    with open(logf, "w+") as out:
+        p = subprocess.Popen([os.path.join("zdtm", "static", name + ".hook"), arg], cwd=top,
+                             env=env, stdin=subprocess.DEVNULL, stdout=out,
+                             stderr=subprocess.STDOUT, close_fds=True)
+        try:
+            rc = p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            kill_pid(p.pid)
+            p.wait()
+            rc = "timeout"
+        out.seek(0)
+        text = out.read()
     if rc != 0:
-        return "hook %s failed (%s): %s" % (arg, rc, " ".join((err or out).split())[-200:])
+        return "hook %s failed (%s): %s" % (arg, rc, " ".join(text.split())[-200:])
     return None
 
 
+def mounts_under(pred):
+    """Mount points (of /proc/self/mountinfo) for which pred(path) holds, deepest first."""
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            # (Octal escapes: \040 for a space, as the kernel writes them.)
+            path = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)),
+                          line.split()[4])
+            if pred(path):
+                found.append(path)
+    return sorted(set(found), key=lambda p: -p.count("/"))
+
+
+def unmount(paths):
+    for p in paths:
+        subprocess.run(["umount", "-l", p], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, close_fds=True)
+    return paths
+
+
+def test_mounts(static, name):
+    """What a test mounted on its own files (NAME.test, NAME.dir.test, ...): the cgroup
+    tests mount hierarchies there and leave them when they do not come back to unmount."""
+    own = re.compile(r"^%s/%s(\.[^/]*)?\.test(/|$)" % (re.escape(static), re.escape(name)))
+    return mounts_under(own.match)
+
+
 def cleanout(static, name):
+    unmount(test_mounts(static, name))
     subprocess.run(["make", "--no-print-directory", "-s", "-C", static, name + ".cleanout"],
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
 
@@ -379,26 +424,28 @@ def run_test(args, static, name, desc, images, capture=True):
     try:
         # -- start, as zdtm.py does: `make NAME.pid` with fds >= 3 closed
         start_timeout = int(desc.get("timeout") or 30)
-        mk = subprocess.Popen(["make", "--no-print-directory", "-C", static, name + ".pid"],
-                              env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, close_fds=True, text=True,
-                              errors="replace")
-        herr = hook(static, name, "--post-start", env)
-        try:
-            mout, _ = mk.communicate(timeout=start_timeout)
-        except subprocess.TimeoutExpired:
-            kill_pid(mk.pid)
-            mout, _ = mk.communicate()
-            mk.returncode = "timeout"
+        with tempfile.TemporaryFile("w+", errors="replace") as mlog:
+            mk = subprocess.Popen(["make", "--no-print-directory", "-C", static,
+                                   name + ".pid"], env=env, stdin=subprocess.DEVNULL,
+                                  stdout=mlog, stderr=subprocess.STDOUT, close_fds=True)
+            herr = hook(static, name, "--post-start", env)
+            try:
+                mrc = mk.wait(timeout=start_timeout)
+            except subprocess.TimeoutExpired:
+                kill_pid(mk.pid)
+                mk.wait()
+                mrc = "timeout"
+            mlog.seek(0)
+            mout = mlog.read()
         pid = None
         try:
             with open(pidfile) as f:
                 pid = int(f.read().split()[0])
         except (OSError, ValueError, IndexError):
             pass
-        if mk.returncode != 0 or herr or not pid or not alive(pid):
+        if mrc != 0 or herr or not pid or not alive(pid):
             v, text, _ = verdict(outfile)
-            why = herr or "make %s.pid: %s" % (name, mk.returncode)
+            why = herr or "make %s.pid: %s" % (name, mrc)
             res.update({"class": "could-not-start",
                         "message": "%s; %s" % (why, text or " ".join(mout.split())[-200:])})
             if desc.get("feature"):
@@ -497,6 +544,10 @@ def run_test(args, static, name, desc, images, capture=True):
                 "killed leftovers %s" % ",".join(map(str, killed))
         env.pop("ZDTM_TEST_PID", None)
         hook(static, name, "--clean", env)
+        left = unmount(test_mounts(static, name))
+        if left:
+            res["note"] = (res["note"] + "; " if res["note"] else "") + \
+                "unmounted what it left: " + " ".join(os.path.basename(p) for p in left)
         if not args.keep and os.path.exists(img):
             os.unlink(img)
         if not args.keep:
@@ -563,6 +614,9 @@ def main():
     os.chmod(zdtm, os.stat(zdtm).st_mode | 0o555)
     images = os.path.join(work, "images")
     os.makedirs(images, exist_ok=True)
+    stale = unmount(mounts_under(lambda p: p.startswith(zdtm + "/")))
+    if stale:
+        log("criu-zdtm: unmounted what an earlier run left: %s" % " ".join(stale))
 
     tests = list_tests(src, static)
     listed = make_var(static, "TST")
@@ -617,7 +671,9 @@ def main():
     log("\ncriu-zdtm: %d tests in %.0f s" % (len(rows), time.monotonic() - started))
     log("%-18s %5s" % ("class", "count"))
     for c in CLASSES:
-        log("%-18s %5d" % (c, counts[c]))
+        also = [r for r in rows if r["class"] == c and r.get("uncaptured", "pass") != "pass"]
+        log("%-18s %5d%s" % (c, counts[c], "  (%d of them fail without capture too: %s)"
+                             % (len(also), " ".join(r["test"] for r in also)) if also else ""))
     if kinds:
         log("\nrefused, by kind:")
         for k, n in sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0])):
