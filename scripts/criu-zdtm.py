@@ -7,7 +7,8 @@ environment, hooks), captured with `telefork dump`, restored with `telefork rest
 --detach`, sent SIGTERM, and classified by what it then says about its own state:
 
   pass            the restored test wrote PASS
-  refused         dump or restore refused a piece of state, naming it (grouped by kind)
+  refused         dump or restore exited with 3: it refused a piece of state it cannot
+                  carry, naming it (grouped by the kind the message names)
   failed          dump or restore failed with another error (the message is kept)
   WRONG           restored, and the test reported FAIL (or died without a verdict)
   HUNG            restored, but no verdict within the timeout (then killed)
@@ -172,6 +173,8 @@ def error_text(stderr):
     return lines[-1] if lines else "(no message)"
 
 
+EXIT_CANNOT_CARRY = 3
+
 REFUSAL_MARKS = ("not supported yet", "cannot be captured", "cannot be carried",
                  "can be carried so far", "can be restored so far", "cannot travel",
                  "is refused", "refused", "not carried", "cannot be restored",
@@ -179,10 +182,22 @@ REFUSAL_MARKS = ("not supported yet", "cannot be captured", "cannot be carried",
                  "process trees cannot be captured", "would lift its sandbox")
 
 
-def refusal_kind(msg):
-    """The kind of state a refusal names, taken from its text; None if msg is no refusal."""
-    if not any(k in msg for k in REFUSAL_MARKS) and not re.search(r"\bfd \d+ is an? ", msg):
+def refusal_kind(msg, refused=False):
+    """The kind of state a refusal names, taken from its text; None if msg is no refusal
+    (`refused`: the CLI said it is one, by its exit status)."""
+    if not refused and not any(k in msg for k in REFUSAL_MARKS) \
+            and not re.search(r"\bfd \d+ is an? ", msg):
         return None
+    if "before giving up privileges" in msg:
+        return "fd opened before setuid"
+    if re.search(r"holds a (lease|deleg)", msg):
+        return "fd: lease"
+    if "cgroup " in msg:
+        return "cgroup membership"
+    if "AIO ring" in msg:
+        return "mapping: AIO ring"
+    if "VmFlag" in msg:
+        return "mapping flag"
     m = re.search(r"\bfd \d+ is an? (.+?) \(", msg)
     if m:
         return "fd: " + m.group(1)
@@ -473,7 +488,8 @@ def run_test(args, static, name, desc, images, capture=True):
                            args.dump_timeout)
         if rc != 0:
             msg = "dump: " + (error_text(err) if rc is not None else "timed out")
-            kind = refusal_kind(msg) if rc is not None else None
+            # Exit status 3: the CLI refused state it cannot carry (the message names it).
+            kind = (refusal_kind(msg, True) or "other") if rc == EXIT_CANNOT_CARRY else None
             res.update({"class": "refused" if kind else "failed", "kind": kind or "",
                         "message": msg})
             # Untouched by the refusal: its own verdict, uncaptured, for the record.
@@ -503,7 +519,8 @@ def run_test(args, static, name, desc, images, capture=True):
         rpid = int(lines[-1]) if rc == 0 and lines and lines[-1].strip().isdigit() else None
         if rc != 0 or rpid is None:
             msg = "restore: " + (error_text(err) if rc is not None else "timed out")
-            kind = refusal_kind(msg) if rc is not None else None
+            # Exit status 3: the CLI refused state it cannot carry (the message names it).
+            kind = (refusal_kind(msg, True) or "other") if rc == EXIT_CANNOT_CARRY else None
             res.update({"class": "refused" if kind else "failed", "kind": kind or "",
                         "message": msg})
             return res

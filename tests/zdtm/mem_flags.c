@@ -1,11 +1,12 @@
 /* Memory flags: mlock and mlock2(MLOCK_ONFAULT), MADV_SEQUENTIAL, MADV_RANDOM,
- * MADV_MERGEABLE, MAP_DROPPABLE, mseal and guard regions (MADV_GUARD_INSTALL) are the same
- * after restore, seen in /proc/self/smaps and in behaviour, with the memory's contents. A
+ * MADV_MERGEABLE, MAP_DROPPABLE, mseal, guard regions (MADV_GUARD_INSTALL) and a name given
+ * with PR_SET_VMA_ANON_NAME are the same after restore, seen in /proc/self/smaps and in behaviour, with the memory's contents. A
  * flag this kernel does not offer is left out at setup, and said so. */
 #include "zdtm.h"
 #include <setjmp.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 
 #ifndef MLOCK_ONFAULT
@@ -19,11 +20,27 @@
 #define PAGE 4096
 #define LEN (4 * PAGE)
 
-enum { LOCKED, ONFAULT, SEQ, RAND, MERGE, DROP, SEALED, GUARDED, N };
+enum { LOCKED, ONFAULT, SEQ, RAND, MERGE, DROP, SEALED, GUARDED, NAMED, N };
 static const char *names[N] = { "mlock", "mlock2 ONFAULT", "MADV_SEQUENTIAL", "MADV_RANDOM", "MADV_MERGEABLE",
-				 "MAP_DROPPABLE", "mseal", "guard region" };
-/* The VmFlag each shows (guard regions show in none). */
-static const char *flag[N] = { "lo", "lf", "sr", "rr", "mg", "dp", "sl", NULL };
+				 "MAP_DROPPABLE", "mseal", "guard region", "PR_SET_VMA_ANON_NAME" };
+/* The VmFlag each shows (guard regions and names show in none). */
+static const char *flag[N] = { "lo", "lf", "sr", "rr", "mg", "dp", "sl", NULL, NULL };
+
+/* Whether /proc/self/maps names the mapping at `addr` `name`. */
+static int named(char *addr, const char *name)
+{
+	FILE *m = fopen("/proc/self/maps", "r");
+	char line[512];
+	int found = 0;
+	CHECK(m, "open maps: %s", strerror(errno));
+	while (fgets(line, sizeof line, m)) {
+		unsigned long a, b;
+		if (sscanf(line, "%lx-%lx ", &a, &b) == 2 && (unsigned long)addr >= a && (unsigned long)addr < b)
+			found = strstr(line, name) != NULL;
+	}
+	fclose(m);
+	return found;
+}
 
 static char *region[N];
 static int have[N];
@@ -79,6 +96,7 @@ int main(void)
 		case DROP: r = 0; break;
 		case SEALED: r = syscall(SYS_mseal_, region[i], LEN, 0); break;
 		case GUARDED: r = madvise(region[i] + PAGE, PAGE, MADV_GUARD_INSTALL_); break;
+		case NAMED: r = prctl(PR_SET_VMA, PR_SET_VMA_ANON_NAME, region[i], LEN, "zdtm arena"); break;
 		}
 		if (r != 0) {
 			printf("%s: not offered here (%s)\n", names[i], strerror(errno));
@@ -106,6 +124,8 @@ int main(void)
 				CHECK(region[i][p * PAGE + b] == 'a' + i, "%s: page %d lost its contents", names[i], p);
 		}
 	}
+	if (have[NAMED])
+		CHECK(named(region[NAMED], "[anon:zdtm arena]"), "the mapping's name is gone");
 	if (have[SEALED]) {
 		CHECK(munmap(region[SEALED], LEN) != 0 && errno == EPERM, "the sealed mapping could be unmapped");
 	}

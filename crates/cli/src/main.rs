@@ -23,7 +23,10 @@ use telefork_node::safe_file::NewFile;
 #[command(
     name = "telefork",
     version,
-    about = "fork(), except the child appears on another machine: checkpoint, restore and move Linux processes"
+    about = "fork(), except the child appears on another machine: checkpoint, restore and move Linux processes",
+    after_help = "Exit status: 0 on success; 3 when dump or restore refuses state it cannot carry \
+                  (the message names it; nothing was changed); 1 on any other error. `restore` \
+                  without --detach exits with the restored process's own status."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -195,9 +198,21 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("telefork: error: {e:#}");
-            ExitCode::from(1)
+            ExitCode::from(if is_refusal(&e) { EXIT_CANNOT_CARRY } else { 1 })
         }
     }
+}
+
+/// The exit status of a `dump` or `restore` that refused a piece of state it cannot carry
+/// (named in its message), having changed nothing; any other failure exits with 1.
+const EXIT_CANNOT_CARRY: u8 = 3;
+
+/// Whether `e` is the engine refusing state it cannot carry.
+fn is_refusal(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<telefork_engine::Uncarried>().is_some()
+            || c.downcast_ref::<telefork_engine::Error>().is_some_and(|e| e.uncarried().is_some())
+    })
 }
 
 fn dump(pid: i32, out: &Path, leave_running: bool, ignore_children: bool) -> Result<()> {
@@ -317,6 +332,7 @@ fn restore(image: &Path, detach: bool, trust_image: bool) -> Result<ExitCode> {
     let f = open_image(image)?;
     let opts = telefork_engine::RestoreOptions {
         expect_owner: image_owner(image, &f, trust_image)?,
+        join_cgroups: true,
         ..Default::default()
     };
     let r = telefork_engine::restore(BufReader::with_capacity(1 << 20, f), &opts).map_err(|e| {

@@ -892,6 +892,7 @@ fn refuse_fd(kind: &str) {
     assert!(run.start(&[kind.into()]));
     let (st, err) = run.dump_raw(&[], DUMP_TIMEOUT);
     assert!(!st.success(), "{name}: telefork dump accepted a process holding a {kind} on fd 5");
+    assert_eq!(st.code(), Some(3), "{name}: a refusal exits with 3");
     let low = err.to_lowercase();
     assert!(
         low.contains(kind) && names_number(&low, 5),
@@ -1052,6 +1053,69 @@ fn refuse_fd_before_setuid() {
     assert!(
         names_number(&err, 5) && err.contains("before giving up privileges"),
         "refuse_fd_before_setuid: the error must name fd 5 and the reason; it was:\n{err}"
+    );
+}
+
+/// A cgroup directory for a test: in the v1 `pids` hierarchy where it is mounted, else the
+/// v2 one; removed on drop (once its processes are gone).
+struct TestCgroup(PathBuf);
+
+impl TestCgroup {
+    fn new(name: &str) -> TestCgroup {
+        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let mount = |fstype: &str, opt: &str| {
+            mounts.lines().find_map(|l| {
+                let (left, right) = l.split_once(" - ")?;
+                let mut r = right.split_whitespace();
+                let (t, _, o) = (r.next()?, r.next()?, r.next()?);
+                if t == fstype && (opt.is_empty() || o.split(',').any(|x| x == opt)) {
+                    Some(PathBuf::from(left.split_whitespace().nth(4)?))
+                } else {
+                    None
+                }
+            })
+        };
+        let root = mount("cgroup", "pids")
+            .or_else(|| mount("cgroup2", ""))
+            .expect("no cgroup hierarchy is mounted");
+        let dir = root.join(unique(name));
+        fs::create_dir(&dir).unwrap_or_else(|e| panic!("{name}: mkdir {}: {e}", dir.display()));
+        TestCgroup(dir)
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // (A process that just left it may still be counted for a moment.)
+        for _ in 0..200 {
+            if fs::remove_dir(&self.0).is_ok() || !self.0.exists() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        eprintln!("could not remove the test cgroup {}", self.0.display());
+    }
+}
+
+/// A process in a cgroup of its own is in it again after a local restore.
+fn cgroup() {
+    let cg = TestCgroup::new("cgroup");
+    let exe = compile_c("cgroup.c", "cgroup", &[]);
+    zdtm("cgroup", exe, &[cg.0.to_str().unwrap()]);
+}
+
+/// A process whose cgroup is gone at restore is refused, naming the cgroup.
+fn refuse_missing_cgroup() {
+    let cg = TestCgroup::new("refuse_missing_cgroup");
+    let exe = compile_c("cgroup.c", "refuse_missing_cgroup", &[]);
+    let mut run = Run::new("refuse_missing_cgroup", exe);
+    assert!(run.start(&[cg.0.clone().into()]));
+    run.dump(DUMP_TIMEOUT);
+    drop(cg);
+    let err = restore_must_fail(&mut run, "a process whose cgroup is gone");
+    assert!(
+        err.contains("cgroup") && err.contains("does not exist here"),
+        "refuse_missing_cgroup: the error must name the cgroup: {err}"
     );
 }
 
@@ -1353,6 +1417,8 @@ const TESTS: &[(&str, fn())] = &[
     ("refuse_namespace", refuse_namespace),
     ("refuse_lease", refuse_lease),
     ("refuse_fd_before_setuid", refuse_fd_before_setuid),
+    ("cgroup", cgroup),
+    ("refuse_missing_cgroup", refuse_missing_cgroup),
     ("refuse_changed_file", refuse_changed_file),
     ("refuse_file_that_became_a_fifo", refuse_file_that_became_a_fifo),
     ("refuse_file_the_owner_cannot_open", refuse_file_the_owner_cannot_open),

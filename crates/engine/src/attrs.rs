@@ -123,6 +123,7 @@ impl State for AttrState {
             pdeath_signal: int_at(from.reads.pdeathsig)? as i32,
             securebits: r(SECUREBITS) as u32,
             cpus: None,
+            cgroups: Vec::new(),
         })
     }
 
@@ -288,6 +289,9 @@ fn loginuid_calls(inj: &mut Injector, img: &ProcessImage, uid: u32) -> Result<Ve
     let buf = inj.stage(text.as_bytes())?;
     let what = format!("restoring the audit login uid {uid}");
     Ok(vec![
+        // (The file is the process's own, still root's: opened with the restorer's
+        // filesystem uid, which the credentials' batch then sets to the image's.)
+        Call::new(libc::SYS_setfsuid, &[0], format!("{what}: setfsuid(0)")),
         Call::new(
             libc::SYS_openat,
             &[libc::AT_FDCWD as u64, path, (libc::O_WRONLY | libc::O_CLOEXEC) as u64],

@@ -211,7 +211,7 @@ fn capture_frozen<W: Write + Send>(
             "the /proc reader thread is gone: all of /proc read by the capture's thread".into(),
         ),
     }
-    let (comm, creds, misc, mm, cpus) = look.proc_files.take()?;
+    let (comm, creds, misc, mm, (cpus, cgroups)) = look.proc_files.take()?;
     // (Its status may have been read while it was pinned next to us: the pin knows better.)
     let cpus = match pin.tracee_cpus() {
         Some(had) => attrs::restricted_cpus(Some(&had))?,
@@ -240,7 +240,7 @@ fn capture_frozen<W: Write + Send>(
         shared_pending: inside.shared_pending,
         fds,
         timers: inside.timers,
-        attrs: telefork_image::Attrs { cpus, ..inside.attrs },
+        attrs: telefork_image::Attrs { cpus, cgroups, ..inside.attrs },
         locks,
     };
     let header = Header {
@@ -448,9 +448,15 @@ impl OutsideLook {
     }
 }
 
-/// comm, credentials, the small per-process state, the mm fields (but the break) and the
-/// CPUs it is restricted to.
-type ProcFiles = (String, telefork_image::Creds, telefork_image::Misc, MmFields, Option<Vec<u32>>);
+/// comm, credentials, the small per-process state, the mm fields (but the break), and the
+/// CPUs and cgroups it was put in.
+type ProcFiles = (
+    String,
+    telefork_image::Creds,
+    telefork_image::Misc,
+    MmFields,
+    (Option<Vec<u32>>, Vec<telefork_image::CgroupMembership>),
+);
 
 /// What /proc/PID/stat and status tell (each read once, for all that is in them), with a
 /// few more files.
@@ -463,7 +469,8 @@ fn read_proc_files(pid: Pid) -> Result<ProcFiles> {
     let mm = mm::Mm::capture(from)?;
     attrs::refuse_speculation_control(pid, &status)?;
     let cpus = attrs::restricted_cpus(status.cpus_allowed.as_deref())?;
-    Ok((comm, creds, misc, mm, cpus))
+    let cgroups = crate::cgroups::capture(pid)?;
+    Ok((comm, creds, misc, mm, (cpus, cgroups)))
 }
 
 /// What the capture asked the process itself.

@@ -20,6 +20,7 @@ pub(crate) mod arch;
 pub(crate) mod attrs;
 pub(crate) mod bounds;
 pub(crate) mod capture;
+pub(crate) mod cgroups;
 pub(crate) mod creds;
 mod error;
 pub(crate) mod fds;

@@ -63,6 +63,10 @@ pub struct RestoreOptions<'a> {
     /// the new process receives its pages from it itself (`Placement::SelfReceive`). Needs
     /// `skip_page_checksums`.
     pub pages_socket: Option<pages::PagesSocket<'a>>,
+    /// Put the process into the cgroups it was in at capture (a restore on the machine it
+    /// was captured on), refusing the restore where one does not exist; else it stays in the
+    /// restorer's (see `cgroups`).
+    pub join_cgroups: bool,
     /// The restored process gets this parent-death signal, set after its credentials (a
     /// change of credentials clears it): a daemon's session has its process die with it, so
     /// that a killed session never leaves a process nobody can wait for. None: none, as a
@@ -622,6 +626,10 @@ fn shape<R: Read + Send>(
     // privilege some of them need.
     timers::TimerState::restore(inj, img)?;
     attrs::AttrState::restore(inj, img)?;
+    if opts.join_cgroups {
+        let owner = opts.expect_owner.map(|(uid, _)| uid);
+        crate::cgroups::join(pid, &img.attrs.cgroups, owner)?;
+    }
     // The parent-death signal the stub set for itself (an image never has one: it is not
     // captured, and a restored process must outlive a `restore --detach`).
     let mut last = vec![Call::new(

@@ -151,6 +151,7 @@ fn add_version_4_state(p: &mut ProcessImage) {
         droppable: false,
         sealed: true,
         guards: vec![(0x40_0000, 0x40_1000)],
+        name: Some("arena".into()),
     };
     p.vmas[0].advice = vec![2]; // MADV_SEQUENTIAL
     p.timers = Timers {
@@ -182,6 +183,7 @@ fn add_version_4_state(p: &mut ProcessImage) {
         pdeath_signal: 9,
         securebits: 0x10,
         cpus: Some(vec![0, 2]),
+        cgroups: vec![CgroupMembership { controllers: "".into(), path: "/batch/job7".into() }],
     };
     p.creds.caps = Some(Caps {
         inheritable: 0,

@@ -155,6 +155,8 @@ pub struct VmaFlags {
     pub sealed: bool,
     /// Guard regions (MADV_GUARD_INSTALL) inside it, as (start, end) ranges.
     pub guards: Vec<(u64, u64)>,
+    /// The name anonymous memory was given (prctl PR_SET_VMA_ANON_NAME).
+    pub name: Option<String>,
 }
 
 /// How a mapping is locked in memory.
@@ -357,6 +359,18 @@ pub struct Attrs {
     /// The CPUs it may run on, where it was restricted to fewer than the machine had online;
     /// `None`: any.
     pub cpus: Option<Vec<u32>>,
+    /// The cgroups it had been put in, where the program that captured it was not.
+    pub cgroups: Vec<CgroupMembership>,
+}
+
+/// A cgroup a process is in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupMembership {
+    /// The hierarchy: its v1 controllers or `name=…` as /proc/PID/cgroup shows them; empty
+    /// for the v2 hierarchy.
+    pub controllers: String,
+    /// The cgroup's path inside the hierarchy.
+    pub path: String,
 }
 
 /// A lock held on an open file, by one of the fds that refer to it.

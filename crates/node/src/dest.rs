@@ -509,6 +509,8 @@ fn receive(
             // TLS authenticates every record; the plain transport is trusted by configuration.
             skip_page_checksums: true,
             pages_socket: None,
+            // The process comes from another node: its cgroups are that node's.
+            join_cgroups: false,
             // Should this session die (killed, crashed) while its process runs, the process
             // dies too: nobody could wait for it, relay its output or tell its origin.
             parent_death_signal: Some(libc::SIGKILL),

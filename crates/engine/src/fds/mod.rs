@@ -169,6 +169,7 @@ pub fn describe_kind(p: &Probe) -> &'static str {
         libc::S_IFSOCK => "socket",
         libc::S_IFREG => "regular file",
         libc::S_IFDIR => "directory",
+        libc::S_IFLNK => "symbolic link (O_PATH)",
         _ => "file of unknown type",
     }
 }

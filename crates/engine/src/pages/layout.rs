@@ -47,37 +47,54 @@ pub fn capture(pid: Pid, maps: &[MapsEntry]) -> Result<Vec<Vma>> {
         let prot = (m.read as u32 * libc::PROT_READ as u32)
             | (m.write as u32 * libc::PROT_WRITE as u32)
             | (m.exec as u32 * libc::PROT_EXEC as u32);
-        let kind = match m.name.as_str() {
-            "[vdso]" => VmaKind::Special(SpecialMap::Vdso),
-            "[vvar]" => VmaKind::Special(SpecialMap::Vvar),
-            "[vvar_vclock]" => VmaKind::Special(SpecialMap::VvarVclock),
-            "[vsyscall]" => VmaKind::Special(SpecialMap::Vsyscall),
-            "" | "[heap]" | "[stack]" => VmaKind::Anon,
-            // A shared anonymous mapping is a hidden shmem file the kernel names this way.
-            n if m.shared && n.starts_with("/dev/zero") => VmaKind::Anon,
-            n if n.starts_with('[') => bail!(
-                "mapping {:#x}-{:#x} is the special mapping {n}, which is not supported",
-                m.start,
-                m.end
-            ),
-            n if n.ends_with(" (deleted)") => {
-                bail!("mapping {:#x}-{:#x} is backed by the deleted file {n:?}, which cannot be mapped again", m.start, m.end)
-            }
-            n if n.starts_with("/SYSV") || n.starts_with("/memfd:") => {
-                bail!("mapping {:#x}-{:#x} is backed by {n}: SysV shared memory and memfd are not supported yet", m.start, m.end)
-            }
-            n => match files
-                .iter()
-                .find(|(dev, ino, path, _)| *dev == m.dev && *ino == m.inode && *path == n)
-            {
-                Some((_, _, _, id)) => VmaKind::File(id.clone()),
-                None => {
-                    let id = file_id_of_mapping(pid, m, n)?;
-                    files.push((&m.dev, m.inode, n, id.clone()));
-                    VmaKind::File(id)
+        let kind =
+            match m.name.as_str() {
+                "[vdso]" => VmaKind::Special(SpecialMap::Vdso),
+                "[vvar]" => VmaKind::Special(SpecialMap::Vvar),
+                "[vvar_vclock]" => VmaKind::Special(SpecialMap::VvarVclock),
+                "[vsyscall]" => VmaKind::Special(SpecialMap::Vsyscall),
+                "" | "[heap]" | "[stack]" => VmaKind::Anon,
+                // A shared anonymous mapping is a hidden shmem file the kernel names this way.
+                n if m.shared && n.starts_with("/dev/zero") => VmaKind::Anon,
+                // Anonymous memory named with prctl(PR_SET_VMA_ANON_NAME).
+                n if anon_name(n, m.shared).is_some() => VmaKind::Anon,
+                n if n.starts_with('[') => {
+                    return Err(crate::error::refusal(
+                        format!("mapping {:#x}-{:#x} is the special mapping {n}", m.start, m.end),
+                        "the engine does not know it",
+                    ))
                 }
-            },
-        };
+                "/[aio] (deleted)" => {
+                    return Err(crate::error::refusal(
+                        format!("mapping {:#x}-{:#x} is an AIO ring (io_setup)", m.start, m.end),
+                        "asynchronous I/O contexts are not supported yet",
+                    ))
+                }
+                n if n.ends_with(" (deleted)") => return Err(crate::error::refusal(
+                    format!(
+                        "mapping {:#x}-{:#x} is backed by the deleted file {n:?}",
+                        m.start, m.end
+                    ),
+                    "it cannot be mapped again (files deleted while open are not supported yet)",
+                )),
+                n if n.starts_with("/SYSV") || n.starts_with("/memfd:") => {
+                    return Err(crate::error::refusal(
+                        format!("mapping {:#x}-{:#x} is backed by {n}", m.start, m.end),
+                        "SysV shared memory and memfd are not supported yet",
+                    ))
+                }
+                n => match files
+                    .iter()
+                    .find(|(dev, ino, path, _)| *dev == m.dev && *ino == m.inode && *path == n)
+                {
+                    Some((_, _, _, id)) => VmaKind::File(id.clone()),
+                    None => {
+                        let id = file_id_of_mapping(pid, m, n)?;
+                        files.push((&m.dev, m.inode, n, id.clone()));
+                        VmaKind::File(id)
+                    }
+                },
+            };
         let flags = vmflags.get(&(m.start, m.end)).map(Vec::as_slice).unwrap_or(&[]);
         let has = |f: &str| flags.iter().any(|x| x == f);
         check_vmflags(m, flags, matches!(kind, VmaKind::Special(_)))?;
@@ -96,6 +113,7 @@ pub fn capture(pid: Pid, maps: &[MapsEntry]) -> Result<Vec<Vma>> {
             lock,
             droppable: has("dp"),
             sealed: has("sl"),
+            name: anon_name(&m.name, m.shared).map(str::to_string),
             guards: guards
                 .iter()
                 .map(|&(s, e)| (s.max(m.start), e.min(m.end)))
@@ -116,6 +134,13 @@ pub fn capture(pid: Pid, maps: &[MapsEntry]) -> Result<Vec<Vma>> {
         });
     }
     Ok(vmas)
+}
+
+/// The name an anonymous mapping was given (prctl PR_SET_VMA_ANON_NAME), from its maps
+/// name: `[anon:NAME]` (private) or `[anon_shmem:NAME]` (shared).
+fn anon_name(maps_name: &str, shared: bool) -> Option<&str> {
+    let prefix = if shared { "[anon_shmem:" } else { "[anon:" };
+    maps_name.strip_prefix(prefix)?.strip_suffix(']')
 }
 
 /// The mappings changed between reading /proc/PID/maps and /proc/PID/smaps.
@@ -327,6 +352,17 @@ pub fn create(inj: &mut Injector, vmas: &[Vma]) -> Result<()> {
             )
             .expecting(v.start),
         );
+        if let Some(name) = &v.flags.name {
+            if name.len() > 255 {
+                bail!("image is corrupt: a mapping name of {} bytes", name.len());
+            }
+            let addr = inj.stage_cstr(name)?;
+            calls.push(Call::new(
+                libc::SYS_prctl,
+                &[PR_SET_VMA, PR_SET_VMA_ANON_NAME, v.start, len, addr],
+                format!("naming {:#x}-{:#x} {name:?}: prctl(PR_SET_VMA_ANON_NAME)", v.start, v.end),
+            ));
+        }
         for advice in &v.advice {
             calls.push(Call::new(
                 libc::SYS_madvise,
@@ -459,6 +495,8 @@ pub fn finish(inj: &mut Injector, vmas: &[Vma]) {
 }
 
 const MADV_GUARD_INSTALL: u64 = 102;
+const PR_SET_VMA: u64 = 0x53564d41;
+const PR_SET_VMA_ANON_NAME: u64 = 0;
 const MLOCK_ONFAULT: u64 = 1;
 const SYS_MSEAL: libc::c_long = 462;
 /// mmap's map type for droppable memory (Linux 6.11).
