@@ -513,8 +513,11 @@ def run_test(args, static, name, desc, images, capture=True):
         # --trust-image: the image is this script's own, made a moment ago as root, of a
         # process that holds zdtm's ids (uid 18943, groups 27495 48244), which no user of
         # this machine has: without it every non-suid test is refused at restore.
-        rc, out, err = run([args.telefork, "restore", img, "--detach", "--trust-image"],
-                           args.restore_timeout)
+        restore = [args.telefork, "restore", img, "--detach", "--trust-image"]
+        # (CRIU's --manage-cgroups=ignore: the restored process stays in the restorer's.)
+        if "--manage-cgroups=ignore" in str(desc.get("ropts", "")):
+            restore.append("--ignore-cgroups")
+        rc, out, err = run(restore, args.restore_timeout)
         lines = out.strip().splitlines()
         rpid = int(lines[-1]) if rc == 0 and lines and lines[-1].strip().isdigit() else None
         if rc != 0 or rpid is None:

@@ -1,7 +1,8 @@
 /* Misc per-process state: cwd, umask, a lowered RLIMIT_NOFILE soft limit, the comm name, the
  * nice value and no_new_privs are the same after restore, and the process runs on the same
  * CPUs as before (the restorer pins itself and the process-to-be together while it works):
- * pinned to the last CPU where there are several, all of them where there is one. */
+ * pinned to the last CPU where there are several, all of them where there is one; it leads
+ * its own session (or, failing that, process group) again. */
 #define _GNU_SOURCE
 #include "zdtm.h"
 #include <limits.h>
@@ -44,8 +45,17 @@ int main(void)
 		CHECK(sched_setaffinity(0, sizeof cpus_before, &cpus_before) == 0, "sched_setaffinity: %s",
 		      strerror(errno));
 	}
+	/* Lead a session of its own (or, if it cannot, its own process group). */
+	if (setsid() < 0)
+		CHECK(setpgid(0, 0) == 0, "setpgid: %s", strerror(errno));
+	int led_session = getsid(0) == getpid(), led_group = getpgrp() == getpid();
+	CHECK(led_group, "does not lead its process group");
 	zdtm_ready();
 	zdtm_wait_go();
+
+	CHECK((getsid(0) == getpid()) == led_session, "session leader before: %d, now: %d", led_session,
+	      getsid(0) == getpid());
+	CHECK(getpgrp() == getpid(), "no longer leads its process group (pgid %d)", getpgrp());
 
 	CHECK(getcwd(cwd_now, sizeof cwd_now), "getcwd after restore: %s", strerror(errno));
 	CHECK(strcmp(cwd_now, cwd_before) == 0, "cwd is %s, was %s", cwd_now, cwd_before);

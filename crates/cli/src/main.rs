@@ -80,6 +80,10 @@ enum Cmd {
         /// they are, whoever owns the file: for images you made or checked yourself.
         #[arg(long)]
         trust_image: bool,
+        /// Leave the process in this command's cgroups instead of those it was in at
+        /// capture (which a restore joins again, refusing if one is gone).
+        #[arg(long)]
+        ignore_cgroups: bool,
     },
     /// Verify an image (checksums, structure) and print a summary, without restoring it
     /// (read front to back, one record in memory at a time).
@@ -172,7 +176,9 @@ fn main() -> ExitCode {
         Cmd::Dump { pid, out, leave_running, ignore_children } => {
             dump(pid, &out, leave_running, ignore_children).map(|_| ExitCode::SUCCESS)
         }
-        Cmd::Restore { image, detach, trust_image } => restore(&image, detach, trust_image),
+        Cmd::Restore { image, detach, trust_image, ignore_cgroups } => {
+            restore(&image, detach, trust_image, ignore_cgroups)
+        }
         Cmd::CheckImage { image } => check_image(&image).map(|_| ExitCode::SUCCESS),
         Cmd::Daemon { config } => telefork_node::config::Config::load(&config)
             .and_then(telefork_node::daemon::run)
@@ -323,7 +329,12 @@ fn open_image(image: &Path) -> Result<File> {
     Ok(f)
 }
 
-fn restore(image: &Path, detach: bool, trust_image: bool) -> Result<ExitCode> {
+fn restore(
+    image: &Path,
+    detach: bool,
+    trust_image: bool,
+    ignore_cgroups: bool,
+) -> Result<ExitCode> {
     let start = Instant::now();
     let root = nix::unistd::geteuid().is_root();
     if trust_image && !root {
@@ -332,7 +343,7 @@ fn restore(image: &Path, detach: bool, trust_image: bool) -> Result<ExitCode> {
     let f = open_image(image)?;
     let opts = telefork_engine::RestoreOptions {
         expect_owner: image_owner(image, &f, trust_image)?,
-        join_cgroups: true,
+        join_cgroups: !ignore_cgroups,
         ..Default::default()
     };
     let r = telefork_engine::restore(BufReader::with_capacity(1 << 20, f), &opts).map_err(|e| {

@@ -951,6 +951,29 @@ fn refuse_seccomp() {
     carries_on(&mut run);
 }
 
+/// State `refuse_state.c` holds for `kind` is refused at dump, exit status 3, by a message
+/// containing `needle`; the target carries on untouched.
+fn refuse_state(kind: &str, needle: &str) {
+    let name = format!("refuse_{kind}_state");
+    let exe = compile_c("refuse_state.c", &name, &[]);
+    let mut run = Run::new(&name, exe);
+    assert!(run.start(&[kind.into()]));
+    let (st, err) = run.dump_raw(&[], DUMP_TIMEOUT);
+    assert_eq!(st.code(), Some(3), "{name}: the dump must refuse (exit 3): {err}");
+    assert!(err.contains(needle), "{name}: the error must say {needle:?}; it was:\n{err}");
+    thread::sleep(Duration::from_millis(100));
+    assert_eq!(tracer_pid(run.target_pid()), Some(0), "{name}: still traced after the refusal");
+    carries_on(&mut run);
+}
+
+fn refuse_own_namespace() {
+    refuse_state("uts", "uts namespace of its own");
+}
+
+fn refuse_aliased_memory() {
+    refuse_state("alias", "show the same shared memory");
+}
+
 /// A process with children (one running, one a zombie) is refused, naming both, and carries
 /// on with them: it reaps both after the refused dump.
 fn refuse_children() {
@@ -1418,6 +1441,8 @@ const TESTS: &[(&str, fn())] = &[
     ("refuse_lease", refuse_lease),
     ("refuse_fd_before_setuid", refuse_fd_before_setuid),
     ("cgroup", cgroup),
+    ("refuse_own_namespace", refuse_own_namespace),
+    ("refuse_aliased_memory", refuse_aliased_memory),
     ("refuse_missing_cgroup", refuse_missing_cgroup),
     ("refuse_changed_file", refuse_changed_file),
     ("refuse_file_that_became_a_fifo", refuse_file_that_became_a_fifo),

@@ -12,12 +12,12 @@
 //! batch before the credentials; dumpable and the securebits with the credentials
 //! (`creds`), since a change of credentials resets the one and the other decides what it
 //! does. The CPUs it was restricted to are read from /proc/PID/status and given again where
-//! this machine has them. The parent-death signal is recorded, not restored: its parent is
+//! this machine has them; a process that led its session or process group leads a new one. The parent-death signal is recorded, not restored: its parent is
 //! now whoever restored it (a warning says so).
 
 use anyhow::{bail, Context, Result};
 use nix::unistd::Pid;
-use telefork_image::{Attrs, ProcessImage};
+use telefork_image::{Attrs, Leader, ProcessImage};
 
 use crate::inject::{Call, Injector};
 use crate::state::State;
@@ -124,6 +124,7 @@ impl State for AttrState {
             securebits: r(SECUREBITS) as u32,
             cpus: None,
             cgroups: Vec::new(),
+            leader: None,
         })
     }
 
@@ -147,6 +148,19 @@ impl State for AttrState {
         inj.reset_scratch();
         let mut calls = Vec::new();
         let prctl = |args: &[u64], what: &str| Call::new(libc::SYS_prctl, args, what);
+        match a.leader {
+            Some(Leader::Session) => calls.push(Call::new(
+                libc::SYS_setsid,
+                &[],
+                "making the process lead a session again: setsid",
+            )),
+            Some(Leader::ProcessGroup) => calls.push(Call::new(
+                libc::SYS_setpgid,
+                &[0, 0],
+                "making the process lead a process group again: setpgid",
+            )),
+            None => {}
+        }
         if a.thp_disable {
             calls.push(prctl(&[libc::PR_SET_THP_DISABLE as u64, 1, 0, 0, 0], "PR_SET_THP_DISABLE"));
         }
@@ -212,6 +226,18 @@ pub(crate) fn optional_call(i: usize) -> bool {
     i >= OPTIONAL_FROM
 }
 
+/// What the process leads, from fields 5 (process group) and 6 (session) of its stat.
+pub(crate) fn leader(pid: Pid, stat: &crate::procfs::Stat) -> Result<Option<Leader>> {
+    let (pgrp, session) = (stat.num(5)? as i32, stat.num(6)? as i32);
+    Ok(if session == pid.as_raw() {
+        Some(Leader::Session)
+    } else if pgrp == pid.as_raw() {
+        Some(Leader::ProcessGroup)
+    } else {
+        None
+    })
+}
+
 /// Refuses a process whose speculation control (PR_SET_SPECULATION_CTRL, shown in
 /// /proc/PID/status) differs from what a process this engine makes gets: the engine does not
 /// carry it, and a process that asked for a mitigation must not lose it silently.
@@ -230,6 +256,52 @@ pub(crate) fn refuse_speculation_control(pid: Pid, status: &crate::procfs::Statu
                      PR_SET_SPECULATION_CTRL",
                     mine.unwrap_or("absent")
                 ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a process that lives in a namespace of its own (one the capturer is not in), or
+/// has made one for its children: namespaces are not carried, and restored into the
+/// restorer's, it would see another network, file system tree, PID numbering or clock.
+pub(crate) fn refuse_own_namespaces(pid: Pid) -> Result<()> {
+    const KINDS: [&str; 10] = [
+        "cgroup",
+        "ipc",
+        "mnt",
+        "net",
+        "pid",
+        "pid_for_children",
+        "time",
+        "time_for_children",
+        "user",
+        "uts",
+    ];
+    for kind in KINDS {
+        let theirs = match std::fs::read_link(format!("/proc/{pid}/ns/{kind}")) {
+            Ok(l) => l,
+            // (A kernel without this kind of namespace.)
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                return Err(e).with_context(|| format!("reading /proc/{pid}/ns/{kind}"));
+            }
+        };
+        let ours = std::fs::read_link(format!("/proc/self/ns/{kind}")).ok();
+        if ours.as_ref() != Some(&theirs) {
+            let what = if kind.ends_with("_for_children") {
+                format!(
+                    "process {pid} made a {} namespace for its children ({})",
+                    kind.trim_end_matches("_for_children"),
+                    theirs.display()
+                )
+            } else {
+                format!("process {pid} is in a {kind} namespace of its own ({})", theirs.display())
+            };
+            return Err(crate::error::refusal(
+                what,
+                "namespaces are not carried: restored into the restorer's, it would see \
+                 another one",
             ));
         }
     }

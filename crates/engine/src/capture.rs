@@ -211,7 +211,7 @@ fn capture_frozen<W: Write + Send>(
             "the /proc reader thread is gone: all of /proc read by the capture's thread".into(),
         ),
     }
-    let (comm, creds, misc, mm, (cpus, cgroups)) = look.proc_files.take()?;
+    let (comm, creds, misc, mm, (cpus, cgroups, leader)) = look.proc_files.take()?;
     // (Its status may have been read while it was pinned next to us: the pin knows better.)
     let cpus = match pin.tracee_cpus() {
         Some(had) => attrs::restricted_cpus(Some(&had))?,
@@ -240,7 +240,7 @@ fn capture_frozen<W: Write + Send>(
         shared_pending: inside.shared_pending,
         fds,
         timers: inside.timers,
-        attrs: telefork_image::Attrs { cpus, cgroups, ..inside.attrs },
+        attrs: telefork_image::Attrs { cpus, cgroups, leader, ..inside.attrs },
         locks,
     };
     let header = Header {
@@ -448,14 +448,14 @@ impl OutsideLook {
     }
 }
 
-/// comm, credentials, the small per-process state, the mm fields (but the break), and the
-/// CPUs and cgroups it was put in.
+/// comm, credentials, the small per-process state, the mm fields (but the break), the CPUs
+/// and cgroups it was put in, and what it leads.
 type ProcFiles = (
     String,
     telefork_image::Creds,
     telefork_image::Misc,
     MmFields,
-    (Option<Vec<u32>>, Vec<telefork_image::CgroupMembership>),
+    (Option<Vec<u32>>, Vec<telefork_image::CgroupMembership>, Option<telefork_image::Leader>),
 );
 
 /// What /proc/PID/stat and status tell (each read once, for all that is in them), with a
@@ -468,9 +468,11 @@ fn read_proc_files(pid: Pid) -> Result<ProcFiles> {
     let (misc, comm) = misc::MiscState::capture(from)?;
     let mm = mm::Mm::capture(from)?;
     attrs::refuse_speculation_control(pid, &status)?;
+    attrs::refuse_own_namespaces(pid)?;
     let cpus = attrs::restricted_cpus(status.cpus_allowed.as_deref())?;
     let cgroups = crate::cgroups::capture(pid)?;
-    Ok((comm, creds, misc, mm, (cpus, cgroups)))
+    let leader = attrs::leader(pid, &stat)?;
+    Ok((comm, creds, misc, mm, (cpus, cgroups, leader)))
 }
 
 /// What the capture asked the process itself.

@@ -184,6 +184,7 @@ fn add_version_4_state(p: &mut ProcessImage) {
         securebits: 0x10,
         cpus: Some(vec![0, 2]),
         cgroups: vec![CgroupMembership { controllers: "".into(), path: "/batch/job7".into() }],
+        leader: Some(Leader::Session),
     };
     p.creds.caps = Some(Caps {
         inheritable: 0,

@@ -361,6 +361,16 @@ pub struct Attrs {
     pub cpus: Option<Vec<u32>>,
     /// The cgroups it had been put in, where the program that captured it was not.
     pub cgroups: Vec<CgroupMembership>,
+    /// It led its own session (setsid) or, else, its own process group (setpgid): it leads
+    /// one again after restore (one that was in another's stays in its restorer's).
+    pub leader: Option<Leader>,
+}
+
+/// What a process led.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Leader {
+    Session,
+    ProcessGroup,
 }
 
 /// A cgroup a process is in.

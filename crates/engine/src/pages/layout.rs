@@ -39,6 +39,7 @@ pub fn capture(pid: Pid, maps: &[MapsEntry]) -> Result<Vec<Vma>> {
             m.start, m.end
         )));
     }
+    refuse_aliased_shared_memory(maps)?;
     let mut vmas = Vec::with_capacity(maps.len());
     // A library is mapped four or five times: stat it once (by the device and inode maps
     // names, and the path).
@@ -134,6 +135,35 @@ pub fn capture(pid: Pid, maps: &[MapsEntry]) -> Result<Vec<Vma>> {
         });
     }
     Ok(vmas)
+}
+
+/// Refuses two mappings of the same part of one shared anonymous memory object (made by
+/// mremap with an old size of 0): each mapping is restored as memory of its own, so a write
+/// through one would no longer show through the other. Parts of one object mapped once
+/// each (a shared mapping split by mprotect) are fine.
+fn refuse_aliased_shared_memory(maps: &[MapsEntry]) -> Result<()> {
+    let shared: Vec<&MapsEntry> = maps
+        .iter()
+        .filter(|m| {
+            m.shared && (m.name.starts_with("/dev/zero") || m.name.starts_with("[anon_shmem:"))
+        })
+        .collect();
+    for (i, a) in shared.iter().enumerate() {
+        for b in &shared[i + 1..] {
+            let (a_end, b_end) = (a.offset + (a.end - a.start), b.offset + (b.end - b.start));
+            if a.dev == b.dev && a.inode == b.inode && a.offset < b_end && b.offset < a_end {
+                return Err(crate::error::refusal(
+                    format!(
+                        "mappings {:#x}-{:#x} and {:#x}-{:#x} show the same shared memory",
+                        a.start, a.end, b.start, b.end
+                    ),
+                    "aliased shared anonymous memory is not carried (each mapping would be \
+                     restored as memory of its own)",
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The name an anonymous mapping was given (prctl PR_SET_VMA_ANON_NAME), from its maps
