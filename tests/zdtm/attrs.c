@@ -1,9 +1,12 @@
 /* Process attributes: oom_score_adj, the audit login uid, PR_SET_THP_DISABLE,
  * PR_SET_CHILD_SUBREAPER, timer slack, a membarrier registration, dumpable (cleared, as
- * secret-keeping programs do) and memory-deny-write-execute are the same after restore. */
+ * secret-keeping programs do), memory-deny-write-execute, the scheduling policy
+ * (SCHED_BATCH with SCHED_RESET_ON_FORK), the I/O priority and coredump_filter are the same
+ * after restore. */
 #include "zdtm.h"
 #include <fcntl.h>
 #include <linux/membarrier.h>
+#include <sched.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
 
@@ -50,6 +53,12 @@ int main(void)
 	CHECK(prctl(PR_SET_TIMERSLACK, 123456) == 0, "PR_SET_TIMERSLACK: %s", strerror(errno));
 	int membarrier = syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) == 0;
 	long regs_before = membarrier ? syscall(SYS_membarrier, MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0) : -1;
+	struct sched_param sp = { 0 };
+	CHECK(sched_setscheduler(0, SCHED_BATCH | SCHED_RESET_ON_FORK, &sp) == 0, "sched_setscheduler: %s",
+	      strerror(errno));
+	int ioprio = (2 << 13) | 6; /* best effort, level 6 */
+	CHECK(syscall(SYS_ioprio_set, 1, 0, ioprio) == 0, "ioprio_set: %s", strerror(errno));
+	write_file("/proc/self/coredump_filter", "0x27");
 	CHECK(prctl(PR_SET_DUMPABLE, 0) == 0, "PR_SET_DUMPABLE: %s", strerror(errno));
 	int mdwe = prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0) == 0;
 	printf("loginuid %s, membarrier %s, mdwe %s\n", loginuid_set ? "set" : "not settable here",
@@ -75,6 +84,15 @@ int main(void)
 		      "private expedited membarrier refused: %s", strerror(errno));
 	}
 	CHECK(prctl(PR_GET_DUMPABLE) == 0, "the process is dumpable again (it had made itself not)");
+	int policy = sched_getscheduler(0);
+	CHECK(policy == (SCHED_BATCH | SCHED_RESET_ON_FORK), "scheduling policy %#x, was SCHED_BATCH|RESET_ON_FORK",
+	      policy);
+	long prio = syscall(SYS_ioprio_get, 1, 0);
+	CHECK(prio == ioprio, "I/O priority %#lx, was %#x", prio, ioprio);
+	char buf[32] = { 0 };
+	int fd = open("/proc/self/coredump_filter", O_RDONLY);
+	CHECK(fd >= 0 && read(fd, buf, sizeof buf - 1) > 0, "reading coredump_filter: %s", strerror(errno));
+	CHECK(strtol(buf, NULL, 16) == 0x27, "coredump_filter %s, was 27", buf);
 	if (mdwe)
 		CHECK(prctl(PR_GET_MDWE, 0, 0, 0, 0) == PR_MDWE_REFUSE_EXEC_GAIN, "MDWE was lost");
 	zdtm_pass();

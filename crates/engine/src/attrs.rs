@@ -17,7 +17,7 @@
 
 use anyhow::{bail, Context, Result};
 use nix::unistd::Pid;
-use telefork_image::{Attrs, Leader, ProcessImage};
+use telefork_image::{Attrs, Leader, ProcessImage, Sched};
 
 use crate::inject::{Call, Injector};
 use crate::state::State;
@@ -125,6 +125,9 @@ impl State for AttrState {
             cpus: None,
             cgroups: Vec::new(),
             leader: None,
+            sched: None,
+            ioprio: 0,
+            coredump_filter: None,
         })
     }
 
@@ -160,6 +163,31 @@ impl State for AttrState {
                 "making the process lead a process group again: setpgid",
             )),
             None => {}
+        }
+        if let Some(filter) = a.coredump_filter {
+            let path = format!("/proc/{}/coredump_filter", inj.pid());
+            std::fs::write(&path, format!("{filter:#x}"))
+                .with_context(|| format!("restoring coredump_filter {filter:#x}: {path}"))?;
+        }
+        if let Some(sc) = a.sched {
+            let policy = sc.policy | if sc.reset_on_fork { libc::SCHED_RESET_ON_FORK } else { 0 };
+            let param = inj.stage(&sc.priority.to_ne_bytes())?;
+            calls.push(Call::new(
+                libc::SYS_sched_setscheduler,
+                &[0, policy as u64, param],
+                format!(
+                    "restoring scheduling policy {} (priority {}): sched_setscheduler",
+                    sc.policy, sc.priority
+                ),
+            ));
+        }
+        if a.ioprio != 0 {
+            const IOPRIO_WHO_PROCESS: u64 = 1;
+            calls.push(Call::new(
+                libc::SYS_ioprio_set,
+                &[IOPRIO_WHO_PROCESS, 0, a.ioprio as u64],
+                format!("restoring I/O priority {:#x}: ioprio_set", a.ioprio),
+            ));
         }
         if a.thp_disable {
             calls.push(prctl(&[libc::PR_SET_THP_DISABLE as u64, 1, 0, 0, 0], "PR_SET_THP_DISABLE"));
@@ -226,8 +254,105 @@ pub(crate) fn optional_call(i: usize) -> bool {
     i >= OPTIONAL_FROM
 }
 
+/// The attributes read from outside the process (/proc, and calls made on it by PID), with
+/// the pin's knowledge of its CPUs added by the capture.
+pub(crate) struct OutsideAttrs {
+    pub cpus: Option<Vec<u32>>,
+    pub cgroups: Vec<telefork_image::CgroupMembership>,
+    pub leader: Option<Leader>,
+    pub sched: Option<Sched>,
+    pub ioprio: u32,
+    pub coredump_filter: Option<u32>,
+}
+
+impl OutsideAttrs {
+    /// Reads them, refusing what the engine does not carry (speculation control, a namespace
+    /// or security label of its own, SCHED_DEADLINE).
+    pub(crate) fn capture(
+        pid: Pid,
+        stat: &crate::procfs::Stat,
+        status: &crate::procfs::Status,
+    ) -> Result<OutsideAttrs> {
+        refuse_speculation_control(pid, status)?;
+        refuse_own_namespaces(pid)?;
+        refuse_security_label(pid)?;
+        Ok(OutsideAttrs {
+            cpus: restricted_cpus(status.cpus_allowed.as_deref())?,
+            cgroups: crate::cgroups::capture(pid)?,
+            leader: leader(pid, stat)?,
+            sched: sched(pid)?,
+            ioprio: crate::sys::ioprio_of(pid)?,
+            coredump_filter: coredump_filter(pid)?,
+        })
+    }
+
+    /// `attrs` (what the injected reads found) with these.
+    pub(crate) fn into_attrs(self, attrs: Attrs) -> Attrs {
+        Attrs {
+            cpus: self.cpus,
+            cgroups: self.cgroups,
+            leader: self.leader,
+            sched: self.sched,
+            ioprio: self.ioprio,
+            coredump_filter: self.coredump_filter,
+            ..attrs
+        }
+    }
+}
+
+/// The scheduling policy of `pid`, unless SCHED_OTHER; SCHED_DEADLINE is refused.
+fn sched(pid: Pid) -> Result<Option<Sched>> {
+    let (policy, priority) = crate::sys::sched_of(pid)?;
+    let reset_on_fork = policy & libc::SCHED_RESET_ON_FORK != 0;
+    let policy = policy & !libc::SCHED_RESET_ON_FORK;
+    match policy {
+        libc::SCHED_OTHER if !reset_on_fork => Ok(None),
+        libc::SCHED_OTHER
+        | libc::SCHED_FIFO
+        | libc::SCHED_RR
+        | libc::SCHED_BATCH
+        | libc::SCHED_IDLE => Ok(Some(Sched { policy, priority, reset_on_fork })),
+        6 => Err(crate::error::refusal(
+            format!("process {pid} runs under SCHED_DEADLINE"),
+            "its runtime, deadline and period are not carried",
+        )),
+        p => Err(crate::error::refusal(
+            format!("process {pid}'s scheduling policy {p}"),
+            "the engine does not know it",
+        )),
+    }
+}
+
+/// /proc/PID/coredump_filter, if it differs from the capturer's (what new processes get).
+fn coredump_filter(pid: Pid) -> Result<Option<u32>> {
+    let read = |who: &str| -> Result<u32> {
+        let path = format!("/proc/{who}/coredump_filter");
+        let text = crate::procfs::read_text(&path).with_context(|| format!("reading {path}"))?;
+        u32::from_str_radix(text.trim(), 16).with_context(|| format!("bad {path}: {text:?}"))
+    };
+    let theirs = read(&pid.to_string())?;
+    Ok((theirs != read("self")?).then_some(theirs))
+}
+
+/// Refuses a process whose security label (/proc/PID/attr/current: AppArmor, SELinux, …)
+/// differs from the capturer's: restored with the restorer's, it would leave its confinement.
+fn refuse_security_label(pid: Pid) -> Result<()> {
+    let label = |who: &str| crate::procfs::read_file(&format!("/proc/{who}/attr/current")).ok();
+    let theirs = label(&pid.to_string());
+    // (No security module that labels processes: EINVAL, nothing to compare.)
+    if theirs.is_some() && theirs != label("self") {
+        let shown =
+            String::from_utf8_lossy(theirs.as_deref().unwrap_or_default()).trim().to_string();
+        return Err(crate::error::refusal(
+            format!("process {pid} runs under the security label {shown:?}"),
+            "security labels are not carried: restored with ours, it would leave its confinement",
+        ));
+    }
+    Ok(())
+}
+
 /// What the process leads, from fields 5 (process group) and 6 (session) of its stat.
-pub(crate) fn leader(pid: Pid, stat: &crate::procfs::Stat) -> Result<Option<Leader>> {
+fn leader(pid: Pid, stat: &crate::procfs::Stat) -> Result<Option<Leader>> {
     let (pgrp, session) = (stat.num(5)? as i32, stat.num(6)? as i32);
     Ok(if session == pid.as_raw() {
         Some(Leader::Session)
@@ -241,7 +366,7 @@ pub(crate) fn leader(pid: Pid, stat: &crate::procfs::Stat) -> Result<Option<Lead
 /// Refuses a process whose speculation control (PR_SET_SPECULATION_CTRL, shown in
 /// /proc/PID/status) differs from what a process this engine makes gets: the engine does not
 /// carry it, and a process that asked for a mitigation must not lose it silently.
-pub(crate) fn refuse_speculation_control(pid: Pid, status: &crate::procfs::Status) -> Result<()> {
+fn refuse_speculation_control(pid: Pid, status: &crate::procfs::Status) -> Result<()> {
     if status.speculation.is_empty() {
         return Ok(());
     }
@@ -265,7 +390,7 @@ pub(crate) fn refuse_speculation_control(pid: Pid, status: &crate::procfs::Statu
 /// Refuses a process that lives in a namespace of its own (one the capturer is not in), or
 /// has made one for its children: namespaces are not carried, and restored into the
 /// restorer's, it would see another network, file system tree, PID numbering or clock.
-pub(crate) fn refuse_own_namespaces(pid: Pid) -> Result<()> {
+fn refuse_own_namespaces(pid: Pid) -> Result<()> {
     const KINDS: [&str; 10] = [
         "cgroup",
         "ipc",

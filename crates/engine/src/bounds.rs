@@ -243,6 +243,25 @@ pub fn check_within(img: &ProcessImage, owner: &Owner, here: &Here) -> Result<()
             fmt_limit(nice_rlim)
         ));
     }
+    // Real-time scheduling within RLIMIT_RTPRIO; no real-time I/O class.
+    if let Some(sc) = &img.attrs.sched {
+        if sc.policy == libc::SCHED_FIFO || sc.policy == libc::SCHED_RR {
+            let rtprio = match m.rlimits.iter().find(|l| l.resource == libc::RLIMIT_RTPRIO) {
+                Some(l) => l.soft,
+                None => here.limits.get(libc::RLIMIT_RTPRIO as usize).map_or(0, |l| l.0),
+            };
+            if sc.priority as u64 > rtprio {
+                return refuse(format!(
+                    "image claims real-time priority {}, above its RLIMIT_RTPRIO of {}",
+                    sc.priority,
+                    fmt_limit(rtprio)
+                ));
+            }
+        }
+    }
+    if img.attrs.ioprio >> 13 == 1 {
+        return refuse("image claims the real-time I/O class, which only root grants".into());
+    }
     // Capabilities: only root grants them.
     if let Some(caps) = &c.caps {
         let none = crate::creds::natural_caps(owner.uid);

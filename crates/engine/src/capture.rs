@@ -211,12 +211,11 @@ fn capture_frozen<W: Write + Send>(
             "the /proc reader thread is gone: all of /proc read by the capture's thread".into(),
         ),
     }
-    let (comm, creds, misc, mm, (cpus, cgroups, leader)) = look.proc_files.take()?;
+    let (comm, creds, misc, mm, mut outside_attrs) = look.proc_files.take()?;
     // (Its status may have been read while it was pinned next to us: the pin knows better.)
-    let cpus = match pin.tracee_cpus() {
-        Some(had) => attrs::restricted_cpus(Some(&had))?,
-        None => cpus,
-    };
+    if let Some(had) = pin.tracee_cpus() {
+        outside_attrs.cpus = attrs::restricted_cpus(Some(&had))?;
+    }
     let mm = MmFields { brk: inside.brk, ..mm };
     let (fds, locks) = look.fds.take()?;
     let vmas = match look.vmas.take() {
@@ -240,7 +239,7 @@ fn capture_frozen<W: Write + Send>(
         shared_pending: inside.shared_pending,
         fds,
         timers: inside.timers,
-        attrs: telefork_image::Attrs { cpus, cgroups, leader, ..inside.attrs },
+        attrs: outside_attrs.into_attrs(inside.attrs),
         locks,
     };
     let header = Header {
@@ -448,15 +447,10 @@ impl OutsideLook {
     }
 }
 
-/// comm, credentials, the small per-process state, the mm fields (but the break), the CPUs
-/// and cgroups it was put in, and what it leads.
-type ProcFiles = (
-    String,
-    telefork_image::Creds,
-    telefork_image::Misc,
-    MmFields,
-    (Option<Vec<u32>>, Vec<telefork_image::CgroupMembership>, Option<telefork_image::Leader>),
-);
+/// comm, credentials, the small per-process state, the mm fields (but the break), and the
+/// attributes read from outside.
+type ProcFiles =
+    (String, telefork_image::Creds, telefork_image::Misc, MmFields, attrs::OutsideAttrs);
 
 /// What /proc/PID/stat and status tell (each read once, for all that is in them), with a
 /// few more files.
@@ -467,12 +461,8 @@ fn read_proc_files(pid: Pid) -> Result<ProcFiles> {
     let creds = creds::Credentials::capture(from)?;
     let (misc, comm) = misc::MiscState::capture(from)?;
     let mm = mm::Mm::capture(from)?;
-    attrs::refuse_speculation_control(pid, &status)?;
-    attrs::refuse_own_namespaces(pid)?;
-    let cpus = attrs::restricted_cpus(status.cpus_allowed.as_deref())?;
-    let cgroups = crate::cgroups::capture(pid)?;
-    let leader = attrs::leader(pid, &stat)?;
-    Ok((comm, creds, misc, mm, (cpus, cgroups, leader)))
+    let outside = attrs::OutsideAttrs::capture(pid, &stat, &status)?;
+    Ok((comm, creds, misc, mm, outside))
 }
 
 /// What the capture asked the process itself.

@@ -364,6 +364,23 @@ pub struct Attrs {
     /// It led its own session (setsid) or, else, its own process group (setpgid): it leads
     /// one again after restore (one that was in another's stays in its restorer's).
     pub leader: Option<Leader>,
+    /// Its scheduling policy, where not SCHED_OTHER (the nice value is in `Misc`).
+    pub sched: Option<Sched>,
+    /// Its I/O priority (ioprio_set's value; 0: none set).
+    pub ioprio: u32,
+    /// /proc/PID/coredump_filter, where it differs from the machine's default.
+    pub coredump_filter: Option<u32>,
+}
+
+/// A scheduling policy (sched_setscheduler).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sched {
+    /// SCHED_FIFO, SCHED_RR, SCHED_BATCH or SCHED_IDLE.
+    pub policy: i32,
+    /// The real-time priority (FIFO, RR), else 0.
+    pub priority: i32,
+    /// SCHED_RESET_ON_FORK.
+    pub reset_on_fork: bool,
 }
 
 /// What a process led.

@@ -299,6 +299,9 @@ fn add_version_4_state(p: &mut ProcessImage) {
         cpus: Some(vec![0, 2]),
         cgroups: vec![CgroupMembership { controllers: "".into(), path: "/batch/job7".into() }],
         leader: Some(Leader::Session),
+        sched: Some(Sched { policy: 3, priority: 0, reset_on_fork: true }),
+        ioprio: (2 << 13) | 4,
+        coredump_filter: Some(0x23),
     };
     p.creds.caps = Some(Caps {
         inheritable: 0,

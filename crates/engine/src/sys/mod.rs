@@ -107,6 +107,38 @@ pub(crate) fn set_thread_groups(groups: &[u32]) -> std::io::Result<()> {
     Ok(rustix::thread::set_thread_groups(&groups)?)
 }
 
+/// ioprio_get(IOPRIO_WHO_PROCESS, pid): its I/O priority (0 when none was set).
+pub(crate) fn ioprio_of(pid: Pid) -> Result<u32> {
+    const IOPRIO_WHO_PROCESS: libc::c_int = 1;
+    // SAFETY: ioprio_get takes two integers and touches no memory of ours.
+    let r = unsafe { libc::syscall(libc::SYS_ioprio_get, IOPRIO_WHO_PROCESS, pid.as_raw()) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("ioprio_get of process {pid}"));
+    }
+    // (A process that never set one reads as IOPRIO_CLASS_NONE, with some data on older
+    // kernels: none set.)
+    Ok(if r as u32 >> 13 == 0 { 0 } else { r as u32 })
+}
+
+/// sched_getscheduler and sched_getparam of `pid`: its policy (with SCHED_RESET_ON_FORK)
+/// and real-time priority.
+pub(crate) fn sched_of(pid: Pid) -> Result<(i32, i32)> {
+    // SAFETY: takes an integer and touches no memory of ours.
+    let policy = unsafe { libc::sched_getscheduler(pid.as_raw()) };
+    if policy < 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("sched_getscheduler of process {pid}"));
+    }
+    let mut param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: the kernel writes one sched_param into `param`, which lives through the call.
+    if unsafe { libc::sched_getparam(pid.as_raw(), &mut param) } < 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("sched_getparam of process {pid}"));
+    }
+    Ok((policy, param.sched_priority))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
