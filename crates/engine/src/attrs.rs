@@ -109,10 +109,9 @@ impl State for AttrState {
                 "include one the engine does not know",
             ));
         }
-        let loginuid = read_loginuid(&format!("/proc/{pid}/loginuid"))?;
         Ok(Attrs {
-            oom_score_adj: read_oom_score_adj(pid)?,
-            loginuid: Some(loginuid),
+            oom_score_adj: 0,
+            loginuid: None,
             thp_disable: r(THP) != 0,
             child_subreaper: int_at(from.reads.subreaper)? != 0,
             dumpable: Some(r(DUMPABLE) as u32),
@@ -263,6 +262,8 @@ pub(crate) struct OutsideAttrs {
     pub sched: Option<Sched>,
     pub ioprio: u32,
     pub coredump_filter: Option<u32>,
+    pub oom_score_adj: i32,
+    pub loginuid: u32,
 }
 
 impl OutsideAttrs {
@@ -278,11 +279,13 @@ impl OutsideAttrs {
         refuse_security_label(pid)?;
         Ok(OutsideAttrs {
             cpus: restricted_cpus(status.cpus_allowed.as_deref())?,
-            cgroups: crate::cgroups::capture(pid)?,
+            cgroups: crate::cgroups::capture(pid, &own_view()?.cgroups)?,
             leader: leader(pid, stat)?,
             sched: sched(pid)?,
             ioprio: crate::sys::ioprio_of(pid)?,
             coredump_filter: coredump_filter(pid)?,
+            oom_score_adj: read_oom_score_adj(pid)?,
+            loginuid: read_loginuid(&format!("/proc/{pid}/loginuid"))?,
         })
     }
 
@@ -295,9 +298,61 @@ impl OutsideAttrs {
             sched: self.sched,
             ioprio: self.ioprio,
             coredump_filter: self.coredump_filter,
+            oom_score_adj: self.oom_score_adj,
+            loginuid: Some(self.loginuid),
             ..attrs
         }
     }
+}
+
+/// What the capturing process itself has of what is compared against (its namespaces,
+/// cgroups, speculation control, security label, coredump_filter) and the CPUs online:
+/// read once per process (`warm_up` reads it ahead of a capture).
+struct OwnView {
+    namespaces: Vec<(&'static str, Option<std::path::PathBuf>)>,
+    cgroups: Vec<(String, String)>,
+    speculation: Vec<(String, String)>,
+    label: Option<Vec<u8>>,
+    coredump_filter: Option<u32>,
+    online_cpus: Vec<u32>,
+}
+
+const NAMESPACES: [&str; 10] = [
+    "cgroup",
+    "ipc",
+    "mnt",
+    "net",
+    "pid",
+    "pid_for_children",
+    "time",
+    "time_for_children",
+    "user",
+    "uts",
+];
+
+fn own_view() -> Result<&'static OwnView> {
+    static VIEW: std::sync::OnceLock<OwnView> = std::sync::OnceLock::new();
+    if let Some(v) = VIEW.get() {
+        return Ok(v);
+    }
+    let status = crate::procfs::read_status(Pid::this())?;
+    let view = OwnView {
+        namespaces: NAMESPACES
+            .iter()
+            .map(|k| (*k, std::fs::read_link(format!("/proc/self/ns/{k}")).ok()))
+            .collect(),
+        cgroups: crate::cgroups::own()?,
+        speculation: status.speculation,
+        label: crate::procfs::read_file("/proc/self/attr/current").ok(),
+        coredump_filter: read_coredump_filter("self").ok(),
+        online_cpus: crate::procfs::online_cpus()?,
+    };
+    Ok(VIEW.get_or_init(|| view))
+}
+
+/// Reads what captures compare against once, ahead of them.
+pub(crate) fn warm_up() {
+    let _ = own_view();
 }
 
 /// The scheduling policy of `pid`, unless SCHED_OTHER; SCHED_DEADLINE is refused.
@@ -323,24 +378,24 @@ fn sched(pid: Pid) -> Result<Option<Sched>> {
     }
 }
 
+fn read_coredump_filter(who: &str) -> Result<u32> {
+    let path = format!("/proc/{who}/coredump_filter");
+    let text = crate::procfs::read_text(&path).with_context(|| format!("reading {path}"))?;
+    u32::from_str_radix(text.trim(), 16).with_context(|| format!("bad {path}: {text:?}"))
+}
+
 /// /proc/PID/coredump_filter, if it differs from the capturer's (what new processes get).
 fn coredump_filter(pid: Pid) -> Result<Option<u32>> {
-    let read = |who: &str| -> Result<u32> {
-        let path = format!("/proc/{who}/coredump_filter");
-        let text = crate::procfs::read_text(&path).with_context(|| format!("reading {path}"))?;
-        u32::from_str_radix(text.trim(), 16).with_context(|| format!("bad {path}: {text:?}"))
-    };
-    let theirs = read(&pid.to_string())?;
-    Ok((theirs != read("self")?).then_some(theirs))
+    let theirs = read_coredump_filter(&pid.to_string())?;
+    Ok((Some(theirs) != own_view()?.coredump_filter).then_some(theirs))
 }
 
 /// Refuses a process whose security label (/proc/PID/attr/current: AppArmor, SELinux, …)
 /// differs from the capturer's: restored with the restorer's, it would leave its confinement.
 fn refuse_security_label(pid: Pid) -> Result<()> {
-    let label = |who: &str| crate::procfs::read_file(&format!("/proc/{who}/attr/current")).ok();
-    let theirs = label(&pid.to_string());
+    let theirs = crate::procfs::read_file(&format!("/proc/{pid}/attr/current")).ok();
     // (No security module that labels processes: EINVAL, nothing to compare.)
-    if theirs.is_some() && theirs != label("self") {
+    if theirs.is_some() && theirs != own_view()?.label {
         let shown =
             String::from_utf8_lossy(theirs.as_deref().unwrap_or_default()).trim().to_string();
         return Err(crate::error::refusal(
@@ -370,9 +425,9 @@ fn refuse_speculation_control(pid: Pid, status: &crate::procfs::Status) -> Resul
     if status.speculation.is_empty() {
         return Ok(());
     }
-    let ours = crate::procfs::read_status(Pid::this())?;
+    let ours = &own_view()?.speculation;
     for (key, value) in &status.speculation {
-        let mine = ours.speculation.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+        let mine = ours.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
         if mine != Some(value.as_str()) {
             return Err(crate::error::refusal(
                 format!("process {pid}'s speculation control ({key}: {value})"),
@@ -391,19 +446,7 @@ fn refuse_speculation_control(pid: Pid, status: &crate::procfs::Status) -> Resul
 /// has made one for its children: namespaces are not carried, and restored into the
 /// restorer's, it would see another network, file system tree, PID numbering or clock.
 fn refuse_own_namespaces(pid: Pid) -> Result<()> {
-    const KINDS: [&str; 10] = [
-        "cgroup",
-        "ipc",
-        "mnt",
-        "net",
-        "pid",
-        "pid_for_children",
-        "time",
-        "time_for_children",
-        "user",
-        "uts",
-    ];
-    for kind in KINDS {
+    for (kind, ours) in &own_view()?.namespaces {
         let theirs = match std::fs::read_link(format!("/proc/{pid}/ns/{kind}")) {
             Ok(l) => l,
             // (A kernel without this kind of namespace.)
@@ -412,7 +455,6 @@ fn refuse_own_namespaces(pid: Pid) -> Result<()> {
                 return Err(e).with_context(|| format!("reading /proc/{pid}/ns/{kind}"));
             }
         };
-        let ours = std::fs::read_link(format!("/proc/self/ns/{kind}")).ok();
         if ours.as_ref() != Some(&theirs) {
             let what = if kind.ends_with("_for_children") {
                 format!(
@@ -436,7 +478,7 @@ fn refuse_own_namespaces(pid: Pid) -> Result<()> {
 /// The CPUs the process is restricted to (`allowed`), if fewer than this machine has online.
 pub(crate) fn restricted_cpus(allowed: Option<&[u32]>) -> Result<Option<Vec<u32>>> {
     let Some(allowed) = allowed else { return Ok(None) };
-    let online = crate::procfs::online_cpus()?;
+    let online = &own_view()?.online_cpus;
     Ok(if online.iter().all(|c| allowed.contains(c)) { None } else { Some(allowed.to_vec()) })
 }
 

@@ -304,6 +304,8 @@ impl OutsideReader {
     /// # Errors
     /// If the thread cannot be started.
     pub fn start() -> std::result::Result<OutsideReader, crate::Error> {
+        // (What every capture compares against, read once now rather than during one.)
+        crate::attrs::warm_up();
         let (jobs, next_job) = std::sync::mpsc::channel::<OutsideJob>();
         let tid = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
         let its_tid = tid.clone();

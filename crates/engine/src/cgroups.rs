@@ -38,10 +38,14 @@ fn read(pid: &str) -> Result<Vec<(String, String)>> {
     parse(&text).with_context(|| format!("parsing {path}"))
 }
 
-/// The cgroups process `pid` is in where the capturer is not.
-pub(crate) fn capture(pid: Pid) -> Result<Vec<CgroupMembership>> {
+/// The cgroups this process is in (`capture` compares against them).
+pub(crate) fn own() -> Result<Vec<(String, String)>> {
+    read("self")
+}
+
+/// The cgroups process `pid` is in where the capturer (`ours`, from `own`) is not.
+pub(crate) fn capture(pid: Pid, ours: &[(String, String)]) -> Result<Vec<CgroupMembership>> {
     let theirs = read(&pid.to_string())?;
-    let ours = read("self")?;
     Ok(theirs
         .into_iter()
         .filter(|(c, p)| !ours.iter().any(|(oc, op)| oc == c && op == p))

@@ -122,14 +122,22 @@ const SECBIT_KEEP_CAPS: u32 = 1 << 4;
 const SECBIT_KEEP_CAPS_LOCKED: u32 = 1 << 5;
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
-/// All capabilities this kernel knows.
+/// Reads the capabilities the kernel knows ahead of a restore.
+pub(crate) fn warm_up() {
+    all_caps();
+}
+
+/// All capabilities this kernel knows (read once).
 fn all_caps() -> u64 {
-    let last = crate::procfs::read_text("/proc/sys/kernel/cap_last_cap")
-        .ok()
-        .and_then(|t| t.trim().parse::<u32>().ok())
-        .unwrap_or(40)
-        .min(63);
-    u64::MAX >> (63 - last)
+    static ALL: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *ALL.get_or_init(|| {
+        let last = crate::procfs::read_text("/proc/sys/kernel/cap_last_cap")
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok())
+            .unwrap_or(40)
+            .min(63);
+        u64::MAX >> (63 - last)
+    })
 }
 
 /// The capability sets a change to the image's uids leaves (root keeps all, anyone else
@@ -186,8 +194,9 @@ impl CapsPlan {
     /// the change of uid.
     fn before_ids(&self) -> Vec<Call> {
         let mut calls = Vec::new();
+        let all = all_caps();
         for cap in 0..64u64 {
-            if all_caps() & (1 << cap) != 0 && self.caps.bounding & (1 << cap) == 0 {
+            if all & (1 << cap) != 0 && self.caps.bounding & (1 << cap) == 0 {
                 calls.push(Call::new(
                     libc::SYS_prctl,
                     &[libc::PR_CAPBSET_DROP as u64, cap],

@@ -75,6 +75,15 @@ pub fn injected_calls() -> u64 {
 pub fn learn_cpu() {
     arch::native::learn_cpu();
 }
+
+/// Learns, once per process, what every capture and restore compares a process against:
+/// this process's own namespaces, cgroups, security label and speculation control, the CPUs
+/// online and the capabilities the kernel knows. A daemon calls this before it forks its
+/// sessions (which share those), so that no capture reads them again.
+pub fn learn_host() {
+    attrs::warm_up();
+    creds::warm_up();
+}
 /// A `never`/`always` switch from the environment: `Some(false)`, `Some(true)`, or `None` for
 /// the default (unset, or anything else, which is said and ignored).
 pub(crate) fn never_or_always(var: &str) -> Option<bool> {

@@ -68,6 +68,9 @@ pub fn run(cfg: Config) -> Result<()> {
     // (aws-lc reads the CPU's features in a constructor when the program loads, so the
     // sessions inherit them: nothing to warm there.)
     telefork_engine::learn_cpu();
+    // And what captures and restores compare a process against (this daemon's namespaces,
+    // cgroups, …: its sessions share them).
+    telefork_engine::learn_host();
     let tcp = TcpListener::bind(shared.cfg.listen)
         .with_context(|| format!("listening on {}", shared.cfg.listen))?;
     let unix = bind_unix(&shared.cfg.socket)?;
