@@ -740,6 +740,10 @@ fn locks() {
     c_test("locks");
 }
 
+fn anon_fds() {
+    c_test("anon_fds");
+}
+
 /// Capabilities a non-root process kept are not granted from an image on its owner's word
 /// (restore refuses, naming them), and are given exactly with `--trust-image`.
 fn caps() {
@@ -1425,6 +1429,7 @@ const TESTS: &[(&str, fn())] = &[
     ("attrs", attrs),
     ("mem_flags", mem_flags),
     ("locks", locks),
+    ("anon_fds", anon_fds),
     ("caps", caps),
     ("fds", fds),
     ("big_1g", big_1g),

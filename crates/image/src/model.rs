@@ -284,6 +284,20 @@ pub enum FdKind {
     /// A terminal or pipe on fd 0/1/2 at capture: bound to the restoring command's own fd of
     /// the same number.
     InheritedStdio,
+    /// An eventfd: its counter and mode (version 4).
+    EventFd { count: u64, semaphore: bool, nonblock: bool },
+    /// A timerfd: its clock, what is left and the interval, expirations not read yet, and
+    /// how it was set (TFD_TIMER_ABSTIME, TFD_TIMER_CANCEL_ON_SET) (version 4).
+    TimerFd {
+        clock: i32,
+        nonblock: bool,
+        settime_flags: u32,
+        value_ns: u64,
+        interval_ns: u64,
+        ticks: u64,
+    },
+    /// A signalfd: the signals it takes (bit n-1: signal n) (version 4).
+    SignalFd { mask: u64, nonblock: bool },
 }
 
 /// The interval timers (setitimer(2), alarm(2)) and POSIX timers (timer_create(2)).

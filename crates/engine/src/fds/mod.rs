@@ -24,8 +24,11 @@ use crate::procfs::{self, FdInfo};
 use crate::state::State;
 use telefork_image::{Fd, FdKind, FileLock, ProcessImage};
 
+pub(crate) mod eventfd;
 pub(crate) mod path;
+pub(crate) mod signalfd;
 pub(crate) mod stdio;
+pub(crate) mod timerfd;
 
 /// The fds, as one kind of state (`State`); each kind of fd is a `Kind` of its own.
 pub(crate) struct Fds;
@@ -102,6 +105,58 @@ fn probe(pid: Pid, fd: i32) -> Result<Probe> {
         mtime_nsec: st.st_mtime_nsec,
         info,
     })
+}
+
+/// The calls that put a new open file description, now on fd `tmp`, on the fd number of
+/// every member (with its close-on-exec flag), and close `tmp` unless it is one of them.
+/// `name` says what it is, for errors.
+pub(crate) fn onto_members(tmp: u64, members: &[&Fd], name: &str) -> Vec<Call> {
+    let mut calls = Vec::new();
+    let mut keep_tmp = false;
+    for m in members {
+        if m.fd as u64 == tmp {
+            keep_tmp = true;
+            let fl = if m.cloexec { libc::FD_CLOEXEC } else { 0 };
+            calls.push(Call::new(
+                libc::SYS_fcntl,
+                &[tmp, libc::F_SETFD as u64, fl as u64],
+                format!("restoring fd {} ({name}): fcntl(F_SETFD)", m.fd),
+            ));
+        } else {
+            let fl = if m.cloexec { libc::O_CLOEXEC } else { 0 };
+            calls.push(Call::new(
+                libc::SYS_dup3,
+                &[tmp, m.fd as u64, fl as u64],
+                format!("restoring fd {} ({name}): dup3", m.fd),
+            ));
+        }
+    }
+    if !keep_tmp {
+        calls.push(Call::new(
+            libc::SYS_close,
+            &[tmp],
+            format!("restoring {name}: closing the temporary fd {tmp}"),
+        ));
+    }
+    calls
+}
+
+/// Creates a new open file description in the process with `nr(args)` (an fd-returning
+/// call: eventfd2, timerfd_create, signalfd4, …), then runs `setup(fd)` and puts it on every
+/// member's number, in one batch.
+pub(crate) fn create_onto_members(
+    inj: &mut Injector,
+    members: &[&Fd],
+    (nr, args): (libc::c_long, &[u64]),
+    name: &str,
+    setup: impl FnOnce(&mut Injector, u64) -> Result<Vec<Call>>,
+) -> Result<()> {
+    let what = format!("restoring fd {} ({name})", members[0].fd);
+    let tmp = inj.syscall(nr, args, format!("{what}: creating it"))?;
+    let mut calls = setup(inj, tmp)?;
+    calls.extend(onto_members(tmp, members, name));
+    inj.run_batch(&calls)?;
+    Ok(())
 }
 
 /// The kind of namespace an fd on an nsfs file (`net:[4026531840]`) refers to.
@@ -199,6 +254,12 @@ fn capture(look: FdsLook) -> Result<(Vec<Fd>, Vec<FileLock>)> {
         } else if let Some(k) = stdio::Stdio::capture(&p)? {
             k
         } else if let Some(k) = path::ByPath::capture(&p)? {
+            k
+        } else if let Some(k) = eventfd::EventFd::capture(&p)? {
+            k
+        } else if let Some(k) = timerfd::TimerFd::capture(&p)? {
+            k
+        } else if let Some(k) = signalfd::SignalFd::capture(&p)? {
             k
         } else {
             let kind = describe_kind(&p);
@@ -342,6 +403,9 @@ fn restore(inj: &mut Injector, fds: &[Fd]) -> Result<()> {
         match &first.kind {
             FdKind::InheritedStdio => stdio::Stdio::restore(inj, members)?,
             FdKind::Path { .. } => path::ByPath::restore(inj, members)?,
+            FdKind::EventFd { .. } => eventfd::EventFd::restore(inj, members)?,
+            FdKind::TimerFd { .. } => timerfd::TimerFd::restore(inj, members)?,
+            FdKind::SignalFd { .. } => signalfd::SignalFd::restore(inj, members)?,
         }
     }
     if lifted {
@@ -371,7 +435,7 @@ mod classify_tests {
             size: 3,
             mtime_sec: 4,
             mtime_nsec: 5,
-            info: FdInfo { pos: 7, flags: 0o100002, cloexec: false, locks: vec![] },
+            info: FdInfo { pos: 7, flags: 0o100002, cloexec: false, locks: vec![], fields: vec![] },
         }
     }
     const PTS0: u64 = 136 << 8;

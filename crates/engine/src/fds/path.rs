@@ -161,32 +161,7 @@ fn restore(inj: &mut Injector, members: &[&Fd]) -> Result<()> {
             format!("{what}: lseek to {pos}"),
         ));
     }
-    let mut keep_tmp = false;
-    for m in members {
-        if m.fd as u64 == tmp {
-            keep_tmp = true;
-            let fl = if m.cloexec { libc::FD_CLOEXEC } else { 0 };
-            calls.push(Call::new(
-                libc::SYS_fcntl,
-                &[tmp, libc::F_SETFD as u64, fl as u64],
-                format!("restoring fd {} ({}): fcntl(F_SETFD)", m.fd, id.path),
-            ));
-        } else {
-            let fl = if m.cloexec { libc::O_CLOEXEC } else { 0 };
-            calls.push(Call::new(
-                libc::SYS_dup3,
-                &[tmp, m.fd as u64, fl as u64],
-                format!("restoring fd {} ({}): dup3", m.fd, id.path),
-            ));
-        }
-    }
-    if !keep_tmp {
-        calls.push(Call::new(
-            libc::SYS_close,
-            &[tmp],
-            format!("{what}: closing the temporary fd {tmp}"),
-        ));
-    }
+    calls.extend(super::onto_members(tmp, members, &id.path));
     inj.run_batch(&calls)?;
     Ok(())
 }

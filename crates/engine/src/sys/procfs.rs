@@ -402,6 +402,16 @@ pub(crate) struct FdInfo {
     pub cloexec: bool,
     /// The locks held through it (see `parse_fdinfo_locks`).
     pub locks: Vec<FdLock>,
+    /// Every other `key: value` line, as the kind of file shows its state there
+    /// (`eventfd-count`, `clockid`, `sigmask`, …).
+    pub fields: Vec<(String, String)>,
+}
+
+impl FdInfo {
+    /// The value of line `key`, if there is one.
+    pub fn field(&self, key: &str) -> Option<&str> {
+        self.fields.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
 }
 
 /// /proc/PID/fdinfo/N of fd `fd` of process `pid`.
@@ -432,6 +442,12 @@ pub(crate) fn parse_fdinfo(text: &str) -> Result<FdInfo> {
         flags: flags & !FDINFO_O_CLOEXEC,
         cloexec: flags & FDINFO_O_CLOEXEC != 0,
         locks: parse_fdinfo_locks(text)?,
+        fields: text
+            .lines()
+            .filter(|l| !l.starts_with("lock:"))
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect(),
     })
 }
 
@@ -810,9 +826,11 @@ mod tests {
     #[test]
     fn fdinfo() {
         let i = parse_fdinfo("pos:\t4096\nflags:\t02100002\nmnt_id:\t25\nino:\t1234\n").unwrap();
-        assert_eq!(i, FdInfo { pos: 4096, flags: 0o100002, cloexec: true, locks: vec![] });
-        let i = parse_fdinfo("pos:\t0\nflags:\t0100000\nmnt_id:\t25\n").unwrap();
-        assert_eq!(i, FdInfo { pos: 0, flags: 0o100000, cloexec: false, locks: vec![] });
+        assert_eq!((i.pos, i.flags, i.cloexec), (4096, 0o100002, true));
+        assert_eq!(i.field("ino"), Some("1234"));
+        let i = parse_fdinfo("pos:\t0\nflags:\t0100000\nmnt_id:\t25\neventfd-count: 7\n").unwrap();
+        assert_eq!((i.pos, i.flags, i.cloexec), (0, 0o100000, false));
+        assert_eq!(i.field("eventfd-count"), Some("7"));
         assert!(parse_fdinfo("pos:\t0\n").is_err());
         assert!(parse_fdinfo("pos:\tx\nflags:\t0\n").is_err());
         assert!(parse_fdinfo("pos:\t1\nflags:\t9\n").is_err());
