@@ -235,6 +235,8 @@ fn dump(pid: i32, out: &Path, leave_running: bool, ignore_children: bool) -> Res
         page_route: None,
         outside_reader: None,
         ignore_children,
+        // (A checkpoint: the image holds copies of its fds' state.)
+        fork_copy: false,
     };
     let commit = |w: BufWriter<File>| -> Result<()> {
         let f = w.into_inner().map_err(|e| e.into_error()).context("writing the image")?;

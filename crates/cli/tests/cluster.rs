@@ -1332,9 +1332,9 @@ fn killed_session(c: &Ctx) {
     );
 }
 
-/// 21. Refusals that come while the image is still arriving reach the caller with their
-///     reason: a mapped file missing on the destination, and a state directory that cannot
-///     record the session.
+/// 21. Refusals reach the caller with their reason: an fd the child would share with its
+///     parent (refused on node1), and, while the image is still arriving, a mapped file
+///     missing on the destination and a state directory that cannot record the session.
 fn refusal_reasons(c: &Ctx) {
     // Each node has its own /run/telefork: a file there exists on node1 only.
     let file = "/run/telefork/only-on-node1";
@@ -1358,6 +1358,18 @@ fn refusal_reasons(c: &Ctx) {
         r.get("kind") == Some("failed node=node2 stage=Restore") && err.contains("only-on-node1"),
         "the caller must hear which file node2 lacks:\n{r}"
     );
+
+    // An eventfd the child would share with its parent: refused by name, before anything
+    // leaves node1.
+    let r = c.probe("node1", &["fork", "node2", "--hold-eventfd"], Duration::from_secs(40));
+    let err = r.want("error").to_string();
+    assert!(
+        r.get("kind") == Some("cannot-carry node=node1")
+            && err.contains("anon_inode:[eventfd]")
+            && err.contains("share it with its parent"),
+        "the caller must hear which fd cannot travel, and why:\n{r}"
+    );
+    assert!(r.get("host").is_none() && r.has("parent ok"), "{r}");
 
     // node2's sessions directory replaced by a file: it cannot record a session.
     let sessions = c.dir.join("node2").join("state").join("sessions");

@@ -68,6 +68,17 @@ impl TempDir {
         fs::create_dir_all(&p).unwrap();
         TempDir(p)
     }
+
+    /// A directory any user can reach (0755 under /tmp): for a target that gives up root,
+    /// whose executable and working directory its new owner must still reach at restore
+    /// (the build directory may sit in a checkout only root can enter).
+    fn public(name: &str) -> TempDir {
+        use std::os::unix::fs::PermissionsExt;
+        let p = std::env::temp_dir().join(format!("telefork-zdtm-{}", unique(name)));
+        fs::create_dir(&p).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+        TempDir(p)
+    }
     fn path(&self) -> &Path {
         &self.0
     }
@@ -412,8 +423,20 @@ struct Run {
 
 impl Run {
     fn new(name: &str, exe: PathBuf) -> Run {
+        Run::in_dir(name, exe, TempDir::new(name))
+    }
+
+    /// A run for a target that gives up root: it runs in, and from, a directory any user
+    /// can reach (`TempDir::public`), with its executable copied there.
+    fn reachable_by_anyone(name: &str, exe: PathBuf) -> Run {
+        let dir = TempDir::public(name);
+        let copy = dir.path().join(exe.file_name().unwrap());
+        fs::copy(&exe, &copy).unwrap();
+        Run::in_dir(name, copy, dir)
+    }
+
+    fn in_dir(name: &str, exe: PathBuf, dir: TempDir) -> Run {
         warn_if_not_root();
-        let dir = TempDir::new(name);
         let go = dir.path().join("go");
         let img = dir.path().join("image.img");
         let mut marker = b"ZDTM_GO=".to_vec();
@@ -744,11 +767,15 @@ fn anon_fds() {
     c_test("anon_fds");
 }
 
+fn pipes() {
+    c_test("pipes");
+}
+
 /// Capabilities a non-root process kept are not granted from an image on its owner's word
 /// (restore refuses, naming them), and are given exactly with `--trust-image`.
 fn caps() {
     let exe = compile_c("caps.c", "caps", &[]);
-    let mut run = Run::new("caps", exe);
+    let mut run = Run::reachable_by_anyone("caps", exe);
     assert!(run.start(&[]));
     run.dump(DUMP_TIMEOUT);
     let err = restore_must_fail(&mut run, "capabilities its owner does not have");
@@ -1075,7 +1102,10 @@ fn restore_must_fail(run: &mut Run, what: &str) -> String {
 /// An fd opened before the process dropped root is not reopened with the restorer's
 /// privilege: the restore fails naming the fd and the reason.
 fn refuse_fd_before_setuid() {
-    let mut run = c_dumped("fd_before_setuid.c", "refuse_fd_before_setuid");
+    let exe = compile_c("fd_before_setuid.c", "refuse_fd_before_setuid", &[]);
+    let mut run = Run::reachable_by_anyone("refuse_fd_before_setuid", exe);
+    assert!(run.start(&[]));
+    run.dump(DUMP_TIMEOUT);
     let err = restore_must_fail(&mut run, "an fd its owner may not open");
     assert!(
         names_number(&err, 5) && err.contains("before giving up privileges"),
@@ -1430,6 +1460,7 @@ const TESTS: &[(&str, fn())] = &[
     ("mem_flags", mem_flags),
     ("locks", locks),
     ("anon_fds", anon_fds),
+    ("pipes", pipes),
     ("caps", caps),
     ("fds", fds),
     ("big_1g", big_1g),

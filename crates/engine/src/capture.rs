@@ -42,6 +42,11 @@ pub struct DumpOptions<'a> {
     pub page_route: Option<PageRoute<'a>>,
     /// A /proc reader started ahead of time (else one is started for this capture).
     pub outside_reader: Option<&'a OutsideReader>,
+    /// The process is a fresh fork of one that keeps running (a telefork): fds whose open
+    /// file description it shares with the original and whose sharing cannot be kept across
+    /// machines yet (pipes, eventfds, timerfds, signalfds) are refused rather than copied,
+    /// and file locks (the original's) are not taken.
+    pub fork_copy: bool,
     /// Capture a process that has children (or unreaped zombies) on its own. Without this,
     /// such a process is refused, naming them: process trees are not captured yet, and the
     /// restored process would find its children gone (`wait` gives ECHILD).
@@ -187,7 +192,7 @@ fn capture_frozen<W: Write + Send>(
         }
     };
     let (maps_tx, maps_rx) = std::sync::mpsc::sync_channel(1);
-    let look = std::sync::Arc::new(OutsideLook::new(pid, opts.inherit_stdio, opts.leave_running));
+    let look = std::sync::Arc::new(OutsideLook::new(pid, opts));
     // (However this ends, the reader begins nothing more of it afterwards.)
     let _finished = look.finish_on_drop();
     let reader_done = reader.read(&look, maps_rx, pin.others());
@@ -354,6 +359,7 @@ struct OutsideLook {
     pid: Pid,
     inherit_stdio: bool,
     leave_running: bool,
+    fork_copy: bool,
     /// Bit per part: taken by a thread.
     taken: std::sync::atomic::AtomicU8,
     proc_files: Part<ProcFiles>,
@@ -402,11 +408,12 @@ impl OutsideLook {
         Finish(self)
     }
 
-    fn new(pid: Pid, inherit_stdio: bool, leave_running: bool) -> OutsideLook {
+    fn new(pid: Pid, opts: &DumpOptions) -> OutsideLook {
         OutsideLook {
             pid,
-            inherit_stdio,
-            leave_running,
+            inherit_stdio: opts.inherit_stdio,
+            leave_running: opts.leave_running,
+            fork_copy: opts.fork_copy,
             taken: std::sync::atomic::AtomicU8::new(0),
             proc_files: Part::default(),
             vmas: Part::default(),
@@ -438,7 +445,8 @@ impl OutsideLook {
                     let from = fds::FdsLook {
                         pid: self.pid,
                         inherit_stdio: self.inherit_stdio,
-                        leave_locks: self.leave_running,
+                        leave_locks: self.leave_running || self.fork_copy,
+                        fork_copy: self.fork_copy,
                     };
                     self.fds.put(fds::Fds::capture(from));
                     "fds read"

@@ -298,6 +298,11 @@ pub enum FdKind {
     },
     /// A signalfd: the signals it takes (bit n-1: signal n) (version 4).
     SignalFd { mask: u64, nonblock: bool },
+    /// One end of a pipe (version 4): which pipe (its inode at capture, pairing the ends),
+    /// which end, its open flags, the pipe's size, the bytes buffered in it (on one read
+    /// end of a pipe whose both ends the process holds), and whether its other end is held
+    /// outside the process (then the pipe is found again, not made).
+    Pipe { ino: u64, write: bool, flags: u32, size: u32, data: Vec<u8>, external: bool },
 }
 
 /// The interval timers (setitimer(2), alarm(2)) and POSIX timers (timer_create(2)).

@@ -604,6 +604,8 @@ fn send_away(
         outside_reader: reader,
         // (A fresh fork of the caller: it has no children; were one there, refuse.)
         ignore_children: false,
+        // It shares its open files with the caller, which runs on.
+        fork_copy: true,
     };
     let mut started = None;
     let mut t_sent = t_stopped;

@@ -38,6 +38,8 @@
 //!   - `--interval-ms N`   pause between those lines
 //!   - `--sleep-ms N`      the child sleeps before exiting
 //!   - `--map FILE`        keep the first page of FILE mapped (private, read-only)
+//!   - `--hold-eventfd`    hold an eventfd (which a telefork's child would share with its
+//!     parent: refused)
 //!   - `--kill-after-ms N` the parent sends `--kill-signal` (default 15) to the child after
 //!     N ms
 //! * `probe series DEST PAUSE_MS COUNT [--pass-stdin]` — COUNT (2 to 5) teleforks in a row
@@ -124,10 +126,11 @@ struct ForkOpts {
     kill_after_ms: Option<u64>,
     kill_signal: i32,
     map_file: Option<String>,
+    hold_eventfd: bool,
 }
 
 fn usage() -> ! {
-    eprintln!("usage: probe fork DEST [--exit N] [--big-mb N] [--guarded-mb N] [--poked-pages N] [--print-uid] [--read-stdin] [--pass-stdin] [--background] [--lines N] [--interval-ms N] [--sleep-ms N] [--kill-after-ms N] [--kill-signal S] [--map FILE] | probe burst DEST N [SLEEP_MS] | probe flood HOST:PORT N SECS | probe series DEST PAUSE_MS COUNT [--pass-stdin] | probe drop-next DEST HOLD_MS | probe fanout NODE,NODE,... [--background] | probe remote DEST | probe yoyo DEST");
+    eprintln!("usage: probe fork DEST [--exit N] [--big-mb N] [--guarded-mb N] [--poked-pages N] [--print-uid] [--read-stdin] [--pass-stdin] [--background] [--lines N] [--interval-ms N] [--sleep-ms N] [--kill-after-ms N] [--kill-signal S] [--map FILE] [--hold-eventfd] | probe burst DEST N [SLEEP_MS] | probe flood HOST:PORT N SECS | probe series DEST PAUSE_MS COUNT [--pass-stdin] | probe drop-next DEST HOLD_MS | probe fanout NODE,NODE,... [--background] | probe remote DEST | probe yoyo DEST");
     std::process::exit(2)
 }
 
@@ -152,6 +155,7 @@ fn parse_fork(args: &[String]) -> ForkOpts {
             "--kill-after-ms" => o.kill_after_ms = Some(num()),
             "--kill-signal" => o.kill_signal = num() as i32,
             "--map" => o.map_file = Some(it.next().cloned().unwrap_or_else(|| usage())),
+            "--hold-eventfd" => o.hold_eventfd = true,
             _ => usage(),
         }
     }
@@ -252,6 +256,8 @@ fn fork(dest: &str, o: &ForkOpts) {
     if o.print_uid {
         out(&format!("parent ids {}", ids()));
     }
+    // SAFETY: eventfd takes two integers; the fd it returns is kept open until exit.
+    let _eventfd = o.hold_eventfd.then(|| unsafe { libc::eventfd(0, 0) });
     // (Kept mapped: the telefork carries the mapping, to be mapped again from the file there.)
     let _mapped = o.map_file.as_ref().map(|path| {
         let f = std::fs::File::open(path).unwrap_or_else(|e| {

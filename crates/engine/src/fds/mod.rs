@@ -26,6 +26,7 @@ use telefork_image::{Fd, FdKind, FileLock, ProcessImage};
 
 pub(crate) mod eventfd;
 pub(crate) mod path;
+pub(crate) mod pipe;
 pub(crate) mod signalfd;
 pub(crate) mod stdio;
 pub(crate) mod timerfd;
@@ -55,6 +56,8 @@ pub(crate) struct FdsLook {
     pub inherit_stdio: bool,
     /// Leave the locks to the original, which keeps running (see `locks`).
     pub leave_locks: bool,
+    /// The process is a fork of one that keeps running (`DumpOptions::fork_copy`).
+    pub fork_copy: bool,
 }
 
 /// One kind of fd: which fds it takes at capture, and how it recreates them.
@@ -105,6 +108,18 @@ fn probe(pid: Pid, fd: i32) -> Result<Probe> {
         mtime_nsec: st.st_mtime_nsec,
         info,
     })
+}
+
+/// Whether a kind of fd, carried by a copy of its state, would stop being shared with the
+/// parent of a telefork (a regular file is reopened: its offset is a copy, as documented).
+fn shared_after_fork(kind: &FdKind) -> bool {
+    matches!(
+        kind,
+        FdKind::EventFd { .. }
+            | FdKind::TimerFd { .. }
+            | FdKind::SignalFd { .. }
+            | FdKind::Pipe { .. }
+    )
 }
 
 /// The calls that put a new open file description, now on fd `tmp`, on the fd number of
@@ -232,7 +247,7 @@ pub fn describe_kind(p: &Probe) -> &'static str {
 /// Captures the fds of `pid`. With `inherit_stdio`, fds 0/1/2 are recorded as
 /// `InheritedStdio` whatever they are (telefork: the child's stdio is its parent's, relayed).
 fn capture(look: FdsLook) -> Result<(Vec<Fd>, Vec<FileLock>)> {
-    let FdsLook { pid, inherit_stdio, leave_locks } = look;
+    let FdsLook { pid, inherit_stdio, leave_locks, fork_copy } = look;
     let nums = procfs::list_fds(pid)?;
 
     let mut out = Vec::with_capacity(nums.len());
@@ -261,12 +276,20 @@ fn capture(look: FdsLook) -> Result<(Vec<Fd>, Vec<FileLock>)> {
             k
         } else if let Some(k) = signalfd::SignalFd::capture(&p)? {
             k
+        } else if let Some(k) = pipe::capture(pid, &p)? {
+            k
         } else {
             let kind = describe_kind(&p);
             let (kind, target) = (kind.to_string(), p.link.clone());
             return Err(crate::error::Uncarried::Fd { fd, kind, target }.into());
         };
 
+        if fork_copy && shared_after_fork(&kind) {
+            let what = format!("fd {fd} ({})", p.link);
+            let why = "a telefork's copy would share it with its parent, and that sharing \
+                       cannot be kept across machines yet";
+            return Err(crate::error::refusal(what, why));
+        }
         let mut open_file = None;
         if kcmp_ok {
             for (i, &r) in reps.iter().enumerate() {
@@ -303,6 +326,7 @@ fn capture(look: FdsLook) -> Result<(Vec<Fd>, Vec<FileLock>)> {
     if locks_left {
         tracing::debug!("process {pid} holds file locks: they stay with it (a copy gets none)");
     }
+    pipe::capture_all(pid, &mut out)?;
     Ok((out, locks))
 }
 
@@ -392,8 +416,38 @@ fn restore(inj: &mut Injector, fds: &[Fd]) -> Result<()> {
     for f in fds {
         groups.entry(f.open_file).or_default().push(f);
     }
+    // Pipes, a pipe at a time (its two ends are made together).
+    let mut pipes: BTreeMap<u64, Vec<&[&Fd]>> = BTreeMap::new();
+    for members in groups.values() {
+        if let FdKind::Pipe { ino, .. } = members[0].kind {
+            let per_end = |w: bool| {
+                members.iter().all(|m| matches!(m.kind, FdKind::Pipe { ino: i, write, .. } if i == ino && write == w))
+            };
+            if !per_end(false) && !per_end(true) {
+                bail!(
+                    "image: fds {} and others share an open file but differ in pipe end",
+                    members[0].fd
+                );
+            }
+            pipes.entry(ino).or_default().push(members.as_slice());
+        }
+    }
+    for (ino, ends) in &pipes {
+        let whole = ends.iter().any(|g| matches!(g[0].kind, FdKind::Pipe { external: false, .. }));
+        if whole && ends.len() != 2 {
+            return Err(crate::error::refusal(
+                format!("pipe:[{ino}] (fd {})", ends[0][0].fd),
+                "it was opened more than once per end (through /proc): not supported yet",
+            ));
+        }
+        inj.reset_scratch();
+        pipe::restore(inj, ends, fds)?;
+    }
     for members in groups.values() {
         let first = members[0];
+        if matches!(first.kind, FdKind::Pipe { .. }) {
+            continue;
+        }
         for m in &members[1..] {
             if m.kind != first.kind {
                 bail!("image: fds {} and {} share an open file but differ in kind", first.fd, m.fd);
@@ -406,6 +460,7 @@ fn restore(inj: &mut Injector, fds: &[Fd]) -> Result<()> {
             FdKind::EventFd { .. } => eventfd::EventFd::restore(inj, members)?,
             FdKind::TimerFd { .. } => timerfd::TimerFd::restore(inj, members)?,
             FdKind::SignalFd { .. } => signalfd::SignalFd::restore(inj, members)?,
+            FdKind::Pipe { .. } => {} // (above)
         }
     }
     if lifted {
