@@ -1051,8 +1051,8 @@ fn announced_children(run: &mut Run) -> Vec<u32> {
     line.split_whitespace().map(|n| n.parse().unwrap()).collect()
 }
 
-fn refuse_pipe() {
-    refuse_fd("pipe");
+fn refuse_fifo() {
+    refuse_fd("fifo");
 }
 
 fn refuse_socket() {
@@ -1468,7 +1468,7 @@ const TESTS: &[(&str, fn())] = &[
     ("rust_target", rust_target),
     ("python3", python3),
     ("refuse_seccomp", refuse_seccomp),
-    ("refuse_pipe", refuse_pipe),
+    ("refuse_fifo", refuse_fifo),
     ("refuse_children", refuse_children),
     ("children_ignored", children_ignored),
     ("pid_freed_by_a_late_reap", pid_freed_by_a_late_reap),

@@ -235,6 +235,7 @@ pub fn describe_kind(p: &Probe) -> &'static str {
         libc::S_IFCHR if stdio::is_terminal(p) => "terminal",
         libc::S_IFCHR => "character device",
         libc::S_IFBLK => "block device",
+        libc::S_IFIFO if l.starts_with('/') => "FIFO",
         libc::S_IFIFO => "pipe",
         libc::S_IFSOCK => "socket",
         libc::S_IFREG => "regular file",
