@@ -1,8 +1,8 @@
 /* Pipes: one whose two ends the process holds keeps its buffered bytes, its size, its ends'
- * flags and every fd number on it (a write end dup'd on fd 30); one whose write end another
- * process holds (a grandchild, not a child) stays that very pipe: the bytes written before
- * the capture and those written after the restore (once the restored process says it is
- * back) both arrive. */
+ * flags and every fd number on it (a write end dup'd on fd 30, the read end opened again
+ * through /proc on fd 31); one whose write end another process holds (a grandchild, not a
+ * child) stays that very pipe: the bytes written before the capture and those written after
+ * the restore (once the restored process says it is back) both arrive. */
 #define _GNU_SOURCE
 #include "zdtm.h"
 #include <fcntl.h>
@@ -39,6 +39,13 @@ int main(void)
 	CHECK(fcntl(p[0], F_SETPIPE_SZ, 128 << 10) >= 128 << 10, "F_SETPIPE_SZ: %s", strerror(errno));
 	CHECK(write(p[1], in, BYTES) == BYTES, "write: %s", strerror(errno));
 	CHECK(dup2(p[1], 30) == 30, "dup2: %s", strerror(errno));
+	/* The read end opened again through /proc: an open file description of its own
+	 * (blocking, where p[0] is not), on fd 31. */
+	char self_fd[64];
+	snprintf(self_fd, sizeof self_fd, "/proc/self/fd/%d", p[0]);
+	int again = open(self_fd, O_RDONLY);
+	CHECK(again >= 0 && dup2(again, 31) == 31, "reopening the read end: %s", strerror(errno));
+	close(again);
 
 	/* The external one: its write end in a grandchild that writes "before", then "after"
 	 * once the go file exists (after the restore). */
@@ -83,6 +90,9 @@ int main(void)
 	CHECK(write(30, "x", 1) == 1, "write through fd 30: %s", strerror(errno));
 	read_all(p[0], out, 1, "the byte written through fd 30");
 	CHECK(out[0] == 'x', "fd 30 is not the pipe's write end");
+	CHECK(!(fcntl(31, F_GETFL) & O_NONBLOCK), "fd 31 shares the read end's open file (non-blocking)");
+	CHECK(write(30, "y", 1) == 1, "write through fd 30: %s", strerror(errno));
+	CHECK(read(31, out, 1) == 1 && out[0] == 'y', "fd 31 does not read the same pipe");
 
 	char back[4200];
 	zdtm_path(back, sizeof back, "back");

@@ -433,14 +433,7 @@ fn restore(inj: &mut Injector, fds: &[Fd]) -> Result<()> {
             pipes.entry(ino).or_default().push(members.as_slice());
         }
     }
-    for (ino, ends) in &pipes {
-        let whole = ends.iter().any(|g| matches!(g[0].kind, FdKind::Pipe { external: false, .. }));
-        if whole && ends.len() != 2 {
-            return Err(crate::error::refusal(
-                format!("pipe:[{ino}] (fd {})", ends[0][0].fd),
-                "it was opened more than once per end (through /proc): not supported yet",
-            ));
-        }
+    for ends in pipes.values() {
         inj.reset_scratch();
         pipe::restore(inj, ends, fds)?;
     }

@@ -10,7 +10,9 @@
 //! rights) — or refuses, naming the fd, if nobody holds it any more.
 //!
 //! Restore makes a new pipe (pipe2) for a pipe of the process, gives it its size, writes the
-//! bytes back into it, and places both ends on their fd numbers with their status flags.
+//! bytes back into it, and places both ends on their fd numbers with their status flags; an
+//! end the process had opened again (through /proc/PID/fd: an open file description of its
+//! own) is opened again the same way.
 //! Named FIFOs are not carried yet (refused as pipes).
 
 use std::os::fd::{AsFd, AsRawFd};
@@ -146,7 +148,8 @@ fn buffered(pid: Pid, fd: i32, kind: &FdKind) -> Result<Vec<u8>> {
 }
 
 /// Restores one pipe from the groups of fds (one per open file description) on it: a whole
-/// pipe has one group per end; a pipe whose other end is outside has its side only.
+/// pipe has at least one group per end (more where an end was opened again through
+/// /proc); a pipe whose other end is outside has its side only.
 pub(crate) fn restore(inj: &mut Injector, groups: &[&[&Fd]], img_fds: &[Fd]) -> Result<()> {
     let first = groups.first().and_then(|g| g.first()).context("internal error: empty pipe")?;
     let FdKind::Pipe { ino, external, .. } = first.kind else {
@@ -247,15 +250,47 @@ pub(crate) fn restore(inj: &mut Injector, groups: &[&[&Fd]], img_fds: &[Fd]) -> 
         place(w, writers, &mut calls);
     }
     inj.run_batch(&calls)?;
+    // An end opened more than once (through /proc/PID/fd: open file descriptions of their
+    // own): opened again the same way, from the end just placed.
+    for g in groups.iter().filter(|g| !std::ptr::eq(**g, *readers) && !std::ptr::eq(**g, *writers))
+    {
+        let FdKind::Pipe { write, .. } = g[0].kind else { continue };
+        let from = if write { writers[0].fd } else { readers[0].fd };
+        reopen(inj, &format!("/proc/self/fd/{from}"), g, &name)?;
+    }
+    Ok(())
+}
+
+/// Opens `path` (a /proc/PID/fd link to a pipe) inside the new process with the access
+/// and flags of `members`' open file description, and places it on their fds.
+fn reopen(inj: &mut Injector, path: &str, members: &[&Fd], name: &str) -> Result<()> {
+    let FdKind::Pipe { write, flags, .. } = members[0].kind else {
+        bail!("internal error: pipe::reopen on another kind");
+    };
+    inj.reset_scratch();
+    let at = inj.stage_cstr(path)?;
+    let access = if write { libc::O_WRONLY } else { libc::O_RDONLY };
+    let tmp = inj.syscall(
+        libc::SYS_openat,
+        &[libc::AT_FDCWD as u64, at, (access | libc::O_NONBLOCK | libc::O_CLOEXEC) as u64],
+        format!("restoring fd {} ({name}): opening {path}", members[0].fd),
+    )?;
+    let mut calls = vec![Call::new(
+        libc::SYS_fcntl,
+        &[tmp, libc::F_SETFL as u64, (flags & !(libc::O_ACCMODE as u32)) as u64],
+        format!("restoring the flags of fd {} ({name}): fcntl(F_SETFL)", members[0].fd),
+    )];
+    calls.extend(super::onto_members(tmp, members, name));
+    inj.run_batch(&calls)?;
     Ok(())
 }
 
 /// Attaches fds of the process to a pipe another process still holds: opened inside the
 /// new process through that holder's /proc/PID/fd (with the image owner's rights).
 fn attach(inj: &mut Injector, ino: u64, members: &[&Fd]) -> Result<()> {
-    let FdKind::Pipe { write, flags, .. } = members[0].kind else {
+    if !matches!(members[0].kind, FdKind::Pipe { .. }) {
         bail!("internal error: pipe::attach on another kind");
-    };
+    }
     let name = format!("pipe:[{ino}]");
     let Some((holder, hfd)) = find_holder(ino, inj.pid())? else {
         return Err(crate::error::refusal(
@@ -263,22 +298,7 @@ fn attach(inj: &mut Injector, ino: u64, members: &[&Fd]) -> Result<()> {
             "its other end was held outside the process, and nobody holds that pipe any more",
         ));
     };
-    inj.reset_scratch();
-    let path = inj.stage_cstr(&format!("/proc/{holder}/fd/{hfd}"))?;
-    let access = if write { libc::O_WRONLY } else { libc::O_RDONLY };
-    let tmp = inj.syscall(
-        libc::SYS_openat,
-        &[libc::AT_FDCWD as u64, path, (access | libc::O_NONBLOCK | libc::O_CLOEXEC) as u64],
-        format!("restoring fd {} ({name}): opening the pipe process {holder} holds", members[0].fd),
-    )?;
-    let mut calls = vec![Call::new(
-        libc::SYS_fcntl,
-        &[tmp, libc::F_SETFL as u64, (flags & !(libc::O_ACCMODE as u32)) as u64],
-        format!("restoring the flags of fd {} ({name}): fcntl(F_SETFL)", members[0].fd),
-    )];
-    calls.extend(super::onto_members(tmp, members, &name));
-    inj.run_batch(&calls)?;
-    Ok(())
+    reopen(inj, &format!("/proc/{holder}/fd/{hfd}"), members, &name)
 }
 
 /// A process (not `except`) holding pipe `ino`, and its fd on it.
