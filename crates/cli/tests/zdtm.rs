@@ -771,6 +771,10 @@ fn pipes() {
     c_test("pipes");
 }
 
+fn epoll() {
+    c_test("epoll");
+}
+
 /// Capabilities a non-root process kept are not granted from an image on its owner's word
 /// (restore refuses, naming them), and are given exactly with `--trust-image`.
 fn caps() {
@@ -1003,6 +1007,10 @@ fn refuse_own_namespace() {
 
 fn refuse_aliased_memory() {
     refuse_state("alias", "show the same shared memory");
+}
+
+fn refuse_stale_epoll_entry() {
+    refuse_state("epoll", "was closed or replaced since it was added");
 }
 
 /// A process with children (one running, one a zombie) is refused, naming both, and carries
@@ -1461,6 +1469,7 @@ const TESTS: &[(&str, fn())] = &[
     ("locks", locks),
     ("anon_fds", anon_fds),
     ("pipes", pipes),
+    ("epoll", epoll),
     ("caps", caps),
     ("fds", fds),
     ("big_1g", big_1g),
@@ -1479,6 +1488,7 @@ const TESTS: &[(&str, fn())] = &[
     ("cgroup", cgroup),
     ("refuse_own_namespace", refuse_own_namespace),
     ("refuse_aliased_memory", refuse_aliased_memory),
+    ("refuse_stale_epoll_entry", refuse_stale_epoll_entry),
     ("refuse_missing_cgroup", refuse_missing_cgroup),
     ("refuse_changed_file", refuse_changed_file),
     ("refuse_file_that_became_a_fifo", refuse_file_that_became_a_fifo),

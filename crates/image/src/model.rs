@@ -303,6 +303,19 @@ pub enum FdKind {
     /// end of a pipe whose both ends the process holds), and whether its other end is held
     /// outside the process (then the pipe is found again, not made).
     Pipe { ino: u64, write: bool, flags: u32, size: u32, data: Vec<u8>, external: bool },
+    /// An epoll instance and its interest list (version 4).
+    Epoll { watches: Vec<EpollWatch> },
+}
+
+/// One entry of an epoll interest list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpollWatch {
+    /// The fd number it was added under (the process's fd on that file).
+    pub fd: i32,
+    /// The events it asks for, with EPOLLET, EPOLLONESHOT, … as the kernel keeps them.
+    pub events: u32,
+    /// The data its events carry.
+    pub data: u64,
 }
 
 /// The interval timers (setitimer(2), alarm(2)) and POSIX timers (timer_create(2)).

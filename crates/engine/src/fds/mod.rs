@@ -24,6 +24,7 @@ use crate::procfs::{self, FdInfo};
 use crate::state::State;
 use telefork_image::{Fd, FdKind, FileLock, ProcessImage};
 
+pub(crate) mod epoll;
 pub(crate) mod eventfd;
 pub(crate) mod path;
 pub(crate) mod pipe;
@@ -119,6 +120,7 @@ fn shared_after_fork(kind: &FdKind) -> bool {
             | FdKind::TimerFd { .. }
             | FdKind::SignalFd { .. }
             | FdKind::Pipe { .. }
+            | FdKind::Epoll { .. }
     )
 }
 
@@ -279,6 +281,8 @@ fn capture(look: FdsLook) -> Result<(Vec<Fd>, Vec<FileLock>)> {
             k
         } else if let Some(k) = pipe::capture(pid, &p)? {
             k
+        } else if let Some(k) = epoll::capture(pid, &p)? {
+            k
         } else {
             let kind = describe_kind(&p);
             let (kind, target) = (kind.to_string(), p.link.clone());
@@ -437,9 +441,14 @@ fn restore(inj: &mut Injector, fds: &[Fd]) -> Result<()> {
         inj.reset_scratch();
         pipe::restore(inj, ends, fds)?;
     }
+    let mut epolls: Vec<&[&Fd]> = Vec::new();
     for members in groups.values() {
         let first = members[0];
         if matches!(first.kind, FdKind::Pipe { .. }) {
+            continue;
+        }
+        if matches!(first.kind, FdKind::Epoll { .. }) {
+            epolls.push(members.as_slice()); // (last: the fds they watch exist by then)
             continue;
         }
         for m in &members[1..] {
@@ -454,9 +463,10 @@ fn restore(inj: &mut Injector, fds: &[Fd]) -> Result<()> {
             FdKind::EventFd { .. } => eventfd::EventFd::restore(inj, members)?,
             FdKind::TimerFd { .. } => timerfd::TimerFd::restore(inj, members)?,
             FdKind::SignalFd { .. } => signalfd::SignalFd::restore(inj, members)?,
-            FdKind::Pipe { .. } => {} // (above)
+            FdKind::Pipe { .. } | FdKind::Epoll { .. } => {} // (above, below)
         }
     }
+    epoll::restore_all(inj, &epolls)?;
     if lifted {
         let lim = inj.stage(&[soft.to_ne_bytes(), hard.to_ne_bytes()].concat())?;
         inj.syscall(
