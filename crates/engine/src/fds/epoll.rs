@@ -53,7 +53,7 @@ fn parse_tfd(line: &str) -> Result<(EpollWatch, u64, u64)> {
     let ino = u64::from_str_radix(value("ino:")?, 16)?;
     let sdev = u64::from_str_radix(value("sdev:")?, 16)?;
     // (sdev is the kernel's dev_t: major << 20 | minor; stat's is glibc's encoding.)
-    let dev = nix::sys::stat::makedev((sdev >> 20) as u64, sdev & 0xfffff);
+    let dev = nix::sys::stat::makedev(sdev >> 20, sdev & 0xfffff);
     Ok((EpollWatch { fd, events, data }, ino, dev))
 }
 
