@@ -775,6 +775,10 @@ fn epoll() {
     c_test("epoll");
 }
 
+fn ghost() {
+    c_test("ghost");
+}
+
 /// Capabilities a non-root process kept are not granted from an image on its owner's word
 /// (restore refuses, naming them), and are given exactly with `--trust-image`.
 fn caps() {
@@ -1470,6 +1474,7 @@ const TESTS: &[(&str, fn())] = &[
     ("anon_fds", anon_fds),
     ("pipes", pipes),
     ("epoll", epoll),
+    ("ghost", ghost),
     ("caps", caps),
     ("fds", fds),
     ("big_1g", big_1g),

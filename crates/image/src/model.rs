@@ -305,6 +305,10 @@ pub enum FdKind {
     Pipe { ino: u64, write: bool, flags: u32, size: u32, data: Vec<u8>, external: bool },
     /// An epoll instance and its interest list (version 4).
     Epoll { watches: Vec<EpollWatch> },
+    /// A regular file deleted while open, with its contents (version 4): the path it had,
+    /// its inode at capture (fds on one deleted file share it), permissions, the open flags
+    /// and offset of this open file description.
+    Ghost { path: String, ino: u64, mode: u32, flags: u32, pos: u64, contents: Vec<u8> },
 }
 
 /// One entry of an epoll interest list.

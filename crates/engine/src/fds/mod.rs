@@ -26,6 +26,7 @@ use telefork_image::{Fd, FdKind, FileLock, ProcessImage};
 
 pub(crate) mod epoll;
 pub(crate) mod eventfd;
+pub(crate) mod ghost;
 pub(crate) mod path;
 pub(crate) mod pipe;
 pub(crate) mod signalfd;
@@ -256,6 +257,7 @@ fn capture(look: FdsLook) -> Result<(Vec<Fd>, Vec<FileLock>)> {
     let mut out = Vec::with_capacity(nums.len());
     let mut locks = Vec::new();
     let mut locks_left = false;
+    let mut ghost_bytes = 0u64;
     // Representative fd of each open file description found so far.
     let mut reps: Vec<i32> = Vec::new();
     let mut kcmp_ok = true;
@@ -282,6 +284,8 @@ fn capture(look: FdsLook) -> Result<(Vec<Fd>, Vec<FileLock>)> {
         } else if let Some(k) = pipe::capture(pid, &p)? {
             k
         } else if let Some(k) = epoll::capture(pid, &p)? {
+            k
+        } else if let Some(k) = ghost::capture(pid, &p, &mut ghost_bytes)? {
             k
         } else {
             let kind = describe_kind(&p);
@@ -441,10 +445,16 @@ fn restore(inj: &mut Injector, fds: &[Fd]) -> Result<()> {
         inj.reset_scratch();
         pipe::restore(inj, ends, fds)?;
     }
+    let ghosts: Vec<&[&Fd]> = groups
+        .values()
+        .filter(|g| matches!(g[0].kind, FdKind::Ghost { .. }))
+        .map(Vec::as_slice)
+        .collect();
+    ghost::restore_all(inj, &ghosts)?;
     let mut epolls: Vec<&[&Fd]> = Vec::new();
     for members in groups.values() {
         let first = members[0];
-        if matches!(first.kind, FdKind::Pipe { .. }) {
+        if matches!(first.kind, FdKind::Pipe { .. } | FdKind::Ghost { .. }) {
             continue;
         }
         if matches!(first.kind, FdKind::Epoll { .. }) {
@@ -463,7 +473,7 @@ fn restore(inj: &mut Injector, fds: &[Fd]) -> Result<()> {
             FdKind::EventFd { .. } => eventfd::EventFd::restore(inj, members)?,
             FdKind::TimerFd { .. } => timerfd::TimerFd::restore(inj, members)?,
             FdKind::SignalFd { .. } => signalfd::SignalFd::restore(inj, members)?,
-            FdKind::Pipe { .. } | FdKind::Epoll { .. } => {} // (above, below)
+            FdKind::Pipe { .. } | FdKind::Ghost { .. } | FdKind::Epoll { .. } => {} // (elsewhere)
         }
     }
     epoll::restore_all(inj, &epolls)?;

@@ -30,8 +30,8 @@ impl Kind for ByPath {
     }
 }
 
-/// `Some` if this fd is reopened by path; `None` if it is some other kind; an error for a
-/// file that cannot be reopened (deleted).
+/// `Some` if this fd is reopened by path; `None` if it is some other kind (a file deleted
+/// while open is a ghost, `ghost`); an error for a deleted directory.
 fn capture(p: &Probe) -> Result<Option<FdKind>> {
     let fmt = p.mode & libc::S_IFMT;
     let directory = fmt == libc::S_IFDIR;
@@ -42,9 +42,13 @@ fn capture(p: &Probe) -> Result<Option<FdKind>> {
                 return Ok(None);
             }
             if p.link.ends_with(" (deleted)") {
-                let what = format!("fd {} ({})", p.fd, p.link);
-                let why = "the file has been deleted and cannot be reopened: not supported yet";
-                return Err(crate::error::refusal(what, why));
+                // A directory deleted while open cannot be carried; a file is a ghost.
+                if directory {
+                    let what = format!("fd {} ({})", p.fd, p.link);
+                    let why = "the directory has been deleted and cannot be reopened";
+                    return Err(crate::error::refusal(what, why));
+                }
+                return Ok(None);
             }
         }
         libc::S_IFCHR if ALLOWED_CHAR_DEVICES.contains(&p.link.as_str()) => {}
