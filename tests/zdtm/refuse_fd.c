@@ -1,9 +1,10 @@
-/* Holds an fd telefork does not capture on fd 5 (argv[1]: "fifo" — a named pipe —, "socket",
- * "namespace" — a network namespace fd — or "lease" — a file with a read lease). The runner expects
+/* Holds an fd telefork does not capture on fd 5 (argv[1]: "inotify", "socket", "namespace" —
+ * a network namespace fd — or "lease" — a file with a read lease). The runner expects
  * `telefork dump` to refuse, naming fd 5 and its kind, and this process to carry on
  * untouched: after go it checks fd 5 still works and prints PASS. */
 #include "zdtm.h"
 #include <fcntl.h>
+#include <sys/inotify.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 
@@ -11,7 +12,7 @@ int main(int argc, char **argv)
 {
 	int p[2];
 	char buf[8] = { 0 };
-	CHECK(argc == 2, "usage: refuse_fd fifo|socket|namespace|lease");
+	CHECK(argc == 2, "usage: refuse_fd inotify|socket|namespace|lease");
 	if (strcmp(argv[1], "namespace") == 0 || strcmp(argv[1], "lease") == 0) {
 		char path[4096];
 		int lease = strcmp(argv[1], "lease") == 0;
@@ -33,15 +34,15 @@ int main(int argc, char **argv)
 			CHECK(fcntl(5, F_GETLEASE) == F_RDLCK, "the lease is gone");
 		zdtm_pass();
 	}
-	if (strcmp(argv[1], "fifo") == 0) {
-		char path[4096];
-		zdtm_init();
-		zdtm_path(path, sizeof path, "fifo");
-		CHECK(mkfifo(path, 0600) == 0, "mkfifo: %s", strerror(errno));
-		p[0] = open(path, O_RDONLY | O_NONBLOCK);
-		p[1] = open(path, O_WRONLY);
-		CHECK(p[0] >= 0 && p[1] >= 0, "open %s: %s", path, strerror(errno));
-		CHECK(fcntl(p[0], F_SETFL, 0) == 0, "F_SETFL: %s", strerror(errno));
+	if (strcmp(argv[1], "inotify") == 0) {
+		int fd = inotify_init1(0);
+		CHECK(fd >= 0 && dup2(fd, 5) == 5, "inotify_init1: %s", strerror(errno));
+		close(fd);
+		zdtm_ready();
+		zdtm_wait_go();
+		struct stat st;
+		CHECK(fstat(5, &st) == 0, "fstat fd 5: %s", strerror(errno));
+		zdtm_pass();
 	}
 	else
 		CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, p) == 0, "socketpair: %s", strerror(errno));

@@ -779,6 +779,10 @@ fn ghost() {
     c_test("ghost");
 }
 
+fn fifo() {
+    c_test("fifo");
+}
+
 /// Capabilities a non-root process kept are not granted from an image on its owner's word
 /// (restore refuses, naming them), and are given exactly with `--trust-image`.
 fn caps() {
@@ -1063,8 +1067,8 @@ fn announced_children(run: &mut Run) -> Vec<u32> {
     line.split_whitespace().map(|n| n.parse().unwrap()).collect()
 }
 
-fn refuse_fifo() {
-    refuse_fd("fifo");
+fn refuse_inotify() {
+    refuse_fd("inotify");
 }
 
 fn refuse_socket() {
@@ -1475,6 +1479,7 @@ const TESTS: &[(&str, fn())] = &[
     ("pipes", pipes),
     ("epoll", epoll),
     ("ghost", ghost),
+    ("fifo", fifo),
     ("caps", caps),
     ("fds", fds),
     ("big_1g", big_1g),
@@ -1482,7 +1487,7 @@ const TESTS: &[(&str, fn())] = &[
     ("rust_target", rust_target),
     ("python3", python3),
     ("refuse_seccomp", refuse_seccomp),
-    ("refuse_fifo", refuse_fifo),
+    ("refuse_inotify", refuse_inotify),
     ("refuse_children", refuse_children),
     ("children_ignored", children_ignored),
     ("pid_freed_by_a_late_reap", pid_freed_by_a_late_reap),

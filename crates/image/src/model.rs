@@ -303,6 +303,10 @@ pub enum FdKind {
     /// end of a pipe whose both ends the process holds), and whether its other end is held
     /// outside the process (then the pipe is found again, not made).
     Pipe { ino: u64, write: bool, flags: u32, size: u32, data: Vec<u8>, external: bool },
+    /// An end of a named pipe (version 4): its path and inode (fds on one FIFO share it),
+    /// open flags, the pipe's size, its buffered bytes (on the FIFO's first fd, unless
+    /// another process held it: then they stayed in it).
+    Fifo { path: String, ino: u64, flags: u32, size: u32, data: Vec<u8>, external: bool },
     /// An epoll instance and its interest list (version 4).
     Epoll { watches: Vec<EpollWatch> },
     /// A regular file deleted while open, with its contents (version 4): the path it had,

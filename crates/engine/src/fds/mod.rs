@@ -26,6 +26,7 @@ use telefork_image::{Fd, FdKind, FileLock, ProcessImage};
 
 pub(crate) mod epoll;
 pub(crate) mod eventfd;
+pub(crate) mod fifo;
 pub(crate) mod ghost;
 pub(crate) mod path;
 pub(crate) mod pipe;
@@ -121,6 +122,7 @@ fn shared_after_fork(kind: &FdKind) -> bool {
             | FdKind::TimerFd { .. }
             | FdKind::SignalFd { .. }
             | FdKind::Pipe { .. }
+            | FdKind::Fifo { .. }
             | FdKind::Epoll { .. }
     )
 }
@@ -258,6 +260,7 @@ fn capture(look: FdsLook) -> Result<(Vec<Fd>, Vec<FileLock>)> {
     let mut locks = Vec::new();
     let mut locks_left = false;
     let mut ghost_bytes = 0u64;
+    let mut fifos_seen = std::collections::BTreeSet::new();
     // Representative fd of each open file description found so far.
     let mut reps: Vec<i32> = Vec::new();
     let mut kcmp_ok = true;
@@ -286,6 +289,8 @@ fn capture(look: FdsLook) -> Result<(Vec<Fd>, Vec<FileLock>)> {
         } else if let Some(k) = epoll::capture(pid, &p)? {
             k
         } else if let Some(k) = ghost::capture(pid, &p, &mut ghost_bytes)? {
+            k
+        } else if let Some(k) = fifo::capture(pid, &p, fifos_seen.insert(p.ino))? {
             k
         } else {
             let kind = describe_kind(&p);
@@ -451,10 +456,16 @@ fn restore(inj: &mut Injector, fds: &[Fd]) -> Result<()> {
         .map(Vec::as_slice)
         .collect();
     ghost::restore_all(inj, &ghosts)?;
+    let fifos: Vec<&[&Fd]> = groups
+        .values()
+        .filter(|g| matches!(g[0].kind, FdKind::Fifo { .. }))
+        .map(Vec::as_slice)
+        .collect();
+    fifo::restore_all(inj, &fifos)?;
     let mut epolls: Vec<&[&Fd]> = Vec::new();
     for members in groups.values() {
         let first = members[0];
-        if matches!(first.kind, FdKind::Pipe { .. } | FdKind::Ghost { .. }) {
+        if matches!(first.kind, FdKind::Pipe { .. } | FdKind::Ghost { .. } | FdKind::Fifo { .. }) {
             continue;
         }
         if matches!(first.kind, FdKind::Epoll { .. }) {
@@ -473,7 +484,10 @@ fn restore(inj: &mut Injector, fds: &[Fd]) -> Result<()> {
             FdKind::EventFd { .. } => eventfd::EventFd::restore(inj, members)?,
             FdKind::TimerFd { .. } => timerfd::TimerFd::restore(inj, members)?,
             FdKind::SignalFd { .. } => signalfd::SignalFd::restore(inj, members)?,
-            FdKind::Pipe { .. } | FdKind::Ghost { .. } | FdKind::Epoll { .. } => {} // (elsewhere)
+            FdKind::Pipe { .. }
+            | FdKind::Ghost { .. }
+            | FdKind::Fifo { .. }
+            | FdKind::Epoll { .. } => {} // (elsewhere)
         }
     }
     epoll::restore_all(inj, &epolls)?;

@@ -13,7 +13,7 @@
 //! bytes back into it, and places both ends on their fd numbers with their status flags; an
 //! end the process had opened again (through /proc/PID/fd: an open file description of its
 //! own) is opened again the same way.
-//! Named FIFOs are not carried yet (refused as pipes).
+//! Named FIFOs are `fifo`'s.
 
 use std::os::fd::{AsFd, AsRawFd};
 
@@ -58,7 +58,7 @@ pub(crate) fn capture(pid: Pid, p: &Probe) -> Result<Option<FdKind>> {
     }))
 }
 
-fn pipe_size(pid: Pid, fd: i32) -> Result<u32> {
+pub(crate) fn pipe_size(pid: Pid, fd: i32) -> Result<u32> {
     let f = open_again(pid, fd)?;
     let size = nix::fcntl::fcntl(f.as_raw_fd(), FcntlArg::F_GETPIPE_SZ)
         .with_context(|| format!("fd {fd}: F_GETPIPE_SZ"))?;
@@ -117,6 +117,13 @@ pub(crate) fn capture_all(pid: Pid, fds: &mut [Fd]) -> Result<()> {
 /// The bytes buffered in the pipe of fd `fd`, copied without being consumed.
 fn buffered(pid: Pid, fd: i32, kind: &FdKind) -> Result<Vec<u8>> {
     let FdKind::Pipe { size, .. } = kind else { return Ok(Vec::new()) };
+    buffered_bytes(pid, fd, *size)
+}
+
+/// The bytes buffered in the pipe (or FIFO) of fd `fd`, of `size` bytes, copied without
+/// being consumed: the pipe opened again through /proc, then tee(2) into a pipe of ours.
+pub(crate) fn buffered_bytes(pid: Pid, fd: i32, size: u32) -> Result<Vec<u8>> {
+    let size = &size;
     let src = open_again(pid, fd)?;
     let (ours_r, ours_w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)
         .context("making a pipe to copy a pipe's bytes into")?;
@@ -193,21 +200,7 @@ pub(crate) fn restore(inj: &mut Injector, groups: &[&[&Fd]], img_fds: &[Fd]) -> 
         &[w, libc::F_SETPIPE_SZ as u64, size as u64],
         format!("restoring the size of {name} ({size} bytes): fcntl(F_SETPIPE_SZ)"),
     )?;
-    for chunk in data.chunks(32 << 10) {
-        inj.reset_scratch();
-        let at = inj.stage(chunk)?;
-        inj.syscall(
-            libc::SYS_write,
-            &[w, at, chunk.len() as u64],
-            format!("restoring the bytes of {name}: write"),
-        )
-        .and_then(|n| {
-            if n as usize != chunk.len() {
-                bail!("restoring the bytes of {name}: wrote {n} of {}", chunk.len());
-            }
-            Ok(())
-        })?;
-    }
+    write_back(inj, w, &data, &name)?;
     // Each end onto its fds, in an order that never overwrites the other end before it is
     // placed.
     inj.reset_scratch();
@@ -282,6 +275,24 @@ fn reopen(inj: &mut Injector, path: &str, members: &[&Fd], name: &str) -> Result
     )];
     calls.extend(super::onto_members(tmp, members, name));
     inj.run_batch(&calls)?;
+    Ok(())
+}
+
+/// Writes `data` into the pipe (or FIFO) that fd `w` of the process writes to, in pieces
+/// that fit the scratch area.
+pub(crate) fn write_back(inj: &mut Injector, w: u64, data: &[u8], name: &str) -> Result<()> {
+    for chunk in data.chunks(32 << 10) {
+        inj.reset_scratch();
+        let at = inj.stage(chunk)?;
+        let n = inj.syscall(
+            libc::SYS_write,
+            &[w, at, chunk.len() as u64],
+            format!("restoring the bytes of {name}: write"),
+        )?;
+        if n as usize != chunk.len() {
+            bail!("restoring the bytes of {name}: wrote {n} of {}", chunk.len());
+        }
+    }
     Ok(())
 }
 
