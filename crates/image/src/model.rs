@@ -310,9 +310,23 @@ pub enum FdKind {
     /// An epoll instance and its interest list (version 4).
     Epoll { watches: Vec<EpollWatch> },
     /// A regular file deleted while open, with its contents (version 4): the path it had,
-    /// its inode at capture (fds on one deleted file share it), permissions, the open flags
-    /// and offset of this open file description.
-    Ghost { path: String, ino: u64, mode: u32, flags: u32, pos: u64, contents: Vec<u8> },
+    /// its inode at capture (fds on one deleted file share it), permissions, owner, size,
+    /// the runs of data in it (holes stay holes), its times, the open flags and offset of
+    /// this open file description.
+    Ghost {
+        path: String,
+        ino: u64,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        size: u64,
+        data: Vec<(u64, Vec<u8>)>,
+        /// Last access and modification, (seconds, nanoseconds).
+        atime: (i64, i64),
+        mtime: (i64, i64),
+        flags: u32,
+        pos: u64,
+    },
 }
 
 /// One entry of an epoll interest list.

@@ -88,6 +88,12 @@ pub(crate) struct Probe {
     pub size: u64,
     pub mtime_sec: i64,
     pub mtime_nsec: i64,
+    /// Last access, links, owner and group of the object.
+    pub atime_sec: i64,
+    pub atime_nsec: i64,
+    pub nlink: u64,
+    pub uid: u32,
+    pub gid: u32,
     pub info: FdInfo,
 }
 
@@ -109,6 +115,11 @@ fn probe(pid: Pid, fd: i32) -> Result<Probe> {
         size: st.st_size as u64,
         mtime_sec: st.st_mtime,
         mtime_nsec: st.st_mtime_nsec,
+        atime_sec: st.st_atime,
+        atime_nsec: st.st_atime_nsec,
+        nlink: st.st_nlink,
+        uid: st.st_uid,
+        gid: st.st_gid,
         info,
     })
 }
@@ -518,6 +529,11 @@ mod classify_tests {
             size: 3,
             mtime_sec: 4,
             mtime_nsec: 5,
+            atime_sec: 6,
+            atime_nsec: 7,
+            nlink: 1,
+            uid: 0,
+            gid: 0,
             info: FdInfo { pos: 7, flags: 0o100002, cloexec: false, locks: vec![], fields: vec![] },
         }
     }
@@ -570,8 +586,12 @@ mod classify_tests {
         assert!(path::ByPath::capture(&probe(4, "anon_inode:[eventfd]", libc::S_IFREG, 0))
             .unwrap()
             .is_none());
+        // A file deleted while open is a ghost's, a deleted directory is refused.
+        assert!(path::ByPath::capture(&probe(4, "/tmp/gone (deleted)", libc::S_IFREG, 0))
+            .unwrap()
+            .is_none());
         let gone =
-            path::ByPath::capture(&probe(4, "/tmp/gone (deleted)", libc::S_IFREG, 0)).unwrap_err();
+            path::ByPath::capture(&probe(4, "/tmp/gone (deleted)", libc::S_IFDIR, 0)).unwrap_err();
         let e = crate::Error::from(gone);
         assert!(
             matches!(e.uncarried(), Some(crate::Uncarried::State { what, .. }) if what == "fd 4 (/tmp/gone (deleted))"),
