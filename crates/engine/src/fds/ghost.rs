@@ -28,7 +28,11 @@ pub(crate) const MAX_BYTES: u64 = 32 << 20;
 /// already read, with the bytes used so far); `None` if it is no deleted regular file.
 pub(crate) fn capture(pid: Pid, p: &Probe, used: &mut u64) -> Result<Option<FdKind>> {
     let Some(path) = p.link.strip_suffix(" (deleted)") else { return Ok(None) };
-    if p.mode & libc::S_IFMT != libc::S_IFREG || !path.starts_with('/') {
+    // (A memfd's name reads like a deleted file's: `/memfd:NAME (deleted)`.)
+    if p.mode & libc::S_IFMT != libc::S_IFREG
+        || !path.starts_with('/')
+        || path.starts_with("/memfd:")
+    {
         return Ok(None);
     }
     if p.nlink > 0 {
