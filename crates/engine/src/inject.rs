@@ -42,6 +42,7 @@ pub const BATCH_CODE_MAX: usize = 256;
 pub type Ran = (Vec<u64>, Option<(usize, i32)>);
 
 /// One system call for `Injector::run_batch`.
+#[derive(Clone)]
 pub struct Call {
     pub nr: libc::c_long,
     pub args: [u64; 6],

@@ -15,16 +15,16 @@ use telefork_image::{FileLock, LockKind, ProcessImage};
 use crate::inject::{Call, Injector};
 use crate::procfs::FdLock;
 
-/// The locks `fd` (of open file description `open_file`) shows, added to `out` unless an
-/// fd of the same open file description showed them already.
+/// The locks `fd` shows, added to `out` if it is the first fd of its open file description
+/// (the others show the same ones).
 pub(crate) fn capture_fd(
     fd: i32,
     link: &str,
     locks: &[FdLock],
-    seen_for: &mut dyn FnMut() -> bool,
+    first_of_open_file: bool,
     out: &mut Vec<FileLock>,
 ) -> Result<()> {
-    if locks.is_empty() || !seen_for() {
+    if locks.is_empty() || !first_of_open_file {
         return Ok(());
     }
     for l in locks {
@@ -134,16 +134,15 @@ mod tests {
     fn locks_are_taken_once_per_open_file_and_leases_refused() {
         let mut out = vec![];
         let l = [lock("POSIX", "WRITE", 10, Some(19)), lock("FLOCK", "READ", 0, None)];
-        capture_fd(3, "/f", &l, &mut || true, &mut out).unwrap();
-        capture_fd(4, "/f", &l, &mut || false, &mut out).unwrap();
+        capture_fd(3, "/f", &l, true, &mut out).unwrap();
+        capture_fd(4, "/f", &l, false, &mut out).unwrap();
         assert_eq!(out.len(), 2);
         assert_eq!(
             (out[0].kind, out[0].write, out[0].start, out[0].len),
             (LockKind::Posix, true, 10, 10)
         );
         assert_eq!((out[1].kind, out[1].write, out[1].len), (LockKind::Flock, false, 0));
-        let e = capture_fd(5, "/f", &[lock("LEASE", "READ", 0, None)], &mut || true, &mut out)
-            .unwrap_err();
+        let e = capture_fd(5, "/f", &[lock("LEASE", "READ", 0, None)], true, &mut out).unwrap_err();
         assert!(format!("{e:#}").contains("fd 5 (/f) holds a lease"), "{e:#}");
     }
 }

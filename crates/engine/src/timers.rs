@@ -199,7 +199,7 @@ fn create_posix(inj: &mut Injector, timers: &[PosixTimer], image_pid: i32) -> Re
             id_addr,
         ));
     }
-    let mut batch: Vec<Call> = calls.iter().map(|(c, _)| clone_call(c)).collect();
+    let mut batch: Vec<Call> = calls.iter().map(|(c, _)| c.clone()).collect();
     if by_id {
         batch.push(Call::new(
             libc::SYS_prctl,
@@ -224,10 +224,6 @@ fn create_posix(inj: &mut Injector, timers: &[PosixTimer], image_pid: i32) -> Re
         }
     }
     Ok(())
-}
-
-fn clone_call(c: &Call) -> Call {
-    Call { nr: c.nr, args: c.args, what: c.what.clone(), expect: c.expect }
 }
 
 /// An itimerval (`unit_ns` = 1000: microseconds) or itimerspec (1: nanoseconds): interval

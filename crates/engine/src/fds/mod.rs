@@ -343,8 +343,8 @@ fn capture(look: FdsLook) -> Result<(Vec<Fd>, Vec<FileLock>)> {
         if leave_locks {
             locks_left |= !p.info.locks.is_empty();
         } else {
-            let mut first = || first_of_its_open_file;
-            crate::locks::capture_fd(fd, &p.link, &p.info.locks, &mut first, &mut locks)?;
+            let first = first_of_its_open_file;
+            crate::locks::capture_fd(fd, &p.link, &p.info.locks, first, &mut locks)?;
         }
         out.push(Fd { fd, cloexec: p.info.cloexec, open_file, kind });
     }

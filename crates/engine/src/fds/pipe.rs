@@ -97,7 +97,10 @@ pub(crate) fn capture_all(pid: Pid, fds: &mut [Fd]) -> Result<()> {
             .iter()
             .position(|f| matches!(f.kind, FdKind::Pipe { ino: i, write: false, .. } if i == ino));
         let bytes = match (internal, first_reader) {
-            (true, Some(i)) => buffered(pid, fds[i].fd, &fds[i].kind)?,
+            (true, Some(i)) => match fds[i].kind {
+                FdKind::Pipe { size, .. } => buffered_bytes(pid, fds[i].fd, size)?,
+                _ => Vec::new(),
+            },
             _ => Vec::new(),
         };
         for (i, f) in fds.iter_mut().enumerate() {
@@ -114,25 +117,18 @@ pub(crate) fn capture_all(pid: Pid, fds: &mut [Fd]) -> Result<()> {
     Ok(())
 }
 
-/// The bytes buffered in the pipe of fd `fd`, copied without being consumed.
-fn buffered(pid: Pid, fd: i32, kind: &FdKind) -> Result<Vec<u8>> {
-    let FdKind::Pipe { size, .. } = kind else { return Ok(Vec::new()) };
-    buffered_bytes(pid, fd, *size)
-}
-
 /// The bytes buffered in the pipe (or FIFO) of fd `fd`, of `size` bytes, copied without
 /// being consumed: the pipe opened again through /proc, then tee(2) into a pipe of ours.
 pub(crate) fn buffered_bytes(pid: Pid, fd: i32, size: u32) -> Result<Vec<u8>> {
-    let size = &size;
     let src = open_again(pid, fd)?;
     let (ours_r, ours_w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)
         .context("making a pipe to copy a pipe's bytes into")?;
-    nix::fcntl::fcntl(ours_w.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(*size as i32))
+    nix::fcntl::fcntl(ours_w.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(size as i32))
         .with_context(|| format!("fd {fd}: sizing a pipe of {size} bytes"))?;
     let n = match nix::fcntl::tee(
         src.as_fd(),
         ours_w.as_fd(),
-        *size as usize,
+        size as usize,
         SpliceFFlags::SPLICE_F_NONBLOCK,
     ) {
         Ok(n) => n,
